@@ -1,0 +1,466 @@
+"""The adaptive batcher: a deadline-ordered queue, one scheduler task, and a dispatch seam.
+
+    async def dispatch(endpoint: str, items: list[T]) -> Sequence[R]: ...   # one call, one result each
+
+    async with Batcher(dispatch, endpoints=["gpu-a", "gpu-b"]) as batcher:
+        future = await batcher.submit(record, deadline=batcher.clock.now() + 0.045)
+        outcome = await future                     # Ok(value=...) | Deferred(reason) | Failed(error)
+
+The scheduler wakes on every arrival, every response and its own timer. Each time it (1) defers
+items that no endpoint can finish by their deadline, then (2) while an endpoint has a free slot,
+picks the endpoint with the earliest predicted completion and asks the policy what to do: send a
+batch now, drop a hopeless head, or wait (late binding or the wait budget). Every submitted item
+resolves to exactly one outcome; none is lost, and none is sent when it is predicted to be late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from batching.clock import Cancellable, Clock, MonotonicClock, wait_event
+from batching.concurrency import Permit
+from batching.endpoint import Endpoint, Ticket
+from batching.errors import BatcherClosedError, BatchingError, QueueFullError, is_backpressure_error
+from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
+from batching.pending import PendingItem, PendingQueue
+from batching.policy import EPSILON_S, BatchPolicy, EndpointView, QueueView, decide, wait_and_run_cap
+from batching.rate import ArrivalRate
+from batching.service_time import ServiceTimeModel
+from batching.stats import BatcherStats, EndpointStats
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+# How far past the last feasible instant the scheduler wakes to defer a head (timer granularity).
+_HOPELESS_MARGIN_S = 1e-6
+# Weight of the newest batch in the mean batch size.
+_BATCH_SIZE_ALPHA = 0.1
+
+
+class Batcher(Generic[T, R]):
+    """Groups submitted items into batches for ``dispatch``, sized and timed by their deadlines.
+
+    ``endpoints`` are names or :class:`Endpoint` objects (share an ``Endpoint`` between batchers of
+    different models so both see its in-flight work). ``model`` names the service-time model this
+    batcher uses on each endpoint. ``max_queue`` bounds the queue: ``submit`` waits for room.
+    ``max_attempts`` bounds how often a batch refused with backpressure goes back to the queue.
+    """
+
+    def __init__(
+        self,
+        dispatch: Callable[[str, list[T]], Awaitable[Sequence[R]]],
+        *,
+        endpoints: Sequence[str | Endpoint],
+        model: str = "default",
+        policy: BatchPolicy | None = None,
+        clock: Clock | None = None,
+        max_queue: int = 10_000,
+        max_attempts: int = 3,
+        is_backpressure: Callable[[BaseException], bool] = is_backpressure_error,
+    ) -> None:
+        if max_queue < 1 or max_attempts < 1:
+            raise ValueError("max_queue and max_attempts must be >= 1")
+        self.clock: Clock = clock or MonotonicClock()
+        self.policy = policy or BatchPolicy()
+        self.model = model
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self.endpoints = tuple(self._adopt(endpoint) for endpoint in endpoints)
+        if not self.endpoints:
+            raise ValueError("a batcher needs at least one endpoint")
+        if len({endpoint.name for endpoint in self.endpoints}) != len(self.endpoints):
+            raise ValueError("endpoint names must be unique")
+        self._by_name = {endpoint.name: endpoint for endpoint in self.endpoints}
+        self._dispatch = dispatch
+        self._is_backpressure = is_backpressure
+        self._queue = PendingQueue()
+        self._rate = ArrivalRate(start=self.clock.now())
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._timer: Cancellable | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self._batches_in_flight = 0
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._reserved = 0  # room promised to woken submitters that have not enqueued yet
+        self._closing = False
+        self._flushing = False
+        self._crashed: BaseException | None = None
+        self._counts: Counter[str] = Counter()
+        self._deferred: Counter[str] = Counter()
+        self._last_batch_size = 0
+        self._mean_batch_size = 0.0
+        self._planned_wait_s = 0.0
+        self._last_batch_wait_s = 0.0
+        self._last_reason = ""
+
+    def _adopt(self, endpoint: str | Endpoint) -> Endpoint:
+        if isinstance(endpoint, str):
+            return Endpoint(endpoint, clock=self.clock)
+        if endpoint.clock is not self.clock:
+            raise ValueError(f"endpoint {endpoint.name!r} runs on a different clock than the batcher")
+        return endpoint
+
+    # ---------- lifecycle ----------
+
+    async def __aenter__(self) -> Batcher[T, R]:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(flush=True)
+
+    def start(self) -> None:
+        """Start the scheduler task (submitting starts it too). Needs a running event loop."""
+        if self._scheduler is None:
+            self._scheduler = asyncio.get_running_loop().create_task(self._run(), name="batcher-scheduler")
+
+    async def close(self, *, flush: bool = True, timeout_s: float | None = None) -> None:
+        """Stop taking items, then finish up, in this order:
+
+        1. refuse new submits, and wake submitters waiting for room with BatcherClosedError;
+        2. flush: send what is queued without waiting for company (or, with ``flush=False``, defer it);
+        3. wait up to ``timeout_s`` for the queue to empty and every call to return;
+        4. defer whatever is still queued and cancel calls still running (their items are deferred);
+        5. stop the scheduler.
+        """
+        if not self._closing:
+            self._closing = True
+            while self._room_waiters:
+                waiter = self._room_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(BatcherClosedError("the batcher is closing"))
+            if flush:
+                self._flushing = True
+            else:
+                self._defer_all(DEFER_SHUTDOWN)
+            self.start()
+            self._wake.set()
+        deadline = None if timeout_s is None else self.clock.now() + timeout_s
+        if not await wait_event(self.clock, self._drained, deadline):
+            self._defer_all(DEFER_SHUTDOWN)
+            for call in list(self._calls):
+                call.cancel()
+            await asyncio.gather(*self._calls, return_exceptions=True)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        self._cancel_timer()
+
+    def set_available(self, endpoint: str, available: bool) -> None:
+        """Take an endpoint out of rotation (a circuit breaker opened) or put it back."""
+        self._by_name[endpoint].available = available
+        self._wake.set()
+
+    # ---------- submitting ----------
+
+    def submit_nowait(self, item: T, deadline: float) -> asyncio.Future[Outcome[R]]:
+        """Queue ``item``, due by ``deadline`` on this batcher's clock; QueueFullError if there is no room."""
+        self._check_open()
+        if self._room_waiters or len(self._queue) + self._reserved >= self.max_queue:
+            raise QueueFullError(f"the queue holds {self.max_queue} items")
+        return self._enqueue(item, deadline)
+
+    async def submit(self, item: T, deadline: float, *, timeout_s: float | None = None) -> asyncio.Future[Outcome[R]]:
+        """Queue ``item``; while the queue is full, wait for room up to ``timeout_s`` (None: no limit).
+
+        Returns a future that resolves to the item's :class:`Ok`, :class:`Deferred` or
+        :class:`Failed` outcome. Raises QueueFullError if no room came in time, BatcherClosedError
+        once closing began.
+        """
+        self._check_open()
+        if not self._room_waiters and len(self._queue) + self._reserved < self.max_queue:
+            return self._enqueue(item, deadline)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        timer = None
+        if timeout_s is not None:
+            timer = self.clock.call_at(
+                self.clock.now() + timeout_s,
+                lambda: waiter.done() or waiter.set_exception(QueueFullError(f"no room within {timeout_s} s")),
+            )
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Room was promised to us just as we were cancelled: offer it to the next in line.
+                self._reserved -= 1
+                self._admit_waiters()
+            elif waiter in self._room_waiters:
+                self._room_waiters.remove(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self._reserved -= 1
+        self._check_open()
+        return self._enqueue(item, deadline)
+
+    async def submit_and_wait(self, item: T, deadline: float, *, timeout_s: float | None = None) -> Outcome[R]:
+        """Submit ``item`` and wait for its outcome."""
+        return await (await self.submit(item, deadline, timeout_s=timeout_s))
+
+    def _check_open(self) -> None:
+        if self._crashed is not None:
+            raise BatchingError("the batcher's scheduler stopped") from self._crashed
+        if self._closing:
+            raise BatcherClosedError("the batcher is closing")
+
+    def _enqueue(self, item: T, deadline: float) -> asyncio.Future[Outcome[R]]:
+        now = self.clock.now()
+        future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
+        self._queue.push(PendingItem(item, deadline, now, future))
+        self._rate.observe(now)
+        self._counts["submitted"] += 1
+        self.start()
+        self._wake.set()
+        return future
+
+    def _admit_waiters(self) -> None:
+        while self._room_waiters and len(self._queue) + self._reserved < self.max_queue:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                self._reserved += 1
+                waiter.set_result(None)
+
+    # ---------- scheduling ----------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                self._schedule()
+        except Exception as error:
+            # A bug here must not strand items: fail them loudly and refuse new ones.
+            logger.exception("batcher scheduler stopped")
+            self._crashed = error
+            for pending in self._queue.drain():
+                self._resolve(pending, Failed(error, ""))
+            self._drained.set()
+
+    def _schedule(self) -> None:
+        now = self.clock.now()
+        self._cancel_timer()
+        wake_at = math.inf
+        self._defer_hopeless(now)
+        while len(self._queue):
+            choice = self._choose_endpoint(now)
+            if choice is None:
+                break  # every slot is taken; a response will wake us
+            endpoint, model = choice
+            head = self._queue.head()
+            queue = QueueView(
+                length=len(self._queue),
+                head_deadline=head.deadline,
+                head_budget_s=head.deadline - head.enqueued_at,
+                oldest_enqueued_at=self._queue.oldest_enqueued_at(),
+            )
+            view = EndpointView(model, endpoint.free_at(now), endpoint.busy)
+            decision = decide(now, queue, view, self.policy, self._rate.per_s(now), flushing=self._flushing)
+            self._planned_wait_s = decision.wait_s
+            if decision.defer_head:
+                self._resolve(self._queue.pop(), Deferred(DEFER_DEADLINE))
+            elif decision.send:
+                if not self._send(endpoint, model, decision.send, decision.reason, now):
+                    break
+            else:
+                wake_at = decision.wake_at if decision.wake_at is not None else math.inf
+                break
+        if len(self._queue):
+            wake_at = min(wake_at, self._hopeless_at(now))
+        if wake_at < math.inf:
+            self._timer = self.clock.call_at(max(wake_at, now + EPSILON_S), self._wake.set)
+        self._admit_waiters()
+        if self._closing and not len(self._queue) and not self._batches_in_flight:
+            self._drained.set()
+
+    def _choose_endpoint(self, now: float) -> tuple[Endpoint, ServiceTimeModel] | None:
+        """The endpoint with a free slot that would finish the next batch first."""
+        head = self._queue.head()
+        best: tuple[float, Endpoint, ServiceTimeModel] | None = None
+        for endpoint in self.endpoints:
+            if not endpoint.has_slot():
+                continue
+            model = endpoint.service_time(self.model)
+            size = min(len(self._queue), wait_and_run_cap(model, head.deadline - head.enqueued_at, self.policy))
+            finish = endpoint.free_at(now) + model.predict_tail(size)
+            if best is None or finish < best[0]:
+                best = (finish, endpoint, model)
+        return None if best is None else (best[1], best[2])
+
+    def _earliest_single_finish(self, now: float) -> float:
+        """The earliest any endpoint could finish a batch of one started as soon as it can."""
+        candidates = [endpoint for endpoint in self.endpoints if endpoint.available]
+        if not candidates:
+            # None in rotation: judge by the best case of any, in case one comes back.
+            return now + min(endpoint.service_time(self.model).predict_tail(1) for endpoint in self.endpoints)
+        return min(e.free_at(now) + e.service_time(self.model).predict_tail(1) for e in candidates)
+
+    def _defer_hopeless(self, now: float) -> None:
+        if not len(self._queue):
+            return
+        earliest = self._earliest_single_finish(now)
+        while len(self._queue) and earliest > self._queue.head().deadline:
+            self._resolve(self._queue.pop(), Deferred(DEFER_DEADLINE))
+
+    def _hopeless_at(self, now: float) -> float:
+        """When the head stops being feasible on any endpoint, so it leaves the queue then, not later."""
+        fastest = min(endpoint.service_time(self.model).predict_tail(1) for endpoint in self.endpoints)
+        return max(now, self._queue.head().deadline - fastest) + _HOPELESS_MARGIN_S
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---------- dispatching ----------
+
+    def _send(self, endpoint: Endpoint, model: ServiceTimeModel, size: int, reason: str, now: float) -> bool:
+        permit = endpoint.concurrency.try_acquire()
+        if permit is None:
+            return False  # someone else outside this batcher holds or awaits the endpoint's slots
+        oldest = self._queue.oldest_enqueued_at()
+        batch = [self._queue.pop() for _ in range(size)]
+        predicted = model.predict(size)
+        # The RTT we expect includes waiting behind our own in-flight batches; only the excess is
+        # queueing the concurrency limiter should react to.
+        expected_rtt = endpoint.free_at(now) - now + predicted
+        ticket = endpoint.on_send(now, predicted)
+        self._batches_in_flight += 1
+        self._last_batch_size = size
+        self._mean_batch_size = (
+            float(size)
+            if self._mean_batch_size == 0.0
+            else (1 - _BATCH_SIZE_ALPHA) * self._mean_batch_size + _BATCH_SIZE_ALPHA * size
+        )
+        self._last_batch_wait_s = now - oldest
+        self._last_reason = reason
+        call = asyncio.get_running_loop().create_task(self._call(endpoint, model, batch, permit, ticket, expected_rtt))
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        return True
+
+    async def _call(
+        self,
+        endpoint: Endpoint,
+        model: ServiceTimeModel,
+        batch: list[PendingItem],
+        permit: Permit,
+        ticket: Ticket,
+        expected_rtt_s: float,
+    ) -> None:
+        responded = False
+        try:
+            try:
+                results = list(await self._dispatch(endpoint.name, [pending.item for pending in batch]))
+                if len(results) != len(batch):
+                    raise ValueError(f"dispatch returned {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                endpoint.on_response(ticket, self.clock.now())
+                responded = True
+                permit.failure()
+                for pending in batch:
+                    self._resolve(pending, Deferred(DEFER_SHUTDOWN))
+                raise
+            except Exception as error:
+                endpoint.on_response(ticket, self.clock.now())
+                responded = True
+                if self._is_backpressure(error):
+                    permit.backpressure()
+                    self._retry_or_defer(batch)
+                else:
+                    permit.failure()
+                    for pending in batch:
+                        self._resolve(pending, Failed(error, endpoint.name))
+                return
+            now = self.clock.now()
+            model.observe(len(batch), endpoint.on_response(ticket, now))
+            responded = True
+            permit.success(now - ticket.sent_at, expected_s=expected_rtt_s)
+            for pending, value in zip(batch, results):
+                late = now > pending.deadline
+                self._resolve(pending, Ok(value, endpoint.name, len(batch), now - pending.enqueued_at, late))
+        finally:
+            if not responded:
+                endpoint.on_response(ticket, self.clock.now())
+            permit.release()
+            self._batches_in_flight -= 1
+            self._wake.set()
+
+    def _retry_or_defer(self, batch: list[PendingItem]) -> None:
+        for pending in batch:
+            pending.attempts += 1
+            if pending.attempts >= self.max_attempts or (self._closing and not self._flushing):
+                self._resolve(pending, Deferred(DEFER_BACKPRESSURE))
+            else:
+                # Back in line with its original deadline; the scheduler defers it if that is now hopeless.
+                self._queue.push(pending)
+
+    def _defer_all(self, reason: str) -> None:
+        for pending in self._queue.drain():
+            self._resolve(pending, Deferred(reason))
+
+    def _resolve(self, pending: PendingItem, outcome: Outcome[R]) -> None:
+        match outcome:
+            case Ok(late=late):
+                self._counts["ok"] += 1
+                self._counts["late"] += int(late)
+            case Deferred(reason=reason):
+                self._deferred[reason] += 1
+            case Failed():
+                self._counts["failed"] += 1
+        # The submitter may have cancelled its future; the count above still accounts for the item.
+        if not pending.future.done():
+            pending.future.set_result(outcome)
+
+    # ---------- observing ----------
+
+    def stats(self) -> BatcherStats:
+        """A snapshot for metrics export."""
+        now = self.clock.now()
+        rate = self._rate.per_s(now)
+        typical = max(1.0, self._mean_batch_size)
+        in_rotation = [endpoint for endpoint in self.endpoints if endpoint.available] or list(self.endpoints)
+        per_item_s = sum(e.service_time(self.model).predict(typical) / typical for e in in_rotation) / len(in_rotation)
+        endpoints = []
+        for endpoint in self.endpoints:
+            model = endpoint.service_time(self.model)
+            endpoints.append(
+                EndpointStats(
+                    name=endpoint.name,
+                    available=endpoint.available,
+                    concurrency_limit=endpoint.concurrency.limit,
+                    in_flight=endpoint.concurrency.in_flight,
+                    idle_s=endpoint.concurrency.idle_s,
+                    service_a_s=model.a_s,
+                    service_c_s=model.c_s,
+                    tail_factor=model.rho,
+                    drains_in_s=endpoint.free_at(now) - now,
+                )
+            )
+        return BatcherStats(
+            queue_depth=len(self._queue),
+            batches_in_flight=self._batches_in_flight,
+            last_batch_size=self._last_batch_size,
+            mean_batch_size=self._mean_batch_size,
+            planned_wait_s=self._planned_wait_s,
+            last_batch_wait_s=self._last_batch_wait_s,
+            last_dispatch_reason=self._last_reason,
+            arrival_rate_per_s=rate,
+            desired_slots=rate * per_item_s,
+            submitted=self._counts["submitted"],
+            ok=self._counts["ok"],
+            late=self._counts["late"],
+            failed=self._counts["failed"],
+            deferred=sum(self._deferred.values()),
+            deferred_by_reason=dict(self._deferred),
+            endpoints=tuple(endpoints),
+        )

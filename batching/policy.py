@@ -1,0 +1,145 @@
+"""The batching decision: when to send, how many items, or how long to wait. Pure arithmetic.
+
+Notation (from the research note, section C.3), for one endpoint and the queue's head item:
+
+    free   when the endpoint is predicted to finish what is already in flight (now if idle)
+    d      the head's deadline; D its whole latency budget (deadline - enqueue time)
+    S_q(b) the tail service time rho * (a + c*b); lambda the arrival rate
+
+    b*     = max{ b <= max_batch : 2 * S_q(b) <= phi * D }     "wait one + run one" (Nexus)
+    b_cap  = min(b*, max{ b : free + S_q(b) <= d })              deadline cap for this dispatch
+    w*     = (d - free - S_q(n)) / (1 + rho * c * lambda)        wait that still meets the deadline
+
+Every item in a batch has a deadline no earlier than the head's (the queue is earliest-deadline
+first), so ``free + S_q(b) <= d_head`` keeps the whole batch on time at the tail quantile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batching.service_time import ServiceTimeModel
+
+# Below this, two times are the same instant (guards timer loops against float noise).
+EPSILON_S = 1e-9
+
+# Why a batch went out now (exported as a label, so keep the words stable).
+REASON_FULL = "full"
+REASON_DEADLINE_CAP = "deadline_cap"
+REASON_WAIT_EXPIRED = "wait_expired"
+REASON_NOT_WORTH_WAITING = "not_worth_waiting"
+REASON_FLUSH = "flush"
+# Why the decision was to hold or drop instead.
+REASON_LATE_BINDING = "late_binding"
+REASON_WAIT = "wait"
+REASON_HOPELESS = "hopeless"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """Knobs of the adaptive batcher; the defaults follow the research note (section C.10)."""
+
+    max_batch: int = 128
+    # tau_cap: the longest any item waits for company; trades latency for fewer, fuller calls.
+    max_wait_s: float = 0.005
+    # phi: share of the latency budget for "wait for one batch, then run in one".
+    wait_and_run_share: float = 0.8
+    # theta: do not wait for fewer than this many expected extra items.
+    worth_waiting_items: float = 0.5
+    # How long before an endpoint drains we hand it the next batch (serialisation + one-way network).
+    lead_s: float = 0.0015
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if self.max_wait_s < 0 or self.lead_s < 0 or self.worth_waiting_items < 0:
+            raise ValueError("max_wait_s, lead_s and worth_waiting_items must be >= 0")
+        if not 0 < self.wait_and_run_share <= 1:
+            raise ValueError("wait_and_run_share must be in (0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with the queue right now on one endpoint.
+
+    Exactly one of: ``defer_head`` (the head cannot make its deadline), ``send > 0`` (send that many
+    items now), or ``wake_at`` (hold everything and decide again then).
+    """
+
+    reason: str
+    send: int = 0
+    defer_head: bool = False
+    wake_at: float | None = None
+    wait_s: float = 0.0  # the wait the policy chose (0 when sending or dropping)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """The facts about the queue that a decision needs."""
+
+    length: int
+    head_deadline: float
+    head_budget_s: float  # the head's whole budget: its deadline minus when it was first queued
+    oldest_enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """The facts about one endpoint that a decision needs."""
+
+    model: ServiceTimeModel
+    free_at: float  # max(now, predicted drain of in-flight work)
+    busy: bool  # something is in flight
+
+
+def wait_and_run_cap(model: ServiceTimeModel, budget_s: float, policy: BatchPolicy) -> int:
+    """b*: the largest batch that can wait for one such batch and then run, within the budget."""
+    return max(1, model.largest_batch_within(policy.wait_and_run_share * budget_s / 2, policy.max_batch))
+
+
+def deadline_cap(model: ServiceTimeModel, free_at: float, deadline: float, limit: int) -> int:
+    """The largest batch (at most ``limit``) that finishes by ``deadline`` when started at ``free_at``."""
+    return model.largest_batch_within(deadline - free_at, limit)
+
+
+def wait_budget(model: ServiceTimeModel, queued: int, free_at: float, deadline: float, rate_per_s: float) -> float:
+    """w*: how long to wait for more items, counting those that arrive meanwhile, and still finish."""
+    slack = deadline - free_at - model.predict_tail(queued)
+    return slack / (1.0 + model.rho * model.c_s * rate_per_s)
+
+
+def decide(
+    now: float,
+    queue: QueueView,
+    endpoint: EndpointView,
+    policy: BatchPolicy,
+    rate_per_s: float,
+    *,
+    flushing: bool = False,
+) -> Decision:
+    """One decision for an endpoint with a free slot (research note C.3, steps 1 to 5)."""
+    model, free = endpoint.model, endpoint.free_at
+    best = wait_and_run_cap(model, queue.head_budget_s, policy)
+    # 1. Early drop: under overload keep full-efficiency batches rather than serve hopeless heads.
+    needed = model.predict_tail(best if queue.length >= best else 1)
+    if free + needed > queue.head_deadline:
+        return Decision(REASON_HOPELESS, defer_head=True)
+    cap = max(1, deadline_cap(model, free, queue.head_deadline, best))
+    # 2. Enough items to fill the largest batch that still meets the head's deadline: go.
+    if queue.length >= cap:
+        return Decision(REASON_FULL if cap >= best else REASON_DEADLINE_CAP, send=cap)
+    if flushing:
+        return Decision(REASON_FLUSH, send=queue.length)
+    # 3. Late binding: the endpoint is busy anyway, so let the batch grow until it is about to drain.
+    hand_over_at = free - policy.lead_s
+    if endpoint.busy and hand_over_at > now + EPSILON_S:
+        return Decision(REASON_LATE_BINDING, wake_at=hand_over_at, wait_s=hand_over_at - now)
+    # 4. Wait budget, capped by the age bound of the oldest item.
+    wait = wait_budget(model, queue.length, free, queue.head_deadline, rate_per_s)
+    wait = min(wait, policy.max_wait_s - (now - queue.oldest_enqueued_at))
+    if wait <= EPSILON_S:
+        return Decision(REASON_WAIT_EXPIRED, send=queue.length)
+    if rate_per_s * wait < policy.worth_waiting_items:
+        return Decision(REASON_NOT_WORTH_WAITING, send=queue.length)
+    # 5. Hold; any arrival or response brings the decision forward.
+    return Decision(REASON_WAIT, wake_at=now + wait, wait_s=wait)

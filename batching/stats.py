@@ -1,0 +1,43 @@
+"""Snapshots of the batcher's state, shaped for export as gauges and counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """One endpoint, as of the snapshot."""
+
+    name: str
+    available: bool
+    concurrency_limit: int
+    in_flight: int
+    idle_s: float  # total time with nothing in flight
+    service_a_s: float
+    service_c_s: float
+    tail_factor: float
+    drains_in_s: float  # predicted time until the in-flight work is done
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    """The batcher as of the snapshot. Counters only grow; the rest are gauges."""
+
+    queue_depth: int
+    batches_in_flight: int
+    last_batch_size: int
+    mean_batch_size: float  # exponentially weighted over recent batches
+    planned_wait_s: float  # the wait the policy chose at its last decision
+    last_batch_wait_s: float  # how long the oldest item of the last batch waited in the queue
+    last_dispatch_reason: str
+    arrival_rate_per_s: float
+    # Endpoint slots the current arrival rate keeps busy: rate x predicted service time per item.
+    desired_slots: float
+    submitted: int
+    ok: int
+    late: int
+    failed: int
+    deferred: int
+    deferred_by_reason: dict[str, int] = field(default_factory=dict)
+    endpoints: tuple[EndpointStats, ...] = ()

@@ -1,0 +1,105 @@
+"""``edge-gateway``: serve, check a config, run the demo, manage devices."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from gateway import logs
+from gateway.registry import RegistryError, add_device, rotate_key, set_enabled
+from gateway.settings import ConfigError, dump_toml, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-gateway", description="Edge telemetry gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", "-c", type=Path, help="TOML configuration file (defaults apply without one)")
+
+    check = sub.add_parser("check-config", help="validate a configuration file and print the effective config")
+    check.add_argument("config", type=Path)
+
+    demo = sub.add_parser("demo", help="run the gateway on a local lake and drive it with simulated devices")
+    demo.add_argument("--dir", type=Path, default=Path("var/demo"), help="where the demo's WAL and lake go")
+    demo.add_argument("--seconds", type=float, default=8.0)
+    demo.add_argument("--devices", type=int, default=50)
+    demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    demo.add_argument("--records", type=int, default=100, help="records per request")
+
+    device = sub.add_parser("device", help="manage the device registry file")
+    dsub = device.add_subparsers(dest="action", required=True)
+    add = dsub.add_parser("add", help="create a device and print its key")
+    add.add_argument("device_id")
+    add.add_argument("--registry", type=Path, required=True)
+    add.add_argument("--site", default=None)
+    add.add_argument("--model", default=None)
+    add.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="more metadata (repeatable)")
+    for name, help_text in (("rotate", "issue a new key; the old one keeps working until the next rotation"),
+                            ("disable", "refuse the device's requests (403)"), ("enable", "accept the device again")):
+        cmd = dsub.add_parser(name, help=help_text)
+        cmd.add_argument("device_id")
+        cmd.add_argument("--registry", type=Path, required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config)
+        if args.command == "check-config":
+            settings = load_settings(args.config)
+            sys.stdout.write(dump_toml(settings))
+            return 0
+        if args.command == "demo":
+            from gateway.demo import main as demo_main
+
+            logs.configure("WARNING")
+            return demo_main(args.dir, args.seconds, args.devices, args.rate, args.records)
+        if args.command == "device":
+            return _device(args)
+    except ConfigError as exc:
+        print(f"edge-gateway: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except RegistryError as exc:
+        print(f"edge-gateway: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _serve(config: Path | None) -> int:
+    from gateway.server import serve
+
+    settings = load_settings(config)
+    logs.configure(settings.log.level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is optional on platforms without it
+        pass
+    return asyncio.run(serve(settings, lambda: load_settings(config)))
+
+
+def _device(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        metadata = {k: v for k, v in (("site", args.site), ("model", args.model)) if v}
+        for item in args.meta:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise RegistryError(f"--meta expects KEY=VALUE, got {item!r}")
+            metadata[key] = value
+        key = add_device(args.registry, args.device_id, metadata)
+        print(key)
+    elif args.action == "rotate":
+        print(rotate_key(args.registry, args.device_id))
+    else:
+        set_enabled(args.registry, args.device_id, args.action == "enable")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Build the aiohttp application: routes on the device listener and the gateway in its state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import health
+from gateway.http_source import ROUTE, json_response, post_telemetry
+from gateway.service import GATEWAY, Gateway
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own errors (unknown route, wrong method) answer in the API's JSON shape too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
+        return json_response(exc.status, {"error": code, "message": exc.reason}, headers=None)
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app[GATEWAY] = gateway
+    app.router.add_post(ROUTE, post_telemetry)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    return app

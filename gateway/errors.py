@@ -1,0 +1,68 @@
+"""Errors the device API answers with, each one a status, a stable code and a human sentence.
+
+    ApiError                     -> {"error": code, "message": message}
+    ├── MalformedBody        400 malformed framing, truncated compression, empty body
+    ├── Unauthorized         401 missing or bad signature, stale timestamp, unknown device
+    ├── Forbidden            403 device disabled, or a record for another device
+    ├── TooLarge             413 a size or count limit was exceeded
+    ├── UnsupportedMedia     415 content type or content encoding we do not speak
+    ├── AllRecordsInvalid    422 not one record passed validation
+    ├── RateLimited          429 slow down (Retry-After)
+    └── Unavailable          503 overloaded or draining (Retry-After)
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, retry_after_secs: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_secs = retry_after_secs
+
+
+class MalformedBody(ApiError):
+    status = 400
+    code = "malformed"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class TooLarge(ApiError):
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMedia(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class AllRecordsInvalid(ApiError):
+    status = 422
+    code = "invalid_records"
+
+    def __init__(self, message: str, errors: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class RateLimited(ApiError):
+    status = 429
+    code = "rate_limited"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "unavailable"

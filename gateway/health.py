@@ -1,0 +1,28 @@
+"""Operator endpoints: liveness, readiness (what the load balancer checks) and metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.http_source import json_response
+from gateway.service import GATEWAY
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(200, {"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    if gw.draining:
+        return json_response(503, {"status": "draining"})
+    if not gw.pipeline.wal.has_room():
+        # Stay in rotation only while we can take records; the ALB moves devices elsewhere.
+        return json_response(503, {"status": "wal_full"})
+    return json_response(200, {"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[GATEWAY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

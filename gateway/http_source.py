@@ -1,0 +1,183 @@
+"""Steps 1-6 for one request: receive, authenticate, validate, enrich, persist, acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+
+import aiohttp
+import orjson
+from aiohttp import hdrs, web
+
+from gateway.body import body_format, decompressor, framer
+from gateway.enrich import new_context
+from gateway.errors import AllRecordsInvalid, ApiError, Forbidden, MalformedBody, TooLarge, Unavailable
+from gateway.ingest import RequestBatch
+from gateway.service import GATEWAY, Gateway
+from gateway.wal import WalClosed, WalError, WalFull
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 256 * 1024
+ROUTE = "/v1/telemetry"
+
+
+def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def error_response(error: ApiError) -> web.Response:
+    body: dict[str, object] = {"error": error.code, "message": error.message}
+    if isinstance(error, AllRecordsInvalid):
+        body["errors"] = error.errors
+    headers = {"Retry-After": str(error.retry_after_secs)} if error.retry_after_secs is not None else None
+    return json_response(error.status, body, headers)
+
+
+async def post_telemetry(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    started = time.perf_counter()
+    gw.inflight += 1
+    gw.metrics.inflight.inc()
+    try:
+        response = await _ingest(request, gw)
+    except ApiError as exc:
+        response = error_response(exc)
+    except Exception:
+        log.exception("unexpected error while ingesting")
+        gw.metrics.stage_errors.labels("receive", "internal").inc()
+        response = json_response(500, {"error": "internal", "message": "the gateway failed; nothing was acknowledged"})
+    finally:
+        gw.inflight -= 1
+        gw.metrics.inflight.dec()
+    gw.metrics.http_requests.labels(ROUTE, str(response.status)).inc()
+    gw.metrics.http_duration.labels(ROUTE).observe(time.perf_counter() - started)
+    return response
+
+
+async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
+    settings = gw.settings
+    limits = settings.limits
+    if gw.draining:
+        raise Unavailable("the gateway is shutting down; retry (another instance will answer)", retry_after_secs=1)
+    if not gw.pipeline.wal.has_room():
+        raise Unavailable(
+            "the gateway's write-ahead log is full while the lake catches up; retry later",
+            retry_after_secs=settings.wal.retry_after_secs,
+        )
+    fmt = body_format(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    inflate = decompressor(request.headers.get(hdrs.CONTENT_ENCODING, ""))
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
+    pending = gw.authenticator.begin(request.headers)
+    ctx = new_context(
+        gateway_id=gw.gateway_id,
+        availability_zone=gw.availability_zone,
+        device_id=getattr(pending, "device_id", None),
+        device_metadata=getattr(pending, "metadata", {}),
+        clock_skew_ms=getattr(pending, "clock_skew_ms", None),
+    )
+    spool = gw.pipeline.new_spool(limits.spool_memory_bytes)
+    try:
+        batch = RequestBatch(
+            ctx,
+            fmt,
+            spool=spool,
+            policy=gw.partition_policy,
+            seq_index=gw.seq_index,
+            max_records=limits.max_records_per_request,
+            max_errors_reported=limits.max_errors_reported,
+        )
+        digest, refused = await _receive(request, fmt, inflate, batch, limits)
+        gw.authenticator.finish(pending, request.method, request.path, digest)
+        if refused is not None:
+            raise refused  # only now: a forged request gets 401, not a hint about its records
+        if batch.records == 0:
+            raise MalformedBody("the body holds no records")
+        idem_key = request.headers.get("Idempotency-Key")
+        if idem_key:
+            key = (ctx.device_id or "", idem_key[:256])
+            answer, running = gw.idempotency.lookup(key)
+            if running is not None:
+                answer = await running
+            if answer is not None:
+                return json_response(202, answer, {"Idempotent-Replayed": "true"})
+            gw.idempotency.begin(key)
+        answer = None
+        try:
+            answer = await _persist(gw, batch, spool)
+        finally:
+            if idem_key:
+                gw.idempotency.end(key, answer)
+        return json_response(202, answer)
+    finally:
+        spool.close()
+
+
+async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch, limits) -> tuple[str, ApiError | None]:
+    """Stream the body through decompression, framing and validation; return its SHA-256 as sent."""
+    hasher = hashlib.sha256()
+    frame = framer(fmt, max_record_bytes=limits.max_record_bytes, max_document_bytes=limits.max_document_bytes)
+    sent = decompressed = 0
+    refused: Forbidden | None = None
+
+    def take(pieces) -> None:
+        nonlocal decompressed
+        for piece in pieces:
+            decompressed += len(piece)
+            if decompressed > limits.max_decompressed_bytes:
+                raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
+            batch.add(frame.feed(piece))
+
+    try:
+        async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+            sent += len(chunk)
+            if sent > limits.max_body_bytes:
+                raise TooLarge(f"the body is larger than {limits.max_body_bytes} bytes")
+            hasher.update(chunk)
+            if refused is None:
+                try:
+                    take(inflate.feed(chunk))
+                except Forbidden as exc:
+                    refused = exc  # keep reading: the signature decides between 401 and 403
+        if refused is None:
+            try:
+                take(inflate.finish())
+                batch.add(frame.finish())
+            except Forbidden as exc:
+                refused = exc
+    except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
+        raise MalformedBody("the body ended before its declared length") from None
+    request.app[GATEWAY].metrics.request_bytes.inc(sent)
+    return hasher.hexdigest(), refused
+
+
+async def _persist(gw: Gateway, batch: RequestBatch, spool) -> dict:
+    metrics = gw.metrics
+    for reason, count in batch.rejections.items():
+        metrics.records_rejected.labels(reason).inc(count)
+    if batch.rejected:
+        metrics.records.labels("rejected").inc(batch.rejected)
+    try:
+        await gw.pipeline.persist(spool)  # step 5: returns once fsynced
+    except WalFull:
+        raise Unavailable("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+    except (WalClosed, WalError) as exc:
+        metrics.stage_errors.labels("persist", type(exc).__name__).inc()
+        raise Unavailable("the gateway cannot persist records right now; retry", retry_after_secs=1) from None
+    gw.seq_index.remember(batch.new_seqs)
+    metrics.records.labels("accepted").inc(batch.accepted)
+    if batch.duplicates:
+        metrics.records.labels("duplicate").inc(batch.duplicates)
+    if batch.accepted == 0 and batch.duplicates == 0:
+        # Every record was invalid; they are kept in quarantine, and the device is told plainly.
+        raise AllRecordsInvalid(f"all {batch.rejected} records are invalid", batch.errors)
+    return {
+        "accepted": batch.accepted + batch.duplicates,
+        "rejected": batch.rejected,
+        "duplicates": batch.duplicates,
+        "ingest_id": batch.ctx.ingest_id,
+        "errors": batch.errors,
+    }

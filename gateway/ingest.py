@@ -1,0 +1,126 @@
+"""Validate, enrich and frame the records of one request as its body streams in.
+
+A ``RequestBatch`` takes record bytes (NDJSON lines or document items), decodes each against the
+schema, wraps accepted ones in their raw-zone envelope and rejected ones in their quarantine line,
+groups them by partition hour and spools them as WAL frames. Nothing is durable until the request
+completes and the caller appends the spool to the WAL.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import msgspec
+
+from gateway.body import MSGPACK
+from gateway.dedup import SeqIndex
+from gateway.enrich import HOUR_MS, PartitionPolicy, RequestContext, partition_hour, quarantine_line, raw_line
+from gateway.errors import Forbidden, TooLarge
+from gateway.records import Record
+from gateway.spool import Spool
+from gateway.wal import KIND_QUARANTINE, KIND_RECORDS, encode_frame
+
+_json_record = msgspec.json.Decoder(Record)
+_msgpack_record = msgspec.msgpack.Decoder(Record)
+_msgpack_any = msgspec.msgpack.Decoder()
+_json = msgspec.json.Encoder()
+
+
+class RequestBatch:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        fmt: str,
+        *,
+        spool: Spool,
+        policy: PartitionPolicy,
+        seq_index: SeqIndex,
+        max_records: int,
+        max_errors_reported: int,
+    ) -> None:
+        self.ctx = ctx
+        self._msgpack = fmt == MSGPACK
+        self._decode = _msgpack_record.decode if self._msgpack else _json_record.decode
+        self.spool = spool
+        self._policy = policy
+        self._seq_index = seq_index
+        self._max_records = max_records
+        self._max_errors = max_errors_reported
+        self.records = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.duplicates = 0
+        self.rejections: dict[str, int] = defaultdict(int)  # reason class -> count, for metrics
+        self.errors: list[dict[str, object]] = []
+        self.new_seqs: list[tuple[str, int, int]] = []
+        self._seqs_here: set[tuple[str, int, int]] = set()
+
+    def add(self, items: list[bytes]) -> None:
+        if not items:
+            return
+        if self.records + len(items) > self._max_records:
+            raise TooLarge(f"a request may hold at most {self._max_records} records")
+        ctx, policy = self.ctx, self._policy
+        groups: dict[int, list] = defaultdict(list)
+        bounds: dict[int, list[int]] = {}
+        quarantined = []
+        for item in items:
+            index = self.records
+            self.records += 1
+            try:
+                record = self._decode(item)
+            except msgspec.ValidationError as exc:
+                quarantined.append(self._reject(index, item, "invalid", str(exc)))
+                continue
+            except msgspec.DecodeError as exc:
+                quarantined.append(self._reject(index, item, "malformed", f"malformed record: {exc}"))
+                continue
+            if ctx.device_id is not None and record.device_id != ctx.device_id:
+                raise Forbidden(
+                    f"record {index} is for device {record.device_id!r}, but the request is signed by {ctx.device_id!r}"
+                )
+            event_ms = record.event_time_ms()
+            if record.seq is not None:
+                key = (record.device_id, record.seq, event_ms)
+                if key in self._seqs_here or self._seq_index.is_duplicate(*key):
+                    self.duplicates += 1
+                    continue
+                self._seqs_here.add(key)
+                self.new_seqs.append(key)
+            raw = _json.encode(_msgpack_any.decode(item)) if self._msgpack else item
+            hour, partitioned_by = partition_hour(event_ms, ctx.received_ms, policy)
+            groups[hour].append(raw_line(ctx, index, record, raw, event_ms, partitioned_by))
+            b = bounds.get(hour)
+            if b is None:
+                bounds[hour] = [event_ms, event_ms]
+            elif event_ms < b[0]:
+                b[0] = event_ms
+            elif event_ms > b[1]:
+                b[1] = event_ms
+        for hour, lines in groups.items():
+            low, high = bounds[hour]
+            payload = _json.encode_lines(lines)
+            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, low, high, len(lines), payload))
+            self.accepted += len(lines)
+        if quarantined:
+            payload = _json.encode_lines(quarantined)
+            hour = ctx.received_ms // HOUR_MS
+            self.spool.add(
+                encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
+            )
+
+    def _reject(self, index: int, item: bytes, kind: str, reason: str):
+        self.rejected += 1
+        self.rejections[_reason_class(kind, reason)] += 1
+        if len(self.errors) < self._max_errors:
+            self.errors.append({"index": index, "reason": reason})
+        return quarantine_line(self.ctx, index, item, reason)
+
+
+def _reason_class(kind: str, reason: str) -> str:
+    """A low-cardinality label for metrics: the field a validation error points at."""
+    if kind == "malformed":
+        return "malformed"
+    _, _, path = reason.rpartition(" - at `$.")
+    field = path.split("`", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    return f"invalid_{field}" if field in {"device_id", "ts", "seq", "metrics", "tags"} else "invalid"

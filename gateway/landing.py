@@ -1,0 +1,351 @@
+"""Landing one zone of the lake: a WAL consumer that rolls partitioned objects and lands them.
+
+Each zone (raw, quarantine, curated) runs one ``ZoneLander``, independent of the others and of
+the device API: a slow sink stalls only its own zone, and the WAL absorbs the backlog.
+
+Exactly once across crashes. Object keys are ``<gateway_id>-<first_lsn>-<last_lsn>``, and the lander
+keeps a small state file per zone, written atomically:
+
+- ``position``: every frame below it is landed or not this zone's, so replay starts there;
+- ``landed``: per partition, the last LSN landed, for partitions still open across ``position``;
+- ``sealed``: objects whose boundaries were decided (by age, size, drain or the open-partition cap)
+  but which may not have landed yet. The decision is written *before* the upload starts, so a
+  replay after a crash cuts the same objects, at the same LSNs, under the same keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
+from connectors.errors import ConnectorError, PermanentError
+from gateway.wal import Frame, WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+LSN_DIGITS = 16
+READ_BATCH_BYTES = 8 * 1024 * 1024
+
+
+class ObjectBuilder(Protocol):
+    """Accumulates frames into the bytes of one lake object."""
+
+    extension: str
+    content_type: str
+    size: int  # bytes of input added so far, the measure ``target_object_bytes`` applies to
+
+    def add(self, frame: Frame) -> None: ...
+
+    def finish(self) -> bytes: ...
+
+
+class LandingObserver(Protocol):
+    def landed(self, zone: str, obj: LandedObject, seconds: float) -> None: ...
+
+    def landing_failed(self, zone: str, error: Exception) -> None: ...
+
+    def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None: ...
+
+
+class LanderState(msgspec.Struct):
+    position: int = 0
+    landed: dict[str, int] = {}
+    sealed: list[tuple[int, int, int]] = []  # (hour, first_lsn, last_lsn)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An object being filled (open) or decided and waiting to land (sealed)."""
+
+    hour: int
+    builder: ObjectBuilder
+    first_lsn: int
+    last_lsn: int
+    opened_at: float
+    oldest_received_ms: int
+    records: int = 0
+    min_event_ms: int = 0
+    max_event_ms: int = 0
+    touched: float = 0.0
+    cut_at: int | None = None  # from a sealed intent found on replay
+
+    def add(self, frame: Frame, now: float) -> None:
+        if self.records == 0:
+            self.min_event_ms, self.max_event_ms = frame.min_event_ms, frame.max_event_ms
+        else:
+            self.min_event_ms = min(self.min_event_ms, frame.min_event_ms)
+            self.max_event_ms = max(self.max_event_ms, frame.max_event_ms)
+        self.builder.add(frame)
+        self.records += frame.count
+        self.last_lsn = frame.end_lsn - 1
+        self.touched = now
+
+
+@dataclass
+class LanderSettings:
+    zone: str
+    kind: int
+    dataset: str
+    gateway_id: str
+    target_object_bytes: int
+    max_object_age_secs: float
+    max_open_partitions: int
+    max_uploads_in_flight: int = 4
+    retry_initial_secs: float = 0.2
+    retry_max_secs: float = 30.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class ZoneLander:
+    def __init__(
+        self,
+        settings: LanderSettings,
+        *,
+        wal: WriteAheadLog,
+        sink: ObjectSink,
+        builder_factory: Callable[[], ObjectBuilder],
+        state_dir: str | os.PathLike[str],
+        observer: LandingObserver,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.zone = settings.zone
+        self._wal = wal
+        self._sink = sink
+        self._new_builder = builder_factory
+        self._state_path = Path(state_dir) / f"{settings.zone}.json"
+        self._observer = observer
+        self._clock = clock
+        self._state = LanderState()
+        self._open: dict[int, _Pending] = {}
+        self._sealed: list[_Pending] = []
+        self._intents: dict[tuple[int, int], int] = {}  # (hour, first_lsn) -> last_lsn, replay only
+        self._chains: dict[int, asyncio.Task[None]] = {}  # last upload per partition, to keep order
+        self._uploads: set[asyncio.Task[None]] = set()
+        self._upload_slots = asyncio.Semaphore(settings.max_uploads_in_flight)
+        self._state_lock = asyncio.Lock()
+        self._draining = False
+        self._task: asyncio.Task[None] | None = None
+        self._reader = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._state = await asyncio.to_thread(self._load_state)
+        for hour, first, last in self._state.sealed:
+            self._intents[(hour, first)] = last
+        self._wal.register_consumer(self.zone, self._state.position)
+        self._reader = self._wal.reader(self._state.position)
+        self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
+
+    async def drain(self, deadline_secs: float) -> bool:
+        """Land everything durable in the WAL within the deadline; True when nothing is left."""
+        self._draining = True
+        await self._wal.wake_consumers()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), deadline_secs)
+            return True
+        except TimeoutError:
+            log.warning(
+                "drain deadline reached; the rest stays in the WAL for the next start",
+                extra={"zone": self.zone, "unlanded_objects": len(self._open) + len(self._sealed)},
+            )
+            return False
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in [self._task, *self._uploads]:
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._task, *self._uploads] if t is not None), return_exceptions=True)
+        if self._reader is not None:
+            self._reader.close()
+
+    @property
+    def position(self) -> int:
+        return self._state.position
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        reader = self._reader
+        while True:
+            timeout = self._seconds_to_next_roll()
+            has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
+            if has_data and len(self._sealed) < 2 * self.settings.max_uploads_in_flight:
+                frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES)
+                if frames:
+                    due = await asyncio.to_thread(self._absorb, frames)
+                    for pending in due:
+                        await self._seal(pending)
+                else:
+                    await asyncio.sleep(0.01)  # durable data not yet visible in the file; never spin
+            for pending in self._due_by_age():
+                await self._seal(pending)
+            if self._draining and reader.lsn >= self._wal.durable_lsn:
+                for pending in list(self._open.values()):
+                    await self._seal(pending, reason="drain")
+                await asyncio.gather(*list(self._uploads), return_exceptions=True)
+                await self._persist_state()
+                return
+            if len(self._sealed) >= 2 * self.settings.max_uploads_in_flight and self._uploads:
+                # Back-pressure: stop reading until an upload finishes; the WAL holds the rest.
+                await asyncio.wait(set(self._uploads), return_when=asyncio.FIRST_COMPLETED)
+            self._report_backlog()
+
+    def _absorb(self, frames: list[Frame]) -> list[_Pending]:
+        """Add frames to open objects (off the event loop: compression is the cost here)."""
+        now = self._clock()
+        due: list[_Pending] = []
+        for frame in frames:
+            if frame.kind != self.settings.kind:
+                continue
+            if frame.end_lsn - 1 <= self._state.landed.get(str(frame.hour), -1):
+                continue  # landed before a crash; replay must not land it twice
+            pending = self._open.get(frame.hour)
+            if pending is None:
+                if len(self._open) >= self.settings.max_open_partitions:
+                    # The least recently written partition makes room: rolled early, never dropped.
+                    victim = min(self._open.values(), key=lambda p: p.touched)
+                    del self._open[victim.hour]
+                    due.append(victim)
+                pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
+                pending.cut_at = self._intents.pop((frame.hour, frame.lsn), None)
+                self._open[frame.hour] = pending
+            pending.add(frame, now)
+            full = pending.builder.size >= self.settings.target_object_bytes
+            if (pending.cut_at is not None and pending.last_lsn >= pending.cut_at) or (
+                pending.cut_at is None and full
+            ):
+                del self._open[frame.hour]
+                due.append(pending)
+        return due
+
+    def _due_by_age(self) -> list[_Pending]:
+        limit = self.settings.max_object_age_secs
+        now = self._clock()
+        return [p for p in self._open.values() if p.cut_at is None and now - p.opened_at >= limit]
+
+    def _seconds_to_next_roll(self) -> float | None:
+        ages = [p.opened_at for p in self._open.values() if p.cut_at is None]
+        if not ages:
+            return None
+        return max(0.0, min(ages) + self.settings.max_object_age_secs - self._clock())
+
+    # -- sealing and landing -----------------------------------------------------------------
+
+    async def _seal(self, pending: _Pending, reason: str = "") -> None:
+        """Fix the object's boundaries durably, then start its upload."""
+        if self._open.get(pending.hour) is pending:
+            del self._open[pending.hour]
+        self._sealed.append(pending)
+        intent = (pending.hour, pending.first_lsn, pending.last_lsn)
+        if intent not in self._state.sealed:
+            self._state.sealed.append(intent)
+        await self._persist_state()
+        previous = self._chains.get(pending.hour)
+        task = asyncio.create_task(self._land(pending, previous), name=f"land-{self.zone}-{pending.first_lsn}")
+        self._chains[pending.hour] = task
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    async def _land(self, pending: _Pending, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            # Objects of one partition land in order, so its "landed" watermark never skips one.
+            await asyncio.gather(previous, return_exceptions=True)
+        body = await asyncio.to_thread(pending.builder.finish)
+        obj = self._lake_object(pending, body)
+        delay = self.settings.retry_initial_secs
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._upload_slots:
+                    landed = await self._sink.put_object(obj)
+                break
+            except ConnectorError as exc:
+                # Never give up: the records are acknowledged. They wait in the WAL until the sink returns.
+                self._observer.landing_failed(self.zone, exc)
+                level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
+                log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_secs)
+        self._observer.landed(self.zone, landed, time.perf_counter() - started)
+        self._sealed.remove(pending)
+        self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
+        self._state.landed[str(pending.hour)] = pending.last_lsn
+        await self._persist_state()
+        if self._chains.get(pending.hour) is asyncio.current_task():
+            del self._chains[pending.hour]
+
+    def _lake_object(self, pending: _Pending, body: bytes) -> LakeObject:
+        s = self.settings
+        dt = time.strftime("%Y-%m-%d", time.gmtime(pending.hour * 3600))
+        hh = time.strftime("%H", time.gmtime(pending.hour * 3600))
+        partition = Partition(zone=s.zone, dataset=s.dataset, dt=dt, hour=hh)
+        name = f"{s.gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}"
+        return LakeObject(
+            partition=partition,
+            key=f"{partition.prefix}/{name}.{pending.builder.extension}",
+            body=body,
+            content_type=pending.builder.content_type,
+            records=pending.records,
+            first_lsn=pending.first_lsn,
+            last_lsn=pending.last_lsn,
+            min_event_ms=pending.min_event_ms,
+            max_event_ms=pending.max_event_ms,
+            metadata=dict(s.extra),
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _current_position(self) -> int:
+        firsts = [p.first_lsn for p in self._open.values()] + [p.first_lsn for p in self._sealed]
+        return min([self._reader.lsn, *firsts])
+
+    async def _persist_state(self) -> None:
+        async with self._state_lock:
+            position = self._current_position()
+            state = self._state
+            state.position = position
+            # A partition's watermark matters only while its frames may still be replayed.
+            state.landed = {h: lsn for h, lsn in state.landed.items() if lsn >= position}
+            payload = msgspec.json.encode(state)
+            await asyncio.to_thread(_write_atomically, self._state_path, payload)
+            self._wal.release(self.zone, position)
+
+    def _load_state(self) -> LanderState:
+        try:
+            return msgspec.json.decode(self._state_path.read_bytes(), type=LanderState)
+        except FileNotFoundError:
+            self._state_path.parent.mkdir(parents=True, exist_ok=True)
+            return LanderState()
+
+    def _report_backlog(self) -> None:
+        pending = [*self._open.values(), *self._sealed]
+        oldest_ms = min((p.oldest_received_ms for p in pending), default=None)
+        age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0
+        self._observer.backlog(self.zone, self._wal.backlog_bytes(self._current_position()), age)
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fdatasync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,86 @@
+"""The wire schema devices send (v1) and the envelopes the gateway writes around it.
+
+Decoding is validation: ``Record`` carries every constraint of DESIGN.md's schema v1. Unknown fields
+are ignored by the typed decode but never lost: the raw zone stores each record exactly as sent
+(``RawLine.record`` holds the original bytes).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+# Floats beyond the double range decode as inf; these bounds reject them (metrics must be finite).
+_MAX_FLOAT = 1.7976931348623157e308
+FiniteFloat = Annotated[float, Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
+DeviceId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+MetricName = Annotated[str, Meta(min_length=1, max_length=128)]
+EpochMillis = Annotated[int, Meta(ge=0, le=253402300799999)]  # up to 9999-12-31
+AwareDatetime = Annotated[datetime, Meta(tz=True)]
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One telemetry record, schema v1."""
+
+    device_id: DeviceId
+    ts: AwareDatetime | EpochMillis
+    metrics: Annotated[dict[MetricName, FiniteFloat], Meta(min_length=1, max_length=256)]
+    seq: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    tags: dict[Annotated[str, Meta(max_length=128)], Annotated[str, Meta(max_length=1024)]] | None = None
+
+    def event_time_ms(self) -> int:
+        ts = self.ts
+        if isinstance(ts, int):
+            return ts
+        return int(ts.timestamp() * 1000)
+
+
+class RawLine(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of the raw zone: the record exactly as sent, inside the gateway's envelope."""
+
+    ingest_id: str  # one per request; (ingest_id, index) names a record uniquely
+    index: int  # position of the record in its request
+    received_at: str  # RFC 3339, UTC, milliseconds
+    gateway_id: str
+    availability_zone: str
+    device_id: str
+    event_time_ms: int
+    # "event_time", or "arrival_time" when the device clock was beyond the configured skew.
+    partitioned_by: str
+    seq: int | None = None
+    # Device clock minus gateway clock, from the signed X-Timestamp header (None when unsigned).
+    clock_skew_ms: int | None = None
+    device: dict[str, str] = {}
+    record: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class QuarantineLine(msgspec.Struct, kw_only=True):
+    """One line of the quarantine zone: what was sent, and why it was refused."""
+
+    ingest_id: str
+    index: int
+    received_at: str
+    gateway_id: str
+    availability_zone: str
+    device_id: str  # the authenticated sender
+    reason: str
+    # Text as sent (invalid UTF-8 replaced), so a record that is not even JSON is still kept.
+    raw: str
+
+
+class CuratedSource(msgspec.Struct, kw_only=True):
+    """The fields the curated zone reads back from a raw line."""
+
+    ingest_id: str
+    index: int
+    received_at: str
+    gateway_id: str
+    availability_zone: str
+    device_id: str
+    event_time_ms: int
+    seq: int | None = None
+    device: dict[str, str] = {}
+    record: Record

@@ -1,0 +1,121 @@
+"""The device registry: who may send, with which keys, and what we know about each device.
+
+The embedded default is a JSON file::
+
+    {"devices": {"dev-000001": {"keys": ["<current>", "<previous>"], "enabled": true,
+                                "metadata": {"site": "plant-7", "model": "th-200"}}}}
+
+The first key signs new requests; the others still verify during a rotation. ``edge-gateway device
+add`` writes entries, so nobody edits keys by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import msgspec
+
+from gateway.records import DeviceId
+
+KEY_BYTES = 32
+
+
+class RegistryError(Exception):
+    """The registry file cannot be read or written."""
+
+
+class Device(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    keys: list[str]
+    enabled: bool = True
+    metadata: dict[str, str] = {}
+
+
+class RegistryFile(msgspec.Struct, forbid_unknown_fields=True):
+    devices: dict[DeviceId, Device] = {}
+
+
+class DeviceRegistry:
+    """An in-memory view of the registry; ``reload`` swaps it atomically."""
+
+    def __init__(self, devices: dict[str, Device] | None = None) -> None:
+        self._devices = dict(devices or {})
+        self._key_bytes = {d: tuple(k.encode() for k in dev.keys) for d, dev in self._devices.items()}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DeviceRegistry:
+        return cls(read_registry(path).devices)
+
+    def get(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    def keys(self, device_id: str) -> tuple[bytes, ...]:
+        return self._key_bytes.get(device_id, ())
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+
+def read_registry(path: str | os.PathLike[str]) -> RegistryFile:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return RegistryFile()
+    try:
+        return msgspec.json.decode(data, type=RegistryFile)
+    except msgspec.DecodeError as exc:
+        raise RegistryError(f"{path}: {exc}") from None
+
+
+def new_key() -> str:
+    return secrets.token_hex(KEY_BYTES)
+
+
+def add_device(path: str | os.PathLike[str], device_id: str, metadata: dict[str, str], *, replace: bool = False) -> str:
+    """Create (or, with ``replace``, re-key) a device; return its new key."""
+    try:
+        msgspec.convert(device_id, DeviceId)
+    except msgspec.ValidationError as exc:
+        raise RegistryError(f"invalid device id {device_id!r}: {exc}") from None
+    registry = read_registry(path)
+    if device_id in registry.devices and not replace:
+        raise RegistryError(f"device {device_id!r} already exists; use `device rotate` to give it a new key")
+    key = new_key()
+    registry.devices[device_id] = Device(keys=[key], metadata=metadata)
+    write_registry(path, registry)
+    return key
+
+
+def rotate_key(path: str | os.PathLike[str], device_id: str) -> str:
+    """Give a device a new key; its current key keeps verifying until the next rotation."""
+    registry = read_registry(path)
+    device = registry.devices.get(device_id)
+    if device is None:
+        raise RegistryError(f"no device {device_id!r} in {path}")
+    key = new_key()
+    registry.devices[device_id] = msgspec.structs.replace(device, keys=[key, device.keys[0]])
+    write_registry(path, registry)
+    return key
+
+
+def set_enabled(path: str | os.PathLike[str], device_id: str, enabled: bool) -> None:
+    registry = read_registry(path)
+    device = registry.devices.get(device_id)
+    if device is None:
+        raise RegistryError(f"no device {device_id!r} in {path}")
+    registry.devices[device_id] = msgspec.structs.replace(device, enabled=enabled)
+    write_registry(path, registry)
+
+
+def write_registry(path: str | os.PathLike[str], registry: RegistryFile) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    # Keys are secrets: the file is readable by its owner only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)

@@ -1,0 +1,124 @@
+"""The gateway's shared state, and what may change while it runs (SIGHUP reload, drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from aiohttp import web
+
+from connectors.base import ObjectSink
+from connectors.local_lake import LocalLakeSink
+from gateway import logs
+from gateway.auth import HmacAuthenticator, NoAuthenticator
+from gateway.dedup import IdempotencyCache, SeqIndex
+from gateway.enrich import PartitionPolicy
+from gateway.instance_metadata import availability_zone
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import Pipeline
+from gateway.registry import DeviceRegistry, RegistryError
+from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
+
+log = logging.getLogger(__name__)
+
+
+def build_sink(settings: Settings) -> ObjectSink:
+    if settings.lake.kind == "local":
+        return LocalLakeSink(settings.lake.dir, fsync=settings.wal.fsync)
+    raise NotImplementedError(f"lake.kind = {settings.lake.kind!r} is not available in this build")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, sink: ObjectSink | None = None) -> None:
+        self.settings = settings
+        self.gateway_id = settings.gateway.gateway_id or socket.gethostname().split(".")[0]
+        self.availability_zone = settings.gateway.availability_zone
+        self.metrics = GatewayMetrics()
+        self.registry = self._load_registry(settings)
+        self.authenticator = self._authenticator(settings)
+        self.pipeline = Pipeline(settings, gateway_id=self.gateway_id, sink=sink or build_sink(settings), metrics=self.metrics)
+        limits = settings.limits
+        self.seq_index = SeqIndex(limits.dedup_window_secs, limits.dedup_max_keys)
+        self.idempotency = IdempotencyCache(limits.dedup_window_secs, limits.dedup_max_keys)
+        self.partition_policy = PartitionPolicy(
+            settings.gateway.max_clock_skew_secs * 1000, settings.gateway.max_event_age_secs * 1000
+        )
+        self.draining = False
+        self.inflight = 0
+        self._lag_task: asyncio.Task[None] | None = None
+
+    def _load_registry(self, settings: Settings) -> DeviceRegistry:
+        try:
+            return DeviceRegistry.load(settings.auth.registry_path)
+        except RegistryError:
+            if settings.auth.mode == "hmac":
+                raise
+            return DeviceRegistry()
+
+    def _authenticator(self, settings: Settings):
+        if settings.auth.mode == "none":
+            return NoAuthenticator(lambda: self.registry)
+        return HmacAuthenticator(lambda: self.registry, window_secs=settings.auth.timestamp_window_secs)
+
+    async def start(self) -> None:
+        if not self.availability_zone:
+            g = self.settings.gateway
+            self.availability_zone = await availability_zone(g.metadata_endpoint, g.metadata_timeout_secs)
+        started = time.perf_counter()
+        await self.pipeline.start()
+        wal = self.pipeline.wal
+        self.metrics.wal_capacity.set(wal.max_total_bytes)
+        self.metrics.wal_bytes.set_function(lambda: wal.total_bytes)
+        self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
+        log.info(
+            "gateway started",
+            extra={
+                "gateway_id": self.gateway_id,
+                "availability_zone": self.availability_zone,
+                "devices": len(self.registry),
+                "wal_next_lsn": wal.next_lsn,
+                "torn_tail_bytes": wal.torn_tail_bytes,
+                "start_secs": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    def reload(self, settings: Settings) -> list[str]:
+        """Apply a new configuration's run-time sections; return the sections that need a restart."""
+        old, new = effective_config(self.settings), effective_config(settings)
+        changed = {section for section in new if new[section] != old[section]}
+        needs_restart = sorted(changed - RELOADABLE_SECTIONS)
+        registry = self._load_registry(settings)  # raises before anything changes
+        self.registry = registry
+        live = {s: getattr(settings, s) if s in RELOADABLE_SECTIONS else getattr(self.settings, s) for s in new}
+        self.settings = Settings(**live)
+        self.authenticator = self._authenticator(self.settings)
+        logs.configure(self.settings.log.level)
+        log.info("configuration reloaded", extra={"applied": sorted(changed & RELOADABLE_SECTIONS), "needs_restart": needs_restart})
+        return needs_restart
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.metrics.draining.set(1)
+
+    async def wait_for_inflight(self, deadline_secs: float) -> bool:
+        until = time.monotonic() + deadline_secs
+        while self.inflight and time.monotonic() < until:
+            await asyncio.sleep(0.01)
+        return self.inflight == 0
+
+    async def close(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+        await self.pipeline.close()
+
+    async def _watch_loop_lag(self, interval: float = 0.25) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval)
+            self.metrics.loop_lag.set(max(0.0, loop.time() - before - interval))
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,207 @@
+"""The gateway's one configuration file, decoded into frozen structs.
+
+Decoding *is* validation: every constraint lives in the types, unknown keys are rejected, and an
+error names the offending path (``Expected `int` >= 1 - at `$.limits.max_body_bytes```). Options
+carry their unit in their name. ``EDGE_GATEWAY__SECTION__KEY=value`` environment variables override
+the file, so a fleet can vary deployment knobs without templating secrets into it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+
+ENV_PREFIX = "EDGE_GATEWAY__"
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot be loaded; the message says where and why."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ListenSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    backlog: PositiveInt = 1024
+
+
+class GatewaySettings(_Section):
+    # Empty means "the host name": it names lake objects, so it must be unique in the fleet.
+    gateway_id: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    # Empty means "ask EC2 instance metadata (IMDSv2)"; unreachable metadata falls back to "unknown".
+    availability_zone: Annotated[str, Meta(max_length=64)] = ""
+    metadata_endpoint: str = "http://169.254.169.254"
+    metadata_timeout_secs: PositiveFloat = 1.0
+    dataset: Name = "telemetry"
+    # Records stamped further in the future than this, or older than max_event_age_secs, are
+    # partitioned by arrival time: a wrong device clock must not scatter data across the lake.
+    max_clock_skew_secs: PositiveInt = 3600
+    max_event_age_secs: PositiveInt = 7 * 24 * 3600
+
+
+class AuthSettings(_Section):
+    mode: Literal["hmac", "none"] = "hmac"
+    registry_path: str = "devices.json"
+    timestamp_window_secs: PositiveInt = 300
+
+
+class LimitsSettings(_Section):
+    max_body_bytes: PositiveInt = 16 * MiB
+    max_decompressed_bytes: PositiveInt = 64 * MiB
+    # JSON arrays and msgpack are whole documents: they are buffered, so they get a smaller bound.
+    max_document_bytes: PositiveInt = 8 * MiB
+    max_record_bytes: PositiveInt = 64 * 1024
+    max_records_per_request: PositiveInt = 100_000
+    max_errors_reported: NonNegativeInt = 100
+    # Decoded records beyond this per request spill to a temporary file until the request commits.
+    spool_memory_bytes: PositiveInt = 4 * MiB
+    dedup_window_secs: PositiveInt = 600
+    dedup_max_keys: PositiveInt = 100_000
+
+    def __post_init__(self) -> None:
+        if self.max_record_bytes > self.max_decompressed_bytes:
+            raise ValueError("max_record_bytes must not exceed max_decompressed_bytes")
+
+
+class WalSettings(_Section):
+    dir: str = "var/wal"
+    segment_bytes: PositiveInt = 64 * MiB
+    max_total_bytes: PositiveInt = 2048 * MiB
+    # fsync may only be turned off for benchmarks that measure what durability costs.
+    fsync: bool = True
+    retry_after_secs: PositiveInt = 5
+
+    def __post_init__(self) -> None:
+        if self.segment_bytes > self.max_total_bytes:
+            raise ValueError("segment_bytes must not exceed max_total_bytes")
+
+
+class LakeSettings(_Section):
+    kind: Literal["local", "s3"] = "local"
+    dir: str = "var/lake"
+    target_object_bytes: PositiveInt = 32 * MiB
+    max_object_age_secs: PositiveFloat = 60.0
+    max_open_partitions: PositiveInt = 64
+    zstd_level: Annotated[int, Meta(ge=1, le=19)] = 1
+
+
+class DrainSettings(_Section):
+    deadline_secs: PositiveFloat = 25.0
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+
+
+class Settings(_Section):
+    listen: ListenSettings = ListenSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
+    wal: WalSettings = WalSettings()
+    lake: LakeSettings = LakeSettings()
+    drain: DrainSettings = DrainSettings()
+    log: LogSettings = LogSettings()
+
+    def __post_init__(self) -> None:
+        if self.auth.mode == "none" and not is_loopback(self.listen.host):
+            raise ValueError(
+                f"refusing to listen on {self.listen.host!r} with auth.mode = \"none\": "
+                "unauthenticated ingest is only allowed on a loopback address"
+            )
+
+
+# Sections that SIGHUP may replace in a running gateway; the others need a restart.
+RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth"})
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Settings:
+    """Read the TOML file (or the defaults), apply environment overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _apply_env_overrides(raw, os.environ if environ is None else environ)
+    try:
+        return msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path or '<defaults>'}: {exc}") from None
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Environ[str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(path) != 2 or not all(path):
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        section = raw.setdefault(path[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: `{path[0]}` is not a section")
+        section[path[1]] = _parse_env_value(value)
+
+
+def _parse_env_value(value: str) -> Any:
+    """Read a value as TOML (numbers, booleans, quoted strings, arrays), else keep the text."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    return msgspec.to_builtins(settings)
+
+
+def dump_toml(settings: Settings) -> str:
+    """Render the effective configuration as TOML, the same format the file is written in."""
+    lines: list[str] = []
+    for section, values in effective_config(settings).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return msgspec.json.encode(str(value)).decode()

@@ -1,0 +1,144 @@
+"""Simulated devices: signed NDJSON batches of plausible telemetry, sent open-loop.
+
+Used by ``edge-gateway demo`` and by the benchmarks. Open loop means requests go out on a fixed
+schedule whatever the gateway does, and latency is measured from the *intended* send time, so a
+slow gateway cannot hide its slowness by slowing the generator (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import random
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+import zstandard
+
+from gateway.signing import sign_request
+
+METRIC_RANGES = {
+    "temperature_c": (18.0, 26.0),
+    "humidity_pct": (30.0, 60.0),
+    "pressure_hpa": (1000.0, 1025.0),
+    "battery_v": (3.6, 4.2),
+    "rssi_dbm": (-80.0, -50.0),
+    "cpu_pct": (5.0, 40.0),
+    "mem_pct": (20.0, 60.0),
+    "uptime_s": (1_000.0, 1_000_000.0),
+}
+_zstd = zstandard.ZstdCompressor(level=1)
+
+
+@dataclass
+class SimulatedDevice:
+    device_id: str
+    key: str | None
+    seq: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def records(self, count: int, now: float, invalid_ratio: float = 0.0) -> list[dict]:
+        out = []
+        ts_ms = int(now * 1000)
+        for _ in range(count):
+            self.seq += 1
+            metrics = {name: round(self.rng.uniform(lo, hi), 3) for name, (lo, hi) in METRIC_RANGES.items()}
+            record = {"device_id": self.device_id, "ts": ts_ms, "seq": self.seq, "metrics": metrics, "tags": {"fw": "1.4.2"}}
+            if invalid_ratio and self.rng.random() < invalid_ratio:
+                record["metrics"] = {}  # a firmware bug: an empty metrics object
+            out.append(record)
+        return out
+
+    def request(self, count: int, *, encoding: str = "identity", invalid_ratio: float = 0.0, now: float | None = None) -> tuple[bytes, dict[str, str]]:
+        now = time.time() if now is None else now
+        body = b"\n".join(orjson.dumps(r) for r in self.records(count, now, invalid_ratio)) + b"\n"
+        headers = {"Content-Type": "application/x-ndjson"}
+        if encoding == "gzip":
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        elif encoding == "zstd":
+            body = _zstd.compress(body)
+            headers["Content-Encoding"] = "zstd"
+        if self.key is not None:
+            headers.update(sign_request(self.device_id, self.key, body, now=now))
+        return body, headers
+
+
+@dataclass
+class LoadResult:
+    sent_requests: int = 0
+    sent_records: int = 0
+    status_counts: dict[int, int] = field(default_factory=dict)
+    accepted_records: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # from intended send time to response
+    errors: int = 0
+    elapsed_s: float = 0.0
+    generator_cpu_s: float = 0.0
+
+
+async def drive(
+    url: str,
+    devices: list[SimulatedDevice],
+    *,
+    requests_per_s: float,
+    duration_s: float,
+    records_per_request: int,
+    encoding: str = "identity",
+    invalid_ratio: float = 0.0,
+    max_inflight: int = 512,
+    timeout_s: float = 30.0,
+) -> LoadResult:
+    """Send signed batches at a fixed rate for a bounded time; every request is bounded too."""
+    result = LoadResult()
+    interval = 1.0 / requests_per_s
+    inflight = asyncio.Semaphore(max_inflight)
+    tasks: set[asyncio.Task] = set()
+    cpu0 = time.process_time()
+    connector = aiohttp.TCPConnector(limit=max_inflight)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+        async def one(device: SimulatedDevice, intended: float) -> None:
+            body, headers = device.request(records_per_request, encoding=encoding, invalid_ratio=invalid_ratio)
+            try:
+                async with session.post(url + "/v1/telemetry", data=body, headers=headers) as resp:
+                    payload = await resp.read()
+                    result.status_counts[resp.status] = result.status_counts.get(resp.status, 0) + 1
+                    if resp.status == 202:
+                        result.accepted_records += orjson.loads(payload)["accepted"]
+            except (aiohttp.ClientError, TimeoutError):
+                result.errors += 1
+            finally:
+                result.latencies_s.append(time.perf_counter() - intended)
+                inflight.release()
+
+        start = time.perf_counter()
+        n = 0
+        while True:
+            intended = start + n * interval
+            if intended - start >= duration_s:
+                break
+            delay = intended - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await inflight.acquire()
+            device = devices[n % len(devices)]
+            task = asyncio.create_task(one(device, intended))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            result.sent_requests += 1
+            result.sent_records += records_per_request
+            n += 1
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        result.elapsed_s = time.perf_counter() - start
+    result.generator_cpu_s = time.process_time() - cpu0
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,81 @@
+"""The online service-time model: priors first, then convergence to the true line and its tail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batching import ServiceTimeModel
+
+
+def test_prior_answers_before_any_data() -> None:
+    model = ServiceTimeModel(0.003, 0.0001, prior_rho=1.5)
+    assert model.predict(10) == pytest.approx(0.004)
+    assert model.predict_tail(10) == pytest.approx(0.006)
+    assert model.observed == 0
+
+
+def test_fit_converges_to_known_a_and_c_under_noise() -> None:
+    rng = np.random.default_rng(7)
+    true_a, true_c = 0.005, 0.0003
+    # A prior that is off by 2.5x and 0.1x must be overcome by the data.
+    model = ServiceTimeModel(0.002, 0.00003)
+    for _ in range(400):
+        b = int(rng.integers(1, 129))
+        model.observe(b, (true_a + true_c * b) * rng.lognormal(0.0, 0.05))
+    assert model.a_s == pytest.approx(true_a, rel=0.1)
+    assert model.c_s == pytest.approx(true_c, rel=0.05)
+
+
+def test_fit_shrugs_off_rare_huge_outliers() -> None:
+    rng = np.random.default_rng(11)
+    true_a, true_c = 0.002, 0.0001
+    model = ServiceTimeModel(0.001, 0.00005)
+    for i in range(256):
+        b = int(rng.integers(1, 129))
+        stall = 20.0 if i % 25 == 0 else 1.0  # a GC pause now and then
+        model.observe(b, (true_a + true_c * b) * stall)
+    assert model.a_s == pytest.approx(true_a, rel=0.1)
+    assert model.c_s == pytest.approx(true_c, rel=0.1)
+
+
+def test_tail_factor_tracks_the_p99_of_observed_over_predicted() -> None:
+    rng = np.random.default_rng(3)
+    model = ServiceTimeModel(0.002, 0.0001, window=128)
+    ratios = rng.lognormal(0.0, 0.1, size=1000)
+    for ratio in ratios:
+        b = int(rng.integers(1, 65))
+        model.observe(b, (0.002 + 0.0001 * b) * ratio)
+    expected = np.quantile(ratios, 0.99) / np.median(ratios)
+    assert model.rho == pytest.approx(expected, rel=0.15)
+    assert model.rho > 1.1
+
+
+def test_tail_factor_jumps_on_a_slow_call_before_the_next_refit() -> None:
+    model = ServiceTimeModel(0.002, 0.0001, prior_rho=1.0)
+    model.observe(10, 3 * model.predict(10))
+    assert model.rho == pytest.approx(3.0)
+
+
+def test_one_batch_size_only_keeps_the_slope_near_its_prior() -> None:
+    # Every batch full at 128: a and c cannot be told apart, so the prior must hold c.
+    model = ServiceTimeModel(0.001, 0.0001)
+    for _ in range(200):
+        model.observe(128, 0.001 + 0.0001 * 128)
+    assert model.c_s == pytest.approx(0.0001, rel=0.2)
+    assert model.predict(128) == pytest.approx(0.0138, rel=0.02)
+
+
+def test_largest_batch_within_a_budget() -> None:
+    model = ServiceTimeModel(0.001, 0.0001, prior_rho=2.0)
+    # 2 * (0.001 + 0.0001 b) <= 0.012  ->  b <= 50
+    assert model.largest_batch_within(0.012, 128) == 50
+    assert model.largest_batch_within(0.012, 16) == 16
+    assert model.largest_batch_within(0.0021, 128) == 0  # even one item does not fit
+
+
+def test_bad_priors_are_refused() -> None:
+    with pytest.raises(ValueError):
+        ServiceTimeModel(0.0, 0.001)
+    with pytest.raises(ValueError):
+        ServiceTimeModel(0.001, 0.001, prior_rho=0.5)
