@@ -89,6 +89,7 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
             seq_index=gw.seq_index,
             max_records=limits.max_records_per_request,
             max_errors_reported=limits.max_errors_reported,
+            max_tracked_seqs=limits.dedup_max_keys_per_request,
         )
         digest, refused = await _receive(request, fmt, inflate, batch, limits)
         gw.authenticator.finish(pending, request.method, request.path, digest)

@@ -37,6 +37,7 @@ class RequestBatch:
         seq_index: SeqIndex,
         max_records: int,
         max_errors_reported: int,
+        max_tracked_seqs: int = 10_000,
     ) -> None:
         self.ctx = ctx
         self._msgpack = fmt == MSGPACK
@@ -46,6 +47,8 @@ class RequestBatch:
         self._seq_index = seq_index
         self._max_records = max_records
         self._max_errors = max_errors_reported
+        # Retries are small batches; a huge upload's sequence numbers are not all worth memory.
+        self._max_tracked = max_tracked_seqs
         self.records = 0
         self.accepted = 0
         self.rejected = 0
@@ -85,8 +88,9 @@ class RequestBatch:
                 if key in self._seqs_here or self._seq_index.is_duplicate(*key):
                     self.duplicates += 1
                     continue
-                self._seqs_here.add(key)
-                self.new_seqs.append(key)
+                if len(self.new_seqs) < self._max_tracked:
+                    self._seqs_here.add(key)
+                    self.new_seqs.append(key)
             raw = _json.encode(_msgpack_any.decode(item)) if self._msgpack else item
             hour, partitioned_by = partition_hour(event_ms, ctx.received_ms, policy)
             groups[hour].append(raw_line(ctx, index, record, raw, event_ms, partitioned_by))

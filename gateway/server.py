@@ -27,6 +27,7 @@ class RunningGateway:
         self.gateway = gateway
         self.runner = runner
         self.site = site
+        self.stopped = False
 
     @property
     def port(self) -> int:
@@ -40,6 +41,9 @@ class RunningGateway:
 
     async def stop(self) -> bool:
         """Drain: readiness off, finish in-flight requests, stop listening, land, close the WAL."""
+        if self.stopped:
+            return True
+        self.stopped = True
         gw = self.gateway
         deadline = gw.settings.drain.deadline_secs
         until = time.monotonic() + deadline

@@ -72,6 +72,8 @@ class LimitsSettings(_Section):
     spool_memory_bytes: PositiveInt = 4 * MiB
     dedup_window_secs: PositiveInt = 600
     dedup_max_keys: PositiveInt = 100_000
+    # Sequence numbers remembered per request; beyond it a request's records are not deduplicated.
+    dedup_max_keys_per_request: PositiveInt = 10_000
 
     def __post_init__(self) -> None:
         if self.max_record_bytes > self.max_decompressed_bytes:
