@@ -166,15 +166,10 @@ class LineFramer:
         return self._clean([tail])
 
     def _clean(self, lines: list[bytes]) -> list[bytes]:
-        out = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > self._max:
-                raise TooLarge(f"a record is larger than the limit of {self._max} bytes")
-            if line.strip():
-                out.append(line)
-        return out
+        if lines and max(map(len, lines)) > self._max:
+            raise TooLarge(f"a record is larger than the limit of {self._max} bytes")
+        # Blank lines are allowed between records; a CR before LF is line ending, not data.
+        return [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines if line and not line.isspace()]
 
 
 class DocumentFramer:

@@ -12,9 +12,9 @@ from collections import defaultdict
 
 import msgspec
 
-from gateway.body import MSGPACK
+from gateway.body import MSGPACK, NDJSON
 from gateway.dedup import SeqIndex
-from gateway.enrich import HOUR_MS, PartitionPolicy, RequestContext, partition_hour, quarantine_line, raw_line
+from gateway.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, RequestContext, partition_hour, quarantine_line
 from gateway.errors import Forbidden, TooLarge
 from gateway.records import Record
 from gateway.spool import Spool
@@ -41,6 +41,8 @@ class RequestBatch:
     ) -> None:
         self.ctx = ctx
         self._msgpack = fmt == MSGPACK
+        self._ndjson = fmt == NDJSON
+        self._lines = RawLineWriter(ctx)
         self._decode = _msgpack_record.decode if self._msgpack else _json_record.decode
         self.spool = spool
         self._policy = policy
@@ -63,37 +65,27 @@ class RequestBatch:
             return
         if self.records + len(items) > self._max_records:
             raise TooLarge(f"a request may hold at most {self._max_records} records")
-        ctx, policy = self.ctx, self._policy
-        groups: dict[int, list] = defaultdict(list)
+        ctx, policy, writer = self.ctx, self._policy, self._lines
+        decoded = self._decode_all(items)
+        groups: dict[int, list[bytes]] = defaultdict(list)
         bounds: dict[int, list[int]] = {}
         quarantined = []
-        for item in items:
-            index = self.records
-            self.records += 1
-            try:
-                record = self._decode(item)
-            except msgspec.ValidationError as exc:
-                quarantined.append(self._reject(index, item, "invalid", str(exc)))
+        signer = ctx.device_id
+        for offset, item in enumerate(items):
+            index = self.records + offset
+            record = decoded[offset] if decoded is not None else self._decode_one(index, item, quarantined)
+            if record is None:
                 continue
-            except msgspec.DecodeError as exc:
-                quarantined.append(self._reject(index, item, "malformed", f"malformed record: {exc}"))
+            if signer is not None and record.device_id != signer:
+                raise Forbidden(f"record {index} is for device {record.device_id!r}, but the request is signed by {signer!r}")
+            ts = record.ts
+            event_ms = ts if ts.__class__ is int else record.event_time_ms()
+            if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
                 continue
-            if ctx.device_id is not None and record.device_id != ctx.device_id:
-                raise Forbidden(
-                    f"record {index} is for device {record.device_id!r}, but the request is signed by {ctx.device_id!r}"
-                )
-            event_ms = record.event_time_ms()
-            if record.seq is not None:
-                key = (record.device_id, record.seq, event_ms)
-                if key in self._seqs_here or self._seq_index.is_duplicate(*key):
-                    self.duplicates += 1
-                    continue
-                if len(self.new_seqs) < self._max_tracked:
-                    self._seqs_here.add(key)
-                    self.new_seqs.append(key)
-            raw = _json.encode(_msgpack_any.decode(item)) if self._msgpack else item
-            hour, partitioned_by = partition_hour(event_ms, ctx.received_ms, policy)
-            groups[hour].append(raw_line(ctx, index, record, raw, event_ms, partitioned_by))
+            if self._msgpack:
+                item = _json.encode(_msgpack_any.decode(item))
+            hour, by_event_time = partition_hour(event_ms, ctx.received_ms, policy)
+            groups[hour].append(writer.line(index, record, item, event_ms, by_event_time))
             b = bounds.get(hour)
             if b is None:
                 bounds[hour] = [event_ms, event_ms]
@@ -101,17 +93,48 @@ class RequestBatch:
                 b[0] = event_ms
             elif event_ms > b[1]:
                 b[1] = event_ms
+        self.records += len(items)
         for hour, lines in groups.items():
             low, high = bounds[hour]
-            payload = _json.encode_lines(lines)
-            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, low, high, len(lines), payload))
-            self.accepted += len(lines)
+            lines.append(b"")
+            payload = b"\n".join(lines)
+            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, low, high, len(lines) - 1, payload))
+            self.accepted += len(lines) - 1
         if quarantined:
             payload = _json.encode_lines(quarantined)
             hour = ctx.received_ms // HOUR_MS
             self.spool.add(
                 encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
             )
+
+    def _decode_all(self, items: list[bytes]) -> list[Record] | None:
+        """All of a chunk's records in one call when every line is valid (the common case)."""
+        if not self._ndjson:
+            return None
+        try:
+            records = _json_record.decode_lines(b"\n".join(items))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        return records if len(records) == len(items) else None
+
+    def _decode_one(self, index: int, item: bytes, quarantined: list) -> Record | None:
+        try:
+            return self._decode(item)
+        except msgspec.ValidationError as exc:
+            quarantined.append(self._reject(index, item, "invalid", str(exc)))
+        except msgspec.DecodeError as exc:
+            quarantined.append(self._reject(index, item, "malformed", f"malformed record: {exc}"))
+        return None
+
+    def _is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
+        key = (device_id, seq, event_ms)
+        if key in self._seqs_here or self._seq_index.is_duplicate(device_id, seq, event_ms):
+            self.duplicates += 1
+            return True
+        if len(self.new_seqs) < self._max_tracked:
+            self._seqs_here.add(key)
+            self.new_seqs.append(key)
+        return False
 
     def _reject(self, index: int, item: bytes, kind: str, reason: str):
         self.rejected += 1

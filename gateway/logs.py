@@ -29,10 +29,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str) -> None:
     root = logging.getLogger()
-    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        root.handlers[:] = [handler]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, JsonFormatter)] + [handler]
     root.setLevel(level)
     # aiohttp's access log is ours to enable (log.access_log); its default format is not JSON.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -39,21 +39,25 @@ class SimulatedDevice:
     seq: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
-    def records(self, count: int, now: float, invalid_ratio: float = 0.0) -> list[dict]:
+    def records(self, count: int, now: float, invalid_ratio: float = 0.0, with_seq: bool = True) -> list[dict]:
         out = []
         ts_ms = int(now * 1000)
         for _ in range(count):
             self.seq += 1
             metrics = {name: round(self.rng.uniform(lo, hi), 3) for name, (lo, hi) in METRIC_RANGES.items()}
-            record = {"device_id": self.device_id, "ts": ts_ms, "seq": self.seq, "metrics": metrics, "tags": {"fw": "1.4.2"}}
+            record = {"device_id": self.device_id, "ts": ts_ms, "metrics": metrics, "tags": {"fw": "1.4.2"}}
+            if with_seq:
+                record["seq"] = self.seq
             if invalid_ratio and self.rng.random() < invalid_ratio:
                 record["metrics"] = {}  # a firmware bug: an empty metrics object
             out.append(record)
         return out
 
-    def request(self, count: int, *, encoding: str = "identity", invalid_ratio: float = 0.0, now: float | None = None) -> tuple[bytes, dict[str, str]]:
+    def request(
+        self, count: int, *, encoding: str = "identity", invalid_ratio: float = 0.0, with_seq: bool = True, now: float | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         now = time.time() if now is None else now
-        body = b"\n".join(orjson.dumps(r) for r in self.records(count, now, invalid_ratio)) + b"\n"
+        body = b"\n".join(orjson.dumps(r) for r in self.records(count, now, invalid_ratio, with_seq)) + b"\n"
         headers = {"Content-Type": "application/x-ndjson"}
         if encoding == "gzip":
             body = gzip.compress(body, compresslevel=1)

@@ -1,0 +1,218 @@
+"""Ingest benchmark: the gateway end to end against the bare aiohttp + msgspec ceiling, same run.
+
+    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--json out.json]
+
+For each repetition: the ceiling's maximum throughput (closed loop); the gateway's maximum
+(HTTP in, authenticated, validated, enriched, WAL-fsynced, acked, landed in the local lake);
+ack latency at half of that maximum (open loop, from intended send time); and an overload at
+1.5x the maximum (status shares, goodput, peak RSS). Medians over repetitions, ratios per rep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.loadgen import Prepared, closed_loop, open_loop, prepare
+from benchmarks.processes import Server, free_port, python
+from gateway.registry import add_device
+from gateway.simulator import SimulatedDevice
+
+GATEWAY_CONFIG = """
+[listen]
+host = "127.0.0.1"
+port = {port}
+[gateway]
+gateway_id = "bench"
+availability_zone = "bench-1a"
+[auth]
+registry_path = "{root}/devices.json"
+[wal]
+dir = "{root}/wal"
+max_total_bytes = {wal_bytes}
+[lake]
+dir = "{root}/lake"
+[drain]
+deadline_secs = 30.0
+"""
+
+
+def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
+    devices = []
+    for i in range(n):
+        device_id = f"bench-{i:05d}"
+        devices.append(SimulatedDevice(device_id, add_device(root / "devices.json", device_id, {"site": "bench"})))
+    return devices
+
+
+def start_gateway(root: Path, wal_bytes: int = 1 << 30) -> Server:
+    port = free_port()
+    config = root / "gateway.toml"
+    config.write_text(GATEWAY_CONFIG.format(port=port, root=root, wal_bytes=wal_bytes))
+    server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log")
+    server.startup_s = server.wait_ready()
+    return server
+
+
+def start_ceiling(root: Path) -> Server:
+    port = free_port()
+    server = Server([python(), "-m", "benchmarks.ceiling_server", "--port", str(port)], port, root / "ceiling.log")
+    server.wait_ready()
+    return server
+
+
+async def measure_max(server: Server, prepared: Prepared, seconds: float, concurrency: int) -> dict:
+    cpu0 = server.cpu_seconds()
+    server.start_sampling()
+    run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_s=seconds)
+    peak = server.stop_sampling()
+    cpu = server.cpu_seconds() - cpu0
+    return {
+        "records_per_s": run.records_per_s,
+        "mb_per_s": run.mb_per_s,
+        "requests_per_s": run.requests / run.duration_s,
+        "server_cpu_s": cpu,
+        "records_per_cpu_s": run.records / cpu if cpu else float("nan"),
+        "peak_rss_mb": peak / 2**20,
+        "p50_ms": run.percentile_ms(0.5),
+        "p99_ms": run.percentile_ms(0.99),
+        "generator_cpu_s": run.generator_cpu_s,
+        "statuses": {str(k): v for k, v in run.statuses.items()},
+    }
+
+
+async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float) -> dict:
+    server.start_sampling()
+    run = await open_loop(server.url, prepared, requests_per_s=rps, duration_s=seconds)
+    peak = server.stop_sampling()
+    total = sum(run.statuses.values()) or 1
+    return {
+        "offered_requests_per_s": rps,
+        "goodput_records_per_s": run.records_per_s,
+        "p50_ms": run.percentile_ms(0.5),
+        "p99_ms": run.percentile_ms(0.99),
+        "p999_ms": run.percentile_ms(0.999),
+        "peak_rss_mb": peak / 2**20,
+        "shed_share": (run.statuses.get(503, 0) + run.statuses.get(429, 0)) / total,
+        "error_share": run.statuses.get("error", 0) / total,
+        "generator_cpu_s": run.generator_cpu_s,
+        "statuses": {str(k): v for k, v in run.statuses.items()},
+    }
+
+
+async def one_rep(args, workdir: Path) -> dict:
+    root = Path(tempfile.mkdtemp(dir=workdir))
+    devices = make_devices(root, args.devices)
+    prepared = prepare(devices, records_per_request=args.records)
+    ceiling = start_ceiling(root)
+    try:
+        ceiling_max = await measure_max(ceiling, prepared, args.seconds, args.concurrency)
+    finally:
+        ceiling.stop()
+    gateway = start_gateway(root)
+    try:
+        startup_s = gateway.startup_s
+        gw_max = await measure_max(gateway, prepared, args.seconds, args.concurrency)
+        half = await measure_open(gateway, prepared, gw_max["requests_per_s"] / 2, args.seconds)
+        overload = await measure_open(gateway, prepared, gw_max["requests_per_s"] * 1.5, args.seconds)
+    finally:
+        exit_code = gateway.stop()
+    landed = sum(1 for _ in (root / "lake" / "raw").rglob("*.ndjson.zst"))
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "ceiling": ceiling_max,
+        "gateway": gw_max,
+        "half_load": half,
+        "overload": overload,
+        "ratio_gateway_to_ceiling": gw_max["records_per_s"] / ceiling_max["records_per_s"],
+        "startup_s": startup_s,
+        "gateway_exit_code": exit_code,
+        "raw_objects_landed": landed,
+        "body_bytes": prepared.bytes_per_request,
+    }
+
+
+def summarize(reps: list[dict]) -> dict:
+    def stat(path: list[str]) -> dict:
+        values = []
+        for rep in reps:
+            v = rep
+            for p in path:
+                v = v[p]
+            values.append(v)
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    return {
+        "ratio_gateway_to_ceiling": stat(["ratio_gateway_to_ceiling"]),
+        "ceiling_records_per_s": stat(["ceiling", "records_per_s"]),
+        "gateway_records_per_s": stat(["gateway", "records_per_s"]),
+        "gateway_mb_per_s": stat(["gateway", "mb_per_s"]),
+        "gateway_records_per_cpu_s": stat(["gateway", "records_per_cpu_s"]),
+        "half_load_p50_ms": stat(["half_load", "p50_ms"]),
+        "half_load_p99_ms": stat(["half_load", "p99_ms"]),
+        "overload_goodput_records_per_s": stat(["overload", "goodput_records_per_s"]),
+        "overload_shed_share": stat(["overload", "shed_share"]),
+        "overload_peak_rss_mb": stat(["overload", "peak_rss_mb"]),
+        "gateway_peak_rss_mb": stat(["gateway", "peak_rss_mb"]),
+        "startup_s": stat(["startup_s"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--records", type=int, default=300, help="records per request (300 ~ 64 KiB)")
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="edge-gateway-bench-"))
+    reps = []
+    for i in range(args.reps):
+        rep = asyncio.run(one_rep(args, workdir))
+        reps.append(rep)
+        print(
+            f"rep {i + 1}/{args.reps}: ceiling {rep['ceiling']['records_per_s']:,.0f} rec/s, "
+            f"gateway {rep['gateway']['records_per_s']:,.0f} rec/s (ratio {rep['ratio_gateway_to_ceiling']:.2f}), "
+            f"p99 at half load {rep['half_load']['p99_ms']:.1f} ms, overload peak RSS {rep['overload']['peak_rss_mb']:.0f} MiB",
+            flush=True,
+        )
+    shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "scenario": "ingest",
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "settings": vars(args) | {"json": str(args.json) if args.json else None},
+        "summary": summarize(reps),
+        "reps": reps,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    s = result["summary"]
+    print(
+        "\nmedian over {n} reps: gateway/ceiling {r:.2f} [{rmin:.2f}-{rmax:.2f}]; gateway {g:,.0f} rec/s ({mb:.1f} MB/s); "
+        "ack p99 at half load {p99:.1f} ms; overload: {shed:.0%} shed, peak RSS {rss:.0f} MiB".format(
+            n=len(reps),
+            r=s["ratio_gateway_to_ceiling"]["median"],
+            rmin=s["ratio_gateway_to_ceiling"]["min"],
+            rmax=s["ratio_gateway_to_ceiling"]["max"],
+            g=s["gateway_records_per_s"]["median"],
+            mb=s["gateway_mb_per_s"]["median"],
+            p99=s["half_load_p99_ms"]["median"],
+            shed=s["overload_shed_share"]["median"],
+            rss=s["overload_peak_rss_mb"]["median"],
+        )
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
