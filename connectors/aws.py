@@ -100,6 +100,11 @@ def client_config(
     )
 
 
+def create_client(session: AioSession, service: str, config: AioConfig, *, region: str, endpoint_url: str) -> Any:
+    """``session.create_client`` (an async context manager); empty settings defer to the AWS chain."""
+    return session.create_client(service, config=config, **client_kwargs(region=region, endpoint_url=endpoint_url))
+
+
 def client_kwargs(*, region: str, endpoint_url: str) -> dict[str, Any]:
     """Keyword arguments for ``session.create_client``: empty settings defer to the AWS chain."""
     kwargs: dict[str, Any] = {}
@@ -160,10 +165,12 @@ def translate(exc: BaseException, *, endpoint: str = "") -> ConnectorError:
         message = f"{code or status}: {exc}"
         if code in THROTTLE_CODES or status in (429, 503):
             return ThrottledError(message, endpoint=endpoint)
-        if code in TRANSIENT_CODES or status in (408, 500, 502, 504) or status >= 500:
+        if code in TRANSIENT_CODES or status == 408 or status >= 500:
             return TransientError(message, endpoint=endpoint)
         return PermanentError(message, endpoint=endpoint)
-    if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.ParamValidationError, bce.NoRegionError)):
+    if isinstance(
+        exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.ParamValidationError, bce.NoRegionError)
+    ):
         return PermanentError(f"{type(exc).__name__}: {exc}", endpoint=endpoint)
     if is_timeout(exc):
         return TransientError(f"timed out: {type(exc).__name__}: {exc}", endpoint=endpoint)

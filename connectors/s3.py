@@ -18,6 +18,10 @@ storage forever.
 
 Memory: the object body is already in memory (the rolling writer built it); multipart adds at most
 ``part_size_bytes * max_parts_in_flight`` of part copies on top.
+
+IAM: ``s3:PutObject``, ``s3:PutObjectTagging`` (with tags), ``s3:AbortMultipartUpload`` on
+``<bucket>/<prefix>*``; ``s3:ListBucketMultipartUploads`` on the bucket; with SSE-KMS also
+``kms:GenerateDataKey`` and ``kms:Decrypt`` (multipart needs both) on the key.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -169,6 +174,7 @@ class S3Sink:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._object_params = _object_params(settings)
+        self._owned_name = re.compile(rf"{re.escape(gateway_id)}-[0-9]+-[0-9]+\.")
 
     # -- what the gateway reads -------------------------------------------------------------------
 
@@ -206,7 +212,7 @@ class S3Sink:
             s3={"addressing_style": s.addressing_style},
         )
         self._client = await stack.enter_async_context(
-            self._session.create_client("s3", config=config, **aws.client_kwargs(region=s.region, endpoint_url=s.endpoint_url))
+            aws.create_client(self._session, "s3", config, region=s.region, endpoint_url=s.endpoint_url)
         )
         self._stack = stack
         try:
@@ -262,7 +268,8 @@ class S3Sink:
             response = await self._client.put_object(**params)
             echoed = response.get(f"Checksum{algorithm}")
             if echoed is not None and echoed != checksum:
-                raise TransientError(f"S3 stored checksum {echoed} for {key}, expected {checksum}", endpoint=self._endpoint)
+                message = f"S3 stored checksum {echoed} for {key}, expected {checksum}"
+                raise TransientError(message, endpoint=self._endpoint)
             return response
 
         response = await self._call("PutObject", put)
@@ -369,11 +376,12 @@ class S3Sink:
     # -- start-up cleanup --------------------------------------------------------------------------
 
     def owns(self, key: str) -> bool:
-        """Whether ``key`` was written by this gateway (its base name starts with ``<gateway_id>-``).
+        """Whether ``key`` was written by this gateway: its base name is ``<gateway_id>-<lsn>-<lsn>.<ext>``.
 
-        The ``-`` matters: gateway ``gw-1`` must never abort the uploads of ``gw-10``.
+        Matching the whole name pattern, not just the id as a prefix, keeps gateway ``gw`` away from
+        the uploads of ``gw-2`` and ``gw1`` (their names also start with ``gw``).
         """
-        return key.rsplit("/", 1)[-1].startswith(f"{self.gateway_id}-")
+        return self._owned_name.match(key.rsplit("/", 1)[-1]) is not None
 
     async def abort_stale_uploads(self, *, max_elapsed_secs: float | None = None) -> int:
         """Abort every multipart upload under the prefix that this gateway owns; returns how many.

@@ -6,9 +6,12 @@ gateways in one process and read each one's numbers.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import dataclasses
 
-from connectors.base import LandedObject
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from connectors.base import LandedObject, ObjectSink
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -56,6 +59,10 @@ class GatewayMetrics:
         self.loop_lag = Gauge("edge_gateway_event_loop_lag_seconds", "How late the event loop runs a timer", registry=r)
         self.rate_limited = Counter("edge_gateway_rate_limited", "Requests answered 429", registry=r)
 
+    def watch_sink(self, sink: ObjectSink) -> None:
+        """Export a connector's own counters (retries, throttles, concurrency) at scrape time."""
+        self.registry.register(_SinkCollector(sink))
+
     # -- the landing observer interface ------------------------------------------------------
 
     def landed(self, zone: str, obj: LandedObject, seconds: float) -> None:
@@ -70,3 +77,32 @@ class GatewayMetrics:
     def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None:
         self.wal_backlog.labels(zone).set(backlog_bytes)
         self.wal_oldest_age.labels(zone).set(oldest_age_secs)
+
+
+class _SinkCollector:
+    """Reads the sink's ``stats`` dataclass (and its concurrency, if adaptive) when scraped."""
+
+    def __init__(self, sink: ObjectSink) -> None:
+        self._sink = sink
+
+    def collect(self):
+        parts = [self._sink, getattr(self._sink, "sink", None), getattr(self._sink, "catalog", None), getattr(self._sink, "events", None)]
+        for part in parts:
+            stats = getattr(part, "stats", None)
+            if stats is None or not dataclasses.is_dataclass(stats):
+                continue
+            kind = type(part).__name__.lower()
+            for field in dataclasses.fields(stats):
+                metric = CounterMetricFamily(
+                    f"edge_gateway_{kind}_{field.name}", f"{type(part).__name__} {field.name.replace('_', ' ')}"
+                )
+                metric.add_metric([], getattr(stats, field.name))
+                yield metric
+            for gauge in ("concurrency_limit", "requests_in_flight"):
+                if hasattr(part, gauge):
+                    family = GaugeMetricFamily(f"edge_gateway_{kind}_{gauge}", f"{type(part).__name__} {gauge.replace('_', ' ')}")
+                    family.add_metric([], getattr(part, gauge))
+                    yield family
+
+    def describe(self):
+        return []

@@ -9,8 +9,12 @@ import time
 
 from aiohttp import web
 
+from connectors.announcing_sink import AnnouncingSink
 from connectors.base import ObjectSink
+from connectors.eventbridge import EventBridgePublisher
+from connectors.glue import GlueCatalog
 from connectors.local_lake import LocalLakeSink
+from connectors.s3 import S3Sink
 from gateway import logs
 from gateway.auth import HmacAuthenticator, NoAuthenticator
 from gateway.dedup import IdempotencyCache, SeqIndex
@@ -24,10 +28,16 @@ from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
 log = logging.getLogger(__name__)
 
 
-def build_sink(settings: Settings) -> ObjectSink:
+def build_sink(settings: Settings, gateway_id: str) -> ObjectSink:
+    """The lake the configuration names, with its catalog and event announcements when configured."""
     if settings.lake.kind == "local":
         return LocalLakeSink(settings.lake.dir, fsync=settings.wal.fsync)
-    raise NotImplementedError(f"lake.kind = {settings.lake.kind!r} is not available in this build")
+    s3 = S3Sink(settings.s3, gateway_id=gateway_id)
+    catalog = GlueCatalog(settings.glue, lake_url=s3.root_url) if settings.glue else None
+    events = EventBridgePublisher(settings.eventbridge) if settings.eventbridge else None
+    if catalog is None and events is None:
+        return s3
+    return AnnouncingSink(s3, catalog=catalog, events=events)
 
 
 class Gateway:
@@ -38,7 +48,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.registry = self._load_registry(settings)
         self.authenticator = self._authenticator(settings)
-        self.pipeline = Pipeline(settings, gateway_id=self.gateway_id, sink=sink or build_sink(settings), metrics=self.metrics)
+        sink = sink or build_sink(settings, self.gateway_id)
+        self.metrics.watch_sink(sink)
+        self.pipeline = Pipeline(settings, gateway_id=self.gateway_id, sink=sink, metrics=self.metrics)
         limits = settings.limits
         self.seq_index = SeqIndex(limits.dedup_window_secs, limits.dedup_max_keys)
         self.idempotency = IdempotencyCache(limits.dedup_window_secs, limits.dedup_max_keys)

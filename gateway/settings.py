@@ -16,6 +16,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from connectors.eventbridge import EventBridgeSettings
+from connectors.glue import GlueCatalogSettings
+from connectors.s3 import S3SinkSettings
+
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
@@ -120,8 +124,16 @@ class Settings(_Section):
     lake: LakeSettings = LakeSettings()
     drain: DrainSettings = DrainSettings()
     log: LogSettings = LogSettings()
+    # Connector sections, present only when used (lake.kind = "s3" needs [s3]).
+    s3: S3SinkSettings | None = None
+    glue: GlueCatalogSettings | None = None
+    eventbridge: EventBridgeSettings | None = None
 
     def __post_init__(self) -> None:
+        if self.lake.kind == "s3" and self.s3 is None:
+            raise ValueError('lake.kind = "s3" needs an [s3] section with at least `bucket`')
+        if self.glue is not None and self.lake.kind != "s3":
+            raise ValueError('[glue] registers S3 partitions: it needs lake.kind = "s3"')
         if self.auth.mode == "none" and not is_loopback(self.listen.host):
             raise ValueError(
                 f"refusing to listen on {self.listen.host!r} with auth.mode = \"none\": "
@@ -190,6 +202,8 @@ def dump_toml(settings: Settings) -> str:
     """Render the effective configuration as TOML, the same format the file is written in."""
     lines: list[str] = []
     for section, values in effective_config(settings).items():
+        if values is None:
+            continue
         lines.append(f"[{section}]")
         for key, value in values.items():
             lines.append(f"{key} = {_toml_value(value)}")

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from aiobotocore.session import get_session
 
-# The fixture plugins live in tests/fixtures; until the top-level conftest registers them with
-# `pytest_plugins`, make the repository root importable so `tests.fixtures` resolves under both
-# `pytest` and `python -m pytest`.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import batching  # noqa: E402
-
-if not hasattr(batching, "AdaptiveConcurrency"):
-    # The limiter exists in batching.concurrency but the package does not export it yet.
-    from batching.concurrency import AdaptiveConcurrency as _AdaptiveConcurrency
-
-    batching.AdaptiveConcurrency = _AdaptiveConcurrency  # type: ignore[attr-defined]
-
-from aiobotocore.session import get_session  # noqa: E402
-
-from tests.fixtures.fault_proxy import FaultProxy  # noqa: E402
-from tests.fixtures.moto_server import aws_credentials, moto_endpoint  # noqa: E402,F401
+from tests.fixtures.fault_proxy import FaultProxy
 
 
 @pytest.fixture

@@ -57,17 +57,11 @@ async def test_small_object_lands_byte_exact_with_checksum(moto_endpoint: str, b
     assert sink.stats.objects_landed == 1 and sink.stats.multipart_uploads == 0
 
 
-async def test_multipart_object_lands_byte_exact(moto_endpoint: str, bucket: str, s3_client: Any) -> None:
-    sink = await started(S3Sink(settings(moto_endpoint, bucket), gateway_id=GATEWAY_ID))
-    obj = lake_object(random_body(2 * PART_BYTES + 12345))
-    seen_in_flight = []
-    original = sink._client.upload_part
-
-    async def upload_part(**kwargs: Any) -> Any:
-        seen_in_flight.append(sink.requests_in_flight)
-        return await original(**kwargs)
-
-    sink._client.upload_part = upload_part
+async def test_multipart_object_lands_byte_exact(bucket: str, s3_client: Any, proxy: FaultProxy) -> None:
+    sink = await started(S3Sink(settings(proxy.url, bucket, max_parts_in_flight=2), gateway_id=GATEWAY_ID))
+    obj = lake_object(random_body(3 * PART_BYTES + 12345))
+    # Parts linger a little at the proxy, so parallel uploads overlap there and can be counted.
+    proxy.delay_when, proxy.delay_secs = (lambda r: "partNumber=" in r.query), 0.1
     try:
         landed = await sink.put_object(obj)
     finally:
@@ -75,8 +69,8 @@ async def test_multipart_object_lands_byte_exact(moto_endpoint: str, bucket: str
 
     key = f"lake/{obj.key}"
     assert await read_back(s3_client, bucket, key) == obj.body
-    assert landed.etag.endswith("-3")
-    assert len(seen_in_flight) == 3 and max(seen_in_flight) <= 2  # max_parts_in_flight
+    assert landed.etag.endswith("-4")
+    assert proxy.max_in_flight == 2  # parts go in parallel, never more than max_parts_in_flight
     head = await s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     assert "ChecksumCRC32" in head
     assert await open_uploads(s3_client, bucket) == []
@@ -130,9 +124,13 @@ async def test_encryption_storage_class_and_tags_are_stored(moto_endpoint: str, 
 
 async def test_start_aborts_only_this_gateways_stale_uploads(moto_endpoint: str, bucket: str, s3_client: Any) -> None:
     prefix = "lake/raw/telemetry/dt=2024-05-01/hour=13/"
-    ours = [f"{prefix}{GATEWAY_ID}-0-9.ndjson.zst", f"lake/curated/telemetry/dt=2024-05-01/hour=14/{GATEWAY_ID}-5-7.parquet"]
+    ours = [
+        f"{prefix}{GATEWAY_ID}-0-9.ndjson.zst",
+        f"lake/curated/telemetry/dt=2024-05-01/hour=14/{GATEWAY_ID}-5-7.parquet",
+    ]
     others = [
-        f"{prefix}{GATEWAY_ID}0-0-9.ndjson.zst",  # another gateway whose id merely starts like ours
+        f"{prefix}{GATEWAY_ID}0-0-9.ndjson.zst",  # other gateways whose ids merely start like ours
+        f"{prefix}{GATEWAY_ID}-2-0-9.ndjson.zst",
         f"{prefix}gw-other-0-9.ndjson.zst",
         f"elsewhere/{GATEWAY_ID}-0-9.ndjson.zst",  # outside the sink's prefix
     ]

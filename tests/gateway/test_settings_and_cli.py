@@ -1,0 +1,96 @@
+"""Configuration validation, environment overrides and the ``edge-gateway`` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.__main__ import main
+from gateway.registry import read_registry
+from gateway.settings import ConfigError, load_settings
+
+TESTDATA = Path(__file__).parent / "testdata"
+
+
+def test_valid_file_and_defaults():
+    s = load_settings(TESTDATA / "valid.toml", environ={})
+    assert s.listen.port == 9000 and s.limits.max_records_per_request == 500
+    assert s.wal.fsync is True and s.auth.mode == "hmac"
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("bad_unknown_key.toml", "unknown field `max_body_byte` - at `$.limits`"),
+        ("bad_negative_limit.toml", "at `$.wal.max_total_bytes`"),
+        ("bad_open_without_auth.toml", "only allowed on a loopback address"),
+        ("bad_not_toml.toml", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_offending_path(name, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_settings(TESTDATA / name, environ={})
+    assert fragment in str(err.value)
+
+
+def test_environment_overrides_the_file():
+    s = load_settings(
+        TESTDATA / "valid.toml",
+        environ={"EDGE_GATEWAY__LISTEN__PORT": "9100", "EDGE_GATEWAY__LAKE__DIR": "/data/lake", "EDGE_GATEWAY__WAL__FSYNC": "false"},
+    )
+    assert (s.listen.port, s.lake.dir, s.wal.fsync) == (9100, "/data/lake", False)
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        load_settings(TESTDATA / "valid.toml", environ={"EDGE_GATEWAY__LIMITS__MAX_BODY_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="SECTION"):
+        load_settings(None, environ={"EDGE_GATEWAY__PORT": "1"})
+
+
+def test_check_config_prints_the_effective_config(capsys):
+    assert main(["check-config", str(TESTDATA / "valid.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "[limits]" in out and "max_records_per_request = 500" in out and "segment_bytes = " in out
+
+
+def test_check_config_fails_with_the_path(capsys):
+    assert main(["check-config", str(TESTDATA / "bad_unknown_key.toml")]) == 2
+    assert "$.limits" in capsys.readouterr().err
+
+
+def test_device_add_prints_a_key_that_the_registry_holds(tmp_path, capsys):
+    registry = tmp_path / "devices.json"
+    assert main(["device", "add", "pump-7", "--registry", str(registry), "--site", "plant-1", "--meta", "fw=2.1"]) == 0
+    key = capsys.readouterr().out.strip()
+    device = read_registry(registry).devices["pump-7"]
+    assert device.keys == [key] and len(key) == 64
+    assert device.metadata == {"site": "plant-1", "fw": "2.1"}
+    assert registry.stat().st_mode & 0o077 == 0  # keys are secrets
+    assert main(["device", "add", "pump-7", "--registry", str(registry)]) == 2
+    assert main(["device", "rotate", "pump-7", "--registry", str(registry)]) == 0
+    new_key = capsys.readouterr().out.strip()
+    assert read_registry(registry).devices["pump-7"].keys == [new_key, key]
+    assert main(["device", "add", "bad id!", "--registry", str(registry)]) == 2
+
+
+def test_serve_refuses_a_public_address_without_authentication():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(TESTDATA / "bad_open_without_auth.toml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "refusing to listen on '0.0.0.0'" in proc.stderr
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    import logging
+
+    from gateway import logs
+
+    logs.configure("INFO")
+    logging.getLogger("x").info("hello", extra={"zone": "raw"})
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    entry = json.loads(line)
+    assert entry["msg"] == "hello" and entry["zone"] == "raw" and entry["level"] == "INFO"
