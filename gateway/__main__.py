@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", type=int, default=50)
     demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
     demo.add_argument("--records", type=int, default=100, help="records per request")
+    demo.add_argument("--s3", action="store_true", help="land through the S3 API in a local S3-compatible server (moto)")
 
     device = sub.add_parser("device", help="manage the device registry file")
     dsub = device.add_subparsers(dest="action", required=True)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             from gateway.demo import main as demo_main
 
             logs.configure("WARNING")
-            return demo_main(args.dir, args.seconds, args.devices, args.rate, args.records)
+            return demo_main(args.dir, args.seconds, args.devices, args.rate, args.records, args.s3)
         if args.command == "device":
             return _device(args)
     except ConfigError as exc:

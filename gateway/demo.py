@@ -23,8 +23,11 @@ from gateway.server import start_gateway
 from gateway.settings import load_settings
 
 
-def demo_config(root: Path) -> str:
-    return f"""
+def demo_config(root: Path, s3_endpoint: str | None = None) -> str:
+    return _LOCAL_CONFIG.format(root=root) + (_S3_CONFIG.format(endpoint=s3_endpoint) if s3_endpoint else "")
+
+
+_LOCAL_CONFIG = """
 [listen]
 host = "127.0.0.1"
 port = 0
@@ -35,14 +38,13 @@ availability_zone = "local-1a"
 
 [auth]
 mode = "hmac"
-registry_path = "{root / 'devices.json'}"
+registry_path = "{root}/devices.json"
 
 [wal]
-dir = "{root / 'wal'}"
+dir = "{root}/wal"
 
 [lake]
-kind = "local"
-dir = "{root / 'lake'}"
+dir = "{root}/lake"
 target_object_bytes = 1048576
 max_object_age_secs = 2.0
 
@@ -50,8 +52,28 @@ max_object_age_secs = 2.0
 deadline_secs = 10.0
 """
 
+# The same flow through the real S3 API: moto's server stands in for S3, Glue and EventBridge.
+_S3_CONFIG = """
+[s3]
+bucket = "demo-lake"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+addressing_style = "path"
 
-async def run_demo(root: Path, *, seconds: float, devices: int, requests_per_s: float, records_per_request: int, out=sys.stdout) -> dict:
+[glue]
+database = "edge_demo"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+
+[eventbridge]
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+"""
+
+
+async def run_demo(
+    root: Path, *, seconds: float, devices: int, requests_per_s: float, records_per_request: int, s3_endpoint: str | None = None, out=sys.stdout
+) -> dict:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -60,7 +82,9 @@ async def run_demo(root: Path, *, seconds: float, devices: int, requests_per_s: 
         device_id = f"demo-{i:04d}"
         key = add_device(root / "devices.json", device_id, {"site": f"site-{i % 3}", "model": "th-200"})
         fleet.append(simulator.SimulatedDevice(device_id, key))
-    (root / "gateway.toml").write_text(demo_config(root))
+    (root / "gateway.toml").write_text(demo_config(root, s3_endpoint))
+    if s3_endpoint:
+        (root / "gateway.toml").write_text((root / "gateway.toml").read_text().replace('[lake]\n', '[lake]\nkind = "s3"\n'))
     settings = load_settings(root / "gateway.toml", environ={})
     running = await start_gateway(settings)
     print(f"gateway listening on {running.url}; {devices} devices sending for {seconds:.0f} s", file=out)
@@ -75,7 +99,7 @@ async def run_demo(root: Path, *, seconds: float, devices: int, requests_per_s: 
     )
     print("draining ...", file=out)
     await running.stop()
-    summary = summarize_lake(root / "lake")
+    summary = await summarize_bucket(settings) if s3_endpoint else summarize_lake(root / "lake")
     p50 = simulator.percentile(result.latencies_s, 0.5) * 1000
     p99 = simulator.percentile(result.latencies_s, 0.99) * 1000
     print(
@@ -83,11 +107,15 @@ async def run_demo(root: Path, *, seconds: float, devices: int, requests_per_s: 
         f"responses {dict(sorted(result.status_counts.items()))}; ack latency p50 {p50:.1f} ms, p99 {p99:.1f} ms",
         file=out,
     )
-    print(f"\nlake at {root / 'lake'}:", file=out)
+    glue_partitions = summary.pop("glue_partitions", [])
+    where = f"s3://{settings.s3.bucket} (moto at {s3_endpoint})" if s3_endpoint else str(root / "lake")
+    print(f"\nlake at {where}:", file=out)
     for zone, info in summary.items():
         print(f"  {zone:<11} {info['objects']:>4} objects  {info['records']:>8} records  {info['bytes']:>10} bytes", file=out)
         for partition in sorted(info["partitions"]):
             print(f"      {partition}", file=out)
+    if s3_endpoint:
+        print("\nGlue partitions: " + ", ".join(glue_partitions), file=out)
     sample = summary.get("raw", {}).get("sample")
     if sample:
         print("\none raw record, as landed:\n  " + sample, file=out)
@@ -110,15 +138,115 @@ def summarize_lake(lake: Path) -> dict:
 
 
 def read_ndjson_zst(path: Path) -> list[bytes]:
-    with open(path, "rb") as f:
-        data = zstandard.ZstdDecompressor().stream_reader(f).read()
-    return [line for line in io.BytesIO(data).read().split(b"\n") if line]
+    return split_ndjson_zst(path.read_bytes())
+
+
+def split_ndjson_zst(body: bytes) -> list[bytes]:
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+    return [line for line in data.split(b"\n") if line]
+
+
+async def summarize_bucket(settings) -> dict:
+    from aiobotocore.session import get_session
+
+    summary: dict[str, dict] = {}
+    s3cfg = settings.s3
+    session = get_session()
+    async with session.create_client("s3", endpoint_url=s3cfg.endpoint_url, region_name=s3cfg.region) as s3:
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=s3cfg.bucket):
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                zone = key.split("/", 1)[0]
+                info = summary.setdefault(zone, {"objects": 0, "records": 0, "bytes": 0, "partitions": Counter()})
+                body = await (await s3.get_object(Bucket=s3cfg.bucket, Key=key))["Body"].read()
+                lines = split_ndjson_zst(body)
+                info["objects"] += 1
+                info["records"] += len(lines)
+                info["bytes"] += item["Size"]
+                info["partitions"][f"s3://{s3cfg.bucket}/" + key.rsplit("/", 1)[0]] += 1
+                if "sample" not in info and lines:
+                    info["sample"] = lines[0].decode()
+    if settings.glue:
+        async with session.create_client("glue", endpoint_url=settings.glue.endpoint_url, region_name=settings.glue.region) as glue:
+            found = []
+            for table in ("raw_telemetry", "quarantine_telemetry"):
+                parts = await glue.get_partitions(DatabaseName=settings.glue.database, TableName=table)
+                found += [f"{settings.glue.database}.{table}/dt={p['Values'][0]}/hour={p['Values'][1]}" for p in parts["Partitions"]]
+            summary["glue_partitions"] = found
+    return summary
+
+
+class MotoServer:
+    """A local S3-compatible server (moto) on a free loopback port, stopped by PID."""
+
+    def __init__(self, log_path: Path) -> None:
+        import os
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], stdout=self._log, stderr=self._log
+        )
+        # Dummy credentials: moto accepts any; the gateway reads them through the standard AWS chain.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        import aiohttp
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with aiohttp.ClientSession() as http:
+            while asyncio.get_running_loop().time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("moto_server exited; is moto[server] installed?")
+                try:
+                    async with http.get(self.url + "/moto-api/") as resp:
+                        if resp.status < 500:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError("moto_server did not start")
+
+    async def create_bucket(self, name: str) -> None:
+        from aiobotocore.session import get_session
+
+        async with get_session().create_client("s3", endpoint_url=self.url, region_name="us-east-1") as s3:
+            await s3.create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+        self._log.close()
 
 
 def decode_lines(lines: list[bytes]) -> list[dict]:
     return [msgspec.json.decode(line) for line in lines]
 
 
-def main(root: Path, seconds: float, devices: int, rate: float, records: int) -> int:
-    asyncio.run(run_demo(root, seconds=seconds, devices=devices, requests_per_s=rate, records_per_request=records))
+def main(root: Path, seconds: float, devices: int, rate: float, records: int, s3: bool = False) -> int:
+    async def run() -> None:
+        if not s3:
+            await run_demo(root, seconds=seconds, devices=devices, requests_per_s=rate, records_per_request=records)
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        moto = MotoServer(root.parent / "moto.log")
+        try:
+            await moto.wait_ready()
+            await moto.create_bucket("demo-lake")
+            await run_demo(root, seconds=seconds, devices=devices, requests_per_s=rate, records_per_request=records, s3_endpoint=moto.url)
+        finally:
+            moto.stop()
+
+    asyncio.run(run())
     return 0
