@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", "-c", type=Path, help="TOML configuration file (defaults apply without one)")
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check-config", help="validate a configuration file and print the effective config")
     check.add_argument("config", type=Path)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args.config)
+            return _serve(args.config, args.worker_index)
         if args.command == "check-config":
             settings = load_settings(args.config)
             sys.stdout.write(dump_toml(settings))
@@ -71,18 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _serve(config: Path | None) -> int:
+def _serve(config: Path | None, worker_index: int | None) -> int:
+    import socket
+
     from gateway.server import serve
+    from gateway.supervisor import Supervisor, worker_settings
 
     settings = load_settings(config)
     logs.configure(settings.log.level)
+    if settings.listen.workers > 1 and worker_index is None:
+        return Supervisor(config, settings).run()
+
+    def load() -> object:
+        loaded = load_settings(config)
+        return worker_settings(loaded, worker_index, socket.gethostname()) if worker_index is not None else loaded
+
+    if worker_index is not None:
+        settings = load()
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # uvloop is optional on platforms without it
         pass
-    return asyncio.run(serve(settings, lambda: load_settings(config)))
+    return asyncio.run(serve(settings, load))
 
 
 def _device(args: argparse.Namespace) -> int:
