@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker, Permit
 from connectors.errors import PermanentError, ThrottledError, TransientError
 from connectors.inference import Inferencer, InferenceOutput
 from connectors.retry_budget import RetryBudget
@@ -161,11 +161,17 @@ class InferencePool:
                 endpoint.breaker.release(permit)
                 raise TransientError(f"{self.name}: no time left after trying {sorted(tried)}") from last_error
 
-            if self._needs_warming(endpoint) and not await self._ensure_warm(endpoint):
-                # Nothing was sent; the warm-up path already told the breaker.
-                endpoint.breaker.release(permit)
-                tried[endpoint.name] = f"not ready ({endpoint.last_error})"
-                continue
+            if self._needs_warming(endpoint):
+                try:
+                    warm = await self._ensure_warm(endpoint)
+                except asyncio.CancelledError:
+                    endpoint.breaker.release(permit)  # a cancelled caller must not hold the probe slot
+                    raise
+                if not warm:
+                    # Nothing was sent; the warm-up path already told the breaker.
+                    endpoint.breaker.release(permit)
+                    tried[endpoint.name] = f"not ready ({endpoint.last_error})"
+                    continue
 
             endpoint.in_flight += 1
             started = self._clock()
@@ -207,7 +213,7 @@ class InferencePool:
         endpoint = self._by_name[name]
         return (endpoint.in_flight + 1) * endpoint.latency_ewma_s
 
-    def _choose(self, n: int, exclude: dict[str, str]):
+    def _choose(self, n: int, exclude: dict[str, str]) -> tuple[_Endpoint, Permit] | None:
         candidates = [
             (self._predict(e.name, n), index, e)
             for index, e in enumerate(self._endpoints)
@@ -261,7 +267,7 @@ class InferencePool:
         except ThrottledError as exc:
             endpoint.last_error = f"throttled during warm-up: {exc}"
             return False  # alive but busy: no breaker penalty, the next call checks again
-        except Exception as exc:  # noqa: BLE001 - a misconfigured endpoint (PermanentError) is as unusable as a dead one
+        except Exception as exc:  # noqa: BLE001 - a misconfigured endpoint is as unusable as a dead one
             endpoint.last_error = f"warm-up failed: {exc}"
             endpoint.failures += 1
             endpoint.breaker.trip()
@@ -278,7 +284,7 @@ class InferencePool:
         endpoint.last_success = self._clock()
         endpoint.latency_ewma_s += _EWMA_ALPHA * (latency_s - endpoint.latency_ewma_s)
 
-    def _failed(self, endpoint: _Endpoint, permit, exc: Exception) -> None:
+    def _failed(self, endpoint: _Endpoint, permit: Permit, exc: Exception) -> None:
         endpoint.breaker.record_failure(permit)
         endpoint.failures += 1
         endpoint.warm = False  # check readiness again before the next live batch

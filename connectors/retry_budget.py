@@ -41,37 +41,38 @@ class RetryBudget:
         self._slot_secs = ttl_secs / slots
         self._slots = slots
         self._clock = clock
-        # Ring of [slot number, deposits, withdrawals]; a slot number older than the window is stale.
-        self._ring = [[-1, 0.0, 0] for _ in range(slots)]
+        # Ring of [slot number, requests, retries]; a slot number older than the window is stale.
+        # Counts stay integers so that 100 requests at 20 % make exactly 20 retries.
+        self._ring = [[-1, 0, 0] for _ in range(slots)]
 
     def _current(self) -> list:
         number = math.floor(self._clock() / self._slot_secs)
         cell = self._ring[number % self._slots]
         if cell[0] != number:
-            cell[0], cell[1], cell[2] = number, 0.0, 0
+            cell[0], cell[1], cell[2] = number, 0, 0
         return cell
 
-    def _totals(self) -> tuple[float, int]:
+    def _totals(self) -> tuple[int, int]:
         newest = math.floor(self._clock() / self._slot_secs)
-        deposits, withdrawals = 0.0, 0
-        for number, deposited, withdrawn in self._ring:
+        requests, retries = 0, 0
+        for number, slot_requests, slot_retries in self._ring:
             if newest - self._slots < number <= newest:
-                deposits += deposited
-                withdrawals += withdrawn
-        return deposits, withdrawals
+                requests += slot_requests
+                retries += slot_retries
+        return requests, retries
 
     def record_request(self) -> None:
         """Count one original request (not a retry): it earns ``ratio`` of a retry."""
-        self._current()[1] += self.ratio
+        self._current()[1] += 1
 
     def balance(self) -> float:
         """Retries affordable now (may be fractional)."""
-        deposits, withdrawals = self._totals()
-        return self.reserve + deposits - withdrawals
+        requests, retries = self._totals()
+        return self.reserve + self.ratio * requests - retries
 
     def try_withdraw(self) -> bool:
         """Take one retry if the budget allows it; False means: do not retry."""
-        if self.balance() < 1.0:
+        if self.balance() < 1.0 - 1e-9:  # tolerate rounding in ratio * requests
             return False
         self._current()[2] += 1
         return True

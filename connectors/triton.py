@@ -167,7 +167,9 @@ class TritonInferencer:
 
             # The session-wide timeout is only a backstop; each call has its own, shorter one.
             backstop = 2.0 * max(s.client_timeout_secs, s.readiness_timeout_secs) + 1.0
-            self._client = aio.InferenceServerClient(url=s.url, conn_limit=s.http_conn_limit, conn_timeout=backstop)
+            self._client = aio.InferenceServerClient(
+                url=s.url, conn_limit=s.http_conn_limit, conn_timeout=backstop
+            )
         self._module = module
 
     async def close(self) -> None:
@@ -216,7 +218,8 @@ class TritonInferencer:
             raise translate_error(exc, self.name) from exc
         problems = _metadata_problems(meta, s)
         if problems:
-            raise PermanentError(f"{self.name}: model {s.model!r} does not match: " + "; ".join(problems), endpoint=self.name)
+            detail = "; ".join(problems)
+            raise PermanentError(f"{self.name}: model {s.model!r} does not match: {detail}", endpoint=self.name)
         # gRPC's JSON form renders int64 fields as strings.
         self._max_batch = int(config.get("max_batch_size", 0) or 0)
         self._checked = True
@@ -234,7 +237,9 @@ class TritonInferencer:
         s = self.settings
         x = np.ascontiguousarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != s.n_features:
-            raise PermanentError(f"{self.name}: expected features [n, {s.n_features}], got {list(x.shape)}", endpoint=self.name)
+            raise PermanentError(
+                f"{self.name}: expected features [n, {s.n_features}], got {list(x.shape)}", endpoint=self.name
+            )
         timeout = s.client_timeout_secs if timeout_s is None else timeout_s
         if timeout <= 0:
             raise TransientError(f"{self.name}: no time left for the call", endpoint=self.name)
@@ -244,7 +249,7 @@ class TritonInferencer:
         scores: list[np.ndarray] = []
         labels: list[str] = []
         version = s.model_version
-        for begin in range(0, max(1, len(x)), chunk):
+        for begin in range(0, len(x), chunk):  # no rows: no call (Triton rejects empty tensors)
             part = x[begin : begin + chunk]
             part_scores, part_labels, version = await self._infer_once(part, deadline - time.monotonic())
             scores.append(part_scores)
@@ -286,10 +291,11 @@ class TritonInferencer:
                 response_version = result.get_response().get("model_version", "")
             raw_scores = result.as_numpy(s.score_output)
             raw_labels = result.as_numpy(s.label_output)
-        except Exception as exc:  # noqa: BLE001 - every client failure is translated (CancelledError is not an Exception)
+        except Exception as exc:  # noqa: BLE001 - CancelledError is not an Exception, so cancellation passes through
             raise translate_error(exc, self.name) from exc
         if raw_scores is None or raw_labels is None:
-            raise PermanentError(f"{self.name}: the response lacks {s.score_output!r} or {s.label_output!r}", endpoint=self.name)
+            missing = f"{s.score_output!r} or {s.label_output!r}"
+            raise PermanentError(f"{self.name}: the response lacks {missing}", endpoint=self.name)
         scores = np.asarray(raw_scores, dtype=np.float32).reshape(-1)
         labels = [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(raw_labels).reshape(-1)]
         if len(scores) != len(x) or len(labels) != len(x):

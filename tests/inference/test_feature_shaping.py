@@ -104,10 +104,11 @@ def test_inference_fields_join_outputs_back_in_record_order():
     shaper = FeatureShaper(FEATURES, missing="reject")
     batch = shaper.shape(_records({"a": 1, "b": 2, "c": 3}, {"a": 1}, {"a": 4, "b": 5, "c": 6}))
     fields = inference_fields(batch, _output([0.25, 0.75], ["normal", "anomaly"]))
+    common = {"status": "ok", "model": "m", "version": "3", "latency_ms": 1.235, "missing": 0}
     assert fields == [
-        {"status": "ok", "model": "m", "version": "3", "score": 0.25, "label": "normal", "latency_ms": 1.235, "missing": 0},
+        {**common, "score": 0.25, "label": "normal"},
         {"status": "failed", "reason": "missing metrics: b, c"},
-        {"status": "ok", "model": "m", "version": "3", "score": 0.75, "label": "anomaly", "latency_ms": 1.235, "missing": 0},
+        {**common, "score": 0.75, "label": "anomaly"},
     ]
     assert all(type(f.get("score", 0.0)) is float for f in fields)
 
