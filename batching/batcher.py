@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from batching.clock import Cancellable, Clock, MonotonicClock, wait_event
+from batching.clock import Cancellable, Clock, MONOTONIC, wait_event
 from batching.concurrency import Permit
 from batching.endpoint import Endpoint, Ticket
 from batching.errors import BatcherClosedError, BatchingError, QueueFullError, is_backpressure_error
@@ -67,7 +67,7 @@ class Batcher(Generic[T, R]):
     ) -> None:
         if max_queue < 1 or max_attempts < 1:
             raise ValueError("max_queue and max_attempts must be >= 1")
-        self.clock: Clock = clock or MonotonicClock()
+        self.clock: Clock = clock or MONOTONIC
         self.policy = policy or BatchPolicy()
         self.model = model
         self.max_queue = max_queue
@@ -263,7 +263,7 @@ class Batcher(Generic[T, R]):
                 head_budget_s=head.deadline - head.enqueued_at,
                 oldest_enqueued_at=self._queue.oldest_enqueued_at(),
             )
-            view = EndpointView(model, endpoint.free_at(now), endpoint.busy)
+            view = EndpointView(model, endpoint.free_at_tail(now), endpoint.free_at(now), endpoint.busy)
             decision = decide(now, queue, view, self.policy, self._rate.per_s(now), flushing=self._flushing)
             self._planned_wait_s = decision.wait_s
             if decision.defer_head:
@@ -291,7 +291,7 @@ class Batcher(Generic[T, R]):
                 continue
             model = endpoint.service_time(self.model)
             size = min(len(self._queue), wait_and_run_cap(model, head.deadline - head.enqueued_at, self.policy))
-            finish = endpoint.free_at(now) + model.predict_tail(size)
+            finish = endpoint.free_at_tail(now) + model.predict_tail(size)
             if best is None or finish < best[0]:
                 best = (finish, endpoint, model)
         return None if best is None else (best[1], best[2])
@@ -302,7 +302,7 @@ class Batcher(Generic[T, R]):
         if not candidates:
             # None in rotation: judge by the best case of any, in case one comes back.
             return now + min(endpoint.service_time(self.model).predict_tail(1) for endpoint in self.endpoints)
-        return min(e.free_at(now) + e.service_time(self.model).predict_tail(1) for e in candidates)
+        return min(e.free_at_tail(now) + e.service_time(self.model).predict_tail(1) for e in candidates)
 
     def _defer_hopeless(self, now: float) -> None:
         if not len(self._queue):
@@ -333,7 +333,7 @@ class Batcher(Generic[T, R]):
         # The RTT we expect includes waiting behind our own in-flight batches; only the excess is
         # queueing the concurrency limiter should react to.
         expected_rtt = endpoint.free_at(now) - now + predicted
-        ticket = endpoint.on_send(now, predicted)
+        ticket = endpoint.on_send(now, predicted, model.predict_tail(size))
         self._batches_in_flight += 1
         self._last_batch_size = size
         self._mean_batch_size = (

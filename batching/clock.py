@@ -51,6 +51,10 @@ class MonotonicClock:
         await asyncio.sleep(max(0.0, when - self.now()))
 
 
+# The one real clock; every default uses it, so parts built separately agree on their clock.
+MONOTONIC = MonotonicClock()
+
+
 class FakeTimer:
     """A callback waiting on a :class:`FakeClock`."""
 

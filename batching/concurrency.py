@@ -24,7 +24,7 @@ import math
 from collections import deque
 from types import TracebackType
 
-from batching.clock import Clock, MonotonicClock
+from batching.clock import Clock, MONOTONIC
 
 _HEALTHY, _BACKPRESSURE, _FAILURE = "success", "backpressure", "failure"
 
@@ -123,7 +123,7 @@ class AdaptiveConcurrency:
         # Queueing delay is unhealthy above max(min_delay_target_s, delay_tolerance * typical cost).
         self.delay_tolerance = delay_tolerance
         self.min_delay_target_s = min_delay_target_s
-        self.clock: Clock = clock or MonotonicClock()
+        self.clock: Clock = clock or MONOTONIC
         self._limit = initial
         self._in_flight = 0
         self._generation = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batching.clock import Clock, MonotonicClock
+from batching.clock import Clock, MONOTONIC
 from batching.concurrency import AdaptiveConcurrency
 from batching.service_time import DEFAULT_PRIOR_A_S, DEFAULT_PRIOR_C_S, DEFAULT_PRIOR_RHO, ServiceTimeModel
 
@@ -16,6 +16,7 @@ class Ticket:
 
     sent_at: float
     predicted_s: float
+    tail_s: float
     queued_behind: int  # batches of ours already in flight when this one was sent
 
 
@@ -43,7 +44,7 @@ class Endpoint:
         self.lanes = lanes
         # One batch running and one in transit per lane is the useful minimum (research C.5).
         self.concurrency = concurrency or AdaptiveConcurrency(
-            initial=lanes + 1, minimum=lanes + 1, maximum=max(8, 4 * lanes), clock=clock or MonotonicClock()
+            initial=lanes + 1, minimum=lanes + 1, maximum=max(8, 4 * lanes), clock=clock or MONOTONIC
         )
         self.clock = self.concurrency.clock
         self.available = True
@@ -51,6 +52,7 @@ class Endpoint:
         self._prior = (prior_a_s, prior_c_s, prior_rho)
         self._in_flight: list[Ticket] = []
         self._drained_at = 0.0
+        self._drained_tail_at = 0.0
         self._last_response_at = float("-inf")
 
     def service_time(self, model: str) -> ServiceTimeModel:
@@ -67,18 +69,26 @@ class Endpoint:
         return bool(self._in_flight)
 
     def free_at(self, now: float) -> float:
-        """When the endpoint is predicted to have finished its in-flight work (``now`` if idle)."""
+        """When the endpoint typically finishes its in-flight work (``now`` if idle)."""
         return max(now, self._drained_at) if self._in_flight else now
+
+    def free_at_tail(self, now: float) -> float:
+        """When the endpoint finishes its in-flight work at the tail quantile (``now`` if idle).
+
+        Deadline checks use this, so a slow batch in flight cannot make the next one late.
+        """
+        return max(now, self._drained_tail_at) if self._in_flight else now
 
     def has_slot(self) -> bool:
         """Whether another batch may be sent now."""
         return self.available and self.concurrency.in_flight < self.concurrency.limit
 
-    def on_send(self, now: float, predicted_s: float) -> Ticket:
-        """Record a batch leaving for this endpoint."""
-        ticket = Ticket(now, predicted_s, len(self._in_flight))
+    def on_send(self, now: float, predicted_s: float, tail_s: float) -> Ticket:
+        """Record a batch leaving for this endpoint, with its typical and tail service times."""
+        ticket = Ticket(now, predicted_s, tail_s, len(self._in_flight))
         self._in_flight.append(ticket)
         self._drained_at = max(now, self._drained_at) + predicted_s / self.lanes
+        self._drained_tail_at = max(now, self._drained_tail_at) + tail_s / self.lanes
         return ticket
 
     def on_response(self, ticket: Ticket, now: float) -> float:
@@ -92,4 +102,5 @@ class Endpoint:
             service = min(rtt, self.lanes * (now - max(ticket.sent_at, self._last_response_at)))
         self._last_response_at = now
         self._drained_at = now + sum(t.predicted_s for t in self._in_flight) / self.lanes
+        self._drained_tail_at = now + sum(t.tail_s for t in self._in_flight) / self.lanes
         return service

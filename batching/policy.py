@@ -2,7 +2,7 @@
 
 Notation (from the research note, section C.3), for one endpoint and the queue's head item:
 
-    free   when the endpoint is predicted to finish what is already in flight (now if idle)
+    free   when the endpoint finishes what is already in flight, at the tail (now if idle)
     d      the head's deadline; D its whole latency budget (deadline - enqueue time)
     S_q(b) the tail service time rho * (a + c*b); lambda the arrival rate
 
@@ -88,7 +88,8 @@ class EndpointView:
     """The facts about one endpoint that a decision needs."""
 
     model: ServiceTimeModel
-    free_at: float  # max(now, predicted drain of in-flight work)
+    free_at: float  # max(now, drain of in-flight work at the tail): deadlines are checked against it
+    drain_at: float  # max(now, typical drain of in-flight work): late binding hands over before it
     busy: bool  # something is in flight
 
 
@@ -131,7 +132,7 @@ def decide(
     if flushing:
         return Decision(REASON_FLUSH, send=queue.length)
     # 3. Late binding: the endpoint is busy anyway, so let the batch grow until it is about to drain.
-    hand_over_at = free - policy.lead_s
+    hand_over_at = endpoint.drain_at - policy.lead_s
     if endpoint.busy and hand_over_at > now + EPSILON_S:
         return Decision(REASON_LATE_BINDING, wake_at=hand_over_at, wait_s=hand_over_at - now)
     # 4. Wait budget, capped by the age bound of the oldest item.

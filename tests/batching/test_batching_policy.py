@@ -32,7 +32,7 @@ def queue(length: int, deadline: float, *, budget: float = 0.050, oldest: float 
 
 
 def idle(free_at: float = 0.0) -> EndpointView:
-    return EndpointView(MODEL, free_at=free_at, busy=False)
+    return EndpointView(MODEL, free_at=free_at, drain_at=free_at, busy=False)
 
 
 def test_wait_and_run_cap_is_the_nexus_rule() -> None:
@@ -82,7 +82,7 @@ def test_a_close_deadline_caps_the_batch_size() -> None:
 
 
 def test_late_binding_holds_items_until_the_endpoint_is_about_to_drain() -> None:
-    busy = EndpointView(MODEL, free_at=0.004, busy=True)
+    busy = EndpointView(MODEL, free_at=0.004, drain_at=0.004, busy=True)
     decision = decide(0.0, queue(5, 0.050), busy, POLICY, 1000.0)
     assert decision.reason == REASON_LATE_BINDING
     assert decision.wake_at == pytest.approx(0.003)  # free_at - lead
@@ -110,7 +110,7 @@ def test_does_not_wait_when_too_few_items_are_expected() -> None:
 
 
 def test_flushing_sends_without_waiting() -> None:
-    busy = EndpointView(MODEL, free_at=0.004, busy=True)
+    busy = EndpointView(MODEL, free_at=0.004, drain_at=0.004, busy=True)
     decision = decide(0.0, queue(5, 0.050), busy, POLICY, 1000.0, flushing=True)
     assert (decision.send, decision.reason) == (5, REASON_FLUSH)
 

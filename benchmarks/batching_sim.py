@@ -1,0 +1,261 @@
+"""Simulate the adaptive batcher against an endpoint with S(b) = a + c*b and noise, on a fake clock.
+
+Compares the adaptive policy with static (batch size B, timeout T) configurations at several loads,
+expressed as fractions of the endpoint's capacity at full batches. Open-loop Poisson arrivals; each
+record is due ``slo_s`` after it arrives. Run it directly for a table, or call :func:`run_benchmark`
+for the results as a dict.
+
+    python benchmarks/batching_sim.py [--duration-s 1.0] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from batching import Batcher, BatchPolicy, Deferred, Endpoint, FakeClock, Ok
+from batching.clock import Cancellable
+
+DEFAULT_LOADS = (0.2, 0.5, 0.8, 0.95, 1.2)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The simulated endpoint and traffic."""
+
+    a_s: float = 0.002  # fixed cost per call
+    c_s: float = 0.0001  # cost per record
+    noise_sigma: float = 0.08  # lognormal multiplicative noise on each call
+    max_batch: int = 128
+    slo_s: float = 0.050
+    duration_s: float = 1.0
+    seed: int = 1
+
+    @property
+    def capacity_per_s(self) -> float:
+        """Records per second one lane serves at full batches."""
+        return self.max_batch / (self.a_s + self.c_s * self.max_batch)
+
+
+@dataclass(frozen=True)
+class StaticArm:
+    """Size-or-timeout batching with fixed concurrency, optionally shedding records queued too long."""
+
+    batch: int
+    timeout_s: float
+    concurrency: int = 2
+    queue_timeout_s: float | None = None
+
+    @property
+    def name(self) -> str:
+        shed = f"+shed{self.queue_timeout_s * 1e3:g}ms" if self.queue_timeout_s is not None else ""
+        return f"static_B{self.batch}_T{self.timeout_s * 1e3:g}ms_K{self.concurrency}{shed}"
+
+
+class SimulatedEndpoint:
+    """One lane, first in first out: a call starts when the previous one ends."""
+
+    def __init__(self, clock: FakeClock, scenario: Scenario, rng: np.random.Generator) -> None:
+        self.clock, self.scenario, self.rng = clock, scenario, rng
+        self.free_at = 0.0
+        self.calls = 0
+
+    async def dispatch(self, endpoint: str, items: list[int]) -> list[int]:
+        s = self.scenario
+        service = (s.a_s + s.c_s * len(items)) * float(self.rng.lognormal(0.0, s.noise_sigma))
+        self.free_at = max(self.clock.now(), self.free_at) + service
+        self.calls += 1
+        await self.clock.sleep_until(self.free_at)
+        return items
+
+
+class Tally:
+    """Per-record outcomes: latency if scored, or shed."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.shed = 0
+        self.batch_sizes: list[int] = []
+
+
+class StaticBatcher:
+    """The baseline: send when B records are queued or the oldest has waited T."""
+
+    def __init__(self, clock: FakeClock, endpoint: SimulatedEndpoint, arm: StaticArm, tally: Tally) -> None:
+        self.clock, self.endpoint, self.arm, self.tally = clock, endpoint, arm, tally
+        self.queue: collections.deque[float] = collections.deque()  # arrival times
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.timer: Cancellable | None = None
+
+    def add(self) -> None:
+        self.queue.append(self.clock.now())
+        self.pump()
+
+    def pump(self) -> None:
+        now = self.clock.now()
+        if self.arm.queue_timeout_s is not None:
+            while self.queue and now - self.queue[0] > self.arm.queue_timeout_s:
+                self.queue.popleft()
+                self.tally.shed += 1
+        while self.queue and self.in_flight < self.arm.concurrency:
+            if len(self.queue) < self.arm.batch and now - self.queue[0] < self.arm.timeout_s - 1e-12:
+                break
+            batch = [self.queue.popleft() for _ in range(min(self.arm.batch, len(self.queue)))]
+            self.in_flight += 1
+            task = asyncio.get_running_loop().create_task(self.call(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        # A free slot waits for the oldest record's timeout; a full house waits for a response.
+        if self.queue and self.in_flight < self.arm.concurrency and self.timer is None:
+            self.timer = self.clock.call_at(self.queue[0] + self.arm.timeout_s, self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.pump()
+
+    async def call(self, arrivals: list[float]) -> None:
+        await self.endpoint.dispatch("sim", [0] * len(arrivals))
+        now = self.clock.now()
+        self.tally.batch_sizes.append(len(arrivals))
+        self.tally.latencies.extend(now - t for t in arrivals)
+        self.in_flight -= 1
+        self.pump()
+
+
+def _arrivals(scenario: Scenario, rate_per_s: float) -> np.ndarray:
+    rng = np.random.default_rng(scenario.seed)
+    gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * scenario.duration_s * 1.5) + 10)
+    times = np.cumsum(gaps)
+    return times[times < scenario.duration_s]
+
+
+async def _run_adaptive(scenario: Scenario, rate_per_s: float) -> dict[str, float]:
+    clock = FakeClock()
+    endpoint = SimulatedEndpoint(clock, scenario, np.random.default_rng(scenario.seed + 1))
+    tally = Tally()
+    policy = BatchPolicy(max_batch=scenario.max_batch, max_wait_s=0.1 * scenario.slo_s)
+    # The prior is the true cost, off by 20%, as an offline profile would give.
+    gpu = Endpoint("sim", clock=clock, prior_a_s=scenario.a_s * 1.2, prior_c_s=scenario.c_s * 1.2)
+    batcher: Batcher[int, int] = Batcher(endpoint.dispatch, endpoints=[gpu], policy=policy, clock=clock, max_queue=10**6)
+
+    def record(future: asyncio.Future) -> None:
+        outcome = future.result()
+        if isinstance(outcome, Ok):
+            tally.latencies.append(outcome.latency_s)
+        elif isinstance(outcome, Deferred):
+            tally.shed += 1
+
+    def arrive() -> None:
+        batcher.submit_nowait(0, deadline=clock.now() + scenario.slo_s).add_done_callback(record)
+
+    times = _arrivals(scenario, rate_per_s)
+    for t in times:
+        clock.call_at(float(t), arrive)
+    batcher.start()
+    await clock.advance_to(scenario.duration_s + 10 * scenario.slo_s)
+    closing = asyncio.get_running_loop().create_task(batcher.close())
+    await clock.advance(1.0)
+    await closing
+    mean_batch = len(tally.latencies) / endpoint.calls if endpoint.calls else 0.0
+    return _summary(scenario, len(times), tally, endpoint.calls, mean_batch)
+
+
+async def _run_static(scenario: Scenario, rate_per_s: float, arm: StaticArm) -> dict[str, float]:
+    clock = FakeClock()
+    endpoint = SimulatedEndpoint(clock, scenario, np.random.default_rng(scenario.seed + 1))
+    tally = Tally()
+    batcher = StaticBatcher(clock, endpoint, arm, tally)
+    times = _arrivals(scenario, rate_per_s)
+    for t in times:
+        clock.call_at(float(t), batcher.add)
+    # Without shedding an overloaded static arm drains a long backlog: let it finish.
+    horizon = scenario.duration_s + 10 * scenario.slo_s
+    while len(tally.latencies) + tally.shed < len(times):
+        await clock.advance_to(horizon)
+        horizon += 1.0
+    mean_batch = float(np.mean(tally.batch_sizes)) if tally.batch_sizes else 0.0
+    return _summary(scenario, len(times), tally, endpoint.calls, mean_batch)
+
+
+def _summary(scenario: Scenario, offered: int, tally: Tally, calls: int, mean_batch: float) -> dict[str, float]:
+    latencies = np.asarray(tally.latencies) if tally.latencies else np.zeros(1)
+    late = int(np.sum(np.asarray(tally.latencies) > scenario.slo_s + 1e-12)) if tally.latencies else 0
+    on_time = len(tally.latencies) - late
+    return {
+        "offered": offered,
+        "late_pct": 100.0 * late / offered if offered else 0.0,
+        "deferred_pct": 100.0 * tally.shed / offered if offered else 0.0,
+        "lost": offered - len(tally.latencies) - tally.shed,
+        "mean_batch_size": mean_batch,
+        "calls_per_record": calls / offered if offered else 0.0,
+        "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+        "goodput_per_s": on_time / scenario.duration_s,
+    }
+
+
+def default_static_arms(scenario: Scenario) -> tuple[StaticArm, ...]:
+    """Fixed batch sizes with a 5 ms timeout, and the best of them with a queue timeout (SLO/2)."""
+    return (
+        StaticArm(batch=8, timeout_s=0.005),
+        StaticArm(batch=32, timeout_s=0.005),
+        StaticArm(batch=scenario.max_batch, timeout_s=0.005),
+        StaticArm(batch=scenario.max_batch, timeout_s=0.005, queue_timeout_s=scenario.slo_s / 2),
+    )
+
+
+def run_benchmark(
+    loads: tuple[float, ...] = DEFAULT_LOADS,
+    scenario: Scenario | None = None,
+    static_arms: tuple[StaticArm, ...] | None = None,
+) -> dict[str, object]:
+    """Run every arm at every load; returns {"scenario": ..., "results": {load: {arm: metrics}}}."""
+    scenario = scenario or Scenario()
+    arms = static_arms if static_arms is not None else default_static_arms(scenario)
+
+    async def run_all() -> dict[float, dict[str, dict[str, float]]]:
+        results: dict[float, dict[str, dict[str, float]]] = {}
+        for load in loads:
+            rate = load * scenario.capacity_per_s
+            row = {"adaptive": await _run_adaptive(scenario, rate)}
+            for arm in arms:
+                row[arm.name] = await _run_static(scenario, rate, arm)
+            results[load] = row
+        return results
+
+    return {
+        "scenario": {**scenario.__dict__, "capacity_per_s": scenario.capacity_per_s},
+        "results": asyncio.run(run_all()),
+    }
+
+
+def _print_table(report: dict[str, object]) -> None:
+    columns = ("late_pct", "deferred_pct", "mean_batch_size", "calls_per_record", "p50_ms", "p99_ms", "goodput_per_s")
+    print(f"scenario: {report['scenario']}")
+    results = report["results"]
+    assert isinstance(results, dict)
+    for load, row in results.items():
+        print(f"\nload {load:.2f} x capacity")
+        print(f"  {'arm':<42}" + "".join(f"{c:>17}" for c in columns))
+        for arm, metrics in row.items():
+            cells = "".join(f"{metrics[c]:>17.3f}" if math.isfinite(metrics[c]) else f"{'-':>17}" for c in columns)
+            print(f"  {arm:<42}{cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=Scenario.duration_s)
+    parser.add_argument("--seed", type=int, default=Scenario.seed)
+    parser.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS))
+    args = parser.parse_args()
+    _print_table(run_benchmark(tuple(args.loads), Scenario(duration_s=args.duration_s, seed=args.seed)))
+
+
+if __name__ == "__main__":
+    main()
