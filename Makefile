@@ -2,9 +2,13 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+# PyTriton pins numpy<2, so the real Triton server used by the tests lives in its own virtualenv.
+TRITON_VENV := .venv-triton
+# The provisioning checks (cfn-lint, ansible-lint, checkov, ...) pin their own tool versions.
+DEPLOY_VENV := .venv-deploy
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench serve clean
+.PHONY: demo demo-s3 test test-fast test-deploy bench system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +16,36 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(TRITON_VENV)/.installed: tests/triton/requirements.txt
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet -r tests/triton/requirements.txt
+	touch $@
+
+$(DEPLOY_VENV)/.installed: deploy/requirements-lint.txt deploy/install-lint-tools.sh
+	PYTHON=$(PYTHON) bash deploy/install-lint-tools.sh $(DEPLOY_VENV)
+	touch $@
+
+# Debian packages the tests start for real: HAProxy (TLS termination in front of the gateway).
+system-deps:
+	@command -v haproxy >/dev/null 2>&1 || sh tests/security/install-system-deps.sh
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/edge-gateway demo
+	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+demo-s3: $(VENV)/.installed
+	$(VENV)/bin/edge-gateway demo --s3 $(DEMO_ARGS)
 
+test: $(VENV)/.installed $(TRITON_VENV)/.installed $(DEPLOY_VENV)/.installed system-deps
+	$(PY) -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+	$(DEPLOY_VENV)/bin/python -m pytest tests/deploy -p no:cacheprovider $(PYTEST_ARGS)
+
+# The quick loop while coding: no subprocess crash tests, no real Triton, no provisioning checks.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/deploy -m "not slow and not triton" $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed $(TRITON_VENV)/.installed
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(DEPLOY_VENV) var .pytest_cache bench-report

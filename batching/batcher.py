@@ -5,12 +5,17 @@
     async with Batcher(dispatch, endpoints=["gpu-a", "gpu-b"]) as batcher:
         future = await batcher.submit(record, deadline=batcher.clock.now() + 0.045)
         outcome = await future                     # Ok(value=...) | Deferred(reason) | Failed(error)
+        future = await batcher.submit(chunk, deadline, size=len(chunk))   # one item, many records
 
 The scheduler wakes on every arrival, every response and its own timer. Each time it (1) defers
 items that no endpoint can finish by their deadline, then (2) while an endpoint has a free slot,
 picks the endpoint with the earliest predicted completion and asks the policy what to do: send a
 batch now, drop a hopeless head, or wait (late binding or the wait budget). Every submitted item
 resolves to exactly one outcome; none is lost, and none is sent when it is predicted to be late.
+
+An item may carry many records (``size``). Every decision counts records: the policy's queue length
+and ``max_batch``, the service-time model's ``b``, the arrival rate. Items are never split: a batch
+is whole items from the head, and an item larger than the chosen batch goes alone.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from batching.clock import Cancellable, Clock, MONOTONIC, wait_event
@@ -44,13 +51,25 @@ _HOPELESS_MARGIN_S = 1e-6
 _BATCH_SIZE_ALPHA = 0.1
 
 
+@dataclass(slots=True, eq=False)
+class _RoomWaiter:
+    """A submitter waiting for room in the queue, and how many records it brings."""
+
+    future: asyncio.Future[None]
+    size: int
+
+
 class Batcher(Generic[T, R]):
     """Groups submitted items into batches for ``dispatch``, sized and timed by their deadlines.
 
     ``endpoints`` are names or :class:`Endpoint` objects (share an ``Endpoint`` between batchers of
     different models so both see its in-flight work). ``model`` names the service-time model this
-    batcher uses on each endpoint. ``max_queue`` bounds the queue: ``submit`` waits for room.
+    batcher uses on each endpoint. ``max_queue`` bounds the queue in items and ``max_queue_records``
+    (None: no bound) in records: ``submit`` waits for room under both. An item carrying more than
+    ``max_queue_records`` records is let in once the queue is empty, so it cannot wait forever.
     ``max_attempts`` bounds how often a batch refused with backpressure goes back to the queue.
+
+    ``dispatch`` gets items, not records, and returns one result per item.
     """
 
     def __init__(
@@ -62,15 +81,19 @@ class Batcher(Generic[T, R]):
         policy: BatchPolicy | None = None,
         clock: Clock | None = None,
         max_queue: int = 10_000,
+        max_queue_records: int | None = None,
         max_attempts: int = 3,
         is_backpressure: Callable[[BaseException], bool] = is_backpressure_error,
     ) -> None:
         if max_queue < 1 or max_attempts < 1:
             raise ValueError("max_queue and max_attempts must be >= 1")
+        if max_queue_records is not None and max_queue_records < 1:
+            raise ValueError("max_queue_records must be >= 1 (or None for no bound)")
         self.clock: Clock = clock or MONOTONIC
         self.policy = policy or BatchPolicy()
         self.model = model
         self.max_queue = max_queue
+        self.max_queue_records = max_queue_records
         self.max_attempts = max_attempts
         self.endpoints = tuple(self._adopt(endpoint) for endpoint in endpoints)
         if not self.endpoints:
@@ -88,8 +111,10 @@ class Batcher(Generic[T, R]):
         self._scheduler: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._batches_in_flight = 0
-        self._room_waiters: deque[asyncio.Future[None]] = deque()
-        self._reserved = 0  # room promised to woken submitters that have not enqueued yet
+        self._room_waiters: deque[_RoomWaiter] = deque()
+        # Room promised to woken submitters that have not enqueued yet, in items and in records.
+        self._reserved = 0
+        self._reserved_records = 0
         self._closing = False
         self._flushing = False
         self._crashed: BaseException | None = None
@@ -134,7 +159,7 @@ class Batcher(Generic[T, R]):
         if not self._closing:
             self._closing = True
             while self._room_waiters:
-                waiter = self._room_waiters.popleft()
+                waiter = self._room_waiters.popleft().future
                 if not waiter.done():
                     waiter.set_exception(BatcherClosedError("the batcher is closing"))
             if flush:
@@ -161,25 +186,34 @@ class Batcher(Generic[T, R]):
 
     # ---------- submitting ----------
 
-    def submit_nowait(self, item: T, deadline: float) -> asyncio.Future[Outcome[R]]:
-        """Queue ``item``, due by ``deadline`` on this batcher's clock; QueueFullError if there is no room."""
-        self._check_open()
-        if self._room_waiters or len(self._queue) + self._reserved >= self.max_queue:
-            raise QueueFullError(f"the queue holds {self.max_queue} items")
-        return self._enqueue(item, deadline)
+    def submit_nowait(self, item: T, deadline: float, *, size: int = 1) -> asyncio.Future[Outcome[R]]:
+        """Queue ``item`` of ``size`` records, due by ``deadline`` on this batcher's clock.
 
-    async def submit(self, item: T, deadline: float, *, timeout_s: float | None = None) -> asyncio.Future[Outcome[R]]:
-        """Queue ``item``; while the queue is full, wait for room up to ``timeout_s`` (None: no limit).
-
-        Returns a future that resolves to the item's :class:`Ok`, :class:`Deferred` or
-        :class:`Failed` outcome. Raises QueueFullError if no room came in time, BatcherClosedError
-        once closing began.
+        Raises QueueFullError if there is no room.
         """
+        size = _check_size(size)
         self._check_open()
-        if not self._room_waiters and len(self._queue) + self._reserved < self.max_queue:
-            return self._enqueue(item, deadline)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._room_waiters.append(waiter)
+        if self._room_waiters or not self._has_room(size):
+            raise QueueFullError(f"no room for {size} more records: {self._bounds()}")
+        return self._enqueue(item, deadline, size)
+
+    async def submit(
+        self, item: T, deadline: float, *, size: int = 1, timeout_s: float | None = None
+    ) -> asyncio.Future[Outcome[R]]:
+        """Queue ``item``, which carries ``size`` records (a chunk of records is one item).
+
+        While the queue is full, wait for room up to ``timeout_s`` (None: no limit). Returns a future
+        that resolves to the item's :class:`Ok`, :class:`Deferred` or :class:`Failed` outcome.
+        Raises QueueFullError if no room came in time, BatcherClosedError once closing began,
+        ValueError if ``size`` is not an int >= 1.
+        """
+        size = _check_size(size)
+        self._check_open()
+        if not self._room_waiters and self._has_room(size):
+            return self._enqueue(item, deadline, size)
+        entry = _RoomWaiter(asyncio.get_running_loop().create_future(), size)
+        waiter = entry.future
+        self._room_waiters.append(entry)
         timer = None
         if timeout_s is not None:
             timer = self.clock.call_at(
@@ -191,21 +225,23 @@ class Batcher(Generic[T, R]):
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Room was promised to us just as we were cancelled: offer it to the next in line.
-                self._reserved -= 1
+                self._release_room(size)
                 self._admit_waiters()
-            elif waiter in self._room_waiters:
-                self._room_waiters.remove(waiter)
+            elif entry in self._room_waiters:
+                self._room_waiters.remove(entry)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        self._reserved -= 1
+        self._release_room(size)
         self._check_open()
-        return self._enqueue(item, deadline)
+        return self._enqueue(item, deadline, size)
 
-    async def submit_and_wait(self, item: T, deadline: float, *, timeout_s: float | None = None) -> Outcome[R]:
-        """Submit ``item`` and wait for its outcome."""
-        return await (await self.submit(item, deadline, timeout_s=timeout_s))
+    async def submit_and_wait(
+        self, item: T, deadline: float, *, size: int = 1, timeout_s: float | None = None
+    ) -> Outcome[R]:
+        """Submit ``item`` of ``size`` records and wait for its outcome."""
+        return await (await self.submit(item, deadline, size=size, timeout_s=timeout_s))
 
     def _check_open(self) -> None:
         if self._crashed is not None:
@@ -213,22 +249,42 @@ class Batcher(Generic[T, R]):
         if self._closing:
             raise BatcherClosedError("the batcher is closing")
 
-    def _enqueue(self, item: T, deadline: float) -> asyncio.Future[Outcome[R]]:
+    def _enqueue(self, item: T, deadline: float, size: int) -> asyncio.Future[Outcome[R]]:
         now = self.clock.now()
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
-        self._queue.push(PendingItem(item, deadline, now, future))
-        self._rate.observe(now)
+        self._queue.push(PendingItem(item, deadline, now, future, size))
+        self._rate.observe(now, size)
         self._counts["submitted"] += 1
         self.start()
         self._wake.set()
         return future
 
+    def _has_room(self, size: int) -> bool:
+        """Whether an item of ``size`` records fits under both bounds, counting promised room."""
+        if len(self._queue) + self._reserved >= self.max_queue:
+            return False
+        if self.max_queue_records is None:
+            return True
+        held = self._queue.records + self._reserved_records
+        # An item larger than the whole bound gets in once nothing else is held, or it never would.
+        return held == 0 or held + size <= self.max_queue_records
+
+    def _bounds(self) -> str:
+        records = "" if self.max_queue_records is None else f" or {self.max_queue_records} records"
+        return f"the queue holds at most {self.max_queue} items{records}"
+
+    def _release_room(self, size: int) -> None:
+        self._reserved -= 1
+        self._reserved_records -= size
+
     def _admit_waiters(self) -> None:
-        while self._room_waiters and len(self._queue) + self._reserved < self.max_queue:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
+        # First come, first served: a large item at the front is not overtaken by small ones behind it.
+        while self._room_waiters and self._has_room(self._room_waiters[0].size):
+            entry = self._room_waiters.popleft()
+            if not entry.future.done():
                 self._reserved += 1
-                waiter.set_result(None)
+                self._reserved_records += entry.size
+                entry.future.set_result(None)
 
     # ---------- scheduling ----------
 
@@ -258,10 +314,11 @@ class Batcher(Generic[T, R]):
             endpoint, model = choice
             head = self._queue.head()
             queue = QueueView(
-                length=len(self._queue),
+                length=self._queue.records,
                 head_deadline=head.deadline,
                 head_budget_s=head.deadline - head.enqueued_at,
                 oldest_enqueued_at=self._queue.oldest_enqueued_at(),
+                head_size=head.size,
             )
             view = EndpointView(model, endpoint.free_at_tail(now), endpoint.free_at(now), endpoint.busy)
             decision = decide(now, queue, view, self.policy, self._rate.per_s(now), flushing=self._flushing)
@@ -290,31 +347,36 @@ class Batcher(Generic[T, R]):
             if not endpoint.has_slot():
                 continue
             model = endpoint.service_time(self.model)
-            size = min(len(self._queue), wait_and_run_cap(model, head.deadline - head.enqueued_at, self.policy))
+            # The records the next batch would carry: at most b*, but never less than the whole head.
+            cap = wait_and_run_cap(model, head.deadline - head.enqueued_at, self.policy)
+            size = max(head.size, min(self._queue.records, cap))
             finish = endpoint.free_at_tail(now) + model.predict_tail(size)
             if best is None or finish < best[0]:
                 best = (finish, endpoint, model)
         return None if best is None else (best[1], best[2])
 
-    def _earliest_single_finish(self, now: float) -> float:
-        """The earliest any endpoint could finish a batch of one started as soon as it can."""
+    def _earliest_alone_finish(self, now: float, size: int) -> float:
+        """The earliest any endpoint could finish an item of ``size`` records sent alone, as soon as it can."""
         candidates = [endpoint for endpoint in self.endpoints if endpoint.available]
         if not candidates:
             # None in rotation: judge by the best case of any, in case one comes back.
-            return now + min(endpoint.service_time(self.model).predict_tail(1) for endpoint in self.endpoints)
-        return min(e.free_at_tail(now) + e.service_time(self.model).predict_tail(1) for e in candidates)
+            return now + min(endpoint.service_time(self.model).predict_tail(size) for endpoint in self.endpoints)
+        return min(e.free_at_tail(now) + e.service_time(self.model).predict_tail(size) for e in candidates)
 
     def _defer_hopeless(self, now: float) -> None:
-        if not len(self._queue):
-            return
-        earliest = self._earliest_single_finish(now)
-        while len(self._queue) and earliest > self._queue.head().deadline:
+        # Only the head is judged: a later, larger item can be hopeless sooner, but it is judged (and
+        # never sent late) once it reaches the head.
+        while len(self._queue):
+            head = self._queue.head()
+            if self._earliest_alone_finish(now, head.size) <= head.deadline:
+                return
             self._resolve(self._queue.pop(), Deferred(DEFER_DEADLINE))
 
     def _hopeless_at(self, now: float) -> float:
         """When the head stops being feasible on any endpoint, so it leaves the queue then, not later."""
-        fastest = min(endpoint.service_time(self.model).predict_tail(1) for endpoint in self.endpoints)
-        return max(now, self._queue.head().deadline - fastest) + _HOPELESS_MARGIN_S
+        head = self._queue.head()
+        fastest = min(endpoint.service_time(self.model).predict_tail(head.size) for endpoint in self.endpoints)
+        return max(now, head.deadline - fastest) + _HOPELESS_MARGIN_S
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -323,12 +385,13 @@ class Batcher(Generic[T, R]):
 
     # ---------- dispatching ----------
 
-    def _send(self, endpoint: Endpoint, model: ServiceTimeModel, size: int, reason: str, now: float) -> bool:
+    def _send(self, endpoint: Endpoint, model: ServiceTimeModel, max_records: int, reason: str, now: float) -> bool:
         permit = endpoint.concurrency.try_acquire()
         if permit is None:
             return False  # someone else outside this batcher holds or awaits the endpoint's slots
         oldest = self._queue.oldest_enqueued_at()
-        batch = [self._queue.pop() for _ in range(size)]
+        batch = self._queue.pop_batch(max_records)
+        size = _records(batch)  # may fall short of max_records (whole items) or exceed it (one big item)
         predicted = model.predict(size)
         # The RTT we expect includes waiting behind our own in-flight batches; only the excess is
         # queueing the concurrency limiter should react to.
@@ -382,12 +445,13 @@ class Batcher(Generic[T, R]):
                         self._resolve(pending, Failed(error, endpoint.name))
                 return
             now = self.clock.now()
-            model.observe(len(batch), endpoint.on_response(ticket, now))
+            records = _records(batch)
+            model.observe(records, endpoint.on_response(ticket, now))
             responded = True
             permit.success(now - ticket.sent_at, expected_s=expected_rtt_s)
             for pending, value in zip(batch, results):
                 late = now > pending.deadline
-                self._resolve(pending, Ok(value, endpoint.name, len(batch), now - pending.enqueued_at, late))
+                self._resolve(pending, Ok(value, endpoint.name, records, now - pending.enqueued_at, late))
         finally:
             if not responded:
                 endpoint.on_response(ticket, self.clock.now())
@@ -427,9 +491,10 @@ class Batcher(Generic[T, R]):
         """A snapshot for metrics export."""
         now = self.clock.now()
         rate = self._rate.per_s(now)
-        typical = max(1.0, self._mean_batch_size)
+        typical = max(1.0, self._mean_batch_size)  # records
         in_rotation = [endpoint for endpoint in self.endpoints if endpoint.available] or list(self.endpoints)
-        per_item_s = sum(e.service_time(self.model).predict(typical) / typical for e in in_rotation) / len(in_rotation)
+        per_call_s = [e.service_time(self.model).predict(typical) for e in in_rotation]
+        per_record_s = sum(per_call_s) / len(per_call_s) / typical
         endpoints = []
         for endpoint in self.endpoints:
             model = endpoint.service_time(self.model)
@@ -455,7 +520,7 @@ class Batcher(Generic[T, R]):
             last_batch_wait_s=self._last_batch_wait_s,
             last_dispatch_reason=self._last_reason,
             arrival_rate_per_s=rate,
-            desired_slots=rate * per_item_s,
+            desired_slots=rate * per_record_s,
             submitted=self._counts["submitted"],
             ok=self._counts["ok"],
             late=self._counts["late"],
@@ -463,4 +528,23 @@ class Batcher(Generic[T, R]):
             deferred=sum(self._deferred.values()),
             deferred_by_reason=dict(self._deferred),
             endpoints=tuple(endpoints),
+            queued_records=self._queue.records,
         )
+
+
+def _check_size(size: int) -> int:
+    """``size`` as a plain int (numpy integers welcome); ValueError unless it is an integer >= 1."""
+    # bool is an int, but True records is a caller's mistake, not one record.
+    if not isinstance(size, bool):
+        try:
+            records = operator.index(size)
+        except TypeError:
+            pass
+        else:
+            if records >= 1:
+                return records
+    raise ValueError(f"size is a count of records, an integer >= 1, not {size!r}")
+
+
+def _records(batch: list[PendingItem]) -> int:
+    return sum(pending.size for pending in batch)

@@ -1,4 +1,8 @@
-"""The queue of items waiting for a batch: earliest deadline first, with the oldest item's age at hand."""
+"""The queue of items waiting for a batch: earliest deadline first, with the oldest item's age at hand.
+
+An item carries ``size`` records (a chunk of records is one item); the queue keeps the total, since
+every batching decision counts records, not items.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from typing import Any
 
 @dataclass(slots=True, eq=False)
 class PendingItem:
-    """One submitted item and the future its outcome goes to."""
+    """One submitted item, how many records it carries, and the future its outcome goes to."""
 
     item: Any
     deadline: float
     enqueued_at: float
     future: asyncio.Future[Any]
+    size: int = 1
     attempts: int = 0
     token: int = field(default=-1)  # which push is live; older heap entries for this item are stale
 
@@ -33,9 +38,16 @@ class PendingQueue:
         self._by_age: list[tuple[float, int, PendingItem]] = []
         self._tokens = itertools.count()
         self._length = 0
+        self._records = 0
 
     def __len__(self) -> int:
+        """How many items are queued."""
         return self._length
+
+    @property
+    def records(self) -> int:
+        """How many records the queued items carry together."""
+        return self._records
 
     def push(self, pending: PendingItem) -> None:
         token = next(self._tokens)
@@ -43,6 +55,7 @@ class PendingQueue:
         heapq.heappush(self._by_deadline, (pending.deadline, token, pending))
         heapq.heappush(self._by_age, (pending.enqueued_at, token, pending))
         self._length += 1
+        self._records += pending.size
 
     def head(self) -> PendingItem:
         """The item with the earliest deadline."""
@@ -53,7 +66,23 @@ class PendingQueue:
         _, _, pending = heapq.heappop(self._by_deadline)
         pending.token = -1
         self._length -= 1
+        self._records -= pending.size
         return pending
+
+    def pop_batch(self, max_records: int) -> list[PendingItem]:
+        """Remove whole items from the head while their records add up to at most ``max_records``.
+
+        Always at least one item: one larger than ``max_records`` goes alone, since it cannot be
+        split here and would otherwise never leave. Packing stops at the first item that does not
+        fit rather than skipping ahead, so the queue stays earliest-deadline first.
+        """
+        batch = [self.pop()]
+        total = batch[0].size
+        while self._length and total + self.head().size <= max_records:
+            pending = self.pop()
+            total += pending.size
+            batch.append(pending)
+        return batch
 
     def oldest_enqueued_at(self) -> float:
         """When the longest-waiting item still queued was queued."""

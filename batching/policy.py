@@ -1,17 +1,21 @@
-"""The batching decision: when to send, how many items, or how long to wait. Pure arithmetic.
+"""The batching decision: when to send, how many records, or how long to wait. Pure arithmetic.
+
+Everything here counts records, not items: an item may carry many records (a chunk), and the
+service time grows with records. ``b`` and ``n`` below are record counts; ``s`` is the head item's.
 
 Notation (from the research note, section C.3), for one endpoint and the queue's head item:
 
     free   when the endpoint finishes what is already in flight, at the tail (now if idle)
     d      the head's deadline; D its whole latency budget (deadline - enqueue time)
-    S_q(b) the tail service time rho * (a + c*b); lambda the arrival rate
+    S_q(b) the tail service time rho * (a + c*b); lambda the arrival rate, records/s
 
     b*     = max{ b <= max_batch : 2 * S_q(b) <= phi * D }     "wait one + run one" (Nexus)
     b_cap  = min(b*, max{ b : free + S_q(b) <= d })              deadline cap for this dispatch
     w*     = (d - free - S_q(n)) / (1 + rho * c * lambda)        wait that still meets the deadline
 
 Every item in a batch has a deadline no earlier than the head's (the queue is earliest-deadline
-first), so ``free + S_q(b) <= d_head`` keeps the whole batch on time at the tail quantile.
+first), so ``free + S_q(b) <= d_head`` keeps the whole batch on time at the tail quantile. Items are
+never split, so the head alone needs ``free + S_q(s) <= d``; a head larger than ``b_cap`` goes alone.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ REASON_HOPELESS = "hopeless"
 class BatchPolicy:
     """Knobs of the adaptive batcher; the defaults follow the research note (section C.10)."""
 
+    # Records per call. An item carrying more records than this still goes, alone in its call.
     max_batch: int = 128
     # tau_cap: the longest any item waits for company; trades latency for fewer, fuller calls.
     max_wait_s: float = 0.005
     # phi: share of the latency budget for "wait for one batch, then run in one".
     wait_and_run_share: float = 0.8
-    # theta: do not wait for fewer than this many expected extra items.
+    # theta: do not wait for fewer than this many expected extra records (the name predates sizes).
     worth_waiting_items: float = 0.5
     # How long before an endpoint drains we hand it the next batch (serialisation + one-way network).
     lead_s: float = 0.0015
@@ -62,8 +67,9 @@ class BatchPolicy:
 class Decision:
     """What to do with the queue right now on one endpoint.
 
-    Exactly one of: ``defer_head`` (the head cannot make its deadline), ``send > 0`` (send that many
-    items now), or ``wake_at`` (hold everything and decide again then).
+    Exactly one of: ``defer_head`` (the head cannot make its deadline), ``send > 0`` (send up to that
+    many records now, in whole items from the head, at least the head), or ``wake_at`` (hold
+    everything and decide again then).
     """
 
     reason: str
@@ -77,10 +83,11 @@ class Decision:
 class QueueView:
     """The facts about the queue that a decision needs."""
 
-    length: int
+    length: int  # records queued, over all items
     head_deadline: float
     head_budget_s: float  # the head's whole budget: its deadline minus when it was first queued
     oldest_enqueued_at: float
+    head_size: int = 1  # records in the head item: the smallest batch that can serve it
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +111,7 @@ def deadline_cap(model: ServiceTimeModel, free_at: float, deadline: float, limit
 
 
 def wait_budget(model: ServiceTimeModel, queued: int, free_at: float, deadline: float, rate_per_s: float) -> float:
-    """w*: how long to wait for more items, counting those that arrive meanwhile, and still finish."""
+    """w*: how long to wait for more records, counting those that arrive meanwhile, and still finish."""
     slack = deadline - free_at - model.predict_tail(queued)
     return slack / (1.0 + model.rho * model.c_s * rate_per_s)
 
@@ -122,11 +129,13 @@ def decide(
     model, free = endpoint.model, endpoint.free_at
     best = wait_and_run_cap(model, queue.head_budget_s, policy)
     # 1. Early drop: under overload keep full-efficiency batches rather than serve hopeless heads.
-    needed = model.predict_tail(best if queue.length >= best else 1)
+    # The head is never split, so it needs at least a batch of its own size.
+    needed = model.predict_tail(max(queue.head_size, best if queue.length >= best else 1))
     if free + needed > queue.head_deadline:
         return Decision(REASON_HOPELESS, defer_head=True)
     cap = max(1, deadline_cap(model, free, queue.head_deadline, best))
-    # 2. Enough items to fill the largest batch that still meets the head's deadline: go.
+    # 2. Enough records to fill the largest batch that still meets the head's deadline: go. (A head
+    # larger than ``cap`` passed the check above, so it goes alone.)
     if queue.length >= cap:
         return Decision(REASON_FULL if cap >= best else REASON_DEADLINE_CAP, send=cap)
     if flushing:

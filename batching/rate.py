@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class ArrivalRate:
-    """Items per second, smoothed over ticks of at least ``tick_s`` seconds."""
+    """Arrivals per second, smoothed over ticks of at least ``tick_s`` seconds.
+
+    The batcher counts records, not items (``observe(now, size)``), so the rate is records/s.
+    """
 
     def __init__(self, *, tick_s: float = 0.01, alpha: float = 0.3, start: float = 0.0) -> None:
         if tick_s <= 0 or not 0 < alpha <= 1:

@@ -5,6 +5,9 @@ with Huber weights so a stray GC pause cannot drag the line. The prior keeps the
 arrives and when every batch has the same size (then ``a`` and ``c`` cannot be told apart). The tail
 factor ``rho`` is the chosen quantile (p99 by default) of observed/predicted over the window, so
 ``predict_tail(b) = rho * S(b)`` is the time a batch of ``b`` finishes in, 99 times out of 100.
+
+``b`` counts records, not items: a batch of three chunks of 100 records is ``b = 300``, so ``c`` is
+the cost of one record however the records were grouped into items.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ _MIN_PRIOR_WEIGHT = 0.25
 
 
 class ServiceTimeModel:
-    """Predicts how long one call with a batch of ``b`` items takes, learned from measured calls."""
+    """Predicts how long one call with a batch of ``b`` records takes, learned from measured calls."""
 
     def __init__(
         self,
@@ -69,7 +72,7 @@ class ServiceTimeModel:
 
     @property
     def c_s(self) -> float:
-        """Cost per item in the batch, seconds."""
+        """Cost per record in the batch, seconds."""
         return self._c
 
     @property
@@ -83,22 +86,23 @@ class ServiceTimeModel:
         return self._observed
 
     def predict(self, batch_size: float) -> float:
-        """Typical service time of a call with ``batch_size`` items."""
+        """Typical service time of a call with ``batch_size`` records."""
         return self._a + self._c * batch_size
 
     def predict_tail(self, batch_size: float) -> float:
-        """Service time that a call with ``batch_size`` items stays within at the tail quantile."""
+        """Service time that a call with ``batch_size`` records stays within at the tail quantile."""
         return self._rho * self.predict(batch_size)
 
     def largest_batch_within(self, budget_s: float, limit: int) -> int:
-        """The largest batch (at most ``limit``) whose tail service time fits ``budget_s``; 0 if none."""
+        """The largest batch in records (at most ``limit``) whose tail service time fits ``budget_s``; 0 if none."""
         if budget_s < self.predict_tail(1):
             return 0
         fits = math.floor((budget_s / self._rho - self._a) / self._c)
         return max(1, min(limit, fits))
 
     def observe(self, batch_size: int, service_s: float) -> None:
-        """Feed one measured call. Refits every ``refit_every`` calls once ``min_samples`` are in."""
+        """Feed one measured call of ``batch_size`` records. Refits every ``refit_every`` calls once
+        ``min_samples`` are in."""
         if batch_size < 1 or not math.isfinite(service_s) or service_s <= 0:
             return
         self._window.append((batch_size, service_s))

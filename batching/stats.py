@@ -15,7 +15,7 @@ class EndpointStats:
     in_flight: int
     idle_s: float  # total time with nothing in flight
     service_a_s: float
-    service_c_s: float
+    service_c_s: float  # per record
     tail_factor: float
     drains_in_s: float  # predicted time until the in-flight work is done
 
@@ -24,16 +24,17 @@ class EndpointStats:
 class BatcherStats:
     """The batcher as of the snapshot. Counters only grow; the rest are gauges."""
 
-    queue_depth: int
+    queue_depth: int  # items queued (what ``max_queue`` bounds)
     batches_in_flight: int
-    last_batch_size: int
-    mean_batch_size: float  # exponentially weighted over recent batches
+    last_batch_size: int  # records in the last batch sent
+    mean_batch_size: float  # records per batch, exponentially weighted over recent batches
     planned_wait_s: float  # the wait the policy chose at its last decision
     last_batch_wait_s: float  # how long the oldest item of the last batch waited in the queue
     last_dispatch_reason: str
-    arrival_rate_per_s: float
-    # Endpoint slots the current arrival rate keeps busy: rate x predicted service time per item.
+    arrival_rate_per_s: float  # records per second
+    # Endpoint slots the current arrival rate keeps busy: rate x predicted service time per record.
     desired_slots: float
+    # The counters below count items (one outcome each), not records.
     submitted: int
     ok: int
     late: int
@@ -41,3 +42,4 @@ class BatcherStats:
     deferred: int
     deferred_by_reason: dict[str, int] = field(default_factory=dict)
     endpoints: tuple[EndpointStats, ...] = ()
+    queued_records: int = 0  # records carried by the queued items

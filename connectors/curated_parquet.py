@@ -58,6 +58,7 @@ INFERENCE_TYPE = pa.struct(
         pa.field("score", pa.float32(), metadata={"description": "model score"}),
         pa.field("label", pa.string(), metadata={"description": "model label"}),
         pa.field("latency_ms", pa.float32(), metadata={"description": "inference call duration"}),
+        pa.field("reason", pa.string(), metadata={"description": "why a record is deferred or failed"}),
     ]
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import health
+from gateway import health, openapi
 from gateway.http_source import ROUTE, json_response, post_telemetry
 from gateway.service import GATEWAY, Gateway
 
@@ -22,10 +22,12 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    # The connection guard is outermost: it sees every request start and its final response.
+    app = web.Application(middlewares=[gateway.security.connections.middleware, json_errors])
     app[GATEWAY] = gateway
     app.router.add_post(ROUTE, post_telemetry)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get(openapi.ROUTE, openapi.openapi)
     return app

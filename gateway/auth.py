@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gateway.errors import Forbidden, Unauthorized
 from gateway.registry import DeviceRegistry
+from gateway.replay import Replayed, ReplayGuard
 from gateway.signing import SCHEME, signature
 
 
@@ -24,6 +25,8 @@ class Principal:
     device_id: str | None  # None when authentication is off
     metadata: Mapping[str, str] = field(default_factory=dict)
     clock_skew_ms: int | None = None
+    # The verified signature, remembered against replays; released if the request is refused for retry.
+    replay_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +41,17 @@ class _Pending:
 
 class HmacAuthenticator:
     def __init__(
-        self, registry: Callable[[], DeviceRegistry], *, window_secs: int, clock: Callable[[], float] = time.time
+        self,
+        registry: Callable[[], DeviceRegistry],
+        *,
+        window_secs: int,
+        clock: Callable[[], float] = time.time,
+        replay: ReplayGuard | None = None,
     ) -> None:
         self._registry = registry
         self._window = window_secs
         self._clock = clock
+        self._replay = replay
 
     def begin(self, headers: Mapping[str, str]) -> _Pending:
         device_id = headers.get("X-Device-Id", "")
@@ -80,7 +89,11 @@ class HmacAuthenticator:
         ]
         if not any(matches):
             raise Unauthorized("the signature does not match")
-        return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms)
+        if self._replay is None:
+            return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms)
+        if not self._replay.claim(pending.provided, int(pending.timestamp)):
+            raise Replayed("this exact request was already received (replay); sign every request anew")
+        return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms, pending.provided)
 
 
 class NoAuthenticator:

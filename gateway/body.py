@@ -216,6 +216,8 @@ def _split_json(doc: bytes) -> list[bytes]:
         return [bytes(item) for item in _json_array.decode(doc)]
     except msgspec.DecodeError as exc:
         raise MalformedBody(f"the JSON body is malformed: {exc}") from None
+    except RecursionError:
+        raise MalformedBody("the JSON body is nested too deeply") from None
 
 
 def _split_msgpack(doc: bytes) -> list[bytes]:
@@ -225,6 +227,8 @@ def _split_msgpack(doc: bytes) -> list[bytes]:
         raise MalformedBody("a msgpack body must be an array of records") from None
     except msgspec.DecodeError as exc:
         raise MalformedBody(f"the msgpack body is malformed: {exc}") from None
+    except RecursionError:
+        raise MalformedBody("the msgpack body is nested too deeply") from None
 
 
 def framer(fmt: str, *, max_record_bytes: int, max_document_bytes: int) -> LineFramer | DocumentFramer:

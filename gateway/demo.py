@@ -116,18 +116,19 @@ async def run_demo(
             print(f"      {partition}", file=out)
     if s3_endpoint:
         print("\nGlue partitions: " + ", ".join(glue_partitions), file=out)
-    sample = summary.get("raw", {}).get("sample")
-    if sample:
-        print("\none raw record, as landed:\n  " + sample, file=out)
+    for zone in ("raw", "curated"):
+        sample = summary.get(zone, {}).get("sample")
+        if sample:
+            print(f"\none {zone} record, as landed:\n  " + sample, file=out)
     return {"load": result, "lake": summary}
 
 
 def summarize_lake(lake: Path) -> dict:
     summary: dict[str, dict] = {}
-    for path in sorted(lake.rglob("*.ndjson.zst")):
+    for path in sorted([*lake.rglob("*.ndjson.zst"), *lake.rglob("*.parquet")]):
         zone = path.relative_to(lake).parts[0]
         info = summary.setdefault(zone, {"objects": 0, "records": 0, "bytes": 0, "partitions": Counter()})
-        lines = read_ndjson_zst(path)
+        lines = parquet_rows(path.read_bytes()) if path.suffix == ".parquet" else read_ndjson_zst(path)
         info["objects"] += 1
         info["records"] += len(lines)
         info["bytes"] += path.stat().st_size
@@ -139,6 +140,15 @@ def summarize_lake(lake: Path) -> dict:
 
 def read_ndjson_zst(path: Path) -> list[bytes]:
     return split_ndjson_zst(path.read_bytes())
+
+
+def parquet_rows(body: bytes) -> list[bytes]:
+    """Curated rows as JSON lines, so every zone prints the same way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(pa.BufferReader(body)).to_pylist()
+    return [msgspec.json.encode(row) for row in rows]
 
 
 def split_ndjson_zst(body: bytes) -> list[bytes]:
@@ -160,7 +170,7 @@ async def summarize_bucket(settings) -> dict:
                 zone = key.split("/", 1)[0]
                 info = summary.setdefault(zone, {"objects": 0, "records": 0, "bytes": 0, "partitions": Counter()})
                 body = await (await s3.get_object(Bucket=s3cfg.bucket, Key=key))["Body"].read()
-                lines = split_ndjson_zst(body)
+                lines = parquet_rows(body) if key.endswith(".parquet") else split_ndjson_zst(body)
                 info["objects"] += 1
                 info["records"] += len(lines)
                 info["bytes"] += item["Size"]

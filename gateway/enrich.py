@@ -26,6 +26,8 @@ class RequestContext:
     device_id: str | None
     device_metadata: Mapping[str, str] = field(default_factory=dict)
     clock_skew_ms: int | None = None
+    # The device's address: the TCP peer, or X-Forwarded-For when the peer is a trusted proxy.
+    source_ip: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,7 @@ def new_context(
     device_id: str | None,
     device_metadata: Mapping[str, str],
     clock_skew_ms: int | None,
+    source_ip: str | None = None,
     now: float | None = None,
 ) -> RequestContext:
     now = time.time() if now is None else now
@@ -54,6 +57,7 @@ def new_context(
         device_id=device_id,
         device_metadata=device_metadata,
         clock_skew_ms=clock_skew_ms,
+        source_ip=source_ip,
     )
 
 
@@ -90,6 +94,7 @@ class RawLineWriter:
             "availability_zone": ctx.availability_zone,
             "clock_skew_ms": ctx.clock_skew_ms,
             "device": dict(ctx.device_metadata),
+            "source_ip": ctx.source_ip,
         }
         self._head = msgspec.json.encode(common)[:-1] + b',"index":'
         self._device_id = ctx.device_id.encode() if ctx.device_id else None

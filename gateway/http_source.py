@@ -12,9 +12,11 @@ import orjson
 from aiohttp import hdrs, web
 
 from gateway.body import body_format, decompressor, framer
+from gateway.connections import BodyDeadline
 from gateway.enrich import new_context
 from gateway.errors import AllRecordsInvalid, ApiError, Forbidden, MalformedBody, TooLarge, Unavailable
 from gateway.ingest import RequestBatch
+from gateway.replay import Replayed
 from gateway.service import GATEWAY, Gateway
 from gateway.wal import WalClosed, WalError, WalFull
 
@@ -44,6 +46,8 @@ async def post_telemetry(request: web.Request) -> web.Response:
     try:
         response = await _ingest(request, gw)
     except ApiError as exc:
+        if exc.status in (401, 403, 429):
+            gw.security.refused(exc, request)
         response = error_response(exc)
     except Exception:
         log.exception("unexpected error while ingesting")
@@ -67,17 +71,32 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
             "the gateway's write-ahead log is full while the lake catches up; retry later",
             retry_after_secs=settings.wal.retry_after_secs,
         )
+    security = gw.security
+    wal = gw.pipeline.wal
+    security.admission.check(
+        inflight_requests=gw.inflight,
+        declared_bytes=request.content_length or 0,
+        wal_bytes=wal.total_bytes,
+        wal_capacity=wal.max_total_bytes,
+        wal_retry_after_secs=settings.wal.retry_after_secs,
+        loop_lag_secs=gw.loop_lag_secs,
+    )
+    peer, cert_device = security.identify(request)
     fmt = body_format(request.headers.get(hdrs.CONTENT_TYPE, ""))
     inflate = decompressor(request.headers.get(hdrs.CONTENT_ENCODING, ""))
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
-    pending = gw.authenticator.begin(request.headers)
+    pending = gw.authenticator.begin(request.headers, cert_device=cert_device)
+    # Unauthenticated so far: only checked here (a deficit answers 429), charged once authenticated.
+    rate_key = getattr(pending, "device_id", None) or (pending if isinstance(pending, str) else None) or peer.address
+    security.limiter.check(rate_key)
     ctx = new_context(
         gateway_id=gw.gateway_id,
         availability_zone=gw.availability_zone,
         device_id=getattr(pending, "device_id", None),
         device_metadata=getattr(pending, "metadata", {}),
         clock_skew_ms=getattr(pending, "clock_skew_ms", None),
+        source_ip=peer.address or None,
     )
     spool = gw.pipeline.new_spool(limits.spool_memory_bytes)
     try:
@@ -91,13 +110,20 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
             max_errors_reported=limits.max_errors_reported,
             max_tracked_seqs=limits.dedup_max_keys_per_request,
         )
-        digest, refused = await _receive(request, fmt, inflate, batch, limits)
-        gw.authenticator.finish(pending, request.method, request.path, digest)
+        digest, refused, sent = await _receive(request, fmt, inflate, batch, limits)
+        idem_key = request.headers.get("Idempotency-Key")
+        try:
+            principal = gw.authenticator.finish(pending, request.method, request.path, digest)
+        except Replayed:
+            answered = await _answered(gw, ctx.device_id, idem_key)
+            if answered is None:
+                raise
+            return json_response(202, answered, {"Idempotent-Replayed": "true"})
+        security.limiter.charge(rate_key, batch.records, sent)
         if refused is not None:
             raise refused  # only now: a forged request gets 401, not a hint about its records
         if batch.records == 0:
             raise MalformedBody("the body holds no records")
-        idem_key = request.headers.get("Idempotency-Key")
         if idem_key:
             key = (ctx.device_id or "", idem_key[:256])
             answer, running = gw.idempotency.lookup(key)
@@ -109,6 +135,10 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
         answer = None
         try:
             answer = await _persist(gw, batch, spool)
+        except Exception as exc:
+            if principal.replay_key and (not isinstance(exc, ApiError) or exc.status >= 500):
+                security.replay.release(principal.replay_key)  # not acknowledged: the device may resend it
+            raise
         finally:
             if idem_key:
                 gw.idempotency.end(key, answer)
@@ -117,8 +147,16 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
         spool.close()
 
 
-async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch, limits) -> tuple[str, ApiError | None]:
-    """Stream the body through decompression, framing and validation; return its SHA-256 as sent."""
+async def _answered(gw: Gateway, device_id: str | None, idem_key: str | None) -> dict | None:
+    """The answer given to this device's Idempotency-Key, if any (a replay may repeat it)."""
+    if not idem_key:
+        return None
+    answer, running = gw.idempotency.lookup((device_id or "", idem_key[:256]))
+    return await running if running is not None else answer
+
+
+async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch, limits) -> tuple[str, ApiError | None, int]:
+    """Stream the body through decompression, framing and validation; return its SHA-256 and size as sent."""
     hasher = hashlib.sha256()
     frame = framer(fmt, max_record_bytes=limits.max_record_bytes, max_document_bytes=limits.max_document_bytes)
     sent = decompressed = 0
@@ -132,17 +170,22 @@ async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch,
                 raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
             batch.add(frame.feed(piece))
 
+    gw = request.app[GATEWAY]
+    admission = gw.security.admission
     try:
-        async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
-            sent += len(chunk)
-            if sent > limits.max_body_bytes:
-                raise TooLarge(f"the body is larger than {limits.max_body_bytes} bytes")
-            hasher.update(chunk)
-            if refused is None:
-                try:
-                    take(inflate.feed(chunk))
-                except Forbidden as exc:
-                    refused = exc  # keep reading: the signature decides between 401 and 403
+        async with BodyDeadline(gw.settings.connections) as deadline:
+            async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+                deadline.progress()
+                admission.inflight_bytes += len(chunk)
+                sent += len(chunk)
+                if sent > limits.max_body_bytes:
+                    raise TooLarge(f"the body is larger than {limits.max_body_bytes} bytes")
+                hasher.update(chunk)
+                if refused is None:
+                    try:
+                        take(inflate.feed(chunk))
+                    except Forbidden as exc:
+                        refused = exc  # keep reading: the signature decides between 401 and 403
         if refused is None:
             try:
                 take(inflate.finish())
@@ -151,8 +194,10 @@ async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch,
                 refused = exc
     except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
         raise MalformedBody("the body ended before its declared length") from None
-    request.app[GATEWAY].metrics.request_bytes.inc(sent)
-    return hasher.hexdigest(), refused
+    finally:
+        admission.inflight_bytes -= sent
+    gw.metrics.request_bytes.inc(sent)
+    return hasher.hexdigest(), refused, sent
 
 
 async def _persist(gw: Gateway, batch: RequestBatch, spool) -> dict:

@@ -80,10 +80,23 @@ class RequestBatch:
                 raise Forbidden(f"record {index} is for device {record.device_id!r}, but the request is signed by {signer!r}")
             ts = record.ts
             event_ms = ts if ts.__class__ is int else record.event_time_ms()
-            if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
+            if event_ms < 0:  # a datetime before 1970: WAL frames hold unsigned event times
+                quarantined.append(self._reject(index, item, "invalid", "Expected a time after 1970-01-01 - at `$.ts`"))
                 continue
             if self._msgpack:
-                item = _json.encode(_msgpack_any.decode(item))
+                try:
+                    item = _json.encode(_msgpack_any.decode(item))
+                except (TypeError, msgspec.EncodeError, msgspec.DecodeError, RecursionError) as exc:
+                    # The raw zone stores JSON; a msgpack extension type or binary key has no JSON form.
+                    quarantined.append(self._reject(index, item, "malformed", f"record cannot be stored as JSON: {exc}"))
+                    continue
+            elif b"\n" in item or b"\r" in item:
+                # A pretty-printed JSON document: line breaks there are whitespace (JSON strings
+                # cannot hold raw ones), and the raw zone keeps one record per line.
+                item = item.replace(b"\r", b" ").replace(b"\n", b" ")
+            # Last check before landing: a record refused above must not count as seen.
+            if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
+                continue
             hour, by_event_time = partition_hour(event_ms, ctx.received_ms, policy)
             groups[hour].append(writer.line(index, record, item, event_ms, by_event_time))
             b = bounds.get(hour)
@@ -113,7 +126,7 @@ class RequestBatch:
             return None
         try:
             records = _json_record.decode_lines(b"\n".join(items))
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         return records if len(records) == len(items) else None
 
@@ -124,6 +137,10 @@ class RequestBatch:
             quarantined.append(self._reject(index, item, "invalid", str(exc)))
         except msgspec.DecodeError as exc:
             quarantined.append(self._reject(index, item, "malformed", f"malformed record: {exc}"))
+        except UnicodeDecodeError:  # msgspec raises it (not DecodeError) for some invalid UTF-8 strings
+            quarantined.append(self._reject(index, item, "malformed", "malformed record: invalid UTF-8"))
+        except RecursionError:
+            quarantined.append(self._reject(index, item, "malformed", "malformed record: nested too deeply"))
         return None
 
     def _is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -115,6 +115,7 @@ class ZoneLander:
         builder_factory: Callable[[], ObjectBuilder],
         state_dir: str | os.PathLike[str],
         observer: LandingObserver,
+        prepare: Callable[[list[Frame]], Awaitable[list]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -124,6 +125,7 @@ class ZoneLander:
         self._new_builder = builder_factory
         self._state_path = Path(state_dir) / f"{settings.zone}.json"
         self._observer = observer
+        self._prepare = prepare  # e.g. scoring for the curated zone, before frames join objects
         self._clock = clock
         self._state = LanderState()
         self._open: dict[int, _Pending] = {}
@@ -184,6 +186,8 @@ class ZoneLander:
             has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
             if has_data and len(self._sealed) < 2 * self.settings.max_uploads_in_flight:
                 frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES)
+                if frames and self._prepare is not None:
+                    frames = await self._prepare([f for f in frames if self._wanted(f)])
                 if frames:
                     due = await asyncio.to_thread(self._absorb, frames)
                     for pending in due:
@@ -208,10 +212,8 @@ class ZoneLander:
         now = self._clock()
         due: list[_Pending] = []
         for frame in frames:
-            if frame.kind != self.settings.kind:
+            if not self._wanted(frame):
                 continue
-            if frame.end_lsn - 1 <= self._state.landed.get(str(frame.hour), -1):
-                continue  # landed before a crash; replay must not land it twice
             pending = self._open.get(frame.hour)
             if pending is None:
                 if len(self._open) >= self.settings.max_open_partitions:
@@ -230,6 +232,10 @@ class ZoneLander:
                 del self._open[frame.hour]
                 due.append(pending)
         return due
+
+    def _wanted(self, frame: Frame) -> bool:
+        """This zone's kind, and not landed before a crash (replay must not land it twice)."""
+        return frame.kind == self.settings.kind and frame.end_lsn - 1 > self._state.landed.get(str(frame.hour), -1)
 
     def _due_by_age(self) -> list[_Pending]:
         limit = self.settings.max_object_age_secs

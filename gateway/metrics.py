@@ -58,6 +58,55 @@ class GatewayMetrics:
         )
         self.loop_lag = Gauge("edge_gateway_event_loop_lag_seconds", "How late the event loop runs a timer", registry=r)
         self.rate_limited = Counter("edge_gateway_rate_limited", "Requests answered 429", registry=r)
+        self.inference_batch_size = Histogram(
+            "edge_gateway_inference_batch_size", "Records per inference call",
+            buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r,
+        )
+        self.inference_latency = Histogram(
+            "edge_gateway_inference_latency_seconds", "Inference call latency", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inference_records = Counter(
+            "edge_gateway_inference_records", "Curated records by inference status", ["status"], registry=r
+        )
+        self.inference_desired_capacity = Gauge(
+            "edge_gateway_inference_desired_capacity",
+            "Endpoint slots the current arrival rate keeps busy (arrival rate x predicted service time): an autoscaling signal",
+            registry=r,
+        )
+        self.inference_idle = Gauge(
+            "edge_gateway_inference_endpoint_idle_seconds", "Seconds since an endpoint last scored", ["endpoint"], registry=r
+        )
+        # Device security and abuse resistance.
+        self.auth_refused = Counter(
+            "edge_gateway_auth_refused", "Requests refused by authentication (401/403), by reason", ["reason"], registry=r
+        )
+        self.replay_evictions = Counter(
+            "edge_gateway_replay_cache_evictions", "Signatures forgotten early because the replay cache was full", registry=r
+        )
+        self.admission_refused = Counter(
+            "edge_gateway_admission_refused", "Requests answered 503 by admission control, by reason", ["reason"], registry=r
+        )
+        self.connections_open = Gauge("edge_gateway_connections_open", "Open device connections", registry=r)
+        self.connections_closed = Counter(
+            "edge_gateway_connections_closed",
+            "Connections the gateway closed, by reason (connection_cap, header_timeout, idle_timeout, max_age)",
+            ["reason"],
+            registry=r,
+        )
+        self.inflight_bytes = Gauge("edge_gateway_inflight_bytes", "Body bytes of requests in progress", registry=r)
+        self.registry_refreshes = Counter(
+            "edge_gateway_registry_refreshes", "Device registry refreshes from Secrets Manager, by outcome", ["outcome"], registry=r
+        )
+        self.registry_stale = Gauge(
+            "edge_gateway_registry_stale", "1 while the last registry refresh failed (the last good keys are in use)", registry=r
+        )
+        self.registry_devices = Gauge("edge_gateway_registry_devices", "Devices in the registry", registry=r)
+        self.registry_last_success = Gauge(
+            "edge_gateway_registry_last_success_timestamp_seconds", "When the registry was last refreshed", registry=r
+        )
+        self.registry_refresh_duration = Histogram(
+            "edge_gateway_registry_refresh_duration_seconds", "Time to refresh the registry", buckets=_LATENCY_BUCKETS, registry=r
+        )
 
     def watch_sink(self, sink: ObjectSink) -> None:
         """Export a connector's own counters (retries, throttles, concurrency) at scrape time."""

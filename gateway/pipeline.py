@@ -8,8 +8,8 @@
       5 persist       Pipeline.persist: WAL append, group-commit fsync (wal.py)
       6 ack           http_source: 202 once persist returns
       7 land raw      ZoneLander("raw") consumes the WAL (landing.py)
-      8 infer         (curated zone)
-      9 land curated  (curated zone)
+      8 infer         curated.py: adaptive micro-batches to Triton or the embedded model
+      9 land curated  ZoneLander("curated"): scored records as Parquet
      10 commit        each lander releases WAL segments once it has landed them
 
 Steps 7-10 are independent WAL consumers: a slow zone never stalls acks until the WAL is full.
@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 from connectors.base import ObjectSink
+from gateway.curated import CuratedScorer, ParquetBuilder, prepare_frames
 from gateway.formats import ZstdNdjsonBuilder
 from gateway.landing import LanderSettings, ZoneLander
 from gateway.metrics import GatewayMetrics
@@ -46,7 +47,7 @@ class Pipeline:
         self.sink = sink
         lake = settings.lake
 
-        def lander(zone: str, kind: int) -> ZoneLander:
+        def lander(zone: str, kind: int, builder=None, prepare=None) -> ZoneLander:
             return ZoneLander(
                 LanderSettings(
                     zone=zone,
@@ -59,13 +60,21 @@ class Pipeline:
                 ),
                 wal=self.wal,
                 sink=sink,
-                builder_factory=lambda: ZstdNdjsonBuilder(lake.zstd_level),
+                builder_factory=builder or (lambda: ZstdNdjsonBuilder(lake.zstd_level)),
                 state_dir=wal_dir / "consumers",
                 observer=metrics,
+                prepare=prepare,
             )
 
         # Steps 7 and the quarantine zone: each its own consumer of the WAL.
         self.landers = [lander("raw", KIND_RECORDS), lander("quarantine", KIND_QUARANTINE)]
+        self.scorer: CuratedScorer | None = None
+        if settings.inference.enabled:
+            # Steps 8-9: a third consumer; a dead model endpoint delays only this zone.
+            self.scorer = scorer = CuratedScorer(settings.inference, metrics)
+            self.landers.append(
+                lander("curated", KIND_RECORDS, lambda: ParquetBuilder(lake.zstd_level), lambda frames: prepare_frames(frames, scorer))
+            )
 
     async def start(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +82,8 @@ class Pipeline:
             stale.unlink(missing_ok=True)
         await self.wal.start()
         await self.sink.start()
+        if self.scorer is not None:
+            await self.scorer.start()
         for lander in self.landers:
             await lander.start()
 
@@ -95,5 +106,7 @@ class Pipeline:
     async def close(self) -> None:
         for lander in self.landers:
             await lander.close()
+        if self.scorer is not None:
+            await self.scorer.close()
         await self.wal.close()
         await self.sink.close()

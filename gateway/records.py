@@ -54,6 +54,8 @@ class RawLine(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Device clock minus gateway clock, from the signed X-Timestamp header (None when unsigned).
     clock_skew_ms: int | None = None
     device: dict[str, str] = {}
+    # The device's address: the TCP peer, or X-Forwarded-For from a trusted proxy.
+    source_ip: str | None = None
     record: msgspec.Raw = msgspec.Raw(b"{}")
 
 
@@ -71,6 +73,13 @@ class QuarantineLine(msgspec.Struct, kw_only=True):
     raw: str
 
 
+class RecordBody(msgspec.Struct):
+    """What the curated zone needs of a record already validated at ingest: no checks again."""
+
+    metrics: dict[str, float]
+    tags: dict[str, str] | None = None
+
+
 class CuratedSource(msgspec.Struct, kw_only=True):
     """The fields the curated zone reads back from a raw line."""
 
@@ -83,4 +92,4 @@ class CuratedSource(msgspec.Struct, kw_only=True):
     event_time_ms: int
     seq: int | None = None
     device: dict[str, str] = {}
-    record: Record
+    record: RecordBody

@@ -13,9 +13,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway.admin import start_admin
 from gateway.app import build_app
+from gateway.connections import GuardedSite
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
+from gateway.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +26,13 @@ log = logging.getLogger(__name__)
 class RunningGateway:
     """A started gateway and its listener; ``stop`` drains it."""
 
-    def __init__(self, gateway: Gateway, runner: web.AppRunner, site: web.TCPSite) -> None:
+    def __init__(
+        self, gateway: Gateway, runner: web.AppRunner, site: web.TCPSite, admin: web.AppRunner | None = None
+    ) -> None:
         self.gateway = gateway
         self.runner = runner
         self.site = site
+        self.admin = admin  # the admin listener's runner, when [admin] is enabled
         self.stopped = False
 
     @property
@@ -37,7 +43,8 @@ class RunningGateway:
     def url(self) -> str:
         host = self.gateway.settings.listen.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.gateway.settings.tls.enabled else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def stop(self) -> bool:
         """Drain: readiness off, finish in-flight requests, stop listening, land, close the WAL."""
@@ -54,6 +61,8 @@ class RunningGateway:
         await gw.wait_for_inflight(max(0.0, until - time.monotonic()))
         # 3. Stop accepting and close idle keep-alive connections.
         await self.runner.cleanup()
+        if self.admin is not None:
+            await self.admin.cleanup()
         # 4. Flush open objects and land them; what misses the deadline stays in the WAL.
         landed_all = await gw.pipeline.drain(max(0.1, until - time.monotonic()))
         # 5. Close the WAL (everything written is durable) and the sinks.
@@ -76,14 +85,27 @@ async def start_gateway(settings: Settings, *, gateway: Gateway | None = None) -
     )
     await runner.setup()
     listen = settings.listen
-    site = web.TCPSite(runner, listen.host, listen.port, backlog=listen.backlog, reuse_port=True)
+    tls = settings.tls
+    # Connections go through the guard: a cap, header and idle timeouts, a maximum age.
+    site = GuardedSite(
+        runner,
+        listen.host,
+        listen.port,
+        guard=gw.security.connections,
+        handshake_timeout_secs=tls.handshake_timeout_secs,
+        ssl_context=server_context(tls) if tls.enabled else None,
+        backlog=listen.backlog,
+        reuse_port=True,
+    )
+    admin = None
     try:
         await site.start()
-    except OSError:
+        admin = await start_admin(gw)  # off by default; never on the device listener
+    except (OSError, ValueError):
         await runner.cleanup()
         await gw.close()
         raise
-    running = RunningGateway(gw, runner, site)
+    running = RunningGateway(gw, runner, site, admin)
     log.info("listening", extra={"url": running.url})
     return running
 

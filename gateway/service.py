@@ -17,12 +17,15 @@ from connectors.local_lake import LocalLakeSink
 from connectors.s3 import S3Sink
 from gateway import logs
 from gateway.auth import HmacAuthenticator, NoAuthenticator
+from gateway.cert_auth import DeviceAuthenticator
 from gateway.dedup import IdempotencyCache, SeqIndex
 from gateway.enrich import PartitionPolicy
 from gateway.instance_metadata import availability_zone
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.registry import DeviceRegistry, RegistryError
+from gateway.secrets_registry import SecretsManagerRegistry
+from gateway.security import EdgeSecurity
 from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,14 @@ class Gateway:
         self.gateway_id = settings.gateway.gateway_id or socket.gethostname().split(".")[0]
         self.availability_zone = settings.gateway.availability_zone
         self.metrics = GatewayMetrics()
+        self.security = EdgeSecurity(lambda: self.settings, self.metrics)
+        self.loop_lag_secs = 0.0
+        # auth.registry_source is chosen at start; changing it needs a restart.
+        self.registry_source = (
+            SecretsManagerRegistry(settings.secretsmanager, self.metrics, self._set_registry)
+            if settings.auth.registry_source == "secretsmanager"
+            else None
+        )
         self.registry = self._load_registry(settings)
         self.authenticator = self._authenticator(settings)
         sink = sink or build_sink(settings, self.gateway_id)
@@ -62,6 +73,10 @@ class Gateway:
         self._lag_task: asyncio.Task[None] | None = None
 
     def _load_registry(self, settings: Settings) -> DeviceRegistry:
+        if self.registry_source is not None:
+            # Loaded by start() and refreshed in the background; a reload asks for a refresh now.
+            self.registry_source.refresh_soon()
+            return getattr(self, "registry", None) or DeviceRegistry()
         try:
             return DeviceRegistry.load(settings.auth.registry_path)
         except RegistryError:
@@ -69,16 +84,26 @@ class Gateway:
                 raise
             return DeviceRegistry()
 
+    def _set_registry(self, registry: DeviceRegistry) -> None:
+        self.registry = registry
+
     def _authenticator(self, settings: Settings):
         if settings.auth.mode == "none":
-            return NoAuthenticator(lambda: self.registry)
-        return HmacAuthenticator(lambda: self.registry, window_secs=settings.auth.timestamp_window_secs)
+            inner = NoAuthenticator(lambda: self.registry)
+        else:
+            inner = HmacAuthenticator(
+                lambda: self.registry, window_secs=settings.auth.timestamp_window_secs, replay=self.security.replay
+            )
+        # A verified client certificate authenticates by itself; other requests go to `inner`.
+        return DeviceAuthenticator(inner, lambda: self.registry)
 
     async def start(self) -> None:
         if not self.availability_zone:
             g = self.settings.gateway
             self.availability_zone = await availability_zone(g.metadata_endpoint, g.metadata_timeout_secs)
         started = time.perf_counter()
+        if self.registry_source is not None:
+            await self.registry_source.start()  # no keys, no service: fails start-up
         await self.pipeline.start()
         wal = self.pipeline.wal
         self.metrics.wal_capacity.set(wal.max_total_bytes)
@@ -123,6 +148,8 @@ class Gateway:
     async def close(self) -> None:
         if self._lag_task is not None:
             self._lag_task.cancel()
+        if self.registry_source is not None:
+            await self.registry_source.close()
         await self.pipeline.close()
 
     async def _watch_loop_lag(self, interval: float = 0.25) -> None:
@@ -130,7 +157,8 @@ class Gateway:
         while True:
             before = loop.time()
             await asyncio.sleep(interval)
-            self.metrics.loop_lag.set(max(0.0, loop.time() - before - interval))
+            self.loop_lag_secs = max(0.0, loop.time() - before - interval)
+            self.metrics.loop_lag.set(self.loop_lag_secs)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

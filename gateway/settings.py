@@ -19,6 +19,15 @@ from msgspec import Meta
 from connectors.eventbridge import EventBridgeSettings
 from connectors.glue import GlueCatalogSettings
 from connectors.s3 import S3SinkSettings
+from connectors.secrets import SecretsManagerSettings
+from gateway.security_settings import (
+    AdminSettings,
+    AdmissionSettings,
+    ConnectionSettings,
+    ProxySettings,
+    RateLimitSettings,
+    TlsSettings,
+)
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
@@ -62,8 +71,12 @@ class GatewaySettings(_Section):
 
 class AuthSettings(_Section):
     mode: Literal["hmac", "none"] = "hmac"
+    # "file": registry_path (the embedded default). "secretsmanager": the [secretsmanager] section.
+    registry_source: Literal["file", "secretsmanager"] = "file"
     registry_path: str = "devices.json"
     timestamp_window_secs: PositiveInt = 300
+    # Verified signatures remembered to refuse replays within the window; the oldest go first beyond it.
+    replay_cache_max_entries: PositiveInt = 200_000
 
 
 class LimitsSettings(_Section):
@@ -108,6 +121,40 @@ class LakeSettings(_Section):
     zstd_level: Annotated[int, Meta(ge=1, le=19)] = 1
 
 
+class InferenceEndpointSettings(_Section):
+    url: Annotated[str, Meta(min_length=1)]  # host:port (gRPC) or http://host:port (HTTP)
+    protocol: Literal["grpc", "http"] = "grpc"
+    name: str = ""
+
+
+class InferenceSettings(_Section):
+    """Steps 8-9: scoring records for the curated zone (off: no curated zone)."""
+
+    enabled: bool = True
+    # "local": the embedded CPU model; "triton": the endpoints below (KServe v2), with failover.
+    backend: Literal["local", "triton"] = "local"
+    endpoints: list[InferenceEndpointSettings] = []
+    model: Name = "telemetry_anomaly"
+    model_version: str = ""
+    features: tuple[Annotated[str, Meta(min_length=1)], ...] = (
+        "temperature_c", "humidity_pct", "pressure_hpa", "battery_v", "rssi_dbm", "cpu_pct", "mem_pct", "uptime_s",
+    )
+    # A record missing a feature: "fill" it with the model's typical value, or "reject" (status failed).
+    missing: Literal["fill", "reject"] = "fill"
+    # Records not scored within this long land in curated with inference.status = "deferred".
+    max_defer_secs: PositiveFloat = 2.0
+    max_batch_records: PositiveInt = 1024
+    max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0
+    call_timeout_secs: PositiveFloat = 1.0
+    # After this long without calls an endpoint is idle: readiness is checked and it is warmed up again.
+    idle_after_secs: PositiveFloat = 60.0
+    max_queue_records: PositiveInt = 65536
+
+    def __post_init__(self) -> None:
+        if self.backend == "triton" and not self.endpoints:
+            raise ValueError('inference.backend = "triton" needs at least one [[inference.endpoints]]')
+
+
 class DrainSettings(_Section):
     deadline_secs: PositiveFloat = 25.0
 
@@ -124,14 +171,27 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     wal: WalSettings = WalSettings()
     lake: LakeSettings = LakeSettings()
+    inference: InferenceSettings = InferenceSettings()
     drain: DrainSettings = DrainSettings()
     log: LogSettings = LogSettings()
     # Connector sections, present only when used (lake.kind = "s3" needs [s3]).
     s3: S3SinkSettings | None = None
     glue: GlueCatalogSettings | None = None
     eventbridge: EventBridgeSettings | None = None
+    # Device security and abuse resistance (gateway/security_settings.py).
+    secretsmanager: SecretsManagerSettings = SecretsManagerSettings()
+    tls: TlsSettings = TlsSettings()
+    proxy: ProxySettings = ProxySettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    connections: ConnectionSettings = ConnectionSettings()
+    admin: AdminSettings = AdminSettings()
 
     def __post_init__(self) -> None:
+        if self.proxy.client_cert_header and not self.tls.client_ca_path:
+            raise ValueError("proxy.client_cert_header needs tls.client_ca_path: forwarded certificates must chain to it")
+        if self.admin.enabled and (self.admin.host, self.admin.port) == (self.listen.host, self.listen.port):
+            raise ValueError("the admin listener must not share the device listener's address")
         if self.lake.kind == "s3" and self.s3 is None:
             raise ValueError('lake.kind = "s3" needs an [s3] section with at least `bucket`')
         if self.glue is not None and self.lake.kind != "s3":
@@ -144,7 +204,7 @@ class Settings(_Section):
 
 
 # Sections that SIGHUP may replace in a running gateway; the others need a restart.
-RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth"})
+RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth", "proxy", "rate_limits", "admission", "connections"})
 
 
 def is_loopback(host: str) -> bool:

@@ -62,7 +62,7 @@ def test_round_trip_keeps_the_declared_schema_and_values() -> None:
     assert rows[1]["seq"] is None and rows[1]["tags"] is None
     assert rows[1]["inference"]["status"] == "deferred"
     missing = {k for k, v in rows[1]["inference"].items() if v is None}
-    assert missing == {"model", "version", "score", "label", "latency_ms"}
+    assert missing == {"model", "version", "score", "label", "latency_ms", "reason"}
     assert rows[2]["event_time"] == datetime(2024, 5, 1, 13, 30, tzinfo=UTC)
 
 
@@ -93,7 +93,7 @@ def test_glue_columns_follow_the_schema() -> None:
     assert columns["seq"] == "bigint" and columns["record_index"] == "int"
     assert columns["metrics"] == "map<string,double>"
     assert columns["inference"] == (
-        "struct<status:string,model:string,version:string,score:float,label:string,latency_ms:float>"
+        "struct<status:string,model:string,version:string,score:float,label:string,latency_ms:float,reason:string>"
     )
 
 

@@ -1,0 +1,231 @@
+"""Connections on the device listener: a cap, slow-client timeouts, and a maximum age.
+
+aiohttp has no header-read timeout and its keep-alive timeout is fixed at start, so each accepted
+connection's protocol is wrapped in ``_GuardedProtocol``, which keeps one timer per connection:
+
+    accepted / next byte after idle -> header timer (header_timeout_secs): complete headers or close
+    request headers complete        -> no timer (the body has its own deadlines, see body_deadline)
+    response done                   -> idle timer (idle_timeout_secs): a next request or close
+
+Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
+cannot exhaust file descriptors. After ``max_age_secs`` (with jitter) a response carries
+``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
+instances that were up first. All settings are read live, so SIGHUP changes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import ApiError
+from gateway.security_settings import ConnectionSettings
+
+log = logging.getLogger(__name__)
+
+_REFUSAL_BODY = b'{"error":"unavailable","message":"the gateway has too many open connections; retry"}'
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
+)
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    code = "timeout"
+
+
+@dataclass(slots=True)
+class _Conn:
+    transport: asyncio.Transport
+    created: float
+    max_age: float  # 0: no limit
+    active: int = 0
+    idle: bool = False  # between requests: the next byte starts the header timer
+    timer: asyncio.TimerHandle | None = None
+
+
+class ConnectionGuard:
+    def __init__(
+        self,
+        settings: Callable[[], ConnectionSettings],
+        *,
+        on_close: Callable[[str], None] = lambda reason: None,
+        rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._on_close = on_close
+        self._rng = rng
+        self._clock = clock
+        self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is)
+
+    @property
+    def open(self) -> int:
+        return len(self._conns)
+
+    def protocol_factory(self, server: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _GuardedProtocol(self, server())
+
+    # -- called by the protocol wrapper -----------------------------------------------------------
+
+    def _accept(self, inner: Any, transport: asyncio.Transport) -> bool:
+        s = self._settings()
+        if len(self._conns) >= s.max_connections:
+            self._on_close("connection_cap")
+            transport.write(_REFUSAL)
+            transport.close()
+            return False
+        age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
+        conn = self._conns[inner] = _Conn(transport, self._clock(), age)
+        self._arm(conn, s.header_timeout_secs, "header_timeout")
+        return True
+
+    def _data(self, inner: Any) -> None:
+        conn = self._conns.get(inner)
+        if conn is not None and conn.idle:
+            conn.idle = False
+            self._arm(conn, self._settings().header_timeout_secs, "header_timeout")
+
+    def _lost(self, inner: Any) -> None:
+        conn = self._conns.pop(inner, None)
+        if conn is not None and conn.timer is not None:
+            conn.timer.cancel()
+
+    def _arm(self, conn: _Conn, delay: float, reason: str) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer = asyncio.get_running_loop().call_later(delay, self._expire, conn, reason)
+
+    def _expire(self, conn: _Conn, reason: str) -> None:
+        conn.timer = None
+        if conn.active == 0 and not conn.transport.is_closing():
+            self._on_close(reason)
+            conn.transport.close()
+
+    # -- the middleware: request start and end ----------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        conn = self._conns.get(request.protocol)
+        if conn is None:  # a listener without the guard (tests building the app alone)
+            return await handler(request)
+        conn.active += 1
+        conn.idle = False
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        try:
+            response = await handler(request)
+            if response.status == RequestTimeout.status:
+                response.force_close()  # the rest of the body is not worth waiting for
+            elif conn.max_age and self._clock() - conn.created > conn.max_age:
+                self._on_close("max_age")
+                response.force_close()
+            return response
+        finally:
+            conn.active -= 1
+            if conn.active == 0:
+                conn.idle = True
+                self._arm(conn, self._settings().idle_timeout_secs, "idle_timeout")
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Delegates to aiohttp's protocol; tells the guard when a connection opens, speaks, and closes."""
+
+    __slots__ = ("_guard", "_inner", "_accepted")
+
+    def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
+        self._guard = guard
+        self._inner = inner
+        self._accepted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._accepted = self._guard._accept(self._inner, transport)  # type: ignore[arg-type]
+        if self._accepted:
+            self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._accepted:
+            self._guard._data(self._inner)
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._accepted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._accepted:
+            self._guard._lost(self._inner)
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._accepted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._accepted:
+            self._inner.resume_writing()
+
+
+class GuardedSite(web.TCPSite):
+    """``web.TCPSite`` whose connections go through a ``ConnectionGuard`` (and a TLS handshake deadline)."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *, guard: ConnectionGuard, handshake_timeout_secs: float, **kwargs: Any
+    ) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._guard = guard
+        self._handshake_timeout_secs = handshake_timeout_secs
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        self._server = await loop.create_server(
+            self._guard.protocol_factory(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout_secs if self._ssl_context else None,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+class BodyDeadline:
+    """``async with BodyDeadline(s): ... deadline.progress()`` raises ``RequestTimeout`` on a slow body."""
+
+    __slots__ = ("_loop", "_until", "_idle", "_cm")
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._until = now + settings.body_timeout_secs
+        self._idle = settings.body_idle_timeout_secs
+        self._cm = asyncio.timeout_at(min(self._until, now + self._idle))
+
+    def progress(self) -> None:
+        self._cm.reschedule(min(self._until, self._loop.time() + self._idle))
+
+    async def __aenter__(self) -> BodyDeadline:
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool | None:
+        try:
+            return await self._cm.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            if self._cm.expired():
+                raise RequestTimeout("the request body arrived too slowly; the connection is closed") from None
+            raise

@@ -1,0 +1,319 @@
+"""Steps 8 and 9: score records through the adaptive batcher, then land them as Parquet.
+
+The curated zone is one more WAL consumer. Before its frames join objects they are *prepared*:
+decoded from their raw lines, shaped into the model's input, scored, and turned into an Arrow
+table with an ``inference`` column. Scoring never blocks the lake: a record that cannot be scored
+within ``inference.max_defer_secs`` lands with ``inference.status = "deferred"``, one whose call
+failed lands as ``"failed"``.
+
+Work is per frame, not per record: a frame (one request's records for one hour) is one batcher
+item of ``size`` records, and columns are built with one comprehension or one Arrow call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batching import Batcher, BatchPolicy, Deferred, Failed, Ok
+from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE
+from connectors.inference import Inferencer, ShapedBatch
+from connectors.inference_pool import InferencePool
+from connectors.local_model import LocalModelInferencer
+from connectors.triton import TritonInferencer, TritonSettings
+from gateway.metrics import GatewayMetrics
+from gateway.records import CuratedSource
+from gateway.wal import Frame
+
+log = logging.getLogger(__name__)
+
+_raw_lines = msgspec.json.Decoder(CuratedSource)
+_METRICS = CURATED_SCHEMA.field("metrics").type
+_TAGS = CURATED_SCHEMA.field("tags").type
+_TS = CURATED_SCHEMA.field("event_time").type
+
+
+@dataclass(slots=True)
+class ScoredFrame:
+    """A WAL frame with its records as a curated Arrow table, ready for a Parquet object."""
+
+    lsn: int
+    count: int
+    hour: int
+    received_ms: int
+    min_event_ms: int
+    max_event_ms: int
+    kind: int
+    payload: bytes
+    table: pa.Table
+
+    @property
+    def end_lsn(self) -> int:
+        return self.lsn + self.count
+
+
+@dataclass(slots=True)
+class Scores:
+    """Model output for one chunk's shaped rows."""
+
+    scores: np.ndarray
+    labels: list[str]
+    model: str
+    version: str
+    latency_ms: float
+
+
+class ParquetBuilder:
+    """Collects per-frame Arrow tables and writes them as one Parquet object (zstd)."""
+
+    extension = "parquet"
+    content_type = CONTENT_TYPE
+
+    def __init__(self, zstd_level: int = 1) -> None:
+        self._tables: list[pa.Table] = []
+        self._level = zstd_level
+        self.size = 0
+
+    def add(self, frame: ScoredFrame) -> None:
+        self.size += len(frame.payload)
+        self._tables.append(frame.table)
+
+    def finish(self) -> bytes:
+        table = pa.concat_tables(self._tables) if self._tables else CURATED_SCHEMA.empty_table()
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.combine_chunks(), sink, compression="zstd", compression_level=self._level)
+        return sink.getvalue().to_pybytes()
+
+
+class CuratedScorer:
+    """Scores chunks of records through an adaptive batcher in front of the inference backend."""
+
+    def __init__(self, settings, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.inferencer = build_inferencer(settings)
+        typical = _typical_values(settings.features)
+        self.typical = np.array([typical[f] for f in settings.features], dtype=np.float32)
+        policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_s=settings.max_wait_ms / 1000)
+        self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
+            self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy, max_queue_records=settings.max_queue_records
+        )
+
+    async def start(self) -> None:
+        await self.inferencer.start()
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close(flush=False)
+        await self.inferencer.close()
+
+    async def score(self, chunks: Sequence[ShapedBatch]) -> list[pa.StructArray]:
+        """One ``inference`` column per chunk; never raises for a backend failure."""
+        deadline = self.batcher.clock.now() + self.settings.max_defer_secs
+        futures = [await self.batcher.submit(chunk, deadline, size=max(1, len(chunk.rows))) for chunk in chunks]
+        columns = []
+        for chunk, future in zip(chunks, futures, strict=True):
+            outcome = await future
+            if isinstance(outcome, Ok):
+                column = _scored_column(chunk, outcome.value)
+            elif isinstance(outcome, Deferred):
+                column = _status_column(chunk.n_records, "deferred", f"not scored within {self.settings.max_defer_secs} s ({outcome.reason})")
+            else:
+                assert isinstance(outcome, Failed)
+                column = _status_column(chunk.n_records, "failed", f"{type(outcome.error).__name__}: {outcome.error}")
+            columns.append(column)
+        self._count(columns)
+        return columns
+
+    async def _dispatch(self, endpoint: str, chunks: list[ShapedBatch]) -> list[Scores]:
+        sizes = [len(chunk.rows) for chunk in chunks]
+        started = time.perf_counter()
+        if sum(sizes):
+            features = np.concatenate([chunk.features for chunk in chunks if len(chunk.rows)])
+            output = await self.inferencer.infer(features, timeout_s=self.settings.call_timeout_secs)
+            scores, labels, model, version = output.scores, list(output.labels), output.model, output.version
+        else:
+            scores, labels, model, version = np.empty(0, np.float32), [], self.settings.model, ""
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.metrics.inference_batch_size.observe(sum(sizes))
+        self.metrics.inference_latency.labels(endpoint).observe(latency_ms / 1000)
+        results, at = [], 0
+        for n in sizes:
+            results.append(Scores(scores[at : at + n], labels[at : at + n], model, version, latency_ms))
+            at += n
+        return results
+
+    def _count(self, columns: list[pa.StructArray]) -> None:
+        counts: dict[str, int] = {}
+        for column in columns:
+            for status, n in zip(*np.unique(column.field("status").to_numpy(zero_copy_only=False), return_counts=True)):
+                counts[status] = counts.get(status, 0) + int(n)
+        for status, n in counts.items():
+            self.metrics.inference_records.labels(status).inc(n)
+        stats = self.batcher.stats()
+        self.metrics.inference_desired_capacity.set(stats.desired_slots)
+        if isinstance(self.inferencer, InferencePool):
+            for status in self.inferencer.status():
+                self.metrics.inference_idle.labels(status.name).set(status.idle_secs)
+
+
+def _scored_column(chunk: ShapedBatch, result: Scores) -> pa.StructArray:
+    n = chunk.n_records
+    status = np.full(n, "failed", dtype=object)
+    reason = np.full(n, None, dtype=object)
+    score = np.full(n, np.nan, dtype=np.float32)
+    label = np.full(n, None, dtype=object)
+    status[chunk.rows] = "ok"
+    score[chunk.rows] = result.scores
+    label[chunk.rows] = result.labels
+    for index, why in chunk.rejected.items():
+        reason[index] = why
+    return pa.StructArray.from_arrays(
+        [
+            pa.array(status, pa.string()),
+            pa.array([result.model] * n, pa.string()),
+            pa.array([result.version] * n, pa.string()),
+            pa.array(score, pa.float32(), mask=np.isnan(score)),
+            pa.array(label, pa.string()),
+            pa.array(np.full(n, result.latency_ms, dtype=np.float32)),
+            pa.array(reason, pa.string()),
+        ],
+        fields=list(INFERENCE_TYPE),
+    )
+
+
+def _status_column(n: int, status: str, reason: str) -> pa.StructArray:
+    nothing = pa.nulls(n, pa.string())
+    return pa.StructArray.from_arrays(
+        [
+            pa.array([status] * n, pa.string()),
+            nothing,
+            nothing,
+            pa.nulls(n, pa.float32()),
+            nothing,
+            pa.nulls(n, pa.float32()),
+            pa.array([reason] * n, pa.string()),
+        ],
+        fields=list(INFERENCE_TYPE),
+    )
+
+
+def curated_table(lines: list[CuratedSource], inference: pa.StructArray) -> pa.Table:
+    """The curated columns of one frame (schema in connectors/curated_parquet.py)."""
+    records = [line.record for line in lines]
+    devices = [line.device for line in lines]
+    columns = [
+        pa.array([line.device_id for line in lines], pa.string()),
+        pa.array([line.seq for line in lines], pa.int64()),
+        pa.array([line.event_time_ms for line in lines], pa.int64()).cast(_TS),
+        pa.array([line.received_at for line in lines], pa.string()).cast(_TS),
+        pa.array([line.gateway_id for line in lines], pa.string()),
+        pa.array([line.availability_zone for line in lines], pa.string()),
+        pa.array([line.ingest_id for line in lines], pa.string()),
+        pa.array([line.index for line in lines], pa.int32()),
+        pa.array([d.get("site") for d in devices], pa.string()),
+        pa.array([d.get("model") for d in devices], pa.string()),
+        pa.array([r.metrics for r in records], _METRICS),
+        pa.array([r.tags for r in records], _TAGS),
+        inference,
+    ]
+    return pa.Table.from_arrays(columns, schema=CURATED_SCHEMA)
+
+
+def build_inferencer(settings) -> Inferencer:
+    if settings.backend == "local":
+        return LocalModelInferencer()
+    endpoints = [
+        TritonInferencer(
+            TritonSettings(
+                url=e.url,
+                protocol=e.protocol,
+                model=settings.model,
+                model_version=settings.model_version,
+                n_features=len(settings.features),
+                client_timeout_secs=settings.call_timeout_secs,
+                name=e.name or e.url,
+            )
+        )
+        for e in settings.endpoints
+    ]
+    return InferencePool(endpoints, name="triton", idle_after_secs=settings.idle_after_secs)
+
+
+def _typical_values(features: Sequence[str]) -> dict[str, float]:
+    """A missing metric is filled with the shipped model's typical value, so a gap moves no score."""
+    typical = LocalModelInferencer().model.neutral_values()
+    return {name: typical.get(name, 0.0) for name in features}
+
+
+def shape(lines: list[CuratedSource], features: Sequence[str], typical: np.ndarray, reject_missing: bool) -> ShapedBatch:
+    """The model input for one frame's records, in one pass.
+
+    Metrics were validated at ingest (finite numbers), so this skips the per-cell checks a general
+    shaper needs; a value beyond float32 range counts as missing, like an absent metric.
+    """
+    n, k = len(lines), len(features)
+    x = np.array([[m.get(f, np.nan) for f in features] for m in (line.record.metrics for line in lines)], dtype=np.float64).reshape(n, k)
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    missing = ~np.isfinite(x32)
+    rejected: dict[int, str] = {}
+    rows = np.arange(n)
+    if missing.any():
+        if reject_missing:
+            bad = missing.any(axis=1)
+            for i in np.flatnonzero(bad):
+                rejected[int(i)] = "missing metrics: " + ", ".join(f for f, gap in zip(features, missing[i]) if gap)
+            rows, x32, missing = rows[~bad], x32[~bad], missing[~bad]
+        else:
+            x32 = np.where(missing, typical, x32).astype(np.float32)
+    return ShapedBatch(x32, rows, missing, rejected, n, tuple(features))
+
+
+# Records decoded, shaped or tabled per step: the steps hold the GIL, so they run in a worker
+# thread in slices short enough that the event loop (acks) never waits long for it.
+SLICE_RECORDS = 2048
+
+
+async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[ScoredFrame]:
+    """Decode each frame's raw lines, score them, and build each frame's curated table."""
+    out: list[ScoredFrame] = []
+    for group in _slices(frames):
+        decoded, chunks = await asyncio.to_thread(_decode_and_shape, group, scorer)
+        columns = await scorer.score(chunks)
+        out.extend(await asyncio.to_thread(_tables, group, decoded, columns))
+    return out
+
+
+def _slices(frames: list[Frame]) -> list[list[Frame]]:
+    groups: list[list[Frame]] = [[]]
+    size = 0
+    for frame in frames:
+        if size >= SLICE_RECORDS:
+            groups.append([])
+            size = 0
+        groups[-1].append(frame)
+        size += frame.count
+    return [g for g in groups if g]
+
+
+def _decode_and_shape(frames: list[Frame], scorer: CuratedScorer) -> tuple[list[list[CuratedSource]], list[ShapedBatch]]:
+    settings = scorer.settings
+    decoded = [_raw_lines.decode_lines(frame.payload) for frame in frames]
+    chunks = [shape(lines, settings.features, scorer.typical, settings.missing == "reject") for lines in decoded]
+    return decoded, chunks
+
+
+def _tables(frames: list[Frame], decoded: list[list[CuratedSource]], columns: list[pa.StructArray]) -> list[ScoredFrame]:
+    return [
+        ScoredFrame(f.lsn, f.count, f.hour, f.received_ms, f.min_event_ms, f.max_event_ms, f.kind, f.payload, curated_table(lines, column))
+        for f, lines, column in zip(frames, decoded, columns, strict=True)
+    ]

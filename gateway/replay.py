@@ -1,0 +1,72 @@
+"""Replay protection: a verified signature is accepted once within the timestamp window.
+
+The timestamp window alone lets an eavesdropper resend a captured request for five minutes; this
+remembers every verified signature until its timestamp leaves the window. Memory is bounded: beyond
+``max_entries`` the oldest entries are forgotten first (and counted, so an operator can see it).
+Only signatures that verified are remembered, so forgeries cannot fill the cache.
+
+A request that was refused for a reason the device should retry (503, 500) releases its
+signature, so the device's retry of the very same bytes is not mistaken for a replay. A replay that
+carries an ``Idempotency-Key`` already answered gets that answer again (it lands nothing), so a
+device that lost an acknowledgement can resend exactly what it sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from gateway.errors import Unauthorized
+
+
+class Replayed(Unauthorized):
+    """401: this signature was already accepted within the window."""
+
+
+class ReplayGuard:
+    def __init__(
+        self,
+        window_secs: Callable[[], float],
+        max_entries: Callable[[], int],
+        *,
+        clock: Callable[[], float] = time.time,
+        on_evict: Callable[[], None] | None = None,
+    ) -> None:
+        self._window = window_secs
+        self._max = max_entries
+        self._clock = clock
+        self._on_evict = on_evict
+        self._seen: OrderedDict[str, float] = OrderedDict()  # signature -> when it may be forgotten
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def claim(self, signature: str, timestamp_secs: float) -> bool:
+        """Remember ``signature``; False if it was already claimed and has not expired."""
+        now = self._clock()
+        self._expire(now)
+        expires = self._seen.get(signature)
+        if expires is not None and expires > now:
+            return False
+        # The signature stays replayable until its timestamp is outside the window on either side.
+        self._seen[signature] = max(now, timestamp_secs) + self._window()
+        self._seen.move_to_end(signature)
+        limit = self._max()
+        while len(self._seen) > limit:
+            self._seen.popitem(last=False)
+            if self._on_evict is not None:
+                self._on_evict()
+        return True
+
+    def release(self, signature: str) -> None:
+        self._seen.pop(signature, None)
+
+    def _expire(self, now: float) -> None:
+        # Entries are nearly in expiry order (insertion order, equal window); stop at the first live one.
+        seen = self._seen
+        while seen:
+            signature, expires = next(iter(seen.items()))
+            if expires > now:
+                return
+            del seen[signature]

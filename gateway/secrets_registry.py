@@ -1,0 +1,131 @@
+"""The device registry kept in AWS Secrets Manager: loaded at start, refreshed in the background.
+
+The keys are cached for ``refresh_interval_secs``; a refresh that fails (Secrets Manager unreachable,
+throttled, a malformed new version) keeps the last good registry, raises
+``edge_gateway_registry_stale`` to 1 and logs a warning, and the next interval tries again. Keys are
+never logged: the log lines name secrets, versions and counts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from connectors.errors import ConnectorError
+from connectors.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
+from gateway.metrics import GatewayMetrics
+from gateway.records import DeviceId
+from gateway.registry import Device, DeviceRegistry, RegistryError
+
+log = logging.getLogger(__name__)
+
+
+def registry_from_secrets(secrets: list[SecretVersions]) -> DeviceRegistry:
+    """AWSCURRENT says who exists (and if enabled); both stages' keys verify."""
+    devices: dict[str, Device] = {}
+    for secret in secrets:
+        previous = secret.previous.devices if secret.previous else {}
+        for device_id, entry in secret.current.devices.items():
+            try:
+                msgspec.convert(device_id, DeviceId)
+            except msgspec.ValidationError:
+                log.warning("device registry: skipping an invalid device id", extra={"secret_id": secret.secret_id})
+                continue
+            keys = [entry.key] if entry.key else []
+            old = previous.get(device_id)
+            if old is not None and old.key and old.key != entry.key:
+                keys.append(old.key)
+            devices[device_id] = Device(keys=keys, enabled=entry.enabled, metadata=dict(entry.metadata))
+    return DeviceRegistry(devices)
+
+
+class SecretsManagerRegistry:
+    """Owns the refresh task; ``on_update`` receives every new registry (the gateway swaps it in)."""
+
+    def __init__(
+        self,
+        settings: SecretsManagerSettings,
+        metrics: GatewayMetrics,
+        on_update: Callable[[DeviceRegistry], None],
+        *,
+        source: SecretsManagerDeviceSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self._metrics = metrics
+        self._on_update = on_update
+        self._source = source or SecretsManagerDeviceSource(settings)
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.last_success: float | None = None
+        self.stale = False
+
+    async def start(self) -> None:
+        """Load once (or fail start-up), then refresh every interval."""
+        try:
+            async with asyncio.timeout(self.settings.startup_timeout_secs):
+                await self.refresh(raise_errors=True)
+        except (ConnectorError, RegistryError, TimeoutError) as exc:
+            await self._source.close()
+            raise RegistryError(f"cannot load the device registry from Secrets Manager: {_describe(exc)}") from None
+        self._task = asyncio.create_task(self._run(), name="registry-refresh")
+
+    def refresh_soon(self) -> None:
+        """Refresh now rather than at the end of the interval (SIGHUP, admin API)."""
+        self._wake.set()
+
+    async def refresh(self, *, raise_errors: bool = False) -> bool:
+        started = time.monotonic()
+        try:
+            registry = registry_from_secrets(await self._source.read())
+        except (ConnectorError, RegistryError) as exc:
+            self._metrics.registry_refreshes.labels("error").inc()
+            self._metrics.registry_stale.set(1)
+            self.stale = True
+            age = None if self.last_success is None else round(time.time() - self.last_success, 1)
+            log.warning(
+                "device registry refresh failed; keeping the last good keys",
+                extra={"source": "secretsmanager", "error": _describe(exc), "last_success_age_secs": age},
+            )
+            if raise_errors:
+                raise
+            return False
+        self._on_update(registry)
+        self.last_success = time.time()
+        if self.stale:
+            log.info("device registry refresh recovered", extra={"source": "secretsmanager", "devices": len(registry)})
+        self.stale = False
+        m = self._metrics
+        m.registry_refreshes.labels("ok").inc()
+        m.registry_stale.set(0)
+        m.registry_devices.set(len(registry))
+        m.registry_last_success.set(self.last_success)
+        m.registry_refresh_duration.observe(time.monotonic() - started)
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._source.close()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.refresh_interval_secs):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except Exception:  # a bug must not stop refreshing; the last good keys stay in place
+                log.exception("device registry refresh crashed; keeping the last good keys")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,119 @@
+"""Configuration sections for device security and abuse resistance (decoded like every section).
+
+    [tls]          the gateway terminates TLS itself, optionally with client certificates (mTLS)
+    [proxy]        which peers are trusted load balancers (X-Forwarded-*, the ALB certificate header)
+    [rate_limits]  per-device token buckets (429)
+    [admission]    global overload protection (503)
+    [connections]  slow clients, connection cap, connection max age
+    [admin]        the operator API on its own listener (off by default)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+MiB = 1024 * 1024
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class TlsSettings(_Section):
+    enabled: bool = False
+    cert_path: str = ""
+    key_path: str = ""
+    # Set: clients may (or must, see client_cert) present a certificate issued by this CA bundle.
+    # Also the CA that certificates forwarded by a trusted proxy (X-Amzn-Mtls-Clientcert) must chain to.
+    client_ca_path: str = ""
+    # "optional": devices without a certificate still connect and sign with HMAC.
+    client_cert: Literal["optional", "required"] = "optional"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # Which part of a client certificate names the device.
+    device_id_from: Literal["subject_cn", "san_dns", "san_uri"] = "subject_cn"
+    # With san_uri: the prefix stripped from the URI (e.g. "spiffe://fleet.example/device/").
+    san_uri_prefix: str = ""
+    handshake_timeout_secs: PositiveFloat = 10.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not (self.cert_path and self.key_path):
+            raise ValueError("tls.enabled needs cert_path and key_path")
+        if self.client_cert == "required" and not self.client_ca_path:
+            raise ValueError('tls.client_cert = "required" needs client_ca_path')
+
+
+class ProxySettings(_Section):
+    # Peers (load balancers) whose X-Forwarded-For / X-Forwarded-Proto are believed. Empty: none.
+    trusted_cidrs: list[str] = []
+    # Honour X-Amzn-Mtls-Clientcert (ALB mTLS passthrough) from trusted peers; needs tls.client_ca_path.
+    client_cert_header: bool = False
+    # X-Forwarded-For entries examined from the right; a longer chain is not walked further.
+    max_forwarded_hops: PositiveInt = 16
+
+    def __post_init__(self) -> None:
+        for cidr in self.trusted_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_cidrs: {cidr!r} is not an IP network") from None
+
+
+class RateLimitSettings(_Section):
+    enabled: bool = True
+    # Per device. A request is let in while the device's buckets are not in deficit, then charged.
+    records_per_sec: PositiveFloat = 5_000.0
+    burst_records: PositiveInt = 50_000
+    # Body bytes as sent (compressed if the device compresses).
+    bytes_per_sec: PositiveFloat = 8.0 * MiB
+    burst_bytes: PositiveInt = 64 * MiB
+    # Buckets kept in memory; the least recently seen device beyond it starts afresh.
+    max_tracked_devices: PositiveInt = 100_000
+    max_retry_after_secs: PositiveInt = 60
+
+
+class AdmissionSettings(_Section):
+    # Beyond any of these the gateway answers 503 with Retry-After instead of slowing everyone down.
+    max_inflight_requests: PositiveInt = 1024
+    max_inflight_bytes: PositiveInt = 256 * MiB
+    # Refuse new requests once the WAL holds this fraction of wal.max_total_bytes (Retry-After is then
+    # wal.retry_after_secs). 1.0: only when full, when /readyz also turns 503. Lower keeps headroom
+    # for requests already admitted, while /readyz stays 200.
+    wal_high_watermark: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    max_loop_lag_ms: PositiveInt = 500
+    retry_after_secs: PositiveInt = 1
+
+
+class ConnectionSettings(_Section):
+    # Connections beyond this are answered 503 and closed at once.
+    max_connections: PositiveInt = 4096
+    # From a connection's first byte (or a kept-alive connection's next byte) to complete headers.
+    header_timeout_secs: PositiveFloat = 10.0
+    # A body must arrive within this in total, and never pause longer than body_idle_timeout_secs.
+    body_timeout_secs: PositiveFloat = 120.0
+    body_idle_timeout_secs: PositiveFloat = 30.0
+    # A kept-alive connection idle this long is closed; keep it above the load balancer's (ALB: 60 s).
+    idle_timeout_secs: PositiveFloat = 75.0
+    # After this age (plus or minus max_age_jitter of it) a response carries Connection: close, so
+    # kept-alive connections rebalance across the fleet. 0 disables.
+    max_age_secs: Annotated[float, Meta(ge=0)] = 300.0
+    max_age_jitter: Fraction = 0.1
+
+
+class AdminSettings(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9090
+    # A file holding the bearer token (one line); readable by the service account only.
+    token_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.token_path:
+            raise ValueError("admin.enabled needs token_path (a file holding the bearer token)")

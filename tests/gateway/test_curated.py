@@ -1,0 +1,94 @@
+"""The curated zone: scored records as Parquet, and a dead model never blocking the lake."""
+
+from __future__ import annotations
+
+import socket
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from connectors.curated_parquet import CURATED_SCHEMA
+from gateway.server import start_gateway
+from gateway.settings import load_settings
+from tests.gateway.conftest import make_env, read_zone, record, signed
+
+NORMAL = {"temperature_c": 21.0, "humidity_pct": 45.0, "pressure_hpa": 1013.0, "battery_v": 3.9, "rssi_dbm": -65.0, "cpu_pct": 20.0, "mem_pct": 40.0, "uptime_s": 86400.0}
+ANOMALOUS = NORMAL | {"temperature_c": 95.0, "battery_v": 2.1, "cpu_pct": 99.0, "rssi_dbm": -120.0}
+
+
+def curated_rows(env) -> list[dict]:
+    rows = []
+    for path in sorted((env.lake / "curated").rglob("*.parquet")):
+        table = pq.read_table(path)
+        assert table.schema.equals(CURATED_SCHEMA, check_metadata=False)
+        rows.extend(table.to_pylist())
+    return rows
+
+
+async def post(http, url, env, records) -> dict:
+    body = b"".join(orjson.dumps(r) + b"\n" for r in records)
+    async with http.post(url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+
+async def test_records_are_scored_and_land_as_parquet_once(tmp_path, http):
+    env = make_env(tmp_path)
+    running = await start_gateway(load_settings(env.config, environ={}))
+    normal = [record(seq=i, **NORMAL) for i in range(40)]
+    odd = [record(seq=100 + i, **ANOMALOUS) for i in range(5)]
+    partial = [record(seq=200, temperature_c=21.0) | {"tags": {"fw": "2.0"}}]  # seven metrics missing: filled
+    await post(http, running.url, env, normal + odd + partial)
+    await running.stop()
+    rows = curated_rows(env)
+    raw = read_zone(env.lake, "raw")
+    assert sorted((r["ingest_id"], r["record_index"]) for r in rows) == sorted((r["ingest_id"], r["index"]) for r in raw)
+    by_seq = {r["seq"]: r for r in rows}
+    assert all(r["inference"]["status"] == "ok" and r["inference"]["model"] == "telemetry_anomaly" for r in rows)
+    normal_scores = [by_seq[i]["inference"]["score"] for i in range(40)]
+    odd_scores = [by_seq[100 + i]["inference"]["score"] for i in range(5)]
+    assert min(odd_scores) > max(normal_scores)
+    assert {by_seq[100]["inference"]["label"], by_seq[0]["inference"]["label"]} == {"anomaly", "normal"}
+    assert by_seq[200]["metrics"] == [("temperature_c", 21.0)] and by_seq[200]["tags"] == [("fw", "2.0")]
+    assert by_seq[200]["inference"]["status"] == "ok"
+    assert by_seq[0]["site"] == "plant-7" and by_seq[0]["device_id"] == "dev-1" and by_seq[0]["tags"] is None
+
+
+async def test_reject_policy_marks_incomplete_records_failed(tmp_path, http):
+    env = make_env(tmp_path, inference={"missing": "reject"})
+    running = await start_gateway(load_settings(env.config, environ={}))
+    await post(http, running.url, env, [record(seq=1, **NORMAL), record(seq=2, temperature_c=20.0)])
+    await running.stop()
+    by_seq = {r["seq"]: r["inference"] for r in curated_rows(env)}
+    assert by_seq[1]["status"] == "ok"
+    assert by_seq[2]["status"] == "failed" and "humidity_pct" in by_seq[2]["reason"]
+
+
+async def test_a_dead_endpoint_defers_records_and_never_blocks_the_lake(tmp_path, http):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]  # nothing listens here once the socket closes
+    env = make_env(
+        tmp_path,
+        inference={"backend": "triton", "max_defer_secs": 0.5, "call_timeout_secs": 0.2},
+    )
+    text = env.config.read_text() + f'\n[[inference.endpoints]]\nurl = "127.0.0.1:{dead_port}"\nprotocol = "grpc"\n'
+    env.config.write_text(text)
+    running = await start_gateway(load_settings(env.config, environ={}))
+    await post(http, running.url, env, [record(seq=i, **NORMAL) for i in range(30)])
+    await running.stop()
+    assert len(read_zone(env.lake, "raw")) == 30  # raw landing does not wait for inference
+    statuses = {r["inference"]["status"] for r in curated_rows(env)}
+    rows = curated_rows(env)
+    assert len(rows) == 30 and statuses <= {"deferred", "failed"} and statuses
+    assert all(r["inference"]["reason"] for r in rows)
+
+
+@pytest.mark.parametrize("enabled", [False])
+async def test_inference_can_be_turned_off(tmp_path, http, enabled):
+    env = make_env(tmp_path, inference={"enabled": enabled})
+    running = await start_gateway(load_settings(env.config, environ={}))
+    await post(http, running.url, env, [record(seq=1, **NORMAL)])
+    await running.stop()
+    assert read_zone(env.lake, "raw") and not (env.lake / "curated").exists()

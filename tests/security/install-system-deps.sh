@@ -1,0 +1,5 @@
+#!/bin/sh
+# System packages the security tests need: HAProxy (terminates TLS with client certificates).
+set -eu
+apt-get update
+apt-get install -y haproxy

@@ -1,0 +1,141 @@
+"""The HMAC v1 scheme against forgery and replay, with the registry file."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import orjson
+import pytest
+
+from gateway.signing import SCHEME, sign_request, signature
+from tests.gateway.conftest import record
+
+pytestmark = pytest.mark.asyncio
+
+
+def ndjson(*records: dict) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+async def post(http, gw, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/x-ndjson", **headers}
+    async with http.post(gw.url + "/v1/telemetry", data=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_valid_signature_is_accepted(start, env, http):
+    gw = await start(env)
+    body = ndjson(record("dev-1"))
+    device = env.device("dev-1")
+    assert (await post(http, gw, body, sign_request("dev-1", device.key, body)))[0] == 202
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["forged", "wrong_key", "other_device_key", "expired", "future", "body_changed", "missing", "bad_scheme"],
+)
+async def test_forgeries_get_401(start, env, http, tamper):
+    gw = await start(env)
+    body = ndjson(record("dev-1"))
+    key = env.device("dev-1").key
+    headers = sign_request("dev-1", key, body)
+    if tamper == "forged":
+        headers["X-Signature"] = f"{SCHEME}=" + "0" * 64
+    elif tamper == "wrong_key":
+        headers = sign_request("dev-1", "not-the-key", body)
+    elif tamper == "other_device_key":
+        headers = sign_request("dev-1", env.device("dev-2").key, body)
+    elif tamper == "expired":
+        headers = sign_request("dev-1", key, body, now=time.time() - 301)
+    elif tamper == "future":
+        headers = sign_request("dev-1", key, body, now=time.time() + 301)
+    elif tamper == "body_changed":
+        body = ndjson(record("dev-1", temperature_c=99.0))
+    elif tamper == "missing":
+        del headers["X-Signature"]
+    elif tamper == "bad_scheme":
+        headers["X-Signature"] = headers["X-Signature"].replace("v1=", "v0=")
+    status, answer = await post(http, gw, body, headers)
+    assert status == 401 and answer["error"] == "unauthorized"
+    assert key not in orjson.dumps(answer).decode()
+
+
+async def test_unknown_device_looks_like_a_bad_signature(start, env, http):
+    gw = await start(env)
+    body = ndjson(record("ghost"))
+    status, answer = await post(http, gw, body, sign_request("ghost", "whatever", body))
+    assert (status, answer["message"]) == (401, "the signature does not match")
+
+
+async def test_replayed_request_gets_401(start, env, http):
+    gw = await start(env)
+    body = ndjson(record("dev-1"))
+    headers = sign_request("dev-1", env.device("dev-1").key, body)
+    assert (await post(http, gw, body, headers))[0] == 202
+    status, answer = await post(http, gw, body, headers)
+    assert status == 401 and "replay" in answer["message"]
+    # The same records signed anew (a new timestamp) are a new request.
+    fresh = sign_request("dev-1", env.device("dev-1").key, body, now=time.time() + 1)
+    assert (await post(http, gw, body, fresh))[0] == 202
+
+
+async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start, env, http):
+    gw = await start(env)
+    body = ndjson(record("dev-1"))
+    headers = {**sign_request("dev-1", env.device("dev-1").key, body), "Idempotency-Key": "b-1"}
+    first = await post(http, gw, body, headers)
+    again = await post(http, gw, body, headers)
+    assert first == again and first[0] == 202
+
+
+async def test_replay_cache_is_bounded(tmp_path, http, start):
+    from tests.gateway.conftest import make_env
+
+    env = make_env(tmp_path, n_devices=1, auth={"replay_cache_max_entries": 5})
+    gw = await start(env)
+    key = env.device("dev-1").key
+    for i in range(20):
+        body = ndjson(record("dev-1", seq=i))
+        assert (await post(http, gw, body, sign_request("dev-1", key, body)))[0] == 202
+    assert len(gw.gateway.security.replay) == 5
+    assert gw.gateway.metrics.replay_evictions._value.get() == 15
+
+
+async def test_record_for_another_device_gets_403(start, env, http):
+    gw = await start(env)
+    body = ndjson(record("dev-1"), record("dev-2"))
+    status, answer = await post(http, gw, body, sign_request("dev-1", env.device("dev-1").key, body))
+    assert status == 403 and "dev-2" in answer["message"]
+
+
+async def test_disabled_device_gets_403_after_a_reload(start, env, http):
+    gw = await start(env)
+    env.disable("dev-1")
+    gw.gateway.reload(gw.gateway.settings)
+    body = ndjson(record("dev-1"))
+    status, answer = await post(http, gw, body, sign_request("dev-1", env.device("dev-1").key, body))
+    assert status == 403 and "disabled" in answer["message"]
+
+
+async def test_signature_covers_method_and_path(start, env, http):
+    gw = await start(env)
+    body = ndjson(record("dev-1"))
+    key = env.device("dev-1").key.encode()
+    ts = str(int(time.time()))
+    digest = hashlib.sha256(body).hexdigest()
+    wrong_path = signature(key, ts, "POST", "/v1/other", digest)
+    headers = {"X-Device-Id": "dev-1", "X-Timestamp": ts, "X-Signature": f"v1={wrong_path}"}
+    assert (await post(http, gw, body, headers))[0] == 401
+
+
+async def test_refusals_are_counted_and_logged_with_the_address_but_no_key(start, env, http, caplog):
+    gw = await start(env)
+    key = env.device("dev-1").key
+    body = ndjson(record("dev-1"))
+    caplog.set_level("INFO", logger="gateway.security")
+    await post(http, gw, body, sign_request("dev-1", "bad", body))
+    refused = [r for r in caplog.records if r.getMessage() == "device request refused"]
+    assert refused and refused[0].source_ip == "127.0.0.1" and refused[0].claimed_device_id == "dev-1"
+    assert key not in caplog.text
+    assert gw.gateway.metrics.auth_refused.labels("unauthorized")._value.get() == 1
