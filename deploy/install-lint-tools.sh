@@ -5,15 +5,21 @@
 #
 # Creates VENV_DIR (a Python >= 3.11 virtualenv) if needed, installs deploy/requirements-lint.txt into
 # it, and installs the system packages the checks call (promtool from Debian's prometheus package,
-# debootstrap and systemd-container for the role boot test). Runs as root, non-interactively.
+# debootstrap and systemd-container for the role boot test) and cfn-guard (the static binary shipped
+# in the npm package @cdklabs/cdk-validator-cfnguard, linked as VENV_DIR/bin/cfn-guard). It also
+# builds, once, the minimal Debian root that the role boot test applies the edge_gateway role to
+# (VENV_DIR/share/rootfs-bookworm), so the tests themselves never leave the machine. Set
+# SKIP_ROOTFS=1 to skip that step.
+# Runs as root, non-interactively.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
     echo "usage: $0 VENV_DIR" >&2
     exit 64
 fi
-venv=$1
+venv=$(realpath -m "$1")
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CFN_GUARD_NPM_VERSION=0.0.62  # bundles cfn-guard 3.1.1
 python=${PYTHON:-python3}
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -35,10 +41,29 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r "$here/requirements-lint.txt"
+# The gateway itself, so the checks can run its `edge-gateway check-config` on the rendered configs.
+"$venv/bin/python" -m pip install -q -e "$here/.."
+
+if ! command -v npm >/dev/null 2>&1; then
+    apt-get install -y -q --no-install-recommends npm
+fi
+guard_dir=$venv/share/cfn-guard
+npm install --silent --no-audit --no-fund --prefix "$guard_dir" "@cdklabs/cdk-validator-cfnguard@$CFN_GUARD_NPM_VERSION"
+ln -sf "$guard_dir/node_modules/@cdklabs/cdk-validator-cfnguard/bin/ubuntu/x86_64/cfn-guard" "$venv/bin/cfn-guard"
+
+rootfs=$venv/share/rootfs-bookworm
+if [[ ${SKIP_ROOTFS:-0} != 1 && ! -x $rootfs/usr/bin/python3 ]]; then
+    rm -rf "$rootfs.partial"
+    mkdir -p "$(dirname "$rootfs")"
+    debootstrap --variant=minbase \
+        --include=python3,python3-venv,python3-packaging,python3-apt,procps,systemd,systemd-sysv,dbus,curl,ca-certificates \
+        bookworm "$rootfs.partial" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+    mv "$rootfs.partial" "$rootfs"
+fi
 
 "$venv/bin/python" - <<'PY'
 import shutil, subprocess, sys
-for tool in ("cfn-lint", "checkov", "statelint", "ansible-lint", "ansible-playbook", "hadolint"):
+for tool in ("cfn-lint", "checkov", "statelint", "ansible-lint", "ansible-playbook", "hadolint", "cfn-guard"):
     print(f"{tool}: {'ok' if shutil.which(tool, path=sys.prefix + '/bin') else 'MISSING'}")
 print("promtool:", subprocess.run(["promtool", "--version"], capture_output=True, text=True).stdout.splitlines()[0])
 PY

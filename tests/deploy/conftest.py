@@ -1,0 +1,86 @@
+"""Shared helpers for the provisioning checks: where the repository and the tools are."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CFN = DEPLOY / "cloudformation"
+ANSIBLE = DEPLOY / "ansible"
+OBSERVABILITY = DEPLOY / "observability"
+DOCKER = REPO / "docker"
+TOOLS_DIR = Path(sys.executable).parent
+
+# The gateway's metric contract (DESIGN and the issue); dashboards, rules and alarms may use only these.
+GATEWAY_METRICS = frozenset(
+    {
+        "edge_gateway_http_requests_total",
+        "edge_gateway_http_request_duration_seconds",
+        "edge_gateway_records_total",
+        "edge_gateway_records_rejected_total",
+        "edge_gateway_request_bytes_total",
+        "edge_gateway_inflight_requests",
+        "edge_gateway_draining",
+        "edge_gateway_wal_bytes",
+        "edge_gateway_wal_capacity_bytes",
+        "edge_gateway_wal_fsync_duration_seconds",
+        "edge_gateway_wal_backlog_bytes",
+        "edge_gateway_wal_oldest_unlanded_age_seconds",
+        "edge_gateway_objects_landed_total",
+        "edge_gateway_records_landed_total",
+        "edge_gateway_bytes_landed_total",
+        "edge_gateway_stage_errors_total",
+        "edge_gateway_event_loop_lag_seconds",
+        "edge_gateway_rate_limited_total",
+        "edge_gateway_inference_batch_size",
+        "edge_gateway_inference_latency_seconds",
+        "edge_gateway_inference_records_total",
+        "edge_gateway_inference_desired_capacity",
+        "edge_gateway_inference_endpoint_idle_seconds",
+    }
+)
+HISTOGRAMS = frozenset(
+    {
+        "edge_gateway_http_request_duration_seconds",
+        "edge_gateway_wal_fsync_duration_seconds",
+        "edge_gateway_inference_batch_size",
+        "edge_gateway_inference_latency_seconds",
+    }
+)
+
+
+def tool(name: str) -> str:
+    """A tool next to the running interpreter (the lint virtualenv) or on PATH; never skipped."""
+    beside = TOOLS_DIR / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: run deploy/install-lint-tools.sh <venv> and use that venv's python")
+    return found
+
+
+def run(cmd: list[str], cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None):
+    merged = os.environ | {"PATH": f"{TOOLS_DIR}{os.pathsep}{os.environ.get('PATH', '')}"} | (env or {})
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=merged, check=False
+    )
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"rc={result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+@pytest.fixture
+def cfn_copy(tmp_path: Path) -> Path:
+    """A scratch copy of deploy/cloudformation that a test may break."""
+    target = tmp_path / "cloudformation"
+    shutil.copytree(CFN, target)
+    return target
