@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batching import Batcher, BatchPolicy, Deferred, Failed, Ok
+from batching import Batcher, BatchPolicy, Deferred, Failed, Ok, QueueFullError
 from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE
 from connectors.inference import Inferencer, ShapedBatch
 from connectors.inference_pool import InferencePool
@@ -118,7 +118,14 @@ class CuratedScorer:
     async def score(self, chunks: Sequence[ShapedBatch]) -> list[pa.StructArray]:
         """One ``inference`` column per chunk; never raises for a backend failure."""
         deadline = self.batcher.clock.now() + self.settings.max_defer_secs
-        futures = [await self.batcher.submit(chunk, deadline, size=max(1, len(chunk.rows))) for chunk in chunks]
+        futures = []
+        for chunk in chunks:
+            size = max(1, len(chunk.rows))
+            try:
+                # Queue the whole group before the scheduler runs, so it can batch across frames.
+                futures.append(self.batcher.submit_nowait(chunk, deadline, size=size))
+            except QueueFullError:
+                futures.append(await self.batcher.submit(chunk, deadline, size=size))
         columns = []
         for chunk, future in zip(chunks, futures, strict=True):
             outcome = await future
