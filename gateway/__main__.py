@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
-from gateway import logs
-from gateway.registry import RegistryError, add_device, rotate_key, set_enabled
-from gateway.settings import ConfigError, dump_toml, load_settings
+# Signals that arrive while `serve` is still importing and starting are remembered, not fatal:
+# a supervisor's SIGTERM must drain a young worker (its WAL may hold acknowledged records), and
+# SIGHUP's default action would kill it.
+_early_signals: list[int] = []
+
+
+def _remember_early_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "serve":
+    _remember_early_signals()
+
+from gateway import logs  # noqa: E402  (after the handlers: these imports take a while)
+from gateway.registry import RegistryError, add_device, rotate_key, set_enabled  # noqa: E402
+from gateway.settings import ConfigError, dump_toml, load_settings  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +96,7 @@ def _serve(config: Path | None, worker_index: int | None) -> int:
     settings = load_settings(config)
     logs.configure(settings.log.level)
     if settings.listen.workers > 1 and worker_index is None:
-        return Supervisor(config, settings).run()
+        return Supervisor(config, settings).run(stop_requested=lambda: any(s != signal.SIGHUP for s in _early_signals))
 
     def load() -> object:
         loaded = load_settings(config)
@@ -95,7 +110,7 @@ def _serve(config: Path | None, worker_index: int | None) -> int:
         uvloop.install()
     except ImportError:  # uvloop is optional on platforms without it
         pass
-    return asyncio.run(serve(settings, load))
+    return asyncio.run(serve(settings, load, stop_requested=lambda: any(s != signal.SIGHUP for s in _early_signals)))
 
 
 def _device(args: argparse.Namespace) -> int:

@@ -110,7 +110,9 @@ async def start_gateway(settings: Settings, *, gateway: Gateway | None = None) -
     return running
 
 
-async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
+async def serve(
+    settings: Settings, reload_settings: Callable[[], Settings], stop_requested: Callable[[], bool] = lambda: False
+) -> int:
     running = await start_gateway(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -127,6 +129,8 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if stop_requested():  # told to stop while starting: drain now, like any other stop
+        stop.set()
     await stop.wait()
     await running.stop()
     # Records that missed the deadline are safe in the WAL; a clean exit lets the next start land them.

@@ -46,13 +46,15 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(sig)
 
-    def run(self) -> int:
+    def run(self, stop_requested=lambda: False) -> int:
         def on_stop(signum, frame) -> None:
             self.stopping = True
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, lambda signum, frame: self._forward(signal.SIGHUP))
+        if stop_requested():  # told to stop before any worker started: nothing to drain
+            return 0
         for index in range(self.workers):
             self._spawn(index)
         while not self.stopping:

@@ -123,3 +123,37 @@ async def test_sighup_reloads_limits_without_dropping_connections(tmp_path, gate
     gp.signal(signal.SIGTERM)
     assert gp.wait(30) == 0
     assert "configuration reloaded" in gp.log_path.read_text()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has installed a handler for ``sig`` (Linux: SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+async def test_sigterm_while_starting_still_drains_and_exits_cleanly(tmp_path, gateway_process):
+    """A supervisor may stop a worker it just restarted: the young worker must drain, not die."""
+    import subprocess
+    import sys
+
+    env = make_env(tmp_path)
+    log = open(tmp_path / "young.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(env.config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        proc.send_signal(signal.SIGHUP)  # would kill it with the default action
+        proc.send_signal(signal.SIGTERM)  # while it is still importing and starting
+        log.flush()
+        assert "gateway started" not in (tmp_path / "young.log").read_text(), "the signals came too late to test this"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "young.log").read_text()
+    assert '"msg":"gateway started"' in text and '"msg":"drained"' in text
