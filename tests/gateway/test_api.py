@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 
@@ -253,3 +254,31 @@ def read_zone_lines(env) -> list[dict]:
 
 def read_lake_is_empty(env) -> bool:
     return not any(env.lake.rglob("*.ndjson.zst"))
+
+
+async def test_open_partition_cap_rolls_early_and_loses_nothing(tmp_path, http):
+    """More partitions than the cap: the least recently written one is landed early, never dropped."""
+    from gateway.server import start_gateway
+    from gateway.settings import load_settings
+    from tests.gateway.conftest import make_env, read_zone
+
+    env = make_env(tmp_path, lake={"max_open_partitions": 2, "max_object_age_secs": 3600.0, "target_object_bytes": 64 * 1024 * 1024})
+    running = await start_gateway(load_settings(env.config, environ={}))
+    now_ms = int(time.time() * 1000)
+    hours = [now_ms - h * 3_600_000 for h in range(6)]  # six different hour partitions
+    body = ndjson(*[record(seq=i, ts=ts) for i, ts in enumerate(hours * 3)])
+    status, answer, _ = await post(http, running, body, signed(env.device(), body))
+    assert status == 202 and answer["accepted"] == 18
+    # With an hour's age limit, only the cap can have landed anything before the drain.
+    raw_lander = running.gateway.pipeline.landers[0]
+    for _ in range(100):
+        if len(read_zone(env.lake, "raw")) >= 12:
+            break
+        await asyncio.sleep(0.05)
+    assert len(raw_lander._open) <= 2
+    assert len(read_zone(env.lake, "raw")) >= 12  # at least four of six partitions rolled early
+    await running.stop()
+    lines = read_zone(env.lake, "raw")
+    assert sorted(line["seq"] for line in lines) == list(range(18))
+    partitions = {p.parent.name + p.parent.parent.name for p in (env.lake / "raw").rglob("*.ndjson.zst")}
+    assert len(partitions) == 6
