@@ -20,91 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.loadgen import Prepared, closed_loop, open_loop, prepare
-from benchmarks.processes import Server, free_port, python
-from gateway.registry import add_device
-from gateway.simulator import SimulatedDevice
+from benchmarks.loadgen import prepare
+from benchmarks.servers import GATEWAY_CONFIG, make_devices, measure_max, measure_open, start_ceiling, start_gateway
 
-GATEWAY_CONFIG = """
-[listen]
-host = "127.0.0.1"
-port = {port}
-[gateway]
-gateway_id = "bench"
-availability_zone = "bench-1a"
-[auth]
-registry_path = "{root}/devices.json"
-[wal]
-dir = "{root}/wal"
-max_total_bytes = {wal_bytes}
-[lake]
-dir = "{root}/lake"
-[drain]
-deadline_secs = 30.0
-"""
-
-
-def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
-    devices = []
-    for i in range(n):
-        device_id = f"bench-{i:05d}"
-        devices.append(SimulatedDevice(device_id, add_device(root / "devices.json", device_id, {"site": "bench"})))
-    return devices
-
-
-def start_gateway(root: Path, wal_bytes: int = 1 << 30) -> Server:
-    port = free_port()
-    config = root / "gateway.toml"
-    config.write_text(GATEWAY_CONFIG.format(port=port, root=root, wal_bytes=wal_bytes))
-    server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log")
-    server.startup_s = server.wait_ready()
-    return server
-
-
-def start_ceiling(root: Path) -> Server:
-    port = free_port()
-    server = Server([python(), "-m", "benchmarks.ceiling_server", "--port", str(port)], port, root / "ceiling.log")
-    server.wait_ready()
-    return server
-
-
-async def measure_max(server: Server, prepared: Prepared, seconds: float, concurrency: int) -> dict:
-    cpu0 = server.cpu_seconds()
-    server.start_sampling()
-    run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_s=seconds)
-    peak = server.stop_sampling()
-    cpu = server.cpu_seconds() - cpu0
-    return {
-        "records_per_s": run.records_per_s,
-        "mb_per_s": run.mb_per_s,
-        "requests_per_s": run.requests / run.duration_s,
-        "server_cpu_s": cpu,
-        "records_per_cpu_s": run.records / cpu if cpu else float("nan"),
-        "peak_rss_mb": peak / 2**20,
-        "p50_ms": run.percentile_ms(0.5),
-        "p99_ms": run.percentile_ms(0.99),
-        "generator_cpu_s": run.generator_cpu_s,
-        "statuses": {str(k): v for k, v in run.statuses.items()},
-    }
-
-
-async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float) -> dict:
-    server.start_sampling()
-    run = await open_loop(server.url, prepared, requests_per_s=rps, duration_s=seconds)
-    peak = server.stop_sampling()
-    total = sum(run.statuses.values()) or 1
-    return {
-        "offered_requests_per_s": rps,
-        "goodput_records_per_s": run.records_per_s,
-        "p50_ms": run.percentile_ms(0.5),
-        "p99_ms": run.percentile_ms(0.99),
-        "p999_ms": run.percentile_ms(0.999),
-        "peak_rss_mb": peak / 2**20,
-        "shed_share": (run.statuses.get(503, 0) + run.statuses.get(429, 0)) / total,
-        "error_share": run.statuses.get("error", 0) / total,
-        "generator_cpu_s": run.generator_cpu_s,
-        "statuses": {str(k): v for k, v in run.statuses.items()},
-    }
+__all__ = ["GATEWAY_CONFIG", "make_devices", "measure_max", "measure_open", "start_ceiling", "start_gateway", "main"]
 
 
 async def one_rep(args, workdir: Path) -> dict:

@@ -1,43 +1,91 @@
 """Load generation that does not lie.
 
-- Bodies are built and signed before the clock starts, so the generator's own CPU stays small
-  (and is reported: a saturated generator is visible in the results).
-- ``open_loop`` sends on a fixed schedule and measures latency from the *intended* send time, so a
-  stalled server shows up as latency instead of silently lowering the offered load.
-- ``closed_loop`` keeps N requests outstanding; it finds the maximum sustained throughput.
+- Bodies are built before the clock starts and only made unique and signed as they go out (a few
+  microseconds each), so the generator's own CPU stays small, and is reported: a saturated
+  generator is visible in the results.
+- ``open_loop`` sends on a schedule fixed in advance (evenly spaced, or Poisson arrivals from a
+  seeded generator) and never waits for responses; latency is measured from the *intended* send
+  time, so a stalled server (or a stalled generator) shows up as latency instead of silently
+  lowering the offered load (no coordinated omission).
+- ``closed_loop`` keeps N requests outstanding; it finds the maximum sustained throughput, and is
+  never used for latency figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 
+from benchmarks.stats import percentile
+from gateway.signing import SCHEME, signature
 from gateway.simulator import SimulatedDevice
+
+REQUEST_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Template:
+    device_id: str
+    key: bytes | None
+    prefix: bytes  # every record but the last, as NDJSON
+    prefix_sha256: "hashlib._Hash"
+    last: dict  # the last record, rendered anew for every request
 
 
 @dataclass
 class Prepared:
-    bodies: list[tuple[bytes, dict[str, str]]]
+    """Request bodies, each made unique and signed anew as it is sent.
+
+    The gateway refuses a signature it has already seen (replay guard), so no two requests may carry
+    the same body in the same second. Each body is a fixed prefix (its hash state computed once)
+    plus a last record whose tags carry a request counter; sending one costs a small
+    ``orjson.dumps``, a hash update of ~200 bytes and one HMAC, a few microseconds.
+    """
+
+    templates: list[_Template]
     records_per_request: int
+    _counter: itertools.count = field(default_factory=itertools.count)
 
     @property
     def bytes_per_request(self) -> float:
-        return sum(len(b) for b, _ in self.bodies) / len(self.bodies)
+        return sum(len(t.prefix) + len(orjson.dumps(t.last)) + 1 for t in self.templates) / len(self.templates)
+
+    def next(self) -> tuple[bytes, dict[str, str]]:
+        n = next(self._counter)
+        t = self.templates[n % len(self.templates)]
+        last = orjson.dumps({**t.last, "tags": {**t.last.get("tags", {}), "req": str(n)}}) + b"\n"
+        body = t.prefix + last
+        headers = {"Content-Type": "application/x-ndjson"}
+        if t.key is not None:
+            digest = t.prefix_sha256.copy()
+            digest.update(last)
+            ts = str(int(time.time()))
+            headers.update({
+                "X-Device-Id": t.device_id,
+                "X-Timestamp": ts,
+                "X-Signature": f"{SCHEME}={signature(t.key, ts, 'POST', '/v1/telemetry', digest.hexdigest())}",
+            })
+        return body, headers
 
 
-def prepare(devices: list[SimulatedDevice], *, records_per_request: int, distinct: int = 64, encoding: str = "identity") -> Prepared:
-    """Signed bodies to cycle through. Records carry no ``seq`` so repeats are not deduplicated."""
-    bodies = []
+def prepare(devices: list[SimulatedDevice], *, records_per_request: int, distinct: int = 64) -> Prepared:
+    """Body templates to cycle through. Records carry no ``seq``, so the gateway does not deduplicate them."""
+    templates = []
+    now = time.time()
     for i in range(distinct):
         device = devices[i % len(devices)]
-        body, headers = device.request(records_per_request, encoding=encoding, with_seq=False)
-        bodies.append((body, headers))
-    return Prepared(bodies, records_per_request)
+        records = device.records(records_per_request, now, with_seq=False)
+        prefix = b"".join(orjson.dumps(r) + b"\n" for r in records[:-1])
+        templates.append(_Template(device.device_id, device.key.encode() if device.key else None, prefix,
+                                   hashlib.sha256(prefix), records[-1]))
+    return Prepared(templates, records_per_request)
 
 
 @dataclass
@@ -45,81 +93,143 @@ class Run:
     offered_rps: float | None
     duration_s: float
     records_per_request: int
-    requests: int = 0
-    records: int = 0
+    sent: int = 0
+    requests: int = 0  # answered 202
+    records: int = 0  # accepted records (202 only)
     bytes: int = 0
     statuses: dict[int | str, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
+    # (intended send time relative to the start, latency, status) of each measured request.
+    timeline: list[tuple[float, float, int | str]] | None = None
+    send_lag_s: list[float] = field(default_factory=list)  # actual send - intended send
     generator_cpu_s: float = 0.0
 
     @property
     def records_per_s(self) -> float:
-        return self.records / self.duration_s
+        return self.records / self.duration_s if self.duration_s else float("nan")
 
     @property
     def mb_per_s(self) -> float:
-        return self.bytes / self.duration_s / 1e6
+        return self.bytes / self.duration_s / 1e6 if self.duration_s else float("nan")
+
+    @property
+    def generator_cpu_share(self) -> float:
+        """The generator's CPU time per second of wall time: near 1.0 means it was saturated."""
+        return self.generator_cpu_s / self.duration_s if self.duration_s else float("nan")
 
     def percentile_ms(self, q: float) -> float:
-        if not self.latencies_s:
-            return float("nan")
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+        return percentile(self.latencies_s, q) * 1000
+
+    def share(self, *statuses: int | str) -> float:
+        total = sum(self.statuses.values())
+        return sum(self.statuses.get(s, 0) for s in statuses) / total if total else float("nan")
 
 
-async def _send(session, url, body, headers, run: Run, started: float) -> None:
+async def _send(session, url, body, headers, run: Run, intended: float, begin: float, measured: bool) -> None:
+    status: int | str
     try:
         async with session.post(url, data=body, headers=headers) as resp:
             await resp.read()
-            run.statuses[resp.status] = run.statuses.get(resp.status, 0) + 1
-            if resp.status == 202:
-                run.requests += 1
-                run.records += run.records_per_request
-                run.bytes += len(body)
+            status = resp.status
     except (aiohttp.ClientError, TimeoutError):
-        run.statuses["error"] = run.statuses.get("error", 0) + 1
-    run.latencies_s.append(time.perf_counter() - started)
+        status = "error"
+    latency = time.perf_counter() - intended
+    run.statuses[status] = run.statuses.get(status, 0) + 1
+    if status == 202:
+        run.requests += 1
+        run.records += run.records_per_request
+        run.bytes += len(body)
+    if measured:
+        run.latencies_s.append(latency)
+        if run.timeline is not None:
+            run.timeline.append((intended - begin, latency, status))
 
 
 async def closed_loop(url: str, prepared: Prepared, *, concurrency: int, duration_s: float) -> Run:
     run = Run(None, duration_s, prepared.records_per_request)
-    cycle = itertools.cycle(prepared.bodies)
     cpu0 = time.process_time()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        stop_at = time.perf_counter() + duration_s
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+        begin = time.perf_counter()
+        stop_at = begin + duration_s
 
         async def worker():
             while time.perf_counter() < stop_at:
-                body, headers = next(cycle)
-                await _send(session, url + "/v1/telemetry", body, headers, run, time.perf_counter())
+                body, headers = prepared.next()
+                run.sent += 1
+                await _send(session, url + "/v1/telemetry", body, headers, run, time.perf_counter(), begin, True)
 
-        begin = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         run.duration_s = time.perf_counter() - begin
     run.generator_cpu_s = time.process_time() - cpu0
     return run
 
 
-async def open_loop(url: str, prepared: Prepared, *, requests_per_s: float, duration_s: float, max_inflight: int = 1024) -> Run:
-    run = Run(requests_per_s, duration_s, prepared.records_per_request)
-    cycle = itertools.cycle(prepared.bodies)
-    interval = 1.0 / requests_per_s
-    tasks: set[asyncio.Task] = set()
+def schedule(requests_per_s: float, duration_s: float, *, arrivals: str = "poisson", seed: int = 0) -> list[float]:
+    """Intended send offsets (seconds from the start), fixed before the first request goes out."""
+    if requests_per_s <= 0:
+        raise ValueError("requests_per_s must be > 0")
+    if arrivals == "fixed":
+        n = int(duration_s * requests_per_s)
+        return [i / requests_per_s for i in range(n)]
+    if arrivals != "poisson":
+        raise ValueError(f"arrivals must be 'poisson' or 'fixed', not {arrivals!r}")
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(requests_per_s)
+        if t >= duration_s:
+            return out
+        out.append(t)
+
+
+async def open_loop(
+    url: str,
+    prepared: Prepared,
+    *,
+    requests_per_s: float,
+    duration_s: float,
+    arrivals: str = "poisson",
+    seed: int = 0,
+    warmup_s: float = 0.0,
+    max_inflight: int = 1024,
+    keep_timeline: bool = False,
+    drain_s: float = 10.0,
+) -> Run:
+    """Send on a precomputed schedule for ``duration_s``; requests intended before ``warmup_s`` are
+    sent but not measured. After the schedule, outstanding requests get ``drain_s`` to finish."""
+    run = Run(requests_per_s, duration_s, prepared.records_per_request, timeline=[] if keep_timeline else None)
+    offsets = schedule(requests_per_s, duration_s, arrivals=arrivals, seed=seed)
+    tasks: dict[asyncio.Task, tuple[float, bool]] = {}
     cpu0 = time.process_time()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_inflight), timeout=aiohttp.ClientTimeout(total=30)) as session:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_inflight), timeout=timeout) as session:
         begin = time.perf_counter()
-        n = 0
-        while (intended := begin + n * interval) < begin + duration_s:
+        for offset in offsets:
+            intended = begin + offset
             delay = intended - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            body, headers = next(cycle)
-            task = asyncio.create_task(_send(session, url + "/v1/telemetry", body, headers, run, intended))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            n += 1
+            run.send_lag_s.append(time.perf_counter() - intended)
+            body, headers = prepared.next()
+            run.sent += 1
+            task = asyncio.create_task(_send(session, url + "/v1/telemetry", body, headers, run, intended, begin, offset >= warmup_s))
+            tasks[task] = (intended, offset >= warmup_s)
+            task.add_done_callback(lambda t: tasks.pop(t, None))
         if tasks:
-            await asyncio.wait(tasks, timeout=30)
+            await asyncio.wait(set(tasks), timeout=drain_s)
         run.duration_s = time.perf_counter() - begin
+        # Requests still unanswered are abandoned, never dropped from the figures: each counts as
+        # "unfinished" with its latency so far (a lower bound), so a stall cannot hide in the tail.
+        now = time.perf_counter()
+        for task, (intended, measured) in list(tasks.items()):
+            task.cancel()
+            run.statuses["unfinished"] = run.statuses.get("unfinished", 0) + 1
+            if measured:
+                run.latencies_s.append(now - intended)
+                if run.timeline is not None:
+                    run.timeline.append((intended - begin, now - intended, "unfinished"))
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
     run.generator_cpu_s = time.process_time() - cpu0
     return run

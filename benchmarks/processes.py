@@ -1,7 +1,13 @@
-"""Start and measure the servers under test: each in its own process, stopped by PID."""
+"""Start and measure the servers under test: each in its own process on loopback, stopped by PID.
+
+``Server`` samples its child's RSS, CPU and open file descriptors from a thread, so a scenario gets
+peak RSS for free and, when asked, a time series (the soak's plots).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -11,9 +17,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -22,34 +31,95 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """A child process serving HTTP on a loopback port, with CPU and peak-RSS accounting."""
+def python() -> str:
+    return sys.executable
 
-    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+
+@dataclass
+class Sample:
+    t_s: float
+    rss_bytes: int
+    cpu_s: float
+    fds: int
+
+
+@dataclass
+class Sampler:
+    """Peak RSS always; every sample when ``keep`` is set."""
+
+    ps: psutil.Process
+    interval_s: float
+    keep: bool
+    peak_rss: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        begin = time.perf_counter()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    with self.ps.oneshot():
+                        rss = self.ps.memory_info().rss
+                        t = self.ps.cpu_times()
+                        fds = self.ps.num_fds() if hasattr(self.ps, "num_fds") else -1
+                except psutil.Error:
+                    return
+                self.peak_rss = max(self.peak_rss, rss)
+                if self.keep:
+                    self.samples.append(Sample(time.perf_counter() - begin, rss, t.user + t.system, fds))
+                self._stop.wait(self.interval_s)
+
+        self._thread = threading.Thread(target=loop, name="sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class Server:
+    """A child process serving HTTP on a loopback port, with CPU, RSS and file-descriptor accounting."""
+
+    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, ready_path: str = "/readyz") -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log, env={**os.environ, **(env or {})})
-        self.ps = psutil.Process(self.proc.pid)
-        self.peak_rss = 0
-        self._sampling = False
-        self._thread: threading.Thread | None = None
+        self.ready_path = ready_path
         self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=REPO_ROOT,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+        self.startup_s = float("nan")
+        self._sampler: Sampler | None = None
 
     def wait_ready(self, timeout: float = 30.0) -> float:
-        started = time.perf_counter()
+        """Poll readiness (never a fixed sleep); returns seconds from process start to the first 2xx."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.log_path.stem} exited early with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return time.perf_counter() - started
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as resp:
+                    if 200 <= resp.status < 300:
+                        self.startup_s = time.perf_counter() - self.started_at
+                        return self.startup_s
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
                 pass
-            time.sleep(0.01)
-        raise RuntimeError(f"server not ready in {timeout} s")
+            time.sleep(0.005)
+        raise RuntimeError(f"{self.log_path.stem} not ready in {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError as exc:
+            return f"(no log: {exc})"
 
     def cpu_seconds(self) -> float:
         t = self.ps.cpu_times()
@@ -58,28 +128,26 @@ class Server:
     def rss(self) -> int:
         return self.ps.memory_info().rss
 
-    def start_sampling(self, interval: float = 0.05) -> None:
-        self._sampling = True
-        self.peak_rss = self.rss()
+    def num_fds(self) -> int:
+        return self.ps.num_fds()
 
-        def sample() -> None:
-            while self._sampling:
-                try:
-                    self.peak_rss = max(self.peak_rss, self.rss())
-                except psutil.Error:
-                    return
-                time.sleep(interval)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+    def start_sampling(self, interval: float = 0.05, keep: bool = False) -> Sampler:
+        self._sampler = Sampler(self.ps, interval, keep, peak_rss=self.rss())
+        self._sampler.start()
+        return self._sampler
 
     def stop_sampling(self) -> int:
-        self._sampling = False
-        if self._thread:
-            self._thread.join()
-        return self.peak_rss
+        """Stop the sampler; returns the peak RSS it saw."""
+        sampler, self._sampler = self._sampler, None
+        if sampler is None:
+            return 0
+        sampler.stop()
+        return sampler.peak_rss
 
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (the gateway drains), then SIGKILL if it does not exit in time; by PID only."""
+        if self._sampler is not None:
+            self.stop_sampling()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -91,5 +159,71 @@ class Server:
         return self.proc.returncode
 
 
-def python() -> str:
-    return sys.executable
+class MotoServer(Server):
+    """``moto_server`` (S3 and friends) on a loopback port, with dummy credentials."""
+
+    def __init__(self, log_path: Path) -> None:
+        port = free_port()
+        super().__init__([python(), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, log_path,
+                         ready_path="/moto-api/config")
+
+
+AWS_DUMMY_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    # Never read the user's real AWS profile or credentials files.
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+TRITON_VENV_PYTHON = REPO_ROOT / ".venv-triton" / "bin" / "python"
+TRITON_SERVER_SCRIPT = REPO_ROOT / "tests" / "triton" / "pytriton_server.py"
+
+
+class TritonServer(Server):
+    """The PyTriton test server (the anomaly model) from its own virtualenv, in its own process group.
+
+    PyTriton's Python-backend stub links libpython, so ``LD_LIBRARY_PATH`` gets that interpreter's
+    LIBDIR; stopping sends SIGTERM to the PyTriton PID, then SIGKILL to its process group.
+    """
+
+    def __init__(self, log_path: Path, workspace: Path) -> None:
+        http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port = grpc_port
+        libdir = subprocess.run(
+            [str(TRITON_VENV_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')"],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout.strip()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        env.pop("PYTHONPATH", None)
+        self.port = http_port
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.ready_path = "/v2/models/telemetry_anomaly/ready"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(TRITON_VENV_PYTHON), str(TRITON_SERVER_SCRIPT), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+             "--metrics-port", str(metrics_port), "--workspace", str(workspace)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+        self.startup_s = float("nan")
+        self._sampler = None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        pid = self.proc.pid
+        code = super().stop(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # tritonserver and the stub, if they outlived PyTriton
+        for region in Path("/dev/shm").glob(f"pytrtion{pid}-*") if Path("/dev/shm").is_dir() else ():
+            with contextlib.suppress(OSError):
+                region.unlink()
+        return code

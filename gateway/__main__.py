@@ -104,6 +104,9 @@ def _serve(config: Path | None, worker_index: int | None) -> int:
 
     if worker_index is not None:
         settings = load()
+    # Landing threads (compression, the curated zone's decoding) hold the GIL in bursts; a shorter
+    # switch interval hands it back to the event loop sooner, which keeps ack latency low.
+    sys.setswitchinterval(0.001)
     try:
         import uvloop
 

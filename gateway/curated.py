@@ -13,8 +13,13 @@ item of ``size`` records, and columns are built with one comprehension or one Ar
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import multiprocessing
+import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +41,7 @@ from gateway.wal import Frame
 log = logging.getLogger(__name__)
 
 _raw_lines = msgspec.json.Decoder(CuratedSource)
+_PR_SET_PDEATHSIG = 1
 _METRICS = CURATED_SCHEMA.field("metrics").type
 _TAGS = CURATED_SCHEMA.field("tags").type
 _TS = CURATED_SCHEMA.field("event_time").type
@@ -102,6 +108,7 @@ class CuratedScorer:
         self.inferencer = build_inferencer(settings)
         typical = _typical_values(settings.features)
         self.typical = np.array([typical[f] for f in settings.features], dtype=np.float32)
+        self.decoder = FrameDecoder(settings.offload)
         policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_s=settings.max_wait_ms / 1000)
         self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
             self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy, max_queue_records=settings.max_queue_records
@@ -110,10 +117,12 @@ class CuratedScorer:
     async def start(self) -> None:
         await self.inferencer.start()
         self.batcher.start()
+        self.decoder.start()
 
     async def close(self) -> None:
         await self.batcher.close(flush=False)
         await self.inferencer.close()
+        await self.decoder.aclose()
 
     async def score(self, chunks: Sequence[ShapedBatch]) -> list[pa.StructArray]:
         """One ``inference`` column per chunk; never raises for a backend failure."""
@@ -213,8 +222,12 @@ def _status_column(n: int, status: str, reason: str) -> pa.StructArray:
     )
 
 
-def curated_table(lines: list[CuratedSource], inference: pa.StructArray) -> pa.Table:
-    """The curated columns of one frame (schema in connectors/curated_parquet.py)."""
+_CURATED_WITHOUT_INFERENCE = pa.schema([f for f in CURATED_SCHEMA if f.name != "inference"])
+_INFERENCE_FIELD = CURATED_SCHEMA.field("inference")
+
+
+def curated_columns(lines: list[CuratedSource]) -> pa.Table:
+    """The curated columns of one frame but ``inference`` (schema in connectors/curated_parquet.py)."""
     records = [line.record for line in lines]
     devices = [line.device for line in lines]
     columns = [
@@ -230,9 +243,85 @@ def curated_table(lines: list[CuratedSource], inference: pa.StructArray) -> pa.T
         pa.array([d.get("model") for d in devices], pa.string()),
         pa.array([r.metrics for r in records], _METRICS),
         pa.array([r.tags for r in records], _TAGS),
-        inference,
     ]
-    return pa.Table.from_arrays(columns, schema=CURATED_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=_CURATED_WITHOUT_INFERENCE)
+
+
+def decode_frames(
+    payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject_missing: bool
+) -> list[tuple[pa.Table, ShapedBatch]]:
+    """For each frame payload: its curated columns and its model input. Pure, so it can run in
+    another process."""
+    out = []
+    for payload in payloads:
+        lines = _raw_lines.decode_lines(payload)
+        out.append((curated_columns(lines), shape(lines, features, typical, reject_missing)))
+    return out
+
+
+class FrameDecoder:
+    """Runs ``decode_frames`` in a worker process (``inference.offload = "process"``), so decoding
+    and column building use another core instead of taking the GIL from the event loop; or in a
+    thread. A worker that dies is replaced once; after that decoding falls back to a thread."""
+
+    def __init__(self, mode: str) -> None:
+        self._mode = mode
+        self._pool: ProcessPoolExecutor | None = None
+        self._restarts = 0
+        self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+
+    def start(self) -> None:
+        """Start the worker in the background: its imports take about a second, and neither the
+        gateway's start-up nor its event loop should wait for them."""
+        if self._mode == "process" and self._starting is None:
+            self._starting = asyncio.ensure_future(asyncio.to_thread(self._start_pool))
+
+    async def decode(self, payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject: bool):
+        if self._mode == "process":
+            self.start()
+            loop = asyncio.get_running_loop()
+            try:
+                pool = await self._starting
+                return await loop.run_in_executor(pool, decode_frames, payloads, features, typical, reject)
+            except BrokenProcessPool:
+                self._pool = None
+                self._starting = None
+                self._restarts += 1
+                if self._restarts > 1:
+                    log.warning("curated decoding worker keeps dying; decoding in a thread from now on")
+                    self._mode = "thread"
+                return await self.decode(payloads, features, typical, reject)
+        return await asyncio.to_thread(decode_frames, payloads, features, typical, reject)
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        # A fresh interpreter (spawn), not a fork of a process that runs threads and an event loop.
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_worker_init)
+        pool.submit(int).result()  # the worker is up and has imported what it needs
+        self._pool = pool
+        return pool
+
+    async def aclose(self) -> None:
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)  # a pool being born is shut down too
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _worker_init() -> None:
+    # The gateway drains on SIGTERM and then shuts this worker down itself; a signal sent to the
+    # whole process group (systemd, Ctrl-C) must not kill it mid-drain.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # If the gateway itself dies (SIGKILL, OOM), the worker goes with it instead of lingering.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the closed call queue still ends the worker
+        pass
 
 
 def build_inferencer(settings) -> Inferencer:
@@ -285,18 +374,26 @@ def shape(lines: list[CuratedSource], features: Sequence[str], typical: np.ndarr
     return ShapedBatch(x32, rows, missing, rejected, n, tuple(features))
 
 
-# Records decoded, shaped or tabled per step: the steps hold the GIL, so they run in a worker
-# thread in slices short enough that the event loop (acks) never waits long for it.
-SLICE_RECORDS = 2048
+# Records per decoding step: bounded, so memory and the wait for a result stay small.
+SLICE_RECORDS = 4096
 
 
 async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[ScoredFrame]:
     """Decode each frame's raw lines, score them, and build each frame's curated table."""
     out: list[ScoredFrame] = []
+    settings = scorer.settings
     for group in _slices(frames):
-        decoded, chunks = await asyncio.to_thread(_decode_and_shape, group, scorer)
-        columns = await scorer.score(chunks)
-        out.extend(await asyncio.to_thread(_tables, group, decoded, columns))
+        decoded = await scorer.decoder.decode(
+            [f.payload for f in group], settings.features, scorer.typical, settings.missing == "reject"
+        )
+        columns = await scorer.score([chunk for _, chunk in decoded])
+        out.extend(
+            ScoredFrame(
+                f.lsn, f.count, f.hour, f.received_ms, f.min_event_ms, f.max_event_ms, f.kind, f.payload,
+                table.append_column(_INFERENCE_FIELD, column),
+            )
+            for f, (table, _), column in zip(group, decoded, columns, strict=True)
+        )
     return out
 
 
@@ -310,17 +407,3 @@ def _slices(frames: list[Frame]) -> list[list[Frame]]:
         groups[-1].append(frame)
         size += frame.count
     return [g for g in groups if g]
-
-
-def _decode_and_shape(frames: list[Frame], scorer: CuratedScorer) -> tuple[list[list[CuratedSource]], list[ShapedBatch]]:
-    settings = scorer.settings
-    decoded = [_raw_lines.decode_lines(frame.payload) for frame in frames]
-    chunks = [shape(lines, settings.features, scorer.typical, settings.missing == "reject") for lines in decoded]
-    return decoded, chunks
-
-
-def _tables(frames: list[Frame], decoded: list[list[CuratedSource]], columns: list[pa.StructArray]) -> list[ScoredFrame]:
-    return [
-        ScoredFrame(f.lsn, f.count, f.hour, f.received_ms, f.min_event_ms, f.max_event_ms, f.kind, f.payload, curated_table(lines, column))
-        for f, lines, column in zip(frames, decoded, columns, strict=True)
-    ]

@@ -149,6 +149,9 @@ class InferenceSettings(_Section):
     # After this long without calls an endpoint is idle: readiness is checked and it is warmed up again.
     idle_after_secs: PositiveFloat = 60.0
     max_queue_records: PositiveInt = 65536
+    # Where records are decoded for the curated zone: "process" uses another core and leaves the
+    # event loop (acks) alone; "thread" stays in this process.
+    offload: Literal["process", "thread"] = "process"
 
     def __post_init__(self) -> None:
         if self.backend == "triton" and not self.endpoints:

@@ -1,0 +1,502 @@
+"""Scenarios that drive real servers over loopback HTTP: the ceiling, the gateway to the local lake
+and to S3, overload, the soak and start-up. Every gateway figure is paired with the bare ceiling
+measured in the same repetition, minutes apart at most, so the ratio survives a noisy machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.loadgen import open_loop, prepare
+from benchmarks.processes import AWS_DUMMY_ENV, MotoServer
+from benchmarks.scenario import Collector, Context
+from benchmarks.servers import (
+    make_devices,
+    measure_max,
+    measure_open,
+    open_result,
+    start_ceiling,
+    start_gateway,
+)
+from benchmarks.stats import growth, percentile, ratio
+
+
+def _rep_dir(ctx: Context, name: str, rep: int) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{name}-{rep}-", dir=ctx.workdir))
+
+
+def _prepared(ctx: Context, root: Path):
+    p = ctx.profile
+    return prepare(make_devices(root, p.devices), records_per_request=p.records_per_request)
+
+
+async def _ceiling_max(ctx: Context, root: Path, prepared, out: Collector, rep: int) -> dict:
+    ceiling = start_ceiling(root)
+    try:
+        result = await measure_max(ceiling, prepared, ctx.profile.seconds, ctx.profile.concurrency)
+    finally:
+        ceiling.stop()
+    out.load(f"ceiling max, rep {rep + 1}", generator_cpu_share=result["generator_cpu_share"])
+    return result
+
+
+def _sweep_point(out: Collector, label: str, level: float, res: dict) -> None:
+    out.load(label, generator_cpu_share=res["generator_cpu_share"], send_lag_p99_s=res["send_lag_p99_s"])
+    out.append_series("sweep", {"fraction": level, **{k: v for k, v in res.items() if k != "statuses"}})
+
+
+class CeilingScenario:
+    name = "ceiling"
+    title = "Bare ceiling: aiohttp on uvloop + msgspec decode, no auth, no WAL, no lake"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        p = ctx.profile
+        for rep in range(p.reps):
+            root = _rep_dir(ctx, self.name, rep)
+            prepared = _prepared(ctx, root)
+            ceiling = start_ceiling(root)
+            try:
+                out.figure("startup_s", ceiling.startup_s, "s")
+                m = await measure_max(ceiling, prepared, p.seconds, p.concurrency)
+                out.load(f"max, rep {rep + 1}", generator_cpu_share=m["generator_cpu_share"])
+                half = await measure_open(ceiling, prepared, m["requests_per_s"] / 2, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+                out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
+            finally:
+                ceiling.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            out.figure("records_per_s", m["records_per_s"], "rec/s")
+            out.figure("mb_per_s", m["mb_per_s"], "MB/s")
+            out.figure("records_per_cpu_s", m["records_per_cpu_s"], "rec/CPU-s")
+            out.figure("server_cpu_share", m["server_cpu_share"], "cores")
+            out.figure("generator_cpu_share_at_max", m["generator_cpu_share"], "cores")
+            out.figure("half_load_p50_ms", half["p50_ms"], "ms")
+            out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+            out.figure("generator_to_server_cpu", ratio(m["generator_cpu_share"], m["server_cpu_share"]))
+            ctx.log(f"  ceiling rep {rep + 1}: {m['records_per_s']:,.0f} rec/s, p99 at half load {half['p99_ms']:.1f} ms")
+
+
+class IngestScenario:
+    name = "ingest"
+    title = ("End to end to the local lake (HMAC auth, validate, enrich, WAL fsync, ack, land raw; score with the embedded "
+             "model and land curated Parquet when the build has it) vs the ceiling, with a load sweep")
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        p = ctx.profile
+        for rep in range(p.reps):
+            root = _rep_dir(ctx, self.name, rep)
+            prepared = _prepared(ctx, root)
+            ceil = await _ceiling_max(ctx, root, prepared, out, rep)
+            gateway = start_gateway(root)
+            try:
+                out.figure("startup_s", gateway.startup_s, "s")
+                gw = await measure_max(gateway, prepared, p.seconds, p.concurrency)
+                out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
+                half = None
+                for i, level in enumerate(p.sweep):
+                    res = await measure_open(gateway, prepared, gw["requests_per_s"] * level, p.seconds,
+                                             warmup_s=p.warmup_s, seed=ctx.seed + 100 * rep + i)
+                    res["rep"] = rep
+                    res["capacity_records_per_s"] = gw["records_per_s"]
+                    _sweep_point(out, f"{level:.2f}x, rep {rep + 1}", level, res)
+                    if level == 0.5:
+                        half = res
+                if half is None:
+                    half = await measure_open(gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+            finally:
+                exit_code = gateway.stop()
+            landed = list((root / "lake" / "raw").rglob("*.ndjson.zst"))
+            curated = list((root / "lake" / "curated").rglob("*.parquet"))
+            shutil.rmtree(root, ignore_errors=True)
+            out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
+            out.figure("ceiling_records_per_cpu_s", ceil["records_per_cpu_s"], "rec/CPU-s")
+            out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
+            out.figure("gateway_mb_per_s", gw["mb_per_s"], "MB/s")
+            out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+            out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
+            out.figure("half_load_p50_ms", half["p50_ms"], "ms")
+            out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+            out.figure("half_load_p99.9_ms", half["p99.9_ms"], "ms")
+            out.figure("raw_objects_landed", len(landed), "objects")
+            out.figure("curated_objects_landed", len(curated), "objects")
+            out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
+            out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+                      description="gateway max records/s over the bare ceiling's, same repetition (target >= 0.70)")
+            out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_s"], ceil["records_per_cpu_s"]), better="higher",
+                      description="gateway records per server CPU-second over the ceiling's")
+            ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s "
+                    f"(ratio {gw['records_per_s'] / ceil['records_per_s']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
+        out.series("body_bytes", prepared.bytes_per_request)
+
+
+# How long the gateway gets to turn ready again once the overload stops.
+READY_AFTER_OVERLOAD_S = 60.0
+
+
+def _time_to_ready(server, timeout_s: float) -> float:
+    """Seconds until ``/readyz`` answers 2xx again; NaN if it does not within ``timeout_s``."""
+    import urllib.error
+    import urllib.request
+
+    begin = time.monotonic()
+    while time.monotonic() - begin < timeout_s:
+        try:
+            with urllib.request.urlopen(server.url + server.ready_path, timeout=1) as resp:
+                if 200 <= resp.status < 300:
+                    return time.monotonic() - begin
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.05)
+    return math.nan
+
+
+class OverloadScenario:
+    name = "overload"
+    title = "Overload at 1.5x the measured capacity: shed share (429/503), goodput, memory"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        p = ctx.profile
+        for rep in range(p.reps):
+            root = _rep_dir(ctx, self.name, rep)
+            prepared = _prepared(ctx, root)
+            gateway = start_gateway(root)
+            try:
+                # Twice the usual requests in flight: WAL group commit batches more under more concurrency,
+                # and an overload must exceed what the gateway can really do.
+                cap = await measure_max(gateway, prepared, p.seconds, 2 * p.concurrency)
+                out.load(f"capacity, rep {rep + 1}", generator_cpu_share=cap["generator_cpu_share"])
+                half = await measure_open(gateway, prepared, cap["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+                over = await measure_open(gateway, prepared, cap["requests_per_s"] * p.overload_factor, p.seconds,
+                                          warmup_s=p.warmup_s, seed=ctx.seed + 50 + rep)
+                out.load(f"{p.overload_factor}x, rep {rep + 1}", generator_cpu_share=over["generator_cpu_share"], send_lag_p99_s=over["send_lag_p99_s"])
+                recovery_s = _time_to_ready(gateway, READY_AFTER_OVERLOAD_S)
+            finally:
+                gateway.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            over["rep"], over["capacity_records_per_s"] = rep, cap["records_per_s"]
+            out.append_series("points", {"fraction": p.overload_factor, **{k: v for k, v in over.items() if k != "statuses"}})
+            out.figure("capacity_records_per_s", cap["records_per_s"], "rec/s")
+            out.figure("offered_records_per_s", over["offered_records_per_s"], "rec/s")
+            out.figure("goodput_records_per_s", over["goodput_records_per_s"], "rec/s")
+            out.figure("shed_share", over["shed_share"])
+            out.figure("error_share", over["error_share"])
+            out.figure("unfinished_share", over["unfinished_share"])
+            out.figure("p50_ms", over["p50_ms"], "ms")
+            out.figure("p99_ms", over["p99_ms"], "ms")
+            out.figure("peak_rss_mb", over["peak_rss_mb"], "MiB")
+            out.figure("half_load_peak_rss_mb", half["peak_rss_mb"], "MiB")
+            out.figure("ready_after_overload", 1.0 if math.isfinite(recovery_s) else 0.0)
+            out.figure("seconds_to_ready_after_overload", recovery_s, "s")
+            if not math.isfinite(recovery_s):
+                out.note(f"In some repetitions /readyz did not answer 200 within {READY_AFTER_OVERLOAD_S:.0f} s after the "
+                         "overload ended (the figure ready_after_overload counts the repetitions that recovered).")
+            out.ratio("goodput_to_capacity", ratio(over["goodput_records_per_s"], cap["records_per_s"]), better="higher",
+                      description=f"goodput at {p.overload_factor}x offered load over the closed-loop capacity, same repetition")
+            out.ratio("peak_rss_overload_to_half_load", ratio(over["peak_rss_mb"], half["peak_rss_mb"]), better="lower",
+                      description="peak RSS under overload over peak RSS at half load (bounded memory)")
+            if over["goodput_records_per_s"] > cap["records_per_s"]:
+                out.note("In some repetitions goodput exceeded the closed-loop capacity: the gateway absorbed the offered "
+                         "load there, so those repetitions did not overload it.")
+            ctx.log(f"  overload rep {rep + 1}: goodput {over['goodput_records_per_s']:,.0f} of capacity {cap['records_per_s']:,.0f} rec/s, "
+                    f"shed {over['shed_share']:.0%}, errors {over['error_share']:.0%}, peak RSS {over['peak_rss_mb']:.0f} MiB")
+
+
+class S3Scenario:
+    name = "s3"
+    title = "End to end to S3 (moto_server on loopback), scored by the embedded model, vs the ceiling"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        for module in ("moto", "connectors.s3"):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed (pip install -e '.[test]')"
+        if importlib.util.find_spec("flask") is None:
+            return "moto's server mode is not installed (pip install 'moto[server]')"
+        if not s3_lake_kind_wired():
+            return 'lake.kind = "s3" is not selectable from the gateway configuration in this build'
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        import os
+
+        p = ctx.profile
+        out.note("moto answers every request with `Connection: close` and spends 3-8 ms of CPU per MB on the same "
+                 "2 cores, so these figures bound the gateway from below; the ratio to the ceiling is what to compare.")
+        saved = {k: os.environ.get(k) for k in AWS_DUMMY_ENV}
+        os.environ.update(AWS_DUMMY_ENV)
+        moto = MotoServer(ctx.workdir / "moto.log")
+        try:
+            moto.wait_ready(timeout=60)
+            for rep in range(p.reps):
+                root = _rep_dir(ctx, self.name, rep)
+                prepared = _prepared(ctx, root)
+                ceil = await _ceiling_max(ctx, root, prepared, out, rep)
+                bucket = f"bench-lake-{rep}"
+                await _create_bucket(moto.url, bucket)
+                extra = (f'\n[s3]\nbucket = "{bucket}"\nendpoint_url = "{moto.url}"\nregion = "us-east-1"\n'
+                         'addressing_style = "path"\n')
+                gateway = start_gateway(root, extra=extra, lake_kind="s3", env=AWS_DUMMY_ENV, timeout=60)
+                try:
+                    out.figure("startup_s", gateway.startup_s, "s")
+                    gw = await measure_max(gateway, prepared, p.seconds, p.concurrency)
+                    out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
+                    half = await measure_open(gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+                    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
+                    moto_cpu = moto.cpu_seconds()
+                finally:
+                    exit_code = gateway.stop()
+                objects, size = await _bucket_contents(moto.url, bucket)
+                shutil.rmtree(root, ignore_errors=True)
+                out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
+                out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
+                out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+                out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
+                out.figure("half_load_p50_ms", half["p50_ms"], "ms")
+                out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+                out.figure("objects_in_bucket_after_drain", objects, "objects")
+                out.figure("bytes_in_bucket_after_drain", size, "B")
+                out.figure("moto_cpu_s_total", moto_cpu, "s")
+                out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
+                out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+                          description="the full path (signed, validated, enriched, WAL-fsynced, acked, scored, landed in S3 through moto): "
+                                      "max records/s over the bare ceiling's, same repetition (target >= 0.70)")
+                ctx.log(f"  s3 rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
+                        f"{objects} objects landed, p99 at half load {half['p99_ms']:.1f} ms")
+        finally:
+            moto.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def s3_lake_kind_wired() -> bool:
+    """Whether this build selects the S3 lake from the configuration file (``[lake] kind = "s3"`` + ``[s3]``)."""
+    from gateway.settings import Settings
+
+    return "s3" in getattr(Settings, "__struct_fields__", ())
+
+
+def inference_wired() -> bool:
+    """Whether this build scores records in the gateway (an ``[inference]`` section)."""
+    from gateway.settings import Settings
+
+    return "inference" in getattr(Settings, "__struct_fields__", ())
+
+
+async def _create_bucket(endpoint_url: str, bucket: str) -> None:
+    from connectors import aws
+
+    session = aws.build_session()
+    async with session.create_client("s3", region_name="us-east-1", endpoint_url=endpoint_url) as client:
+        await client.create_bucket(Bucket=bucket)
+
+
+class TritonIngestScenario:
+    name = "ingest-triton"
+    title = "End to end to the local lake, scored by a real Triton server (PyTriton on CPU, gRPC), vs the ceiling"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        from benchmarks.processes import TRITON_SERVER_SCRIPT, TRITON_VENV_PYTHON
+
+        if not inference_wired():
+            return "the gateway has no [inference] section in this build"
+        if not ctx.profile.triton:
+            return f"skipped in the {ctx.profile.name} profile"
+        if not TRITON_VENV_PYTHON.exists():
+            return ".venv-triton is absent (make bench creates it; or see tests/triton/conftest.py)"
+        if not TRITON_SERVER_SCRIPT.exists():
+            return "tests/triton/pytriton_server.py is missing"
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        import asyncio
+
+        from benchmarks.processes import TritonServer
+
+        p = ctx.profile
+        workspace = Path(tempfile.mkdtemp(prefix="triton-", dir=ctx.workdir))
+        triton = TritonServer(ctx.workdir / "triton-e2e.log", workspace / "ws")
+        try:
+            out.figure("triton_startup_s", await asyncio.to_thread(triton.wait_ready, 180.0), "s")
+            extra = (f'\n[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "127.0.0.1:{triton.grpc_port}"\n'
+                     'protocol = "grpc"\n')
+            for rep in range(p.reps):
+                root = _rep_dir(ctx, self.name, rep)
+                prepared = _prepared(ctx, root)
+                ceil = await _ceiling_max(ctx, root, prepared, out, rep)
+                gateway = start_gateway(root, extra=extra, timeout=60)
+                try:
+                    out.figure("startup_s", gateway.startup_s, "s")
+                    cpu0 = triton.cpu_seconds()
+                    gw = await measure_max(gateway, prepared, p.seconds, p.concurrency)
+                    out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
+                    half = await measure_open(gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+                    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
+                    triton_cpu = triton.cpu_seconds() - cpu0
+                finally:
+                    gateway.stop()
+                curated = list((root / "lake" / "curated").rglob("*.parquet"))
+                shutil.rmtree(root, ignore_errors=True)
+                out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
+                out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
+                out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+                out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+                out.figure("triton_process_cpu_s", triton_cpu, "s")
+                out.figure("curated_objects_landed", len(curated), "objects")
+                out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+                          description="gateway scoring through Triton (local lake): max records/s over the bare ceiling's, same repetition")
+                ctx.log(f"  ingest-triton rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
+                        f"{len(curated)} curated objects, p99 at half load {half['p99_ms']:.1f} ms")
+        finally:
+            await asyncio.to_thread(triton.stop)
+            shutil.rmtree(workspace, ignore_errors=True)
+
+
+async def _bucket_contents(endpoint_url: str, bucket: str) -> tuple[int, int]:
+    from connectors import aws
+
+    session = aws.build_session()
+    count = size = 0
+    async with session.create_client("s3", region_name="us-east-1", endpoint_url=endpoint_url) as client:
+        paginator = client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                count += 1
+                size += item["Size"]
+    return count, size
+
+
+class SoakScenario:
+    name = "soak"
+    title = "Soak at half of the measured capacity: RSS, open files and CPU over time"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        p = ctx.profile
+        root = _rep_dir(ctx, self.name, 0)
+        devices = make_devices(root, p.devices)
+        prepared = prepare(devices, records_per_request=p.records_per_request)
+        gateway = start_gateway(root)
+        try:
+            cap = await measure_max(gateway, prepared, min(p.seconds, 5.0), p.concurrency)
+            rps = cap["requests_per_s"] * p.soak_load
+            window = _replay_window_s()
+            if window and p.soak_s < 3 * window:
+                out.note(f"The gateway remembers every request signature for its {window:.0f} s timestamp window (replay "
+                         f"guard), so memory grows for the first {window:.0f} s by design; a soak shorter than "
+                         f"{3 * window:.0f} s (--soak-seconds; the release soak is 30 minutes) cannot tell that from a leak.")
+            out.note(f"{p.soak_s:.0f} s at {p.soak_load:.0%} of the capacity measured just before "
+                     f"({cap['records_per_s']:,.0f} rec/s), Poisson arrivals; one repetition, figures are over time windows.")
+            cpu0 = gateway.cpu_seconds()
+            sampler = gateway.start_sampling(interval=p.soak_sample_s, keep=True)
+            run = await open_loop(gateway.url, prepared, requests_per_s=rps, duration_s=p.soak_s, seed=ctx.seed,
+                                  warmup_s=0.0, keep_timeline=True)
+            gateway.stop_sampling()
+            cpu = gateway.cpu_seconds() - cpu0
+        finally:
+            gateway.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        samples = sampler.samples
+        res = open_result(run, sampler.peak_rss, cpu)
+        out.load("soak", generator_cpu_share=res["generator_cpu_share"], send_lag_p99_s=res["send_lag_p99_s"])
+        # Growth compares the first and last tenth, after a warm-up tenth (imports, pools, caches fill).
+        settled = samples[len(samples) // 10:] or samples
+        rss = [s.rss_bytes / 2**20 for s in settled]
+        fds = [s.fds for s in settled]
+        rss_start, rss_end = growth(rss)
+        fd_start, fd_end = growth(fds)
+        cpu_pct = [100 * (b.cpu_s - a.cpu_s) / (b.t_s - a.t_s) for a, b in zip(samples, samples[1:]) if b.t_s > a.t_s]
+        out.series("timeline", _downsample([
+            {"t_s": s.t_s, "rss_mb": s.rss_bytes / 2**20, "fds": s.fds, "cpu_pct": c}
+            for s, c in zip(samples[1:], cpu_pct)
+        ], 600))
+        windows = _latency_windows(run.timeline or [], max(1.0, p.soak_s / 20))
+        out.series("latency_windows", windows)
+        out.figure("duration_s", run.duration_s, "s")
+        out.figure("offered_records_per_s", res["offered_records_per_s"], "rec/s")
+        out.figure("goodput_records_per_s", res["goodput_records_per_s"], "rec/s")
+        out.figure("p50_ms", res["p50_ms"], "ms")
+        out.figure("p99_ms", res["p99_ms"], "ms")
+        out.figure("worst_window_p99_ms", max((w["p99_ms"] for w in windows), default=math.nan), "ms")
+        out.figure("shed_share", res["shed_share"])
+        out.figure("error_share", res["error_share"])
+        out.figure("rss_start_mb", rss_start, "MiB")
+        out.figure("rss_end_mb", rss_end, "MiB")
+        out.figure("rss_growth_mb", rss_end - rss_start, "MiB")
+        out.figure("peak_rss_mb", sampler.peak_rss / 2**20, "MiB")
+        out.figure("fds_start", fd_start, "fds")
+        out.figure("fds_end", fd_end, "fds")
+        out.figure("fd_growth", fd_end - fd_start, "fds")
+        out.figure("server_cpu_share", res["server_cpu_share"], "cores")
+        out.figure("cpu_pct_median", statistics.median(cpu_pct) if cpu_pct else math.nan, "%")
+        out.ratio("rss_end_to_start", ratio(rss_end, rss_start), better="lower",
+                  description="median RSS of the last tenth of the soak over the first (after a warm-up tenth)")
+        out.ratio("fds_end_to_start", ratio(fd_end, fd_start), better="lower",
+                  description="open file descriptors, last tenth of the soak over the first")
+        ctx.log(f"  soak: RSS {rss_start:.0f} -> {rss_end:.0f} MiB, fds {fd_start:.0f} -> {fd_end:.0f}, p99 {res['p99_ms']:.1f} ms")
+
+
+def _replay_window_s() -> float:
+    from gateway.settings import Settings
+
+    return float(getattr(Settings().auth, "timestamp_window_secs", 0) or 0)
+
+
+def _downsample(items: list, limit: int) -> list:
+    if len(items) <= limit:
+        return items
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
+def _latency_windows(timeline: list[tuple[float, float, int | str]], width_s: float) -> list[dict]:
+    buckets: dict[int, list[float]] = {}
+    for t, latency, _status in timeline:
+        buckets.setdefault(int(t // width_s), []).append(latency)
+    return [
+        {"t_s": (k + 0.5) * width_s, "p50_ms": percentile(v, 0.5) * 1000, "p99_ms": percentile(v, 0.99) * 1000, "requests": len(v)}
+        for k, v in sorted(buckets.items())
+    ]
+
+
+class StartupScenario:
+    name = "startup"
+    title = "Start-up: process start to the first 200 from /readyz (empty WAL), gateway vs the bare ceiling"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        for rep in range(ctx.profile.startup_reps):
+            root = _rep_dir(ctx, self.name, rep)
+            make_devices(root, ctx.profile.devices)
+            ceiling = start_ceiling(root)
+            ceiling.stop()
+            gateway = start_gateway(root)
+            rss = gateway.rss()
+            gateway.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            out.figure("gateway_startup_s", gateway.startup_s, "s")
+            out.figure("ceiling_startup_s", ceiling.startup_s, "s")
+            out.figure("gateway_rss_at_ready_mb", rss / 2**20, "MiB")
+            out.ratio("gateway_to_ceiling_startup", ratio(gateway.startup_s, ceiling.startup_s), better="lower",
+                      description="gateway start-up time over the bare ceiling's (same Python, same machine, back to back)")
+            time.sleep(0.05)
+        ctx.log(f"  startup: gateway {statistics.median(out.figures['gateway_startup_s']):.3f} s, "
+                f"ceiling {statistics.median(out.figures['ceiling_startup_s']):.3f} s")

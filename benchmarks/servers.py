@@ -1,0 +1,131 @@
+"""The servers the HTTP scenarios drive, and the two measurements they all use.
+
+``measure_max`` (closed loop) finds a server's maximum sustained throughput; ``measure_open`` (open
+loop, Poisson arrivals, latency from the intended send time) measures it at a given offered load.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from benchmarks.loadgen import Prepared, Run, closed_loop, open_loop
+from benchmarks.processes import Server, free_port, python
+from benchmarks.stats import percentile, percentiles
+from gateway.registry import add_device
+from gateway.simulator import SimulatedDevice
+
+LATENCY_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+GATEWAY_CONFIG = """
+[listen]
+host = "127.0.0.1"
+port = {port}
+[gateway]
+gateway_id = "bench"
+availability_zone = "bench-1a"
+[auth]
+registry_path = "{root}/devices.json"
+[wal]
+dir = "{root}/wal"
+max_total_bytes = {wal_bytes}
+[lake]
+dir = "{root}/lake"
+max_object_age_secs = {object_age_s}
+[drain]
+deadline_secs = 30.0
+[log]
+level = "WARNING"
+"""
+
+
+def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
+    devices = []
+    for i in range(n):
+        device_id = f"bench-{i:05d}"
+        devices.append(SimulatedDevice(device_id, add_device(root / "devices.json", device_id, {"site": "bench"})))
+    return devices
+
+
+def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: float = 5.0, extra: str = "",
+                         lake_kind: str = "local") -> tuple[Path, int]:
+    """The benchmark's gateway configuration: defaults everywhere except paths, ports and log level.
+
+    ``extra`` is appended TOML (e.g. an ``[s3]`` section or ``[inference]`` endpoints).
+    """
+    port = free_port()
+    config = root / "gateway.toml"
+    text = GATEWAY_CONFIG.format(port=port, root=root, wal_bytes=wal_bytes, object_age_s=object_age_s)
+    if lake_kind != "local":
+        text = text.replace("[lake]\n", f'[lake]\nkind = "{lake_kind}"\n', 1)
+    config.write_text(text + extra)
+    return config, port
+
+
+def start_gateway(root: Path, wal_bytes: int = 1 << 30, *, extra: str = "", lake_kind: str = "local",
+                  env: dict[str, str] | None = None, timeout: float = 30.0) -> Server:
+    """``edge-gateway serve`` with its WAL (and local lake) under ``root``; returns once ``/readyz`` answers."""
+    config, port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind)
+    server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log", env=env)
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def start_ceiling(root: Path) -> Server:
+    port = free_port()
+    server = Server([python(), "-m", "benchmarks.ceiling_server", "--port", str(port)], port, root / "ceiling.log")
+    server.wait_ready()
+    return server
+
+
+async def measure_max(server: Server, prepared: Prepared, seconds: float, concurrency: int) -> dict:
+    cpu0 = server.cpu_seconds()
+    server.start_sampling()
+    run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_s=seconds)
+    peak = server.stop_sampling()
+    cpu = server.cpu_seconds() - cpu0
+    return {
+        "records_per_s": run.records_per_s,
+        "mb_per_s": run.mb_per_s,
+        "requests_per_s": run.requests / run.duration_s,
+        "server_cpu_s": cpu,
+        "server_cpu_share": cpu / run.duration_s,
+        "records_per_cpu_s": run.records / cpu if cpu else float("nan"),
+        "peak_rss_mb": peak / 2**20,
+        "p50_ms": run.percentile_ms(0.5),
+        "p99_ms": run.percentile_ms(0.99),
+        "generator_cpu_s": run.generator_cpu_s,
+        "generator_cpu_share": run.generator_cpu_share,
+        "statuses": {str(k): v for k, v in run.statuses.items()},
+    }
+
+
+def open_result(run: Run, peak_rss: int, server_cpu_s: float) -> dict:
+    lat = percentiles(run.latencies_s, LATENCY_QUANTILES, scale=1000.0)
+    return {
+        "offered_requests_per_s": run.offered_rps,
+        "offered_records_per_s": (run.offered_rps or 0) * run.records_per_request,
+        "goodput_records_per_s": run.records_per_s,
+        **{f"{k}_ms": v for k, v in lat.items()},
+        "peak_rss_mb": peak_rss / 2**20,
+        "server_cpu_share": server_cpu_s / run.duration_s if run.duration_s else math.nan,
+        "shed_share": run.share(429, 503),
+        "error_share": run.share("error"),
+        "unfinished_share": run.share("unfinished"),
+        "other_status_share": 1.0 - run.share(202, 429, 503, "error", "unfinished") if run.statuses else math.nan,
+        "generator_cpu_share": run.generator_cpu_share,
+        "send_lag_p99_s": percentile(run.send_lag_s, 0.99),
+        "statuses": {str(k): v for k, v in run.statuses.items()},
+    }
+
+
+async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float, *, warmup_s: float = 0.0, seed: int = 0) -> dict:
+    cpu0 = server.cpu_seconds()
+    server.start_sampling()
+    run = await open_loop(server.url, prepared, requests_per_s=rps, duration_s=seconds, warmup_s=warmup_s, seed=seed)
+    peak = server.stop_sampling()
+    return open_result(run, peak, server.cpu_seconds() - cpu0)

@@ -1,0 +1,82 @@
+"""``python -m benchmarks --quick`` end to end: the report is complete and well formed.
+
+Never asserts a speed: the machine is shared and the figures are whatever they are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SUMMARY_KEYS = {"median", "min", "max"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("bench-report")
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    return done, out
+
+
+@pytest.mark.slow
+def test_quick_run_succeeds_and_writes_the_report(quick_report) -> None:
+    done, out = quick_report
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    for name in ("report.md", "results.json", "run.log"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    for heading in ("# Benchmark report", "## Headline ratios", "## Targets", "## Scenarios"):
+        assert heading in report
+
+
+@pytest.mark.slow
+def test_results_json_has_every_section_and_summaries(quick_report) -> None:
+    _, out = quick_report
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["mode"] == "quick" and doc["schema"] == 1
+    assert doc["command"].startswith("python -m benchmarks") and "--quick" in doc["command"]
+    assert {"cpu_model", "logical_cpus", "memory_gib", "load_average_at_start"} <= doc["machine"].keys()
+    assert doc["versions"]["aiohttp"] and "commit" in doc["git"]
+    scenarios = doc["scenarios"]
+    for name in ("ceiling", "ingest", "overload", "startup", "soak", "inference-local"):
+        assert scenarios[name]["status"] == "ok", (name, scenarios[name].get("error"))
+    for name, result in scenarios.items():
+        assert result["status"] in ("ok", "not run"), (name, result.get("error"))
+        if result["status"] == "not run":
+            assert result["reason"], name
+            continue
+        assert result["figures"], name
+        for fig, spec in result["figures"].items():
+            assert SUMMARY_KEYS <= spec.keys(), (name, fig)
+    assert doc["ratios"]
+    for name, spec in doc["ratios"].items():
+        assert SUMMARY_KEYS <= spec.keys() and spec["better"] in ("higher", "lower"), name
+    assert "ingest.gateway_to_ceiling_throughput" in doc["ratios"]
+
+
+@pytest.mark.slow
+def test_plots_are_png_files(quick_report) -> None:
+    _, out = quick_report
+    pngs = {p.name: p for p in out.glob("*.png")}
+    for name in ("throughput_vs_load.png", "latency_vs_load.png", "soak.png", "batching_inference-local.png"):
+        assert name in pngs, sorted(pngs)
+    for path in pngs.values():
+        assert path.read_bytes()[:8] == PNG_MAGIC, path.name
+        assert f"]({path.name})" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_compared_with_itself_passes_the_gate(quick_report) -> None:
+    _, out = quick_report
+    results = out / "results.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--compare", str(results), "--current", str(results)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "REGRESSED" not in done.stdout

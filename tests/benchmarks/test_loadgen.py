@@ -1,0 +1,84 @@
+"""The load generator: schedules fixed in advance, unique signed bodies, latency from intended send time."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import statistics
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from benchmarks.loadgen import open_loop, prepare, schedule
+from gateway.registry import add_device
+from gateway.signing import SCHEME, signature
+from gateway.simulator import SimulatedDevice
+
+
+def test_poisson_schedule_is_seeded_and_has_the_asked_mean_rate() -> None:
+    a = schedule(1000.0, 10.0, arrivals="poisson", seed=7)
+    assert a == schedule(1000.0, 10.0, arrivals="poisson", seed=7)
+    assert a != schedule(1000.0, 10.0, arrivals="poisson", seed=8)
+    assert all(x < y for x, y in zip(a, a[1:])) and 0 <= a[0] and a[-1] < 10.0
+    assert 9_500 < len(a) < 10_500
+    gaps = [y - x for x, y in zip(a, a[1:])]
+    assert statistics.mean(gaps) == pytest.approx(0.001, rel=0.05)
+
+
+def test_fixed_schedule_is_evenly_spaced() -> None:
+    assert schedule(4.0, 1.0, arrivals="fixed") == [0.0, 0.25, 0.5, 0.75]
+    with pytest.raises(ValueError):
+        schedule(0.0, 1.0)
+    with pytest.raises(ValueError):
+        schedule(1.0, 1.0, arrivals="bursty")
+
+
+def test_every_request_is_a_new_validly_signed_body(tmp_path: Path) -> None:
+    # The gateway refuses a signature it has seen (replay guard): bodies must never repeat.
+    registry = tmp_path / "devices.json"
+    keys = {f"dev-{i}": add_device(registry, f"dev-{i}", {}) for i in range(2)}
+    devices = [SimulatedDevice(d, k) for d, k in keys.items()]
+    prepared = prepare(devices, records_per_request=5, distinct=3)
+    seen = set()
+    for _ in range(20):
+        body, headers = prepared.next()
+        assert body.count(b"\n") == 5
+        digest = hashlib.sha256(body).hexdigest()
+        expected = signature(keys[headers["X-Device-Id"]].encode(), headers["X-Timestamp"], "POST", "/v1/telemetry", digest)
+        assert headers["X-Signature"] == f"{SCHEME}={expected}"
+        seen.add(headers["X-Signature"])
+    assert len(seen) == 20
+
+
+async def test_open_loop_counts_latency_from_the_intended_send_time() -> None:
+    # A server that answers nothing for its first 300 ms: an honest open-loop generator keeps sending
+    # on schedule and charges the stall to every request that waited, including the first one.
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        await release.wait()
+        return web.json_response({"accepted": 1}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/telemetry", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, release.set)
+    try:
+        prepared = prepare([SimulatedDevice("dev-1", None)], records_per_request=2, distinct=2)
+        run = await open_loop(f"http://127.0.0.1:{port}", prepared, requests_per_s=50.0, duration_s=0.5, arrivals="fixed",
+                              keep_timeline=True)
+    finally:
+        await runner.cleanup()
+    assert run.sent == 25 and run.statuses == {202: 25}
+    assert run.timeline is not None
+    for offset, latency, _status in run.timeline:
+        if offset < 0.25:  # sent while the server was stalled: waited at least until the release
+            assert latency >= 0.3 - offset - 0.02
+    assert run.percentile_ms(1.0) >= 280
