@@ -126,6 +126,7 @@ class ZoneLander:
         self._state_path = Path(state_dir) / f"{settings.zone}.json"
         self._observer = observer
         self._prepare = prepare  # e.g. scoring for the curated zone, before frames join objects
+        self._kinds = frozenset({settings.kind})
         self._clock = clock
         self._state = LanderState()
         self._open: dict[int, _Pending] = {}
@@ -185,7 +186,7 @@ class ZoneLander:
             timeout = self._seconds_to_next_roll()
             has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
             if has_data and len(self._sealed) < 2 * self.settings.max_uploads_in_flight:
-                frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES)
+                frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
                 if frames and self._prepare is not None:
                     frames = await self._prepare([f for f in frames if self._wanted(f)])
                 if frames:

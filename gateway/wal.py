@@ -110,11 +110,16 @@ class _Scan:
 
 
 def _read_frames(
-    f, offset: int, lsn: int, end_offset: int | None, max_bytes: int, headers_only: bool = False
+    f, offset: int, lsn: int, end_offset: int | None, max_bytes: int, headers_only: bool = False, kinds: frozenset[int] | None = None
 ) -> _Scan:
-    """Read whole, checksummed frames from ``offset`` up to ``end_offset`` (or EOF)."""
+    """Read whole, checksummed frames from ``offset`` up to ``end_offset`` (or EOF).
+
+    Frames of a kind not in ``kinds`` keep their place (and LSNs) but are not read or checked:
+    each zone reads only its own payloads, and the zone that owns a frame verifies it.
+    """
     frames: list[Frame] = []
     read = 0
+    readable = end_offset if end_offset is not None else os.fstat(f.fileno()).st_size
     f.seek(offset)
     while read < max_bytes and (end_offset is None or offset < end_offset):
         header = f.read(HEADER_SIZE)
@@ -125,11 +130,11 @@ def _read_frames(
             return _Scan(frames, offset, lsn, corrupt=True)
         meta = header[PREFIX.size :]
         count, hour, received_ms, min_ev, max_ev, kind = META.unpack(meta)
-        if headers_only:
+        if headers_only or (kinds is not None and kind not in kinds):
+            if offset + HEADER_SIZE + length > readable:
+                return _Scan(frames, offset, lsn, corrupt=True)
             f.seek(length, os.SEEK_CUR)
             payload = b""
-            if f.tell() > os.fstat(f.fileno()).st_size:
-                return _Scan(frames, offset, lsn, corrupt=True)
         else:
             payload = f.read(length)
             if len(payload) < length or zlib.crc32(payload, zlib.crc32(meta)) != crc:
@@ -454,8 +459,9 @@ class WalReader:
             self.lsn = at
         return True
 
-    def read(self, max_bytes: int) -> list[Frame]:
-        """Frames from the current position up to the durable end, about ``max_bytes`` of them."""
+    def read(self, max_bytes: int, kinds: frozenset[int] | None = None) -> list[Frame]:
+        """Frames from the current position up to the durable end, about ``max_bytes`` of them;
+        frames of other ``kinds`` come back without their payload."""
         wal = self._wal
         if self.lsn >= wal._durable_lsn or not self._open_segment_at(self.lsn):
             return []
@@ -464,7 +470,7 @@ class WalReader:
         while budget > 0 and self.lsn < wal._durable_lsn:
             seg = self._segment
             limit = wal._durable_limit(seg)
-            scan = _read_frames(self._file, self._offset, self.lsn, limit, budget)
+            scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds)
             frames.extend(scan.frames)
             budget -= scan.offset - self._offset
             self._offset, self.lsn = scan.offset, scan.next_lsn
