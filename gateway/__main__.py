@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path("var/demo"), help="where the demo's WAL and lake go")
     demo.add_argument("--seconds", type=float, default=8.0)
     demo.add_argument("--devices", type=int, default=50)
-    demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    demo.add_argument("--rate", type=float, default=100.0, help="requests per second")
     demo.add_argument("--records", type=int, default=100, help="records per request")
     demo.add_argument("--s3", action="store_true", help="land through the S3 API in a local S3-compatible server (moto)")
 

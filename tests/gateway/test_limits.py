@@ -173,6 +173,7 @@ async def test_fifty_mib_streamed_body_under_a_memory_bound(tmp_path, gateway_pr
     assert resp.status == 202, answer
     assert answer["accepted"] == n
     growth = peak - baseline
+    print(f"RSS growth {growth / 2**20:.1f} MiB for a {body_len / 2**20:.1f} MiB body")
     assert body_len > 50 * 1024 * 1024
     # Spooling keeps a few MiB in memory; holding the body would cost > 50 MiB (plus its records).
     assert growth < 40 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB for a {body_len / 2**20:.0f} MiB body"
