@@ -35,6 +35,13 @@ class Scenario:
     slo_s: float = 0.050
     duration_s: float = 1.0
     seed: int = 1
+    # A burst: arrivals run at ``burst_factor`` times the rate inside [burst_start_s, +burst_secs).
+    burst_factor: float = 1.0
+    burst_start_s: float = 0.0
+    burst_secs: float = 0.0
+    # A slowdown: every call takes ``slowdown_factor`` times longer from ``slowdown_start_s`` on.
+    slowdown_factor: float = 1.0
+    slowdown_start_s: float = 0.0
 
     @property
     def capacity_per_s(self) -> float:
@@ -68,6 +75,8 @@ class SimulatedEndpoint:
     async def dispatch(self, endpoint: str, items: list[int]) -> list[int]:
         s = self.scenario
         service = (s.a_s + s.c_s * len(items)) * float(self.rng.lognormal(0.0, s.noise_sigma))
+        if self.clock.now() >= s.slowdown_start_s:
+            service *= s.slowdown_factor
         self.free_at = max(self.clock.now(), self.free_at) + service
         self.calls += 1
         await self.clock.sleep_until(self.free_at)
@@ -129,10 +138,17 @@ class StaticBatcher:
 
 
 def _arrivals(scenario: Scenario, rate_per_s: float) -> np.ndarray:
+    """Poisson arrivals; with a burst, thinned from the peak rate (a non-homogeneous process)."""
     rng = np.random.default_rng(scenario.seed)
-    gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * scenario.duration_s * 1.5) + 10)
+    peak = rate_per_s * max(1.0, scenario.burst_factor)
+    gaps = rng.exponential(1.0 / peak, size=int(peak * scenario.duration_s * 1.5) + 10)
     times = np.cumsum(gaps)
-    return times[times < scenario.duration_s]
+    times = times[times < scenario.duration_s]
+    if peak == rate_per_s:
+        return times
+    in_burst = (times >= scenario.burst_start_s) & (times < scenario.burst_start_s + scenario.burst_secs)
+    keep = in_burst | (rng.random(len(times)) < rate_per_s / peak)
+    return times[keep]
 
 
 async def _run_adaptive(scenario: Scenario, rate_per_s: float) -> dict[str, float]:
@@ -203,6 +219,7 @@ def _summary(scenario: Scenario, offered: int, tally: Tally, calls: int, mean_ba
 def default_static_arms(scenario: Scenario) -> tuple[StaticArm, ...]:
     """Fixed batch sizes with a 5 ms timeout, and the best of them with a queue timeout (SLO/2)."""
     return (
+        StaticArm(batch=1, timeout_s=0.0),  # one call per record (what Triton-only batching costs the gateway)
         StaticArm(batch=8, timeout_s=0.005),
         StaticArm(batch=32, timeout_s=0.005),
         StaticArm(batch=scenario.max_batch, timeout_s=0.005),
@@ -235,6 +252,24 @@ def run_benchmark(
     }
 
 
+def protocol_scenarios(base: Scenario | None = None) -> dict[str, tuple[tuple[float, ...], Scenario]]:
+    """The research note's protocol (section D): steady loads, a burst, a 2.5x slowdown."""
+    import dataclasses
+
+    base = base or Scenario()
+    third = base.duration_s / 3
+    return {
+        "steady": (DEFAULT_LOADS, base),
+        "burst": ((0.5,), dataclasses.replace(base, burst_factor=3.0, burst_start_s=third, burst_secs=third / 2)),
+        "slowdown": ((0.3, 0.5), dataclasses.replace(base, slowdown_factor=2.5, slowdown_start_s=third)),
+    }
+
+
+def run_protocol(base: Scenario | None = None) -> dict[str, dict[str, object]]:
+    """Every protocol scenario with every arm; one configuration of the adaptive batcher throughout."""
+    return {name: run_benchmark(loads, scenario) for name, (loads, scenario) in protocol_scenarios(base).items()}
+
+
 def _print_table(report: dict[str, object]) -> None:
     columns = ("late_pct", "deferred_pct", "mean_batch_size", "calls_per_record", "p50_ms", "p99_ms", "goodput_per_s")
     print(f"scenario: {report['scenario']}")
@@ -253,8 +288,15 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=Scenario.duration_s)
     parser.add_argument("--seed", type=int, default=Scenario.seed)
     parser.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS))
+    parser.add_argument("--protocol", action="store_true", help="steady loads, a burst and a slowdown")
     args = parser.parse_args()
-    _print_table(run_benchmark(tuple(args.loads), Scenario(duration_s=args.duration_s, seed=args.seed)))
+    base = Scenario(duration_s=args.duration_s, seed=args.seed)
+    if args.protocol:
+        for name, report in run_protocol(base).items():
+            print(f"\n=== {name}")
+            _print_table(report)
+        return
+    _print_table(run_benchmark(tuple(args.loads), base))
 
 
 if __name__ == "__main__":

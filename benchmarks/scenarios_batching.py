@@ -5,7 +5,7 @@ clock at several loads (fractions of the endpoint's capacity at full batches). T
 once per repetition with a different seed, in a worker thread (it runs its own event loop), and
 derives the protocol's ratios: calls per record against the best static arm that meets the SLO at
 each load (target <= 1.10x), the on-time share up to 0.95x (no late records), and goodput at overload.
-Burst and slowdown runs are picked up when ``batching_sim`` provides them (see ``_extra_runs``).
+Burst and slowdown runs come from ``batching_sim.protocol_scenarios`` (the protocol of the research note).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ LATE_PCT_OK = 0.1
 
 def _module():
     return importlib.import_module("benchmarks.batching_sim")
-
-
-def _extra_runs(module) -> list[str]:
-    return sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
-                  and any(word in n.lower() for word in ("burst", "slowdown")))
 
 
 class BatchingScenario:
@@ -52,13 +47,11 @@ class BatchingScenario:
         quick = p.name == "quick"
         loads = (0.5, 0.95, 1.2) if quick else tuple(getattr(module, "DEFAULT_LOADS", (0.2, 0.5, 0.8, 0.95, 1.2)))
         duration = 0.3 if quick else 0.5  # simulated seconds; longer runs get slow where static arms drain a backlog
-        extra = _extra_runs(module)
-        if extra:
-            out.note(f"batching_sim also offers {', '.join(extra)}; the harness does not call them yet.")
-        else:
-            out.note("Steady Poisson loads only: batching_sim.py has no burst or slowdown runs yet, so those parts of the "
-                     "protocol are not run. Batch size and concurrency over time on real endpoints are in the inference scenarios.")
         base = module.Scenario()
+        protocol = getattr(module, "protocol_scenarios", None)
+        if protocol is None:
+            out.note("Steady Poisson loads only: batching_sim.py has no burst or slowdown runs, so those parts of the "
+                     "protocol are not run. Batch size and concurrency over time on real endpoints are in the inference scenarios.")
         for rep in range(p.reps):
             sim = dataclasses.replace(base, duration_s=duration, seed=ctx.seed + rep)
             report = await asyncio.to_thread(module.run_benchmark, loads, sim)
@@ -88,3 +81,19 @@ class BatchingScenario:
             out.ratio("adaptive_min_on_time_share_steady", on_time, better="higher",
                       description="lowest share of records scored on time by the adaptive batcher at loads <= 0.95x (target: no late records)")
             ctx.log(f"  batching rep {rep + 1}: adaptive/best-static calls per record {worst_calls:.2f}, min on-time share {on_time:.3f}")
+            if protocol is not None:
+                for name, (proto_loads, proto) in protocol(sim).items():
+                    if name == "steady":
+                        continue
+                    proto_report = await asyncio.to_thread(module.run_benchmark, proto_loads, proto)
+                    for load, arms in proto_report["results"].items():
+                        tag = f"{name}_{float(load):g}x"
+                        adaptive = arms["adaptive"]
+                        statics = [m for arm, m in arms.items() if arm != "adaptive"]
+                        out.figure(f"adaptive_late_pct_{tag}", adaptive["late_pct"], "%")
+                        out.figure(f"adaptive_deferred_pct_{tag}", adaptive["deferred_pct"], "%")
+                        out.figure(f"best_static_late_pct_{tag}", min(m["late_pct"] for m in statics), "%")
+                        out.append_series("points", {"rep": rep, "load": float(load), "scenario": name, "arms": arms})
+                        best_goodput = max(m["goodput_per_s"] for m in statics)
+                        out.ratio(f"adaptive_to_best_static_goodput_{tag}", adaptive["goodput_per_s"] / best_goodput if best_goodput else math.nan,
+                                  better="higher", description=f"{name} at {float(load):g}x: on-time records/s, adaptive over the best static arm")
