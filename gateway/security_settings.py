@@ -81,7 +81,8 @@ class RateLimitSettings(_Section):
 
 class AdmissionSettings(_Section):
     # Beyond any of these the gateway answers 503 with Retry-After instead of slowing everyone down.
-    max_inflight_requests: PositiveInt = 1024
+    # Past this many requests being read or awaiting fsync, new ones get 503: queueing them only adds latency.
+    max_inflight_requests: PositiveInt = 256
     max_inflight_bytes: PositiveInt = 256 * MiB
     # Refuse new requests once the WAL holds this fraction of wal.max_total_bytes (Retry-After is then
     # wal.retry_after_secs). 1.0: only when full, when /readyz also turns 503. Lower keeps headroom
