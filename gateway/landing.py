@@ -139,6 +139,7 @@ class ZoneLander:
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self._reader = None
+        self._reading_from: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -149,6 +150,13 @@ class ZoneLander:
         self._wal.register_consumer(self.zone, self._state.position)
         self._reader = self._wal.reader(self._state.position)
         self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
+        self._task.add_done_callback(self._report_death)
+
+    def _report_death(self, task: asyncio.Task[None]) -> None:
+        # Records stay safe in the WAL, but nothing lands until a restart: that must be loud.
+        if not task.cancelled() and task.exception() is not None:
+            self._observer.landing_failed(self.zone, task.exception())
+            log.critical("a zone stopped landing; restart the gateway", exc_info=task.exception(), extra={"zone": self.zone})
 
     async def drain(self, deadline_secs: float) -> bool:
         """Land everything durable in the WAL within the deadline; True when nothing is left."""
@@ -181,23 +189,39 @@ class ZoneLander:
     # -- the loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        reader = self._reader
+        delay = self.settings.retry_initial_secs
         while True:
+            reader = self._reader
             timeout = self._seconds_to_next_roll()
             has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
             if has_data and len(self._sealed) < 2 * self.settings.max_uploads_in_flight:
-                frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
-                if frames and self._prepare is not None:
-                    frames = await self._prepare([f for f in frames if self._wanted(f)])
+                # Frames read but not yet in an object must hold the committed position back.
+                self._reading_from = reader.lsn
+                try:
+                    frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
+                    if frames and self._prepare is not None:
+                        frames = await self._prepare([f for f in frames if self._wanted(f)])
+                except Exception as exc:  # e.g. a scoring bug: retry the same frames, never skip them
+                    self._observer.landing_failed(self.zone, exc)
+                    log.exception("preparing frames failed; will read them again", extra={"zone": self.zone})
+                    reader.close()
+                    self._reader = self._wal.reader(self._reading_from)
+                    self._reading_from = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.retry_max_secs)
+                    continue
+                delay = self.settings.retry_initial_secs
                 if frames:
                     due = await asyncio.to_thread(self._absorb, frames)
+                    self._reading_from = None
                     for pending in due:
                         await self._seal(pending)
                 else:
+                    self._reading_from = None
                     await asyncio.sleep(0.01)  # durable data not yet visible in the file; never spin
             for pending in self._due_by_age():
                 await self._seal(pending)
-            if self._draining and reader.lsn >= self._wal.durable_lsn:
+            if self._draining and self._reader.lsn >= self._wal.durable_lsn:
                 for pending in list(self._open.values()):
                     await self._seal(pending, reason="drain")
                 await asyncio.gather(*list(self._uploads), return_exceptions=True)
@@ -270,7 +294,17 @@ class ZoneLander:
         if previous is not None:
             # Objects of one partition land in order, so its "landed" watermark never skips one.
             await asyncio.gather(previous, return_exceptions=True)
-        body = await asyncio.to_thread(pending.builder.finish)
+        try:
+            body = await asyncio.to_thread(pending.builder.finish)
+        except Exception as exc:
+            # The object stays sealed, so the position cannot pass it: the next start rebuilds it from the WAL.
+            self._observer.landing_failed(self.zone, exc)
+            log.critical(
+                "building an object failed; its records stay in the WAL and land after a restart",
+                exc_info=True,
+                extra={"zone": self.zone, "first_lsn": pending.first_lsn, "last_lsn": pending.last_lsn},
+            )
+            return
         obj = self._lake_object(pending, body)
         delay = self.settings.retry_initial_secs
         while True:
@@ -279,11 +313,14 @@ class ZoneLander:
                 async with self._upload_slots:
                     landed = await self._sink.put_object(obj)
                 break
-            except ConnectorError as exc:
+            except Exception as exc:
                 # Never give up: the records are acknowledged. They wait in the WAL until the sink returns.
                 self._observer.landing_failed(self.zone, exc)
-                level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
-                log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                if isinstance(exc, ConnectorError):
+                    level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
+                    log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                else:  # a sink that did not translate its error: still retried, and loudly
+                    log.exception("landing failed with an unexpected error; will retry", extra={"zone": self.zone, "key": obj.key})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_secs)
         self._observer.landed(self.zone, landed, time.perf_counter() - started)
@@ -317,6 +354,8 @@ class ZoneLander:
 
     def _current_position(self) -> int:
         firsts = [p.first_lsn for p in self._open.values()] + [p.first_lsn for p in self._sealed]
+        if self._reading_from is not None:
+            firsts.append(self._reading_from)
         return min([self._reader.lsn, *firsts])
 
     async def _persist_state(self) -> None:
