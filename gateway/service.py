@@ -120,6 +120,12 @@ class Gateway:
                 "start_secs": round(time.perf_counter() - started, 3),
             },
         )
+        if self.settings.auth.mode == "hmac" and self.registry_source is None and not len(self.registry):
+            log.warning(
+                "the device registry holds no devices, so every request will get 401; "
+                "create one with `edge-gateway device add DEVICE_ID --registry FILE`",
+                extra={"registry_path": self.settings.auth.registry_path},
+            )
 
     def reload(self, settings: Settings) -> list[str]:
         """Apply a new configuration's run-time sections; return the sections that need a restart."""

@@ -94,3 +94,16 @@ def test_json_logs_are_one_object_per_line(capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     entry = json.loads(line)
     assert entry["msg"] == "hello" and entry["zone"] == "raw" and entry["level"] == "INFO"
+
+
+async def test_an_empty_registry_is_reported_at_start(tmp_path, caplog):
+    import logging
+
+    from gateway.server import start_gateway
+    from tests.gateway.conftest import write_config
+
+    config = write_config(tmp_path)  # no device was ever added
+    with caplog.at_level(logging.WARNING):
+        running = await start_gateway(load_settings(config, environ={}))
+        await running.stop()
+    assert "holds no devices" in caplog.text and "edge-gateway device add" in caplog.text
