@@ -9,9 +9,11 @@ On ``start()`` it creates the database and, for every configured dataset, one ta
     partition keys: dt (YYYY-MM-DD), hour (HH), both strings, matching the Hive-style paths
 
 Existing databases and tables are left as they are (``AlreadyExistsException`` is success), so
-several gateways can start at once. ``partition_landed()`` registers a partition the first time
-an object lands in it and remembers it, so later objects cost no Glue call. A partition whose
-registration failed is retried on the next call, whichever partition that call is for.
+several gateways can start at once, and ``start()`` may be called again after it failed.
+``partition_landed()`` registers one partition the first time it is asked to and remembers it, so
+later calls for it cost no Glue call. It only ever works on the partition it is given: retrying a
+failed registration is the caller's business, and ``connectors.announcing_sink.AnnouncingSink``
+does it from a background queue, off the landing path.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class GlueCatalogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     endpoint_url: str = ""
     connect_timeout_secs: Annotated[float, Meta(gt=0)] = 5.0
     read_timeout_secs: Annotated[float, Meta(gt=0)] = 30.0
-    # Retry budget of one partition registration: it runs on the landing path, so it stays short.
+    # Retry budget of one registration attempt (CreateTable if needed, CreatePartition); the caller
+    # queues a partition that still failed and tries it again later, with its own backoff.
     register_timeout_secs: Annotated[float, Meta(ge=0)] = 5.0
     retry: RetrySettings = RetrySettings()
 
@@ -145,7 +148,6 @@ class GlueCatalog:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._known: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
-        self._pending: dict[tuple[str, str, str, str], Partition] = {}
         self._tables: set[str] = set()
 
     def table_name(self, zone: str, dataset: str) -> str:
@@ -182,19 +184,11 @@ class GlueCatalog:
     async def partition_landed(self, partition: Partition) -> bool:
         """Register ``partition`` if it is new; True when this call created it.
 
-        Raises ``ConnectorError`` when Glue cannot be reached; the partition is then remembered and
-        retried on the next call.
+        Raises ``ConnectorError`` when Glue still fails after ``register_timeout_secs`` of retries;
+        nothing is remembered then, and the caller decides when to ask again.
         """
         if self._client is None:
             raise RuntimeError("GlueCatalog.partition_landed called before start()")
-        key = (partition.zone, partition.dataset, partition.dt, partition.hour)
-        retry_first = [p for k, p in self._pending.items() if k != key]
-        for pending in retry_first:
-            with contextlib.suppress(ConnectorError):
-                await self._register(pending)
-        return await self._register(partition)
-
-    async def _register(self, partition: Partition) -> bool:
         key = (partition.zone, partition.dataset, partition.dt, partition.hour)
         if key in self._known:
             self._known.move_to_end(key)
@@ -218,9 +212,7 @@ class GlueCatalog:
             )
         except ConnectorError:
             self.stats.registration_failures += 1
-            self._pending[key] = partition
             raise
-        self._pending.pop(key, None)
         self._known[key] = None
         if len(self._known) > KNOWN_PARTITIONS_MAX:
             self._known.popitem(last=False)

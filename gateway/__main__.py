@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ if len(sys.argv) > 1 and sys.argv[1] == "serve":
 
 from gateway import logs  # noqa: E402  (after the handlers: these imports take a while)
 from gateway.registry import RegistryError, add_device, rotate_key, set_enabled  # noqa: E402
-from gateway.settings import ConfigError, dump_toml, load_settings  # noqa: E402
+from gateway.settings import ConfigError, dump_toml, load_settings, wal_budget_problem  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", "-c", type=Path, help="TOML configuration file (defaults apply without one)")
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check-config", help="validate a configuration file and print the effective config")
     check.add_argument("config", type=Path)
@@ -66,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args.config, args.worker_index)
+            return _serve(args.config, args.worker_index, args.listen_fd)
         if args.command == "check-config":
             settings = load_settings(args.config)
+            problem = wal_budget_problem(settings)
+            if problem is not None:
+                raise ConfigError(f"{args.config}: {problem}")
             sys.stdout.write(dump_toml(settings))
             return 0
         if args.command == "demo":
@@ -87,33 +92,40 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _serve(config: Path | None, worker_index: int | None) -> int:
+def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None) -> int:
     import socket
 
     from gateway.server import serve
-    from gateway.supervisor import Supervisor, worker_settings
+    from gateway.supervisor import Supervisor
+    from gateway.wal_layout import WalLocked
 
     settings = load_settings(config)
     logs.configure(settings.log.level)
-    if settings.listen.workers > 1 and worker_index is None:
-        return Supervisor(config, settings).run(stop_requested=lambda: any(s != signal.SIGHUP for s in _early_signals))
-
-    def load() -> object:
-        loaded = load_settings(config)
-        return worker_settings(loaded, worker_index, socket.gethostname()) if worker_index is not None else loaded
-
-    if worker_index is not None:
-        settings = load()
-    # Landing threads (compression, the curated zone's decoding) hold the GIL in bursts; a shorter
-    # switch interval hands it back to the event loop sooner, which keeps ack latency low.
-    sys.setswitchinterval(0.001)
+    problem = wal_budget_problem(settings)
+    if problem is not None:
+        raise ConfigError(f"{config or '<defaults>'}: {problem}")
+    stop_requested = lambda: any(s != signal.SIGHUP for s in _early_signals)  # noqa: E731
     try:
-        import uvloop
+        if settings.listen.workers > 1 and worker_index is None:
+            return Supervisor(config, settings).run(stop_requested=stop_requested)
+        # Landing threads (compression, the curated zone's decoding) hold the GIL in bursts; a shorter
+        # switch interval hands it back to the event loop sooner, which keeps ack latency low.
+        sys.setswitchinterval(0.001)
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:  # uvloop is optional on platforms without it
-        pass
-    return asyncio.run(serve(settings, load, stop_requested=lambda: any(s != signal.SIGHUP for s in _early_signals)))
+            uvloop.install()
+        except ImportError:  # uvloop is optional on platforms without it
+            pass
+        listener = socket.socket(fileno=listen_fd) if listen_fd is not None else None
+        return asyncio.run(
+            serve(settings, lambda: load_settings(config), stop_requested, worker_index=worker_index, listener=listener)
+        )
+    except (WalLocked, OSError) as exc:
+        # Start-up refused (another owner, a port in use, a WAL directory it cannot create): one clear line.
+        logging.getLogger("gateway").critical("the gateway cannot start", extra={"error": str(exc)})
+        print(f"edge-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def _device(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,25 +179,32 @@ class GuardedSite(web.TCPSite):
     """``web.TCPSite`` whose connections go through a ``ConnectionGuard`` (and a TLS handshake deadline)."""
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, *, guard: ConnectionGuard, handshake_timeout_secs: float, **kwargs: Any
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        guard: ConnectionGuard,
+        handshake_timeout_secs: float,
+        sock: socket.socket | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(runner, host, port, **kwargs)
         self._guard = guard
         self._handshake_timeout_secs = handshake_timeout_secs
+        self._sock = sock  # a socket the supervisor bound for all its workers
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
+        where = {"sock": self._sock} if self._sock is not None else {"host": self._host, "port": self._port}
         self._server = await loop.create_server(
             self._guard.protocol_factory(server),
-            self._host,
-            self._port,
+            **where,
             ssl=self._ssl_context,
             backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
             ssl_handshake_timeout=self._handshake_timeout_secs if self._ssl_context else None,
         )
         sockets = self._server.sockets

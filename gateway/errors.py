@@ -5,6 +5,7 @@
     ├── Unauthorized         401 missing or bad signature, stale timestamp, unknown device
     ├── Forbidden            403 device disabled, or a record for another device
     ├── TooLarge             413 a size or count limit was exceeded
+    ├── KeyReused            409 an Idempotency-Key already used with another body
     ├── UnsupportedMedia     415 content type or content encoding we do not speak
     ├── AllRecordsInvalid    422 not one record passed validation
     ├── RateLimited          429 slow down (Retry-After)
@@ -42,6 +43,11 @@ class Forbidden(ApiError):
 class TooLarge(ApiError):
     status = 413
     code = "too_large"
+
+
+class KeyReused(ApiError):
+    status = 409
+    code = "idempotency_key_reused"
 
 
 class UnsupportedMedia(ApiError):

@@ -17,9 +17,10 @@ async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     if gw.draining:
         return json_response(503, {"status": "draining"})
-    if not gw.pipeline.wal.has_room():
+    refusal = gw.pipeline.wal.refusal()
+    if refusal is not None:
         # Stay in rotation only while we can take records; the ALB moves devices elsewhere.
-        return json_response(503, {"status": "wal_full"})
+        return json_response(503, {"status": f"wal_{refusal}"})
     return json_response(200, {"status": "ready"})
 
 

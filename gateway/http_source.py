@@ -14,16 +14,23 @@ from aiohttp import hdrs, web
 from gateway.body import body_format, decompressor, framer
 from gateway.connections import BodyDeadline
 from gateway.enrich import new_context
-from gateway.errors import AllRecordsInvalid, ApiError, Forbidden, MalformedBody, TooLarge, Unavailable
+from gateway.errors import AllRecordsInvalid, ApiError, Forbidden, KeyReused, MalformedBody, TooLarge, Unavailable
 from gateway.ingest import RequestBatch
 from gateway.replay import Replayed
+from gateway.retry_ledger import LedgerError, request_key
 from gateway.service import GATEWAY, Gateway
-from gateway.wal import WalClosed, WalError, WalFull
+from gateway.spool import SpoolFull
+from gateway.wal import WalError, WalFull, WalNoSpace
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
 ROUTE = "/v1/telemetry"
+_WAL_REFUSALS = {
+    "full": "the gateway's write-ahead log is full while the lake catches up; retry later",
+    "no_space": "the gateway's disk is full; retry later",
+    "failed": "the gateway's write-ahead log is recovering from a disk error; retry later",
+}
 
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
@@ -49,6 +56,9 @@ async def post_telemetry(request: web.Request) -> web.Response:
         if exc.status in (401, 403, 429):
             gw.security.refused(exc, request)
         response = error_response(exc)
+    except (LedgerError, SpoolFull) as exc:
+        gw.metrics.stage_errors.labels("receive", type(exc).__name__).inc()
+        response = error_response(Unavailable(f"the gateway cannot take requests right now; retry ({exc})", retry_after_secs=1))
     except Exception:
         log.exception("unexpected error while ingesting")
         gw.metrics.stage_errors.labels("receive", "internal").inc()
@@ -66,11 +76,9 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
     limits = settings.limits
     if gw.draining:
         raise Unavailable("the gateway is shutting down; retry (another instance will answer)", retry_after_secs=1)
-    if not gw.pipeline.wal.has_room():
-        raise Unavailable(
-            "the gateway's write-ahead log is full while the lake catches up; retry later",
-            retry_after_secs=settings.wal.retry_after_secs,
-        )
+    refusal = gw.pipeline.wal.refusal()
+    if refusal is not None:
+        raise Unavailable(_WAL_REFUSALS.get(refusal, "the gateway cannot persist records right now; retry"), retry_after_secs=settings.wal.retry_after_secs)
     security = gw.security
     wal = gw.pipeline.wal
     security.admission.check(
@@ -105,7 +113,7 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
             fmt,
             spool=spool,
             policy=gw.partition_policy,
-            seq_index=gw.seq_index,
+            seq_index=gw.ledger.reader(),
             max_records=limits.max_records_per_request,
             max_errors_reported=limits.max_errors_reported,
             max_tracked_seqs=limits.dedup_max_keys_per_request,
@@ -115,44 +123,85 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
         try:
             principal = gw.authenticator.finish(pending, request.method, request.path, digest)
         except Replayed:
-            answered = await _answered(gw, ctx.device_id, idem_key)
+            answered = await _answered(gw, ctx.device_id, idem_key, digest)
             if answered is None:
                 raise
-            return json_response(202, answered, {"Idempotent-Replayed": "true"})
+            return _replayed(answered)
         security.limiter.charge(rate_key, batch.records, sent)
         if refused is not None:
             raise refused  # only now: a forged request gets 401, not a hint about its records
         if batch.records == 0:
             raise MalformedBody("the body holds no records")
-        if idem_key:
-            key = (ctx.device_id or "", idem_key[:256])
-            answer, running = gw.idempotency.lookup(key)
-            if running is not None:
-                answer = await running
-            if answer is not None:
-                return json_response(202, answer, {"Idempotent-Replayed": "true"})
-            gw.idempotency.begin(key)
-        answer = None
+        # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
+        key = request_key(ctx.device_id or "", f"key:{idem_key[:256]}" if idem_key else f"body:{digest}")
         try:
-            answer = await _persist(gw, batch, spool)
+            return await _once(gw, key, digest, bool(idem_key), lambda: _persist(gw, batch, spool, key, digest))
         except Exception as exc:
             if principal.replay_key and (not isinstance(exc, ApiError) or exc.status >= 500):
                 security.replay.release(principal.replay_key)  # not acknowledged: the device may resend it
             raise
-        finally:
-            if idem_key:
-                gw.idempotency.end(key, answer)
-        return json_response(202, answer)
     finally:
         spool.close()
 
 
-async def _answered(gw: Gateway, device_id: str | None, idem_key: str | None) -> dict | None:
+async def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: str) -> bytes | None:
     """The answer given to this device's Idempotency-Key, if any (a replay may repeat it)."""
     if not idem_key:
         return None
-    answer, running = gw.idempotency.lookup((device_id or "", idem_key[:256]))
-    return await running if running is not None else answer
+    return gw.ledger.answer_for(request_key(device_id or "", f"key:{idem_key[:256]}"), digest)
+
+
+async def _once(gw: Gateway, key: bytes, digest: str, explicit: bool, run) -> web.Response:
+    """Run a request under its retry key once per instance; a retry gets the first answer again."""
+    running = gw.running_requests.get(key)
+    if running is not None:  # the same key is running in this worker
+        if running[0] != digest:
+            raise KeyReused(_KEY_REUSED)
+        answer = await asyncio.shield(running[1])
+        if answer is not None:
+            return _replayed(answer)
+    loop = asyncio.get_running_loop()
+    waited_until = loop.time() + RUNNING_ELSEWHERE_WAIT_SECS
+    while True:
+        try:
+            claim = gw.ledger.claim_request(key, digest)
+        except LedgerError as exc:
+            raise Unavailable(f"the gateway cannot record this request right now; retry ({exc})", retry_after_secs=1) from None
+        if claim.outcome == "answered":
+            return _replayed(claim.answer)
+        if claim.outcome == "conflict":
+            raise KeyReused(_KEY_REUSED)
+        if claim.outcome == "run":
+            break
+        if loop.time() > waited_until:  # another worker is still running it
+            raise Unavailable("an identical request is still being processed; retry", retry_after_secs=1)
+        await asyncio.sleep(0.02)
+    future: asyncio.Future[bytes | None] = loop.create_future()
+    gw.running_requests[key] = (digest, future)
+    answer = None
+    try:
+        answer = await run()
+    finally:
+        del gw.running_requests[key]
+        future.set_result(answer)
+        if answer is None:
+            gw.ledger.release_request(key)  # nothing of it landed: a retry must run it
+    return _answer_response(answer)
+
+
+_KEY_REUSED = "this Idempotency-Key was already used with a different body; use a new key for new data"
+RUNNING_ELSEWHERE_WAIT_SECS = 10.0
+
+
+def _answer_response(answer: bytes) -> web.Response:
+    """A stored answer is its status (3 digits) followed by its JSON body."""
+    return web.Response(status=int(answer[:3]), body=answer[3:], content_type="application/json")
+
+
+def _replayed(answer: bytes) -> web.Response:
+    response = _answer_response(answer)
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch, limits) -> tuple[str, ApiError | None, int]:
@@ -200,30 +249,39 @@ async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch,
     return hasher.hexdigest(), refused, sent
 
 
-async def _persist(gw: Gateway, batch: RequestBatch, spool) -> dict:
+async def _persist(gw: Gateway, batch: RequestBatch, spool, key: bytes, digest: str) -> bytes:
+    """Step 5, then the answer (status and JSON) the device gets, and any retry of it gets."""
     metrics = gw.metrics
+    wal = gw.pipeline.wal
+    if spool.bytes > wal.max_total_bytes - wal.segment_bytes:
+        raise TooLarge(f"the request needs {spool.bytes} bytes of write-ahead log; this gateway's WAL holds {wal.max_total_bytes}")
+    if batch.accepted == 0 and batch.duplicates == 0:
+        # Every record was invalid; they are kept in quarantine, and the device is told plainly.
+        status, body = 422, {"error": "invalid_records", "message": f"all {batch.rejected} records are invalid", "errors": batch.errors}
+    else:
+        status, body = 202, {
+            "accepted": batch.accepted + batch.duplicates,
+            "rejected": batch.rejected,
+            "duplicates": batch.duplicates,
+            "ingest_id": batch.ctx.ingest_id,
+            "errors": batch.errors,
+        }
+    answer = b"%d" % status + orjson.dumps(body)
+    try:
+        await gw.pipeline.persist(spool, batch.new_seqs, (key, digest, answer))  # returns once fsynced
+    except WalFull:
+        raise Unavailable("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+    except (WalNoSpace, SpoolFull):
+        metrics.stage_errors.labels("persist", "no_space").inc()
+        raise Unavailable("the gateway's disk is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+    except WalError as exc:
+        metrics.stage_errors.labels("persist", type(exc).__name__).inc()
+        raise Unavailable("the gateway cannot persist records right now; retry", retry_after_secs=1) from None
     for reason, count in batch.rejections.items():
         metrics.records_rejected.labels(reason).inc(count)
     if batch.rejected:
         metrics.records.labels("rejected").inc(batch.rejected)
-    try:
-        await gw.pipeline.persist(spool)  # step 5: returns once fsynced
-    except WalFull:
-        raise Unavailable("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
-    except (WalClosed, WalError) as exc:
-        metrics.stage_errors.labels("persist", type(exc).__name__).inc()
-        raise Unavailable("the gateway cannot persist records right now; retry", retry_after_secs=1) from None
-    gw.seq_index.remember(batch.new_seqs)
     metrics.records.labels("accepted").inc(batch.accepted)
     if batch.duplicates:
         metrics.records.labels("duplicate").inc(batch.duplicates)
-    if batch.accepted == 0 and batch.duplicates == 0:
-        # Every record was invalid; they are kept in quarantine, and the device is told plainly.
-        raise AllRecordsInvalid(f"all {batch.rejected} records are invalid", batch.errors)
-    return {
-        "accepted": batch.accepted + batch.duplicates,
-        "rejected": batch.rejected,
-        "duplicates": batch.duplicates,
-        "ingest_id": batch.ctx.ingest_id,
-        "errors": batch.errors,
-    }
+    return answer

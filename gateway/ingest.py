@@ -9,11 +9,11 @@ completes and the caller appends the spool to the WAL.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Protocol
 
 import msgspec
 
 from gateway.body import MSGPACK, NDJSON
-from gateway.dedup import SeqIndex
 from gateway.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, RequestContext, partition_hour, quarantine_line
 from gateway.errors import Forbidden, TooLarge
 from gateway.records import Record
@@ -26,6 +26,14 @@ _msgpack_any = msgspec.msgpack.Decoder()
 _json = msgspec.json.Encoder()
 
 
+class DuplicateCheck(Protocol):
+    """Which records were already accepted (``retry_ledger.SeqLookup``)."""
+
+    def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class RequestBatch:
     def __init__(
         self,
@@ -34,7 +42,7 @@ class RequestBatch:
         *,
         spool: Spool,
         policy: PartitionPolicy,
-        seq_index: SeqIndex,
+        seq_index: DuplicateCheck,
         max_records: int,
         max_errors_reported: int,
         max_tracked_seqs: int = 10_000,
@@ -107,6 +115,7 @@ class RequestBatch:
             elif event_ms > b[1]:
                 b[1] = event_ms
         self.records += len(items)
+        self._seq_index.close()  # no read transaction stays open while the body streams
         for hour, lines in groups.items():
             low, high = bounds[hour]
             lines.append(b"")

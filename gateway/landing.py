@@ -11,11 +11,19 @@ keeps a small state file per zone, written atomically:
 - ``sealed``: objects whose boundaries were decided (by age, size, drain or the open-partition cap)
   but which may not have landed yet. The decision is written *before* the upload starts, so a
   replay after a crash cuts the same objects, at the same LSNs, under the same keys.
+
+The position never passes a frame that is in no landed object. A zone with nothing of its own
+pending moves its position as it reads (an idle zone never pins the WAL). The state lives in space
+reserved when the zone first starts, so a full disk cannot stop the write that frees WAL space.
+An object that cannot be built, or that the sink refuses for good, is written with its reason
+under ``deadletter/<zone>/...`` after bounded retries (rebuilt from the WAL as plain NDJSON), so
+it never blocks the zone and none of its records is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -28,12 +36,15 @@ import msgspec
 
 from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
 from connectors.errors import ConnectorError, PermanentError
+from gateway.durable_files import ReservedStateFile, ensure_directory
+from gateway.formats import ZstdNdjsonBuilder
 from gateway.wal import Frame, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
 LSN_DIGITS = 16
 READ_BATCH_BYTES = 8 * 1024 * 1024
+DEAD_LETTER_PREFIX = "deadletter"
 
 
 class ObjectBuilder(Protocol):
@@ -54,6 +65,8 @@ class LandingObserver(Protocol):
     def landing_failed(self, zone: str, error: Exception) -> None: ...
 
     def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None: ...
+
+    def dead_lettered(self, zone: str, records: int, reason: str) -> None: ...
 
 
 class LanderState(msgspec.Struct):
@@ -102,6 +115,8 @@ class LanderSettings:
     max_uploads_in_flight: int = 4
     retry_initial_secs: float = 0.2
     retry_max_secs: float = 30.0
+    # Attempts before an object that cannot be built, or that the sink refuses for good, is dead-lettered.
+    max_object_attempts: int = 5
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,7 +138,8 @@ class ZoneLander:
         self._wal = wal
         self._sink = sink
         self._new_builder = builder_factory
-        self._state_path = Path(state_dir) / f"{settings.zone}.json"
+        self._state_dir = Path(state_dir)
+        self._state_file = ReservedStateFile(self._state_dir / f"{settings.zone}.state")
         self._observer = observer
         self._prepare = prepare  # e.g. scoring for the curated zone, before frames join objects
         self._kinds = frozenset({settings.kind})
@@ -140,6 +156,7 @@ class ZoneLander:
         self._task: asyncio.Task[None] | None = None
         self._reader = None
         self._reading_from: int | None = None
+        self._persisted_segment = -1  # first LSN of the segment the persisted position is in
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,6 +164,7 @@ class ZoneLander:
         self._state = await asyncio.to_thread(self._load_state)
         for hour, first, last in self._state.sealed:
             self._intents[(hour, first)] = last
+        self._persisted_segment = self._wal.segment_start(self._state.position)
         self._wal.register_consumer(self.zone, self._state.position)
         self._reader = self._wal.reader(self._state.position)
         self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
@@ -158,8 +176,8 @@ class ZoneLander:
             self._observer.landing_failed(self.zone, task.exception())
             log.critical("a zone stopped landing; restart the gateway", exc_info=task.exception(), extra={"zone": self.zone})
 
-    async def drain(self, deadline_secs: float) -> bool:
-        """Land everything durable in the WAL within the deadline; True when nothing is left."""
+    async def drain(self, deadline_secs: float | None) -> bool:
+        """Land everything durable in the WAL within the deadline (None: however long it takes); True when nothing is left."""
         self._draining = True
         await self._wal.wake_consumers()
         try:
@@ -181,6 +199,7 @@ class ZoneLander:
         await asyncio.gather(*(t for t in [self._task, *self._uploads] if t is not None), return_exceptions=True)
         if self._reader is not None:
             self._reader.close()
+        self._state_file.close()
 
     @property
     def position(self) -> int:
@@ -213,24 +232,35 @@ class ZoneLander:
                 delay = self.settings.retry_initial_secs
                 if frames:
                     due = await asyncio.to_thread(self._absorb, frames)
+                    # Every due object is sealed before any state is written, so none is counted nowhere.
+                    await self._seal(due)
                     self._reading_from = None
-                    for pending in due:
-                        await self._seal(pending)
+                    await self._record_progress()
                 else:
+                    moved = reader.lsn > self._reading_from  # frames read, none of them this zone's
                     self._reading_from = None
-                    await asyncio.sleep(0.01)  # durable data not yet visible in the file; never spin
-            for pending in self._due_by_age():
-                await self._seal(pending)
+                    if moved:
+                        await self._record_progress()
+                    else:
+                        await asyncio.sleep(0.01)  # durable data not yet visible in the file; never spin
+            await self._seal(self._due_by_age())
             if self._draining and self._reader.lsn >= self._wal.durable_lsn:
-                for pending in list(self._open.values()):
-                    await self._seal(pending, reason="drain")
+                await self._seal(list(self._open.values()), reason="drain")
                 await asyncio.gather(*list(self._uploads), return_exceptions=True)
                 await self._persist_state()
                 return
-            if len(self._sealed) >= 2 * self.settings.max_uploads_in_flight and self._uploads:
+            if len(self._sealed) >= 2 * self.settings.max_uploads_in_flight:
                 # Back-pressure: stop reading until an upload finishes; the WAL holds the rest.
-                await asyncio.wait(set(self._uploads), return_when=asyncio.FIRST_COMPLETED)
+                if self._uploads:
+                    await asyncio.wait(set(self._uploads), return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(delay)
             self._report_backlog()
+
+    async def _record_progress(self) -> None:
+        """Persist the position once it has moved into a later segment, so that segment can go."""
+        if self._wal.segment_start(self._current_position()) > self._persisted_segment:
+            await self._persist_state()
 
     def _absorb(self, frames: list[Frame]) -> list[_Pending]:
         """Add frames to open objects (off the event loop: compression is the cost here)."""
@@ -275,20 +305,24 @@ class ZoneLander:
 
     # -- sealing and landing -----------------------------------------------------------------
 
-    async def _seal(self, pending: _Pending, reason: str = "") -> None:
-        """Fix the object's boundaries durably, then start its upload."""
-        if self._open.get(pending.hour) is pending:
-            del self._open[pending.hour]
-        self._sealed.append(pending)
-        intent = (pending.hour, pending.first_lsn, pending.last_lsn)
-        if intent not in self._state.sealed:
-            self._state.sealed.append(intent)
+    async def _seal(self, due: list[_Pending], reason: str = "") -> None:
+        """Fix the objects' boundaries durably (one state write for all), then start their uploads."""
+        if not due:
+            return
+        for pending in due:
+            if self._open.get(pending.hour) is pending:
+                del self._open[pending.hour]
+            self._sealed.append(pending)
+            intent = (pending.hour, pending.first_lsn, pending.last_lsn)
+            if intent not in self._state.sealed:
+                self._state.sealed.append(intent)
         await self._persist_state()
-        previous = self._chains.get(pending.hour)
-        task = asyncio.create_task(self._land(pending, previous), name=f"land-{self.zone}-{pending.first_lsn}")
-        self._chains[pending.hour] = task
-        self._uploads.add(task)
-        task.add_done_callback(self._uploads.discard)
+        for pending in due:
+            previous = self._chains.get(pending.hour)
+            task = asyncio.create_task(self._land(pending, previous), name=f"land-{self.zone}-{pending.first_lsn}")
+            self._chains[pending.hour] = task
+            self._uploads.add(task)
+            task.add_done_callback(self._uploads.discard)
 
     async def _land(self, pending: _Pending, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
@@ -297,33 +331,15 @@ class ZoneLander:
         try:
             body = await asyncio.to_thread(pending.builder.finish)
         except Exception as exc:
-            # The object stays sealed, so the position cannot pass it: the next start rebuilds it from the WAL.
             self._observer.landing_failed(self.zone, exc)
             log.critical(
-                "building an object failed; its records stay in the WAL and land after a restart",
+                "building an object failed; its records go to the dead-letter prefix",
                 exc_info=True,
                 extra={"zone": self.zone, "first_lsn": pending.first_lsn, "last_lsn": pending.last_lsn},
             )
-            return
-        obj = self._lake_object(pending, body)
-        delay = self.settings.retry_initial_secs
-        while True:
-            started = time.perf_counter()
-            try:
-                async with self._upload_slots:
-                    landed = await self._sink.put_object(obj)
-                break
-            except Exception as exc:
-                # Never give up: the records are acknowledged. They wait in the WAL until the sink returns.
-                self._observer.landing_failed(self.zone, exc)
-                if isinstance(exc, ConnectorError):
-                    level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
-                    log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
-                else:  # a sink that did not translate its error: still retried, and loudly
-                    log.exception("landing failed with an unexpected error; will retry", extra={"zone": self.zone, "key": obj.key})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max_secs)
-        self._observer.landed(self.zone, landed, time.perf_counter() - started)
+            await self._dead_letter(pending, f"build failed: {type(exc).__name__}: {exc}")
+        else:
+            await self._upload(pending, self._lake_object(pending, body))
         self._sealed.remove(pending)
         self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
         self._state.landed[str(pending.hour)] = pending.last_lsn
@@ -331,7 +347,77 @@ class ZoneLander:
         if self._chains.get(pending.hour) is asyncio.current_task():
             del self._chains[pending.hour]
 
-    def _lake_object(self, pending: _Pending, body: bytes) -> LakeObject:
+    async def _upload(self, pending: _Pending, obj: LakeObject) -> LandedObject:
+        """Land ``obj``, retrying while the sink may recover; dead-letter it if the sink refuses it for good."""
+        delay = self.settings.retry_initial_secs
+        refusals = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._upload_slots:
+                    landed = await self._sink.put_object(obj)
+                self._observer.landed(self.zone, landed, time.perf_counter() - started)
+                return landed
+            except Exception as exc:
+                # Never give up on a sink that may come back: the records are acknowledged and wait in the WAL.
+                self._observer.landing_failed(self.zone, exc)
+                if isinstance(exc, PermanentError):
+                    refusals += 1
+                    if refusals >= self.settings.max_object_attempts:
+                        log.error("the sink refuses this object for good; dead-lettering it", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                        return await self._dead_letter(pending, f"refused by the sink: {exc}")
+                if isinstance(exc, ConnectorError):
+                    level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
+                    log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                else:  # a sink that did not translate its error: still retried, and loudly
+                    log.exception("landing failed with an unexpected error; will retry", extra={"zone": self.zone, "key": obj.key})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_secs)
+
+    async def _dead_letter(self, pending: _Pending, reason: str) -> LandedObject:
+        """Land the object's records as they are in the WAL, with the reason, under the dead-letter prefix."""
+        body, records = await asyncio.to_thread(self._rebuild_plain, pending)
+        obj = self._lake_object(pending, body, prefix=f"{DEAD_LETTER_PREFIX}/", extension=ZstdNdjsonBuilder.extension)
+        obj = dataclasses.replace(obj, records=records, metadata={**obj.metadata, "deadletter-reason": reason[:512]})
+        log.critical(
+            "object dead-lettered",
+            extra={"zone": self.zone, "key": obj.key, "records": records, "reason": reason},
+        )
+        self._observer.dead_lettered(self.zone, records, reason.split(":", 1)[0])
+        delay = self.settings.retry_initial_secs
+        while True:
+            try:
+                async with self._upload_slots:
+                    landed = await self._sink.put_object(obj)
+                self._observer.landed(self.zone, landed, 0.0)
+                return landed
+            except Exception as exc:
+                self._observer.landing_failed(self.zone, exc)
+                log.error("dead-lettering failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_secs)
+
+    def _rebuild_plain(self, pending: _Pending) -> tuple[bytes, int]:
+        """The pending object's records, read again from the WAL, as zstd NDJSON."""
+        builder = ZstdNdjsonBuilder()
+        records = 0
+        reader = self._wal.reader(pending.first_lsn)
+        try:
+            while reader.lsn <= pending.last_lsn:
+                frames = reader.read(READ_BATCH_BYTES, self._kinds)
+                if not frames:
+                    break
+                for frame in frames:
+                    if frame.lsn > pending.last_lsn:
+                        break
+                    if frame.kind == self.settings.kind and frame.hour == pending.hour and self._wanted(frame):
+                        builder.add(frame)
+                        records += frame.count
+        finally:
+            reader.close()
+        return builder.finish(), records
+
+    def _lake_object(self, pending: _Pending, body: bytes, prefix: str = "", extension: str = "") -> LakeObject:
         s = self.settings
         dt = time.strftime("%Y-%m-%d", time.gmtime(pending.hour * 3600))
         hh = time.strftime("%H", time.gmtime(pending.hour * 3600))
@@ -339,7 +425,7 @@ class ZoneLander:
         name = f"{s.gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}"
         return LakeObject(
             partition=partition,
-            key=f"{partition.prefix}/{name}.{pending.builder.extension}",
+            key=f"{prefix}{partition.prefix}/{name}.{extension or pending.builder.extension}",
             body=body,
             content_type=pending.builder.content_type,
             records=pending.records,
@@ -359,39 +445,43 @@ class ZoneLander:
         return min([self._reader.lsn, *firsts])
 
     async def _persist_state(self) -> None:
+        """Write the state (retrying until it is written: nothing may skip it), then release segments."""
+        delay = self.settings.retry_initial_secs
         async with self._state_lock:
-            position = self._current_position()
-            state = self._state
-            state.position = position
-            # A partition's watermark matters only while its frames may still be replayed.
-            state.landed = {h: lsn for h, lsn in state.landed.items() if lsn >= position}
-            payload = msgspec.json.encode(state)
-            await asyncio.to_thread(_write_atomically, self._state_path, payload)
+            while True:
+                position = self._current_position()
+                state = self._state
+                state.position = position
+                # A partition's watermark matters only while its frames may still be replayed.
+                state.landed = {h: lsn for h, lsn in state.landed.items() if lsn >= position}
+                try:
+                    await asyncio.to_thread(self._state_file.write, msgspec.json.encode(state))
+                    break
+                except OSError as exc:
+                    self._observer.landing_failed(self.zone, exc)
+                    log.error("cannot write the zone's state; will retry", extra={"zone": self.zone, "error": str(exc)})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.retry_max_secs)
+            self._persisted_segment = self._wal.segment_start(position)
             self._wal.release(self.zone, position)
 
     def _load_state(self) -> LanderState:
-        try:
-            return msgspec.json.decode(self._state_path.read_bytes(), type=LanderState)
-        except FileNotFoundError:
-            self._state_path.parent.mkdir(parents=True, exist_ok=True)
-            return LanderState()
+        ensure_directory(self._state_dir)
+        payload = self._state_file.open()
+        if payload is None:
+            legacy = self._state_dir / f"{self.zone}.json"  # written by earlier versions
+            try:
+                payload = legacy.read_bytes()
+            except FileNotFoundError:
+                return LanderState()
+        state = msgspec.json.decode(payload, type=LanderState)
+        # Intents whose frames are all gone from the WAL were landed before their state was written.
+        floor = self._wal.first_lsn
+        state.sealed = [intent for intent in state.sealed if intent[2] >= floor]
+        return state
 
     def _report_backlog(self) -> None:
         pending = [*self._open.values(), *self._sealed]
         oldest_ms = min((p.oldest_received_ms for p in pending), default=None)
         age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0
         self._observer.backlog(self.zone, self._wal.backlog_bytes(self._current_position()), age)
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fdatasync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -100,6 +100,12 @@ class GatewayMetrics:
         self.registry_stale = Gauge(
             "edge_gateway_registry_stale", "1 while the last registry refresh failed (the last good keys are in use)", registry=r
         )
+        self.dead_lettered_records = Counter(
+            "edge_gateway_dead_lettered_records",
+            "Records that could not be built into or uploaded as their zone's object and went to the dead-letter prefix",
+            ["zone", "reason"],
+            registry=r,
+        )
         self.registry_devices = Gauge("edge_gateway_registry_devices", "Devices in the registry", registry=r)
         self.registry_last_success = Gauge(
             "edge_gateway_registry_last_success_timestamp_seconds", "When the registry was last refreshed", registry=r
@@ -123,6 +129,9 @@ class GatewayMetrics:
     def landing_failed(self, zone: str, error: Exception) -> None:
         self.stage_errors.labels(f"land_{zone}", type(error).__name__).inc()
 
+    def dead_lettered(self, zone: str, records: int, reason: str) -> None:
+        self.dead_lettered_records.labels(zone, reason).inc(records)
+
     def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None:
         self.wal_backlog.labels(zone).set(backlog_bytes)
         self.wal_oldest_age.labels(zone).set(oldest_age_secs)
@@ -135,7 +144,8 @@ class _SinkCollector:
         self._sink = sink
 
     def collect(self):
-        parts = [self._sink, getattr(self._sink, "sink", None), getattr(self._sink, "catalog", None), getattr(self._sink, "events", None)]
+        sink = self._sink
+        parts = [sink, getattr(sink, "sink", None), getattr(sink, "catalog", None), getattr(sink, "events", None), getattr(sink, "outbox", None)]
         for part in parts:
             stats = getattr(part, "stats", None)
             if stats is None or not dataclasses.is_dataclass(stats):
@@ -147,7 +157,7 @@ class _SinkCollector:
                 )
                 metric.add_metric([], getattr(stats, field.name))
                 yield metric
-            for gauge in ("concurrency_limit", "requests_in_flight"):
+            for gauge in ("concurrency_limit", "requests_in_flight", "catalog_queued", "outbox_pending_files", "outbox_pending_bytes"):
                 if hasattr(part, gauge):
                     family = GaugeMetricFamily(f"edge_gateway_{kind}_{gauge}", f"{type(part).__name__} {gauge.replace('_', ' ')}")
                     family.add_metric([], getattr(part, gauge))

@@ -19,33 +19,83 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
+import threading
+from dataclasses import dataclass, field
+
+import msgspec
 
 from connectors.base import ObjectSink
 from gateway.curated import CuratedScorer, ParquetBuilder, prepare_frames
 from gateway.formats import ZstdNdjsonBuilder
 from gateway.landing import LanderSettings, ZoneLander
 from gateway.metrics import GatewayMetrics
+from gateway.retry_ledger import LedgerError, RetryLedger
 from gateway.settings import Settings
 from gateway.spool import Spool
-from gateway.wal import KIND_QUARANTINE, KIND_RECORDS, WriteAheadLog
+from gateway.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
+from gateway.wal_layout import WalSlot, wal_id
 
 log = logging.getLogger(__name__)
 
 
+class RequestRecord(msgspec.Struct, array_like=True):
+    """A ``KIND_REQUEST`` frame's payload: the retry key a request ran under and its answer."""
+
+    key: bytes
+    body_sha256: str
+    answer: bytes
+
+
+class _RawIds(msgspec.Struct):
+    """The fields of a raw-zone line the retry ledger needs."""
+
+    device_id: str
+    event_time_ms: int
+    seq: int | None = None
+
+
+_raw_ids = msgspec.json.Decoder(_RawIds)
+
+
+@dataclass(slots=True)
+class Durable:
+    """What one request adds to the retry ledger once its frames are durable."""
+
+    end_lsn: int
+    seqs: list[tuple[str, int, int]] = field(default_factory=list)
+    request: tuple[bytes, str, bytes] | None = None
+
+
 class Pipeline:
-    def __init__(self, settings: Settings, *, gateway_id: str, sink: ObjectSink, metrics: GatewayMetrics) -> None:
-        wal_dir = Path(settings.wal.dir)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slot: WalSlot,
+        sink: ObjectSink,
+        metrics: GatewayMetrics,
+        ledger: RetryLedger | None = None,
+    ) -> None:
+        wal_dir = slot.directory
+        self.slot = slot
         self.spool_dir = wal_dir / "spool"
+        self.ledger = ledger
+        self.wal_id = ""
+        self._unrecorded: list[Durable] = []  # appended on the event loop, taken by the fsync thread
+        self._unrecorded_lock = threading.Lock()
+        self._metrics = metrics
         self.wal = WriteAheadLog(
             wal_dir / "segments",
             segment_bytes=settings.wal.segment_bytes,
             max_total_bytes=settings.wal.max_total_bytes,
             fsync=settings.wal.fsync,
             on_fsync=metrics.wal_fsync.observe,
+            on_durable=self._record_durable,
+            on_rollback=self._forget_beyond,
         )
         self.sink = sink
         lake = settings.lake
+        gateway_id = slot.gateway_id
 
         def lander(zone: str, kind: int, builder=None, prepare=None) -> ZoneLander:
             return ZoneLander(
@@ -81,24 +131,98 @@ class Pipeline:
         for stale in self.spool_dir.glob("spool-*"):  # only left behind by a crash; never durable
             stale.unlink(missing_ok=True)
         await self.wal.start()
-        await self.sink.start()
-        if self.scorer is not None:
-            await self.scorer.start()
-        for lander in self.landers:
-            await lander.start()
+        try:
+            if self.ledger is not None:
+                self.wal_id = await asyncio.to_thread(wal_id, self.slot.directory)
+                await asyncio.to_thread(self._catch_up_ledger)
+            await self.sink.start()
+            if self.scorer is not None:
+                await self.scorer.start()
+            for lander in self.landers:
+                await lander.start()
+        except BaseException:
+            await self.close()  # nothing keeps running half-started
+            raise
 
     def new_spool(self, memory_bytes: int) -> Spool:
         return Spool(self.spool_dir, memory_bytes)
 
-    async def persist(self, spool: Spool) -> None:
-        """Step 5: append a request's frames to the WAL; returns once they are fsynced."""
-        end = None
-        for frames in spool.chunks():
-            end = self.wal.write(frames)
-        if end is not None:
-            await self.wal.wait_durable(end)
+    async def persist(
+        self, spool: Spool, seqs: list[tuple[str, int, int]] = (), request: tuple[bytes, str, bytes] | None = None
+    ) -> None:
+        """Step 5: append a request's frames to the WAL, all or none; returns once they are fsynced.
 
-    async def drain(self, deadline_secs: float) -> bool:
+        ``seqs`` and ``request`` (retry key, body hash, answer) reach the retry ledger once durable.
+        """
+        if spool.empty:
+            return
+        if request is not None and self.ledger is not None:
+            spool.add(encode_frame(KIND_REQUEST, 0, 0, 0, 0, 0, msgspec.msgpack.encode(RequestRecord(*request))))
+        end = self.wal.write_request(spool.chunks(), spool.bytes, spool.frame_count)
+        if self.ledger is not None:
+            with self._unrecorded_lock:
+                self._unrecorded.append(Durable(end, list(seqs), request))
+        await self.wal.wait_durable(end)
+
+    # -- the retry ledger follows the WAL ----------------------------------------------------
+
+    def _record_durable(self, lsn: int) -> None:
+        """In the fsync thread: what is now durable goes into the ledger before anyone is answered."""
+        if self.ledger is None:
+            return
+        with self._unrecorded_lock:
+            done = [d for d in self._unrecorded if d.end_lsn <= lsn]
+            if not done:
+                return
+            self._unrecorded = [d for d in self._unrecorded if d.end_lsn > lsn]
+        seqs = [s for d in done for s in d.seqs]
+        requests = [d.request for d in done if d.request is not None]
+        try:
+            self.ledger.record(self.wal_id, lsn, seqs, requests)
+        except LedgerError as exc:
+            # The records are durable and will be acknowledged; only their retries may land twice.
+            # The mark did not move, so the next start reads them from the WAL again.
+            self._metrics.stage_errors.labels("ledger", "LedgerError").inc()
+            log.error("retry ledger not updated; retries of these requests may land twice", extra={"error": str(exc)})
+
+    def _forget_beyond(self, lsn: int) -> None:
+        """The WAL was cut back to ``lsn`` after a failed fsync: what it held past that never happened."""
+        with self._unrecorded_lock:
+            self._unrecorded = [d for d in self._unrecorded if d.end_lsn <= lsn]
+        if self.ledger is not None and self.wal_id:
+            try:
+                self.ledger.forget_mark_beyond(self.wal_id, lsn)
+            except LedgerError as exc:
+                log.error("retry ledger mark not moved back", extra={"error": str(exc)})
+
+    def _catch_up_ledger(self) -> None:
+        """Record what the WAL holds past the ledger's mark (a crash came between fsync and ledger)."""
+        mark = self.ledger.mark(self.wal_id)
+        if mark >= self.wal.durable_lsn:
+            return
+        reader = self.wal.reader(mark)
+        seqs: list[tuple[str, int, int]] = []
+        requests: list[tuple[bytes, str, bytes]] = []
+        try:
+            while frames := reader.read(8 * 1024 * 1024, frozenset({KIND_RECORDS, KIND_REQUEST})):
+                for frame in frames:
+                    if frame.kind == KIND_REQUEST:
+                        r = msgspec.msgpack.decode(frame.payload, type=RequestRecord)
+                        requests.append((r.key, r.body_sha256, r.answer))
+                    elif frame.kind == KIND_RECORDS:
+                        for line in frame.payload.splitlines():
+                            ids = _raw_ids.decode(line)
+                            if ids.seq is not None:
+                                seqs.append((ids.device_id, ids.seq, ids.event_time_ms))
+        finally:
+            reader.close()
+        self.ledger.record(self.wal_id, self.wal.durable_lsn, seqs, requests)
+        log.info(
+            "retry ledger caught up from the WAL",
+            extra={"wal": str(self.slot.directory), "from_lsn": mark, "records": len(seqs), "requests": len(requests)},
+        )
+
+    async def drain(self, deadline_secs: float | None) -> bool:
         """Land what the WAL holds within the deadline; what does not land is replayed next start."""
         results = await asyncio.gather(*(lander.drain(deadline_secs) for lander in self.landers))
         return all(results)

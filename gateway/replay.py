@@ -9,6 +9,9 @@ A request that was refused for a reason the device should retry (503, 500) relea
 signature, so the device's retry of the very same bytes is not mistaken for a replay. A replay that
 carries an ``Idempotency-Key`` already answered gets that answer again (it lands nothing), so a
 device that lost an acknowledgement can resend exactly what it sent.
+
+Once the gateway has opened its retry ledger (``use_ledger``), signatures are remembered there
+instead: shared by every worker of the instance and kept across restarts.
 """
 
 from __future__ import annotations
@@ -38,13 +41,20 @@ class ReplayGuard:
         self._clock = clock
         self._on_evict = on_evict
         self._seen: OrderedDict[str, float] = OrderedDict()  # signature -> when it may be forgotten
+        self._ledger = None
+
+    def use_ledger(self, ledger) -> None:
+        """Remember signatures in the instance's retry ledger (``retry_ledger.RetryLedger``)."""
+        self._ledger = ledger
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return self._ledger.counts()["signature"] if self._ledger is not None else len(self._seen)
 
     def claim(self, signature: str, timestamp_secs: float) -> bool:
         """Remember ``signature``; False if it was already claimed and has not expired."""
         now = self._clock()
+        if self._ledger is not None:
+            return self._ledger.claim_signature(signature, max(now, timestamp_secs) + self._window())
         self._expire(now)
         expires = self._seen.get(signature)
         if expires is not None and expires > now:
@@ -60,6 +70,8 @@ class ReplayGuard:
         return True
 
     def release(self, signature: str) -> None:
+        if self._ledger is not None:
+            self._ledger.release_signature(signature)
         self._seen.pop(signature, None)
 
     def _expire(self, now: float) -> None:

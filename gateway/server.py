@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -71,8 +72,11 @@ class RunningGateway:
         return landed_all
 
 
-async def start_gateway(settings: Settings, *, gateway: Gateway | None = None) -> RunningGateway:
-    gw = gateway or Gateway(settings)
+async def start_gateway(
+    settings: Settings, *, gateway: Gateway | None = None, worker_index: int | None = None, listener: socket.socket | None = None
+) -> RunningGateway:
+    """Start a gateway; a supervisor's worker gets its index and the instance's bound ``listener``."""
+    gw = gateway or Gateway(settings, worker_index=worker_index)
     await gw.start()
     app = build_app(gw)
     runner = web.AppRunner(
@@ -95,7 +99,7 @@ async def start_gateway(settings: Settings, *, gateway: Gateway | None = None) -
         handshake_timeout_secs=tls.handshake_timeout_secs,
         ssl_context=server_context(tls) if tls.enabled else None,
         backlog=listen.backlog,
-        reuse_port=True,
+        sock=listener,
     )
     admin = None
     try:
@@ -111,9 +115,14 @@ async def start_gateway(settings: Settings, *, gateway: Gateway | None = None) -
 
 
 async def serve(
-    settings: Settings, reload_settings: Callable[[], Settings], stop_requested: Callable[[], bool] = lambda: False
+    settings: Settings,
+    reload_settings: Callable[[], Settings],
+    stop_requested: Callable[[], bool] = lambda: False,
+    *,
+    worker_index: int | None = None,
+    listener: socket.socket | None = None,
 ) -> int:
-    running = await start_gateway(settings)
+    running = await start_gateway(settings, worker_index=worker_index, listener=listener)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

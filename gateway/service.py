@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -18,35 +20,53 @@ from connectors.s3 import S3Sink
 from gateway import logs
 from gateway.auth import HmacAuthenticator, NoAuthenticator
 from gateway.cert_auth import DeviceAuthenticator
-from gateway.dedup import IdempotencyCache, SeqIndex
 from gateway.enrich import PartitionPolicy
 from gateway.instance_metadata import availability_zone
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.registry import DeviceRegistry, RegistryError
+from gateway.retry_ledger import RetryLedger
 from gateway.secrets_registry import SecretsManagerRegistry
 from gateway.security import EdgeSecurity
 from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
+from gateway.wal_layout import (
+    INSTANCE_LOCK,
+    SLOT_LOCK,
+    SUPERVISED_ENV,
+    DirectoryLock,
+    WalLocked,
+    WalSlot,
+    orphan_slots,
+    slot_for,
+)
 
 log = logging.getLogger(__name__)
 
 
-def build_sink(settings: Settings, gateway_id: str) -> ObjectSink:
-    """The lake the configuration names, with its catalog and event announcements when configured."""
+def build_sink(settings: Settings, slot: WalSlot) -> ObjectSink:
+    """The lake the configuration names, with its catalog and event announcements when configured.
+
+    Landed-object events wait in an outbox beside the slot's WAL until EventBridge has them.
+    """
     if settings.lake.kind == "local":
         return LocalLakeSink(settings.lake.dir, fsync=settings.wal.fsync)
-    s3 = S3Sink(settings.s3, gateway_id=gateway_id)
+    s3 = S3Sink(settings.s3, gateway_id=slot.gateway_id)
     catalog = GlueCatalog(settings.glue, lake_url=s3.root_url) if settings.glue else None
     events = EventBridgePublisher(settings.eventbridge) if settings.eventbridge else None
     if catalog is None and events is None:
         return s3
-    return AnnouncingSink(s3, catalog=catalog, events=events)
+    return AnnouncingSink(s3, catalog=catalog, events=events, outbox_dir=slot.directory / "outbox" if events else None)
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, sink: ObjectSink | None = None) -> None:
+    def __init__(self, settings: Settings, *, sink: ObjectSink | None = None, worker_index: int | None = None) -> None:
         self.settings = settings
-        self.gateway_id = settings.gateway.gateway_id or socket.gethostname().split(".")[0]
+        self.base_id = settings.gateway.gateway_id or socket.gethostname().split(".")[0]
+        workers = settings.listen.workers if worker_index is not None else 1
+        self.worker_index = worker_index or 0
+        # Which WAL directory this process owns, and the name its lake objects carry (wal_layout.py).
+        self.slot = slot_for(settings.wal.dir, self.base_id, self.worker_index, workers)
+        self.gateway_id = self.slot.gateway_id
         self.availability_zone = settings.gateway.availability_zone
         self.metrics = GatewayMetrics()
         self.security = EdgeSecurity(lambda: self.settings, self.metrics)
@@ -59,12 +79,20 @@ class Gateway:
         )
         self.registry = self._load_registry(settings)
         self.authenticator = self._authenticator(settings)
-        sink = sink or build_sink(settings, self.gateway_id)
+        sink = sink or build_sink(settings, self.slot)
         self.metrics.watch_sink(sink)
-        self.pipeline = Pipeline(settings, gateway_id=self.gateway_id, sink=sink, metrics=self.metrics)
         limits = settings.limits
-        self.seq_index = SeqIndex(limits.dedup_window_secs, limits.dedup_max_keys)
-        self.idempotency = IdempotencyCache(limits.dedup_window_secs, limits.dedup_max_keys)
+        self.ledger = RetryLedger(
+            Path(settings.wal.dir) / "ledger",
+            window_secs=max(limits.dedup_window_secs, 2 * settings.auth.timestamp_window_secs),
+            max_keys=limits.dedup_max_keys,
+            max_signatures=settings.auth.replay_cache_max_entries,
+            on_forget=lambda kind, entries: self.metrics.replay_evictions.inc(entries) if kind == "signature" else None,
+        )
+        self.pipeline = Pipeline(settings, slot=self.slot, sink=sink, metrics=self.metrics, ledger=self.ledger)
+        self.running_requests: dict[bytes, asyncio.Future[bytes | None]] = {}  # retry keys running here
+        self._locks: list[DirectoryLock] = []
+        self._orphans: list[asyncio.Task[None]] = []
         self.partition_policy = PartitionPolicy(
             settings.gateway.max_clock_skew_secs * 1000, settings.gateway.max_event_age_secs * 1000
         )
@@ -104,7 +132,16 @@ class Gateway:
         started = time.perf_counter()
         if self.registry_source is not None:
             await self.registry_source.start()  # no keys, no service: fails start-up
-        await self.pipeline.start()
+        self._take_ownership()
+        await asyncio.to_thread(self.ledger.open)
+        self.security.replay.use_ledger(self.ledger)
+        try:
+            await self.pipeline.start()
+        except BaseException:
+            self._release_ownership()
+            raise
+        if self.worker_index == 0:
+            self._adopt_orphans()
         wal = self.pipeline.wal
         self.metrics.wal_capacity.set(wal.max_total_bytes)
         self.metrics.wal_bytes.set_function(lambda: wal.total_bytes)
@@ -126,6 +163,54 @@ class Gateway:
                 "create one with `edge-gateway device add DEVICE_ID --registry FILE`",
                 extra={"registry_path": self.settings.auth.registry_path},
             )
+
+    def _take_ownership(self) -> None:
+        """Lock the instance (unless a supervisor holds it for us) and this worker's WAL directory."""
+        root = self.settings.wal.dir
+        if os.environ.get(SUPERVISED_ENV) != str(Path(root).resolve()):
+            self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire())
+        self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire())
+
+    def _release_ownership(self) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+        self._locks.clear()
+
+    def _adopt_orphans(self) -> None:
+        """Drain WAL directories no worker owns now (``listen.workers`` changed): they hold acked records."""
+        workers = self.settings.listen.workers
+        for slot in orphan_slots(self.settings.wal.dir, self.base_id, workers):
+            self._orphans.append(asyncio.create_task(self._drain_orphan(slot), name=f"orphan-{slot.name or 'root'}"))
+
+    async def _drain_orphan(self, slot: WalSlot) -> None:
+        try:
+            lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire()
+        except WalLocked as exc:
+            log.warning("not adopting a WAL directory another process holds", extra={"error": str(exc)})
+            return
+        pipeline = Pipeline(
+            self.settings,
+            slot=slot,
+            sink=build_sink(self.settings, slot),
+            metrics=self.metrics,
+            ledger=self.ledger,
+        )
+        log.warning(
+            "draining a WAL directory no worker owns (listen.workers changed)",
+            extra={"wal": str(slot.directory), "gateway_id": slot.gateway_id},
+        )
+        try:
+            await pipeline.start()
+            landed = await pipeline.drain(None)
+            log.info("orphaned WAL directory drained", extra={"wal": str(slot.directory), "landed_everything": landed})
+        except asyncio.CancelledError:
+            log.info("orphaned WAL drain stopped; it continues at the next start", extra={"wal": str(slot.directory)})
+            raise
+        except Exception:
+            log.exception("draining an orphaned WAL directory failed; it is retried at the next start", extra={"wal": str(slot.directory)})
+        finally:
+            await pipeline.close()
+            lock.release()
 
     def reload(self, settings: Settings) -> list[str]:
         """Apply a new configuration's run-time sections; return the sections that need a restart."""
@@ -154,9 +239,14 @@ class Gateway:
     async def close(self) -> None:
         if self._lag_task is not None:
             self._lag_task.cancel()
+        for task in self._orphans:
+            task.cancel()
+        await asyncio.gather(*self._orphans, return_exceptions=True)
         if self.registry_source is not None:
             await self.registry_source.close()
         await self.pipeline.close()
+        self.ledger.close()
+        self._release_ownership()
 
     async def _watch_loop_lag(self, interval: float = 0.25) -> None:
         loop = asyncio.get_running_loop()

@@ -108,8 +108,12 @@ class WalSettings(_Section):
     retry_after_secs: PositiveInt = 5
 
     def __post_init__(self) -> None:
-        if self.segment_bytes > self.max_total_bytes:
-            raise ValueError("segment_bytes must not exceed max_total_bytes")
+        # A segment is released only once a newer one exists, so the log needs room for two at least.
+        if self.max_total_bytes < 2 * self.segment_bytes:
+            raise ValueError(
+                f"max_total_bytes ({self.max_total_bytes}) must be at least twice segment_bytes ({self.segment_bytes}): "
+                "a full segment is released only once the next one exists"
+            )
 
 
 class LakeSettings(_Section):
@@ -208,6 +212,27 @@ class Settings(_Section):
 
 # Sections that SIGHUP may replace in a running gateway; the others need a restart.
 RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth", "proxy", "rate_limits", "admission", "connections"})
+
+
+def wal_budget_problem(settings: Settings) -> str | None:
+    """Why the WAL budget cannot fit the filesystem under ``wal.dir`` (every worker has its own log), or None."""
+    wal = settings.wal
+    path = Path(wal.dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    size = stats.f_blocks * stats.f_frsize
+    budget = wal.max_total_bytes * settings.listen.workers
+    if budget > size:
+        return (
+            f"wal.max_total_bytes ({wal.max_total_bytes}) x listen.workers ({settings.listen.workers}) = {budget} bytes, "
+            f"but the filesystem holding {wal.dir} is {size} bytes: lower wal.max_total_bytes to at most "
+            f"{size // settings.listen.workers // 2 * 2} or give the WAL a larger volume"
+        )
+    return None
 
 
 def is_loopback(host: str) -> bool:

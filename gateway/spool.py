@@ -13,6 +13,10 @@ from collections.abc import Iterator
 CHUNK_BYTES = 1024 * 1024
 
 
+class SpoolFull(Exception):
+    """The disk holding spooled requests is full; the request is refused, nothing of it lands."""
+
+
 class Spool:
     def __init__(self, directory: str | os.PathLike[str], memory_bytes: int) -> None:
         self._directory = directory
@@ -29,9 +33,12 @@ class Spool:
             self._frames.append(frame)
             self._memory += len(frame)
             return
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self._directory, prefix="spool-")
-        self._file.write(frame)
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._directory, prefix="spool-")
+            self._file.write(frame)
+        except OSError as exc:
+            raise SpoolFull(f"no room to hold this request while it is read: {exc}") from None
         self._file_frames.append(len(frame))
 
     def chunks(self) -> Iterator[list[bytes]]:
@@ -60,6 +67,10 @@ class Spool:
             out.append(data[at : at + length])
             at += length
         return out
+
+    @property
+    def frame_count(self) -> int:
+        return len(self._frames) + len(self._file_frames)
 
     @property
     def empty(self) -> bool:

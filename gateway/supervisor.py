@@ -1,9 +1,11 @@
-"""One worker process per core, sharing the listening port (SO_REUSEPORT), under a supervisor.
+"""One worker process per core, sharing one listening socket, under a supervisor.
 
 Each worker is a whole gateway with its own WAL directory (``<wal.dir>/w<N>``) and its own lake
-object names (``<gateway_id>-w<N>-...``), so workers never coordinate on the record path. The
-supervisor restarts a worker that dies (with backoff if it keeps dying), passes SIGHUP on, and on
-SIGTERM drains every worker and waits for them.
+object names (``<gateway_id>-w<N>-...``), so workers never coordinate on the record path; the retry
+ledger is the one thing they share. The supervisor owns the instance: it locks ``wal.dir`` and binds
+the port once (no SO_REUSEPORT, so a second instance fails to start instead of splitting traffic),
+then hands both to its workers. It restarts a worker that dies (with backoff if it keeps dying),
+passes SIGHUP on, and on SIGTERM drains every worker and waits for them. Workers die with it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from gateway.settings import Settings
+from gateway.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +32,21 @@ class Supervisor:
         self.config = config
         self.settings = settings
         self.workers = settings.listen.workers
+        self.lock = DirectoryLock(settings.wal.dir, INSTANCE_LOCK, "the WAL directory")
+        self.listener: socket.socket | None = None
         self.procs: dict[int, subprocess.Popen] = {}
         self.backoff: dict[int, float] = {}
         self.started_at: dict[int, float] = {}
         self.stopping = False
 
     def _spawn(self, index: int) -> None:
-        argv = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(index)]
+        fd = self.listener.fileno()
+        argv = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(index), "--listen-fd", str(fd)]
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        self.procs[index] = subprocess.Popen(argv)
+        env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve())})
+        # The lock's descriptor goes along, so the instance stays locked while any worker lives.
+        self.procs[index] = subprocess.Popen(argv, pass_fds=(fd, self.lock.fd), env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
         log.info("worker started", extra={"worker": index, "pid": self.procs[index].pid})
 
@@ -55,6 +64,8 @@ class Supervisor:
         signal.signal(signal.SIGHUP, lambda signum, frame: self._forward(signal.SIGHUP))
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
+        self.lock.acquire()  # WalLocked: another instance owns wal.dir
+        self.listener = bind_listener(self.settings.listen)
         for index in range(self.workers):
             self._spawn(index)
         while not self.stopping:
@@ -92,11 +103,20 @@ class Supervisor:
         return 0
 
 
-def worker_settings(settings: Settings, index: int, hostname: str) -> Settings:
-    """A worker's own identity and WAL directory, derived from the shared configuration."""
-    import msgspec
+def bind_listener(listen) -> socket.socket:
+    """The device listener's socket, bound once for the whole instance (never SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=listen.backlog, reuse_port=False)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
-    base_id = settings.gateway.gateway_id or hostname
-    gateway = msgspec.structs.replace(settings.gateway, gateway_id=f"{base_id}-w{index}")
-    wal = msgspec.structs.replace(settings.wal, dir=os.path.join(settings.wal.dir, f"w{index}"))
-    return msgspec.structs.replace(settings, gateway=gateway, wal=wal)
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills it if the supervisor dies (a crash takes all)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -15,6 +15,16 @@ Group commit: appends write to the page cache at once and wait; one committer ta
 has accumulated and wakes every append it covered. Only the last segment can hold a torn tail (a
 segment is fsynced before the next one is created); it is found and truncated on open.
 
+A request is all or nothing. Its frames are written together between two group commits, so the
+durable end never falls inside a request; a request of several frames is preceded by a
+``KIND_TXN`` marker frame (no records) giving the bytes that follow, so recovery also removes a
+request that was only partly on disk when the process died. A failed write (a full disk) is
+rolled back on disk and in memory before the request is answered.
+
+A failed fsync is not retried: the page cache may have dropped the data while clearing the error
+(PostgreSQL's lesson of 2018). Every append since the last good fsync is answered with an error, the
+log is cut back to that point on disk, and appends resume only once that cut is itself durable.
+
 Consumers (the lake zones) read frames up to the durable end and report the LSN below which they
 need nothing; a segment is deleted once every consumer is past it.
 """
@@ -22,16 +32,19 @@ need nothing; a segment is deleted once every consumer is past it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.durable_files import ensure_directory, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +53,14 @@ PREFIX = struct.Struct("<II")
 META = struct.Struct("<IIQQQB3x")
 HEADER_SIZE = PREFIX.size + META.size
 MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
+# Readiness turns off a little before the hard limit, so a ready gateway can take a typical request.
+FULL_MARGIN_BYTES = 64 * 1024
 
 KIND_RECORDS = 1
 KIND_QUARANTINE = 2
+KIND_TXN = 3  # marks the start of a request of several frames; payload: u64 bytes that follow
+KIND_REQUEST = 4  # no records: a request's retry key and answer, for the retry ledger (retry_ledger.py)
+TXN = struct.Struct("<Q")
 
 
 class WalError(Exception):
@@ -55,6 +73,14 @@ class WalFull(WalError):
 
 class WalClosed(WalError):
     """The log is closed (the gateway is draining)."""
+
+
+class WalNoSpace(WalError):
+    """The disk is full: the write was rolled back and nothing of it will land."""
+
+
+class WalFailed(WalError):
+    """An fsync or a rollback failed: the log takes no appends until it has recovered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +136,20 @@ class _Scan:
 
 
 def _read_frames(
-    f, offset: int, lsn: int, end_offset: int | None, max_bytes: int, headers_only: bool = False, kinds: frozenset[int] | None = None
+    f,
+    offset: int,
+    lsn: int,
+    end_offset: int | None,
+    max_bytes: int,
+    headers_only: bool = False,
+    kinds: frozenset[int] | None = None,
+    markers: bool = False,
 ) -> _Scan:
     """Read whole, checksummed frames from ``offset`` up to ``end_offset`` (or EOF).
 
     Frames of a kind not in ``kinds`` keep their place (and LSNs) but are not read or checked:
-    each zone reads only its own payloads, and the zone that owns a frame verifies it.
+    each zone reads only its own payloads, and the zone that owns a frame verifies it. Request
+    markers (``KIND_TXN``) matter only to recovery, which asks for them with ``markers``.
     """
     frames: list[Frame] = []
     read = 0
@@ -130,6 +164,12 @@ def _read_frames(
             return _Scan(frames, offset, lsn, corrupt=True)
         meta = header[PREFIX.size :]
         count, hour, received_ms, min_ev, max_ev, kind = META.unpack(meta)
+        if kind == KIND_TXN and not markers:
+            if offset + HEADER_SIZE + length > readable:
+                return _Scan(frames, offset, lsn, corrupt=True)
+            f.seek(length, os.SEEK_CUR)
+            offset += HEADER_SIZE + length  # not counted against max_bytes: a marker is not content
+            continue
         if headers_only or (kinds is not None and kind not in kinds):
             if offset + HEADER_SIZE + length > readable:
                 return _Scan(frames, offset, lsn, corrupt=True)
@@ -155,19 +195,25 @@ class WriteAheadLog:
         max_total_bytes: int,
         fsync: bool = True,
         on_fsync: Callable[[float], None] | None = None,
+        on_rollback: Callable[[int], None] | None = None,
+        on_durable: Callable[[int], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
         self.max_total_bytes = max_total_bytes
         self._fsync = fsync
         self._on_fsync = on_fsync or (lambda seconds: None)
+        # Told the LSN the log was cut back to: anything remembered about LSNs at or past it is void.
+        self._on_rollback = on_rollback or (lambda lsn: None)
+        # Called in the fsync thread once everything below an LSN is durable, before anyone is told.
+        self._on_durable = on_durable or (lambda lsn: None)
         self._segments: list[_Segment] = []
         self._fd = -1
         self._retired_fds: list[int] = []
         self._next_lsn = 0
-        self._durable_lsn = 0
-        self._durable_offset = 0  # in the last segment
-        self._durable_segment_lsn = 0
+        # (durable LSN, first LSN of the segment it ends in, offset in that segment): one tuple, so a
+        # reader thread never pairs one commit's segment with another's offset.
+        self._durable: tuple[int, int, int] = (0, 0, 0)
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._dirty: asyncio.Event | None = None
         self._data: asyncio.Condition | None = None
@@ -175,13 +221,16 @@ class WriteAheadLog:
         self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-fsync")
         self._consumers: dict[str, int] = {}
         self._closed = True
+        self.failure: str | None = None  # why appends are refused until recovery, if they are
+        self.no_space = False  # the last append found the disk full; cleared by the next that fits
         self.torn_tail_bytes = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
         """Recover the log from disk: find segments, truncate a torn tail, find the next LSN."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        ensure_directory(self.directory)
+        self._segments = []
         for path in sorted(self.directory.glob("*.wal")):
             try:
                 first_lsn = int(path.stem)
@@ -192,10 +241,9 @@ class WriteAheadLog:
         if self._segments:
             self._recover_last_segment()
         else:
-            self._create_segment(0)
-        self._durable_lsn = self._next_lsn
-        self._durable_segment_lsn = self._segments[-1].first_lsn
-        self._durable_offset = self._segments[-1].size
+            self._fd, segment = self._create_segment(0)
+            self._segments.append(segment)
+        self._durable = (self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size)
         self._closed = False
 
     def _recover_last_segment(self) -> None:
@@ -204,37 +252,52 @@ class WriteAheadLog:
             magic = f.read(len(MAGIC))
             if magic != MAGIC:
                 # A crash between creating the file and writing its header leaves it short.
-                scan = _Scan([], 0, last.first_lsn, corrupt=True)
+                good_size, next_lsn, corrupt_inside = len(MAGIC), last.first_lsn, False
             else:
-                scan = _read_frames(f, len(MAGIC), last.first_lsn, None, 1 << 62, headers_only=False)
-        good_size = max(scan.offset, len(MAGIC))
-        if scan.corrupt or last.size > good_size:
-            self.torn_tail_bytes = last.size - scan.offset if magic == MAGIC else last.size
-            log.warning(
-                "WAL: truncating a torn tail left by a crash",
-                extra={"segment": last.path.name, "kept_bytes": good_size, "dropped_bytes": self.torn_tail_bytes},
-            )
-        fd = os.open(last.path, os.O_RDWR)
+                good_size, next_lsn, corrupt_inside = _recoverable_end(f, last.first_lsn, last.size)
+        if last.size > good_size or magic != MAGIC:
+            self.torn_tail_bytes = last.size - good_size if magic == MAGIC else last.size
+            if corrupt_inside:
+                # Not a torn write: a damaged frame with data after it. Keep those bytes for forensics.
+                keep = last.path.with_name(last.path.name + f".damaged-at-{good_size}")
+                with open(last.path, "rb") as src, open(keep, "wb") as dst:
+                    src.seek(good_size)
+                    dst.write(src.read())
+                log.critical(
+                    "WAL: a damaged frame inside the newest segment; the bytes after it are kept aside",
+                    extra={"segment": last.path.name, "offset": good_size, "kept_in": keep.name},
+                )
+            else:
+                log.warning(
+                    "WAL: truncating a torn tail left by a crash",
+                    extra={"segment": last.path.name, "kept_bytes": good_size, "dropped_bytes": self.torn_tail_bytes},
+                )
+        fd = os.open(last.path, os.O_RDWR | os.O_APPEND)
         if magic != MAGIC:
             os.ftruncate(fd, 0)
             os.write(fd, MAGIC)
         else:
             os.ftruncate(fd, good_size)
         os.fsync(fd)
-        os.lseek(fd, 0, os.SEEK_END)
         last.size = good_size
         self._fd = fd
-        self._next_lsn = scan.next_lsn
+        self._next_lsn = next_lsn
 
-    def _create_segment(self, first_lsn: int) -> None:
+    def _create_segment(self, first_lsn: int) -> tuple[int, _Segment]:
+        """A new segment file with its header, durable; on any error nothing of it is left behind."""
         path = self.directory / _segment_name(first_lsn)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
-        os.write(fd, MAGIC)
-        if self._fsync:
-            os.fsync(fd)
-            _fsync_directory(self.directory)
-        self._segments.append(_Segment(first_lsn, path, len(MAGIC)))
-        self._fd = fd
+        try:
+            if os.write(fd, MAGIC) != len(MAGIC):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+            if self._fsync:
+                os.fsync(fd)
+                fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return fd, _Segment(first_lsn, path, len(MAGIC))
 
     async def start(self) -> None:
         if self._closed:
@@ -249,7 +312,7 @@ class WriteAheadLog:
             return
         self._closed = True
         if self._committer is not None:
-            while self._waiters:
+            while self._waiters and not self._committer.done():
                 self._dirty.set()
                 await asyncio.sleep(0)
                 await asyncio.wait([self._waiters[-1][1]], timeout=5)
@@ -258,14 +321,17 @@ class WriteAheadLog:
                 await self._committer
             except asyncio.CancelledError:
                 pass
-        if self._fsync and self._fd >= 0:
+        if self._fsync and self._fd >= 0 and self.failure is None:
             os.fdatasync(self._fd)
-        for fd in [*self._retired_fds, self._fd]:
+        self._close_fds()
+        self._sync_pool.shutdown(wait=True)
+
+    def _close_fds(self) -> None:
+        for fd in {*self._retired_fds, self._fd}:
             if fd >= 0:
                 os.close(fd)
-        self._retired_fds.clear()
+        self._retired_fds = []
         self._fd = -1
-        self._sync_pool.shutdown(wait=True)
 
     # -- appending ---------------------------------------------------------------------------
 
@@ -279,35 +345,100 @@ class WriteAheadLog:
 
     @property
     def durable_lsn(self) -> int:
-        return self._durable_lsn
+        return self._durable[0]
 
-    def has_room(self) -> bool:
-        return self.total_bytes < self.max_total_bytes
+    @property
+    def first_lsn(self) -> int:
+        """The oldest LSN the log still holds."""
+        return self._segments[0].first_lsn
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        return self.total_bytes + nbytes < self.max_total_bytes
+
+    def refusal(self) -> str | None:
+        """Why appends are refused right now (``closed``, ``failed``, ``no_space``, ``full``), or None."""
+        if self._closed:
+            return "closed"
+        if self.failure is not None:
+            return "failed"
+        if self.no_space and not self._space_returned():
+            return "no_space"
+        if not self.has_room(min(self.segment_bytes, FULL_MARGIN_BYTES)):
+            return "full"
+        return None
+
+    def _space_returned(self) -> bool:
+        try:
+            stats = os.statvfs(self.directory)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize >= min(self.segment_bytes, 4 * 1024 * 1024)
 
     def write(self, frames: Sequence[bytes]) -> int:
         """Write frames to the page cache; return the LSN to wait for with ``wait_durable``."""
+        return self.write_request([frames], sum(len(f) for f in frames), len(frames))
+
+    def write_request(self, chunks: Iterable[Sequence[bytes]], total_bytes: int, frame_count: int) -> int:
+        """Write one request's frames, all of them or (on any error) none; return the LSN to wait for.
+
+        Nothing awaits in here, so no group commit can make part of a request durable.
+        """
         if self._closed:
             raise WalClosed("the write-ahead log is closed")
-        if not self.has_room():
-            raise WalFull(f"the write-ahead log holds {self.total_bytes} bytes, its limit")
+        if self.failure is not None:
+            raise WalFailed(f"the write-ahead log is recovering from a failure: {self.failure}")
+        if self.no_space and not self._space_returned():
+            raise WalNoSpace("the disk holding the write-ahead log is full")
+        if not self.has_room(total_bytes):
+            raise WalFull(f"the write-ahead log holds {self.total_bytes} bytes of its {self.max_total_bytes}")
         if self._segments[-1].size >= self.segment_bytes:
             self._rotate()
-        written = os.writev(self._fd, frames) if len(frames) > 1 else os.write(self._fd, frames[0])
-        expected = sum(len(f) for f in frames)
-        while written < expected:  # a short write only happens on a full disk or a signal
-            rest = b"".join(frames)[written:]
-            n = os.write(self._fd, rest)
-            if n == 0:
-                raise WalError("the disk refused a WAL write")
-            written += n
-        self._segments[-1].size += written
-        self._next_lsn += sum(frame_record_count(f) for f in frames)
+        segment = self._segments[-1]
+        records = 0
+        written = 0
+        try:
+            if frame_count > 1:
+                written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(total_bytes))])
+            for frames in chunks:
+                written += self._write_all(frames)
+                records += sum(frame_record_count(f) for f in frames)
+        except OSError as exc:
+            self._roll_back_write(segment, exc)
+        segment.size += written
+        self._next_lsn += records
+        self.no_space = False
         self._dirty.set()
         return self._next_lsn
 
+    def _write_all(self, frames: Sequence[bytes]) -> int:
+        expected = sum(len(f) for f in frames)
+        written = os.writev(self._fd, frames) if len(frames) > 1 else os.write(self._fd, frames[0])
+        while written < expected:  # a short write only happens on a full disk or a signal
+            n = os.write(self._fd, b"".join(frames)[written:])
+            if n == 0:
+                raise OSError(errno.ENOSPC, "the disk took no more bytes")
+            written += n
+        return written
+
+    def _roll_back_write(self, segment: _Segment, exc: OSError) -> None:
+        """Cut the segment back to where this request began, so no partial frame stays on disk."""
+        try:
+            os.ftruncate(self._fd, segment.size)
+        except OSError as cut:
+            self._fail(f"a failed write could not be rolled back: {cut}")
+            raise WalFailed(f"writing failed ({exc}) and could not be rolled back ({cut})") from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.no_space = True
+            log.error("WAL: the disk is full; the request was rolled back and refused", extra={"error": str(exc)})
+            raise WalNoSpace(f"the disk holding the write-ahead log is full: {exc}") from None
+        log.error("WAL: a write failed; the request was rolled back and refused", extra={"error": str(exc)})
+        raise WalError(f"writing to the write-ahead log failed: {exc}") from None
+
     async def wait_durable(self, lsn: int) -> None:
-        if lsn <= self._durable_lsn:
+        if lsn <= self._durable[0]:
             return
+        if self.failure is not None:
+            raise WalFailed(f"the write-ahead log failed: {self.failure}")
         future = asyncio.get_running_loop().create_future()
         self._waiters.append((lsn, future))
         await future
@@ -321,15 +452,30 @@ class WriteAheadLog:
     def _rotate(self) -> None:
         # The old segment is made durable now, so only the newest segment can ever be torn.
         if self._fsync:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._fsync_failed(exc)
+                raise WalFailed(f"fsync failed: {exc}") from None
+        try:
+            fd, segment = self._create_segment(self._next_lsn)
+        except OSError as exc:
+            # The live segment stays live; only the request that needed a new one is refused.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.no_space = True
+                raise WalNoSpace(f"no room for a new WAL segment: {exc}") from None
+            raise WalError(f"cannot create a WAL segment: {exc}") from None
         self._retired_fds.append(self._fd)
-        self._create_segment(self._next_lsn)
+        self._fd = fd
+        self._segments.append(segment)
 
     async def _commit_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            if self.failure is not None:
+                continue
             target_lsn = self._next_lsn
             segment = self._segments[-1]
             target_offset = segment.size
@@ -337,21 +483,15 @@ class WriteAheadLog:
             self._retired_fds = []
             started = time.perf_counter()
             try:
-                if self._fsync:
-                    await loop.run_in_executor(self._sync_pool, os.fdatasync, fd)
+                await loop.run_in_executor(self._sync_pool, self._sync, fd, target_lsn)
             except OSError as exc:
-                # A failed fsync means the page cache may have dropped our data: nothing is durable.
-                log.critical("WAL fsync failed; refusing further appends", extra={"error": str(exc)})
-                self._closed = True
-                while self._waiters:
-                    self._waiters.popleft()[1].set_exception(WalError(f"fsync failed: {exc}"))
-                return
+                self._retired_fds = retired + self._retired_fds
+                self._fsync_failed(exc)
+                continue
             self._on_fsync(time.perf_counter() - started)
             for old in retired:
                 os.close(old)
-            self._durable_lsn = target_lsn
-            self._durable_segment_lsn = segment.first_lsn
-            self._durable_offset = target_offset
+            self._durable = (target_lsn, segment.first_lsn, target_offset)
             while self._waiters and self._waiters[0][0] <= target_lsn:
                 _, future = self._waiters.popleft()
                 if not future.done():
@@ -359,19 +499,58 @@ class WriteAheadLog:
             async with self._data:
                 self._data.notify_all()
 
+    def _sync(self, fd: int, target_lsn: int) -> None:
+        if self._fsync:
+            os.fdatasync(fd)
+        self._on_durable(target_lsn)
+
+    def _fsync_failed(self, exc: OSError) -> None:
+        """Refuse everything since the last good fsync and cut the log back to it, never retrying."""
+        log.critical("WAL: fsync failed; refusing what it covered and recovering from the log", extra={"error": str(exc)})
+        self._fail(f"fsync failed: {exc}")
+        try:
+            self._cut_back_to_durable()
+        except OSError as cut:
+            log.critical("WAL: recovery after a failed fsync failed; appends stay refused", extra={"error": str(cut)})
+            return
+        self.failure = None
+        log.warning("WAL: recovered after a failed fsync; appends resume", extra={"next_lsn": self._next_lsn})
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        while self._waiters:
+            _, future = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(WalFailed(reason))
+
+    def _cut_back_to_durable(self) -> None:
+        durable_lsn, segment_lsn, offset = self._durable
+        self._close_fds()
+        while self._segments and self._segments[-1].first_lsn > segment_lsn:
+            self._segments.pop().path.unlink(missing_ok=True)
+        segment = self._segments[-1]
+        fd = os.open(segment.path, os.O_RDWR | os.O_APPEND)
+        self._fd = fd
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+        fsync_directory(self.directory)
+        segment.size = offset
+        self._next_lsn = durable_lsn
+        self._on_rollback(durable_lsn)
+
     # -- consuming ---------------------------------------------------------------------------
 
     async def wait_for_data(self, lsn: int, timeout: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Wait until records at or beyond ``lsn`` are durable (or ``stop()``); False on timeout."""
-        ready = (lambda: self._durable_lsn > lsn or stop()) if stop else (lambda: self._durable_lsn > lsn)
+        ready = (lambda: self._durable[0] > lsn or stop()) if stop else (lambda: self._durable[0] > lsn)
         if ready():
-            return self._durable_lsn > lsn
+            return self._durable[0] > lsn
         async with self._data:
             try:
                 await asyncio.wait_for(self._data.wait_for(ready), timeout)
             except TimeoutError:
                 return False
-        return self._durable_lsn > lsn
+        return self._durable[0] > lsn
 
     async def wake_consumers(self) -> None:
         async with self._data:
@@ -389,35 +568,76 @@ class WriteAheadLog:
         floor = min(self._consumers.values())
         # Keep the last segment (it is being written) and any segment holding LSNs >= floor.
         while len(self._segments) > 1 and self._segments[1].first_lsn <= floor:
-            gone = self._segments.pop(0)
+            gone = self._segments[0]
+            self._segments = self._segments[1:]  # a new list: reader threads iterate their own copy
             try:
                 gone.path.unlink()
             except FileNotFoundError:
                 pass
 
+    def segment_start(self, lsn: int) -> int:
+        """The first LSN of the segment holding ``lsn`` (for deciding when a position moved on)."""
+        return _segment_at(self._segments, lsn).first_lsn
+
     def backlog_bytes(self, lsn: int) -> int:
         """Approximate bytes of log at or after ``lsn`` (whole segments)."""
+        segments = self._segments
         total = 0
-        for i, seg in enumerate(self._segments):
-            nxt = self._segments[i + 1].first_lsn if i + 1 < len(self._segments) else self._next_lsn + 1
+        for i, seg in enumerate(segments):
+            nxt = segments[i + 1].first_lsn if i + 1 < len(segments) else self._next_lsn + 1
             if nxt > lsn:
                 total += seg.size
         return total if self._next_lsn > lsn else 0
 
-    def _segment_for(self, lsn: int) -> int:
-        index = 0
-        for i, seg in enumerate(self._segments):
-            if seg.first_lsn <= lsn:
-                index = i
-        return index
-
     def _durable_limit(self, segment: _Segment) -> int | None:
         """How far a reader may read in ``segment``: all of an old one, the synced part of the last."""
-        if segment.first_lsn == self._durable_segment_lsn:
-            return self._durable_offset
-        if segment.first_lsn > self._durable_segment_lsn:
+        _, segment_lsn, offset = self._durable
+        if segment.first_lsn == segment_lsn:
+            return offset
+        if segment.first_lsn > segment_lsn:
             return len(MAGIC)
         return None
+
+
+def _segment_at(segments: list[_Segment], lsn: int) -> _Segment:
+    found = segments[0]
+    for seg in segments:
+        if seg.first_lsn <= lsn:
+            found = seg
+    return found
+
+
+def _recoverable_end(f, first_lsn: int, size: int) -> tuple[int, int, bool]:
+    """Where the last segment's intact, complete requests end: (offset, next LSN, damaged inside).
+
+    A request of several frames that is not whole on disk is cut back to its ``KIND_TXN`` marker.
+    """
+    offset, lsn = len(MAGIC), first_lsn
+    txn_start: tuple[int, int, int] | None = None  # (offset, lsn, end offset) of an unfinished request
+    while True:
+        scan = _read_frames(f, offset, lsn, None, 1, headers_only=False, markers=True)
+        if not scan.frames:
+            damaged = scan.corrupt and _damaged_not_torn(f, offset, size)
+            break
+        frame = scan.frames[0]
+        if frame.kind == KIND_TXN and len(frame.payload) == TXN.size:
+            txn_start = (offset, lsn, scan.offset + TXN.unpack(frame.payload)[0])
+        offset, lsn = scan.offset, scan.next_lsn
+        if txn_start is not None and offset >= txn_start[2]:
+            txn_start = None
+    if txn_start is not None:
+        return txn_start[0], txn_start[1], False
+    return offset, lsn, damaged
+
+
+def _damaged_not_torn(f, offset: int, size: int) -> bool:
+    """A frame that fails its check but whose declared length fits in the file, with bytes after it."""
+    f.seek(offset)
+    header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        return False
+    length = PREFIX.unpack_from(header)[0]
+    return length <= MAX_FRAME_PAYLOAD and offset + HEADER_SIZE + length < size
 
 
 class WalReader:
@@ -438,9 +658,10 @@ class WalReader:
 
     def _open_segment_at(self, lsn: int) -> bool:
         wal = self._wal
-        if not wal._segments:
+        segments = wal._segments  # replaced, never mutated, by release(): safe from this thread
+        if not segments:
             return False
-        seg = wal._segments[wal._segment_for(lsn)]
+        seg = _segment_at(segments, lsn)
         if self._segment is not seg:
             self.close()
             self._segment = seg
@@ -463,11 +684,11 @@ class WalReader:
         """Frames from the current position up to the durable end, about ``max_bytes`` of them;
         frames of other ``kinds`` come back without their payload."""
         wal = self._wal
-        if self.lsn >= wal._durable_lsn or not self._open_segment_at(self.lsn):
+        if self.lsn >= wal.durable_lsn or not self._open_segment_at(self.lsn):
             return []
         frames: list[Frame] = []
         budget = max_bytes
-        while budget > 0 and self.lsn < wal._durable_lsn:
+        while budget > 0 and self.lsn < wal.durable_lsn:
             seg = self._segment
             limit = wal._durable_limit(seg)
             scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds)
@@ -476,7 +697,7 @@ class WalReader:
             self._offset, self.lsn = scan.offset, scan.next_lsn
             at_end = limit is not None and self._offset >= limit
             if scan.corrupt or (limit is None and not scan.frames and budget > 0):
-                nxt = _next_segment(wal, seg)
+                nxt = _next_segment(wal._segments, seg)
                 if nxt is None:
                     break
                 if scan.corrupt:
@@ -492,16 +713,6 @@ class WalReader:
         return frames
 
 
-def _next_segment(wal: WriteAheadLog, seg: _Segment) -> _Segment | None:
-    for i, s in enumerate(wal._segments):
-        if s is seg and i + 1 < len(wal._segments):
-            return wal._segments[i + 1]
-    return None
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _next_segment(segments: list[_Segment], seg: _Segment) -> _Segment | None:
+    """The segment after ``seg`` by LSN (found even if ``seg`` itself is gone from the list)."""
+    return next((s for s in segments if s.first_lsn > seg.first_lsn), None)

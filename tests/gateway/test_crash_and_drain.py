@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.durable_files import ReservedStateFile
 from tests.gateway.conftest import make_env, read_zone
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,9 @@ async def test_sigterm_drains_inflight_requests_and_lands_everything(tmp_path, g
     assert acked and acked <= set(counts)
     assert max(counts.values()) == 1
     assert statuses[202] > 0 and statuses["error"] + statuses[503] > 0, statuses
-    state = orjson.loads((env.root / "wal" / "consumers" / "raw.json").read_bytes())
+    state_file = ReservedStateFile(env.root / "wal" / "consumers" / "raw.state")
+    state = orjson.loads(state_file.open())
+    state_file.close()
     assert state["sealed"] == [] and state["landed"] == {}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -76,3 +77,14 @@ async def read_back(client: Any, bucket: str, key: str) -> bytes:
 
 async def open_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
     return list((await client.list_multipart_uploads(Bucket=bucket)).get("Uploads", []))
+
+
+async def drain(sqs: Any, expected: int) -> list[dict[str, Any]]:
+    """Up to ``expected`` events from the ``landed_queue`` fixture's queue (each message once)."""
+    events: list[dict[str, Any]] = []
+    for _ in range(20):
+        response = await sqs.receive_message(QueueUrl=sqs.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0)
+        events += [json.loads(m["Body"]) for m in response.get("Messages", [])]
+        if len(events) >= expected:
+            break
+    return events

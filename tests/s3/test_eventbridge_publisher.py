@@ -3,49 +3,16 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-from aiobotocore.session import get_session
 from aiohttp import web
 
 from connectors.base import LandedObject
-from connectors.eventbridge import EventBridgePublisher, EventBridgeSettings
+from connectors.eventbridge import EventBridgePublisher, EventBridgeSettings, event_id
 from connectors.retry import RetrySettings
 from tests.fixtures.fault_proxy import FaultProxy, Forward, SeenRequest
 from tests.fixtures.moto_server import free_port
-from tests.s3.helpers import FAST_RETRY, lake_object
-
-
-@pytest.fixture
-async def landed_queue(moto_endpoint: str) -> AsyncIterator[tuple[str, Any]]:
-    """A fresh event bus whose every event goes to an SQS queue; yields (bus name, sqs client)."""
-    session = get_session()
-    bus = f"lake-{uuid.uuid4().hex[:8]}"
-    async with (
-        session.create_client("events", endpoint_url=moto_endpoint, region_name="us-east-1") as events,
-        session.create_client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1") as sqs,
-    ):
-        queue_url = (await sqs.create_queue(QueueName=bus))["QueueUrl"]
-        attributes = await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
-        arn = attributes["Attributes"]["QueueArn"]
-        await events.create_event_bus(Name=bus)
-        await events.put_rule(Name="landed", EventBusName=bus, EventPattern=json.dumps({"source": ["edge-gateway"]}))
-        await events.put_targets(Rule="landed", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
-        sqs.queue_url = queue_url  # type: ignore[attr-defined]
-        yield bus, sqs
-
-
-async def drain(sqs: Any, expected: int) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    for _ in range(20):
-        response = await sqs.receive_message(QueueUrl=sqs.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0)
-        events += [json.loads(m["Body"]) for m in response.get("Messages", [])]
-        if len(events) >= expected:
-            break
-    return events
+from tests.s3.helpers import FAST_RETRY, drain, lake_object
 
 
 def landed_pair(i: int) -> tuple[Any, LandedObject]:
@@ -77,6 +44,7 @@ async def test_one_event_per_landed_object_in_batches_of_ten(moto_endpoint: str,
     assert first["detail-type"] == "Lake Object Landed"
     obj, landed = landed_pair(0)
     assert first["detail"] == {
+        "event_id": event_id(landed.url, "etag0"),  # stable: the same for every landing of this object
         "bucket": "lake-bucket",
         "key": f"lake/{obj.key}",
         "url": landed.url,

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import pytest
-from aiobotocore.session import get_session
 
 from connectors.announcing_sink import AnnouncingSink
 from connectors.curated_parquet import CURATED_SCHEMA
 from connectors.glue import GlueCatalog, GlueCatalogSettings
 from connectors.s3 import S3Sink
 from tests.s3.helpers import FAST_RETRY, GATEWAY_ID, lake_object, partition, settings
-
-
-@pytest.fixture
-async def glue_client(moto_endpoint: str) -> AsyncIterator[Any]:
-    async with get_session().create_client("glue", endpoint_url=moto_endpoint, region_name="us-east-1") as client:
-        yield client
 
 
 def catalog_settings(moto_endpoint: str) -> GlueCatalogSettings:
