@@ -5,8 +5,9 @@
 #
 # Creates VENV_DIR (a Python >= 3.11 virtualenv) if needed, installs deploy/requirements-lint.txt into
 # it, and installs the system packages the checks call (promtool from Debian's prometheus package,
-# debootstrap and systemd-container for the role boot test) and cfn-guard (the static binary shipped
-# in the npm package @cdklabs/cdk-validator-cfnguard, linked as VENV_DIR/bin/cfn-guard). It also
+# shellcheck for the hosts' hook scripts, debootstrap and systemd-container for the role boot test)
+# and cfn-guard (the static binary shipped in the npm package @cdklabs/cdk-validator-cfnguard,
+# linked as VENV_DIR/bin/cfn-guard). It also
 # builds, once, the minimal Debian root that the role boot test applies the edge_gateway role to
 # (VENV_DIR/share/rootfs-bookworm), so the tests themselves never leave the machine. Set
 # SKIP_ROOTFS=1 to skip that step.
@@ -30,7 +31,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    prometheus debootstrap systemd-container python3-venv ca-certificates
+    prometheus shellcheck debootstrap systemd-container python3-venv ca-certificates
 # Only promtool is needed; the packaged server must not keep running on the machine.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
     systemctl disable --now prometheus || true
@@ -66,4 +67,5 @@ import shutil, subprocess, sys
 for tool in ("cfn-lint", "checkov", "statelint", "ansible-lint", "ansible-playbook", "hadolint", "cfn-guard"):
     print(f"{tool}: {'ok' if shutil.which(tool, path=sys.prefix + '/bin') else 'MISSING'}")
 print("promtool:", subprocess.run(["promtool", "--version"], capture_output=True, text=True).stdout.splitlines()[0])
+print("shellcheck:", subprocess.run(["shellcheck", "--version"], capture_output=True, text=True).stdout.splitlines()[1])
 PY

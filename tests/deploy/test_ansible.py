@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tomllib
 from pathlib import Path
@@ -13,7 +14,9 @@ import yaml
 
 from .conftest import ANSIBLE, output, run, tool
 
-ROLES = ("edge_gateway", "cloudwatch_agent", "drain_hook")
+ROLES = ("edge_gateway", "cloudwatch_agent", "health_watchdog", "drain_hook")
+# What the role's WAL budget gives each of 4 workers on the launch template's 100 GiB WAL volume.
+WAL_WORKER_BYTES = 21696 * 1024 * 1024
 
 
 def ansible_lint(cwd: Path, *paths: str):
@@ -53,15 +56,17 @@ def test_role_variables_are_prefixed_documented_and_specified(role: str):
     assert [name for name in defaults if f"`{name}`" not in readme] == []
 
 
-def render(template: str, extra: dict[str, Any] | None = None) -> str:
-    defaults = yaml.safe_load((ANSIBLE / "roles" / "edge_gateway" / "defaults" / "main.yml").read_text())
-    values = defaults | {"ansible_managed": "managed", "ansible_facts": {"hostname": "gw-1"}} | (extra or {})
+def render(template: str, extra: dict[str, Any] | None = None, role: str = "edge_gateway") -> str:
+    """A role's template rendered with the role's defaults (and the facts its tasks set), as Ansible would."""
+    defaults = yaml.safe_load((ANSIBLE / "roles" / role / "defaults" / "main.yml").read_text())
+    facts = {"edge_gateway_wal_worker_bytes": WAL_WORKER_BYTES} if role == "edge_gateway" else {}
+    values = defaults | facts | {"ansible_managed": "managed", "ansible_facts": {"hostname": "gw-1"}} | (extra or {})
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    env.filters["quote"] = lambda s: "'" + str(s) + "'"
+    env.filters["quote"] = lambda s: shlex.quote(str(s))
     # Resolve the defaults that refer to other defaults, as Ansible does lazily.
     for _ in range(4):
         values = {k: env.from_string(v).render(values) if isinstance(v, str) and "{{" in v else v for k, v in values.items()}
-    return env.from_string((ANSIBLE / "roles" / "edge_gateway" / "templates" / template).read_text()).render(values)
+    return env.from_string((ANSIBLE / "roles" / role / "templates" / template).read_text()).render(values)
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:

@@ -167,7 +167,8 @@ def test_target_group_checks_readiness_and_drain_hook_exists():
     group = load(CFN / "compute.yaml")["Resources"]["GatewayGroup"]["Properties"]
     hooks = group["LifecycleHookSpecificationList"]
     assert [h["LifecycleTransition"] for h in hooks] == ["autoscaling:EC2_INSTANCE_TERMINATING"]
-    assert group["HealthCheckType"] == "ELB"
+    # Readiness routes traffic; replacement goes by liveness (test_instance_replacement.py).
+    assert group["HealthCheckType"] == "EC2"
 
 
 def test_alarms_and_scaling_use_gateway_metric_names():

@@ -4,7 +4,8 @@ The role runs unchanged against a copy of the Debian root that deploy/install-li
 with debootstrap (through the community.general.chroot connection), installing a stand-in wheel of
 the gateway (tests/deploy/stub) from a local wheelhouse. The root is then booted with systemd-nspawn
 on a private network: the unit must start under systemd, answer /readyz, pass systemd-analyze, and
-drain on stop. Needs root; no traffic leaves the container's loopback.
+drain on stop; the health watchdog's timer must be enabled and its probe pass. Needs root; no traffic
+leaves the container's loopback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +80,7 @@ def apply_role(root: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         "edge_gateway_log_file": "",
         "edge_gateway_drain_deadline_secs": 10,
         "cloudwatch_agent_enabled": False,
+        "health_watchdog_manage_service": False,
         "drain_hook_enabled": False,
     }
     return run([tool("ansible-playbook"), "-i", str(inventory), "playbooks/site.yml", "-e", json.dumps(extra)],
@@ -89,6 +92,15 @@ def test_role_installs_a_service_that_boots_and_answers_readyz(root: Path, tmp_p
     assert applied.returncode == 0, output(applied)
     assert (root / "opt/edge-gateway/venv/bin/edge-gateway").exists()
     assert (root / "etc/systemd/system/multi-user.target.wants/edge-gateway.service").is_symlink()
+    assert (root / "etc/systemd/system/timers.target.wants/edge-gateway-health-watchdog.timer").is_symlink()
+    # The WAL shares this root's file system here: all workers' WALs together stay within half of it.
+    config = tomllib.loads((root / "etc/edge-gateway/config.toml").read_text())
+    wal, workers = config["wal"], config["listen"]["workers"]
+    disk = os.statvfs(root)
+    assert wal["segment_bytes"] <= wal["max_total_bytes"]
+    assert workers * (wal["max_total_bytes"] + wal["segment_bytes"]) <= 0.5 * disk.f_frsize * disk.f_blocks
+    unit = (root / "etc/systemd/system/edge-gateway.service").read_text()
+    assert "RequiresMountsFor=/var/lib/edge-gateway/wal" in unit.splitlines()
 
     again = apply_role(root, tmp_path)
     assert again.returncode == 0, output(again)
@@ -116,6 +128,14 @@ def test_role_installs_a_service_that_boots_and_answers_readyz(root: Path, tmp_p
         assert verify.returncode == 0, output(verify)
         security = container(pid, "systemd-analyze", "security", "--no-pager", "--threshold=50", "edge-gateway.service")
         assert security.returncode == 0, output(security)
+
+        # One probe by hand: /healthz answers, so the watchdog succeeds (and needs no AWS to do so).
+        assert container(pid, "systemctl", "is-enabled", "edge-gateway-health-watchdog.timer").stdout.strip() == "enabled"
+        probe = container(pid, "systemctl", "start", "edge-gateway-health-watchdog.service")
+        watchdog = container(pid, "journalctl", "-u", "edge-gateway-health-watchdog.service", "--no-pager")
+        assert probe.returncode == 0, output(probe) + output(watchdog)
+        failures = container(pid, "cat", "/run/edge-gateway-health-watchdog/failures")
+        assert failures.stdout.strip() == "0", output(failures) + output(watchdog)
 
         stopped = container(pid, "systemctl", "stop", "edge-gateway.service", timeout=60)
         assert stopped.returncode == 0, output(stopped)
