@@ -38,7 +38,7 @@ class LocalLakeSink:
         )
 
     def _write(self, path: Path, body: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_directories(path.parent)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
             f.write(body)
@@ -47,11 +47,26 @@ class LocalLakeSink:
                 os.fdatasync(f.fileno())
         os.replace(tmp, path)
         if self._fsync:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_directory(path.parent)
+
+    def _make_directories(self, directory: Path) -> None:
+        """Create a partition's directories so they survive a crash: each new entry's parent is fsynced."""
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            new.mkdir(exist_ok=True)
+            if self._fsync:
+                _fsync_directory(new.parent)
 
     async def close(self) -> None:
         return None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,6 +10,10 @@ from gateway.service import GATEWAY
 
 
 async def healthz(request: web.Request) -> web.Response:
+    wal = request.app[GATEWAY].pipeline.wal
+    if wal.failure is not None:
+        # The WAL could not recover from a disk error: only a restart (or a replacement) helps.
+        return json_response(503, {"status": "wal_failed", "reason": wal.failure})
     return json_response(200, {"status": "alive"})
 
 

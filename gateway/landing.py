@@ -271,9 +271,11 @@ class ZoneLander:
                 continue
             pending = self._open.get(frame.hour)
             if pending is None:
-                if len(self._open) >= self.settings.max_open_partitions:
+                evictable = [p for p in self._open.values() if p.cut_at is None]
+                if len(self._open) >= self.settings.max_open_partitions and evictable:
                     # The least recently written partition makes room: rolled early, never dropped.
-                    victim = min(self._open.values(), key=lambda p: p.touched)
+                    # One being rebuilt to a boundary written down before a crash is never cut elsewhere.
+                    victim = min(evictable, key=lambda p: p.touched)
                     del self._open[victim.hour]
                     due.append(victim)
                 pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)

@@ -230,7 +230,7 @@ def wal_budget_problem(settings: Settings) -> str | None:
         return (
             f"wal.max_total_bytes ({wal.max_total_bytes}) x listen.workers ({settings.listen.workers}) = {budget} bytes, "
             f"but the filesystem holding {wal.dir} is {size} bytes: lower wal.max_total_bytes to at most "
-            f"{size // settings.listen.workers // 2 * 2} or give the WAL a larger volume"
+            f"{size // settings.listen.workers} or give the WAL a larger volume"
         )
     return None
 
