@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="repetitions per scenario (overrides the mode)")
     p.add_argument("--seconds", type=float, help="seconds per measurement (overrides the mode)")
     p.add_argument("--soak-seconds", type=float, help="soak duration (overrides the mode)")
+    p.add_argument("--soak-load", type=float, help="soak load as a share of the measured capacity (default 0.7)")
     p.add_argument("--scenarios", help="comma-separated scenario names (default: all); see --list")
     p.add_argument("--out", type=Path, default=Path("bench-report"), help="report directory (default: bench-report/)")
     p.add_argument("--compare", type=Path, metavar="BASELINE.json", help="gate this run's ratios on a baseline's")
@@ -70,6 +71,8 @@ def profile_for(args: argparse.Namespace):
         overrides["seconds"] = args.seconds
     if args.soak_seconds is not None:
         overrides["soak_s"] = args.soak_seconds
+    if args.soak_load is not None:
+        overrides["soak_load"] = args.soak_load
     return dataclasses.replace(profile, **overrides)
 
 

@@ -47,7 +47,7 @@ class Profile:
     concurrency: int = 32
     devices: int = 50
     overload_factor: float = 1.5
-    soak_load: float = 0.5
+    soak_load: float = 0.7
     triton: bool = True
 
 

@@ -382,7 +382,7 @@ async def _bucket_contents(endpoint_url: str, bucket: str) -> tuple[int, int]:
 
 class SoakScenario:
     name = "soak"
-    title = "Soak at half of the measured capacity: RSS, open files and CPU over time"
+    title = "Soak at 70% of the measured capacity: refusals, RSS, open files and CPU over time"
 
     def unavailable(self, ctx: Context) -> str | None:
         return None

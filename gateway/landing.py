@@ -160,13 +160,19 @@ class ZoneLander:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def load(self) -> None:
+        """Read the zone's state and tell the WAL what this zone still needs (before any zone runs)."""
+        if self._reader is not None:
+            return
         self._state = await asyncio.to_thread(self._load_state)
         for hour, first, last in self._state.sealed:
             self._intents[(hour, first)] = last
         self._persisted_segment = self._wal.segment_start(self._state.position)
         self._wal.register_consumer(self.zone, self._state.position)
         self._reader = self._wal.reader(self._state.position)
+
+    async def start(self) -> None:
+        await self.load()
         self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
         self._task.add_done_callback(self._report_death)
 

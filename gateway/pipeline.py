@@ -138,6 +138,10 @@ class Pipeline:
             await self.sink.start()
             if self.scorer is not None:
                 await self.scorer.start()
+            # Every zone says what it still needs before any zone can release a segment.
+            self.wal.expect_consumers([lander.zone for lander in self.landers])
+            for lander in self.landers:
+                await lander.load()
             for lander in self.landers:
                 await lander.start()
         except BaseException:

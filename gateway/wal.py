@@ -220,6 +220,7 @@ class WriteAheadLog:
         self._committer: asyncio.Task[None] | None = None
         self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-fsync")
         self._consumers: dict[str, int] = {}
+        self._expected: set[str] = set()
         self._closed = True
         self.failure: str | None = None  # why appends are refused until recovery, if they are
         self.no_space = False  # the last append found the disk full; cleared by the next that fits
@@ -559,12 +560,18 @@ class WriteAheadLog:
     def reader(self, lsn: int) -> WalReader:
         return WalReader(self, lsn)
 
+    def expect_consumers(self, names: Iterable[str]) -> None:
+        """Nothing is released until each of these consumers has said what it still needs."""
+        self._expected = set(names)
+
     def register_consumer(self, name: str, lsn: int) -> None:
         self._consumers[name] = lsn
 
     def release(self, name: str, lsn: int) -> None:
         """A consumer needs nothing below ``lsn`` any more; delete segments nobody needs."""
         self._consumers[name] = lsn
+        if not self._expected <= self._consumers.keys():
+            return  # a consumer that has not started yet may still need every segment
         floor = min(self._consumers.values())
         # Keep the last segment (it is being written) and any segment holding LSNs >= floor.
         while len(self._segments) > 1 and self._segments[1].first_lsn <= floor:

@@ -161,3 +161,17 @@ async def test_fsync_can_be_disabled_for_benchmarks_only(tmp_path):
     await wal.append([frame(1)])
     assert os.path.getsize(next(tmp_path.glob("*.wal"))) > len(MAGIC)
     await wal.close()
+
+
+async def test_nothing_is_released_until_every_expected_consumer_has_registered(tmp_path):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    wal.expect_consumers(["raw", "curated"])
+    for _ in range(4):
+        await wal.append([frame(5)])
+    wal.register_consumer("raw", 0)
+    wal.release("raw", 20)  # curated (still starting) may need every segment
+    assert len(list(tmp_path.glob("*.wal"))) == 4
+    wal.register_consumer("curated", 10)
+    wal.release("raw", 20)
+    assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{10:020d}.wal", f"{15:020d}.wal"]
+    await wal.close()

@@ -1,0 +1,542 @@
+"""Black-box durability: a real ``serve`` process group, independent devices, and the lake as the judge.
+
+Every scenario drives ``python -m gateway serve`` over real sockets with devices that retry the way
+firmware does (same body, freshly signed) and keeps a ledger of what was acknowledged. Whatever the
+gateway does in between (wrapping a small WAL, crashing, changing its worker count, running out of
+disk), at the end every acknowledged ``(device_id, seq)`` must be in the lake exactly once and no
+request that was only ever refused may have landed anything.
+
+Run: ``python -m pytest tests/durability -v`` (about two minutes when the gateway behaves). The
+disk-full scenario mounts a tmpfs, so it needs root (mount/umount); every scenario is ``slow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import os
+import random
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.durability.client import Device, DeviceClient, Ledger, ReadinessProbe, ndjson, run_devices
+from tests.durability.harness import (
+    Gateways,
+    ServeProcess,
+    lake_counts,
+    landing_problems,
+    make_devices,
+    readyz,
+    wal_bytes,
+    write_gateway_config,
+)
+from tests.gateway.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# Per-device limits are tested elsewhere (tests/security): here they would only add 429s.
+NO_RATE_LIMITS = {"records_per_sec": 1e9, "burst_records": 10**9, "bytes_per_sec": 1e12, "burst_bytes": 10**12}
+
+
+def setup(tmp_path: Path, gateways: Gateways, n_devices: int, *, inference: bool = False, **sections: dict) -> tuple[ServeProcess, list[Device], Path]:
+    port = free_port()
+    sections.setdefault("rate_limits", NO_RATE_LIMITS)
+    sections.setdefault("drain", {"deadline_secs": 15.0})
+    config = write_gateway_config(tmp_path, port, inference=inference, **sections)
+    devices = make_devices(tmp_path / "devices.json", n_devices)
+    return gateways.new(config, port), devices, tmp_path / "lake"
+
+
+def workers_env(n: int) -> dict[str, str]:
+    return {"EDGE_GATEWAY__LISTEN__WORKERS": str(n)}
+
+
+def first(items, n: int = 5) -> list:
+    return list(items)[:n]
+
+
+def report(problems: list[str], ledger: Ledger, sp: ServeProcess | None = None) -> str:
+    lines = [*problems, f"devices: {ledger.summary()}"]
+    if ledger.problems:
+        lines.append(f"client-side observations: {collections.Counter(ledger.problems).most_common(3)}")
+    if sp is not None:
+        lines.append(f"gateway log (last start, tail):\n{sp.log_tail(2500)}")
+    return "\n".join(lines)
+
+
+def check(problems: list[str], ledger: Ledger, sp: ServeProcess | None = None, notes: list[str] = ()) -> None:
+    """Fail with every problem found, what the devices saw, and the gateway's last words."""
+    if problems:
+        raise AssertionError(report([*problems, *notes], ledger, sp))
+
+
+async def stop_gracefully(sp: ServeProcess, problems: list[str], what: str = "SIGTERM") -> None:
+    """SIGTERM and wait; a gateway that already died, exits non-zero or leaves processes is a problem."""
+    if sp.proc is None:
+        return
+    if not sp.running():
+        problems.append(f"the gateway had already exited by itself (status {sp.proc.returncode}) before {what}")
+        sp.kill()
+        return
+    rc = await sp.aterminate(timeout=60)
+    if rc != 0:
+        problems.append(f"{what}: the gateway exited with {rc}, not 0")
+    # Workers and helpers leave with the gateway: none of its process group may outlive it.
+    if not await wait_until(lambda: not sp.leftover(), 5.0, 0.1):
+        problems.append(f"{what}: processes of the gateway's group still running 5 s after it exited: {sp.leftover()}")
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+async def wait_for_acks(ledger: Ledger, done, budget_secs: float, stall_secs: float) -> None:
+    """Wait until ``done()``, the budget is spent, or no request was acknowledged for ``stall_secs``."""
+    deadline = time.monotonic() + budget_secs
+    last_count, last_progress = ledger.acked_requests, time.monotonic()
+    while not done() and time.monotonic() < deadline and time.monotonic() - last_progress < stall_secs:
+        await asyncio.sleep(0.1)
+        if ledger.acked_requests != last_count:
+            last_count, last_progress = ledger.acked_requests, time.monotonic()
+
+
+# -- 1 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("curated", [False, True], ids=["raw", "raw+curated"])
+async def test_valid_only_soak_wraps_the_wal(tmp_path, gateways, curated):
+    """Only valid records, 3x the WAL's capacity: the WAL wraps, every answer is 202, /readyz stays 200."""
+    wal_capacity = 2 * MiB
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=curated,
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": wal_capacity},
+        lake={"target_object_bytes": 256 * KiB, "max_object_age_secs": 0.2},
+    )
+    await sp.astart()
+    ledger = Ledger()
+    stop = asyncio.Event()
+    started = time.monotonic()
+    async with ReadinessProbe(sp.url) as probe:
+        load = asyncio.create_task(
+            run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05 if not curated else 0.1, retry_deadline_secs=5.0)
+        )
+        await wait_for_acks(ledger, lambda: ledger.acked_bytes >= 3 * wal_capacity or load.done(), budget_secs=40.0, stall_secs=8.0)
+        stop.set()
+        await load
+    problems: list[str] = []
+    if ledger.acked_bytes < 3 * wal_capacity:
+        problems.append(
+            f"only {ledger.acked_bytes / MiB:.2f} MiB acknowledged in {time.monotonic() - started:.0f} s; the soak needs "
+            f"{3 * wal_capacity / MiB:.0f} MiB (3x wal.max_total_bytes) to wrap the WAL"
+        )
+    not_accepted = [a for a in ledger.attempts if a.status != 202]
+    if not_accepted:
+        t_first = not_accepted[0].started
+        acked_before = sum(a.body_bytes for a in ledger.attempts if a.status == 202 and a.started < t_first)
+        problems.append(
+            f"{len(not_accepted)} of {len(ledger.attempts)} answers were not 202 ({dict(collections.Counter(a.status for a in not_accepted))}); "
+            f"the first {t_first - started:.1f} s into the soak, after {acked_before / MiB:.2f} MiB had been acknowledged"
+        )
+    unready = [(round(t - started, 1), s) for t, s, _ in probe.answers if s != 200]
+    if unready or not probe.answers:
+        problems.append(f"/readyz was not 200 {len(unready)} of {len(probe.answers)} times; first (s, status): {first(unready)}")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw", "curated") if curated else ("raw",))
+    check(problems, ledger, sp)
+
+
+# -- 2 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
+    """SIGKILL mid-load, then restart with another worker count: every WAL directory is drained."""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        6,
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
+        lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
+    )
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    plan = [2, 1, 3, 2]
+    load: asyncio.Task | None = None
+    for phase, workers in enumerate(plan):
+        try:
+            await sp.astart(workers_env(workers), workers=workers)
+        except RuntimeError as exc:
+            problems.append(f"phase {phase}: the restart with workers = {workers} failed: {exc}")
+            break
+        if load is None:
+            load = asyncio.create_task(
+                run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, retry_deadline_secs=15.0)
+            )
+        acked_before = ledger.acked_requests
+        await asyncio.sleep(2.0)
+        if ledger.acked_requests == acked_before:
+            problems.append(f"phase {phase} (workers = {workers}) acknowledged nothing in 2 s: {ledger.statuses}")
+        if phase < len(plan) - 1:
+            await sp.akill()  # mid-load: requests in flight, objects half built
+    stop.set()
+    if load is not None:
+        await load
+    await stop_gracefully(sp, problems, f"SIGTERM (workers = {workers})")
+    problems += landing_problems(lake, ledger, ("raw",))
+    wal_dirs = sorted(str(p.relative_to(tmp_path / "wal")) for p in (tmp_path / "wal").rglob("*") if p.is_dir())
+    check(problems, ledger, sp, notes=[f"WAL directories left: {wal_dirs}"])
+
+
+# -- 3 ------------------------------------------------------------------------------------------
+
+
+async def _resend(client: DeviceClient, records: list[dict], body: bytes, times: int, key: str | None) -> list:
+    """The identical body, freshly signed, on a fresh connection each time (so different workers answer)."""
+    answers = []
+    for _ in range(times):
+        answers.append(await client.send(records, body=body, idempotency_key=key, retry=False))
+    return answers
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("by", ["seq", "idempotency_key"])
+async def test_identical_retries_land_once_across_workers_and_restarts(tmp_path, gateways, by):
+    """Retries of one request land it once, whichever worker answers, across a crash and restart."""
+    sp, (device,), lake = setup(tmp_path, gateways, 1, lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.2})
+    env = workers_env(2)
+    await sp.astart(env, workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+    resends = 12
+    tag = uuid.uuid4().hex[:8]
+    key = f"req-{tag}" if by == "idempotency_key" else None
+    # By seq: records carry (device_id, seq). By key: they carry no seq at all, only the key dedups.
+    records = device.records(40, with_seq=(by == "seq"), probe_prefix=None if by == "seq" else f"p-{tag}")
+    body = ndjson(records)
+    async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client:
+        original = await client.send(records, body=body, idempotency_key=key, retry=False)
+        if original.status != 202:
+            problems.append(f"the first send got {original.status}: {original.body[:300]!r}")
+        rounds = {"before the crash": await _resend(client, records, body, resends, key)}
+        await sp.akill()
+        await sp.astart(env, workers=2)
+        rounds["after SIGKILL and restart"] = await _resend(client, records, body, resends, key)
+        for when, answers in rounds.items():
+            bad = [(a.status, a.body[:200]) for a in answers if a.status != 202]
+            if bad:
+                problems.append(f"{len(bad)} of {len(answers)} identical retries {when} were not answered 202; first: {bad[:3]}")
+            if key is not None and original.status == 202:
+                differ = [a.body[:200] for a in answers if a.status == 202 and a.json() != original.json()]
+                if differ:
+                    problems.append(
+                        f"{len(differ)} retries {when} with the same Idempotency-Key got another answer than the first "
+                        f"{original.body[:200]!r}; first: {differ[:2]}"
+                    )
+        if key is not None:
+            other = device.records(5, with_seq=False, probe_prefix=f"other-{tag}")
+            conflict = await client.send(other, idempotency_key=key, retry=False)
+            if conflict.status != 409:
+                problems.append(f"the key reused with another body got {conflict.status} (want 409): {conflict.body[:300]!r}")
+            else:
+                try:
+                    error = conflict.json()
+                except ValueError:
+                    error = None
+                if not (isinstance(error, dict) and isinstance(error.get("error"), str) and isinstance(error.get("message"), str)):
+                    problems.append(f'the 409 body is not {{"error": ..., "message": ...}}: {conflict.body[:300]!r}')
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+# -- 4 ------------------------------------------------------------------------------------------
+
+
+def _fill(path: Path) -> int:
+    """Append to ``path`` until the filesystem says ENOSPC; return the bytes added."""
+    added = 0
+    with open(path, "ab", buffering=0) as f:
+        for chunk in (1 * MiB, 64 * KiB, 4 * KiB, 512):
+            block = b"\0" * chunk
+            while True:
+                try:
+                    n = f.write(block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                added += n
+                if n < chunk:
+                    break
+    return added
+
+
+class Ballast:
+    """Keeps a filesystem full: fills it, and tops it up whenever something frees space."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "ballast"
+        self.directory = directory
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.least_free = None
+
+    async def __aenter__(self) -> Ballast:
+        await asyncio.to_thread(_fill, self.path)
+        self._task = asyncio.create_task(self._top_up())
+        return self
+
+    async def _top_up(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.to_thread(_fill, self.path)
+            free = os.statvfs(self.directory).f_bavail * os.statvfs(self.directory).f_frsize
+            self.least_free = free if self.least_free is None else min(self.least_free, free)
+            try:
+                await asyncio.wait_for(self._stop.wait(), 0.05)
+            except TimeoutError:
+                pass
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("ending", ["sigkill-restart-sigterm", "sigterm"])
+async def test_disk_full_is_survivable(tmp_path, gateways, small_filesystem, ending):
+    """A full WAL disk: answers stay prompt (202 or 503 + Retry-After), ingest resumes, nothing acked is lost."""
+    walfs = small_filesystem(tmp_path / "walfs", 16 * MiB)
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        # The WAL's own bound fits the volume (the gateway checks that); the ballast fills the rest.
+        wal={"dir": str(walfs / "wal"), "segment_bytes": 512 * KiB, "max_total_bytes": 8 * MiB},
+        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart()
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    t0 = time.monotonic()
+    async with ReadinessProbe(sp.url) as probe:
+        load = asyncio.create_task(
+            run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.02, timeout_secs=10.0, retry_deadline_secs=15.0)
+        )
+        await asyncio.sleep(1.5)
+        t_full = time.monotonic()
+        async with Ballast(walfs) as ballast:
+            await asyncio.sleep(4.0)
+        t_freed = time.monotonic()
+        resumed = await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(t_freed)), 20.0)
+        if resumed:
+            await asyncio.sleep(1.0)
+        stop.set()
+        await load
+    during = ledger.attempts_since(t_full)
+    during = [a for a in during if a.started < t_freed]
+    if ballast.least_free is None or ballast.least_free > 64 * KiB:
+        problems.append(f"the ballast did not fill the WAL filesystem (least free: {ballast.least_free} bytes)")
+    if not resumed:
+        problems.append(
+            f"ingest did not resume within 20 s of freeing the disk: answers since then "
+            f"{dict(collections.Counter(a.status for a in ledger.attempts_since(t_freed)))}"
+        )
+    wrong = collections.Counter(a.status for a in ledger.attempts if a.status not in (202, 503))
+    if wrong:
+        problems.append(f"answers other than 202 or 503: {dict(wrong)} (timeouts count: a request must not hang for 10 s)")
+    slow = [round(a.latency, 1) for a in ledger.attempts if a.latency > 10.0]
+    if slow:
+        problems.append(f"{len(slow)} requests took longer than 10 s: {first(slow)}")
+    no_retry_after = sum(1 for a in ledger.attempts if a.status == 503 and a.retry_after is None)
+    if no_retry_after:
+        problems.append(f"{no_retry_after} answers 503 came without Retry-After")
+    unanswered = [(round(t - t0, 1), s) for t, s, lat in probe.answers if not isinstance(s, int) or lat > 10.0]
+    if unanswered or not probe.answers:
+        problems.append(f"/readyz did not answer (in time) {len(unanswered)} of {len(probe.answers)} times; first: {first(unanswered)}")
+    if ending == "sigkill-restart-sigterm":
+        await sp.akill()
+        try:
+            await sp.astart()
+        except RuntimeError as exc:
+            problems.append(f"the gateway did not restart after SIGKILL: {exc}")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    statuses_full = dict(collections.Counter(a.status for a in during))
+    check(problems, ledger, sp, notes=[f"answers while the disk was full: {statuses_full}"])
+
+
+# -- 5 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+async def test_crash_loop_with_many_hours(tmp_path, gateways):
+    """20 SIGKILLs of the group under load, records over several hours, tiny objects: once in raw and curated."""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        3,
+        inference=True,
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
+        lake={"target_object_bytes": 4 * KiB, "max_object_age_secs": 0.2},
+    )
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    kills = 20
+    await sp.astart()
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=30, pause_secs=0.02, hours_spread=5, retry_deadline_secs=20.0))
+    try:
+        for i in range(kills):
+            await asyncio.sleep(rng.uniform(0.2, 0.9))
+            await sp.akill()
+            try:
+                await sp.astart()
+            except RuntimeError as exc:
+                problems.append(f"restart {i + 1} of {kills} failed: {exc}")
+                break
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    hours = {p.name for p in (lake / "raw").rglob("hour=*") if p.is_dir()}
+    if len(hours) < 3:
+        problems.append(f"the records should span several hour partitions; raw has {sorted(hours)}")
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(problems, ledger, sp, notes=[f"kill intervals drawn with random.Random({seed})"])
+
+
+# -- 6 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_second_instance_refuses_to_start(tmp_path, gateways, workers):
+    """A second ``serve`` on the same WAL directory and port exits non-zero, naming the holder; the first keeps serving."""
+    first_sp, (device,), lake = setup(tmp_path, gateways, 1, listen={"workers": workers}, lake={"max_object_age_secs": 0.2})
+    await first_sp.astart(workers=workers)
+    holders = {first_sp.pid, *first_sp.children()}
+    ledger = Ledger()
+    problems: list[str] = []
+    async with DeviceClient(first_sp.url, device, ledger, fresh_connections=True) as client:
+        before = await client.send(device.records(20), retry=False)
+        if before.status != 202:
+            problems.append(f"the first instance did not accept a request before the second started: {before.status}")
+        second = gateways.new(first_sp.config, first_sp.port, name="second")
+        proc = second.launch()
+        exited = await wait_until(lambda: proc.poll() is not None, 10.0)
+        log = second.log_text()
+        if not exited:
+            problems.append(
+                f"the second instance (pid {proc.pid}) was still running 10 s after it started: it did not refuse; its log:\n{log[-1500:]}"
+            )
+            await second.akill()
+        elif proc.returncode == 0:
+            problems.append(f"the second instance exited 0; it must fail; its log:\n{log[-1500:]}")
+        if exited and not any(re.search(rf"\b{pid}\b", log) for pid in holders):
+            problems.append(f"the second instance's output does not name the lock holder (pids {sorted(holders)}):\n{log[-1500:]}")
+        for _ in range(5):  # fresh connections: with several workers, each may answer
+            after = await client.send(device.records(20), retry=False)
+            if after.status != 202:
+                problems.append(f"the first instance answered {after.status} after the second one tried to start: {after.body[:200]!r}")
+                break
+    status = await asyncio.to_thread(readyz, first_sp.url)
+    if status != 200:
+        problems.append(f"the first instance's /readyz answered {status} after the second one tried to start")
+    if not first_sp.running():
+        problems.append("the first instance is no longer running")
+    else:
+        await stop_gracefully(first_sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, first_sp)
+
+
+# -- 7 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_failed_request_lands_nothing(tmp_path, gateways):
+    """A request that spills over many spool chunks, sent when the WAL has room for only part of it:
+    503, and none of its records ever land."""
+    wal_capacity = 16 * MiB
+    sp, (device,), lake = setup(
+        tmp_path,
+        gateways,
+        1,
+        limits={"spool_memory_bytes": 64 * KiB},
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": wal_capacity},
+        # Nothing lands while the gateway runs, so nothing frees WAL space under the big request.
+        lake={"target_object_bytes": 256 * MiB, "max_object_age_secs": 3600.0},
+    )
+    await sp.astart()
+    ledger = Ledger()
+    problems: list[str] = []
+    async with DeviceClient(sp.url, device, ledger, timeout_secs=60.0) as client:
+        # Fill half the WAL with acknowledged requests (they land at the drain).
+        for _ in range(200):
+            if wal_bytes(tmp_path / "wal") >= wal_capacity // 2:
+                break
+            filler = await client.send(device.records(500), retry=False)
+            if filler.status != 202:
+                problems.append(f"a small request filling the WAL got {filler.status}: {filler.body[:200]!r}")
+                break
+        used = wal_bytes(tmp_path / "wal")
+        # WAL bytes per body byte, as measured: size the request to need about 80% of the whole WAL,
+        # more than the room left (about 50%) but less than the WAL holds (so it is not a 413).
+        ratio = used / max(1, ledger.acked_bytes)
+        per_record = len(ndjson(device.records(100, with_seq=False))) / 100
+        big_records = device.records(int(0.8 * wal_capacity / ratio / per_record))
+        big_body = ndjson(big_records)
+        need = ratio * len(big_body)
+        assert wal_capacity - used < need < wal_capacity, (
+            f"the scenario needs a request larger than the WAL's room ({wal_capacity - used} bytes) and smaller than the WAL "
+            f"({wal_capacity} bytes); estimated {need:.0f} bytes at {ratio:.2f} WAL bytes per body byte"
+        )
+        big = await client.send(big_records, body=big_body, retry=False)
+        if big.status != 503:
+            problems.append(
+                f"the {len(big_body) / MiB:.1f} MiB request ({len(big_records)} records, about {need / MiB:.1f} MiB of WAL) sent "
+                f"with {(wal_capacity - used) / MiB:.1f} of {wal_capacity / MiB:.0f} MiB of WAL free got {big.status} (want 503): "
+                f"{big.body[:300]!r}"
+            )
+        elif "Retry-After" not in big.headers:
+            problems.append("the 503 came without Retry-After")
+        # The gateway still serves small requests (retried: the WAL may need a moment).
+        await client.send(device.records(50), deadline_secs=5.0)
+    await stop_gracefully(sp, problems)
+    # Whatever the drain left in the WAL lands on the next start: the refused request must not be in it either.
+    try:
+        await sp.astart()
+    except RuntimeError as exc:
+        problems.append(f"the gateway did not start again after the drain: {exc}")
+    await stop_gracefully(sp, problems, "SIGTERM after a restart")
+    big_keys = {(device.device_id, r["seq"]) for r in big_records}
+    problems += landing_problems(lake, ledger, ("raw",))
+    landed_big = {zone: sum(c for k, c in counts.items() if k in big_keys) for zone, counts in lake_counts(lake).items()}
+    if big.status != 202 and any(landed_big.values()):
+        problems.append(f"records of the refused request in the lake, per zone: {landed_big}")
+    check(problems, ledger, sp)
+
