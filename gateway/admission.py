@@ -19,6 +19,22 @@ class Admission:
         self._settings = settings
         self._on_refuse = on_refuse
         self.inflight_bytes = 0
+        self._per_source: dict[str, int] = {}
+
+    def enter(self, source: str) -> None:
+        """Count a request from ``source`` in flight (503 past its share); pair with ``leave``."""
+        s = self._settings()
+        held = self._per_source.get(source, 0)
+        if held >= s.max_inflight_per_source:
+            self._refuse("inflight_per_source", f"{held} requests from one source are in progress", s)
+        self._per_source[source] = held + 1
+
+    def leave(self, source: str) -> None:
+        held = self._per_source.get(source, 0) - 1
+        if held > 0:
+            self._per_source[source] = held
+        else:
+            self._per_source.pop(source, None)
 
     def check(
         self,

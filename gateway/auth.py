@@ -1,13 +1,16 @@
-"""Device authentication: the HMAC ``v1`` scheme, checked in two steps around the streamed body.
+"""Device authentication: the HMAC ``v1`` scheme, checked in two steps around the body.
 
-``begin`` runs on the headers before the body is read (missing or stale headers, unknown or
-disabled device fail fast); ``finish`` runs once the body's SHA-256 is known. Nothing a request
-carries is acted on before ``finish`` succeeds.
+``begin`` runs on the headers before the body is read (missing, malformed or stale headers fail
+fast); ``finish`` runs once the body's SHA-256 is known. Nothing a request carries is decoded or
+acted on before ``finish`` succeeds. An unknown device is verified against a decoy key and a
+disabled one is refused only after its signature verifies, so neither timing nor answers tell an
+unauthenticated client which devices exist.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ class _Pending:
     keys: tuple[bytes, ...]
     metadata: Mapping[str, str]
     clock_skew_ms: int
+    enabled: bool = True
 
 
 class HmacAuthenticator:
@@ -52,6 +56,7 @@ class HmacAuthenticator:
         self._window = window_secs
         self._clock = clock
         self._replay = replay
+        self._decoy = (os.urandom(32),)  # verifies nothing; makes an unknown device cost what a known one does
 
     def begin(self, headers: Mapping[str, str]) -> _Pending:
         device_id = headers.get("X-Device-Id", "")
@@ -63,7 +68,7 @@ class HmacAuthenticator:
         scheme, _, provided = sig.partition("=")
         if scheme != SCHEME or not provided:
             raise Unauthorized(f"X-Signature must look like '{SCHEME}=<hex>'")
-        if not timestamp.isdigit() or len(timestamp) > 12:
+        if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
             raise Unauthorized("X-Timestamp must be whole unix seconds")
         now = self._clock()
         skew = int(timestamp) - now
@@ -75,11 +80,9 @@ class HmacAuthenticator:
         registry = self._registry()
         device = registry.get(device_id)
         if device is None:
-            # Same answer as a bad signature, so the API does not reveal which devices exist.
-            raise Unauthorized("the signature does not match")
-        if not device.enabled:
-            raise Forbidden(f"device {device_id!r} is disabled")
-        return _Pending(device_id, timestamp, provided, registry.keys(device_id), device.metadata, int(skew * 1000))
+            return _Pending(device_id, timestamp, provided, self._decoy, {}, int(skew * 1000))
+        keys = registry.keys(device_id)
+        return _Pending(device_id, timestamp, provided, keys, device.metadata, int(skew * 1000), device.enabled)
 
     def finish(self, pending: _Pending, method: str, path: str, body_sha256_hex: str) -> Principal:
         provided = pending.provided.encode()
@@ -88,7 +91,10 @@ class HmacAuthenticator:
             for key in pending.keys
         ]
         if not any(matches):
+            # The same answer for an unknown device, a wrong key and a changed body.
             raise Unauthorized("the signature does not match")
+        if not pending.enabled:
+            raise Forbidden(f"device {pending.device_id!r} is disabled")
         if self._replay is None:
             return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms)
         if not self._replay.claim(pending.provided, int(pending.timestamp)):

@@ -14,9 +14,9 @@ from typing import Protocol
 import msgspec
 
 try:  # Python 3.14 ships it; older versions use the backport of the same module.
-    from compression.zstd import ZstdDecompressor, ZstdError  # type: ignore[import-not-found]
+    from compression.zstd import DecompressionParameter, ZstdDecompressor, ZstdError  # type: ignore[import-not-found]
 except ImportError:
-    from backports.zstd import ZstdDecompressor, ZstdError
+    from backports.zstd import DecompressionParameter, ZstdDecompressor, ZstdError
 
 from gateway.errors import MalformedBody, TooLarge, UnsupportedMedia
 
@@ -66,26 +66,37 @@ class _Identity:
 
 
 class _Gzip:
+    """gzip, all members of it (RFC 1952 allows several, concatenated); anything else after is an error."""
+
+    _MAGIC = b"\x1f\x8b"
+
     def __init__(self) -> None:
         self._inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._pending = b""  # the start of the next member, when it arrived split across reads
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
-        data = chunk
+        data = self._pending + chunk
+        self._pending = b""
         while data:
             if self._inflate.eof:
-                if data.strip(b"\0"):
+                if len(data) < len(self._MAGIC) and self._MAGIC.startswith(data):
+                    self._pending = data  # perhaps a next member, cut by the read
+                    return
+                if not data.startswith(self._MAGIC):
                     raise MalformedBody("data after the end of the gzip stream")
-                return
+                self._inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
             try:
                 out = self._inflate.decompress(data, _MAX_PIECE_BYTES)
             except zlib.error as exc:
                 raise MalformedBody(f"gzip stream is corrupt: {exc}") from None
-            data = self._inflate.unconsumed_tail
+            # Input left over: not yet decompressed (output limit), or the start of the next member.
+            data = self._inflate.unconsumed_tail or self._inflate.unused_data
             if out:
                 yield out
 
     def finish(self) -> Iterator[bytes]:
-        yield from self.feed(b"")
+        if self._pending:
+            raise MalformedBody("data after the end of the gzip stream")
         while not self._inflate.eof:
             try:
                 out = self._inflate.decompress(self._inflate.unconsumed_tail, _MAX_PIECE_BYTES)
@@ -96,9 +107,17 @@ class _Gzip:
             yield out
 
 
+# Frames asking for a larger window (up to 2 GiB per the format) are refused: memory stays bounded.
+ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB, what zstd levels 1-19 use for inputs of our size
+
+
+def _new_zstd() -> ZstdDecompressor:
+    return ZstdDecompressor(options={DecompressionParameter.window_log_max: ZSTD_WINDOW_LOG_MAX})
+
+
 class _Zstd:
     def __init__(self) -> None:
-        self._zstd = ZstdDecompressor()
+        self._zstd = _new_zstd()
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         data = chunk
@@ -107,7 +126,7 @@ class _Zstd:
                 if data or self._zstd.unused_data:
                     # Concatenated frames are valid zstd; start a fresh decompressor for the next one.
                     data = self._zstd.unused_data + data
-                    self._zstd = ZstdDecompressor()
+                    self._zstd = _new_zstd()
                     if not data:
                         return
                 else:

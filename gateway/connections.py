@@ -212,19 +212,34 @@ class GuardedSite(web.TCPSite):
 
 
 class BodyDeadline:
-    """``async with BodyDeadline(s): ... deadline.progress()`` raises ``RequestTimeout`` on a slow body."""
+    """``async with BodyDeadline(s): ... deadline.progress(n)`` raises ``RequestTimeout`` on a slow body.
 
-    __slots__ = ("_loop", "_until", "_idle", "_cm")
+    Slow means: past ``body_timeout_secs`` in all, a pause longer than ``body_idle_timeout_secs``, or,
+    after ``body_rate_grace_secs``, fewer than ``min_body_bytes_per_sec`` on average.
+    """
+
+    __slots__ = ("_loop", "_started", "_until", "_idle", "_cm", "_received", "_rate", "_grace")
 
     def __init__(self, settings: ConnectionSettings) -> None:
         self._loop = asyncio.get_running_loop()
-        now = self._loop.time()
+        now = self._started = self._loop.time()
         self._until = now + settings.body_timeout_secs
         self._idle = settings.body_idle_timeout_secs
-        self._cm = asyncio.timeout_at(min(self._until, now + self._idle))
+        self._rate = settings.min_body_bytes_per_sec
+        self._grace = settings.body_rate_grace_secs
+        self._received = 0
+        self._cm = asyncio.timeout_at(self._next_deadline(now))
 
-    def progress(self) -> None:
-        self._cm.reschedule(min(self._until, self._loop.time() + self._idle))
+    def _next_deadline(self, now: float) -> float:
+        deadline = min(self._until, now + self._idle)
+        if self._rate > 0:
+            # When the average rate would fall below the minimum if nothing more arrived.
+            deadline = min(deadline, max(self._started + self._grace, self._started + self._received / self._rate))
+        return deadline
+
+    def progress(self, nbytes: int = 0) -> None:
+        self._received += nbytes
+        self._cm.reschedule(self._next_deadline(self._loop.time()))
 
     async def __aenter__(self) -> BodyDeadline:
         await self._cm.__aenter__()

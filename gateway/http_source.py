@@ -6,25 +6,29 @@ import asyncio
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
+from gateway.auth import Principal
 from gateway.body import body_format, decompressor, framer
 from gateway.connections import BodyDeadline
 from gateway.enrich import new_context
-from gateway.errors import AllRecordsInvalid, ApiError, Forbidden, KeyReused, MalformedBody, TooLarge, Unavailable
+from gateway.errors import AllRecordsInvalid, ApiError, KeyReused, MalformedBody, TooLarge, Unauthorized, Unavailable
 from gateway.ingest import RequestBatch
 from gateway.replay import Replayed
 from gateway.retry_ledger import LedgerError, request_key
 from gateway.service import GATEWAY, Gateway
-from gateway.spool import SpoolFull
+from gateway.spool import Spool, SpoolFull
 from gateway.wal import WalError, WalFull, WalNoSpace
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
+# Bodies up to this size, uncompressed, are decoded on the event loop: a thread hop costs more.
+INLINE_DECODE_BYTES = 256 * 1024
 ROUTE = "/v1/telemetry"
 _WAL_REFUSALS = {
     "full": "the gateway's write-ahead log is full while the lake catches up; retry later",
@@ -78,7 +82,10 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
         raise Unavailable("the gateway is shutting down; retry (another instance will answer)", retry_after_secs=1)
     refusal = gw.pipeline.wal.refusal()
     if refusal is not None:
-        raise Unavailable(_WAL_REFUSALS.get(refusal, "the gateway cannot persist records right now; retry"), retry_after_secs=settings.wal.retry_after_secs)
+        raise Unavailable(
+            _WAL_REFUSALS.get(refusal, "the gateway cannot persist records right now; retry"),
+            retry_after_secs=settings.wal.retry_after_secs,
+        )
     security = gw.security
     wal = gw.pipeline.wal
     security.admission.check(
@@ -91,67 +98,105 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
     )
     peer, cert_device = security.identify(request)
     fmt = body_format(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    inflate = decompressor(request.headers.get(hdrs.CONTENT_ENCODING, ""))
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    decompressor(encoding)  # 415 for an unknown encoding before any byte is read
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
+    source = peer.address or "unknown"
+    security.failures.check(source)  # a source whose requests keep failing authentication waits
     pending = gw.authenticator.begin(request.headers, cert_device=cert_device)
     # Unauthenticated so far: only checked here (a deficit answers 429), charged once authenticated.
     rate_key = getattr(pending, "device_id", None) or (pending if isinstance(pending, str) else None) or peer.address
     security.limiter.check(rate_key)
-    ctx = new_context(
-        gateway_id=gw.gateway_id,
-        availability_zone=gw.availability_zone,
-        device_id=getattr(pending, "device_id", None),
-        device_metadata=getattr(pending, "metadata", {}),
-        clock_skew_ms=getattr(pending, "clock_skew_ms", None),
-        source_ip=peer.address or None,
-    )
-    spool = gw.pipeline.new_spool(limits.spool_memory_bytes)
+    security.admission.enter(source)
+    raw = gw.pipeline.new_spool(limits.spool_memory_bytes)  # the body as sent, until it is authenticated
+    spool = gw.pipeline.new_spool(limits.spool_memory_bytes)  # its records as WAL frames
     try:
-        batch = RequestBatch(
-            ctx,
-            fmt,
-            spool=spool,
-            policy=gw.partition_policy,
-            seq_index=gw.ledger.reader(),
-            max_records=limits.max_records_per_request,
-            max_errors_reported=limits.max_errors_reported,
-            max_tracked_seqs=limits.dedup_max_keys_per_request,
-        )
-        digest, refused, sent = await _receive(request, fmt, inflate, batch, limits)
+        # 1 receive: only read and hash; nothing is decompressed or parsed before the signature holds.
+        digest, sent = await _receive(request, raw, limits)
         idem_key = request.headers.get("Idempotency-Key")
         try:
-            principal = gw.authenticator.finish(pending, request.method, request.path, digest)
+            principal = gw.authenticator.finish(pending, request.method, request.path, digest)  # 2 authenticate
         except Replayed:
-            answered = await _answered(gw, ctx.device_id, idem_key, digest)
+            answered = _answered(gw, getattr(pending, "device_id", None), idem_key, digest)
             if answered is None:
                 raise
             return _replayed(answered)
-        security.limiter.charge(rate_key, batch.records, sent)
-        if refused is not None:
-            raise refused  # only now: a forged request gets 401, not a hint about its records
-        if batch.records == 0:
-            raise MalformedBody("the body holds no records")
-        # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
-        key = request_key(ctx.device_id or "", f"key:{idem_key[:256]}" if idem_key else f"body:{digest}")
+        except Unauthorized:
+            security.failures.charge(source, 1, 0)  # failures cost the source, never a device
+            raise
         try:
-            return await _once(gw, key, digest, bool(idem_key), lambda: _persist(gw, batch, spool, key, digest))
-        except Exception as exc:
-            if principal.replay_key and (not isinstance(exc, ApiError) or exc.status >= 500):
-                security.replay.release(principal.replay_key)  # not acknowledged: the device may resend it
+            body = Received(raw, fmt, encoding, sent, digest, idem_key, rate_key, peer.address or None)
+            return await _accept(gw, principal, body, spool)
+        except Exception:
+            if principal.replay_key:
+                security.replay.release(principal.replay_key)  # nothing of it landed: the device may resend it
             raise
     finally:
+        security.admission.leave(source)
+        raw.close()
         spool.close()
 
 
-async def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: str) -> bytes | None:
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A request body as sent, read whole and hashed, with what its headers said about it."""
+
+    raw: Spool
+    fmt: str
+    encoding: str
+    sent: int
+    digest: str
+    idem_key: str | None
+    rate_key: str
+    source_ip: str | None
+
+
+async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spool) -> web.Response:
+    """Steps 3-6 for an authenticated body: decode, validate and enrich, persist once, answer."""
+    limits = gw.settings.limits
+    ctx = new_context(
+        gateway_id=gw.gateway_id,
+        availability_zone=gw.availability_zone,
+        device_id=principal.device_id,
+        device_metadata=principal.metadata,
+        clock_skew_ms=principal.clock_skew_ms,
+        source_ip=body.source_ip,
+    )
+    batch = RequestBatch(
+        ctx,
+        body.fmt,
+        spool=spool,
+        policy=gw.partition_policy,
+        seq_index=gw.ledger.reader(),
+        max_records=limits.max_records_per_request,
+        max_errors_reported=limits.max_errors_reported,
+        max_tracked_seqs=limits.dedup_max_keys_per_request,
+    )
+    # 3-4 validate and enrich; a large or compressed body is decoded off the event loop.
+    args = (body.raw, body.fmt, body.encoding, batch, limits)
+    if body.sent <= INLINE_DECODE_BYTES and body.encoding.strip().lower() in ("", "identity"):
+        decoded = _decode(*args)
+    else:
+        decoded = await asyncio.to_thread(_decode, *args)
+    gw.metrics.request_bytes.inc(body.sent)
+    gw.security.limiter.charge(body.rate_key, batch.records, decoded)  # what the device sent, decompressed
+    if batch.records == 0:
+        raise MalformedBody("the body holds no records")
+    # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
+    retry = f"key:{body.idem_key[:256]}" if body.idem_key else f"body:{body.digest}"
+    key = request_key(ctx.device_id or "", retry)
+    return await _once(gw, key, body.digest, lambda: _persist(gw, batch, spool, key, body.digest))
+
+
+def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: str) -> bytes | None:
     """The answer given to this device's Idempotency-Key, if any (a replay may repeat it)."""
     if not idem_key:
         return None
     return gw.ledger.answer_for(request_key(device_id or "", f"key:{idem_key[:256]}"), digest)
 
 
-async def _once(gw: Gateway, key: bytes, digest: str, explicit: bool, run) -> web.Response:
+async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:
     """Run a request under its retry key once per instance; a retry gets the first answer again."""
     running = gw.running_requests.get(key)
     if running is not None:  # the same key is running in this worker
@@ -204,49 +249,52 @@ def _replayed(answer: bytes) -> web.Response:
     return response
 
 
-async def _receive(request: web.Request, fmt: str, inflate, batch: RequestBatch, limits) -> tuple[str, ApiError | None, int]:
-    """Stream the body through decompression, framing and validation; return its SHA-256 and size as sent."""
+async def _receive(request: web.Request, raw: Spool, limits) -> tuple[str, int]:
+    """Read the body as sent into ``raw``; return its SHA-256 and size. Nothing is decoded here."""
     hasher = hashlib.sha256()
-    frame = framer(fmt, max_record_bytes=limits.max_record_bytes, max_document_bytes=limits.max_document_bytes)
-    sent = decompressed = 0
-    refused: Forbidden | None = None
-
-    def take(pieces) -> None:
-        nonlocal decompressed
-        for piece in pieces:
-            decompressed += len(piece)
-            if decompressed > limits.max_decompressed_bytes:
-                raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
-            batch.add(frame.feed(piece))
-
+    sent = 0
     gw = request.app[GATEWAY]
     admission = gw.security.admission
     try:
         async with BodyDeadline(gw.settings.connections) as deadline:
             async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
-                deadline.progress()
+                deadline.progress(len(chunk))
                 admission.inflight_bytes += len(chunk)
                 sent += len(chunk)
                 if sent > limits.max_body_bytes:
                     raise TooLarge(f"the body is larger than {limits.max_body_bytes} bytes")
                 hasher.update(chunk)
-                if refused is None:
-                    try:
-                        take(inflate.feed(chunk))
-                    except Forbidden as exc:
-                        refused = exc  # keep reading: the signature decides between 401 and 403
-        if refused is None:
-            try:
-                take(inflate.finish())
-                batch.add(frame.finish())
-            except Forbidden as exc:
-                refused = exc
+                raw.add(chunk)
     except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
         raise MalformedBody("the body ended before its declared length") from None
     finally:
         admission.inflight_bytes -= sent
-    gw.metrics.request_bytes.inc(sent)
-    return hasher.hexdigest(), refused, sent
+    return hasher.hexdigest(), sent
+
+
+def _decode(raw: Spool, fmt: str, encoding: str, batch: RequestBatch, limits) -> int:
+    """Decompress, frame and validate an authenticated body into ``batch``; return the bytes it decoded to."""
+    inflate = decompressor(encoding)
+    frame = framer(fmt, max_record_bytes=limits.max_record_bytes, max_document_bytes=limits.max_document_bytes)
+    decoded = 0
+    try:
+        for chunks in raw.chunks():
+            for chunk in chunks:
+                for piece in inflate.feed(chunk):
+                    decoded += len(piece)
+                    if decoded > limits.max_decompressed_bytes:
+                        raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
+                    batch.add(frame.feed(piece))
+        for piece in inflate.finish():
+            decoded += len(piece)
+            if decoded > limits.max_decompressed_bytes:
+                raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
+            batch.add(frame.feed(piece))
+        batch.add(frame.finish())
+    finally:
+        # Drop the decompressor now: an error's traceback must not keep its window (up to 8 MiB) alive.
+        inflate = frame = None
+    return decoded
 
 
 async def _persist(gw: Gateway, batch: RequestBatch, spool, key: bytes, digest: str) -> bytes:

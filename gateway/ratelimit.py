@@ -60,7 +60,7 @@ class DeviceRateLimiter:
         if wait > 0:
             retry_after = min(s.max_retry_after_secs, max(1, math.ceil(wait)))
             raise RateLimited(
-                f"device {device!r} is over its rate limit ({s.records_per_sec:g} records/s, "
+                f"{device!r} is over its rate limit ({s.records_per_sec:g}/s, "
                 f"{s.bytes_per_sec:g} bytes/s); retry in {retry_after} s",
                 retry_after_secs=retry_after,
             )

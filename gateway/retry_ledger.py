@@ -29,6 +29,7 @@ import os
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ _U64 = struct.Struct(">Q")
 _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
 CLAIM_STALE_SECS = 120.0
+PACK_ANSWERS_OVER_BYTES = 256
 
 
 class LedgerError(Exception):
@@ -55,7 +57,18 @@ class RequestEntry(msgspec.Struct, array_like=True):
     body_sha256: str
     owner_pid: int = 0
     at: float = 0.0
-    answer: bytes = b""  # the JSON the device got
+    answer: bytes = b""  # the JSON the device got, zlib-compressed when ``packed``
+    packed: bool = False
+
+    @classmethod
+    def done(cls, body_sha256: str, answer: bytes) -> RequestEntry:
+        # Answers with many errors repeat themselves: stored compressed, they cost a tenth.
+        if len(answer) > PACK_ANSWERS_OVER_BYTES:
+            return cls("done", body_sha256, 0, time.time(), zlib.compress(answer, 1), True)
+        return cls("done", body_sha256, 0, time.time(), answer)
+
+    def unpacked_answer(self) -> bytes:
+        return zlib.decompress(self.answer) if self.packed else self.answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +207,7 @@ class RetryLedger:
                 if entry.state == "done":
                     if entry.body_sha256 != body_sha256:
                         return Claim("conflict")
-                    return Claim("answered", entry.answer)
+                    return Claim("answered", entry.unpacked_answer())
                 if entry.owner_pid != self.pid and _alive(entry.owner_pid) and time.time() - entry.at < CLAIM_STALE_SECS:
                     return Claim("conflict" if entry.body_sha256 != body_sha256 else "running")
             generation = self._maybe_advance(txn, b"request")
@@ -209,7 +222,7 @@ class RetryLedger:
         if raw is None:
             return None
         entry = msgspec.msgpack.decode(raw, type=RequestEntry)
-        return entry.answer if entry.state == "done" and entry.body_sha256 == body_sha256 else None
+        return entry.unpacked_answer() if entry.state == "done" and entry.body_sha256 == body_sha256 else None
 
     def release_request(self, key: bytes) -> None:
         """The claimed request failed (nothing of it lands): a retry must run it again."""
@@ -232,7 +245,7 @@ class RetryLedger:
                 txn.put(seq_key(device_id, seq), _U64.pack(event_ms), db=seq_db)
             request_db = self._db(b"request", self._maybe_advance(txn, b"request"))
             for key, body_sha256, answer in requests:
-                txn.put(key, msgspec.msgpack.encode(RequestEntry("done", body_sha256, 0, time.time(), answer)), db=request_db)
+                txn.put(key, msgspec.msgpack.encode(RequestEntry.done(body_sha256, answer)), db=request_db)
             mark = b"mark:" + wal_id.encode()
             old = txn.get(mark, db=self._meta)
             if old is None or _U64.unpack(old)[0] < through_lsn:

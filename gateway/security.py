@@ -3,6 +3,7 @@
     identify   the device's address (proxy.py) and the device its client certificate names (tls.py)
     admission  global overload -> 503 (admission.py)
     limiter    per-device token buckets -> 429 (ratelimit.py)
+    failures   per-source buckets of failed authentications -> 429 (ratelimit.py)
     replay     signatures already seen -> 401 (replay.py)
     connections  cap, slow clients, max age (connections.py)
 
@@ -46,6 +47,8 @@ class EdgeSecurity:
             on_evict=metrics.replay_evictions.inc,
         )
         self.limiter = DeviceRateLimiter(lambda: settings().rate_limits)
+        # Sources whose requests fail authentication: charged only by failures (http_source.py).
+        self.failures = DeviceRateLimiter(lambda: settings().rate_limits.for_auth_failures())
         self.admission = Admission(lambda: settings().admission, lambda reason: metrics.admission_refused.labels(reason).inc())
         self.connections = ConnectionGuard(
             lambda: settings().connections, on_close=lambda reason: metrics.connections_closed.labels(reason).inc()

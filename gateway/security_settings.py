@@ -71,12 +71,23 @@ class RateLimitSettings(_Section):
     # Per device. A request is let in while the device's buckets are not in deficit, then charged.
     records_per_sec: PositiveFloat = 5_000.0
     burst_records: PositiveInt = 50_000
-    # Body bytes as sent (compressed if the device compresses).
+    # Body bytes once decompressed: a compressed body costs what it expands to.
     bytes_per_sec: PositiveFloat = 8.0 * MiB
     burst_bytes: PositiveInt = 64 * MiB
     # Buckets kept in memory; the least recently seen device beyond it starts afresh.
     max_tracked_devices: PositiveInt = 100_000
     max_retry_after_secs: PositiveInt = 60
+    # Per source address: requests that fail authentication. Past the burst, that source gets 429
+    # until its bucket refills, whichever device it names.
+    auth_failures_per_sec: PositiveFloat = 5.0
+    burst_auth_failures: PositiveInt = 100
+
+    def for_auth_failures(self) -> RateLimitSettings:
+        """The same limiter's settings for per-source buckets of failed authentications (bytes unbounded)."""
+        return msgspec.structs.replace(
+            self, records_per_sec=self.auth_failures_per_sec, burst_records=self.burst_auth_failures,
+            bytes_per_sec=1e18, burst_bytes=10**18,
+        )
 
 
 class AdmissionSettings(_Section):
@@ -90,6 +101,9 @@ class AdmissionSettings(_Section):
     wal_high_watermark: Annotated[float, Meta(gt=0, le=1)] = 1.0
     max_loop_lag_ms: PositiveInt = 500
     retry_after_secs: PositiveInt = 1
+    # Requests in flight from one source address (the TCP peer, or X-Forwarded-For from a trusted
+    # proxy): one client holds at most its share of max_inflight_requests.
+    max_inflight_per_source: PositiveInt = 64
 
 
 class ConnectionSettings(_Section):
@@ -100,6 +114,10 @@ class ConnectionSettings(_Section):
     # A body must arrive within this in total, and never pause longer than body_idle_timeout_secs.
     body_timeout_secs: PositiveFloat = 120.0
     body_idle_timeout_secs: PositiveFloat = 30.0
+    # After body_rate_grace_secs a body arriving slower than this on average is cut off (408), so a
+    # client dripping bytes cannot hold an admission slot for minutes.
+    min_body_bytes_per_sec: Annotated[float, Meta(ge=0)] = 1024.0
+    body_rate_grace_secs: PositiveFloat = 5.0
     # A kept-alive connection idle this long is closed; keep it above the load balancer's (ALB: 60 s).
     idle_timeout_secs: PositiveFloat = 75.0
     # After this age (plus or minus max_age_jitter of it) a response carries Connection: close, so

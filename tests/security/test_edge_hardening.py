@@ -1,0 +1,263 @@
+"""What an unauthenticated client can no longer do to everyone else, over real sockets.
+
+Each test names the finding it covers: the work done before authentication, decompression limits,
+header parsing, device enumeration, slots held by slow or many connections, and replays across
+restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+
+import aiohttp
+import orjson
+import zstandard
+
+from gateway import http_source
+from gateway.signing import sign_request
+from tests.gateway.conftest import make_env, read_zone, record, wait_for_records
+from tests.security.test_abuse import body_of, send
+
+URL = "/v1/telemetry"
+
+
+def ndjson(*records: dict) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+async def post(http, gw, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    async with http.post(gw.url + URL, data=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+def zstd_stream(data: bytes, **params) -> bytes:
+    """zstd without a declared content size, so the frame's window is what the decoder must allocate."""
+    out = io.BytesIO()
+    cctx = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(**params)) if params else zstandard.ZstdCompressor()
+    with cctx.stream_writer(out, closefd=False) as writer:
+        writer.write(data)
+    return out.getvalue()
+
+
+async def test_a_forged_bomb_is_refused_without_being_decompressed(tmp_path, start, http, monkeypatch):
+    """Finding 1: decompression, framing and validation ran before the signature was checked."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    decoded = []
+    real_decode = http_source._decode
+    monkeypatch.setattr(http_source, "_decode", lambda *args: decoded.append(1) or real_decode(*args))
+    bomb = zstd_stream(b"\n" * (64 * 1024 * 1024))
+    assert len(bomb) < 64 * 1024
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request("dev-1", "not-the-key", bomb)}
+    status, answer = await post(http, gw, bomb, headers)
+    assert (status, answer["error"]) == (401, "unauthorized")
+    assert decoded == [], "a forged body was decompressed"
+    assert (await send(http, gw, env, "dev-1", n=3))[0] == 202 and decoded == [1]
+
+
+async def test_a_zstd_frame_asking_for_a_huge_window_is_refused(tmp_path, start, http):
+    """Finding 3: a frame declaring a 2^27 window held ~60 MiB per request."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    body = zstd_stream(ndjson(record("dev-1", seq=1)), window_log=27)
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request("dev-1", env.device().key, body)}
+    status, answer = await post(http, gw, body, headers)
+    assert status == 400 and "zstd" in answer["message"]
+    small = zstd_stream(ndjson(record("dev-1", seq=2)), window_log=20)
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request("dev-1", env.device().key, small)}
+    assert (await post(http, gw, small, headers))[0] == 202
+
+
+async def test_compressed_bodies_are_charged_what_they_decompress_to(tmp_path, start, http):
+    """Finding 4: the byte rate limit charged compressed bytes, so zstd bypassed it."""
+    env = make_env(tmp_path, n_devices=1, rate_limits={"bytes_per_sec": 64 * 1024.0, "burst_bytes": 64 * 1024})
+    gw = await start(env)
+    plain = b"".join(orjson.dumps(record("dev-1", seq=i, temperature_c=20.0)) + b"\n" for i in range(3000))
+    body = zstandard.ZstdCompressor().compress(plain)
+    assert len(body) < 64 * 1024 < len(plain)
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request("dev-1", env.device().key, body)}
+    assert (await post(http, gw, body, headers))[0] == 202
+    status, _, response_headers = await send(http, gw, env, "dev-1", n=1)
+    assert status == 429 and int(response_headers["Retry-After"]) >= 1
+
+
+async def test_a_unicode_digit_timestamp_is_a_401_not_a_500(tmp_path, start, http):
+    """Finding 6: `X-Timestamp: ¹` passed str.isdigit() and crashed int() (a 500 for anyone)."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    for stamp in ("¹", "١٧٠٠٠٠٠٠٠٠", "12 34"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: 3\r\n"
+            b"X-Device-Id: dev-1\r\nX-Signature: v1=00\r\nX-Timestamp: " + stamp.encode() + b"\r\nConnection: close\r\n\r\n{}\n"
+        )
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert response.split(b"\r\n", 1)[0].split()[1] == b"401", (stamp, response[:200])
+        assert b"whole unix seconds" in response
+
+
+async def test_every_gzip_member_is_read_and_trailing_garbage_refused(tmp_path, start, http):
+    """Finding 7: a body of several gzip members kept only the first; trailing garbage was accepted."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    members = b"".join(gzip.compress(ndjson(record("dev-1", seq=s))) for s in range(3))
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip", **sign_request("dev-1", env.device().key, members)}
+    status, answer = await post(http, gw, members, headers)
+    assert status == 202 and answer["accepted"] == 3
+    # The same kind of body split across reads at every awkward place: each member's magic cut in two.
+    split = b"".join(gzip.compress(ndjson(record("dev-1", seq=s))) for s in range(3, 6))
+    status = await _chunked_post(gw.port, split, env.device().key, cut_every=11)
+    assert status == 202
+    junk = gzip.compress(ndjson(record("dev-1", seq=9))) + b"garbage"
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip", **sign_request("dev-1", env.device().key, junk)}
+    status, answer = await post(http, gw, junk, headers)
+    assert status == 400 and "after the end of the gzip stream" in answer["message"]
+    lines = await wait_for_records(env.lake, "raw", 6)
+    assert sorted(line["seq"] for line in lines) == list(range(6))
+
+
+async def _chunked_post(port: int, body: bytes, key: str, cut_every: int) -> int:
+    headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip", **sign_request("dev-1", key, body)}
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"POST {URL} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n{head}\r\n".encode())
+    for at in range(0, len(body), cut_every):
+        piece = body[at : at + cut_every]
+        writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        await writer.drain()
+        await asyncio.sleep(0.001)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_unknown_and_known_devices_get_the_same_answer(tmp_path, start, http):
+    """Finding 8: an unknown id got an immediate 401, a disabled device '403 disabled' with a wrong key."""
+    env = make_env(tmp_path, n_devices=2)
+    gw = await start(env)
+    env.disable("dev-2")
+    gw.gateway.reload(gw.gateway.settings)
+    answers = []
+    for device_id in ("dev-1", "nobody-here", "dev-2"):
+        body = ndjson(record(device_id))
+        headers = {"Content-Type": "application/x-ndjson", **sign_request(device_id, "a-wrong-key", body)}
+        answers.append(await post(http, gw, body, headers))
+    assert answers[0] == answers[1] == answers[2] == (401, {"error": "unauthorized", "message": "the signature does not match"})
+    body = ndjson(record("dev-2"))
+    status, answer = await post(http, gw, body, {"Content-Type": "application/x-ndjson", **sign_request("dev-2", env.device("dev-2").key, body)})
+    assert status == 403 and "disabled" in answer["message"], "only the device itself learns it is disabled"
+
+
+async def test_repeated_authentication_failures_cost_the_source_not_the_device(tmp_path, start, http):
+    """Finding 1, the budget side: forged requests are charged to the source address that sends them."""
+    env = make_env(tmp_path, n_devices=1, rate_limits={"auth_failures_per_sec": 0.5, "burst_auth_failures": 5})
+    gw = await start(env)
+    statuses = []
+    for _ in range(8):
+        body = body_of("dev-1", 2)
+        statuses.append((await post(http, gw, body, {"Content-Type": "application/x-ndjson", **sign_request("dev-1", "forged", body)}))[0])
+    assert statuses[:5] == [401] * 5 and 429 in statuses[5:]
+    # The device itself, from another source address, is untouched.
+    async with session_from("127.0.0.2") as other:
+        assert (await send(other, gw, env, "dev-1", n=2))[0] == 202
+
+
+def session_from(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from another loopback address (another source)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
+async def test_one_source_holds_only_its_share_of_the_slots(tmp_path, start, http):
+    """Finding 2: 256 slow connections naming a known device held every admission slot."""
+    env = make_env(tmp_path, n_devices=1, admission={"max_inflight_per_source": 4})
+    gw = await start(env)
+    body = body_of("dev-1", 50)
+    headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device().key, body)}
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    held = []
+    for _ in range(6):  # each sends one byte of its body and then waits
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body[:1])
+        await writer.drain()
+        held.append((reader, writer))
+    await asyncio.sleep(0.3)
+    refused = []
+    for reader, _ in held[4:]:
+        refused.append(int((await asyncio.wait_for(reader.readline(), 5)).split()[1]))
+    assert refused == [503, 503], "a source got more than its share of in-flight requests"
+    async with session_from("127.0.0.2") as other:
+        assert (await send(other, gw, env, "dev-1", n=2))[0] == 202, "another source still gets in"
+    for _, writer in held:
+        writer.close()
+
+
+async def test_a_body_dripping_below_the_minimum_rate_is_cut_off(tmp_path, start, http):
+    """Finding 2, the slow side: a byte every few seconds kept a slot for as long as the client liked."""
+    env = make_env(tmp_path, n_devices=1, connections={"min_body_bytes_per_sec": 100.0, "body_rate_grace_secs": 1.0})
+    gw = await start(env)
+    body = body_of("dev-1", 20)
+    headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device().key, body)}
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode())
+    status = None
+    for at in range(len(body)):  # ten bytes a second: under the minimum once the grace is over
+        writer.write(body[at : at + 1])
+        try:
+            await writer.drain()
+        except ConnectionError:
+            break
+        try:
+            line = await asyncio.wait_for(reader.readline(), 0.1)
+        except TimeoutError:
+            continue
+        if line:
+            status = int(line.split()[1])
+            break
+    writer.close()
+    assert status == 408
+
+
+async def test_a_captured_request_is_refused_after_a_restart(tmp_path, start, http):
+    """Finding 5: the replay cache lived in one process's memory; a restart forgot it."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    body = ndjson(record("dev-1", seq=77))
+    headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device().key, body)}
+    assert (await post(http, gw, body, headers))[0] == 202
+    await gw.stop()
+    gw = await start(env)
+    status, answer = await post(http, gw, body, headers)
+    assert status == 401 and "replay" in answer["message"]
+    await gw.stop()
+    assert [line["seq"] for line in read_zone(env.lake, "raw")] == [77]
+
+
+async def test_stored_answers_are_compact(tmp_path, start, http):
+    """Finding 12: idempotency answers were stored whole (~19 KiB each with 100 errors)."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    bad = b"".join(orjson.dumps({"device_id": "dev-1", "ts": "not a time", "metrics": {"t": 1}, "pad": "x" * 100}) + b"\n" for _ in range(100))
+    body = bad + ndjson(record("dev-1", seq=5))
+    headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": "k-1", **sign_request("dev-1", env.device().key, body)}
+    async with http.post(gw.url + URL, data=body, headers=headers) as resp:
+        assert resp.status == 202
+        answer = await resp.read()
+    assert len(answer) > 5000 and len((await resp.json())["errors"]) == 100
+    ledger = gw.gateway.ledger
+    stored = _stored_request_bytes(ledger)
+    assert stored < len(answer) / 4, f"{stored} bytes stored for a {len(answer)}-byte answer"
+    headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": "k-1", **sign_request("dev-1", env.device().key, body)}
+    async with http.post(gw.url + URL, data=body, headers=headers) as resp:
+        assert resp.headers.get("Idempotent-Replayed") == "true" and await resp.read() == answer
+
+
+def _stored_request_bytes(ledger) -> int:
+    with ledger._env.begin() as txn:
+        return max(len(v) for kind_slot, db in ledger._dbs.items() if kind_slot.startswith(b"request") for _, v in txn.cursor(db=db))
