@@ -128,7 +128,11 @@ def _reload_file(gw) -> None:
     try:
         gw.registry = DeviceRegistry.load(gw.settings.auth.registry_path)
     except RegistryError as exc:
+        gw.metrics.registry_refreshes.labels("error").inc()
         raise AdminError(500, "registry_error", f"the registry file cannot be read; the previous one stays: {exc}") from None
+    gw.metrics.registry_refreshes.labels("ok").inc()
+    if gw.registry_watcher is not None:
+        gw.registry_watcher.reset()
 
 
 def build_admin_app(gateway, token: bytes) -> web.Application:
@@ -146,8 +150,8 @@ def build_admin_app(gateway, token: bytes) -> web.Application:
 async def start_admin(gateway) -> web.AppRunner | None:
     """Start the admin listener when configured; the caller cleans the runner up."""
     s = gateway.settings.admin
-    if not s.enabled:
-        return None
+    if not s.enabled or gateway.worker_index != 0:
+        return None  # with several workers the first one serves it, for the whole instance
     runner = web.AppRunner(build_admin_app(gateway, read_token(s.token_path)), handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, s.host, s.port)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.http_source import json_response
 from gateway.service import GATEWAY
+from gateway.status.cluster import Cluster, runtime_dir
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -29,5 +30,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[GATEWAY].metrics.registry)
+    # The whole instance, whichever worker answers (gateway/status/cluster.py).
+    body = await Cluster(request.app[GATEWAY], runtime_dir()).metrics()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

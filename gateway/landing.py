@@ -447,7 +447,8 @@ class ZoneLander:
     # -- state -------------------------------------------------------------------------------
 
     def _current_position(self) -> int:
-        firsts = [p.first_lsn for p in self._open.values()] + [p.first_lsn for p in self._sealed]
+        # Copies (one C call each): a scrape reads this while _absorb may run in its thread.
+        firsts = [p.first_lsn for p in (*tuple(self._open.values()), *tuple(self._sealed))]
         if self._reading_from is not None:
             firsts.append(self._reading_from)
         return min([self._reader.lsn, *firsts])
@@ -488,8 +489,14 @@ class ZoneLander:
         state.sealed = [intent for intent in state.sealed if intent[2] >= floor]
         return state
 
-    def _report_backlog(self) -> None:
-        pending = [*self._open.values(), *self._sealed]
+    def unlanded(self) -> tuple[int, float]:
+        """Now: WAL bytes this zone has not landed, and how long its oldest unlanded record has waited."""
+        if self._reader is None:
+            return 0, 0.0
+        pending = (*tuple(self._open.values()), *tuple(self._sealed))  # copies: _absorb runs in a thread
         oldest_ms = min((p.oldest_received_ms for p in pending), default=None)
         age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0
-        self._observer.backlog(self.zone, self._wal.backlog_bytes(self._current_position()), age)
+        return self._wal.backlog_bytes(self._current_position()), age
+
+    def _report_backlog(self) -> None:
+        self._observer.backlog(self.zone, *self.unlanded())

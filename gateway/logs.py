@@ -1,14 +1,30 @@
-"""Structured JSON logs on stderr: one object per line, extra fields included, ready for shipping."""
+"""Structured JSON logs on stderr: one object per line, extra fields included, ready for shipping.
+
+- Warnings and errors repeating the same message are throttled per message (a burst, then one a
+  second); the next line let through says how many were ``suppressed``.
+- The access log (``log.access_log``) is one JSON line per request; beyond
+  ``log.access_log_max_per_sec`` lines a second the rest are counted, not written, and the next
+  line written carries ``skipped``.
+- ``DEBUG`` turns on the gateway's own detail (objects landed, registry reloads, peers); the
+  libraries it uses stay at ``INFO`` so their chatter does not bury it.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 import orjson
+from aiohttp.abc import AbstractAccessLogger
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+_QUIET_LIBRARIES = ("aiobotocore", "botocore", "urllib3", "asyncio", "grpc", "tritonclient", "moto")
+
+ACCESS_LOGGER = "gateway.access"
+THROTTLE_BURST = 10
+THROTTLE_PER_SEC = 1.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,11 +43,82 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class ThrottleFilter(logging.Filter):
+    """Per message template: ``burst`` lines at once, then ``per_sec``; criticals always pass."""
+
+    def __init__(self, burst: int = THROTTLE_BURST, per_sec: float = THROTTLE_PER_SEC, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._burst, self._rate, self._clock = burst, per_sec, clock
+        self._buckets: dict[tuple[str, str], list[float]] = {}  # key -> [tokens, updated, suppressed]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.levelno >= logging.CRITICAL:
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) > 10_000:  # messages are templates; this bounds a pathological caller
+                self._buckets.clear()
+            bucket = self._buckets[key] = [float(self._burst), now, 0]
+        bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
+        if bucket[0] < 1:
+            bucket[2] += 1
+            return False
+        bucket[0] -= 1
+        if bucket[2]:
+            record.suppressed, bucket[2] = int(bucket[2]), 0
+        return True
+
+
 def configure(level: str) -> None:
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(ThrottleFilter())
     root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, JsonFormatter)] + [handler]
     root.setLevel(level)
-    # aiohttp's access log is ours to enable (log.access_log); its default format is not JSON.
+    quiet = max(logging.getLevelName(level), logging.INFO)
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
+    # aiohttp's own access logger (its text format) stays off: ours writes JSON (access_logger_class).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+
+
+def access_logger_class(settings: Callable[[], object]) -> type[AbstractAccessLogger]:
+    """An aiohttp access logger that follows the live ``[log]`` section (SIGHUP turns it on or off)."""
+
+    class JsonAccessLogger(AbstractAccessLogger):
+        __slots__ = ()
+        _window = [0.0, 0, 0]  # second it counts, lines written in it, lines skipped since the last written
+
+        def log(self, request, response, time_secs: float) -> None:
+            log_settings = settings().log
+            if not log_settings.access_log:
+                return
+            window = self._window
+            now = time.monotonic()
+            if now - window[0] >= 1.0:
+                window[0], window[1] = now, 0
+            if window[1] >= log_settings.access_log_max_per_sec:
+                window[2] += 1
+                return
+            window[1] += 1
+            extra = {
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time_secs * 1000, 3),
+                "bytes_in": request.content_length or 0,
+                "bytes_out": response.body_length,
+                "remote": request.remote,
+                "device_id": request.headers.get("X-Device-Id", "")[:128] or None,
+            }
+            if window[2]:
+                extra["skipped"], window[2] = window[2], 0
+            self.logger.info("request", extra=extra)
+
+    JsonAccessLogger._window = [0.0, 0, 0]  # one window per class, i.e. per gateway
+    return JsonAccessLogger

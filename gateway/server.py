@@ -14,11 +14,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway import logs
 from gateway.admin import start_admin
 from gateway.app import build_app
 from gateway.connections import GuardedSite
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
+from gateway.status.cluster import start_peer_listener
 from gateway.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class RunningGateway:
         self.runner = runner
         self.site = site
         self.admin = admin  # the admin listener's runner, when [admin] is enabled
+        self.peers: web.AppRunner | None = None  # this worker's local socket for its siblings (workers > 1)
         self.stopped = False
 
     @property
@@ -64,6 +67,8 @@ class RunningGateway:
         await self.runner.cleanup()
         if self.admin is not None:
             await self.admin.cleanup()
+        if self.peers is not None:
+            await self.peers.cleanup()
         # 4. Flush open objects and land them; what misses the deadline stays in the WAL.
         landed_all = await gw.pipeline.drain(max(0.1, until - time.monotonic()))
         # 5. Close the WAL (everything written is durable) and the sinks.
@@ -82,7 +87,9 @@ async def start_gateway(
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=logging.getLogger("aiohttp.access") if settings.log.access_log else None,
+        # Always installed; it follows the live [log] section, so SIGHUP can turn it on and off.
+        access_log=logging.getLogger(logs.ACCESS_LOGGER),
+        access_log_class=logs.access_logger_class(lambda: gw.settings),
         shutdown_timeout=settings.drain.deadline_secs,
         # We decompress ourselves: the signature covers the body as sent, and limits apply as it inflates.
         auto_decompress=False,
@@ -110,6 +117,7 @@ async def start_gateway(
         await gw.close()
         raise
     running = RunningGateway(gw, runner, site, admin)
+    running.peers = await start_peer_listener(gw)
     log.info("listening", extra={"url": running.url})
     return running
 
@@ -127,11 +135,16 @@ async def serve(
     stop = asyncio.Event()
 
     def reload() -> None:
+        metrics = running.gateway.metrics
         try:
             needs_restart = running.gateway.reload(reload_settings())
         except (ConfigError, Exception) as exc:  # a bad file must never take the gateway down
+            metrics.config_reloads.labels("refused").inc()
+            metrics.config_last_reload_success.set(0)
             log.error("configuration reload refused; keeping the running configuration", extra={"error": str(exc)})
             return
+        metrics.config_reloads.labels("applied").inc()
+        metrics.config_last_reload_success.set(1)
         if needs_restart:
             log.warning("some changes need a restart to apply", extra={"sections": needs_restart})
 

@@ -24,7 +24,7 @@ from gateway.enrich import PartitionPolicy
 from gateway.instance_metadata import availability_zone
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
-from gateway.registry import DeviceRegistry, RegistryError
+from gateway.registry import DeviceRegistry, RegistryError, RegistryFileWatcher
 from gateway.retry_ledger import RetryLedger
 from gateway.secrets_registry import SecretsManagerRegistry
 from gateway.security import EdgeSecurity
@@ -73,11 +73,19 @@ class Gateway:
         self.loop_lag_secs = 0.0
         # auth.registry_source is chosen at start; changing it needs a restart.
         self.registry_source = (
-            SecretsManagerRegistry(settings.secretsmanager, self.metrics, self._set_registry)
+            SecretsManagerRegistry(
+                settings.secretsmanager, self.metrics, self._set_registry, cache_path=Path(settings.wal.dir) / "registry-cache.json"
+            )
             if settings.auth.registry_source == "secretsmanager"
             else None
         )
         self.registry = self._load_registry(settings)
+        # The file registry is re-read when it changes: `edge-gateway device add` applies without SIGHUP.
+        self.registry_watcher = (
+            RegistryFileWatcher(lambda: self.settings.auth.registry_path, self._registry_changed, self._registry_unreadable)
+            if self.registry_source is None
+            else None
+        )
         self.authenticator = self._authenticator(settings)
         sink = sink or build_sink(settings, self.slot)
         self.metrics.watch_sink(sink)
@@ -115,6 +123,20 @@ class Gateway:
     def _set_registry(self, registry: DeviceRegistry) -> None:
         self.registry = registry
 
+    def _registry_changed(self, registry: DeviceRegistry) -> None:
+        before = len(self.registry)
+        self.registry = registry
+        self.metrics.registry_refreshes.labels("ok").inc()
+        self.metrics.registry_last_success.set(time.time())
+        log.info(
+            "device registry file changed; reloaded",
+            extra={"registry_path": self.settings.auth.registry_path, "devices": len(registry), "before": before},
+        )
+
+    def _registry_unreadable(self, error: RegistryError) -> None:
+        self.metrics.registry_refreshes.labels("error").inc()
+        log.error("device registry file changed but cannot be read; the previous devices stay in use", extra={"error": str(error)})
+
     def _authenticator(self, settings: Settings):
         if settings.auth.mode == "none":
             inner = NoAuthenticator(lambda: self.registry)
@@ -145,7 +167,11 @@ class Gateway:
         wal = self.pipeline.wal
         self.metrics.wal_capacity.set(wal.max_total_bytes)
         self.metrics.wal_bytes.set_function(lambda: wal.total_bytes)
+        self.metrics.watch_gateway(lambda: len(self.registry))
+        self.metrics.watch_pipeline(self.pipeline)
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
+        if self.registry_watcher is not None:
+            self.registry_watcher.start()
         log.info(
             "gateway started",
             extra={
@@ -199,6 +225,7 @@ class Gateway:
             "draining a WAL directory no worker owns (listen.workers changed)",
             extra={"wal": str(slot.directory), "gateway_id": slot.gateway_id},
         )
+        self.metrics.watch_pipeline(pipeline)
         try:
             await pipeline.start()
             landed = await pipeline.drain(None)
@@ -209,6 +236,7 @@ class Gateway:
         except Exception:
             log.exception("draining an orphaned WAL directory failed; it is retried at the next start", extra={"wal": str(slot.directory)})
         finally:
+            self.metrics.unwatch_pipeline(pipeline)
             await pipeline.close()
             lock.release()
 
@@ -219,10 +247,13 @@ class Gateway:
         needs_restart = sorted(changed - RELOADABLE_SECTIONS)
         registry = self._load_registry(settings)  # raises before anything changes
         self.registry = registry
+        self.metrics.registry_refreshes.labels("ok").inc()
         live = {s: getattr(settings, s) if s in RELOADABLE_SECTIONS else getattr(self.settings, s) for s in new}
         self.settings = Settings(**live)
         self.authenticator = self._authenticator(self.settings)
         logs.configure(self.settings.log.level)
+        if self.registry_watcher is not None:
+            self.registry_watcher.reset()
         log.info("configuration reloaded", extra={"applied": sorted(changed & RELOADABLE_SECTIONS), "needs_restart": needs_restart})
         return needs_restart
 
@@ -244,6 +275,8 @@ class Gateway:
         await asyncio.gather(*self._orphans, return_exceptions=True)
         if self.registry_source is not None:
             await self.registry_source.close()
+        if self.registry_watcher is not None:
+            await self.registry_watcher.close()
         await self.pipeline.close()
         self.ledger.close()
         self._release_ownership()

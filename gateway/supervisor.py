@@ -14,12 +14,15 @@ import logging
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from gateway.settings import Settings
+from gateway.status.cluster import RUNTIME_ENV
 from gateway.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
@@ -38,13 +41,15 @@ class Supervisor:
         self.backoff: dict[int, float] = {}
         self.started_at: dict[int, float] = {}
         self.stopping = False
+        # Where workers listen for each other (metrics, status, tap): private to this instance.
+        self.runtime_dir: str | None = None
 
     def _spawn(self, index: int) -> None:
         fd = self.listener.fileno()
         argv = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(index), "--listen-fd", str(fd)]
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve())})
+        env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir})
         # The lock's descriptor goes along, so the instance stays locked while any worker lives.
         self.procs[index] = subprocess.Popen(argv, pass_fds=(fd, self.lock.fd), env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
@@ -66,6 +71,13 @@ class Supervisor:
             return 0
         self.lock.acquire()  # WalLocked: another instance owns wal.dir
         self.listener = bind_listener(self.settings.listen)
+        self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
+        try:
+            return self._supervise()
+        finally:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for index in range(self.workers):
             self._spawn(index)
         while not self.stopping:
