@@ -1,4 +1,4 @@
-"""``edge-gateway``: serve, check a config, run the demo, manage devices."""
+"""``edge-gateway``: serve, check a config, run the demo or the AZ failover drill, manage devices."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ if len(sys.argv) > 1 and sys.argv[1] == "serve":
     _remember_early_signals()
 
 from gateway import logs  # noqa: E402  (after the handlers: these imports take a while)
-from gateway.registry import RegistryError, add_device, rotate_key, set_enabled  # noqa: E402
-from gateway.settings import ConfigError, dump_toml, load_settings, wal_budget_problem  # noqa: E402
+from gateway.registry import RegistryError, add_device, read_registry, remove_device, rotate_key, set_enabled  # noqa: E402
+from gateway.settings import ConfigError, dump_toml, load_settings  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-gateway", description="Edge telemetry gateway")
+    p.add_argument("--version", action="version", version=f"edge-gateway {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -37,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
 
-    check = sub.add_parser("check-config", help="validate a configuration file and print the effective config")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file (every error, with its line or environment variable) and print the effective config",
+    )
     check.add_argument("config", type=Path)
 
     demo = sub.add_parser("demo", help="run the gateway on a local lake and drive it with simulated devices")
@@ -48,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--records", type=int, default=100, help="records per request")
     demo.add_argument("--s3", action="store_true", help="land through the S3 API in a local S3-compatible server (moto)")
 
+    drill = sub.add_parser("drill", help="run the AZ failover drill on this machine (three zones behind HAProxy)")
+    drill.add_argument("--config", "-c", type=Path, help="drill.toml: fleet, load and step durations (defaults: make drill)")
+    drill.add_argument("--out", type=Path, default=None, help="report directory (default: <workdir>/report)")
+    drill.add_argument("--runbook", type=Path, default=None, help="runbook (default: deploy/runbooks/az-failover.yaml)")
+    drill.add_argument("--print-config", action="store_true", help="print the effective drill configuration and exit")
+
     device = sub.add_parser("device", help="manage the device registry file")
     dsub = device.add_subparsers(dest="action", required=True)
     add = dsub.add_parser("add", help="create a device and print its key")
@@ -56,8 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--site", default=None)
     add.add_argument("--model", default=None)
     add.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="more metadata (repeatable)")
+    listing = dsub.add_parser("list", help="the devices in the registry (never their keys)")
+    listing.add_argument("--registry", type=Path, required=True)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, help_text in (("rotate", "issue a new key; the old one keeps working until the next rotation"),
-                            ("disable", "refuse the device's requests (403)"), ("enable", "accept the device again")):
+                            ("disable", "refuse the device's requests (403)"), ("enable", "accept the device again"),
+                            ("remove", "delete the device and its keys (a running gateway refuses it within a second)")):
         cmd = dsub.add_parser(name, help=help_text)
         cmd.add_argument("device_id")
         cmd.add_argument("--registry", type=Path, required=True)
@@ -70,17 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args.config, args.worker_index, args.listen_fd)
         if args.command == "check-config":
-            settings = load_settings(args.config)
-            problem = wal_budget_problem(settings)
-            if problem is not None:
-                raise ConfigError(f"{args.config}: {problem}")
-            sys.stdout.write(dump_toml(settings))
-            return 0
+            return _check_config(args.config)
         if args.command == "demo":
             from gateway.demo import main as demo_main
 
             logs.configure("WARNING")
             return demo_main(args.dir, args.seconds, args.devices, args.rate, args.records, args.s3)
+        if args.command == "drill":
+            from gateway.drill.run import main as drill_main
+
+            logs.configure("WARNING")
+            return drill_main(args.config, args.out, args.runbook, args.print_config)
         if args.command == "device":
             return _device(args)
     except ConfigError as exc:
@@ -99,11 +113,20 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
     from gateway.supervisor import Supervisor
     from gateway.wal_layout import WalLocked
 
-    settings = load_settings(config)
-    logs.configure(settings.log.level)
-    problem = wal_budget_problem(settings)
-    if problem is not None:
-        raise ConfigError(f"{config or '<defaults>'}: {problem}")
+    from gateway.config_check import check_config, errors
+
+    settings, problems, _ = check_config(config)
+    logs.configure(settings.log.level if settings is not None else "INFO")
+    start_log = logging.getLogger("gateway")
+    if errors(problems):
+        # One JSON line for the whole refusal: every problem, each with its source and the path it names.
+        start_log.critical(
+            "the gateway cannot start: invalid configuration",
+            extra={"config": str(config or "<defaults>"), "error": str(errors(problems)[0]), "problems": _problem_list(problems)},
+        )
+        return 2
+    for problem in problems:
+        start_log.warning(problem.message, extra={"source": problem.source, "setting": problem.path})
     stop_requested = lambda: any(s != signal.SIGHUP for s in _early_signals)  # noqa: E731
     try:
         if settings.listen.workers > 1 and worker_index is None:
@@ -122,10 +145,40 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
             serve(settings, lambda: load_settings(config), stop_requested, worker_index=worker_index, listener=listener)
         )
     except (WalLocked, OSError) as exc:
-        # Start-up refused (another owner, a port in use, a WAL directory it cannot create): one clear line.
-        logging.getLogger("gateway").critical("the gateway cannot start", extra={"error": str(exc)})
-        print(f"edge-gateway: cannot start: {exc}", file=sys.stderr)
-        return 1
+        # Start-up refused (another owner, a port in use, a file it cannot read): one line, with the path.
+        extra = {"error": str(exc)}
+        if getattr(exc, "filename", None):
+            extra["path"] = str(exc.filename)
+        start_log.critical("the gateway cannot start", extra=extra)
+        return 2
+    except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)
+        start_log.critical("the gateway cannot start", exc_info=True, extra={"error": f"{type(exc).__name__}: {exc}"})
+        return 2
+
+
+def _version() -> str:
+    from gateway.metrics import version
+
+    return version()
+
+
+def _problem_list(problems) -> list[dict[str, str]]:
+    return [{"severity": p.severity, "source": p.source, "setting": p.path, "message": p.message} for p in problems]
+
+
+def _check_config(config: Path) -> int:
+    """Every problem on stderr (errors and warnings); the effective config, as loadable TOML, on stdout."""
+    from gateway.config_check import check_config, errors
+
+    settings, problems, sources = check_config(config)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if errors(problems):
+        n = len(errors(problems))
+        print(f"edge-gateway: invalid configuration: {n} error{'s' if n > 1 else ''}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_toml(settings, sources))
+    return 0
 
 
 def _device(args: argparse.Namespace) -> int:
@@ -140,9 +193,30 @@ def _device(args: argparse.Namespace) -> int:
         print(key)
     elif args.action == "rotate":
         print(rotate_key(args.registry, args.device_id))
+    elif args.action == "list":
+        _list_devices(args.registry, args.json)
+    elif args.action == "remove":
+        remove_device(args.registry, args.device_id)
     else:
         set_enabled(args.registry, args.device_id, args.action == "enable")
     return 0
+
+
+def _list_devices(registry: Path, as_json: bool) -> None:
+    if not registry.exists():
+        raise RegistryError(f"{registry}: no such registry file")
+    devices = read_registry(registry).devices
+    if as_json:
+        import orjson
+
+        for device_id, device in sorted(devices.items()):
+            line = {"device_id": device_id, "enabled": device.enabled, "keys": len(device.keys), "metadata": device.metadata}
+            print(orjson.dumps(line).decode())
+        return
+    print(f"{'DEVICE':<32} {'ENABLED':<8} {'KEYS':<5} METADATA")
+    for device_id, device in sorted(devices.items()):
+        meta = " ".join(f"{k}={v}" for k, v in sorted(device.metadata.items()))
+        print(f"{device_id:<32} {'yes' if device.enabled else 'no':<8} {len(device.keys):<5} {meta}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ add`` writes entries, so nobody edits keys by hand.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from pathlib import Path
@@ -62,6 +63,8 @@ def read_registry(path: str | os.PathLike[str]) -> RegistryFile:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return RegistryFile()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the registry: {exc.strerror}") from None
     try:
         return msgspec.json.decode(data, type=RegistryFile)
     except msgspec.DecodeError as exc:
@@ -99,6 +102,14 @@ def rotate_key(path: str | os.PathLike[str], device_id: str) -> str:
     return key
 
 
+def remove_device(path: str | os.PathLike[str], device_id: str) -> None:
+    """Delete a device and its keys; a gateway watching the file refuses it from its next check on."""
+    registry = read_registry(path)
+    if registry.devices.pop(device_id, None) is None:
+        raise RegistryError(f"no device {device_id!r} in {path}")
+    write_registry(path, registry)
+
+
 def set_enabled(path: str | os.PathLike[str], device_id: str, enabled: bool) -> None:
     registry = read_registry(path)
     device = registry.devices.get(device_id)
@@ -110,12 +121,67 @@ def set_enabled(path: str | os.PathLike[str], device_id: str, enabled: bool) -> 
 
 def write_registry(path: str | os.PathLike[str], registry: RegistryFile) -> None:
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        # A typo in --registry must not quietly start a second registry somewhere else.
+        raise RegistryError(f"{target}: the directory {target.parent} does not exist; create it first")
     tmp = target.with_name(f".{target.name}.tmp")
-    # Keys are secrets: the file is readable by its owner only.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        # Keys are secrets: the file is readable by its owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise RegistryError(f"{target}: cannot write the registry: {exc.strerror}") from None
+
+
+class RegistryFileWatcher:
+    """Reloads the registry file when it changes, so `device add` and friends apply without SIGHUP.
+
+    Polls the file's (mtime, size, inode) every ``interval_secs``: cheap, and it works on every file
+    system and through the atomic rename ``write_registry`` does. A file that does not decode keeps
+    the previous registry in use (logged, counted as a failed refresh) until it is fixed.
+    """
+
+    def __init__(self, path, on_load, on_error, *, interval_secs: float = 1.0) -> None:
+        self._path = path  # a callable: the path may change with a reload
+        self._on_load = on_load
+        self._on_error = on_error
+        self._interval = interval_secs
+        self._seen = self._signature()
+        self._task = None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path())
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="registry-watch")
+
+    def reset(self) -> None:
+        """The registry was just loaded by someone else (SIGHUP, the admin API): no reload for that change."""
+        self._seen = self._signature()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            seen = self._signature()
+            if seen == self._seen:
+                continue
+            self._seen = seen
+            try:
+                registry = await asyncio.to_thread(DeviceRegistry.load, self._path())
+            except RegistryError as exc:
+                self._on_error(exc)
+                continue
+            self._on_load(registry)

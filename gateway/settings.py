@@ -8,8 +8,12 @@ the file, so a fleet can vary deployment knobs without templating secrets into i
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,10 +41,6 @@ Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-
 
 ENV_PREFIX = "EDGE_GATEWAY__"
 MiB = 1024 * 1024
-
-
-class ConfigError(Exception):
-    """The configuration cannot be loaded; the message says where and why."""
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -168,7 +168,10 @@ class DrainSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # One JSON line per HTTP request on the `gateway.access` logger; SIGHUP turns it on or off.
     access_log: bool = False
+    # Access lines written per second at most; the rest are counted in the next line's `skipped`.
+    access_log_max_per_sec: PositiveInt = 100
 
 
 class Settings(_Section):
@@ -246,35 +249,192 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration, and where it came from."""
+
+    message: str  # msgspec's wording, ending in "- at `$.section.key`" where it has a place
+    source: str  # "gateway.toml:12", "EDGE_GATEWAY__LIMITS__MAX_BODY_BYTES" or "<defaults>"
+    path: str = ""  # "limits.max_body_bytes"
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.source}: {'warning: ' if self.severity == 'warning' else ''}{self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be loaded; the message says where and why (every problem, one a line)."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [Problem(message, "")]
+
+
+@dataclass
+class Sources:
+    """Where each setting came from: a line of the file or an environment variable."""
+
+    file: str = "<defaults>"
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+    env: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def of(self, *path: str) -> str:
+        if len(path) >= 2 and (path[0], path[1]) in self.env:
+            return self.env[(path[0], path[1])]
+        for n in range(len(path), 0, -1):
+            line = self.lines.get(tuple(path[:n]))
+            if line is not None:
+                return f"{self.file}:{line}"
+        return self.file
+
+
+def read_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> tuple[Settings | None, list[Problem], Sources]:
+    """Decode the file (or the defaults) with environment overrides; every problem at once, each with its source."""
+    raw: dict[str, Any] = {}
+    sources = Sources()
+    if path is not None:
+        sources.file = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None, [Problem("no such file", str(path))], sources
+        except OSError as exc:
+            return None, [Problem(f"cannot read it: {exc.strerror}", str(path))], sources
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            return None, [Problem(f"not valid TOML: {exc}", str(path))], sources
+        sources.lines = _key_lines(text)
+    try:
+        _apply_env_overrides(raw, os.environ if environ is None else environ, sources.env)
+    except ConfigError as exc:
+        return None, exc.problems, sources
+    problems = _check_sections(raw, sources)
+    if problems:
+        return None, problems, sources
+    try:
+        return msgspec.convert(raw, Settings), [], sources
+    except msgspec.ValidationError as exc:  # a rule across sections (Settings.__post_init__)
+        return None, [Problem(str(exc), sources.file)], sources
+
+
 def load_settings(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Settings:
     """Read the TOML file (or the defaults), apply environment overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    _apply_env_overrides(raw, os.environ if environ is None else environ)
-    try:
-        return msgspec.convert(raw, Settings)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path or '<defaults>'}: {exc}") from None
+    settings, problems, _ = read_config(path, environ)
+    if settings is None:
+        raise ConfigError("\n".join(str(p) for p in problems), problems)
+    return settings
 
 
-def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Environ[str]) -> None:
+def _check_sections(raw: dict[str, Any], sources: Sources) -> list[Problem]:
+    """Each key on its own, so one run reports every mistake; then each section's own rules."""
+    problems: list[Problem] = []
+    sections = {f.name: f for f in msgspec.structs.fields(Settings)}
+    for section, values in raw.items():
+        where = sources.of(section)
+        spec = sections.get(section)
+        if spec is None:
+            problems.append(Problem(f"Object contains unknown field `{section}` - at `$`{_did_you_mean(section, sections)}", where, section))
+            continue
+        struct = _struct_of(spec.type)
+        if not isinstance(values, dict):
+            problems.append(Problem(f"Expected a [{section}] table, got `{type(values).__name__}` - at `$.{section}`", where, section))
+            continue
+        fields = {f.name: f for f in msgspec.structs.fields(struct)}
+        section_ok = True
+        for key, value in values.items():
+            where = sources.of(section, key)
+            spec_field = fields.get(key)
+            if spec_field is None:
+                message = f"Object contains unknown field `{key}` - at `$.{section}`{_did_you_mean(key, fields)}"
+                problems.append(Problem(message, where, f"{section}.{key}"))
+                section_ok = False
+                continue
+            try:
+                msgspec.convert(value, spec_field.type)
+            except msgspec.ValidationError as exc:
+                problems.append(Problem(_located(str(exc), f"$.{section}.{key}") + _allowed(spec_field.type, str(exc)), where, f"{section}.{key}"))
+                section_ok = False
+        if section_ok:
+            try:
+                msgspec.convert(values, struct)
+            except msgspec.ValidationError as exc:  # a missing key, or a rule across the section's keys
+                problems.append(Problem(_located(str(exc), f"$.{section}"), sources.of(section), section))
+    return problems
+
+
+def _struct_of(annotation: Any) -> type:
+    """``S3SinkSettings | None`` -> ``S3SinkSettings``."""
+    for arg in typing.get_args(annotation) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, msgspec.Struct):
+            return arg
+    return annotation
+
+
+def _located(message: str, at: str) -> str:
+    """msgspec's message for a value converted on its own, with the value's place in the file."""
+    if " - at `$" in message:
+        return message.replace(" - at `$", f" - at `{at}", 1)
+    return f"{message} - at `{at}`"
+
+
+def _allowed(annotation: Any, message: str) -> str:
+    if "enum value" not in message:
+        return ""
+    values = _literal_values(annotation)
+    return f" (allowed: {', '.join(f'`{v}`' for v in values)})" if values else ""
+
+
+def _literal_values(annotation: Any) -> tuple:
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        found = _literal_values(arg)
+        if found:
+            return found
+    return ()
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line each table and key is written on (the first, for arrays of tables)."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
+        if header:
+            table = tuple(part.strip().strip('"') for part in header.group(1).split("."))
+            lines.setdefault(table, number)
+            continue
+        key = re.match(r"^([A-Za-z0-9_\-.\"]+)\s*=", stripped)
+        if key:
+            lines.setdefault(table + tuple(part.strip().strip('"') for part in key.group(1).split(".")), number)
+    return lines
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Environ[str], sources: dict[tuple[str, str], str] | None = None) -> None:
+    problems = []
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if len(path) != 2 or not all(path):
-            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+            problems.append(Problem(f"expected {ENV_PREFIX}<SECTION>__<KEY>", name))
+            continue
         section = raw.setdefault(path[0], {})
         if not isinstance(section, dict):
-            raise ConfigError(f"{name}: `{path[0]}` is not a section")
+            problems.append(Problem(f"`{path[0]}` is not a section", name))
+            continue
         section[path[1]] = _parse_env_value(value)
-
+        if sources is not None:
+            sources[(path[0], path[1])] = name
+    if problems:
+        raise ConfigError("\n".join(str(p) for p in problems), problems)
 
 def _parse_env_value(value: str) -> Any:
     """Read a value as TOML (numbers, booleans, quoted strings, arrays), else keep the text."""
@@ -288,17 +448,28 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     return msgspec.to_builtins(settings)
 
 
-def dump_toml(settings: Settings) -> str:
-    """Render the effective configuration as TOML, the same format the file is written in."""
+def dump_toml(settings: Settings, sources: Sources | None = None) -> str:
+    """The effective configuration as TOML that loads back to the same settings.
+
+    A value an environment variable set says so in a comment on its line.
+    """
     lines: list[str] = []
     for section, values in effective_config(settings).items():
         if values is None:
             continue
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if value is None:
+                continue
+            line = f"{_toml_key(key)} = {_toml_value(value)}"
+            env = sources.env.get((section, key)) if sources is not None else None
+            lines.append(f"{line}  # {env}" if env else line)
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else msgspec.json.encode(key).decode()
 
 
 def _toml_value(value: Any) -> str:
@@ -306,8 +477,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
     return msgspec.json.encode(str(value)).decode()

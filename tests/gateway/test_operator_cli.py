@@ -1,0 +1,196 @@
+"""The operator's command line: check-config as a real validation, start-up refusals, devices."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.__main__ import main
+from gateway.registry import add_device
+from gateway.server import start_gateway
+from gateway.settings import load_settings
+from gateway.simulator import SimulatedDevice
+from tests.gateway.conftest import make_env, record, signed, write_config
+from tests.gateway.test_api import ndjson
+
+TESTDATA = Path(__file__).parent / "testdata"
+
+
+def check(capsys, path: Path, env: dict[str, str] | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    if env and monkeypatch:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+    code = main(["check-config", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_config_reports_every_error_with_its_line_or_variable(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[listen]\n"
+        "port = -1\n"  # line 2
+        "workerz = 2\n"  # line 3
+        "\n"
+        "[auth]\n"
+        'mode = "hmca"\n'  # line 6
+        "\n"
+        "[limitz]\n"  # line 8
+        "x = 1\n"
+    )
+    code, out, err = check(capsys, config, {"EDGE_GATEWAY__LOG__LEVEL": "LOUD"}, monkeypatch)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert f"{config}:2: Expected `int` >= 0 - at `$.listen.port`" in lines
+    assert f"{config}:3: Object contains unknown field `workerz` - at `$.listen` (did you mean `workers`?)" in lines
+    assert f"{config}:6: Invalid enum value 'hmca' - at `$.auth.mode` (allowed: `hmac`, `none`)" in lines
+    assert f"{config}:8: Object contains unknown field `limitz` - at `$` (did you mean `limits`?)" in lines
+    assert (
+        "EDGE_GATEWAY__LOG__LEVEL: Invalid enum value 'LOUD' - at `$.log.level` (allowed: `DEBUG`, `INFO`, `WARNING`, `ERROR`)"
+        in lines
+    )
+    assert lines[-1] == "edge-gateway: invalid configuration: 5 errors"
+
+
+def test_check_config_checks_the_files_the_gateway_will_need(tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("short\n")
+    token.chmod(0o644)
+    (tmp_path / "wal-is-a-file").write_text("")
+    config = write_config(
+        tmp_path,
+        tls={"enabled": True, "cert_path": str(tmp_path / "missing-cert.pem"), "key_path": str(tmp_path / "missing-key.pem")},
+        admin={"enabled": True, "port": 9999, "token_path": str(token)},
+        wal={"dir": str(tmp_path / "wal-is-a-file")},
+        auth={"registry_path": str(tmp_path / "no-such-dir" / "devices.json")},
+    )
+    code, out, err = check(capsys, config)
+    assert code == 2
+    assert f"tls.cert_path: {tmp_path / 'missing-cert.pem'}: no such file" in err
+    assert f"tls.key_path: {tmp_path / 'missing-key.pem'}: no such file" in err
+    assert f"admin.token_path: {token}: the token must be at least 16 characters" in err
+    assert "warning: admin.token_path" in err and "readable by others" in err
+    assert f"wal.dir: {tmp_path / 'wal-is-a-file'}: not a directory" in err
+    assert f"its directory {tmp_path / 'no-such-dir'} does not exist" in err
+    # Each one names the line of the setting it is about.
+    assert all(line.startswith(f"{config}:") for line in err.splitlines()[:-1])
+
+
+def test_check_config_output_loads_back_unchanged(tmp_path, capsys, monkeypatch):
+    s3 = tmp_path / "s3.toml"
+    s3.write_text(
+        '[lake]\nkind = "s3"\n[s3]\nbucket = "my-lake"\ntags = { "cost center" = "x" }\n'
+        '[inference]\nfeatures = ["a", "b"]\n[[inference.endpoints]]\nurl = "localhost:8001"\n'
+    )
+    for source in (TESTDATA / "valid.toml", s3):
+        code, out, err = check(capsys, source, {"EDGE_GATEWAY__DRAIN__DEADLINE_SECS": "12.5"}, monkeypatch)
+        assert code == 0, err
+        assert "deadline_secs = 12.5  # EDGE_GATEWAY__DRAIN__DEADLINE_SECS" in out
+        assert "features = [" in out and "features = (" not in out
+        printed = tmp_path / "printed.toml"
+        printed.write_text(out)
+        assert load_settings(printed, environ={}) == load_settings(source)
+
+
+def test_a_missing_tls_certificate_is_one_json_line_naming_it_and_exit_2(tmp_path):
+    make_env(tmp_path)
+    config = write_config(
+        tmp_path, tls={"enabled": True, "cert_path": str(tmp_path / "cert.pem"), "key_path": str(tmp_path / "key.pem")}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    entry = json.loads(lines[0])
+    assert entry["level"] == "CRITICAL" and entry["msg"].startswith("the gateway cannot start")
+    assert str(tmp_path / "cert.pem") in entry["error"] and "no such file" in entry["error"]
+    assert {p["setting"] for p in entry["problems"]} == {"tls.cert_path", "tls.key_path"}
+
+
+def test_a_port_in_use_is_one_json_line_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        make_env(tmp_path)
+        config = write_config(tmp_path, listen={"port": port})
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 2
+    entry = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert entry["msg"] == "the gateway cannot start" and str(port) in entry["error"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("edge-gateway ")
+
+
+def test_device_list_and_remove_and_no_silent_directories(tmp_path, capsys):
+    registry = tmp_path / "devices.json"
+    assert main(["device", "list", "--registry", str(registry)]) == 2  # no such file: said, not an empty list
+    assert "no such registry file" in capsys.readouterr().err
+    key = add_device(registry, "pump-7", {"site": "plant-1"})
+    add_device(registry, "pump-8", {})
+    assert main(["device", "disable", "pump-8", "--registry", str(registry)]) == 0
+    assert main(["device", "list", "--registry", str(registry)]) == 0
+    out = capsys.readouterr().out
+    assert "pump-7" in out and "site=plant-1" in out and key not in out
+    assert main(["device", "list", "--registry", str(registry), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed == [
+        {"device_id": "pump-7", "enabled": True, "keys": 1, "metadata": {"site": "plant-1"}},
+        {"device_id": "pump-8", "enabled": False, "keys": 1, "metadata": {}},
+    ]
+    assert main(["device", "remove", "pump-7", "--registry", str(registry)]) == 0
+    assert main(["device", "remove", "pump-7", "--registry", str(registry)]) == 2
+    assert "no device 'pump-7'" in capsys.readouterr().err
+    missing = tmp_path / "nonexistent" / "dir" / "x.json"
+    assert main(["device", "add", "pump-9", "--registry", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nonexistent").exists()
+
+
+async def test_a_device_added_while_running_is_accepted_without_sighup(tmp_path):
+    env = make_env(tmp_path, n_devices=1)
+    running = await start_gateway(load_settings(env.config, environ={}))
+    try:
+        key = add_device(tmp_path / "devices.json", "late-1", {"site": "plant-9"})
+        device = SimulatedDevice("late-1", key)
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 5
+            status = None
+            while time.monotonic() < deadline:
+                body = ndjson(record("late-1", seq=1))
+                async with http.post(running.url + "/v1/telemetry", data=body, headers=signed(device, body)) as resp:
+                    status = resp.status
+                if status == 202:
+                    break
+                await asyncio.sleep(0.2)
+            assert status == 202
+            # Removing it is picked up the same way.
+            from gateway.registry import remove_device
+
+            remove_device(tmp_path / "devices.json", "late-1")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and running.gateway.registry.get("late-1") is not None:
+                await asyncio.sleep(0.1)
+            assert running.gateway.registry.get("late-1") is None
+        assert running.gateway.metrics.registry_refreshes.labels("ok")._value.get() >= 2
+    finally:
+        await running.stop()
