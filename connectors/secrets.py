@@ -45,8 +45,12 @@ class SecretsManagerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=
     endpoint_url: str = ""
     # A disabled device is refused within one interval; rotation takes effect within one too.
     refresh_interval_secs: PositiveSecs = 60.0
-    # The first load must succeed within this, or the gateway does not start (no keys, no service).
+    # The first load must succeed within this, or the gateway starts from its last-good cache (if
+    # younger than max_stale_secs) or does not start at all (no keys, no service).
     startup_timeout_secs: PositiveSecs = 20.0
+    # Keys not confirmed by Secrets Manager for this long stop verifying: a device disabled during
+    # an outage is refused once it ends or after this, whichever comes first.
+    max_stale_secs: PositiveSecs = 3600.0
     connect_timeout_secs: PositiveSecs = 2.0
     read_timeout_secs: PositiveSecs = 5.0
     retry: RetrySettings = RetrySettings(max_elapsed_secs=10.0)

@@ -4,6 +4,11 @@ The keys are cached for ``refresh_interval_secs``; a refresh that fails (Secrets
 throttled, a malformed new version) keeps the last good registry, raises
 ``edge_gateway_registry_stale`` to 1 and logs a warning, and the next interval tries again. Keys are
 never logged: the log lines name secrets, versions and counts only.
+
+Staleness is bounded: keys Secrets Manager has not confirmed for ``max_stale_secs`` stop verifying
+(a device disabled during an outage cannot stay accepted for ever). The last good registry is also
+kept in a cache file (0600, beside the WAL), so a worker or instance that starts during an outage
+serves with it while it is younger than ``max_stale_secs``.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 
@@ -25,7 +32,7 @@ from gateway.registry import Device, DeviceRegistry, RegistryError
 log = logging.getLogger(__name__)
 
 
-def registry_from_secrets(secrets: list[SecretVersions]) -> DeviceRegistry:
+def devices_from_secrets(secrets: list[SecretVersions]) -> dict[str, Device]:
     """AWSCURRENT says who exists (and if enabled); both stages' keys verify."""
     devices: dict[str, Device] = {}
     for secret in secrets:
@@ -41,7 +48,7 @@ def registry_from_secrets(secrets: list[SecretVersions]) -> DeviceRegistry:
             if old is not None and old.key and old.key != entry.key:
                 keys.append(old.key)
             devices[device_id] = Device(keys=keys, enabled=entry.enabled, metadata=dict(entry.metadata))
-    return DeviceRegistry(devices)
+    return devices
 
 
 class SecretsManagerRegistry:
@@ -54,25 +61,66 @@ class SecretsManagerRegistry:
         on_update: Callable[[DeviceRegistry], None],
         *,
         source: SecretsManagerDeviceSource | None = None,
+        cache_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings
         self._metrics = metrics
         self._on_update = on_update
         self._source = source or SecretsManagerDeviceSource(settings)
+        self._cache = Path(cache_path) if cache_path else None
+        self.expired = False
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.last_success: float | None = None
         self.stale = False
 
     async def start(self) -> None:
-        """Load once (or fail start-up), then refresh every interval."""
+        """Load once (from Secrets Manager, else from a fresh enough cache, else fail), then refresh."""
         try:
             async with asyncio.timeout(self.settings.startup_timeout_secs):
                 await self.refresh(raise_errors=True)
         except (ConnectorError, RegistryError, TimeoutError) as exc:
-            await self._source.close()
-            raise RegistryError(f"cannot load the device registry from Secrets Manager: {_describe(exc)}") from None
+            if not await asyncio.to_thread(self._start_from_cache, exc):
+                await self._source.close()
+                raise RegistryError(f"cannot load the device registry from Secrets Manager: {_describe(exc)}") from None
         self._task = asyncio.create_task(self._run(), name="registry-refresh")
+
+    def _start_from_cache(self, exc: BaseException) -> bool:
+        if self._cache is None:
+            return False
+        try:
+            cached = msgspec.json.decode(self._cache.read_bytes(), type=_Cached)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        age = time.time() - cached.fetched_at
+        if age > self.settings.max_stale_secs:
+            return False
+        self._on_update(DeviceRegistry(cached.devices))
+        self.last_success = cached.fetched_at
+        self.stale = True
+        self._metrics.registry_stale.set(1)
+        log.warning(
+            "Secrets Manager unreachable at start; serving the last good keys from the cache",
+            extra={"error": _describe(exc), "cache_age_secs": round(age, 1), "devices": len(cached.devices)},
+        )
+        return True
+
+    def _write_cache(self, devices: dict[str, Device]) -> None:
+        if self._cache is None:
+            return
+        payload = msgspec.json.encode(_Cached(time.time(), devices))
+        tmp = self._cache.with_name(f".{self._cache.name}.{os.getpid()}.tmp")
+        try:
+            self._cache.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._cache)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot write the registry cache; a start during an outage will fail", extra={"error": str(exc)})
 
     def refresh_soon(self) -> None:
         """Refresh now rather than at the end of the interval (SIGHUP, admin API)."""
@@ -81,21 +129,32 @@ class SecretsManagerRegistry:
     async def refresh(self, *, raise_errors: bool = False) -> bool:
         started = time.monotonic()
         try:
-            registry = registry_from_secrets(await self._source.read())
+            devices = devices_from_secrets(await self._source.read())
+            registry = DeviceRegistry(devices)
         except (ConnectorError, RegistryError) as exc:
             self._metrics.registry_refreshes.labels("error").inc()
             self._metrics.registry_stale.set(1)
             self.stale = True
             age = None if self.last_success is None else round(time.time() - self.last_success, 1)
-            log.warning(
-                "device registry refresh failed; keeping the last good keys",
-                extra={"source": "secretsmanager", "error": _describe(exc), "last_success_age_secs": age},
-            )
+            if age is not None and age > self.settings.max_stale_secs and not self.expired:
+                self.expired = True
+                self._on_update(DeviceRegistry())  # no key verifies until Secrets Manager answers again
+                log.critical(
+                    "device keys are older than secretsmanager.max_stale_secs; refusing every device until a refresh succeeds",
+                    extra={"last_success_age_secs": age, "max_stale_secs": self.settings.max_stale_secs},
+                )
+            elif not self.expired:
+                log.warning(
+                    "device registry refresh failed; keeping the last good keys",
+                    extra={"source": "secretsmanager", "error": _describe(exc), "last_success_age_secs": age},
+                )
             if raise_errors:
                 raise
             return False
         self._on_update(registry)
+        self.expired = False
         self.last_success = time.time()
+        await asyncio.to_thread(self._write_cache, devices)
         if self.stale:
             log.info("device registry refresh recovered", extra={"source": "secretsmanager", "devices": len(registry)})
         self.stale = False
@@ -125,6 +184,11 @@ class SecretsManagerRegistry:
                 await self.refresh()
             except Exception:  # a bug must not stop refreshing; the last good keys stay in place
                 log.exception("device registry refresh crashed; keeping the last good keys")
+
+
+class _Cached(msgspec.Struct):
+    fetched_at: float
+    devices: dict[str, Device]
 
 
 def _describe(exc: BaseException) -> str:
