@@ -44,6 +44,17 @@ GATEWAY_METRICS = frozenset(
         "edge_gateway_inference_records_total",
         "edge_gateway_inference_desired_capacity",
         "edge_gateway_inference_endpoint_idle_seconds",
+        # Connectors and operations (issue 13).
+        "edge_gateway_s3sink_throttles_total",
+        "edge_gateway_s3sink_retries_total",
+        "edge_gateway_eventbridgepublisher_events_dropped_total",
+        "edge_gateway_eventoutbox_events_rejected_total",
+        "edge_gateway_worker_up",
+        "edge_gateway_registry_devices",
+        "edge_gateway_config_reloads_total",
+        "edge_gateway_config_last_reload_success",
+        "edge_gateway_auth_refused_total",
+        "edge_gateway_admission_refused_total",
     }
 )
 HISTOGRAMS = frozenset(
