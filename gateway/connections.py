@@ -8,7 +8,9 @@ connection's protocol is wrapped in ``_GuardedProtocol``, which keeps one timer 
     response done                   -> idle timer (idle_timeout_secs): a next request or close
 
 Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
-cannot exhaust file descriptors. After ``max_age_secs`` (with jitter) a response carries
+cannot exhaust file descriptors; but first the oldest connection that has never sent a byte is
+closed to make room, so sockets opened and left silent cannot keep devices out. One source address
+holds at most ``max_connections_per_source``. After ``max_age_secs`` (with jitter) a response carries
 ``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
 instances that were up first. All settings are read live, so SIGHUP changes them.
 """
@@ -48,8 +50,10 @@ class _Conn:
     transport: asyncio.Transport
     created: float
     max_age: float  # 0: no limit
+    source: str
     active: int = 0
     idle: bool = False  # between requests: the next byte starts the header timer
+    spoke: bool = False  # has sent at least one byte
     timer: asyncio.TimerHandle | None = None
 
 
@@ -66,7 +70,8 @@ class ConnectionGuard:
         self._on_close = on_close
         self._rng = rng
         self._clock = clock
-        self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is)
+        self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
+        self._per_source: dict[str, int] = {}
 
     @property
     def open(self) -> int:
@@ -79,26 +84,54 @@ class ConnectionGuard:
 
     def _accept(self, inner: Any, transport: asyncio.Transport) -> bool:
         s = self._settings()
-        if len(self._conns) >= s.max_connections:
-            self._on_close("connection_cap")
-            transport.write(_REFUSAL)
-            transport.close()
-            return False
+        peer = transport.get_extra_info("peername")
+        source = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        if self._per_source.get(source, 0) >= s.max_connections_per_source:
+            return self._refuse(transport, "connection_cap_per_source")
+        if len(self._conns) >= s.max_connections and not self._preempt_silent():
+            return self._refuse(transport, "connection_cap")
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
-        conn = self._conns[inner] = _Conn(transport, self._clock(), age)
+        conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         self._arm(conn, s.header_timeout_secs, "header_timeout")
         return True
 
+    def _refuse(self, transport: asyncio.Transport, reason: str) -> bool:
+        self._on_close(reason)
+        transport.write(_REFUSAL)
+        transport.close()
+        return False
+
+    def _preempt_silent(self) -> bool:
+        """Close the oldest connection that never sent a byte; False if every connection has spoken."""
+        for inner, conn in self._conns.items():
+            if not conn.spoke and not conn.transport.is_closing():
+                self._on_close("silent_preempted")
+                conn.transport.close()
+                self._lost(inner)
+                return True
+        return False
+
     def _data(self, inner: Any) -> None:
         conn = self._conns.get(inner)
-        if conn is not None and conn.idle:
+        if conn is None:
+            return
+        conn.spoke = True
+        if conn.idle:
             conn.idle = False
             self._arm(conn, self._settings().header_timeout_secs, "header_timeout")
 
     def _lost(self, inner: Any) -> None:
         conn = self._conns.pop(inner, None)
-        if conn is not None and conn.timer is not None:
+        if conn is None:
+            return
+        if conn.timer is not None:
             conn.timer.cancel()
+        left = self._per_source.get(conn.source, 1) - 1
+        if left > 0:
+            self._per_source[conn.source] = left
+        else:
+            self._per_source.pop(conn.source, None)
 
     def _arm(self, conn: _Conn, delay: float, reason: str) -> None:
         if conn.timer is not None:

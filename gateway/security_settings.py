@@ -107,8 +107,11 @@ class AdmissionSettings(_Section):
 
 
 class ConnectionSettings(_Section):
-    # Connections beyond this are answered 503 and closed at once.
+    # Connections beyond this are answered 503 and closed at once, unless a connection that has never
+    # sent a byte can make room (the oldest such is closed instead: idle sockets cannot hold the cap).
     max_connections: PositiveInt = 4096
+    # Connections open from one source address (the TCP peer); beyond it that source gets 503.
+    max_connections_per_source: PositiveInt = 512
     # From a connection's first byte (or a kept-alive connection's next byte) to complete headers.
     header_timeout_secs: PositiveFloat = 10.0
     # A body must arrive within this in total, and never pause longer than body_idle_timeout_secs.

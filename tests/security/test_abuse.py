@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import orjson
 import pytest
 
@@ -159,6 +160,9 @@ async def test_connection_cap(tmp_path, start):
     env = make_env(tmp_path, n_devices=1, connections={"max_connections": 2})
     gw = await start(env)
     held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+    for _, writer in held:  # connections that have started a request keep their place
+        writer.write(b"GET /hea")
+        await writer.drain()
     await asyncio.sleep(0.05)
     answer = await raw_status(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
@@ -202,3 +206,30 @@ def test_forwarded_for_walks_past_trusted_hops():
     assert resolve_peer("192.0.2.1", False, hdr, s) == type(peer)("192.0.2.1", "http", False)
     huge = {"X-Forwarded-For": ",".join(["10.0.0.1"] * 100_000)}
     assert resolve_peer("10.1.2.3", False, huge, s).trusted_proxy
+
+
+async def test_silent_sockets_cannot_hold_the_connection_cap(tmp_path, start, http):
+    """Edge finding 9: sockets that never sent a byte kept signed requests out (503)."""
+    env = make_env(tmp_path, n_devices=1, connections={"max_connections": 8})
+    gw = await start(env)
+    silent = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    for _ in range(3):  # each newcomer takes the place of the oldest silent socket
+        status, _, _ = await send(http, gw, env, "dev-1", n=2)
+        assert status == 202
+    assert gw.gateway.metrics.connections_closed.labels("silent_preempted")._value.get() >= 1
+    for _, writer in silent:
+        writer.close()
+
+
+async def test_one_source_holds_at_most_its_share_of_connections(tmp_path, start, http):
+    """Edge finding 9: one address could open every connection the gateway allows."""
+    env = make_env(tmp_path, n_devices=1, connections={"max_connections_per_source": 3})
+    gw = await start(env)
+    held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(3)]
+    answer = await raw_status(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 503")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+        assert (await send(other, gw, env, "dev-1", n=2))[0] == 202, "another source is not affected"
+    for _, writer in held:
+        writer.close()
