@@ -1,11 +1,20 @@
-"""One abusive device against well-behaved ones: do the others keep their throughput?
+"""Abusive clients against well-behaved devices: do the others keep their throughput?
 
-    python -m benchmarks.abuse [--seconds 8] [--devices 8] [--rate 20] [--records 50]
+    python -m benchmarks.abuse [--seconds 8] [--devices 8] [--rate 20] [--records 50] [--attacks all]
 
-Starts the gateway in its own process (per-device rate limits on), then runs two phases of the same
-open-loop load from the polite devices (each signs fresh requests at a fixed rate): alone, and
-beside an abuser sending as fast as it can from many connections. Reports the polite devices'
-acknowledged records/s in both phases, their ratio, their p99 ack latency, and what the abuser got.
+Starts the gateway in its own process (per-device rate limits on) and runs the same open-loop load
+from the polite devices (each signs fresh requests at a fixed rate, from 127.0.0.1): once alone,
+then beside each attack, run from another process and another source address (127.0.0.9):
+
+- ``flood``: a device with its own key sending as fast as it can from 32 connections;
+- ``bomb``: unauthenticated zstd bombs (2 KiB that inflate to 64 MiB) signed with a wrong key for
+  a known device, from 32 connections;
+- ``slow-body``: 256 connections naming a known device, each sending one body byte and then one
+  byte every 10 s (a slot grab);
+- ``idle-sockets``: 512 sockets that connect and never send a byte, reopened as they are closed.
+
+Reports, per attack, the polite devices' acknowledged records/s and p99 ack latency against the
+run alone (the targets: >= 95% of the throughput, p99 at most 2x), and what the attacker got.
 """
 
 from __future__ import annotations
@@ -89,9 +98,14 @@ async def polite(url: str, devices: dict[str, str], rate: float, records: int, s
     return acked / seconds, latencies[int(len(latencies) * 0.99) - 1]
 
 
+ATTACKER_ADDRESS = "127.0.0.9"
+ATTACKS = ("flood", "bomb", "slow-body", "idle-sockets")
+
+
 async def abuser(url: str, device_id: str, key: str, records: int, stop: asyncio.Event, concurrency: int = 32) -> Counter:
     statuses: Counter = Counter()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    connector = aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER_ADDRESS, 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
 
         async def loop() -> None:
             while not stop.is_set():
@@ -99,6 +113,92 @@ async def abuser(url: str, device_id: str, key: str, records: int, stop: asyncio
 
         await asyncio.gather(*(loop() for _ in range(concurrency)))
     return statuses
+
+
+async def bomber(url: str, device_id: str, stop: asyncio.Event, concurrency: int = 32) -> Counter:
+    """Forged zstd bombs: without the key, each should cost the gateway no more than hashing 2 KiB."""
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\n" * (64 * 1024 * 1024))
+    statuses: Counter = Counter()
+    connector = aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER_ADDRESS, 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def loop() -> None:
+            while not stop.is_set():
+                headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request(device_id, "forged", bomb)}
+                try:
+                    async with session.post(url, data=bomb, headers=headers) as resp:
+                        await resp.read()
+                        statuses[resp.status] += 1
+                except aiohttp.ClientError:
+                    statuses["error"] += 1
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return statuses
+
+
+async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, connections: int = 256) -> Counter:
+    """Requests that name a known device and then drip their body, one byte every 10 s."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    outcome: Counter = Counter()
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
+            except OSError:
+                outcome["connect_failed"] += 1
+                await asyncio.sleep(0.5)
+                continue
+            writer.write(
+                f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: 100000\r\n"
+                f"X-Device-Id: {device_id}\r\nX-Timestamp: {int(time.time())}\r\nX-Signature: v1=00\r\n\r\n{{".encode()
+            )
+            try:
+                while not stop.is_set() and not reader.at_eof():
+                    await writer.drain()
+                    try:
+                        line = await asyncio.wait_for(reader.readline(), 10.0)
+                    except TimeoutError:
+                        writer.write(b" ")
+                        continue
+                    if line:
+                        outcome[line.split(b" ")[1].decode() if line.startswith(b"HTTP") else "closed"] += 1
+                    break
+            except (ConnectionError, OSError):
+                outcome["reset"] += 1
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return outcome
+
+
+async def idle_sockets(url: str, stop: asyncio.Event, sockets: int = 512) -> Counter:
+    """Connections that never send a byte, reopened as soon as the gateway closes them."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    outcome: Counter = Counter()
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
+            except OSError:
+                outcome["connect_failed"] += 1
+                await asyncio.sleep(0.25)
+                continue
+            outcome["opened"] += 1
+            while not stop.is_set() and not reader.at_eof():
+                try:
+                    await asyncio.wait_for(reader.read(1024), 0.5)
+                except TimeoutError:
+                    continue
+                except (ConnectionError, OSError):
+                    break
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(sockets)))
+    return outcome
 
 
 async def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
@@ -126,42 +226,50 @@ async def run(args: argparse.Namespace) -> dict:
         config = write_config(root, port, args.limit)
         with open(root / "gateway.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=log, stderr=log)
+        report: dict = {"polite_devices": args.devices, "polite_offered_records_per_s": args.devices * args.rate * args.records,
+                        "per_device_limit_records_per_s": args.limit}
         try:
             base = f"http://127.0.0.1:{port}"
             await wait_ready(base, proc, root / "gateway.log")
             url = base + "/v1/telemetry"
             alone, alone_p99 = await polite(url, keys, args.rate, args.records, args.seconds)
-            # The abuser runs in its own process, so it competes for the gateway, not for this event loop.
-            abuse = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.abuse", "--abuse", url, abuser_id, abuser_key,
-                 "--seconds", str(args.seconds + 1), "--abuser-records", str(args.abuser_records)],
-                stdout=subprocess.PIPE,
-            )
-            await asyncio.sleep(0.5)
-            shared, shared_p99 = await polite(url, keys, args.rate, args.records, args.seconds)
-            out, _ = abuse.communicate(timeout=60)
-            statuses = json.loads(out)
+            report["polite_records_per_s_alone"] = round(alone, 1)
+            report["polite_p99_ack_ms_alone"] = round(alone_p99 * 1000, 2)
+            for attack in args.attacks:
+                # The attacker runs in its own process, so it competes for the gateway, not for this event loop.
+                attacker = subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.abuse", "--abuse", attack, url, abuser_id, abuser_key,
+                     "--seconds", str(args.seconds + 1.5), "--abuser-records", str(args.abuser_records)],
+                    stdout=subprocess.PIPE,
+                )
+                await asyncio.sleep(1.0)  # let it reach full strength
+                shared, shared_p99 = await polite(url, keys, args.rate, args.records, args.seconds)
+                out, _ = attacker.communicate(timeout=120)
+                report[attack] = {
+                    "polite_records_per_s": round(shared, 1),
+                    "throughput_ratio": round(shared / alone, 3) if alone else None,
+                    "polite_p99_ack_ms": round(shared_p99 * 1000, 2),
+                    "p99_ratio": round(shared_p99 / alone_p99, 2) if alone_p99 else None,
+                    "attacker_got": json.loads(out),
+                }
+                await asyncio.sleep(1.0)  # the gateway closes what the attacker left behind
         finally:
             proc.terminate()
             proc.wait(30)
-    return {
-        "polite_devices": args.devices,
-        "polite_offered_records_per_s": args.devices * args.rate * args.records,
-        "polite_records_per_s_alone": round(alone, 1),
-        "polite_records_per_s_with_abuser": round(shared, 1),
-        "throughput_ratio": round(shared / alone, 3) if alone else None,
-        "polite_p99_ack_ms_alone": round(alone_p99 * 1000, 2),
-        "polite_p99_ack_ms_with_abuser": round(shared_p99 * 1000, 2),
-        "abuser_statuses": dict(statuses),
-        "per_device_limit_records_per_s": args.limit,
-    }
+    return report
 
 
 async def _abuse_for(args: argparse.Namespace) -> dict:
-    url, device_id, key = args.abuse
+    attack, url, device_id, key = args.abuse
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(args.seconds, stop.set)
-    return dict(await abuser(url, device_id, key, args.abuser_records, stop))
+    if attack == "flood":
+        return dict(await abuser(url, device_id, key, args.abuser_records, stop))
+    if attack == "bomb":
+        return dict(await bomber(url, device_id, stop))
+    if attack == "slow-body":
+        return dict(await slow_bodies(url, device_id, stop))
+    return dict(await idle_sockets(url, stop))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=int, default=50, help="records per polite request")
     p.add_argument("--abuser-records", type=int, default=500, help="records per abusive request")
     p.add_argument("--limit", type=float, default=2000.0, help="per-device records/s limit")
-    p.add_argument("--abuse", nargs=3, metavar=("URL", "DEVICE", "KEY"), help=argparse.SUPPRESS)
+    p.add_argument("--attacks", default="all", help=f"comma-separated, from {', '.join(ATTACKS)} (default all)")
+    p.add_argument("--abuse", nargs=4, metavar=("ATTACK", "URL", "DEVICE", "KEY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.attacks = ATTACKS if args.attacks == "all" else tuple(a for a in args.attacks.split(",") if a)
+    unknown = set(args.attacks) - set(ATTACKS)
+    if unknown:
+        p.error(f"unknown attacks {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
     if args.abuse:
         print(json.dumps(asyncio.run(_abuse_for(args))))
         return 0
