@@ -208,6 +208,47 @@ class _GuardedProtocol(asyncio.Protocol):
             self._inner.resume_writing()
 
 
+class MalformedRequestLogs(logging.Filter):
+    """aiohttp logs every unparseable request at ERROR with a traceback: anyone could fill the log.
+
+    Installed on the ``aiohttp.server`` logger, it turns client errors (a 4xx from the HTTP parser)
+    into one WARNING line without a traceback, at most ``per_second`` a second, counting the rest.
+    """
+
+    def __init__(self, per_second: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._per_second = per_second
+        self._clock = clock
+        self._budget = per_second
+        self._updated = clock()
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
+            return True
+        now = self._clock()
+        self._budget = min(self._per_second, self._budget + (now - self._updated) * self._per_second)
+        self._updated = now
+        if self._budget < 1:
+            self.suppressed += 1
+            return False
+        self._budget -= 1
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "malformed request refused (%d): %s", (exc.code, str(exc.message).splitlines()[0][:200])
+        record.exc_info = record.exc_text = None
+        if self.suppressed:
+            record.msg += " (%d more not logged)"
+            record.args = (*record.args, self.suppressed)
+            self.suppressed = 0
+        return True
+
+
+_MALFORMED_LOGS = MalformedRequestLogs()
+
+
 class GuardedSite(web.TCPSite):
     """``web.TCPSite`` whose connections go through a ``ConnectionGuard`` (and a TLS handshake deadline)."""
 
@@ -228,6 +269,9 @@ class GuardedSite(web.TCPSite):
         self._sock = sock  # a socket the supervisor bound for all its workers
 
     async def start(self) -> None:
+        server_log = logging.getLogger("aiohttp.server")
+        if _MALFORMED_LOGS not in server_log.filters:
+            server_log.addFilter(_MALFORMED_LOGS)
         await web.BaseSite.start(self)  # registers the site with its runner
         loop = asyncio.get_running_loop()
         server = self._runner.server

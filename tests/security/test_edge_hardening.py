@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import logging
 
 import aiohttp
 import orjson
@@ -261,3 +262,20 @@ async def test_stored_answers_are_compact(tmp_path, start, http):
 def _stored_request_bytes(ledger) -> int:
     with ledger._env.begin() as txn:
         return max(len(v) for kind_slot, db in ledger._dbs.items() if kind_slot.startswith(b"request") for _, v in txn.cursor(db=db))
+
+
+async def test_malformed_requests_log_one_short_line_each_at_most_a_few_a_second(tmp_path, start, caplog):
+    """Finding 14: aiohttp logged each malformed request at ERROR with a traceback, unthrottled."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    for _ in range(40):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.read(100), 5)).startswith(b"HTTP/1.0 400")
+        writer.close()
+    lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert lines and all(r.levelno == logging.WARNING and r.exc_info is None for r in lines)
+    assert len(lines) <= 10, f"{len(lines)} log lines for 40 malformed requests"
+    assert "Traceback" not in caplog.text
