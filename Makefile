@@ -26,9 +26,11 @@ $(DEPLOY_VENV)/.installed: deploy/requirements-lint.txt deploy/install-lint-tool
 	PYTHON=$(PYTHON) bash deploy/install-lint-tools.sh $(DEPLOY_VENV)
 	touch $@
 
-# Debian packages the tests start for real: HAProxy (TLS termination in front of the gateway).
+# Debian packages the tests start for real: HAProxy (TLS termination in front of the gateway), and
+# Chromium for the status page's browser test.
 system-deps:
 	@command -v haproxy >/dev/null 2>&1 || sh tests/security/install-system-deps.sh
+	@command -v chromium >/dev/null 2>&1 || sh tests/status/install-browser.sh
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)

@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     drill.add_argument("--runbook", type=Path, default=None, help="runbook (default: deploy/runbooks/az-failover.yaml)")
     drill.add_argument("--print-config", action="store_true", help="print the effective drill configuration and exit")
 
+    tap = sub.add_parser("tap", help="stream a sample of the records passing a stage of a running gateway (NDJSON)")
+    tap.add_argument("--config", "-c", type=Path, help="the running gateway's configuration: its [admin] listener and token")
+    tap.add_argument("--stage", default="received", help="received, quarantined, landed, scored; comma-separated (default: received)")
+    tap.add_argument("--device", default=None, help="only this device's records")
+    tap.add_argument("--rate", type=float, default=10.0, help="events per second and stage at most (default: 10)")
+    tap.add_argument("--limit", type=int, default=None, help="stop after this many events")
+    tap.add_argument("--url", default=None, help="the admin listener, e.g. http://127.0.0.1:9090 (default: from --config)")
+
     device = sub.add_parser("device", help="manage the device registry file")
     dsub = device.add_subparsers(dest="action", required=True)
     add = dsub.add_parser("add", help="create a device and print its key")
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return drill_main(args.config, args.out, args.runbook, args.print_config)
         if args.command == "device":
             return _device(args)
+        if args.command == "tap":
+            return _tap(args)
     except ConfigError as exc:
         print(f"edge-gateway: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -200,6 +210,25 @@ def _device(args: argparse.Namespace) -> int:
     else:
         set_enabled(args.registry, args.device_id, args.action == "enable")
     return 0
+
+
+def _tap(args: argparse.Namespace) -> int:
+    from gateway.status.tap import TapError, TapRequest, run_client
+
+    settings = load_settings(args.config)
+    admin = settings.admin
+    if not admin.enabled or not admin.token_path:
+        print("edge-gateway: tap needs the admin listener: set [admin] enabled = true and token_path", file=sys.stderr)
+        return 2
+    host = "127.0.0.1" if admin.host in ("0.0.0.0", "") else ("[::1]" if admin.host == "::" else admin.host)
+    url = args.url or f"http://{host}:{admin.port}"
+    try:
+        request = TapRequest.from_query({"stage": args.stage, "rate": str(args.rate), **({"device": args.device} if args.device else {})})
+        token = Path(admin.token_path).read_text(encoding="utf-8").strip()
+        return run_client(url, token, request, args.limit, sys.stdout)
+    except (ValueError, OSError, TapError) as exc:
+        print(f"edge-gateway: tap: {exc}", file=sys.stderr)
+        return 2
 
 
 def _list_devices(registry: Path, as_json: bool) -> None:

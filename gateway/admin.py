@@ -1,5 +1,8 @@
 """The operator API: off by default, on its own listener, every request needs the bearer token.
 
+    GET  /status                           the live status page (gateway/status/page.py); its data,
+                                           GET /admin/status.json, needs the token like the rest
+    GET  /admin/tap?stage=&device=&rate=   NDJSON: a sample of the records passing a stage (tap.py)
     GET  /admin/config                     the effective configuration (it holds no secrets: keys
                                            live in the registry, the token in its own file)
     GET  /admin/registry                   registry source, device count, freshness
@@ -24,6 +27,7 @@ from gateway.http_source import error_response, json_response
 from gateway.registry import DeviceRegistry, RegistryError, set_enabled
 from gateway.service import GATEWAY
 from gateway.settings import effective_config
+from gateway.status.page import admin_routes, is_public
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ def read_token(path: str) -> bytes:
 
 @web.middleware
 async def _require_token(request: web.Request, handler) -> web.StreamResponse:
+    if is_public(request.path):
+        return await handler(request)
     provided = request.headers.get("Authorization", "")
     scheme, _, token = provided.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), request.app[TOKEN]):
@@ -144,6 +150,7 @@ def build_admin_app(gateway, token: bytes) -> web.Application:
     app.router.add_post("/admin/registry/reload", reload_registry)
     app.router.add_get("/admin/devices/{device_id}", device)
     app.router.add_post(r"/admin/devices/{device_id}/{action:enable|disable}", set_device_enabled)
+    app.router.add_routes(admin_routes(GATEWAY))
     return app
 
 

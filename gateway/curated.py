@@ -20,7 +20,7 @@ import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -113,6 +113,7 @@ class CuratedScorer:
         self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
             self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy, max_queue_records=settings.max_queue_records
         )
+        self.listeners: list[Callable[[list[ScoredFrame]], None]] = []  # `edge-gateway tap --stage scored`
 
     async def start(self) -> None:
         await self.inferencer.start()
@@ -394,6 +395,8 @@ async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[Sco
             )
             for f, (table, _), column in zip(group, decoded, columns, strict=True)
         )
+    for listener in tuple(scorer.listeners):
+        listener(out)
     return out
 
 

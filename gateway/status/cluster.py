@@ -124,15 +124,17 @@ async def _local_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
-async def start_peer_listener(gateway, routes: list[web.RouteDef] = ()) -> web.AppRunner | None:
+async def start_peer_listener(gateway) -> web.AppRunner | None:
     """In a supervised worker: listen on ``<runtime>/w<N>.sock`` for siblings; the caller cleans up."""
+    from gateway.status.page import tap_handler  # page.py builds on this module
+
     runtime = runtime_dir()
     if runtime is None or gateway.settings.listen.workers <= 1:
         return None
     app = web.Application()
     app[_GATEWAY] = gateway
     app.router.add_get("/metrics", _local_metrics)
-    app.router.add_routes(routes)
+    app.router.add_get("/tap", tap_handler(_GATEWAY, whole_instance=False))
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     path = peer_socket(runtime, gateway.worker_index)
