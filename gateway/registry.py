@@ -15,8 +15,10 @@ import asyncio
 import os
 import secrets
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from gateway.records import DeviceId
 
@@ -27,8 +29,13 @@ class RegistryError(Exception):
     """The registry file cannot be read or written."""
 
 
+# A device key must be at least this long (new keys are 64 hex digits: 32 random bytes).
+MIN_KEY_CHARS = 32
+Key = Annotated[str, Meta(min_length=MIN_KEY_CHARS)]
+
+
 class Device(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    keys: list[str]
+    keys: list[Key]
     enabled: bool = True
     metadata: dict[str, str] = {}
 
@@ -60,11 +67,18 @@ class DeviceRegistry:
 
 def read_registry(path: str | os.PathLike[str]) -> RegistryFile:
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return RegistryFile()
     except OSError as exc:
-        raise RegistryError(f"{path}: cannot read the registry: {exc.strerror}") from None
+        raise RegistryError(f"{path}: cannot read the registry: {exc.strerror} (a symbolic link is refused)") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise RegistryError(
+                f"{path}: the registry holds keys but its mode is {mode & 0o777:04o}; make it readable by its owner only (chmod 600)"
+            )
+        data = f.read()
     try:
         return msgspec.json.decode(data, type=RegistryFile)
     except msgspec.DecodeError as exc:
@@ -124,10 +138,11 @@ def write_registry(path: str | os.PathLike[str], registry: RegistryFile) -> None
     if not target.parent.is_dir():
         # A typo in --registry must not quietly start a second registry somewhere else.
         raise RegistryError(f"{target}: the directory {target.parent} does not exist; create it first")
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        # Keys are secrets: the file is readable by its owner only.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Keys are secrets: the file is readable by its owner only, and a file or link planted at the
+        # temporary name is never followed or reused (O_EXCL | O_NOFOLLOW).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n")
             f.flush()

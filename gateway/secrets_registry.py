@@ -27,7 +27,7 @@ from connectors.errors import ConnectorError
 from connectors.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
 from gateway.metrics import GatewayMetrics
 from gateway.records import DeviceId
-from gateway.registry import Device, DeviceRegistry, RegistryError
+from gateway.registry import MIN_KEY_CHARS, Device, DeviceRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ def devices_from_secrets(secrets: list[SecretVersions]) -> dict[str, Device]:
             old = previous.get(device_id)
             if old is not None and old.key and old.key != entry.key:
                 keys.append(old.key)
+            if any(len(k) < MIN_KEY_CHARS for k in keys):
+                log.warning(
+                    "device registry: skipping a device whose key is too short",
+                    extra={"secret_id": secret.secret_id, "device_id": device_id, "min_key_chars": MIN_KEY_CHARS},
+                )
+                continue
             devices[device_id] = Device(keys=keys, enabled=entry.enabled, metadata=dict(entry.metadata))
     return devices
 

@@ -279,3 +279,35 @@ async def test_malformed_requests_log_one_short_line_each_at_most_a_few_a_second
     assert lines and all(r.levelno == logging.WARNING and r.exc_info is None for r in lines)
     assert len(lines) <= 10, f"{len(lines)} log lines for 40 malformed requests"
     assert "Traceback" not in caplog.text
+
+
+def test_the_registry_refuses_weak_keys_loose_permissions_and_links(tmp_path):
+    """Finding 10: the registry write followed planted links, permissions were never checked, 1-char keys passed."""
+    import json
+    import os
+
+    import pytest
+
+    from gateway.registry import DeviceRegistry, RegistryError, add_device
+
+    registry = tmp_path / "devices.json"
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    for planted in (".devices.json.tmp", f".devices.json.{os.getpid()}.tmp"):
+        (tmp_path / planted).symlink_to(victim)
+    add_device(registry, "dev-1", {})
+    assert victim.read_text() == "untouched" and registry.stat().st_mode & 0o777 == 0o600
+    assert len(DeviceRegistry.load(registry)) == 1
+    registry.chmod(0o644)
+    with pytest.raises(RegistryError, match="chmod 600"):
+        DeviceRegistry.load(registry)
+    registry.chmod(0o600)
+    link = tmp_path / "linked.json"
+    link.symlink_to(registry)
+    with pytest.raises(RegistryError, match="symbolic link"):
+        DeviceRegistry.load(link)
+    weak = tmp_path / "weak.json"
+    weak.write_text(json.dumps({"devices": {"dev-1": {"keys": ["k"]}}}))
+    weak.chmod(0o600)
+    with pytest.raises(RegistryError, match="length >= 32"):
+        DeviceRegistry.load(weak)
