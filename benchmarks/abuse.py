@@ -138,19 +138,26 @@ async def bomber(url: str, device_id: str, stop: asyncio.Event, concurrency: int
     return statuses
 
 
+async def _connect(url: str, outcome: Counter) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A raw connection from the attacker's address (None, counted, when the gateway refuses it)."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    try:
+        return await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
+    except OSError:
+        outcome["connect_failed"] += 1
+        await asyncio.sleep(0.25)
+        return None
+
+
 async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, connections: int = 256) -> Counter:
     """Requests that name a known device and then drip their body, one byte every 10 s."""
-    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     outcome: Counter = Counter()
 
     async def one() -> None:
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
-            except OSError:
-                outcome["connect_failed"] += 1
-                await asyncio.sleep(0.5)
+            if (conn := await _connect(url, outcome)) is None:
                 continue
+            reader, writer = conn
             writer.write(
                 f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: 100000\r\n"
                 f"X-Device-Id: {device_id}\r\nX-Timestamp: {int(time.time())}\r\nX-Signature: v1=00\r\n\r\n{{".encode()
@@ -176,17 +183,13 @@ async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, connections
 
 async def idle_sockets(url: str, stop: asyncio.Event, sockets: int = 512) -> Counter:
     """Connections that never send a byte, reopened as soon as the gateway closes them."""
-    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     outcome: Counter = Counter()
 
     async def one() -> None:
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
-            except OSError:
-                outcome["connect_failed"] += 1
-                await asyncio.sleep(0.25)
+            if (conn := await _connect(url, outcome)) is None:
                 continue
+            reader, writer = conn
             outcome["opened"] += 1
             while not stop.is_set() and not reader.at_eof():
                 try:
