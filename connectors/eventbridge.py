@@ -140,12 +140,7 @@ class EventBridgePublisher:
 
     async def flush(self, timeout_secs: float | None = None) -> bool:
         """Wait until every queued event was sent (or given up on); False if the timeout came first."""
-        try:
-            async with asyncio.timeout(timeout_secs):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await _wait_set(self._idle, timeout_secs)
 
     async def close(self, timeout_secs: float = 5.0) -> None:
         """Send what is queued within ``timeout_secs``, then stop."""
@@ -411,12 +406,7 @@ class EventOutbox:
 
     async def flush(self, timeout_secs: float | None = None) -> bool:
         """Wait until every recorded event was sent; False if the timeout came first."""
-        try:
-            async with asyncio.timeout(timeout_secs):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await _wait_set(self._idle, timeout_secs)
 
     async def close(self, timeout_secs: float = 5.0) -> None:
         """Send what is recorded within ``timeout_secs``, then stop; unsent files stay for the next start."""
@@ -697,3 +687,13 @@ def _split_url(url: str, fallback_key: str) -> tuple[str, str]:
 
 def _iso_ms(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def _wait_set(event: asyncio.Event, timeout_secs: float | None) -> bool:
+    """Wait for ``event``; False if ``timeout_secs`` came first."""
+    try:
+        async with asyncio.timeout(timeout_secs):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
