@@ -29,7 +29,7 @@ from gateway.curated import CuratedScorer, ParquetBuilder, prepare_frames
 from gateway.formats import ZstdNdjsonBuilder
 from gateway.landing import LanderSettings, ZoneLander
 from gateway.metrics import GatewayMetrics
-from gateway.retry_ledger import LedgerError, RetryLedger
+from gateway.retry_ledger import RetryLedger
 from gateway.settings import Settings
 from gateway.spool import Spool
 from gateway.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
@@ -183,10 +183,10 @@ class Pipeline:
         requests = [d.request for d in done if d.request is not None]
         try:
             self.ledger.record(self.wal_id, lsn, seqs, requests)
-        except LedgerError as exc:
+        except Exception as exc:  # whatever it is, it must not stop the WAL's commits
             # The records are durable and will be acknowledged; only their retries may land twice.
             # The mark did not move, so the next start reads them from the WAL again.
-            self._metrics.stage_errors.labels("ledger", "LedgerError").inc()
+            self._metrics.stage_errors.labels("ledger", type(exc).__name__).inc()
             log.error("retry ledger not updated; retries of these requests may land twice", extra={"error": str(exc)})
 
     def _forget_beyond(self, lsn: int) -> None:
@@ -196,7 +196,7 @@ class Pipeline:
         if self.ledger is not None and self.wal_id:
             try:
                 self.ledger.forget_mark_beyond(self.wal_id, lsn)
-            except LedgerError as exc:
+            except Exception as exc:
                 log.error("retry ledger mark not moved back", extra={"error": str(exc)})
 
     def _catch_up_ledger(self) -> None:
