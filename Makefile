@@ -8,13 +8,27 @@ TRITON_VENV := .venv-triton
 DEPLOY_VENV := .venv-deploy
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-s3 test test-fast test-deploy bench system-deps clean
+.PHONY: demo demo-s3 test test-fast test-deploy bench system-deps clean lock
 
-$(VENV)/.installed: pyproject.toml
+# Versions come from requirements.lock (what CI tested). The demo needs only the core install; the
+# tests add their tools, the AWS SDK and the Triton client. pip prints what it fetches as it goes.
+$(VENV)/.core: pyproject.toml requirements.lock
+	@echo "==> $(VENV): creating it and installing the gateway's core (about 340 MB; under a minute with a warm pip cache)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --upgrade --progress-bar on pip
+	$(PY) -m pip install --progress-bar on -c requirements.lock -e .
 	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
+	@echo "==> $(VENV): adding the test tools, the AWS SDK and the Triton client"
+	$(PY) -m pip install --progress-bar on -c requirements.lock -e '.[test]'
+	touch $@
+
+# After a dependency change in pyproject.toml: reinstall, run the tests, then record what they ran with.
+lock: $(VENV)/.installed
+	{ echo "# Versions the test suite runs with: pip constraints for \`make\` and CI (pip install -c requirements.lock)."; \
+	  echo "# Regenerate after changing dependencies in pyproject.toml: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^edge-gateway'; } > requirements.lock
 
 $(TRITON_VENV)/.installed: tests/triton/requirements.txt
 	$(PYTHON) -m venv $(TRITON_VENV)
@@ -32,7 +46,7 @@ system-deps:
 	@command -v haproxy >/dev/null 2>&1 || sh tests/security/install-system-deps.sh
 	@command -v chromium >/dev/null 2>&1 || sh tests/status/install-browser.sh
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.core
 	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)
 
 demo-s3: $(VENV)/.installed

@@ -25,6 +25,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -98,13 +99,86 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
+BASELINE = Path(__file__).with_name("baseline.json")
+
+
+def expected_seconds(name: str, profile, baseline_path: Path = BASELINE) -> float | None:
+    """How long a scenario took in the baseline run, scaled to this profile; None when unknown."""
+    try:
+        base = json.loads(baseline_path.read_text(encoding="utf-8"))
+        took = float(base["scenarios"][name]["duration_s"])
+        before = base["profile"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if name == "soak":
+        return took * profile.soak_s / max(before["soak_s"], 1e-9)
+    return took * (profile.reps * profile.seconds) / max(before["reps"] * before["seconds"], 1e-9)
+
+
+class Progress:
+    """A progress bar with an ETA for the running scenario, and the run's, on stderr.
+
+    Estimates come from the baseline's durations (scaled to the profile); a scenario that runs
+    longer than its estimate shows how far over it is instead of a bar stuck at 100%.
+    """
+
+    WIDTH = 24
+
+    def __init__(self, name: str, expected: float | None, position: str, after: float | None, stream=sys.stderr) -> None:
+        self.name, self.expected, self.position, self.after = name, expected, position, after
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"progress-{name}", daemon=True)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now if now is not None else time.monotonic()) - self.started
+        head = f"[{self.name}] {self.position}"
+        if not self.expected:
+            return f"{head} {_clock(elapsed)} elapsed (no estimate: not in the baseline)"
+        share = elapsed / self.expected
+        filled = min(self.WIDTH, int(share * self.WIDTH))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        left = self.expected - elapsed
+        eta = f"about {_clock(left)} left" if left >= 0 else f"{_clock(-left)} over the estimate"
+        run_left = f"; the run about {_clock(max(0.0, left) + self.after)} left" if self.after is not None else ""
+        return f"{head} [{bar}] {min(share, 1.0):4.0%} {_clock(elapsed)} elapsed, {eta}{run_left}"
+
+    def _run(self) -> None:
+        every = 1.0 if self.tty else 15.0  # a log file gets a line now and then, a terminal a live bar
+        while not self._stop.wait(every):
+            if self.tty:
+                self.stream.write("\r\x1b[2K" + self.line())
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.tty:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def run_scenarios(selected: list, ctx: Context) -> tuple[dict, list[str], bool]:
     results: dict = {}
     warnings: list[str] = []
     any_failed = False
     busy: list[str] = []
     cores = os.cpu_count() or 1
-    for scenario in selected:
+    estimates = [expected_seconds(s.name, ctx.profile) for s in selected]
+    for index, scenario in enumerate(selected):
         reason = scenario.unavailable(ctx)
         if reason:
             ctx.log(f"[{scenario.name}] not run: {reason}")
@@ -116,8 +190,12 @@ def run_scenarios(selected: list, ctx: Context) -> tuple[dict, list[str], bool]:
             busy.append(f"{scenario.name} ({load_before[0]:.2f})")
         out = Collector(scenario.name, scenario.title)
         started = time.perf_counter()
+        later = estimates[index + 1 :]
+        after = sum(e for e in later if e) if all(later) else None
         try:
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            with Progress(scenario.name, estimates[index], f"{index + 1}/{len(selected)}", after), asyncio.Runner(
+                loop_factory=_loop_factory()
+            ) as runner:
                 runner.run(scenario.run(ctx, out))
             status, error = "ok", None
         except Exception as exc:  # noqa: BLE001 - one broken scenario must not lose the others' results

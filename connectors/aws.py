@@ -22,10 +22,28 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import aiohttp
-import botocore.exceptions as bce
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession, get_session
+
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra: imported when an AWS connector is first used
+    import botocore.exceptions as bce
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import AioSession
+
+EXTRA_HINT = "the AWS connectors need the `s3` extra: pip install 'edge-gateway[s3]'"
+
+
+def _botocore_exceptions():
+    import botocore.exceptions
+
+    return botocore.exceptions
+
+
+def sdk_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("aiobotocore") is not None
 
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
 
@@ -75,6 +93,10 @@ TRANSIENT_CODES = frozenset(
 
 def build_session() -> AioSession:
     """A session on the standard credential chain."""
+    try:
+        from aiobotocore.session import get_session
+    except ImportError as exc:
+        raise ImportError(EXTRA_HINT) from exc
     return get_session()
 
 
@@ -86,6 +108,10 @@ def client_config(
     s3: Mapping[str, Any] | None = None,
 ) -> AioConfig:
     """An ``AioConfig`` with botocore's own retries off and explicit timeouts."""
+    try:
+        from aiobotocore.config import AioConfig
+    except ImportError as exc:
+        raise ImportError(EXTRA_HINT) from exc
     return AioConfig(
         connect_timeout=connect_timeout_secs,
         read_timeout=read_timeout_secs,
@@ -117,6 +143,7 @@ def client_kwargs(*, region: str, endpoint_url: str) -> dict[str, Any]:
 
 def error_code(exc: BaseException) -> str:
     """The AWS error code of a ``ClientError`` (``""`` for anything else)."""
+    bce = _botocore_exceptions()
     if isinstance(exc, bce.ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
@@ -139,15 +166,18 @@ def _status(exc: bce.ClientError) -> int:
 
 def is_vendor_error(exc: BaseException) -> bool:
     """Whether ``translate`` understands this exception (else it is a bug and must propagate)."""
+    bce = _botocore_exceptions()
     return isinstance(exc, (bce.BotoCoreError, bce.ClientError, aiohttp.ClientError, TimeoutError, OSError))
 
 
 def is_timeout(exc: BaseException) -> bool:
+    bce = _botocore_exceptions()
     return isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError, TimeoutError, asyncio.TimeoutError))
 
 
 def is_congestion(exc: BaseException) -> bool:
     """Throttles, 503s and timeouts: signals that the remote side wants less concurrency."""
+    bce = _botocore_exceptions()
     if is_timeout(exc):
         return True
     if isinstance(exc, bce.ClientError):
@@ -157,6 +187,7 @@ def is_congestion(exc: BaseException) -> bool:
 
 def translate(exc: BaseException, *, endpoint: str = "") -> ConnectorError:
     """Map a botocore / aiohttp exception onto ``connectors.errors``."""
+    bce = _botocore_exceptions()
     if isinstance(exc, ConnectorError):
         return exc
     if isinstance(exc, bce.ClientError):

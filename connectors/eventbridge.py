@@ -25,6 +25,8 @@ Event (``detail-type`` = ``detail_type``, ``source`` = ``source``)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import contextlib
 import errno
@@ -44,13 +46,15 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
-from aiobotocore.session import AioSession
 from msgspec import Meta
 
 from connectors import aws
 from connectors.base import LakeObject, LandedObject
 from connectors.errors import ConnectorError, TransientError
 from connectors.retry import RetryPolicy, RetrySettings, Sleep
+
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+    from aiobotocore.session import AioSession
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ does it from a background queue, off the landing path.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import contextlib
 import logging
@@ -29,7 +31,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
-from aiobotocore.session import AioSession
 from msgspec import Meta
 
 from connectors import aws
@@ -37,6 +38,9 @@ from connectors.base import Partition
 from connectors.curated_parquet import hive_columns
 from connectors.errors import ConnectorError
 from connectors.retry import RetryPolicy, RetrySettings, Sleep
+
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+    from aiobotocore.session import AioSession
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,8 @@ IAM: ``s3:PutObject``, ``s3:PutObjectTagging`` (with tags), ``s3:AbortMultipartU
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import base64
 import contextlib
@@ -42,7 +44,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import msgspec
-from aiobotocore.session import AioSession
 from msgspec import Meta
 
 from batching import AdaptiveConcurrency
@@ -50,6 +51,9 @@ from connectors import aws
 from connectors.base import LakeObject, LandedObject
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
 from connectors.retry import RetryPolicy, RetrySettings, Sleep
+
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+    from aiobotocore.session import AioSession
 
 log = logging.getLogger(__name__)
 

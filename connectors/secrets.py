@@ -17,17 +17,21 @@ this edge (``connectors.aws.translate``); values are never logged and never put 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
-from aiobotocore.session import AioSession
 from msgspec import Meta
 
 from connectors import aws
 from connectors.errors import PermanentError
 from connectors.retry import RetryPolicy, RetrySettings
+
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+    from aiobotocore.session import AioSession
 
 CURRENT = "AWSCURRENT"
 PREVIOUS = "AWSPREVIOUS"

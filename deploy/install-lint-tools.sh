@@ -43,7 +43,7 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r "$here/requirements-lint.txt"
 # The gateway itself, so the checks can run its `edge-gateway check-config` on the rendered configs.
-"$venv/bin/python" -m pip install -q -e "$here/.."
+"$venv/bin/python" -m pip install -q -e "$here/..[s3,triton]"
 
 if ! command -v npm >/dev/null 2>&1; then
     apt-get install -y -q --no-install-recommends npm

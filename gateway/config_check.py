@@ -13,6 +13,8 @@ import os
 import stat
 from pathlib import Path
 
+import msgspec
+
 from gateway.settings import Problem, Settings, Sources, read_config, wal_budget_problem
 
 
@@ -47,7 +49,12 @@ def check_files(settings: Settings, sources: Sources) -> list[Problem]:
         registry = Path(auth.registry_path)
         if not registry.exists():
             if not registry.parent.is_dir():
-                add("auth", "registry_path", f"{registry}: its directory {registry.parent} does not exist")
+                add(
+                    "auth",
+                    "registry_path",
+                    f"{registry}: its directory {registry.parent} does not exist; every request gets 401 until the file is there",
+                    "warning",
+                )
             else:
                 add(
                     "auth",
@@ -72,6 +79,7 @@ def check_files(settings: Settings, sources: Sources) -> list[Problem]:
             add("admin", "token_path", f"{admin.token_path}: the token must be at least 16 characters")
         _private(admin.token_path, lambda m: add("admin", "token_path", m, "warning"))
 
+    _check_extras(settings, add)
     _writable_dir(settings.wal.dir, lambda m: add("wal", "dir", m))
     if settings.lake.kind == "local":
         _writable_dir(settings.lake.dir, lambda m: add("lake", "dir", m))
@@ -79,6 +87,29 @@ def check_files(settings: Settings, sources: Sources) -> list[Problem]:
     if budget is not None:
         problems.append(Problem(budget, sources.of("wal", "max_total_bytes"), "wal.max_total_bytes"))
     return problems
+
+
+def _check_extras(settings: Settings, add) -> None:
+    """Connectors the configuration uses whose optional packages are not installed."""
+    import importlib.util
+
+    def missing(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    if missing("aiobotocore"):
+        hint = "needs the AWS SDK, which is not installed: pip install 'edge-gateway[s3]'"
+        if settings.lake.kind == "s3":
+            add("lake", "kind", f'"s3" {hint}')
+        for section in ("glue", "eventbridge"):
+            if getattr(settings, section) is not None:
+                add(section, next(iter(msgspec.structs.asdict(getattr(settings, section)))), f"[{section}] {hint}")
+        if settings.auth.registry_source == "secretsmanager":
+            add("auth", "registry_source", f'"secretsmanager" {hint}')
+    if settings.inference.enabled and settings.inference.backend == "triton" and missing("tritonclient"):
+        add("inference", "backend", "\"triton\" needs the Triton client, which is not installed: pip install 'edge-gateway[triton]'")
 
 
 def _readable_file(path: str, problem) -> bool:

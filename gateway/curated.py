@@ -33,7 +33,6 @@ from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_T
 from connectors.inference import Inferencer, ShapedBatch
 from connectors.inference_pool import InferencePool
 from connectors.local_model import LocalModelInferencer
-from connectors.triton import TritonInferencer, TritonSettings
 from gateway.metrics import GatewayMetrics
 from gateway.records import CuratedSource
 from gateway.wal import Frame
@@ -328,6 +327,10 @@ def _worker_init() -> None:
 def build_inferencer(settings) -> Inferencer:
     if settings.backend == "local":
         return LocalModelInferencer()
+    try:
+        from connectors.triton import TritonInferencer, TritonSettings  # the `triton` extra
+    except ImportError as exc:
+        raise ImportError("inference.backend = \"triton\" needs the `triton` extra: pip install 'edge-gateway[triton]'") from exc
     endpoints = [
         TritonInferencer(
             TritonSettings(

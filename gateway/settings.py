@@ -51,7 +51,7 @@ class ListenSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     backlog: PositiveInt = 1024
-    # Worker processes sharing the port (SO_REUSEPORT); one per core uses every core.
+    # Worker processes sharing the port (the supervisor binds it once); one per core uses every core.
     workers: Annotated[int, Meta(ge=1, le=256)] = 1
 
 

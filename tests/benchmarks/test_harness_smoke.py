@@ -80,3 +80,24 @@ def test_a_run_compared_with_itself_passes_the_gate(quick_report) -> None:
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "REGRESSED" not in done.stdout
+
+
+def test_progress_bar_shows_an_eta_from_the_baseline(tmp_path):
+    import io
+    import json
+
+    from benchmarks.harness import Progress, expected_seconds
+    from benchmarks.scenario import PROFILES
+
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"profile": {"reps": 3, "seconds": 5.0, "soak_s": 180.0},
+                                    "scenarios": {"ingest": {"duration_s": 120.0}, "soak": {"duration_s": 190.0}}}))
+    quick = PROFILES["quick"]
+    assert expected_seconds("ingest", quick, baseline) == 120.0 * (quick.reps * quick.seconds) / 15.0
+    assert expected_seconds("soak", quick, baseline) == 190.0 * quick.soak_s / 180.0
+    assert expected_seconds("nope", quick, baseline) is None
+    progress = Progress("ingest", 100.0, "2/5", 300.0, stream=io.StringIO())
+    line = progress.line(progress.started + 25.0)
+    assert line == "[ingest] 2/5 [######..................]  25% 0:25 elapsed, about 1:15 left; the run about 6:15 left"
+    assert "0:20 over the estimate" in progress.line(progress.started + 120.0)
+    assert "no estimate" in Progress("new", None, "1/1", None).line()

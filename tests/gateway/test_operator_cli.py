@@ -78,9 +78,10 @@ def test_check_config_checks_the_files_the_gateway_will_need(tmp_path, capsys):
     assert f"admin.token_path: {token}: the token must be at least 16 characters" in err
     assert "warning: admin.token_path" in err and "readable by others" in err
     assert f"wal.dir: {tmp_path / 'wal-is-a-file'}: not a directory" in err
-    assert f"its directory {tmp_path / 'no-such-dir'} does not exist" in err
+    assert f"warning: auth.registry_path: {tmp_path / 'no-such-dir' / 'devices.json'}: its directory" in err
     # Each one names the line of the setting it is about.
     assert all(line.startswith(f"{config}:") for line in err.splitlines()[:-1])
+    assert err.splitlines()[-1] == "edge-gateway: invalid configuration: 4 errors"
 
 
 def test_check_config_output_loads_back_unchanged(tmp_path, capsys, monkeypatch):
@@ -194,3 +195,32 @@ async def test_a_device_added_while_running_is_accepted_without_sighup(tmp_path)
         assert running.gateway.metrics.registry_refreshes.labels("ok")._value.get() >= 2
     finally:
         await running.stop()
+
+
+BLOCK_OPTIONAL = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("aiobotocore", "botocore", "boto3", "tritonclient"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Missing())
+from gateway.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_the_core_install_runs_the_local_default_and_names_the_missing_extra(tmp_path):
+    """Without the AWS SDK and the Triton client (the `s3` and `triton` extras) the embedded default works."""
+    demo = subprocess.run(
+        [sys.executable, "-c", BLOCK_OPTIONAL, "demo", "--dir", str(tmp_path / "demo"), "--seconds", "1", "--devices", "2",
+         "--rate", "20", "--records", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert "curated" in demo.stdout and "raw" in demo.stdout
+    s3 = tmp_path / "s3.toml"
+    s3.write_text('[lake]\nkind = "s3"\n[s3]\nbucket = "my-lake"\n[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "h:8001"\n')
+    check_ = subprocess.run([sys.executable, "-c", BLOCK_OPTIONAL, "check-config", str(s3)], capture_output=True, text=True, timeout=60)
+    assert check_.returncode == 2
+    assert "pip install 'edge-gateway[s3]'" in check_.stderr and "pip install 'edge-gateway[triton]'" in check_.stderr
