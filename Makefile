@@ -60,6 +60,13 @@ test: $(VENV)/.installed $(TRITON_VENV)/.installed $(DEPLOY_VENV)/.installed sys
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest --ignore=tests/deploy -m "not slow and not triton" $(PYTEST_ARGS)
 
+# The AZ failover drill, run for real on this machine: three gateways standing for zones a, b, c
+# behind HAProxy, signed devices, the runbook deploy/runbooks/az-failover.yaml (shared with the cloud
+# drill). A few minutes; report in var/drill/report/. Another shape: DRILL_ARGS="--config drill.toml".
+.PHONY: drill
+drill: $(VENV)/.installed system-deps
+	$(VENV)/bin/edge-gateway drill $(DRILL_ARGS)
+
 bench: $(VENV)/.installed $(TRITON_VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 

@@ -16,6 +16,11 @@ and the control function, in the app subnets, for
 
 Failures raise ``DrillStepError`` subclasses; their class name is the Step Functions error name,
 which the state machine's ``Catch`` routes to the rollback.
+
+The drill's runbook (deploy/runbooks/az-failover.yaml, shared with the local drill `edge-gateway
+drill`) is packaged beside this file as ``runbook.yaml``: ``validate`` never asks for fewer healthy
+targets than its planned-shift floor, every log line names the runbook step of its action, and the
+``runbook`` action returns the steps and thresholds this code runs under.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ LOG.setLevel(os.environ.get("LOG_LEVEL", "INFO"))
 
 # Long enough for the drill's observation window; ARC caps a shift at 3 days.
 SHIFT_EXPIRES_IN = os.environ.get("SHIFT_EXPIRES_IN", "2h")
+RUNBOOK_PATH = os.environ.get("DRILL_RUNBOOK_PATH") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "runbook.yaml")
 
 
 class DrillStepError(Exception):
@@ -56,6 +62,107 @@ class UnknownAction(DrillStepError):
     """The state machine asked for an action this function does not know."""
 
 
+class RunbookInvalid(DrillStepError):
+    """The packaged runbook is missing or not in the form this reader understands."""
+
+
+def _scalar(text: str) -> Any:
+    if text[:1] == '"':
+        return json.loads(text)
+    if text[:1] == "'":
+        return text[1:-1].replace("''", "'")
+    if text in ("true", "false"):
+        return text == "true"
+    if text in ("null", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _without_comment(line: str) -> str:
+    quote = ""
+    for i, char in enumerate(line):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i]
+    return line
+
+
+def read_runbook(text: str) -> dict[str, Any]:
+    """The runbook's YAML (the Lambda runtime has no PyYAML): block mappings, one-line scalars and
+    flow lists of scalars, which is all the runbook uses; anything else is refused, never guessed."""
+    root: dict[str, Any] = {}
+    stack: list[tuple[int, dict[str, Any]]] = [(-1, root)]
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = _without_comment(raw).rstrip()
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        key, sep, rest = line.strip().partition(":")
+        if not sep or not key or key[0] in "-[{'\"&*!|>%@" or (rest and rest[0] != " "):
+            raise RunbookInvalid(f"runbook line {number}: expected 'key: value', got {raw.strip()!r}")
+        while indent <= stack[-1][0]:
+            stack.pop()
+        parent = stack[-1][1]
+        if key in parent:
+            raise RunbookInvalid(f"runbook line {number}: {key} given twice")
+        rest = rest.strip()
+        if not rest:
+            parent[key] = child = {}
+            stack.append((indent, child))
+        elif rest[0] == "[":
+            if not rest.endswith("]"):
+                raise RunbookInvalid(f"runbook line {number}: a flow list must close on its line")
+            inner = rest[1:-1].strip()
+            parent[key] = [_scalar(item.strip()) for item in inner.split(",")] if inner else []
+        elif rest[0] in "{|>&*!":
+            raise RunbookInvalid(f"runbook line {number}: {rest[0]!r} is beyond the runbook's YAML")
+        else:
+            parent[key] = _scalar(rest)
+    return root
+
+
+_RUNBOOK: dict[str, Any] = {}
+
+
+def runbook() -> dict[str, Any]:
+    if not _RUNBOOK:
+        try:
+            with open(RUNBOOK_PATH, encoding="utf-8") as fh:
+                document = read_runbook(fh.read())
+        except OSError as exc:
+            raise RunbookInvalid(f"cannot read the drill runbook {RUNBOOK_PATH}: {exc}") from exc
+        if not isinstance(document.get("steps"), dict):
+            raise RunbookInvalid(f"{RUNBOOK_PATH} has no steps")
+        _RUNBOOK.update(document)
+    return _RUNBOOK
+
+
+def runbook_step(action: str) -> str:
+    """The runbook step an action belongs to; a missing runbook never stops a rollback."""
+    try:
+        steps = runbook()["steps"]
+    except RunbookInvalid as exc:
+        LOG.warning(json.dumps({"action": action, "runbook_error": str(exc)}))
+        return ""
+    return next((step_id for step_id, step in steps.items() if action in step.get("cloud_actions", [])), "")
+
+
+def _healthy_target_floor() -> int:
+    """The runbook's planned-shift floor for ready instances outside the shifted zone."""
+    try:
+        return int(runbook()["steps"]["planned_shift"]["thresholds"]["min_ready_outside_shifted_zone"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunbookInvalid(f"{RUNBOOK_PATH}: no planned_shift threshold min_ready_outside_shifted_zone") from exc
+
+
 ClientFactory = Callable[[str], Any]
 
 
@@ -67,7 +174,7 @@ def _settings(env: Mapping[str, str], required: tuple[str, ...]) -> dict[str, st
     missing = [name for name in required if not env.get(name)]
     if missing:
         raise DrillStepError(f"missing environment variables: {', '.join(missing)}")
-    return {name: env[name] for name in required} | {"MIN_HEALTHY_TARGETS": env.get("MIN_HEALTHY_TARGETS", "2")}
+    return {name: env[name] for name in required} | {"MIN_HEALTHY_TARGETS": env.get("MIN_HEALTHY_TARGETS", "1")}
 
 
 def zone_id_for(ec2: Any, zone_name: str) -> str:
@@ -133,9 +240,13 @@ def validate(event: Mapping[str, Any], settings: Mapping[str, str], client: Clie
         zone = description.get("AvailabilityZone") or _instance_zone(ec2, description["Target"]["Id"])
         if zone != settings["AWAY_FROM_AZ"]:
             healthy_outside += 1
-    needed = int(settings["MIN_HEALTHY_TARGETS"])
+    # The stack may ask for more healthy targets than the runbook's floor, never for fewer.
+    needed = max(int(settings["MIN_HEALTHY_TARGETS"]), _healthy_target_floor())
     if healthy_outside < needed:
-        raise ValidationFailed(f"{healthy_outside} healthy targets outside {settings['AWAY_FROM_AZ']}, need {needed}")
+        raise ValidationFailed(
+            f"{healthy_outside} healthy targets outside {settings['AWAY_FROM_AZ']}, need {needed} "
+            f"(runbook {runbook().get('name')} v{runbook().get('version')}, step planned_shift)"
+        )
     return {"healthyOutside": healthy_outside}
 
 
@@ -159,6 +270,16 @@ def cancel_shift(event: Mapping[str, Any], settings: Mapping[str, str], client: 
     return {"cancelled": True, "zonalShiftId": shift_id}
 
 
+def describe_runbook(event: Mapping[str, Any], settings: Mapping[str, str], client: ClientFactory) -> dict[str, Any]:
+    """The steps and thresholds this function runs under (for operators: ``{"action": "runbook"}``)."""
+    document = runbook()
+    return {
+        "name": document.get("name"), "version": document.get("version"), "blocking": document.get("blocking", {}),
+        "steps": {step_id: {"title": step.get("title"), "cloud_states": step.get("cloud_states", []),
+                            "thresholds": step.get("thresholds", {})} for step_id, step in document["steps"].items()},
+    }
+
+
 Step = Callable[[Mapping[str, Any], Mapping[str, str], ClientFactory], dict[str, Any]]
 
 # Each action with the environment it needs.
@@ -168,6 +289,7 @@ ACTIONS: dict[str, tuple[Step, tuple[str, ...]]] = {
     "start_shift": (start_shift, ("LOAD_BALANCER_ARN", "AWAY_FROM_AZ")),
     "validate": (validate, ("TARGET_GROUP_ARN", "AWAY_FROM_AZ")),
     "cancel_shift": (cancel_shift, ()),
+    "runbook": (describe_runbook, ()),
 }
 
 
@@ -177,7 +299,7 @@ def handle(event: Mapping[str, Any], env: Mapping[str, str], client: ClientFacto
         raise UnknownAction(f"unknown action {action!r}")
     step, required = ACTIONS[action]
     result = step(event, _settings(env, required), client)
-    LOG.info(json.dumps({"action": action, "result": result}))
+    LOG.info(json.dumps({"action": action, "runbook_step": runbook_step(action), "result": result}))
     return result
 
 
