@@ -68,7 +68,7 @@ class Instance:
     def config_path(self) -> Path:
         return self.root / "gateway.toml"
 
-    def write_config(self, fleet: FleetSettings, registry: Path, lake: Path) -> None:
+    def write_config(self, fleet: FleetSettings, registry: Path, lake: Path, s3: tuple[str, str] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         sections = {
             "listen": {"host": "127.0.0.1", "port": self.port, "workers": fleet.workers},
@@ -77,13 +77,16 @@ class Instance:
             # Small segments: the backlog metric counts whole segments, so it follows landing closely.
             "wal": {"dir": str(self.wal_dir.resolve()), "segment_bytes": 1024 * 1024,
                     "max_total_bytes": fleet.wal_max_total_bytes},
-            "lake": {"kind": "local", "dir": str(lake.resolve()), "target_object_bytes": 1024 * 1024,
+            "lake": {"kind": "s3" if s3 else "local", "dir": str(lake.resolve()), "target_object_bytes": 1024 * 1024,
                      "max_object_age_secs": fleet.max_object_age_secs},
             "inference": {"enabled": fleet.inference},
             "connections": {"max_age_secs": fleet.max_age_secs},
             "drain": {"deadline_secs": fleet.drain_deadline_secs},
             "log": {"level": "INFO"},
         }
+        if s3:
+            endpoint, bucket = s3
+            sections["s3"] = {"bucket": bucket, "endpoint_url": endpoint, "region": "us-east-1", "addressing_style": "path"}
         lines = []
         for section, values in sections.items():
             lines.append(f"[{section}]")
@@ -309,11 +312,13 @@ async def http_status(http: aiohttp.ClientSession, url: str, timeout: float = 2.
 class Fleet:
     """Every process the drill starts; ``close`` stops each of them, whatever happened."""
 
-    def __init__(self, fleet: FleetSettings, balancer: BalancerSettings, root: Path, registry: Path, lake: Path) -> None:
+    def __init__(self, fleet: FleetSettings, balancer: BalancerSettings, root: Path, registry: Path, lake: Path,
+                 s3: tuple[str, str] | None = None) -> None:
         self.settings = fleet
         self.root = root
         self.registry = registry
         self.lake = lake
+        self.s3 = s3  # (endpoint, bucket) when the instances land through the S3 API
         self.instances = {
             zone: Instance(zone, f"{fleet.gateway_id_prefix}-{zone}", f"{fleet.region}{zone}", free_port(), root / zone)
             for zone in fleet.zones
@@ -329,7 +334,7 @@ class Fleet:
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         for instance in self.instances.values():
-            instance.write_config(self.settings, self.registry, self.lake)
+            instance.write_config(self.settings, self.registry, self.lake, self.s3)
             instance.launch()
         await asyncio.gather(*(i.wait_ready(http, self.settings.start_timeout_secs) for i in self.instances.values()))
         self.balancer.start()

@@ -149,6 +149,7 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"(shifted {doc['runbook']['zones']['shifted']}, lost {doc['runbook']['zones']['lost']}, "
         f"survivor {doc['runbook']['zones']['survivor']}); {doc['load']['devices']} devices offering "
         f"{doc['load']['requests_per_sec']:g} requests/s of {doc['load']['records_per_request']} records; "
+        f"lake {doc.get('lake', '?')}; "
         f"started {doc['started_at']}, {doc['duration_secs']:.0f} s.",
         "",
         "## Figures",

@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.drill.devices import Clock, Devices
 from gateway.drill.fleet import Fleet, FleetError
-from gateway.drill.lake import LakeIndex
+from gateway.drill.lake import LakeIndex, S3Store
 from gateway.drill.monitor import Monitor
 from gateway.drill.report import headline, write_report
 from gateway.drill.runbook import STEP_IDS, Runbook, RunbookError, load_runbook
@@ -112,6 +112,24 @@ async def run_steps(d: Drill, steps: dict[str, StepResult], say: Callable[[str],
 
 async def run_drill(settings: DrillSettings, runbook: Runbook, overrides: dict[str, Any], out: TextIO = sys.stdout) -> dict[str, Any]:
     workdir = prepare_workdir(Path(settings.workdir))
+    if settings.lake.kind != "s3":
+        return await _run_drill(settings, runbook, overrides, out, workdir, None)
+    from gateway.demo import MotoServer
+
+    moto = MotoServer(workdir / "moto.log")
+    try:
+        try:
+            await moto.wait_ready()
+            await moto.create_bucket(settings.lake.bucket)
+        except Exception as exc:  # noqa: BLE001 - whatever stopped it, the drill cannot run
+            raise FleetError(f"moto's S3 server did not start: {exc}") from exc
+        return await _run_drill(settings, runbook, overrides, out, workdir, (moto.url, settings.lake.bucket))
+    finally:
+        moto.stop()
+
+
+async def _run_drill(settings: DrillSettings, runbook: Runbook, overrides: dict[str, Any], out: TextIO, workdir: Path,
+                     s3: tuple[str, str] | None) -> dict[str, Any]:
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     clock = Clock()
     say = Progress(clock, out)
@@ -122,8 +140,9 @@ async def run_drill(settings: DrillSettings, runbook: Runbook, overrides: dict[s
     registry, lake_dir = workdir / "devices.json", workdir / "lake"
     devices = Devices(settings.load, clock)
     devices.register(registry)
-    fleet = Fleet(settings.fleet, settings.balancer, workdir, registry, lake_dir)
-    lake = LakeIndex(lake_dir, [i.gateway_id for i in fleet.instances.values()])
+    fleet = Fleet(settings.fleet, settings.balancer, workdir, registry, lake_dir, s3)
+    gateway_ids = [i.gateway_id for i in fleet.instances.values()]
+    lake = LakeIndex(S3Store(*s3) if s3 else lake_dir, gateway_ids)
     monitor = Monitor(fleet, lake, clock, settings.timing.sample_interval_secs)
     steps = {step_id: StepResult(step_id, runbook.steps[step_id].title) for step_id in STEP_IDS}
     stop_devices, stop_monitor = asyncio.Event(), asyncio.Event()
@@ -180,6 +199,7 @@ async def run_drill(settings: DrillSettings, runbook: Runbook, overrides: dict[s
         "runbook": runbook.summary(), "overrides": overrides, "zones": zones,
         "load": {"devices": settings.load.devices, "requests_per_sec": settings.load.requests_per_sec,
                  "records_per_request": settings.load.records_per_request},
+        "lake": f"s3://{settings.lake.bucket} (moto's S3 server)" if s3 else str(lake_dir),
         "settings": msgspec.to_builtins(settings),
         "started_at": started_at, "duration_secs": round(clock.now(), 1), "limits": LIMITS,
         "instances": {z: {"gateway_id": fleet[z].gateway_id, "availability_zone": fleet[z].availability_zone,
@@ -221,7 +241,10 @@ def main(config: Path | None, report_dir: Path | None = None, runbook_path: Path
         if print_config:
             sys.stdout.write(dump_drill_settings(settings))
             return 0
-        runbook = load_runbook(Path(runbook_path or settings.runbook) if (runbook_path or settings.runbook) else None)
+        try:
+            runbook = load_runbook(Path(runbook_path or settings.runbook) if (runbook_path or settings.runbook) else None)
+        except ImportError as exc:
+            raise DrillConfigError(f"{exc}; the drill needs the test extra (pip install 'edge-gateway[test]')") from None
         overrides = {"blocking": settings.blocking, "thresholds": settings.thresholds}
         runbook = runbook.with_overrides(settings.blocking, settings.thresholds)
     except (DrillConfigError, RunbookError) as exc:
@@ -230,6 +253,10 @@ def main(config: Path | None, report_dir: Path | None = None, runbook_path: Path
     overrides = {k: v for k, v in overrides.items() if v}
     try:
         document = asyncio.run(run_drill(settings, runbook, overrides))
+    except ImportError as exc:
+        print(f"edge-gateway drill: {exc}; the drill needs the test extra (pip install 'edge-gateway[test]'; "
+              "`make drill` installs it)", file=sys.stderr)
+        return 2
     except DrillConfigError as exc:
         print(f"edge-gateway drill: {exc}", file=sys.stderr)
         return 2

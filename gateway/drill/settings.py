@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -65,6 +65,12 @@ class LoadSettings(_Section):
     max_retry_wait_secs: Positive = 1.0  # Retry-After is honoured up to this
 
 
+class LakeSettings(_Section):
+    # "s3": the instances land through the S3 API in a bucket of moto's server, started by the drill
+    kind: Literal["local", "s3"] = "local"
+    bucket: str = "drill-lake"
+
+
 class TimingSettings(_Section):
     precheck_secs: Positive = 8.0  # steady load measured before anything changes
     planned_shift_secs: Positive = 12.0
@@ -79,6 +85,7 @@ class DrillSettings(_Section):
     runbook: str = ""  # empty: deploy/runbooks/az-failover.yaml of this checkout
     fleet: FleetSettings = FleetSettings()
     balancer: BalancerSettings = BalancerSettings()
+    lake: LakeSettings = LakeSettings()
     load: LoadSettings = LoadSettings()
     timing: TimingSettings = TimingSettings()
     blocking: dict[str, float] = {}

@@ -102,11 +102,12 @@ def test_the_lake_index_attributes_objects_and_keeps_first_sightings(tmp_path: P
     raw = lake.count("raw")
     assert raw.copies.keys() == {("d", 1), ("d", 2)} and raw.copies[("d", 1)][0][0] == "drill-ab"
     assert lake.count("curated", gateway_id="drill-a").keys() == {("d", 3)}
-    first = lake.objects[part / "drill-ab-0-9.ndjson.zst"].landed_at
+    key = "raw/telemetry/dt=2026-01-01/hour=00/drill-ab-0-9.ndjson.zst"
+    first = lake.objects[key].landed_at
     import os
     os.utime(part / "drill-ab-0-9.ndjson.zst", (first + 100, first + 100))  # a replay rewrites the object
     lake.refresh()
-    assert lake.objects[part / "drill-ab-0-9.ndjson.zst"].landed_at == first
+    assert lake.objects[key].landed_at == first
     assert lake.count("raw").keys() == {("d", 1), ("d", 2)}
 
 
@@ -220,3 +221,26 @@ def test_the_report_has_markdown_json_and_a_timeline(tmp_path: Path):
     assert (tmp_path / "report" / "timeline.png").read_bytes()[:4] == b"\x89PNG"
     lines = (tmp_path / "report" / "devices.jsonl").read_text().splitlines()
     assert [json.loads(line)["acked_by"] for line in lines] == ["a", "b"]
+
+
+def test_the_lake_index_reads_a_bucket_through_the_s3_api(moto_endpoint: str):
+    import boto3
+
+    from gateway.drill.lake import S3Store
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="drill-parts")
+    lines = b'{"gateway_id": "drill-b", "device_id": "d", "seq": 1}\n{"gateway_id": "drill-b", "device_id": "d", "seq": 2}\n'
+    s3.put_object(Bucket="drill-parts", Key="lake/raw/telemetry/dt=2026-01-01/hour=00/drill-b-0-1.ndjson.zst",
+                  Body=zstandard.ZstdCompressor().compress(lines))
+    table = pa.BufferOutputStream()
+    pq.write_table(pa.table({"device_id": ["d"], "seq": [1]}), table)
+    s3.put_object(Bucket="drill-parts", Key="lake/curated/telemetry/dt=2026-01-01/hour=00/drill-b-0-1.parquet",
+                  Body=table.getvalue().to_pybytes())
+    s3.put_object(Bucket="drill-parts", Key="lake/elsewhere/file.txt", Body=b"not the lake")
+    lake = LakeIndex(S3Store(moto_endpoint, "drill-parts", prefix="lake"), ["drill-a", "drill-b"])
+    assert lake.refresh() == 2
+    assert lake.count("raw", gateway_id="drill-b").keys() == {("d", 1), ("d", 2)}
+    assert lake.count("curated").copies == {("d", 1): [("drill-b", lake.objects[
+        "curated/telemetry/dt=2026-01-01/hour=00/drill-b-0-1.parquet"].landed_at)]}
+    assert lake.summary()["raw"]["records"] == 2
