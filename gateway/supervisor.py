@@ -6,6 +6,9 @@ ledger is the one thing they share. The supervisor owns the instance: it locks `
 the port once (no SO_REUSEPORT, so a second instance fails to start instead of splitting traffic),
 then hands both to its workers. It restarts a worker that dies (with backoff if it keeps dying),
 passes SIGHUP on, and on SIGTERM drains every worker and waits for them. Workers die with it.
+It also makes a private runtime directory where each worker listens on a Unix socket for its
+siblings, so that whichever worker answers ``/metrics``, the status page or the tap answers for the
+whole instance (``gateway/status/cluster.py``).
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ class Cluster:
                     if resp.status != 200:
                         return None
                     return await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("a sibling worker did not answer", extra={"worker": index, "path": path, "error": repr(exc)})
             return None
 
     async def stream(self, index: int, path: str) -> AsyncIterator[bytes]:

@@ -191,3 +191,30 @@ def test_repeated_errors_are_throttled_and_counted():
     now[0] = 1.0
     passed = rec()
     assert f.filter(passed) and passed.suppressed == 2
+
+
+async def test_debug_shows_the_gateways_own_detail_not_the_sdks(tmp_path, capsys):
+    import json
+    import logging
+
+    from gateway import logs
+
+    env = make_env(tmp_path, lake={"max_object_age_secs": 0.2})
+    running = await start_gateway(load_settings(env.config, environ={}))
+    logs.configure("DEBUG")
+    try:
+        assert logging.getLogger("botocore").getEffectiveLevel() == logging.INFO
+        async with aiohttp.ClientSession() as http:
+            body = ndjson(record(seq=1))
+            async with http.post(running.url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
+                assert resp.status == 202
+        deadline = time.monotonic() + 10
+        landed = []
+        while not landed and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            landed += [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"object landed"' in line]
+        assert landed and landed[0]["level"] == "DEBUG" and landed[0]["key"].startswith(("raw/", "quarantine/", "curated/"))
+    finally:
+        await running.stop()
+        logging.getLogger().handlers.clear()
+        logging.getLogger().setLevel(logging.WARNING)
