@@ -63,11 +63,13 @@ class ConnectionGuard:
         settings: Callable[[], ConnectionSettings],
         *,
         on_close: Callable[[str], None] = lambda reason: None,
+        shared_source: Callable[[str], bool] = lambda address: False,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._on_close = on_close
+        self._shared_source = shared_source
         self._rng = rng
         self._clock = clock
         self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
@@ -86,7 +88,7 @@ class ConnectionGuard:
         s = self._settings()
         peer = transport.get_extra_info("peername")
         source = peer[0] if isinstance(peer, tuple) and peer else "unknown"
-        if self._per_source.get(source, 0) >= s.max_connections_per_source:
+        if self._per_source.get(source, 0) >= s.max_connections_per_source and not self._shared_source(source):
             return self._refuse(transport, "connection_cap_per_source")
         if len(self._conns) >= s.max_connections and not self._preempt_silent():
             return self._refuse(transport, "connection_cap")

@@ -18,6 +18,7 @@ from gateway.connections import BodyDeadline
 from gateway.enrich import new_context
 from gateway.errors import AllRecordsInvalid, ApiError, KeyReused, MalformedBody, TooLarge, Unauthorized, Unavailable
 from gateway.ingest import RequestBatch
+from gateway.proxy import is_trusted_proxy
 from gateway.replay import Replayed
 from gateway.retry_ledger import LedgerError, request_key
 from gateway.service import GATEWAY, Gateway
@@ -102,13 +103,16 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
     decompressor(encoding)  # 415 for an unknown encoding before any byte is read
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
-    source = peer.address or "unknown"
-    security.failures.check(source)  # a source whose requests keep failing authentication waits
+    # The device's address; a trusted proxy that forwarded none speaks for many devices and has no share.
+    source = None if is_trusted_proxy(peer.address or "", settings.proxy) else peer.address or "unknown"
+    if source is not None:
+        security.failures.check(source)  # a source whose requests keep failing authentication waits
     pending = gw.authenticator.begin(request.headers, cert_device=cert_device)
     # Unauthenticated so far: only checked here (a deficit answers 429), charged once authenticated.
     rate_key = getattr(pending, "device_id", None) or (pending if isinstance(pending, str) else None) or peer.address
     security.limiter.check(rate_key)
-    security.admission.enter(source)
+    if source is not None:
+        security.admission.enter(source)
     raw = gw.pipeline.new_spool(limits.spool_memory_bytes)  # the body as sent, until it is authenticated
     spool = gw.pipeline.new_spool(limits.spool_memory_bytes)  # its records as WAL frames
     try:
@@ -123,7 +127,8 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
                 raise
             return _replayed(answered)
         except Unauthorized:
-            security.failures.charge(source, 1, 0)  # failures cost the source, never a device
+            if source is not None:
+                security.failures.charge(source, 1, 0)  # failures cost the source, never a device
             raise
         try:
             body = Received(raw, fmt, encoding, sent, digest, idem_key, rate_key, peer.address or None)
@@ -133,7 +138,8 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
                 security.replay.release(principal.replay_key)  # nothing of it landed: the device may resend it
             raise
     finally:
-        security.admission.leave(source)
+        if source is not None:
+            security.admission.leave(source)
         raw.close()
         spool.close()
 

@@ -65,3 +65,8 @@ def resolve_peer(tcp_peer: str | None, tls: bool, headers: Mapping[str, str], se
         if not _is_trusted(hop, networks):
             break
     return Peer(address, scheme, True)
+
+
+def is_trusted_proxy(address: str, settings: ProxySettings) -> bool:
+    """Whether ``address`` (a TCP peer) is one of the load balancers or proxies named in ``trusted_cidrs``."""
+    return _is_trusted(address, _networks(tuple(settings.trusted_cidrs)))

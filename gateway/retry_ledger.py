@@ -84,7 +84,8 @@ def seq_key(device_id: str, seq: int) -> bytes:
 
 
 def request_key(device_id: str, key: str) -> bytes:
-    return device_id.encode() + b"\0" + key.encode()
+    # Header values may carry undecodable bytes (kept as surrogates): they round-trip, never fail.
+    return device_id.encode("utf-8", "surrogateescape") + b"\0" + key.encode("utf-8", "surrogateescape")
 
 
 class RetryLedger:

@@ -24,7 +24,7 @@ from gateway.admission import Admission
 from gateway.connections import ConnectionGuard
 from gateway.errors import ApiError, Unauthorized
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import CLIENT_CERT_HEADER, Peer, resolve_peer
+from gateway.proxy import CLIENT_CERT_HEADER, Peer, is_trusted_proxy, resolve_peer
 from gateway.ratelimit import DeviceRateLimiter
 from gateway.replay import ReplayGuard
 from gateway.tls import CertificateError, ForwardedCertVerifier, device_from_peercert
@@ -51,7 +51,10 @@ class EdgeSecurity:
         self.failures = DeviceRateLimiter(lambda: settings().rate_limits.for_auth_failures())
         self.admission = Admission(lambda: settings().admission, lambda reason: metrics.admission_refused.labels(reason).inc())
         self.connections = ConnectionGuard(
-            lambda: settings().connections, on_close=lambda reason: metrics.connections_closed.labels(reason).inc()
+            lambda: settings().connections,
+            on_close=lambda reason: metrics.connections_closed.labels(reason).inc(),
+            # A load balancer carries every device's connections: no per-source cap for it.
+            shared_source=lambda address: is_trusted_proxy(address, settings().proxy),
         )
         metrics.connections_open.set_function(lambda: self.connections.open)
         metrics.inflight_bytes.set_function(lambda: self.admission.inflight_bytes)

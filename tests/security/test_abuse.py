@@ -233,3 +233,13 @@ async def test_one_source_holds_at_most_its_share_of_connections(tmp_path, start
         assert (await send(other, gw, env, "dev-1", n=2))[0] == 202, "another source is not affected"
     for _, writer in held:
         writer.close()
+
+
+async def test_a_trusted_load_balancer_is_not_held_to_one_sources_share(tmp_path, start, http):
+    """Behind an ALB every connection comes from a few balancer addresses: they carry everyone."""
+    env = make_env(tmp_path, n_devices=1, connections={"max_connections_per_source": 2})
+    gw = await start(env, {"EDGE_GATEWAY__PROXY__TRUSTED_CIDRS": '["127.0.0.1/32"]'})
+    held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(4)]
+    assert (await send(http, gw, env, "dev-1", n=2))[0] == 202
+    for _, writer in held:
+        writer.close()
