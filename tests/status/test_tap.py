@@ -95,3 +95,27 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
     assert len(events) == 40 and {e["stage"] for e in events} == {"received"}
     # New connections land on either worker; the tap on worker 0's admin listener hears both.
     assert {e["worker"] for e in events} == {0, 1}
+
+
+def test_status_snapshot_sums_workers_and_keeps_the_oldest_age():
+    from gateway.status.cluster import merge_expositions
+    from gateway.status.page import snapshot
+
+    def worker(accepted: int, age: float) -> bytes:
+        return (
+            "# TYPE edge_gateway_records counter\n"
+            f'edge_gateway_records_total{{outcome="accepted"}} {accepted}\n'
+            "# TYPE edge_gateway_wal_oldest_unlanded_age_seconds gauge\n"
+            f'edge_gateway_wal_oldest_unlanded_age_seconds{{consumer="raw"}} {age}\n'
+            "# TYPE edge_gateway_wal_backlog_bytes gauge\n"
+            'edge_gateway_wal_backlog_bytes{consumer="raw"} 100\n'
+        ).encode()
+
+    merged = merge_expositions({0: worker(5, 1.5), 1: worker(7, 9.0), 2: None})
+    text = merged.decode()
+    assert 'edge_gateway_records_total{outcome="accepted",worker="1"} 7.0' in text
+    assert 'edge_gateway_worker_up{worker="2"} 0.0' in text
+    snap = snapshot(merged)
+    assert snap["records"] == {"accepted": 12.0}
+    assert snap["zones"]["raw"] == {"backlog_bytes": 200.0, "oldest_age_secs": 9.0}
+    assert snap["workers"] == {"up": 2, "total": 3}
