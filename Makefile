@@ -8,7 +8,7 @@ TRITON_VENV := .venv-triton
 DEPLOY_VENV := .venv-deploy
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-s3 test test-fast test-deploy bench system-deps clean lock
+.PHONY: demo demo-s3 test test-fast test-deploy bench system-deps clean lock package
 
 # Versions come from requirements.lock (what CI tested). The demo needs only the core install; the
 # tests add their tools, the AWS SDK and the Triton client. pip prints what it fetches as it goes.
@@ -66,6 +66,14 @@ test-fast: $(VENV)/.installed
 .PHONY: drill
 drill: $(VENV)/.installed system-deps
 	$(VENV)/bin/edge-gateway drill $(DRILL_ARGS)
+
+# Release artifacts, built offline: the bundle hosts provision from (wheelhouse, pinned Ansible and
+# collections) and the packaged templates. `make package ARTIFACT_BUCKET=<bucket>`; deploy/README.md.
+ARTIFACT_PREFIX ?= releases
+PACKAGE_DIR ?= build/package
+package: $(DEPLOY_VENV)/.installed
+	PYTHON=$(DEPLOY_VENV)/bin/python bash deploy/package.sh --s3-bucket "$(ARTIFACT_BUCKET)" \
+		--s3-prefix "$(ARTIFACT_PREFIX)" --out "$(PACKAGE_DIR)"
 
 bench: $(VENV)/.installed $(TRITON_VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)

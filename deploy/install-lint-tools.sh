@@ -5,12 +5,11 @@
 #
 # Creates VENV_DIR (a Python >= 3.11 virtualenv) if needed, installs deploy/requirements-lint.txt into
 # it, and installs the system packages the checks call (promtool from Debian's prometheus package,
-# shellcheck for the hosts' hook scripts, debootstrap and systemd-container for the role boot test)
+# the shellcheck linter for the hosts' scripts, debootstrap and systemd-container for the boot test)
 # and cfn-guard (the static binary shipped in the npm package @cdklabs/cdk-validator-cfnguard,
-# linked as VENV_DIR/bin/cfn-guard). It also
-# builds, once, the minimal Debian root that the role boot test applies the edge_gateway role to
-# (VENV_DIR/share/rootfs-bookworm), so the tests themselves never leave the machine. Set
-# SKIP_ROOTFS=1 to skip that step.
+# linked as VENV_DIR/bin/cfn-guard). It also builds, once, the minimal Debian root that the boot test
+# provisions with the launch template's user data (VENV_DIR/share/rootfs-bookworm), so the tests
+# themselves never leave the machine. Set SKIP_ROOTFS=1 to skip that step.
 # Runs as root, non-interactively.
 set -euo pipefail
 
@@ -52,14 +51,29 @@ guard_dir=$venv/share/cfn-guard
 npm install --silent --no-audit --no-fund --prefix "$guard_dir" "@cdklabs/cdk-validator-cfnguard@$CFN_GUARD_NPM_VERSION"
 ln -sf "$guard_dir/node_modules/@cdklabs/cdk-validator-cfnguard/bin/ubuntu/x86_64/cfn-guard" "$venv/bin/cfn-guard"
 
+# The root stands in for the gateway AMI: it already carries what the roles install (so the boot test
+# provisions it offline) and Python 3.11, the fleet's interpreter.
 rootfs=$venv/share/rootfs-bookworm
-if [[ ${SKIP_ROOTFS:-0} != 1 && ! -x $rootfs/usr/bin/python3 ]]; then
-    rm -rf "$rootfs.partial"
-    mkdir -p "$(dirname "$rootfs")"
-    debootstrap --variant=minbase \
-        --include=python3,python3-venv,python3-packaging,python3-apt,procps,systemd,systemd-sysv,dbus,curl,ca-certificates \
-        bookworm "$rootfs.partial" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-    mv "$rootfs.partial" "$rootfs"
+rootfs_packages=python3,python3-venv,python3-packaging,python3-apt,procps,systemd,systemd-sysv,dbus,curl,ca-certificates,xfsprogs
+if [[ ${SKIP_ROOTFS:-0} != 1 ]]; then
+    if [[ ! -x $rootfs/usr/bin/python3 ]]; then
+        rm -rf "$rootfs.partial"
+        mkdir -p "$(dirname "$rootfs")"
+        debootstrap --variant=minbase --include="$rootfs_packages" \
+            bookworm "$rootfs.partial" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+        mv "$rootfs.partial" "$rootfs"
+    fi
+    # A root built by an earlier version of this script may lack packages added to the list since.
+    missing=()
+    for package in ${rootfs_packages//,/ }; do
+        # shellcheck disable=SC2016 # ${Status} is dpkg-query's format, not the shell's
+        chroot "$rootfs" dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
+    done
+    if ((${#missing[@]})); then
+        chroot "$rootfs" apt-get update -q
+        chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+        chroot "$rootfs" apt-get clean
+    fi
 fi
 
 "$venv/bin/python" - <<'PY'

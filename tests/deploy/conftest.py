@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +92,65 @@ def run(cmd: list[str], cwd: Path | None = None, timeout: float = 120, env: dict
 
 def output(result: subprocess.CompletedProcess[str]) -> str:
     return f"rc={result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+# ---- the release: deploy/package.sh, once per session ----------------------------------------------
+
+ARTIFACT_BUCKET = "edge-gateway-test-artifacts"
+ARTIFACT_PREFIX = "releases"
+
+
+@dataclass(frozen=True)
+class Release:
+    """What `make package` built: OUT/s3 mirrors the artifact bucket."""
+
+    out: Path
+    version: str
+    bucket: str = ARTIFACT_BUCKET
+    prefix: str = ARTIFACT_PREFIX
+
+    @property
+    def bucket_dir(self) -> Path:
+        return self.out / "s3"
+
+    @property
+    def bundle(self) -> Path:
+        return self.bucket_dir / self.prefix / self.version / f"edge-gateway-{self.version}.tar.gz"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.out / "manifest.json").read_text())
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    out = tmp_path_factory.mktemp("package") / "out"
+    result = run(["bash", str(DEPLOY / "package.sh"), "--s3-bucket", ARTIFACT_BUCKET, "--s3-prefix", ARTIFACT_PREFIX,
+                  "--out", str(out)], cwd=REPO, timeout=600, env={"PYTHON": sys.executable})
+    assert result.returncode == 0, output(result)
+    return Release(out=out, version=project_version())
+
+
+# ---- CloudFormation's Fn::Sub, for the scripts the templates carry ---------------------------------
+
+SUB_VARIABLE = re.compile(r"\$\{(!?)([^}]+)\}")
+
+
+def render_sub(text: str, values: dict[str, str]) -> str:
+    """What Fn::Sub makes of TEXT: ${Name} from VALUES (every one must be given), ${!Literal} as ${Literal}."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "${" + match.group(2) + "}"
+        if match.group(2) not in values:
+            raise KeyError(f"no value for ${{{match.group(2)}}}")
+        return str(values[match.group(2)])
+
+    return SUB_VARIABLE.sub(replace, text)
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ Deploys what moto supports of the drill (standby Auto Scaling group behind a tar
 alarms, freeze parameter, lake bucket, device key secret, topic, bus, the two drill functions with
 the environment drill.yaml gives them), renders drill.asl.json with its substitutions and runs it:
 the standby capacity rises during the drill and the rollback restores it, including when a step fails.
+While shifted the drill reads the ALB's request counts per zone from CloudWatch: the test publishes
+them, as the ALB would, the moment the shift starts.
 
 moto's Lambda without Docker only echoes; here its invoke runs the real drill handler in process
 against the same moto backends, with a recording stand-in for ARC (moto has no zonal shift API), and
@@ -16,6 +18,7 @@ import io
 import json
 import time
 import zipfile
+from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,10 @@ drill_handler = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(drill_handler)
 
 REGION = "us-east-1"
-SETTINGS = {"settings": {"standby_capacity": 3, "settle_seconds": 0, "observe_seconds": 0}}
+# The observed window must hold the request counts published when the shift starts.
+SETTINGS = {"settings": {"standby_capacity": 3, "settle_seconds": 0, "shift_settle_seconds": 0, "observe_seconds": 2,
+                         "max_shifted_zone_minutes": 0}}
+LOAD_BALANCER = "app/edge-gateway-test/0123456789abcdef"
 
 
 class FakeZonalShift:
@@ -45,12 +51,15 @@ class FakeZonalShift:
         self.active: dict[str, str] = {}
         self.started: list[dict[str, Any]] = []
         self.refuse = False
+        # Requests per zone letter the ALB serves once the shift has started.
+        self.traffic_after_shift: dict[str, float] = {"a": 0, "b": 120, "c": 95}
 
     def start_zonal_shift(self, **kwargs: Any) -> dict[str, Any]:
         if self.refuse:
             raise ClientError({"Error": {"Code": "ConflictException", "Message": "practice run in progress"}}, "StartZonalShift")
         shift_id = f"shift-{len(self.started) + 1}"
         self.started.append(kwargs)
+        publish_requests(self.traffic_after_shift)
         self.active[shift_id] = kwargs["awayFrom"]
         return {"zonalShiftId": shift_id, "status": "ACTIVE"}
 
@@ -58,6 +67,18 @@ class FakeZonalShift:
         if self.active.pop(zonalShiftId, None) is None:
             raise ClientError({"Error": {"Code": "ResourceNotFoundException", "Message": "no such shift"}}, "CancelZonalShift")
         return {"zonalShiftId": zonalShiftId, "status": "CANCELED"}
+
+
+def publish_requests(per_zone: dict[str, float]) -> None:
+    """AWS/ApplicationELB RequestCount as the ALB publishes it: per zone, and for the load balancer."""
+    when = datetime.now(timezone.utc) + timedelta(seconds=1)
+    data = [{"MetricName": "RequestCount", "Timestamp": when, "Value": count, "Unit": "Count",
+             "Dimensions": [{"Name": "LoadBalancer", "Value": LOAD_BALANCER}, {"Name": "AvailabilityZone", "Value": f"{REGION}{zone}"}]}
+            for zone, count in per_zone.items() if count]
+    if data:  # no requests, no datapoint
+        data.append({"MetricName": "RequestCount", "Timestamp": when, "Value": sum(per_zone.values()), "Unit": "Count",
+                     "Dimensions": [{"Name": "LoadBalancer", "Value": LOAD_BALANCER}]})
+        boto3.client("cloudwatch", region_name=REGION).put_metric_data(Namespace="AWS/ApplicationELB", MetricData=data)
 
 
 def run_handler_in_process(arc: FakeZonalShift):
@@ -180,6 +201,7 @@ def drill(monkeypatch: pytest.MonkeyPatch) -> Iterator[Drill]:
             "OutcomeAlarmName": names["outcome"], "StandbyGroupName": names["standby"],
             "StandbyFunctionArn": functions["standby"], "ControlFunctionArn": functions["control"],
             "AlertTopicArn": topic, "EventBusName": "edge-gateway-test",
+            "LoadBalancerFullName": LOAD_BALANCER, "ZoneA": f"{REGION}a",
         }
         for key, value in substitutions.items():
             definition = definition.replace("${%s}" % key, value)
@@ -198,6 +220,9 @@ def test_drill_passes_scales_standby_up_and_restores_it(drill: Drill):
     assert drill.standby_desired() == 0  # and the rollback restored it
     assert final["standbyReady"]["result"] == {"inService": 3, "wanted": 3}
     assert final["validation"]["result"]["healthyOutside"] == 3
+    # Requests left zone A once the shift had settled, and went on in the other zones.
+    assert final["observed"]["shiftedZone"]["minutesWithRequests"] == 0
+    assert final["observed"]["allZones"]["minutesWithRequests"] >= 1
     states = entered(result["history"])
     assert states.index("ScaleUpStandby") < states.index("ShiftAwayFromZoneA") < states.index("CancelShift")
     assert states.index("CancelShift") < states.index("RestoreStandby") < states.index("PublishResult")
@@ -211,12 +236,33 @@ def test_drill_rolls_back_when_ingestion_degrades(drill: Drill):
     assert result["status"] == "FAILED"
     assert result["error"] == "DrillFailed"
     final = last_output(result["history"])
-    assert final["outcome"]["reason"] == "outcome alarm fired while shifted"
+    assert final["outcome"]["reason"].startswith("ingestion was not shown to leave zone A")
+    assert final["outcome"]["observed"]["alarm"]["metricInAlarm"] is True
     assert scalar(final["standby"]["desired"]) == 3
     assert "ValidateIngestion" not in entered(result["history"])
     assert {"CancelShift", "RestoreStandby"} <= set(entered(result["history"]))
     assert drill.arc.active == {}
     assert drill.standby_desired() == 0
+
+
+def test_drill_fails_when_requests_still_reach_the_shifted_zone(drill: Drill):
+    drill.arc.traffic_after_shift = {"a": 40, "b": 120, "c": 95}  # the shift did not take traffic away
+    result = drill.run("zone-still-serving")
+    assert result["status"] == "FAILED" and result["error"] == "DrillFailed"
+    final = last_output(result["history"])
+    assert final["outcome"]["result"] == "failed"
+    assert final["outcome"]["observed"]["shiftedZone"]["minutesWithRequests"] == 1
+    assert final["outcome"]["observed"]["shiftedZone"]["requests"] == [40]
+    assert "ValidateIngestion" not in entered(result["history"])
+    assert drill.arc.active == {} and drill.standby_desired() == 0  # rolled back all the same
+
+
+def test_drill_fails_when_no_requests_are_served_while_shifted(drill: Drill):
+    drill.arc.traffic_after_shift = {"a": 0, "b": 0, "c": 0}  # nothing proves ingestion went on elsewhere
+    result = drill.run("no-traffic")
+    assert result["status"] == "FAILED"
+    assert "ValidateIngestion" not in entered(result["history"])
+    assert drill.arc.active == {}
 
 
 def test_drill_rolls_back_when_a_step_fails(drill: Drill):

@@ -41,3 +41,20 @@ def test_a_hard_coded_zone_breaks_the_rules(cfn_copy: Path):
                    "--output-format", "single-line-summary")
     assert result.returncode == 19, output(result)
     assert "NO_HARDCODED_AZ" in result.stdout, output(result)
+
+
+def test_the_rules_catch_what_a_fresh_account_or_a_stack_update_would_break(cfn_copy: Path):
+    compute = cfn_copy / "compute.yaml"
+    compute.write_text(compute.read_text().replace(
+        "      MinSize: !Ref GatewayMinSize\n", "      MinSize: !Ref GatewayMinSize\n      DesiredCapacity: !Ref GatewayMinSize\n", 1))
+    foundation = cfn_copy / "foundation.yaml"
+    foundation.write_text(foundation.read_text().replace(
+        '            Principal: {AWS: "*"}\n            Action: [kms:Encrypt, kms:Decrypt, kms:ReEncrypt*, kms:GenerateDataKey*, kms:DescribeKey]\n',
+        '            Principal:\n              AWS: !Sub "arn:${AWS::Partition}:iam::${AWS::AccountId}:role/aws-service-role/'
+        'autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling"\n'
+        '            Action: [kms:Encrypt, kms:Decrypt, kms:ReEncrypt*, kms:GenerateDataKey*, kms:DescribeKey]\n', 1))
+    args = [arg for path in (compute, foundation) for arg in ("--data", str(path))]
+    result = guard("validate", *args, "--rules", str(RULES), "--show-summary", "fail", "--output-format", "single-line-summary")
+    assert result.returncode == 19, output(result)
+    for rule in ("ASG_NO_DESIRED_CAPACITY", "KMS_KEY_POLICY_PRINCIPALS_EXIST"):
+        assert rule in result.stdout, (rule, output(result))

@@ -51,3 +51,8 @@ def test_every_drill_task_has_timeout_retry_and_catch():
             assert state.get("Catch"), name
         if state["Type"] == "Parallel":
             assert state.get("Catch"), name
+            # Tasks inside a branch retry and time out on their own; the Parallel catches for them.
+            for branch in state["Branches"]:
+                for inner, task in branch["States"].items():
+                    if task["Type"] == "Task":
+                        assert task.get("TimeoutSeconds") and task.get("Retry"), (name, inner)
