@@ -159,7 +159,10 @@ async def start_admin(gateway) -> web.AppRunner | None:
     s = gateway.settings.admin
     if not s.enabled or gateway.worker_index != 0:
         return None  # with several workers the first one serves it, for the whole instance
-    runner = web.AppRunner(build_admin_app(gateway, read_token(s.token_path)), handle_signals=False, access_log=None)
+    # A drain waits this long at most for admin requests still open (a tap ends itself when draining).
+    runner = web.AppRunner(
+        build_admin_app(gateway, read_token(s.token_path)), handle_signals=False, access_log=None, shutdown_timeout=2.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, s.host, s.port)
     try:

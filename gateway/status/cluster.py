@@ -136,7 +136,7 @@ async def start_peer_listener(gateway) -> web.AppRunner | None:
     app[_GATEWAY] = gateway
     app.router.add_get("/metrics", _local_metrics)
     app.router.add_get("/tap", tap_handler(_GATEWAY, whole_instance=False))
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     path = peer_socket(runtime, gateway.worker_index)
     path.unlink(missing_ok=True)  # left by this worker's previous life

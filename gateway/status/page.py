@@ -154,13 +154,18 @@ def tap_handler(gateway_key, *, whole_instance: bool):
         pumps = [asyncio.create_task(_pump_local(tap, merged, gw.worker_index if label else None))]
         if whole_instance and not cluster.single:
             pumps += [asyncio.create_task(_pump_peer(cluster, i, wanted, merged)) for i in cluster.others()]
+        quiet = 0.0
         try:
-            while True:
+            while not gw.draining:  # a drain ends every tap, so it never waits on a listener
                 try:
-                    event = await asyncio.wait_for(merged.get(), HEARTBEAT_SECS)
+                    event = await asyncio.wait_for(merged.get(), 1.0)
                 except TimeoutError:
-                    await response.write(b"\n")  # a blank line: finds a client that went away
+                    quiet += 1.0
+                    if quiet >= HEARTBEAT_SECS:
+                        quiet = 0.0
+                        await response.write(b"\n")  # a blank line: finds a client that went away
                     continue
+                quiet = 0.0
                 await response.write(orjson.dumps(event) + b"\n")
         except (ConnectionError, asyncio.CancelledError):
             pass

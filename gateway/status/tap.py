@@ -271,14 +271,18 @@ def run_client(url: str, token: str, request: TapRequest, limit: int | None, out
     shown = 0
     try:
         with urllib.request.urlopen(req, timeout=None) as resp:
-            for line in resp:
-                if not line.strip():
-                    continue  # the stream's heartbeat
-                out.write(line.decode())
-                out.flush()
-                shown += 1
-                if limit is not None and shown >= limit:
-                    return 0
+            pending = b""
+            # read1: whatever has arrived (line iteration would wait for a buffer to fill).
+            while data := resp.read1(65536):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue  # the stream's heartbeat
+                    out.write(line.decode() + "\n")
+                    out.flush()
+                    shown += 1
+                    if limit is not None and shown >= limit:
+                        return 0
     except urllib.error.HTTPError as exc:
         raise TapError(f"{url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}") from None
     except urllib.error.URLError as exc:

@@ -71,9 +71,19 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
     env, admin = admin_env(tmp_path, n_devices=4, listen={"workers": 2})
     gp = gateway_process(env)
     gp.start()
+    async with aiohttp.ClientSession() as http:  # the first worker serves the admin listener; it may start last
+        for _ in range(100):
+            try:
+                async with http.get(admin + "/status") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    out_file = open(tmp_path / "tap.out", "w")  # a pipe nobody reads yet would fill and stop the tap
     tap = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "tap", "--config", str(env.config), "--stage", "received", "--rate", "1000", "--limit", "40"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "gateway", "tap", "--config", str(env.config), "--stage", "received", "--rate", "1000", "--limit", "300"],
+        stdout=out_file, stderr=subprocess.PIPE, text=True,
     )
     try:
         await asyncio.sleep(1.5)
@@ -86,15 +96,20 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
                     async with http.post(gp.url + "/v1/telemetry", data=body, headers=headers) as resp:
                         assert resp.status == 202
                 await asyncio.sleep(0.05)
-        out, err = tap.communicate(timeout=10)
+            async with http.get(gp.url + "/metrics") as resp:
+                accepted = {line for line in (await resp.text()).splitlines() if line.startswith("edge_gateway_records_total")}
+        _, err = tap.communicate(timeout=10)
     finally:
         if tap.poll() is None:
             tap.kill()
+            tap.wait()
+        out_file.close()
+    out = (tmp_path / "tap.out").read_text()
     assert tap.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
-    assert len(events) == 40 and {e["stage"] for e in events} == {"received"}
+    assert len(events) == 300 and {e["stage"] for e in events} == {"received"}
     # New connections land on either worker; the tap on worker 0's admin listener hears both.
-    assert {e["worker"] for e in events} == {0, 1}
+    assert {e["worker"] for e in events} == {0, 1}, (accepted, err)
 
 
 def test_status_snapshot_sums_workers_and_keeps_the_oldest_age():
@@ -119,3 +134,15 @@ def test_status_snapshot_sums_workers_and_keeps_the_oldest_age():
     assert snap["records"] == {"accepted": 12.0}
     assert snap["zones"]["raw"] == {"backlog_bytes": 200.0, "oldest_age_secs": 9.0}
     assert snap["workers"] == {"up": 2, "total": 3}
+
+
+async def test_a_drain_never_waits_on_an_open_tap(tmp_path):
+    env, admin = admin_env(tmp_path)
+    running = await start_gateway(load_settings(env.config, environ={}))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(admin + "/admin/tap?stage=received", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert resp.status == 200
+            started = time.monotonic()
+            await asyncio.wait_for(running.stop(), 10)
+            assert time.monotonic() - started < 5
+            assert await asyncio.wait_for(resp.content.read(), 5) == b""  # the stream ended with the drain
