@@ -29,6 +29,7 @@ from gateway.curated import CuratedScorer, ParquetBuilder, prepare_frames
 from gateway.formats import ZstdNdjsonBuilder
 from gateway.landing import LanderSettings, ZoneLander
 from gateway.metrics import GatewayMetrics
+from gateway.ledger_catch_up import RequestRecord, catch_up
 from gateway.retry_ledger import RetryLedger
 from gateway.settings import Settings
 from gateway.spool import Spool
@@ -36,25 +37,6 @@ from gateway.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_REQUEST, WriteAheadL
 from gateway.wal_layout import WalSlot, wal_id
 
 log = logging.getLogger(__name__)
-
-
-class RequestRecord(msgspec.Struct, array_like=True):
-    """A ``KIND_REQUEST`` frame's payload: the retry key a request ran under and its answer."""
-
-    key: bytes
-    body_sha256: str
-    answer: bytes
-
-
-class _RawIds(msgspec.Struct):
-    """The fields of a raw-zone line the retry ledger needs."""
-
-    device_id: str
-    event_time_ms: int
-    seq: int | None = None
-
-
-_raw_ids = msgspec.json.Decoder(_RawIds)
 
 
 @dataclass(slots=True)
@@ -201,30 +183,7 @@ class Pipeline:
 
     def _catch_up_ledger(self) -> None:
         """Record what the WAL holds past the ledger's mark (a crash came between fsync and ledger)."""
-        mark = self.ledger.mark(self.wal_id)
-        if mark >= self.wal.durable_lsn:
-            return
-        reader = self.wal.reader(mark)
-        seqs: list[tuple[str, int, int]] = []
-        requests: list[tuple[bytes, str, bytes]] = []
-        try:
-            while frames := reader.read(8 * 1024 * 1024, frozenset({KIND_RECORDS, KIND_REQUEST})):
-                for frame in frames:
-                    if frame.kind == KIND_REQUEST:
-                        r = msgspec.msgpack.decode(frame.payload, type=RequestRecord)
-                        requests.append((r.key, r.body_sha256, r.answer))
-                    elif frame.kind == KIND_RECORDS:
-                        for line in frame.payload.splitlines():
-                            ids = _raw_ids.decode(line)
-                            if ids.seq is not None:
-                                seqs.append((ids.device_id, ids.seq, ids.event_time_ms))
-        finally:
-            reader.close()
-        self.ledger.record(self.wal_id, self.wal.durable_lsn, seqs, requests)
-        log.info(
-            "retry ledger caught up from the WAL",
-            extra={"wal": str(self.slot.directory), "from_lsn": mark, "records": len(seqs), "requests": len(requests)},
-        )
+        catch_up(self.wal, self.ledger, self.wal_id, self.slot.directory)
 
     async def drain(self, deadline_secs: float | None) -> bool:
         """Land what the WAL holds within the deadline; what does not land is replayed next start."""

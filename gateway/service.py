@@ -25,7 +25,7 @@ from gateway.instance_metadata import availability_zone
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.registry import DeviceRegistry, RegistryError, RegistryFileWatcher
-from gateway.retry_ledger import RetryLedger
+from gateway.ledger_catch_up import catch_up_every_wal, ledger_for
 from gateway.secrets_registry import SecretsManagerRegistry
 from gateway.security import EdgeSecurity
 from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
@@ -89,14 +89,7 @@ class Gateway:
         self.authenticator = self._authenticator(settings)
         sink = sink or build_sink(settings, self.slot)
         self.metrics.watch_sink(sink)
-        limits = settings.limits
-        self.ledger = RetryLedger(
-            Path(settings.wal.dir) / "ledger",
-            window_secs=max(limits.dedup_window_secs, 2 * settings.auth.timestamp_window_secs),
-            max_keys=limits.dedup_max_keys,
-            max_signatures=settings.auth.replay_cache_max_entries,
-            on_forget=lambda kind, entries: self.metrics.replay_evictions.inc(entries) if kind == "signature" else None,
-        )
+        self.ledger = ledger_for(settings, on_forget=self._ledger_forgot)  # opened once this process owns wal.dir
         self.pipeline = Pipeline(settings, slot=self.slot, sink=sink, metrics=self.metrics, ledger=self.ledger)
         self.running_requests: dict[bytes, asyncio.Future[bytes | None]] = {}  # retry keys running here
         self._locks: list[DirectoryLock] = []
@@ -154,12 +147,12 @@ class Gateway:
         started = time.perf_counter()
         if self.registry_source is not None:
             await self.registry_source.start()  # no keys, no service: fails start-up
-        self._take_ownership()
-        await asyncio.to_thread(self.ledger.open)
-        self.security.replay.use_ledger(self.ledger)
         try:
+            await asyncio.to_thread(self._take_ownership)
+            self.security.replay.use_ledger(self.ledger)
             await self.pipeline.start()
         except BaseException:
+            self.ledger.close()
             self._release_ownership()
             raise
         if self.worker_index == 0:
@@ -191,11 +184,23 @@ class Gateway:
             )
 
     def _take_ownership(self) -> None:
-        """Lock the instance (unless a supervisor holds it for us) and this worker's WAL directory."""
+        """Lock the instance (unless a supervisor holds it for us), open the retry ledger, lock this WAL.
+
+        Alone, the gateway first catches the ledger up with every WAL directory, as a supervisor does
+        before its workers start: a retry of a request in any of them must be known before serving.
+        """
         root = self.settings.wal.dir
-        if os.environ.get(SUPERVISED_ENV) != str(Path(root).resolve()):
+        supervised = os.environ.get(SUPERVISED_ENV) == str(Path(root).resolve())
+        if not supervised:
             self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire())
+        self.ledger.open()
+        if not supervised:
+            catch_up_every_wal(self.settings, self.base_id, self.ledger)
         self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire())
+
+    def _ledger_forgot(self, kind: str, entries: int) -> None:
+        if kind == "signature":
+            self.metrics.replay_evictions.inc(entries)
 
     def _release_ownership(self) -> None:
         for lock in reversed(self._locks):

@@ -47,6 +47,17 @@ class Supervisor:
         # Where workers listen for each other (metrics, status, tap): private to this instance.
         self.runtime_dir: str | None = None
 
+    def _catch_up_ledger(self) -> None:
+        """Before any worker answers: the retry ledger knows every durable record of every WAL directory."""
+        from gateway.ledger_catch_up import catch_up_every_wal, ledger_for
+
+        ledger = ledger_for(self.settings)
+        ledger.open()
+        try:
+            catch_up_every_wal(self.settings, self.settings.gateway.gateway_id or socket.gethostname().split(".")[0], ledger)
+        finally:
+            ledger.close()
+
     def _spawn(self, index: int) -> None:
         fd = self.listener.fileno()
         argv = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(index), "--listen-fd", str(fd)]
@@ -73,6 +84,7 @@ class Supervisor:
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
         self.lock.acquire()  # WalLocked: another instance owns wal.dir
+        self._catch_up_ledger()
         self.listener = bind_listener(self.settings.listen)
         self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
         try:

@@ -327,6 +327,12 @@ class WriteAheadLog:
         self._close_fds()
         self._sync_pool.shutdown(wait=True)
 
+    def release_files(self) -> None:
+        """Close a log that was only opened (recovered and read), never started."""
+        self._closed = True
+        self._close_fds()
+        self._sync_pool.shutdown(wait=True)
+
     def _close_fds(self) -> None:
         for fd in {*self._retired_fds, self._fd}:
             if fd >= 0:
