@@ -41,6 +41,7 @@ class _Pending:
     metadata: Mapping[str, str]
     clock_skew_ms: int
     enabled: bool = True
+    known: bool = True  # in the registry (an unknown device is checked against a decoy key)
 
 
 class HmacAuthenticator:
@@ -64,23 +65,24 @@ class HmacAuthenticator:
         sig = headers.get("X-Signature", "")
         missing = [h for h, v in (("X-Device-Id", device_id), ("X-Timestamp", timestamp), ("X-Signature", sig)) if not v]
         if missing:
-            raise Unauthorized(f"missing {', '.join(missing)}: every request must be signed (scheme {SCHEME})")
+            raise Unauthorized(f"missing {', '.join(missing)}: every request must be signed (scheme {SCHEME})", reason="missing_headers")
         scheme, _, provided = sig.partition("=")
         if scheme != SCHEME or not provided:
-            raise Unauthorized(f"X-Signature must look like '{SCHEME}=<hex>'")
+            raise Unauthorized(f"X-Signature must look like '{SCHEME}=<hex>'", reason="malformed_header")
         if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
-            raise Unauthorized("X-Timestamp must be whole unix seconds")
+            raise Unauthorized("X-Timestamp must be whole unix seconds", reason="malformed_header")
         now = self._clock()
         skew = int(timestamp) - now
         if abs(skew) > self._window:
             raise Unauthorized(
                 f"X-Timestamp is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the gateway's clock; "
-                f"the limit is {self._window} s (check the device clock)"
+                f"the limit is {self._window} s (check the device clock)",
+                reason="stale_timestamp",
             )
         registry = self._registry()
         device = registry.get(device_id)
         if device is None:
-            return _Pending(device_id, timestamp, provided, self._decoy, {}, int(skew * 1000))
+            return _Pending(device_id, timestamp, provided, self._decoy, {}, int(skew * 1000), known=False)
         keys = registry.keys(device_id)
         return _Pending(device_id, timestamp, provided, keys, device.metadata, int(skew * 1000), device.enabled)
 
@@ -91,14 +93,14 @@ class HmacAuthenticator:
             for key in pending.keys
         ]
         if not any(matches):
-            # The same answer for an unknown device, a wrong key and a changed body.
-            raise Unauthorized("the signature does not match")
+            # The same answer for an unknown device, a wrong key and a changed body; only the reason differs.
+            raise Unauthorized("the signature does not match", reason="bad_signature" if pending.known else "unknown_device")
         if not pending.enabled:
-            raise Forbidden(f"device {pending.device_id!r} is disabled")
+            raise Forbidden(f"device {pending.device_id!r} is disabled", reason="disabled")
         if self._replay is None:
             return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms)
         if not self._replay.claim(pending.provided, int(pending.timestamp)):
-            raise Replayed("this exact request was already received (replay); sign every request anew")
+            raise Replayed("this exact request was already received (replay); sign every request anew", reason="replayed")
         return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms, pending.provided)
 
 

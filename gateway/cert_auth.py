@@ -33,9 +33,9 @@ class DeviceAuthenticator:
             return self.inner.begin(headers)
         device = self._registry().get(cert_device)
         if device is None:
-            raise Unauthorized("the client certificate does not name a registered device")
+            raise Unauthorized("the client certificate does not name a registered device", reason="unknown_device")
         if not device.enabled:
-            raise Forbidden(f"device {cert_device!r} is disabled")
+            raise Forbidden(f"device {cert_device!r} is disabled", reason="disabled")
         return CertPending(cert_device, device.metadata)
 
     def finish(self, pending, method: str, path: str, body_sha256_hex: str) -> Principal:

@@ -19,10 +19,12 @@ class ApiError(Exception):
     status = 500
     code = "internal"
 
-    def __init__(self, message: str, *, retry_after_secs: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_secs: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_secs = retry_after_secs
+        # For the operator only (metrics and logs), never in the answer: e.g. why a 401 was a 401.
+        self.reason = reason or self.code
 
 
 class MalformedBody(ApiError):

@@ -91,7 +91,7 @@ class EdgeSecurity:
         if error.status == 429:
             self._metrics.rate_limited.inc()
         else:
-            self._metrics.auth_refused.labels(error.code).inc()
+            self._metrics.auth_refused.labels(error.reason).inc()
         if not self._may_log():
             return
         try:
@@ -101,7 +101,8 @@ class EdgeSecurity:
             address = request.remote
         extra = {
             "status": error.status,
-            "reason": error.message,
+            "reason": error.reason,
+            "detail": error.message,
             "claimed_device_id": request.headers.get("X-Device-Id", "")[:128],
             "source_ip": address,
         }

@@ -141,4 +141,25 @@ async def test_refusals_are_counted_and_logged_with_the_address_but_no_key(start
     refused = [r for r in caplog.records if r.getMessage() == "device request refused"]
     assert refused and refused[0].source_ip == "127.0.0.1" and refused[0].claimed_device_id == "dev-1"
     assert key not in caplog.text
-    assert gw.gateway.metrics.auth_refused.labels("unauthorized")._value.get() == 1
+    assert gw.gateway.metrics.auth_refused.labels("bad_signature")._value.get() == 1
+
+
+async def test_refusal_reasons_tell_the_operator_what_the_device_is_not_told(start, env, http):
+    """Operator finding 7: logs and auth_refused could not tell unknown device, bad key, skew or replay apart."""
+    import time as clock
+
+    gw = await start(env)
+    key = env.device("dev-1").key
+    answers = []
+    for device_id, signing_key, now in (("nobody", "x" * 40, None), ("dev-1", "bad", None), ("dev-1", key, clock.time() - 3600)):
+        body = ndjson(record(device_id))
+        answers.append(await post(http, gw, body, sign_request(device_id, signing_key, body, now=now)))
+    body = ndjson(record("dev-1"))
+    signed = sign_request("dev-1", key, body)
+    await post(http, gw, body, signed)
+    answers.append(await post(http, gw, body, signed))
+    assert [a[0] for a in answers] == [401, 401, 401, 401]
+    assert answers[0][1] == answers[1][1], "the device sees no difference between unknown and a wrong key"
+    counted = {reason: gw.gateway.metrics.auth_refused.labels(reason)._value.get() for reason in
+               ("unknown_device", "bad_signature", "stale_timestamp", "replayed")}
+    assert counted == {"unknown_device": 1, "bad_signature": 1, "stale_timestamp": 1, "replayed": 1}
