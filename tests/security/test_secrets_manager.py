@@ -139,48 +139,49 @@ async def test_malformed_secret_names_the_path_not_the_value(tmp_path, moto_endp
     assert "12345678901234" not in str(info.value) and "$.devices" in str(info.value)
 
 
-async def test_keys_stop_verifying_once_older_than_max_stale_secs(tmp_path, moto_endpoint, secret, start, http):
+@pytest.fixture
+async def outage(tmp_path, moto_endpoint, secret):
+    """Secrets Manager behind a proxy the test can pause: (proxy, env, environ), with quick retries."""
+    proxy = FaultProxy(moto_endpoint)
+    await proxy.start()
+    env, environ = secrets_env(tmp_path, proxy.url, secret)
+    environ["EDGE_GATEWAY__SECRETSMANAGER__RETRY"] = "{ max_elapsed_secs = 0.2, initial_interval_secs = 0.05 }"
+    try:
+        yield proxy, env, environ
+    finally:
+        await proxy.stop()
+
+
+async def test_keys_stop_verifying_once_older_than_max_stale_secs(outage, start, http):
     """Edge finding 13: during an outage a running gateway kept stale keys with no limit."""
-    proxy = FaultProxy(moto_endpoint)
-    await proxy.start()
-    try:
-        env, environ = secrets_env(tmp_path, proxy.url, secret)
-        environ["EDGE_GATEWAY__SECRETSMANAGER__RETRY"] = "{ max_elapsed_secs = 0.2, initial_interval_secs = 0.05 }"
-        environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "1.0"
-        gw = await start(env, environ)
-        assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
-        await proxy.pause()
-        await asyncio.sleep(1.2)
-        assert not await gw.gateway.registry_source.refresh()
-        assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 401, "an expired key still verified"
-        await proxy.resume()
-        assert await gw.gateway.registry_source.refresh()
-        assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
-    finally:
-        await proxy.stop()
+    proxy, env, environ = outage
+    environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "1.0"
+    gw = await start(env, environ)
+    assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
+    await proxy.pause()
+    await asyncio.sleep(1.2)
+    assert not await gw.gateway.registry_source.refresh()
+    assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 401, "an expired key still verified"
+    await proxy.resume()
+    assert await gw.gateway.registry_source.refresh()
+    assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
 
 
-async def test_a_start_during_an_outage_serves_the_last_good_keys_while_fresh(tmp_path, moto_endpoint, secret, start, http):
+async def test_a_start_during_an_outage_serves_the_last_good_keys_while_fresh(tmp_path, outage, start, http):
     """Edge finding 13: new instances could not start at all while Secrets Manager was away."""
-    proxy = FaultProxy(moto_endpoint)
-    await proxy.start()
-    try:
-        env, environ = secrets_env(tmp_path, proxy.url, secret)
-        environ["EDGE_GATEWAY__SECRETSMANAGER__STARTUP_TIMEOUT_SECS"] = "1.0"
-        environ["EDGE_GATEWAY__SECRETSMANAGER__RETRY"] = "{ max_elapsed_secs = 0.2, initial_interval_secs = 0.05 }"
-        gw = await start(env, environ)
-        await gw.stop()
-        cache = tmp_path / "wal" / "registry-cache.json"
-        assert cache.stat().st_mode & 0o777 == 0o600
-        await proxy.pause()
-        gw = await start(env, environ)  # Secrets Manager unreachable: the cache serves
-        assert gw.gateway.registry_source.stale
-        assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
-        await gw.stop()
-        from gateway.registry import RegistryError
+    proxy, env, environ = outage
+    environ["EDGE_GATEWAY__SECRETSMANAGER__STARTUP_TIMEOUT_SECS"] = "1.0"
+    gw = await start(env, environ)
+    await gw.stop()
+    cache = tmp_path / "wal" / "registry-cache.json"
+    assert cache.stat().st_mode & 0o777 == 0o600
+    await proxy.pause()
+    gw = await start(env, environ)  # Secrets Manager unreachable: the cache serves
+    assert gw.gateway.registry_source.stale
+    assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
+    await gw.stop()
+    from gateway.registry import RegistryError
 
-        environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "0.001"
-        with pytest.raises(RegistryError, match="Secrets Manager"):
-            await start(env, environ)  # a cache older than max_stale_secs is not trusted
-    finally:
-        await proxy.stop()
+    environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "0.001"
+    with pytest.raises(RegistryError, match="Secrets Manager"):
+        await start(env, environ)  # a cache older than max_stale_secs is not trusted
