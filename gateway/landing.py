@@ -220,8 +220,11 @@ class ZoneLander:
             timeout = self._seconds_to_next_roll()
             has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
             if has_data and len(self._sealed) < 2 * self.settings.max_uploads_in_flight:
-                # Frames read but not yet in an object must hold the committed position back.
-                self._reading_from = reader.lsn
+                # Frames read but not yet in an object hold the committed position back, and so do
+                # the open objects they may fill: those leave the open set (in _absorb's thread)
+                # before _seal lists them as sealed, while an upload finishing may persist state.
+                read_from = reader.lsn
+                self._reading_from = self._current_position()
                 try:
                     frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
                     if frames and self._prepare is not None:
@@ -230,7 +233,7 @@ class ZoneLander:
                     self._observer.landing_failed(self.zone, exc)
                     log.exception("preparing frames failed; will read them again", extra={"zone": self.zone})
                     reader.close()
-                    self._reader = self._wal.reader(self._reading_from)
+                    self._reader = self._wal.reader(read_from)
                     self._reading_from = None
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.retry_max_secs)
@@ -243,7 +246,7 @@ class ZoneLander:
                     self._reading_from = None
                     await self._record_progress()
                 else:
-                    moved = reader.lsn > self._reading_from  # frames read, none of them this zone's
+                    moved = reader.lsn > read_from  # frames read, none of them this zone's
                     self._reading_from = None
                     if moved:
                         await self._record_progress()

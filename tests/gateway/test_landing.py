@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import orjson
 
@@ -205,3 +206,35 @@ async def test_an_object_the_sink_refuses_for_good_is_dead_lettered_after_bounde
     await wal.close()
     assert sink.attempts == 3
     assert [line["seq"] for line in read_zone(tmp_path / "lake" / "deadletter", "raw")] == list(range(4))
+
+
+async def test_an_object_filled_by_a_later_read_holds_the_position_while_it_is_sealed(tmp_path):
+    # Frames are added off the event loop: an object opened by an earlier read that fills up in this
+    # one leaves the open set before it is sealed, and an upload finishing meanwhile persists state.
+    wal = await open_wal(tmp_path)
+    later_hour = 490_001
+    entered, release = threading.Event(), threading.Event()
+
+    class PausesOnTheLaterHour(ZstdNdjsonBuilder):
+        def add(self, frame):
+            if frame.hour == later_hour:
+                entered.set()
+                release.wait(10)
+            super().add(frame)
+
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), builder=PausesOnTheLaterHour, target_object_bytes=150, max_object_age_secs=60)
+    await zone.start()
+    await wal.append([frame(range(0, 5))])
+    for _ in range(200):
+        if zone._open and zone._reading_from is None:
+            break
+        await asyncio.sleep(0.01)
+    assert zone._open, "the first read should leave an open object"
+    await wal.append([frame(range(5, 15)), frame(range(15, 20), hour=later_hour)])
+    assert await asyncio.to_thread(entered.wait, 10)
+    await zone._persist_state()  # what an upload finishing meanwhile would do
+    release.set()
+    assert zone.position == 0, f"the persisted position {zone.position} passed the unlanded records at LSN 0"
+    assert await zone.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == list(range(20))
