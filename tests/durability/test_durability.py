@@ -390,11 +390,6 @@ async def test_disk_full_is_survivable(tmp_path, gateways, small_filesystem, end
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, issue 10 still open: in about 1 run of 5 the raw zone, replaying after a SIGKILL, "
-    "starts past one request's frames that curated landed (30 acked records missing from raw); cause not yet found",
-)
 async def test_crash_loop_with_many_hours(tmp_path, gateways):
     """20 SIGKILLs of the group under load, records over several hours, tiny objects: once in raw and curated."""
     sp, devices, lake = setup(
