@@ -5,7 +5,12 @@ connection's protocol is wrapped in ``_GuardedProtocol``, which keeps one timer 
 
     accepted / next byte after idle -> header timer (header_timeout_secs): complete headers or close
     request headers complete        -> no timer (the body has its own deadlines, see body_deadline)
-    response done                   -> idle timer (idle_timeout_secs): a next request or close
+    response done                   -> idle timer (idle_timeout_secs): a next request or close,
+                                       or, if part of a next request is already buffered (pipelined),
+                                       the header timer counted from that part's first byte
+
+``_Framing`` tells where a request ends in the byte stream (headers, then Content-Length bytes or a
+chunked body), so bytes pipelined behind a complete request cannot pass for an idle connection.
 
 Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
 cannot exhaust file descriptors; but first the oldest connection that has never sent a byte is
@@ -22,7 +27,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +60,7 @@ class _Conn:
     idle: bool = False  # between requests: the next byte starts the header timer
     spoke: bool = False  # has sent at least one byte
     timer: asyncio.TimerHandle | None = None
+    header_since: float | None = None  # when buffered bytes of a not yet complete request began
 
 
 class ConnectionGuard:
@@ -114,14 +120,15 @@ class ConnectionGuard:
                 return True
         return False
 
-    def _data(self, inner: Any) -> None:
-        conn = self._conns.get(inner)
-        if conn is None:
-            return
+    def _data(self, conn: _Conn) -> None:
         conn.spoke = True
         if conn.idle:
             conn.idle = False
             self._arm(conn, self._settings().header_timeout_secs, "header_timeout")
+
+    def _header_begins(self, conn: _Conn) -> None:
+        if conn.header_since is None:
+            conn.header_since = self._clock()
 
     def _lost(self, inner: Any) -> None:
         conn = self._conns.pop(inner, None)
@@ -169,19 +176,29 @@ class ConnectionGuard:
         finally:
             conn.active -= 1
             if conn.active == 0:
-                conn.idle = True
-                self._arm(conn, self._settings().idle_timeout_secs, "idle_timeout")
+                self._after_response(conn)
+
+    def _after_response(self, conn: _Conn) -> None:
+        s = self._settings()
+        if conn.header_since is None:
+            conn.idle = True
+            self._arm(conn, s.idle_timeout_secs, "idle_timeout")
+        else:
+            # Part of a pipelined request is waiting: its header deadline runs from its first byte.
+            left = s.header_timeout_secs - (self._clock() - conn.header_since)
+            self._arm(conn, max(0.0, left), "header_timeout")
 
 
 class _GuardedProtocol(asyncio.Protocol):
     """Delegates to aiohttp's protocol; tells the guard when a connection opens, speaks, and closes."""
 
-    __slots__ = ("_guard", "_inner", "_accepted")
+    __slots__ = ("_guard", "_inner", "_accepted", "_framing")
 
     def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
         self._guard = guard
         self._inner = inner
         self._accepted = False
+        self._framing = _Framing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._accepted = self._guard._accept(self._inner, transport)  # type: ignore[arg-type]
@@ -189,9 +206,24 @@ class _GuardedProtocol(asyncio.Protocol):
             self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._accepted:
-            self._guard._data(self._inner)
-            self._inner.data_received(data)
+        if not self._accepted:
+            return
+        inner, guard = self._inner, self._guard
+        conn = guard._conns.get(inner)
+        if conn is None:
+            inner.data_received(data)
+            return
+        guard._data(conn)
+        framing = self._framing
+        for piece, starts_request in framing.pieces(data):
+            if starts_request:
+                guard._header_begins(conn)
+            parsed = getattr(inner, "_request_count", 0)
+            inner.data_received(piece)
+            if getattr(inner, "_request_count", 0) != parsed and inner._messages:
+                message, payload = inner._messages[-1]
+                conn.header_since = None
+                framing.request_parsed(message, payload)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._accepted else None
@@ -208,6 +240,47 @@ class _GuardedProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._accepted:
             self._inner.resume_writing()
+
+
+class _Framing:
+    """Where the request being received ends, from the bytes fed to aiohttp's parser.
+
+    Input is cut into pieces at each end of headers (``\\r\\n\\r\\n``) and at the end of a
+    Content-Length body, so after each piece the parser is known to be between requests or not.
+    """
+
+    __slots__ = ("_body_left", "_chunked")
+
+    def __init__(self) -> None:
+        self._body_left = 0  # Content-Length bytes of the current request still to come
+        self._chunked = None  # the payload of a chunked request until it ends
+
+    def _between_requests(self) -> bool:
+        if self._chunked is not None and self._chunked.is_eof():
+            self._chunked = None
+        return self._body_left == 0 and self._chunked is None
+
+    def request_parsed(self, message: Any, payload: Any) -> None:
+        if getattr(message, "chunked", False):
+            self._chunked, self._body_left = payload, 0
+            return
+        length = getattr(message, "headers", {}).get("Content-Length", "0")
+        self._body_left = int(length) if length.isascii() and length.isdigit() else 0
+        self._chunked = None
+
+    def pieces(self, data: bytes) -> Iterator[tuple[bytes, bool]]:
+        """``data`` cut where a request's headers or body end; each piece says if it starts a request."""
+        start = 0
+        while start < len(data):
+            between = self._between_requests()
+            if self._body_left:
+                end = min(len(data), start + self._body_left)
+                self._body_left -= end - start
+            else:
+                found = data.find(b"\r\n\r\n", start)
+                end = len(data) if found < 0 else found + 4
+            yield (data[start:end] if start or end < len(data) else data), between
+            start = end
 
 
 class MalformedRequestLogs(logging.Filter):

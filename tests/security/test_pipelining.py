@@ -1,0 +1,77 @@
+"""Finding 9, the pipelined side: bytes queued behind a complete request must not pass for an idle connection.
+
+Each test talks raw HTTP/1.1 over a real socket. The idle timeout is long (60 s) and the header
+timeout short, so a connection closed within a few seconds was closed by the header timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.signing import sign_request
+from tests.gateway.conftest import make_env
+from tests.security.test_abuse import body_of
+
+URL = "/v1/telemetry"
+TIMEOUTS = {"header_timeout_secs": 0.5, "idle_timeout_secs": 60.0}
+PARTIAL = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    return int(head.split()[1]), await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the gateway closes the connection within ``seconds`` (well below the idle timeout)."""
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def signed_post(env, device_id: str, records: int) -> bytes:
+    body = body_of(device_id, records)
+    headers = {"Content-Type": "application/x-ndjson", **sign_request(device_id, env.device(device_id).key, body)}
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+async def test_a_partial_request_pipelined_behind_a_get_is_closed_by_the_header_timeout(tmp_path, start):
+    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
+    gw = await start(env)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + PARTIAL)  # one write: both arrive together
+    await writer.drain()
+    assert (await read_response(reader))[0] == 200
+    assert await closed_within(reader, 10), "the pipelined partial request escaped the header timeout"
+    writer.close()
+    assert gw.gateway.metrics.connections_closed.labels("header_timeout")._value.get() == 1
+
+
+async def test_a_partial_request_pipelined_behind_a_body_is_closed_by_the_header_timeout(tmp_path, start):
+    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
+    gw = await start(env)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(signed_post(env, "dev-1", 5) + PARTIAL)  # the partial request starts right where the body ends
+    await writer.drain()
+    assert (await read_response(reader))[0] == 202
+    assert await closed_within(reader, 10), "bytes after a Content-Length body passed for an idle connection"
+    writer.close()
+
+
+async def test_complete_pipelined_requests_are_answered_and_the_connection_stays_kept_alive(tmp_path, start):
+    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
+    gw = await start(env)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + signed_post(env, "dev-1", 5) + b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    assert [(await read_response(reader))[0] for _ in range(3)] == [200, 202, 200]
+    assert not await closed_within(reader, 2), "an idle kept-alive connection was closed by the header timeout"
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    writer.close()
