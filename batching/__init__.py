@@ -16,7 +16,7 @@ from batching.batcher import Batcher
 from batching.clock import Clock, FakeClock, MonotonicClock
 from batching.concurrency import AdaptiveConcurrency, Permit
 from batching.endpoint import Endpoint
-from batching.errors import BackpressureError, BatcherClosedError, BatchingError, QueueFullError
+from batching.errors import BackpressureError, BatcherClosedError, BatchingError, QueueFullError, UnavailableError
 from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
 from batching.policy import BatchPolicy
 from batching.service_time import ServiceTimeModel
@@ -45,4 +45,5 @@ __all__ = [
     "Permit",
     "QueueFullError",
     "ServiceTimeModel",
+    "UnavailableError",
 ]

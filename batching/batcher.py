@@ -32,7 +32,7 @@ from typing import Generic, TypeVar
 from batching.clock import Cancellable, Clock, MONOTONIC, wait_event
 from batching.concurrency import Permit
 from batching.endpoint import Endpoint, Ticket
-from batching.errors import BatcherClosedError, BatchingError, QueueFullError, is_backpressure_error
+from batching.errors import BatcherClosedError, BatchingError, QueueFullError, UnavailableError, is_backpressure_error
 from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
 from batching.pending import PendingItem, PendingQueue
 from batching.policy import EPSILON_S, BatchPolicy, EndpointView, QueueView, decide, wait_and_run_cap
@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 _HOPELESS_MARGIN_S = 1e-6
 # Weight of the newest batch in the mean batch size.
 _BATCH_SIZE_ALPHA = 0.1
+# How long an endpoint that had nothing to take a call rests, whatever its own estimate says: long
+# enough not to spin on it, short enough that a lost "available again" costs little.
+_MIN_REST_S = 0.05
+_MAX_REST_S = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -180,8 +184,11 @@ class Batcher(Generic[T, R]):
         self._cancel_timer()
 
     def set_available(self, endpoint: str, available: bool) -> None:
-        """Take an endpoint out of rotation (a circuit breaker opened) or put it back."""
-        self._by_name[endpoint].available = available
+        """Take an endpoint out of rotation (a circuit breaker opened) or put it back (ending any rest)."""
+        found = self._by_name[endpoint]
+        found.available = available
+        if available:
+            found.wake()
         self._wake.set()
 
     # ---------- submitting ----------
@@ -332,7 +339,7 @@ class Batcher(Generic[T, R]):
                 wake_at = decision.wake_at if decision.wake_at is not None else math.inf
                 break
         if len(self._queue):
-            wake_at = min(wake_at, self._hopeless_at(now))
+            wake_at = min(wake_at, self._hopeless_at(now), self._rest_ends_at(now))
         if wake_at < math.inf:
             self._timer = self.clock.call_at(max(wake_at, now + EPSILON_S), self._wake.set)
         self._admit_waiters()
@@ -377,6 +384,11 @@ class Batcher(Generic[T, R]):
         head = self._queue.head()
         fastest = min(endpoint.service_time(self.model).predict_tail(head.size) for endpoint in self.endpoints)
         return max(now, head.deadline - fastest) + _HOPELESS_MARGIN_S
+
+    def _rest_ends_at(self, now: float) -> float:
+        """When the first resting endpoint in rotation may take a batch again (inf: none is resting)."""
+        ends = [e.resting_until for e in self.endpoints if e.available and e.resting_until > now]
+        return min(ends, default=math.inf)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -434,9 +446,15 @@ class Batcher(Generic[T, R]):
                     self._resolve(pending, Deferred(DEFER_SHUTDOWN))
                 raise
             except Exception as error:
-                endpoint.on_response(ticket, self.clock.now())
+                now = self.clock.now()
+                endpoint.on_response(ticket, now)
                 responded = True
-                if self._is_backpressure(error):
+                if isinstance(error, UnavailableError):
+                    # Nothing was sent: the items keep their place and their attempts.
+                    endpoint.rest(now + min(_MAX_REST_S, max(_MIN_REST_S, error.retry_after_s)))
+                    for pending in batch:
+                        self._queue.push(pending)
+                elif self._is_backpressure(error):
                     permit.backpressure()
                     self._retry_or_defer(batch)
                 else:

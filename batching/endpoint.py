@@ -54,6 +54,7 @@ class Endpoint:
         self._drained_at = 0.0
         self._drained_tail_at = 0.0
         self._last_response_at = float("-inf")
+        self._resting_until = float("-inf")
 
     def service_time(self, model: str) -> ServiceTimeModel:
         """The service-time model of ``model`` on this endpoint, made from the prior on first use."""
@@ -69,19 +70,38 @@ class Endpoint:
         return bool(self._in_flight)
 
     def free_at(self, now: float) -> float:
-        """When the endpoint typically finishes its in-flight work (``now`` if idle)."""
-        return max(now, self._drained_at) if self._in_flight else now
+        """When the endpoint typically finishes its in-flight work (``now`` if idle, or when it stops resting)."""
+        start = max(now, self._resting_until)
+        return max(start, self._drained_at) if self._in_flight else start
 
     def free_at_tail(self, now: float) -> float:
         """When the endpoint finishes its in-flight work at the tail quantile (``now`` if idle).
 
         Deadline checks use this, so a slow batch in flight cannot make the next one late.
         """
-        return max(now, self._drained_tail_at) if self._in_flight else now
+        start = max(now, self._resting_until)
+        return max(start, self._drained_tail_at) if self._in_flight else start
 
     def has_slot(self) -> bool:
         """Whether another batch may be sent now."""
-        return self.available and self.concurrency.in_flight < self.concurrency.limit
+        return (
+            self.available
+            and self.concurrency.in_flight < self.concurrency.limit
+            and self.clock.now() >= self._resting_until
+        )
+
+    @property
+    def resting_until(self) -> float:
+        """Until when nothing is sent here because nothing behind it could take a call (-inf: not resting)."""
+        return self._resting_until
+
+    def rest(self, until: float) -> None:
+        """Send nothing here before ``until`` (the endpoint said nothing behind it can take a call)."""
+        self._resting_until = until
+
+    def wake(self) -> None:
+        """End a rest early (the endpoint says it can take calls again)."""
+        self._resting_until = float("-inf")
 
     def on_send(self, now: float, predicted_s: float, tail_s: float) -> Ticket:
         """Record a batch leaving for this endpoint, with its typical and tail service times."""

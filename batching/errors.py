@@ -3,7 +3,8 @@
     BatchingError
     ├── QueueFullError       submit could not get room in the queue before its wait ran out
     ├── BatcherClosedError   submit after the batcher began to close
-    └── BackpressureError    raised by a dispatch callable: the endpoint is shedding load
+    ├── BackpressureError    raised by a dispatch callable: the endpoint is shedding load
+    └── UnavailableError     raised by a dispatch callable: nothing behind the endpoint can take a call
 
 Per-item results never travel as exceptions: each submitted item resolves to an
 :class:`~batching.outcome.Ok`, :class:`~batching.outcome.Deferred` or :class:`~batching.outcome.Failed`.
@@ -28,6 +29,19 @@ class BackpressureError(BatchingError):
     A dispatch callable raises this (or an error its ``is_backpressure`` predicate accepts) so that
     the batcher cuts the endpoint's concurrency and puts the items back in the queue.
     """
+
+
+class UnavailableError(BatchingError):
+    """Nothing behind the endpoint can take a call now (no server ready yet, every breaker open).
+
+    Nothing was sent, so nothing failed: the batcher puts the items back in the queue, rests the
+    endpoint for ``retry_after_s`` (or until ``set_available(name, True)``), and defers the items
+    whose deadline passes meanwhile.
+    """
+
+    def __init__(self, message: str = "", *, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def is_backpressure_error(error: BaseException) -> bool:

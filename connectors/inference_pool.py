@@ -8,16 +8,24 @@ For each call the pool:
    service-time model can be plugged in instead). Ties go to the endpoint listed first;
 2. if that endpoint has been idle for ``idle_after_secs`` (or has never served, or failed last time),
    checks its readiness (KServe v2 server and model ready) and warms it up with one real inference
-   before sending live traffic; concurrent calls share that one check;
+   before sending live traffic; concurrent calls share that one check. An endpoint that answers
+   "not ready" is skipped without any breaker penalty (see ``connectors.endpoint_health``) until a
+   later readiness check, every 1 to 2 seconds, finds it ready;
 3. sends the call; on an endpoint failure (``TransientError``: timeout, connection lost, server error)
    or backpressure (``ThrottledError``) it fails over to the next endpoint, if the ``RetryBudget``
    allows one more retry and the caller's ``timeout_s`` has time left. A ``PermanentError`` (a request
    that no endpoint could serve) is raised at once;
 4. raises ``NoEndpointError`` (a ``TransientError``) when no endpoint can take the call, naming each
-   endpoint and why; its ``retry_after`` says when the first open breaker will admit a probe.
+   endpoint and why; its ``retry_after`` says when the first open breaker will admit a probe, and
+   ``calls_failed`` how many live calls actually failed (0: nothing could be sent at all).
 
-Idle tracking: the pool sends nothing on its own (no keep-alive pings), so an idle endpoint is left
-alone to cool down or scale in; ``status()`` reports each endpoint's idle seconds for metrics and for
+``start`` also starts a monitor task that checks endpoints that are not ready on that schedule (so the
+first one to become ready is found without waiting for traffic), notices breakers whose open period
+ended, and tells ``on_availability`` listeners whenever the pool goes from "some endpoint can take a
+call" to "none can" and back: the gateway's batcher holds records meanwhile instead of failing them.
+
+Idle tracking: the pool sends no keep-alive pings (only readiness checks of endpoints that are not
+ready), so an idle endpoint is left alone to cool down or scale in; ``status()`` reports each endpoint's idle seconds for metrics and for
 the warmness controller. Breakers count only endpoint failures: backpressure and bad requests say
 nothing about an endpoint's health.
 """
@@ -25,6 +33,7 @@ nothing about an endpoint's health.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,11 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker, Permit
+from connectors.endpoint_health import MAX_PROBE_SECS, PROBE_SECS, Health, ProbeSchedule, log, log_change
 from connectors.errors import PermanentError, ThrottledError, TransientError
 from connectors.inference import Inferencer, InferenceOutput
 from connectors.retry_budget import RetryBudget
 
 PredictCompletion = Callable[[str, int], float]
+AvailabilityListener = Callable[[bool], None]
 
 # Smoothed latency before an endpoint has answered anything; only the order of predictions matters.
 _LATENCY_PRIOR_S = 0.005
@@ -46,9 +57,10 @@ _EWMA_ALPHA = 0.2
 class NoEndpointError(TransientError):
     """No endpoint can take the call now: every breaker is open, or every endpoint tried has failed."""
 
-    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+    def __init__(self, message: str, *, retry_after: float = 0.0, calls_failed: int = 0) -> None:
         super().__init__(message, endpoint="")
         self.retry_after = retry_after
+        self.calls_failed = calls_failed  # live calls that failed; 0 when nothing could be sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +69,7 @@ class EndpointStatus:
 
     name: str
     breaker: BreakerState
+    health: Health
     in_flight: int
     warm: bool
     idle_secs: float  # since the last successful call (or since the pool started)
@@ -67,7 +80,7 @@ class EndpointStatus:
 
 
 class _Endpoint:
-    def __init__(self, inferencer: Inferencer, breaker: CircuitBreaker, now: float) -> None:
+    def __init__(self, inferencer: Inferencer, breaker: CircuitBreaker, now: float, probe: ProbeSchedule) -> None:
         self.inferencer = inferencer
         self.name = inferencer.name
         self.breaker = breaker
@@ -80,6 +93,12 @@ class _Endpoint:
         self.throttled = 0
         self.warming: asyncio.Task[bool] | None = None
         self.last_error = ""
+        self.health = Health.STARTING
+        self.probe = probe
+
+    def serving(self) -> bool:
+        """Whether live calls may go here now, without waiting for a readiness check."""
+        return self.health in (Health.READY, Health.FAILING) and self.breaker.allows()
 
 
 class InferencePool:
@@ -94,6 +113,8 @@ class InferencePool:
         retry_budget: RetryBudget | None = None,
         predict_completion: PredictCompletion | None = None,
         idle_after_secs: float = 60.0,
+        probe_secs: float = PROBE_SECS,
+        max_probe_secs: float = MAX_PROBE_SECS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not endpoints:
@@ -107,18 +128,31 @@ class InferencePool:
         self._clock = clock
         self._budget = retry_budget if retry_budget is not None else RetryBudget(clock=clock)
         self._idle_after = idle_after_secs
+        self._max_probe_s = max_probe_secs
         now = clock()
         self._endpoints = [
-            _Endpoint(e, CircuitBreaker(e.name, breaker_settings, clock=clock), now) for e in endpoints
+            _Endpoint(
+                e,
+                CircuitBreaker(e.name, breaker_settings, clock=clock, on_change=self._breaker_changed),
+                now,
+                ProbeSchedule(probe_secs, max_probe_secs),
+            )
+            for e in endpoints
         ]
         self._by_name = {e.name: e for e in self._endpoints}
         self._predict = predict_completion or self.predict_in_flight
+        self._listeners: list[AvailabilityListener] = []
+        self._available = False
+        self._monitor: asyncio.Task[None] | None = None
+        self._nudge = asyncio.Event()
 
     # -- Inferencer ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         for endpoint in self._endpoints:
             await endpoint.inferencer.start()
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch(), name=f"{self.name} readiness monitor")
 
     async def ready(self) -> bool:
         """True when at least one endpoint whose breaker admits traffic reports ready."""
@@ -132,6 +166,10 @@ class InferencePool:
         await asyncio.gather(*(self._ensure_warm(e) for e in self._endpoints))
 
     async def close(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
         for endpoint in self._endpoints:
             if endpoint.warming is not None and not endpoint.warming.done():
                 endpoint.warming.cancel()
@@ -140,6 +178,12 @@ class InferencePool:
 
     async def infer(self, features: np.ndarray, *, timeout_s: float | None = None) -> InferenceOutput:
         """Score ``features`` on the best available endpoint, failing over on errors."""
+        try:
+            return await self._infer(features, timeout_s)
+        finally:
+            self._notify()
+
+    async def _infer(self, features: np.ndarray, timeout_s: float | None) -> InferenceOutput:
         n = int(np.shape(features)[0])
         deadline = None if timeout_s is None else self._clock() + timeout_s
         self._budget.record_request()
@@ -168,9 +212,9 @@ class InferencePool:
                     endpoint.breaker.release(permit)  # a cancelled caller must not hold the probe slot
                     raise
                 if not warm:
-                    # Nothing was sent; the warm-up path already told the breaker.
+                    # Nothing was sent; the warm-up path already recorded why.
                     endpoint.breaker.release(permit)
-                    tried[endpoint.name] = f"not ready ({endpoint.last_error})"
+                    tried[endpoint.name] = endpoint.last_error
                     continue
 
             endpoint.in_flight += 1
@@ -214,10 +258,11 @@ class InferencePool:
         return (endpoint.in_flight + 1) * endpoint.latency_ewma_s
 
     def _choose(self, n: int, exclude: dict[str, str]) -> tuple[_Endpoint, Permit] | None:
+        now = self._clock()
         candidates = [
             (self._predict(e.name, n), index, e)
             for index, e in enumerate(self._endpoints)
-            if e.name not in exclude and e.breaker.allows()
+            if e.name not in exclude and self._routable(e, now)
         ]
         for _, _, endpoint in sorted(candidates, key=lambda c: (c[0], c[1])):
             permit = endpoint.breaker.acquire()
@@ -225,15 +270,26 @@ class InferencePool:
                 return endpoint, permit
         return None
 
+    def _routable(self, endpoint: _Endpoint, now: float) -> bool:
+        """Serving, or not ready with a readiness check due (a call may run that check itself)."""
+        if endpoint.health in (Health.STARTING, Health.NOT_READY) and not endpoint.probe.due(now):
+            return False
+        return endpoint.breaker.allows()
+
     def _no_endpoint(self, tried: dict[str, str]) -> NoEndpointError:
         reasons = []
         waits = []
+        now = self._clock()
         for e in self._endpoints:
             if e.name in tried:
                 reasons.append(f"{e.name}: {tried[e.name]}")
                 continue
             state = e.breaker.state
-            if state is BreakerState.OPEN:
+            if e.health in (Health.STARTING, Health.NOT_READY) and not e.probe.due(now):
+                wait = e.probe.due_at - now
+                waits.append(wait)
+                reasons.append(f"{e.name}: {e.health}, next readiness check in {wait:.1f} s")
+            elif state is BreakerState.OPEN:
                 wait = e.breaker.retry_after()
                 waits.append(wait)
                 reasons.append(f"{e.name}: breaker open, probe in {wait:.1f} s")
@@ -242,6 +298,7 @@ class InferencePool:
         return NoEndpointError(
             f"{self.name}: no inference endpoint can take the call ({'; '.join(reasons)})",
             retry_after=min(waits) if waits else 0.0,
+            calls_failed=sum(reason.startswith("failed") for reason in tried.values()),
         )
 
     # -- warmness ------------------------------------------------------------------------------
@@ -260,22 +317,93 @@ class InferencePool:
     async def _warm(self, endpoint: _Endpoint) -> bool:
         try:
             if not await endpoint.inferencer.ready():
-                endpoint.last_error = "readiness check failed"
-                endpoint.breaker.trip()
+                # Not ready is not broken (a model still loading): no breaker penalty, check again soon.
+                endpoint.last_error = "not ready"
+                endpoint.probe.not_ready(self._clock())
+                endpoint.warm = False
+                self._set_health(endpoint, Health.NOT_READY, "readiness check answered not ready")
                 return False
             await endpoint.inferencer.warm_up()
         except ThrottledError as exc:
             endpoint.last_error = f"throttled during warm-up: {exc}"
-            return False  # alive but busy: no breaker penalty, the next call checks again
+            endpoint.probe.retry_soon(self._clock())
+            return False  # alive but busy: no breaker penalty, checked again soon
         except Exception as exc:  # noqa: BLE001 - a misconfigured endpoint is as unusable as a dead one
             endpoint.last_error = f"warm-up failed: {exc}"
             endpoint.failures += 1
+            self._set_health(endpoint, Health.FAILING, endpoint.last_error)
             endpoint.breaker.trip()
             return False
         endpoint.warm = True
         endpoint.last_success = self._clock()
         endpoint.last_error = ""
+        endpoint.probe.ready()
+        self._set_health(endpoint, Health.READY)
         return True
+
+    # -- health and availability ---------------------------------------------------------------
+
+    def on_availability(self, listener: AvailabilityListener) -> None:
+        """Call ``listener(available)`` now and whenever some endpoint can take calls where none could,
+        or the other way round."""
+        self._notify()
+        self._listeners.append(listener)
+        listener(self._available)
+
+    def available(self) -> bool:
+        """Whether some endpoint is ready (or failing but still in rotation) and its breaker lets calls in."""
+        return any(e.serving() for e in self._endpoints)
+
+    def _set_health(self, endpoint: _Endpoint, health: Health, reason: str = "") -> None:
+        old, endpoint.health = endpoint.health, health
+        if old is not health:
+            log_change(endpoint.name, old, health, reason)
+            self._nudge.set()
+        self._notify()
+
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        breaker = self._by_name[name].breaker
+        wait = f", next probe in {breaker.retry_after():.1f} s" if new is BreakerState.OPEN else ""
+        log.log(logging.WARNING if new is BreakerState.OPEN else logging.INFO,
+                "inference endpoint %s: breaker %s -> %s%s", name, old, new, wait)
+        self._nudge.set()  # the monitor re-evaluates availability outside the breaker's own call
+
+    def _notify(self) -> None:
+        available = self.available()
+        if available is not self._available:
+            self._available = available
+            for listener in tuple(self._listeners):
+                listener(available)
+
+    async def _watch(self) -> None:
+        """Check endpoints that are not ready when due, and notice breakers that left the open state."""
+        while True:
+            now = self._clock()
+            due = [
+                self._ensure_warm(e)
+                for e in self._endpoints
+                if e.health in (Health.STARTING, Health.NOT_READY) and e.probe.due(now) and e.breaker.allows()
+            ]
+            if due:
+                await asyncio.gather(*due, return_exceptions=True)
+            self._notify()
+            self._nudge.clear()
+            try:
+                async with asyncio.timeout(self._next_check_in()):
+                    await self._nudge.wait()
+            except TimeoutError:
+                pass
+
+    def _next_check_in(self) -> float:
+        now = self._clock()
+        times = [
+            e.probe.due_at
+            for e in self._endpoints
+            if e.health in (Health.STARTING, Health.NOT_READY) and e.breaker.allows()
+        ]
+        times += [now + e.breaker.retry_after() for e in self._endpoints if e.breaker.state is BreakerState.OPEN]
+        # Bounded both ways: a clock that does not move (tests) must not spin, nor sleep for ever.
+        return min(self._max_probe_s, max(0.01, min(times, default=now + self._max_probe_s) - now))
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -285,10 +413,11 @@ class InferencePool:
         endpoint.latency_ewma_s += _EWMA_ALPHA * (latency_s - endpoint.latency_ewma_s)
 
     def _failed(self, endpoint: _Endpoint, permit: Permit, exc: Exception) -> None:
-        endpoint.breaker.record_failure(permit)
         endpoint.failures += 1
         endpoint.warm = False  # check readiness again before the next live batch
         endpoint.last_error = str(exc)
+        self._set_health(endpoint, Health.FAILING, endpoint.last_error)
+        endpoint.breaker.record_failure(permit)
 
     def status(self) -> list[EndpointStatus]:
         now = self._clock()
@@ -296,6 +425,7 @@ class InferencePool:
             EndpointStatus(
                 name=e.name,
                 breaker=e.breaker.state,
+                health=e.health,
                 in_flight=e.in_flight,
                 warm=e.warm and now - e.last_success < self._idle_after,
                 idle_secs=max(0.0, now - e.last_success),

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batching import Batcher, BatchPolicy, Deferred, Failed, Ok, QueueFullError
+from connectors import pool_batching
 from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE
 from connectors.inference import Inferencer, ShapedBatch
 from connectors.inference_pool import InferencePool
@@ -110,13 +111,16 @@ class CuratedScorer:
         self.decoder = FrameDecoder(settings.offload)
         policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_s=settings.max_wait_ms / 1000)
         self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
-            self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy, max_queue_records=settings.max_queue_records
+            self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy,
+            max_queue_records=settings.max_queue_records, is_backpressure=pool_batching.is_backpressure,
         )
         self.listeners: list[Callable[[list[ScoredFrame]], None]] = []  # `edge-gateway tap --stage scored`
 
     async def start(self) -> None:
         await self.inferencer.start()
         self.batcher.start()
+        # While no endpoint is ready, records wait in the batcher (deferred at their deadline).
+        pool_batching.follow_availability(self.inferencer, self.batcher, self.inferencer.name)
         self.decoder.start()
 
     async def close(self) -> None:
@@ -154,7 +158,7 @@ class CuratedScorer:
         started = time.perf_counter()
         if sum(sizes):
             features = np.concatenate([chunk.features for chunk in chunks if len(chunk.rows)])
-            output = await self.inferencer.infer(features, timeout_s=self.settings.call_timeout_secs)
+            output = await pool_batching.infer(self.inferencer, features, timeout_s=self.settings.call_timeout_secs)
             scores, labels, model, version = output.scores, list(output.labels), output.model, output.version
         else:
             scores, labels, model, version = np.empty(0, np.float32), [], self.settings.model, ""

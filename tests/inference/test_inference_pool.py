@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from connectors.breaker import BreakerSettings, BreakerState
+from connectors.endpoint_health import Health
 from connectors.errors import PermanentError, ThrottledError, TransientError
 from connectors.inference import Inferencer, InferenceOutput
 from connectors.inference_pool import InferencePool, NoEndpointError
@@ -116,19 +117,22 @@ async def test_default_prediction_spreads_by_in_flight_calls(clock):
     assert (await first).endpoint == "a"
 
 
-async def test_fails_over_on_endpoint_failure_and_trips_a_dead_endpoint(clock):
+async def test_fails_over_on_endpoint_failure_and_sidelines_a_dead_endpoint(clock):
     a, b = FakeEndpoint("a", script=[_transient("a")]), FakeEndpoint("b")
     pool = _pool(clock, a, b, predict_completion=prefer_a)
     out = await pool.infer(X)
     assert out.endpoint == "b"
     assert a.calls == 1 and b.calls == 1
-    # The failed endpoint is checked again before more live traffic; it is down, so its breaker opens.
+    assert {s.name: s.health for s in pool.status()}["a"] is Health.FAILING
+    # The failed endpoint is checked again before more live traffic; it is down, so it is set aside
+    # as not ready (no live call failed, so the breaker is not the one that keeps it out).
     a.is_ready = False
     assert (await pool.infer(X)).endpoint == "b"
-    assert pool.breaker("a").state is BreakerState.OPEN
-    assert a.calls == 1
+    assert {s.name: s.health for s in pool.status()}["a"] is Health.NOT_READY
+    assert (await pool.infer(X)).endpoint == "b"
+    assert a.calls == 1 and a.ready_checks == 2  # first use, then once after the failure
     status = {s.name: s for s in pool.status()}
-    assert status["a"].failures == 1 and status["b"].calls == 2
+    assert status["a"].failures == 1 and status["b"].calls == 3
 
 
 async def test_breaker_opens_after_failures_then_probes_and_recovers(clock):
@@ -232,12 +236,13 @@ async def test_idle_endpoint_is_checked_and_warmed_before_live_traffic(clock):
     assert pool.status()[0].idle_secs == 0.0
 
 
-async def test_endpoint_not_ready_after_idle_is_skipped(clock):
+async def test_endpoint_not_ready_is_skipped_without_tripping_its_breaker(clock):
     a, b = FakeEndpoint("a", ready=False), FakeEndpoint("b")
     pool = _pool(clock, a, b)
     assert (await pool.infer(X)).endpoint == "b"
     assert a.calls == 0 and a.warm_ups == 0
-    assert pool.breaker("a").state is BreakerState.OPEN
+    assert pool.breaker("a").state is BreakerState.CLOSED
+    assert {s.name: s.health for s in pool.status()}["a"] is Health.NOT_READY
 
 
 async def test_misconfigured_endpoint_failing_warm_up_is_skipped(clock):

@@ -289,3 +289,47 @@ async def slow_server(triton_fleet) -> TritonServer:
 @pytest.fixture(scope="session")
 def failing_server(triton_fleet) -> TritonServer:
     return triton_fleet["failing"]
+
+
+@dataclass
+class LateServer:
+    """A server that is up and live, but loads its model only once ``load()`` is called."""
+
+    server: TritonServer
+    trigger: Path
+
+    def load(self) -> None:
+        self.trigger.touch()
+
+    def model_ready(self) -> bool:
+        return _is_ready(self.server)
+
+
+def _is_live(server: TritonServer) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture
+def late_server(tmp_path_factory) -> Iterator[LateServer]:
+    """A PyTriton server whose model is still loading (until the test says so); stopped by its PID."""
+    if not VENV_PYTHON.exists():
+        pytest.fail(f"The PyTriton virtualenv is missing ({VENV_PYTHON}). Create it with:\n    {CREATE_VENV}", pytrace=False)
+    workdir = tmp_path_factory.mktemp("triton-late")
+    trigger = workdir / "load-now"
+    segments_before = _psm_segments()
+    server = _start("late", ["--mode", "normal", "--load-when-exists", str(trigger)], _free_ports(3), workdir,
+                    _libdir(VENV_PYTHON))
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _is_live(server):
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"PyTriton server 'late' never came up. Its log:\n{server.log_tail()}", pytrace=False)
+            time.sleep(0.1)
+        yield LateServer(server, trigger)
+    finally:
+        server.stop()
+        _remove_leaked_tensor_stores(segments_before)

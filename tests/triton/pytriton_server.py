@@ -6,13 +6,15 @@ weights file and the same forward pass as ``LocalModelInferencer``.
 
     .venv-triton/bin/python tests/triton/pytriton_server.py --http-port 8000 --grpc-port 8001 \
         --metrics-port 8002 [--mode normal|slow|failing] [--sleep-ms N] [--fail-every N] \
-        [--max-queue-size N] [--workspace DIR]
+        [--max-queue-size N] [--workspace DIR] [--load-when-exists PATH]
 
 Start it with ``LD_LIBRARY_PATH`` set to this interpreter's ``sysconfig.get_config_var('LIBDIR')``:
 the Python backend stub links libpython. Modes: ``slow`` sleeps ``--sleep-ms`` (default 200) in every
 model call; ``failing`` raises in every ``--fail-every``-th call (default every call), which Triton
 returns as an internal error. ``--max-queue-size`` bounds Triton's queue, so excess concurrent
-requests are rejected with UNAVAILABLE "Exceeds maximum queue size" (HTTP 503). SIGTERM or SIGINT
+requests are rejected with UNAVAILABLE "Exceeds maximum queue size" (HTTP 503). With
+``--load-when-exists PATH`` the server comes up live with no model, and loads the model only once
+PATH exists: a model that is still loading, as a gateway may find it at start-up. SIGTERM or SIGINT
 stop the server cleanly (Triton, its model processes, and the workspace).
 """
 
@@ -53,6 +55,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queue-size", type=int, default=0, help="0 = unbounded")
     parser.add_argument("--max-queue-delay-us", type=int, default=0)
     parser.add_argument("--workspace", default=None, help="PyTriton workspace (removed on exit)")
+    parser.add_argument("--load-when-exists", default=None, help="load the model only once this path exists")
     return parser.parse_args(argv)
 
 
@@ -98,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     queue_policy = QueuePolicy(max_queue_size=args.max_queue_size) if args.max_queue_size > 0 else None
     batcher = DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us, default_queue_policy=queue_policy)
-    with Triton(config=config, workspace=args.workspace) as triton:
+    with Triton(config=config, workspace=args.workspace) as triton:  # the server is live from here on
+        if args.load_when_exists:
+            logging.info("server up; loading the model once %s exists", args.load_when_exists)
+            while not os.path.exists(args.load_when_exists):
+                if stop.wait(0.05):
+                    return 0
         triton.bind(
             model_name=model.name,
             model_version=int(model.version),
