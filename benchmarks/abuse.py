@@ -44,6 +44,8 @@ def write_config(root: Path, port: int, records_per_sec: float) -> Path:
 [listen]
 host = "127.0.0.1"
 port = {port}
+[ops]
+port = 0
 [gateway]
 gateway_id = "gw-abuse"
 availability_zone = "bench-1a"

@@ -25,6 +25,9 @@ GATEWAY_CONFIG = """
 [listen]
 host = "127.0.0.1"
 port = {port}
+[ops]
+host = "127.0.0.1"
+port = {ops_port}
 [gateway]
 gateway_id = "bench"
 availability_zone = "bench-1a"
@@ -52,25 +55,27 @@ def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
 
 
 def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: float = 5.0, extra: str = "",
-                         lake_kind: str = "local") -> tuple[Path, int]:
+                         lake_kind: str = "local") -> tuple[Path, int, int]:
     """The benchmark's gateway configuration: defaults everywhere except paths, ports and log level.
 
-    ``extra`` is appended TOML (e.g. an ``[s3]`` section or ``[inference]`` endpoints).
+    ``extra`` is appended TOML (e.g. an ``[s3]`` section or ``[inference]`` endpoints). Returns the
+    configuration and the ports of the device and ops (``/metrics``) listeners.
     """
-    port = free_port()
+    port, ops_port = free_port(), free_port()
     config = root / "gateway.toml"
-    text = GATEWAY_CONFIG.format(port=port, root=root, wal_bytes=wal_bytes, object_age_s=object_age_s)
+    text = GATEWAY_CONFIG.format(port=port, ops_port=ops_port, root=root, wal_bytes=wal_bytes, object_age_s=object_age_s)
     if lake_kind != "local":
         text = text.replace("[lake]\n", f'[lake]\nkind = "{lake_kind}"\n', 1)
     config.write_text(text + extra)
-    return config, port
+    return config, port, ops_port
 
 
 def start_gateway(root: Path, wal_bytes: int = 1 << 30, *, extra: str = "", lake_kind: str = "local",
                   env: dict[str, str] | None = None, timeout: float = 30.0) -> Server:
     """``edge-gateway serve`` with its WAL (and local lake) under ``root``; returns once ``/readyz`` answers."""
-    config, port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind)
+    config, port, ops_port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind)
     server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log", env=env)
+    server.ops_url = f"http://127.0.0.1:{ops_port}"  # where /metrics is served
     try:
         server.wait_ready(timeout)
     except BaseException:
@@ -119,7 +124,7 @@ async def measure_sustained(server: Server, prepared: Prepared, seconds: float, 
     deadline = time.monotonic() + drain_timeout_s
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
-            async with http.get(server.url + "/metrics") as resp:
+            async with http.get(server.ops_url + "/metrics") as resp:
                 text = await resp.text()
             backlog = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("edge_gateway_wal_backlog_bytes{")]
             if backlog and not any(backlog):

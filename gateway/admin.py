@@ -24,6 +24,7 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.http_source import error_response, json_response
+from gateway.ops import start_operator_listener
 from gateway.registry import DeviceRegistry, RegistryError, set_enabled
 from gateway.service import GATEWAY
 from gateway.settings import effective_config
@@ -159,16 +160,5 @@ async def start_admin(gateway) -> web.AppRunner | None:
     s = gateway.settings.admin
     if not s.enabled or gateway.worker_index != 0:
         return None  # with several workers the first one serves it, for the whole instance
-    # A drain waits this long at most for admin requests still open (a tap ends itself when draining).
-    runner = web.AppRunner(
-        build_admin_app(gateway, read_token(s.token_path)), handle_signals=False, access_log=None, shutdown_timeout=2.0
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, s.host, s.port)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    log.info("admin listening", extra={"host": s.host, "port": runner.addresses[0][1]})
-    return runner
+    # A tap ends itself when draining, within the 2 s a drain waits for the listener's requests.
+    return await start_operator_listener(build_admin_app(gateway, read_token(s.token_path)), s.host, s.port, name="admin")

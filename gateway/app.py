@@ -1,4 +1,7 @@
-"""Build the aiohttp application: routes on the device listener and the gateway in its state."""
+"""Build the aiohttp application: routes on the device listener and the gateway in its state.
+
+Only the device API and health checks: ``/metrics`` lives on the ops listener (gateway/ops.py).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,5 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_post(ROUTE, post_telemetry)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
-    app.router.add_get("/metrics", health.metrics)
     app.router.add_get(openapi.ROUTE, openapi.openapi)
     return app

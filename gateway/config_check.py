@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.settings import Problem, Settings, Sources, read_config, wal_budget_problem
+from gateway.settings import Problem, Settings, Sources, is_loopback, read_config, wal_budget_problem
 
 
 def check_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> tuple[Settings | None, list[Problem], Sources]:
@@ -78,6 +78,10 @@ def check_files(settings: Settings, sources: Sources) -> list[Problem]:
         if len(token) < 16:
             add("admin", "token_path", f"{admin.token_path}: the token must be at least 16 characters")
         _private(admin.token_path, lambda m: add("admin", "token_path", m, "warning"))
+
+    ops = settings.ops
+    if ops.enabled and not is_loopback(ops.host):
+        add("ops", "host", f"{ops.host}: /metrics is readable by anyone who reaches this address; keep it off the device network", "warning")
 
     _check_extras(settings, add)
     _writable_dir(settings.wal.dir, lambda m: add("wal", "dir", m))

@@ -1,13 +1,11 @@
-"""Operator endpoints: liveness, readiness (what the load balancer checks) and metrics."""
+"""Health checks on the device listener: liveness and readiness (what the load balancer checks)."""
 
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.http_source import json_response
 from gateway.service import GATEWAY
-from gateway.status.cluster import Cluster, runtime_dir
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -28,8 +26,3 @@ async def readyz(request: web.Request) -> web.Response:
         return json_response(503, {"status": f"wal_{refusal}"})
     return json_response(200, {"status": "ready"})
 
-
-async def metrics(request: web.Request) -> web.Response:
-    # The whole instance, whichever worker answers (gateway/status/cluster.py).
-    body = await Cluster(request.app[GATEWAY], runtime_dir()).metrics()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -6,6 +6,7 @@
     [admission]    global overload protection (503)
     [connections]  slow clients, connection cap, connection max age
     [admin]        the operator API on its own listener (off by default)
+    [ops]          /metrics on its own listener (on by default, loopback)
 """
 
 from __future__ import annotations
@@ -139,3 +140,12 @@ class AdminSettings(_Section):
     def __post_init__(self) -> None:
         if self.enabled and not self.token_path:
             raise ValueError("admin.enabled needs token_path (a file holding the bearer token)")
+
+
+class OpsSettings(_Section):
+    # Serve `/metrics` (Prometheus) on its own listener; the device listener never serves it.
+    enabled: bool = True
+    # Address of the ops listener: loopback, for an agent on the same host; another address exposes the metrics to that network.
+    host: str = "127.0.0.1"
+    # Port of the ops listener (0: any free port, for tests). With several workers it is bound once and shared.
+    port: Port = 9464

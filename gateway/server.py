@@ -1,6 +1,13 @@
-"""Run the gateway: start, serve until told to stop, then drain in the order DESIGN.md gives.
+"""Run the gateway: start, serve until told to stop, then drain.
 
-Signals are handled here and nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads.
+A drain goes in the order that loses nothing acknowledged: readiness turns 503 first (so the load
+balancer stops sending), requests already in flight finish and are answered, the listeners close,
+open lake objects are flushed and landed within the deadline, and the WAL closes last (whatever
+missed the deadline is durable there and lands at the next start).
+
+The device listener serves the device API and health checks; ``/metrics`` has its own listener
+(gateway/ops.py) and the operator API another (gateway/admin.py). Signals are handled here and
+nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from gateway import logs
 from gateway.admin import start_admin
 from gateway.app import build_app
 from gateway.connections import GuardedSite
+from gateway.ops import start_ops
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
 from gateway.status.cluster import start_peer_listener
@@ -36,6 +44,7 @@ class RunningGateway:
         self.runner = runner
         self.site = site
         self.admin = admin  # the admin listener's runner, when [admin] is enabled
+        self.ops: web.AppRunner | None = None  # the ops listener's runner (/metrics), when [ops] is enabled
         self.peers: web.AppRunner | None = None  # this worker's local socket for its siblings (workers > 1)
         self.stopped = False
 
@@ -49,6 +58,13 @@ class RunningGateway:
         host = f"[{host}]" if ":" in host else host
         scheme = "https" if self.gateway.settings.tls.enabled else "http"
         return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """Where ``/metrics`` is served (the ops listener)."""
+        assert self.ops is not None, "the ops listener is off ([ops] enabled = false)"
+        host, port = self.ops.addresses[0][:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def stop(self) -> bool:
         """Drain: readiness off, finish in-flight requests, stop listening, land, close the WAL."""
@@ -65,8 +81,9 @@ class RunningGateway:
         await gw.wait_for_inflight(max(0.0, until - time.monotonic()))
         # 3. Stop accepting and close idle keep-alive connections.
         await self.runner.cleanup()
-        if self.admin is not None:
-            await self.admin.cleanup()
+        for listener in (self.admin, self.ops):
+            if listener is not None:
+                await listener.cleanup()
         if self.peers is not None:
             await self.peers.cleanup()
         # 4. Flush open objects and land them; what misses the deadline stays in the WAL.
@@ -108,15 +125,19 @@ async def start_gateway(
         backlog=listen.backlog,
         sock=listener,
     )
-    admin = None
+    admin = ops = None
     try:
         await site.start()
         admin = await start_admin(gw)  # off by default; never on the device listener
+        ops = await start_ops(gw)  # on by default; never on the device listener
     except (OSError, ValueError):
+        if admin is not None:
+            await admin.cleanup()
         await runner.cleanup()
         await gw.close()
         raise
     running = RunningGateway(gw, runner, site, admin)
+    running.ops = ops
     running.peers = await start_peer_listener(gw)
     log.info("listening", extra={"url": running.url})
     return running

@@ -28,6 +28,7 @@ from gateway.security_settings import (
     AdminSettings,
     AdmissionSettings,
     ConnectionSettings,
+    OpsSettings,
     ProxySettings,
     RateLimitSettings,
     TlsSettings,
@@ -196,12 +197,17 @@ class Settings(_Section):
     admission: AdmissionSettings = AdmissionSettings()
     connections: ConnectionSettings = ConnectionSettings()
     admin: AdminSettings = AdminSettings()
+    ops: OpsSettings = OpsSettings()
 
     def __post_init__(self) -> None:
         if self.proxy.client_cert_header and not self.tls.client_ca_path:
             raise ValueError("proxy.client_cert_header needs tls.client_ca_path: forwarded certificates must chain to it")
         if self.admin.enabled and (self.admin.host, self.admin.port) == (self.listen.host, self.listen.port):
             raise ValueError("the admin listener must not share the device listener's address")
+        if self.ops.enabled and self.ops.port and (self.ops.host, self.ops.port) == (self.listen.host, self.listen.port):
+            raise ValueError("the ops listener must not share the device listener's address")
+        if self.ops.enabled and self.admin.enabled and self.ops.port and (self.ops.host, self.ops.port) == (self.admin.host, self.admin.port):
+            raise ValueError("the ops listener must not share the admin listener's address")
         if self.lake.kind == "s3" and self.s3 is None:
             raise ValueError('lake.kind = "s3" needs an [s3] section with at least `bucket`')
         if self.glue is not None and self.lake.kind != "s3":

@@ -4,7 +4,8 @@ Each worker is a whole gateway with its own WAL directory (``<wal.dir>/w<N>``) a
 object names (``<gateway_id>-w<N>-...``), so workers never coordinate on the record path; the retry
 ledger is the one thing they share. The supervisor owns the instance: it locks ``wal.dir`` and binds
 the port once (no SO_REUSEPORT, so a second instance fails to start instead of splitting traffic),
-then hands both to its workers. It restarts a worker that dies (with backoff if it keeps dying),
+then hands both to its workers; the ops listener's port (``/metrics``) is bound once and handed down
+the same way, so every worker answers it. It restarts a worker that dies (with backoff if it keeps dying),
 passes SIGHUP on, and on SIGTERM drains every worker and waits for them. Workers die with it.
 It also makes a private runtime directory where each worker listens on a Unix socket for its
 siblings, so that whichever worker answers ``/metrics``, the status page or the tap answers for the
@@ -31,6 +32,8 @@ from gateway.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECS = 30.0
+# The descriptor of the ops socket (/metrics) a supervisor bound for its workers.
+OPS_FD_ENV = "EDGE_GATEWAY_OPS_FD"
 
 
 class Supervisor:
@@ -40,6 +43,7 @@ class Supervisor:
         self.workers = settings.listen.workers
         self.lock = DirectoryLock(settings.wal.dir, INSTANCE_LOCK, "the WAL directory")
         self.listener: socket.socket | None = None
+        self.ops_listener: socket.socket | None = None  # /metrics, shared by the workers like the device port
         self.procs: dict[int, subprocess.Popen] = {}
         self.backoff: dict[int, float] = {}
         self.started_at: dict[int, float] = {}
@@ -65,7 +69,11 @@ class Supervisor:
             argv += ["--config", str(self.config)]
         env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir})
         # The lock's descriptor goes along, so the instance stays locked while any worker lives.
-        self.procs[index] = subprocess.Popen(argv, pass_fds=(fd, self.lock.fd), env=env, preexec_fn=_die_with_parent)
+        fds = [fd, self.lock.fd]
+        if self.ops_listener is not None:
+            env[OPS_FD_ENV] = str(self.ops_listener.fileno())
+            fds.append(self.ops_listener.fileno())
+        self.procs[index] = subprocess.Popen(argv, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
         log.info("worker started", extra={"worker": index, "pid": self.procs[index].pid})
 
@@ -85,7 +93,10 @@ class Supervisor:
             return 0
         self.lock.acquire()  # WalLocked: another instance owns wal.dir
         self._catch_up_ledger()
-        self.listener = bind_listener(self.settings.listen)
+        listen, ops = self.settings.listen, self.settings.ops
+        self.listener = bind_listener(listen.host, listen.port, listen.backlog)
+        if ops.enabled:
+            self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
         try:
             return self._supervise()
@@ -130,13 +141,13 @@ class Supervisor:
         return 0
 
 
-def bind_listener(listen) -> socket.socket:
-    """The device listener's socket, bound once for the whole instance (never SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A listener's socket, bound once for the whole instance (never SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((listen.host, listen.port), family=family, backlog=listen.backlog, reuse_port=False)
+        sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
 

@@ -51,6 +51,7 @@ class Instance:
     availability_zone: str
     port: int
     root: Path
+    ops_port: int = field(default_factory=lambda: free_port())  # /metrics (the ops listener)
     proc: subprocess.Popen | None = None
     starts: int = 0
     log_paths: list[Path] = field(default_factory=list)
@@ -59,6 +60,10 @@ class Instance:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}"
 
     @property
     def wal_dir(self) -> Path:
@@ -72,6 +77,7 @@ class Instance:
         self.root.mkdir(parents=True, exist_ok=True)
         sections = {
             "listen": {"host": "127.0.0.1", "port": self.port, "workers": fleet.workers},
+            "ops": {"host": "127.0.0.1", "port": self.ops_port},
             "gateway": {"gateway_id": self.gateway_id, "availability_zone": self.availability_zone},
             "auth": {"mode": "hmac", "registry_path": str(registry.resolve())},
             # Small segments: the backlog metric counts whole segments, so it follows landing closely.

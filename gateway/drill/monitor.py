@@ -121,7 +121,7 @@ class Monitor:
         if not instance.running():
             return None
         try:
-            async with http.get(instance.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            async with http.get(instance.ops_url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 if resp.status != 200:
                     return None
                 return parse_metrics(await resp.text())

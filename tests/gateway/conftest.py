@@ -27,6 +27,7 @@ def write_config(root: Path, **sections: dict) -> Path:
     """A test configuration under ``root``; keyword arguments override whole keys per section."""
     base = {
         "listen": {"host": "127.0.0.1", "port": 0},
+        "ops": {"host": "127.0.0.1", "port": 0},  # /metrics on any free port: tests run side by side
         "gateway": {"gateway_id": "gw-test", "availability_zone": "test-1a"},
         "auth": {"mode": "hmac", "registry_path": str(root / "devices.json")},
         "wal": {"dir": str(root / "wal"), "segment_bytes": 4 * 1024 * 1024, "max_total_bytes": 256 * 1024 * 1024},
@@ -121,14 +122,19 @@ class GatewayProcess:
 
     def __init__(self, config: Path, port: int, log_path: Path) -> None:
         self.config, self.port, self.log_path = config, port, log_path
+        self.ops_port = free_port()  # /metrics: known in advance, shared by every worker
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}"
+
     def start(self, timeout: float = 20.0) -> None:
-        env = dict(os.environ, EDGE_GATEWAY__LISTEN__PORT=str(self.port))
+        env = dict(os.environ, EDGE_GATEWAY__LISTEN__PORT=str(self.port), EDGE_GATEWAY__OPS__PORT=str(self.ops_port))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)], stdout=self._log, stderr=self._log, env=env

@@ -222,7 +222,7 @@ async def test_operator_endpoints(gateway, http, env):
     body = ndjson(record(seq=1))
     await post(http, gateway, body, signed(env.device(), body))
     await wait_for_records(env.lake, "raw", 1)
-    async with http.get(gateway.url + "/metrics") as resp:
+    async with http.get(gateway.ops_url + "/metrics") as resp:
         text = await resp.text()
     for name in (
         'edge_gateway_http_requests_total{route="/v1/telemetry",status="202"} 1.0',

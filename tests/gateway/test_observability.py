@@ -25,6 +25,11 @@ def samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
+async def healthz(http: aiohttp.ClientSession, url: str) -> None:
+    async with http.get(url + "/healthz") as resp:
+        assert resp.status == 200
+
+
 async def scrape(http: aiohttp.ClientSession, url: str) -> str:
     async with http.get(url + "/metrics") as resp:
         assert resp.status == 200
@@ -39,7 +44,7 @@ async def test_every_scrape_of_a_multi_worker_instance_shows_every_worker(tmp_pa
     async with aiohttp.ClientSession() as http:
         # Both workers must be up before the first request, or one of them would answer them all.
         for _ in range(200):
-            if samples(await scrape(http, gp.url), "edge_gateway_worker_up") == {'{worker="0"}': 1.0, '{worker="1"}': 1.0}:
+            if samples(await scrape(http, gp.ops_url), "edge_gateway_worker_up") == {'{worker="0"}': 1.0, '{worker="1"}': 1.0}:
                 break
             await asyncio.sleep(0.1)
         sent = 0
@@ -51,7 +56,7 @@ async def test_every_scrape_of_a_multi_worker_instance_shows_every_worker(tmp_pa
                 sent += 3
         totals = []
         for _ in range(8):
-            text = await scrape(http, gp.url)
+            text = await scrape(http, gp.ops_url)
             accepted = {k: v for k, v in samples(text, "edge_gateway_records_total").items() if 'outcome="accepted"' in k}
             totals.append(sum(accepted.values()))
             assert samples(text, "edge_gateway_worker_up") == {'{worker="0"}': 1.0, '{worker="1"}': 1.0}
@@ -70,19 +75,19 @@ async def test_backlog_and_oldest_age_are_read_at_scrape_time(tmp_path):
             async with http.post(running.url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
                 assert resp.status == 202
             await asyncio.sleep(1.2)
-            text = await scrape(http, running.url)
+            text = await scrape(http, running.ops_url)
             # The record has waited more than a second and has not landed: the gauges say so now.
             assert samples(text, "edge_gateway_wal_oldest_unlanded_age_seconds")['{consumer="raw"}'] >= 1.0
             assert samples(text, "edge_gateway_wal_backlog_bytes")['{consumer="raw"}'] > 0
             assert samples(text, "edge_gateway_registry_devices") == {"": 3.0}
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                text = await scrape(http, running.url)
+                text = await scrape(http, running.ops_url)
                 if samples(text, "edge_gateway_records_landed_total").get('{zone="raw"}') == 1.0:
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.3)  # the lander's last report is long gone: nothing may keep it alive
-            text = await scrape(http, running.url)
+            text = await scrape(http, running.ops_url)
             assert samples(text, "edge_gateway_wal_oldest_unlanded_age_seconds")['{consumer="raw"}'] == 0.0
             assert samples(text, "edge_gateway_wal_backlog_bytes")['{consumer="raw"}'] == 0.0
     finally:
@@ -93,7 +98,7 @@ async def test_no_created_series_and_build_and_process_metrics(gateway, http, en
     body = ndjson(record(seq=1))
     async with http.post(gateway.url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
         assert resp.status == 202
-    text = await scrape(http, gateway.url)
+    text = await scrape(http, gateway.ops_url)
     assert "_created" not in text
     build = samples(text, "edge_gateway_build_info")
     assert len(build) == 1 and list(build.values()) == [1.0] and 'version="' in next(iter(build))
@@ -109,7 +114,7 @@ async def test_reloads_are_counted_by_outcome(tmp_path):
     from tests.gateway.conftest import free_port
 
     port = free_port()
-    env = make_env(tmp_path, listen={"port": port})
+    env = make_env(tmp_path, ops={"port": port})
     settings = load_settings(env.config, environ={})
     answers = [settings, ValueError("broken file")]
 
@@ -152,7 +157,7 @@ async def test_access_log_follows_reload_one_json_line_per_request_and_is_bounde
     logs.configure("INFO")
     try:
         async with aiohttp.ClientSession() as http:
-            await scrape(http, running.url)
+            await healthz(http, running.url)
             assert "gateway.access" not in capsys.readouterr().err  # off by default
             on = msgspec.structs.replace(settings, log=msgspec.structs.replace(settings.log, access_log=True, access_log_max_per_sec=5))
             running.gateway.reload(on)
@@ -160,9 +165,9 @@ async def test_access_log_follows_reload_one_json_line_per_request_and_is_bounde
             async with http.post(running.url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
                 assert resp.status == 202
             for _ in range(20):
-                await scrape(http, running.url)
+                await healthz(http, running.url)
             await asyncio.sleep(1.1)
-            await scrape(http, running.url)
+            await healthz(http, running.url)
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"gateway.access"' in line]
         first = lines[0]
         assert (first["method"], first["path"], first["status"], first["device_id"]) == ("POST", "/v1/telemetry", 202, "dev-1")

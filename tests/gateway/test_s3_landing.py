@@ -125,7 +125,7 @@ async def test_s3_outage_is_absorbed_by_the_wal_then_drains(tmp_path, moto_endpo
         assert statuses[503] == 1 and accepted > 0
         text = ""
         for _ in range(100):  # failed landings are counted once the sink's own retries give up
-            async with http.get(running.url + "/metrics") as resp:
+            async with http.get(running.ops_url + "/metrics") as resp:
                 text = await resp.text()
             if 'stage="land_raw"' in text:
                 break

@@ -108,7 +108,7 @@ async def test_unreachable_secrets_manager_keeps_the_last_good_keys(tmp_path, mo
         assert metrics.registry_refreshes.labels("error")._value.get() >= 1
         assert any("keeping the last good keys" in r.getMessage() for r in caplog.records)
         assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
-        async with http.get(gw.url + "/metrics") as resp:
+        async with http.get(gw.ops_url + "/metrics") as resp:
             exposition = await resp.text()
         assert "edge_gateway_registry_stale 1.0" in exposition
         await proxy.resume()

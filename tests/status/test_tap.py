@@ -96,7 +96,7 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
                     async with http.post(gp.url + "/v1/telemetry", data=body, headers=headers) as resp:
                         assert resp.status == 202
                 await asyncio.sleep(0.05)
-            async with http.get(gp.url + "/metrics") as resp:
+            async with http.get(gp.ops_url + "/metrics") as resp:
                 accepted = {line for line in (await resp.text()).splitlines() if line.startswith("edge_gateway_records_total")}
         _, err = tap.communicate(timeout=10)
     finally:
