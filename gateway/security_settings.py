@@ -69,13 +69,13 @@ class ProxySettings(_Section):
 
 class RateLimitSettings(_Section):
     enabled: bool = True
-    # Per device. A request is let in while the device's buckets are not in deficit, then charged.
+    # Per device, for the whole instance (its workers share the buckets, kept across restarts under wal.dir). A request is let in while the device's buckets are not in deficit, then charged.
     records_per_sec: PositiveFloat = 5_000.0
     burst_records: PositiveInt = 50_000
     # Body bytes once decompressed: a compressed body costs what it expands to.
     bytes_per_sec: PositiveFloat = 8.0 * MiB
     burst_bytes: PositiveInt = 64 * MiB
-    # Buckets kept in memory; the least recently seen device beyond it starts afresh.
+    # Buckets kept (in each worker's memory and in the shared store); beyond it full buckets, then the least recently seen devices, are forgotten and start afresh.
     max_tracked_devices: PositiveInt = 100_000
     max_retry_after_secs: PositiveInt = 60
     # Per source address: requests that fail authentication. Past the burst, that source gets 429

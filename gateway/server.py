@@ -26,6 +26,7 @@ from gateway.admin import start_admin
 from gateway.app import build_app
 from gateway.connections import GuardedSite
 from gateway.ops import start_ops
+from gateway.ratelimit_store import SharedBuckets
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
 from gateway.status.cluster import start_peer_listener
@@ -100,6 +101,8 @@ async def start_gateway(
     """Start a gateway; a supervisor's worker gets its index and the instance's bound ``listener``."""
     gw = gateway or Gateway(settings, worker_index=worker_index)
     await gw.start()
+    # Per-device limits for the whole instance and across restarts: buckets in the retry ledger's store.
+    gw.security.limiter.use_shared(SharedBuckets(gw.ledger))
     app = build_app(gw)
     runner = web.AppRunner(
         app,
