@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import msgspec
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 class Durable:
     """What one request adds to the retry ledger once its frames are durable."""
 
-    end_lsn: int
     seqs: list[tuple[str, int, int]] = field(default_factory=list)
     request: tuple[bytes, str, bytes] | None = None
 
@@ -63,8 +61,6 @@ class Pipeline:
         self.spool_dir = wal_dir / "spool"
         self.ledger = ledger
         self.wal_id = ""
-        self._unrecorded: list[Durable] = []  # appended on the event loop, taken by the fsync thread
-        self._unrecorded_lock = threading.Lock()
         self._metrics = metrics
         self.wal = WriteAheadLog(
             wal_dir / "segments",
@@ -144,23 +140,16 @@ class Pipeline:
             return
         if request is not None and self.ledger is not None:
             spool.add(encode_frame(KIND_REQUEST, 0, 0, 0, 0, 0, msgspec.msgpack.encode(RequestRecord(*request))))
-        end = self.wal.write_request(spool.chunks(), spool.bytes, spool.frame_count)
-        if self.ledger is not None:
-            with self._unrecorded_lock:
-                self._unrecorded.append(Durable(end, list(seqs), request))
-        await self.wal.wait_durable(end)
+        note = Durable(list(seqs), request) if self.ledger is not None else None
+        await self.wal.commit(spool.chunks(), spool.bytes, spool.frame_count, note)
 
     # -- the retry ledger follows the WAL ----------------------------------------------------
 
-    def _record_durable(self, lsn: int) -> None:
-        """In the fsync thread: what is now durable goes into the ledger before anyone is answered."""
-        if self.ledger is None:
+    def _record_durable(self, lsn: int, done: list[Durable | None]) -> None:
+        """In the WAL's writer thread: what is now durable goes into the ledger before anyone is answered."""
+        done = [d for d in done if d is not None]
+        if self.ledger is None or not done:
             return
-        with self._unrecorded_lock:
-            done = [d for d in self._unrecorded if d.end_lsn <= lsn]
-            if not done:
-                return
-            self._unrecorded = [d for d in self._unrecorded if d.end_lsn > lsn]
         seqs = [s for d in done for s in d.seqs]
         requests = [d.request for d in done if d.request is not None]
         try:
@@ -173,8 +162,6 @@ class Pipeline:
 
     def _forget_beyond(self, lsn: int) -> None:
         """The WAL was cut back to ``lsn`` after a failed fsync: what it held past that never happened."""
-        with self._unrecorded_lock:
-            self._unrecorded = [d for d in self._unrecorded if d.end_lsn <= lsn]
         if self.ledger is not None and self.wal_id:
             try:
                 self.ledger.forget_mark_beyond(self.wal_id, lsn)

@@ -11,11 +11,13 @@ A frame holds ``count`` records of one kind for one partition hour; its payload 
 lake zone stores, so landing raw data is concatenation. LSNs count records, so a frame's LSNs are
 implicit: the segment's first LSN plus the records of the frames before it.
 
-Group commit: appends write to the page cache at once and wait; one committer task fsyncs whatever
-has accumulated and wakes every append it covered. Only the last segment can hold a torn tail (a
-segment is fsynced before the next one is created); it is found and truncated on open.
+Group commit, off the event loop: a request queues its frames and waits; one writer thread takes
+everything queued, writes it and fsyncs once, then every request it covered is answered. The event
+loop never blocks on the disk (a write to a file being fsynced can wait as long as the fsync). Only
+the last segment can hold a torn tail (a segment is fsynced before the next one is created); it is
+found and truncated on open.
 
-A request is all or nothing. Its frames are written together between two group commits, so the
+A request is all or nothing. Its frames are written together between two fsyncs, so the
 durable end never falls inside a request; a request of several frames is preceded by a
 ``KIND_TXN`` marker frame (no records) giving the bytes that follow, so recovery also removes a
 request that was only partly on disk when the process died. A failed write (a full disk) is
@@ -36,9 +38,9 @@ import errno
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,6 +112,19 @@ def encode_frame(
 
 def frame_record_count(frame: bytes) -> int:
     return META.unpack_from(frame, PREFIX.size)[0]
+
+
+@dataclass(slots=True, eq=False)
+class _Queued:
+    """One request waiting for the writer thread: its frames, and what became of them."""
+
+    chunks: Iterable[Sequence[bytes]]
+    total_bytes: int
+    frame_count: int
+    note: object  # handed to ``on_durable`` once the frames are durable
+    future: asyncio.Future[int]
+    end_lsn: int = -1
+    error: Exception | None = None
 
 
 @dataclass(slots=True)
@@ -196,7 +211,7 @@ class WriteAheadLog:
         fsync: bool = True,
         on_fsync: Callable[[float], None] | None = None,
         on_rollback: Callable[[int], None] | None = None,
-        on_durable: Callable[[int], None] | None = None,
+        on_durable: Callable[[int, list], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
@@ -205,24 +220,30 @@ class WriteAheadLog:
         self._on_fsync = on_fsync or (lambda seconds: None)
         # Told the LSN the log was cut back to: anything remembered about LSNs at or past it is void.
         self._on_rollback = on_rollback or (lambda lsn: None)
-        # Called in the fsync thread once everything below an LSN is durable, before anyone is told.
-        self._on_durable = on_durable or (lambda lsn: None)
+        # Called in the writer thread once everything below an LSN is durable, with the notes of the
+        # requests that became durable, before any of them is answered.
+        self._on_durable = on_durable or (lambda lsn, notes: None)
         self._segments: list[_Segment] = []
+        # Segments are replaced, never mutated, so readers iterate their own copy; this lock keeps
+        # the writer thread's rotation and the event loop's release from replacing them at once.
+        self._segments_lock = threading.Lock()
         self._fd = -1
-        self._retired_fds: list[int] = []
         self._next_lsn = 0
         # (durable LSN, first LSN of the segment it ends in, offset in that segment): one tuple, so a
         # reader thread never pairs one commit's segment with another's offset.
         self._durable: tuple[int, int, int] = (0, 0, 0)
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._queue: list[_Queued] = []
+        self._queued_bytes = 0  # bytes queued or being written, counted against max_total_bytes
+        self._cut_backs = 0  # how often the log was cut back to its last good fsync
         self._dirty: asyncio.Event | None = None
         self._data: asyncio.Condition | None = None
         self._committer: asyncio.Task[None] | None = None
-        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-fsync")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-writer")
         self._consumers: dict[str, int] = {}
         self._expected: set[str] = set()
         self._closed = True
         self.failure: str | None = None  # why appends are refused until recovery, if they are
+        self.failure_seen: str | None = None  # the last failure, kept after recovery for the answers
         self.no_space = False  # the last append found the disk full; cleared by the next that fits
         self.torn_tail_bytes = 0
 
@@ -313,31 +334,22 @@ class WriteAheadLog:
             return
         self._closed = True
         if self._committer is not None:
-            while self._waiters and not self._committer.done():
-                self._dirty.set()
-                await asyncio.sleep(0)
-                await asyncio.wait([self._waiters[-1][1]], timeout=5)
-            self._committer.cancel()
-            try:
-                await self._committer
-            except asyncio.CancelledError:
-                pass
+            self._dirty.set()  # the committer writes what is queued, then stops
+            await asyncio.shield(self._committer)
         if self._fsync and self._fd >= 0 and self.failure is None:
             os.fdatasync(self._fd)
         self._close_fds()
-        self._sync_pool.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
     def release_files(self) -> None:
         """Close a log that was only opened (recovered and read), never started."""
         self._closed = True
         self._close_fds()
-        self._sync_pool.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
     def _close_fds(self) -> None:
-        for fd in {*self._retired_fds, self._fd}:
-            if fd >= 0:
-                os.close(fd)
-        self._retired_fds = []
+        if self._fd >= 0:
+            os.close(self._fd)
         self._fd = -1
 
     # -- appending ---------------------------------------------------------------------------
@@ -360,7 +372,7 @@ class WriteAheadLog:
         return self._segments[0].first_lsn
 
     def has_room(self, nbytes: int = 0) -> bool:
-        return self.total_bytes + nbytes < self.max_total_bytes
+        return self.total_bytes + self._queued_bytes + nbytes < self.max_total_bytes
 
     def refusal(self) -> str | None:
         """Why appends are refused right now (``closed``, ``failed``, ``no_space``, ``full``), or None."""
@@ -381,15 +393,13 @@ class WriteAheadLog:
             return False
         return stats.f_bavail * stats.f_frsize >= min(self.segment_bytes, 4 * 1024 * 1024)
 
-    def write(self, frames: Sequence[bytes]) -> int:
-        """Write frames to the page cache; return the LSN to wait for with ``wait_durable``."""
-        return self.write_request([frames], sum(len(f) for f in frames), len(frames))
+    async def append(self, frames: Sequence[bytes]) -> int:
+        """Write frames and return once they are fsynced; the result is the LSN just past them."""
+        return await self.commit([frames], sum(len(f) for f in frames), len(frames))
 
-    def write_request(self, chunks: Iterable[Sequence[bytes]], total_bytes: int, frame_count: int) -> int:
-        """Write one request's frames, all of them or (on any error) none; return the LSN to wait for.
-
-        Nothing awaits in here, so no group commit can make part of a request durable.
-        """
+    async def commit(self, chunks: Iterable[Sequence[bytes]], total_bytes: int, frame_count: int, note: object = None) -> int:
+        """Write one request's frames, all of them or (on any error) none, and return once they are
+        fsynced: the LSN just past them. ``chunks`` is read in the writer thread."""
         if self._closed:
             raise WalClosed("the write-ahead log is closed")
         if self.failure is not None:
@@ -398,23 +408,91 @@ class WriteAheadLog:
             raise WalNoSpace("the disk holding the write-ahead log is full")
         if not self.has_room(total_bytes):
             raise WalFull(f"the write-ahead log holds {self.total_bytes} bytes of its {self.max_total_bytes}")
+        queued = _Queued(chunks, total_bytes, frame_count, note, asyncio.get_running_loop().create_future())
+        self._queue.append(queued)
+        self._queued_bytes += total_bytes
+        self._dirty.set()
+        # Shielded: a request given up on is still written (or not) whole; its answer is just unread.
+        return await asyncio.shield(queued.future)
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await loop.run_in_executor(self._writer, self._write_and_sync, batch)
+                finally:
+                    self._queued_bytes -= sum(q.total_bytes for q in batch)
+                    for q in batch:
+                        if q.future.done():
+                            continue
+                        if q.error is not None:
+                            q.future.set_exception(q.error)
+                        elif q.end_lsn < 0:
+                            q.future.set_exception(WalError("the write-ahead log stopped before this request was written"))
+                        else:
+                            q.future.set_result(q.end_lsn)
+                async with self._data:
+                    self._data.notify_all()
+            if self._closed and not self._queue:
+                return
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _write_and_sync(self, batch: list[_Queued]) -> None:
+        """Write each queued request (a failed one is rolled back alone), then fsync them together."""
+        written: list[_Queued] = []
+        for q in batch:
+            cut_backs = self._cut_backs
+            try:
+                q.end_lsn = self._write_request(q)
+                written.append(q)
+            except WalError as exc:
+                q.error = exc
+            if self._cut_backs != cut_backs:  # a rotation's fsync failed: what came before is gone too
+                for earlier in written:
+                    earlier.error, earlier.end_lsn = WalFailed(f"fsync failed: {self.failure_seen}"), -1
+                written = []
+        if not written:
+            return
+        started = time.perf_counter()
+        try:
+            if self._fsync:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            self._fsync_failed(exc)
+            for q in written:
+                q.error, q.end_lsn = WalFailed(f"fsync failed: {exc}"), -1
+            return
+        self._on_fsync(time.perf_counter() - started)
+        segment = self._segments[-1]
+        self._on_durable(self._next_lsn, [q.note for q in written])
+        self._durable = (self._next_lsn, segment.first_lsn, segment.size)
+
+    def _write_request(self, q: _Queued) -> int:
+        if self.failure is not None:
+            raise WalFailed(f"the write-ahead log is recovering from a failure: {self.failure}")
         if self._segments[-1].size >= self.segment_bytes:
             self._rotate()
         segment = self._segments[-1]
         records = 0
         written = 0
         try:
-            if frame_count > 1:
-                written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(total_bytes))])
-            for frames in chunks:
+            if q.frame_count > 1:
+                written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(q.total_bytes))])
+            for frames in q.chunks:
                 written += self._write_all(frames)
                 records += sum(frame_record_count(f) for f in frames)
         except OSError as exc:
             self._roll_back_write(segment, exc)
+        except Exception as exc:  # e.g. the request's spool closed under it: nothing of it may stay
+            self._roll_back_write(segment, OSError(errno.EIO, f"reading the request's frames failed: {exc!r}"))
         segment.size += written
         self._next_lsn += records
         self.no_space = False
-        self._dirty.set()
         return self._next_lsn
 
     def _write_all(self, frames: Sequence[bytes]) -> int:
@@ -441,21 +519,6 @@ class WriteAheadLog:
         log.error("WAL: a write failed; the request was rolled back and refused", extra={"error": str(exc)})
         raise WalError(f"writing to the write-ahead log failed: {exc}") from None
 
-    async def wait_durable(self, lsn: int) -> None:
-        if lsn <= self._durable[0]:
-            return
-        if self.failure is not None:
-            raise WalFailed(f"the write-ahead log failed: {self.failure}")
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append((lsn, future))
-        await future
-
-    async def append(self, frames: Sequence[bytes]) -> int:
-        """Write frames and return once they are fsynced; the result is the LSN just past them."""
-        end = self.write(frames)
-        await self.wait_durable(end)
-        return end
-
     def _rotate(self) -> None:
         # The old segment is made durable now, so only the newest segment can ever be torn.
         if self._fsync:
@@ -472,44 +535,10 @@ class WriteAheadLog:
                 self.no_space = True
                 raise WalNoSpace(f"no room for a new WAL segment: {exc}") from None
             raise WalError(f"cannot create a WAL segment: {exc}") from None
-        self._retired_fds.append(self._fd)
+        os.close(self._fd)  # fsynced above; readers open their own files
         self._fd = fd
-        self._segments.append(segment)
-
-    async def _commit_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            if self.failure is not None:
-                continue
-            target_lsn = self._next_lsn
-            segment = self._segments[-1]
-            target_offset = segment.size
-            fd, retired = self._fd, self._retired_fds
-            self._retired_fds = []
-            started = time.perf_counter()
-            try:
-                await loop.run_in_executor(self._sync_pool, self._sync, fd, target_lsn)
-            except OSError as exc:
-                self._retired_fds = retired + self._retired_fds
-                self._fsync_failed(exc)
-                continue
-            self._on_fsync(time.perf_counter() - started)
-            for old in retired:
-                os.close(old)
-            self._durable = (target_lsn, segment.first_lsn, target_offset)
-            while self._waiters and self._waiters[0][0] <= target_lsn:
-                _, future = self._waiters.popleft()
-                if not future.done():
-                    future.set_result(None)
-            async with self._data:
-                self._data.notify_all()
-
-    def _sync(self, fd: int, target_lsn: int) -> None:
-        if self._fsync:
-            os.fdatasync(fd)
-        self._on_durable(target_lsn)
+        with self._segments_lock:
+            self._segments = [*self._segments, segment]
 
     def _fsync_failed(self, exc: OSError) -> None:
         """Refuse everything since the last good fsync and cut the log back to it, never retrying."""
@@ -524,17 +553,17 @@ class WriteAheadLog:
         log.warning("WAL: recovered after a failed fsync; appends resume", extra={"next_lsn": self._next_lsn})
 
     def _fail(self, reason: str) -> None:
-        self.failure = reason
-        while self._waiters:
-            _, future = self._waiters.popleft()
-            if not future.done():
-                future.set_exception(WalFailed(reason))
+        self.failure = self.failure_seen = reason
 
     def _cut_back_to_durable(self) -> None:
         durable_lsn, segment_lsn, offset = self._durable
+        self._cut_backs += 1
         self._close_fds()
-        while self._segments and self._segments[-1].first_lsn > segment_lsn:
-            self._segments.pop().path.unlink(missing_ok=True)
+        with self._segments_lock:
+            gone = [seg for seg in self._segments if seg.first_lsn > segment_lsn]
+            self._segments = [seg for seg in self._segments if seg.first_lsn <= segment_lsn]
+        for seg in gone:
+            seg.path.unlink(missing_ok=True)
         segment = self._segments[-1]
         fd = os.open(segment.path, os.O_RDWR | os.O_APPEND)
         self._fd = fd
@@ -580,13 +609,14 @@ class WriteAheadLog:
             return  # a consumer that has not started yet may still need every segment
         floor = min(self._consumers.values())
         # Keep the last segment (it is being written) and any segment holding LSNs >= floor.
-        while len(self._segments) > 1 and self._segments[1].first_lsn <= floor:
-            gone = self._segments[0]
-            self._segments = self._segments[1:]  # a new list: reader threads iterate their own copy
-            try:
-                gone.path.unlink()
-            except FileNotFoundError:
-                pass
+        with self._segments_lock:
+            segments = self._segments
+            keep_from = 0
+            while keep_from < len(segments) - 1 and segments[keep_from + 1].first_lsn <= floor:
+                keep_from += 1
+            self._segments = segments[keep_from:]  # a new list: reader threads iterate their own copy
+        for gone in segments[:keep_from]:
+            gone.path.unlink(missing_ok=True)
 
     def segment_start(self, lsn: int) -> int:
         """The first LSN of the segment holding ``lsn`` (for deciding when a position moved on)."""

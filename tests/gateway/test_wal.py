@@ -133,7 +133,7 @@ async def test_closed_log_refuses_appends(tmp_path):
     wal = await open_wal(tmp_path)
     await wal.close()
     with pytest.raises(WalClosed):
-        wal.write([frame(1)])
+        await wal.append([frame(1)])
 
 
 async def test_reader_waits_for_durable_data(tmp_path):

@@ -5,6 +5,7 @@ Disk-full tests run on a real small filesystem (tmpfs, mounted as root), never a
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -26,6 +27,21 @@ async def open_wal(path, **kw) -> WriteAheadLog:
     wal = WriteAheadLog(path, segment_bytes=kw.pop("segment_bytes", 1 << 20), max_total_bytes=kw.pop("max_total_bytes", 1 << 30), **kw)
     await wal.start()
     return wal
+
+
+def fail_next_fdatasync(monkeypatch):
+    """The next fdatasync fails with EIO (a real failing fsync needs a faulty block device); returns the real one."""
+    real_fdatasync = os.fdatasync
+    calls = []
+
+    def failing_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fdatasync(fd)
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", failing_once)
+    return real_fdatasync
 
 
 def read_all(wal: WriteAheadLog) -> list:
@@ -130,19 +146,9 @@ async def test_a_request_cut_short_by_a_crash_is_removed_whole(tmp_path):
 
 
 async def test_a_failed_fsync_refuses_what_it_covered_and_is_never_retried(tmp_path, monkeypatch, caplog):
-    # A real failing fsync needs a faulty block device; this one is simulated at the os call.
     wal = await open_wal(tmp_path)
     await wal.append([frame(2, b"kept")])
-    real_fdatasync = os.fdatasync
-    calls = []
-
-    def failing_once(fd):
-        calls.append(fd)
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "Input/output error")
-        return real_fdatasync(fd)
-
-    monkeypatch.setattr(wal_module.os, "fdatasync", failing_once)
+    real_fdatasync = fail_next_fdatasync(monkeypatch)
     with caplog.at_level(logging.CRITICAL), pytest.raises(WalFailed):
         await wal.append([frame(5, b"lost")])
     assert "fsync failed" in caplog.text
@@ -169,4 +175,21 @@ async def test_a_damaged_frame_inside_the_newest_segment_is_kept_aside(tmp_path,
     assert "kept aside" in caplog.text
     kept = list(tmp_path.glob("*.damaged-at-*"))
     assert len(kept) == 1 and kept[0].stat().st_size == len(data) - len(wal_module.MAGIC)
+    await wal.close()
+
+
+async def test_a_failed_fsync_at_rotation_refuses_every_request_written_since_the_last_good_one(tmp_path, monkeypatch, caplog):
+    # Two requests written together: the second needs a new segment, and fsyncing the full one fails.
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    await wal.append([frame(2, b"kept")])
+    real_fdatasync = fail_next_fdatasync(monkeypatch)
+    with caplog.at_level(logging.CRITICAL):
+        results = await asyncio.gather(wal.append([frame(3, b"fills", pad=300)]), wal.append([frame(1, b"rotates")]), return_exceptions=True)
+    assert all(isinstance(r, WalFailed) for r in results), f"a request covered by the failed fsync was acknowledged: {results}"
+    assert wal.next_lsn == 2, "the log was cut back to the last good fsync"
+    assert await wal.append([frame(1, b"later")]) == 3
+    await wal.close()
+    monkeypatch.setattr(wal_module.os, "fdatasync", real_fdatasync)
+    wal = await open_wal(tmp_path)
+    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
     await wal.close()
