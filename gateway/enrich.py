@@ -100,7 +100,7 @@ class RawLineWriter:
         self._device_id = ctx.device_id.encode() if ctx.device_id else None
 
     def line(self, index: int, record: Record, raw: bytes, event_ms: int, partitioned_by_event_time: bool) -> bytes:
-        # device_id matches ^[A-Za-z0-9._:-]+$ (schema), so it needs no JSON escaping.
+        # device_id is all of [A-Za-z0-9._:-] (schema), so it needs no JSON escaping.
         device_id = self._device_id or record.device_id.encode()
         seq = b"null" if record.seq is None else b"%d" % record.seq
         by = self._EVENT if partitioned_by_event_time else self._ARRIVAL

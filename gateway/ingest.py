@@ -16,11 +16,12 @@ import msgspec
 from gateway.body import MSGPACK, NDJSON
 from gateway.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, RequestContext, partition_hour, quarantine_line
 from gateway.errors import Forbidden, TooLarge
-from gateway.records import Record
+from gateway.records import Record, RecordOfAnyId, valid_device_id
 from gateway.spool import Spool
 from gateway.wal import KIND_QUARANTINE, KIND_RECORDS, encode_frame
 
 _json_record = msgspec.json.Decoder(Record)
+_json_any_id = msgspec.json.Decoder(RecordOfAnyId)
 _msgpack_record = msgspec.msgpack.Decoder(Record)
 _msgpack_any = msgspec.msgpack.Decoder()
 _json = msgspec.json.Encoder()
@@ -67,6 +68,7 @@ class RequestBatch:
         self.errors: list[dict[str, object]] = []
         self.new_seqs: list[tuple[str, int, int]] = []
         self._seqs_here: set[tuple[str, int, int]] = set()
+        self._checked_ids: set[str] = set()  # device ids of the last chunk, already checked
 
     def add(self, items: list[bytes]) -> None:
         if not items:
@@ -134,10 +136,16 @@ class RequestBatch:
         if not self._ndjson:
             return None
         try:
-            records = _json_record.decode_lines(b"\n".join(items))
+            records = _json_any_id.decode_lines(b"\n".join(items))
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
-        return records if len(records) == len(items) else None
+        if len(records) != len(items):
+            return None
+        ids = {r.device_id for r in records}
+        if ids != self._checked_ids and not all(valid_device_id(i) for i in ids):
+            return None  # record by record, so each bad id gets its own quarantine line and reason
+        self._checked_ids = ids
+        return records
 
     def _decode_one(self, index: int, item: bytes, quarantined: list) -> Record | None:
         try:

@@ -7,6 +7,7 @@ are ignored by the typed decode but never lost: the raw zone stores each record 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
@@ -16,7 +17,8 @@ from msgspec import Meta
 # Floats beyond the double range decode as inf; these bounds reject them (metrics must be finite).
 _MAX_FLOAT = 1.7976931348623157e308
 FiniteFloat = Annotated[float, Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
-DeviceId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+# \Z, not $: "$" also matches before a final line break, which would break the id's NDJSON line.
+DeviceId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+\Z")]
 MetricName = Annotated[str, Meta(min_length=1, max_length=128)]
 EpochMillis = Annotated[int, Meta(ge=0, le=253402300799999)]  # up to 9999-12-31
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
@@ -36,6 +38,21 @@ class Record(msgspec.Struct, frozen=True):
         if isinstance(ts, int):
             return ts
         return int(ts.timestamp() * 1000)
+
+
+class RecordOfAnyId(Record, frozen=True):
+    """``Record`` without the device_id pattern: a request's records name one device, so a bulk
+    decode checks each distinct id once (``valid_device_id``) instead of running the regex per record."""
+
+    device_id: str
+
+
+_DEVICE_ID = re.compile(DeviceId.__metadata__[0].pattern)
+
+
+def valid_device_id(device_id: str) -> bool:
+    """What ``Record`` requires of a device_id."""
+    return 0 < len(device_id) <= 128 and _DEVICE_ID.match(device_id) is not None
 
 
 class RawLine(msgspec.Struct, kw_only=True, omit_defaults=True):

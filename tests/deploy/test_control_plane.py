@@ -123,6 +123,7 @@ def test_register_list_and_get_never_show_a_key(sm: Any, secret: str):
 def test_bad_requests_are_refused_with_reasons(sm: Any, secret: str):
     assert call(sm, secret, "POST /devices", body={"device_id": "bad id"})[0] == 400
     assert call(sm, secret, "POST /devices", body={"device_id": "x" * 129})[0] == 400
+    assert call(sm, secret, "POST /devices", body={"device_id": "dev-1\n"})[0] == 400  # "$" alone would let it through
     assert call(sm, secret, "POST /devices", body={"device_id": "ok", "key": "chosen"})[1]["message"] == "unknown fields ['key']"
     assert call(sm, secret, "POST /devices", body={"device_id": "ok", "metadata": {"site": 7}})[0] == 400
     assert call(sm, secret, "POST /devices", body="{not json")[0] == 400

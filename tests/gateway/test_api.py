@@ -282,3 +282,19 @@ async def test_open_partition_cap_rolls_early_and_loses_nothing(tmp_path, http):
     assert sorted(line["seq"] for line in lines) == list(range(18))
     partitions = {p.parent.name + p.parent.parent.name for p in (env.lake / "raw").rglob("*.ndjson.zst")}
     assert len(partitions) == 6
+
+
+async def test_a_device_id_ending_in_a_line_break_is_quarantined_not_written_into_a_raw_line(tmp_path, http):
+    """``$`` matches before a final newline: such an id once passed the schema and broke its NDJSON line."""
+    from gateway.server import start_gateway
+    from gateway.settings import load_settings
+    from tests.gateway.conftest import make_env, read_zone
+
+    env = make_env(tmp_path, auth={"mode": "none"})
+    running = await start_gateway(load_settings(env.config, environ={}))
+    body = ndjson(record(device_id="dev-1\n", seq=1), record(device_id="dev-2", seq=2))
+    status, answer, _ = await post(http, running, body, {"Content-Type": "application/x-ndjson"})
+    await running.stop()
+    assert status == 202 and (answer["accepted"], answer["rejected"]) == (1, 1), answer
+    assert "device_id" in answer["errors"][0]["reason"]
+    assert [line["device_id"] for line in read_zone(env.lake, "raw")] == ["dev-2"]

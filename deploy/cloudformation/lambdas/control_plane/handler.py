@@ -54,7 +54,7 @@ MAX_SECRET_BYTES = 65536  # Secrets Manager's limit for a SecretString
 CURRENT, PREVIOUS, PENDING = "AWSCURRENT", "AWSPREVIOUS", "AWSPENDING"
 STAGING = "EDGE_GATEWAY_CONTROL_PLANE"  # the label a write's version carries until it is AWSCURRENT
 WRITE_ATTEMPTS = 5
-DEVICE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # the gateway's record schema
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the gateway's record schema; used with fullmatch
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_VALUE = 256
@@ -219,7 +219,7 @@ def _body(event: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _device_id(value: Any) -> str:
-    if not isinstance(value, str) or not DEVICE_ID.match(value):
+    if not isinstance(value, str) or not DEVICE_ID.fullmatch(value):
         raise ApiError("device_id must be 1 to 128 characters of [A-Za-z0-9._:-]")
     return value
 
