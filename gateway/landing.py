@@ -17,7 +17,9 @@ pending moves its position as it reads (an idle zone never pins the WAL). The st
 reserved when the zone first starts, so a full disk cannot stop the write that frees WAL space.
 An object that cannot be built, or that the sink refuses for good, is written with its reason
 under ``deadletter/<zone>/...`` after bounded retries (rebuilt from the WAL as plain NDJSON), so
-it never blocks the zone and none of its records is skipped.
+it never blocks the zone and none of its records is skipped. Frames the zone's prepare step (the
+curated zone's scoring) keeps failing on are retried, then prepared one by one: only the frames
+that still fail alone go to the dead-letter prefix.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class _Pending:
     max_event_ms: int = 0
     touched: float = 0.0
     cut_at: int | None = None  # from a sealed intent found on replay
+    dead_letter_reason: str | None = None  # frames that could not be prepared: straight to dead-letter
 
     def add(self, frame: Frame, now: float) -> None:
         if self.records == 0:
@@ -215,6 +218,7 @@ class ZoneLander:
 
     async def _run(self) -> None:
         delay = self.settings.retry_initial_secs
+        failures = 0  # consecutive failures to prepare the frames at the reader's position
         while True:
             reader = self._reader
             timeout = self._seconds_to_next_roll()
@@ -225,13 +229,19 @@ class ZoneLander:
                 # before _seal lists them as sealed, while an upload finishing may persist state.
                 read_from = reader.lsn
                 self._reading_from = self._current_position()
+                unpreparable: dict[int, str] = {}
                 try:
                     frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
                     if frames and self._prepare is not None:
-                        frames = await self._prepare([f for f in frames if self._wanted(f)])
+                        wanted = [f for f in frames if self._wanted(f)]
+                        if failures < self.settings.max_object_attempts:
+                            frames = await self._prepare(wanted)
+                        else:  # the same frames kept failing: one at a time, to set aside only the bad ones
+                            frames, unpreparable = await self._prepare_each(wanted)
                 except Exception as exc:  # e.g. a scoring bug: retry the same frames, never skip them
+                    failures += 1
                     self._observer.landing_failed(self.zone, exc)
-                    log.exception("preparing frames failed; will read them again", extra={"zone": self.zone})
+                    log.exception("preparing frames failed; will read them again", extra={"zone": self.zone, "attempt": failures})
                     reader.close()
                     self._reader = self._wal.reader(read_from)
                     self._reading_from = None
@@ -239,8 +249,9 @@ class ZoneLander:
                     delay = min(delay * 2, self.settings.retry_max_secs)
                     continue
                 delay = self.settings.retry_initial_secs
+                failures = 0
                 if frames:
-                    due = await asyncio.to_thread(self._absorb, frames)
+                    due = await asyncio.to_thread(self._absorb, frames, unpreparable)
                     # Every due object is sealed before any state is written, so none is counted nowhere.
                     await self._seal(due)
                     self._reading_from = None
@@ -271,12 +282,36 @@ class ZoneLander:
         if self._wal.segment_start(self._current_position()) > self._persisted_segment:
             await self._persist_state()
 
-    def _absorb(self, frames: list[Frame]) -> list[_Pending]:
-        """Add frames to open objects (off the event loop: compression is the cost here)."""
+    async def _prepare_each(self, frames: list[Frame]) -> tuple[list[Frame], dict[int, str]]:
+        """Prepare frames one by one: those that still fail come back by LSN with the reason, in place."""
+        out: list[Frame] = []
+        failed: dict[int, str] = {}
+        for frame in frames:
+            try:
+                out.extend(await self._prepare([frame]))
+            except Exception as exc:
+                failed[frame.lsn] = f"prepare failed: {type(exc).__name__}: {exc}"
+                out.append(frame)
+        return out, failed
+
+    def _absorb(self, frames: list[Frame], unpreparable: dict[int, str] | None = None) -> list[_Pending]:
+        """Add frames to open objects (off the event loop: compression is the cost here).
+
+        A frame in ``unpreparable`` becomes a dead-letter object of its own, after the open object
+        of its hour (sealed first, so the hour's objects still land in LSN order).
+        """
         now = self._clock()
         due: list[_Pending] = []
         for frame in frames:
             if not self._wanted(frame):
+                continue
+            if unpreparable and frame.lsn in unpreparable:
+                if frame.hour in self._open:
+                    due.append(self._open.pop(frame.hour))
+                bad = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
+                bad.records, bad.last_lsn = frame.count, frame.end_lsn - 1
+                bad.dead_letter_reason = unpreparable[frame.lsn]
+                due.append(bad)
                 continue
             pending = self._open.get(frame.hour)
             if pending is None:
@@ -339,6 +374,22 @@ class ZoneLander:
         if previous is not None:
             # Objects of one partition land in order, so its "landed" watermark never skips one.
             await asyncio.gather(previous, return_exceptions=True)
+        if pending.dead_letter_reason is not None:
+            log.critical(
+                "a frame could not be prepared for this zone; its records go to the dead-letter prefix",
+                extra={"zone": self.zone, "first_lsn": pending.first_lsn, "last_lsn": pending.last_lsn, "error": pending.dead_letter_reason},
+            )
+            await self._dead_letter(pending, pending.dead_letter_reason)
+        else:
+            await self._build_and_upload(pending)
+        self._sealed.remove(pending)
+        self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
+        self._state.landed[str(pending.hour)] = pending.last_lsn
+        await self._persist_state()
+        if self._chains.get(pending.hour) is asyncio.current_task():
+            del self._chains[pending.hour]
+
+    async def _build_and_upload(self, pending: _Pending) -> None:
         try:
             body = await asyncio.to_thread(pending.builder.finish)
         except Exception as exc:
@@ -351,12 +402,6 @@ class ZoneLander:
             await self._dead_letter(pending, f"build failed: {type(exc).__name__}: {exc}")
         else:
             await self._upload(pending, self._lake_object(pending, body))
-        self._sealed.remove(pending)
-        self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
-        self._state.landed[str(pending.hour)] = pending.last_lsn
-        await self._persist_state()
-        if self._chains.get(pending.hour) is asyncio.current_task():
-            del self._chains[pending.hour]
 
     async def _upload(self, pending: _Pending, obj: LakeObject) -> LandedObject:
         """Land ``obj``, retrying while the sink may recover; dead-letter it if the sink refuses it for good."""

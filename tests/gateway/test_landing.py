@@ -238,3 +238,33 @@ async def test_an_object_filled_by_a_later_read_holds_the_position_while_it_is_s
     assert await zone.drain(5)
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == list(range(20))
+
+
+async def test_a_frame_the_prepare_step_always_fails_on_is_dead_lettered_alone(tmp_path):
+    # One poison frame between good ones of the same hour and of another: retried, then set aside alone.
+    wal = await open_wal(tmp_path)
+    attempts = []
+
+    async def fails_on_seq_7(frames):
+        attempts.append(len(frames))
+        if any(b'"seq":7,' in f.payload for f in frames):
+            raise ValueError("scoring bug on this record")
+        return frames
+
+    metrics = GatewayMetrics()
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), fails_on_seq_7, max_object_attempts=3, retry_max_secs=0.02)
+    zone._observer = metrics
+    await zone.start()
+    await wal.append([frame(range(0, 5)), frame(range(5, 10)), frame(range(10, 15), hour=490_001), frame(range(15, 20))])
+    assert await zone.drain(5)
+    await wal.close()
+    assert [line["seq"] for line in read_zone(tmp_path / "lake" / "deadletter", "raw")] == list(range(5, 10))
+    assert landed_seqs(tmp_path / "lake") == [*range(0, 5), *range(10, 20)]
+    assert metrics.dead_lettered_records.labels("raw", "prepare failed")._value.get() == 5
+    # After a restart nothing is replayed or skipped.
+    wal = await open_wal(tmp_path)
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
+    await zone.start()
+    assert await zone.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == [*range(0, 5), *range(10, 20)]
