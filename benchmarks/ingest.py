@@ -1,11 +1,15 @@
 """Ingest benchmark: the gateway end to end against the bare aiohttp + msgspec ceiling, same run.
 
-    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--json out.json]
+    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--workers 1] [--profile DIR] [--json out.json]
 
-For each repetition: the ceiling's maximum throughput (closed loop); the gateway's maximum
-(HTTP in, authenticated, validated, enriched, WAL-fsynced, acked, landed in the local lake);
-ack latency at half of that maximum (open loop, from intended send time); and an overload at
-1.5x the maximum (status shares, goodput, peak RSS). Medians over repetitions, ratios per rep.
+For each repetition: the disk's own fsync latency (an append + fdatasync probe beside the WAL);
+the ceiling's maximum throughput (closed loop); the gateway's maximum (HTTP in, authenticated,
+validated, enriched, WAL-fsynced, acked, landed in the local lake) with its records per
+CPU-second, all its processes counted, and the CPU of each; ack latency at half of that maximum
+(open loop, from intended send time) next to the WAL's fsync p99 over the same run (from the
+gateway's /metrics); and an overload at 1.5x the maximum (status shares, goodput, peak RSS).
+Medians over repetitions, ratios per rep. ``--profile DIR`` adds, after the first repetition's
+measurements, a run at maximum load under py-spy: flame graphs and CPU per stage of the record path.
 """
 
 from __future__ import annotations
@@ -20,27 +24,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.loadgen import prepare
+from benchmarks import profile
+from benchmarks.disk import fsync_latency
+from benchmarks.gateway_metrics import WAL_FSYNC, histogram_quantile, scrape
+from benchmarks.loadgen import closed_loop, prepare
 from benchmarks.servers import GATEWAY_CONFIG, make_devices, measure_max, measure_open, start_ceiling, start_gateway
 
 __all__ = ["GATEWAY_CONFIG", "make_devices", "measure_max", "measure_open", "start_ceiling", "start_gateway", "main"]
 
 
-async def one_rep(args, workdir: Path) -> dict:
+async def one_rep(args, workdir: Path, profile_dir: Path | None = None) -> dict:
     root = Path(tempfile.mkdtemp(dir=workdir))
     devices = make_devices(root, args.devices)
     prepared = prepare(devices, records_per_request=args.records)
+    disk = await asyncio.to_thread(fsync_latency, root)
     ceiling = start_ceiling(root)
     try:
         ceiling_max = await measure_max(ceiling, prepared, args.seconds, args.concurrency)
     finally:
         ceiling.stop()
-    gateway = start_gateway(root)
+    gateway = start_gateway(root, workers=args.workers)
+    stages = None
     try:
         startup_s = gateway.startup_s
+        cpu_before = gateway.cpu_by_process()
         gw_max = await measure_max(gateway, prepared, args.seconds, args.concurrency)
+        gw_max["cpu_s_by_process"] = {k: v - cpu_before.get(k, 0.0) for k, v in gateway.cpu_by_process().items()}
+        metrics_before = await scrape(gateway.ops_url)
         half = await measure_open(gateway, prepared, gw_max["requests_per_s"] / 2, args.seconds)
+        half["wal_fsync_p99_ms"] = histogram_quantile(metrics_before, await scrape(gateway.ops_url), WAL_FSYNC, 0.99) * 1000
         overload = await measure_open(gateway, prepared, gw_max["requests_per_s"] * 1.5, args.seconds)
+        if profile_dir is not None:
+            stages = await profiled_run(gateway, prepared, args, profile_dir)
     finally:
         exit_code = gateway.stop()
     landed = sum(1 for _ in (root / "lake" / "raw").rglob("*.ndjson.zst"))
@@ -50,12 +65,25 @@ async def one_rep(args, workdir: Path) -> dict:
         "gateway": gw_max,
         "half_load": half,
         "overload": overload,
+        "disk_fsync": disk,
         "ratio_gateway_to_ceiling": gw_max["records_per_s"] / ceiling_max["records_per_s"],
+        "cpu_by_stage": stages,
         "startup_s": startup_s,
         "gateway_exit_code": exit_code,
         "raw_objects_landed": landed,
         "body_bytes": prepared.bytes_per_request,
     }
+
+
+async def profiled_run(gateway, prepared, args, out_dir: Path) -> list[dict]:
+    """Maximum load once more, with py-spy on every gateway process: CPU per stage and record."""
+    profiler = profile.Profiler(gateway.proc.pid, out_dir, args.seconds, label=f"ingest-w{args.workers}")
+    cpu0 = gateway.cpu_seconds()
+    run = await closed_loop(gateway.url, prepared, concurrency=args.concurrency, duration_s=args.seconds)
+    cpu_s = gateway.cpu_seconds() - cpu0
+    result = await asyncio.to_thread(profiler.finish, run.records, cpu_s)
+    profile.print_table(result)
+    return result.table()
 
 
 def summarize(reps: list[dict]) -> dict:
@@ -76,6 +104,8 @@ def summarize(reps: list[dict]) -> dict:
         "gateway_records_per_cpu_s": stat(["gateway", "records_per_cpu_s"]),
         "half_load_p50_ms": stat(["half_load", "p50_ms"]),
         "half_load_p99_ms": stat(["half_load", "p99_ms"]),
+        "half_load_wal_fsync_p99_ms": stat(["half_load", "wal_fsync_p99_ms"]),
+        "disk_fsync_p99_ms": stat(["disk_fsync", "p99_ms"]),
         "overload_goodput_records_per_s": stat(["overload", "goodput_records_per_s"]),
         "overload_shed_share": stat(["overload", "shed_share"]),
         "overload_peak_rss_mb": stat(["overload", "peak_rss_mb"]),
@@ -91,17 +121,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--records", type=int, default=300, help="records per request (300 ~ 64 KiB)")
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="the gateway's listen.workers (ingest processes)")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="also profile with py-spy; flame graphs go here")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
+    if args.profile and not profile.available():
+        parser.error("--profile needs py-spy (pip install py-spy)")
     workdir = Path(tempfile.mkdtemp(prefix="edge-gateway-bench-"))
     reps = []
     for i in range(args.reps):
-        rep = asyncio.run(one_rep(args, workdir))
+        rep = asyncio.run(one_rep(args, workdir, args.profile if i == 0 else None))
         reps.append(rep)
         print(
             f"rep {i + 1}/{args.reps}: ceiling {rep['ceiling']['records_per_s']:,.0f} rec/s, "
             f"gateway {rep['gateway']['records_per_s']:,.0f} rec/s (ratio {rep['ratio_gateway_to_ceiling']:.2f}), "
-            f"p99 at half load {rep['half_load']['p99_ms']:.1f} ms, overload peak RSS {rep['overload']['peak_rss_mb']:.0f} MiB",
+            f"{rep['gateway']['records_per_cpu_s']:,.0f} rec/CPU-s, p99 at half load {rep['half_load']['p99_ms']:.1f} ms "
+            f"(WAL fsync p99 {rep['half_load']['wal_fsync_p99_ms']:.1f} ms, disk {rep['disk_fsync']['p99_ms']:.1f} ms), "
+            f"overload peak RSS {rep['overload']['peak_rss_mb']:.0f} MiB",
             flush=True,
         )
     shutil.rmtree(workdir, ignore_errors=True)
@@ -115,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     s = result["summary"]
     print(
-        "\nmedian over {n} reps: gateway/ceiling {r:.2f} [{rmin:.2f}-{rmax:.2f}]; gateway {g:,.0f} rec/s ({mb:.1f} MB/s); "
-        "ack p99 at half load {p99:.1f} ms; overload: {shed:.0%} shed, peak RSS {rss:.0f} MiB".format(
+        "\nmedian over {n} reps: gateway/ceiling {r:.2f} [{rmin:.2f}-{rmax:.2f}]; gateway {g:,.0f} rec/s ({mb:.1f} MB/s, "
+        "{cpu:,.0f} rec/CPU-s); ack p99 at half load {p99:.1f} ms vs disk fsync p99 {disk:.1f} ms; "
+        "overload: {shed:.0%} shed, peak RSS {rss:.0f} MiB".format(
             n=len(reps),
             r=s["ratio_gateway_to_ceiling"]["median"],
             rmin=s["ratio_gateway_to_ceiling"]["min"],
@@ -124,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
             g=s["gateway_records_per_s"]["median"],
             mb=s["gateway_mb_per_s"]["median"],
             p99=s["half_load_p99_ms"]["median"],
+            cpu=s["gateway_records_per_cpu_s"]["median"],
+            disk=s["disk_fsync_p99_ms"]["median"],
             shed=s["overload_shed_share"]["median"],
             rss=s["overload_peak_rss_mb"]["median"],
         )

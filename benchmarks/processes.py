@@ -122,8 +122,28 @@ class Server:
             return f"(no log: {exc})"
 
     def cpu_seconds(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
+        """CPU time of the server and every process under it (a supervisor's workers)."""
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far per process, named by role (``main``, ``worker 0``, ...)."""
+        out = {}
+        for proc in [self.ps, *self._children()]:
+            try:
+                t = proc.cpu_times()
+                cmdline = proc.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            role = f"worker {cmdline[cmdline.index('--worker-index') + 1]}" if "--worker-index" in cmdline else (
+                "main" if proc.pid == self.ps.pid else f"pid {proc.pid}")
+            out[role] = t.user + t.system
+        return out
+
+    def _children(self) -> list[psutil.Process]:
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
 
     def rss(self) -> int:
         return self.ps.memory_info().rss

@@ -11,8 +11,7 @@ import math
 import time
 from pathlib import Path
 
-import aiohttp
-
+from benchmarks.gateway_metrics import samples, scrape
 from benchmarks.loadgen import Prepared, Run, closed_loop, open_loop
 from benchmarks.processes import Server, free_port, python
 from benchmarks.stats import percentile, percentiles
@@ -55,7 +54,7 @@ def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
 
 
 def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: float = 5.0, extra: str = "",
-                         lake_kind: str = "local") -> tuple[Path, int, int]:
+                         lake_kind: str = "local", workers: int = 1) -> tuple[Path, int, int]:
     """The benchmark's gateway configuration: defaults everywhere except paths, ports and log level.
 
     ``extra`` is appended TOML (e.g. an ``[s3]`` section or ``[inference]`` endpoints). Returns the
@@ -64,6 +63,7 @@ def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: 
     port, ops_port = free_port(), free_port()
     config = root / "gateway.toml"
     text = GATEWAY_CONFIG.format(port=port, ops_port=ops_port, root=root, wal_bytes=wal_bytes, object_age_s=object_age_s)
+    text = text.replace("[listen]\n", f"[listen]\nworkers = {workers}\n", 1)
     if lake_kind != "local":
         text = text.replace("[lake]\n", f'[lake]\nkind = "{lake_kind}"\n', 1)
     config.write_text(text + extra)
@@ -71,9 +71,9 @@ def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: 
 
 
 def start_gateway(root: Path, wal_bytes: int = 1 << 30, *, extra: str = "", lake_kind: str = "local",
-                  env: dict[str, str] | None = None, timeout: float = 30.0) -> Server:
+                  env: dict[str, str] | None = None, timeout: float = 30.0, workers: int = 1) -> Server:
     """``edge-gateway serve`` with its WAL (and local lake) under ``root``; returns once ``/readyz`` answers."""
-    config, port, ops_port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind)
+    config, port, ops_port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind, workers=workers)
     server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log", env=env)
     server.ops_url = f"http://127.0.0.1:{ops_port}"  # where /metrics is served
     try:
@@ -122,14 +122,11 @@ async def measure_sustained(server: Server, prepared: Prepared, seconds: float, 
     result = await measure_max(server, prepared, seconds, concurrency)
     acked = result["records_per_s"] * seconds
     deadline = time.monotonic() + drain_timeout_s
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            async with http.get(server.ops_url + "/metrics") as resp:
-                text = await resp.text()
-            backlog = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("edge_gateway_wal_backlog_bytes{")]
-            if backlog and not any(backlog):
-                break
-            await asyncio.sleep(0.5)
+    while time.monotonic() < deadline:
+        backlog = [value for _, value in samples(await scrape(server.ops_url), "edge_gateway_wal_backlog_bytes")]
+        if backlog and not any(backlog):
+            break
+        await asyncio.sleep(0.5)
     elapsed = time.monotonic() - started
     return {**result, "ack_records_per_s": result["records_per_s"], "records_per_s": acked / elapsed,
             "requests_per_s": result["requests_per_s"] * seconds / elapsed, "drained_in_s": elapsed - seconds}
