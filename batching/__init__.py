@@ -17,7 +17,7 @@ from batching.clock import Clock, FakeClock, MonotonicClock
 from batching.concurrency import AdaptiveConcurrency, Permit
 from batching.endpoint import Endpoint
 from batching.errors import BackpressureError, BatcherClosedError, BatchingError, QueueFullError, UnavailableError
-from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
+from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_OVERLOAD, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
 from batching.policy import BatchPolicy
 from batching.service_time import ServiceTimeModel
 from batching.stats import BatcherStats, EndpointStats
@@ -33,6 +33,7 @@ __all__ = [
     "Clock",
     "DEFER_BACKPRESSURE",
     "DEFER_DEADLINE",
+    "DEFER_OVERLOAD",
     "DEFER_SHUTDOWN",
     "Deferred",
     "Endpoint",

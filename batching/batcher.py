@@ -29,11 +29,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from batching.admission import LagEstimate, WindowedExtreme
 from batching.clock import Cancellable, Clock, MONOTONIC, wait_event
 from batching.concurrency import Permit
 from batching.endpoint import Endpoint, Ticket
 from batching.errors import BatcherClosedError, BatchingError, QueueFullError, UnavailableError, is_backpressure_error
-from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
+from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_OVERLOAD, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
 from batching.pending import PendingItem, PendingQueue
 from batching.policy import EPSILON_S, BatchPolicy, EndpointView, QueueView, decide, wait_and_run_cap
 from batching.rate import ArrivalRate
@@ -53,6 +54,10 @@ _BATCH_SIZE_ALPHA = 0.1
 # enough not to spin on it, short enough that a lost "available again" costs little.
 _MIN_REST_S = 0.05
 _MAX_REST_S = 2.0
+# How long the largest recent latency budget is remembered.
+_BUDGET_WINDOW_S = 1.0
+# One shared outcome for every item refused on arrival (outcomes are immutable).
+_REFUSED = Deferred(DEFER_OVERLOAD)
 
 
 @dataclass(slots=True, eq=False)
@@ -72,6 +77,8 @@ class Batcher(Generic[T, R]):
     (None: no bound) in records: ``submit`` waits for room under both. An item carrying more than
     ``max_queue_records`` records is let in once the queue is empty, so it cannot wait forever.
     ``max_attempts`` bounds how often a batch refused with backpressure goes back to the queue.
+    ``admission`` (on by default) refuses, as ``Deferred("overload")`` at once, an item whose
+    remaining budget the standing queue ahead of it would use up (see ``batching.admission``).
 
     ``dispatch`` gets items, not records, and returns one result per item.
     """
@@ -88,6 +95,7 @@ class Batcher(Generic[T, R]):
         max_queue_records: int | None = None,
         max_attempts: int = 3,
         is_backpressure: Callable[[BaseException], bool] = is_backpressure_error,
+        admission: bool = True,
     ) -> None:
         if max_queue < 1 or max_attempts < 1:
             raise ValueError("max_queue and max_attempts must be >= 1")
@@ -129,6 +137,19 @@ class Batcher(Generic[T, R]):
         self._planned_wait_s = 0.0
         self._last_batch_wait_s = 0.0
         self._last_reason = ""
+        self._admission = admission
+        self._floor = WindowedExtreme()  # standing queue: least queueing delay of recent batches
+        # The full latency budget items come with, as submitted promptly: b* is sized on it, not on
+        # what is left to an item that reached the queue late (that shrank batches as the loop fell behind).
+        self._budget = WindowedExtreme(_BUDGET_WINDOW_S, largest=True)
+        self._lag = LagEstimate()
+        # What admission needs, refreshed by every scheduling pass: the fastest call alone, the fastest
+        # call of a typical batch, when the endpoints drain, and the cost of one queued record.
+        self._admit_alone_s = 0.0
+        self._admit_batch_s = 0.0
+        self._admit_free_at = -math.inf  # when the first endpoint in rotation drains (at the tail)
+        self._admit_per_record_s = 0.0  # typical service time per record of a typical batch, over every lane
+        self._refused_future: asyncio.Future[Outcome[R]] | None = None
 
     def _adopt(self, endpoint: str | Endpoint) -> Endpoint:
         if isinstance(endpoint, str):
@@ -200,6 +221,8 @@ class Batcher(Generic[T, R]):
         """
         size = _check_size(size)
         self._check_open()
+        if self._refused(deadline, size):
+            return self._refuse()
         if self._room_waiters or not self._has_room(size):
             raise QueueFullError(f"no room for {size} more records: {self._bounds()}")
         return self._enqueue(item, deadline, size)
@@ -216,6 +239,8 @@ class Batcher(Generic[T, R]):
         """
         size = _check_size(size)
         self._check_open()
+        if self._refused(deadline, size):
+            return self._refuse()
         if not self._room_waiters and self._has_room(size):
             return self._enqueue(item, deadline, size)
         entry = _RoomWaiter(asyncio.get_running_loop().create_future(), size)
@@ -261,10 +286,37 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         self._queue.push(PendingItem(item, deadline, now, future, size))
         self._rate.observe(now, size)
+        self._budget.observe(now, deadline - now)
         self._counts["submitted"] += 1
         self.start()
         self._wake.set()
         return future
+
+    def _refused(self, deadline: float, size: int) -> bool:
+        """Whether the standing queue and the dispatch lag leave this item no chance of its deadline."""
+        if not self._admission:
+            return False
+        now = self.clock.now()
+        # Waiting ahead of it: what recent batches waited here (the standing queue), or the work already
+        # sent plus the records queued at the typical cost per record (Little's law), whichever is longer.
+        drain = self._admit_free_at - now + self._queue.records * self._admit_per_record_s
+        ahead = max(self._floor.value(now), drain)
+        need = self._lag.value(now) + (ahead + self._admit_batch_s if ahead > 0 else self._admit_alone_s)
+        if deadline - now >= need:
+            return False
+        self._rate.observe(now, size)  # offered load, for the arrival rate and desired_slots
+        return True
+
+    def _refuse(self) -> asyncio.Future[Outcome[R]]:
+        # Resolved on the spot, and one shared resolved future for all (a done future can be awaited
+        # by any number of callers and never changes): refusing must cost far less than scoring, or
+        # under overload the refusals alone would take the time the scored records need.
+        if self._refused_future is None:
+            self._refused_future = asyncio.get_running_loop().create_future()
+            self._refused_future.set_result(_REFUSED)
+        self._counts["submitted"] += 1
+        self._deferred[DEFER_OVERLOAD] += 1
+        return self._refused_future
 
     def _has_room(self, size: int) -> bool:
         """Whether an item of ``size`` records fits under both bounds, counting promised room."""
@@ -313,6 +365,7 @@ class Batcher(Generic[T, R]):
         now = self.clock.now()
         self._cancel_timer()
         wake_at = math.inf
+        lag = self._lag.value(now)
         self._defer_hopeless(now)
         while len(self._queue):
             choice = self._choose_endpoint(now)
@@ -323,11 +376,12 @@ class Batcher(Generic[T, R]):
             queue = QueueView(
                 length=self._queue.records,
                 head_deadline=head.deadline,
-                head_budget_s=head.deadline - head.enqueued_at,
+                head_budget_s=self._full_budget(now, head),
                 oldest_enqueued_at=self._queue.oldest_enqueued_at(),
                 head_size=head.size,
             )
-            view = EndpointView(model, endpoint.free_at_tail(now), endpoint.free_at(now), endpoint.busy)
+            # A batch starts only once the event loop runs its call: deadlines are checked from then.
+            view = EndpointView(model, endpoint.free_at_tail(now) + lag, endpoint.free_at(now), endpoint.busy)
             decision = decide(now, queue, view, self.policy, self._rate.per_s(now), flushing=self._flushing)
             self._planned_wait_s = decision.wait_s
             if decision.defer_head:
@@ -342,6 +396,7 @@ class Batcher(Generic[T, R]):
             wake_at = min(wake_at, self._hopeless_at(now), self._rest_ends_at(now))
         if wake_at < math.inf:
             self._timer = self.clock.call_at(max(wake_at, now + EPSILON_S), self._wake.set)
+        self._refresh_admission(now)
         self._admit_waiters()
         if self._closing and not len(self._queue) and not self._batches_in_flight:
             self._drained.set()
@@ -349,33 +404,42 @@ class Batcher(Generic[T, R]):
     def _choose_endpoint(self, now: float) -> tuple[Endpoint, ServiceTimeModel] | None:
         """The endpoint with a free slot that would finish the next batch first."""
         head = self._queue.head()
+        rate = self._rate.per_s(now)
         best: tuple[float, Endpoint, ServiceTimeModel] | None = None
         for endpoint in self.endpoints:
             if not endpoint.has_slot():
                 continue
             model = endpoint.service_time(self.model)
             # The records the next batch would carry: at most b*, but never less than the whole head.
-            cap = wait_and_run_cap(model, head.deadline - head.enqueued_at, self.policy)
+            cap = wait_and_run_cap(model, self._full_budget(now, head), self.policy, rate)
             size = max(head.size, min(self._queue.records, cap))
             finish = endpoint.free_at_tail(now) + model.predict_tail(size)
             if best is None or finish < best[0]:
                 best = (finish, endpoint, model)
         return None if best is None else (best[1], best[2])
 
-    def _earliest_alone_finish(self, now: float, size: int) -> float:
-        """The earliest any endpoint could finish an item of ``size`` records sent alone, as soon as it can."""
+    def _full_budget(self, now: float, head: PendingItem) -> float:
+        """The budget to size batches on: the head's own, or the largest recent one if that is larger."""
+        return max(head.deadline - head.enqueued_at, self._budget.value(now))
+
+    def _starts(self, now: float) -> list[tuple[float, ServiceTimeModel]]:
+        """For each endpoint in rotation (or, if none is, each in case one comes back: at its best),
+        the earliest a batch sent now could start on it, and its service-time model."""
+        lag = self._lag.value(now)
         candidates = [endpoint for endpoint in self.endpoints if endpoint.available]
         if not candidates:
-            # None in rotation: judge by the best case of any, in case one comes back.
-            return now + min(endpoint.service_time(self.model).predict_tail(size) for endpoint in self.endpoints)
-        return min(e.free_at_tail(now) + e.service_time(self.model).predict_tail(size) for e in candidates)
+            return [(now + lag, e.service_time(self.model)) for e in self.endpoints]
+        return [(e.free_at_tail(now) + lag, e.service_time(self.model)) for e in candidates]
 
     def _defer_hopeless(self, now: float) -> None:
         # Only the head is judged: a later, larger item can be hopeless sooner, but it is judged (and
         # never sent late) once it reaches the head.
+        if not len(self._queue):
+            return
+        starts = self._starts(now)  # once per pass: under overload many heads leave at once
         while len(self._queue):
             head = self._queue.head()
-            if self._earliest_alone_finish(now, head.size) <= head.deadline:
+            if min(start + model.predict_tail(head.size) for start, model in starts) <= head.deadline:
                 return
             self._resolve(self._queue.pop(), Deferred(DEFER_DEADLINE))
 
@@ -383,7 +447,17 @@ class Batcher(Generic[T, R]):
         """When the head stops being feasible on any endpoint, so it leaves the queue then, not later."""
         head = self._queue.head()
         fastest = min(endpoint.service_time(self.model).predict_tail(head.size) for endpoint in self.endpoints)
-        return max(now, head.deadline - fastest) + _HOPELESS_MARGIN_S
+        return max(now, head.deadline - fastest - self._lag.value(now)) + _HOPELESS_MARGIN_S
+
+    def _refresh_admission(self, now: float) -> None:
+        in_rotation = [endpoint for endpoint in self.endpoints if endpoint.available] or self.endpoints
+        self._admit_free_at = min(endpoint.free_at_tail(now) for endpoint in in_rotation)
+        models = [endpoint.service_time(self.model) for endpoint in in_rotation]
+        typical = max(1.0, self._mean_batch_size)
+        self._admit_alone_s = min(model.predict_tail(1) for model in models)
+        self._admit_batch_s = min(model.predict_tail(typical) for model in models)
+        lanes = sum(endpoint.lanes for endpoint in in_rotation)
+        self._admit_per_record_s = min(model.predict(typical) for model in models) / typical / lanes
 
     def _rest_ends_at(self, now: float) -> float:
         """When the first resting endpoint in rotation may take a batch again (inf: none is resting)."""
@@ -402,6 +476,7 @@ class Batcher(Generic[T, R]):
         if permit is None:
             return False  # someone else outside this batcher holds or awaits the endpoint's slots
         oldest = self._queue.oldest_enqueued_at()
+        self._floor.observe(now, now - oldest)
         batch = self._queue.pop_batch(max_records)
         size = _records(batch)  # may fall short of max_records (whole items) or exceed it (one big item)
         predicted = model.predict(size)
@@ -433,7 +508,15 @@ class Batcher(Generic[T, R]):
         expected_rtt_s: float,
     ) -> None:
         responded = False
+        # The call starts only when the event loop gets to it: the wait since the decision is lag,
+        # not the endpoint's service time, and the deadline checks account for it separately.
+        started = self.clock.now()
+        self._lag.observe(started, started - ticket.sent_at)
+        ticket.sent_at = started
         try:
+            batch = self._drop_late_starters(batch, started + model.predict_tail(_records(batch)))
+            if not batch:
+                return
             try:
                 results = list(await self._dispatch(endpoint.name, [pending.item for pending in batch]))
                 if len(results) != len(batch):
@@ -476,6 +559,18 @@ class Batcher(Generic[T, R]):
             permit.release()
             self._batches_in_flight -= 1
             self._wake.set()
+
+    def _drop_late_starters(self, batch: list[PendingItem], finish: float) -> list[PendingItem]:
+        """Defer the items that the call, starting now rather than when it was decided, would make late."""
+        if batch[0].deadline >= finish:  # earliest deadline first: the common case costs one comparison
+            return batch
+        keep = []
+        for pending in batch:
+            if pending.deadline < finish:
+                self._resolve(pending, Deferred(DEFER_DEADLINE))
+            else:
+                keep.append(pending)
+        return keep
 
     def _retry_or_defer(self, batch: list[PendingItem]) -> None:
         for pending in batch:

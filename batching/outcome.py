@@ -11,6 +11,7 @@ R = TypeVar("R")
 DEFER_DEADLINE = "deadline"  # no endpoint could finish it before its deadline
 DEFER_BACKPRESSURE = "backpressure"  # endpoints kept shedding load until attempts ran out
 DEFER_SHUTDOWN = "shutdown"  # the batcher closed before it could be scored
+DEFER_OVERLOAD = "overload"  # refused on arrival: the queue ahead of it would have made it late
 
 
 @dataclass(frozen=True, slots=True)

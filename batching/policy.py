@@ -9,7 +9,8 @@ Notation (from the research note, section C.3), for one endpoint and the queue's
     d      the head's deadline; D its whole latency budget (deadline - enqueue time)
     S_q(b) the tail service time rho * (a + c*b); lambda the arrival rate, records/s
 
-    b*     = max{ b <= max_batch : 2 * S_q(b) <= phi * D }     "wait one + run one" (Nexus)
+    b*     = max{ b <= max_batch : 2 * S_q(b) <= phi * D }     "wait one + run one" (Nexus),
+             but at least the batch that keeps up with lambda
     b_cap  = min(b*, max{ b : free + S_q(b) <= d })              deadline cap for this dispatch
     w*     = (d - free - S_q(n)) / (1 + rho * c * lambda)        wait that still meets the deadline
 
@@ -100,9 +101,12 @@ class EndpointView:
     busy: bool  # something is in flight
 
 
-def wait_and_run_cap(model: ServiceTimeModel, budget_s: float, policy: BatchPolicy) -> int:
-    """b*: the largest batch that can wait for one such batch and then run, within the budget."""
-    return max(1, model.largest_batch_within(policy.wait_and_run_share * budget_s / 2, policy.max_batch))
+def wait_and_run_cap(model: ServiceTimeModel, budget_s: float, policy: BatchPolicy, rate_per_s: float = 0.0) -> int:
+    """b*: the largest batch that can wait for one such batch and then run, within the budget; but
+    never smaller than the batch that keeps up with the arrival rate (smaller batches cannot serve
+    the load at all, and their per-call cost is what an overloaded process can least afford)."""
+    fits = model.largest_batch_within(policy.wait_and_run_share * budget_s / 2, policy.max_batch)
+    return max(1, fits, model.smallest_batch_keeping_up(rate_per_s, policy.max_batch))
 
 
 def deadline_cap(model: ServiceTimeModel, free_at: float, deadline: float, limit: int) -> int:
@@ -127,10 +131,14 @@ def decide(
 ) -> Decision:
     """One decision for an endpoint with a free slot (research note C.3, steps 1 to 5)."""
     model, free = endpoint.model, endpoint.free_at
-    best = wait_and_run_cap(model, queue.head_budget_s, policy)
-    # 1. Early drop: under overload keep full-efficiency batches rather than serve hopeless heads.
-    # The head is never split, so it needs at least a batch of its own size.
-    needed = model.predict_tail(max(queue.head_size, best if queue.length >= best else 1))
+    best = wait_and_run_cap(model, queue.head_budget_s, policy, rate_per_s)
+    # 1. Early drop: under overload keep efficient batches rather than serve hopeless heads. A head
+    # that could only go in a batch of less than half of what is queued (up to b*) would shrink the
+    # batch, and shrinking batches is how goodput collapses when every head reaches the front at the
+    # edge of its deadline. Half, not all: demanding a full b* there deferred nearly every head on a
+    # busy event loop. The head is never split, so it needs a batch of its size.
+    smallest = min(queue.length, best) // 2
+    needed = model.predict_tail(max(queue.head_size, smallest, 1))
     if free + needed > queue.head_deadline:
         return Decision(REASON_HOPELESS, defer_head=True)
     cap = max(1, deadline_cap(model, free, queue.head_deadline, best))

@@ -27,6 +27,13 @@ _MIN_A_S = 1e-6
 _MIN_C_S = 1e-9
 _HUBER_K = 1.345
 _MIN_PRIOR_WEIGHT = 0.25
+# The tail factor describes an endpoint that is slower than usual in proportion to the work. A call
+# stalled for reasons that do not scale with the batch (the process descheduled, a GC pause) would
+# otherwise read as "every call is 50x slower" and shrink every batch to one record, the least
+# efficient size there is, which starves the process further. So one call can at most double it,
+# and it never exceeds this bound.
+MAX_RHO = 8.0
+_MAX_RHO_STEP = 2.0
 
 
 class ServiceTimeModel:
@@ -93,6 +100,14 @@ class ServiceTimeModel:
         """Service time that a call with ``batch_size`` records stays within at the tail quantile."""
         return self._rho * self.predict(batch_size)
 
+    def smallest_batch_keeping_up(self, rate_per_s: float, limit: int) -> int:
+        """The smallest batch (at most ``limit``) whose typical calls, back to back, serve ``rate_per_s`` records/s."""
+        if rate_per_s <= 0:
+            return 1
+        if rate_per_s * self._c >= 1.0:
+            return limit
+        return max(1, min(limit, math.ceil(rate_per_s * self._a / (1.0 - rate_per_s * self._c))))
+
     def largest_batch_within(self, budget_s: float, limit: int) -> int:
         """The largest batch in records (at most ``limit``) whose tail service time fits ``budget_s``; 0 if none."""
         if budget_s < self.predict_tail(1):
@@ -108,8 +123,9 @@ class ServiceTimeModel:
         self._window.append((batch_size, service_s))
         self._observed += 1
         self._since_refit += 1
-        # React to a slowdown at once; the next refit brings rho back to the windowed quantile.
-        self._rho = max(self._rho, service_s / self.predict(batch_size))
+        # React to a slowdown at once (bounded); the next refit brings rho back to the windowed quantile.
+        ratio = service_s / self.predict(batch_size)
+        self._rho = min(MAX_RHO, max(self._rho, min(ratio, _MAX_RHO_STEP * self._rho)))
         if len(self._window) >= self.min_samples and self._since_refit >= self.refit_every:
             self._refit()
 
@@ -130,7 +146,7 @@ class ServiceTimeModel:
         self._a = max(_MIN_A_S, a)
         self._c = max(_MIN_C_S, c)
         ratios = times / (self._a + self._c * sizes)
-        self._rho = max(1.0, float(np.quantile(ratios, self.tail_quantile)))
+        self._rho = min(MAX_RHO, max(1.0, float(np.quantile(ratios, self.tail_quantile))))
 
     def _ridge(self, sizes: np.ndarray, times: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
         n = float(weights.sum())

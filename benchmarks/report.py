@@ -129,10 +129,11 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
         plt.close(fig)
         made.append(("latency_vs_load.png", "Ack latency percentiles vs offered load (open loop, no coordinated omission)"))
 
-    for name in [n for n in scen if (scen[n].get("series") or {}).keys() & {"timeline_steady_0.9", "timeline_burst", "timeline_steady_0.5"}]:
+    timelines = ("timeline_steady_0.5", "timeline_steady_0.9", "timeline_burst", "timeline_overload_1.5")
+    for name in [n for n in scen if (scen[n].get("series") or {}).keys() & set(timelines)]:
         series = scen[name]["series"]
-        runs = [k for k in ("timeline_steady_0.5", "timeline_steady_0.9", "timeline_burst") if series.get(k)]
-        fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 5.5), squeeze=False, sharex="col")
+        runs = [k for k in timelines if series.get(k)]
+        fig, axes = plt.subplots(3, len(runs), figsize=(4.2 * len(runs), 8), squeeze=False, sharex="col")
         for col, key in enumerate(runs):
             tl = series[key]
             t = [s["t_s"] for s in tl]
@@ -141,17 +142,21 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
             axes[0][col].set_title(key.removeprefix("timeline_"), fontsize=9)
             axes[1][col].step(t, [s["concurrency_limit"] for s in tl], where="post", label="concurrency limit")
             axes[1][col].step(t, [s["in_flight"] for s in tl], where="post", alpha=0.6, label="in flight")
-            axes[1][col].set_xlabel("time (s)")
+            axes[2][col].plot(t, [s.get("on_time_share", math.nan) for s in tl], label="on time")
+            axes[2][col].plot(t, [s.get("deferred_share", math.nan) for s in tl], alpha=0.6, label="deferred or refused")
+            axes[2][col].set_ylim(-0.05, 1.05)
+            axes[2][col].set_xlabel("time (s)")
         axes[0][0].set_ylabel("records per batch")
         axes[1][0].set_ylabel("calls")
-        axes[0][0].legend(fontsize=7)
-        axes[1][0].legend(fontsize=7)
-        fig.suptitle(f"{name}: batch size and concurrency over time (first repetition)")
+        axes[2][0].set_ylabel("share of outcomes (per 100 ms)")
+        for row in axes:
+            row[0].legend(fontsize=7)
+        fig.suptitle(f"{name}: batch size, concurrency and on-time share over time (first repetition)")
         fig.tight_layout()
         fname = f"batching_{name}.png"
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
-        made.append((fname, f"{scen[name]['title']}: batch size and concurrency over time"))
+        made.append((fname, f"{scen[name]['title']}: batch size, concurrency and on-time share over time"))
 
     for name, result in scen.items():
         timeline = (result.get("series") or {}).get("batching_timeline")

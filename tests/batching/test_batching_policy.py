@@ -65,9 +65,12 @@ def test_a_head_that_cannot_finish_in_time_is_deferred() -> None:
 
 
 def test_under_overload_a_head_that_would_shrink_the_batch_is_deferred() -> None:
-    # 200 queued: a full batch of 128 needs 13.8 ms; a head due in 10 ms would force a small batch.
-    decision = decide(0.0, queue(200, 0.010), idle(), POLICY, 0.0)
+    # 200 queued: half of a full batch (64) needs 7.4 ms; a head due in 7 ms would force a small batch.
+    decision = decide(0.0, queue(200, 0.007), idle(), POLICY, 0.0)
     assert decision.defer_head
+    # Due in 10 ms it fits a batch of 90, more than half of b*: it goes, in a deadline-capped batch.
+    decision = decide(0.0, queue(200, 0.010), idle(), POLICY, 0.0)
+    assert (decision.send, decision.reason) == (90, REASON_DEADLINE_CAP)
 
 
 def test_a_full_batch_goes_at_once() -> None:

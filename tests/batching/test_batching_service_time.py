@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from batching import ServiceTimeModel
+from batching.service_time import MAX_RHO
 
 
 def test_prior_answers_before_any_data() -> None:
@@ -54,7 +55,29 @@ def test_tail_factor_tracks_the_p99_of_observed_over_predicted() -> None:
 def test_tail_factor_jumps_on_a_slow_call_before_the_next_refit() -> None:
     model = ServiceTimeModel(0.002, 0.0001, prior_rho=1.0)
     model.observe(10, 3 * model.predict(10))
-    assert model.rho == pytest.approx(3.0)
+    assert model.rho == pytest.approx(2.0)  # at most doubled by one call
+    model.observe(10, 3 * model.predict(10))
+    assert model.rho == pytest.approx(3.0)  # the next one gets there
+
+
+def test_one_stalled_call_cannot_shrink_batches_to_one_record() -> None:
+    # A call stalled 50x (the process descheduled) is not an endpoint 50x slower: the tail factor
+    # moves at most x2 per call and stays bounded, so batches stay efficient.
+    model = ServiceTimeModel(0.0002, 0.000002, prior_rho=1.3)
+    model.observe(1, 50 * model.predict(1))
+    assert model.rho == pytest.approx(2.6)
+    for _ in range(10):
+        model.observe(1, 50 * model.predict(1))
+    assert model.rho == MAX_RHO
+    assert model.largest_batch_within(0.020, 128) == 128
+
+
+def test_smallest_batch_keeping_up_with_the_arrival_rate() -> None:
+    model = ServiceTimeModel(0.001, 0.00001)  # 1 ms per call + 10 us per record
+    assert model.smallest_batch_keeping_up(0.0, 128) == 1
+    assert model.smallest_batch_keeping_up(50_000, 128) == 100  # 50 / (1 - 0.5)
+    assert model.smallest_batch_keeping_up(20_000, 128) == 25  # 20 / (1 - 0.2)
+    assert model.smallest_batch_keeping_up(200_000, 128) == 128  # cannot keep up at any size: the largest
 
 
 def test_one_batch_size_only_keeps_the_slope_near_its_prior() -> None:
