@@ -12,7 +12,7 @@ cover what recent items really waited, plus the dispatch lag and the call:
 to two windows (a ``WindowedExtreme``): the standing queue, as CoDel measures it (RFC 8289); a burst
 that drains quickly leaves it near zero, so bursts are not refused. With no batch sent recently it is
 0 (nothing is known: admit). ``lag`` is the event loop's delay between deciding to send and the call
-starting.
+starting. See docs/batching.md §3.4 and §3.5.
 """
 
 from __future__ import annotations

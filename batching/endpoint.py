@@ -42,7 +42,7 @@ class Endpoint:
             raise ValueError("an endpoint has at least one lane")
         self.name = name
         self.lanes = lanes
-        # One batch running and one in transit per lane is the useful minimum (research C.5).
+        # One batch running and one in transit per lane is the useful minimum (docs/batching.md §3.6).
         self.concurrency = concurrency or AdaptiveConcurrency(
             initial=lanes + 1, minimum=lanes + 1, maximum=max(8, 4 * lanes), clock=clock or MONOTONIC
         )

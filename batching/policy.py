@@ -3,7 +3,7 @@
 Everything here counts records, not items: an item may carry many records (a chunk), and the
 service time grows with records. ``b`` and ``n`` below are record counts; ``s`` is the head item's.
 
-Notation (from the research note, section C.3), for one endpoint and the queue's head item:
+Notation (docs/batching.md §2 and §3.2), for one endpoint and the queue's head item:
 
     free   when the endpoint finishes what is already in flight, at the tail (now if idle)
     d      the head's deadline; D its whole latency budget (deadline - enqueue time)
@@ -42,7 +42,7 @@ REASON_HOPELESS = "hopeless"
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
-    """Knobs of the adaptive batcher; the defaults follow the research note (section C.10)."""
+    """Knobs of the adaptive batcher; docs/batching.md §4 says why each default is what it is."""
 
     # Records per call. An item carrying more records than this still goes, alone in its call.
     max_batch: int = 128
@@ -129,14 +129,14 @@ def decide(
     *,
     flushing: bool = False,
 ) -> Decision:
-    """One decision for an endpoint with a free slot (research note C.3, steps 1 to 5)."""
+    """One decision for an endpoint with a free slot (docs/batching.md §3.2, steps 1 to 5)."""
     model, free = endpoint.model, endpoint.free_at
     best = wait_and_run_cap(model, queue.head_budget_s, policy, rate_per_s)
     # 1. Early drop: under overload keep efficient batches rather than serve hopeless heads. A head
     # that could only go in a batch of less than half of what is queued (up to b*) would shrink the
     # batch, and shrinking batches is how goodput collapses when every head reaches the front at the
     # edge of its deadline. Half, not all: demanding a full b* there deferred nearly every head on a
-    # busy event loop. The head is never split, so it needs a batch of its size.
+    # busy event loop (docs/batching.md §6). The head is never split, so it needs a batch of its size.
     smallest = min(queue.length, best) // 2
     needed = model.predict_tail(max(queue.head_size, smallest, 1))
     if free + needed > queue.head_deadline:

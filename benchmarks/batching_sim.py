@@ -253,7 +253,7 @@ def run_benchmark(
 
 
 def protocol_scenarios(base: Scenario | None = None) -> dict[str, tuple[tuple[float, ...], Scenario]]:
-    """The research note's protocol (section D): steady loads, a burst, a 2.5x slowdown."""
+    """The protocol of docs/batching.md §5: steady loads, a burst, a 2.5x slowdown."""
     import dataclasses
 
     base = base or Scenario()

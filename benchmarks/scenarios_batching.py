@@ -1,11 +1,11 @@
-"""The batching protocol (research note, section D) on the simulated endpoint of ``batching_sim``.
+"""The batching protocol (docs/batching.md §5) on the simulated endpoint of ``batching_sim``.
 
 ``batching_sim.run_benchmark`` runs the adaptive batcher and static (batch, timeout) arms on a fake
 clock at several loads (fractions of the endpoint's capacity at full batches). This adapter runs it
 once per repetition with a different seed, in a worker thread (it runs its own event loop), and
 derives the protocol's ratios: calls per record against the best static arm that meets the SLO at
 each load (target <= 1.10x), the on-time share up to 0.95x (no late records), and goodput at overload.
-Burst and slowdown runs come from ``batching_sim.protocol_scenarios`` (the protocol of the research note).
+Burst and slowdown runs come from ``batching_sim.protocol_scenarios`` (the protocol of docs/batching.md §5).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 
 from benchmarks.scenario import Collector, Context
 
-# A static arm "meets the SLO" at a load when at most this share of records is late (D.6: 0.1%).
+# A static arm "meets the SLO" at a load when at most this share of records is late (docs/batching.md §5: 0.1%).
 LATE_PCT_OK = 0.1
 
 
@@ -72,7 +72,7 @@ class BatchingScenario:
                 if float(load) > 1.0:
                     capacity = report["scenario"]["capacity_per_s"]
                     out.ratio("adaptive_goodput_to_capacity_overload", adaptive["goodput_per_s"] / capacity, better="higher",
-                              description=f"adaptive goodput at {float(load):g}x offered load over the endpoint's capacity (D.6: >= 0.95)")
+                              description=f"adaptive goodput at {float(load):g}x offered load over the endpoint's capacity (docs/batching.md §5)")
             steady = [float(l) for l in report["results"] if float(l) <= 0.95]
             on_time = min(1 - (report["results"][l]["adaptive"]["late_pct"] + report["results"][l]["adaptive"]["deferred_pct"]) / 100
                           for l in report["results"] if float(l) <= 0.95) if steady else math.nan

@@ -5,7 +5,7 @@ The gateway's pipeline has no scoring stage yet (DESIGN step 8), so these scenar
 it will use, in this process: ``batching.Batcher`` over a ``connectors`` inferencer. Records arrive
 open loop (Poisson, generated on a 1 ms tick, never waiting for results), each with a 50 ms
 deadline; latency runs from the record's intended arrival to its outcome. Each repetition finds
-the capacity as the research note defines it (the highest Poisson rate with 99% of records on time,
+the capacity as docs/batching.md §5 defines it (the highest Poisson rate with 99% of records on time,
 by bisection below the full-queue throughput), then runs steady 0.5x and 0.9x, a burst run (0.2x
 with 1.5x bursts) and an overload at 1.5x, each with a fresh batcher, sampling batch size and
 concurrency every 100 ms.
@@ -154,7 +154,7 @@ async def _capacity(batcher, rows: np.ndarray, seconds: float) -> float:
     return ok / (time.perf_counter() - begin)
 
 
-# Capacity: the highest Poisson rate at which this share of records is scored within the deadline (D.2).
+# Capacity: the highest Poisson rate at which this share of records is scored within the deadline (docs/batching.md §5).
 ON_TIME_TARGET = 0.99
 
 
@@ -237,7 +237,7 @@ class _InferenceScenario:
                                   description=f"share of records scored within the {SLO_S * 1000:.0f} ms deadline at 0.9x the measured capacity")
                     if label == "overload_1.5":
                         out.ratio("overload_goodput_to_capacity", res["on_time_share"] * 1.5, better="higher", tolerance=0.3,
-                                  description="records scored on time per second at 1.5x offered load over the capacity (D.6: >= 0.95)")
+                                  description="records scored on time per second at 1.5x offered load over the capacity (docs/batching.md §5: >= 0.9)")
                     if label == "burst":
                         out.ratio("on_time_share_burst", res["on_time_share"], better="higher",
                                   description="share of records scored within the deadline under bursts (0.2x base, 1.5x for 250 ms every second)",
