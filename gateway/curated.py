@@ -35,12 +35,13 @@ from connectors.inference import Inferencer, ShapedBatch
 from connectors.inference_pool import InferencePool
 from connectors.local_model import LocalModelInferencer
 from gateway.metrics import GatewayMetrics
-from gateway.records import CuratedSource
+from gateway.records import CuratedRequest, CuratedSource
 from gateway.wal import Frame
 
 log = logging.getLogger(__name__)
 
 _raw_lines = msgspec.json.Decoder(CuratedSource)
+_request_fields = msgspec.json.Decoder(CuratedRequest)
 _PR_SET_PDEATHSIG = 1
 _METRICS = CURATED_SCHEMA.field("metrics").type
 _TAGS = CURATED_SCHEMA.field("tags").type
@@ -230,21 +231,25 @@ _CURATED_WITHOUT_INFERENCE = pa.schema([f for f in CURATED_SCHEMA if f.name != "
 _INFERENCE_FIELD = CURATED_SCHEMA.field("inference")
 
 
-def curated_columns(lines: list[CuratedSource]) -> pa.Table:
+def curated_columns(request: CuratedRequest, lines: list[CuratedSource]) -> pa.Table:
     """The curated columns of one frame but ``inference`` (schema in connectors/curated_parquet.py)."""
+    n = len(lines)
     records = [line.record for line in lines]
-    devices = [line.device for line in lines]
+
+    def same(value, type_: pa.DataType) -> pa.Array:  # a column every record of the request shares
+        return pa.array([value], type_).take(pa.array(np.zeros(n, dtype=np.int32)))
+
     columns = [
         pa.array([line.device_id for line in lines], pa.string()),
         pa.array([line.seq for line in lines], pa.int64()),
         pa.array([line.event_time_ms for line in lines], pa.int64()).cast(_TS),
-        pa.array([line.received_at for line in lines], pa.string()).cast(_TS),
-        pa.array([line.gateway_id for line in lines], pa.string()),
-        pa.array([line.availability_zone for line in lines], pa.string()),
-        pa.array([line.ingest_id for line in lines], pa.string()),
+        same(request.received_at, pa.string()).cast(_TS),
+        same(request.gateway_id, pa.string()),
+        same(request.availability_zone, pa.string()),
+        same(request.ingest_id, pa.string()),
         pa.array([line.index for line in lines], pa.int32()),
-        pa.array([d.get("site") for d in devices], pa.string()),
-        pa.array([d.get("model") for d in devices], pa.string()),
+        same(request.device.get("site"), pa.string()),
+        same(request.device.get("model"), pa.string()),
         pa.array([r.metrics for r in records], _METRICS),
         pa.array([r.tags for r in records], _TAGS),
     ]
@@ -255,11 +260,12 @@ def decode_frames(
     payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject_missing: bool
 ) -> list[tuple[pa.Table, ShapedBatch]]:
     """For each frame payload: its curated columns and its model input. Pure, so it can run in
-    another process."""
+    another process. What the records of a frame share is decoded once, from its first line."""
     out = []
     for payload in payloads:
         lines = _raw_lines.decode_lines(payload)
-        out.append((curated_columns(lines), shape(lines, features, typical, reject_missing)))
+        request = _request_fields.decode(payload[: payload.index(b"\n")] if b"\n" in payload else payload)
+        out.append((curated_columns(request, lines), shape(lines, features, typical, reject_missing)))
     return out
 
 

@@ -98,15 +98,21 @@ class RecordBody(msgspec.Struct):
 
 
 class CuratedSource(msgspec.Struct, kw_only=True):
-    """The fields the curated zone reads back from a raw line."""
+    """The fields the curated zone reads back from each raw line: those of the record itself."""
 
-    ingest_id: str
     index: int
-    received_at: str
-    gateway_id: str
-    availability_zone: str
     device_id: str
     event_time_ms: int
     seq: int | None = None
-    device: dict[str, str] = {}
     record: RecordBody
+
+
+class CuratedRequest(msgspec.Struct, kw_only=True):
+    """The fields every raw line of one WAL frame shares (a frame holds one request's records):
+    read from its first line only."""
+
+    ingest_id: str
+    received_at: str
+    gateway_id: str
+    availability_zone: str
+    device: dict[str, str] = {}
