@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 WAL_FSYNC = "edge_gateway_wal_fsync_duration_seconds"
+T = TypeVar("T")
 
 
 async def scrape(ops_url: str) -> str:
@@ -15,6 +18,13 @@ async def scrape(ops_url: str) -> str:
         async with http.get(ops_url + "/metrics") as resp:
             resp.raise_for_status()
             return await resp.text()
+
+
+async def with_wal_fsync_p99_ms(ops_url: str, measurement: Awaitable[T]) -> tuple[T, float]:
+    """``measurement``'s result, and the p99 of the WAL's fsyncs while it ran (ms, a bucket bound)."""
+    before = await scrape(ops_url)
+    result = await measurement
+    return result, histogram_quantile(before, await scrape(ops_url), WAL_FSYNC, 0.99) * 1000
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks import profile
 from benchmarks.disk import fsync_latency
-from benchmarks.gateway_metrics import WAL_FSYNC, histogram_quantile, scrape
+from benchmarks.gateway_metrics import with_wal_fsync_p99_ms
 from benchmarks.loadgen import closed_loop, prepare
 from benchmarks.servers import GATEWAY_CONFIG, make_devices, measure_max, measure_open, start_ceiling, start_gateway
 
@@ -47,12 +47,10 @@ async def one_rep(args, workdir: Path, profile_dir: Path | None = None) -> dict:
     stages = None
     try:
         startup_s = gateway.startup_s
-        cpu_before = gateway.cpu_by_process()
         gw_max = await measure_max(gateway, prepared, args.seconds, args.concurrency)
-        gw_max["cpu_s_by_process"] = {k: v - cpu_before.get(k, 0.0) for k, v in gateway.cpu_by_process().items()}
-        metrics_before = await scrape(gateway.ops_url)
-        half = await measure_open(gateway, prepared, gw_max["requests_per_s"] / 2, args.seconds)
-        half["wal_fsync_p99_ms"] = histogram_quantile(metrics_before, await scrape(gateway.ops_url), WAL_FSYNC, 0.99) * 1000
+        half, half["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(
+            gateway.ops_url, measure_open(gateway, prepared, gw_max["requests_per_s"] / 2, args.seconds)
+        )
         overload = await measure_open(gateway, prepared, gw_max["requests_per_s"] * 1.5, args.seconds)
         if profile_dir is not None:
             stages = await profiled_run(gateway, prepared, args, profile_dir)

@@ -4,6 +4,7 @@ measured in the same repetition, minutes apart at most, so the ratio survives a 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
 import shutil
@@ -12,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.disk import fsync_latency
+from benchmarks.gateway_metrics import with_wal_fsync_p99_ms
 from benchmarks.loadgen import open_loop, prepare
 from benchmarks.processes import AWS_DUMMY_ENV, MotoServer
 from benchmarks.scenario import Collector, Context
@@ -105,15 +108,18 @@ class IngestScenario:
                 out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
                 half = None
                 for i, level in enumerate(p.sweep):
-                    res = await measure_open(gateway, prepared, gw["requests_per_s"] * level, p.seconds,
-                                             warmup_s=p.warmup_s, seed=ctx.seed + 100 * rep + i)
+                    # The WAL's own fsyncs meanwhile: the ack p99 target is fsync p99 + 10 ms.
+                    res, res["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(gateway.ops_url, measure_open(
+                        gateway, prepared, gw["requests_per_s"] * level, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + 100 * rep + i))
                     res["rep"] = rep
                     res["capacity_records_per_s"] = gw["records_per_s"]
                     _sweep_point(out, f"{level:.2f}x, rep {rep + 1}", level, res)
                     if level == 0.5:
                         half = res
                 if half is None:
-                    half = await measure_open(gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+                    half, half["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(gateway.ops_url, measure_open(
+                        gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep))
+                disk = await asyncio.to_thread(fsync_latency, root)  # the disk by itself, beside the WAL
             finally:
                 exit_code = gateway.stop()
             landed = list((root / "lake" / "raw").rglob("*.ndjson.zst"))
@@ -128,6 +134,11 @@ class IngestScenario:
             out.figure("half_load_p50_ms", half["p50_ms"], "ms")
             out.figure("half_load_p99_ms", half["p99_ms"], "ms")
             out.figure("half_load_p99.9_ms", half["p99.9_ms"], "ms")
+            out.figure("half_load_wal_fsync_p99_ms", half["wal_fsync_p99_ms"], "ms")
+            out.figure("disk_fsync_p99_ms", disk["p99_ms"], "ms")
+            out.figure("half_load_p99_over_fsync_p99_ms", half["p99_ms"] - disk["p99_ms"], "ms")
+            for role, cpu_s in gw["cpu_s_by_process"].items():
+                out.figure(f"gateway_cpu_share_{role.replace(' ', '_')}", cpu_s / p.seconds, "cores")
             out.figure("raw_objects_landed", len(landed), "objects")
             out.figure("curated_objects_landed", len(curated), "objects")
             out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
@@ -220,7 +231,7 @@ class S3Scenario:
     title = "End to end to S3 (moto_server on loopback), scored by the embedded model, vs the ceiling"
 
     def unavailable(self, ctx: Context) -> str | None:
-        for module in ("moto", "connectors.s3"):
+        for module in ("moto", "connectors.aws.s3"):
             if importlib.util.find_spec(module) is None:
                 return f"{module} is not installed (pip install -e '.[test]')"
         if importlib.util.find_spec("flask") is None:
@@ -299,7 +310,7 @@ def inference_wired() -> bool:
 
 
 async def _create_bucket(endpoint_url: str, bucket: str) -> None:
-    from connectors import aws
+    from connectors.aws import client as aws
 
     session = aws.build_session()
     async with session.create_client("s3", region_name="us-east-1", endpoint_url=endpoint_url) as client:
@@ -368,7 +379,7 @@ class TritonIngestScenario:
 
 
 async def _bucket_contents(endpoint_url: str, bucket: str) -> tuple[int, int]:
-    from connectors import aws
+    from connectors.aws import client as aws
 
     session = aws.build_session()
     count = size = 0

@@ -92,16 +92,18 @@ def start_ceiling(root: Path) -> Server:
 
 
 async def measure_max(server: Server, prepared: Prepared, seconds: float, concurrency: int) -> dict:
-    cpu0 = server.cpu_seconds()
+    by_process0 = server.cpu_by_process()
     server.start_sampling()
     run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_s=seconds)
     peak = server.stop_sampling()
-    cpu = server.cpu_seconds() - cpu0
+    by_process = {role: cpu_s - by_process0.get(role, 0.0) for role, cpu_s in server.cpu_by_process().items()}
+    cpu = sum(by_process.values())
     return {
         "records_per_s": run.records_per_s,
         "mb_per_s": run.mb_per_s,
         "requests_per_s": run.requests / run.duration_s,
         "server_cpu_s": cpu,
+        "cpu_s_by_process": by_process,
         "server_cpu_share": cpu / run.duration_s,
         "records_per_cpu_s": run.records / cpu if cpu else float("nan"),
         "peak_rss_mb": peak / 2**20,
