@@ -38,15 +38,25 @@ def ensure_directory(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_atomically(path: Path, payload: bytes, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``payload``: readers see the old or the new bytes, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        if fsync:
-            f.flush()
-            os.fdatasync(f.fileno())
-    os.replace(tmp, path)
+def write_atomically(path: str | os.PathLike[str], payload: bytes, *, mode: int = 0o640, fsync: bool = True) -> None:
+    """Replace ``path`` with ``payload``: readers see the old or the new bytes, never a mix.
+
+    The temporary file is always a new one (``O_EXCL``), never reached through a planted link
+    (``O_NOFOLLOW``), and has ``mode`` from its first byte (0o600 for secrets); on any error it is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            if fsync:
+                f.flush()
+                os.fdatasync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fsync_directory(path.parent)
 

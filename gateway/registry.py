@@ -20,6 +20,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from gateway.durable_files import write_atomically
 from gateway.records import DeviceId
 
 KEY_BYTES = 32
@@ -138,16 +139,9 @@ def write_registry(path: str | os.PathLike[str], registry: RegistryFile) -> None
     if not target.parent.is_dir():
         # A typo in --registry must not quietly start a second registry somewhere else.
         raise RegistryError(f"{target}: the directory {target.parent} does not exist; create it first")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        # Keys are secrets: the file is readable by its owner only, and a file or link planted at the
-        # temporary name is never followed or reused (O_EXCL | O_NOFOLLOW).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        # Keys are secrets: the file is readable by its owner only.
+        write_atomically(target, msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n", mode=0o600)
     except OSError as exc:
         raise RegistryError(f"{target}: cannot write the registry: {exc.strerror}") from None
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.durable_files import ensure_directory, fsync_directory
+from gateway.durable_files import ensure_directory, write_atomically
 
 INSTANCE_LOCK = "instance.lock"
 # Set by the supervisor for its workers: it holds the instance lock for them (value: the WAL root).
@@ -78,13 +78,7 @@ def wal_id(directory: str | os.PathLike[str]) -> str:
         pass
     ensure_directory(path.parent)
     value = os.urandom(16).hex()
-    tmp = path.with_name(".wal.id.tmp")
-    with open(tmp, "w") as f:
-        f.write(value + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
+    write_atomically(path, value.encode() + b"\n")
     return value
 
 
