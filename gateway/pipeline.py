@@ -1,11 +1,13 @@
-"""The path of a record, end to end (DESIGN.md, steps 1-10), in one screen.
+"""The path of a record, end to end (docs/architecture.md, steps 1-10), in one screen.
 
     device --HTTPS--> ALB --HTTP--> gateway
-      1 receive       http_source: body decoded chunk by chunk (body.py), bounded memory (spool.py)
+      1 receive       http_source: the body as sent, spooled with bounded memory (spool.py)
       2 authenticate  auth.py: HMAC v1 over the body as sent; registry.py
-      3 validate      ingest.py: msgspec schema; invalid records become quarantine frames
+      3 validate      body.py decompresses and frames; ingest.py decodes with the msgspec schema,
+                      invalid records become quarantine frames
       4 enrich        enrich.py: received_at, gateway_id, AZ, ingest_id, device metadata, clock skew
-      5 persist       Pipeline.persist: WAL append, group-commit fsync (wal.py)
+      5 persist       Pipeline.persist: one WAL write per request, group-commit fsync in the WAL's
+                      writer thread (wal.py); the retry ledger learns it before the ack
       6 ack           http_source: 202 once persist returns
       7 land raw      ZoneLander("raw") consumes the WAL (landing.py)
       8 infer         curated.py: adaptive micro-batches to Triton or the embedded model

@@ -1,6 +1,6 @@
 """The wire schema devices send (v1) and the envelopes the gateway writes around it.
 
-Decoding is validation: ``Record`` carries every constraint of DESIGN.md's schema v1. Unknown fields
+Decoding is validation: ``Record`` carries every constraint of the record schema v1 (docs/device-api.md). Unknown fields
 are ignored by the typed decode but never lost: the raw zone stores each record exactly as sent
 (``RawLine.record`` holds the original bytes).
 """

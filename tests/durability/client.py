@@ -1,4 +1,4 @@
-"""An independent device client, written from the device API contract in DESIGN.md alone.
+"""An independent device client, written from the device API contract (docs/device-api.md) alone.
 
 Nothing here imports the gateway: the signature, the body format and the retry behaviour are
 re-implemented from the contract, so a bug shared by the gateway's own signing helper and its
