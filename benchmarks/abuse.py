@@ -104,16 +104,28 @@ ATTACKER_ADDRESS = "127.0.0.9"
 ATTACKS = ("flood", "bomb", "slow-body", "idle-sockets")
 
 
+async def _repeat(concurrency: int, stop: asyncio.Event, step) -> None:
+    """``concurrency`` loops, each awaiting ``step()`` again and again until ``stop``."""
+
+    async def loop() -> None:
+        while not stop.is_set():
+            await step()
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+
+
+def _attacker_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER_ADDRESS, 0)))
+
+
 async def abuser(url: str, device_id: str, key: str, records: int, stop: asyncio.Event, concurrency: int = 32) -> Counter:
     statuses: Counter = Counter()
-    connector = aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER_ADDRESS, 0))
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with _attacker_session() as session:
 
-        async def loop() -> None:
-            while not stop.is_set():
-                statuses[await post(session, url, device_id, key, records)] += 1
+        async def step() -> None:
+            statuses[await post(session, url, device_id, key, records)] += 1
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await _repeat(concurrency, stop, step)
     return statuses
 
 
@@ -123,63 +135,62 @@ async def bomber(url: str, device_id: str, stop: asyncio.Event, concurrency: int
 
     bomb = zstandard.ZstdCompressor().compress(b"\n" * (64 * 1024 * 1024))
     statuses: Counter = Counter()
-    connector = aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER_ADDRESS, 0))
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with _attacker_session() as session:
 
-        async def loop() -> None:
-            while not stop.is_set():
-                headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request(device_id, "forged", bomb)}
-                try:
-                    async with session.post(url, data=bomb, headers=headers) as resp:
-                        await resp.read()
-                        statuses[resp.status] += 1
-                except aiohttp.ClientError:
-                    statuses["error"] += 1
+        async def step() -> None:
+            headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request(device_id, "forged", bomb)}
+            try:
+                async with session.post(url, data=bomb, headers=headers) as resp:
+                    await resp.read()
+                    statuses[resp.status] += 1
+            except aiohttp.ClientError:
+                statuses["error"] += 1
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await _repeat(concurrency, stop, step)
     return statuses
 
 
-async def _connect(url: str, outcome: Counter) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    """A raw connection from the attacker's address (None, counted, when the gateway refuses it)."""
+async def _raw_connections(url: str, stop: asyncio.Event, connections: int, outcome: Counter, use) -> None:
+    """``connections`` raw sockets from the attacker's address, each reopened once ``use(reader, writer)`` is done."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
-    try:
-        return await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
-    except OSError:
-        outcome["connect_failed"] += 1
-        await asyncio.sleep(0.25)
-        return None
+
+    async def step() -> None:
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
+        except OSError:
+            outcome["connect_failed"] += 1
+            await asyncio.sleep(0.25)
+            return
+        try:
+            await use(reader, writer)
+        except (ConnectionError, OSError):
+            outcome["reset"] += 1
+        writer.close()
+
+    await _repeat(connections, stop, step)
 
 
 async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, connections: int = 256) -> Counter:
     """Requests that name a known device and then drip their body, one byte every 10 s."""
     outcome: Counter = Counter()
 
-    async def one() -> None:
-        while not stop.is_set():
-            if (conn := await _connect(url, outcome)) is None:
-                continue
-            reader, writer = conn
-            writer.write(
-                f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: 100000\r\n"
-                f"X-Device-Id: {device_id}\r\nX-Timestamp: {int(time.time())}\r\nX-Signature: v1=00\r\n\r\n{{".encode()
-            )
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: 100000\r\n"
+            f"X-Device-Id: {device_id}\r\nX-Timestamp: {int(time.time())}\r\nX-Signature: v1=00\r\n\r\n{{".encode()
+        )
+        while not stop.is_set() and not reader.at_eof():
+            await writer.drain()
             try:
-                while not stop.is_set() and not reader.at_eof():
-                    await writer.drain()
-                    try:
-                        line = await asyncio.wait_for(reader.readline(), 10.0)
-                    except TimeoutError:
-                        writer.write(b" ")
-                        continue
-                    if line:
-                        outcome[line.split(b" ")[1].decode() if line.startswith(b"HTTP") else "closed"] += 1
-                    break
-            except (ConnectionError, OSError):
-                outcome["reset"] += 1
-            writer.close()
+                line = await asyncio.wait_for(reader.readline(), 10.0)
+            except TimeoutError:
+                writer.write(b" ")
+                continue
+            if line:
+                outcome[line.split(b" ")[1].decode() if line.startswith(b"HTTP") else "closed"] += 1
+            break
 
-    await asyncio.gather(*(one() for _ in range(connections)))
+    await _raw_connections(url, stop, connections, outcome, drip)
     return outcome
 
 
@@ -187,22 +198,15 @@ async def idle_sockets(url: str, stop: asyncio.Event, sockets: int = 512) -> Cou
     """Connections that never send a byte, reopened as soon as the gateway closes them."""
     outcome: Counter = Counter()
 
-    async def one() -> None:
-        while not stop.is_set():
-            if (conn := await _connect(url, outcome)) is None:
+    async def sit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        outcome["opened"] += 1
+        while not stop.is_set() and not reader.at_eof():
+            try:
+                await asyncio.wait_for(reader.read(1024), 0.5)
+            except TimeoutError:
                 continue
-            reader, writer = conn
-            outcome["opened"] += 1
-            while not stop.is_set() and not reader.at_eof():
-                try:
-                    await asyncio.wait_for(reader.read(1024), 0.5)
-                except TimeoutError:
-                    continue
-                except (ConnectionError, OSError):
-                    break
-            writer.close()
 
-    await asyncio.gather(*(one() for _ in range(sockets)))
+    await _raw_connections(url, stop, sockets, outcome, sit)
     return outcome
 
 
