@@ -23,11 +23,15 @@ class Admission:
 
     def enter(self, source: str) -> None:
         """Count a request from ``source`` in flight (503 past its share); pair with ``leave``."""
+        self.check_source(source)
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+
+    def check_source(self, source: str) -> None:
+        """503 while ``source`` holds its share of in-flight requests; counts nothing."""
         s = self._settings()
         held = self._per_source.get(source, 0)
         if held >= s.max_inflight_per_source:
             self._refuse("inflight_per_source", f"{held} requests from one source are in progress", s)
-        self._per_source[source] = held + 1
 
     def leave(self, source: str) -> None:
         held = self._per_source.get(source, 0) - 1

@@ -18,6 +18,10 @@ closed to make room, so sockets opened and left silent cannot keep devices out. 
 holds at most ``max_connections_per_source``. After ``max_age_secs`` (with jitter) a response carries
 ``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
 instances that were up first. All settings are read live, so SIGHUP changes them.
+
+A source that would be refused anyway (it holds its share of in-flight requests, or its failed
+authentications put it in deficit) is answered at accept, from a fixed response, without building a
+request; and a source that keeps coming back while refused gets its answers late (tarpit.py).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.security_settings import ConnectionSettings
+from gateway.tarpit import Tarpit
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,19 @@ _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
 )
+
+
+def fixed_response(error: ApiError) -> bytes:
+    """The whole HTTP/1.1 answer to a refusal, closing the connection (the API's JSON shape)."""
+    body = orjson.dumps({"error": error.code, "message": error.message})
+    retry = b"Retry-After: %d\r\n" % error.retry_after_secs if error.retry_after_secs is not None else b""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%bConnection: close\r\nContent-Length: %d\r\n\r\n%b"
+        % (error.status, _REASONS.get(error.status, b"Refused"), retry, len(body), body)
+    )
+
+
+_REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
 
 
 class RequestTimeout(ApiError):
@@ -70,12 +89,15 @@ class ConnectionGuard:
         *,
         on_close: Callable[[str], None] = lambda reason: None,
         shared_source: Callable[[str], bool] = lambda address: False,
+        source_refusal: Callable[[str], ApiError | None] = lambda address: None,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._on_close = on_close
         self._shared_source = shared_source
+        self._source_refusal = source_refusal
+        self.tarpit = Tarpit(lambda: settings().refusal_delay_secs, clock=clock)
         self._rng = rng
         self._clock = clock
         self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
@@ -86,29 +108,51 @@ class ConnectionGuard:
         return len(self._conns)
 
     def protocol_factory(self, server: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
-        return lambda: _GuardedProtocol(self, server())
+        # aiohttp's protocol is built only for an accepted connection: a refusal costs no request handler.
+        return lambda: _GuardedProtocol(self, server)
 
     # -- called by the protocol wrapper -----------------------------------------------------------
 
-    def _accept(self, inner: Any, transport: asyncio.Transport) -> bool:
+    def _accept(self, make_inner: Callable[[], Any], transport: asyncio.Transport) -> Any:
+        """aiohttp's protocol for an accepted connection, or None when it was refused (and answered)."""
         s = self._settings()
         peer = transport.get_extra_info("peername")
         source = peer[0] if isinstance(peer, tuple) and peer else "unknown"
-        if self._per_source.get(source, 0) >= s.max_connections_per_source and not self._shared_source(source):
+        shared = self._shared_source(source)
+        if not shared and (refusal := self._source_refusal(source)) is not None:
+            return self._refuse_source(transport, source, refusal)
+        if self._per_source.get(source, 0) >= s.max_connections_per_source and not shared:
             return self._refuse(transport, "connection_cap_per_source")
         if len(self._conns) >= s.max_connections and not self._preempt_silent():
             return self._refuse(transport, "connection_cap")
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
+        inner = make_inner()
         conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
         self._per_source[source] = self._per_source.get(source, 0) + 1
         self._arm(conn, s.header_timeout_secs, "header_timeout")
-        return True
+        return inner
 
-    def _refuse(self, transport: asyncio.Transport, reason: str) -> bool:
+    def _refuse(self, transport: asyncio.Transport, reason: str) -> None:
         self._on_close(reason)
         transport.write(_REFUSAL)
         transport.close()
-        return False
+
+    def _refuse_source(self, transport: asyncio.Transport, source: str, refusal: ApiError) -> None:
+        """Answer a source that would be refused anyway without building a request (late, if it insists)."""
+        self._on_close("source_refused")
+        answer = fixed_response(refusal)
+
+        def answer_and_close() -> None:
+            if not transport.is_closing():
+                transport.write(answer)
+                transport.close()
+
+        delay = self.tarpit.delay(source, refusal.retry_after_secs or 1)
+        if delay:
+            transport.pause_reading()
+            self.tarpit.later(delay, answer_and_close)
+        else:
+            answer_and_close()
 
     def _preempt_silent(self) -> bool:
         """Close the oldest connection that never sent a byte; False if every connection has spoken."""
@@ -167,6 +211,12 @@ class ConnectionGuard:
             conn.timer = None
         try:
             response = await handler(request)
+            if response.status in (429, 503) and not self._shared_source(conn.source):
+                # Asked again before its Retry-After was over: this source's answers come late.
+                retry_after = response.headers.get("Retry-After", "1")
+                delay = self.tarpit.delay(conn.source, int(retry_after) if retry_after.isdigit() else 1)
+                if delay:
+                    await self.tarpit.hold(delay)
             if response.status == RequestTimeout.status:
                 response.force_close()  # the rest of the body is not worth waiting for
             elif conn.max_age and self._clock() - conn.created > conn.max_age:
@@ -192,16 +242,18 @@ class ConnectionGuard:
 class _GuardedProtocol(asyncio.Protocol):
     """Delegates to aiohttp's protocol; tells the guard when a connection opens, speaks, and closes."""
 
-    __slots__ = ("_guard", "_inner", "_accepted", "_framing")
+    __slots__ = ("_guard", "_make_inner", "_inner", "_accepted", "_framing")
 
-    def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
+    def __init__(self, guard: ConnectionGuard, make_inner: Callable[[], Any]) -> None:
         self._guard = guard
-        self._inner = inner
+        self._make_inner = make_inner
+        self._inner: Any = None
         self._accepted = False
         self._framing = _Framing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._accepted = self._guard._accept(self._inner, transport)  # type: ignore[arg-type]
+        self._inner = self._guard._accept(self._make_inner, transport)  # type: ignore[arg-type]
+        self._accepted = self._inner is not None
         if self._accepted:
             self._inner.connection_made(transport)
 

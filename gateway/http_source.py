@@ -28,8 +28,9 @@ from gateway.wal import WalError, WalFull, WalNoSpace
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
-# Bodies up to this size, uncompressed, are decoded on the event loop: a thread hop costs more.
-INLINE_DECODE_BYTES = 256 * 1024
+# Bodies up to this size, uncompressed, are decoded on the event loop: a thread hop costs more. A
+# larger one (a few hundred records) is decoded in a thread, so it never holds up other devices.
+INLINE_DECODE_BYTES = 16 * 1024
 ROUTE = "/v1/telemetry"
 _WAL_REFUSALS = {
     "full": "the gateway's write-ahead log is full while the lake catches up; retry later",

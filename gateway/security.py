@@ -55,6 +55,7 @@ class EdgeSecurity:
             on_close=lambda reason: metrics.connections_closed.labels(reason).inc(),
             # A load balancer carries every device's connections: no per-source cap for it.
             shared_source=lambda address: is_trusted_proxy(address, settings().proxy),
+            source_refusal=self._source_refusal,
         )
         metrics.connections_open.set_function(lambda: self.connections.open)
         metrics.inflight_bytes.set_function(lambda: self.admission.inflight_bytes)
@@ -62,6 +63,15 @@ class EdgeSecurity:
         self._log_budget = _LOG_LINES_PER_SEC
         self._log_updated = time.monotonic()
         self._log_suppressed = 0
+
+    def _source_refusal(self, address: str) -> ApiError | None:
+        """Why a new connection from ``address`` would be refused whatever it asks, or None."""
+        try:
+            self.failures.check(address)  # its failed authentications put it in deficit
+            self.admission.check_source(address)  # it holds its share of in-flight requests
+        except ApiError as exc:
+            return exc
+        return None
 
     def identify(self, request: web.BaseRequest) -> tuple[Peer, str | None]:
         """The device's address and scheme, and the device a verified client certificate names (if any)."""

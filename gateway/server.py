@@ -75,8 +75,9 @@ class RunningGateway:
         gw = self.gateway
         deadline = gw.settings.drain.deadline_secs
         until = time.monotonic() + deadline
-        # 1. /readyz answers 503 and new requests get 503 with Retry-After.
+        # 1. /readyz answers 503 and new requests get 503 with Retry-After (refusals held back are answered now).
         gw.begin_drain()
+        gw.security.connections.tarpit.release()
         log.info("draining", extra={"deadline_secs": deadline, "inflight": gw.inflight})
         # 2. Requests already reading their body finish and are acknowledged.
         await gw.wait_for_inflight(max(0.0, until - time.monotonic()))

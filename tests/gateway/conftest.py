@@ -33,6 +33,8 @@ def write_config(root: Path, **sections: dict) -> Path:
         "wal": {"dir": str(root / "wal"), "segment_bytes": 4 * 1024 * 1024, "max_total_bytes": 256 * 1024 * 1024},
         "lake": {"kind": "local", "dir": str(root / "lake"), "target_object_bytes": 256 * 1024, "max_object_age_secs": 0.5},
         "drain": {"deadline_secs": 10.0},
+        # Every test device shares 127.0.0.1: refusals answered late would slow unrelated tests (tests/security/test_tarpit.py).
+        "connections": {"refusal_delay_secs": 0.0},
         # Core tests push one device hard; per-device limits have their own tests (tests/security).
         "rate_limits": {"records_per_sec": 1e9, "burst_records": 10**9, "bytes_per_sec": 1e12, "burst_bytes": 10**12},
     }

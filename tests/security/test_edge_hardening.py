@@ -169,6 +169,20 @@ async def test_repeated_authentication_failures_cost_the_source_not_the_device(t
         assert (await send(other, gw, env, "dev-1", n=2))[0] == 202
 
 
+async def one_body_byte_each(port: int, env, connections: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """Signed requests from 127.0.0.1 that each send one byte of their body and then wait."""
+    body = body_of("dev-1", 50)
+    headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device().key, body)}
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    held = []
+    for _ in range(connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body[:1])
+        await writer.drain()
+        held.append((reader, writer))
+    return held
+
+
 def session_from(address: str) -> aiohttp.ClientSession:
     """A client whose connections come from another loopback address (another source)."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
@@ -178,15 +192,7 @@ async def test_one_source_holds_only_its_share_of_the_slots(tmp_path, start, htt
     """Finding 2: 256 slow connections naming a known device held every admission slot."""
     env = make_env(tmp_path, n_devices=1, admission={"max_inflight_per_source": 4})
     gw = await start(env)
-    body = body_of("dev-1", 50)
-    headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device().key, body)}
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    held = []
-    for _ in range(6):  # each sends one byte of its body and then waits
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body[:1])
-        await writer.drain()
-        held.append((reader, writer))
+    held = await one_body_byte_each(gw.port, env, 6)
     await asyncio.sleep(0.3)
     refused = []
     for reader, _ in held[4:]:
