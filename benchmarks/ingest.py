@@ -106,6 +106,8 @@ def summarize(reps: list[dict]) -> dict:
         "disk_fsync_p99_ms": stat(["disk_fsync", "p99_ms"]),
         "overload_goodput_records_per_s": stat(["overload", "goodput_records_per_s"]),
         "overload_shed_share": stat(["overload", "shed_share"]),
+        "overload_refused_p99_ms": stat(["overload", "refused_p99_ms"]),
+        "overload_accepted_max_ms": stat(["overload", "accepted_max_ms"]),
         "overload_peak_rss_mb": stat(["overload", "peak_rss_mb"]),
         "gateway_peak_rss_mb": stat(["gateway", "peak_rss_mb"]),
         "startup_s": stat(["startup_s"]),
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         "\nmedian over {n} reps: gateway/ceiling {r:.2f} [{rmin:.2f}-{rmax:.2f}]; gateway {g:,.0f} rec/s ({mb:.1f} MB/s, "
         "{cpu:,.0f} rec/CPU-s); ack p99 at half load {p99:.1f} ms vs disk fsync p99 {disk:.1f} ms; "
-        "overload: {shed:.0%} shed, peak RSS {rss:.0f} MiB".format(
+        "overload (1.5x): {shed:.0%} shed (503 p99 {refused:.0f} ms), longest accepted {accepted_max:.0f} ms, "
+        "peak RSS {rss:.0f} MiB".format(
             n=len(reps),
             r=s["ratio_gateway_to_ceiling"]["median"],
             rmin=s["ratio_gateway_to_ceiling"]["min"],
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             cpu=s["gateway_records_per_cpu_s"]["median"],
             disk=s["disk_fsync_p99_ms"]["median"],
             shed=s["overload_shed_share"]["median"],
+            refused=s["overload_refused_p99_ms"]["median"],
+            accepted_max=s["overload_accepted_max_ms"]["median"],
             rss=s["overload_peak_rss_mb"]["median"],
         )
     )

@@ -99,6 +99,7 @@ class Run:
     bytes: int = 0
     statuses: dict[int | str, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
+    latencies_by_status: dict[int | str, list[float]] = field(default_factory=dict)  # the same, by answer
     # (intended send time relative to the start, latency, status) of each measured request.
     timeline: list[tuple[float, float, int | str]] | None = None
     send_lag_s: list[float] = field(default_factory=list)  # actual send - intended send
@@ -119,6 +120,9 @@ class Run:
 
     def percentile_ms(self, q: float) -> float:
         return percentile(self.latencies_s, q) * 1000
+
+    def latencies_of(self, *statuses: int | str) -> list[float]:
+        return [latency for s in statuses for latency in self.latencies_by_status.get(s, ())]
 
     def share(self, *statuses: int | str) -> float:
         total = sum(self.statuses.values())
@@ -141,6 +145,7 @@ async def _send(session, url, body, headers, run: Run, intended: float, begin: f
         run.bytes += len(body)
     if measured:
         run.latencies_s.append(latency)
+        run.latencies_by_status.setdefault(status, []).append(latency)
         if run.timeline is not None:
             run.timeline.append((intended - begin, latency, status))
 

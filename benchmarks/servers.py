@@ -144,6 +144,10 @@ def open_result(run: Run, peak_rss: int, server_cpu_s: float) -> dict:
         "peak_rss_mb": peak_rss / 2**20,
         "server_cpu_share": server_cpu_s / run.duration_s if run.duration_s else math.nan,
         "shed_share": run.share(429, 503),
+        # What an overload target asks of each answer: refusals fast, accepted requests never kept long.
+        "refused_p99_ms": percentile(run.latencies_of(429, 503), 0.99) * 1000,
+        "accepted_p99_ms": percentile(run.latencies_of(202), 0.99) * 1000,
+        "accepted_max_ms": max(run.latencies_of(202), default=math.nan) * 1000,
         "error_share": run.share("error"),
         "unfinished_share": run.share("unfinished"),
         "other_status_share": 1.0 - run.share(202, 429, 503, "error", "unfinished") if run.statuses else math.nan,
