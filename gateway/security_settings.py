@@ -128,7 +128,7 @@ class ConnectionSettings(_Section):
     # kept-alive connections rebalance across the fleet. 0 disables.
     max_age_secs: Annotated[float, Meta(ge=0)] = 300.0
     max_age_jitter: Fraction = 0.1
-    # A source refused (429, 503) again before the Retry-After of its previous refusal is over gets its answer this much later, so a client that ignores Retry-After cannot make the gateway refuse it as fast as it can ask. 0: at once.
+    # A source refused (429, 503) again before the Retry-After of its previous refusal is over gets its answer about this much later (0.5 to 1.5 times it), so a client that ignores Retry-After cannot make the gateway refuse it as fast as it can ask. 0: at once.
     refusal_delay_secs: Annotated[float, Meta(ge=0)] = 1.0
 
 

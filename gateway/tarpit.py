@@ -3,8 +3,10 @@
 A 429 or 503 carries ``Retry-After``. A client that ignores it and asks again at once (a flood, a
 reconnect loop) would otherwise cost the gateway a whole request for every round trip it makes, and
 the faster the gateway refuses, the faster it comes back. So a source refused again before the
-``Retry-After`` of its previous refusal is over waits ``refusal_delay_secs`` for its answer: its
-loop runs at one request per delay per connection, and the time goes to the others. A first refusal,
+``Retry-After`` of its previous refusal is over waits about ``refusal_delay_secs`` for its answer
+(between half and one and a half times it, so that connections refused together do not all come
+back together): its loop runs at one request per delay per connection, and the time goes to the
+others. A first refusal,
 and one that honoured ``Retry-After``, is answered at once. The waiting costs a timer per connection,
 bounded by ``MAX_WAITING`` (beyond it refusals are answered at once again). A drain releases
 every waiting answer at once and ends the delays.
@@ -13,6 +15,7 @@ every waiting answer at once and ends the delays.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,9 +25,16 @@ MAX_WAITING = 4096
 
 
 class Tarpit:
-    def __init__(self, delay_secs: Callable[[], float], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        delay_secs: Callable[[], float],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self._delay_secs = delay_secs
         self._clock = clock
+        self._rng = rng
         self._until: OrderedDict[str, float] = OrderedDict()  # source -> end of its last Retry-After
         self._released = asyncio.Event()
         self._pending: dict[asyncio.TimerHandle, Callable[[], None]] = {}
@@ -40,7 +50,7 @@ class Tarpit:
         delay = self._delay_secs()
         if not delay or self._released.is_set() or until is None or now >= until or self.waiting >= MAX_WAITING:
             return 0.0
-        return delay
+        return delay * (0.5 + self._rng())
 
     async def hold(self, seconds: float) -> None:
         self.waiting += 1
