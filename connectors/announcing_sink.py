@@ -24,7 +24,7 @@ loss: its objects are in the lake, and the next landing in that partition (this 
 other gateway) or a Glue crawler registers it; until then Athena does not see it.
 
 Events, at least once (with ``outbox_dir``): the object's event is appended to a durable outbox
-(``connectors.eventbridge.EventOutbox``: write, fdatasync, directory fsync on file creation) before
+(``connectors.aws.eventbridge.EventOutbox``: write, fdatasync, directory fsync on file creation) before
 ``put_object`` returns, so the landing zone moves past the object only once its event is on disk.
 A crash before that makes the zone land the same key again and record the event again; a crash
 after it leaves the event in the outbox, and the next start sends it. Events carry a stable
@@ -56,9 +56,9 @@ from typing import Annotated, Protocol
 import msgspec
 from msgspec import Meta
 
+from connectors.aws.eventbridge import EventBridgePublisher, EventOutbox, OutboxSettings
 from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
 from connectors.errors import ConnectorError, PermanentError, TransientError
-from connectors.eventbridge import EventBridgePublisher, EventOutbox, OutboxSettings
 from connectors.retry import RetryPolicy, RetrySettings
 
 log = logging.getLogger(__name__)

@@ -91,19 +91,14 @@ NOTES: dict[str, str] = {
     "glue.database": "The Glue database holding the lake's tables (required in `[glue]`).",
     "glue.datasets": "Datasets whose tables are created at start.",
     "glue.table_prefix": "Prefix of every table name (`<prefix><zone>_<dataset>`).",
-    "glue.region": "Empty: the AWS chain's region.",
-    "glue.endpoint_url": "Empty: AWS itself. Set for a VPC interface endpoint or moto.",
     "glue.connect_timeout_secs": "Connecting to Glue gives up after this long (then retried).",
     "glue.read_timeout_secs": "A Glue answer slower than this fails (then retried).",
     "eventbridge.event_bus_name": "The bus landed-object events are put on.",
     "eventbridge.source": "The events' `source`.",
     "eventbridge.detail_type": "The events' `detail-type`.",
-    "eventbridge.region": "Empty: the AWS chain's region.",
-    "eventbridge.endpoint_url": "Empty: AWS itself. Set for a VPC interface endpoint or moto.",
     "eventbridge.connect_timeout_secs": "Connecting to EventBridge gives up after this long (then retried).",
     "eventbridge.read_timeout_secs": "An EventBridge answer slower than this fails (then retried).",
     "secretsmanager.secret_ids": "Secrets holding the devices (`{\"devices\": {...}}`), one per shard of the fleet.",
-    "secretsmanager.region": "Empty: the AWS chain's region.",
     "secretsmanager.connect_timeout_secs": "Connecting to Secrets Manager gives up after this long (then retried).",
     "secretsmanager.read_timeout_secs": "A Secrets Manager answer slower than this fails (then retried).",
     "rate_limits.burst_records": "Records a device may send at once before `records_per_sec` applies.",
@@ -213,7 +208,16 @@ def default(info: msgspec.structs.FieldInfo, parent: msgspec.Struct | None = Non
 
 
 def comments(struct: type) -> dict[str, str]:
-    """Comment lines directly above each field (and a comment at the end of its line)."""
+    """Comment lines directly above each field (and a comment at the end of its line), inherited ones too."""
+    found: dict[str, str] = {}
+    # Base structs first, so a subclass's own comment wins over the one on the field it redeclares.
+    for cls in reversed(struct.__mro__):
+        if isinstance(cls, type) and issubclass(cls, msgspec.Struct) and cls is not msgspec.Struct:
+            found.update({name: text for name, text in _own_comments(cls).items() if text})
+    return found
+
+
+def _own_comments(struct: type) -> dict[str, str]:
     lines = inspect.getsource(struct).splitlines()
     found: dict[str, str] = {}
     pending: list[str] = []

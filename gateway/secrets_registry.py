@@ -23,8 +23,8 @@ from pathlib import Path
 
 import msgspec
 
+from connectors.aws.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
 from connectors.errors import ConnectorError
-from connectors.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
 from gateway.metrics import GatewayMetrics
 from gateway.records import DeviceId
 from gateway.registry import MIN_KEY_CHARS, Device, DeviceRegistry, RegistryError

@@ -12,11 +12,11 @@ from pathlib import Path
 from aiohttp import web
 
 from connectors.announcing_sink import AnnouncingSink
+from connectors.aws.eventbridge import EventBridgePublisher
+from connectors.aws.glue import GlueCatalog
+from connectors.aws.s3 import S3Sink
 from connectors.base import ObjectSink
-from connectors.eventbridge import EventBridgePublisher
-from connectors.glue import GlueCatalog
 from connectors.local_lake import LocalLakeSink
-from connectors.s3 import S3Sink
 from gateway import logs
 from gateway.auth import HmacAuthenticator, NoAuthenticator
 from gateway.cert_auth import DeviceAuthenticator

@@ -20,10 +20,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from connectors.eventbridge import EventBridgeSettings
-from connectors.glue import GlueCatalogSettings
-from connectors.s3 import S3SinkSettings
-from connectors.secrets import SecretsManagerSettings
+from connectors.aws.eventbridge import EventBridgeSettings
+from connectors.aws.glue import GlueCatalogSettings
+from connectors.aws.s3 import S3SinkSettings
+from connectors.aws.secrets import SecretsManagerSettings
 from gateway.security_settings import (
     AdminSettings,
     AdmissionSettings,

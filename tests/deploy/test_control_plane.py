@@ -1,7 +1,7 @@
 """The control-plane API (control-plane.yaml + lambdas/control_plane) against moto's Secrets Manager.
 
 The handler gets API Gateway v2 events (payload format 2.0) as the HTTP API sends them; what it
-writes is then read back the way the gateways read it (connectors.secrets and
+writes is then read back the way the gateways read it (connectors.aws.secrets and
 gateway.secrets_registry), so "the old key keeps verifying" is checked on the gateway's own code.
 """
 
@@ -85,8 +85,8 @@ def version(sm: Any, arn: str, stage: str) -> dict[str, Any]:
 
 
 def gateway_registry(moto_endpoint: str, arn: str):
-    """The devices a gateway builds from the secret (connectors.secrets + gateway.secrets_registry): id -> Device."""
-    from connectors.secrets import SecretsManagerDeviceSource, SecretsManagerSettings
+    """The devices a gateway builds from the secret (connectors.aws.secrets + gateway.secrets_registry): id -> Device."""
+    from connectors.aws.secrets import SecretsManagerDeviceSource, SecretsManagerSettings
     from gateway.secrets_registry import devices_from_secrets
 
     async def read():

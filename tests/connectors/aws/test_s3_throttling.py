@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
+from connectors.aws.s3 import S3Sink
 from connectors.errors import TransientError
 from connectors.retry import RetrySettings
-from connectors.s3 import S3Sink
+from tests.connectors.helpers import GATEWAY_ID, lake_object, read_back, settings
 from tests.fixtures.fault_proxy import FaultProxy, SeenRequest
 from tests.fixtures.moto_server import free_port
-from tests.s3.helpers import GATEWAY_ID, lake_object, read_back, settings
 
 # Generous per-test guard: a hang fails the test instead of the suite's global timeout.
 GUARD_SECS = 20

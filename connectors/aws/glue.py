@@ -18,28 +18,26 @@ does it from a background queue, off the landing path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import msgspec
 from msgspec import Meta
 
-from connectors import aws
+from connectors.aws import translate
+from connectors.aws.connector import AwsConnector
+from connectors.aws.settings import AwsClientSettings
 from connectors.base import Partition
 from connectors.curated_parquet import hive_columns
 from connectors.errors import ConnectorError
-from connectors.retry import RetryPolicy, RetrySettings, Sleep
+from connectors.retry import Sleep
 
-if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws/client.py)
     from aiobotocore.session import AioSession
 
 log = logging.getLogger(__name__)
@@ -102,7 +100,7 @@ QUARANTINE_COLUMNS = [
 ]
 
 
-class GlueCatalogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class GlueCatalogSettings(AwsClientSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Which Glue database holds the lake's tables."""
 
     database: GlueName
@@ -110,14 +108,9 @@ class GlueCatalogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     table_prefix: Annotated[str, Meta(max_length=64, pattern=r"^[a-z0-9_]*$")] = ""
     # Empty: the caller's own account.
     catalog_id: Annotated[str, Meta(pattern=r"^([0-9]{12})?$")] = ""
-    region: str = ""
-    endpoint_url: str = ""
-    connect_timeout_secs: Annotated[float, Meta(gt=0)] = 5.0
-    read_timeout_secs: Annotated[float, Meta(gt=0)] = 30.0
     # Retry budget of one registration attempt (CreateTable if needed, CreatePartition); the caller
     # queues a partition that still failed and tries it again later, with its own backoff.
     register_timeout_secs: Annotated[float, Meta(ge=0)] = 5.0
-    retry: RetrySettings = RetrySettings()
 
 
 @dataclass(slots=True)
@@ -127,8 +120,10 @@ class GlueCatalogStats:
     registration_failures: int = 0
 
 
-class GlueCatalog:
+class GlueCatalog(AwsConnector):
     """Creates the lake's Glue tables and registers partitions as objects land in them."""
+
+    service = "glue"
 
     def __init__(
         self,
@@ -143,14 +138,10 @@ class GlueCatalog:
         """``lake_url`` is the lake root, ``s3://<bucket>/<prefix>`` (``S3Sink.root_url``)."""
         if not lake_url.startswith("s3://"):
             raise ValueError("lake_url must be an s3:// URL")
+        super().__init__(settings, session=session, sleep=sleep, rng=rng, clock=clock)
         self.settings = settings
         self.lake_url = lake_url if lake_url.endswith("/") else lake_url + "/"
         self.stats = GlueCatalogStats()
-        self._session = session or aws.build_session()
-        self._retry = RetryPolicy(settings.retry, sleep=sleep, rng=rng, clock=clock)
-        self._endpoint = settings.endpoint_url or "glue"
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
         self._known: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
         self._tables: set[str] = set()
 
@@ -159,12 +150,7 @@ class GlueCatalog:
 
     async def start(self) -> None:
         s = self.settings
-        stack = contextlib.AsyncExitStack()
-        config = aws.client_config(connect_timeout_secs=s.connect_timeout_secs, read_timeout_secs=s.read_timeout_secs)
-        self._client = await stack.enter_async_context(
-            aws.create_client(self._session, "glue", config, region=s.region, endpoint_url=s.endpoint_url)
-        )
-        self._stack = stack
+        await self._open_client()
         try:
             await self._create_idempotent(
                 "CreateDatabase",
@@ -179,11 +165,6 @@ class GlueCatalog:
         except BaseException:
             await self.close()
             raise
-
-    async def close(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
 
     async def partition_landed(self, partition: Partition) -> bool:
         """Register ``partition`` if it is new; True when this call created it.
@@ -277,22 +258,18 @@ class GlueCatalog:
         return {"CatalogId": self.settings.catalog_id} if self.settings.catalog_id else {}
 
     async def _create_idempotent(
-        self, operation: str, request: Callable[[], Any], *, max_elapsed_secs: float | None = None
+        self, operation: str, request: Callable[[], Awaitable[Any]], *, max_elapsed_secs: float | None = None
     ) -> bool:
         """Run a Create* call; True if it created something, False if it already existed."""
 
-        async def attempt() -> bool:
+        async def create() -> bool:
             try:
                 await request()
             except Exception as exc:
-                if aws.error_code(exc) == "AlreadyExistsException":
+                # Another gateway (or an earlier start) got there first: that is the state we want.
+                if translate.error_code(exc) == "AlreadyExistsException":
                     return False
-                if not aws.is_vendor_error(exc):
-                    raise
-                raise aws.translate(exc, endpoint=self._endpoint) from exc
+                raise
             return True
 
-        def on_retry(retry: int, delay: float, error: ConnectorError) -> None:
-            log.debug("glue: %s retry %d in %.3f s after %s", operation, retry + 1, delay, error)
-
-        return await self._retry.run(attempt, on_retry=on_retry, max_elapsed_secs=max_elapsed_secs)
+        return await self._call(operation, create, max_elapsed_secs=max_elapsed_secs)

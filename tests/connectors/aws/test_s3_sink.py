@@ -9,11 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from connectors.aws.s3 import MiB, S3Sink, S3SinkSettings, checksum
 from connectors.base import ObjectSink
 from connectors.errors import PermanentError
-from connectors.s3 import MiB, S3Sink, S3SinkSettings, checksum
-from tests.fixtures.fault_proxy import FaultProxy, SeenRequest, s3_error
-from tests.s3.helpers import (
+from tests.connectors.helpers import (
     GATEWAY_ID,
     PART_BYTES,
     lake_object,
@@ -22,6 +21,7 @@ from tests.s3.helpers import (
     read_back,
     settings,
 )
+from tests.fixtures.fault_proxy import FaultProxy, SeenRequest, s3_error
 
 
 async def started(sink: S3Sink) -> S3Sink:

@@ -12,41 +12,40 @@ Rotation is Secrets Manager's own: a new version becomes ``AWSCURRENT`` and the 
 
 Each refresh asks ``DescribeSecret`` which version holds each stage and fetches only versions it has
 not seen, so an idle fleet costs one call per secret per refresh. Errors are translated once, at
-this edge (``connectors.aws.translate``); values are never logged and never put into an error.
+this edge (``AwsConnector``, ``connectors.aws.connector``); values are never logged and never put
+into an error.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import contextlib
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
-from connectors import aws
+from connectors.aws.connector import AwsConnector
+from connectors.aws.settings import AwsClientSettings, PositiveSecs
 from connectors.errors import PermanentError
-from connectors.retry import RetryPolicy, RetrySettings
+from connectors.retry import RetrySettings
 
-if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws/client.py)
     from aiobotocore.session import AioSession
 
 CURRENT = "AWSCURRENT"
 PREVIOUS = "AWSPREVIOUS"
 
-PositiveSecs = Annotated[float, Meta(gt=0)]
 SecretId = Annotated[str, Meta(min_length=1, max_length=2048)]
 
 
-class SecretsManagerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Where the device keys live (used when auth.registry_source = "secretsmanager")."""
+class SecretsManagerSettings(AwsClientSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the device keys live (used when auth.registry_source = "secretsmanager").
+
+    Start-up waits on Secrets Manager, which answers fast: its timeouts and retry budget are
+    shorter than the other AWS connectors'.
+    """
 
     secret_ids: Annotated[list[SecretId], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["edge-gateway/devices"])
-    region: str = ""
-    # Empty: AWS itself. Set for a VPC interface endpoint or moto.
-    endpoint_url: str = ""
     # A disabled device is refused within one interval; rotation takes effect within one too.
     refresh_interval_secs: PositiveSecs = 60.0
     # The first load must succeed within this, or the gateway starts from its last-good cache (if
@@ -58,10 +57,6 @@ class SecretsManagerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=
     connect_timeout_secs: PositiveSecs = 2.0
     read_timeout_secs: PositiveSecs = 5.0
     retry: RetrySettings = RetrySettings(max_elapsed_secs=10.0)
-
-    def __post_init__(self) -> None:
-        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ValueError("endpoint_url must start with http:// or https://")
 
 
 class SecretDevice(msgspec.Struct, frozen=True):
@@ -87,40 +82,25 @@ class SecretVersions:
     previous: FleetSecret | None
 
 
-class SecretsManagerDeviceSource:
+class SecretsManagerDeviceSource(AwsConnector):
     """Reads the fleet secrets; keeps an aiobotocore client open between refreshes."""
 
+    service = "secretsmanager"
+
     def __init__(self, settings: SecretsManagerSettings, *, session: AioSession | None = None) -> None:
+        super().__init__(settings, session=session)
         self.settings = settings
-        self._session = session or aws.build_session()
-        self._retry = RetryPolicy(settings.retry)
-        self._endpoint = settings.endpoint_url or "secretsmanager"
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
         self._versions: dict[tuple[str, str], FleetSecret] = {}  # (secret id, version id) -> contents
 
     async def start(self) -> None:
-        if self._client is not None:
-            return
-        s = self.settings
-        config = aws.client_config(connect_timeout_secs=s.connect_timeout_secs, read_timeout_secs=s.read_timeout_secs)
-        stack = contextlib.AsyncExitStack()
-        self._client = await stack.enter_async_context(
-            aws.create_client(self._session, "secretsmanager", config, region=s.region, endpoint_url=s.endpoint_url)
-        )
-        self._stack = stack
-
-    async def close(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        await self._open_client()
 
     async def read(self) -> list[SecretVersions]:
         """Every configured secret's current and previous versions (raises ``ConnectorError``)."""
         return [await self._read_one(secret_id) for secret_id in self.settings.secret_ids]
 
     async def _read_one(self, secret_id: str) -> SecretVersions:
-        described = await self._call("describe_secret", SecretId=secret_id)
+        described = await self._request("describe_secret", SecretId=secret_id)
         stages: dict[str, str] = {}
         for version_id, version_stages in (described.get("VersionIdsToStages") or {}).items():
             for stage in version_stages:
@@ -139,7 +119,7 @@ class SecretsManagerDeviceSource:
         cached = self._versions.get((secret_id, version_id))
         if cached is not None:
             return cached
-        answer = await self._call("get_secret_value", SecretId=secret_id, VersionId=version_id)
+        answer = await self._request("get_secret_value", SecretId=secret_id, VersionId=version_id)
         text = answer.get("SecretString")
         if text is None:
             raise PermanentError(f"secret {secret_id!r} must be a JSON SecretString", endpoint=self._endpoint)
@@ -151,19 +131,10 @@ class SecretsManagerDeviceSource:
         self._versions[(secret_id, version_id)] = fleet
         return fleet
 
-    async def _call(self, operation: str, **params: Any) -> Any:
-        if self._client is None:
-            await self.start()
-
-        async def attempt() -> Any:
-            try:
-                return await getattr(self._client, operation)(**params)
-            except Exception as exc:
-                if not aws.is_vendor_error(exc):
-                    raise
-                raise aws.translate(exc, endpoint=self._endpoint) from None
-
-        return await self._retry.run(attempt)
+    async def _request(self, operation: str, **params: Any) -> Any:
+        """One Secrets Manager call under the retry policy; the client opens on first use."""
+        await self._open_client()
+        return await self._call(operation, lambda: getattr(self._client, operation)(**params))
 
 
 def _path_only(exc: msgspec.DecodeError) -> str:

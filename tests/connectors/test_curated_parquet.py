@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from connectors.aws.s3 import S3Sink
 from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, encode_curated, hive_columns
-from connectors.s3 import S3Sink
-from tests.s3.helpers import GATEWAY_ID, lake_object, read_back, settings
+from tests.connectors.helpers import GATEWAY_ID, lake_object, read_back, settings
 
 EVENT_MS = 1714568400123
 

@@ -7,12 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
+from connectors.aws.eventbridge import EventBridgePublisher, EventBridgeSettings, event_id
 from connectors.base import LandedObject
-from connectors.eventbridge import EventBridgePublisher, EventBridgeSettings, event_id
 from connectors.retry import RetrySettings
+from tests.connectors.helpers import FAST_RETRY, drain, lake_object
 from tests.fixtures.fault_proxy import FaultProxy, Forward, SeenRequest
 from tests.fixtures.moto_server import free_port
-from tests.s3.helpers import FAST_RETRY, drain, lake_object
 
 
 def landed_pair(i: int) -> tuple[Any, LandedObject]:

@@ -9,9 +9,9 @@ Flow of one ``put_object``::
                                           CompleteMultipartUpload
                                           AbortMultipartUpload on any failure or cancellation
 
-Every request goes through the same two gates: the adaptive concurrency limiter (raised on success,
-cut on throttles, 503s and timeouts) and the shared ``RetryPolicy`` (full-jitter backoff under a
-deadline). Every upload carries a checksum (CRC32 or SHA-256) computed off the event loop and
+Every request goes through the same two gates: the shared ``RetryPolicy`` (full-jitter backoff under
+a deadline, in ``AwsConnector._call``, ``connectors.aws.connector``) and, around each try, the
+adaptive concurrency limiter (raised on success, cut on throttles, 503s and timeouts). Every upload carries a checksum (CRC32 or SHA-256) computed off the event loop and
 checked by S3 on receipt. ``start()`` aborts multipart uploads this gateway left behind (keys under
 the prefix whose base name starts with ``<gateway_id>-``), so a crash never leaves orphans billing
 storage forever.
@@ -26,11 +26,8 @@ IAM: ``s3:PutObject``, ``s3:PutObjectTagging`` (with tags), ``s3:AbortMultipartU
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 import math
@@ -38,21 +35,23 @@ import random
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import msgspec
 from msgspec import Meta
 
 from batching import AdaptiveConcurrency
-from connectors import aws
+from connectors.aws import translate
+from connectors.aws.connector import AwsConnector, Request, T
+from connectors.aws.settings import AwsClientSettings, PositiveSecs
 from connectors.base import LakeObject, LandedObject
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
-from connectors.retry import RetryPolicy, RetrySettings, Sleep
+from connectors.retry import Sleep
 
-if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws/client.py)
     from aiobotocore.session import AioSession
 
 log = logging.getLogger(__name__)
@@ -73,21 +72,16 @@ OFF_LOOP_CHECKSUM_BYTES = 256 * 1024
 
 BucketName = Annotated[str, Meta(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")]
 Concurrency = Annotated[int, Meta(ge=1, le=1024)]
-PositiveSecs = Annotated[float, Meta(gt=0)]
 TagKey = Annotated[str, Meta(min_length=1, max_length=128)]
 TagValue = Annotated[str, Meta(max_length=256)]
 
 
-class S3SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class S3SinkSettings(AwsClientSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Where and how lake objects land in S3. Credentials are never configured here (AWS chain only)."""
 
     bucket: BucketName
     # Prepended to every lake key: "" or a path ending in "/" (e.g. "lake/").
     prefix: str = ""
-    # Empty: the AWS chain's region (AWS_REGION, profile, instance metadata).
-    region: str = ""
-    # Empty: AWS itself. Set for a VPC interface endpoint, MinIO or moto.
-    endpoint_url: str = ""
     addressing_style: Literal["auto", "virtual", "path"] = "auto"
     multipart_threshold_bytes: Annotated[int, Meta(ge=MIN_PART_BYTES, le=5 * GiB)] = DEFAULT_MULTIPART_THRESHOLD_BYTES
     part_size_bytes: Annotated[int, Meta(ge=MIN_PART_BYTES, le=MAX_PART_BYTES)] = DEFAULT_PART_SIZE_BYTES
@@ -104,17 +98,14 @@ class S3SinkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     initial_concurrency: Concurrency = 4
     min_concurrency: Concurrency = 1
     max_concurrency: Concurrency = 64
-    connect_timeout_secs: PositiveSecs = 5.0
     read_timeout_secs: PositiveSecs = 60.0
     # Retry budget for start-up work (stale upload cleanup), so a dead S3 never delays start-up for long.
     start_timeout_secs: Annotated[float, Meta(ge=0)] = 10.0
-    retry: RetrySettings = RetrySettings()
 
     def __post_init__(self) -> None:
         if self.prefix and (self.prefix.startswith("/") or not self.prefix.endswith("/")):
             raise ValueError("prefix must be empty or a relative path ending in '/', e.g. 'lake/'")
-        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ValueError("endpoint_url must start with http:// or https://")
+        super().__post_init__()
         if self.part_size_bytes > self.multipart_threshold_bytes:
             raise ValueError("part_size_bytes must not exceed multipart_threshold_bytes")
         if not self.min_concurrency <= self.initial_concurrency <= self.max_concurrency:
@@ -145,10 +136,11 @@ class S3SinkStats:
 RequestObserver = Callable[[str, str, float], None]
 
 
-class S3Sink:
+class S3Sink(AwsConnector):
     """An ``ObjectSink`` on an S3 bucket."""
 
     name = "s3"
+    service = "s3"
 
     def __init__(
         self,
@@ -164,19 +156,15 @@ class S3Sink:
     ) -> None:
         if not gateway_id:
             raise ValueError("gateway_id is required: it scopes the stale-upload cleanup to this gateway")
+        super().__init__(settings, session=session, sleep=sleep, rng=rng, clock=clock)
         self.settings = settings
         self.gateway_id = gateway_id
         self.stats = S3SinkStats()
-        self._session = session or aws.build_session()
         self._limiter = limiter or AdaptiveConcurrency(
             initial=settings.initial_concurrency, minimum=settings.min_concurrency, maximum=settings.max_concurrency
         )
-        self._retry = RetryPolicy(settings.retry, sleep=sleep, rng=rng, clock=clock)
         self._on_request = on_request
         self._clock = clock
-        self._endpoint = settings.endpoint_url or "s3"
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
         self._object_params = _object_params(settings)
         self._owned_name = re.compile(rf"{re.escape(gateway_id)}-[0-9]+-[0-9]+\.")
 
@@ -207,18 +195,11 @@ class S3Sink:
         if self._client is not None:
             return
         s = self.settings
-        stack = contextlib.AsyncExitStack()
-        config = aws.client_config(
-            connect_timeout_secs=s.connect_timeout_secs,
-            read_timeout_secs=s.read_timeout_secs,
+        await self._open_client(
             # Never more sockets than the limiter can ever let through.
             max_pool_connections=s.max_concurrency,
             s3={"addressing_style": s.addressing_style},
         )
-        self._client = await stack.enter_async_context(
-            aws.create_client(self._session, "s3", config, region=s.region, endpoint_url=s.endpoint_url)
-        )
-        self._stack = stack
         try:
             await self.abort_stale_uploads(max_elapsed_secs=s.start_timeout_secs)
         except TransientError as exc:
@@ -226,11 +207,6 @@ class S3Sink:
         except BaseException:
             await self.close()
             raise
-
-    async def close(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
 
     # -- landing -----------------------------------------------------------------------------------
 
@@ -354,7 +330,7 @@ class S3Sink:
                 )
             except Exception as exc:
                 # An earlier attempt may have completed the upload and only lost its response.
-                if attempts > 1 and aws.error_code(exc) == "NoSuchUpload":
+                if attempts > 1 and translate.error_code(exc) == "NoSuchUpload":
                     head = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
                     if head.get("ContentLength") == size and _etag(head).endswith(f"-{len(parts)}"):
                         return head
@@ -372,7 +348,7 @@ class S3Sink:
             )
             self.stats.multipart_aborts += 1
         except ConnectorError as exc:
-            if aws.cause_code(exc) == "NoSuchUpload":
+            if translate.cause_code(exc) == "NoSuchUpload":
                 return
             self.stats.orphaned_uploads += 1
             log.warning("s3: could not abort multipart upload %s of %s: %s", upload_id, key, exc)
@@ -412,7 +388,7 @@ class S3Sink:
                         max_elapsed_secs=max_elapsed_secs,
                     )
                 except PermanentError as exc:
-                    if aws.cause_code(exc) != "NoSuchUpload":
+                    if translate.cause_code(exc) != "NoSuchUpload":
                         raise
                     continue
                 aborted += 1
@@ -423,44 +399,34 @@ class S3Sink:
         self.stats.stale_uploads_aborted += aborted
         return aborted
 
-    # -- the one gate every request passes ---------------------------------------------------------
+    # -- the limiter around every try ---------------------------------------------------------------
 
-    async def _call(
-        self,
-        operation: str,
-        request: Callable[[], Awaitable[dict[str, Any]]],
-        *,
-        max_elapsed_secs: float | None = None,
-    ) -> dict[str, Any]:
-        """One S3 request: a limiter permit per attempt, vendor errors translated, transient ones retried."""
-
-        async def attempt() -> dict[str, Any]:
-            async with self._limiter.acquire() as permit:
-                self.stats.requests += 1
-                started = self._clock()
-                try:
-                    response = await request()
-                except Exception as exc:
-                    elapsed = self._clock() - started
-                    if not aws.is_vendor_error(exc) and not isinstance(exc, ConnectorError):
-                        permit.failure()
-                        raise
-                    error = aws.translate(exc, endpoint=self._endpoint)
-                    if aws.is_congestion(exc):
-                        permit.backpressure()
-                    else:
-                        permit.failure()
-                    self._count_failure(operation, exc, error, elapsed)
-                    if error is exc:
-                        raise
-                    raise error from exc
+    async def _attempt(self, operation: str, request: Request[T]) -> T:
+        """One try under a limiter permit: throttles, 503s and timeouts cut the limit, successes raise it."""
+        async with self._limiter.acquire() as permit:
+            self.stats.requests += 1
+            started = self._clock()
+            try:
+                response = await request()
+            except Exception as exc:
                 elapsed = self._clock() - started
-                permit.success(elapsed)
-                if self._on_request is not None:
-                    self._on_request(operation, "ok", elapsed)
-                return response
-
-        return await self._retry.run(attempt, on_retry=self._count_retry, max_elapsed_secs=max_elapsed_secs)
+                error = self._translate(exc)
+                if error is None:
+                    permit.failure()
+                    raise
+                if translate.is_congestion(exc):
+                    permit.backpressure()
+                else:
+                    permit.failure()
+                self._count_failure(operation, exc, error, elapsed)
+                if error is exc:
+                    raise
+                raise error from exc
+            elapsed = self._clock() - started
+            permit.success(elapsed)
+            if self._on_request is not None:
+                self._on_request(operation, "ok", elapsed)
+            return response
 
     def _count_failure(self, operation: str, exc: BaseException, error: ConnectorError, elapsed: float) -> None:
         self.stats.request_errors += 1
@@ -471,14 +437,14 @@ class S3Sink:
             outcome = "transient"
         else:
             outcome = "permanent"
-        if aws.is_timeout(exc):
+        if translate.is_timeout(exc):
             self.stats.timeouts += 1
         if self._on_request is not None:
             self._on_request(operation, outcome, elapsed)
 
-    def _count_retry(self, retry: int, delay: float, error: TransientError) -> None:
+    def _on_retry(self, operation: str, retry: int, delay: float, error: TransientError) -> None:
         self.stats.retries += 1
-        log.debug("s3: retry %d in %.3f s after %s", retry + 1, delay, error)
+        super()._on_retry(operation, retry, delay, error)
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -23,14 +23,14 @@ import pytest
 from aiohttp import web
 
 from connectors.announcing_sink import AnnouncingSink, AnnouncingSinkSettings
+from connectors.aws.eventbridge import EventBridgePublisher, EventBridgeSettings, EventOutbox, OutboxSettings, event_id
+from connectors.aws.glue import GlueCatalog, GlueCatalogSettings
+from connectors.aws.s3 import S3Sink
 from connectors.base import LandedObject, Partition
 from connectors.errors import TransientError
-from connectors.eventbridge import EventBridgePublisher, EventBridgeSettings, EventOutbox, OutboxSettings, event_id
-from connectors.glue import GlueCatalog, GlueCatalogSettings
 from connectors.retry import RetrySettings
-from connectors.s3 import S3Sink
+from tests.connectors.helpers import GATEWAY_ID, drain, lake_object, settings
 from tests.fixtures.fault_proxy import FaultProxy, Forward, SeenRequest
-from tests.s3.helpers import GATEWAY_ID, drain, lake_object, settings
 
 # Give up on an unreachable service quickly, so the background tasks go round often.
 QUICK = RetrySettings(initial_interval_secs=0.01, max_interval_secs=0.02, max_elapsed_secs=0.2)

@@ -6,9 +6,9 @@ import json
 import os
 from typing import Any
 
+from connectors.aws.s3 import MiB, S3SinkSettings
 from connectors.base import LakeObject, Partition
 from connectors.retry import RetrySettings
-from connectors.s3 import MiB, S3SinkSettings
 
 GATEWAY_ID = "gw-test"
 # moto, like S3, refuses parts under 5 MiB; these keep multipart tests small but real.

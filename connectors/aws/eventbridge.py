@@ -25,8 +25,6 @@ Event (``detail-type`` = ``detail_type``, ``source`` = ``source``)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
 import contextlib
 import errno
@@ -43,17 +41,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
-from connectors import aws
+from connectors.aws.connector import AwsConnector
+from connectors.aws.settings import AwsClientSettings, PositiveSecs
 from connectors.base import LakeObject, LandedObject
 from connectors.errors import ConnectorError, TransientError
 from connectors.retry import RetryPolicy, RetrySettings, Sleep
 
-if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws.py)
+if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws/client.py)
     from aiobotocore.session import AioSession
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def event_id(url: str, etag: str) -> str:
     return hashlib.sha256(f"{url}\n{etag}".encode()).hexdigest()[:32]
 
 
-class EventBridgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class EventBridgeSettings(AwsClientSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Where landed-object events go."""
 
     event_bus_name: Annotated[str, Meta(min_length=1, max_length=1600)] = "default"
@@ -83,11 +82,7 @@ class EventBridgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     detail_type: Annotated[str, Meta(min_length=1, max_length=128)] = "Lake Object Landed"
     # In-memory queue only (no outbox): beyond this, the oldest events are dropped.
     max_pending_events: Annotated[int, Meta(ge=MAX_ENTRIES_PER_CALL)] = 10_000
-    region: str = ""
-    endpoint_url: str = ""
-    connect_timeout_secs: Annotated[float, Meta(gt=0)] = 5.0
-    read_timeout_secs: Annotated[float, Meta(gt=0)] = 10.0
-    retry: RetrySettings = RetrySettings()
+    read_timeout_secs: PositiveSecs = 10.0
 
 
 @dataclass(slots=True)
@@ -98,8 +93,10 @@ class EventBridgeStats:
     calls: int = 0
 
 
-class EventBridgePublisher:
+class EventBridgePublisher(AwsConnector):
     """Publishes one event per landed object, batched, off the landing path."""
+
+    service = "events"
 
     def __init__(
         self,
@@ -110,27 +107,17 @@ class EventBridgePublisher:
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(settings, session=session, sleep=sleep, rng=rng, clock=clock)
         self.settings = settings
         self.stats = EventBridgeStats()
-        self._session = session or aws.build_session()
-        self._retry = RetryPolicy(settings.retry, sleep=sleep, rng=rng, clock=clock)
-        self._endpoint = settings.endpoint_url or "events"
         self._pending: deque[dict[str, Any]] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
         self._sender: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        s = self.settings
-        stack = contextlib.AsyncExitStack()
-        config = aws.client_config(connect_timeout_secs=s.connect_timeout_secs, read_timeout_secs=s.read_timeout_secs)
-        self._client = await stack.enter_async_context(
-            aws.create_client(self._session, "events", config, region=s.region, endpoint_url=s.endpoint_url)
-        )
-        self._stack = stack
+        await self._open_client()
         self._sender = asyncio.create_task(self._send_forever(), name="eventbridge-publisher")
 
     def object_landed(self, obj: LakeObject, landed: LandedObject) -> None:
@@ -155,9 +142,7 @@ class EventBridgePublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sender
             self._sender = None
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        await super().close()
 
     def landed_event(self, obj: LakeObject, landed: LandedObject) -> dict[str, Any]:
         """The event for ``landed``, independent of where it is sent: ``{"id", "detail", "resources"}``.
@@ -237,15 +222,10 @@ class EventBridgePublisher:
         """One ``PutEvents`` batch; only the failed entries are sent again."""
         remaining = indices
 
-        async def attempt() -> None:
+        async def send() -> None:
             nonlocal remaining
             self.stats.calls += 1
-            try:
-                response = await self._client.put_events(Entries=[entries[i] for i in remaining])
-            except Exception as exc:
-                if not aws.is_vendor_error(exc):
-                    raise
-                raise aws.translate(exc, endpoint=self._endpoint) from exc
+            response = await self._client.put_events(Entries=[entries[i] for i in remaining])
             results = response.get("Entries", [])
             retry: list[int] = []
             for n, i in enumerate(remaining):
@@ -265,7 +245,7 @@ class EventBridgePublisher:
                 raise TransientError(f"{len(remaining)} PutEvents entries failed", endpoint=self._endpoint)
 
         try:
-            await self._retry.run(attempt)
+            await self._call("PutEvents", send)
         except ConnectorError as exc:
             log.warning("eventbridge: %d event(s) not sent: %s", len(remaining), exc)
 

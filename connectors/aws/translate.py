@@ -1,12 +1,7 @@
-"""What every AWS connector shares: client construction and the one place botocore errors are translated.
+"""The one place botocore and aiohttp errors become ``connectors.errors`` kinds.
 
-Credentials always come from the standard AWS chain (environment, shared profile, container or
-instance role); no settings struct has a field for them, so a key can never end up in a config file.
-
-Retries are ours, not botocore's: clients are built with a single attempt so that ``RetryPolicy``
-and the adaptive concurrency limiter see every throttle and timeout.
-
-Translation (``translate``)::
+Every AWS connector's requests pass through ``AwsConnector`` (``connectors.aws.connector``), which
+calls ``translate`` on whatever a request raised, so the gateway only ever sees these kinds:
 
     ClientError  SlowDown / Throttling* / 429 / 503        -> ThrottledError
                  500, 502, 504, RequestTimeout, BadDigest   -> TransientError
@@ -19,19 +14,14 @@ Translation (``translate``)::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
-
 from typing import TYPE_CHECKING
 
 import aiohttp
 
+from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
+
 if TYPE_CHECKING:  # the AWS SDK is the `s3` extra: imported when an AWS connector is first used
     import botocore.exceptions as bce
-    from aiobotocore.config import AioConfig
-    from aiobotocore.session import AioSession
-
-EXTRA_HINT = "the AWS connectors need the `s3` extra: pip install 'edge-gateway[s3]'"
 
 
 def _botocore_exceptions():
@@ -39,15 +29,6 @@ def _botocore_exceptions():
 
     return botocore.exceptions
 
-
-def sdk_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("aiobotocore") is not None
-
-from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
-
-USER_AGENT_EXTRA = "edge-gateway"
 
 # Error codes AWS services use to say "slow down"; S3 sends SlowDown with a 503.
 THROTTLE_CODES = frozenset(
@@ -89,56 +70,6 @@ TRANSIENT_CODES = frozenset(
         "ConcurrentModificationException",
     }
 )
-
-
-def build_session() -> AioSession:
-    """A session on the standard credential chain."""
-    try:
-        from aiobotocore.session import get_session
-    except ImportError as exc:
-        raise ImportError(EXTRA_HINT) from exc
-    return get_session()
-
-
-def client_config(
-    *,
-    connect_timeout_secs: float,
-    read_timeout_secs: float,
-    max_pool_connections: int = 10,
-    s3: Mapping[str, Any] | None = None,
-) -> AioConfig:
-    """An ``AioConfig`` with botocore's own retries off and explicit timeouts."""
-    try:
-        from aiobotocore.config import AioConfig
-    except ImportError as exc:
-        raise ImportError(EXTRA_HINT) from exc
-    return AioConfig(
-        connect_timeout=connect_timeout_secs,
-        read_timeout=read_timeout_secs,
-        max_pool_connections=max_pool_connections,
-        retries={"total_max_attempts": 1},
-        # Connectors send the checksums they computed themselves (off the event loop); this stops
-        # botocore from computing a second one on the loop.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        user_agent_extra=USER_AGENT_EXTRA,
-        s3=dict(s3) if s3 else None,
-    )
-
-
-def create_client(session: AioSession, service: str, config: AioConfig, *, region: str, endpoint_url: str) -> Any:
-    """``session.create_client`` (an async context manager); empty settings defer to the AWS chain."""
-    return session.create_client(service, config=config, **client_kwargs(region=region, endpoint_url=endpoint_url))
-
-
-def client_kwargs(*, region: str, endpoint_url: str) -> dict[str, Any]:
-    """Keyword arguments for ``session.create_client``: empty settings defer to the AWS chain."""
-    kwargs: dict[str, Any] = {}
-    if region:
-        kwargs["region_name"] = region
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-    return kwargs
 
 
 def error_code(exc: BaseException) -> str:
