@@ -54,8 +54,7 @@ def error_response(error: ApiError) -> web.Response:
 async def post_telemetry(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     started = time.perf_counter()
-    gw.inflight += 1
-    gw.metrics.inflight.inc()
+    gw.request_started()
     try:
         response = await _ingest(request, gw)
     except ApiError as exc:
@@ -70,8 +69,7 @@ async def post_telemetry(request: web.Request) -> web.Response:
         gw.metrics.stage_errors.labels("receive", "internal").inc()
         response = json_response(500, {"error": "internal", "message": "the gateway failed; nothing was acknowledged"})
     finally:
-        gw.inflight -= 1
-        gw.metrics.inflight.dec()
+        gw.request_finished()
     gw.metrics.http_requests.labels(ROUTE, str(response.status)).inc()
     gw.metrics.http_duration.labels(ROUTE).observe(time.perf_counter() - started)
     return response

@@ -99,6 +99,8 @@ class Gateway:
         )
         self.draining = False
         self.inflight = 0
+        self._idle = asyncio.Event()  # set while no telemetry request is in flight
+        self._idle.set()
         self._lag_task: asyncio.Task[None] | None = None
 
     def _load_registry(self, settings: Settings) -> DeviceRegistry:
@@ -266,10 +268,23 @@ class Gateway:
         self.draining = True
         self.metrics.draining.set(1)
 
+    def request_started(self) -> None:
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
+        if not self.inflight:
+            self._idle.set()
+
     async def wait_for_inflight(self, deadline_secs: float) -> bool:
-        until = time.monotonic() + deadline_secs
-        while self.inflight and time.monotonic() < until:
-            await asyncio.sleep(0.01)
+        """True once no request is in flight; False if some still are after ``deadline_secs``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline_secs))
+        except TimeoutError:
+            pass
         return self.inflight == 0
 
     async def close(self) -> None:
