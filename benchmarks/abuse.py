@@ -30,11 +30,13 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-import orjson
 
+from benchmarks.loadgen import closed_loop, open_loop, prepare
 from benchmarks.processes import free_port
+from benchmarks.stats import percentile
 from gateway.registry import add_device
 from gateway.signing import sign_request
+from gateway.simulator import SimulatedDevice
 
 
 def write_config(root: Path, port: int, records_per_sec: float) -> Path:
@@ -63,41 +65,12 @@ burst_records = {int(records_per_sec)}
     return config
 
 
-def body(device_id: str, records: int) -> bytes:
-    now = int(time.time() * 1000)
-    return b"".join(
-        orjson.dumps({"device_id": device_id, "ts": now, "seq": time.time_ns() + i, "metrics": {"temperature_c": 21.5, "rssi_dbm": -60.0}})
-        + b"\n"
-        for i in range(records)
-    )
-
-
-async def post(session: aiohttp.ClientSession, url: str, device_id: str, key: str, records: int) -> int:
-    data = body(device_id, records)
-    headers = {"Content-Type": "application/x-ndjson", **sign_request(device_id, key, data)}
-    async with session.post(url, data=data, headers=headers) as resp:
-        await resp.read()
-        return resp.status
-
-
 async def polite(url: str, devices: dict[str, str], rate: float, records: int, seconds: float) -> tuple[float, float]:
-    """Open loop: each device sends `rate` requests/s whatever happens. Returns (records/s acked, p99 s)."""
-    acked, latencies = 0, []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-
-        async def one(device_id: str, key: str, due: float) -> None:
-            nonlocal acked
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            status = await post(session, url, device_id, key, records)
-            latencies.append(time.monotonic() - due)
-            if status == 202:
-                acked += records
-
-        start = time.monotonic() + 0.1
-        n = int(seconds * rate)
-        await asyncio.gather(*(one(d, k, start + i / rate + j / (rate * len(devices))) for i in range(n) for j, (d, k) in enumerate(devices.items())))
-    latencies.sort()
-    return acked / seconds, latencies[int(len(latencies) * 0.99) - 1]
+    """Open loop, evenly spaced: each device sends ``rate`` requests/s whatever happens. Returns
+    (records/s acked, p99 ack latency in s, from the intended send time)."""
+    fleet = prepare([SimulatedDevice(d, k) for d, k in devices.items()], records_per_request=records, distinct=len(devices))
+    run = await open_loop(url, fleet, requests_per_s=rate * len(devices), duration_s=seconds, arrivals="fixed")
+    return run.records / seconds, percentile(run.latencies_s, 0.99)
 
 
 ATTACKER_ADDRESS = "127.0.0.9"
@@ -114,40 +87,33 @@ async def _repeat(concurrency: int, stop: asyncio.Event, step) -> None:
     await asyncio.gather(*(loop() for _ in range(concurrency)))
 
 
-def _attacker_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER_ADDRESS, 0)))
+async def abuser(url: str, device_id: str, key: str, records: int, seconds: float, concurrency: int = 32) -> dict:
+    """A device with its own key, sending signed requests as fast as ``concurrency`` connections go."""
+    flood = prepare([SimulatedDevice(device_id, key)], records_per_request=records)
+    run = await closed_loop(url, flood, concurrency=concurrency, duration_s=seconds, local_addr=(ATTACKER_ADDRESS, 0))
+    return run.statuses
 
 
-async def abuser(url: str, device_id: str, key: str, records: int, stop: asyncio.Event, concurrency: int = 32) -> Counter:
-    statuses: Counter = Counter()
-    async with _attacker_session() as session:
+class _Bombs:
+    """Forged zstd bombs: 2 KiB that inflate to 64 MiB, signed anew with a key the device does not have."""
 
-        async def step() -> None:
-            statuses[await post(session, url, device_id, key, records)] += 1
+    records_per_request = 0
 
-        await _repeat(concurrency, stop, step)
-    return statuses
+    def __init__(self, device_id: str) -> None:
+        import zstandard
+
+        self.device_id = device_id
+        self.bomb = zstandard.ZstdCompressor().compress(b"\n" * (64 * 1024 * 1024))
+
+    def next(self) -> tuple[bytes, dict[str, str]]:
+        headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request(self.device_id, "forged", self.bomb)}
+        return self.bomb, headers
 
 
-async def bomber(url: str, device_id: str, stop: asyncio.Event, concurrency: int = 32) -> Counter:
+async def bomber(url: str, device_id: str, seconds: float, concurrency: int = 32) -> dict:
     """Forged zstd bombs: without the key, each should cost the gateway no more than hashing 2 KiB."""
-    import zstandard
-
-    bomb = zstandard.ZstdCompressor().compress(b"\n" * (64 * 1024 * 1024))
-    statuses: Counter = Counter()
-    async with _attacker_session() as session:
-
-        async def step() -> None:
-            headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request(device_id, "forged", bomb)}
-            try:
-                async with session.post(url, data=bomb, headers=headers) as resp:
-                    await resp.read()
-                    statuses[resp.status] += 1
-            except aiohttp.ClientError:
-                statuses["error"] += 1
-
-        await _repeat(concurrency, stop, step)
-    return statuses
+    run = await closed_loop(url, _Bombs(device_id), concurrency=concurrency, duration_s=seconds, local_addr=(ATTACKER_ADDRESS, 0))
+    return run.statuses
 
 
 async def _raw_connections(url: str, stop: asyncio.Event, connections: int, outcome: Counter, use) -> None:
@@ -240,19 +206,18 @@ async def run(args: argparse.Namespace) -> dict:
         try:
             base = f"http://127.0.0.1:{port}"
             await wait_ready(base, proc, root / "gateway.log")
-            url = base + "/v1/telemetry"
-            alone, alone_p99 = await polite(url, keys, args.rate, args.records, args.seconds)
+            alone, alone_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
             report["polite_records_per_s_alone"] = round(alone, 1)
             report["polite_p99_ack_ms_alone"] = round(alone_p99 * 1000, 2)
             for attack in args.attacks:
                 # The attacker runs in its own process, so it competes for the gateway, not for this event loop.
                 attacker = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.abuse", "--abuse", attack, url, abuser_id, abuser_key,
+                    [sys.executable, "-m", "benchmarks.abuse", "--abuse", attack, base, abuser_id, abuser_key,
                      "--seconds", str(args.seconds + 1.5), "--abuser-records", str(args.abuser_records)],
                     stdout=subprocess.PIPE,
                 )
                 await asyncio.sleep(1.0)  # let it reach full strength
-                shared, shared_p99 = await polite(url, keys, args.rate, args.records, args.seconds)
+                shared, shared_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
                 out, _ = attacker.communicate(timeout=120)
                 report[attack] = {
                     "polite_records_per_s": round(shared, 1),
@@ -270,12 +235,12 @@ async def run(args: argparse.Namespace) -> dict:
 
 async def _abuse_for(args: argparse.Namespace) -> dict:
     attack, url, device_id, key = args.abuse
+    if attack == "flood":
+        return await abuser(url, device_id, key, args.abuser_records, args.seconds)
+    if attack == "bomb":
+        return await bomber(url, device_id, args.seconds)
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(args.seconds, stop.set)
-    if attack == "flood":
-        return dict(await abuser(url, device_id, key, args.abuser_records, stop))
-    if attack == "bomb":
-        return dict(await bomber(url, device_id, stop))
     if attack == "slow-body":
         return dict(await slow_bodies(url, device_id, stop))
     return dict(await idle_sockets(url, stop))

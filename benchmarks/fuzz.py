@@ -25,12 +25,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import orjson
 import psutil
 import zstandard
 
 from benchmarks.abuse import wait_ready
+from benchmarks.loadgen import closed_loop
 from benchmarks.processes import free_port
 from gateway.registry import add_device, set_enabled
 from gateway.signing import sign_request
@@ -68,10 +68,19 @@ level = "WARNING"
 
 
 class Generator:
+    """Generated requests, one per ``next()``, for ``loadgen.closed_loop`` to send."""
+
+    records_per_request = 0  # nothing to count per 202: the run reports statuses
+
     def __init__(self, rng: random.Random, keys: dict[str, str]) -> None:
         self.rng = rng
         self.keys = keys
         self.seq = 0
+
+    def next(self) -> tuple[bytes, dict[str, str]]:
+        device_id = self.rng.choice([*self.keys, "nobody"])
+        data, ctype, encoding = self.body(device_id)
+        return data, self.headers(device_id, data, ctype, encoding)
 
     def record(self, device_id: str) -> dict:
         r = self.rng
@@ -167,26 +176,7 @@ async def run(args: argparse.Namespace) -> dict:
             process = psutil.Process(proc.pid)
             rss.append(process.memory_info().rss)
             gen = Generator(rng, keys)
-            queue: asyncio.Queue = asyncio.Queue(maxsize=args.concurrency * 4)
             started = time.monotonic()
-
-            async def produce() -> None:
-                for _ in range(args.requests):
-                    device_id = rng.choice([*keys, "nobody"])
-                    data, ctype, encoding = gen.body(device_id)
-                    await queue.put((data, gen.headers(device_id, data, ctype, encoding)))
-                for _ in range(args.concurrency):
-                    await queue.put(None)
-
-            async def consume(session: aiohttp.ClientSession) -> None:
-                while (item := await queue.get()) is not None:
-                    data, headers = item
-                    try:
-                        async with session.post(base + "/v1/telemetry", data=data, headers=headers) as resp:
-                            await resp.read()
-                            statuses[resp.status] += 1
-                    except aiohttp.ClientError as exc:
-                        statuses[f"client_error:{type(exc).__name__}"] += 1
 
             async def sample() -> None:
                 while proc.poll() is None:
@@ -194,9 +184,10 @@ async def run(args: argparse.Namespace) -> dict:
                     await asyncio.sleep(0.5)
 
             sampler = asyncio.create_task(sample())
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-                await asyncio.gather(produce(), *(consume(session) for _ in range(args.concurrency)))
+            sent = await closed_loop(base, gen, concurrency=args.concurrency, requests=args.requests)
             sampler.cancel()
+            statuses.update({status: n for status, n in sent.statuses.items() if status != "error"})
+            statuses.update({f"client_error:{name}": n for name, n in sent.errors.items()})
             elapsed = time.monotonic() - started
             alive = proc.poll() is None
             if alive:

@@ -7,8 +7,12 @@
   seeded generator) and never waits for responses; latency is measured from the *intended* send
   time, so a stalled server (or a stalled generator) shows up as latency instead of silently
   lowering the offered load (no coordinated omission).
-- ``closed_loop`` keeps N requests outstanding; it finds the maximum sustained throughput, and is
-  never used for latency figures.
+- ``closed_loop`` keeps N requests outstanding for a time or a number of requests; it finds the
+  maximum sustained throughput (never used for latency figures), and it is the flood of the abuse
+  benchmark and the sender of the fuzzing run, from any source of bodies with a ``next()``.
+
+This is the one request sender of ``benchmarks/``; ``poisson_arrivals`` is the one arrival process
+(the inference scenarios feed the batcher from it too).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import orjson
@@ -88,6 +95,14 @@ def prepare(devices: list[SimulatedDevice], *, records_per_request: int, distinc
     return Prepared(templates, records_per_request)
 
 
+class Bodies(Protocol):
+    """What a loop sends: ``next()`` gives one request's body and headers."""
+
+    records_per_request: int
+
+    def next(self) -> tuple[bytes, dict[str, str]]: ...
+
+
 @dataclass
 class Run:
     offered_rps: float | None
@@ -103,6 +118,7 @@ class Run:
     # (intended send time relative to the start, latency, status) of each measured request.
     timeline: list[tuple[float, float, int | str]] | None = None
     send_lag_s: list[float] = field(default_factory=list)  # actual send - intended send
+    errors: dict[str, int] = field(default_factory=dict)  # what the "error" answers were, by exception name
     generator_cpu_s: float = 0.0
 
     @property
@@ -135,8 +151,9 @@ async def _send(session, url, body, headers, run: Run, intended: float, begin: f
         async with session.post(url, data=body, headers=headers) as resp:
             await resp.read()
             status = resp.status
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, TimeoutError) as exc:
         status = "error"
+        run.errors[type(exc).__name__] = run.errors.get(type(exc).__name__, 0) + 1
     latency = time.perf_counter() - intended
     run.statuses[status] = run.statuses.get(status, 0) + 1
     if status == 202:
@@ -150,16 +167,27 @@ async def _send(session, url, body, headers, run: Run, intended: float, begin: f
             run.timeline.append((intended - begin, latency, status))
 
 
-async def closed_loop(url: str, prepared: Prepared, *, concurrency: int, duration_s: float) -> Run:
+async def closed_loop(
+    url: str,
+    prepared: Bodies,
+    *,
+    concurrency: int,
+    duration_s: float = math.inf,
+    requests: int | None = None,
+    local_addr: tuple[str, int] | None = None,
+) -> Run:
+    """``concurrency`` requests outstanding until ``duration_s`` has passed or ``requests`` were sent,
+    whichever comes first; ``local_addr`` sends from another source address."""
     run = Run(None, duration_s, prepared.records_per_request)
     cpu0 = time.process_time()
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(limit=concurrency, local_addr=local_addr)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         begin = time.perf_counter()
         stop_at = begin + duration_s
 
         async def worker():
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < stop_at and (requests is None or run.sent < requests):
                 body, headers = prepared.next()
                 run.sent += 1
                 await _send(session, url + "/v1/telemetry", body, headers, run, time.perf_counter(), begin, True)
@@ -179,13 +207,20 @@ def schedule(requests_per_s: float, duration_s: float, *, arrivals: str = "poiss
         return [i / requests_per_s for i in range(n)]
     if arrivals != "poisson":
         raise ValueError(f"arrivals must be 'poisson' or 'fixed', not {arrivals!r}")
+    return poisson_arrivals(requests_per_s, duration_s, seed=seed)
+
+
+def poisson_arrivals(peak_per_s: float, duration_s: float, *, seed: int, rate: Callable[[float], float] | None = None) -> list[float]:
+    """Poisson arrival offsets at ``peak_per_s``; with ``rate(t)`` (at most the peak) a time-varying
+    rate, by thinning the process at the peak."""
     rng = random.Random(seed)
     out, t = [], 0.0
     while True:
-        t += rng.expovariate(requests_per_s)
+        t += rng.expovariate(peak_per_s)
         if t >= duration_s:
             return out
-        out.append(t)
+        if rate is None or rng.random() * peak_per_s <= rate(t):
+            out.append(t)
 
 
 async def open_loop(

@@ -205,6 +205,18 @@ TRITON_VENV_PYTHON = REPO_ROOT / ".venv-triton" / "bin" / "python"
 TRITON_SERVER_SCRIPT = REPO_ROOT / "tests" / "triton" / "pytriton_server.py"
 
 
+def triton_unavailable(profile) -> str | None:
+    """Why a scenario that starts a PyTriton server cannot run in this ``profile`` here (None when it can)."""
+    if not profile.triton:
+        return f"skipped in the {profile.name} profile"
+    if not TRITON_VENV_PYTHON.exists():
+        return (".venv-triton is absent (make bench creates it; or python3.11 -m venv .venv-triton && "
+                ".venv-triton/bin/pip install -r tests/triton/requirements.txt)")
+    if not TRITON_SERVER_SCRIPT.exists():
+        return "tests/triton/pytriton_server.py is missing"
+    return None
+
+
 class TritonServer(Server):
     """The PyTriton test server (the anomaly model) from its own virtualenv, in its own process group.
 

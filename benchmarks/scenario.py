@@ -10,14 +10,23 @@ repetitions and records into ``out``:
 - ``out.load(...)``: one open-loop run's offered load and generator CPU (saturation warnings);
 - ``out.note(text)``: a sentence for the report.
 
+The built-in scenarios derive from ``Repeated``, which owns the repetition loop: a scenario writes
+what one repetition does (``repetition``), what lives across them (``around``) and takes a fresh
+working directory per repetition from ``rep_dir``.
+
 Built-in scenarios live in ``benchmarks.scenarios_*``; any module in ``benchmarks/`` that defines
 ``harness_scenarios()`` (returning scenario objects) is picked up too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import math
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,3 +156,62 @@ class Scenario(Protocol):
     def unavailable(self, ctx: Context) -> str | None: ...
 
     async def run(self, ctx: Context, out: Collector) -> None: ...
+
+
+class Repeated:
+    """The base of the built-in scenarios: one measurement, repeated.
+
+    ``run`` enters ``around`` (what lives across the repetitions: a server, environment variables),
+    calls ``repetition(ctx, out, rep)`` for each of ``repetitions(ctx)`` (the profile's ``reps``
+    unless overridden), leaves ``around`` and, when every repetition went through, calls
+    ``finish``. A repetition that needs a working directory takes a fresh one from ``rep_dir``.
+    """
+
+    name = ""
+    title = ""
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    def repetitions(self, ctx: Context) -> int:
+        return ctx.profile.reps
+
+    @contextlib.asynccontextmanager
+    async def around(self, ctx: Context, out: Collector) -> AsyncIterator[None]:
+        yield
+
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        raise NotImplementedError
+
+    def finish(self, ctx: Context, out: Collector) -> None:
+        """After the last repetition: a summary line, a note."""
+
+    async def run(self, ctx: Context, out: Collector) -> None:
+        async with self.around(ctx, out):
+            for rep in range(self.repetitions(ctx)):
+                await self.repetition(ctx, out, rep)
+        self.finish(ctx, out)
+
+    @contextlib.contextmanager
+    def rep_dir(self, ctx: Context, rep: int) -> Iterator[Path]:
+        """A fresh directory under the run's working directory, removed when the repetition leaves it."""
+        root = Path(tempfile.mkdtemp(prefix=f"{self.name}-{rep}-", dir=ctx.workdir))
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def missing_module(module: str, entry: str) -> str | None:
+    """Why a scenario that adapts ``benchmarks/<module>.py`` cannot run (None when it can): the file
+    is absent, does not import, or lacks the callable ``entry``."""
+    qualified = f"benchmarks.{module}"
+    if importlib.util.find_spec(qualified) is None:
+        return f"benchmarks/{module}.py is not in this tree yet"
+    try:
+        loaded = importlib.import_module(qualified)
+    except Exception as exc:  # noqa: BLE001 - being written by someone else
+        return f"benchmarks/{module}.py does not import: {type(exc).__name__}: {exc}"
+    if not callable(getattr(loaded, entry, None)):
+        return f"benchmarks/{module}.py has no {entry}()"
+    return None

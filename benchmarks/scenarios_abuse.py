@@ -11,46 +11,35 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 
-from benchmarks.scenario import Collector, Context
+from benchmarks.scenario import Collector, Context, Repeated, missing_module
 
 
-class AbuseScenario:
+class AbuseScenario(Repeated):
     name = "abuse"
     title = "Abuse: one device flooding the gateway beside polite ones (per-device rate limits on)"
 
     def unavailable(self, ctx: Context) -> str | None:
-        if importlib.util.find_spec("benchmarks.abuse") is None:
-            return "benchmarks/abuse.py is not in this tree yet"
-        try:
-            module = importlib.import_module("benchmarks.abuse")
-        except Exception as exc:  # noqa: BLE001 - being written by someone else
-            return f"benchmarks/abuse.py does not import: {type(exc).__name__}: {exc}"
-        if not callable(getattr(module, "run", None)):
-            return "benchmarks/abuse.py has no run(args)"
-        return None
+        return missing_module("abuse", "run")
 
-    async def run(self, ctx: Context, out: Collector) -> None:
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
         module = importlib.import_module("benchmarks.abuse")
-        p = ctx.profile
-        seconds = {"quick": 2.0, "default": 6.0}.get(p.name, 12.0)
-        for rep in range(p.reps):
-            args = argparse.Namespace(seconds=seconds, devices=8, rate=20.0, records=50, abuser_records=500, limit=2000.0,
-                                      abuse=None, attacks=module.ATTACKS)
-            res = await module.run(args)
-            out.figure("polite_offered_records_per_s", res["polite_offered_records_per_s"], "rec/s")
-            out.figure("polite_records_per_s_alone", res["polite_records_per_s_alone"], "rec/s")
-            out.figure("polite_p99_ack_ms_alone", res["polite_p99_ack_ms_alone"], "ms")
-            for attack in module.ATTACKS:
-                got = res[attack]
-                name = attack.replace("-", "_")
-                out.figure(f"{name}_polite_records_per_s", got["polite_records_per_s"], "rec/s")
-                out.figure(f"{name}_polite_p99_ack_ms", got["polite_p99_ack_ms"], "ms")
-                out.ratio(f"polite_throughput_with_{name}_to_alone", got["throughput_ratio"], better="higher",
-                          description=f"polite devices' acknowledged records/s beside the {attack} attack over alone (target >= 0.95)")
-                out.ratio(f"polite_p99_with_{name}_to_alone", got["p99_ratio"], better="lower", tolerance=0.5,
-                          description=f"polite devices' p99 ack latency beside the {attack} attack over alone (target <= 2)")
-                ctx.log(f"  abuse rep {rep + 1} {attack}: polite {res['polite_records_per_s_alone']:,.0f} -> "
-                        f"{got['polite_records_per_s']:,.0f} rec/s, p99 {res['polite_p99_ack_ms_alone']:.1f} -> "
-                        f"{got['polite_p99_ack_ms']:.1f} ms; attacker got {got['attacker_got']}")
+        seconds = {"quick": 2.0, "default": 6.0}.get(ctx.profile.name, 12.0)
+        args = argparse.Namespace(seconds=seconds, devices=8, rate=20.0, records=50, abuser_records=500, limit=2000.0,
+                                  abuse=None, attacks=module.ATTACKS)
+        res = await module.run(args)
+        out.figure("polite_offered_records_per_s", res["polite_offered_records_per_s"], "rec/s")
+        out.figure("polite_records_per_s_alone", res["polite_records_per_s_alone"], "rec/s")
+        out.figure("polite_p99_ack_ms_alone", res["polite_p99_ack_ms_alone"], "ms")
+        for attack in module.ATTACKS:
+            got = res[attack]
+            name = attack.replace("-", "_")
+            out.figure(f"{name}_polite_records_per_s", got["polite_records_per_s"], "rec/s")
+            out.figure(f"{name}_polite_p99_ack_ms", got["polite_p99_ack_ms"], "ms")
+            out.ratio(f"polite_throughput_with_{name}_to_alone", got["throughput_ratio"], better="higher",
+                      description=f"polite devices' acknowledged records/s beside the {attack} attack over alone (target >= 0.95)")
+            out.ratio(f"polite_p99_with_{name}_to_alone", got["p99_ratio"], better="lower", tolerance=0.5,
+                      description=f"polite devices' p99 ack latency beside the {attack} attack over alone (target <= 2)")
+            ctx.log(f"  abuse rep {rep + 1} {attack}: polite {res['polite_records_per_s_alone']:,.0f} -> "
+                    f"{got['polite_records_per_s']:,.0f} rec/s, p99 {res['polite_p99_ack_ms_alone']:.1f} -> "
+                    f"{got['polite_p99_ack_ms']:.1f} ms; attacker got {got['attacker_got']}")

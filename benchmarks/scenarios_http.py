@@ -5,19 +5,21 @@ measured in the same repetition, minutes apart at most, so the ratio survives a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import math
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from benchmarks.disk import fsync_latency
 from benchmarks.gateway_metrics import with_wal_fsync_p99_ms
-from benchmarks.loadgen import open_loop, prepare
-from benchmarks.processes import AWS_DUMMY_ENV, MotoServer
-from benchmarks.scenario import Collector, Context
+from benchmarks.loadgen import Prepared, open_loop, prepare
+from benchmarks.processes import AWS_DUMMY_ENV, MotoServer, Server, triton_unavailable
+from benchmarks.scenario import Collector, Context, Repeated
 from benchmarks.servers import (
     make_devices,
     measure_max,
@@ -30,23 +32,40 @@ from benchmarks.servers import (
 from benchmarks.stats import growth, percentile, ratio
 
 
-def _rep_dir(ctx: Context, name: str, rep: int) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"{name}-{rep}-", dir=ctx.workdir))
-
-
-def _prepared(ctx: Context, root: Path):
+def _prepared(ctx: Context, root: Path) -> Prepared:
     p = ctx.profile
     return prepare(make_devices(root, p.devices), records_per_request=p.records_per_request)
 
 
-async def _ceiling_max(ctx: Context, root: Path, prepared, out: Collector, rep: int) -> dict:
-    ceiling = start_ceiling(root)
+@contextlib.contextmanager
+def _serving(server: Server) -> Iterator[Server]:
+    """The server until the block ends, however it ends; its exit code is then ``server.proc.returncode``."""
     try:
-        result = await measure_max(ceiling, prepared, ctx.profile.seconds, ctx.profile.concurrency)
+        yield server
     finally:
-        ceiling.stop()
-    out.load(f"ceiling max, rep {rep + 1}", generator_cpu_share=result["generator_cpu_share"])
+        server.stop()
+
+
+async def _max(ctx: Context, out: Collector, server: Server, prepared: Prepared, label: str, concurrency: int | None = None) -> dict:
+    """The closed-loop maximum, with the generator's load recorded under ``label``."""
+    result = await measure_max(server, prepared, ctx.profile.seconds, concurrency or ctx.profile.concurrency)
+    out.load(label, generator_cpu_share=result["generator_cpu_share"])
     return result
+
+
+async def _ceiling_max(ctx: Context, root: Path, prepared: Prepared, out: Collector, rep: int) -> dict:
+    with _serving(start_ceiling(root)) as ceiling:
+        return await _max(ctx, out, ceiling, prepared, f"ceiling max, rep {rep + 1}")
+
+
+async def _max_and_half(ctx: Context, out: Collector, server: Server, prepared: Prepared, rep: int, label: str = "gateway max") -> tuple[dict, dict]:
+    """The server's start-up time, its maximum, then an open loop at half of that maximum."""
+    p = ctx.profile
+    out.figure("startup_s", server.startup_s, "s")
+    top = await _max(ctx, out, server, prepared, f"{label}, rep {rep + 1}")
+    half = await measure_open(server, prepared, top["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
+    return top, half
 
 
 def _sweep_point(out: Collector, label: str, level: float, res: dict) -> None:
@@ -54,58 +73,39 @@ def _sweep_point(out: Collector, label: str, level: float, res: dict) -> None:
     out.append_series("sweep", {"fraction": level, **{k: v for k, v in res.items() if k != "statuses"}})
 
 
-class CeilingScenario:
+class CeilingScenario(Repeated):
     name = "ceiling"
     title = "Bare ceiling: aiohttp on uvloop + msgspec decode, no auth, no WAL, no lake"
 
-    def unavailable(self, ctx: Context) -> str | None:
-        return None
-
-    async def run(self, ctx: Context, out: Collector) -> None:
-        p = ctx.profile
-        for rep in range(p.reps):
-            root = _rep_dir(ctx, self.name, rep)
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        with self.rep_dir(ctx, rep) as root:
             prepared = _prepared(ctx, root)
-            ceiling = start_ceiling(root)
-            try:
-                out.figure("startup_s", ceiling.startup_s, "s")
-                m = await measure_max(ceiling, prepared, p.seconds, p.concurrency)
-                out.load(f"max, rep {rep + 1}", generator_cpu_share=m["generator_cpu_share"])
-                half = await measure_open(ceiling, prepared, m["requests_per_s"] / 2, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
-                out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
-            finally:
-                ceiling.stop()
-            shutil.rmtree(root, ignore_errors=True)
-            out.figure("records_per_s", m["records_per_s"], "rec/s")
-            out.figure("mb_per_s", m["mb_per_s"], "MB/s")
-            out.figure("records_per_cpu_s", m["records_per_cpu_s"], "rec/CPU-s")
-            out.figure("server_cpu_share", m["server_cpu_share"], "cores")
-            out.figure("generator_cpu_share_at_max", m["generator_cpu_share"], "cores")
-            out.figure("half_load_p50_ms", half["p50_ms"], "ms")
-            out.figure("half_load_p99_ms", half["p99_ms"], "ms")
-            out.figure("generator_to_server_cpu", ratio(m["generator_cpu_share"], m["server_cpu_share"]))
-            ctx.log(f"  ceiling rep {rep + 1}: {m['records_per_s']:,.0f} rec/s, p99 at half load {half['p99_ms']:.1f} ms")
+            with _serving(start_ceiling(root)) as ceiling:
+                m, half = await _max_and_half(ctx, out, ceiling, prepared, rep, label="max")
+        out.figure("records_per_s", m["records_per_s"], "rec/s")
+        out.figure("mb_per_s", m["mb_per_s"], "MB/s")
+        out.figure("records_per_cpu_s", m["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("server_cpu_share", m["server_cpu_share"], "cores")
+        out.figure("generator_cpu_share_at_max", m["generator_cpu_share"], "cores")
+        out.figure("half_load_p50_ms", half["p50_ms"], "ms")
+        out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+        out.figure("generator_to_server_cpu", ratio(m["generator_cpu_share"], m["server_cpu_share"]))
+        ctx.log(f"  ceiling rep {rep + 1}: {m['records_per_s']:,.0f} rec/s, p99 at half load {half['p99_ms']:.1f} ms")
 
 
-class IngestScenario:
+class IngestScenario(Repeated):
     name = "ingest"
     title = ("End to end to the local lake (HMAC auth, validate, enrich, WAL fsync, ack, land raw; score with the embedded "
              "model and land curated Parquet when the build has it) vs the ceiling, with a load sweep")
 
-    def unavailable(self, ctx: Context) -> str | None:
-        return None
-
-    async def run(self, ctx: Context, out: Collector) -> None:
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
         p = ctx.profile
-        for rep in range(p.reps):
-            root = _rep_dir(ctx, self.name, rep)
+        with self.rep_dir(ctx, rep) as root:
             prepared = _prepared(ctx, root)
             ceil = await _ceiling_max(ctx, root, prepared, out, rep)
-            gateway = start_gateway(root)
-            try:
+            with _serving(start_gateway(root)) as gateway:
                 out.figure("startup_s", gateway.startup_s, "s")
-                gw = await measure_max(gateway, prepared, p.seconds, p.concurrency)
-                out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
+                gw = await _max(ctx, out, gateway, prepared, f"gateway max, rep {rep + 1}")
                 half = None
                 for i, level in enumerate(p.sweep):
                     # The WAL's own fsyncs meanwhile: the ack p99 target is fsync p99 + 10 ms.
@@ -120,34 +120,32 @@ class IngestScenario:
                     half, half["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(gateway.ops_url, measure_open(
                         gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep))
                 disk = await asyncio.to_thread(fsync_latency, root)  # the disk by itself, beside the WAL
-            finally:
-                exit_code = gateway.stop()
             landed = list((root / "lake" / "raw").rglob("*.ndjson.zst"))
             curated = list((root / "lake" / "curated").rglob("*.parquet"))
-            shutil.rmtree(root, ignore_errors=True)
-            out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
-            out.figure("ceiling_records_per_cpu_s", ceil["records_per_cpu_s"], "rec/CPU-s")
-            out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
-            out.figure("gateway_mb_per_s", gw["mb_per_s"], "MB/s")
-            out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
-            out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
-            out.figure("half_load_p50_ms", half["p50_ms"], "ms")
-            out.figure("half_load_p99_ms", half["p99_ms"], "ms")
-            out.figure("half_load_p99.9_ms", half["p99.9_ms"], "ms")
-            out.figure("half_load_wal_fsync_p99_ms", half["wal_fsync_p99_ms"], "ms")
-            out.figure("disk_fsync_p99_ms", disk["p99_ms"], "ms")
-            out.figure("half_load_p99_over_fsync_p99_ms", half["p99_ms"] - disk["p99_ms"], "ms")
-            for role, cpu_s in gw["cpu_s_by_process"].items():
-                out.figure(f"gateway_cpu_share_{role.replace(' ', '_')}", cpu_s / p.seconds, "cores")
-            out.figure("raw_objects_landed", len(landed), "objects")
-            out.figure("curated_objects_landed", len(curated), "objects")
-            out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
-            out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
-                      description="gateway max records/s over the bare ceiling's, same repetition (target >= 0.70)")
-            out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_s"], ceil["records_per_cpu_s"]), better="higher",
-                      description="gateway records per server CPU-second over the ceiling's")
-            ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s "
-                    f"(ratio {gw['records_per_s'] / ceil['records_per_s']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
+        exit_code = gateway.proc.returncode
+        out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
+        out.figure("ceiling_records_per_cpu_s", ceil["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
+        out.figure("gateway_mb_per_s", gw["mb_per_s"], "MB/s")
+        out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
+        out.figure("half_load_p50_ms", half["p50_ms"], "ms")
+        out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+        out.figure("half_load_p99.9_ms", half["p99.9_ms"], "ms")
+        out.figure("half_load_wal_fsync_p99_ms", half["wal_fsync_p99_ms"], "ms")
+        out.figure("disk_fsync_p99_ms", disk["p99_ms"], "ms")
+        out.figure("half_load_p99_over_fsync_p99_ms", half["p99_ms"] - disk["p99_ms"], "ms")
+        for role, cpu_s in gw["cpu_s_by_process"].items():
+            out.figure(f"gateway_cpu_share_{role.replace(' ', '_')}", cpu_s / p.seconds, "cores")
+        out.figure("raw_objects_landed", len(landed), "objects")
+        out.figure("curated_objects_landed", len(curated), "objects")
+        out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+                  description="gateway max records/s over the bare ceiling's, same repetition (target >= 0.70)")
+        out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_s"], ceil["records_per_cpu_s"]), better="higher",
+                  description="gateway records per server CPU-second over the ceiling's")
+        ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s "
+                f"(ratio {gw['records_per_s'] / ceil['records_per_s']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
         out.series("body_bytes", prepared.bytes_per_request)
 
 
@@ -172,28 +170,22 @@ def _time_to_ready(server, timeout_s: float) -> float:
     return math.nan
 
 
-class OverloadScenario:
+class OverloadScenario(Repeated):
     name = "overload"
     title = ("Overload at 1.5x and 3x the measured capacity: shed share (429/503) and how fast refusals come, "
              "goodput, the longest wait of an accepted request, memory")
 
-    def unavailable(self, ctx: Context) -> str | None:
-        return None
-
-    async def run(self, ctx: Context, out: Collector) -> None:
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
         p = ctx.profile
         # Figures at the first factor keep their plain names (the baseline's); the second adds "_at_<f>x".
         factors = (p.overload_factor, 2 * p.overload_factor)
-        for rep in range(p.reps):
-            root = _rep_dir(ctx, self.name, rep)
+        with self.rep_dir(ctx, rep) as root:
             prepared = _prepared(ctx, root)
-            gateway = start_gateway(root)
             overs = []
-            try:
+            with _serving(start_gateway(root)) as gateway:
                 # Twice the usual requests in flight: WAL group commit batches more under more concurrency,
                 # and an overload must exceed what the gateway can really do.
-                cap = await measure_max(gateway, prepared, p.seconds, 2 * p.concurrency)
-                out.load(f"capacity, rep {rep + 1}", generator_cpu_share=cap["generator_cpu_share"])
+                cap = await _max(ctx, out, gateway, prepared, f"capacity, rep {rep + 1}", concurrency=2 * p.concurrency)
                 half = await measure_open(gateway, prepared, cap["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
                 for i, factor in enumerate(factors):
                     over = await measure_open(gateway, prepared, cap["requests_per_s"] * factor, p.seconds,
@@ -201,18 +193,15 @@ class OverloadScenario:
                     out.load(f"{factor}x, rep {rep + 1}", generator_cpu_share=over["generator_cpu_share"], send_lag_p99_s=over["send_lag_p99_s"])
                     overs.append((factor, over))
                 recovery_s = _time_to_ready(gateway, READY_AFTER_OVERLOAD_S)
-            finally:
-                gateway.stop()
-            shutil.rmtree(root, ignore_errors=True)
-            out.figure("capacity_records_per_s", cap["records_per_s"], "rec/s")
-            out.figure("half_load_peak_rss_mb", half["peak_rss_mb"], "MiB")
-            for i, (factor, over) in enumerate(overs):
-                self._record(ctx, out, factor, "" if i == 0 else f"_at_{factor:g}x", over, cap, half, rep)
-            out.figure("ready_after_overload", 1.0 if math.isfinite(recovery_s) else 0.0)
-            out.figure("seconds_to_ready_after_overload", recovery_s, "s")
-            if not math.isfinite(recovery_s):
-                out.note(f"In some repetitions /readyz did not answer 200 within {READY_AFTER_OVERLOAD_S:.0f} s after the "
-                         "overload ended (the figure ready_after_overload counts the repetitions that recovered).")
+        out.figure("capacity_records_per_s", cap["records_per_s"], "rec/s")
+        out.figure("half_load_peak_rss_mb", half["peak_rss_mb"], "MiB")
+        for i, (factor, over) in enumerate(overs):
+            self._record(ctx, out, factor, "" if i == 0 else f"_at_{factor:g}x", over, cap, half, rep)
+        out.figure("ready_after_overload", 1.0 if math.isfinite(recovery_s) else 0.0)
+        out.figure("seconds_to_ready_after_overload", recovery_s, "s")
+        if not math.isfinite(recovery_s):
+            out.note(f"In some repetitions /readyz did not answer 200 within {READY_AFTER_OVERLOAD_S:.0f} s after the "
+                     "overload ended (the figure ready_after_overload counts the repetitions that recovered).")
 
     @staticmethod
     def _record(ctx: Context, out: Collector, factor: float, suffix: str, over: dict, cap: dict, half: dict, rep: int) -> None:
@@ -240,7 +229,7 @@ class OverloadScenario:
                 f"longest accepted {over['accepted_max_ms']:.0f} ms, peak RSS {over['peak_rss_mb']:.0f} MiB")
 
 
-class S3Scenario:
+class S3Scenario(Repeated):
     name = "s3"
     title = "End to end to S3 (moto_server on loopback), scored by the embedded model, vs the ceiling"
 
@@ -254,52 +243,19 @@ class S3Scenario:
             return 'lake.kind = "s3" is not selectable from the gateway configuration in this build'
         return None
 
-    async def run(self, ctx: Context, out: Collector) -> None:
+    @contextlib.asynccontextmanager
+    async def around(self, ctx: Context, out: Collector) -> AsyncIterator[None]:
+        """One moto server for every repetition (each gets its own bucket), with dummy AWS credentials."""
         import os
 
-        p = ctx.profile
         out.note("moto answers every request with `Connection: close` and spends 3-8 ms of CPU per MB on the same "
                  "2 cores, so these figures bound the gateway from below; the ratio to the ceiling is what to compare.")
         saved = {k: os.environ.get(k) for k in AWS_DUMMY_ENV}
         os.environ.update(AWS_DUMMY_ENV)
-        moto = MotoServer(ctx.workdir / "moto.log")
+        self._moto = moto = MotoServer(ctx.workdir / "moto.log")
         try:
             moto.wait_ready(timeout=60)
-            for rep in range(p.reps):
-                root = _rep_dir(ctx, self.name, rep)
-                prepared = _prepared(ctx, root)
-                ceil = await _ceiling_max(ctx, root, prepared, out, rep)
-                bucket = f"bench-lake-{rep}"
-                await _create_bucket(moto.url, bucket)
-                extra = (f'\n[s3]\nbucket = "{bucket}"\nendpoint_url = "{moto.url}"\nregion = "us-east-1"\n'
-                         'addressing_style = "path"\n')
-                gateway = start_gateway(root, extra=extra, lake_kind="s3", env=AWS_DUMMY_ENV, timeout=60)
-                try:
-                    out.figure("startup_s", gateway.startup_s, "s")
-                    gw = await measure_max(gateway, prepared, p.seconds, p.concurrency)
-                    out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
-                    half = await measure_open(gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
-                    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
-                    moto_cpu = moto.cpu_seconds()
-                finally:
-                    exit_code = gateway.stop()
-                objects, size = await _bucket_contents(moto.url, bucket)
-                shutil.rmtree(root, ignore_errors=True)
-                out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
-                out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
-                out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
-                out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
-                out.figure("half_load_p50_ms", half["p50_ms"], "ms")
-                out.figure("half_load_p99_ms", half["p99_ms"], "ms")
-                out.figure("objects_in_bucket_after_drain", objects, "objects")
-                out.figure("bytes_in_bucket_after_drain", size, "B")
-                out.figure("moto_cpu_s_total", moto_cpu, "s")
-                out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
-                out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
-                          description="the full path (signed, validated, enriched, WAL-fsynced, acked, scored, landed in S3 through moto): "
-                                      "max records/s over the bare ceiling's, same repetition (target >= 0.70)")
-                ctx.log(f"  s3 rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
-                        f"{objects} objects landed, p99 at half load {half['p99_ms']:.1f} ms")
+            yield
         finally:
             moto.stop()
             for k, v in saved.items():
@@ -307,6 +263,36 @@ class S3Scenario:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        moto = self._moto
+        with self.rep_dir(ctx, rep) as root:
+            prepared = _prepared(ctx, root)
+            ceil = await _ceiling_max(ctx, root, prepared, out, rep)
+            bucket = f"bench-lake-{rep}"
+            await _create_bucket(moto.url, bucket)
+            extra = (f'\n[s3]\nbucket = "{bucket}"\nendpoint_url = "{moto.url}"\nregion = "us-east-1"\n'
+                     'addressing_style = "path"\n')
+            with _serving(start_gateway(root, extra=extra, lake_kind="s3", env=AWS_DUMMY_ENV, timeout=60)) as gateway:
+                gw, half = await _max_and_half(ctx, out, gateway, prepared, rep)
+                moto_cpu = moto.cpu_seconds()
+            objects, size = await _bucket_contents(moto.url, bucket)
+        exit_code = gateway.proc.returncode
+        out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
+        out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
+        out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
+        out.figure("half_load_p50_ms", half["p50_ms"], "ms")
+        out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+        out.figure("objects_in_bucket_after_drain", objects, "objects")
+        out.figure("bytes_in_bucket_after_drain", size, "B")
+        out.figure("moto_cpu_s_total", moto_cpu, "s")
+        out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+                  description="the full path (signed, validated, enriched, WAL-fsynced, acked, scored, landed in S3 through moto): "
+                              "max records/s over the bare ceiling's, same repetition (target >= 0.70)")
+        ctx.log(f"  s3 rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
+                f"{objects} objects landed, p99 at half load {half['p99_ms']:.1f} ms")
 
 
 def s3_lake_kind_wired() -> bool:
@@ -331,65 +317,51 @@ async def _create_bucket(endpoint_url: str, bucket: str) -> None:
         await client.create_bucket(Bucket=bucket)
 
 
-class TritonIngestScenario:
+class TritonIngestScenario(Repeated):
     name = "ingest-triton"
     title = "End to end to the local lake, scored by a real Triton server (PyTriton on CPU, gRPC), vs the ceiling"
 
     def unavailable(self, ctx: Context) -> str | None:
-        from benchmarks.processes import TRITON_SERVER_SCRIPT, TRITON_VENV_PYTHON
-
         if not inference_wired():
             return "the gateway has no [inference] section in this build"
-        if not ctx.profile.triton:
-            return f"skipped in the {ctx.profile.name} profile"
-        if not TRITON_VENV_PYTHON.exists():
-            return ".venv-triton is absent (make bench creates it; or see tests/triton/conftest.py)"
-        if not TRITON_SERVER_SCRIPT.exists():
-            return "tests/triton/pytriton_server.py is missing"
-        return None
+        return triton_unavailable(ctx.profile)
 
-    async def run(self, ctx: Context, out: Collector) -> None:
-        import asyncio
-
+    @contextlib.asynccontextmanager
+    async def around(self, ctx: Context, out: Collector) -> AsyncIterator[None]:
+        """One Triton server for every repetition; each repetition's gateway scores through it."""
         from benchmarks.processes import TritonServer
 
-        p = ctx.profile
         workspace = Path(tempfile.mkdtemp(prefix="triton-", dir=ctx.workdir))
-        triton = TritonServer(ctx.workdir / "triton-e2e.log", workspace / "ws")
+        self._triton = triton = TritonServer(ctx.workdir / "triton-e2e.log", workspace / "ws")
         try:
             out.figure("triton_startup_s", await asyncio.to_thread(triton.wait_ready, 180.0), "s")
-            extra = (f'\n[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "127.0.0.1:{triton.grpc_port}"\n'
-                     'protocol = "grpc"\n')
-            for rep in range(p.reps):
-                root = _rep_dir(ctx, self.name, rep)
-                prepared = _prepared(ctx, root)
-                ceil = await _ceiling_max(ctx, root, prepared, out, rep)
-                gateway = start_gateway(root, extra=extra, timeout=60)
-                try:
-                    out.figure("startup_s", gateway.startup_s, "s")
-                    cpu0 = triton.cpu_seconds()
-                    gw = await measure_max(gateway, prepared, p.seconds, p.concurrency)
-                    out.load(f"gateway max, rep {rep + 1}", generator_cpu_share=gw["generator_cpu_share"])
-                    half = await measure_open(gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
-                    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
-                    triton_cpu = triton.cpu_seconds() - cpu0
-                finally:
-                    gateway.stop()
-                curated = list((root / "lake" / "curated").rglob("*.parquet"))
-                shutil.rmtree(root, ignore_errors=True)
-                out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
-                out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
-                out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
-                out.figure("half_load_p99_ms", half["p99_ms"], "ms")
-                out.figure("triton_process_cpu_s", triton_cpu, "s")
-                out.figure("curated_objects_landed", len(curated), "objects")
-                out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
-                          description="gateway scoring through Triton (local lake): max records/s over the bare ceiling's, same repetition")
-                ctx.log(f"  ingest-triton rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
-                        f"{len(curated)} curated objects, p99 at half load {half['p99_ms']:.1f} ms")
+            self._extra = (f'\n[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "127.0.0.1:{triton.grpc_port}"\n'
+                           'protocol = "grpc"\n')
+            yield
         finally:
             await asyncio.to_thread(triton.stop)
             shutil.rmtree(workspace, ignore_errors=True)
+
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        triton = self._triton
+        with self.rep_dir(ctx, rep) as root:
+            prepared = _prepared(ctx, root)
+            ceil = await _ceiling_max(ctx, root, prepared, out, rep)
+            with _serving(start_gateway(root, extra=self._extra, timeout=60)) as gateway:
+                cpu0 = triton.cpu_seconds()
+                gw, half = await _max_and_half(ctx, out, gateway, prepared, rep)
+                triton_cpu = triton.cpu_seconds() - cpu0
+            curated = list((root / "lake" / "curated").rglob("*.parquet"))
+        out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
+        out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
+        out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+        out.figure("triton_process_cpu_s", triton_cpu, "s")
+        out.figure("curated_objects_landed", len(curated), "objects")
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+                  description="gateway scoring through Triton (local lake): max records/s over the bare ceiling's, same repetition")
+        ctx.log(f"  ingest-triton rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
+                f"{len(curated)} curated objects, p99 at half load {half['p99_ms']:.1f} ms")
 
 
 async def _bucket_contents(endpoint_url: str, bucket: str) -> tuple[int, int]:
@@ -406,42 +378,37 @@ async def _bucket_contents(endpoint_url: str, bucket: str) -> tuple[int, int]:
     return count, size
 
 
-class SoakScenario:
+class SoakScenario(Repeated):
     name = "soak"
     title = "Soak at 70% of the measured capacity: refusals, RSS, open files and CPU over time"
 
-    def unavailable(self, ctx: Context) -> str | None:
-        return None
+    def repetitions(self, ctx: Context) -> int:
+        return 1  # one long run; its figures are over time windows
 
-    async def run(self, ctx: Context, out: Collector) -> None:
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
         p = ctx.profile
-        root = _rep_dir(ctx, self.name, 0)
-        devices = make_devices(root, p.devices)
-        prepared = prepare(devices, records_per_request=p.records_per_request)
-        gateway = start_gateway(root)
-        try:
-            # Sustained capacity: what every zone lands, not what the WAL absorbs for a while.
-            cap = await measure_sustained(gateway, prepared, min(p.seconds, 5.0), p.concurrency)
-            rps = cap["requests_per_s"] * p.soak_load
-            window = _replay_window_s()
-            if window and p.soak_s < 3 * window:
-                out.note(f"The gateway remembers every request signature for its {window:.0f} s timestamp window (replay "
-                         f"guard), so memory grows for the first {window:.0f} s by design; a soak shorter than "
-                         f"{3 * window:.0f} s (--soak-seconds; the release soak is 30 minutes) cannot tell that from a leak.")
-            out.note(f"{p.soak_s:.0f} s at {p.soak_load:.0%} of the sustained capacity measured just before "
-                     f"({cap['records_per_s']:,.0f} rec/s landed in every zone; acks alone reached {cap['ack_records_per_s']:,.0f} rec/s "
-                     f"while the WAL absorbed the difference), Poisson arrivals; one repetition, figures are over time windows.")
-            out.figure("sustained_capacity_records_per_s", cap["records_per_s"], "rec/s")
-            out.figure("ack_capacity_records_per_s", cap["ack_records_per_s"], "rec/s")
-            cpu0 = gateway.cpu_seconds()
-            sampler = gateway.start_sampling(interval=p.soak_sample_s, keep=True)
-            run = await open_loop(gateway.url, prepared, requests_per_s=rps, duration_s=p.soak_s, seed=ctx.seed,
-                                  warmup_s=0.0, keep_timeline=True)
-            gateway.stop_sampling()
-            cpu = gateway.cpu_seconds() - cpu0
-        finally:
-            gateway.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        with self.rep_dir(ctx, rep) as root:
+            prepared = _prepared(ctx, root)
+            with _serving(start_gateway(root)) as gateway:
+                # Sustained capacity: what every zone lands, not what the WAL absorbs for a while.
+                cap = await measure_sustained(gateway, prepared, min(p.seconds, 5.0), p.concurrency)
+                rps = cap["requests_per_s"] * p.soak_load
+                window = _replay_window_s()
+                if window and p.soak_s < 3 * window:
+                    out.note(f"The gateway remembers every request signature for its {window:.0f} s timestamp window (replay "
+                             f"guard), so memory grows for the first {window:.0f} s by design; a soak shorter than "
+                             f"{3 * window:.0f} s (--soak-seconds; the release soak is 30 minutes) cannot tell that from a leak.")
+                out.note(f"{p.soak_s:.0f} s at {p.soak_load:.0%} of the sustained capacity measured just before "
+                         f"({cap['records_per_s']:,.0f} rec/s landed in every zone; acks alone reached {cap['ack_records_per_s']:,.0f} rec/s "
+                         f"while the WAL absorbed the difference), Poisson arrivals; one repetition, figures are over time windows.")
+                out.figure("sustained_capacity_records_per_s", cap["records_per_s"], "rec/s")
+                out.figure("ack_capacity_records_per_s", cap["ack_records_per_s"], "rec/s")
+                cpu0 = gateway.cpu_seconds()
+                sampler = gateway.start_sampling(interval=p.soak_sample_s, keep=True)
+                run = await open_loop(gateway.url, prepared, requests_per_s=rps, duration_s=p.soak_s, seed=ctx.seed,
+                                      warmup_s=0.0, keep_timeline=True)
+                gateway.stop_sampling()
+                cpu = gateway.cpu_seconds() - cpu0
         samples = sampler.samples
         res = open_result(run, sampler.peak_rss, cpu)
         out.load("soak", generator_cpu_share=res["generator_cpu_share"], send_lag_p99_s=res["send_lag_p99_s"])
@@ -505,28 +472,27 @@ def _latency_windows(timeline: list[tuple[float, float, int | str]], width_s: fl
     ]
 
 
-class StartupScenario:
+class StartupScenario(Repeated):
     name = "startup"
     title = "Start-up: process start to the first 200 from /readyz (empty WAL), gateway vs the bare ceiling"
 
-    def unavailable(self, ctx: Context) -> str | None:
-        return None
+    def repetitions(self, ctx: Context) -> int:
+        return ctx.profile.startup_reps
 
-    async def run(self, ctx: Context, out: Collector) -> None:
-        for rep in range(ctx.profile.startup_reps):
-            root = _rep_dir(ctx, self.name, rep)
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        with self.rep_dir(ctx, rep) as root:
             make_devices(root, ctx.profile.devices)
-            ceiling = start_ceiling(root)
-            ceiling.stop()
-            gateway = start_gateway(root)
-            rss = gateway.rss()
-            gateway.stop()
-            shutil.rmtree(root, ignore_errors=True)
-            out.figure("gateway_startup_s", gateway.startup_s, "s")
-            out.figure("ceiling_startup_s", ceiling.startup_s, "s")
-            out.figure("gateway_rss_at_ready_mb", rss / 2**20, "MiB")
-            out.ratio("gateway_to_ceiling_startup", ratio(gateway.startup_s, ceiling.startup_s), better="lower",
-                      description="gateway start-up time over the bare ceiling's (same Python, same machine, back to back)")
-            time.sleep(0.05)
+            with _serving(start_ceiling(root)) as ceiling:
+                pass
+            with _serving(start_gateway(root)) as gateway:
+                rss = gateway.rss()
+        out.figure("gateway_startup_s", gateway.startup_s, "s")
+        out.figure("ceiling_startup_s", ceiling.startup_s, "s")
+        out.figure("gateway_rss_at_ready_mb", rss / 2**20, "MiB")
+        out.ratio("gateway_to_ceiling_startup", ratio(gateway.startup_s, ceiling.startup_s), better="lower",
+                  description="gateway start-up time over the bare ceiling's (same Python, same machine, back to back)")
+        time.sleep(0.05)
+
+    def finish(self, ctx: Context, out: Collector) -> None:
         ctx.log(f"  startup: gateway {statistics.median(out.figures['gateway_startup_s']):.3f} s, "
                 f"ceiling {statistics.median(out.figures['ceiling_startup_s']):.3f} s")

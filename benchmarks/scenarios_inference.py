@@ -14,18 +14,20 @@ concurrency every 100 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import math
-import random
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.processes import TRITON_SERVER_SCRIPT, TRITON_VENV_PYTHON, TritonServer
-from benchmarks.scenario import Collector, Context
+from benchmarks.loadgen import poisson_arrivals
+from benchmarks.processes import TritonServer, triton_unavailable
+from benchmarks.scenario import Collector, Context, Repeated
 from benchmarks.stats import percentile
 
 SLO_S = 0.050
@@ -33,18 +35,6 @@ TICK_S = 0.001
 SAMPLE_S = 0.1
 MAX_SLICE = 64  # arrivals submitted per turn of the event loop
 N_FEATURES = 8
-
-
-def _arrivals(rate_fn, duration_s: float, seed: int, peak: float) -> list[float]:
-    """Poisson arrivals with a time-varying rate, by thinning a homogeneous process at ``peak``."""
-    rng = random.Random(seed)
-    out, t = [], 0.0
-    while True:
-        t += rng.expovariate(peak)
-        if t >= duration_s:
-            return out
-        if rng.random() * peak <= rate_fn(t):
-            out.append(t)
 
 
 async def _drive(batcher, rows: np.ndarray, offsets: list[float], calls: list[int], sample: bool) -> dict:
@@ -166,7 +156,7 @@ async def _search_capacity(dispatch, backend: str, rows: np.ndarray, calls: list
     steps, seconds = (4, 0.5) if quick else (6, 1.0)
     for i in range(steps):
         rate = (lo + hi) / 2
-        offsets = _arrivals(lambda t: rate, seconds, seed + 1000 + i, rate)
+        offsets = poisson_arrivals(rate, seconds, seed=seed + 1000 + i, rate=lambda t: rate)
         async with Batcher(dispatch, endpoints=[backend]) as batcher:
             res = await _drive(batcher, rows, offsets, calls, sample=False)
         if res["on_time_share"] >= ON_TIME_TARGET:
@@ -176,7 +166,7 @@ async def _search_capacity(dispatch, backend: str, rows: np.ndarray, calls: list
     return lo
 
 
-class _InferenceScenario:
+class _InferenceScenario(Repeated):
     backend = ""
 
     def _check(self) -> str | None:
@@ -188,66 +178,74 @@ class _InferenceScenario:
     async def _open(self, ctx: Context, out: Collector):  # returns (inferencer, cleanup)
         raise NotImplementedError
 
-    async def run(self, ctx: Context, out: Collector) -> None:
-        from batching import Batcher
-
-        p = ctx.profile
+    @contextlib.asynccontextmanager
+    async def around(self, ctx: Context, out: Collector) -> AsyncIterator[None]:
+        """The endpoint, started and warm for every repetition; ``_dispatch`` counts its calls in ``_calls``."""
         inferencer, cleanup = await self._open(ctx, out)
-        calls = [0]
+        self._calls = calls = [0]
 
         async def dispatch(endpoint: str, items: list[np.ndarray]):
             calls[0] += 1
             result = await inferencer.infer(np.stack(items))
             return list(result.scores)
 
+        self._dispatch = dispatch
         rng = np.random.default_rng(ctx.seed)
-        rows = rng.normal(size=(4096, N_FEATURES)).astype(np.float32)
+        self._rows = rng.normal(size=(4096, N_FEATURES)).astype(np.float32)
         try:
             await inferencer.start()
             await inferencer.warm_up()
-            for rep in range(p.reps):
-                # A fresh batcher for every run: each starts from the same prior, so runs do not inherit
-                # a service-time model fitted under a different load.
-                async with Batcher(dispatch, endpoints=[self.backend]) as batcher:
-                    rough = await _capacity(batcher, rows, min(p.inference_seconds, 2.0))
-                cap = await _search_capacity(dispatch, self.backend, rows, calls, rough, p.name == "quick", ctx.seed + 10 * rep)
-                out.figure("queue_full_records_per_s", rough, "rec/s")
-                out.figure("capacity_records_per_s", cap, "rec/s")
-                if not cap:
-                    raise RuntimeError(f"no rate up to {rough:,.0f} rec/s kept {ON_TIME_TARGET:.0%} of records on time")
-                runs = {
-                    "steady_0.5": (lambda t, c=cap: 0.5 * c, 0.5 * cap),
-                    "steady_0.9": (lambda t, c=cap: 0.9 * c, 0.9 * cap),
-                    # Bursts: 0.2x, with 1.5x for the first quarter of every second.
-                    "burst": (lambda t, c=cap: (1.5 if (t % 1.0) < 0.25 else 0.2) * c, 1.5 * cap),
-                    "overload_1.5": (lambda t, c=cap: 1.5 * c, 1.5 * cap),
-                }
-                for i, (label, (rate_fn, peak)) in enumerate(runs.items()):
-                    offsets = _arrivals(rate_fn, p.inference_seconds, ctx.seed + 10 * rep + i + 1, peak)
-                    async with Batcher(dispatch, endpoints=[self.backend]) as batcher:
-                        res = await _drive(batcher, rows, offsets, calls, sample=(rep == 0))
-                    timeline = res.pop("timeline")
-                    if rep == 0:
-                        out.series(f"timeline_{label}", timeline)
-                    out.load(f"{label}, rep {rep + 1}", generator_cpu_share=res["process_cpu_share"])
-                    for key in ("on_time_share", "late_share", "deferred_share", "shed_share", "p50_ms", "p99_ms", "rpcs_per_record"):
-                        out.figure(f"{label}_{key}", res[key], "ms" if key.endswith("_ms") else "")
-                    if label == "steady_0.9":
-                        out.ratio("on_time_share_at_0.9", res["on_time_share"], better="higher",
-                                  description=f"share of records scored within the {SLO_S * 1000:.0f} ms deadline at 0.9x the measured capacity")
-                    if label == "overload_1.5":
-                        out.ratio("overload_goodput_to_capacity", res["on_time_share"] * 1.5, better="higher", tolerance=0.3,
-                                  description="records scored on time per second at 1.5x offered load over the capacity (docs/batching.md §5: >= 0.9)")
-                    if label == "burst":
-                        out.ratio("on_time_share_burst", res["on_time_share"], better="higher",
-                                  description="share of records scored within the deadline under bursts (0.2x base, 1.5x for 250 ms every second)",
-                                  tolerance=0.3)
-                ctx.log(f"  {self.name} rep {rep + 1}: capacity {cap:,.0f} rec/s on time (queue full: {rough:,.0f}); at 0.9x "
-                        f"{out.figures['steady_0.9_on_time_share'][-1]:.1%} on time, p99 {out.figures['steady_0.9_p99_ms'][-1]:.1f} ms, "
-                        f"{out.figures['steady_0.9_rpcs_per_record'][-1]:.4f} calls/record")
+            yield
         finally:
             await inferencer.close()
             await cleanup()
+
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        from batching import Batcher
+
+        p = ctx.profile
+        dispatch, rows, calls = self._dispatch, self._rows, self._calls
+        # A fresh batcher for every run: each starts from the same prior, so runs do not inherit
+        # a service-time model fitted under a different load.
+        async with Batcher(dispatch, endpoints=[self.backend]) as batcher:
+            rough = await _capacity(batcher, rows, min(p.inference_seconds, 2.0))
+        cap = await _search_capacity(dispatch, self.backend, rows, calls, rough, p.name == "quick", ctx.seed + 10 * rep)
+        out.figure("queue_full_records_per_s", rough, "rec/s")
+        out.figure("capacity_records_per_s", cap, "rec/s")
+        if not cap:
+            raise RuntimeError(f"no rate up to {rough:,.0f} rec/s kept {ON_TIME_TARGET:.0%} of records on time")
+        runs = {
+            "steady_0.5": (lambda t, c=cap: 0.5 * c, 0.5 * cap),
+            "steady_0.9": (lambda t, c=cap: 0.9 * c, 0.9 * cap),
+            # Bursts: 0.2x, with 1.5x for the first quarter of every second.
+            "burst": (lambda t, c=cap: (1.5 if (t % 1.0) < 0.25 else 0.2) * c, 1.5 * cap),
+            "overload_1.5": (lambda t, c=cap: 1.5 * c, 1.5 * cap),
+        }
+        for i, (label, (rate_fn, peak)) in enumerate(runs.items()):
+            offsets = poisson_arrivals(peak, p.inference_seconds, seed=ctx.seed + 10 * rep + i + 1, rate=rate_fn)
+            async with Batcher(dispatch, endpoints=[self.backend]) as batcher:
+                res = await _drive(batcher, rows, offsets, calls, sample=(rep == 0))
+            timeline = res.pop("timeline")
+            if rep == 0:
+                out.series(f"timeline_{label}", timeline)
+            out.load(f"{label}, rep {rep + 1}", generator_cpu_share=res["process_cpu_share"])
+            for key in ("on_time_share", "late_share", "deferred_share", "shed_share", "p50_ms", "p99_ms", "rpcs_per_record"):
+                out.figure(f"{label}_{key}", res[key], "ms" if key.endswith("_ms") else "")
+            if label == "steady_0.9":
+                out.ratio("on_time_share_at_0.9", res["on_time_share"], better="higher",
+                          description=f"share of records scored within the {SLO_S * 1000:.0f} ms deadline at 0.9x the measured capacity")
+            if label == "overload_1.5":
+                out.ratio("overload_goodput_to_capacity", res["on_time_share"] * 1.5, better="higher", tolerance=0.3,
+                          description="records scored on time per second at 1.5x offered load over the capacity (docs/batching.md §5: >= 0.9)")
+            if label == "burst":
+                out.ratio("on_time_share_burst", res["on_time_share"], better="higher",
+                          description="share of records scored within the deadline under bursts (0.2x base, 1.5x for 250 ms every second)",
+                          tolerance=0.3)
+        ctx.log(f"  {self.name} rep {rep + 1}: capacity {cap:,.0f} rec/s on time (queue full: {rough:,.0f}); at 0.9x "
+                f"{out.figures['steady_0.9_on_time_share'][-1]:.1%} on time, p99 {out.figures['steady_0.9_p99_ms'][-1]:.1f} ms, "
+                f"{out.figures['steady_0.9_rpcs_per_record'][-1]:.4f} calls/record")
+
+    def finish(self, ctx: Context, out: Collector) -> None:
         out.note("The load generator shares this process with the batcher and the client, so 'generator CPU' here is the "
                  "whole process: a share near one core means the capacity is this process's, not the endpoint's.")
 
@@ -275,12 +273,9 @@ class TritonInferenceScenario(_InferenceScenario):
     backend = "triton"
 
     def unavailable(self, ctx: Context) -> str | None:
-        if not ctx.profile.triton:
-            return f"skipped in the {ctx.profile.name} profile"
-        if not TRITON_VENV_PYTHON.exists():
-            return ".venv-triton is absent (python3.11 -m venv .venv-triton && .venv-triton/bin/pip install -r tests/triton/requirements.txt)"
-        if not TRITON_SERVER_SCRIPT.exists():
-            return "tests/triton/pytriton_server.py is missing"
+        reason = triton_unavailable(ctx.profile)
+        if reason:
+            return reason
         if importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("connectors.triton") is None:
             return "tritonclient or connectors.triton is not importable"
         return self._check()

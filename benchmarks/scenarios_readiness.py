@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.processes import TritonServer
-from benchmarks.scenario import Collector, Context
+from benchmarks.scenario import Collector, Context, Repeated
 from benchmarks.scenarios_inference import TritonInferenceScenario
 
 ARRIVAL_EVERY_S = 0.010
@@ -101,24 +101,23 @@ async def ready_to_first_score(workdir: Path, rep: int) -> dict[str, float]:
     return {"ready_to_first_score_s": first_ok[0] - ready_at[0], "loading_s": ready_at[0] - server.started_at, **counts}
 
 
-class TritonReadinessScenario:
+class TritonReadinessScenario(Repeated):
     name = "readiness-triton"
     title = "Time from a loading Triton model becoming ready to the first scored record (scoring started first)"
 
     def unavailable(self, ctx: Context) -> str | None:
         return TritonInferenceScenario().unavailable(ctx)
 
-    async def run(self, ctx: Context, out: Collector) -> None:
-        for rep in range(ctx.profile.reps):
-            res = await ready_to_first_score(ctx.workdir, rep)
-            out.figure("ready_to_first_score_s", res["ready_to_first_score_s"], "s")
-            out.figure("model_loading_s", res["loading_s"], "s")
-            out.figure("failed_while_loading", res["failed"], "records")
-            out.figure("deferred_while_loading", res["deferred"], "records")
-            out.ratio("ready_to_first_score_to_goal", res["ready_to_first_score_s"] / GOAL_S, better="lower", tolerance=0.5,
-                      description=f"time from the model becoming ready to the first scored record over the {GOAL_S:.0f} s goal (< 1 meets it)")
-            ctx.log(f"  readiness rep {rep + 1}: first score {res['ready_to_first_score_s']:.2f} s after the model was ready "
-                    f"(loading took {res['loading_s']:.1f} s; {res['failed']} failed, {res['deferred']} deferred meanwhile)")
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        res = await ready_to_first_score(ctx.workdir, rep)
+        out.figure("ready_to_first_score_s", res["ready_to_first_score_s"], "s")
+        out.figure("model_loading_s", res["loading_s"], "s")
+        out.figure("failed_while_loading", res["failed"], "records")
+        out.figure("deferred_while_loading", res["deferred"], "records")
+        out.ratio("ready_to_first_score_to_goal", res["ready_to_first_score_s"] / GOAL_S, better="lower", tolerance=0.5,
+                  description=f"time from the model becoming ready to the first scored record over the {GOAL_S:.0f} s goal (< 1 meets it)")
+        ctx.log(f"  readiness rep {rep + 1}: first score {res['ready_to_first_score_s']:.2f} s after the model was ready "
+                f"(loading took {res['loading_s']:.1f} s; {res['failed']} failed, {res['deferred']} deferred meanwhile)")
 
 
 def harness_scenarios() -> list:

@@ -11,18 +11,12 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# The nearest-rank percentile lives with the simulator so the gateway's demo reports with it too.
+from gateway.simulator import percentile
+
+__all__ = ["percentile", "percentiles", "quantile_name", "summarize", "summarize_reps", "ratio", "growth", "clean"]
+
 Summary = dict[str, float]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) by the nearest-rank method; NaN for no samples."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered)))
-    return float(ordered[rank - 1])
 
 
 def percentiles(values: Sequence[float], qs: Iterable[float], *, scale: float = 1.0) -> dict[str, float]:

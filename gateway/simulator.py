@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -141,8 +143,16 @@ async def drive(
     return result
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by the nearest-rank method; NaN for no samples.
+
+    The one percentile of the project: ``edge-gateway demo`` reports with it, and the benchmarks
+    (``benchmarks.stats``) use it for every latency figure.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    rank = max(1, math.ceil(q * len(ordered)))
+    return float(ordered[rank - 1])
