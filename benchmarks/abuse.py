@@ -34,8 +34,8 @@ import aiohttp
 from benchmarks.loadgen import closed_loop, open_loop, prepare
 from benchmarks.processes import free_port
 from benchmarks.stats import percentile
-from gateway.registry import add_device
-from gateway.signing import sign_request
+from gateway.auth.registry import add_device
+from gateway.auth.signing import sign_request
 from gateway.simulator import SimulatedDevice
 
 

@@ -12,7 +12,7 @@ import msgspec
 import uvloop
 from aiohttp import web
 
-from gateway.records import Record
+from gateway.ingest.records import Record
 
 _decoder = msgspec.json.Decoder(Record)
 

@@ -32,8 +32,8 @@ import zstandard
 from benchmarks.abuse import wait_ready
 from benchmarks.loadgen import closed_loop
 from benchmarks.processes import free_port
-from gateway.registry import add_device, set_enabled
-from gateway.signing import sign_request
+from gateway.auth.registry import add_device, set_enabled
+from gateway.auth.signing import sign_request
 
 CONTENT_TYPES = ["application/x-ndjson", "application/json", "application/msgpack", "text/csv", "", "application/x-ndjson; charset=utf-8"]
 ENCODINGS = ["", "gzip", "zstd", "br", "identity", "gzip, zstd"]

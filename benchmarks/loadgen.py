@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from benchmarks.stats import percentile
-from gateway.signing import SCHEME, signature
+from gateway.auth.signing import SCHEME, signature
 from gateway.simulator import SimulatedDevice
 
 REQUEST_TIMEOUT_S = 30.0

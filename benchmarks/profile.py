@@ -24,16 +24,16 @@ SAMPLE_RATE_HZ = 200
 
 # (stage, what a frame's "function (file:line)" contains); the first match from the leaf wins.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("wal: write + fsync", ("gateway/wal.py",)),
-    ("retry ledger", ("gateway/retry_ledger.py", "gateway/ledger_catch_up.py")),
-    ("authenticate", ("gateway/auth.py", "gateway/cert_auth.py", "gateway/replay.py", "gateway/signing.py")),
-    ("decode + validate", ("gateway/ingest.py", "gateway/body.py", "gateway/records.py")),
-    ("enrich", ("gateway/enrich.py",)),
-    ("land: curated (score + Parquet)", ("gateway/curated.py", "connectors/local_model.py", "connectors/inference", "batching/")),
-    ("land: raw + quarantine (zstd NDJSON)", ("gateway/landing.py", "gateway/formats.py", "connectors/")),
-    ("admission + limits", ("gateway/admission.py", "gateway/ratelimit.py", "gateway/connections.py", "gateway/security.py")),
-    ("http: read + answer", ("gateway/http_source.py", "gateway/spool.py", "aiohttp/", "gateway/app.py")),
-    ("metrics + logs", ("prometheus_client/", "gateway/metrics.py", "gateway/logs.py", "logging/")),
+    ("wal: write + fsync", ("gateway/durable/wal.py",)),
+    ("retry ledger", ("gateway/durable/retry_ledger.py", "gateway/durable/ledger_catch_up.py")),
+    ("authenticate", ("gateway/auth/hmac.py", "gateway/auth/certificate.py", "gateway/edge/replay.py", "gateway/auth/signing.py")),
+    ("decode + validate", ("gateway/ingest/validate.py", "gateway/ingest/body.py", "gateway/ingest/records.py")),
+    ("enrich", ("gateway/ingest/enrich.py",)),
+    ("land: curated (score + Parquet)", ("gateway/lake/curated.py", "connectors/local_model.py", "connectors/inference", "batching/")),
+    ("land: raw + quarantine (zstd NDJSON)", ("gateway/lake/landing.py", "gateway/lake/formats.py", "connectors/")),
+    ("admission + limits", ("gateway/edge/admission.py", "gateway/edge/ratelimit.py", "gateway/edge/connections.py", "gateway/edge/security.py")),
+    ("http: read + answer", ("gateway/ingest/handler.py", "gateway/ingest/spool.py", "aiohttp/", "gateway/app.py")),
+    ("metrics + logs", ("prometheus_client/", "gateway/ops/metrics.py", "gateway/ops/logs.py", "logging/")),
 )
 OTHER = "other (event loop, threads, idle waits py-spy counts as busy)"
 

@@ -15,7 +15,7 @@ from benchmarks.gateway_metrics import samples, scrape
 from benchmarks.loadgen import Prepared, Run, closed_loop, open_loop
 from benchmarks.processes import Server, free_port, python
 from benchmarks.stats import percentile, percentiles
-from gateway.registry import add_device
+from gateway.auth.registry import add_device
 from gateway.simulator import SimulatedDevice
 
 LATENCY_QUANTILES = (0.5, 0.9, 0.99, 0.999)

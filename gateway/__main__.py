@@ -23,8 +23,8 @@ def _remember_early_signals() -> None:
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
     _remember_early_signals()
 
-from gateway import logs  # noqa: E402  (after the handlers: these imports take a while)
-from gateway.registry import RegistryError, add_device, read_registry, remove_device, rotate_key, set_enabled  # noqa: E402
+from gateway.ops import logs  # noqa: E402  (after the handlers: these imports take a while)
+from gateway.auth.registry import RegistryError, add_device, read_registry, remove_device, rotate_key, set_enabled  # noqa: E402
 from gateway.settings import ConfigError, dump_toml, load_settings  # noqa: E402
 
 
@@ -121,9 +121,9 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
 
     from gateway.server import serve
     from gateway.supervisor import Supervisor
-    from gateway.wal_layout import WalLocked
+    from gateway.durable.wal_layout import WalLocked
 
-    from gateway.config_check import check_config, errors
+    from gateway.ops.config_check import check_config, errors
 
     settings, problems, _ = check_config(config)
     logs.configure(settings.log.level if settings is not None else "INFO")
@@ -167,7 +167,7 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
 
 
 def _version() -> str:
-    from gateway.metrics import version
+    from gateway.ops.metrics import version
 
     return version()
 
@@ -178,7 +178,7 @@ def _problem_list(problems) -> list[dict[str, str]]:
 
 def _check_config(config: Path) -> int:
     """Every problem on stderr (errors and warnings); the effective config, as loadable TOML, on stdout."""
-    from gateway.config_check import check_config, errors
+    from gateway.ops.config_check import check_config, errors
 
     settings, problems, sources = check_config(config)
     for problem in problems:
@@ -213,7 +213,7 @@ def _device(args: argparse.Namespace) -> int:
 
 
 def _tap(args: argparse.Namespace) -> int:
-    from gateway.status.tap import TapError, TapRequest, run_client
+    from gateway.ops.status.tap import TapError, TapRequest, run_client
 
     settings = load_settings(args.config)
     admin = settings.admin

@@ -1,14 +1,14 @@
 """Build the aiohttp application: routes on the device listener and the gateway in its state.
 
-Only the device API and health checks: ``/metrics`` lives on the ops listener (gateway/ops.py).
+Only the device API and health checks: ``/metrics`` lives on the ops listener (gateway/ops/listener.py).
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import health, openapi
-from gateway.http_source import ROUTE, json_response, post_telemetry
+from gateway.ops import health, openapi
+from gateway.ingest.handler import ROUTE, json_response, post_telemetry
 from gateway.service import GATEWAY, Gateway
 
 

@@ -18,7 +18,7 @@ import msgspec
 import zstandard
 
 from gateway import simulator
-from gateway.registry import add_device
+from gateway.auth.registry import add_device
 from gateway.server import start_gateway
 from gateway.settings import load_settings
 

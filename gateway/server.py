@@ -6,7 +6,7 @@ open lake objects are flushed and landed within the deadline, and the WAL closes
 missed the deadline is durable there and lands at the next start).
 
 The device listener serves the device API and health checks; ``/metrics`` has its own listener
-(gateway/ops.py) and the operator API another (gateway/admin.py). Signals are handled here and
+(gateway/ops/listener.py) and the operator API another (gateway/ops/admin.py). Signals are handled here and
 nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads.
 """
 
@@ -21,16 +21,16 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway import logs
-from gateway.admin import start_admin
+from gateway.ops import logs
+from gateway.ops.admin import start_admin
 from gateway.app import build_app
-from gateway.connections import GuardedSite
-from gateway.ops import start_ops
-from gateway.ratelimit_store import SharedBuckets
+from gateway.edge.connections import GuardedSite
+from gateway.ops.listener import start_ops
+from gateway.edge.ratelimit_store import SharedBuckets
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
-from gateway.status.cluster import start_peer_listener
-from gateway.tls import server_context
+from gateway.ops.status.cluster import start_peer_listener
+from gateway.edge.tls import server_context
 
 log = logging.getLogger(__name__)
 

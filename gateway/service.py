@@ -17,19 +17,19 @@ from connectors.aws.glue import GlueCatalog
 from connectors.aws.s3 import S3Sink
 from connectors.base import ObjectSink
 from connectors.local_lake import LocalLakeSink
-from gateway import logs
-from gateway.auth import HmacAuthenticator, NoAuthenticator
-from gateway.cert_auth import DeviceAuthenticator
-from gateway.enrich import PartitionPolicy
-from gateway.instance_metadata import availability_zone
-from gateway.metrics import GatewayMetrics
-from gateway.pipeline import Pipeline
-from gateway.registry import DeviceRegistry, RegistryError, RegistryFileWatcher
-from gateway.ledger_catch_up import catch_up_every_wal, ledger_for
-from gateway.secrets_registry import SecretsManagerRegistry
-from gateway.security import EdgeSecurity
+from gateway.ops import logs
+from gateway.auth.hmac import HmacAuthenticator, NoAuthenticator
+from gateway.auth.certificate import DeviceAuthenticator
+from gateway.ingest.enrich import PartitionPolicy
+from gateway.ops.instance_metadata import availability_zone
+from gateway.ops.metrics import GatewayMetrics
+from gateway.lake.pipeline import Pipeline
+from gateway.auth.registry import DeviceRegistry, RegistryError, RegistryFileWatcher
+from gateway.durable.ledger_catch_up import catch_up_every_wal, ledger_for
+from gateway.auth.secrets_source import SecretsManagerRegistry
+from gateway.edge.security import EdgeSecurity
 from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
-from gateway.wal_layout import (
+from gateway.durable.wal_layout import (
     INSTANCE_LOCK,
     SLOT_LOCK,
     SUPERVISED_ENV,

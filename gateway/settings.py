@@ -24,7 +24,7 @@ from connectors.aws.eventbridge import EventBridgeSettings
 from connectors.aws.glue import GlueCatalogSettings
 from connectors.aws.s3 import S3SinkSettings
 from connectors.aws.secrets import SecretsManagerSettings
-from gateway.security_settings import (
+from gateway.edge.settings import (
     AdminSettings,
     AdmissionSettings,
     ConnectionSettings,
@@ -189,7 +189,7 @@ class Settings(_Section):
     s3: S3SinkSettings | None = None
     glue: GlueCatalogSettings | None = None
     eventbridge: EventBridgeSettings | None = None
-    # Device security and abuse resistance (gateway/security_settings.py).
+    # Device security and abuse resistance (gateway/edge/settings.py).
     secretsmanager: SecretsManagerSettings = SecretsManagerSettings()
     tls: TlsSettings = TlsSettings()
     proxy: ProxySettings = ProxySettings()

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 import zstandard
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 
 METRIC_RANGES = {
     "temperature_c": (18.0, 26.0),

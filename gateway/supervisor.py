@@ -9,7 +9,7 @@ the same way, so every worker answers it. It restarts a worker that dies (with b
 passes SIGHUP on, and on SIGTERM drains every worker and waits for them. Workers die with it.
 It also makes a private runtime directory where each worker listens on a Unix socket for its
 siblings, so that whichever worker answers ``/metrics``, the status page or the tap answers for the
-whole instance (``gateway/status/cluster.py``).
+whole instance (``gateway/ops/status/cluster.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from gateway.settings import Settings
-from gateway.status.cluster import RUNTIME_ENV
-from gateway.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
+from gateway.ops.status.cluster import RUNTIME_ENV
+from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Supervisor:
 
     def _catch_up_ledger(self) -> None:
         """Before any worker answers: the retry ledger knows every durable record of every WAL directory."""
-        from gateway.ledger_catch_up import catch_up_every_wal, ledger_for
+        from gateway.durable.ledger_catch_up import catch_up_every_wal, ledger_for
 
         ledger = ledger_for(self.settings)
         ledger.open()

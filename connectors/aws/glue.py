@@ -66,7 +66,7 @@ def _col(name: str, type_: str, comment: str) -> dict[str, str]:
     return {"Name": name, "Type": type_, "Comment": comment}
 
 
-# The raw zone's envelope (gateway.records.RawLine): the record exactly as sent sits in `record`.
+# The raw zone's envelope (gateway.ingest.records.RawLine): the record exactly as sent sits in `record`.
 RAW_COLUMNS = [
     _col("ingest_id", "string", "id of the HTTP request"),
     _col("index", "int", "position in the request"),
@@ -87,7 +87,7 @@ RAW_COLUMNS = [
     ),
 ]
 
-# The quarantine zone's envelope (gateway.records.QuarantineLine).
+# The quarantine zone's envelope (gateway.ingest.records.QuarantineLine).
 QUARANTINE_COLUMNS = [
     _col("ingest_id", "string", "id of the HTTP request"),
     _col("index", "int", "position in the request"),

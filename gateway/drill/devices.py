@@ -22,7 +22,7 @@ import aiohttp
 
 from gateway.drill.fleet import SERVED_BY
 from gateway.drill.settings import LoadSettings
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 
 TELEMETRY_PATH = "/v1/telemetry"
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
@@ -125,7 +125,7 @@ class Devices:
         self.devices: list[Device] = []
 
     def register(self, registry: Path, prefix: str = "drill-dev") -> None:
-        from gateway.registry import add_device
+        from gateway.auth.registry import add_device
 
         for i in range(self.settings.devices):
             device_id = f"{prefix}-{i:03d}"

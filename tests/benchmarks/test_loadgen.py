@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from benchmarks.loadgen import open_loop, prepare, schedule
-from gateway.registry import add_device
-from gateway.signing import SCHEME, signature
+from gateway.auth.registry import add_device
+from gateway.auth.signing import SCHEME, signature
 from gateway.simulator import SimulatedDevice
 
 

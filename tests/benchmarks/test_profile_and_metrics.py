@@ -13,9 +13,9 @@ from benchmarks.profile import OTHER, Profile, stage_of
 def test_a_sample_belongs_to_the_innermost_stage_on_its_stack() -> None:
     stack = [
         "_handle (aiohttp/web_app.py:1)",
-        "_ingest (gateway/http_source.py:2)",
-        "add (gateway/ingest.py:3)",
-        "line (gateway/enrich.py:4)",
+        "_ingest (gateway/ingest/handler.py:2)",
+        "add (gateway/ingest/validate.py:3)",
+        "line (gateway/ingest/enrich.py:4)",
     ]
     assert stage_of(stack) == "enrich"
     assert stage_of(stack[:3]) == "decode + validate"

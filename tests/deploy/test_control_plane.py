@@ -2,7 +2,7 @@
 
 The handler gets API Gateway v2 events (payload format 2.0) as the HTTP API sends them; what it
 writes is then read back the way the gateways read it (connectors.aws.secrets and
-gateway.secrets_registry), so "the old key keeps verifying" is checked on the gateway's own code.
+gateway.auth.secrets_source), so "the old key keeps verifying" is checked on the gateway's own code.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def version(sm: Any, arn: str, stage: str) -> dict[str, Any]:
 
 
 def gateway_registry(moto_endpoint: str, arn: str):
-    """The devices a gateway builds from the secret (connectors.aws.secrets + gateway.secrets_registry): id -> Device."""
+    """The devices a gateway builds from the secret (connectors.aws.secrets + gateway.auth.secrets_source): id -> Device."""
     from connectors.aws.secrets import SecretsManagerDeviceSource, SecretsManagerSettings
-    from gateway.secrets_registry import devices_from_secrets
+    from gateway.auth.secrets_source import devices_from_secrets
 
     async def read():
         source = SecretsManagerDeviceSource(SecretsManagerSettings(secret_ids=[arn], region=REGION, endpoint_url=moto_endpoint))

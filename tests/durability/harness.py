@@ -44,7 +44,7 @@ def write_gateway_config(root: Path, port: int, *, inference: bool = False, **se
 
 def make_devices(registry: Path, n: int, prefix: str = "dev") -> list[Device]:
     """Register ``n`` devices (the fixture may use the gateway's registry helper; the client does not)."""
-    from gateway.registry import add_device
+    from gateway.auth.registry import add_device
 
     devices = []
     for i in range(1, n + 1):
@@ -290,7 +290,7 @@ def _as_sent(line: dict) -> dict:
 
 
 def curated_rows(lake: Path) -> list[dict]:
-    """``device_id``, ``seq`` and the ``probe`` tag of every curated row (Parquet, gateway/curated.py schema)."""
+    """``device_id``, ``seq`` and the ``probe`` tag of every curated row (Parquet, gateway/lake/curated.py schema)."""
     out = []
     for path in sorted((lake / "curated").rglob("*.parquet")):
         if path.name.startswith("."):

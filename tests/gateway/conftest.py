@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import zstandard
 
-from gateway.registry import add_device, set_enabled
+from gateway.auth.registry import add_device, set_enabled
 from gateway.server import RunningGateway, start_gateway
 from gateway.settings import load_settings
 from gateway.simulator import SimulatedDevice
@@ -193,7 +193,7 @@ def gateway_process(tmp_path: Path) -> Callable[..., GatewayProcess]:
 
 
 def signed(device: SimulatedDevice, body: bytes, content_type: str = "application/x-ndjson", encoding: str | None = None, **extra: str) -> dict[str, str]:
-    from gateway.signing import sign_request
+    from gateway.auth.signing import sign_request
 
     headers = {"Content-Type": content_type, **sign_request(device.device_id, device.key, body)}
     if encoding:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.__main__ import main
-from gateway.config_reference import options, render
-from gateway.registry import add_device
+from gateway.ops.config_reference import options, render
+from gateway.auth.registry import add_device
 from gateway.settings import load_settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -14,7 +14,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 def test_configuration_reference_is_current():
     assert (DOCS / "configuration.md").read_text() == render(), (
-        "docs/configuration.md is stale: python -m gateway.config_reference > docs/configuration.md"
+        "docs/configuration.md is stale: python -m gateway.ops.config_reference > docs/configuration.md"
     )
 
 

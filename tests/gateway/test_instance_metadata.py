@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.instance_metadata import availability_zone
+from gateway.ops.instance_metadata import availability_zone
 
 
 async def start_imds(aiohttp_unused=None):

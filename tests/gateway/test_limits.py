@@ -133,7 +133,7 @@ async def test_fifty_mib_streamed_body_under_a_memory_bound(tmp_path, gateway_pr
     # Sign without holding the body: hash it as a stream, the way the gateway does.
     import hashlib
 
-    from gateway.signing import SCHEME, signature
+    from gateway.auth.signing import SCHEME, signature
 
     digest = hashlib.sha256()
     for i in range(n):

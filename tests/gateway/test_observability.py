@@ -149,7 +149,7 @@ async def test_access_log_follows_reload_one_json_line_per_request_and_is_bounde
 
     import msgspec
 
-    from gateway import logs
+    from gateway.ops import logs
 
     env = make_env(tmp_path)
     settings = load_settings(env.config, environ={})
@@ -182,13 +182,13 @@ async def test_access_log_follows_reload_one_json_line_per_request_and_is_bounde
 def test_repeated_errors_are_throttled_and_counted():
     import logging
 
-    from gateway.logs import ThrottleFilter
+    from gateway.ops.logs import ThrottleFilter
 
     now = [0.0]
     f = ThrottleFilter(burst=3, per_sec=1.0, clock=lambda: now[0])
 
     def rec(msg="upload failed", level=logging.ERROR):
-        return logging.LogRecord("gateway.landing", level, "", 0, msg, (), None)
+        return logging.LogRecord("gateway.lake.landing", level, "", 0, msg, (), None)
 
     assert [f.filter(rec()) for _ in range(5)] == [True, True, True, False, False]
     assert f.filter(rec("another message"))  # per message
@@ -202,7 +202,7 @@ async def test_debug_shows_the_gateways_own_detail_not_the_sdks(tmp_path, capsys
     import json
     import logging
 
-    from gateway import logs
+    from gateway.ops import logs
 
     env = make_env(tmp_path, lake={"max_object_age_secs": 0.2})
     running = await start_gateway(load_settings(env.config, environ={}))

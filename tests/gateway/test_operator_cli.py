@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from gateway.__main__ import main
-from gateway.registry import add_device
+from gateway.auth.registry import add_device
 from gateway.server import start_gateway
 from gateway.settings import load_settings
 from gateway.simulator import SimulatedDevice
@@ -185,7 +185,7 @@ async def test_a_device_added_while_running_is_accepted_without_sighup(tmp_path)
                 await asyncio.sleep(0.2)
             assert status == 202
             # Removing it is picked up the same way.
-            from gateway.registry import remove_device
+            from gateway.auth.registry import remove_device
 
             remove_device(tmp_path / "devices.json", "late-1")
             deadline = time.monotonic() + 5

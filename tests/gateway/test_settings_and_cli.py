@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.__main__ import main
-from gateway.registry import read_registry
+from gateway.auth.registry import read_registry
 from gateway.settings import ConfigError, load_settings
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -87,7 +87,7 @@ def test_serve_refuses_a_public_address_without_authentication():
 def test_json_logs_are_one_object_per_line(capsys):
     import logging
 
-    from gateway import logs
+    from gateway.ops import logs
 
     logs.configure("INFO")
     logging.getLogger("x").info("hello", extra={"zone": "raw"})

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env, record, wait_for_records
 
 
@@ -69,7 +69,7 @@ async def test_rate_limits_are_reloadable(tmp_path, start, http):
     gw = await start(env)
     assert (await send(http, gw, env, "dev-1", n=20))[0] == 202
     assert (await send(http, gw, env, "dev-1"))[0] == 429
-    from gateway.security_settings import RateLimitSettings
+    from gateway.edge.settings import RateLimitSettings
 
     gw.gateway.reload(msgspec_replace(gw.gateway.settings, rate_limits=RateLimitSettings(enabled=False)))
     assert (await send(http, gw, env, "dev-1"))[0] == 202
@@ -195,8 +195,8 @@ async def test_forwarded_for_only_from_trusted_proxies(tmp_path, start, http, tr
 
 
 def test_forwarded_for_walks_past_trusted_hops():
-    from gateway.proxy import resolve_peer
-    from gateway.security_settings import ProxySettings
+    from gateway.edge.proxy import resolve_peer
+    from gateway.edge.settings import ProxySettings
 
     s = ProxySettings(trusted_cidrs=["10.0.0.0/8"])
     hdr = {"X-Forwarded-For": "1.2.3.4, 203.0.113.9, 10.0.0.5", "X-Forwarded-Proto": "https"}

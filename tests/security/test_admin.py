@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 from tests.gateway.conftest import free_port, make_env, record
 
 TOKEN = "t" * 32

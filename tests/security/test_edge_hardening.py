@@ -16,8 +16,8 @@ import aiohttp
 import orjson
 import zstandard
 
-from gateway import http_source
-from gateway.signing import sign_request
+from gateway.ingest import handler
+from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env, read_zone, record, wait_for_records
 from tests.security.test_abuse import body_of, send
 
@@ -47,8 +47,8 @@ async def test_a_forged_bomb_is_refused_without_being_decompressed(tmp_path, sta
     env = make_env(tmp_path, n_devices=1)
     gw = await start(env)
     decoded = []
-    real_decode = http_source._decode
-    monkeypatch.setattr(http_source, "_decode", lambda *args: decoded.append(1) or real_decode(*args))
+    real_decode = handler._decode
+    monkeypatch.setattr(handler, "_decode", lambda *args: decoded.append(1) or real_decode(*args))
     bomb = zstd_stream(b"\n" * (64 * 1024 * 1024))
     assert len(bomb) < 64 * 1024
     headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "zstd", **sign_request("dev-1", "not-the-key", bomb)}
@@ -294,7 +294,7 @@ def test_the_registry_refuses_weak_keys_loose_permissions_and_links(tmp_path):
 
     import pytest
 
-    from gateway.registry import DeviceRegistry, RegistryError, add_device
+    from gateway.auth.registry import DeviceRegistry, RegistryError, add_device
 
     registry = tmp_path / "devices.json"
     victim = tmp_path / "victim"

@@ -19,13 +19,13 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.body import body_format, decompressor, framer
-from gateway.enrich import PartitionPolicy, new_context
+from gateway.ingest.body import body_format, decompressor, framer
+from gateway.ingest.enrich import PartitionPolicy, new_context
 from gateway.errors import ApiError
-from gateway.ingest import RequestBatch
+from gateway.ingest.validate import RequestBatch
 from gateway.server import start_gateway
 from gateway.settings import load_settings
-from gateway.spool import Spool
+from gateway.ingest.spool import Spool
 from tests.gateway.conftest import make_env
 
 LIMITS = {

@@ -8,7 +8,7 @@ import time
 import orjson
 import pytest
 
-from gateway.signing import SCHEME, sign_request, signature
+from gateway.auth.signing import SCHEME, sign_request, signature
 from tests.gateway.conftest import record
 
 pytestmark = pytest.mark.asyncio
@@ -136,7 +136,7 @@ async def test_refusals_are_counted_and_logged_with_the_address_but_no_key(start
     gw = await start(env)
     key = env.device("dev-1").key
     body = ndjson(record("dev-1"))
-    caplog.set_level("INFO", logger="gateway.security")
+    caplog.set_level("INFO", logger="gateway.edge.security")
     await post(http, gw, body, sign_request("dev-1", "bad", body))
     refused = [r for r in caplog.records if r.getMessage() == "device request refused"]
     assert refused and refused[0].source_ip == "127.0.0.1" and refused[0].claimed_device_id == "dev-1"

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env, read_zone, record, wait_for_records
 
 

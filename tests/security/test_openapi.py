@@ -15,7 +15,7 @@ from tests.gateway.conftest import GatewayProcess, free_port, make_env
 
 
 def test_document_is_shipped_and_describes_the_device_api():
-    doc = yaml.safe_load(resources.files("gateway").joinpath("openapi.yaml").read_text())
+    doc = yaml.safe_load(resources.files("gateway.ops").joinpath("openapi.yaml").read_text())
     assert doc["openapi"].startswith("3.1")
     post = doc["paths"]["/v1/telemetry"]["post"]
     assert {"202", "401", "403", "413", "429", "503"} <= set(post["responses"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env
 from tests.security.test_abuse import body_of
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiobotocore.session import get_session
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.gateway.conftest import make_env, record
 
@@ -102,7 +102,7 @@ async def test_unreachable_secrets_manager_keeps_the_last_good_keys(tmp_path, mo
         metrics = gw.gateway.metrics
         assert metrics.registry_stale._value.get() == 0 and metrics.registry_devices._value.get() == 2
         await proxy.pause()
-        caplog.set_level("INFO", logger="gateway.secrets_registry")
+        caplog.set_level("INFO", logger="gateway.auth.secrets_source")
         assert not await gw.gateway.registry_source.refresh()
         assert metrics.registry_stale._value.get() == 1
         assert metrics.registry_refreshes.labels("error")._value.get() >= 1
@@ -121,7 +121,7 @@ async def test_unreachable_secrets_manager_keeps_the_last_good_keys(tmp_path, mo
 
 
 async def test_no_registry_at_start_fails_start_up(tmp_path, moto_endpoint, start):
-    from gateway.registry import RegistryError
+    from gateway.auth.registry import RegistryError
 
     env, environ = secrets_env(tmp_path, moto_endpoint, "edge-gateway/does-not-exist")
     with pytest.raises(RegistryError, match="Secrets Manager"):
@@ -129,7 +129,7 @@ async def test_no_registry_at_start_fails_start_up(tmp_path, moto_endpoint, star
 
 
 async def test_malformed_secret_names_the_path_not_the_value(tmp_path, moto_endpoint, sm, start):
-    from gateway.registry import RegistryError
+    from gateway.auth.registry import RegistryError
 
     name = f"edge-gateway/bad-{uuid.uuid4().hex[:8]}"
     await sm.create_secret(Name=name, SecretString=json.dumps({"devices": {"dev-1": {"key": 12345678901234}}}))
@@ -180,7 +180,7 @@ async def test_a_start_during_an_outage_serves_the_last_good_keys_while_fresh(tm
     assert gw.gateway.registry_source.stale
     assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
     await gw.stop()
-    from gateway.registry import RegistryError
+    from gateway.auth.registry import RegistryError
 
     environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "0.001"
     with pytest.raises(RegistryError, match="Secrets Manager"):

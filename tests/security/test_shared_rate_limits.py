@@ -12,7 +12,7 @@ import re
 
 import aiohttp
 
-from gateway.ratelimit_store import DB_NAME
+from gateway.edge.ratelimit_store import DB_NAME
 from tests.durability.client import Device, ndjson
 from tests.durability.harness import ServeProcess, make_devices, write_gateway_config
 from tests.gateway.conftest import free_port, make_env

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.signing import sign_request
+from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env
 from tests.security.test_abuse import body_of, send
 from tests.security.test_edge_hardening import one_body_byte_each, session_from

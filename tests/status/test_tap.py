@@ -113,8 +113,8 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
 
 
 def test_status_snapshot_sums_workers_and_keeps_the_oldest_age():
-    from gateway.status.cluster import merge_expositions
-    from gateway.status.page import snapshot
+    from gateway.ops.status.cluster import merge_expositions
+    from gateway.ops.status.page import snapshot
 
     def worker(accepted: int, age: float) -> bytes:
         return (

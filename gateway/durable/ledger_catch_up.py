@@ -1,0 +1,98 @@
+"""Bringing the retry ledger up to date with the WAL after a crash, before anyone is answered.
+
+Entries for durable records reach the ledger right after each fsync (pipeline.py); a crash between
+the two leaves durable records the ledger does not know, and a retry of them would land again. So
+every WAL directory is read from the ledger's mark to its recovered end before a gateway serves:
+by the supervisor for all of them before it starts its workers (a retry may reach any worker), and
+by each worker for its own WAL (a worker restarted alone).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgspec
+
+from gateway.durable.retry_ledger import RetryLedger
+from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog
+from gateway.durable.wal_layout import SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
+
+log = logging.getLogger(__name__)
+
+
+class RequestRecord(msgspec.Struct, array_like=True):
+    """A ``KIND_REQUEST`` frame's payload: the retry key a request ran under and its answer."""
+
+    key: bytes
+    body_sha256: str
+    answer: bytes
+
+
+class _RawIds(msgspec.Struct):
+    """The fields of a raw-zone line the retry ledger needs."""
+
+    device_id: str
+    event_time_ms: int
+    seq: int | None = None
+
+
+_raw_ids = msgspec.json.Decoder(_RawIds)
+
+
+def ledger_for(settings, on_forget=None) -> RetryLedger:
+    """The instance's retry ledger under ``wal.dir``, sized from the configuration (not yet open)."""
+    limits = settings.limits
+    return RetryLedger(
+        Path(settings.wal.dir) / "ledger",
+        window_secs=max(limits.dedup_window_secs, 2 * settings.auth.timestamp_window_secs),
+        max_keys=limits.dedup_max_keys,
+        max_signatures=settings.auth.replay_cache_max_entries,
+        on_forget=on_forget,
+    )
+
+
+def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: Path) -> None:
+    """Record what ``wal`` holds past the ledger's mark (the WAL must be open and recovered)."""
+    mark = ledger.mark(wal_identity)
+    if mark >= wal.durable_lsn:
+        return
+    reader = wal.reader(mark)
+    seqs: list[tuple[str, int, int]] = []
+    requests: list[tuple[bytes, str, bytes]] = []
+    try:
+        while frames := reader.read(8 * 1024 * 1024, frozenset({KIND_RECORDS, KIND_REQUEST})):
+            for frame in frames:
+                if frame.kind == KIND_REQUEST:
+                    r = msgspec.msgpack.decode(frame.payload, type=RequestRecord)
+                    requests.append((r.key, r.body_sha256, r.answer))
+                elif frame.kind == KIND_RECORDS:
+                    for line in frame.payload.splitlines():
+                        ids = _raw_ids.decode(line)
+                        if ids.seq is not None:
+                            seqs.append((ids.device_id, ids.seq, ids.event_time_ms))
+    finally:
+        reader.close()
+    ledger.record(wal_identity, wal.durable_lsn, seqs, requests)
+    log.info(
+        "retry ledger caught up from the WAL",
+        extra={"wal": str(where), "from_lsn": mark, "records": len(seqs), "requests": len(requests)},
+    )
+
+
+def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger) -> None:
+    """Recover each WAL directory under ``wal.dir`` and catch the ledger up with it (hold the instance lock)."""
+    wal = settings.wal
+    for slot in existing_slots(wal.dir, base_id):
+        _catch_up_slot(slot, ledger, segment_bytes=wal.segment_bytes, max_total_bytes=wal.max_total_bytes)
+
+
+def _catch_up_slot(slot: WalSlot, ledger: RetryLedger, *, segment_bytes: int, max_total_bytes: int) -> None:
+    lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire()
+    wal = WriteAheadLog(slot.directory / "segments", segment_bytes=segment_bytes, max_total_bytes=max_total_bytes)
+    try:
+        wal.open()
+        catch_up(wal, ledger, wal_id(slot.directory), slot.directory)
+    finally:
+        wal.release_files()
+        lock.release()

@@ -1,0 +1,761 @@
+"""The write-ahead log: every accepted record is here, fsynced, before its request is acknowledged.
+
+Layout: a directory of segment files named after the log sequence number (LSN) of their first
+record, ``00000000000000000042.wal``. A segment is a magic header followed by frames::
+
+    u32 payload_len | u32 crc32(meta + payload) | meta | payload
+    meta = u32 count | u32 partition_hour | u64 received_ms | u64 min_event_ms | u64 max_event_ms
+           | u8 kind | 3 bytes pad
+
+A frame holds ``count`` records of one kind for one partition hour; its payload is the NDJSON the
+lake zone stores, so landing raw data is concatenation. LSNs count records, so a frame's LSNs are
+implicit: the segment's first LSN plus the records of the frames before it.
+
+Group commit, off the event loop: a request queues its frames and waits; one writer thread takes
+everything queued, writes it and fsyncs once, then every request it covered is answered. The event
+loop never blocks on the disk (a write to a file being fsynced can wait as long as the fsync). Only
+the last segment can hold a torn tail (a segment is fsynced before the next one is created); it is
+found and truncated on open.
+
+A request is all or nothing. Its frames are written together between two fsyncs, so the
+durable end never falls inside a request; a request of several frames is preceded by a
+``KIND_TXN`` marker frame (no records) giving the bytes that follow, so recovery also removes a
+request that was only partly on disk when the process died. A failed write (a full disk) is
+rolled back on disk and in memory before the request is answered.
+
+A failed fsync is not retried: the page cache may have dropped the data while clearing the error
+(PostgreSQL's lesson of 2018). Every append since the last good fsync is answered with an error, the
+log is cut back to that point on disk, and appends resume only once that cut is itself durable.
+
+Consumers (the lake zones) read frames up to the durable end and report the LSN below which they
+need nothing; a segment is deleted once every consumer is past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.durable.durable_files import ensure_directory, fsync_directory
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"EGWAL\x00\x01\n"
+PREFIX = struct.Struct("<II")
+META = struct.Struct("<IIQQQB3x")
+HEADER_SIZE = PREFIX.size + META.size
+MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
+# Readiness turns off a little before the hard limit, so a ready gateway can take a typical request.
+FULL_MARGIN_BYTES = 64 * 1024
+
+KIND_RECORDS = 1
+KIND_QUARANTINE = 2
+KIND_TXN = 3  # marks the start of a request of several frames; payload: u64 bytes that follow
+KIND_REQUEST = 4  # no records: a request's retry key and answer, for the retry ledger (retry_ledger.py)
+TXN = struct.Struct("<Q")
+
+
+class WalError(Exception):
+    """The log cannot take or give records."""
+
+
+class WalFull(WalError):
+    """The log has reached its configured capacity; callers should shed load, not drop data."""
+
+
+class WalClosed(WalError):
+    """The log is closed (the gateway is draining)."""
+
+
+class WalNoSpace(WalError):
+    """The disk is full: the write was rolled back and nothing of it will land."""
+
+
+class WalFailed(WalError):
+    """An fsync or a rollback failed: the log takes no appends until it has recovered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    lsn: int  # LSN of the first record in the frame
+    count: int
+    hour: int  # partition hour, hours since the epoch
+    received_ms: int
+    min_event_ms: int
+    max_event_ms: int
+    kind: int
+    payload: bytes
+
+    @property
+    def end_lsn(self) -> int:
+        """The LSN just past this frame."""
+        return self.lsn + self.count
+
+
+def encode_frame(
+    kind: int, hour: int, received_ms: int, min_event_ms: int, max_event_ms: int, count: int, payload: bytes
+) -> bytes:
+    meta = META.pack(count, hour, received_ms, min_event_ms, max_event_ms, kind)
+    crc = zlib.crc32(payload, zlib.crc32(meta))
+    return PREFIX.pack(len(payload), crc) + meta + payload
+
+
+def frame_record_count(frame: bytes) -> int:
+    return META.unpack_from(frame, PREFIX.size)[0]
+
+
+@dataclass(slots=True, eq=False)
+class _Queued:
+    """One request waiting for the writer thread: its frames, and what became of them."""
+
+    chunks: Iterable[Sequence[bytes]]
+    total_bytes: int
+    frame_count: int
+    note: object  # handed to ``on_durable`` once the frames are durable
+    future: asyncio.Future[int]
+    end_lsn: int = -1
+    error: Exception | None = None
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_lsn: int
+    path: Path
+    size: int
+
+
+def _segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}.wal"
+
+
+class _Scan:
+    """Result of reading frames from a file: the frames, where reading stopped, and why."""
+
+    __slots__ = ("frames", "offset", "next_lsn", "corrupt")
+
+    def __init__(self, frames: list[Frame], offset: int, next_lsn: int, corrupt: bool) -> None:
+        self.frames = frames
+        self.offset = offset
+        self.next_lsn = next_lsn
+        self.corrupt = corrupt
+
+
+def _read_frames(
+    f,
+    offset: int,
+    lsn: int,
+    end_offset: int | None,
+    max_bytes: int,
+    headers_only: bool = False,
+    kinds: frozenset[int] | None = None,
+    markers: bool = False,
+) -> _Scan:
+    """Read whole, checksummed frames from ``offset`` up to ``end_offset`` (or EOF).
+
+    Frames of a kind not in ``kinds`` keep their place (and LSNs) but are not read or checked:
+    each zone reads only its own payloads, and the zone that owns a frame verifies it. Request
+    markers (``KIND_TXN``) matter only to recovery, which asks for them with ``markers``.
+    """
+    frames: list[Frame] = []
+    read = 0
+    readable = end_offset if end_offset is not None else os.fstat(f.fileno()).st_size
+    f.seek(offset)
+    while read < max_bytes and (end_offset is None or offset < end_offset):
+        header = f.read(HEADER_SIZE)
+        if len(header) < HEADER_SIZE:
+            return _Scan(frames, offset, lsn, corrupt=bool(header))
+        length, crc = PREFIX.unpack_from(header)
+        if length > MAX_FRAME_PAYLOAD:
+            return _Scan(frames, offset, lsn, corrupt=True)
+        meta = header[PREFIX.size :]
+        count, hour, received_ms, min_ev, max_ev, kind = META.unpack(meta)
+        if kind == KIND_TXN and not markers:
+            if offset + HEADER_SIZE + length > readable:
+                return _Scan(frames, offset, lsn, corrupt=True)
+            f.seek(length, os.SEEK_CUR)
+            offset += HEADER_SIZE + length  # not counted against max_bytes: a marker is not content
+            continue
+        if headers_only or (kinds is not None and kind not in kinds):
+            if offset + HEADER_SIZE + length > readable:
+                return _Scan(frames, offset, lsn, corrupt=True)
+            f.seek(length, os.SEEK_CUR)
+            payload = b""
+        else:
+            payload = f.read(length)
+            if len(payload) < length or zlib.crc32(payload, zlib.crc32(meta)) != crc:
+                return _Scan(frames, offset, lsn, corrupt=True)
+        frames.append(Frame(lsn, count, hour, received_ms, min_ev, max_ev, kind, payload))
+        lsn += count
+        offset += HEADER_SIZE + length
+        read += HEADER_SIZE + length
+    return _Scan(frames, offset, lsn, corrupt=False)
+
+
+class WriteAheadLog:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        segment_bytes: int,
+        max_total_bytes: int,
+        fsync: bool = True,
+        on_fsync: Callable[[float], None] | None = None,
+        on_rollback: Callable[[int], None] | None = None,
+        on_durable: Callable[[int, list], None] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.max_total_bytes = max_total_bytes
+        self._fsync = fsync
+        self._on_fsync = on_fsync or (lambda seconds: None)
+        # Told the LSN the log was cut back to: anything remembered about LSNs at or past it is void.
+        self._on_rollback = on_rollback or (lambda lsn: None)
+        # Called in the writer thread once everything below an LSN is durable, with the notes of the
+        # requests that became durable, before any of them is answered.
+        self._on_durable = on_durable or (lambda lsn, notes: None)
+        self._segments: list[_Segment] = []
+        # Segments are replaced, never mutated, so readers iterate their own copy; this lock keeps
+        # the writer thread's rotation and the event loop's release from replacing them at once.
+        self._segments_lock = threading.Lock()
+        self._fd = -1
+        self._next_lsn = 0
+        # (durable LSN, first LSN of the segment it ends in, offset in that segment): one tuple, so a
+        # reader thread never pairs one commit's segment with another's offset.
+        self._durable: tuple[int, int, int] = (0, 0, 0)
+        self._queue: list[_Queued] = []
+        self._queued_bytes = 0  # bytes queued or being written, counted against max_total_bytes
+        self._cut_backs = 0  # how often the log was cut back to its last good fsync
+        self._dirty: asyncio.Event | None = None
+        self._data: asyncio.Condition | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-writer")
+        self._consumers: dict[str, int] = {}
+        self._expected: set[str] = set()
+        self._closed = True
+        self.failure: str | None = None  # why appends are refused until recovery, if they are
+        self.failure_seen: str | None = None  # the last failure, kept after recovery for the answers
+        self.no_space = False  # the last append found the disk full; cleared by the next that fits
+        self.torn_tail_bytes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Recover the log from disk: find segments, truncate a torn tail, find the next LSN."""
+        ensure_directory(self.directory)
+        self._segments = []
+        for path in sorted(self.directory.glob("*.wal")):
+            try:
+                first_lsn = int(path.stem)
+            except ValueError:
+                log.warning("ignoring a file that is not a WAL segment", extra={"path": str(path)})
+                continue
+            self._segments.append(_Segment(first_lsn, path, path.stat().st_size))
+        if self._segments:
+            self._recover_last_segment()
+        else:
+            self._fd, segment = self._create_segment(0)
+            self._segments.append(segment)
+        self._durable = (self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size)
+        self._closed = False
+
+    def _recover_last_segment(self) -> None:
+        last = self._segments[-1]
+        with open(last.path, "rb") as f:
+            magic = f.read(len(MAGIC))
+            if magic != MAGIC:
+                # A crash between creating the file and writing its header leaves it short.
+                good_size, next_lsn, corrupt_inside = len(MAGIC), last.first_lsn, False
+            else:
+                good_size, next_lsn, corrupt_inside = _recoverable_end(f, last.first_lsn, last.size)
+        if last.size > good_size or magic != MAGIC:
+            self.torn_tail_bytes = last.size - good_size if magic == MAGIC else last.size
+            if corrupt_inside:
+                # Not a torn write: a damaged frame with data after it. Keep those bytes for forensics.
+                keep = last.path.with_name(last.path.name + f".damaged-at-{good_size}")
+                with open(last.path, "rb") as src, open(keep, "wb") as dst:
+                    src.seek(good_size)
+                    dst.write(src.read())
+                log.critical(
+                    "WAL: a damaged frame inside the newest segment; the bytes after it are kept aside",
+                    extra={"segment": last.path.name, "offset": good_size, "kept_in": keep.name},
+                )
+            else:
+                log.warning(
+                    "WAL: truncating a torn tail left by a crash",
+                    extra={"segment": last.path.name, "kept_bytes": good_size, "dropped_bytes": self.torn_tail_bytes},
+                )
+        fd = os.open(last.path, os.O_RDWR | os.O_APPEND)
+        if magic != MAGIC:
+            os.ftruncate(fd, 0)
+            os.write(fd, MAGIC)
+        else:
+            os.ftruncate(fd, good_size)
+        os.fsync(fd)
+        last.size = good_size
+        self._fd = fd
+        self._next_lsn = next_lsn
+
+    def _create_segment(self, first_lsn: int) -> tuple[int, _Segment]:
+        """A new segment file with its header, durable; on any error nothing of it is left behind."""
+        path = self.directory / _segment_name(first_lsn)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        try:
+            if os.write(fd, MAGIC) != len(MAGIC):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+            if self._fsync:
+                os.fsync(fd)
+                fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return fd, _Segment(first_lsn, path, len(MAGIC))
+
+    async def start(self) -> None:
+        if self._closed:
+            self.open()
+        self._dirty = asyncio.Event()
+        self._data = asyncio.Condition()
+        self._committer = asyncio.create_task(self._commit_loop(), name="wal-committer")
+
+    async def close(self) -> None:
+        """Stop taking appends, make everything written durable, release files."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            self._dirty.set()  # the committer writes what is queued, then stops
+            await asyncio.shield(self._committer)
+        if self._fsync and self._fd >= 0 and self.failure is None:
+            os.fdatasync(self._fd)
+        self._close_fds()
+        self._writer.shutdown(wait=True)
+
+    def release_files(self) -> None:
+        """Close a log that was only opened (recovered and read), never started."""
+        self._closed = True
+        self._close_fds()
+        self._writer.shutdown(wait=True)
+
+    def _close_fds(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    # -- appending ---------------------------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._durable[0]
+
+    @property
+    def first_lsn(self) -> int:
+        """The oldest LSN the log still holds."""
+        return self._segments[0].first_lsn
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        return self.total_bytes + self._queued_bytes + nbytes < self.max_total_bytes
+
+    def refusal(self) -> str | None:
+        """Why appends are refused right now (``closed``, ``failed``, ``no_space``, ``full``), or None."""
+        if self._closed:
+            return "closed"
+        if self.failure is not None:
+            return "failed"
+        if self.no_space and not self._space_returned():
+            return "no_space"
+        if not self.has_room(min(self.segment_bytes, FULL_MARGIN_BYTES)):
+            return "full"
+        return None
+
+    def _space_returned(self) -> bool:
+        try:
+            stats = os.statvfs(self.directory)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize >= min(self.segment_bytes, 4 * 1024 * 1024)
+
+    async def append(self, frames: Sequence[bytes]) -> int:
+        """Write frames and return once they are fsynced; the result is the LSN just past them."""
+        return await self.commit([frames], sum(len(f) for f in frames), len(frames))
+
+    async def commit(self, chunks: Iterable[Sequence[bytes]], total_bytes: int, frame_count: int, note: object = None) -> int:
+        """Write one request's frames, all of them or (on any error) none, and return once they are
+        fsynced: the LSN just past them. ``chunks`` is read in the writer thread."""
+        if self._closed:
+            raise WalClosed("the write-ahead log is closed")
+        if self.failure is not None:
+            raise WalFailed(f"the write-ahead log is recovering from a failure: {self.failure}")
+        if self.no_space and not self._space_returned():
+            raise WalNoSpace("the disk holding the write-ahead log is full")
+        if not self.has_room(total_bytes):
+            raise WalFull(f"the write-ahead log holds {self.total_bytes} bytes of its {self.max_total_bytes}")
+        queued = _Queued(chunks, total_bytes, frame_count, note, asyncio.get_running_loop().create_future())
+        self._queue.append(queued)
+        self._queued_bytes += total_bytes
+        self._dirty.set()
+        # Shielded: a request given up on is still written (or not) whole; its answer is just unread.
+        return await asyncio.shield(queued.future)
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await loop.run_in_executor(self._writer, self._write_and_sync, batch)
+                finally:
+                    self._queued_bytes -= sum(q.total_bytes for q in batch)
+                    for q in batch:
+                        if q.future.done():
+                            continue
+                        if q.error is not None:
+                            q.future.set_exception(q.error)
+                        elif q.end_lsn < 0:
+                            q.future.set_exception(WalError("the write-ahead log stopped before this request was written"))
+                        else:
+                            q.future.set_result(q.end_lsn)
+                async with self._data:
+                    self._data.notify_all()
+            if self._closed and not self._queue:
+                return
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _write_and_sync(self, batch: list[_Queued]) -> None:
+        """Write each queued request (a failed one is rolled back alone), then fsync them together."""
+        written: list[_Queued] = []
+        for q in batch:
+            cut_backs = self._cut_backs
+            try:
+                q.end_lsn = self._write_request(q)
+                written.append(q)
+            except WalError as exc:
+                q.error = exc
+            if self._cut_backs != cut_backs:  # a rotation's fsync failed: what came before is gone too
+                for earlier in written:
+                    earlier.error, earlier.end_lsn = WalFailed(f"fsync failed: {self.failure_seen}"), -1
+                written = []
+        if not written:
+            return
+        started = time.perf_counter()
+        try:
+            if self._fsync:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            self._fsync_failed(exc)
+            for q in written:
+                q.error, q.end_lsn = WalFailed(f"fsync failed: {exc}"), -1
+            return
+        self._on_fsync(time.perf_counter() - started)
+        segment = self._segments[-1]
+        self._on_durable(self._next_lsn, [q.note for q in written])
+        self._durable = (self._next_lsn, segment.first_lsn, segment.size)
+
+    def _write_request(self, q: _Queued) -> int:
+        if self.failure is not None:
+            raise WalFailed(f"the write-ahead log is recovering from a failure: {self.failure}")
+        if self._segments[-1].size >= self.segment_bytes:
+            self._rotate()
+        segment = self._segments[-1]
+        records = 0
+        written = 0
+        try:
+            if q.frame_count > 1:
+                written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(q.total_bytes))])
+            for frames in q.chunks:
+                written += self._write_all(frames)
+                records += sum(frame_record_count(f) for f in frames)
+        except OSError as exc:
+            self._roll_back_write(segment, exc)
+        except Exception as exc:  # e.g. the request's spool closed under it: nothing of it may stay
+            self._roll_back_write(segment, OSError(errno.EIO, f"reading the request's frames failed: {exc!r}"))
+        segment.size += written
+        self._next_lsn += records
+        self.no_space = False
+        return self._next_lsn
+
+    def _write_all(self, frames: Sequence[bytes]) -> int:
+        expected = sum(len(f) for f in frames)
+        written = os.writev(self._fd, frames) if len(frames) > 1 else os.write(self._fd, frames[0])
+        while written < expected:  # a short write only happens on a full disk or a signal
+            n = os.write(self._fd, b"".join(frames)[written:])
+            if n == 0:
+                raise OSError(errno.ENOSPC, "the disk took no more bytes")
+            written += n
+        return written
+
+    def _roll_back_write(self, segment: _Segment, exc: OSError) -> None:
+        """Cut the segment back to where this request began, so no partial frame stays on disk."""
+        try:
+            os.ftruncate(self._fd, segment.size)
+        except OSError as cut:
+            self._fail(f"a failed write could not be rolled back: {cut}")
+            raise WalFailed(f"writing failed ({exc}) and could not be rolled back ({cut})") from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.no_space = True
+            log.error("WAL: the disk is full; the request was rolled back and refused", extra={"error": str(exc)})
+            raise WalNoSpace(f"the disk holding the write-ahead log is full: {exc}") from None
+        log.error("WAL: a write failed; the request was rolled back and refused", extra={"error": str(exc)})
+        raise WalError(f"writing to the write-ahead log failed: {exc}") from None
+
+    def _rotate(self) -> None:
+        # The old segment is made durable now, so only the newest segment can ever be torn.
+        if self._fsync:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._fsync_failed(exc)
+                raise WalFailed(f"fsync failed: {exc}") from None
+        try:
+            fd, segment = self._create_segment(self._next_lsn)
+        except OSError as exc:
+            # The live segment stays live; only the request that needed a new one is refused.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.no_space = True
+                raise WalNoSpace(f"no room for a new WAL segment: {exc}") from None
+            raise WalError(f"cannot create a WAL segment: {exc}") from None
+        os.close(self._fd)  # fsynced above; readers open their own files
+        self._fd = fd
+        with self._segments_lock:
+            self._segments = [*self._segments, segment]
+
+    def _fsync_failed(self, exc: OSError) -> None:
+        """Refuse everything since the last good fsync and cut the log back to it, never retrying."""
+        log.critical("WAL: fsync failed; refusing what it covered and recovering from the log", extra={"error": str(exc)})
+        self._fail(f"fsync failed: {exc}")
+        try:
+            self._cut_back_to_durable()
+        except OSError as cut:
+            log.critical("WAL: recovery after a failed fsync failed; appends stay refused", extra={"error": str(cut)})
+            return
+        self.failure = None
+        log.warning("WAL: recovered after a failed fsync; appends resume", extra={"next_lsn": self._next_lsn})
+
+    def _fail(self, reason: str) -> None:
+        self.failure = self.failure_seen = reason
+
+    def _cut_back_to_durable(self) -> None:
+        durable_lsn, segment_lsn, offset = self._durable
+        self._cut_backs += 1
+        self._close_fds()
+        with self._segments_lock:
+            gone = [seg for seg in self._segments if seg.first_lsn > segment_lsn]
+            self._segments = [seg for seg in self._segments if seg.first_lsn <= segment_lsn]
+        for seg in gone:
+            seg.path.unlink(missing_ok=True)
+        segment = self._segments[-1]
+        fd = os.open(segment.path, os.O_RDWR | os.O_APPEND)
+        self._fd = fd
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+        fsync_directory(self.directory)
+        segment.size = offset
+        self._next_lsn = durable_lsn
+        self._on_rollback(durable_lsn)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def wait_for_data(self, lsn: int, timeout: float | None, stop: Callable[[], bool] | None = None) -> bool:
+        """Wait until records at or beyond ``lsn`` are durable (or ``stop()``); False on timeout."""
+        ready = (lambda: self._durable[0] > lsn or stop()) if stop else (lambda: self._durable[0] > lsn)
+        if ready():
+            return self._durable[0] > lsn
+        async with self._data:
+            try:
+                await asyncio.wait_for(self._data.wait_for(ready), timeout)
+            except TimeoutError:
+                return False
+        return self._durable[0] > lsn
+
+    async def wake_consumers(self) -> None:
+        async with self._data:
+            self._data.notify_all()
+
+    def reader(self, lsn: int) -> WalReader:
+        return WalReader(self, lsn)
+
+    def expect_consumers(self, names: Iterable[str]) -> None:
+        """Nothing is released until each of these consumers has said what it still needs."""
+        self._expected = set(names)
+
+    def register_consumer(self, name: str, lsn: int) -> None:
+        self._consumers[name] = lsn
+
+    def release(self, name: str, lsn: int) -> None:
+        """A consumer needs nothing below ``lsn`` any more; delete segments nobody needs."""
+        self._consumers[name] = lsn
+        if not self._expected <= self._consumers.keys():
+            return  # a consumer that has not started yet may still need every segment
+        floor = min(self._consumers.values())
+        # Keep the last segment (it is being written) and any segment holding LSNs >= floor.
+        with self._segments_lock:
+            segments = self._segments
+            keep_from = 0
+            while keep_from < len(segments) - 1 and segments[keep_from + 1].first_lsn <= floor:
+                keep_from += 1
+            self._segments = segments[keep_from:]  # a new list: reader threads iterate their own copy
+        for gone in segments[:keep_from]:
+            gone.path.unlink(missing_ok=True)
+
+    def segment_start(self, lsn: int) -> int:
+        """The first LSN of the segment holding ``lsn`` (for deciding when a position moved on)."""
+        return _segment_at(self._segments, lsn).first_lsn
+
+    def backlog_bytes(self, lsn: int) -> int:
+        """Approximate bytes of log at or after ``lsn`` (whole segments)."""
+        segments = self._segments
+        total = 0
+        for i, seg in enumerate(segments):
+            nxt = segments[i + 1].first_lsn if i + 1 < len(segments) else self._next_lsn + 1
+            if nxt > lsn:
+                total += seg.size
+        return total if self._next_lsn > lsn else 0
+
+    def _durable_limit(self, segment: _Segment) -> int | None:
+        """How far a reader may read in ``segment``: all of an old one, the synced part of the last."""
+        _, segment_lsn, offset = self._durable
+        if segment.first_lsn == segment_lsn:
+            return offset
+        if segment.first_lsn > segment_lsn:
+            return len(MAGIC)
+        return None
+
+
+def _segment_at(segments: list[_Segment], lsn: int) -> _Segment:
+    found = segments[0]
+    for seg in segments:
+        if seg.first_lsn <= lsn:
+            found = seg
+    return found
+
+
+def _recoverable_end(f, first_lsn: int, size: int) -> tuple[int, int, bool]:
+    """Where the last segment's intact, complete requests end: (offset, next LSN, damaged inside).
+
+    A request of several frames that is not whole on disk is cut back to its ``KIND_TXN`` marker.
+    """
+    offset, lsn = len(MAGIC), first_lsn
+    txn_start: tuple[int, int, int] | None = None  # (offset, lsn, end offset) of an unfinished request
+    while True:
+        scan = _read_frames(f, offset, lsn, None, 1, headers_only=False, markers=True)
+        if not scan.frames:
+            damaged = scan.corrupt and _damaged_not_torn(f, offset, size)
+            break
+        frame = scan.frames[0]
+        if frame.kind == KIND_TXN and len(frame.payload) == TXN.size:
+            txn_start = (offset, lsn, scan.offset + TXN.unpack(frame.payload)[0])
+        offset, lsn = scan.offset, scan.next_lsn
+        if txn_start is not None and offset >= txn_start[2]:
+            txn_start = None
+    if txn_start is not None:
+        return txn_start[0], txn_start[1], False
+    return offset, lsn, damaged
+
+
+def _damaged_not_torn(f, offset: int, size: int) -> bool:
+    """A frame that fails its check but whose declared length fits in the file, with bytes after it."""
+    f.seek(offset)
+    header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        return False
+    length = PREFIX.unpack_from(header)[0]
+    return length <= MAX_FRAME_PAYLOAD and offset + HEADER_SIZE + length < size
+
+
+class WalReader:
+    """Reads durable frames in order from an LSN, across segments; one per consumer."""
+
+    def __init__(self, wal: WriteAheadLog, lsn: int) -> None:
+        self._wal = wal
+        self.lsn = lsn
+        self._file = None
+        self._segment: _Segment | None = None
+        self._offset = 0
+        self.corrupt_segments = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open_segment_at(self, lsn: int) -> bool:
+        wal = self._wal
+        segments = wal._segments  # replaced, never mutated, by release(): safe from this thread
+        if not segments:
+            return False
+        seg = _segment_at(segments, lsn)
+        if self._segment is not seg:
+            self.close()
+            self._segment = seg
+            self._file = open(seg.path, "rb")
+            self._offset = len(MAGIC)
+            # Skip whole frames until the one starting at our LSN (positions are frame boundaries).
+            at = seg.first_lsn
+            while at < lsn:
+                scan = _read_frames(self._file, self._offset, at, wal._durable_limit(seg), HEADER_SIZE, True)
+                if not scan.frames:
+                    break
+                frame = scan.frames[0]
+                if frame.end_lsn > lsn:
+                    break
+                at, self._offset = frame.end_lsn, scan.offset
+            self.lsn = at
+        return True
+
+    def read(self, max_bytes: int, kinds: frozenset[int] | None = None) -> list[Frame]:
+        """Frames from the current position up to the durable end, about ``max_bytes`` of them;
+        frames of other ``kinds`` come back without their payload."""
+        wal = self._wal
+        if self.lsn >= wal.durable_lsn or not self._open_segment_at(self.lsn):
+            return []
+        frames: list[Frame] = []
+        budget = max_bytes
+        while budget > 0 and self.lsn < wal.durable_lsn:
+            seg = self._segment
+            limit = wal._durable_limit(seg)
+            scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds)
+            frames.extend(scan.frames)
+            budget -= scan.offset - self._offset
+            self._offset, self.lsn = scan.offset, scan.next_lsn
+            at_end = limit is not None and self._offset >= limit
+            if scan.corrupt or (limit is None and not scan.frames and budget > 0):
+                nxt = _next_segment(wal._segments, seg)
+                if nxt is None:
+                    break
+                if scan.corrupt:
+                    self.corrupt_segments += 1
+                    log.error(
+                        "WAL: corrupt frame in a sealed segment; skipping to the next segment",
+                        extra={"segment": seg.path.name, "offset": self._offset, "lost_from_lsn": self.lsn},
+                    )
+                self.lsn = max(self.lsn, nxt.first_lsn)
+                self._open_segment_at(self.lsn)
+            elif at_end or not scan.frames:
+                break
+        return frames
+
+
+def _next_segment(segments: list[_Segment], seg: _Segment) -> _Segment | None:
+    """The segment after ``seg`` by LSN (found even if ``seg`` itself is gone from the list)."""
+    return next((s for s in segments if s.first_lsn > seg.first_lsn), None)

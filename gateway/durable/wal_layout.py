@@ -1,0 +1,119 @@
+"""Where each worker's WAL lives under ``wal.dir``, who owns it, and which ones nobody serves now.
+
+    <wal.dir>/instance.lock      held by the gateway (the supervisor with workers): one owner
+    <wal.dir>/ledger/            the retry ledger, shared by the workers (retry_ledger.py)
+    <wal.dir>/segments, consumers   the WAL of a single-worker gateway       (gateway_id)
+    <wal.dir>/w<N>/segments, ...    worker N's WAL when listen.workers > 1  (gateway_id-w<N>)
+
+Changing ``listen.workers`` leaves WAL directories that no worker owns any more; their records are
+acknowledged, so the first worker adopts and drains them (``orphan_slots``). A drained directory is
+kept: its LSNs name lake objects, so a later worker of that slot must continue them, never restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.durable.durable_files import ensure_directory, write_atomically
+
+INSTANCE_LOCK = "instance.lock"
+# Set by the supervisor for its workers: it holds the instance lock for them (value: the WAL root).
+SUPERVISED_ENV = "EDGE_GATEWAY_SUPERVISED_WAL"
+SLOT_LOCK = "wal.lock"
+_WORKER_DIR = re.compile(r"^w(\d+)$")
+
+
+class WalLocked(Exception):
+    """Another process owns this WAL directory; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class WalSlot:
+    """One WAL directory and the identity that names its lake objects."""
+
+    directory: Path
+    gateway_id: str
+    name: str  # "" for the single-worker layout, "w<N>" otherwise
+
+    @property
+    def has_log(self) -> bool:
+        return (self.directory / "segments").is_dir()
+
+
+def slot_for(root: str | os.PathLike[str], base_id: str, index: int, workers: int) -> WalSlot:
+    root = Path(root)
+    if workers == 1:
+        return WalSlot(root, base_id, "")
+    return WalSlot(root / f"w{index}", f"{base_id}-w{index}", f"w{index}")
+
+
+def existing_slots(root: str | os.PathLike[str], base_id: str) -> list[WalSlot]:
+    root = Path(root)
+    found = [WalSlot(root, base_id, "")] if (root / "segments").is_dir() else []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            match = _WORKER_DIR.match(entry.name)
+            if match and (entry / "segments").is_dir():
+                found.append(WalSlot(entry, f"{base_id}-{entry.name}", entry.name))
+    return found
+
+
+def orphan_slots(root: str | os.PathLike[str], base_id: str, workers: int) -> list[WalSlot]:
+    """WAL directories under ``root`` that none of ``workers`` workers owns."""
+    active = {slot_for(root, base_id, i, workers).directory for i in range(workers)}
+    return [slot for slot in existing_slots(root, base_id) if slot.directory not in active]
+
+
+def wal_id(directory: str | os.PathLike[str]) -> str:
+    """A WAL directory's permanent identity (the retry ledger's marks refer to it)."""
+    path = Path(directory) / "wal.id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    ensure_directory(path.parent)
+    value = os.urandom(16).hex()
+    write_atomically(path, value.encode() + b"\n")
+    return value
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on a file in a directory, held for the life of the process.
+
+    The kernel drops it on any exit, SIGKILL included, so no stale lock is ever left to clean up.
+    The holder's PID is written into the file so a refused second owner can name it.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], name: str, what: str) -> None:
+        self.path = Path(directory) / name
+        self._what = what
+        self.fd = -1
+
+    def acquire(self) -> DirectoryLock:
+        ensure_directory(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise WalLocked(
+                    f"{self._what} {self.path.parent} is in use by another gateway (pid {holder}); "
+                    "stop it first, or give this one its own wal.dir"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

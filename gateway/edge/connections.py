@@ -1,0 +1,458 @@
+"""Connections on the device listener: a cap, slow-client timeouts, and a maximum age.
+
+aiohttp has no header-read timeout and its keep-alive timeout is fixed at start, so each accepted
+connection's protocol is wrapped in ``_GuardedProtocol``, which keeps one timer per connection:
+
+    accepted / next byte after idle -> header timer (header_timeout_secs): complete headers or close
+    request headers complete        -> no timer (the body has its own deadlines, see body_deadline)
+    response done                   -> idle timer (idle_timeout_secs): a next request or close,
+                                       or, if part of a next request is already buffered (pipelined),
+                                       the header timer counted from that part's first byte
+
+``_Framing`` tells where a request ends in the byte stream (headers, then Content-Length bytes or a
+chunked body), so bytes pipelined behind a complete request cannot pass for an idle connection.
+
+Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
+cannot exhaust file descriptors; but first the oldest connection that has never sent a byte is
+closed to make room, so sockets opened and left silent cannot keep devices out. One source address
+holds at most ``max_connections_per_source``. After ``max_age_secs`` (with jitter) a response carries
+``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
+instances that were up first. All settings are read live, so SIGHUP changes them.
+
+A source that would be refused anyway (it holds its share of in-flight requests, or its failed
+authentications put it in deficit) is answered at accept, from a fixed response, without building a
+request; and a source that keeps coming back while refused gets its answers late (tarpit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import ApiError
+from gateway.edge.settings import ConnectionSettings
+from gateway.edge.tarpit import Tarpit
+
+log = logging.getLogger(__name__)
+
+_REFUSAL_BODY = b'{"error":"unavailable","message":"the gateway has too many open connections; retry"}'
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
+)
+
+
+def fixed_response(error: ApiError) -> bytes:
+    """The whole HTTP/1.1 answer to a refusal, closing the connection (the API's JSON shape)."""
+    body = orjson.dumps({"error": error.code, "message": error.message})
+    retry = b"Retry-After: %d\r\n" % error.retry_after_secs if error.retry_after_secs is not None else b""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%bConnection: close\r\nContent-Length: %d\r\n\r\n%b"
+        % (error.status, _REASONS.get(error.status, b"Refused"), retry, len(body), body)
+    )
+
+
+_REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    code = "timeout"
+
+
+@dataclass(slots=True)
+class _Conn:
+    transport: asyncio.Transport
+    created: float
+    max_age: float  # 0: no limit
+    source: str
+    active: int = 0
+    idle: bool = False  # between requests: the next byte starts the header timer
+    spoke: bool = False  # has sent at least one byte
+    timer: asyncio.TimerHandle | None = None
+    header_since: float | None = None  # when buffered bytes of a not yet complete request began
+
+
+class ConnectionGuard:
+    def __init__(
+        self,
+        settings: Callable[[], ConnectionSettings],
+        *,
+        on_close: Callable[[str], None] = lambda reason: None,
+        shared_source: Callable[[str], bool] = lambda address: False,
+        source_refusal: Callable[[str], ApiError | None] = lambda address: None,
+        rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._on_close = on_close
+        self._shared_source = shared_source
+        self._source_refusal = source_refusal
+        self.tarpit = Tarpit(lambda: settings().refusal_delay_secs, clock=clock)
+        self._rng = rng
+        self._clock = clock
+        self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
+        self._per_source: dict[str, int] = {}
+
+    @property
+    def open(self) -> int:
+        return len(self._conns)
+
+    def protocol_factory(self, server: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
+        # aiohttp's protocol is built only for an accepted connection: a refusal costs no request handler.
+        return lambda: _GuardedProtocol(self, server)
+
+    # -- called by the protocol wrapper -----------------------------------------------------------
+
+    def _accept(self, make_inner: Callable[[], Any], transport: asyncio.Transport) -> Any:
+        """aiohttp's protocol for an accepted connection, or None when it was refused (and answered)."""
+        s = self._settings()
+        peer = transport.get_extra_info("peername")
+        source = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        shared = self._shared_source(source)
+        if not shared and (refusal := self._source_refusal(source)) is not None:
+            return self._refuse_source(transport, source, refusal)
+        if self._per_source.get(source, 0) >= s.max_connections_per_source and not shared:
+            return self._refuse(transport, "connection_cap_per_source")
+        if len(self._conns) >= s.max_connections and not self._preempt_silent():
+            return self._refuse(transport, "connection_cap")
+        age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
+        inner = make_inner()
+        conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        self._arm(conn, s.header_timeout_secs, "header_timeout")
+        return inner
+
+    def _refuse(self, transport: asyncio.Transport, reason: str) -> None:
+        self._on_close(reason)
+        transport.write(_REFUSAL)
+        transport.close()
+
+    def _refuse_source(self, transport: asyncio.Transport, source: str, refusal: ApiError) -> None:
+        """Answer a source that would be refused anyway without building a request (late, if it insists)."""
+        self._on_close("source_refused")
+        answer = fixed_response(refusal)
+
+        def answer_and_close() -> None:
+            if not transport.is_closing():
+                transport.write(answer)
+                transport.close()
+
+        delay = self.tarpit.delay(source, refusal.retry_after_secs or 1)
+        if delay:
+            transport.pause_reading()
+            self.tarpit.later(delay, answer_and_close)
+        else:
+            answer_and_close()
+
+    def _preempt_silent(self) -> bool:
+        """Close the oldest connection that never sent a byte; False if every connection has spoken."""
+        for inner, conn in self._conns.items():
+            if not conn.spoke and not conn.transport.is_closing():
+                self._on_close("silent_preempted")
+                conn.transport.close()
+                self._lost(inner)
+                return True
+        return False
+
+    def _data(self, conn: _Conn) -> None:
+        conn.spoke = True
+        if conn.idle:
+            conn.idle = False
+            self._arm(conn, self._settings().header_timeout_secs, "header_timeout")
+
+    def _header_begins(self, conn: _Conn) -> None:
+        if conn.header_since is None:
+            conn.header_since = self._clock()
+
+    def _lost(self, inner: Any) -> None:
+        conn = self._conns.pop(inner, None)
+        if conn is None:
+            return
+        if conn.timer is not None:
+            conn.timer.cancel()
+        left = self._per_source.get(conn.source, 1) - 1
+        if left > 0:
+            self._per_source[conn.source] = left
+        else:
+            self._per_source.pop(conn.source, None)
+
+    def _arm(self, conn: _Conn, delay: float, reason: str) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer = asyncio.get_running_loop().call_later(delay, self._expire, conn, reason)
+
+    def _expire(self, conn: _Conn, reason: str) -> None:
+        conn.timer = None
+        if conn.active == 0 and not conn.transport.is_closing():
+            self._on_close(reason)
+            conn.transport.close()
+
+    # -- the middleware: request start and end ----------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        conn = self._conns.get(request.protocol)
+        if conn is None:  # a listener without the guard (tests building the app alone)
+            return await handler(request)
+        conn.active += 1
+        conn.idle = False
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        try:
+            response = await handler(request)
+            if response.status in (429, 503) and not self._shared_source(conn.source):
+                # Asked again before its Retry-After was over: this source's answers come late.
+                retry_after = response.headers.get("Retry-After", "1")
+                delay = self.tarpit.delay(conn.source, int(retry_after) if retry_after.isdigit() else 1)
+                if delay:
+                    await self.tarpit.hold(delay)
+            if response.status == RequestTimeout.status:
+                response.force_close()  # the rest of the body is not worth waiting for
+            elif conn.max_age and self._clock() - conn.created > conn.max_age:
+                self._on_close("max_age")
+                response.force_close()
+            return response
+        finally:
+            conn.active -= 1
+            if conn.active == 0:
+                self._after_response(conn)
+
+    def _after_response(self, conn: _Conn) -> None:
+        s = self._settings()
+        if conn.header_since is None:
+            conn.idle = True
+            self._arm(conn, s.idle_timeout_secs, "idle_timeout")
+        else:
+            # Part of a pipelined request is waiting: its header deadline runs from its first byte.
+            left = s.header_timeout_secs - (self._clock() - conn.header_since)
+            self._arm(conn, max(0.0, left), "header_timeout")
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Delegates to aiohttp's protocol; tells the guard when a connection opens, speaks, and closes."""
+
+    __slots__ = ("_guard", "_make_inner", "_inner", "_accepted", "_framing")
+
+    def __init__(self, guard: ConnectionGuard, make_inner: Callable[[], Any]) -> None:
+        self._guard = guard
+        self._make_inner = make_inner
+        self._inner: Any = None
+        self._accepted = False
+        self._framing = _Framing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner = self._guard._accept(self._make_inner, transport)  # type: ignore[arg-type]
+        self._accepted = self._inner is not None
+        if self._accepted:
+            self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._accepted:
+            return
+        inner, guard = self._inner, self._guard
+        conn = guard._conns.get(inner)
+        if conn is None:
+            inner.data_received(data)
+            return
+        guard._data(conn)
+        framing = self._framing
+        for piece, starts_request in framing.pieces(data):
+            if starts_request:
+                guard._header_begins(conn)
+            parsed = getattr(inner, "_request_count", 0)
+            inner.data_received(piece)
+            if getattr(inner, "_request_count", 0) != parsed and inner._messages:
+                message, payload = inner._messages[-1]
+                conn.header_since = None
+                framing.request_parsed(message, payload)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._accepted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._accepted:
+            self._guard._lost(self._inner)
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._accepted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._accepted:
+            self._inner.resume_writing()
+
+
+class _Framing:
+    """Where the request being received ends, from the bytes fed to aiohttp's parser.
+
+    Input is cut into pieces at each end of headers (``\\r\\n\\r\\n``) and at the end of a
+    Content-Length body, so after each piece the parser is known to be between requests or not.
+    """
+
+    __slots__ = ("_body_left", "_chunked")
+
+    def __init__(self) -> None:
+        self._body_left = 0  # Content-Length bytes of the current request still to come
+        self._chunked = None  # the payload of a chunked request until it ends
+
+    def _between_requests(self) -> bool:
+        if self._chunked is not None and self._chunked.is_eof():
+            self._chunked = None
+        return self._body_left == 0 and self._chunked is None
+
+    def request_parsed(self, message: Any, payload: Any) -> None:
+        if getattr(message, "chunked", False):
+            self._chunked, self._body_left = payload, 0
+            return
+        length = getattr(message, "headers", {}).get("Content-Length", "0")
+        self._body_left = int(length) if length.isascii() and length.isdigit() else 0
+        self._chunked = None
+
+    def pieces(self, data: bytes) -> Iterator[tuple[bytes, bool]]:
+        """``data`` cut where a request's headers or body end; each piece says if it starts a request."""
+        start = 0
+        while start < len(data):
+            between = self._between_requests()
+            if self._body_left:
+                end = min(len(data), start + self._body_left)
+                self._body_left -= end - start
+            else:
+                found = data.find(b"\r\n\r\n", start)
+                end = len(data) if found < 0 else found + 4
+            yield (data[start:end] if start or end < len(data) else data), between
+            start = end
+
+
+class MalformedRequestLogs(logging.Filter):
+    """aiohttp logs every unparseable request at ERROR with a traceback: anyone could fill the log.
+
+    Installed on the ``aiohttp.server`` logger, it turns client errors (a 4xx from the HTTP parser)
+    into one WARNING line without a traceback, at most ``per_second`` a second, counting the rest.
+    """
+
+    def __init__(self, per_second: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._per_second = per_second
+        self._clock = clock
+        self._budget = per_second
+        self._updated = clock()
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
+            return True
+        now = self._clock()
+        self._budget = min(self._per_second, self._budget + (now - self._updated) * self._per_second)
+        self._updated = now
+        if self._budget < 1:
+            self.suppressed += 1
+            return False
+        self._budget -= 1
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "malformed request refused (%d): %s", (exc.code, str(exc.message).splitlines()[0][:200])
+        record.exc_info = record.exc_text = None
+        if self.suppressed:
+            record.msg += " (%d more not logged)"
+            record.args = (*record.args, self.suppressed)
+            self.suppressed = 0
+        return True
+
+
+_MALFORMED_LOGS = MalformedRequestLogs()
+
+
+class GuardedSite(web.TCPSite):
+    """``web.TCPSite`` whose connections go through a ``ConnectionGuard`` (and a TLS handshake deadline)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        guard: ConnectionGuard,
+        handshake_timeout_secs: float,
+        sock: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._guard = guard
+        self._handshake_timeout_secs = handshake_timeout_secs
+        self._sock = sock  # a socket the supervisor bound for all its workers
+
+    async def start(self) -> None:
+        server_log = logging.getLogger("aiohttp.server")
+        if _MALFORMED_LOGS not in server_log.filters:
+            server_log.addFilter(_MALFORMED_LOGS)
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        where = {"sock": self._sock} if self._sock is not None else {"host": self._host, "port": self._port}
+        self._server = await loop.create_server(
+            self._guard.protocol_factory(server),
+            **where,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout_secs if self._ssl_context else None,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+class BodyDeadline:
+    """``async with BodyDeadline(s): ... deadline.progress(n)`` raises ``RequestTimeout`` on a slow body.
+
+    Slow means: past ``body_timeout_secs`` in all, a pause longer than ``body_idle_timeout_secs``, or,
+    after ``body_rate_grace_secs``, fewer than ``min_body_bytes_per_sec`` on average.
+    """
+
+    __slots__ = ("_loop", "_started", "_until", "_idle", "_cm", "_received", "_rate", "_grace")
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self._loop = asyncio.get_running_loop()
+        now = self._started = self._loop.time()
+        self._until = now + settings.body_timeout_secs
+        self._idle = settings.body_idle_timeout_secs
+        self._rate = settings.min_body_bytes_per_sec
+        self._grace = settings.body_rate_grace_secs
+        self._received = 0
+        self._cm = asyncio.timeout_at(self._next_deadline(now))
+
+    def _next_deadline(self, now: float) -> float:
+        deadline = min(self._until, now + self._idle)
+        if self._rate > 0:
+            # When the average rate would fall below the minimum if nothing more arrived.
+            deadline = min(deadline, max(self._started + self._grace, self._started + self._received / self._rate))
+        return deadline
+
+    def progress(self, nbytes: int = 0) -> None:
+        self._received += nbytes
+        self._cm.reschedule(self._next_deadline(self._loop.time()))
+
+    async def __aenter__(self) -> BodyDeadline:
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool | None:
+        try:
+            return await self._cm.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            if self._cm.expired():
+                raise RequestTimeout("the request body arrived too slowly; the connection is closed") from None
+            raise

@@ -1,0 +1,113 @@
+"""Per-device rate-limit buckets shared by the workers of an instance and kept across restarts.
+
+They live in the retry ledger's LMDB environment (``<wal.dir>/ledger``, gateway/durable/retry_ledger.py) as
+one more named database, ``ratelimit``: ``device_id -> (records level, bytes level, updated)``, the
+time being the wall clock so that a restarted worker refills a bucket for the time it was down and
+no more. Workers do not write it per request: each takes tokens in small leases (ratelimit.py) and
+comes back when a lease is spent, settling what it charged beyond it in the same transaction.
+
+Bounded: beyond ``max_tracked_devices`` entries, buckets that have refilled to their burst (the
+same as no entry) are dropped, then the least recently updated ones.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lmdb
+
+from gateway.durable.retry_ledger import LedgerError, RetryLedger
+
+_ENTRY = struct.Struct(">ddd")  # records level, bytes level, updated (epoch seconds)
+DB_NAME = b"ratelimit"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One device's bucket sizes and refill rates, records and bytes."""
+
+    records_per_sec: float
+    burst_records: float
+    bytes_per_sec: float
+    burst_bytes: float
+    max_entries: int
+
+    def refill(self, raw: bytes | None, now: float) -> tuple[float, float]:
+        """Both levels of a stored entry (or a new bucket) refilled up to ``now``."""
+        if raw is None:
+            return self.burst_records, self.burst_bytes
+        records, sent, updated = _ENTRY.unpack(raw)
+        elapsed = max(0.0, now - updated)  # a clock stepped back refills nothing
+        return (
+            min(self.burst_records, records + elapsed * self.records_per_sec),
+            min(self.burst_bytes, sent + elapsed * self.bytes_per_sec),
+        )
+
+
+class SharedBuckets:
+    """The ``ratelimit`` database of an open retry ledger."""
+
+    def __init__(self, ledger: RetryLedger) -> None:
+        self._ledger = ledger
+        self._env = None
+        self._db = None
+
+    def _handle(self):
+        env = self._ledger._env
+        if env is None:
+            raise LedgerError("the retry ledger is closed")
+        if env is not self._env:  # first use, or the ledger was reopened
+            with self._ledger._write() as txn:
+                self._db = env.open_db(DB_NAME, txn=txn, create=True)
+            self._env = env
+        return env, self._db
+
+    def levels(self, device: str, limits: Limits, now: float) -> tuple[float, float] | None:
+        """The device's shared levels now, or None when it has no bucket (a full one)."""
+        env, db = self._handle()
+        try:
+            with env.begin(db=db) as txn:
+                raw = txn.get(_key(device))
+        except lmdb.Error as exc:
+            raise LedgerError(f"the rate-limit buckets cannot be read: {exc}") from None
+        return None if raw is None else limits.refill(raw, now)
+
+    def settle(
+        self, device: str, limits: Limits, now: float, debt: tuple[float, float], want: tuple[float, float]
+    ) -> tuple[float, float]:
+        """Charge ``debt`` to the device's bucket and take up to ``want`` more as a lease; returns the lease."""
+        env, db = self._handle()
+        key = _key(device)
+        with self._ledger._write() as txn:
+            levels = limits.refill(txn.get(key, db=db), now)
+            granted = []
+            left = []
+            for level, owed, wanted in zip(levels, debt, want, strict=True):
+                level -= owed
+                grant = min(wanted, max(0.0, level))  # never lend what the bucket does not hold
+                granted.append(grant)
+                left.append(level - grant)
+            txn.put(key, _ENTRY.pack(left[0], left[1], now), db=db)
+            if txn.stat(db)["entries"] > limits.max_entries:
+                _forget(txn, db, limits, now)
+        return granted[0], granted[1]
+
+
+def _key(device: str) -> bytes:
+    return device.encode("utf-8", "surrogateescape")
+
+
+def _forget(txn, db, limits: Limits, now: float) -> None:
+    """Drop full buckets, then the least recently updated, down to three quarters of the bound."""
+    full: list[bytes] = []
+    kept: list[tuple[float, bytes]] = []
+    for key, raw in txn.cursor(db=db):
+        records, sent = limits.refill(raw, now)
+        if records >= limits.burst_records and sent >= limits.burst_bytes:
+            full.append(bytes(key))
+        else:
+            kept.append((_ENTRY.unpack(raw)[2], bytes(key)))
+    excess = max(0, len(kept) - limits.max_entries * 3 // 4)
+    for key in full + [key for _, key in sorted(kept)[:excess]]:  # deleted after the cursor is done
+        txn.delete(key, db=db)

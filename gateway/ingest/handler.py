@@ -1,0 +1,340 @@
+"""Steps 1-6 for one request: receive, authenticate, validate, enrich, persist, acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import hdrs, web
+
+from gateway.auth.hmac import Principal
+from gateway.ingest.body import body_format, decompressor, framer
+from gateway.edge.connections import BodyDeadline
+from gateway.ingest.enrich import new_context
+from gateway.errors import AllRecordsInvalid, ApiError, KeyReused, MalformedBody, TooLarge, Unauthorized, Unavailable
+from gateway.ingest.validate import RequestBatch
+from gateway.edge.proxy import is_trusted_proxy
+from gateway.edge.replay import Replayed
+from gateway.durable.retry_ledger import LedgerError, request_key
+from gateway.service import GATEWAY, Gateway
+from gateway.ingest.spool import Spool, SpoolFull
+from gateway.durable.wal import WalError, WalFull, WalNoSpace
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 256 * 1024
+# Bodies up to this size, uncompressed, are decoded on the event loop: a thread hop costs more. A
+# larger one (a few hundred records) is decoded in a thread, so it never holds up other devices.
+INLINE_DECODE_BYTES = 16 * 1024
+ROUTE = "/v1/telemetry"
+_WAL_REFUSALS = {
+    "full": "the gateway's write-ahead log is full while the lake catches up; retry later",
+    "no_space": "the gateway's disk is full; retry later",
+    "failed": "the gateway's write-ahead log is recovering from a disk error; retry later",
+}
+
+
+def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def error_response(error: ApiError) -> web.Response:
+    body: dict[str, object] = {"error": error.code, "message": error.message}
+    if isinstance(error, AllRecordsInvalid):
+        body["errors"] = error.errors
+    headers = {"Retry-After": str(error.retry_after_secs)} if error.retry_after_secs is not None else None
+    return json_response(error.status, body, headers)
+
+
+async def post_telemetry(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    started = time.perf_counter()
+    gw.request_started()
+    try:
+        response = await _ingest(request, gw)
+    except ApiError as exc:
+        if exc.status in (401, 403, 429):
+            gw.security.refused(exc, request)
+        response = error_response(exc)
+    except (LedgerError, SpoolFull) as exc:
+        gw.metrics.stage_errors.labels("receive", type(exc).__name__).inc()
+        response = error_response(Unavailable(f"the gateway cannot take requests right now; retry ({exc})", retry_after_secs=1))
+    except Exception:
+        log.exception("unexpected error while ingesting")
+        gw.metrics.stage_errors.labels("receive", "internal").inc()
+        response = json_response(500, {"error": "internal", "message": "the gateway failed; nothing was acknowledged"})
+    finally:
+        gw.request_finished()
+    gw.metrics.http_requests.labels(ROUTE, str(response.status)).inc()
+    gw.metrics.http_duration.labels(ROUTE).observe(time.perf_counter() - started)
+    return response
+
+
+async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
+    settings = gw.settings
+    limits = settings.limits
+    if gw.draining:
+        raise Unavailable("the gateway is shutting down; retry (another instance will answer)", retry_after_secs=1)
+    refusal = gw.pipeline.wal.refusal()
+    if refusal is not None:
+        raise Unavailable(
+            _WAL_REFUSALS.get(refusal, "the gateway cannot persist records right now; retry"),
+            retry_after_secs=settings.wal.retry_after_secs,
+        )
+    security = gw.security
+    wal = gw.pipeline.wal
+    security.admission.check(
+        inflight_requests=gw.inflight,
+        declared_bytes=request.content_length or 0,
+        wal_bytes=wal.total_bytes,
+        wal_capacity=wal.max_total_bytes,
+        wal_retry_after_secs=settings.wal.retry_after_secs,
+        loop_lag_secs=gw.loop_lag_secs,
+    )
+    peer, cert_device = security.identify(request)
+    fmt = body_format(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    decompressor(encoding)  # 415 for an unknown encoding before any byte is read
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
+    # The device's address; a trusted proxy that forwarded none speaks for many devices and has no share.
+    source = None if is_trusted_proxy(peer.address or "", settings.proxy) else peer.address or "unknown"
+    if source is not None:
+        security.failures.check(source)  # a source whose requests keep failing authentication waits
+    pending = gw.authenticator.begin(request.headers, cert_device=cert_device)
+    # Unauthenticated so far: only checked here (a deficit answers 429), charged once authenticated.
+    rate_key = getattr(pending, "device_id", None) or (pending if isinstance(pending, str) else None) or peer.address
+    security.limiter.check(rate_key)
+    if source is not None:
+        security.admission.enter(source)
+    raw = gw.pipeline.new_spool(limits.spool_memory_bytes)  # the body as sent, until it is authenticated
+    spool = gw.pipeline.new_spool(limits.spool_memory_bytes)  # its records as WAL frames
+    try:
+        # 1 receive: only read and hash; nothing is decompressed or parsed before the signature holds.
+        digest, sent = await _receive(request, raw, limits)
+        idem_key = request.headers.get("Idempotency-Key")
+        try:
+            principal = gw.authenticator.finish(pending, request.method, request.path, digest)  # 2 authenticate
+        except Replayed:
+            answered = _answered(gw, getattr(pending, "device_id", None), idem_key, digest)
+            if answered is None:
+                raise
+            return _replayed(answered)
+        except Unauthorized:
+            if source is not None:
+                security.failures.charge(source, 1, 0)  # failures cost the source, never a device
+            raise
+        try:
+            body = Received(raw, fmt, encoding, sent, digest, idem_key, rate_key, peer.address or None)
+            return await _accept(gw, principal, body, spool)
+        except Exception:
+            if principal.replay_key:
+                security.replay.release(principal.replay_key)  # nothing of it landed: the device may resend it
+            raise
+    finally:
+        if source is not None:
+            security.admission.leave(source)
+        raw.close()
+        spool.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A request body as sent, read whole and hashed, with what its headers said about it."""
+
+    raw: Spool
+    fmt: str
+    encoding: str
+    sent: int
+    digest: str
+    idem_key: str | None
+    rate_key: str
+    source_ip: str | None
+
+
+async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spool) -> web.Response:
+    """Steps 3-6 for an authenticated body: decode, validate and enrich, persist once, answer."""
+    limits = gw.settings.limits
+    ctx = new_context(
+        gateway_id=gw.gateway_id,
+        availability_zone=gw.availability_zone,
+        device_id=principal.device_id,
+        device_metadata=principal.metadata,
+        clock_skew_ms=principal.clock_skew_ms,
+        source_ip=body.source_ip,
+    )
+    batch = RequestBatch(
+        ctx,
+        body.fmt,
+        spool=spool,
+        policy=gw.partition_policy,
+        seq_index=gw.ledger.reader(),
+        max_records=limits.max_records_per_request,
+        max_errors_reported=limits.max_errors_reported,
+        max_tracked_seqs=limits.dedup_max_keys_per_request,
+    )
+    # 3-4 validate and enrich; a large or compressed body is decoded off the event loop.
+    args = (body.raw, body.fmt, body.encoding, batch, limits)
+    if body.sent <= INLINE_DECODE_BYTES and body.encoding.strip().lower() in ("", "identity"):
+        decoded = _decode(*args)
+    else:
+        decoded = await asyncio.to_thread(_decode, *args)
+    gw.metrics.request_bytes.inc(body.sent)
+    gw.security.limiter.charge(body.rate_key, batch.records, decoded)  # what the device sent, decompressed
+    if batch.records == 0:
+        raise MalformedBody("the body holds no records")
+    # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
+    retry = f"key:{body.idem_key[:256]}" if body.idem_key else f"body:{body.digest}"
+    key = request_key(ctx.device_id or "", retry)
+    return await _once(gw, key, body.digest, lambda: _persist(gw, batch, spool, key, body.digest))
+
+
+def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: str) -> bytes | None:
+    """The answer given to this device's Idempotency-Key, if any (a replay may repeat it)."""
+    if not idem_key:
+        return None
+    return gw.ledger.answer_for(request_key(device_id or "", f"key:{idem_key[:256]}"), digest)
+
+
+async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:
+    """Run a request under its retry key once per instance; a retry gets the first answer again."""
+    running = gw.running_requests.get(key)
+    if running is not None:  # the same key is running in this worker
+        if running[0] != digest:
+            raise KeyReused(_KEY_REUSED)
+        answer = await asyncio.shield(running[1])
+        if answer is not None:
+            return _replayed(answer)
+    loop = asyncio.get_running_loop()
+    waited_until = loop.time() + RUNNING_ELSEWHERE_WAIT_SECS
+    while True:
+        try:
+            claim = gw.ledger.claim_request(key, digest)
+        except LedgerError as exc:
+            raise Unavailable(f"the gateway cannot record this request right now; retry ({exc})", retry_after_secs=1) from None
+        if claim.outcome == "answered":
+            return _replayed(claim.answer)
+        if claim.outcome == "conflict":
+            raise KeyReused(_KEY_REUSED)
+        if claim.outcome == "run":
+            break
+        if loop.time() > waited_until:  # another worker is still running it
+            raise Unavailable("an identical request is still being processed; retry", retry_after_secs=1)
+        await asyncio.sleep(0.02)
+    future: asyncio.Future[bytes | None] = loop.create_future()
+    gw.running_requests[key] = (digest, future)
+    answer = None
+    try:
+        answer = await run()
+    finally:
+        del gw.running_requests[key]
+        future.set_result(answer)
+        if answer is None:
+            gw.ledger.release_request(key)  # nothing of it landed: a retry must run it
+    return _answer_response(answer)
+
+
+_KEY_REUSED = "this Idempotency-Key was already used with a different body; use a new key for new data"
+RUNNING_ELSEWHERE_WAIT_SECS = 10.0
+
+
+def _answer_response(answer: bytes) -> web.Response:
+    """A stored answer is its status (3 digits) followed by its JSON body."""
+    return web.Response(status=int(answer[:3]), body=answer[3:], content_type="application/json")
+
+
+def _replayed(answer: bytes) -> web.Response:
+    response = _answer_response(answer)
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _receive(request: web.Request, raw: Spool, limits) -> tuple[str, int]:
+    """Read the body as sent into ``raw``; return its SHA-256 and size. Nothing is decoded here."""
+    hasher = hashlib.sha256()
+    sent = 0
+    gw = request.app[GATEWAY]
+    admission = gw.security.admission
+    try:
+        async with BodyDeadline(gw.settings.connections) as deadline:
+            async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+                deadline.progress(len(chunk))
+                admission.inflight_bytes += len(chunk)
+                sent += len(chunk)
+                if sent > limits.max_body_bytes:
+                    raise TooLarge(f"the body is larger than {limits.max_body_bytes} bytes")
+                hasher.update(chunk)
+                raw.add(chunk)
+    except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
+        raise MalformedBody("the body ended before its declared length") from None
+    finally:
+        admission.inflight_bytes -= sent
+    return hasher.hexdigest(), sent
+
+
+def _decode(raw: Spool, fmt: str, encoding: str, batch: RequestBatch, limits) -> int:
+    """Decompress, frame and validate an authenticated body into ``batch``; return the bytes it decoded to."""
+    inflate = decompressor(encoding)
+    frame = framer(fmt, max_record_bytes=limits.max_record_bytes, max_document_bytes=limits.max_document_bytes)
+    decoded = 0
+    try:
+        for chunks in raw.chunks():
+            for chunk in chunks:
+                for piece in inflate.feed(chunk):
+                    decoded += len(piece)
+                    if decoded > limits.max_decompressed_bytes:
+                        raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
+                    batch.add(frame.feed(piece))
+        for piece in inflate.finish():
+            decoded += len(piece)
+            if decoded > limits.max_decompressed_bytes:
+                raise TooLarge(f"the body decompresses to more than {limits.max_decompressed_bytes} bytes")
+            batch.add(frame.feed(piece))
+        batch.add(frame.finish())
+    finally:
+        # Drop the decompressor now: an error's traceback must not keep its window (up to 8 MiB) alive.
+        inflate = frame = None
+    return decoded
+
+
+async def _persist(gw: Gateway, batch: RequestBatch, spool, key: bytes, digest: str) -> bytes:
+    """Step 5, then the answer (status and JSON) the device gets, and any retry of it gets."""
+    metrics = gw.metrics
+    wal = gw.pipeline.wal
+    if spool.bytes > wal.max_total_bytes - wal.segment_bytes:
+        raise TooLarge(f"the request needs {spool.bytes} bytes of write-ahead log; this gateway's WAL holds {wal.max_total_bytes}")
+    if batch.accepted == 0 and batch.duplicates == 0:
+        # Every record was invalid; they are kept in quarantine, and the device is told plainly.
+        status, body = 422, {"error": "invalid_records", "message": f"all {batch.rejected} records are invalid", "errors": batch.errors}
+    else:
+        status, body = 202, {
+            "accepted": batch.accepted + batch.duplicates,
+            "rejected": batch.rejected,
+            "duplicates": batch.duplicates,
+            "ingest_id": batch.ctx.ingest_id,
+            "errors": batch.errors,
+        }
+    answer = b"%d" % status + orjson.dumps(body)
+    try:
+        await gw.pipeline.persist(spool, batch.new_seqs, (key, digest, answer))  # returns once fsynced
+    except WalFull:
+        raise Unavailable("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+    except (WalNoSpace, SpoolFull):
+        metrics.stage_errors.labels("persist", "no_space").inc()
+        raise Unavailable("the gateway's disk is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+    except WalError as exc:
+        metrics.stage_errors.labels("persist", type(exc).__name__).inc()
+        raise Unavailable("the gateway cannot persist records right now; retry", retry_after_secs=1) from None
+    for reason, count in batch.rejections.items():
+        metrics.records_rejected.labels(reason).inc(count)
+    if batch.rejected:
+        metrics.records.labels("rejected").inc(batch.rejected)
+    metrics.records.labels("accepted").inc(batch.accepted)
+    if batch.duplicates:
+        metrics.records.labels("duplicate").inc(batch.duplicates)
+    return answer

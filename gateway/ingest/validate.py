@@ -1,0 +1,187 @@
+"""Validate, enrich and frame the records of one request as its body streams in.
+
+A ``RequestBatch`` takes record bytes (NDJSON lines or document items), decodes each against the
+schema, wraps accepted ones in their raw-zone envelope and rejected ones in their quarantine line,
+groups them by partition hour and spools them as WAL frames. Nothing is durable until the request
+completes and the caller appends the spool to the WAL.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol
+
+import msgspec
+
+from gateway.ingest.body import MSGPACK, NDJSON
+from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, RequestContext, partition_hour, quarantine_line
+from gateway.errors import Forbidden, TooLarge
+from gateway.ingest.records import Record, RecordOfAnyId, valid_device_id
+from gateway.ingest.spool import Spool
+from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, encode_frame
+
+_json_record = msgspec.json.Decoder(Record)
+_json_any_id = msgspec.json.Decoder(RecordOfAnyId)
+_msgpack_record = msgspec.msgpack.Decoder(Record)
+_msgpack_any = msgspec.msgpack.Decoder()
+_json = msgspec.json.Encoder()
+
+
+class DuplicateCheck(Protocol):
+    """Which records were already accepted (``retry_ledger.SeqLookup``)."""
+
+    def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class RequestBatch:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        fmt: str,
+        *,
+        spool: Spool,
+        policy: PartitionPolicy,
+        seq_index: DuplicateCheck,
+        max_records: int,
+        max_errors_reported: int,
+        max_tracked_seqs: int = 10_000,
+    ) -> None:
+        self.ctx = ctx
+        self._msgpack = fmt == MSGPACK
+        self._ndjson = fmt == NDJSON
+        self._lines = RawLineWriter(ctx)
+        self._decode = _msgpack_record.decode if self._msgpack else _json_record.decode
+        self.spool = spool
+        self._policy = policy
+        self._seq_index = seq_index
+        self._max_records = max_records
+        self._max_errors = max_errors_reported
+        # Retries are small batches; a huge upload's sequence numbers are not all worth memory.
+        self._max_tracked = max_tracked_seqs
+        self.records = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.duplicates = 0
+        self.rejections: dict[str, int] = defaultdict(int)  # reason class -> count, for metrics
+        self.errors: list[dict[str, object]] = []
+        self.new_seqs: list[tuple[str, int, int]] = []
+        self._seqs_here: set[tuple[str, int, int]] = set()
+        self._checked_ids: set[str] = set()  # device ids of the last chunk, already checked
+
+    def add(self, items: list[bytes]) -> None:
+        if not items:
+            return
+        if self.records + len(items) > self._max_records:
+            raise TooLarge(f"a request may hold at most {self._max_records} records")
+        ctx, policy, writer = self.ctx, self._policy, self._lines
+        decoded = self._decode_all(items)
+        groups: dict[int, list[bytes]] = defaultdict(list)
+        bounds: dict[int, list[int]] = {}
+        quarantined = []
+        signer = ctx.device_id
+        for offset, item in enumerate(items):
+            index = self.records + offset
+            record = decoded[offset] if decoded is not None else self._decode_one(index, item, quarantined)
+            if record is None:
+                continue
+            if signer is not None and record.device_id != signer:
+                raise Forbidden(f"record {index} is for device {record.device_id!r}, but the request is signed by {signer!r}")
+            ts = record.ts
+            event_ms = ts if ts.__class__ is int else record.event_time_ms()
+            if event_ms < 0:  # a datetime before 1970: WAL frames hold unsigned event times
+                quarantined.append(self._reject(index, item, "invalid", "Expected a time after 1970-01-01 - at `$.ts`"))
+                continue
+            if self._msgpack:
+                try:
+                    item = _json.encode(_msgpack_any.decode(item))
+                except (TypeError, msgspec.EncodeError, msgspec.DecodeError, RecursionError) as exc:
+                    # The raw zone stores JSON; a msgpack extension type or binary key has no JSON form.
+                    quarantined.append(self._reject(index, item, "malformed", f"record cannot be stored as JSON: {exc}"))
+                    continue
+            elif b"\n" in item or b"\r" in item:
+                # A pretty-printed JSON document: line breaks there are whitespace (JSON strings
+                # cannot hold raw ones), and the raw zone keeps one record per line.
+                item = item.replace(b"\r", b" ").replace(b"\n", b" ")
+            # Last check before landing: a record refused above must not count as seen.
+            if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
+                continue
+            hour, by_event_time = partition_hour(event_ms, ctx.received_ms, policy)
+            groups[hour].append(writer.line(index, record, item, event_ms, by_event_time))
+            b = bounds.get(hour)
+            if b is None:
+                bounds[hour] = [event_ms, event_ms]
+            elif event_ms < b[0]:
+                b[0] = event_ms
+            elif event_ms > b[1]:
+                b[1] = event_ms
+        self.records += len(items)
+        self._seq_index.close()  # no read transaction stays open while the body streams
+        for hour, lines in groups.items():
+            low, high = bounds[hour]
+            lines.append(b"")
+            payload = b"\n".join(lines)
+            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, low, high, len(lines) - 1, payload))
+            self.accepted += len(lines) - 1
+        if quarantined:
+            payload = _json.encode_lines(quarantined)
+            hour = ctx.received_ms // HOUR_MS
+            self.spool.add(
+                encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
+            )
+
+    def _decode_all(self, items: list[bytes]) -> list[Record] | None:
+        """All of a chunk's records in one call when every line is valid (the common case)."""
+        if not self._ndjson:
+            return None
+        try:
+            records = _json_any_id.decode_lines(b"\n".join(items))
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+        if len(records) != len(items):
+            return None
+        ids = {r.device_id for r in records}
+        if ids != self._checked_ids and not all(valid_device_id(i) for i in ids):
+            return None  # record by record, so each bad id gets its own quarantine line and reason
+        self._checked_ids = ids
+        return records
+
+    def _decode_one(self, index: int, item: bytes, quarantined: list) -> Record | None:
+        try:
+            return self._decode(item)
+        except msgspec.ValidationError as exc:
+            quarantined.append(self._reject(index, item, "invalid", str(exc)))
+        except msgspec.DecodeError as exc:
+            quarantined.append(self._reject(index, item, "malformed", f"malformed record: {exc}"))
+        except UnicodeDecodeError:  # msgspec raises it (not DecodeError) for some invalid UTF-8 strings
+            quarantined.append(self._reject(index, item, "malformed", "malformed record: invalid UTF-8"))
+        except RecursionError:
+            quarantined.append(self._reject(index, item, "malformed", "malformed record: nested too deeply"))
+        return None
+
+    def _is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
+        key = (device_id, seq, event_ms)
+        if key in self._seqs_here or self._seq_index.is_duplicate(device_id, seq, event_ms):
+            self.duplicates += 1
+            return True
+        if len(self.new_seqs) < self._max_tracked:
+            self._seqs_here.add(key)
+            self.new_seqs.append(key)
+        return False
+
+    def _reject(self, index: int, item: bytes, kind: str, reason: str):
+        self.rejected += 1
+        self.rejections[_reason_class(kind, reason)] += 1
+        if len(self.errors) < self._max_errors:
+            self.errors.append({"index": index, "reason": reason})
+        return quarantine_line(self.ctx, index, item, reason)
+
+
+def _reason_class(kind: str, reason: str) -> str:
+    """A low-cardinality label for metrics: the field a validation error points at."""
+    if kind == "malformed":
+        return "malformed"
+    _, _, path = reason.rpartition(" - at `$.")
+    field = path.split("`", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    return f"invalid_{field}" if field in {"device_id", "ts", "seq", "metrics", "tags"} else "invalid"

@@ -1,0 +1,425 @@
+"""Steps 8 and 9: score records through the adaptive batcher, then land them as Parquet.
+
+The curated zone is one more WAL consumer. Before its frames join objects they are *prepared*:
+decoded from their raw lines, shaped into the model's input, scored, and turned into an Arrow
+table with an ``inference`` column. Scoring never blocks the lake: a record that cannot be scored
+within ``inference.max_defer_secs`` lands with ``inference.status = "deferred"``, one whose call
+failed lands as ``"failed"``.
+
+Work is per frame, not per record: a frame (one request's records for one hour) is one batcher
+item of ``size`` records, and columns are built with one comprehension or one Arrow call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batching import Batcher, BatchPolicy, Deferred, Failed, Ok, QueueFullError
+from connectors import pool_batching
+from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE
+from connectors.inference import Inferencer, ShapedBatch
+from connectors.inference_pool import InferencePool
+from connectors.local_model import LocalModelInferencer
+from gateway.ops.metrics import GatewayMetrics
+from gateway.ingest.records import CuratedRequest, CuratedSource
+from gateway.durable.wal import Frame
+
+log = logging.getLogger(__name__)
+
+_raw_lines = msgspec.json.Decoder(CuratedSource)
+_request_fields = msgspec.json.Decoder(CuratedRequest)
+_PR_SET_PDEATHSIG = 1
+_METRICS = CURATED_SCHEMA.field("metrics").type
+_TAGS = CURATED_SCHEMA.field("tags").type
+_TS = CURATED_SCHEMA.field("event_time").type
+
+
+@dataclass(slots=True)
+class ScoredFrame:
+    """A WAL frame with its records as a curated Arrow table, ready for a Parquet object."""
+
+    lsn: int
+    count: int
+    hour: int
+    received_ms: int
+    min_event_ms: int
+    max_event_ms: int
+    kind: int
+    payload: bytes
+    table: pa.Table
+
+    @property
+    def end_lsn(self) -> int:
+        return self.lsn + self.count
+
+
+@dataclass(slots=True)
+class Scores:
+    """Model output for one chunk's shaped rows."""
+
+    scores: np.ndarray
+    labels: list[str]
+    model: str
+    version: str
+    latency_ms: float
+
+
+class ParquetBuilder:
+    """Collects per-frame Arrow tables and writes them as one Parquet object (zstd)."""
+
+    extension = "parquet"
+    content_type = CONTENT_TYPE
+
+    def __init__(self, zstd_level: int = 1) -> None:
+        self._tables: list[pa.Table] = []
+        self._level = zstd_level
+        self.size = 0
+
+    def add(self, frame: ScoredFrame) -> None:
+        self.size += len(frame.payload)
+        self._tables.append(frame.table)
+
+    def finish(self) -> bytes:
+        table = pa.concat_tables(self._tables) if self._tables else CURATED_SCHEMA.empty_table()
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.combine_chunks(), sink, compression="zstd", compression_level=self._level)
+        return sink.getvalue().to_pybytes()
+
+
+class CuratedScorer:
+    """Scores chunks of records through an adaptive batcher in front of the inference backend."""
+
+    def __init__(self, settings, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.inferencer = build_inferencer(settings)
+        typical = _typical_values(settings.features)
+        self.typical = np.array([typical[f] for f in settings.features], dtype=np.float32)
+        self.decoder = FrameDecoder(settings.offload)
+        policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_s=settings.max_wait_ms / 1000)
+        self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
+            self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy,
+            max_queue_records=settings.max_queue_records, is_backpressure=pool_batching.is_backpressure,
+        )
+        self.listeners: list[Callable[[list[ScoredFrame]], None]] = []  # `edge-gateway tap --stage scored`
+
+    async def start(self) -> None:
+        await self.inferencer.start()
+        self.batcher.start()
+        # While no endpoint is ready, records wait in the batcher (deferred at their deadline).
+        pool_batching.follow_availability(self.inferencer, self.batcher, self.inferencer.name)
+        self.decoder.start()
+
+    async def close(self) -> None:
+        await self.batcher.close(flush=False)
+        await self.inferencer.close()
+        await self.decoder.aclose()
+
+    async def score(self, chunks: Sequence[ShapedBatch]) -> list[pa.StructArray]:
+        """One ``inference`` column per chunk; never raises for a backend failure."""
+        deadline = self.batcher.clock.now() + self.settings.max_defer_secs
+        futures = []
+        for chunk in chunks:
+            size = max(1, len(chunk.rows))
+            try:
+                # Queue the whole group before the scheduler runs, so it can batch across frames.
+                futures.append(self.batcher.submit_nowait(chunk, deadline, size=size))
+            except QueueFullError:
+                futures.append(await self.batcher.submit(chunk, deadline, size=size))
+        columns = []
+        for chunk, future in zip(chunks, futures, strict=True):
+            outcome = await future
+            if isinstance(outcome, Ok):
+                column = _scored_column(chunk, outcome.value)
+            elif isinstance(outcome, Deferred):
+                column = _status_column(chunk.n_records, "deferred", f"not scored within {self.settings.max_defer_secs} s ({outcome.reason})")
+            else:
+                assert isinstance(outcome, Failed)
+                column = _status_column(chunk.n_records, "failed", f"{type(outcome.error).__name__}: {outcome.error}")
+            columns.append(column)
+        self._count(columns)
+        return columns
+
+    async def _dispatch(self, endpoint: str, chunks: list[ShapedBatch]) -> list[Scores]:
+        sizes = [len(chunk.rows) for chunk in chunks]
+        started = time.perf_counter()
+        if sum(sizes):
+            features = np.concatenate([chunk.features for chunk in chunks if len(chunk.rows)])
+            output = await pool_batching.infer(self.inferencer, features, timeout_s=self.settings.call_timeout_secs)
+            scores, labels, model, version = output.scores, list(output.labels), output.model, output.version
+        else:
+            scores, labels, model, version = np.empty(0, np.float32), [], self.settings.model, ""
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.metrics.inference_batch_size.observe(sum(sizes))
+        self.metrics.inference_latency.labels(endpoint).observe(latency_ms / 1000)
+        results, at = [], 0
+        for n in sizes:
+            results.append(Scores(scores[at : at + n], labels[at : at + n], model, version, latency_ms))
+            at += n
+        return results
+
+    def _count(self, columns: list[pa.StructArray]) -> None:
+        counts: dict[str, int] = {}
+        for column in columns:
+            for status, n in zip(*np.unique(column.field("status").to_numpy(zero_copy_only=False), return_counts=True)):
+                counts[status] = counts.get(status, 0) + int(n)
+        for status, n in counts.items():
+            self.metrics.inference_records.labels(status).inc(n)
+        stats = self.batcher.stats()
+        self.metrics.inference_desired_capacity.set(stats.desired_slots)
+        if isinstance(self.inferencer, InferencePool):
+            for status in self.inferencer.status():
+                self.metrics.inference_idle.labels(status.name).set(status.idle_secs)
+
+
+def _scored_column(chunk: ShapedBatch, result: Scores) -> pa.StructArray:
+    n = chunk.n_records
+    status = np.full(n, "failed", dtype=object)
+    reason = np.full(n, None, dtype=object)
+    score = np.full(n, np.nan, dtype=np.float32)
+    label = np.full(n, None, dtype=object)
+    status[chunk.rows] = "ok"
+    score[chunk.rows] = result.scores
+    label[chunk.rows] = result.labels
+    for index, why in chunk.rejected.items():
+        reason[index] = why
+    return pa.StructArray.from_arrays(
+        [
+            pa.array(status, pa.string()),
+            pa.array([result.model] * n, pa.string()),
+            pa.array([result.version] * n, pa.string()),
+            pa.array(score, pa.float32(), mask=np.isnan(score)),
+            pa.array(label, pa.string()),
+            pa.array(np.full(n, result.latency_ms, dtype=np.float32)),
+            pa.array(reason, pa.string()),
+        ],
+        fields=list(INFERENCE_TYPE),
+    )
+
+
+def _status_column(n: int, status: str, reason: str) -> pa.StructArray:
+    nothing = pa.nulls(n, pa.string())
+    return pa.StructArray.from_arrays(
+        [
+            pa.array([status] * n, pa.string()),
+            nothing,
+            nothing,
+            pa.nulls(n, pa.float32()),
+            nothing,
+            pa.nulls(n, pa.float32()),
+            pa.array([reason] * n, pa.string()),
+        ],
+        fields=list(INFERENCE_TYPE),
+    )
+
+
+_CURATED_WITHOUT_INFERENCE = pa.schema([f for f in CURATED_SCHEMA if f.name != "inference"])
+_INFERENCE_FIELD = CURATED_SCHEMA.field("inference")
+
+
+def curated_columns(request: CuratedRequest, lines: list[CuratedSource]) -> pa.Table:
+    """The curated columns of one frame but ``inference`` (schema in connectors/curated_parquet.py)."""
+    n = len(lines)
+    records = [line.record for line in lines]
+
+    def same(value, type_: pa.DataType) -> pa.Array:  # a column every record of the request shares
+        return pa.array([value], type_).take(pa.array(np.zeros(n, dtype=np.int32)))
+
+    columns = [
+        pa.array([line.device_id for line in lines], pa.string()),
+        pa.array([line.seq for line in lines], pa.int64()),
+        pa.array([line.event_time_ms for line in lines], pa.int64()).cast(_TS),
+        same(request.received_at, pa.string()).cast(_TS),
+        same(request.gateway_id, pa.string()),
+        same(request.availability_zone, pa.string()),
+        same(request.ingest_id, pa.string()),
+        pa.array([line.index for line in lines], pa.int32()),
+        same(request.device.get("site"), pa.string()),
+        same(request.device.get("model"), pa.string()),
+        pa.array([r.metrics for r in records], _METRICS),
+        pa.array([r.tags for r in records], _TAGS),
+    ]
+    return pa.Table.from_arrays(columns, schema=_CURATED_WITHOUT_INFERENCE)
+
+
+def decode_frames(
+    payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject_missing: bool
+) -> list[tuple[pa.Table, ShapedBatch]]:
+    """For each frame payload: its curated columns and its model input. Pure, so it can run in
+    another process. What the records of a frame share is decoded once, from its first line."""
+    out = []
+    for payload in payloads:
+        lines = _raw_lines.decode_lines(payload)
+        request = _request_fields.decode(payload[: payload.index(b"\n")] if b"\n" in payload else payload)
+        out.append((curated_columns(request, lines), shape(lines, features, typical, reject_missing)))
+    return out
+
+
+class FrameDecoder:
+    """Runs ``decode_frames`` in a worker process (``inference.offload = "process"``), so decoding
+    and column building use another core instead of taking the GIL from the event loop; or in a
+    thread. A worker that dies is replaced once; after that decoding falls back to a thread."""
+
+    def __init__(self, mode: str) -> None:
+        self._mode = mode
+        self._pool: ProcessPoolExecutor | None = None
+        self._restarts = 0
+        self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+
+    def start(self) -> None:
+        """Start the worker in the background: its imports take about a second, and neither the
+        gateway's start-up nor its event loop should wait for them."""
+        if self._mode == "process" and self._starting is None:
+            self._starting = asyncio.ensure_future(asyncio.to_thread(self._start_pool))
+
+    async def decode(self, payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject: bool):
+        if self._mode == "process":
+            self.start()
+            loop = asyncio.get_running_loop()
+            try:
+                pool = await self._starting
+                return await loop.run_in_executor(pool, decode_frames, payloads, features, typical, reject)
+            except BrokenProcessPool:
+                self._pool = None
+                self._starting = None
+                self._restarts += 1
+                if self._restarts > 1:
+                    log.warning("curated decoding worker keeps dying; decoding in a thread from now on")
+                    self._mode = "thread"
+                return await self.decode(payloads, features, typical, reject)
+        return await asyncio.to_thread(decode_frames, payloads, features, typical, reject)
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        # A fresh interpreter (spawn), not a fork of a process that runs threads and an event loop.
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_worker_init)
+        pool.submit(int).result()  # the worker is up and has imported what it needs
+        self._pool = pool
+        return pool
+
+    async def aclose(self) -> None:
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)  # a pool being born is shut down too
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _worker_init() -> None:
+    # The gateway drains on SIGTERM and then shuts this worker down itself; a signal sent to the
+    # whole process group (systemd, Ctrl-C) must not kill it mid-drain.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # If the gateway itself dies (SIGKILL, OOM), the worker goes with it instead of lingering.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the closed call queue still ends the worker
+        pass
+
+
+def build_inferencer(settings) -> Inferencer:
+    if settings.backend == "local":
+        return LocalModelInferencer()
+    try:
+        from connectors.triton import TritonInferencer, TritonSettings  # the `triton` extra
+    except ImportError as exc:
+        raise ImportError("inference.backend = \"triton\" needs the `triton` extra: pip install 'edge-gateway[triton]'") from exc
+    endpoints = [
+        TritonInferencer(
+            TritonSettings(
+                url=e.url,
+                protocol=e.protocol,
+                model=settings.model,
+                model_version=settings.model_version,
+                n_features=len(settings.features),
+                client_timeout_secs=settings.call_timeout_secs,
+                name=e.name or e.url,
+            )
+        )
+        for e in settings.endpoints
+    ]
+    return InferencePool(endpoints, name="triton", idle_after_secs=settings.idle_after_secs)
+
+
+def _typical_values(features: Sequence[str]) -> dict[str, float]:
+    """A missing metric is filled with the shipped model's typical value, so a gap moves no score."""
+    typical = LocalModelInferencer().model.neutral_values()
+    return {name: typical.get(name, 0.0) for name in features}
+
+
+def shape(lines: list[CuratedSource], features: Sequence[str], typical: np.ndarray, reject_missing: bool) -> ShapedBatch:
+    """The model input for one frame's records, in one pass.
+
+    Metrics were validated at ingest (finite numbers), so this skips the per-cell checks a general
+    shaper needs; a value beyond float32 range counts as missing, like an absent metric.
+    """
+    n, k = len(lines), len(features)
+    x = np.array([[m.get(f, np.nan) for f in features] for m in (line.record.metrics for line in lines)], dtype=np.float64).reshape(n, k)
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    missing = ~np.isfinite(x32)
+    rejected: dict[int, str] = {}
+    rows = np.arange(n)
+    if missing.any():
+        if reject_missing:
+            bad = missing.any(axis=1)
+            for i in np.flatnonzero(bad):
+                rejected[int(i)] = "missing metrics: " + ", ".join(f for f, gap in zip(features, missing[i]) if gap)
+            rows, x32, missing = rows[~bad], x32[~bad], missing[~bad]
+        else:
+            x32 = np.where(missing, typical, x32).astype(np.float32)
+    return ShapedBatch(x32, rows, missing, rejected, n, tuple(features))
+
+
+# Records per decoding step: bounded, so memory and the wait for a result stay small.
+SLICE_RECORDS = 4096
+
+
+async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[ScoredFrame]:
+    """Decode each frame's raw lines, score them, and build each frame's curated table."""
+    out: list[ScoredFrame] = []
+    settings = scorer.settings
+    for group in _slices(frames):
+        decoded = await scorer.decoder.decode(
+            [f.payload for f in group], settings.features, scorer.typical, settings.missing == "reject"
+        )
+        columns = await scorer.score([chunk for _, chunk in decoded])
+        out.extend(
+            ScoredFrame(
+                f.lsn, f.count, f.hour, f.received_ms, f.min_event_ms, f.max_event_ms, f.kind, f.payload,
+                table.append_column(_INFERENCE_FIELD, column),
+            )
+            for f, (table, _), column in zip(group, decoded, columns, strict=True)
+        )
+    for listener in tuple(scorer.listeners):
+        listener(out)
+    return out
+
+
+def _slices(frames: list[Frame]) -> list[list[Frame]]:
+    groups: list[list[Frame]] = [[]]
+    size = 0
+    for frame in frames:
+        if size >= SLICE_RECORDS:
+            groups.append([])
+            size = 0
+        groups[-1].append(frame)
+        size += frame.count
+    return [g for g in groups if g]

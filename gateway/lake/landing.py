@@ -1,0 +1,550 @@
+"""Landing one zone of the lake: a WAL consumer that rolls partitioned objects and lands them.
+
+Each zone (raw, quarantine, curated) runs one ``ZoneLander``, independent of the others and of
+the device API: a slow sink stalls only its own zone, and the WAL absorbs the backlog.
+
+Exactly once across crashes. Object keys are ``<gateway_id>-<first_lsn>-<last_lsn>``, and the lander
+keeps a small state file per zone, written atomically:
+
+- ``position``: every frame below it is landed or not this zone's, so replay starts there;
+- ``landed``: per partition, the last LSN landed, for partitions still open across ``position``;
+- ``sealed``: objects whose boundaries were decided (by age, size, drain or the open-partition cap)
+  but which may not have landed yet. The decision is written *before* the upload starts, so a
+  replay after a crash cuts the same objects, at the same LSNs, under the same keys.
+
+The position never passes a frame that is in no landed object. A zone with nothing of its own
+pending moves its position as it reads (an idle zone never pins the WAL). The state lives in space
+reserved when the zone first starts, so a full disk cannot stop the write that frees WAL space.
+An object that cannot be built, or that the sink refuses for good, is written with its reason
+under ``deadletter/<zone>/...`` after bounded retries (rebuilt from the WAL as plain NDJSON), so
+it never blocks the zone and none of its records is skipped. Frames the zone's prepare step (the
+curated zone's scoring) keeps failing on are retried, then prepared one by one: only the frames
+that still fail alone go to the dead-letter prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
+from connectors.errors import ConnectorError, PermanentError
+from gateway.durable.durable_files import ReservedStateFile, ensure_directory
+from gateway.lake.formats import ZstdNdjsonBuilder
+from gateway.durable.wal import Frame, WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+LSN_DIGITS = 16
+READ_BATCH_BYTES = 8 * 1024 * 1024
+DEAD_LETTER_PREFIX = "deadletter"
+
+
+class ObjectBuilder(Protocol):
+    """Accumulates frames into the bytes of one lake object."""
+
+    extension: str
+    content_type: str
+    size: int  # bytes of input added so far, the measure ``target_object_bytes`` applies to
+
+    def add(self, frame: Frame) -> None: ...
+
+    def finish(self) -> bytes: ...
+
+
+class LandingObserver(Protocol):
+    def landed(self, zone: str, obj: LandedObject, seconds: float) -> None: ...
+
+    def landing_failed(self, zone: str, error: Exception) -> None: ...
+
+    def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None: ...
+
+    def dead_lettered(self, zone: str, records: int, reason: str) -> None: ...
+
+
+class LanderState(msgspec.Struct):
+    position: int = 0
+    landed: dict[str, int] = {}
+    sealed: list[tuple[int, int, int]] = []  # (hour, first_lsn, last_lsn)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An object being filled (open) or decided and waiting to land (sealed)."""
+
+    hour: int
+    builder: ObjectBuilder
+    first_lsn: int
+    last_lsn: int
+    opened_at: float
+    oldest_received_ms: int
+    records: int = 0
+    min_event_ms: int = 0
+    max_event_ms: int = 0
+    touched: float = 0.0
+    cut_at: int | None = None  # from a sealed intent found on replay
+    dead_letter_reason: str | None = None  # frames that could not be prepared: straight to dead-letter
+
+    def add(self, frame: Frame, now: float) -> None:
+        if self.records == 0:
+            self.min_event_ms, self.max_event_ms = frame.min_event_ms, frame.max_event_ms
+        else:
+            self.min_event_ms = min(self.min_event_ms, frame.min_event_ms)
+            self.max_event_ms = max(self.max_event_ms, frame.max_event_ms)
+        self.builder.add(frame)
+        self.records += frame.count
+        self.last_lsn = frame.end_lsn - 1
+        self.touched = now
+
+
+@dataclass
+class LanderSettings:
+    zone: str
+    kind: int
+    dataset: str
+    gateway_id: str
+    target_object_bytes: int
+    max_object_age_secs: float
+    max_open_partitions: int
+    max_uploads_in_flight: int = 4
+    retry_initial_secs: float = 0.2
+    retry_max_secs: float = 30.0
+    # Attempts before an object that cannot be built, or that the sink refuses for good, is dead-lettered.
+    max_object_attempts: int = 5
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class ZoneLander:
+    def __init__(
+        self,
+        settings: LanderSettings,
+        *,
+        wal: WriteAheadLog,
+        sink: ObjectSink,
+        builder_factory: Callable[[], ObjectBuilder],
+        state_dir: str | os.PathLike[str],
+        observer: LandingObserver,
+        prepare: Callable[[list[Frame]], Awaitable[list]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.zone = settings.zone
+        self._wal = wal
+        self._sink = sink
+        self._new_builder = builder_factory
+        self._state_dir = Path(state_dir)
+        self._state_file = ReservedStateFile(self._state_dir / f"{settings.zone}.state")
+        self._observer = observer
+        self._prepare = prepare  # e.g. scoring for the curated zone, before frames join objects
+        self._kinds = frozenset({settings.kind})
+        self._clock = clock
+        self._state = LanderState()
+        self._open: dict[int, _Pending] = {}
+        self._sealed: list[_Pending] = []
+        self._intents: dict[tuple[int, int], int] = {}  # (hour, first_lsn) -> last_lsn, replay only
+        self._chains: dict[int, asyncio.Task[None]] = {}  # last upload per partition, to keep order
+        self._uploads: set[asyncio.Task[None]] = set()
+        self._upload_slots = asyncio.Semaphore(settings.max_uploads_in_flight)
+        self._state_lock = asyncio.Lock()
+        self._draining = False
+        self._task: asyncio.Task[None] | None = None
+        self._reader = None
+        self._reading_from: int | None = None
+        self._persisted_segment = -1  # first LSN of the segment the persisted position is in
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the zone's state and tell the WAL what this zone still needs (before any zone runs)."""
+        if self._reader is not None:
+            return
+        self._state = await asyncio.to_thread(self._load_state)
+        for hour, first, last in self._state.sealed:
+            self._intents[(hour, first)] = last
+        self._persisted_segment = self._wal.segment_start(self._state.position)
+        self._wal.register_consumer(self.zone, self._state.position)
+        self._reader = self._wal.reader(self._state.position)
+
+    async def start(self) -> None:
+        await self.load()
+        self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
+        self._task.add_done_callback(self._report_death)
+
+    def _report_death(self, task: asyncio.Task[None]) -> None:
+        # Records stay safe in the WAL, but nothing lands until a restart: that must be loud.
+        if not task.cancelled() and task.exception() is not None:
+            self._observer.landing_failed(self.zone, task.exception())
+            log.critical("a zone stopped landing; restart the gateway", exc_info=task.exception(), extra={"zone": self.zone})
+
+    async def drain(self, deadline_secs: float | None) -> bool:
+        """Land everything durable in the WAL within the deadline (None: however long it takes); True when nothing is left."""
+        self._draining = True
+        await self._wal.wake_consumers()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), deadline_secs)
+            return True
+        except TimeoutError:
+            log.warning(
+                "drain deadline reached; the rest stays in the WAL for the next start",
+                extra={"zone": self.zone, "unlanded_objects": len(self._open) + len(self._sealed)},
+            )
+            return False
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in [self._task, *self._uploads]:
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._task, *self._uploads] if t is not None), return_exceptions=True)
+        if self._reader is not None:
+            self._reader.close()
+        self._state_file.close()
+
+    @property
+    def position(self) -> int:
+        return self._state.position
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.settings.retry_initial_secs
+        failures = 0  # consecutive failures to prepare the frames at the reader's position
+        while True:
+            reader = self._reader
+            timeout = self._seconds_to_next_roll()
+            has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
+            if has_data and len(self._sealed) < 2 * self.settings.max_uploads_in_flight:
+                # Frames read but not yet in an object hold the committed position back, and so do
+                # the open objects they may fill: those leave the open set (in _absorb's thread)
+                # before _seal lists them as sealed, while an upload finishing may persist state.
+                read_from = reader.lsn
+                self._reading_from = self._current_position()
+                unpreparable: dict[int, str] = {}
+                try:
+                    frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
+                    if frames and self._prepare is not None:
+                        wanted = [f for f in frames if self._wanted(f)]
+                        if failures < self.settings.max_object_attempts:
+                            frames = await self._prepare(wanted)
+                        else:  # the same frames kept failing: one at a time, to set aside only the bad ones
+                            frames, unpreparable = await self._prepare_each(wanted)
+                except Exception as exc:  # e.g. a scoring bug: retry the same frames, never skip them
+                    failures += 1
+                    self._observer.landing_failed(self.zone, exc)
+                    log.exception("preparing frames failed; will read them again", extra={"zone": self.zone, "attempt": failures})
+                    reader.close()
+                    self._reader = self._wal.reader(read_from)
+                    self._reading_from = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.retry_max_secs)
+                    continue
+                delay = self.settings.retry_initial_secs
+                failures = 0
+                if frames:
+                    due = await asyncio.to_thread(self._absorb, frames, unpreparable)
+                    # Every due object is sealed before any state is written, so none is counted nowhere.
+                    await self._seal(due)
+                    self._reading_from = None
+                    await self._record_progress()
+                else:
+                    moved = reader.lsn > read_from  # frames read, none of them this zone's
+                    self._reading_from = None
+                    if moved:
+                        await self._record_progress()
+                    else:
+                        await asyncio.sleep(0.01)  # durable data not yet visible in the file; never spin
+            await self._seal(self._due_by_age())
+            if self._draining and self._reader.lsn >= self._wal.durable_lsn:
+                await self._seal(list(self._open.values()), reason="drain")
+                await asyncio.gather(*list(self._uploads), return_exceptions=True)
+                await self._persist_state()
+                return
+            if len(self._sealed) >= 2 * self.settings.max_uploads_in_flight:
+                # Back-pressure: stop reading until an upload finishes; the WAL holds the rest.
+                if self._uploads:
+                    await asyncio.wait(set(self._uploads), return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(delay)
+            self._report_backlog()
+
+    async def _record_progress(self) -> None:
+        """Persist the position once it has moved into a later segment, so that segment can go."""
+        if self._wal.segment_start(self._current_position()) > self._persisted_segment:
+            await self._persist_state()
+
+    async def _prepare_each(self, frames: list[Frame]) -> tuple[list[Frame], dict[int, str]]:
+        """Prepare frames one by one: those that still fail come back by LSN with the reason, in place."""
+        out: list[Frame] = []
+        failed: dict[int, str] = {}
+        for frame in frames:
+            try:
+                out.extend(await self._prepare([frame]))
+            except Exception as exc:
+                failed[frame.lsn] = f"prepare failed: {type(exc).__name__}: {exc}"
+                out.append(frame)
+        return out, failed
+
+    def _absorb(self, frames: list[Frame], unpreparable: dict[int, str] | None = None) -> list[_Pending]:
+        """Add frames to open objects (off the event loop: compression is the cost here).
+
+        A frame in ``unpreparable`` becomes a dead-letter object of its own, after the open object
+        of its hour (sealed first, so the hour's objects still land in LSN order).
+        """
+        now = self._clock()
+        due: list[_Pending] = []
+        for frame in frames:
+            if not self._wanted(frame):
+                continue
+            if unpreparable and frame.lsn in unpreparable:
+                if frame.hour in self._open:
+                    due.append(self._open.pop(frame.hour))
+                bad = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
+                bad.records, bad.last_lsn = frame.count, frame.end_lsn - 1
+                bad.dead_letter_reason = unpreparable[frame.lsn]
+                due.append(bad)
+                continue
+            pending = self._open.get(frame.hour)
+            if pending is None:
+                evictable = [p for p in self._open.values() if p.cut_at is None]
+                if len(self._open) >= self.settings.max_open_partitions and evictable:
+                    # The least recently written partition makes room: rolled early, never dropped.
+                    # One being rebuilt to a boundary written down before a crash is never cut elsewhere.
+                    victim = min(evictable, key=lambda p: p.touched)
+                    del self._open[victim.hour]
+                    due.append(victim)
+                pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
+                pending.cut_at = self._intents.pop((frame.hour, frame.lsn), None)
+                self._open[frame.hour] = pending
+            pending.add(frame, now)
+            full = pending.builder.size >= self.settings.target_object_bytes
+            if (pending.cut_at is not None and pending.last_lsn >= pending.cut_at) or (
+                pending.cut_at is None and full
+            ):
+                del self._open[frame.hour]
+                due.append(pending)
+        return due
+
+    def _wanted(self, frame: Frame) -> bool:
+        """This zone's kind, and not landed before a crash (replay must not land it twice)."""
+        return frame.kind == self.settings.kind and frame.end_lsn - 1 > self._state.landed.get(str(frame.hour), -1)
+
+    def _due_by_age(self) -> list[_Pending]:
+        limit = self.settings.max_object_age_secs
+        now = self._clock()
+        return [p for p in self._open.values() if p.cut_at is None and now - p.opened_at >= limit]
+
+    def _seconds_to_next_roll(self) -> float | None:
+        ages = [p.opened_at for p in self._open.values() if p.cut_at is None]
+        if not ages:
+            return None
+        return max(0.0, min(ages) + self.settings.max_object_age_secs - self._clock())
+
+    # -- sealing and landing -----------------------------------------------------------------
+
+    async def _seal(self, due: list[_Pending], reason: str = "") -> None:
+        """Fix the objects' boundaries durably (one state write for all), then start their uploads."""
+        if not due:
+            return
+        for pending in due:
+            if self._open.get(pending.hour) is pending:
+                del self._open[pending.hour]
+            self._sealed.append(pending)
+            intent = (pending.hour, pending.first_lsn, pending.last_lsn)
+            if intent not in self._state.sealed:
+                self._state.sealed.append(intent)
+        await self._persist_state()
+        for pending in due:
+            previous = self._chains.get(pending.hour)
+            task = asyncio.create_task(self._land(pending, previous), name=f"land-{self.zone}-{pending.first_lsn}")
+            self._chains[pending.hour] = task
+            self._uploads.add(task)
+            task.add_done_callback(self._uploads.discard)
+
+    async def _land(self, pending: _Pending, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            # Objects of one partition land in order, so its "landed" watermark never skips one.
+            await asyncio.gather(previous, return_exceptions=True)
+        if pending.dead_letter_reason is not None:
+            log.critical(
+                "a frame could not be prepared for this zone; its records go to the dead-letter prefix",
+                extra={"zone": self.zone, "first_lsn": pending.first_lsn, "last_lsn": pending.last_lsn, "error": pending.dead_letter_reason},
+            )
+            await self._dead_letter(pending, pending.dead_letter_reason)
+        else:
+            await self._build_and_upload(pending)
+        self._sealed.remove(pending)
+        self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
+        self._state.landed[str(pending.hour)] = pending.last_lsn
+        await self._persist_state()
+        if self._chains.get(pending.hour) is asyncio.current_task():
+            del self._chains[pending.hour]
+
+    async def _build_and_upload(self, pending: _Pending) -> None:
+        try:
+            body = await asyncio.to_thread(pending.builder.finish)
+        except Exception as exc:
+            self._observer.landing_failed(self.zone, exc)
+            log.critical(
+                "building an object failed; its records go to the dead-letter prefix",
+                exc_info=True,
+                extra={"zone": self.zone, "first_lsn": pending.first_lsn, "last_lsn": pending.last_lsn},
+            )
+            await self._dead_letter(pending, f"build failed: {type(exc).__name__}: {exc}")
+        else:
+            await self._upload(pending, self._lake_object(pending, body))
+
+    async def _upload(self, pending: _Pending, obj: LakeObject) -> LandedObject:
+        """Land ``obj``, retrying while the sink may recover; dead-letter it if the sink refuses it for good."""
+        delay = self.settings.retry_initial_secs
+        refusals = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._upload_slots:
+                    landed = await self._sink.put_object(obj)
+                self._observer.landed(self.zone, landed, time.perf_counter() - started)
+                return landed
+            except Exception as exc:
+                # Never give up on a sink that may come back: the records are acknowledged and wait in the WAL.
+                self._observer.landing_failed(self.zone, exc)
+                if isinstance(exc, PermanentError):
+                    refusals += 1
+                    if refusals >= self.settings.max_object_attempts:
+                        log.error("the sink refuses this object for good; dead-lettering it", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                        return await self._dead_letter(pending, f"refused by the sink: {exc}")
+                if isinstance(exc, ConnectorError):
+                    level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
+                    log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                else:  # a sink that did not translate its error: still retried, and loudly
+                    log.exception("landing failed with an unexpected error; will retry", extra={"zone": self.zone, "key": obj.key})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_secs)
+
+    async def _dead_letter(self, pending: _Pending, reason: str) -> LandedObject:
+        """Land the object's records as they are in the WAL, with the reason, under the dead-letter prefix."""
+        body, records = await asyncio.to_thread(self._rebuild_plain, pending)
+        obj = self._lake_object(pending, body, prefix=f"{DEAD_LETTER_PREFIX}/", extension=ZstdNdjsonBuilder.extension)
+        obj = dataclasses.replace(obj, records=records, metadata={**obj.metadata, "deadletter-reason": reason[:512]})
+        log.critical(
+            "object dead-lettered",
+            extra={"zone": self.zone, "key": obj.key, "records": records, "reason": reason},
+        )
+        self._observer.dead_lettered(self.zone, records, reason.split(":", 1)[0])
+        delay = self.settings.retry_initial_secs
+        while True:
+            try:
+                async with self._upload_slots:
+                    landed = await self._sink.put_object(obj)
+                self._observer.landed(self.zone, landed, 0.0)
+                return landed
+            except Exception as exc:
+                self._observer.landing_failed(self.zone, exc)
+                log.error("dead-lettering failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_secs)
+
+    def _rebuild_plain(self, pending: _Pending) -> tuple[bytes, int]:
+        """The pending object's records, read again from the WAL, as zstd NDJSON."""
+        builder = ZstdNdjsonBuilder()
+        records = 0
+        reader = self._wal.reader(pending.first_lsn)
+        try:
+            while reader.lsn <= pending.last_lsn:
+                frames = reader.read(READ_BATCH_BYTES, self._kinds)
+                if not frames:
+                    break
+                for frame in frames:
+                    if frame.lsn > pending.last_lsn:
+                        break
+                    if frame.kind == self.settings.kind and frame.hour == pending.hour and self._wanted(frame):
+                        builder.add(frame)
+                        records += frame.count
+        finally:
+            reader.close()
+        return builder.finish(), records
+
+    def _lake_object(self, pending: _Pending, body: bytes, prefix: str = "", extension: str = "") -> LakeObject:
+        s = self.settings
+        dt = time.strftime("%Y-%m-%d", time.gmtime(pending.hour * 3600))
+        hh = time.strftime("%H", time.gmtime(pending.hour * 3600))
+        partition = Partition(zone=s.zone, dataset=s.dataset, dt=dt, hour=hh)
+        name = f"{s.gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}"
+        return LakeObject(
+            partition=partition,
+            key=f"{prefix}{partition.prefix}/{name}.{extension or pending.builder.extension}",
+            body=body,
+            content_type=pending.builder.content_type,
+            records=pending.records,
+            first_lsn=pending.first_lsn,
+            last_lsn=pending.last_lsn,
+            min_event_ms=pending.min_event_ms,
+            max_event_ms=pending.max_event_ms,
+            metadata=dict(s.extra),
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _current_position(self) -> int:
+        # Copies (one C call each): a scrape reads this while _absorb may run in its thread.
+        firsts = [p.first_lsn for p in (*tuple(self._open.values()), *tuple(self._sealed))]
+        if self._reading_from is not None:
+            firsts.append(self._reading_from)
+        return min([self._reader.lsn, *firsts])
+
+    async def _persist_state(self) -> None:
+        """Write the state (retrying until it is written: nothing may skip it), then release segments."""
+        delay = self.settings.retry_initial_secs
+        async with self._state_lock:
+            while True:
+                position = self._current_position()
+                state = self._state
+                state.position = position
+                # A partition's watermark matters only while its frames may still be replayed.
+                state.landed = {h: lsn for h, lsn in state.landed.items() if lsn >= position}
+                try:
+                    await asyncio.to_thread(self._state_file.write, msgspec.json.encode(state))
+                    break
+                except OSError as exc:
+                    self._observer.landing_failed(self.zone, exc)
+                    log.error("cannot write the zone's state; will retry", extra={"zone": self.zone, "error": str(exc)})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.retry_max_secs)
+            self._persisted_segment = self._wal.segment_start(position)
+            self._wal.release(self.zone, position)
+
+    def _load_state(self) -> LanderState:
+        ensure_directory(self._state_dir)
+        payload = self._state_file.open()
+        if payload is None:
+            legacy = self._state_dir / f"{self.zone}.json"  # written by earlier versions
+            try:
+                payload = legacy.read_bytes()
+            except FileNotFoundError:
+                return LanderState()
+        state = msgspec.json.decode(payload, type=LanderState)
+        # Intents whose frames are all gone from the WAL were landed before their state was written.
+        floor = self._wal.first_lsn
+        state.sealed = [intent for intent in state.sealed if intent[2] >= floor]
+        return state
+
+    def unlanded(self) -> tuple[int, float]:
+        """Now: WAL bytes this zone has not landed, and how long its oldest unlanded record has waited."""
+        if self._reader is None:
+            return 0, 0.0
+        pending = (*tuple(self._open.values()), *tuple(self._sealed))  # copies: _absorb runs in a thread
+        oldest_ms = min((p.oldest_received_ms for p in pending), default=None)
+        age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0
+        return self._wal.backlog_bytes(self._current_position()), age
+
+    def _report_backlog(self) -> None:
+        self._observer.backlog(self.zone, *self.unlanded())

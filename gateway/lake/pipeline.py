@@ -1,0 +1,193 @@
+"""The path of a record, end to end (docs/architecture.md, steps 1-10), in one screen.
+
+Each step lives in the subpackage named for its part of the path (modules under ``gateway/``):
+
+    device --HTTPS--> ALB --HTTP--> gateway      (edge/: admission, limits, proxy, TLS, replay)
+      1 receive       ingest/handler.py: the body as sent, spooled with bounded memory (ingest/spool.py)
+      2 authenticate  auth/hmac.py: HMAC v1 over the body as sent, or auth/certificate.py;
+                      auth/registry.py (or auth/secrets_source.py); replays refused by edge/replay.py
+      3 validate      ingest/body.py decompresses and frames; ingest/validate.py decodes with the
+                      msgspec schema (ingest/records.py), invalid records become quarantine frames
+      4 enrich        ingest/enrich.py: received_at, gateway_id, AZ, ingest_id, device metadata,
+                      clock skew
+      5 persist       Pipeline.persist: one WAL write per request, group-commit fsync in the WAL's
+                      writer thread (durable/wal.py); the retry ledger (durable/retry_ledger.py)
+                      learns it before the ack
+      6 ack           ingest/handler.py: 202 once persist returns
+      7 land raw      ZoneLander("raw") consumes the WAL (lake/landing.py, lake/formats.py)
+      8 infer         lake/curated.py: adaptive micro-batches to Triton or the embedded model
+      9 land curated  ZoneLander("curated"): scored records as Parquet (lake/curated.py)
+     10 commit        each lander releases WAL segments once it has landed them (lake/landing.py)
+
+Steps 7-10 are independent WAL consumers: a slow zone never stalls acks until the WAL is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+
+from connectors.base import ObjectSink
+from gateway.lake.curated import CuratedScorer, ParquetBuilder, prepare_frames
+from gateway.lake.formats import ZstdNdjsonBuilder
+from gateway.lake.landing import LanderSettings, ZoneLander
+from gateway.ops.metrics import GatewayMetrics
+from gateway.durable.ledger_catch_up import RequestRecord, catch_up
+from gateway.durable.retry_ledger import RetryLedger
+from gateway.settings import Settings
+from gateway.ingest.spool import Spool
+from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
+from gateway.durable.wal_layout import WalSlot, wal_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Durable:
+    """What one request adds to the retry ledger once its frames are durable."""
+
+    seqs: list[tuple[str, int, int]] = field(default_factory=list)
+    request: tuple[bytes, str, bytes] | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slot: WalSlot,
+        sink: ObjectSink,
+        metrics: GatewayMetrics,
+        ledger: RetryLedger | None = None,
+    ) -> None:
+        wal_dir = slot.directory
+        self.slot = slot
+        self.spool_dir = wal_dir / "spool"
+        self.ledger = ledger
+        self.wal_id = ""
+        self._metrics = metrics
+        self.wal = WriteAheadLog(
+            wal_dir / "segments",
+            segment_bytes=settings.wal.segment_bytes,
+            max_total_bytes=settings.wal.max_total_bytes,
+            fsync=settings.wal.fsync,
+            on_fsync=metrics.wal_fsync.observe,
+            on_durable=self._record_durable,
+            on_rollback=self._forget_beyond,
+        )
+        self.sink = sink
+        lake = settings.lake
+        gateway_id = slot.gateway_id
+
+        def lander(zone: str, kind: int, builder=None, prepare=None) -> ZoneLander:
+            return ZoneLander(
+                LanderSettings(
+                    zone=zone,
+                    kind=kind,
+                    dataset=settings.gateway.dataset,
+                    gateway_id=gateway_id,
+                    target_object_bytes=lake.target_object_bytes,
+                    max_object_age_secs=lake.max_object_age_secs,
+                    max_open_partitions=lake.max_open_partitions,
+                ),
+                wal=self.wal,
+                sink=sink,
+                builder_factory=builder or (lambda: ZstdNdjsonBuilder(lake.zstd_level)),
+                state_dir=wal_dir / "consumers",
+                observer=metrics,
+                prepare=prepare,
+            )
+
+        # Steps 7 and the quarantine zone: each its own consumer of the WAL.
+        self.landers = [lander("raw", KIND_RECORDS), lander("quarantine", KIND_QUARANTINE)]
+        self.scorer: CuratedScorer | None = None
+        if settings.inference.enabled:
+            # Steps 8-9: a third consumer; a dead model endpoint delays only this zone.
+            self.scorer = scorer = CuratedScorer(settings.inference, metrics)
+            self.landers.append(
+                lander("curated", KIND_RECORDS, lambda: ParquetBuilder(lake.zstd_level), lambda frames: prepare_frames(frames, scorer))
+            )
+
+    async def start(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.spool_dir.glob("spool-*"):  # only left behind by a crash; never durable
+            stale.unlink(missing_ok=True)
+        await self.wal.start()
+        try:
+            if self.ledger is not None:
+                self.wal_id = await asyncio.to_thread(wal_id, self.slot.directory)
+                await asyncio.to_thread(self._catch_up_ledger)
+            await self.sink.start()
+            if self.scorer is not None:
+                await self.scorer.start()
+            # Every zone says what it still needs before any zone can release a segment.
+            self.wal.expect_consumers([lander.zone for lander in self.landers])
+            for lander in self.landers:
+                await lander.load()
+            for lander in self.landers:
+                await lander.start()
+        except BaseException:
+            await self.close()  # nothing keeps running half-started
+            raise
+
+    def new_spool(self, memory_bytes: int) -> Spool:
+        return Spool(self.spool_dir, memory_bytes)
+
+    async def persist(
+        self, spool: Spool, seqs: list[tuple[str, int, int]] = (), request: tuple[bytes, str, bytes] | None = None
+    ) -> None:
+        """Step 5: append a request's frames to the WAL, all or none; returns once they are fsynced.
+
+        ``seqs`` and ``request`` (retry key, body hash, answer) reach the retry ledger once durable.
+        """
+        if spool.empty:
+            return
+        if request is not None and self.ledger is not None:
+            spool.add(encode_frame(KIND_REQUEST, 0, 0, 0, 0, 0, msgspec.msgpack.encode(RequestRecord(*request))))
+        note = Durable(list(seqs), request) if self.ledger is not None else None
+        await self.wal.commit(spool.chunks(), spool.bytes, spool.frame_count, note)
+
+    # -- the retry ledger follows the WAL ----------------------------------------------------
+
+    def _record_durable(self, lsn: int, done: list[Durable | None]) -> None:
+        """In the WAL's writer thread: what is now durable goes into the ledger before anyone is answered."""
+        done = [d for d in done if d is not None]
+        if self.ledger is None or not done:
+            return
+        seqs = [s for d in done for s in d.seqs]
+        requests = [d.request for d in done if d.request is not None]
+        try:
+            self.ledger.record(self.wal_id, lsn, seqs, requests)
+        except Exception as exc:  # whatever it is, it must not stop the WAL's commits
+            # The records are durable and will be acknowledged; only their retries may land twice.
+            # The mark did not move, so the next start reads them from the WAL again.
+            self._metrics.stage_errors.labels("ledger", type(exc).__name__).inc()
+            log.error("retry ledger not updated; retries of these requests may land twice", extra={"error": str(exc)})
+
+    def _forget_beyond(self, lsn: int) -> None:
+        """The WAL was cut back to ``lsn`` after a failed fsync: what it held past that never happened."""
+        if self.ledger is not None and self.wal_id:
+            try:
+                self.ledger.forget_mark_beyond(self.wal_id, lsn)
+            except Exception as exc:
+                log.error("retry ledger mark not moved back", extra={"error": str(exc)})
+
+    def _catch_up_ledger(self) -> None:
+        """Record what the WAL holds past the ledger's mark (a crash came between fsync and ledger)."""
+        catch_up(self.wal, self.ledger, self.wal_id, self.slot.directory)
+
+    async def drain(self, deadline_secs: float | None) -> bool:
+        """Land what the WAL holds within the deadline; what does not land is replayed next start."""
+        results = await asyncio.gather(*(lander.drain(deadline_secs) for lander in self.landers))
+        return all(results)
+
+    async def close(self) -> None:
+        for lander in self.landers:
+            await lander.close()
+        if self.scorer is not None:
+            await self.scorer.close()
+        await self.wal.close()
+        await self.sink.close()

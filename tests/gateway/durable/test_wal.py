@@ -1,0 +1,177 @@
+"""The write-ahead log: durability, group commit, torn tails, corruption, capacity, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+
+from gateway.durable.wal import KIND_RECORDS, MAGIC, WalClosed, WalFull, WriteAheadLog, encode_frame
+
+
+def frame(n: int, tag: bytes = b"r", hour: int = 1) -> bytes:
+    payload = b"".join(b'{"v":"%s%d"}\n' % (tag, i) for i in range(n))
+    return encode_frame(KIND_RECORDS, hour, 1000, 10, 20, n, payload)
+
+
+async def open_wal(path, **kw) -> WriteAheadLog:
+    wal = WriteAheadLog(path, segment_bytes=kw.pop("segment_bytes", 1 << 20), max_total_bytes=kw.pop("max_total_bytes", 1 << 30), **kw)
+    await wal.start()
+    return wal
+
+
+def read_all(wal: WriteAheadLog, lsn: int = 0):
+    reader = wal.reader(lsn)
+    frames = []
+    while batch := reader.read(1 << 20):
+        frames.extend(batch)
+    reader.close()
+    return frames
+
+
+async def test_append_returns_after_fsync_and_reads_back_in_order(tmp_path):
+    fsyncs = []
+    wal = await open_wal(tmp_path, on_fsync=fsyncs.append)
+    end = await wal.append([frame(3, b"a"), frame(2, b"b")])
+    assert end == 5 and wal.durable_lsn == 5 and fsyncs
+    frames = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (3, 2)]
+    assert frames[1].payload.startswith(b'{"v":"b0"}')
+    await wal.close()
+
+
+async def test_group_commit_covers_concurrent_appends_with_few_fsyncs(tmp_path):
+    fsyncs = []
+    wal = await open_wal(tmp_path, on_fsync=fsyncs.append)
+    ends = await asyncio.gather(*(wal.append([frame(1)]) for _ in range(200)))
+    assert sorted(ends) == list(range(1, 201))
+    assert len(fsyncs) < 50, f"{len(fsyncs)} fsyncs for 200 concurrent appends"
+    await wal.close()
+
+
+async def test_reopen_continues_lsns_and_keeps_records(tmp_path):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(4)])
+    await wal.close()
+    wal = await open_wal(tmp_path)
+    assert wal.next_lsn == 4
+    assert await wal.append([frame(1)]) == 5
+    assert [f.lsn for f in read_all(wal)] == [0, 4]
+    await wal.close()
+
+
+@pytest.mark.parametrize("tail", [b"\x05\x00", frame(3)[:-7], b"\xff" * 64], ids=["short-header", "short-payload", "garbage"])
+async def test_torn_tail_is_truncated_with_a_log_line(tmp_path, caplog, tail):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2)])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    good = segment.stat().st_size
+    with open(segment, "ab") as f:
+        f.write(tail)
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "torn tail" in caplog.text
+    assert segment.stat().st_size == good and wal.next_lsn == 2
+    assert await wal.append([frame(1)]) == 3
+    assert [f.count for f in read_all(wal)] == [2, 1]
+    await wal.close()
+
+
+async def test_header_less_segment_from_a_crash_at_creation_is_repaired(tmp_path):
+    (tmp_path / f"{0:020d}.wal").write_bytes(MAGIC[:3])
+    wal = await open_wal(tmp_path)
+    assert await wal.append([frame(1)]) == 1
+    await wal.close()
+
+
+async def test_corrupt_frame_in_a_sealed_segment_is_skipped_not_fatal(tmp_path, caplog):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    for _ in range(3):
+        await wal.append([frame(5)])  # each append past 100 bytes rolls a segment
+    segments = sorted(tmp_path.glob("*.wal"))
+    assert len(segments) == 3
+    data = bytearray(segments[0].read_bytes())
+    data[-3] ^= 0xFF
+    segments[0].write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        frames = read_all(wal)
+    assert [f.lsn for f in frames] == [5, 10]
+    assert "corrupt frame" in caplog.text
+    await wal.close()
+
+
+async def test_segments_are_deleted_once_every_consumer_is_past_them(tmp_path):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    wal.register_consumer("raw", 0)
+    wal.register_consumer("quarantine", 0)
+    for _ in range(4):
+        await wal.append([frame(5)])
+    assert len(list(tmp_path.glob("*.wal"))) == 4
+    wal.release("raw", 15)
+    assert len(list(tmp_path.glob("*.wal"))) == 4  # quarantine still needs them
+    wal.release("quarantine", 12)
+    assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{10:020d}.wal", f"{15:020d}.wal"]
+    await wal.close()
+
+
+async def test_capacity_refuses_appends_instead_of_growing(tmp_path):
+    wal = await open_wal(tmp_path, segment_bytes=100, max_total_bytes=400)
+    with pytest.raises(WalFull):
+        for _ in range(100):
+            await wal.append([frame(5)])
+    assert not wal.has_room(len(frame(5))) and wal.total_bytes <= 400, "the limit is never exceeded"
+    wal.register_consumer("raw", 0)
+    wal.release("raw", wal.next_lsn)
+    assert wal.has_room(len(frame(5)))
+    await wal.close()
+
+
+async def test_closed_log_refuses_appends(tmp_path):
+    wal = await open_wal(tmp_path)
+    await wal.close()
+    with pytest.raises(WalClosed):
+        await wal.append([frame(1)])
+
+
+async def test_reader_waits_for_durable_data(tmp_path):
+    wal = await open_wal(tmp_path)
+    waiter = asyncio.create_task(wal.wait_for_data(0, timeout=5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await wal.append([frame(1)])
+    assert await waiter is True
+    assert await wal.wait_for_data(1, timeout=0.01) is False
+    await wal.close()
+
+
+async def test_reader_starts_at_a_frame_boundary_in_a_later_segment(tmp_path):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    for _ in range(3):
+        await wal.append([frame(5), frame(2)])
+    assert [f.lsn for f in read_all(wal, 12)] == [12, 14, 19]
+    await wal.close()
+
+
+async def test_fsync_can_be_disabled_for_benchmarks_only(tmp_path):
+    calls = []
+    wal = await open_wal(tmp_path, fsync=False, on_fsync=calls.append)
+    await wal.append([frame(1)])
+    assert os.path.getsize(next(tmp_path.glob("*.wal"))) > len(MAGIC)
+    await wal.close()
+
+
+async def test_nothing_is_released_until_every_expected_consumer_has_registered(tmp_path):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    wal.expect_consumers(["raw", "curated"])
+    for _ in range(4):
+        await wal.append([frame(5)])
+    wal.register_consumer("raw", 0)
+    wal.release("raw", 20)  # curated (still starting) may need every segment
+    assert len(list(tmp_path.glob("*.wal"))) == 4
+    wal.register_consumer("curated", 10)
+    wal.release("raw", 20)
+    assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{10:020d}.wal", f"{15:020d}.wal"]
+    await wal.close()

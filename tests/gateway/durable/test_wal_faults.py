@@ -1,0 +1,195 @@
+"""The WAL under a full disk, a failed fsync, a crash inside a request and a damaged frame.
+
+Disk-full tests run on a real small filesystem (tmpfs, mounted as root), never a simulated error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import subprocess
+
+import pytest
+
+from gateway.durable import wal as wal_module
+from gateway.durable.durable_files import ReservedStateFile
+from gateway.durable.wal import KIND_RECORDS, WalFailed, WalNoSpace, WriteAheadLog, encode_frame
+
+
+def frame(n: int, tag: bytes = b"r", pad: int = 0) -> bytes:
+    payload = b"".join(b'{"v":"%s%d","pad":"%s"}\n' % (tag, i, b"x" * pad) for i in range(n))
+    return encode_frame(KIND_RECORDS, 1, 1000, 10, 20, n, payload)
+
+
+async def open_wal(path, **kw) -> WriteAheadLog:
+    wal = WriteAheadLog(path, segment_bytes=kw.pop("segment_bytes", 1 << 20), max_total_bytes=kw.pop("max_total_bytes", 1 << 30), **kw)
+    await wal.start()
+    return wal
+
+
+def fail_next_fdatasync(monkeypatch):
+    """The next fdatasync fails with EIO (a real failing fsync needs a faulty block device); returns the real one."""
+    real_fdatasync = os.fdatasync
+    calls = []
+
+    def failing_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fdatasync(fd)
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", failing_once)
+    return real_fdatasync
+
+
+def read_all(wal: WriteAheadLog) -> list:
+    reader = wal.reader(0)
+    frames = []
+    while batch := reader.read(1 << 20):
+        frames.extend(batch)
+    reader.close()
+    return frames
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 2 MiB filesystem (tmpfs) and a way to fill it to the last bytes."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory, leave_bytes: int = 0) -> os.PathLike:
+    """Fill the filesystem with a ballast file, leaving about ``leave_bytes`` free."""
+    ballast = directory / "ballast"
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    with open(ballast, "wb") as f:
+        try:
+            f.write(b"\0" * max(0, free - leave_bytes))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return ballast
+
+
+async def test_a_full_disk_rolls_the_append_back_and_ingest_resumes_when_space_returns(small_fs):
+    wal = await open_wal(small_fs / "wal", segment_bytes=512 * 1024, max_total_bytes=64 << 20)
+    acked = []
+    ballast = fill(small_fs, leave_bytes=40 * 1024)
+    with pytest.raises(WalNoSpace):
+        for i in range(1000):
+            f = frame(20, b"a%d-" % i, pad=50)
+            await wal.append([f, frame(1, b"b%d-" % i)])  # a request of two frames
+            acked.append(i)
+    assert acked, "some appends fit before the disk filled"
+    segment = next((small_fs / "wal").glob("*.wal"))
+    assert segment.stat().st_size == wal.total_bytes, "no partial frame is left on disk"
+    assert wal.refusal() == "no_space"
+    with pytest.raises(WalNoSpace):
+        await wal.append([frame(1)])  # refused at once while the disk stays full
+    ballast.unlink()
+    assert wal.refusal() is None
+    end = await wal.append([frame(3, b"after")])
+    await wal.close()
+    wal = await open_wal(small_fs / "wal", segment_bytes=512 * 1024, max_total_bytes=64 << 20)
+    assert wal.next_lsn == end == len(acked) * 21 + 3
+    assert [f.count for f in read_all(wal)] == [20, 1] * len(acked) + [3]
+    await wal.close()
+
+
+async def test_a_full_disk_while_rotating_keeps_the_live_segment(small_fs):
+    wal = await open_wal(small_fs / "wal", segment_bytes=8 * 1024, max_total_bytes=64 << 20)
+    end = await wal.append([frame(80, pad=100)])  # past segment_bytes: the next append rotates
+    ballast = fill(small_fs)
+    for _ in range(3):  # repeated attempts must not retire the live descriptor twice (EBADF)
+        with pytest.raises(WalNoSpace):
+            await wal.append([frame(1)])
+    ballast.unlink()
+    end = await wal.append([frame(2)])
+    assert end == 82 and len(list((small_fs / "wal").glob("*.wal"))) == 2
+    await wal.close()
+    wal = await open_wal(small_fs / "wal", segment_bytes=8 * 1024, max_total_bytes=64 << 20)
+    assert [f.count for f in read_all(wal)] == [80, 2]
+    await wal.close()
+
+
+async def test_state_writes_go_into_reserved_space_on_a_full_disk(small_fs):
+    state = ReservedStateFile(small_fs / "raw.state", slot_bytes=16 * 1024)
+    assert state.open() is None
+    fill(small_fs)
+    for generation in range(5):
+        state.write(b'{"position": %d}' % generation)  # in place: needs no new blocks
+    state.close()
+    state = ReservedStateFile(small_fs / "raw.state", slot_bytes=16 * 1024)
+    assert state.open() == b'{"position": 4}'
+    state.close()
+
+
+async def test_a_request_cut_short_by_a_crash_is_removed_whole(tmp_path):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"first")])
+    before = wal.total_bytes
+    await wal.append([frame(3, b"x"), frame(4, b"y"), frame(5, b"z")])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    os.truncate(segment, segment.stat().st_size - 10)  # the last frame of the request is torn
+    wal = await open_wal(tmp_path)
+    assert wal.next_lsn == 2 and wal.total_bytes == before, "none of the torn request survives"
+    assert [f.count for f in read_all(wal)] == [2]
+    await wal.close()
+
+
+async def test_a_failed_fsync_refuses_what_it_covered_and_is_never_retried(tmp_path, monkeypatch, caplog):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"kept")])
+    real_fdatasync = fail_next_fdatasync(monkeypatch)
+    with caplog.at_level(logging.CRITICAL), pytest.raises(WalFailed):
+        await wal.append([frame(5, b"lost")])
+    assert "fsync failed" in caplog.text
+    assert wal.next_lsn == 2, "the log was cut back to the last good fsync"
+    assert await wal.append([frame(1, b"later")]) == 3
+    await wal.close()
+    monkeypatch.setattr(wal_module.os, "fdatasync", real_fdatasync)
+    wal = await open_wal(tmp_path)
+    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
+    await wal.close()
+
+
+async def test_a_damaged_frame_inside_the_newest_segment_is_kept_aside(tmp_path, caplog):
+    wal = await open_wal(tmp_path)
+    for i in range(3):
+        await wal.append([frame(2, b"%d-" % i)])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    data = bytearray(segment.read_bytes())
+    data[len(wal_module.MAGIC) + wal_module.HEADER_SIZE + 3] ^= 0xFF  # inside the first frame's payload
+    segment.write_bytes(bytes(data))
+    with caplog.at_level(logging.CRITICAL):
+        wal = await open_wal(tmp_path)
+    assert "kept aside" in caplog.text
+    kept = list(tmp_path.glob("*.damaged-at-*"))
+    assert len(kept) == 1 and kept[0].stat().st_size == len(data) - len(wal_module.MAGIC)
+    await wal.close()
+
+
+async def test_a_failed_fsync_at_rotation_refuses_every_request_written_since_the_last_good_one(tmp_path, monkeypatch, caplog):
+    # Two requests written together: the second needs a new segment, and fsyncing the full one fails.
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    await wal.append([frame(2, b"kept")])
+    real_fdatasync = fail_next_fdatasync(monkeypatch)
+    with caplog.at_level(logging.CRITICAL):
+        results = await asyncio.gather(wal.append([frame(3, b"fills", pad=300)]), wal.append([frame(1, b"rotates")]), return_exceptions=True)
+    assert all(isinstance(r, WalFailed) for r in results), f"a request covered by the failed fsync was acknowledged: {results}"
+    assert wal.next_lsn == 2, "the log was cut back to the last good fsync"
+    assert await wal.append([frame(1, b"later")]) == 3
+    await wal.close()
+    monkeypatch.setattr(wal_module.os, "fdatasync", real_fdatasync)
+    wal = await open_wal(tmp_path)
+    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
+    await wal.close()
