@@ -127,16 +127,18 @@ class Server:
 
     def cpu_by_process(self) -> dict[str, float]:
         """CPU seconds so far per process, named by role (``main``, ``worker 0``, ...)."""
-        out = {}
+        out: dict[str, float] = {}
         for proc in [self.ps, *self._children()]:
             try:
                 t = proc.cpu_times()
                 cmdline = proc.cmdline()
             except psutil.NoSuchProcess:
                 continue
+            # Names stay the same from run to run (figures are compared by name): helper processes
+            # (the curated zone's decoder, the embedded model) are counted together.
             role = f"worker {cmdline[cmdline.index('--worker-index') + 1]}" if "--worker-index" in cmdline else (
-                "main" if proc.pid == self.ps.pid else f"pid {proc.pid}")
-            out[role] = t.user + t.system
+                "main" if proc.pid == self.ps.pid else "helpers")
+            out[role] = out.get(role, 0.0) + t.user + t.system
         return out
 
     def _children(self) -> list[psutil.Process]:
