@@ -24,6 +24,7 @@ from connectors.aws.eventbridge import EventBridgeSettings
 from connectors.aws.glue import GlueCatalogSettings
 from connectors.aws.s3 import S3SinkSettings
 from connectors.aws.secrets import SecretsManagerSettings
+from gateway.config_types import MiB, NonNegativeInt, Port, PositiveFloat, PositiveInt, Section
 from gateway.edge.settings import (
     AdminSettings,
     AdmissionSettings,
@@ -34,21 +35,11 @@ from gateway.edge.settings import (
     TlsSettings,
 )
 
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegativeInt = Annotated[int, Meta(ge=0)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
-Port = Annotated[int, Meta(ge=0, le=65535)]
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
 ENV_PREFIX = "EDGE_GATEWAY__"
-MiB = 1024 * 1024
 
-
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class ListenSettings(_Section):
+class ListenSettings(Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     backlog: PositiveInt = 1024
@@ -56,7 +47,7 @@ class ListenSettings(_Section):
     workers: Annotated[int, Meta(ge=1, le=256)] = 1
 
 
-class GatewaySettings(_Section):
+class GatewaySettings(Section):
     # Empty means "the host name": it names lake objects, so it must be unique in the fleet.
     gateway_id: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
     # Empty means "ask EC2 instance metadata (IMDSv2)"; unreachable metadata falls back to "unknown".
@@ -70,7 +61,7 @@ class GatewaySettings(_Section):
     max_event_age_secs: PositiveInt = 7 * 24 * 3600
 
 
-class AuthSettings(_Section):
+class AuthSettings(Section):
     mode: Literal["hmac", "none"] = "hmac"
     # "file": registry_path (the embedded default). "secretsmanager": the [secretsmanager] section.
     registry_source: Literal["file", "secretsmanager"] = "file"
@@ -80,7 +71,7 @@ class AuthSettings(_Section):
     replay_cache_max_entries: PositiveInt = 200_000
 
 
-class LimitsSettings(_Section):
+class LimitsSettings(Section):
     max_body_bytes: PositiveInt = 16 * MiB
     max_decompressed_bytes: PositiveInt = 64 * MiB
     # JSON arrays and msgpack are whole documents: they are buffered, so they get a smaller bound.
@@ -100,7 +91,7 @@ class LimitsSettings(_Section):
             raise ValueError("max_record_bytes must not exceed max_decompressed_bytes")
 
 
-class WalSettings(_Section):
+class WalSettings(Section):
     dir: str = "var/wal"
     segment_bytes: PositiveInt = 64 * MiB
     max_total_bytes: PositiveInt = 2048 * MiB
@@ -117,7 +108,7 @@ class WalSettings(_Section):
             )
 
 
-class LakeSettings(_Section):
+class LakeSettings(Section):
     kind: Literal["local", "s3"] = "local"
     dir: str = "var/lake"
     target_object_bytes: PositiveInt = 32 * MiB
@@ -126,13 +117,13 @@ class LakeSettings(_Section):
     zstd_level: Annotated[int, Meta(ge=1, le=19)] = 1
 
 
-class InferenceEndpointSettings(_Section):
+class InferenceEndpointSettings(Section):
     url: Annotated[str, Meta(min_length=1)]  # host:port (gRPC) or http://host:port (HTTP)
     protocol: Literal["grpc", "http"] = "grpc"
     name: str = ""
 
 
-class InferenceSettings(_Section):
+class InferenceSettings(Section):
     """Steps 8-9: scoring records for the curated zone (off: no curated zone)."""
 
     enabled: bool = True
@@ -163,11 +154,11 @@ class InferenceSettings(_Section):
             raise ValueError('inference.backend = "triton" needs at least one [[inference.endpoints]]')
 
 
-class DrainSettings(_Section):
+class DrainSettings(Section):
     deadline_secs: PositiveFloat = 25.0
 
 
-class LogSettings(_Section):
+class LogSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # One JSON line per HTTP request on the `gateway.access` logger; SIGHUP turns it on or off.
     access_log: bool = False
@@ -175,7 +166,7 @@ class LogSettings(_Section):
     access_log_max_per_sec: PositiveInt = 100
 
 
-class Settings(_Section):
+class Settings(Section):
     listen: ListenSettings = ListenSettings()
     gateway: GatewaySettings = GatewaySettings()
     auth: AuthSettings = AuthSettings()

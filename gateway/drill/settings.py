@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-Positive = Annotated[float, Meta(gt=0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+from gateway.config_types import PositiveFloat, PositiveInt, Section
+
 ZoneName = Annotated[str, Meta(pattern=r"^[a-z0-9]{1,8}$")]
 
 
@@ -23,25 +23,21 @@ class DrillConfigError(Exception):
     """The drill configuration cannot be used."""
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class FleetSettings(_Section):
+class FleetSettings(Section):
     # One gateway instance per zone, each with its own gateway_id, availability zone, WAL and port.
     zones: Annotated[list[ZoneName], Meta(min_length=3)] = msgspec.field(default_factory=lambda: ["a", "b", "c"])
     gateway_id_prefix: str = "drill"  # gateway_id "<prefix>-<zone>"
     region: str = "drill-1"  # availability_zone "<region><zone>"
     workers: PositiveInt = 1
     inference: bool = True  # the curated zone needs the (embedded) model
-    max_age_secs: Positive = 10.0  # connections.max_age_secs of every instance
-    max_object_age_secs: Positive = 2.0
-    drain_deadline_secs: Positive = 15.0
+    max_age_secs: PositiveFloat = 10.0  # connections.max_age_secs of every instance
+    max_object_age_secs: PositiveFloat = 2.0
+    drain_deadline_secs: PositiveFloat = 15.0
     wal_max_total_bytes: PositiveInt = 256 * 1024 * 1024
-    start_timeout_secs: Positive = 30.0
+    start_timeout_secs: PositiveFloat = 30.0
 
 
-class BalancerSettings(_Section):
+class BalancerSettings(Section):
     """HAProxy in front of the instances, checking ``/readyz`` the way the ALB's target group does."""
 
     binary: str = ""  # empty: haproxy on PATH, else /usr/sbin/haproxy
@@ -53,33 +49,33 @@ class BalancerSettings(_Section):
     # refuses before its health check fails (AWS deregisters an instance before the drain hook stops it)
     redispatch: bool = True
     connect_timeout_ms: PositiveInt = 1000
-    server_timeout_secs: Positive = 15.0
+    server_timeout_secs: PositiveFloat = 15.0
 
 
-class LoadSettings(_Section):
+class LoadSettings(Section):
     devices: PositiveInt = 24
-    requests_per_sec: Positive = 48.0  # offered, for the whole fleet of devices
+    requests_per_sec: PositiveFloat = 48.0  # offered, for the whole fleet of devices
     records_per_request: PositiveInt = 25
-    request_timeout_secs: Positive = 5.0
-    retry_deadline_secs: Positive = 60.0  # a device gives a request up after this long
-    max_retry_wait_secs: Positive = 1.0  # Retry-After is honoured up to this
+    request_timeout_secs: PositiveFloat = 5.0
+    retry_deadline_secs: PositiveFloat = 60.0  # a device gives a request up after this long
+    max_retry_wait_secs: PositiveFloat = 1.0  # Retry-After is honoured up to this
 
 
-class LakeSettings(_Section):
+class LakeSettings(Section):
     # "s3": the instances land through the S3 API in a bucket of moto's server, started by the drill
     kind: Literal["local", "s3"] = "local"
     bucket: str = "drill-lake"
 
 
-class TimingSettings(_Section):
-    precheck_secs: Positive = 8.0  # steady load measured before anything changes
-    planned_shift_secs: Positive = 12.0
-    unplanned_loss_secs: Positive = 12.0
-    rebalanced_secs: Positive = 8.0  # observed after the fleet rebalanced
-    sample_interval_secs: Positive = 0.5
+class TimingSettings(Section):
+    precheck_secs: PositiveFloat = 8.0  # steady load measured before anything changes
+    planned_shift_secs: PositiveFloat = 12.0
+    unplanned_loss_secs: PositiveFloat = 12.0
+    rebalanced_secs: PositiveFloat = 8.0  # observed after the fleet rebalanced
+    sample_interval_secs: PositiveFloat = 0.5
 
 
-class DrillSettings(_Section):
+class DrillSettings(Section):
     workdir: str = "var/drill"  # instances' WALs, the lake, logs; emptied at start
     report_dir: str = ""  # empty: <workdir>/report
     runbook: str = ""  # empty: deploy/runbooks/az-failover.yaml of this checkout

@@ -17,18 +17,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-PositiveInt = Annotated[int, Meta(ge=1)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
-Fraction = Annotated[float, Meta(ge=0, le=1)]
-Port = Annotated[int, Meta(ge=0, le=65535)]
-MiB = 1024 * 1024
+from gateway.config_types import Fraction, MiB, Port, PositiveFloat, PositiveInt, Section
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class TlsSettings(_Section):
+class TlsSettings(Section):
     enabled: bool = False
     cert_path: str = ""
     key_path: str = ""
@@ -51,7 +43,7 @@ class TlsSettings(_Section):
             raise ValueError('tls.client_cert = "required" needs client_ca_path')
 
 
-class ProxySettings(_Section):
+class ProxySettings(Section):
     # Peers (load balancers) whose X-Forwarded-For / X-Forwarded-Proto are believed. Empty: none.
     trusted_cidrs: list[str] = []
     # Honour X-Amzn-Mtls-Clientcert (ALB mTLS passthrough) from trusted peers; needs tls.client_ca_path.
@@ -67,7 +59,7 @@ class ProxySettings(_Section):
                 raise ValueError(f"trusted_cidrs: {cidr!r} is not an IP network") from None
 
 
-class RateLimitSettings(_Section):
+class RateLimitSettings(Section):
     enabled: bool = True
     # Per device, for the whole instance (its workers share the buckets, kept across restarts under wal.dir). A request is let in while the device's buckets are not in deficit, then charged.
     records_per_sec: PositiveFloat = 5_000.0
@@ -91,7 +83,7 @@ class RateLimitSettings(_Section):
         )
 
 
-class AdmissionSettings(_Section):
+class AdmissionSettings(Section):
     # Beyond any of these the gateway answers 503 with Retry-After instead of slowing everyone down.
     # Past this many requests being read or awaiting fsync, new ones get 503: queueing them only adds latency.
     max_inflight_requests: PositiveInt = 256
@@ -107,7 +99,7 @@ class AdmissionSettings(_Section):
     max_inflight_per_source: PositiveInt = 64
 
 
-class ConnectionSettings(_Section):
+class ConnectionSettings(Section):
     # Connections beyond this are answered 503 and closed at once, unless a connection that has never
     # sent a byte can make room (the oldest such is closed instead: idle sockets cannot hold the cap).
     max_connections: PositiveInt = 4096
@@ -132,7 +124,7 @@ class ConnectionSettings(_Section):
     refusal_delay_secs: Annotated[float, Meta(ge=0)] = 1.0
 
 
-class AdminSettings(_Section):
+class AdminSettings(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Port = 9090
@@ -144,7 +136,7 @@ class AdminSettings(_Section):
             raise ValueError("admin.enabled needs token_path (a file holding the bearer token)")
 
 
-class OpsSettings(_Section):
+class OpsSettings(Section):
     # Serve `/metrics` (Prometheus) on its own listener; the device listener never serves it.
     enabled: bool = True
     # Address of the ops listener: loopback, for an agent on the same host; another address exposes the metrics to that network.

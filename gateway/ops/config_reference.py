@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.config_types import MiB
 from gateway.settings import ENV_PREFIX, RELOADABLE_SECTIONS, Settings
 
 # Descriptions for fields whose definition carries no comment; keyed "section.key".
@@ -127,7 +128,6 @@ _UNITS = {
     "failures": "failures",
     "parts": "parts",
 }
-_MiB = 1024 * 1024
 
 
 def describe_type(annotation: Any) -> str:
@@ -172,8 +172,8 @@ def _constraints(meta: msgspec.Meta) -> list[str]:
 
 
 def _number(value: float) -> str:
-    if isinstance(value, int) and value >= _MiB and value % _MiB == 0:
-        return f"{value} ({value // _MiB} MiB)"
+    if isinstance(value, int) and value >= MiB and value % MiB == 0:
+        return f"{value} ({value // MiB} MiB)"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -202,8 +202,8 @@ def default(info: msgspec.structs.FieldInfo, parent: msgspec.Struct | None = Non
     from gateway.settings import _toml_value
 
     text = f"`{_toml_value(msgspec.to_builtins(value))}`"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= _MiB and value % _MiB == 0:
-        text += f" ({value // _MiB} MiB)"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= MiB and value % MiB == 0:
+        text += f" ({value // MiB} MiB)"
     return text
 
 
