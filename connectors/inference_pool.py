@@ -42,7 +42,7 @@ import numpy as np
 
 from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker, Permit
 from connectors.endpoint_health import MAX_PROBE_SECS, PROBE_SECS, Health, ProbeSchedule, log, log_change
-from connectors.errors import PermanentError, ThrottledError, TransientError
+from connectors.errors import NoEndpointError, PermanentError, ThrottledError, TransientError
 from connectors.inference import Inferencer, InferenceOutput
 from connectors.retry_budget import RetryBudget
 
@@ -52,15 +52,6 @@ AvailabilityListener = Callable[[bool], None]
 # Smoothed latency before an endpoint has answered anything; only the order of predictions matters.
 _LATENCY_PRIOR_S = 0.005
 _EWMA_ALPHA = 0.2
-
-
-class NoEndpointError(TransientError):
-    """No endpoint can take the call now: every breaker is open, or every endpoint tried has failed."""
-
-    def __init__(self, message: str, *, retry_after: float = 0.0, calls_failed: int = 0) -> None:
-        super().__init__(message, endpoint="")
-        self.retry_after = retry_after
-        self.calls_failed = calls_failed  # live calls that failed; 0 when nothing could be sent
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from batching import BackpressureError, Batcher, UnavailableError
-from connectors.errors import ThrottledError
+from connectors.errors import NoEndpointError, ThrottledError
 from connectors.inference import Inferencer, InferenceOutput
-from connectors.inference_pool import InferencePool, NoEndpointError
+from connectors.inference_pool import InferencePool
 
 
 def follow_availability(inferencer: Inferencer, batcher: Batcher[Any, Any], endpoint: str) -> None:

@@ -3,13 +3,16 @@
     ApiError                     -> {"error": code, "message": message}
     ├── MalformedBody        400 malformed framing, truncated compression, empty body
     ├── Unauthorized         401 missing or bad signature, stale timestamp, unknown device
+    │   └── Replayed         401 this signature was already accepted within the window
     ├── Forbidden            403 device disabled, or a record for another device
+    ├── RequestTimeout       408 the request body arrived too slowly
     ├── TooLarge             413 a size or count limit was exceeded
     ├── KeyReused            409 an Idempotency-Key already used with another body
     ├── UnsupportedMedia     415 content type or content encoding we do not speak
     ├── AllRecordsInvalid    422 not one record passed validation
     ├── RateLimited          429 slow down (Retry-After)
-    └── Unavailable          503 overloaded or draining (Retry-After)
+    ├── Unavailable          503 overloaded or draining (Retry-After)
+    └── AdminError           any  the admin API's answers, each with its own status and code
 """
 
 from __future__ import annotations
@@ -37,9 +40,18 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class Replayed(Unauthorized):
+    """401: this signature was already accepted within the window."""
+
+
 class Forbidden(ApiError):
     status = 403
     code = "forbidden"
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    code = "timeout"
 
 
 class TooLarge(ApiError):
@@ -74,3 +86,10 @@ class RateLimited(ApiError):
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"
+
+
+class AdminError(ApiError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.errors import Forbidden, Unauthorized
+from gateway.errors import Forbidden, Replayed, Unauthorized
 from gateway.auth.registry import DeviceRegistry
-from gateway.edge.replay import Replayed, ReplayGuard
+from gateway.edge.replay import ReplayGuard
 from gateway.auth.signing import SCHEME, signature
 
 

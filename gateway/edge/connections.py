@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, RequestTimeout
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
 
@@ -62,11 +62,6 @@ def fixed_response(error: ApiError) -> bytes:
 
 
 _REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
-
-
-class RequestTimeout(ApiError):
-    status = 408
-    code = "timeout"
 
 
 @dataclass(slots=True)

@@ -20,12 +20,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from gateway.errors import Unauthorized
-
-
-class Replayed(Unauthorized):
-    """401: this signature was already accepted within the window."""
-
 
 class ReplayGuard:
     def __init__(

@@ -19,7 +19,7 @@ from gateway.ingest.enrich import new_context
 from gateway.errors import AllRecordsInvalid, ApiError, KeyReused, MalformedBody, TooLarge, Unauthorized, Unavailable
 from gateway.ingest.validate import RequestBatch
 from gateway.edge.proxy import is_trusted_proxy
-from gateway.edge.replay import Replayed
+from gateway.errors import Replayed
 from gateway.durable.retry_ledger import LedgerError, request_key
 from gateway.service import GATEWAY, Gateway
 from gateway.ingest.spool import Spool, SpoolFull

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.errors import ApiError
+from gateway.errors import AdminError, ApiError
 from gateway.ingest.handler import error_response, json_response
 from gateway.ops.listener import start_operator_listener
 from gateway.auth.registry import DeviceRegistry, RegistryError, set_enabled
@@ -33,13 +33,6 @@ from gateway.ops.status.page import admin_routes, is_public
 log = logging.getLogger(__name__)
 
 TOKEN = web.AppKey("admin_token", bytes)
-
-
-class AdminError(ApiError):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def read_token(path: str) -> bytes:

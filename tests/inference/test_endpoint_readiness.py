@@ -12,8 +12,8 @@ import pytest
 
 from connectors.breaker import BreakerSettings, BreakerState
 from connectors.endpoint_health import Health
-from connectors.errors import TransientError
-from connectors.inference_pool import InferencePool, NoEndpointError
+from connectors.errors import NoEndpointError, TransientError
+from connectors.inference_pool import InferencePool
 from tests.inference.test_inference_pool import FakeEndpoint
 
 X = np.zeros((4, 8), dtype=np.float32)

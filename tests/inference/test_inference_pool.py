@@ -14,9 +14,9 @@ import pytest
 
 from connectors.breaker import BreakerSettings, BreakerState
 from connectors.endpoint_health import Health
-from connectors.errors import PermanentError, ThrottledError, TransientError
+from connectors.errors import NoEndpointError, PermanentError, ThrottledError, TransientError
 from connectors.inference import Inferencer, InferenceOutput
-from connectors.inference_pool import InferencePool, NoEndpointError
+from connectors.inference_pool import InferencePool
 from connectors.retry_budget import RetryBudget
 
 X = np.zeros((4, 8), dtype=np.float32)
