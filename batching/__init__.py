@@ -14,7 +14,7 @@ A small library with no knowledge of Triton: the caller supplies ``dispatch(endp
 
 from batching.batcher import Batcher
 from batching.clock import Clock, FakeClock, MonotonicClock
-from batching.concurrency import AdaptiveConcurrency, Permit
+from batching.concurrency import AdaptiveConcurrency, ConcurrencyPermit
 from batching.endpoint import Endpoint
 from batching.errors import BackpressureError, BatcherClosedError, BatchingError, QueueFullError, UnavailableError
 from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_OVERLOAD, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
@@ -31,6 +31,7 @@ __all__ = [
     "BatcherStats",
     "BatchingError",
     "Clock",
+    "ConcurrencyPermit",
     "DEFER_BACKPRESSURE",
     "DEFER_DEADLINE",
     "DEFER_OVERLOAD",
@@ -43,7 +44,6 @@ __all__ = [
     "MonotonicClock",
     "Ok",
     "Outcome",
-    "Permit",
     "QueueFullError",
     "ServiceTimeModel",
     "UnavailableError",

@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 
 from batching.admission import LagEstimate, WindowedExtreme
 from batching.clock import Cancellable, Clock, MONOTONIC, wait_event
-from batching.concurrency import Permit
+from batching.concurrency import ConcurrencyPermit
 from batching.endpoint import Endpoint, Ticket
 from batching.errors import BatcherClosedError, BatchingError, QueueFullError, UnavailableError, is_backpressure_error
 from batching.outcome import DEFER_BACKPRESSURE, DEFER_DEADLINE, DEFER_OVERLOAD, DEFER_SHUTDOWN, Deferred, Failed, Ok, Outcome
@@ -503,7 +503,7 @@ class Batcher(Generic[T, R]):
         endpoint: Endpoint,
         model: ServiceTimeModel,
         batch: list[PendingItem],
-        permit: Permit,
+        permit: ConcurrencyPermit,
         ticket: Ticket,
         expected_rtt_s: float,
     ) -> None:

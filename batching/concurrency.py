@@ -29,7 +29,7 @@ from batching.clock import Clock, MONOTONIC
 _HEALTHY, _BACKPRESSURE, _FAILURE = "success", "backpressure", "failure"
 
 
-class Permit:
+class ConcurrencyPermit:
     """One slot of an endpoint's concurrency, held for the duration of one call."""
 
     __slots__ = ("_limiter", "_generation", "_verdict", "_released")
@@ -63,7 +63,7 @@ class Permit:
         self._released = True
         self._limiter._release()
 
-    async def __aenter__(self) -> Permit:
+    async def __aenter__(self) -> ConcurrencyPermit:
         return self
 
     async def __aexit__(
@@ -84,9 +84,9 @@ class _Acquisition:
 
     def __init__(self, limiter: AdaptiveConcurrency) -> None:
         self._limiter = limiter
-        self._permit: Permit | None = None
+        self._permit: ConcurrencyPermit | None = None
 
-    async def __aenter__(self) -> Permit:
+    async def __aenter__(self) -> ConcurrencyPermit:
         self._permit = await self._limiter._wait_for_slot()
         return self._permit
 
@@ -127,7 +127,7 @@ class AdaptiveConcurrency:
         self._limit = initial
         self._in_flight = 0
         self._generation = 0
-        self._waiters: deque[asyncio.Future[Permit]] = deque()
+        self._waiters: deque[asyncio.Future[ConcurrencyPermit]] = deque()
         self._delays: list[float] = []
         self._costs: list[float] = []
         self._rtts: list[float] = []
@@ -160,22 +160,22 @@ class AdaptiveConcurrency:
         return self._baseline_rtt_s
 
     def acquire(self) -> _Acquisition:
-        """An async context manager that waits for a slot and yields a :class:`Permit`."""
+        """An async context manager that waits for a slot and yields a :class:`ConcurrencyPermit`."""
         return _Acquisition(self)
 
-    def try_acquire(self) -> Permit | None:
+    def try_acquire(self) -> ConcurrencyPermit | None:
         """A permit at once if a slot is free and nobody is queued for one, else None."""
         if self._waiters or self._in_flight >= self._limit:
             return None
         return self._grant()
 
-    async def _wait_for_slot(self) -> Permit:
+    async def _wait_for_slot(self) -> ConcurrencyPermit:
         permit = self.try_acquire()
         if permit is not None:
             return permit
         # Reaching the limit is what licenses the next increase (not app-limited).
         self._reached_limit = True
-        granted: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
+        granted: asyncio.Future[ConcurrencyPermit] = asyncio.get_running_loop().create_future()
         self._waiters.append(granted)
         try:
             return await granted
@@ -185,14 +185,14 @@ class AdaptiveConcurrency:
                 granted.result().release()
             raise
 
-    def _grant(self) -> Permit:
+    def _grant(self) -> ConcurrencyPermit:
         if self._in_flight == 0 and self._idle_since is not None:
             self._idle_total_s += self.clock.now() - self._idle_since
             self._idle_since = None
         self._in_flight += 1
         if self._in_flight >= self._limit:
             self._reached_limit = True
-        return Permit(self, self._generation)
+        return ConcurrencyPermit(self, self._generation)
 
     def _release(self) -> None:
         self._in_flight -= 1

@@ -11,7 +11,7 @@ Only endpoint failures count (timeouts, connection errors, server errors). Backp
 UNAVAILABLE "Exceeds maximum queue size", 429/503) means the endpoint is alive and busy; bad requests
 mean the data is wrong. Callers report those with ``release``, which counts for nothing.
 
-Every call takes a ``Permit`` first and hands it back with exactly one of ``record_success``,
+Every call takes a ``CallPermit`` first and hands it back with exactly one of ``record_success``,
 ``record_failure`` or ``release``. A permit remembers the breaker's epoch, so a slow call that started
 before the breaker changed state cannot close or re-open it afterwards. Time comes from an injected
 clock, so tests drive the state machine without sleeping.
@@ -58,7 +58,7 @@ class BreakerSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Permit:
+class CallPermit:
     """The right to make one call; ``probe`` is True for the single half-open trial call."""
 
     epoch: int
@@ -118,17 +118,17 @@ class CircuitBreaker:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def acquire(self) -> Permit | None:
+    def acquire(self) -> CallPermit | None:
         """A permit for one call, or None when the breaker is open or its probe slot is taken."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return Permit(self._epoch, probe=False)
+            return CallPermit(self._epoch, probe=False)
         if state is BreakerState.HALF_OPEN and not self._probe_out:
             self._probe_out = True
-            return Permit(self._epoch, probe=True)
+            return CallPermit(self._epoch, probe=True)
         return None
 
-    def record_success(self, permit: Permit) -> None:
+    def record_success(self, permit: CallPermit) -> None:
         if permit.epoch != self._epoch:
             return  # started before the last state change: says nothing about the endpoint now
         if permit.probe:
@@ -141,7 +141,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._observe(failed=False)
 
-    def record_failure(self, permit: Permit) -> None:
+    def record_failure(self, permit: CallPermit) -> None:
         if permit.epoch != self._epoch:
             return
         if permit.probe:
@@ -157,7 +157,7 @@ class CircuitBreaker:
         ):
             self._open()
 
-    def release(self, permit: Permit) -> None:
+    def release(self, permit: CallPermit) -> None:
         """End a call that says nothing about the endpoint's health (backpressure, bad request, cancel)."""
         if permit.epoch == self._epoch and permit.probe:
             self._probe_out = False

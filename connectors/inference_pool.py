@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker, Permit
+from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker, CallPermit
 from connectors.endpoint_health import MAX_PROBE_SECS, PROBE_SECS, Health, ProbeSchedule, log, log_change
 from connectors.errors import NoEndpointError, PermanentError, ThrottledError, TransientError
 from connectors.inference import Inferencer, InferenceOutput
@@ -248,7 +248,7 @@ class InferencePool:
         endpoint = self._by_name[name]
         return (endpoint.in_flight + 1) * endpoint.latency_ewma_s
 
-    def _choose(self, n: int, exclude: dict[str, str]) -> tuple[_Endpoint, Permit] | None:
+    def _choose(self, n: int, exclude: dict[str, str]) -> tuple[_Endpoint, CallPermit] | None:
         now = self._clock()
         candidates = [
             (self._predict(e.name, n), index, e)
@@ -403,7 +403,7 @@ class InferencePool:
         endpoint.last_success = self._clock()
         endpoint.latency_ewma_s += _EWMA_ALPHA * (latency_s - endpoint.latency_ewma_s)
 
-    def _failed(self, endpoint: _Endpoint, permit: Permit, exc: Exception) -> None:
+    def _failed(self, endpoint: _Endpoint, permit: CallPermit, exc: Exception) -> None:
         endpoint.failures += 1
         endpoint.warm = False  # check readiness again before the next live batch
         endpoint.last_error = str(exc)
