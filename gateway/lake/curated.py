@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import msgspec
 import numpy as np
@@ -48,23 +48,15 @@ _TAGS = CURATED_SCHEMA.field("tags").type
 _TS = CURATED_SCHEMA.field("event_time").type
 
 
-@dataclass(slots=True)
-class ScoredFrame:
+@dataclass(frozen=True, slots=True)
+class ScoredFrame(Frame):
     """A WAL frame with its records as a curated Arrow table, ready for a Parquet object."""
 
-    lsn: int
-    count: int
-    hour: int
-    received_ms: int
-    min_event_ms: int
-    max_event_ms: int
-    kind: int
-    payload: bytes
     table: pa.Table
 
-    @property
-    def end_lsn(self) -> int:
-        return self.lsn + self.count
+    @classmethod
+    def of(cls, frame: Frame, table: pa.Table) -> ScoredFrame:
+        return cls(*(getattr(frame, f.name) for f in fields(Frame)), table)
 
 
 @dataclass(slots=True)
@@ -402,10 +394,7 @@ async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[Sco
         )
         columns = await scorer.score([chunk for _, chunk in decoded])
         out.extend(
-            ScoredFrame(
-                f.lsn, f.count, f.hour, f.received_ms, f.min_event_ms, f.max_event_ms, f.kind, f.payload,
-                table.append_column(_INFERENCE_FIELD, column),
-            )
+            ScoredFrame.of(f, table.append_column(_INFERENCE_FIELD, column))
             for f, (table, _), column in zip(group, decoded, columns, strict=True)
         )
     for listener in tuple(scorer.listeners):
