@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 GENERATIONS = 3
 KINDS = (b"seq", b"request", b"signature")
+# Databases other parts of the instance keep in the ledger's environment (the rate-limit buckets), and room to grow.
+COMPANION_DBS = 4
 _U64 = struct.Struct(">Q")
 _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
@@ -108,6 +110,7 @@ class RetryLedger:
         self._env: lmdb.Environment | None = None
         self._dbs: dict[bytes, lmdb._Database] = {}
         self._meta = None
+        self._companions: dict[bytes, tuple] = {}  # name -> (environment, handle): see database()
         self._lock = threading.Lock()  # one write transaction per process at a time (LMDB's rule)
         self.pid = os.getpid()
 
@@ -130,7 +133,7 @@ class RetryLedger:
         env = lmdb.open(
             str(self.directory),
             map_size=self._map_bytes,
-            max_dbs=len(KINDS) * GENERATIONS + 2,
+            max_dbs=len(KINDS) * GENERATIONS + 1 + COMPANION_DBS,
             sync=False,
             metasync=False,
             max_readers=512,
@@ -141,6 +144,19 @@ class RetryLedger:
             for slot in range(GENERATIONS):
                 self._dbs[kind + b":%d" % slot] = env.open_db(kind + b":%d" % slot, create=True)
         return env
+
+    def database(self, name: bytes):
+        """(environment, handle) of a named database another part of the instance keeps beside the
+        ledger (the rate-limit buckets), opened once per environment; up to ``COMPANION_DBS`` of them."""
+        env = self._env
+        if env is None:
+            raise LedgerError("the retry ledger is closed")
+        handle = self._companions.get(name)
+        if handle is None or handle[0] is not env:
+            with self.write() as txn:
+                handle = (env, env.open_db(name, txn=txn, create=True))
+            self._companions[name] = handle
+        return handle
 
     def close(self) -> None:
         if self._env is not None:
@@ -188,7 +204,7 @@ class RetryLedger:
             value = txn.get(key, db=self._db(kind, generation - 1))
         return value
 
-    def _write(self):
+    def write(self):
         """A write transaction, one per process at a time; disk-full and map-full become LedgerError."""
         return _WriteTxn(self)
 
@@ -201,7 +217,7 @@ class RetryLedger:
 
     def claim_request(self, key: bytes, body_sha256: str) -> Claim:
         """Claim ``key`` for this process, or say why not (its answer, a conflict, still running)."""
-        with self._write() as txn:
+        with self.write() as txn:
             raw = self._get(txn, b"request", key)
             if raw is not None:
                 entry = msgspec.msgpack.decode(raw, type=RequestEntry)
@@ -227,7 +243,7 @@ class RetryLedger:
 
     def release_request(self, key: bytes) -> None:
         """The claimed request failed (nothing of it lands): a retry must run it again."""
-        with self._write() as txn:
+        with self.write() as txn:
             generation = self._generation(txn, b"request")
             for g in (generation, generation - 1):
                 if g < 0:
@@ -240,7 +256,7 @@ class RetryLedger:
 
     def record(self, wal_id: str, through_lsn: int, seqs: list[tuple[str, int, int]], requests: list[tuple[bytes, str, bytes]]) -> None:
         """Remember durable records and answered requests, and that ``wal_id`` is recorded through ``through_lsn``."""
-        with self._write() as txn:
+        with self.write() as txn:
             seq_db = self._db(b"seq", self._maybe_advance(txn, b"seq"))
             for device_id, seq, event_ms in seqs:
                 txn.put(seq_key(device_id, seq), _U64.pack(event_ms), db=seq_db)
@@ -260,7 +276,7 @@ class RetryLedger:
 
     def forget_mark_beyond(self, wal_id: str, lsn: int) -> None:
         """The WAL was cut back to ``lsn``: its mark must not claim more."""
-        with self._write() as txn:
+        with self.write() as txn:
             mark = b"mark:" + wal_id.encode()
             old = txn.get(mark, db=self._meta)
             if old is not None and _U64.unpack(old)[0] > lsn:
@@ -270,7 +286,7 @@ class RetryLedger:
 
     def claim_signature(self, signature: str, expires_at: float) -> bool:
         key = signature.encode()
-        with self._write() as txn:
+        with self.write() as txn:
             raw = self._get(txn, b"signature", key)
             if raw is not None and _SIG.unpack(raw)[0] > time.time():
                 return False
@@ -280,7 +296,7 @@ class RetryLedger:
 
     def release_signature(self, signature: str) -> None:
         key = signature.encode()
-        with self._write() as txn:
+        with self.write() as txn:
             generation = self._generation(txn, b"signature")
             for g in (generation, generation - 1):
                 if g >= 0:

@@ -50,18 +50,9 @@ class SharedBuckets:
 
     def __init__(self, ledger: RetryLedger) -> None:
         self._ledger = ledger
-        self._env = None
-        self._db = None
 
     def _handle(self):
-        env = self._ledger._env
-        if env is None:
-            raise LedgerError("the retry ledger is closed")
-        if env is not self._env:  # first use, or the ledger was reopened
-            with self._ledger._write() as txn:
-                self._db = env.open_db(DB_NAME, txn=txn, create=True)
-            self._env = env
-        return env, self._db
+        return self._ledger.database(DB_NAME)
 
     def levels(self, device: str, limits: Limits, now: float) -> tuple[float, float] | None:
         """The device's shared levels now, or None when it has no bucket (a full one)."""
@@ -79,7 +70,7 @@ class SharedBuckets:
         """Charge ``debt`` to the device's bucket and take up to ``want`` more as a lease; returns the lease."""
         env, db = self._handle()
         key = _key(device)
-        with self._ledger._write() as txn:
+        with self._ledger.write() as txn:
             levels = limits.refill(txn.get(key, db=db), now)
             granted = []
             left = []
