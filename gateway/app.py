@@ -8,7 +8,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.ops import health, openapi
-from gateway.ingest.handler import ROUTE, json_response, post_telemetry
+from gateway.ingest.handler import ROUTE, post_telemetry
+from gateway.responses import json_response
 from gateway.service import GATEWAY, Gateway
 
 

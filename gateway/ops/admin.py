@@ -23,7 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.errors import AdminError, ApiError
-from gateway.ingest.handler import error_response, json_response
+from gateway.responses import error_response, json_response
 from gateway.ops.listener import start_operator_listener
 from gateway.auth.registry import DeviceRegistry, RegistryError, set_enabled
 from gateway.service import GATEWAY

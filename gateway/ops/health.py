@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.ingest.handler import json_response
+from gateway.responses import json_response
 from gateway.service import GATEWAY
 
 
