@@ -13,6 +13,7 @@ nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -38,13 +39,11 @@ log = logging.getLogger(__name__)
 class RunningGateway:
     """A started gateway and its listener; ``stop`` drains it."""
 
-    def __init__(
-        self, gateway: Gateway, runner: web.AppRunner, site: web.TCPSite, admin: web.AppRunner | None = None
-    ) -> None:
+    def __init__(self, gateway: Gateway, runner: web.AppRunner, site: web.TCPSite) -> None:
         self.gateway = gateway
         self.runner = runner
         self.site = site
-        self.admin = admin  # the admin listener's runner, when [admin] is enabled
+        self.admin: web.AppRunner | None = None  # the admin listener's runner, when [admin] is enabled
         self.ops: web.AppRunner | None = None  # the ops listener's runner (/metrics), when [ops] is enabled
         self.peers: web.AppRunner | None = None  # this worker's local socket for its siblings (workers > 1)
         self.stopped = False
@@ -101,48 +100,47 @@ async def start_gateway(
 ) -> RunningGateway:
     """Start a gateway; a supervisor's worker gets its index and the instance's bound ``listener``."""
     gw = gateway or Gateway(settings, worker_index=worker_index)
-    await gw.start()
-    # Per-device limits for the whole instance and across restarts: buckets in the retry ledger's store.
-    gw.security.limiter.use_shared(SharedBuckets(gw.ledger))
-    app = build_app(gw)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        # Always installed; it follows the live [log] section, so SIGHUP can turn it on and off.
-        access_log=logging.getLogger(logs.ACCESS_LOGGER),
-        access_log_class=logs.access_logger_class(lambda: gw.settings),
-        shutdown_timeout=settings.drain.deadline_secs,
-        # We decompress ourselves: the signature covers the body as sent, and limits apply as it inflates.
-        auto_decompress=False,
-    )
-    await runner.setup()
-    listen = settings.listen
-    tls = settings.tls
-    # Connections go through the guard: a cap, header and idle timeouts, a maximum age.
-    site = GuardedSite(
-        runner,
-        listen.host,
-        listen.port,
-        guard=gw.security.connections,
-        handshake_timeout_secs=tls.handshake_timeout_secs,
-        ssl_context=server_context(tls) if tls.enabled else None,
-        backlog=listen.backlog,
-        sock=listener,
-    )
-    admin = ops = None
-    try:
+    # Start-up is one stack: whatever started is closed again, in reverse, if a later part fails.
+    async with contextlib.AsyncExitStack() as started:
+        await gw.start()
+        started.push_async_callback(gw.close)
+        # Per-device limits for the whole instance and across restarts: buckets in the retry ledger's store.
+        gw.security.limiter.use_shared(SharedBuckets(gw.ledger))
+        runner = web.AppRunner(
+            build_app(gw),
+            handle_signals=False,
+            # Always installed; it follows the live [log] section, so SIGHUP can turn it on and off.
+            access_log=logging.getLogger(logs.ACCESS_LOGGER),
+            access_log_class=logs.access_logger_class(lambda: gw.settings),
+            shutdown_timeout=settings.drain.deadline_secs,
+            # We decompress ourselves: the signature covers the body as sent, and limits apply as it inflates.
+            auto_decompress=False,
+        )
+        await runner.setup()
+        started.push_async_callback(runner.cleanup)
+        listen = settings.listen
+        tls = settings.tls
+        # Connections go through the guard: a cap, header and idle timeouts, a maximum age.
+        site = GuardedSite(
+            runner,
+            listen.host,
+            listen.port,
+            guard=gw.security.connections,
+            handshake_timeout_secs=tls.handshake_timeout_secs,
+            ssl_context=server_context(tls) if tls.enabled else None,
+            backlog=listen.backlog,
+            sock=listener,
+        )
         await site.start()
-        admin = await start_admin(gw)  # off by default; never on the device listener
-        ops = await start_ops(gw)  # on by default; never on the device listener
-    except (OSError, ValueError):
-        if admin is not None:
-            await admin.cleanup()
-        await runner.cleanup()
-        await gw.close()
-        raise
-    running = RunningGateway(gw, runner, site, admin)
-    running.ops = ops
-    running.peers = await start_peer_listener(gw)
+        running = RunningGateway(gw, runner, site)
+        for attribute, start in (("admin", start_admin), ("ops", start_ops), ("peers", start_peer_listener)):
+            # admin: off by default; ops (/metrics): on by default; neither ever on the device listener.
+            # peers: this worker's local socket for its siblings (workers > 1).
+            listener_runner = await start(gw)
+            if listener_runner is not None:
+                started.push_async_callback(listener_runner.cleanup)
+            setattr(running, attribute, listener_runner)
+        started.pop_all()  # all started: from now on RunningGateway.stop drains them in its own order
     log.info("listening", extra={"url": running.url})
     return running
 

@@ -160,3 +160,26 @@ async def test_sigterm_while_starting_still_drains_and_exits_cleanly(tmp_path, g
         log.close()
     text = (tmp_path / "young.log").read_text()
     assert '"msg":"gateway started"' in text and '"msg":"drained"' in text
+
+
+async def test_a_start_that_fails_late_closes_what_it_started(tmp_path):
+    """The ops port taken: start-up fails after the WAL, ledger and device listener started; all are closed again."""
+    import socket
+
+    from gateway.server import start_gateway
+    from gateway.settings import load_settings
+    from tests.gateway.conftest import make_env
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        env = make_env(tmp_path, ops={"host": "127.0.0.1", "port": taken.getsockname()[1]})
+        with pytest.raises(OSError):
+            await start_gateway(load_settings(env.config, environ={}))
+    finally:
+        taken.close()
+    # Nothing is left holding the WAL directory's locks, the ledger or a port: the same start now works.
+    running = await start_gateway(load_settings(env.config, environ={}))
+    assert running.gateway.pipeline.wal.refusal() is None
+    await running.stop()
