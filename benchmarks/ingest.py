@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "scenario": "ingest",
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "settings": vars(args) | {"json": str(args.json) if args.json else None},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "summary": summarize(reps),
         "reps": reps,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
