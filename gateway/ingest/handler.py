@@ -10,16 +10,16 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from gateway.auth.hmac import Principal
-from gateway.ingest.body import body_format, decompressor, framer
+from gateway.ingest.admit import Admitted, admit
+from gateway.responses import error_response, json_response
+from gateway.ingest.body import decompressor, framer
 from gateway.edge.connections import BodyDeadline
 from gateway.ingest.enrich import new_context
-from gateway.errors import AllRecordsInvalid, ApiError, KeyReused, MalformedBody, TooLarge, Unauthorized, Unavailable
+from gateway.errors import ApiError, KeyReused, MalformedBody, Replayed, TooLarge, Unauthorized, Unavailable
 from gateway.ingest.validate import RequestBatch
-from gateway.edge.proxy import is_trusted_proxy
-from gateway.errors import Replayed
 from gateway.durable.retry_ledger import LedgerError, request_key
 from gateway.service import GATEWAY, Gateway
 from gateway.ingest.spool import Spool, SpoolFull
@@ -32,23 +32,6 @@ READ_CHUNK_BYTES = 256 * 1024
 # larger one (a few hundred records) is decoded in a thread, so it never holds up other devices.
 INLINE_DECODE_BYTES = 16 * 1024
 ROUTE = "/v1/telemetry"
-_WAL_REFUSALS = {
-    "full": "the gateway's write-ahead log is full while the lake catches up; retry later",
-    "no_space": "the gateway's disk is full; retry later",
-    "failed": "the gateway's write-ahead log is recovering from a disk error; retry later",
-}
-
-
-def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
-
-
-def error_response(error: ApiError) -> web.Response:
-    body: dict[str, object] = {"error": error.code, "message": error.message}
-    if isinstance(error, AllRecordsInvalid):
-        body["errors"] = error.errors
-    headers = {"Retry-After": str(error.retry_after_secs)} if error.retry_after_secs is not None else None
-    return json_response(error.status, body, headers)
 
 
 async def post_telemetry(request: web.Request) -> web.Response:
@@ -76,71 +59,37 @@ async def post_telemetry(request: web.Request) -> web.Response:
 
 
 async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
-    settings = gw.settings
-    limits = settings.limits
-    if gw.draining:
-        raise Unavailable("the gateway is shutting down; retry (another instance will answer)", retry_after_secs=1)
-    refusal = gw.pipeline.wal.refusal()
-    if refusal is not None:
-        raise Unavailable(
-            _WAL_REFUSALS.get(refusal, "the gateway cannot persist records right now; retry"),
-            retry_after_secs=settings.wal.retry_after_secs,
-        )
-    security = gw.security
-    wal = gw.pipeline.wal
-    security.admission.check(
-        inflight_requests=gw.inflight,
-        declared_bytes=request.content_length or 0,
-        wal_bytes=wal.total_bytes,
-        wal_capacity=wal.max_total_bytes,
-        wal_retry_after_secs=settings.wal.retry_after_secs,
-        loop_lag_secs=gw.loop_lag_secs,
-    )
-    peer, cert_device = security.identify(request)
-    fmt = body_format(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
-    decompressor(encoding)  # 415 for an unknown encoding before any byte is read
-    if request.content_length is not None and request.content_length > limits.max_body_bytes:
-        raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
-    # The device's address; a trusted proxy that forwarded none speaks for many devices and has no share.
-    source = None if is_trusted_proxy(peer.address or "", settings.proxy) else peer.address or "unknown"
-    if source is not None:
-        security.failures.check(source)  # a source whose requests keep failing authentication waits
-    pending = gw.authenticator.begin(request.headers, cert_device=cert_device)
-    # Unauthenticated so far: only checked here (a deficit answers 429), charged once authenticated.
-    rate_key = getattr(pending, "device_id", None) or (pending if isinstance(pending, str) else None) or peer.address
-    security.limiter.check(rate_key)
-    if source is not None:
-        security.admission.enter(source)
-    raw = gw.pipeline.new_spool(limits.spool_memory_bytes)  # the body as sent, until it is authenticated
-    spool = gw.pipeline.new_spool(limits.spool_memory_bytes)  # its records as WAL frames
+    admitted = admit(request, gw)  # every refusal that needs no body
     try:
-        # 1 receive: only read and hash; nothing is decompressed or parsed before the signature holds.
-        digest, sent = await _receive(request, raw, limits)
+        digest, sent = await _receive(request, admitted.raw, gw.settings.limits)  # 1 receive: read and hash only
         idem_key = request.headers.get("Idempotency-Key")
+        principal = _authenticate(gw, admitted, request, digest, idem_key)  # 2 authenticate
+        if isinstance(principal, web.Response):
+            return principal  # a replay of a request already answered
         try:
-            principal = gw.authenticator.finish(pending, request.method, request.path, digest)  # 2 authenticate
-        except Replayed:
-            answered = _answered(gw, getattr(pending, "device_id", None), idem_key, digest)
-            if answered is None:
-                raise
-            return _replayed(answered)
-        except Unauthorized:
-            if source is not None:
-                security.failures.charge(source, 1, 0)  # failures cost the source, never a device
-            raise
-        try:
-            body = Received(raw, fmt, encoding, sent, digest, idem_key, rate_key, peer.address or None)
-            return await _accept(gw, principal, body, spool)
+            body = Received(admitted.raw, admitted.fmt, admitted.encoding, sent, digest, idem_key, admitted.rate_key, admitted.peer_address)
+            return await _accept(gw, principal, body, admitted.frames)  # 3-6 validate, enrich, persist, answer
         except Exception:
             if principal.replay_key:
-                security.replay.release(principal.replay_key)  # nothing of it landed: the device may resend it
+                gw.security.replay.release(principal.replay_key)  # nothing of it landed: the device may resend it
             raise
     finally:
-        if source is not None:
-            security.admission.leave(source)
-        raw.close()
-        spool.close()
+        admitted.release()
+
+
+def _authenticate(gw: Gateway, admitted: Admitted, request: web.Request, digest: str, idem_key: str | None) -> Principal | web.Response:
+    """Step 2 over the body as sent: the device, or the first answer to a replayed Idempotency-Key."""
+    try:
+        return gw.authenticator.finish(admitted.pending, request.method, request.path, digest)
+    except Replayed:
+        answered = _answered(gw, getattr(admitted.pending, "device_id", None), idem_key, digest)
+        if answered is None:
+            raise
+        return _replayed(answered)
+    except Unauthorized:
+        if admitted.source is not None:
+            gw.security.failures.charge(admitted.source, 1, 0)  # failures cost the source, never a device
+        raise
 
 
 @dataclass(frozen=True, slots=True)
