@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -10,7 +11,9 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -159,3 +162,24 @@ def cfn_copy(tmp_path: Path) -> Path:
     target = tmp_path / "cloudformation"
     shutil.copytree(CFN, target)
     return target
+
+
+def load_handler(name: str) -> ModuleType:
+    """A Lambda function's handler module, loaded from its file as Lambda would."""
+    spec = importlib.util.spec_from_file_location(f"{name}_handler", CFN / "lambdas" / name / "handler.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's server on a free loopback port, for the AWS calls the Lambda functions make."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -8,41 +8,21 @@ gateway.auth.secrets_source), so "the old key keeps verifying" is checked on the
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import boto3
 import pytest
 from cfnlint.decode import decode
-from moto.server import ThreadedMotoServer
 
-from .conftest import CFN
+from .conftest import CFN, load_handler
 
 REGION = "us-east-1"
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_handler", CFN / "lambdas" / name / "handler.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cp = _load("control_plane")
-rotation = _load("key_rotation")
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+cp = load_handler("control_plane")
+rotation = load_handler("key_rotation")
 
 
 @pytest.fixture

@@ -44,6 +44,18 @@ def fail_next_fdatasync(monkeypatch):
     return real_fdatasync
 
 
+async def assert_cut_back_and_resumed(wal: WriteAheadLog, path, monkeypatch, real_fdatasync) -> None:
+    """After a failed fsync: the log holds what was durable before it ("kept"), appends resume, and a
+    reopened log holds exactly the kept request and the one after."""
+    assert wal.next_lsn == 2, "the log was cut back to the last good fsync"
+    assert await wal.append([frame(1, b"later")]) == 3
+    await wal.close()
+    monkeypatch.setattr(wal_module.os, "fdatasync", real_fdatasync)
+    wal = await open_wal(path)
+    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
+    await wal.close()
+
+
 def read_all(wal: WriteAheadLog) -> list:
     reader = wal.reader(0)
     frames = []
@@ -152,13 +164,7 @@ async def test_a_failed_fsync_refuses_what_it_covered_and_is_never_retried(tmp_p
     with caplog.at_level(logging.CRITICAL), pytest.raises(WalFailed):
         await wal.append([frame(5, b"lost")])
     assert "fsync failed" in caplog.text
-    assert wal.next_lsn == 2, "the log was cut back to the last good fsync"
-    assert await wal.append([frame(1, b"later")]) == 3
-    await wal.close()
-    monkeypatch.setattr(wal_module.os, "fdatasync", real_fdatasync)
-    wal = await open_wal(tmp_path)
-    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
-    await wal.close()
+    await assert_cut_back_and_resumed(wal, tmp_path, monkeypatch, real_fdatasync)
 
 
 async def test_a_damaged_frame_inside_the_newest_segment_is_kept_aside(tmp_path, caplog):
@@ -186,10 +192,4 @@ async def test_a_failed_fsync_at_rotation_refuses_every_request_written_since_th
     with caplog.at_level(logging.CRITICAL):
         results = await asyncio.gather(wal.append([frame(3, b"fills", pad=300)]), wal.append([frame(1, b"rotates")]), return_exceptions=True)
     assert all(isinstance(r, WalFailed) for r in results), f"a request covered by the failed fsync was acknowledged: {results}"
-    assert wal.next_lsn == 2, "the log was cut back to the last good fsync"
-    assert await wal.append([frame(1, b"later")]) == 3
-    await wal.close()
-    monkeypatch.setattr(wal_module.os, "fdatasync", real_fdatasync)
-    wal = await open_wal(tmp_path)
-    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
-    await wal.close()
+    await assert_cut_back_and_resumed(wal, tmp_path, monkeypatch, real_fdatasync)
