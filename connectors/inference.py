@@ -6,10 +6,9 @@ Three pieces, each usable on its own:
   ``TritonInferencer`` over gRPC or HTTP, ``InferencePool`` over several of them). It takes a float32
   ``[n, k]`` tensor and returns an ``InferenceOutput`` (a score and a label per row). Errors are the
   ones in ``connectors.errors``.
-- ``FeatureShaper``: turns records (dicts with a ``"metrics"`` mapping of name -> number) into that
-  tensor from a configured, ordered feature list. A missing (or non-numeric, or non-finite) metric is
-  never silently zero: the policy either fills a configured value and reports which cells were filled,
-  or rejects the row with a reason.
+- ``ShapedBatch``: that tensor and how its rows map back to the records it came from (the gateway's
+  curated zone builds it in ``gateway.lake.curated.shape``). A missing metric is never silently
+  zero: it is either filled and reported as filled, or its row is rejected with a reason.
 - ``inference_fields``: joins a shaped batch and the model's output back into one ``inference`` dict
   per record, in input order, e.g. ``{"status": "ok", "model": "telemetry_anomaly", "version": "1",
   "score": 0.03, "label": "normal", "latency_ms": 2.1, "missing": 0}``.
@@ -17,8 +16,6 @@ Three pieces, each usable on its own:
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -67,13 +64,6 @@ class Inferencer(Protocol):
     async def close(self) -> None: ...
 
 
-class MissingPolicy(enum.StrEnum):
-    """What the shaper does with a row that lacks one of the model's metrics."""
-
-    FILL = "fill"  # put the configured fill value in, and report the cell as missing
-    REJECT = "reject"  # leave the row out of the tensor; its inference status is "failed"
-
-
 @dataclass(frozen=True, slots=True)
 class ShapedBatch:
     """A model input tensor and how its rows map back to the records it came from."""
@@ -93,98 +83,6 @@ class ShapedBatch:
     def missing_names(self, row: int) -> list[str]:
         """Names of the filled-in metrics of one tensor row."""
         return [name for name, gap in zip(self.feature_names, self.missing[row]) if gap]
-
-
-_NUMBER_TYPES = (int, float, np.integer, np.floating)
-
-
-def _as_float(value: Any) -> float:
-    """The metric as a float, or NaN when it is absent or not a number (the caller treats NaN as missing)."""
-    # bool is an int in Python but never a measurement; strings are not numbers even if they look like one.
-    if isinstance(value, bool) or not isinstance(value, _NUMBER_TYPES):
-        return math.nan
-    try:
-        return float(value)
-    except OverflowError:  # an integer beyond float range
-        return math.nan
-
-
-class FeatureShaper:
-    """Builds the model's float32 ``[n, k]`` input from records' ``metrics``, in a fixed feature order."""
-
-    def __init__(
-        self,
-        features: Sequence[str],
-        *,
-        missing: MissingPolicy | str = MissingPolicy.FILL,
-        fill_value: float | Mapping[str, float] = 0.0,
-    ) -> None:
-        if not features:
-            raise ValueError("the feature list is empty")
-        if len(set(features)) != len(features):
-            raise ValueError(f"the feature list repeats a name: {list(features)}")
-        self.features = tuple(features)
-        self.policy = MissingPolicy(missing)
-        if isinstance(fill_value, Mapping):
-            unknown = set(fill_value) - set(self.features)
-            if unknown:
-                raise ValueError(f"fill values for metrics the model does not use: {sorted(unknown)}")
-            absent = [f for f in self.features if f not in fill_value]
-            if self.policy is MissingPolicy.FILL and absent:
-                raise ValueError(f"no fill value for: {absent}")
-            fills = [float(fill_value.get(f, math.nan)) for f in self.features]
-        else:
-            fills = [float(fill_value)] * len(self.features)
-        if self.policy is MissingPolicy.FILL and not all(math.isfinite(v) for v in fills):
-            raise ValueError("fill values must be finite numbers")
-        self._fill = np.asarray(fills, dtype=np.float32)
-
-    @property
-    def width(self) -> int:
-        return len(self.features)
-
-    def shape(self, records: Sequence[Mapping[str, Any]]) -> ShapedBatch:
-        """Shape ``records`` into a tensor; rows the policy rejects are listed in ``rejected``."""
-        n = len(records)
-        features = self.features
-        rows: list[list[float]] = []
-        for record in records:
-            metrics = record.get("metrics")
-            if not isinstance(metrics, Mapping):
-                metrics = {}
-            row = [metrics.get(name) for name in features]
-            # Fast path: exact int/float values go to numpy as they are; anything else is checked cell by cell.
-            if not all(type(v) is float or type(v) is int for v in row):
-                row = [_as_float(v) for v in row]
-            rows.append(row)
-        with np.errstate(over="ignore", invalid="ignore"):
-            try:
-                values = np.array(rows, dtype=np.float32).reshape(n, len(features))
-            except OverflowError:  # an integer beyond float range slipped through the fast path
-                values = np.array([[_as_float(v) for v in row] for row in rows], dtype=np.float32)
-                values = values.reshape(n, len(features))
-        # NaN (absent), +-inf (non-finite, or too large for float32): all count as missing.
-        missing = ~np.isfinite(values)
-        if missing.any():
-            values = np.where(missing, self._fill, values).astype(np.float32)
-        rejected: dict[int, str] = {}
-        if self.policy is MissingPolicy.REJECT:
-            bad = np.flatnonzero(missing.any(axis=1))
-            for i in bad:
-                names = [f for f, gap in zip(self.features, missing[i]) if gap]
-                rejected[int(i)] = "missing metrics: " + ", ".join(names)
-            keep = np.flatnonzero(~missing.any(axis=1))
-            values, missing = values[keep], missing[keep]
-        else:
-            keep = np.arange(n)
-        return ShapedBatch(
-            features=np.ascontiguousarray(values),
-            rows=keep.astype(np.int64),
-            missing=missing,
-            rejected=rejected,
-            n_records=n,
-            feature_names=self.features,
-        )
 
 
 def inference_status(status: str, reason: str) -> dict[str, Any]:

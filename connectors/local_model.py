@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from connectors.errors import PermanentError
-from connectors.inference import FeatureShaper, InferenceOutput, MissingPolicy
+from connectors.inference import InferenceOutput
 from connectors.models.anomaly import DEFAULT_WEIGHTS_PATH, AnomalyModel
 
 
@@ -30,10 +30,6 @@ class LocalModelInferencer:
     @classmethod
     def from_file(cls, path: str, *, name: str = "local") -> LocalModelInferencer:
         return cls(AnomalyModel.load(path), name=name)
-
-    def shaper(self, *, missing: MissingPolicy | str = MissingPolicy.FILL) -> FeatureShaper:
-        """A shaper for this model's features that fills a missing metric with its typical value."""
-        return FeatureShaper(self.model.features, missing=missing, fill_value=self.model.neutral_values())
 
     async def start(self) -> None:
         """Nothing to connect: the weights were loaded in ``__init__``."""

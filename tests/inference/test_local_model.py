@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from connectors.errors import PermanentError
-from connectors.inference import FeatureShaper, Inferencer, inference_fields
+from connectors.inference import Inferencer, inference_fields
 from connectors.local_model import LocalModelInferencer
 from connectors.models import train_anomaly_model as training
 from connectors.models.anomaly import DEFAULT_WEIGHTS_PATH, FEATURES, MODEL_NAME, AnomalyModel
+from gateway.lake.curated import _typical_values, shape
+from tests.inference.test_feature_shaping import curated_lines
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +95,27 @@ async def test_local_inferencer_rejects_wrong_shape_as_permanent():
         await LocalModelInferencer().infer(np.zeros((3, 5), dtype=np.float32))
 
 
+def _typical(features=FEATURES) -> np.ndarray:
+    typical = _typical_values(features)
+    return np.array([typical[f] for f in features], dtype=np.float32)
+
+
 async def test_records_to_inference_fields_end_to_end():
     local = LocalModelInferencer()
-    shaper = local.shaper()
-    records = [
-        {"metrics": {"temperature_c": 21.0, "humidity_pct": 40.0, "pressure_hpa": 1010.0, "battery_v": 3.9,
-                     "rssi_dbm": -60.0, "cpu_pct": 15.0, "mem_pct": 45.0, "uptime_s": 86400.0}},
-        {"metrics": {"temperature_c": 85.0}},  # overheating; everything else filled with typical values
-    ]
-    batch = shaper.shape(records)
+    lines = curated_lines(
+        {"temperature_c": 21.0, "humidity_pct": 40.0, "pressure_hpa": 1010.0, "battery_v": 3.9,
+         "rssi_dbm": -60.0, "cpu_pct": 15.0, "mem_pct": 45.0, "uptime_s": 86400.0},
+        {"temperature_c": 85.0},  # overheating; everything else filled with typical values
+    )
+    batch = shape(lines, FEATURES, _typical(), reject_missing=False)
     fields = inference_fields(batch, await local.infer(batch.features))
     assert [f["label"] for f in fields] == ["normal", "anomaly"]
     assert [f["missing"] for f in fields] == [0, 7]
     assert fields[0]["score"] < 0.1 < 0.9 < fields[1]["score"]
 
 
-def test_shaper_from_model_fills_with_typical_values(model):
-    shaper = LocalModelInferencer(model).shaper()
-    assert isinstance(shaper, FeatureShaper)
-    batch = shaper.shape([{"metrics": {}}])
+def test_missing_metrics_are_filled_with_the_models_typical_values(model):
+    assert _typical_values(FEATURES) == model.neutral_values()
+    batch = shape(curated_lines({"unrelated": 1.0}), FEATURES, _typical(), reject_missing=False)
+    assert batch.missing.all()
     assert model.scores(batch.features)[0] < 0.1
