@@ -25,6 +25,7 @@ import msgspec
 
 from connectors.aws.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
 from connectors.errors import ConnectorError
+from gateway.durable.durable_files import ensure_directory, write_atomically
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.records import DeviceId
 from gateway.auth.registry import MIN_KEY_CHARS, Device, DeviceRegistry, RegistryError
@@ -115,17 +116,10 @@ class SecretsManagerRegistry:
         if self._cache is None:
             return
         payload = msgspec.json.encode(_Cached(time.time(), devices))
-        tmp = self._cache.with_name(f".{self._cache.name}.{os.getpid()}.tmp")
         try:
-            self._cache.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._cache)
+            ensure_directory(self._cache.parent)
+            write_atomically(self._cache, payload, mode=0o600)  # keys: readable by the owner only
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             log.warning("cannot write the registry cache; a start during an outage will fail", extra={"error": str(exc)})
 
     def refresh_soon(self) -> None:
