@@ -11,8 +11,9 @@
   maximum sustained throughput (never used for latency figures), and it is the flood of the abuse
   benchmark and the sender of the fuzzing run, from any source of bodies with a ``next()``.
 
-This is the one request sender of ``benchmarks/``; ``poisson_arrivals`` is the one arrival process
-(the inference scenarios feed the batcher from it too).
+Both loops send through ``gateway.simulator``'s ``send`` (one request, its answer and latency), the
+open loop paces its schedule with ``gateway.simulator.paced``: the demo's ``drive`` shares that core.
+``poisson_arrivals`` is the one arrival process (the inference scenarios feed the batcher from it too).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import orjson
 
 from benchmarks.stats import percentile
 from gateway.auth.signing import SCHEME, signature
-from gateway.simulator import SimulatedDevice
+from gateway.simulator import SimulatedDevice, paced, send
 
 REQUEST_TIMEOUT_S = 30.0
 
@@ -146,15 +147,11 @@ class Run:
 
 
 async def _send(session, url, body, headers, run: Run, intended: float, begin: float, measured: bool) -> None:
-    status: int | str
-    try:
-        async with session.post(url, data=body, headers=headers) as resp:
-            await resp.read()
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        status = "error"
-        run.errors[type(exc).__name__] = run.errors.get(type(exc).__name__, 0) + 1
-    latency = time.perf_counter() - intended
+    """One request through the simulator's ``send``, its answer counted into ``run``."""
+    answer = await send(session, url, body, headers, intended)
+    status, latency = answer.status, answer.latency_s
+    if answer.error is not None:
+        run.errors[answer.error] = run.errors.get(answer.error, 0) + 1
     run.statuses[status] = run.statuses.get(status, 0) + 1
     if status == 202:
         run.requests += 1
@@ -190,7 +187,7 @@ async def closed_loop(
             while time.perf_counter() < stop_at and (requests is None or run.sent < requests):
                 body, headers = prepared.next()
                 run.sent += 1
-                await _send(session, url + "/v1/telemetry", body, headers, run, time.perf_counter(), begin, True)
+                await _send(session, url, body, headers, run, time.perf_counter(), begin, True)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         run.duration_s = time.perf_counter() - begin
@@ -245,15 +242,11 @@ async def open_loop(
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_inflight), timeout=timeout) as session:
         begin = time.perf_counter()
-        for offset in offsets:
-            intended = begin + offset
-            delay = intended - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async for offset, intended in paced(offsets, begin):
             run.send_lag_s.append(time.perf_counter() - intended)
             body, headers = prepared.next()
             run.sent += 1
-            task = asyncio.create_task(_send(session, url + "/v1/telemetry", body, headers, run, intended, begin, offset >= warmup_s))
+            task = asyncio.create_task(_send(session, url, body, headers, run, intended, begin, offset >= warmup_s))
             tasks[task] = (intended, offset >= warmup_s)
             task.add_done_callback(lambda t: tasks.pop(t, None))
         if tasks:

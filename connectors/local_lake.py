@@ -1,7 +1,8 @@
 """``LocalLakeSink``: the embedded default's lake, a directory with the same layout as the bucket.
 
-An object becomes visible atomically (written to a temporary name, fsynced, renamed), so a reader
-never sees half an object and a replay after a crash simply replaces it with identical bytes.
+An object becomes visible atomically (written to a new temporary name, fsynced, renamed:
+``connectors.durable_files.write_atomically``), so a reader never sees half an object and a replay
+after a crash simply replaces it with identical bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 from connectors.base import LakeObject, LandedObject
+from connectors.durable_files import ensure_directory, write_atomically
 from connectors.errors import PermanentError, TransientError
 
 
@@ -38,35 +40,10 @@ class LocalLakeSink:
         )
 
     def _write(self, path: Path, body: bytes) -> None:
-        self._make_directories(path.parent)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(body)
-            if self._fsync:
-                f.flush()
-                os.fdatasync(f.fileno())
-        os.replace(tmp, path)
-        if self._fsync:
-            _fsync_directory(path.parent)
-
-    def _make_directories(self, directory: Path) -> None:
-        """Create a partition's directories so they survive a crash: each new entry's parent is fsynced."""
-        missing = []
-        while not directory.exists():
-            missing.append(directory)
-            directory = directory.parent
-        for new in reversed(missing):
-            new.mkdir(exist_ok=True)
-            if self._fsync:
-                _fsync_directory(new.parent)
+        # A partition's new directories survive a crash (each new entry's parent fsynced); objects
+        # are world-readable as far as the umask allows, like any file the lake's readers open.
+        ensure_directory(path.parent, fsync=self._fsync)
+        write_atomically(path, body, mode=0o666, fsync=self._fsync)
 
     async def close(self) -> None:
         return None
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,16 +3,21 @@
 Used by ``edge-gateway demo`` and by the benchmarks. Open loop means requests go out on a fixed
 schedule whatever the gateway does, and latency is measured from the *intended* send time, so a
 slow gateway cannot hide its slowness by slowing the generator (no coordinated omission).
+
+The sending core is here once: ``paced`` (each intended send time of a schedule fixed in advance)
+and ``send`` (one batch posted, its answer and its latency from the intended time). ``drive`` (the
+demo) is built on them, and so are ``benchmarks.loadgen``'s open and closed loops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -72,6 +77,40 @@ class SimulatedDevice:
         return body, headers
 
 
+@dataclass(slots=True)
+class Answer:
+    """One request's outcome: its HTTP status, or ``"error"`` when no answer came."""
+
+    status: int | str
+    body: bytes
+    latency_s: float  # from the intended send time to the answer (or the failure)
+    error: str | None = None  # the exception's class name when ``status`` is "error"
+
+
+async def send(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], intended: float
+) -> Answer:
+    """POST one batch to ``url``/v1/telemetry; a connection failure or timeout is an answer, never raised."""
+    try:
+        async with session.post(url + "/v1/telemetry", data=body, headers=headers) as resp:
+            payload = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Answer("error", b"", time.perf_counter() - intended, type(exc).__name__)
+    return Answer(status, payload, time.perf_counter() - intended)
+
+
+async def paced(offsets: Iterable[float], begin: float) -> AsyncIterator[tuple[float, float]]:
+    """Each ``(offset, intended)`` of a schedule once its time has come (``intended`` = ``begin`` + offset,
+    on the ``time.perf_counter`` clock). The caller starts each request without waiting for it: open loop."""
+    for offset in offsets:
+        intended = begin + offset
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield offset, intended
+
+
 @dataclass
 class LoadResult:
     sent_requests: int = 0
@@ -108,34 +147,27 @@ async def drive(
         async def one(device: SimulatedDevice, intended: float) -> None:
             body, headers = device.request(records_per_request, encoding=encoding, invalid_ratio=invalid_ratio)
             try:
-                async with session.post(url + "/v1/telemetry", data=body, headers=headers) as resp:
-                    payload = await resp.read()
-                    result.status_counts[resp.status] = result.status_counts.get(resp.status, 0) + 1
-                    if resp.status == 202:
-                        result.accepted_records += orjson.loads(payload)["accepted"]
-            except (aiohttp.ClientError, TimeoutError):
-                result.errors += 1
+                answer = await send(session, url, body, headers, intended)
+                if answer.status == "error":
+                    result.errors += 1
+                else:
+                    result.status_counts[answer.status] = result.status_counts.get(answer.status, 0) + 1
+                    if answer.status == 202:
+                        result.accepted_records += orjson.loads(answer.body)["accepted"]
+                result.latencies_s.append(answer.latency_s)
             finally:
-                result.latencies_s.append(time.perf_counter() - intended)
                 inflight.release()
 
         start = time.perf_counter()
-        n = 0
-        while True:
-            intended = start + n * interval
-            if intended - start >= duration_s:
-                break
-            delay = intended - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        offsets = itertools.takewhile(lambda offset: offset < duration_s, (n * interval for n in itertools.count()))
+        async for _, intended in paced(offsets, start):
             await inflight.acquire()
-            device = devices[n % len(devices)]
+            device = devices[result.sent_requests % len(devices)]
             task = asyncio.create_task(one(device, intended))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             result.sent_requests += 1
             result.sent_records += records_per_request
-            n += 1
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
         result.elapsed_s = time.perf_counter() - start

@@ -49,6 +49,7 @@ from msgspec import Meta
 from connectors.aws.connector import AwsConnector
 from connectors.aws.settings import AwsClientSettings, PositiveSecs
 from connectors.base import LakeObject, LandedObject
+from connectors.durable_files import ensure_directory, fsync_directory
 from connectors.errors import ConnectorError, TransientError
 from connectors.retry import RetryPolicy, RetrySettings, Sleep
 
@@ -467,7 +468,7 @@ class EventOutbox:
         path = os.path.join(self.directory, f"events-{seq:016d}.ndjson")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -578,10 +579,7 @@ class EventOutbox:
         self._check_limit()
 
     def _open_directory(self) -> tuple[list[_OutboxFile], int]:
-        created = not os.path.isdir(self.directory)
-        os.makedirs(self.directory, exist_ok=True)
-        if created:
-            _fsync_dir(os.path.dirname(os.path.abspath(self.directory)))
+        ensure_directory(self.directory)
         lock_fd = os.open(os.path.join(self.directory, OUTBOX_LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -646,14 +644,6 @@ def _append(fd: int, data: bytes, size_before: int) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size_before)
         raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from gateway.durable.durable_files import write_atomically
+from connectors.durable_files import write_atomically
 from gateway.ingest.records import DeviceId
 
 KEY_BYTES = 32

@@ -25,7 +25,7 @@ import msgspec
 
 from connectors.aws.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
 from connectors.errors import ConnectorError
-from gateway.durable.durable_files import ensure_directory, write_atomically
+from connectors.durable_files import ensure_directory, write_atomically
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.records import DeviceId
 from gateway.auth.registry import MIN_KEY_CHARS, Device, DeviceRegistry, RegistryError

@@ -117,7 +117,7 @@ class RetryLedger:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        from gateway.durable.durable_files import ensure_directory
+        from connectors.durable_files import ensure_directory
 
         ensure_directory(self.directory)
         try:

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.durable.durable_files import ensure_directory, fsync_directory
+from connectors.durable_files import ensure_directory, fsync_directory
 
 log = logging.getLogger(__name__)
 

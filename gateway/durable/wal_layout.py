@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.durable.durable_files import ensure_directory, write_atomically
+from connectors.durable_files import ensure_directory, write_atomically
 
 INSTANCE_LOCK = "instance.lock"
 # Set by the supervisor for its workers: it holds the instance lock for them (value: the WAL root).

@@ -38,7 +38,7 @@ import msgspec
 
 from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
 from connectors.errors import ConnectorError, PermanentError
-from gateway.durable.durable_files import ReservedStateFile, ensure_directory
+from connectors.durable_files import ReservedStateFile, ensure_directory
 from gateway.lake.formats import ZstdNdjsonBuilder
 from gateway.durable.wal import Frame, WriteAheadLog
 

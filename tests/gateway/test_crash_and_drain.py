@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.durable.durable_files import ReservedStateFile
+from connectors.durable_files import ReservedStateFile
 from tests.gateway.conftest import make_env, read_zone
 
 pytestmark = pytest.mark.slow

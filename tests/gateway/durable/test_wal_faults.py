@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from gateway.durable import wal as wal_module
-from gateway.durable.durable_files import ReservedStateFile
+from connectors.durable_files import ReservedStateFile
 from gateway.durable.wal import KIND_RECORDS, WalFailed, WalNoSpace, WriteAheadLog, encode_frame
 
 

@@ -1,5 +1,9 @@
 """Making file-system changes durable: fsynced directories, atomic replacement, reserved state files.
 
+The one place for this, used by the connectors (the local lake, the EventBridge outbox) and by the
+gateway (WAL, retry ledger, landing state, device registry, key cache); it lives in ``connectors/``
+because connectors never import the gateway.
+
 A new file or directory is durable only once its parent directory is fsynced too. State that must be
 written while the disk is full (a zone's position, which is what frees WAL space) goes to a
 ``ReservedStateFile``: its space is allocated when it is created and later writes overwrite it in place.
@@ -14,15 +18,19 @@ from pathlib import Path
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def ensure_directory(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` (and parents) so that it survives a crash: each new entry's parent is fsynced."""
+def ensure_directory(path: str | os.PathLike[str], *, fsync: bool = True) -> Path:
+    """Create ``path`` (and parents) so that it survives a crash: each new entry's parent is fsynced.
+
+    An entry created meanwhile by someone else has its parent fsynced too: its creator may not have
+    done so yet. ``fsync=False`` (benchmarks that measure what durability costs) only creates.
+    """
     path = Path(path)
     missing = []
     at = path
@@ -30,11 +38,9 @@ def ensure_directory(path: str | os.PathLike[str]) -> Path:
         missing.append(at)
         at = at.parent
     for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue
-        fsync_directory(directory.parent)
+        directory.mkdir(exist_ok=True)
+        if fsync:
+            fsync_directory(directory.parent)
     return path
 
 
