@@ -29,7 +29,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("authenticate", ("gateway/auth/hmac.py", "gateway/auth/certificate.py", "gateway/edge/replay.py", "gateway/auth/signing.py")),
     ("decode + validate", ("gateway/ingest/validate.py", "gateway/ingest/body.py", "gateway/ingest/records.py")),
     ("enrich", ("gateway/ingest/enrich.py",)),
-    ("land: curated (score + Parquet)", ("gateway/lake/curated.py", "connectors/local_model.py", "connectors/inference", "batching/")),
+    ("land: curated (score + Parquet)", ("gateway/lake/curated.py", "connectors/inference/", "batching/")),
     ("land: raw + quarantine (zstd NDJSON)", ("gateway/lake/landing.py", "gateway/lake/formats.py", "connectors/")),
     ("admission + limits", ("gateway/edge/admission.py", "gateway/edge/ratelimit.py", "gateway/edge/connections.py", "gateway/edge/security.py")),
     ("http: read + answer", ("gateway/ingest/handler.py", "gateway/ingest/spool.py", "aiohttp/", "gateway/app.py")),

@@ -170,7 +170,7 @@ class _InferenceScenario(Repeated):
     backend = ""
 
     def _check(self) -> str | None:
-        for module in ("batching", "connectors.inference", "numpy"):
+        for module in ("batching", "connectors.inference.base", "numpy"):
             if importlib.util.find_spec(module) is None:
                 return f"{module} is not importable"
         return None
@@ -256,10 +256,10 @@ class LocalInferenceScenario(_InferenceScenario):
     backend = "local"
 
     def unavailable(self, ctx: Context) -> str | None:
-        return self._check() or (None if importlib.util.find_spec("connectors.local_model") else "connectors.local_model is missing")
+        return self._check() or (None if importlib.util.find_spec("connectors.inference.local_model") else "connectors.inference.local_model is missing")
 
     async def _open(self, ctx: Context, out: Collector):
-        from connectors.local_model import LocalModelInferencer
+        from connectors.inference.local_model import LocalModelInferencer
 
         async def cleanup() -> None:
             return None
@@ -276,12 +276,12 @@ class TritonInferenceScenario(_InferenceScenario):
         reason = triton_unavailable(ctx.profile)
         if reason:
             return reason
-        if importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("connectors.triton") is None:
-            return "tritonclient or connectors.triton is not importable"
+        if importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("connectors.inference.triton") is None:
+            return "tritonclient or connectors.inference.triton is not importable"
         return self._check()
 
     async def _open(self, ctx: Context, out: Collector):
-        from connectors.triton import TritonInferencer, TritonSettings
+        from connectors.inference.triton import TritonInferencer, TritonSettings
 
         workspace = Path(tempfile.mkdtemp(prefix="triton-", dir=ctx.workdir))
         server = TritonServer(ctx.workdir / "triton.log", workspace / "ws")

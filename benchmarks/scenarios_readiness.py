@@ -49,9 +49,9 @@ def _watch_ready(url: str, stop: threading.Event, found: list[float]) -> None:
 async def ready_to_first_score(workdir: Path, rep: int) -> dict[str, float]:
     """One repetition: seconds from model ready to the first scored record, and the outcome counts."""
     from batching import Batcher, Deferred, Failed, Ok
-    from connectors import pool_batching
-    from connectors.inference_pool import InferencePool
-    from connectors.triton import TritonInferencer, TritonSettings
+    from connectors.inference import pool_batching
+    from connectors.inference.pool import InferencePool
+    from connectors.inference.triton import TritonInferencer, TritonSettings
 
     workspace = Path(tempfile.mkdtemp(prefix="triton-ready-", dir=workdir))
     server = TritonServer(workdir / f"triton-ready-{rep}.log", workspace / "ws")

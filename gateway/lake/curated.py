@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batching import Batcher, BatchPolicy, Deferred, Failed, Ok, QueueFullError
-from connectors import pool_batching
+from connectors.inference import pool_batching
 from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE
-from connectors.inference import Inferencer, ShapedBatch
-from connectors.inference_pool import InferencePool
-from connectors.local_model import LocalModelInferencer
+from connectors.inference.base import Inferencer, ShapedBatch
+from connectors.inference.pool import InferencePool
+from connectors.inference.local_model import LocalModelInferencer
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.records import CuratedRequest, CuratedSource
 from gateway.durable.wal import Frame
@@ -330,7 +330,7 @@ def build_inferencer(settings) -> Inferencer:
     if settings.backend == "local":
         return LocalModelInferencer()
     try:
-        from connectors.triton import TritonInferencer, TritonSettings  # the `triton` extra
+        from connectors.inference.triton import TritonInferencer, TritonSettings  # the `triton` extra
     except ImportError as exc:
         raise ImportError("inference.backend = \"triton\" needs the `triton` extra: pip install 'edge-gateway[triton]'") from exc
     endpoints = [

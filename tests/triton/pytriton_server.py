@@ -1,7 +1,7 @@
 """Serve the telemetry anomaly model through a real Triton server (PyTriton, CPU) for tests and demos.
 
 Runs under the PyTriton virtualenv (numpy<2), not the gateway's: it imports only numpy, PyTriton
-and ``connectors.models.anomaly`` (numpy-only by design), so the scores it serves come from the same
+and ``connectors.inference.models.anomaly`` (numpy-only by design), so the scores it serves come from the same
 weights file and the same forward pass as ``LocalModelInferencer``.
 
     .venv-triton/bin/python tests/triton/pytriton_server.py --http-port 8000 --grpc-port 8001 \
@@ -34,7 +34,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
-from connectors.models.anomaly import DEFAULT_WEIGHTS_PATH, AnomalyModel  # noqa: E402
+from connectors.inference.models.anomaly import DEFAULT_WEIGHTS_PATH, AnomalyModel  # noqa: E402
 from pytriton.decorators import batch  # noqa: E402
 from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor  # noqa: E402
 from pytriton.triton import Triton, TritonConfig  # noqa: E402

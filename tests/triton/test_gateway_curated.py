@@ -8,7 +8,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.local_model import LocalModelInferencer
+from connectors.inference.local_model import LocalModelInferencer
 from gateway.server import start_gateway
 from gateway.settings import load_settings
 from tests.gateway.conftest import make_env, record, signed

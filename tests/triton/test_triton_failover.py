@@ -7,12 +7,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from connectors.breaker import BreakerSettings, BreakerState
-from connectors.endpoint_health import Health
-from connectors.inference_pool import InferencePool
-from connectors.local_model import LocalModelInferencer
-from connectors.models.train_anomaly_model import generate
-from connectors.triton import TritonInferencer
+from connectors.inference.breaker import BreakerSettings, BreakerState
+from connectors.inference.endpoint_health import Health
+from connectors.inference.pool import InferencePool
+from connectors.inference.local_model import LocalModelInferencer
+from connectors.inference.models.train_anomaly_model import generate
+from connectors.inference.triton import TritonInferencer
 
 pytestmark = pytest.mark.triton
 

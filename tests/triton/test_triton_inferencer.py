@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from connectors.errors import PermanentError, ThrottledError, TransientError
-from connectors.local_model import LocalModelInferencer
-from connectors.models.anomaly import MODEL_NAME
-from connectors.models.train_anomaly_model import generate
-from connectors.triton import TritonInferencer
+from connectors.inference.local_model import LocalModelInferencer
+from connectors.inference.models.anomaly import MODEL_NAME
+from connectors.inference.models.train_anomaly_model import generate
+from connectors.inference.triton import TritonInferencer
 
 pytestmark = pytest.mark.triton
 PROTOCOLS = ["grpc", "http"]
@@ -25,28 +25,6 @@ async def _started(settings) -> TritonInferencer:
     inferencer = TritonInferencer(settings)
     await inferencer.start()
     return inferencer
-
-
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-async def test_scores_match_the_local_model(primary, protocol):
-    triton = await _started(primary.settings(protocol))
-    try:
-        assert await triton.ready()
-        await triton.warm_up()
-        # 1500 rows: more than the model's max_batch_size (1024), so the call is split in two.
-        x = _rows(1500, seed=21)
-        out = await triton.infer(x)
-        expected = await LocalModelInferencer().infer(x)
-        np.testing.assert_allclose(out.scores, expected.scores, rtol=0, atol=1e-6)
-        assert list(out.labels) == list(expected.labels)
-        assert (out.model, out.version) == (MODEL_NAME, expected.version)
-        assert out.endpoint == f"primary-{protocol}"
-        assert out.latency_ms > 0
-        assert {"normal", "anomaly"} == set(out.labels)
-        empty = await triton.infer(np.zeros((0, 8), dtype=np.float32))  # nothing to send: no call
-        assert len(empty.scores) == 0 and list(empty.labels) == []
-    finally:
-        await triton.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

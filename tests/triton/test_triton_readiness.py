@@ -24,7 +24,7 @@ METRICS = ("temperature_c", "humidity_pct", "pressure_hpa", "battery_v", "rssi_d
 
 async def _gateway_seeing_not_ready(tmp_path, late_server, caplog, **inference):
     """A gateway scoring on the late server only, once its log says the endpoint is not ready."""
-    caplog.set_level(logging.INFO, logger="connectors.inference_pool")
+    caplog.set_level(logging.INFO, logger="connectors.inference.pool")
     env = make_env(tmp_path, inference={"backend": "triton", "offload": "thread", **inference})
     url = late_server.server.url("grpc")
     env.config.write_text(env.config.read_text() + f'\n[[inference.endpoints]]\nurl = "{url}"\nprotocol = "grpc"\n')

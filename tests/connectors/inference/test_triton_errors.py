@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from connectors.errors import PermanentError, ThrottledError, TransientError
-from connectors.triton import TritonInferencer, TritonSettings, translate_error
+from connectors.inference.triton import TritonInferencer, TritonSettings, translate_error
 
 
 def _server(status: str | None, message: str) -> InferenceServerException:
@@ -93,17 +92,3 @@ def test_endpoint_name_defaults_to_protocol_and_url():
 async def test_calls_before_start_are_a_programming_error():
     with pytest.raises(RuntimeError, match="start"):
         await TritonInferencer(TritonSettings(url="127.0.0.1:1")).ready()
-
-
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-async def test_unreachable_server_is_not_ready_and_calls_fail_transiently(protocol, unused_tcp_port):
-    # A loopback port with nothing listening: connection refused, fast and deterministic.
-    inferencer = TritonInferencer(TritonSettings(url=f"127.0.0.1:{unused_tcp_port}", protocol=protocol))
-    await inferencer.start()
-    try:
-        assert not await inferencer.ready()
-        with pytest.raises(TransientError) as caught:
-            await inferencer.infer(np.zeros((2, 8), dtype=np.float32))
-        assert not isinstance(caught.value, ThrottledError)
-    finally:
-        await inferencer.close()

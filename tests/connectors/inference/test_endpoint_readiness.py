@@ -10,11 +10,11 @@ import logging
 import numpy as np
 import pytest
 
-from connectors.breaker import BreakerSettings, BreakerState
-from connectors.endpoint_health import Health
+from connectors.inference.breaker import BreakerSettings, BreakerState
+from connectors.inference.endpoint_health import Health
 from connectors.errors import NoEndpointError, TransientError
-from connectors.inference_pool import InferencePool
-from tests.inference.test_inference_pool import FakeEndpoint
+from connectors.inference.pool import InferencePool
+from tests.connectors.inference.test_inference_pool import FakeEndpoint
 
 X = np.zeros((4, 8), dtype=np.float32)
 BREAKER = BreakerSettings(consecutive_failures=1, open_secs=30.0, jitter=0.0, half_open_successes=1)
@@ -48,7 +48,7 @@ async def test_not_ready_is_checked_again_with_a_short_backoff_and_never_trips_t
 async def test_every_state_change_is_one_log_line(clock, caplog):
     a = FakeEndpoint("a", ready=False, script=[TransientError("connection reset", endpoint="a")])
     pool = InferencePool([a], breaker_settings=BREAKER, clock=clock)
-    caplog.set_level(logging.INFO, logger="connectors.inference_pool")
+    caplog.set_level(logging.INFO, logger="connectors.inference.pool")
     with pytest.raises(NoEndpointError):
         await pool.infer(X)
     a.is_ready = True

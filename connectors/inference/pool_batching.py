@@ -16,8 +16,8 @@ import numpy as np
 
 from batching import BackpressureError, Batcher, UnavailableError
 from connectors.errors import NoEndpointError, ThrottledError
-from connectors.inference import Inferencer, InferenceOutput
-from connectors.inference_pool import InferencePool
+from connectors.inference.base import Inferencer, InferenceOutput
+from connectors.inference.pool import InferencePool
 
 
 def follow_availability(inferencer: Inferencer, batcher: Batcher[Any, Any], endpoint: str) -> None:

@@ -22,7 +22,7 @@ import enum
 import logging
 from dataclasses import dataclass
 
-log = logging.getLogger("connectors.inference_pool")
+log = logging.getLogger("connectors.inference.pool")
 
 # Seconds between readiness checks of an endpoint that is not ready: first, growth, and ceiling.
 PROBE_SECS = 1.0

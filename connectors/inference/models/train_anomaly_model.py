@@ -1,6 +1,6 @@
 """Train the telemetry anomaly model from synthetic data and write ``telemetry_anomaly.npz``.
 
-Run ``python -m connectors.models.train_anomaly_model [--out PATH] [--seed N]``. The data and the
+Run ``python -m connectors.inference.models.train_anomaly_model [--out PATH] [--seed N]``. The data and the
 initial weights come from one seeded generator and training is full-batch, so the same seed gives the
 same weights (up to BLAS rounding, far below the float32 precision the weights are stored in).
 
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from connectors.models.anomaly import DEFAULT_WEIGHTS_PATH, FEATURES, MODEL_NAME, AnomalyModel
+from connectors.inference.models.anomaly import DEFAULT_WEIGHTS_PATH, FEATURES, MODEL_NAME, AnomalyModel
 
 SEED = 20240611
 VERSION = "1"

@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from connectors.errors import PermanentError
-from connectors.inference import Inferencer, inference_fields
-from connectors.local_model import LocalModelInferencer
-from connectors.models import train_anomaly_model as training
-from connectors.models.anomaly import DEFAULT_WEIGHTS_PATH, FEATURES, MODEL_NAME, AnomalyModel
+from connectors.inference.base import inference_fields
+from connectors.inference.local_model import LocalModelInferencer
+from connectors.inference.models import train_anomaly_model as training
+from connectors.inference.models.anomaly import DEFAULT_WEIGHTS_PATH, FEATURES, MODEL_NAME, AnomalyModel
 from gateway.lake.curated import _typical_values, shape
-from tests.inference.test_feature_shaping import curated_lines
+from tests.connectors.inference.test_feature_shaping import curated_lines
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +72,6 @@ def test_each_kind_of_fault_raises_the_score(model):
 def test_model_rejects_wrong_width(model):
     with pytest.raises(ValueError, match="expected float32"):
         model.scores(np.zeros((2, 7), dtype=np.float32))
-
-
-async def test_local_inferencer_implements_the_protocol(model):
-    local = LocalModelInferencer(model)
-    assert isinstance(local, Inferencer)
-    await local.start()
-    assert await local.ready()
-    await local.warm_up()
-    x, y = training.generate(np.random.default_rng(3), 64)
-    out = await local.infer(x.astype(np.float32))
-    assert out.model == MODEL_NAME and out.version == model.version and out.endpoint == "local"
-    assert out.latency_ms >= 0
-    assert list(out.labels) == model.labels(out.scores).tolist()
-    assert set(out.labels) <= {"normal", "anomaly"}
-    await local.close()
-
-
-async def test_local_inferencer_rejects_wrong_shape_as_permanent():
-    with pytest.raises(PermanentError, match=r"\[n, 8\]"):
-        await LocalModelInferencer().infer(np.zeros((3, 5), dtype=np.float32))
 
 
 def _typical(features=FEATURES) -> np.ndarray:

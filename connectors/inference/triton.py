@@ -33,7 +33,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
-from connectors.inference import InferenceOutput
+from connectors.inference.base import InferenceOutput
 
 # gRPC UNAVAILABLE covers both "the server is shedding load" and "the transport is down"; the details
 # text is the only way to tell them apart. These fragments come from grpc core's transport errors.
@@ -140,7 +140,7 @@ class TritonSettings:
 
 
 class TritonInferencer:
-    """Implements ``connectors.inference.Inferencer`` against one Triton server."""
+    """Implements ``connectors.inference.base.Inferencer`` against one Triton server."""
 
     def __init__(self, settings: TritonSettings) -> None:
         self.settings = settings

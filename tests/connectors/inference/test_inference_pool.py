@@ -12,12 +12,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from connectors.breaker import BreakerSettings, BreakerState
-from connectors.endpoint_health import Health
+from connectors.inference.breaker import BreakerSettings, BreakerState
+from connectors.inference.endpoint_health import Health
 from connectors.errors import NoEndpointError, PermanentError, ThrottledError, TransientError
-from connectors.inference import Inferencer, InferenceOutput
-from connectors.inference_pool import InferencePool
-from connectors.retry_budget import RetryBudget
+from connectors.inference.base import Inferencer, InferenceOutput
+from connectors.inference.pool import InferencePool
+from connectors.inference.retry_budget import RetryBudget
 
 X = np.zeros((4, 8), dtype=np.float32)
 BREAKER = BreakerSettings(consecutive_failures=2, open_secs=30.0, jitter=0.0, half_open_successes=1)

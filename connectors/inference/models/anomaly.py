@@ -2,7 +2,7 @@
 
 This module imports nothing but numpy and the standard library, and uses only numpy APIs that exist in
 numpy 1.26 as well as numpy 2, because the same code runs in two places: in the gateway
-(``connectors.local_model``) and inside the PyTriton test server, whose virtualenv pins ``numpy<2``.
+(``connectors.inference.local_model``) and inside the PyTriton test server, whose virtualenv pins ``numpy<2``.
 One forward pass in one file is what lets the tests demand that both give the same scores.
 
 The model, for one row ``x`` of the eight features in ``FEATURES`` order:
@@ -13,7 +13,7 @@ The model, for one row ``x`` of the eight features in ``FEATURES`` order:
     score = sigmoid(h @ w2 + b2)                             in [0, 1]
     label = "anomaly" if score >= threshold else "normal"
 
-See ``connectors/models/README.md`` for what the features are and what the score means.
+See ``connectors/inference/models/README.md`` for what the features are and what the score means.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from connectors.inference import InferenceOutput, inference_fields
+from connectors.inference.base import InferenceOutput, inference_fields
 from gateway.ingest.records import CuratedSource, RecordBody
 from gateway.lake.curated import shape
 

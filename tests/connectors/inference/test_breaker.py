@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from connectors.inference.breaker import BreakerSettings, BreakerState, CircuitBreaker
 
 SETTINGS = BreakerSettings(
     consecutive_failures=3, failure_rate=0.5, min_requests=10, window_secs=10.0,

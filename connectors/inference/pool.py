@@ -9,7 +9,7 @@ For each call the pool:
 2. if that endpoint has been idle for ``idle_after_secs`` (or has never served, or failed last time),
    checks its readiness (KServe v2 server and model ready) and warms it up with one real inference
    before sending live traffic; concurrent calls share that one check. An endpoint that answers
-   "not ready" is skipped without any breaker penalty (see ``connectors.endpoint_health``) until a
+   "not ready" is skipped without any breaker penalty (see ``connectors.inference.endpoint_health``) until a
    later readiness check, every 1 to 2 seconds, finds it ready;
 3. sends the call; on an endpoint failure (``TransientError``: timeout, connection lost, server error)
    or backpressure (``ThrottledError``) it fails over to the next endpoint, if the ``RetryBudget``
@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connectors.breaker import BreakerSettings, BreakerState, CircuitBreaker, CallPermit
-from connectors.endpoint_health import MAX_PROBE_SECS, PROBE_SECS, Health, ProbeSchedule, log, log_change
+from connectors.inference.breaker import BreakerSettings, BreakerState, CircuitBreaker, CallPermit
+from connectors.inference.endpoint_health import MAX_PROBE_SECS, PROBE_SECS, Health, ProbeSchedule, log, log_change
 from connectors.errors import NoEndpointError, PermanentError, ThrottledError, TransientError
-from connectors.inference import Inferencer, InferenceOutput
-from connectors.retry_budget import RetryBudget
+from connectors.inference.base import Inferencer, InferenceOutput
+from connectors.inference.retry_budget import RetryBudget
 
 PredictCompletion = Callable[[str, int], float]
 AvailabilityListener = Callable[[bool], None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.retry_budget import RetryBudget
+from connectors.inference.retry_budget import RetryBudget
 
 
 def _spend_all(budget: RetryBudget) -> int:

@@ -1,7 +1,7 @@
 """``LocalModelInferencer``: the telemetry anomaly model run in process on the CPU (the default run).
 
-It implements ``connectors.inference.Inferencer`` exactly like ``TritonInferencer``, so the pipeline,
-the pool and the tests treat the two alike. The forward pass is ``connectors.models.anomaly``, the
+It implements ``connectors.inference.base.Inferencer`` exactly like ``TritonInferencer``, so the pipeline,
+the pool and the tests treat the two alike. The forward pass is ``connectors.inference.models.anomaly``, the
 same code the Triton test server runs, so both give the same scores for the same input.
 """
 
@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 from connectors.errors import PermanentError
-from connectors.inference import InferenceOutput
-from connectors.models.anomaly import DEFAULT_WEIGHTS_PATH, AnomalyModel
+from connectors.inference.base import InferenceOutput
+from connectors.inference.models.anomaly import DEFAULT_WEIGHTS_PATH, AnomalyModel
 
 
 class LocalModelInferencer:
