@@ -233,7 +233,7 @@ class WriteAheadLog:
         # reader thread never pairs one commit's segment with another's offset.
         self._durable: tuple[int, int, int] = (0, 0, 0)
         self._queue: list[_Queued] = []
-        self._queued_bytes = 0  # bytes queued or being written, counted against max_total_bytes
+        self._writing: list[_Queued] = []  # the batch the writer thread has now
         self._cut_backs = 0  # how often the log was cut back to its last good fsync
         self._dirty: asyncio.Event | None = None
         self._data: asyncio.Condition | None = None
@@ -372,7 +372,11 @@ class WriteAheadLog:
         return self._segments[0].first_lsn
 
     def has_room(self, nbytes: int = 0) -> bool:
-        return self.total_bytes + self._queued_bytes + nbytes < self.max_total_bytes
+        return self.total_bytes + self._unwritten_bytes() + nbytes < self.max_total_bytes
+
+    def _unwritten_bytes(self) -> int:
+        """Bytes accepted for writing but not yet in a segment's size (each counted once)."""
+        return sum(q.total_bytes for q in (*self._queue, *self._writing) if q.end_lsn < 0 and q.error is None)
 
     def refusal(self) -> str | None:
         """Why appends are refused right now (``closed``, ``failed``, ``no_space``, ``full``), or None."""
@@ -410,7 +414,6 @@ class WriteAheadLog:
             raise WalFull(f"the write-ahead log holds {self.total_bytes} bytes of its {self.max_total_bytes}")
         queued = _Queued(chunks, total_bytes, frame_count, note, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
-        self._queued_bytes += total_bytes
         self._dirty.set()
         # Shielded: a request given up on is still written (or not) whole; its answer is just unread.
         return await asyncio.shield(queued.future)
@@ -422,10 +425,11 @@ class WriteAheadLog:
             self._dirty.clear()
             batch, self._queue = self._queue, []
             if batch:
+                self._writing = batch
                 try:
                     await loop.run_in_executor(self._writer, self._write_and_sync, batch)
                 finally:
-                    self._queued_bytes -= sum(q.total_bytes for q in batch)
+                    self._writing = []
                     for q in batch:
                         if q.future.done():
                             continue
