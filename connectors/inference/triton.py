@@ -24,12 +24,15 @@ imported, since each costs 0.1-0.3 s at start-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+import typing
+from typing import Annotated, Any, Literal
 
 import aiohttp
+import msgspec
 import numpy as np
+from msgspec import Meta
 from tritonclient.utils import InferenceServerException
 
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
@@ -107,36 +110,45 @@ def _translate_server_exception(exc: InferenceServerException, endpoint: str) ->
     return TransientError(text, endpoint=endpoint)  # INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, CANCELLED
 
 
-@dataclass(frozen=True, slots=True)
-class TritonSettings:
-    """One Triton endpoint and the model it serves."""
+class TritonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One Triton endpoint and the model it serves.
 
-    url: str  # host:port, no scheme (the gRPC port for grpc, the HTTP port for http)
+    The constraints are the fields' ``Meta`` annotations. msgspec checks them when it decodes a
+    section; ``__post_init__`` checks them for a struct built in code too, so a bad value raises a
+    ``ValueError`` (``msgspec.ValidationError``) either way.
+    """
+
+    # host:port, no scheme (the gRPC port for grpc, the HTTP port for http)
+    url: Annotated[str, Meta(pattern=r"^(?!.*://)", description="host:port without a scheme")]
     protocol: Literal["grpc", "http"] = "grpc"
     model: str = "telemetry_anomaly"
     model_version: str = ""  # "" lets the server pick its policy's version
-    n_features: int = 8
+    n_features: Annotated[int, Meta(ge=1)] = 8
     input_name: str = "features"
     score_output: str = "score"
     label_output: str = "label"
-    client_timeout_secs: float = 1.0  # one inference call, end to end
-    readiness_timeout_secs: float = 1.0  # each readiness / metadata request
+    client_timeout_secs: Annotated[float, Meta(gt=0)] = 1.0  # one inference call, end to end
+    readiness_timeout_secs: Annotated[float, Meta(gt=0)] = 1.0  # each readiness / metadata request
     http_conn_limit: int = 64
     name: str = ""  # how logs, metrics and errors name it; default "<protocol>://<url>"
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be 'grpc' or 'http', not {self.protocol!r}")
-        if "://" in self.url:
-            raise ValueError(f"url is host:port without a scheme, got {self.url!r}")
-        if self.client_timeout_secs <= 0 or self.readiness_timeout_secs <= 0:
-            raise ValueError("timeouts must be > 0")
-        if self.n_features < 1:
-            raise ValueError("n_features must be >= 1")
+        for field, annotation in _field_types().items():
+            try:
+                msgspec.convert(getattr(self, field), annotation)
+            except msgspec.ValidationError as exc:
+                raise msgspec.ValidationError(f"{exc} - at `{field}`") from None
 
     @property
     def endpoint_name(self) -> str:
         return self.name or f"{self.protocol}://{self.url}"
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each ``TritonSettings`` field and its annotation, ``Meta`` constraints included."""
+    hints = typing.get_type_hints(TritonSettings, include_extras=True)
+    return {name: hints[name] for name in TritonSettings.__struct_fields__}
 
 
 class TritonInferencer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import msgspec
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -82,6 +83,15 @@ def test_our_own_errors_pass_through():
 def test_settings_are_validated(kwargs):
     with pytest.raises(ValueError):
         TritonSettings(**kwargs)
+
+
+def test_settings_decode_like_every_other_section():
+    settings = msgspec.convert({"url": "h:8000", "protocol": "http", "client_timeout_secs": 2}, TritonSettings)
+    assert settings == TritonSettings(url="h:8000", protocol="http", client_timeout_secs=2.0)
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.convert({"url": "h:1", "timeout": 1}, TritonSettings)
+    with pytest.raises(msgspec.ValidationError, match="n_features"):
+        TritonSettings(url="h:1", n_features=0)
 
 
 def test_endpoint_name_defaults_to_protocol_and_url():
