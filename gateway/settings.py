@@ -118,7 +118,7 @@ class LakeSettings(Section):
 
 
 class InferenceEndpointSettings(Section):
-    url: Annotated[str, Meta(min_length=1)]  # host:port (gRPC) or http://host:port (HTTP)
+    url: Annotated[str, Meta(min_length=1, pattern=r"^[^/]+:[0-9]+\Z")]  # host:port, for gRPC and HTTP alike (no scheme)
     protocol: Literal["grpc", "http"] = "grpc"
     name: str = ""
 

@@ -107,3 +107,13 @@ async def test_an_empty_registry_is_reported_at_start(tmp_path, caplog):
         running = await start_gateway(load_settings(config, environ={}))
         await running.stop()
     assert "holds no devices" in caplog.text and "edge-gateway device add" in caplog.text
+
+
+def test_an_inference_endpoint_url_with_a_scheme_is_refused_when_the_config_loads(tmp_path):
+    """Triton's clients take host:port for both protocols; a scheme would only fail at start-up."""
+    from gateway.settings import ConfigError, load_settings
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "http://127.0.0.1:8000"\nprotocol = "http"\n')
+    with pytest.raises(ConfigError, match="url"):
+        load_settings(config, environ={})
