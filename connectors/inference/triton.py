@@ -191,23 +191,21 @@ class TritonInferencer:
 
     # -- readiness and metadata ----------------------------------------------------------------
 
+    def _grpc_only(self, **extra) -> dict:
+        """Keyword arguments only the gRPC client takes (its own deadline, JSON answers); none for HTTP."""
+        return {"client_timeout": self.settings.readiness_timeout_secs, **extra} if self.settings.protocol == "grpc" else {}
+
     async def ready(self) -> bool:
         """Server live, server ready and model ready; False (never an error) when unreachable."""
         client = self._require_client()
         s = self.settings
+        kw = self._grpc_only()
         try:
             async with asyncio.timeout(s.readiness_timeout_secs):
-                if s.protocol == "grpc":
-                    t = s.readiness_timeout_secs
-                    return (
-                        await client.is_server_live(client_timeout=t)
-                        and await client.is_server_ready(client_timeout=t)
-                        and await client.is_model_ready(s.model, s.model_version, client_timeout=t)
-                    )
                 return (
-                    await client.is_server_live()
-                    and await client.is_server_ready()
-                    and await client.is_model_ready(s.model, s.model_version)
+                    await client.is_server_live(**kw)
+                    and await client.is_server_ready(**kw)
+                    and await client.is_model_ready(s.model, s.model_version, **kw)
                 )
         except (InferenceServerException, aiohttp.ClientError, OSError, asyncio.TimeoutError):
             return False
@@ -216,16 +214,13 @@ class TritonInferencer:
         """Verify the model's inputs and outputs match the settings; PermanentError if they do not."""
         client = self._require_client()
         s = self.settings
+        kw = self._grpc_only(as_json=True)
         try:
             async with asyncio.timeout(s.readiness_timeout_secs):
+                meta = await client.get_model_metadata(s.model, s.model_version, **kw)
+                config = await client.get_model_config(s.model, s.model_version, **kw)
                 if s.protocol == "grpc":
-                    t = s.readiness_timeout_secs
-                    meta = await client.get_model_metadata(s.model, s.model_version, as_json=True, client_timeout=t)
-                    config = await client.get_model_config(s.model, s.model_version, as_json=True, client_timeout=t)
-                    config = config.get("config", {})
-                else:
-                    meta = await client.get_model_metadata(s.model, s.model_version)
-                    config = await client.get_model_config(s.model, s.model_version)
+                    config = config.get("config", {})  # gRPC's JSON wraps it; HTTP's answer is the config
         except Exception as exc:  # noqa: BLE001 - every client failure is translated
             raise translate_error(exc, self.name) from exc
         problems = _metadata_problems(meta, s)
