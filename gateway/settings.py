@@ -117,10 +117,18 @@ class LakeSettings(Section):
     zstd_level: Annotated[int, Meta(ge=1, le=19)] = 1
 
 
+_HOST_PORT = re.compile(r"[^/]+:[0-9]+\Z")
+
+
 class InferenceEndpointSettings(Section):
-    url: Annotated[str, Meta(min_length=1, pattern=r"^[^/]+:[0-9]+\Z")]  # host:port, for gRPC and HTTP alike (no scheme)
+    url: Annotated[str, Meta(min_length=1)]  # host:port, for gRPC and HTTP alike (no scheme)
     protocol: Literal["grpc", "http"] = "grpc"
     name: str = ""
+
+    def __post_init__(self) -> None:
+        # Triton's clients take host:port for both protocols; a scheme would only fail at start-up.
+        if not _HOST_PORT.match(self.url):
+            raise ValueError(f"url must be host:port without a scheme or path, e.g. 10.0.3.7:8001; got {self.url!r}")
 
 
 class InferenceSettings(Section):
