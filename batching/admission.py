@@ -26,10 +26,10 @@ FLOOR_WINDOW_S = 0.1
 class WindowedExtreme:
     """The smallest (or largest) value observed over the last one to two windows; ``empty`` when none was."""
 
-    def __init__(self, window_s: float = FLOOR_WINDOW_S, *, largest: bool = False, empty: float = 0.0) -> None:
-        if window_s <= 0:
-            raise ValueError("window_s must be > 0")
-        self.window_s = window_s
+    def __init__(self, window_secs: float = FLOOR_WINDOW_S, *, largest: bool = False, empty: float = 0.0) -> None:
+        if window_secs <= 0:
+            raise ValueError("window_secs must be > 0")
+        self.window_secs = window_secs
         self._pick = max if largest else min
         self._empty = empty
         self._start = -math.inf
@@ -37,16 +37,16 @@ class WindowedExtreme:
         self._previous: float | None = None
 
     def observe(self, now: float, value: float) -> None:
-        if now >= self._start + self.window_s:
+        if now >= self._start + self.window_secs:
             # A window with nothing observed in between says nothing about now.
-            self._previous = self._current if now < self._start + 2 * self.window_s else None
+            self._previous = self._current if now < self._start + 2 * self.window_secs else None
             self._current = value
             self._start = now
         else:
             self._current = self._pick(self._current, value)
 
     def value(self, now: float) -> float:
-        if self._current is None or now >= self._start + 2 * self.window_s:
+        if self._current is None or now >= self._start + 2 * self.window_secs:
             return self._empty
         return self._current if self._previous is None else self._pick(self._current, self._previous)
 
@@ -58,18 +58,18 @@ class LagEstimate:
     estimate left high by a stall must not keep refusing work that would bring it down.
     """
 
-    def __init__(self, alpha: float = 0.2, window_s: float = FLOOR_WINDOW_S) -> None:
+    def __init__(self, alpha: float = 0.2, window_secs: float = FLOOR_WINDOW_S) -> None:
         self.alpha = alpha
-        self.window_s = window_s
+        self.window_secs = window_secs
         self._value = 0.0
         self._last = -math.inf
 
-    def observe(self, now: float, lag_s: float) -> None:
-        if now - self._last >= 2 * self.window_s:
-            self._value = lag_s
+    def observe(self, now: float, lag_secs: float) -> None:
+        if now - self._last >= 2 * self.window_secs:
+            self._value = lag_secs
         else:
-            self._value += self.alpha * (lag_s - self._value)
+            self._value += self.alpha * (lag_secs - self._value)
         self._last = now
 
     def value(self, now: float) -> float:
-        return self._value if now - self._last < 2 * self.window_s else 0.0
+        return self._value if now - self._last < 2 * self.window_secs else 0.0

@@ -134,8 +134,8 @@ class Batcher(Generic[T, R]):
         self._deferred: Counter[str] = Counter()
         self._last_batch_size = 0
         self._mean_batch_size = 0.0
-        self._planned_wait_s = 0.0
-        self._last_batch_wait_s = 0.0
+        self._planned_wait_secs = 0.0
+        self._last_batch_wait_secs = 0.0
         self._last_reason = ""
         self._admission = admission
         self._floor = WindowedExtreme()  # standing queue: least queueing delay of recent batches
@@ -145,10 +145,10 @@ class Batcher(Generic[T, R]):
         self._lag = LagEstimate()
         # What admission needs, refreshed by every scheduling pass: the fastest call alone, the fastest
         # call of a typical batch, when the endpoints drain, and the cost of one queued record.
-        self._admit_alone_s = 0.0
-        self._admit_batch_s = 0.0
+        self._admit_alone_secs = 0.0
+        self._admit_batch_secs = 0.0
         self._admit_free_at = -math.inf  # when the first endpoint in rotation drains (at the tail)
-        self._admit_per_record_s = 0.0  # typical service time per record of a typical batch, over every lane
+        self._admit_per_record_secs = 0.0  # typical service time per record of a typical batch, over every lane
         self._refused_future: asyncio.Future[Outcome[R]] | None = None
 
     def _adopt(self, endpoint: str | Endpoint) -> Endpoint:
@@ -172,12 +172,12 @@ class Batcher(Generic[T, R]):
         if self._scheduler is None:
             self._scheduler = asyncio.get_running_loop().create_task(self._run(), name="batcher-scheduler")
 
-    async def close(self, *, flush: bool = True, timeout_s: float | None = None) -> None:
+    async def close(self, *, flush: bool = True, timeout_secs: float | None = None) -> None:
         """Stop taking items, then finish up, in this order:
 
         1. refuse new submits, and wake submitters waiting for room with BatcherClosedError;
         2. flush: send what is queued without waiting for company (or, with ``flush=False``, defer it);
-        3. wait up to ``timeout_s`` for the queue to empty and every call to return;
+        3. wait up to ``timeout_secs`` for the queue to empty and every call to return;
         4. defer whatever is still queued and cancel calls still running (their items are deferred);
         5. stop the scheduler.
         """
@@ -193,7 +193,7 @@ class Batcher(Generic[T, R]):
                 self._defer_all(DEFER_SHUTDOWN)
             self.start()
             self._wake.set()
-        deadline = None if timeout_s is None else self.clock.now() + timeout_s
+        deadline = None if timeout_secs is None else self.clock.now() + timeout_secs
         if not await wait_event(self.clock, self._drained, deadline):
             self._defer_all(DEFER_SHUTDOWN)
             for call in list(self._calls):
@@ -228,11 +228,11 @@ class Batcher(Generic[T, R]):
         return self._enqueue(item, deadline, size)
 
     async def submit(
-        self, item: T, deadline: float, *, size: int = 1, timeout_s: float | None = None
+        self, item: T, deadline: float, *, size: int = 1, timeout_secs: float | None = None
     ) -> asyncio.Future[Outcome[R]]:
         """Queue ``item``, which carries ``size`` records (a chunk of records is one item).
 
-        While the queue is full, wait for room up to ``timeout_s`` (None: no limit). Returns a future
+        While the queue is full, wait for room up to ``timeout_secs`` (None: no limit). Returns a future
         that resolves to the item's :class:`Ok`, :class:`Deferred` or :class:`Failed` outcome.
         Raises QueueFullError if no room came in time, BatcherClosedError once closing began,
         ValueError if ``size`` is not an int >= 1.
@@ -247,10 +247,10 @@ class Batcher(Generic[T, R]):
         waiter = entry.future
         self._room_waiters.append(entry)
         timer = None
-        if timeout_s is not None:
+        if timeout_secs is not None:
             timer = self.clock.call_at(
-                self.clock.now() + timeout_s,
-                lambda: waiter.done() or waiter.set_exception(QueueFullError(f"no room within {timeout_s} s")),
+                self.clock.now() + timeout_secs,
+                lambda: waiter.done() or waiter.set_exception(QueueFullError(f"no room within {timeout_secs} s")),
             )
         try:
             await waiter
@@ -270,10 +270,10 @@ class Batcher(Generic[T, R]):
         return self._enqueue(item, deadline, size)
 
     async def submit_and_wait(
-        self, item: T, deadline: float, *, size: int = 1, timeout_s: float | None = None
+        self, item: T, deadline: float, *, size: int = 1, timeout_secs: float | None = None
     ) -> Outcome[R]:
         """Submit ``item`` of ``size`` records and wait for its outcome."""
-        return await (await self.submit(item, deadline, size=size, timeout_s=timeout_s))
+        return await (await self.submit(item, deadline, size=size, timeout_secs=timeout_secs))
 
     def _check_open(self) -> None:
         if self._crashed is not None:
@@ -299,9 +299,9 @@ class Batcher(Generic[T, R]):
         now = self.clock.now()
         # Waiting ahead of it: what recent batches waited here (the standing queue), or the work already
         # sent plus the records queued at the typical cost per record (Little's law), whichever is longer.
-        drain = self._admit_free_at - now + self._queue.records * self._admit_per_record_s
+        drain = self._admit_free_at - now + self._queue.records * self._admit_per_record_secs
         ahead = max(self._floor.value(now), drain)
-        need = self._lag.value(now) + (ahead + self._admit_batch_s if ahead > 0 else self._admit_alone_s)
+        need = self._lag.value(now) + (ahead + self._admit_batch_secs if ahead > 0 else self._admit_alone_secs)
         if deadline - now >= need:
             return False
         self._rate.observe(now, size)  # offered load, for the arrival rate and desired_slots
@@ -376,14 +376,14 @@ class Batcher(Generic[T, R]):
             queue = QueueView(
                 length=self._queue.records,
                 head_deadline=head.deadline,
-                head_budget_s=self._full_budget(now, head),
+                head_budget_secs=self._full_budget(now, head),
                 oldest_enqueued_at=self._queue.oldest_enqueued_at(),
                 head_size=head.size,
             )
             # A batch starts only once the event loop runs its call: deadlines are checked from then.
             view = EndpointView(model, endpoint.free_at_tail(now) + lag, endpoint.free_at(now), endpoint.busy)
-            decision = decide(now, queue, view, self.policy, self._rate.per_s(now), flushing=self._flushing)
-            self._planned_wait_s = decision.wait_s
+            decision = decide(now, queue, view, self.policy, self._rate.per_sec(now), flushing=self._flushing)
+            self._planned_wait_secs = decision.wait_secs
             if decision.defer_head:
                 self._resolve(self._queue.pop(), Deferred(DEFER_DEADLINE))
             elif decision.send:
@@ -404,7 +404,7 @@ class Batcher(Generic[T, R]):
     def _choose_endpoint(self, now: float) -> tuple[Endpoint, ServiceTimeModel] | None:
         """The endpoint with a free slot that would finish the next batch first."""
         head = self._queue.head()
-        rate = self._rate.per_s(now)
+        rate = self._rate.per_sec(now)
         best: tuple[float, Endpoint, ServiceTimeModel] | None = None
         for endpoint in self.endpoints:
             if not endpoint.has_slot():
@@ -454,10 +454,10 @@ class Batcher(Generic[T, R]):
         self._admit_free_at = min(endpoint.free_at_tail(now) for endpoint in in_rotation)
         models = [endpoint.service_time(self.model) for endpoint in in_rotation]
         typical = max(1.0, self._mean_batch_size)
-        self._admit_alone_s = min(model.predict_tail(1) for model in models)
-        self._admit_batch_s = min(model.predict_tail(typical) for model in models)
+        self._admit_alone_secs = min(model.predict_tail(1) for model in models)
+        self._admit_batch_secs = min(model.predict_tail(typical) for model in models)
         lanes = sum(endpoint.lanes for endpoint in in_rotation)
-        self._admit_per_record_s = min(model.predict(typical) for model in models) / typical / lanes
+        self._admit_per_record_secs = min(model.predict(typical) for model in models) / typical / lanes
 
     def _rest_ends_at(self, now: float) -> float:
         """When the first resting endpoint in rotation may take a batch again (inf: none is resting)."""
@@ -491,7 +491,7 @@ class Batcher(Generic[T, R]):
             if self._mean_batch_size == 0.0
             else (1 - _BATCH_SIZE_ALPHA) * self._mean_batch_size + _BATCH_SIZE_ALPHA * size
         )
-        self._last_batch_wait_s = now - oldest
+        self._last_batch_wait_secs = now - oldest
         self._last_reason = reason
         call = asyncio.get_running_loop().create_task(self._call(endpoint, model, batch, permit, ticket, expected_rtt))
         self._calls.add(call)
@@ -505,7 +505,7 @@ class Batcher(Generic[T, R]):
         batch: list[PendingItem],
         permit: ConcurrencyPermit,
         ticket: Ticket,
-        expected_rtt_s: float,
+        expected_rtt_secs: float,
     ) -> None:
         responded = False
         # The call starts only when the event loop gets to it: the wait since the decision is lag,
@@ -534,7 +534,7 @@ class Batcher(Generic[T, R]):
                 responded = True
                 if isinstance(error, UnavailableError):
                     # Nothing was sent: the items keep their place and their attempts.
-                    endpoint.rest(now + min(_MAX_REST_S, max(_MIN_REST_S, error.retry_after_s)))
+                    endpoint.rest(now + min(_MAX_REST_S, max(_MIN_REST_S, error.retry_after_secs)))
                     for pending in batch:
                         self._queue.push(pending)
                 elif self._is_backpressure(error):
@@ -549,7 +549,7 @@ class Batcher(Generic[T, R]):
             records = _records(batch)
             model.observe(records, endpoint.on_response(ticket, now))
             responded = True
-            permit.success(now - ticket.sent_at, expected_s=expected_rtt_s)
+            permit.success(now - ticket.sent_at, expected_secs=expected_rtt_secs)
             for pending, value in zip(batch, results):
                 late = now > pending.deadline
                 self._resolve(pending, Ok(value, endpoint.name, records, now - pending.enqueued_at, late))
@@ -603,11 +603,11 @@ class Batcher(Generic[T, R]):
     def stats(self) -> BatcherStats:
         """A snapshot for metrics export."""
         now = self.clock.now()
-        rate = self._rate.per_s(now)
+        rate = self._rate.per_sec(now)
         typical = max(1.0, self._mean_batch_size)  # records
         in_rotation = [endpoint for endpoint in self.endpoints if endpoint.available] or list(self.endpoints)
-        per_call_s = [e.service_time(self.model).predict(typical) for e in in_rotation]
-        per_record_s = sum(per_call_s) / len(per_call_s) / typical
+        per_call_secs = [e.service_time(self.model).predict(typical) for e in in_rotation]
+        per_record_secs = sum(per_call_secs) / len(per_call_secs) / typical
         endpoints = []
         for endpoint in self.endpoints:
             model = endpoint.service_time(self.model)
@@ -617,11 +617,11 @@ class Batcher(Generic[T, R]):
                     available=endpoint.available,
                     concurrency_limit=endpoint.concurrency.limit,
                     in_flight=endpoint.concurrency.in_flight,
-                    idle_s=endpoint.concurrency.idle_s,
-                    service_a_s=model.a_s,
-                    service_c_s=model.c_s,
+                    idle_secs=endpoint.concurrency.idle_secs,
+                    service_a_secs=model.a_secs,
+                    service_c_secs=model.c_secs,
                     tail_factor=model.rho,
-                    drains_in_s=endpoint.free_at(now) - now,
+                    drains_in_secs=endpoint.free_at(now) - now,
                 )
             )
         return BatcherStats(
@@ -629,11 +629,11 @@ class Batcher(Generic[T, R]):
             batches_in_flight=self._batches_in_flight,
             last_batch_size=self._last_batch_size,
             mean_batch_size=self._mean_batch_size,
-            planned_wait_s=self._planned_wait_s,
-            last_batch_wait_s=self._last_batch_wait_s,
+            planned_wait_secs=self._planned_wait_secs,
+            last_batch_wait_secs=self._last_batch_wait_secs,
             last_dispatch_reason=self._last_reason,
-            arrival_rate_per_s=rate,
-            desired_slots=rate * per_record_s,
+            arrival_rate_per_sec=rate,
+            desired_slots=rate * per_record_secs,
             submitted=self._counts["submitted"],
             ok=self._counts["ok"],
             late=self._counts["late"],

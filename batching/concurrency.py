@@ -3,12 +3,12 @@
     limiter = AdaptiveConcurrency(initial=4, minimum=1, maximum=64)
     async with limiter.acquire() as permit:       # waits while in_flight >= limit
         ...
-        permit.success(rtt_s)                     # or permit.success(rtt_s, expected_s=predicted)
+        permit.success(rtt_secs)                     # or permit.success(rtt_secs, expected_secs=predicted)
         # permit.backpressure()  throttling: HTTP 429/503, gRPC UNAVAILABLE, timeouts
         # permit.failure()       any other error
     # leaving the block without a verdict counts as failure
 
-Successes are judged in windows of ``window`` calls by their queueing delay: ``rtt - expected_s``
+Successes are judged in windows of ``window`` calls by their queueing delay: ``rtt - expected_secs``
 when the caller knows what the call should cost (a batch's predicted service time), else ``rtt``
 against a learned baseline (the lowest RTTs seen lately). If the window's p90 delay exceeds the
 target the limit is cut; if the window was healthy and the limit was actually reached, the limit
@@ -40,10 +40,10 @@ class ConcurrencyPermit:
         self._verdict: str | None = None
         self._released = False
 
-    def success(self, rtt_s: float, expected_s: float | None = None) -> None:
-        """The call worked and took ``rtt_s``; ``expected_s`` is what it should have taken."""
+    def success(self, rtt_secs: float, expected_secs: float | None = None) -> None:
+        """The call worked and took ``rtt_secs``; ``expected_secs`` is what it should have taken."""
         self._set_verdict(_HEALTHY)
-        self._limiter._on_success(rtt_s, expected_s)
+        self._limiter._on_success(rtt_secs, expected_secs)
 
     def backpressure(self) -> None:
         """The endpoint pushed back (429/503, UNAVAILABLE, timeout): cut the limit."""
@@ -110,7 +110,7 @@ class AdaptiveConcurrency:
         window: int = 16,
         decrease_ratio: float = 0.9,
         delay_tolerance: float = 0.5,
-        min_delay_target_s: float = 0.001,
+        min_delay_target_secs: float = 0.001,
     ) -> None:
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError("need 1 <= minimum <= initial <= maximum")
@@ -120,9 +120,9 @@ class AdaptiveConcurrency:
         self.maximum = maximum
         self.window = window
         self.decrease_ratio = decrease_ratio
-        # Queueing delay is unhealthy above max(min_delay_target_s, delay_tolerance * typical cost).
+        # Queueing delay is unhealthy above max(min_delay_target_secs, delay_tolerance * typical cost).
         self.delay_tolerance = delay_tolerance
-        self.min_delay_target_s = min_delay_target_s
+        self.min_delay_target_secs = min_delay_target_secs
         self.clock: Clock = clock or MONOTONIC
         self._limit = initial
         self._in_flight = 0
@@ -132,8 +132,8 @@ class AdaptiveConcurrency:
         self._costs: list[float] = []
         self._rtts: list[float] = []
         self._reached_limit = False
-        self._baseline_rtt_s: float | None = None
-        self._idle_total_s = 0.0
+        self._baseline_rtt_secs: float | None = None
+        self._idle_total_secs = 0.0
         self._idle_since: float | None = self.clock.now()
 
     @property
@@ -147,17 +147,17 @@ class AdaptiveConcurrency:
         return self._in_flight
 
     @property
-    def idle_s(self) -> float:
+    def idle_secs(self) -> float:
         """Total time with nothing in flight since this limiter was made."""
-        idle = self._idle_total_s
+        idle = self._idle_total_secs
         if self._idle_since is not None:
             idle += self.clock.now() - self._idle_since
         return idle
 
     @property
-    def baseline_rtt_s(self) -> float | None:
+    def baseline_rtt_secs(self) -> float | None:
         """The learned no-queueing RTT used when callers give no expected time."""
-        return self._baseline_rtt_s
+        return self._baseline_rtt_secs
 
     def acquire(self) -> _Acquisition:
         """An async context manager that waits for a slot and yields a :class:`ConcurrencyPermit`."""
@@ -187,7 +187,7 @@ class AdaptiveConcurrency:
 
     def _grant(self) -> ConcurrencyPermit:
         if self._in_flight == 0 and self._idle_since is not None:
-            self._idle_total_s += self.clock.now() - self._idle_since
+            self._idle_total_secs += self.clock.now() - self._idle_since
             self._idle_since = None
         self._in_flight += 1
         if self._in_flight >= self._limit:
@@ -206,11 +206,11 @@ class AdaptiveConcurrency:
             if not waiter.done():
                 waiter.set_result(self._grant())
 
-    def _on_success(self, rtt_s: float, expected_s: float | None) -> None:
-        self._rtts.append(rtt_s)
-        if expected_s is not None:
-            self._delays.append(rtt_s - expected_s)
-            self._costs.append(expected_s)
+    def _on_success(self, rtt_secs: float, expected_secs: float | None) -> None:
+        self._rtts.append(rtt_secs)
+        if expected_secs is not None:
+            self._delays.append(rtt_secs - expected_secs)
+            self._costs.append(expected_secs)
         if len(self._rtts) >= self.window:
             self._close_window()
 
@@ -220,15 +220,15 @@ class AdaptiveConcurrency:
             typical_cost = sum(self._costs) / len(self._costs)
         else:
             window_min = min(self._rtts)
-            if self._baseline_rtt_s is None or window_min < self._baseline_rtt_s:
-                self._baseline_rtt_s = window_min
+            if self._baseline_rtt_secs is None or window_min < self._baseline_rtt_secs:
+                self._baseline_rtt_secs = window_min
             else:
                 # Follow a lasting rise slowly, so latency growth registers before it is forgotten.
-                self._baseline_rtt_s += 0.1 * (window_min - self._baseline_rtt_s)
-            delays = sorted(rtt - self._baseline_rtt_s for rtt in self._rtts)
-            typical_cost = self._baseline_rtt_s
+                self._baseline_rtt_secs += 0.1 * (window_min - self._baseline_rtt_secs)
+            delays = sorted(rtt - self._baseline_rtt_secs for rtt in self._rtts)
+            typical_cost = self._baseline_rtt_secs
         p90 = delays[math.ceil(0.9 * len(delays)) - 1]
-        target = max(self.min_delay_target_s, self.delay_tolerance * typical_cost)
+        target = max(self.min_delay_target_secs, self.delay_tolerance * typical_cost)
         if p90 > target:
             self._cut()
         elif self._reached_limit and self._limit < self.maximum:

@@ -15,8 +15,8 @@ class Ticket:
     """One batch in flight to an endpoint."""
 
     sent_at: float
-    predicted_s: float
-    tail_s: float
+    predicted_secs: float
+    tail_secs: float
     queued_behind: int  # batches of ours already in flight when this one was sent
 
 
@@ -34,8 +34,8 @@ class Endpoint:
         lanes: int = 1,
         concurrency: AdaptiveConcurrency | None = None,
         clock: Clock | None = None,
-        prior_a_s: float = DEFAULT_PRIOR_A_S,
-        prior_c_s: float = DEFAULT_PRIOR_C_S,
+        prior_a_secs: float = DEFAULT_PRIOR_A_S,
+        prior_c_secs: float = DEFAULT_PRIOR_C_S,
         prior_rho: float = DEFAULT_PRIOR_RHO,
     ) -> None:
         if lanes < 1:
@@ -49,7 +49,7 @@ class Endpoint:
         self.clock = self.concurrency.clock
         self.available = True
         self.service_times: dict[str, ServiceTimeModel] = {}
-        self._prior = (prior_a_s, prior_c_s, prior_rho)
+        self._prior = (prior_a_secs, prior_c_secs, prior_rho)
         self._in_flight: list[Ticket] = []
         self._drained_at = 0.0
         self._drained_tail_at = 0.0
@@ -103,12 +103,12 @@ class Endpoint:
         """End a rest early (the endpoint says it can take calls again)."""
         self._resting_until = float("-inf")
 
-    def on_send(self, now: float, predicted_s: float, tail_s: float) -> Ticket:
+    def on_send(self, now: float, predicted_secs: float, tail_secs: float) -> Ticket:
         """Record a batch leaving for this endpoint, with its typical and tail service times."""
-        ticket = Ticket(now, predicted_s, tail_s, len(self._in_flight))
+        ticket = Ticket(now, predicted_secs, tail_secs, len(self._in_flight))
         self._in_flight.append(ticket)
-        self._drained_at = max(now, self._drained_at) + predicted_s / self.lanes
-        self._drained_tail_at = max(now, self._drained_tail_at) + tail_s / self.lanes
+        self._drained_at = max(now, self._drained_at) + predicted_secs / self.lanes
+        self._drained_tail_at = max(now, self._drained_tail_at) + tail_secs / self.lanes
         return ticket
 
     def on_response(self, ticket: Ticket, now: float) -> float:
@@ -121,6 +121,6 @@ class Endpoint:
             # It queued behind our own batches: only the time since the previous response is service.
             service = min(rtt, self.lanes * (now - max(ticket.sent_at, self._last_response_at)))
         self._last_response_at = now
-        self._drained_at = now + sum(t.predicted_s for t in self._in_flight) / self.lanes
-        self._drained_tail_at = now + sum(t.tail_s for t in self._in_flight) / self.lanes
+        self._drained_at = now + sum(t.predicted_secs for t in self._in_flight) / self.lanes
+        self._drained_tail_at = now + sum(t.tail_secs for t in self._in_flight) / self.lanes
         return service

@@ -35,13 +35,13 @@ class UnavailableError(BatchingError):
     """Nothing behind the endpoint can take a call now (no server ready yet, every breaker open).
 
     Nothing was sent, so nothing failed: the batcher puts the items back in the queue, rests the
-    endpoint for ``retry_after_s`` (or until ``set_available(name, True)``), and defers the items
+    endpoint for ``retry_after_secs`` (or until ``set_available(name, True)``), and defers the items
     whose deadline passes meanwhile.
     """
 
-    def __init__(self, message: str = "", *, retry_after_s: float = 0.0) -> None:
+    def __init__(self, message: str = "", *, retry_after_secs: float = 0.0) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_secs = retry_after_secs
 
 
 def is_backpressure_error(error: BaseException) -> bool:

@@ -21,7 +21,7 @@ class Ok(Generic[R]):
     value: R
     endpoint: str
     batch_size: int  # records in the call that scored the item (its own included)
-    latency_s: float  # submit to result, on the batcher's clock
+    latency_secs: float  # submit to result, on the batcher's clock
     late: bool  # finished after its deadline (the service-time tail was exceeded)
 
 

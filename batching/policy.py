@@ -47,19 +47,19 @@ class BatchPolicy:
     # Records per call. An item carrying more records than this still goes, alone in its call.
     max_batch: int = 128
     # tau_cap: the longest any item waits for company; trades latency for fewer, fuller calls.
-    max_wait_s: float = 0.005
+    max_wait_secs: float = 0.005
     # phi: share of the latency budget for "wait for one batch, then run in one".
     wait_and_run_share: float = 0.8
     # theta: do not wait for fewer than this many expected extra records (the name predates sizes).
     worth_waiting_items: float = 0.5
     # How long before an endpoint drains we hand it the next batch (serialisation + one-way network).
-    lead_s: float = 0.0015
+    lead_secs: float = 0.0015
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        if self.max_wait_s < 0 or self.lead_s < 0 or self.worth_waiting_items < 0:
-            raise ValueError("max_wait_s, lead_s and worth_waiting_items must be >= 0")
+        if self.max_wait_secs < 0 or self.lead_secs < 0 or self.worth_waiting_items < 0:
+            raise ValueError("max_wait_secs, lead_secs and worth_waiting_items must be >= 0")
         if not 0 < self.wait_and_run_share <= 1:
             raise ValueError("wait_and_run_share must be in (0, 1]")
 
@@ -77,7 +77,7 @@ class Decision:
     send: int = 0
     defer_head: bool = False
     wake_at: float | None = None
-    wait_s: float = 0.0  # the wait the policy chose (0 when sending or dropping)
+    wait_secs: float = 0.0  # the wait the policy chose (0 when sending or dropping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,7 @@ class QueueView:
 
     length: int  # records queued, over all items
     head_deadline: float
-    head_budget_s: float  # the head's whole budget: its deadline minus when it was first queued
+    head_budget_secs: float  # the head's whole budget: its deadline minus when it was first queued
     oldest_enqueued_at: float
     head_size: int = 1  # records in the head item: the smallest batch that can serve it
 
@@ -101,12 +101,12 @@ class EndpointView:
     busy: bool  # something is in flight
 
 
-def wait_and_run_cap(model: ServiceTimeModel, budget_s: float, policy: BatchPolicy, rate_per_s: float = 0.0) -> int:
+def wait_and_run_cap(model: ServiceTimeModel, budget_secs: float, policy: BatchPolicy, rate_per_sec: float = 0.0) -> int:
     """b*: the largest batch that can wait for one such batch and then run, within the budget; but
     never smaller than the batch that keeps up with the arrival rate (smaller batches cannot serve
     the load at all, and their per-call cost is what an overloaded process can least afford)."""
-    fits = model.largest_batch_within(policy.wait_and_run_share * budget_s / 2, policy.max_batch)
-    return max(1, fits, model.smallest_batch_keeping_up(rate_per_s, policy.max_batch))
+    fits = model.largest_batch_within(policy.wait_and_run_share * budget_secs / 2, policy.max_batch)
+    return max(1, fits, model.smallest_batch_keeping_up(rate_per_sec, policy.max_batch))
 
 
 def deadline_cap(model: ServiceTimeModel, free_at: float, deadline: float, limit: int) -> int:
@@ -114,10 +114,10 @@ def deadline_cap(model: ServiceTimeModel, free_at: float, deadline: float, limit
     return model.largest_batch_within(deadline - free_at, limit)
 
 
-def wait_budget(model: ServiceTimeModel, queued: int, free_at: float, deadline: float, rate_per_s: float) -> float:
+def wait_budget(model: ServiceTimeModel, queued: int, free_at: float, deadline: float, rate_per_sec: float) -> float:
     """w*: how long to wait for more records, counting those that arrive meanwhile, and still finish."""
     slack = deadline - free_at - model.predict_tail(queued)
-    return slack / (1.0 + model.rho * model.c_s * rate_per_s)
+    return slack / (1.0 + model.rho * model.c_secs * rate_per_sec)
 
 
 def decide(
@@ -125,13 +125,13 @@ def decide(
     queue: QueueView,
     endpoint: EndpointView,
     policy: BatchPolicy,
-    rate_per_s: float,
+    rate_per_sec: float,
     *,
     flushing: bool = False,
 ) -> Decision:
     """One decision for an endpoint with a free slot (docs/batching.md §3.2, steps 1 to 5)."""
     model, free = endpoint.model, endpoint.free_at
-    best = wait_and_run_cap(model, queue.head_budget_s, policy, rate_per_s)
+    best = wait_and_run_cap(model, queue.head_budget_secs, policy, rate_per_sec)
     # 1. Early drop: under overload keep efficient batches rather than serve hopeless heads. A head
     # that could only go in a batch of less than half of what is queued (up to b*) would shrink the
     # batch, and shrinking batches is how goodput collapses when every head reaches the front at the
@@ -149,15 +149,15 @@ def decide(
     if flushing:
         return Decision(REASON_FLUSH, send=queue.length)
     # 3. Late binding: the endpoint is busy anyway, so let the batch grow until it is about to drain.
-    hand_over_at = endpoint.drain_at - policy.lead_s
+    hand_over_at = endpoint.drain_at - policy.lead_secs
     if endpoint.busy and hand_over_at > now + EPSILON_S:
-        return Decision(REASON_LATE_BINDING, wake_at=hand_over_at, wait_s=hand_over_at - now)
+        return Decision(REASON_LATE_BINDING, wake_at=hand_over_at, wait_secs=hand_over_at - now)
     # 4. Wait budget, capped by the age bound of the oldest item.
-    wait = wait_budget(model, queue.length, free, queue.head_deadline, rate_per_s)
-    wait = min(wait, policy.max_wait_s - (now - queue.oldest_enqueued_at))
+    wait = wait_budget(model, queue.length, free, queue.head_deadline, rate_per_sec)
+    wait = min(wait, policy.max_wait_secs - (now - queue.oldest_enqueued_at))
     if wait <= EPSILON_S:
         return Decision(REASON_WAIT_EXPIRED, send=queue.length)
-    if rate_per_s * wait < policy.worth_waiting_items:
+    if rate_per_sec * wait < policy.worth_waiting_items:
         return Decision(REASON_NOT_WORTH_WAITING, send=queue.length)
     # 5. Hold; any arrival or response brings the decision forward.
-    return Decision(REASON_WAIT, wake_at=now + wait, wait_s=wait)
+    return Decision(REASON_WAIT, wake_at=now + wait, wait_secs=wait)

@@ -41,8 +41,8 @@ class ServiceTimeModel:
 
     def __init__(
         self,
-        prior_a_s: float = DEFAULT_PRIOR_A_S,
-        prior_c_s: float = DEFAULT_PRIOR_C_S,
+        prior_a_secs: float = DEFAULT_PRIOR_A_S,
+        prior_c_secs: float = DEFAULT_PRIOR_C_S,
         *,
         prior_rho: float = DEFAULT_PRIOR_RHO,
         prior_weight: float = 4.0,
@@ -51,7 +51,7 @@ class ServiceTimeModel:
         min_samples: int = 16,
         tail_quantile: float = 0.99,
     ) -> None:
-        if prior_a_s <= 0 or prior_c_s < 0:
+        if prior_a_secs <= 0 or prior_c_secs < 0:
             raise ValueError("the prior needs a > 0 and c >= 0")
         if prior_rho < 1.0:
             raise ValueError("the tail factor is a ratio of a tail to the mean: it must be >= 1")
@@ -59,26 +59,26 @@ class ServiceTimeModel:
             raise ValueError("tail_quantile must be in [0.5, 1)")
         if min_samples < 2 or window < min_samples or refit_every < 1:
             raise ValueError("need 2 <= min_samples <= window and refit_every >= 1")
-        self.prior_a_s = prior_a_s
-        self.prior_c_s = prior_c_s
+        self.prior_a_secs = prior_a_secs
+        self.prior_c_secs = prior_c_secs
         self.prior_weight = prior_weight
         self.tail_quantile = tail_quantile
         self.min_samples = min_samples
         self.refit_every = refit_every
-        self._a = prior_a_s
-        self._c = max(prior_c_s, _MIN_C_S)
+        self._a = prior_a_secs
+        self._c = max(prior_c_secs, _MIN_C_S)
         self._rho = prior_rho
         self._window: deque[tuple[int, float]] = deque(maxlen=window)
         self._since_refit = 0
         self._observed = 0
 
     @property
-    def a_s(self) -> float:
+    def a_secs(self) -> float:
         """Fixed cost per call, seconds."""
         return self._a
 
     @property
-    def c_s(self) -> float:
+    def c_secs(self) -> float:
         """Cost per record in the batch, seconds."""
         return self._c
 
@@ -100,31 +100,31 @@ class ServiceTimeModel:
         """Service time that a call with ``batch_size`` records stays within at the tail quantile."""
         return self._rho * self.predict(batch_size)
 
-    def smallest_batch_keeping_up(self, rate_per_s: float, limit: int) -> int:
-        """The smallest batch (at most ``limit``) whose typical calls, back to back, serve ``rate_per_s`` records/s."""
-        if rate_per_s <= 0:
+    def smallest_batch_keeping_up(self, rate_per_sec: float, limit: int) -> int:
+        """The smallest batch (at most ``limit``) whose typical calls, back to back, serve ``rate_per_sec`` records/s."""
+        if rate_per_sec <= 0:
             return 1
-        if rate_per_s * self._c >= 1.0:
+        if rate_per_sec * self._c >= 1.0:
             return limit
-        return max(1, min(limit, math.ceil(rate_per_s * self._a / (1.0 - rate_per_s * self._c))))
+        return max(1, min(limit, math.ceil(rate_per_sec * self._a / (1.0 - rate_per_sec * self._c))))
 
-    def largest_batch_within(self, budget_s: float, limit: int) -> int:
-        """The largest batch in records (at most ``limit``) whose tail service time fits ``budget_s``; 0 if none."""
-        if budget_s < self.predict_tail(1):
+    def largest_batch_within(self, budget_secs: float, limit: int) -> int:
+        """The largest batch in records (at most ``limit``) whose tail service time fits ``budget_secs``; 0 if none."""
+        if budget_secs < self.predict_tail(1):
             return 0
-        fits = math.floor((budget_s / self._rho - self._a) / self._c)
+        fits = math.floor((budget_secs / self._rho - self._a) / self._c)
         return max(1, min(limit, fits))
 
-    def observe(self, batch_size: int, service_s: float) -> None:
+    def observe(self, batch_size: int, service_secs: float) -> None:
         """Feed one measured call of ``batch_size`` records. Refits every ``refit_every`` calls once
         ``min_samples`` are in."""
-        if batch_size < 1 or not math.isfinite(service_s) or service_s <= 0:
+        if batch_size < 1 or not math.isfinite(service_secs) or service_secs <= 0:
             return
-        self._window.append((batch_size, service_s))
+        self._window.append((batch_size, service_secs))
         self._observed += 1
         self._since_refit += 1
         # React to a slowdown at once (bounded); the next refit brings rho back to the windowed quantile.
-        ratio = service_s / self.predict(batch_size)
+        ratio = service_secs / self.predict(batch_size)
         self._rho = min(MAX_RHO, max(self._rho, min(ratio, _MAX_RHO_STEP * self._rho)))
         if len(self._window) >= self.min_samples and self._since_refit >= self.refit_every:
             self._refit()
@@ -152,7 +152,7 @@ class ServiceTimeModel:
         n = float(weights.sum())
         sum_b = float(weights @ sizes)
         sum_bb = float(weights @ (sizes * sizes))
-        sum_s = float(weights @ times)
+        sum_secs = float(weights @ times)
         sum_bs = float(weights @ (sizes * times))
         # The prior counts as ``prior_weight`` samples among all calls seen so far, so its pull fades
         # as evidence accumulates; the floor keeps a and c separable when every batch is one size.
@@ -160,6 +160,6 @@ class ServiceTimeModel:
         # The slope's prior weight is scaled by the typical b^2 so both priors count alike.
         k_c = k_a * (sum_bb / n)
         lhs = np.array([[n + k_a, sum_b], [sum_b, sum_bb + k_c]])
-        rhs = np.array([sum_s + k_a * self.prior_a_s, sum_bs + k_c * self.prior_c_s])
+        rhs = np.array([sum_secs + k_a * self.prior_a_secs, sum_bs + k_c * self.prior_c_secs])
         a, c = np.linalg.solve(lhs, rhs)
         return float(a), float(c)

@@ -13,11 +13,11 @@ class EndpointStats:
     available: bool
     concurrency_limit: int
     in_flight: int
-    idle_s: float  # total time with nothing in flight
-    service_a_s: float
-    service_c_s: float  # per record
+    idle_secs: float  # total time with nothing in flight
+    service_a_secs: float
+    service_c_secs: float  # per record
     tail_factor: float
-    drains_in_s: float  # predicted time until the in-flight work is done
+    drains_in_secs: float  # predicted time until the in-flight work is done
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +28,10 @@ class BatcherStats:
     batches_in_flight: int
     last_batch_size: int  # records in the last batch sent
     mean_batch_size: float  # records per batch, exponentially weighted over recent batches
-    planned_wait_s: float  # the wait the policy chose at its last decision
-    last_batch_wait_s: float  # how long the oldest item of the last batch waited in the queue
+    planned_wait_secs: float  # the wait the policy chose at its last decision
+    last_batch_wait_secs: float  # how long the oldest item of the last batch waited in the queue
     last_dispatch_reason: str
-    arrival_rate_per_s: float  # records per second
+    arrival_rate_per_sec: float  # records per second
     # Endpoint slots the current arrival rate keeps busy: rate x predicted service time per record.
     desired_slots: float
     # The counters below count items (one outcome each), not records.

@@ -69,8 +69,8 @@ async def polite(url: str, devices: dict[str, str], rate: float, records: int, s
     """Open loop, evenly spaced: each device sends ``rate`` requests/s whatever happens. Returns
     (records/s acked, p99 ack latency in s, from the intended send time)."""
     fleet = prepare([SimulatedDevice(d, k) for d, k in devices.items()], records_per_request=records, distinct=len(devices))
-    run = await open_loop(url, fleet, requests_per_s=rate * len(devices), duration_s=seconds, arrivals="fixed")
-    return run.records / seconds, percentile(run.latencies_s, 0.99)
+    run = await open_loop(url, fleet, requests_per_sec=rate * len(devices), duration_secs=seconds, arrivals="fixed")
+    return run.records / seconds, percentile(run.latencies_secs, 0.99)
 
 
 ATTACKER_ADDRESS = "127.0.0.9"
@@ -90,7 +90,7 @@ async def _repeat(concurrency: int, stop: asyncio.Event, step) -> None:
 async def abuser(url: str, device_id: str, key: str, records: int, seconds: float, concurrency: int = 32) -> dict:
     """A device with its own key, sending signed requests as fast as ``concurrency`` connections go."""
     flood = prepare([SimulatedDevice(device_id, key)], records_per_request=records)
-    run = await closed_loop(url, flood, concurrency=concurrency, duration_s=seconds, local_addr=(ATTACKER_ADDRESS, 0))
+    run = await closed_loop(url, flood, concurrency=concurrency, duration_secs=seconds, local_addr=(ATTACKER_ADDRESS, 0))
     return run.statuses
 
 
@@ -112,7 +112,7 @@ class _Bombs:
 
 async def bomber(url: str, device_id: str, seconds: float, concurrency: int = 32) -> dict:
     """Forged zstd bombs: without the key, each should cost the gateway no more than hashing 2 KiB."""
-    run = await closed_loop(url, _Bombs(device_id), concurrency=concurrency, duration_s=seconds, local_addr=(ATTACKER_ADDRESS, 0))
+    run = await closed_loop(url, _Bombs(device_id), concurrency=concurrency, duration_secs=seconds, local_addr=(ATTACKER_ADDRESS, 0))
     return run.statuses
 
 
@@ -201,8 +201,8 @@ async def run(args: argparse.Namespace) -> dict:
         config = write_config(root, port, args.limit)
         with open(root / "gateway.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=log, stderr=log)
-        report: dict = {"polite_devices": args.devices, "polite_offered_records_per_s": args.devices * args.rate * args.records,
-                        "per_device_limit_records_per_s": args.limit}
+        report: dict = {"polite_devices": args.devices, "polite_offered_records_per_sec": args.devices * args.rate * args.records,
+                        "per_device_limit_records_per_sec": args.limit}
         try:
             base = f"http://127.0.0.1:{port}"
             await wait_ready(base, proc, root / "gateway.log")
@@ -220,7 +220,7 @@ async def run(args: argparse.Namespace) -> dict:
                 shared, shared_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
                 out, _ = attacker.communicate(timeout=120)
                 report[attack] = {
-                    "polite_records_per_s": round(shared, 1),
+                    "polite_records_per_sec": round(shared, 1),
                     "throughput_ratio": round(shared / alone, 3) if alone else None,
                     "polite_p99_ack_ms": round(shared_p99 * 1000, 2),
                     "p99_ratio": round(shared_p99 / alone_p99, 2) if alone_p99 else None,

@@ -2,10 +2,10 @@
 
 Compares the adaptive policy with static (batch size B, timeout T) configurations at several loads,
 expressed as fractions of the endpoint's capacity at full batches. Open-loop Poisson arrivals; each
-record is due ``slo_s`` after it arrives. Run it directly for a table, or call :func:`run_benchmark`
+record is due ``slo_secs`` after it arrives. Run it directly for a table, or call :func:`run_benchmark`
 for the results as a dict.
 
-    python benchmarks/batching_sim.py [--duration-s 1.0] [--seed 1]
+    python benchmarks/batching_sim.py [--duration-secs 1.0] [--seed 1]
 """
 
 from __future__ import annotations
@@ -28,25 +28,25 @@ DEFAULT_LOADS = (0.2, 0.5, 0.8, 0.95, 1.2)
 class Scenario:
     """The simulated endpoint and traffic."""
 
-    a_s: float = 0.002  # fixed cost per call
-    c_s: float = 0.0001  # cost per record
+    a_secs: float = 0.002  # fixed cost per call
+    c_secs: float = 0.0001  # cost per record
     noise_sigma: float = 0.08  # lognormal multiplicative noise on each call
     max_batch: int = 128
-    slo_s: float = 0.050
-    duration_s: float = 1.0
+    slo_secs: float = 0.050
+    duration_secs: float = 1.0
     seed: int = 1
-    # A burst: arrivals run at ``burst_factor`` times the rate inside [burst_start_s, +burst_secs).
+    # A burst: arrivals run at ``burst_factor`` times the rate inside [burst_start_secs, +burst_secs).
     burst_factor: float = 1.0
-    burst_start_s: float = 0.0
+    burst_start_secs: float = 0.0
     burst_secs: float = 0.0
-    # A slowdown: every call takes ``slowdown_factor`` times longer from ``slowdown_start_s`` on.
+    # A slowdown: every call takes ``slowdown_factor`` times longer from ``slowdown_start_secs`` on.
     slowdown_factor: float = 1.0
-    slowdown_start_s: float = 0.0
+    slowdown_start_secs: float = 0.0
 
     @property
-    def capacity_per_s(self) -> float:
+    def capacity_per_sec(self) -> float:
         """Records per second one lane serves at full batches."""
-        return self.max_batch / (self.a_s + self.c_s * self.max_batch)
+        return self.max_batch / (self.a_secs + self.c_secs * self.max_batch)
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,14 @@ class StaticArm:
     """Size-or-timeout batching with fixed concurrency, optionally shedding records queued too long."""
 
     batch: int
-    timeout_s: float
+    timeout_secs: float
     concurrency: int = 2
-    queue_timeout_s: float | None = None
+    queue_timeout_secs: float | None = None
 
     @property
     def name(self) -> str:
-        shed = f"+shed{self.queue_timeout_s * 1e3:g}ms" if self.queue_timeout_s is not None else ""
-        return f"static_B{self.batch}_T{self.timeout_s * 1e3:g}ms_K{self.concurrency}{shed}"
+        shed = f"+shed{self.queue_timeout_secs * 1e3:g}ms" if self.queue_timeout_secs is not None else ""
+        return f"static_B{self.batch}_T{self.timeout_secs * 1e3:g}ms_K{self.concurrency}{shed}"
 
 
 class SimulatedEndpoint:
@@ -74,8 +74,8 @@ class SimulatedEndpoint:
 
     async def dispatch(self, endpoint: str, items: list[int]) -> list[int]:
         s = self.scenario
-        service = (s.a_s + s.c_s * len(items)) * float(self.rng.lognormal(0.0, s.noise_sigma))
-        if self.clock.now() >= s.slowdown_start_s:
+        service = (s.a_secs + s.c_secs * len(items)) * float(self.rng.lognormal(0.0, s.noise_sigma))
+        if self.clock.now() >= s.slowdown_start_secs:
             service *= s.slowdown_factor
         self.free_at = max(self.clock.now(), self.free_at) + service
         self.calls += 1
@@ -108,12 +108,12 @@ class StaticBatcher:
 
     def pump(self) -> None:
         now = self.clock.now()
-        if self.arm.queue_timeout_s is not None:
-            while self.queue and now - self.queue[0] > self.arm.queue_timeout_s:
+        if self.arm.queue_timeout_secs is not None:
+            while self.queue and now - self.queue[0] > self.arm.queue_timeout_secs:
                 self.queue.popleft()
                 self.tally.shed += 1
         while self.queue and self.in_flight < self.arm.concurrency:
-            if len(self.queue) < self.arm.batch and now - self.queue[0] < self.arm.timeout_s - 1e-12:
+            if len(self.queue) < self.arm.batch and now - self.queue[0] < self.arm.timeout_secs - 1e-12:
                 break
             batch = [self.queue.popleft() for _ in range(min(self.arm.batch, len(self.queue)))]
             self.in_flight += 1
@@ -122,7 +122,7 @@ class StaticBatcher:
             task.add_done_callback(self.tasks.discard)
         # A free slot waits for the oldest record's timeout; a full house waits for a response.
         if self.queue and self.in_flight < self.arm.concurrency and self.timer is None:
-            self.timer = self.clock.call_at(self.queue[0] + self.arm.timeout_s, self.on_timer)
+            self.timer = self.clock.call_at(self.queue[0] + self.arm.timeout_secs, self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None
@@ -137,44 +137,44 @@ class StaticBatcher:
         self.pump()
 
 
-def _arrivals(scenario: Scenario, rate_per_s: float) -> np.ndarray:
+def _arrivals(scenario: Scenario, rate_per_sec: float) -> np.ndarray:
     """Poisson arrivals; with a burst, thinned from the peak rate (a non-homogeneous process)."""
     rng = np.random.default_rng(scenario.seed)
-    peak = rate_per_s * max(1.0, scenario.burst_factor)
-    gaps = rng.exponential(1.0 / peak, size=int(peak * scenario.duration_s * 1.5) + 10)
+    peak = rate_per_sec * max(1.0, scenario.burst_factor)
+    gaps = rng.exponential(1.0 / peak, size=int(peak * scenario.duration_secs * 1.5) + 10)
     times = np.cumsum(gaps)
-    times = times[times < scenario.duration_s]
-    if peak == rate_per_s:
+    times = times[times < scenario.duration_secs]
+    if peak == rate_per_sec:
         return times
-    in_burst = (times >= scenario.burst_start_s) & (times < scenario.burst_start_s + scenario.burst_secs)
-    keep = in_burst | (rng.random(len(times)) < rate_per_s / peak)
+    in_burst = (times >= scenario.burst_start_secs) & (times < scenario.burst_start_secs + scenario.burst_secs)
+    keep = in_burst | (rng.random(len(times)) < rate_per_sec / peak)
     return times[keep]
 
 
-async def _run_adaptive(scenario: Scenario, rate_per_s: float) -> dict[str, float]:
+async def _run_adaptive(scenario: Scenario, rate_per_sec: float) -> dict[str, float]:
     clock = FakeClock()
     endpoint = SimulatedEndpoint(clock, scenario, np.random.default_rng(scenario.seed + 1))
     tally = Tally()
-    policy = BatchPolicy(max_batch=scenario.max_batch, max_wait_s=0.1 * scenario.slo_s)
+    policy = BatchPolicy(max_batch=scenario.max_batch, max_wait_secs=0.1 * scenario.slo_secs)
     # The prior is the true cost, off by 20%, as an offline profile would give.
-    gpu = Endpoint("sim", clock=clock, prior_a_s=scenario.a_s * 1.2, prior_c_s=scenario.c_s * 1.2)
+    gpu = Endpoint("sim", clock=clock, prior_a_secs=scenario.a_secs * 1.2, prior_c_secs=scenario.c_secs * 1.2)
     batcher: Batcher[int, int] = Batcher(endpoint.dispatch, endpoints=[gpu], policy=policy, clock=clock, max_queue=10**6)
 
     def record(future: asyncio.Future) -> None:
         outcome = future.result()
         if isinstance(outcome, Ok):
-            tally.latencies.append(outcome.latency_s)
+            tally.latencies.append(outcome.latency_secs)
         elif isinstance(outcome, Deferred):
             tally.shed += 1
 
     def arrive() -> None:
-        batcher.submit_nowait(0, deadline=clock.now() + scenario.slo_s).add_done_callback(record)
+        batcher.submit_nowait(0, deadline=clock.now() + scenario.slo_secs).add_done_callback(record)
 
-    times = _arrivals(scenario, rate_per_s)
+    times = _arrivals(scenario, rate_per_sec)
     for t in times:
         clock.call_at(float(t), arrive)
     batcher.start()
-    await clock.advance_to(scenario.duration_s + 10 * scenario.slo_s)
+    await clock.advance_to(scenario.duration_secs + 10 * scenario.slo_secs)
     closing = asyncio.get_running_loop().create_task(batcher.close())
     await clock.advance(1.0)
     await closing
@@ -182,16 +182,16 @@ async def _run_adaptive(scenario: Scenario, rate_per_s: float) -> dict[str, floa
     return _summary(scenario, len(times), tally, endpoint.calls, mean_batch)
 
 
-async def _run_static(scenario: Scenario, rate_per_s: float, arm: StaticArm) -> dict[str, float]:
+async def _run_static(scenario: Scenario, rate_per_sec: float, arm: StaticArm) -> dict[str, float]:
     clock = FakeClock()
     endpoint = SimulatedEndpoint(clock, scenario, np.random.default_rng(scenario.seed + 1))
     tally = Tally()
     batcher = StaticBatcher(clock, endpoint, arm, tally)
-    times = _arrivals(scenario, rate_per_s)
+    times = _arrivals(scenario, rate_per_sec)
     for t in times:
         clock.call_at(float(t), batcher.add)
     # Without shedding an overloaded static arm drains a long backlog: let it finish.
-    horizon = scenario.duration_s + 10 * scenario.slo_s
+    horizon = scenario.duration_secs + 10 * scenario.slo_secs
     while len(tally.latencies) + tally.shed < len(times):
         await clock.advance_to(horizon)
         horizon += 1.0
@@ -201,7 +201,7 @@ async def _run_static(scenario: Scenario, rate_per_s: float, arm: StaticArm) -> 
 
 def _summary(scenario: Scenario, offered: int, tally: Tally, calls: int, mean_batch: float) -> dict[str, float]:
     latencies = np.asarray(tally.latencies) if tally.latencies else np.zeros(1)
-    late = int(np.sum(np.asarray(tally.latencies) > scenario.slo_s + 1e-12)) if tally.latencies else 0
+    late = int(np.sum(np.asarray(tally.latencies) > scenario.slo_secs + 1e-12)) if tally.latencies else 0
     on_time = len(tally.latencies) - late
     return {
         "offered": offered,
@@ -212,18 +212,18 @@ def _summary(scenario: Scenario, offered: int, tally: Tally, calls: int, mean_ba
         "calls_per_record": calls / offered if offered else 0.0,
         "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
         "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
-        "goodput_per_s": on_time / scenario.duration_s,
+        "goodput_per_sec": on_time / scenario.duration_secs,
     }
 
 
 def default_static_arms(scenario: Scenario) -> tuple[StaticArm, ...]:
     """Fixed batch sizes with a 5 ms timeout, and the best of them with a queue timeout (SLO/2)."""
     return (
-        StaticArm(batch=1, timeout_s=0.0),  # one call per record (what Triton-only batching costs the gateway)
-        StaticArm(batch=8, timeout_s=0.005),
-        StaticArm(batch=32, timeout_s=0.005),
-        StaticArm(batch=scenario.max_batch, timeout_s=0.005),
-        StaticArm(batch=scenario.max_batch, timeout_s=0.005, queue_timeout_s=scenario.slo_s / 2),
+        StaticArm(batch=1, timeout_secs=0.0),  # one call per record (what Triton-only batching costs the gateway)
+        StaticArm(batch=8, timeout_secs=0.005),
+        StaticArm(batch=32, timeout_secs=0.005),
+        StaticArm(batch=scenario.max_batch, timeout_secs=0.005),
+        StaticArm(batch=scenario.max_batch, timeout_secs=0.005, queue_timeout_secs=scenario.slo_secs / 2),
     )
 
 
@@ -239,7 +239,7 @@ def run_benchmark(
     async def run_all() -> dict[float, dict[str, dict[str, float]]]:
         results: dict[float, dict[str, dict[str, float]]] = {}
         for load in loads:
-            rate = load * scenario.capacity_per_s
+            rate = load * scenario.capacity_per_sec
             row = {"adaptive": await _run_adaptive(scenario, rate)}
             for arm in arms:
                 row[arm.name] = await _run_static(scenario, rate, arm)
@@ -247,7 +247,7 @@ def run_benchmark(
         return results
 
     return {
-        "scenario": {**scenario.__dict__, "capacity_per_s": scenario.capacity_per_s},
+        "scenario": {**scenario.__dict__, "capacity_per_sec": scenario.capacity_per_sec},
         "results": asyncio.run(run_all()),
     }
 
@@ -257,11 +257,11 @@ def protocol_scenarios(base: Scenario | None = None) -> dict[str, tuple[tuple[fl
     import dataclasses
 
     base = base or Scenario()
-    third = base.duration_s / 3
+    third = base.duration_secs / 3
     return {
         "steady": (DEFAULT_LOADS, base),
-        "burst": ((0.5,), dataclasses.replace(base, burst_factor=3.0, burst_start_s=third, burst_secs=third / 2)),
-        "slowdown": ((0.3, 0.5), dataclasses.replace(base, slowdown_factor=2.5, slowdown_start_s=third)),
+        "burst": ((0.5,), dataclasses.replace(base, burst_factor=3.0, burst_start_secs=third, burst_secs=third / 2)),
+        "slowdown": ((0.3, 0.5), dataclasses.replace(base, slowdown_factor=2.5, slowdown_start_secs=third)),
     }
 
 
@@ -271,7 +271,7 @@ def run_protocol(base: Scenario | None = None) -> dict[str, dict[str, object]]:
 
 
 def _print_table(report: dict[str, object]) -> None:
-    columns = ("late_pct", "deferred_pct", "mean_batch_size", "calls_per_record", "p50_ms", "p99_ms", "goodput_per_s")
+    columns = ("late_pct", "deferred_pct", "mean_batch_size", "calls_per_record", "p50_ms", "p99_ms", "goodput_per_sec")
     print(f"scenario: {report['scenario']}")
     results = report["results"]
     assert isinstance(results, dict)
@@ -285,12 +285,12 @@ def _print_table(report: dict[str, object]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=Scenario.duration_s)
+    parser.add_argument("--duration-secs", type=float, default=Scenario.duration_secs)
     parser.add_argument("--seed", type=int, default=Scenario.seed)
     parser.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS))
     parser.add_argument("--protocol", action="store_true", help="steady loads, a burst and a slowdown")
     args = parser.parse_args()
-    base = Scenario(duration_s=args.duration_s, seed=args.seed)
+    base = Scenario(duration_secs=args.duration_secs, seed=args.seed)
     if args.protocol:
         for name, report in run_protocol(base).items():
             print(f"\n=== {name}")

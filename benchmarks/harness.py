@@ -71,7 +71,7 @@ def profile_for(args: argparse.Namespace):
     if args.seconds is not None:
         overrides["seconds"] = args.seconds
     if args.soak_seconds is not None:
-        overrides["soak_s"] = args.soak_seconds
+        overrides["soak_secs"] = args.soak_seconds
     if args.soak_load is not None:
         overrides["soak_load"] = args.soak_load
     return dataclasses.replace(profile, **overrides)
@@ -106,12 +106,12 @@ def expected_seconds(name: str, profile, baseline_path: Path = BASELINE) -> floa
     """How long a scenario took in the baseline run, scaled to this profile; None when unknown."""
     try:
         base = json.loads(baseline_path.read_text(encoding="utf-8"))
-        took = float(base["scenarios"][name]["duration_s"])
+        took = float(base["scenarios"][name]["duration_secs"])
         before = base["profile"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if name == "soak":
-        return took * profile.soak_s / max(before["soak_s"], 1e-9)
+        return took * profile.soak_secs / max(before["soak_secs"], 1e-9)
     return took * (profile.reps * profile.seconds) / max(before["reps"] * before["seconds"], 1e-9)
 
 
@@ -203,7 +203,7 @@ def run_scenarios(selected: list, ctx: Context) -> tuple[dict, list[str], bool]:
             any_failed = True
             ctx.log(f"[{scenario.name}] FAILED: {type(exc).__name__}: {exc}")
         result = out.result()
-        result.update(status=status, duration_s=time.perf_counter() - started, load_average_before=load_before,
+        result.update(status=status, duration_secs=time.perf_counter() - started, load_average_before=load_before,
                       load_average_after=machine.load_average())
         if error:
             result["error"] = error
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": dataclasses.asdict(profile),
         "started_at": started_at,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "duration_s": time.perf_counter() - t0,
+        "duration_secs": time.perf_counter() - t0,
         "machine": description | {"load_average_at_end": machine.load_average()},
         "versions": machine.versions(),
         "git": machine.git_revision(),

@@ -46,12 +46,12 @@ async def one_rep(args, workdir: Path, profile_dir: Path | None = None) -> dict:
     gateway = start_gateway(root, workers=args.workers)
     stages = None
     try:
-        startup_s = gateway.startup_s
+        startup_secs = gateway.startup_secs
         gw_max = await measure_max(gateway, prepared, args.seconds, args.concurrency)
         half, half["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(
-            gateway.ops_url, measure_open(gateway, prepared, gw_max["requests_per_s"] / 2, args.seconds)
+            gateway.ops_url, measure_open(gateway, prepared, gw_max["requests_per_sec"] / 2, args.seconds)
         )
-        overload = await measure_open(gateway, prepared, gw_max["requests_per_s"] * 1.5, args.seconds)
+        overload = await measure_open(gateway, prepared, gw_max["requests_per_sec"] * 1.5, args.seconds)
         if profile_dir is not None:
             stages = await profiled_run(gateway, prepared, args, profile_dir)
     finally:
@@ -64,9 +64,9 @@ async def one_rep(args, workdir: Path, profile_dir: Path | None = None) -> dict:
         "half_load": half,
         "overload": overload,
         "disk_fsync": disk,
-        "ratio_gateway_to_ceiling": gw_max["records_per_s"] / ceiling_max["records_per_s"],
+        "ratio_gateway_to_ceiling": gw_max["records_per_sec"] / ceiling_max["records_per_sec"],
         "cpu_by_stage": stages,
-        "startup_s": startup_s,
+        "startup_secs": startup_secs,
         "gateway_exit_code": exit_code,
         "raw_objects_landed": landed,
         "body_bytes": prepared.bytes_per_request,
@@ -77,9 +77,9 @@ async def profiled_run(gateway, prepared, args, out_dir: Path) -> list[dict]:
     """Maximum load once more, with py-spy on every gateway process: CPU per stage and record."""
     profiler = profile.Profiler(gateway.proc.pid, out_dir, args.seconds, label=f"ingest-w{args.workers}")
     cpu0 = gateway.cpu_seconds()
-    run = await closed_loop(gateway.url, prepared, concurrency=args.concurrency, duration_s=args.seconds)
-    cpu_s = gateway.cpu_seconds() - cpu0
-    result = await asyncio.to_thread(profiler.finish, run.records, cpu_s)
+    run = await closed_loop(gateway.url, prepared, concurrency=args.concurrency, duration_secs=args.seconds)
+    cpu_secs = gateway.cpu_seconds() - cpu0
+    result = await asyncio.to_thread(profiler.finish, run.records, cpu_secs)
     profile.print_table(result)
     return result.table()
 
@@ -96,21 +96,21 @@ def summarize(reps: list[dict]) -> dict:
 
     return {
         "ratio_gateway_to_ceiling": stat(["ratio_gateway_to_ceiling"]),
-        "ceiling_records_per_s": stat(["ceiling", "records_per_s"]),
-        "gateway_records_per_s": stat(["gateway", "records_per_s"]),
-        "gateway_mb_per_s": stat(["gateway", "mb_per_s"]),
-        "gateway_records_per_cpu_s": stat(["gateway", "records_per_cpu_s"]),
+        "ceiling_records_per_sec": stat(["ceiling", "records_per_sec"]),
+        "gateway_records_per_sec": stat(["gateway", "records_per_sec"]),
+        "gateway_mb_per_sec": stat(["gateway", "mb_per_sec"]),
+        "gateway_records_per_cpu_secs": stat(["gateway", "records_per_cpu_secs"]),
         "half_load_p50_ms": stat(["half_load", "p50_ms"]),
         "half_load_p99_ms": stat(["half_load", "p99_ms"]),
         "half_load_wal_fsync_p99_ms": stat(["half_load", "wal_fsync_p99_ms"]),
         "disk_fsync_p99_ms": stat(["disk_fsync", "p99_ms"]),
-        "overload_goodput_records_per_s": stat(["overload", "goodput_records_per_s"]),
+        "overload_goodput_records_per_sec": stat(["overload", "goodput_records_per_sec"]),
         "overload_shed_share": stat(["overload", "shed_share"]),
         "overload_refused_p99_ms": stat(["overload", "refused_p99_ms"]),
         "overload_accepted_max_ms": stat(["overload", "accepted_max_ms"]),
         "overload_peak_rss_mb": stat(["overload", "peak_rss_mb"]),
         "gateway_peak_rss_mb": stat(["gateway", "peak_rss_mb"]),
-        "startup_s": stat(["startup_s"]),
+        "startup_secs": stat(["startup_secs"]),
     }
 
 
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         rep = asyncio.run(one_rep(args, workdir, args.profile if i == 0 else None))
         reps.append(rep)
         print(
-            f"rep {i + 1}/{args.reps}: ceiling {rep['ceiling']['records_per_s']:,.0f} rec/s, "
-            f"gateway {rep['gateway']['records_per_s']:,.0f} rec/s (ratio {rep['ratio_gateway_to_ceiling']:.2f}), "
-            f"{rep['gateway']['records_per_cpu_s']:,.0f} rec/CPU-s, p99 at half load {rep['half_load']['p99_ms']:.1f} ms "
+            f"rep {i + 1}/{args.reps}: ceiling {rep['ceiling']['records_per_sec']:,.0f} rec/s, "
+            f"gateway {rep['gateway']['records_per_sec']:,.0f} rec/s (ratio {rep['ratio_gateway_to_ceiling']:.2f}), "
+            f"{rep['gateway']['records_per_cpu_secs']:,.0f} rec/CPU-s, p99 at half load {rep['half_load']['p99_ms']:.1f} ms "
             f"(WAL fsync p99 {rep['half_load']['wal_fsync_p99_ms']:.1f} ms, disk {rep['disk_fsync']['p99_ms']:.1f} ms), "
             f"overload peak RSS {rep['overload']['peak_rss_mb']:.0f} MiB",
             flush=True,
@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
             r=s["ratio_gateway_to_ceiling"]["median"],
             rmin=s["ratio_gateway_to_ceiling"]["min"],
             rmax=s["ratio_gateway_to_ceiling"]["max"],
-            g=s["gateway_records_per_s"]["median"],
-            mb=s["gateway_mb_per_s"]["median"],
+            g=s["gateway_records_per_sec"]["median"],
+            mb=s["gateway_mb_per_sec"]["median"],
             p99=s["half_load_p99_ms"]["median"],
-            cpu=s["gateway_records_per_cpu_s"]["median"],
+            cpu=s["gateway_records_per_cpu_secs"]["median"],
             disk=s["disk_fsync_p99_ms"]["median"],
             shed=s["overload_shed_share"]["median"],
             refused=s["overload_refused_p99_ms"]["median"],

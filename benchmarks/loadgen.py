@@ -107,36 +107,36 @@ class Bodies(Protocol):
 @dataclass
 class Run:
     offered_rps: float | None
-    duration_s: float
+    duration_secs: float
     records_per_request: int
     sent: int = 0
     requests: int = 0  # answered 202
     records: int = 0  # accepted records (202 only)
     bytes: int = 0
     statuses: dict[int | str, int] = field(default_factory=dict)
-    latencies_s: list[float] = field(default_factory=list)
+    latencies_secs: list[float] = field(default_factory=list)
     latencies_by_status: dict[int | str, list[float]] = field(default_factory=dict)  # the same, by answer
     # (intended send time relative to the start, latency, status) of each measured request.
     timeline: list[tuple[float, float, int | str]] | None = None
-    send_lag_s: list[float] = field(default_factory=list)  # actual send - intended send
+    send_lag_secs: list[float] = field(default_factory=list)  # actual send - intended send
     errors: dict[str, int] = field(default_factory=dict)  # what the "error" answers were, by exception name
-    generator_cpu_s: float = 0.0
+    generator_cpu_secs: float = 0.0
 
     @property
-    def records_per_s(self) -> float:
-        return self.records / self.duration_s if self.duration_s else float("nan")
+    def records_per_sec(self) -> float:
+        return self.records / self.duration_secs if self.duration_secs else float("nan")
 
     @property
-    def mb_per_s(self) -> float:
-        return self.bytes / self.duration_s / 1e6 if self.duration_s else float("nan")
+    def mb_per_sec(self) -> float:
+        return self.bytes / self.duration_secs / 1e6 if self.duration_secs else float("nan")
 
     @property
     def generator_cpu_share(self) -> float:
         """The generator's CPU time per second of wall time: near 1.0 means it was saturated."""
-        return self.generator_cpu_s / self.duration_s if self.duration_s else float("nan")
+        return self.generator_cpu_secs / self.duration_secs if self.duration_secs else float("nan")
 
     def percentile_ms(self, q: float) -> float:
-        return percentile(self.latencies_s, q) * 1000
+        return percentile(self.latencies_secs, q) * 1000
 
     def latencies_of(self, *statuses: int | str) -> list[float]:
         return [latency for s in statuses for latency in self.latencies_by_status.get(s, ())]
@@ -149,7 +149,7 @@ class Run:
 async def _send(session, url, body, headers, run: Run, intended: float, begin: float, measured: bool) -> None:
     """One request through the simulator's ``send``, its answer counted into ``run``."""
     answer = await send(session, url, body, headers, intended)
-    status, latency = answer.status, answer.latency_s
+    status, latency = answer.status, answer.latency_secs
     if answer.error is not None:
         run.errors[answer.error] = run.errors.get(answer.error, 0) + 1
     run.statuses[status] = run.statuses.get(status, 0) + 1
@@ -158,7 +158,7 @@ async def _send(session, url, body, headers, run: Run, intended: float, begin: f
         run.records += run.records_per_request
         run.bytes += len(body)
     if measured:
-        run.latencies_s.append(latency)
+        run.latencies_secs.append(latency)
         run.latencies_by_status.setdefault(status, []).append(latency)
         if run.timeline is not None:
             run.timeline.append((intended - begin, latency, status))
@@ -169,19 +169,19 @@ async def closed_loop(
     prepared: Bodies,
     *,
     concurrency: int,
-    duration_s: float = math.inf,
+    duration_secs: float = math.inf,
     requests: int | None = None,
     local_addr: tuple[str, int] | None = None,
 ) -> Run:
-    """``concurrency`` requests outstanding until ``duration_s`` has passed or ``requests`` were sent,
+    """``concurrency`` requests outstanding until ``duration_secs`` has passed or ``requests`` were sent,
     whichever comes first; ``local_addr`` sends from another source address."""
-    run = Run(None, duration_s, prepared.records_per_request)
+    run = Run(None, duration_secs, prepared.records_per_request)
     cpu0 = time.process_time()
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=concurrency, local_addr=local_addr)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         begin = time.perf_counter()
-        stop_at = begin + duration_s
+        stop_at = begin + duration_secs
 
         async def worker():
             while time.perf_counter() < stop_at and (requests is None or run.sent < requests):
@@ -190,33 +190,33 @@ async def closed_loop(
                 await _send(session, url, body, headers, run, time.perf_counter(), begin, True)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        run.duration_s = time.perf_counter() - begin
-    run.generator_cpu_s = time.process_time() - cpu0
+        run.duration_secs = time.perf_counter() - begin
+    run.generator_cpu_secs = time.process_time() - cpu0
     return run
 
 
-def schedule(requests_per_s: float, duration_s: float, *, arrivals: str = "poisson", seed: int = 0) -> list[float]:
+def schedule(requests_per_sec: float, duration_secs: float, *, arrivals: str = "poisson", seed: int = 0) -> list[float]:
     """Intended send offsets (seconds from the start), fixed before the first request goes out."""
-    if requests_per_s <= 0:
-        raise ValueError("requests_per_s must be > 0")
+    if requests_per_sec <= 0:
+        raise ValueError("requests_per_sec must be > 0")
     if arrivals == "fixed":
-        n = int(duration_s * requests_per_s)
-        return [i / requests_per_s for i in range(n)]
+        n = int(duration_secs * requests_per_sec)
+        return [i / requests_per_sec for i in range(n)]
     if arrivals != "poisson":
         raise ValueError(f"arrivals must be 'poisson' or 'fixed', not {arrivals!r}")
-    return poisson_arrivals(requests_per_s, duration_s, seed=seed)
+    return poisson_arrivals(requests_per_sec, duration_secs, seed=seed)
 
 
-def poisson_arrivals(peak_per_s: float, duration_s: float, *, seed: int, rate: Callable[[float], float] | None = None) -> list[float]:
-    """Poisson arrival offsets at ``peak_per_s``; with ``rate(t)`` (at most the peak) a time-varying
+def poisson_arrivals(peak_per_sec: float, duration_secs: float, *, seed: int, rate: Callable[[float], float] | None = None) -> list[float]:
+    """Poisson arrival offsets at ``peak_per_sec``; with ``rate(t)`` (at most the peak) a time-varying
     rate, by thinning the process at the peak."""
     rng = random.Random(seed)
     out, t = [], 0.0
     while True:
-        t += rng.expovariate(peak_per_s)
-        if t >= duration_s:
+        t += rng.expovariate(peak_per_sec)
+        if t >= duration_secs:
             return out
-        if rate is None or rng.random() * peak_per_s <= rate(t):
+        if rate is None or rng.random() * peak_per_sec <= rate(t):
             out.append(t)
 
 
@@ -224,34 +224,34 @@ async def open_loop(
     url: str,
     prepared: Prepared,
     *,
-    requests_per_s: float,
-    duration_s: float,
+    requests_per_sec: float,
+    duration_secs: float,
     arrivals: str = "poisson",
     seed: int = 0,
-    warmup_s: float = 0.0,
+    warmup_secs: float = 0.0,
     max_inflight: int = 1024,
     keep_timeline: bool = False,
-    drain_s: float = 10.0,
+    drain_secs: float = 10.0,
 ) -> Run:
-    """Send on a precomputed schedule for ``duration_s``; requests intended before ``warmup_s`` are
-    sent but not measured. After the schedule, outstanding requests get ``drain_s`` to finish."""
-    run = Run(requests_per_s, duration_s, prepared.records_per_request, timeline=[] if keep_timeline else None)
-    offsets = schedule(requests_per_s, duration_s, arrivals=arrivals, seed=seed)
+    """Send on a precomputed schedule for ``duration_secs``; requests intended before ``warmup_secs`` are
+    sent but not measured. After the schedule, outstanding requests get ``drain_secs`` to finish."""
+    run = Run(requests_per_sec, duration_secs, prepared.records_per_request, timeline=[] if keep_timeline else None)
+    offsets = schedule(requests_per_sec, duration_secs, arrivals=arrivals, seed=seed)
     tasks: dict[asyncio.Task, tuple[float, bool]] = {}
     cpu0 = time.process_time()
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_inflight), timeout=timeout) as session:
         begin = time.perf_counter()
         async for offset, intended in paced(offsets, begin):
-            run.send_lag_s.append(time.perf_counter() - intended)
+            run.send_lag_secs.append(time.perf_counter() - intended)
             body, headers = prepared.next()
             run.sent += 1
-            task = asyncio.create_task(_send(session, url, body, headers, run, intended, begin, offset >= warmup_s))
-            tasks[task] = (intended, offset >= warmup_s)
+            task = asyncio.create_task(_send(session, url, body, headers, run, intended, begin, offset >= warmup_secs))
+            tasks[task] = (intended, offset >= warmup_secs)
             task.add_done_callback(lambda t: tasks.pop(t, None))
         if tasks:
-            await asyncio.wait(set(tasks), timeout=drain_s)
-        run.duration_s = time.perf_counter() - begin
+            await asyncio.wait(set(tasks), timeout=drain_secs)
+        run.duration_secs = time.perf_counter() - begin
         # Requests still unanswered are abandoned, never dropped from the figures: each counts as
         # "unfinished" with its latency so far (a lower bound), so a stall cannot hide in the tail.
         now = time.perf_counter()
@@ -259,10 +259,10 @@ async def open_loop(
             task.cancel()
             run.statuses["unfinished"] = run.statuses.get("unfinished", 0) + 1
             if measured:
-                run.latencies_s.append(now - intended)
+                run.latencies_secs.append(now - intended)
                 if run.timeline is not None:
                     run.timeline.append((intended - begin, now - intended, "unfinished"))
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-    run.generator_cpu_s = time.process_time() - cpu0
+    run.generator_cpu_secs = time.process_time() - cpu0
     return run

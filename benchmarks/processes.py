@@ -37,9 +37,9 @@ def python() -> str:
 
 @dataclass
 class Sample:
-    t_s: float
+    t_secs: float
     rss_bytes: int
-    cpu_s: float
+    cpu_secs: float
     fds: int
 
 
@@ -48,7 +48,7 @@ class Sampler:
     """Peak RSS always; every sample when ``keep`` is set."""
 
     ps: psutil.Process
-    interval_s: float
+    interval_secs: float
     keep: bool
     peak_rss: int = 0
     samples: list[Sample] = field(default_factory=list)
@@ -70,7 +70,7 @@ class Sampler:
                 self.peak_rss = max(self.peak_rss, rss)
                 if self.keep:
                     self.samples.append(Sample(time.perf_counter() - begin, rss, t.user + t.system, fds))
-                self._stop.wait(self.interval_s)
+                self._stop.wait(self.interval_secs)
 
         self._thread = threading.Thread(target=loop, name="sampler", daemon=True)
         self._thread.start()
@@ -96,7 +96,7 @@ class Server:
             env={**os.environ, **(env or {})}, cwd=REPO_ROOT,
         )
         self.ps = psutil.Process(self.proc.pid)
-        self.startup_s = float("nan")
+        self.startup_secs = float("nan")
         self._sampler: Sampler | None = None
 
     def wait_ready(self, timeout: float = 30.0) -> float:
@@ -108,8 +108,8 @@ class Server:
             try:
                 with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as resp:
                     if 200 <= resp.status < 300:
-                        self.startup_s = time.perf_counter() - self.started_at
-                        return self.startup_s
+                        self.startup_secs = time.perf_counter() - self.started_at
+                        return self.startup_secs
             except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
                 pass
             time.sleep(0.005)
@@ -249,7 +249,7 @@ class TritonServer(Server):
             start_new_session=True,
         )
         self.ps = psutil.Process(self.proc.pid)
-        self.startup_s = float("nan")
+        self.startup_secs = float("nan")
         self._sampler = None
 
     def stop(self, timeout: float = 20.0) -> int | None:

@@ -60,13 +60,13 @@ class Profile:
     samples: collections.Counter = field(default_factory=collections.Counter)  # stage -> samples
     seconds: float = 0.0
     records: int = 0
-    cpu_s: float = 0.0  # CPU the profiled processes used meanwhile, all threads
+    cpu_secs: float = 0.0  # CPU the profiled processes used meanwhile, all threads
     files: list[str] = field(default_factory=list)
 
     def table(self) -> list[dict]:
         """Per stage: share of busy samples and microseconds of CPU per accepted record."""
         total = sum(self.samples.values()) or 1
-        per_record_us = self.cpu_s / self.records * 1e6 if self.records else float("nan")
+        per_record_us = self.cpu_secs / self.records * 1e6 if self.records else float("nan")
         return [
             {"stage": stage, "share": n / total, "us_per_record": n / total * per_record_us}
             for stage, n in self.samples.most_common()
@@ -92,8 +92,8 @@ class Profiler:
                 self._runs.append((proc, path))
         self.seconds = seconds
 
-    def finish(self, records: int, cpu_s: float) -> Profile:
-        profile = Profile(seconds=self.seconds, records=records, cpu_s=cpu_s)
+    def finish(self, records: int, cpu_secs: float) -> Profile:
+        profile = Profile(seconds=self.seconds, records=records, cpu_secs=cpu_secs)
         for proc, path in self._runs:
             try:
                 proc.wait(timeout=self.seconds + 30)
@@ -113,8 +113,8 @@ class Profiler:
 
 
 def print_table(profile: Profile) -> None:
-    total_us = profile.cpu_s / profile.records * 1e6 if profile.records else float("nan")
-    print(f"\nCPU by stage: {total_us:.1f} us per record ({profile.records:,} records, {profile.cpu_s:.1f} CPU-s in {profile.seconds:.0f} s)")
+    total_us = profile.cpu_secs / profile.records * 1e6 if profile.records else float("nan")
+    print(f"\nCPU by stage: {total_us:.1f} us per record ({profile.records:,} records, {profile.cpu_secs:.1f} CPU-s in {profile.seconds:.0f} s)")
     print(f"  flame graphs: {', '.join(f for f in profile.files if f.endswith('.svg'))}")
     for row in profile.table():
         print(f"  {row['stage']:<40} {row['share']:6.1%}  {row['us_per_record']:7.2f} us/record")

@@ -30,7 +30,7 @@ TARGETS = [
     ("end to end (signed, validated, enriched, fsynced, acked, scored, landed in S3) >= 70% of the bare ceiling",
      "s3", "ratio:gateway_to_ceiling_throughput", ">=", 0.70, "docs/performance.md"),
     ("the same, landing in the local lake", "ingest", "ratio:gateway_to_ceiling_throughput", ">=", 0.70, "docs/performance.md"),
-    ("end to end with scoring and Parquet: >= 150 k records per CPU-second", "ingest", "gateway_records_per_cpu_s", ">=", 150_000, "docs/performance.md"),
+    ("end to end with scoring and Parquet: >= 150 k records per CPU-second", "ingest", "gateway_records_per_cpu_secs", ">=", 150_000, "docs/performance.md"),
     ("ack latency p99 at half of the maximum load <= the disk's fsync p99 + 10 ms", "ingest", "half_load_p99_over_fsync_p99_ms", "<=", 10.0, "docs/performance.md"),
     ("at 1.5x offered load, goodput >= 90% of capacity", "overload", "ratio:goodput_to_capacity", ">=", 0.90, "docs/performance.md"),
     ("at 3x offered load, goodput >= 90% of capacity", "overload", "ratio:goodput_to_capacity_at_3x", ">=", 0.90, "docs/performance.md"),
@@ -38,11 +38,11 @@ TARGETS = [
     ("at 3x, the excess answered 503 within 50 ms (p99)", "overload", "refused_p99_ms_at_3x", "<", 50.0, "docs/performance.md"),
     ("at 1.5x, no accepted request waits over 1 s", "overload", "accepted_max_ms", "<=", 1000.0, "docs/performance.md"),
     ("at 3x, no accepted request waits over 1 s", "overload", "accepted_max_ms_at_3x", "<=", 1000.0, "docs/performance.md"),
-    ("start-up under one second", "startup", "gateway_startup_s", "<", 1.0, "docs/performance.md"),
+    ("start-up under one second", "startup", "gateway_startup_secs", "<", 1.0, "docs/performance.md"),
     ("no late records at 0.9x capacity (embedded model)", "inference-local", "steady_0.9_late_share", "<=", 0.001, "docs/batching.md §5 (0.1%)"),
     ("at 1.5x capacity, >= 90% of capacity scored on time (embedded model)", "inference-local", "ratio:overload_goodput_to_capacity", ">=", 0.90, "docs/batching.md §5"),
     ("at 1.5x capacity, >= 90% of capacity scored on time (PyTriton)", "inference-triton", "ratio:overload_goodput_to_capacity", ">=", 0.90, "docs/batching.md §5"),
-    ("model ready to first scored record < 3 s (PyTriton)", "readiness-triton", "ready_to_first_score_s", "<", 3.0, "docs/batching.md §5"),
+    ("model ready to first scored record < 3 s (PyTriton)", "readiness-triton", "ready_to_first_score_secs", "<", 3.0, "docs/batching.md §5"),
     ("bounded memory in the soak: RSS end/start <= 1.10", "soak", "ratio:rss_end_to_start", "<=", 1.10, "harness threshold"),
     ("bounded memory under overload: peak RSS <= 2x half load", "overload", "ratio:peak_rss_overload_to_half_load", "<=", 2.0, "harness threshold"),
 ]
@@ -103,13 +103,13 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
         for label, pts, marker in (("gateway, load sweep", sweep, "o-"), ("gateway, overload", over, "s")):
             if not pts:
                 continue
-            cap = [p["capacity_records_per_s"] for p in pts]
-            xs, med, lo, hi = _grouped(pts, "goodput_records_per_s")
+            cap = [p["capacity_records_per_sec"] for p in pts]
+            xs, med, lo, hi = _grouped(pts, "goodput_records_per_sec")
             offered = [x * statistics.median(cap) for x in xs]
             ax.errorbar(offered, med, yerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]], fmt=marker, capsize=3, label=label)
-        xmax = max(p["fraction"] * p["capacity_records_per_s"] for p in points)
+        xmax = max(p["fraction"] * p["capacity_records_per_sec"] for p in points)
         ax.plot([0, xmax], [0, xmax], ":", color="grey", label="goodput = offered")
-        ceiling = (scen.get("ingest") or {}).get("figures", {}).get("ceiling_records_per_s", {}).get("median")
+        ceiling = (scen.get("ingest") or {}).get("figures", {}).get("ceiling_records_per_sec", {}).get("median")
         if ceiling:
             ax.axhline(ceiling, color="tab:red", linestyle="--", label="bare ceiling (closed loop)")
         ax.set_xlabel("offered load (records/s, Poisson arrivals)")
@@ -146,7 +146,7 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
         fig, axes = plt.subplots(3, len(runs), figsize=(4.2 * len(runs), 8), squeeze=False, sharex="col")
         for col, key in enumerate(runs):
             tl = series[key]
-            t = [s["t_s"] for s in tl]
+            t = [s["t_secs"] for s in tl]
             axes[0][col].plot(t, [s["mean_batch"] for s in tl], label="mean batch size")
             axes[0][col].plot(t, [s["last_batch"] for s in tl], alpha=0.5, label="last batch size")
             axes[0][col].set_title(key.removeprefix("timeline_"), fontsize=9)
@@ -172,11 +172,11 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
         timeline = (result.get("series") or {}).get("batching_timeline")
         if not timeline:
             continue
-        # Plugins may hand over {"run label": [{"t_s", "batch_size", "concurrency"}, ...]}.
+        # Plugins may hand over {"run label": [{"t_secs", "batch_size", "concurrency"}, ...]}.
         fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
         for label, tl in timeline.items():
-            axes[0].plot([s["t_s"] for s in tl], [s.get("batch_size", math.nan) for s in tl], label=label)
-            axes[1].plot([s["t_s"] for s in tl], [s.get("concurrency", math.nan) for s in tl], label=label)
+            axes[0].plot([s["t_secs"] for s in tl], [s.get("batch_size", math.nan) for s in tl], label=label)
+            axes[1].plot([s["t_secs"] for s in tl], [s.get("concurrency", math.nan) for s in tl], label=label)
         axes[0].set_ylabel("batch size")
         axes[1].set_ylabel("concurrency")
         axes[1].set_xlabel("time (s)")
@@ -190,7 +190,7 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
     soak = (scen.get("soak") or {}).get("series", {})
     if soak.get("timeline"):
         tl = soak["timeline"]
-        t = [s["t_s"] for s in tl]
+        t = [s["t_secs"] for s in tl]
         fig, axes = plt.subplots(4 if soak.get("latency_windows") else 3, 1, figsize=(8, 8), sharex=True)
         axes[0].plot(t, [s["rss_mb"] for s in tl])
         axes[0].set_ylabel("RSS (MiB)")
@@ -200,8 +200,8 @@ def plots(doc: dict, out: Path) -> list[tuple[str, str]]:
         axes[2].set_ylabel("open files")
         if soak.get("latency_windows"):
             w = soak["latency_windows"]
-            axes[3].plot([x["t_s"] for x in w], [x["p50_ms"] for x in w], "o-", label="p50")
-            axes[3].plot([x["t_s"] for x in w], [x["p99_ms"] for x in w], "s-", label="p99")
+            axes[3].plot([x["t_secs"] for x in w], [x["p50_ms"] for x in w], "o-", label="p50")
+            axes[3].plot([x["t_secs"] for x in w], [x["p99_ms"] for x in w], "s-", label="p99")
             axes[3].set_ylabel("ack latency (ms)")
             axes[3].legend(fontsize=7)
         axes[-1].set_xlabel("time (s)")
@@ -236,8 +236,8 @@ def markdown(doc: dict, made: list[tuple[str, str]], rows: list[Row] | None) -> 
         "# Benchmark report",
         "",
         f"- **Command:** `{doc['command']}` ({doc['mode']} mode: {doc['profile']['reps']} repetition(s), "
-        f"{doc['profile']['seconds']} s per measurement, soak {doc['profile']['soak_s']:.0f} s)",
-        f"- **When:** {doc['started_at']} to {doc['finished_at']} ({doc['duration_s'] / 60:.1f} min)",
+        f"{doc['profile']['seconds']} s per measurement, soak {doc['profile']['soak_secs']:.0f} s)",
+        f"- **When:** {doc['started_at']} to {doc['finished_at']} ({doc['duration_secs'] / 60:.1f} min)",
         f"- **Machine:** {m['cpu_model']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB RAM, {m['platform']}, "
         f"Python {m['python']}; load average at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}",
         f"- **Source:** {g.get('commit') or 'unknown'} on {g.get('branch') or '?'}{' (uncommitted changes)' if g.get('dirty') else ''}",
@@ -287,7 +287,7 @@ def markdown(doc: dict, made: list[tuple[str, str]], rows: list[Row] | None) -> 
     for name, r in doc["scenarios"].items():
         if r["status"] == "not run":
             continue
-        lines += [f"### {name}: {r['title']}", "", f"Status: {r['status']}, {r['duration_s']:.0f} s, load average {r.get('load_average_before')} "
+        lines += [f"### {name}: {r['title']}", "", f"Status: {r['status']}, {r['duration_secs']:.0f} s, load average {r.get('load_average_before')} "
                   f"before, {r.get('load_average_after')} after.", ""]
         for note in r.get("notes", []):
             lines.append(f"> {note}")
@@ -313,7 +313,7 @@ def markdown(doc: dict, made: list[tuple[str, str]], rows: list[Row] | None) -> 
                     vals = [p[key] for p in pts if p.get(key) is not None]
                     return statistics.median(vals) if vals else math.nan
 
-                lines.append(f"| {frac:.2f} | {_fmt(med('offered_records_per_s'))} | {_fmt(med('goodput_records_per_s'))} | "
+                lines.append(f"| {frac:.2f} | {_fmt(med('offered_records_per_sec'))} | {_fmt(med('goodput_records_per_sec'))} | "
                              f"{_fmt(med('p50_ms'))} | {_fmt(med('p99_ms'))} | {_fmt(med('p99.9_ms'))} | {med('shed_share'):.1%} | "
                              f"{med('generator_cpu_share'):.0%} |")
             lines.append("")

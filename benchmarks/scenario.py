@@ -46,10 +46,10 @@ class Profile:
     name: str
     reps: int
     seconds: float  # one measurement (closed-loop max, or one open-loop load level)
-    warmup_s: float  # discarded from the start of each open-loop run
+    warmup_secs: float  # discarded from the start of each open-loop run
     sweep: tuple[float, ...]  # offered loads as fractions of the measured capacity
-    soak_s: float
-    soak_sample_s: float
+    soak_secs: float
+    soak_sample_secs: float
     startup_reps: int
     inference_seconds: float
     records_per_request: int = 300  # about 64 KiB of NDJSON
@@ -61,12 +61,12 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", reps=1, seconds=1.0, warmup_s=0.2, sweep=(0.5, 0.9), soak_s=6.0, soak_sample_s=0.25,
+    "quick": Profile("quick", reps=1, seconds=1.0, warmup_secs=0.2, sweep=(0.5, 0.9), soak_secs=6.0, soak_sample_secs=0.25,
                      startup_reps=2, inference_seconds=1.0),
-    "default": Profile("default", reps=3, seconds=5.0, warmup_s=0.5, sweep=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), soak_s=180.0,
-                       soak_sample_s=1.0, startup_reps=5, inference_seconds=4.0),
-    "release": Profile("release", reps=5, seconds=10.0, warmup_s=1.0, sweep=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), soak_s=1800.0,
-                       soak_sample_s=2.0, startup_reps=7, inference_seconds=8.0),
+    "default": Profile("default", reps=3, seconds=5.0, warmup_secs=0.5, sweep=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), soak_secs=180.0,
+                       soak_sample_secs=1.0, startup_reps=5, inference_seconds=4.0),
+    "release": Profile("release", reps=5, seconds=10.0, warmup_secs=1.0, sweep=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), soak_secs=1800.0,
+                       soak_sample_secs=2.0, startup_reps=7, inference_seconds=8.0),
 }
 
 
@@ -116,8 +116,8 @@ class Collector:
         if text not in self.notes:
             self.notes.append(text)
 
-    def load(self, label: str, *, generator_cpu_share: float, send_lag_p99_s: float = float("nan")) -> None:
-        self.loads.append({"label": label, "generator_cpu_share": generator_cpu_share, "send_lag_p99_s": send_lag_p99_s})
+    def load(self, label: str, *, generator_cpu_share: float, send_lag_p99_secs: float = float("nan")) -> None:
+        self.loads.append({"label": label, "generator_cpu_share": generator_cpu_share, "send_lag_p99_secs": send_lag_p99_secs})
 
     def warnings(self) -> list[str]:
         out = []
@@ -129,12 +129,12 @@ class Collector:
                 f"{len(saturated)} of {len(self.loads)} runs (worst: {worst['label']}); those figures are "
                 "bounded by the generator, not the server"
             )
-        lagging = [l for l in self.loads if math.isfinite(l["send_lag_p99_s"]) and l["send_lag_p99_s"] > GENERATOR_LAG_WARN_S]
+        lagging = [l for l in self.loads if math.isfinite(l["send_lag_p99_secs"]) and l["send_lag_p99_secs"] > GENERATOR_LAG_WARN_S]
         if lagging:
-            worst = max(lagging, key=lambda l: l["send_lag_p99_s"])
+            worst = max(lagging, key=lambda l: l["send_lag_p99_secs"])
             out.append(
                 f"{self.name}: the generator fell behind its schedule in {len(lagging)} runs (worst p99 "
-                f"{worst['send_lag_p99_s'] * 1000:.1f} ms, {worst['label']}); latency still counts from the intended send time"
+                f"{worst['send_lag_p99_secs'] * 1000:.1f} ms, {worst['label']}); latency still counts from the intended send time"
             )
         return out
 

@@ -28,18 +28,18 @@ class AbuseScenario(Repeated):
         args = argparse.Namespace(seconds=seconds, devices=8, rate=20.0, records=50, abuser_records=500, limit=2000.0,
                                   abuse=None, attacks=module.ATTACKS)
         res = await module.run(args)
-        out.figure("polite_offered_records_per_s", res["polite_offered_records_per_s"], "rec/s")
+        out.figure("polite_offered_records_per_sec", res["polite_offered_records_per_sec"], "rec/s")
         out.figure("polite_records_per_s_alone", res["polite_records_per_s_alone"], "rec/s")
         out.figure("polite_p99_ack_ms_alone", res["polite_p99_ack_ms_alone"], "ms")
         for attack in module.ATTACKS:
             got = res[attack]
             name = attack.replace("-", "_")
-            out.figure(f"{name}_polite_records_per_s", got["polite_records_per_s"], "rec/s")
+            out.figure(f"{name}_polite_records_per_sec", got["polite_records_per_sec"], "rec/s")
             out.figure(f"{name}_polite_p99_ack_ms", got["polite_p99_ack_ms"], "ms")
             out.ratio(f"polite_throughput_with_{name}_to_alone", got["throughput_ratio"], better="higher",
                       description=f"polite devices' acknowledged records/s beside the {attack} attack over alone (target >= 0.95)")
             out.ratio(f"polite_p99_with_{name}_to_alone", got["p99_ratio"], better="lower", tolerance=0.5,
                       description=f"polite devices' p99 ack latency beside the {attack} attack over alone (target <= 2)")
             ctx.log(f"  abuse rep {rep + 1} {attack}: polite {res['polite_records_per_s_alone']:,.0f} -> "
-                    f"{got['polite_records_per_s']:,.0f} rec/s, p99 {res['polite_p99_ack_ms_alone']:.1f} -> "
+                    f"{got['polite_records_per_sec']:,.0f} rec/s, p99 {res['polite_p99_ack_ms_alone']:.1f} -> "
                     f"{got['polite_p99_ack_ms']:.1f} ms; attacker got {got['attacker_got']}")

@@ -47,7 +47,7 @@ class BatchingScenario(Repeated):
         loads = (0.5, 0.95, 1.2) if quick else tuple(getattr(module, "DEFAULT_LOADS", (0.2, 0.5, 0.8, 0.95, 1.2)))
         duration = 0.3 if quick else 0.5  # simulated seconds; longer runs get slow where static arms drain a backlog
         protocol = getattr(module, "protocol_scenarios", None)
-        sim = dataclasses.replace(module.Scenario(), duration_s=duration, seed=ctx.seed + rep)
+        sim = dataclasses.replace(module.Scenario(), duration_secs=duration, seed=ctx.seed + rep)
         report = await asyncio.to_thread(module.run_benchmark, loads, sim)
         worst_calls = 0.0
         for load, arms in report["results"].items():
@@ -64,8 +64,8 @@ class BatchingScenario(Repeated):
                 best = min(m["calls_per_record"] for m in ok_static)
                 worst_calls = max(worst_calls, adaptive["calls_per_record"] / best if best else math.nan)
             if float(load) > 1.0:
-                capacity = report["scenario"]["capacity_per_s"]
-                out.ratio("adaptive_goodput_to_capacity_overload", adaptive["goodput_per_s"] / capacity, better="higher",
+                capacity = report["scenario"]["capacity_per_sec"]
+                out.ratio("adaptive_goodput_to_capacity_overload", adaptive["goodput_per_sec"] / capacity, better="higher",
                           description=f"adaptive goodput at {float(load):g}x offered load over the endpoint's capacity (docs/batching.md §5)")
         steady = [float(l) for l in report["results"] if float(l) <= 0.95]
         on_time = min(1 - (report["results"][l]["adaptive"]["late_pct"] + report["results"][l]["adaptive"]["deferred_pct"]) / 100
@@ -88,6 +88,6 @@ class BatchingScenario(Repeated):
                     out.figure(f"adaptive_deferred_pct_{tag}", adaptive["deferred_pct"], "%")
                     out.figure(f"best_static_late_pct_{tag}", min(m["late_pct"] for m in statics), "%")
                     out.append_series("points", {"rep": rep, "load": float(load), "scenario": name, "arms": arms})
-                    best_goodput = max(m["goodput_per_s"] for m in statics)
-                    out.ratio(f"adaptive_to_best_static_goodput_{tag}", adaptive["goodput_per_s"] / best_goodput if best_goodput else math.nan,
+                    best_goodput = max(m["goodput_per_sec"] for m in statics)
+                    out.ratio(f"adaptive_to_best_static_goodput_{tag}", adaptive["goodput_per_sec"] / best_goodput if best_goodput else math.nan,
                               better="higher", description=f"{name} at {float(load):g}x: on-time records/s, adaptive over the best static arm")

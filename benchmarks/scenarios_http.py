@@ -61,15 +61,15 @@ async def _ceiling_max(ctx: Context, root: Path, prepared: Prepared, out: Collec
 async def _max_and_half(ctx: Context, out: Collector, server: Server, prepared: Prepared, rep: int, label: str = "gateway max") -> tuple[dict, dict]:
     """The server's start-up time, its maximum, then an open loop at half of that maximum."""
     p = ctx.profile
-    out.figure("startup_s", server.startup_s, "s")
+    out.figure("startup_secs", server.startup_secs, "s")
     top = await _max(ctx, out, server, prepared, f"{label}, rep {rep + 1}")
-    half = await measure_open(server, prepared, top["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
-    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_s=half["send_lag_p99_s"])
+    half = await measure_open(server, prepared, top["requests_per_sec"] * 0.5, p.seconds, warmup_secs=p.warmup_secs, seed=ctx.seed + rep)
+    out.load(f"half load, rep {rep + 1}", generator_cpu_share=half["generator_cpu_share"], send_lag_p99_secs=half["send_lag_p99_secs"])
     return top, half
 
 
 def _sweep_point(out: Collector, label: str, level: float, res: dict) -> None:
-    out.load(label, generator_cpu_share=res["generator_cpu_share"], send_lag_p99_s=res["send_lag_p99_s"])
+    out.load(label, generator_cpu_share=res["generator_cpu_share"], send_lag_p99_secs=res["send_lag_p99_secs"])
     out.append_series("sweep", {"fraction": level, **{k: v for k, v in res.items() if k != "statuses"}})
 
 
@@ -82,15 +82,15 @@ class CeilingScenario(Repeated):
             prepared = _prepared(ctx, root)
             with _serving(start_ceiling(root)) as ceiling:
                 m, half = await _max_and_half(ctx, out, ceiling, prepared, rep, label="max")
-        out.figure("records_per_s", m["records_per_s"], "rec/s")
-        out.figure("mb_per_s", m["mb_per_s"], "MB/s")
-        out.figure("records_per_cpu_s", m["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("records_per_sec", m["records_per_sec"], "rec/s")
+        out.figure("mb_per_sec", m["mb_per_sec"], "MB/s")
+        out.figure("records_per_cpu_secs", m["records_per_cpu_secs"], "rec/CPU-s")
         out.figure("server_cpu_share", m["server_cpu_share"], "cores")
         out.figure("generator_cpu_share_at_max", m["generator_cpu_share"], "cores")
         out.figure("half_load_p50_ms", half["p50_ms"], "ms")
         out.figure("half_load_p99_ms", half["p99_ms"], "ms")
         out.figure("generator_to_server_cpu", ratio(m["generator_cpu_share"], m["server_cpu_share"]))
-        ctx.log(f"  ceiling rep {rep + 1}: {m['records_per_s']:,.0f} rec/s, p99 at half load {half['p99_ms']:.1f} ms")
+        ctx.log(f"  ceiling rep {rep + 1}: {m['records_per_sec']:,.0f} rec/s, p99 at half load {half['p99_ms']:.1f} ms")
 
 
 class IngestScenario(Repeated):
@@ -104,30 +104,30 @@ class IngestScenario(Repeated):
             prepared = _prepared(ctx, root)
             ceil = await _ceiling_max(ctx, root, prepared, out, rep)
             with _serving(start_gateway(root)) as gateway:
-                out.figure("startup_s", gateway.startup_s, "s")
+                out.figure("startup_secs", gateway.startup_secs, "s")
                 gw = await _max(ctx, out, gateway, prepared, f"gateway max, rep {rep + 1}")
                 half = None
                 for i, level in enumerate(p.sweep):
                     # The WAL's own fsyncs meanwhile: the ack p99 target is fsync p99 + 10 ms.
                     res, res["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(gateway.ops_url, measure_open(
-                        gateway, prepared, gw["requests_per_s"] * level, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + 100 * rep + i))
+                        gateway, prepared, gw["requests_per_sec"] * level, p.seconds, warmup_secs=p.warmup_secs, seed=ctx.seed + 100 * rep + i))
                     res["rep"] = rep
-                    res["capacity_records_per_s"] = gw["records_per_s"]
+                    res["capacity_records_per_sec"] = gw["records_per_sec"]
                     _sweep_point(out, f"{level:.2f}x, rep {rep + 1}", level, res)
                     if level == 0.5:
                         half = res
                 if half is None:
                     half, half["wal_fsync_p99_ms"] = await with_wal_fsync_p99_ms(gateway.ops_url, measure_open(
-                        gateway, prepared, gw["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep))
+                        gateway, prepared, gw["requests_per_sec"] * 0.5, p.seconds, warmup_secs=p.warmup_secs, seed=ctx.seed + rep))
                 disk = await asyncio.to_thread(fsync_latency, root)  # the disk by itself, beside the WAL
             landed = list((root / "lake" / "raw").rglob("*.ndjson.zst"))
             curated = list((root / "lake" / "curated").rglob("*.parquet"))
         exit_code = gateway.proc.returncode
-        out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
-        out.figure("ceiling_records_per_cpu_s", ceil["records_per_cpu_s"], "rec/CPU-s")
-        out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
-        out.figure("gateway_mb_per_s", gw["mb_per_s"], "MB/s")
-        out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("ceiling_records_per_sec", ceil["records_per_sec"], "rec/s")
+        out.figure("ceiling_records_per_cpu_secs", ceil["records_per_cpu_secs"], "rec/CPU-s")
+        out.figure("gateway_records_per_sec", gw["records_per_sec"], "rec/s")
+        out.figure("gateway_mb_per_sec", gw["mb_per_sec"], "MB/s")
+        out.figure("gateway_records_per_cpu_secs", gw["records_per_cpu_secs"], "rec/CPU-s")
         out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
         out.figure("half_load_p50_ms", half["p50_ms"], "ms")
         out.figure("half_load_p99_ms", half["p99_ms"], "ms")
@@ -135,17 +135,17 @@ class IngestScenario(Repeated):
         out.figure("half_load_wal_fsync_p99_ms", half["wal_fsync_p99_ms"], "ms")
         out.figure("disk_fsync_p99_ms", disk["p99_ms"], "ms")
         out.figure("half_load_p99_over_fsync_p99_ms", half["p99_ms"] - disk["p99_ms"], "ms")
-        for role, cpu_s in gw["cpu_s_by_process"].items():
-            out.figure(f"gateway_cpu_share_{role.replace(' ', '_')}", cpu_s / p.seconds, "cores")
+        for role, cpu_secs in gw["cpu_s_by_process"].items():
+            out.figure(f"gateway_cpu_share_{role.replace(' ', '_')}", cpu_secs / p.seconds, "cores")
         out.figure("raw_objects_landed", len(landed), "objects")
         out.figure("curated_objects_landed", len(curated), "objects")
         out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
-        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
                   description="gateway max records/s over the bare ceiling's, same repetition (target >= 0.70)")
-        out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_s"], ceil["records_per_cpu_s"]), better="higher",
+        out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_secs"], ceil["records_per_cpu_secs"]), better="higher",
                   description="gateway records per server CPU-second over the ceiling's")
-        ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s "
-                f"(ratio {gw['records_per_s'] / ceil['records_per_s']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
+        ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s "
+                f"(ratio {gw['records_per_sec'] / ceil['records_per_sec']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
         out.series("body_bytes", prepared.bytes_per_request)
 
 
@@ -153,13 +153,13 @@ class IngestScenario(Repeated):
 READY_AFTER_OVERLOAD_S = 60.0
 
 
-def _time_to_ready(server, timeout_s: float) -> float:
-    """Seconds until ``/readyz`` answers 2xx again; NaN if it does not within ``timeout_s``."""
+def _time_to_ready(server, timeout_secs: float) -> float:
+    """Seconds until ``/readyz`` answers 2xx again; NaN if it does not within ``timeout_secs``."""
     import urllib.error
     import urllib.request
 
     begin = time.monotonic()
-    while time.monotonic() - begin < timeout_s:
+    while time.monotonic() - begin < timeout_secs:
         try:
             with urllib.request.urlopen(server.url + server.ready_path, timeout=1) as resp:
                 if 200 <= resp.status < 300:
@@ -186,29 +186,29 @@ class OverloadScenario(Repeated):
                 # Twice the usual requests in flight: WAL group commit batches more under more concurrency,
                 # and an overload must exceed what the gateway can really do.
                 cap = await _max(ctx, out, gateway, prepared, f"capacity, rep {rep + 1}", concurrency=2 * p.concurrency)
-                half = await measure_open(gateway, prepared, cap["requests_per_s"] * 0.5, p.seconds, warmup_s=p.warmup_s, seed=ctx.seed + rep)
+                half = await measure_open(gateway, prepared, cap["requests_per_sec"] * 0.5, p.seconds, warmup_secs=p.warmup_secs, seed=ctx.seed + rep)
                 for i, factor in enumerate(factors):
-                    over = await measure_open(gateway, prepared, cap["requests_per_s"] * factor, p.seconds,
-                                              warmup_s=p.warmup_s, seed=ctx.seed + 50 + 10 * i + rep)
-                    out.load(f"{factor}x, rep {rep + 1}", generator_cpu_share=over["generator_cpu_share"], send_lag_p99_s=over["send_lag_p99_s"])
+                    over = await measure_open(gateway, prepared, cap["requests_per_sec"] * factor, p.seconds,
+                                              warmup_secs=p.warmup_secs, seed=ctx.seed + 50 + 10 * i + rep)
+                    out.load(f"{factor}x, rep {rep + 1}", generator_cpu_share=over["generator_cpu_share"], send_lag_p99_secs=over["send_lag_p99_secs"])
                     overs.append((factor, over))
-                recovery_s = _time_to_ready(gateway, READY_AFTER_OVERLOAD_S)
-        out.figure("capacity_records_per_s", cap["records_per_s"], "rec/s")
+                recovery_secs = _time_to_ready(gateway, READY_AFTER_OVERLOAD_S)
+        out.figure("capacity_records_per_sec", cap["records_per_sec"], "rec/s")
         out.figure("half_load_peak_rss_mb", half["peak_rss_mb"], "MiB")
         for i, (factor, over) in enumerate(overs):
             self._record(ctx, out, factor, "" if i == 0 else f"_at_{factor:g}x", over, cap, half, rep)
-        out.figure("ready_after_overload", 1.0 if math.isfinite(recovery_s) else 0.0)
-        out.figure("seconds_to_ready_after_overload", recovery_s, "s")
-        if not math.isfinite(recovery_s):
+        out.figure("ready_after_overload", 1.0 if math.isfinite(recovery_secs) else 0.0)
+        out.figure("seconds_to_ready_after_overload", recovery_secs, "s")
+        if not math.isfinite(recovery_secs):
             out.note(f"In some repetitions /readyz did not answer 200 within {READY_AFTER_OVERLOAD_S:.0f} s after the "
                      "overload ended (the figure ready_after_overload counts the repetitions that recovered).")
 
     @staticmethod
     def _record(ctx: Context, out: Collector, factor: float, suffix: str, over: dict, cap: dict, half: dict, rep: int) -> None:
-        over["rep"], over["capacity_records_per_s"] = rep, cap["records_per_s"]
+        over["rep"], over["capacity_records_per_sec"] = rep, cap["records_per_sec"]
         out.append_series("points", {"fraction": factor, **{k: v for k, v in over.items() if k != "statuses"}})
-        out.figure(f"offered_records_per_s{suffix}", over["offered_records_per_s"], "rec/s")
-        out.figure(f"goodput_records_per_s{suffix}", over["goodput_records_per_s"], "rec/s")
+        out.figure(f"offered_records_per_sec{suffix}", over["offered_records_per_sec"], "rec/s")
+        out.figure(f"goodput_records_per_sec{suffix}", over["goodput_records_per_sec"], "rec/s")
         out.figure(f"shed_share{suffix}", over["shed_share"])
         out.figure(f"error_share{suffix}", over["error_share"])
         out.figure(f"unfinished_share{suffix}", over["unfinished_share"])
@@ -217,15 +217,15 @@ class OverloadScenario(Repeated):
         out.figure(f"refused_p99_ms{suffix}", over["refused_p99_ms"], "ms")
         out.figure(f"accepted_max_ms{suffix}", over["accepted_max_ms"], "ms")
         out.figure(f"peak_rss_mb{suffix}", over["peak_rss_mb"], "MiB")
-        out.ratio(f"goodput_to_capacity{suffix}", ratio(over["goodput_records_per_s"], cap["records_per_s"]), better="higher",
+        out.ratio(f"goodput_to_capacity{suffix}", ratio(over["goodput_records_per_sec"], cap["records_per_sec"]), better="higher",
                   description=f"goodput at {factor:g}x offered load over the closed-loop capacity, same repetition (target >= 0.90)")
         out.ratio(f"peak_rss_overload_to_half_load{suffix}", ratio(over["peak_rss_mb"], half["peak_rss_mb"]), better="lower",
                   description=f"peak RSS at {factor:g}x over peak RSS at half load (bounded memory)")
-        if over["goodput_records_per_s"] > cap["records_per_s"]:
+        if over["goodput_records_per_sec"] > cap["records_per_sec"]:
             out.note(f"In some repetitions goodput at {factor:g}x exceeded the closed-loop capacity: the gateway absorbed the "
                      "offered load there, so those repetitions did not overload it.")
-        ctx.log(f"  overload {factor:g}x rep {rep + 1}: goodput {over['goodput_records_per_s']:,.0f} of capacity "
-                f"{cap['records_per_s']:,.0f} rec/s, shed {over['shed_share']:.0%} (503 p99 {over['refused_p99_ms']:.0f} ms), "
+        ctx.log(f"  overload {factor:g}x rep {rep + 1}: goodput {over['goodput_records_per_sec']:,.0f} of capacity "
+                f"{cap['records_per_sec']:,.0f} rec/s, shed {over['shed_share']:.0%} (503 p99 {over['refused_p99_ms']:.0f} ms), "
                 f"longest accepted {over['accepted_max_ms']:.0f} ms, peak RSS {over['peak_rss_mb']:.0f} MiB")
 
 
@@ -278,9 +278,9 @@ class S3Scenario(Repeated):
                 moto_cpu = moto.cpu_seconds()
             objects, size = await _bucket_contents(moto.url, bucket)
         exit_code = gateway.proc.returncode
-        out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
-        out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
-        out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("ceiling_records_per_sec", ceil["records_per_sec"], "rec/s")
+        out.figure("gateway_records_per_sec", gw["records_per_sec"], "rec/s")
+        out.figure("gateway_records_per_cpu_secs", gw["records_per_cpu_secs"], "rec/CPU-s")
         out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
         out.figure("half_load_p50_ms", half["p50_ms"], "ms")
         out.figure("half_load_p99_ms", half["p99_ms"], "ms")
@@ -288,10 +288,10 @@ class S3Scenario(Repeated):
         out.figure("bytes_in_bucket_after_drain", size, "B")
         out.figure("moto_cpu_s_total", moto_cpu, "s")
         out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
-        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
                   description="the full path (signed, validated, enriched, WAL-fsynced, acked, scored, landed in S3 through moto): "
                               "max records/s over the bare ceiling's, same repetition (target >= 0.70)")
-        ctx.log(f"  s3 rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
+        ctx.log(f"  s3 rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s, "
                 f"{objects} objects landed, p99 at half load {half['p99_ms']:.1f} ms")
 
 
@@ -334,7 +334,7 @@ class TritonIngestScenario(Repeated):
         workspace = Path(tempfile.mkdtemp(prefix="triton-", dir=ctx.workdir))
         self._triton = triton = TritonServer(ctx.workdir / "triton-e2e.log", workspace / "ws")
         try:
-            out.figure("triton_startup_s", await asyncio.to_thread(triton.wait_ready, 180.0), "s")
+            out.figure("triton_startup_secs", await asyncio.to_thread(triton.wait_ready, 180.0), "s")
             self._extra = (f'\n[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "127.0.0.1:{triton.grpc_port}"\n'
                            'protocol = "grpc"\n')
             yield
@@ -352,15 +352,15 @@ class TritonIngestScenario(Repeated):
                 gw, half = await _max_and_half(ctx, out, gateway, prepared, rep)
                 triton_cpu = triton.cpu_seconds() - cpu0
             curated = list((root / "lake" / "curated").rglob("*.parquet"))
-        out.figure("ceiling_records_per_s", ceil["records_per_s"], "rec/s")
-        out.figure("gateway_records_per_s", gw["records_per_s"], "rec/s")
-        out.figure("gateway_records_per_cpu_s", gw["records_per_cpu_s"], "rec/CPU-s")
+        out.figure("ceiling_records_per_sec", ceil["records_per_sec"], "rec/s")
+        out.figure("gateway_records_per_sec", gw["records_per_sec"], "rec/s")
+        out.figure("gateway_records_per_cpu_secs", gw["records_per_cpu_secs"], "rec/CPU-s")
         out.figure("half_load_p99_ms", half["p99_ms"], "ms")
-        out.figure("triton_process_cpu_s", triton_cpu, "s")
+        out.figure("triton_process_cpu_secs", triton_cpu, "s")
         out.figure("curated_objects_landed", len(curated), "objects")
-        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_s"], ceil["records_per_s"]), better="higher",
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
                   description="gateway scoring through Triton (local lake): max records/s over the bare ceiling's, same repetition")
-        ctx.log(f"  ingest-triton rep {rep + 1}: ceiling {ceil['records_per_s']:,.0f} rec/s, gateway {gw['records_per_s']:,.0f} rec/s, "
+        ctx.log(f"  ingest-triton rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s, "
                 f"{len(curated)} curated objects, p99 at half load {half['p99_ms']:.1f} ms")
 
 
@@ -392,42 +392,42 @@ class SoakScenario(Repeated):
             with _serving(start_gateway(root)) as gateway:
                 # Sustained capacity: what every zone lands, not what the WAL absorbs for a while.
                 cap = await measure_sustained(gateway, prepared, min(p.seconds, 5.0), p.concurrency)
-                rps = cap["requests_per_s"] * p.soak_load
-                window = _replay_window_s()
-                if window and p.soak_s < 3 * window:
+                rps = cap["requests_per_sec"] * p.soak_load
+                window = _replay_window_secs()
+                if window and p.soak_secs < 3 * window:
                     out.note(f"The gateway remembers every request signature for its {window:.0f} s timestamp window (replay "
                              f"guard), so memory grows for the first {window:.0f} s by design; a soak shorter than "
                              f"{3 * window:.0f} s (--soak-seconds; the release soak is 30 minutes) cannot tell that from a leak.")
-                out.note(f"{p.soak_s:.0f} s at {p.soak_load:.0%} of the sustained capacity measured just before "
-                         f"({cap['records_per_s']:,.0f} rec/s landed in every zone; acks alone reached {cap['ack_records_per_s']:,.0f} rec/s "
+                out.note(f"{p.soak_secs:.0f} s at {p.soak_load:.0%} of the sustained capacity measured just before "
+                         f"({cap['records_per_sec']:,.0f} rec/s landed in every zone; acks alone reached {cap['ack_records_per_sec']:,.0f} rec/s "
                          f"while the WAL absorbed the difference), Poisson arrivals; one repetition, figures are over time windows.")
-                out.figure("sustained_capacity_records_per_s", cap["records_per_s"], "rec/s")
-                out.figure("ack_capacity_records_per_s", cap["ack_records_per_s"], "rec/s")
+                out.figure("sustained_capacity_records_per_sec", cap["records_per_sec"], "rec/s")
+                out.figure("ack_capacity_records_per_sec", cap["ack_records_per_sec"], "rec/s")
                 cpu0 = gateway.cpu_seconds()
-                sampler = gateway.start_sampling(interval=p.soak_sample_s, keep=True)
-                run = await open_loop(gateway.url, prepared, requests_per_s=rps, duration_s=p.soak_s, seed=ctx.seed,
-                                      warmup_s=0.0, keep_timeline=True)
+                sampler = gateway.start_sampling(interval=p.soak_sample_secs, keep=True)
+                run = await open_loop(gateway.url, prepared, requests_per_sec=rps, duration_secs=p.soak_secs, seed=ctx.seed,
+                                      warmup_secs=0.0, keep_timeline=True)
                 gateway.stop_sampling()
                 cpu = gateway.cpu_seconds() - cpu0
         samples = sampler.samples
         res = open_result(run, sampler.peak_rss, cpu)
-        out.load("soak", generator_cpu_share=res["generator_cpu_share"], send_lag_p99_s=res["send_lag_p99_s"])
+        out.load("soak", generator_cpu_share=res["generator_cpu_share"], send_lag_p99_secs=res["send_lag_p99_secs"])
         # Growth compares the first and last tenth, after a warm-up tenth (imports, pools, caches fill).
         settled = samples[len(samples) // 10:] or samples
         rss = [s.rss_bytes / 2**20 for s in settled]
         fds = [s.fds for s in settled]
         rss_start, rss_end = growth(rss)
         fd_start, fd_end = growth(fds)
-        cpu_pct = [100 * (b.cpu_s - a.cpu_s) / (b.t_s - a.t_s) for a, b in zip(samples, samples[1:]) if b.t_s > a.t_s]
+        cpu_pct = [100 * (b.cpu_secs - a.cpu_secs) / (b.t_secs - a.t_secs) for a, b in zip(samples, samples[1:]) if b.t_secs > a.t_secs]
         out.series("timeline", _downsample([
-            {"t_s": s.t_s, "rss_mb": s.rss_bytes / 2**20, "fds": s.fds, "cpu_pct": c}
+            {"t_secs": s.t_secs, "rss_mb": s.rss_bytes / 2**20, "fds": s.fds, "cpu_pct": c}
             for s, c in zip(samples[1:], cpu_pct)
         ], 600))
-        windows = _latency_windows(run.timeline or [], max(1.0, p.soak_s / 20))
+        windows = _latency_windows(run.timeline or [], max(1.0, p.soak_secs / 20))
         out.series("latency_windows", windows)
-        out.figure("duration_s", run.duration_s, "s")
-        out.figure("offered_records_per_s", res["offered_records_per_s"], "rec/s")
-        out.figure("goodput_records_per_s", res["goodput_records_per_s"], "rec/s")
+        out.figure("duration_secs", run.duration_secs, "s")
+        out.figure("offered_records_per_sec", res["offered_records_per_sec"], "rec/s")
+        out.figure("goodput_records_per_sec", res["goodput_records_per_sec"], "rec/s")
         out.figure("p50_ms", res["p50_ms"], "ms")
         out.figure("p99_ms", res["p99_ms"], "ms")
         out.figure("worst_window_p99_ms", max((w["p99_ms"] for w in windows), default=math.nan), "ms")
@@ -449,7 +449,7 @@ class SoakScenario(Repeated):
         ctx.log(f"  soak: RSS {rss_start:.0f} -> {rss_end:.0f} MiB, fds {fd_start:.0f} -> {fd_end:.0f}, p99 {res['p99_ms']:.1f} ms")
 
 
-def _replay_window_s() -> float:
+def _replay_window_secs() -> float:
     from gateway.settings import Settings
 
     return float(getattr(Settings().auth, "timestamp_window_secs", 0) or 0)
@@ -462,12 +462,12 @@ def _downsample(items: list, limit: int) -> list:
     return [items[int(i * step)] for i in range(limit)]
 
 
-def _latency_windows(timeline: list[tuple[float, float, int | str]], width_s: float) -> list[dict]:
+def _latency_windows(timeline: list[tuple[float, float, int | str]], width_secs: float) -> list[dict]:
     buckets: dict[int, list[float]] = {}
     for t, latency, _status in timeline:
-        buckets.setdefault(int(t // width_s), []).append(latency)
+        buckets.setdefault(int(t // width_secs), []).append(latency)
     return [
-        {"t_s": (k + 0.5) * width_s, "p50_ms": percentile(v, 0.5) * 1000, "p99_ms": percentile(v, 0.99) * 1000, "requests": len(v)}
+        {"t_secs": (k + 0.5) * width_secs, "p50_ms": percentile(v, 0.5) * 1000, "p99_ms": percentile(v, 0.99) * 1000, "requests": len(v)}
         for k, v in sorted(buckets.items())
     ]
 
@@ -486,13 +486,13 @@ class StartupScenario(Repeated):
                 pass
             with _serving(start_gateway(root)) as gateway:
                 rss = gateway.rss()
-        out.figure("gateway_startup_s", gateway.startup_s, "s")
-        out.figure("ceiling_startup_s", ceiling.startup_s, "s")
+        out.figure("gateway_startup_secs", gateway.startup_secs, "s")
+        out.figure("ceiling_startup_secs", ceiling.startup_secs, "s")
         out.figure("gateway_rss_at_ready_mb", rss / 2**20, "MiB")
-        out.ratio("gateway_to_ceiling_startup", ratio(gateway.startup_s, ceiling.startup_s), better="lower",
+        out.ratio("gateway_to_ceiling_startup", ratio(gateway.startup_secs, ceiling.startup_secs), better="lower",
                   description="gateway start-up time over the bare ceiling's (same Python, same machine, back to back)")
         time.sleep(0.05)
 
     def finish(self, ctx: Context, out: Collector) -> None:
-        ctx.log(f"  startup: gateway {statistics.median(out.figures['gateway_startup_s']):.3f} s, "
-                f"ceiling {statistics.median(out.figures['ceiling_startup_s']):.3f} s")
+        ctx.log(f"  startup: gateway {statistics.median(out.figures['gateway_startup_secs']):.3f} s, "
+                f"ceiling {statistics.median(out.figures['ceiling_startup_secs']):.3f} s")

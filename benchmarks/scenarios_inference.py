@@ -74,7 +74,7 @@ async def _drive(batcher, rows: np.ndarray, offsets: list[float], calls: list[in
             window = {k: counts[k] - before[k] for k in counts}
             before = dict(counts)
             resolved = sum(window.values())
-            timeline.append({"t_s": time.perf_counter() - begin_wall, "mean_batch": s.mean_batch_size, "last_batch": s.last_batch_size,
+            timeline.append({"t_secs": time.perf_counter() - begin_wall, "mean_batch": s.mean_batch_size, "last_batch": s.last_batch_size,
                              "concurrency_limit": ep.concurrency_limit, "in_flight": ep.in_flight, "queue": s.queue_depth,
                              "on_time_share": window["ok"] / resolved if resolved else math.nan,
                              "deferred_share": (window["deferred"] + window["shed"]) / resolved if resolved else math.nan,
@@ -111,7 +111,7 @@ async def _drive(batcher, rows: np.ndarray, offsets: list[float], calls: list[in
     offered = len(offsets)
     return {
         "offered": offered,
-        "elapsed_s": elapsed,
+        "elapsed_secs": elapsed,
         "on_time_share": counts["ok"] / offered if offered else math.nan,
         "late_share": counts["late"] / offered if offered else math.nan,
         "deferred_share": counts["deferred"] / offered if offered else math.nan,
@@ -210,8 +210,8 @@ class _InferenceScenario(Repeated):
         async with Batcher(dispatch, endpoints=[self.backend]) as batcher:
             rough = await _capacity(batcher, rows, min(p.inference_seconds, 2.0))
         cap = await _search_capacity(dispatch, self.backend, rows, calls, rough, p.name == "quick", ctx.seed + 10 * rep)
-        out.figure("queue_full_records_per_s", rough, "rec/s")
-        out.figure("capacity_records_per_s", cap, "rec/s")
+        out.figure("queue_full_records_per_sec", rough, "rec/s")
+        out.figure("capacity_records_per_sec", cap, "rec/s")
         if not cap:
             raise RuntimeError(f"no rate up to {rough:,.0f} rec/s kept {ON_TIME_TARGET:.0%} of records on time")
         runs = {
@@ -290,7 +290,7 @@ class TritonInferenceScenario(_InferenceScenario):
         except BaseException:
             server.stop()
             raise
-        out.figure("server_startup_s", startup, "s")
+        out.figure("server_startup_secs", startup, "s")
         ctx.log(f"  triton ready in {startup:.1f} s")
 
         async def cleanup() -> None:

@@ -37,7 +37,7 @@ dir = "{root}/wal"
 max_total_bytes = {wal_bytes}
 [lake]
 dir = "{root}/lake"
-max_object_age_secs = {object_age_s}
+max_object_age_secs = {object_age_secs}
 [drain]
 deadline_secs = 30.0
 [log]
@@ -53,7 +53,7 @@ def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
     return devices
 
 
-def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: float = 5.0, extra: str = "",
+def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_secs: float = 5.0, extra: str = "",
                          lake_kind: str = "local", workers: int = 1) -> tuple[Path, int, int]:
     """The benchmark's gateway configuration: defaults everywhere except paths, ports and log level.
 
@@ -62,7 +62,7 @@ def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_s: 
     """
     port, ops_port = free_port(), free_port()
     config = root / "gateway.toml"
-    text = GATEWAY_CONFIG.format(port=port, ops_port=ops_port, root=root, wal_bytes=wal_bytes, object_age_s=object_age_s)
+    text = GATEWAY_CONFIG.format(port=port, ops_port=ops_port, root=root, wal_bytes=wal_bytes, object_age_secs=object_age_secs)
     text = text.replace("[listen]\n", f"[listen]\nworkers = {workers}\n", 1)
     if lake_kind != "local":
         text = text.replace("[lake]\n", f'[lake]\nkind = "{lake_kind}"\n', 1)
@@ -94,55 +94,55 @@ def start_ceiling(root: Path) -> Server:
 async def measure_max(server: Server, prepared: Prepared, seconds: float, concurrency: int) -> dict:
     by_process0 = server.cpu_by_process()
     server.start_sampling()
-    run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_s=seconds)
+    run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_secs=seconds)
     peak = server.stop_sampling()
-    by_process = {role: cpu_s - by_process0.get(role, 0.0) for role, cpu_s in server.cpu_by_process().items()}
+    by_process = {role: cpu_secs - by_process0.get(role, 0.0) for role, cpu_secs in server.cpu_by_process().items()}
     cpu = sum(by_process.values())
     return {
-        "records_per_s": run.records_per_s,
-        "mb_per_s": run.mb_per_s,
-        "requests_per_s": run.requests / run.duration_s,
-        "server_cpu_s": cpu,
+        "records_per_sec": run.records_per_sec,
+        "mb_per_sec": run.mb_per_sec,
+        "requests_per_sec": run.requests / run.duration_secs,
+        "server_cpu_secs": cpu,
         "cpu_s_by_process": by_process,
-        "server_cpu_share": cpu / run.duration_s,
-        "records_per_cpu_s": run.records / cpu if cpu else float("nan"),
+        "server_cpu_share": cpu / run.duration_secs,
+        "records_per_cpu_secs": run.records / cpu if cpu else float("nan"),
         "peak_rss_mb": peak / 2**20,
         "p50_ms": run.percentile_ms(0.5),
         "p99_ms": run.percentile_ms(0.99),
-        "generator_cpu_s": run.generator_cpu_s,
+        "generator_cpu_secs": run.generator_cpu_secs,
         "generator_cpu_share": run.generator_cpu_share,
         "statuses": {str(k): v for k, v in run.statuses.items()},
     }
 
 
-async def measure_sustained(server: Server, prepared: Prepared, seconds: float, concurrency: int, drain_timeout_s: float = 600.0) -> dict:
+async def measure_sustained(server: Server, prepared: Prepared, seconds: float, concurrency: int, drain_timeout_secs: float = 600.0) -> dict:
     """The rate every zone keeps up with: records acked in a closed-loop run over the time until the
     last zone (scoring and Parquet included) has landed them. ``measure_max`` alone measures acks,
     which the WAL absorbs for a while even when a zone lands slower: an open loop at a share of that
     fills the WAL and is refused."""
     started = time.monotonic()
     result = await measure_max(server, prepared, seconds, concurrency)
-    acked = result["records_per_s"] * seconds
-    deadline = time.monotonic() + drain_timeout_s
+    acked = result["records_per_sec"] * seconds
+    deadline = time.monotonic() + drain_timeout_secs
     while time.monotonic() < deadline:
         backlog = [value for _, value in samples(await scrape(server.ops_url), "edge_gateway_wal_backlog_bytes")]
         if backlog and not any(backlog):
             break
         await asyncio.sleep(0.5)
     elapsed = time.monotonic() - started
-    return {**result, "ack_records_per_s": result["records_per_s"], "records_per_s": acked / elapsed,
-            "requests_per_s": result["requests_per_s"] * seconds / elapsed, "drained_in_s": elapsed - seconds}
+    return {**result, "ack_records_per_sec": result["records_per_sec"], "records_per_sec": acked / elapsed,
+            "requests_per_sec": result["requests_per_sec"] * seconds / elapsed, "drained_in_secs": elapsed - seconds}
 
 
-def open_result(run: Run, peak_rss: int, server_cpu_s: float) -> dict:
-    lat = percentiles(run.latencies_s, LATENCY_QUANTILES, scale=1000.0)
+def open_result(run: Run, peak_rss: int, server_cpu_secs: float) -> dict:
+    lat = percentiles(run.latencies_secs, LATENCY_QUANTILES, scale=1000.0)
     return {
-        "offered_requests_per_s": run.offered_rps,
-        "offered_records_per_s": (run.offered_rps or 0) * run.records_per_request,
-        "goodput_records_per_s": run.records_per_s,
+        "offered_requests_per_sec": run.offered_rps,
+        "offered_records_per_sec": (run.offered_rps or 0) * run.records_per_request,
+        "goodput_records_per_sec": run.records_per_sec,
         **{f"{k}_ms": v for k, v in lat.items()},
         "peak_rss_mb": peak_rss / 2**20,
-        "server_cpu_share": server_cpu_s / run.duration_s if run.duration_s else math.nan,
+        "server_cpu_share": server_cpu_secs / run.duration_secs if run.duration_secs else math.nan,
         "shed_share": run.share(429, 503),
         # What an overload target asks of each answer: refusals fast, accepted requests never kept long.
         "refused_p99_ms": percentile(run.latencies_of(429, 503), 0.99) * 1000,
@@ -152,14 +152,14 @@ def open_result(run: Run, peak_rss: int, server_cpu_s: float) -> dict:
         "unfinished_share": run.share("unfinished"),
         "other_status_share": 1.0 - run.share(202, 429, 503, "error", "unfinished") if run.statuses else math.nan,
         "generator_cpu_share": run.generator_cpu_share,
-        "send_lag_p99_s": percentile(run.send_lag_s, 0.99),
+        "send_lag_p99_secs": percentile(run.send_lag_secs, 0.99),
         "statuses": {str(k): v for k, v in run.statuses.items()},
     }
 
 
-async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float, *, warmup_s: float = 0.0, seed: int = 0) -> dict:
+async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float, *, warmup_secs: float = 0.0, seed: int = 0) -> dict:
     cpu0 = server.cpu_seconds()
     server.start_sampling()
-    run = await open_loop(server.url, prepared, requests_per_s=rps, duration_s=seconds, warmup_s=warmup_s, seed=seed)
+    run = await open_loop(server.url, prepared, requests_per_sec=rps, duration_secs=seconds, warmup_secs=warmup_secs, seed=seed)
     peak = server.stop_sampling()
     return open_result(run, peak, server.cpu_seconds() - cpu0)

@@ -72,7 +72,7 @@ region = "us-east-1"
 
 
 async def run_demo(
-    root: Path, *, seconds: float, devices: int, requests_per_s: float, records_per_request: int, s3_endpoint: str | None = None, out=sys.stdout
+    root: Path, *, seconds: float, devices: int, requests_per_sec: float, records_per_request: int, s3_endpoint: str | None = None, out=sys.stdout
 ) -> dict:
     if root.exists():
         shutil.rmtree(root)
@@ -91,8 +91,8 @@ async def run_demo(
     result = await simulator.drive(
         running.url,
         fleet,
-        requests_per_s=requests_per_s,
-        duration_s=seconds,
+        requests_per_sec=requests_per_sec,
+        duration_secs=seconds,
         records_per_request=records_per_request,
         encoding="zstd",
         invalid_ratio=0.002,
@@ -100,8 +100,8 @@ async def run_demo(
     print("draining ...", file=out)
     await running.stop()
     summary = await summarize_bucket(settings) if s3_endpoint else summarize_lake(root / "lake")
-    p50 = simulator.percentile(result.latencies_s, 0.5) * 1000
-    p99 = simulator.percentile(result.latencies_s, 0.99) * 1000
+    p50 = simulator.percentile(result.latencies_secs, 0.5) * 1000
+    p99 = simulator.percentile(result.latencies_secs, 0.99) * 1000
     print(
         f"\nsent {result.sent_records} records in {result.sent_requests} requests; "
         f"responses {dict(sorted(result.status_counts.items()))}; ack latency p50 {p50:.1f} ms, p99 {p99:.1f} ms",
@@ -247,14 +247,14 @@ def decode_lines(lines: list[bytes]) -> list[dict]:
 def main(root: Path, seconds: float, devices: int, rate: float, records: int, s3: bool = False) -> int:
     async def run() -> None:
         if not s3:
-            await run_demo(root, seconds=seconds, devices=devices, requests_per_s=rate, records_per_request=records)
+            await run_demo(root, seconds=seconds, devices=devices, requests_per_sec=rate, records_per_request=records)
             return
         root.mkdir(parents=True, exist_ok=True)
         moto = MotoServer(root.parent / "moto.log")
         try:
             await moto.wait_ready()
             await moto.create_bucket("demo-lake")
-            await run_demo(root, seconds=seconds, devices=devices, requests_per_s=rate, records_per_request=records, s3_endpoint=moto.url)
+            await run_demo(root, seconds=seconds, devices=devices, requests_per_sec=rate, records_per_request=records, s3_endpoint=moto.url)
         finally:
             moto.stop()
 

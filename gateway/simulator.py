@@ -83,7 +83,7 @@ class Answer:
 
     status: int | str
     body: bytes
-    latency_s: float  # from the intended send time to the answer (or the failure)
+    latency_secs: float  # from the intended send time to the answer (or the failure)
     error: str | None = None  # the exception's class name when ``status`` is "error"
 
 
@@ -117,32 +117,32 @@ class LoadResult:
     sent_records: int = 0
     status_counts: dict[int, int] = field(default_factory=dict)
     accepted_records: int = 0
-    latencies_s: list[float] = field(default_factory=list)  # from intended send time to response
+    latencies_secs: list[float] = field(default_factory=list)  # from intended send time to response
     errors: int = 0
-    elapsed_s: float = 0.0
-    generator_cpu_s: float = 0.0
+    elapsed_secs: float = 0.0
+    generator_cpu_secs: float = 0.0
 
 
 async def drive(
     url: str,
     devices: list[SimulatedDevice],
     *,
-    requests_per_s: float,
-    duration_s: float,
+    requests_per_sec: float,
+    duration_secs: float,
     records_per_request: int,
     encoding: str = "identity",
     invalid_ratio: float = 0.0,
     max_inflight: int = 512,
-    timeout_s: float = 30.0,
+    timeout_secs: float = 30.0,
 ) -> LoadResult:
     """Send signed batches at a fixed rate for a bounded time; every request is bounded too."""
     result = LoadResult()
-    interval = 1.0 / requests_per_s
+    interval = 1.0 / requests_per_sec
     inflight = asyncio.Semaphore(max_inflight)
     tasks: set[asyncio.Task] = set()
     cpu0 = time.process_time()
     connector = aiohttp.TCPConnector(limit=max_inflight)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_secs)) as session:
 
         async def one(device: SimulatedDevice, intended: float) -> None:
             body, headers = device.request(records_per_request, encoding=encoding, invalid_ratio=invalid_ratio)
@@ -154,12 +154,12 @@ async def drive(
                     result.status_counts[answer.status] = result.status_counts.get(answer.status, 0) + 1
                     if answer.status == 202:
                         result.accepted_records += orjson.loads(answer.body)["accepted"]
-                result.latencies_s.append(answer.latency_s)
+                result.latencies_secs.append(answer.latency_secs)
             finally:
                 inflight.release()
 
         start = time.perf_counter()
-        offsets = itertools.takewhile(lambda offset: offset < duration_s, (n * interval for n in itertools.count()))
+        offsets = itertools.takewhile(lambda offset: offset < duration_secs, (n * interval for n in itertools.count()))
         async for _, intended in paced(offsets, start):
             await inflight.acquire()
             device = devices[result.sent_requests % len(devices)]
@@ -169,9 +169,9 @@ async def drive(
             result.sent_requests += 1
             result.sent_records += records_per_request
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        result.elapsed_s = time.perf_counter() - start
-    result.generator_cpu_s = time.process_time() - cpu0
+            await asyncio.wait(tasks, timeout=timeout_secs)
+        result.elapsed_secs = time.perf_counter() - start
+    result.generator_cpu_secs = time.process_time() - cpu0
     return result
 
 

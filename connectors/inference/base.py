@@ -47,7 +47,7 @@ class Inferencer(Protocol):
     it never raises for an unreachable backend, it answers False. ``warm_up`` sends one small real
     inference so that the first live batch does not pay for lazy initialisation. ``infer`` raises
     ``ThrottledError`` when the backend sheds load, ``TransientError`` for timeouts and connection
-    failures, ``PermanentError`` for requests that can never succeed. ``timeout_s`` bounds one call
+    failures, ``PermanentError`` for requests that can never succeed. ``timeout_secs`` bounds one call
     (default: the backend's configured client timeout).
     """
 
@@ -59,7 +59,7 @@ class Inferencer(Protocol):
 
     async def warm_up(self) -> None: ...
 
-    async def infer(self, features: np.ndarray, *, timeout_s: float | None = None) -> InferenceOutput: ...
+    async def infer(self, features: np.ndarray, *, timeout_secs: float | None = None) -> InferenceOutput: ...
 
     async def close(self) -> None: ...
 

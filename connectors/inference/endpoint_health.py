@@ -41,26 +41,26 @@ class Health(enum.StrEnum):
 class ProbeSchedule:
     """When the next readiness check of a not-ready endpoint is due."""
 
-    first_s: float = PROBE_SECS
-    max_s: float = MAX_PROBE_SECS
-    interval_s: float = 0.0  # 0: no check has answered "not ready" yet
+    first_secs: float = PROBE_SECS
+    max_secs: float = MAX_PROBE_SECS
+    interval_secs: float = 0.0  # 0: no check has answered "not ready" yet
     due_at: float = float("-inf")
 
     def __post_init__(self) -> None:
-        if not 0 < self.first_s <= self.max_s:
+        if not 0 < self.first_secs <= self.max_secs:
             raise ValueError("need 0 < probe_secs <= max_probe_secs")
 
     def not_ready(self, now: float) -> None:
-        """A check answered not ready: the next one comes later than the last, up to ``max_s``."""
-        self.interval_s = self.first_s if self.interval_s == 0 else min(self.max_s, self.interval_s * PROBE_BACKOFF)
-        self.due_at = now + self.interval_s
+        """A check answered not ready: the next one comes later than the last, up to ``max_secs``."""
+        self.interval_secs = self.first_secs if self.interval_secs == 0 else min(self.max_secs, self.interval_secs * PROBE_BACKOFF)
+        self.due_at = now + self.interval_secs
 
     def retry_soon(self, now: float) -> None:
         """Alive but busy (throttled during warm-up): check again after the shortest interval."""
-        self.due_at = now + self.first_s
+        self.due_at = now + self.first_secs
 
     def ready(self) -> None:
-        self.interval_s = 0.0
+        self.interval_secs = 0.0
         self.due_at = float("-inf")
 
     def due(self, now: float) -> bool:

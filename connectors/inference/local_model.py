@@ -40,8 +40,8 @@ class LocalModelInferencer:
     async def warm_up(self) -> None:
         await self.infer(np.zeros((1, self.model.n_features), dtype=np.float32))
 
-    async def infer(self, features: np.ndarray, *, timeout_s: float | None = None) -> InferenceOutput:
-        """Score ``features`` (float32 [n, k]); ``timeout_s`` is accepted for the protocol and unused."""
+    async def infer(self, features: np.ndarray, *, timeout_secs: float | None = None) -> InferenceOutput:
+        """Score ``features`` (float32 [n, k]); ``timeout_secs`` is accepted for the protocol and unused."""
         started = time.perf_counter()
         x = np.asarray(features)
         if x.ndim != 2 or x.shape[1] != self.model.n_features:

@@ -13,7 +13,7 @@ For each call the pool:
    later readiness check, every 1 to 2 seconds, finds it ready;
 3. sends the call; on an endpoint failure (``TransientError``: timeout, connection lost, server error)
    or backpressure (``ThrottledError``) it fails over to the next endpoint, if the ``RetryBudget``
-   allows one more retry and the caller's ``timeout_s`` has time left. A ``PermanentError`` (a request
+   allows one more retry and the caller's ``timeout_secs`` has time left. A ``PermanentError`` (a request
    that no endpoint could serve) is raised at once;
 4. raises ``NoEndpointError`` (a ``TransientError``) when no endpoint can take the call, naming each
    endpoint and why; its ``retry_after`` says when the first open breaker will admit a probe, and
@@ -67,7 +67,7 @@ class EndpointStatus:
     calls: int
     failures: int
     throttled: int
-    latency_ewma_s: float
+    latency_ewma_secs: float
 
 
 class _Endpoint:
@@ -78,7 +78,7 @@ class _Endpoint:
         self.in_flight = 0
         self.warm = False
         self.last_success = now
-        self.latency_ewma_s = _LATENCY_PRIOR_S
+        self.latency_ewma_secs = _LATENCY_PRIOR_S
         self.calls = 0
         self.failures = 0
         self.throttled = 0
@@ -119,7 +119,7 @@ class InferencePool:
         self._clock = clock
         self._budget = retry_budget if retry_budget is not None else RetryBudget(clock=clock)
         self._idle_after = idle_after_secs
-        self._max_probe_s = max_probe_secs
+        self._max_probe_secs = max_probe_secs
         now = clock()
         self._endpoints = [
             _Endpoint(
@@ -167,16 +167,16 @@ class InferencePool:
         for endpoint in self._endpoints:
             await endpoint.inferencer.close()
 
-    async def infer(self, features: np.ndarray, *, timeout_s: float | None = None) -> InferenceOutput:
+    async def infer(self, features: np.ndarray, *, timeout_secs: float | None = None) -> InferenceOutput:
         """Score ``features`` on the best available endpoint, failing over on errors."""
         try:
-            return await self._infer(features, timeout_s)
+            return await self._infer(features, timeout_secs)
         finally:
             self._notify()
 
-    async def _infer(self, features: np.ndarray, timeout_s: float | None) -> InferenceOutput:
+    async def _infer(self, features: np.ndarray, timeout_secs: float | None) -> InferenceOutput:
         n = int(np.shape(features)[0])
-        deadline = None if timeout_s is None else self._clock() + timeout_s
+        deadline = None if timeout_secs is None else self._clock() + timeout_secs
         self._budget.record_request()
         tried: dict[str, str] = {}
         last_error: TransientError | None = None
@@ -211,7 +211,7 @@ class InferencePool:
             endpoint.in_flight += 1
             started = self._clock()
             try:
-                output = await endpoint.inferencer.infer(features, timeout_s=remaining)
+                output = await endpoint.inferencer.infer(features, timeout_secs=remaining)
             except ThrottledError as exc:
                 endpoint.breaker.release(permit)
                 endpoint.throttled += 1
@@ -246,7 +246,7 @@ class InferencePool:
     def predict_in_flight(self, name: str, n: int) -> float:
         """Default prediction: seconds until a call of ``n`` rows would finish, from in-flight calls."""
         endpoint = self._by_name[name]
-        return (endpoint.in_flight + 1) * endpoint.latency_ewma_s
+        return (endpoint.in_flight + 1) * endpoint.latency_ewma_secs
 
     def _choose(self, n: int, exclude: dict[str, str]) -> tuple[_Endpoint, CallPermit] | None:
         now = self._clock()
@@ -394,14 +394,14 @@ class InferencePool:
         ]
         times += [now + e.breaker.retry_after() for e in self._endpoints if e.breaker.state is BreakerState.OPEN]
         # Bounded both ways: a clock that does not move (tests) must not spin, nor sleep for ever.
-        return min(self._max_probe_s, max(0.01, min(times, default=now + self._max_probe_s) - now))
+        return min(self._max_probe_secs, max(0.01, min(times, default=now + self._max_probe_secs) - now))
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _succeeded(self, endpoint: _Endpoint, latency_s: float) -> None:
+    def _succeeded(self, endpoint: _Endpoint, latency_secs: float) -> None:
         endpoint.calls += 1
         endpoint.last_success = self._clock()
-        endpoint.latency_ewma_s += _EWMA_ALPHA * (latency_s - endpoint.latency_ewma_s)
+        endpoint.latency_ewma_secs += _EWMA_ALPHA * (latency_secs - endpoint.latency_ewma_secs)
 
     def _failed(self, endpoint: _Endpoint, permit: CallPermit, exc: Exception) -> None:
         endpoint.failures += 1
@@ -423,7 +423,7 @@ class InferencePool:
                 calls=e.calls,
                 failures=e.failures,
                 throttled=e.throttled,
-                latency_ewma_s=e.latency_ewma_s,
+                latency_ewma_secs=e.latency_ewma_secs,
             )
             for e in self._endpoints
         ]

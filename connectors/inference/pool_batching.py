@@ -26,14 +26,14 @@ def follow_availability(inferencer: Inferencer, batcher: Batcher[Any, Any], endp
         inferencer.on_availability(lambda available: batcher.set_available(endpoint, available))
 
 
-async def infer(inferencer: Inferencer, features: np.ndarray, *, timeout_s: float | None = None) -> InferenceOutput:
+async def infer(inferencer: Inferencer, features: np.ndarray, *, timeout_secs: float | None = None) -> InferenceOutput:
     """``inferencer.infer``, with "no endpoint could even be tried" raised as ``UnavailableError``."""
     try:
-        return await inferencer.infer(features, timeout_s=timeout_s)
+        return await inferencer.infer(features, timeout_secs=timeout_secs)
     except NoEndpointError as exc:
         if exc.calls_failed:
             raise  # calls were sent and failed
-        raise UnavailableError(str(exc), retry_after_s=exc.retry_after) from exc
+        raise UnavailableError(str(exc), retry_after_secs=exc.retry_after) from exc
 
 
 def is_backpressure(error: BaseException) -> bool:

@@ -9,7 +9,7 @@ What it does beyond a bare client:
   the score (FP32) and label (BYTES) outputs, so a wrong model fails loudly once instead of on every
   batch. ``max_batch_size`` is read from the model config, and larger calls are split.
 - **Warm-up**: one real single-row inference, so lazy initialisation happens before live traffic.
-- **Timeouts**: every call is bounded by ``client_timeout_secs`` (or the caller's ``timeout_s``).
+- **Timeouts**: every call is bounded by ``client_timeout_secs`` (or the caller's ``timeout_secs``).
 - **Errors** from ``tritonclient``, grpc and aiohttp are translated here, once, by ``translate_error``:
 
     ThrottledError   UNAVAILABLE / RESOURCE_EXHAUSTED, HTTP 503 / 429, "Exceeds maximum queue size"
@@ -239,15 +239,15 @@ class TritonInferencer:
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def infer(self, features: np.ndarray, *, timeout_s: float | None = None) -> InferenceOutput:
-        """Score float32 ``[n, k]`` features; ``timeout_s`` bounds the whole call."""
+    async def infer(self, features: np.ndarray, *, timeout_secs: float | None = None) -> InferenceOutput:
+        """Score float32 ``[n, k]`` features; ``timeout_secs`` bounds the whole call."""
         s = self.settings
         x = np.ascontiguousarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != s.n_features:
             raise PermanentError(
                 f"{self.name}: expected features [n, {s.n_features}], got {list(x.shape)}", endpoint=self.name
             )
-        timeout = s.client_timeout_secs if timeout_s is None else timeout_s
+        timeout = s.client_timeout_secs if timeout_secs is None else timeout_secs
         if timeout <= 0:
             raise TransientError(f"{self.name}: no time left for the call", endpoint=self.name)
         started = time.perf_counter()

@@ -102,7 +102,7 @@ class CuratedScorer:
         typical = _typical_values(settings.features)
         self.typical = np.array([typical[f] for f in settings.features], dtype=np.float32)
         self.decoder = FrameDecoder(settings.offload)
-        policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_s=settings.max_wait_ms / 1000)
+        policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_secs=settings.max_wait_ms / 1000)
         self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
             self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy,
             max_queue_records=settings.max_queue_records, is_backpressure=pool_batching.is_backpressure,
@@ -151,7 +151,7 @@ class CuratedScorer:
         started = time.perf_counter()
         if sum(sizes):
             features = np.concatenate([chunk.features for chunk in chunks if len(chunk.rows)])
-            output = await pool_batching.infer(self.inferencer, features, timeout_s=self.settings.call_timeout_secs)
+            output = await pool_batching.infer(self.inferencer, features, timeout_secs=self.settings.call_timeout_secs)
             scores, labels, model, version = output.scores, list(output.labels), output.model, output.version
         else:
             scores, labels, model, version = np.empty(0, np.float32), [], self.settings.model, ""

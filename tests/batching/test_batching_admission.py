@@ -11,7 +11,7 @@ from batching.admission import LagEstimate, WindowedExtreme
 
 
 def _endpoint(clock: FakeClock, a: float = 0.002) -> Endpoint:
-    return Endpoint("gpu", clock=clock, prior_a_s=a, prior_c_s=0.000001, prior_rho=1.0)
+    return Endpoint("gpu", clock=clock, prior_a_secs=a, prior_c_secs=0.000001, prior_rho=1.0)
 
 
 async def test_items_the_standing_queue_would_make_late_are_refused_on_arrival(clock: FakeClock):
@@ -72,7 +72,7 @@ def test_windowed_extreme_forgets_after_two_quiet_windows():
 
 
 def test_lag_estimate_follows_samples_and_reads_zero_once_calls_stop():
-    lag = LagEstimate(alpha=0.5, window_s=0.1)
+    lag = LagEstimate(alpha=0.5, window_secs=0.1)
     lag.observe(0.00, 0.010)
     lag.observe(0.01, 0.000)
     assert lag.value(0.02) == 0.005

@@ -57,7 +57,7 @@ def simulated(clock: FakeClock) -> SimulatedEndpoints:
 
 
 def endpoint(clock: FakeClock, name: str, a: float, c: float, *, rho: float = 1.3, **kwargs: object) -> Endpoint:
-    return Endpoint(name, clock=clock, prior_a_s=a, prior_c_s=c, prior_rho=rho, **kwargs)  # type: ignore[arg-type]
+    return Endpoint(name, clock=clock, prior_a_secs=a, prior_c_secs=c, prior_rho=rho, **kwargs)  # type: ignore[arg-type]
 
 
 async def close(batcher: Batcher, clock: FakeClock) -> None:
@@ -106,7 +106,7 @@ async def test_no_item_waits_longer_than_max_wait_for_company(clock: FakeClock) 
         await clock.sleep(0.001 + 0.00001 * len(items))
         return items
 
-    policy = BatchPolicy(max_wait_s=0.005)
+    policy = BatchPolicy(max_wait_secs=0.005)
     batcher = Batcher(dispatch, endpoints=[endpoint(clock, "gpu-a", 0.001, 0.00001)], policy=policy, clock=clock)
     for i in range(100):  # one item per ms: waiting for company is worth it
         submitted_at[i] = clock.now()
@@ -116,7 +116,7 @@ async def test_no_item_waits_longer_than_max_wait_for_company(clock: FakeClock) 
 
     assert sum(len(items) for _, items in dispatched) == 100
     for sent_at, items in dispatched:
-        assert sent_at - min(submitted_at[i] for i in items) <= policy.max_wait_s + 1e-9
+        assert sent_at - min(submitted_at[i] for i in items) <= policy.max_wait_secs + 1e-9
     assert np.mean([len(items) for _, items in dispatched]) >= 3  # it did wait and batch
     await close(batcher, clock)
 
@@ -183,7 +183,7 @@ async def test_a_full_queue_makes_submit_wait_with_a_deadline(clock: FakeClock) 
 
     with pytest.raises(QueueFullError):
         batcher.submit_nowait(5, deadline=10.0)
-    impatient = asyncio.create_task(batcher.submit(5, deadline=10.0, timeout_s=0.5))
+    impatient = asyncio.create_task(batcher.submit(5, deadline=10.0, timeout_secs=0.5))
     await clock.advance(0.4)
     assert not impatient.done()
     await clock.advance(0.2)
@@ -262,7 +262,7 @@ async def test_other_dispatch_errors_fail_the_batch_explicitly(clock: FakeClock)
 
 
 async def test_close_flushes_what_is_queued(clock: FakeClock, simulated: SimulatedEndpoints) -> None:
-    batcher = Batcher(simulated.dispatch, endpoints=["gpu-a"], clock=clock, policy=BatchPolicy(max_wait_s=1.0))
+    batcher = Batcher(simulated.dispatch, endpoints=["gpu-a"], clock=clock, policy=BatchPolicy(max_wait_secs=1.0))
     for i in range(20):  # a steady stream makes the policy wait for company
         await batcher.submit(i, deadline=clock.now() + 10.0)
         await clock.advance(0.001)
@@ -285,7 +285,7 @@ async def test_close_without_flush_defers_the_queue_and_cancels_stuck_calls(cloc
     stuck = await batcher.submit(0, deadline=100.0)
     await clock.settle()
     queued = await batcher.submit(1, deadline=100.0)
-    closing = asyncio.create_task(batcher.close(flush=False, timeout_s=2.0))
+    closing = asyncio.create_task(batcher.close(flush=False, timeout_secs=2.0))
     await clock.advance(1.0)
     assert queued.result() == Deferred(DEFER_SHUTDOWN)
     assert not closing.done()
@@ -301,14 +301,14 @@ async def test_stats_report_rate_desired_capacity_and_idle_time(clock: FakeClock
         await batcher.submit(i, deadline=clock.now() + 0.050)
         await clock.advance(0.001)
     stats = batcher.stats()
-    assert stats.arrival_rate_per_s == pytest.approx(1000, rel=0.2)
+    assert stats.arrival_rate_per_sec == pytest.approx(1000, rel=0.2)
     per_item = (0.002 + 0.0001 * stats.mean_batch_size) / stats.mean_batch_size
-    assert stats.desired_slots == pytest.approx(stats.arrival_rate_per_s * per_item, rel=1e-6)
+    assert stats.desired_slots == pytest.approx(stats.arrival_rate_per_sec * per_item, rel=1e-6)
     assert 0 < stats.desired_slots < 1
     assert stats.mean_batch_size > 1 and stats.last_batch_size >= 1
     (gpu,) = stats.endpoints
     busy = sum(call.done_at - call.sent_at for call in simulated.calls)
-    assert gpu.idle_s == pytest.approx(clock.now() - busy, abs=0.02)
+    assert gpu.idle_secs == pytest.approx(clock.now() - busy, abs=0.02)
     assert gpu.concurrency_limit >= 2
     await close(batcher, clock)
 
@@ -324,6 +324,6 @@ async def test_the_service_time_model_learns_the_endpoint_from_its_calls(clock: 
         await clock.advance(0.001)
     model = gpu.service_time("default")
     assert model.observed > 100
-    assert model.a_s == pytest.approx(0.005, rel=0.15)
-    assert model.c_s == pytest.approx(0.0002, rel=0.15)
+    assert model.a_secs == pytest.approx(0.005, rel=0.15)
+    assert model.c_secs == pytest.approx(0.0002, rel=0.15)
     await close(batcher, clock)

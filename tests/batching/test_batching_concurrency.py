@@ -9,16 +9,16 @@ import pytest
 from batching import AdaptiveConcurrency, FakeClock
 
 
-async def run_window(limiter: AdaptiveConcurrency, rtt_s: float, expected_s: float | None = None) -> None:
+async def run_window(limiter: AdaptiveConcurrency, rtt_secs: float, expected_secs: float | None = None) -> None:
     """One full window of calls, all in flight together so the limit counts as reached."""
     permits = [limiter.try_acquire() for _ in range(limiter.window)]
     held = [permit for permit in permits if permit is not None]
     for permit in held:
-        permit.success(rtt_s, expected_s)
+        permit.success(rtt_secs, expected_secs)
         permit.release()
     for _ in range(limiter.window - len(held)):
         async with limiter.acquire() as permit:
-            permit.success(rtt_s, expected_s)
+            permit.success(rtt_secs, expected_secs)
 
 
 async def test_acquire_waits_while_in_flight_is_at_the_limit(clock: FakeClock) -> None:
@@ -41,7 +41,7 @@ async def test_acquire_waits_while_in_flight_is_at_the_limit(clock: FakeClock) -
 async def test_limit_grows_by_one_per_healthy_window_that_used_the_limit(clock: FakeClock) -> None:
     limiter = AdaptiveConcurrency(initial=4, minimum=1, maximum=64, clock=clock, window=8)
     for expected_limit in (5, 6, 7):
-        await run_window(limiter, rtt_s=0.0101, expected_s=0.010)
+        await run_window(limiter, rtt_secs=0.0101, expected_secs=0.010)
         assert limiter.limit == expected_limit
 
 
@@ -49,14 +49,14 @@ async def test_limit_does_not_grow_when_the_caller_never_uses_it(clock: FakeCloc
     limiter = AdaptiveConcurrency(initial=4, minimum=1, maximum=64, clock=clock, window=8)
     for _ in range(32):
         async with limiter.acquire() as permit:  # one at a time: app-limited
-            permit.success(0.010, expected_s=0.010)
+            permit.success(0.010, expected_secs=0.010)
     assert limiter.limit == 4
 
 
 async def test_limit_never_exceeds_maximum(clock: FakeClock) -> None:
     limiter = AdaptiveConcurrency(initial=4, minimum=1, maximum=5, clock=clock, window=4)
     for _ in range(5):
-        await run_window(limiter, rtt_s=0.010, expected_s=0.010)
+        await run_window(limiter, rtt_secs=0.010, expected_secs=0.010)
     assert limiter.limit == 5
 
 
@@ -78,16 +78,16 @@ async def test_backpressure_cuts_once_per_round_and_not_below_minimum(clock: Fak
 async def test_queueing_delay_above_target_cuts_the_limit(clock: FakeClock) -> None:
     limiter = AdaptiveConcurrency(initial=10, minimum=1, maximum=64, clock=clock, window=8)
     # Expected 10 ms, observed 20 ms: 10 ms of queueing, above max(1 ms, 0.5 * 10 ms).
-    await run_window(limiter, rtt_s=0.020, expected_s=0.010)
+    await run_window(limiter, rtt_secs=0.020, expected_secs=0.010)
     assert limiter.limit == 9
 
 
 async def test_latency_growth_cuts_against_a_learned_baseline(clock: FakeClock) -> None:
     limiter = AdaptiveConcurrency(initial=8, minimum=1, maximum=64, clock=clock, window=8)
-    await run_window(limiter, rtt_s=0.010)  # learns a 10 ms baseline; healthy and at the limit: +1
+    await run_window(limiter, rtt_secs=0.010)  # learns a 10 ms baseline; healthy and at the limit: +1
     assert limiter.limit == 9
-    assert limiter.baseline_rtt_s == pytest.approx(0.010)
-    await run_window(limiter, rtt_s=0.030)  # tripled latency without any error
+    assert limiter.baseline_rtt_secs == pytest.approx(0.010)
+    await run_window(limiter, rtt_secs=0.030)  # tripled latency without any error
     assert limiter.limit == 8
 
 
@@ -125,7 +125,7 @@ async def test_idle_time_counts_only_time_with_nothing_in_flight(clock: FakeCloc
         await clock.advance(3.0)
         permit.success(3.0)
     await clock.advance(0.5)
-    assert limiter.idle_s == pytest.approx(1.5)
+    assert limiter.idle_secs == pytest.approx(1.5)
 
 
 def test_bounds_are_validated() -> None:

@@ -24,11 +24,11 @@ from batching.policy import (
 
 # S(b) = 1 ms + 0.1 ms * b with no tail, so every number below can be checked by hand.
 MODEL = ServiceTimeModel(0.001, 0.0001, prior_rho=1.0)
-POLICY = BatchPolicy(max_batch=128, max_wait_s=0.005, wait_and_run_share=0.8, worth_waiting_items=0.5, lead_s=0.001)
+POLICY = BatchPolicy(max_batch=128, max_wait_secs=0.005, wait_and_run_share=0.8, worth_waiting_items=0.5, lead_secs=0.001)
 
 
 def queue(length: int, deadline: float, *, budget: float = 0.050, oldest: float = 0.0) -> QueueView:
-    return QueueView(length=length, head_deadline=deadline, head_budget_s=budget, oldest_enqueued_at=oldest)
+    return QueueView(length=length, head_deadline=deadline, head_budget_secs=budget, oldest_enqueued_at=oldest)
 
 
 def idle(free_at: float = 0.0) -> EndpointView:
@@ -52,9 +52,9 @@ def test_deadline_cap_fits_the_batch_between_free_and_deadline() -> None:
 
 def test_wait_budget_counts_the_items_that_arrive_while_waiting() -> None:
     # slack = 50 - 0 - (1 + 1) = 48 ms; divided by 1 + 1.0 * 0.0001 * 1000 = 1.1.
-    assert wait_budget(MODEL, 10, free_at=0.0, deadline=0.050, rate_per_s=1000) == pytest.approx(0.048 / 1.1)
+    assert wait_budget(MODEL, 10, free_at=0.0, deadline=0.050, rate_per_sec=1000) == pytest.approx(0.048 / 1.1)
     # With no arrivals the budget is the plain slack.
-    assert wait_budget(MODEL, 10, free_at=0.0, deadline=0.050, rate_per_s=0) == pytest.approx(0.048)
+    assert wait_budget(MODEL, 10, free_at=0.0, deadline=0.050, rate_per_sec=0) == pytest.approx(0.048)
 
 
 def test_a_head_that_cannot_finish_in_time_is_deferred() -> None:
@@ -98,7 +98,7 @@ def test_waits_for_company_within_the_age_bound() -> None:
     decision = decide(0.001, queue(2, 0.050, oldest=0.0), idle(free_at=0.001), POLICY, 1000.0)
     assert decision.reason == REASON_WAIT
     assert decision.wake_at == pytest.approx(0.005)
-    assert decision.wait_s == pytest.approx(0.004)
+    assert decision.wait_secs == pytest.approx(0.004)
 
 
 def test_sends_when_the_oldest_item_has_waited_max_wait() -> None:

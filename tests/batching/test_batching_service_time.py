@@ -24,8 +24,8 @@ def test_fit_converges_to_known_a_and_c_under_noise() -> None:
     for _ in range(400):
         b = int(rng.integers(1, 129))
         model.observe(b, (true_a + true_c * b) * rng.lognormal(0.0, 0.05))
-    assert model.a_s == pytest.approx(true_a, rel=0.1)
-    assert model.c_s == pytest.approx(true_c, rel=0.05)
+    assert model.a_secs == pytest.approx(true_a, rel=0.1)
+    assert model.c_secs == pytest.approx(true_c, rel=0.05)
 
 
 def test_fit_shrugs_off_rare_huge_outliers() -> None:
@@ -36,8 +36,8 @@ def test_fit_shrugs_off_rare_huge_outliers() -> None:
         b = int(rng.integers(1, 129))
         stall = 20.0 if i % 25 == 0 else 1.0  # a GC pause now and then
         model.observe(b, (true_a + true_c * b) * stall)
-    assert model.a_s == pytest.approx(true_a, rel=0.1)
-    assert model.c_s == pytest.approx(true_c, rel=0.1)
+    assert model.a_secs == pytest.approx(true_a, rel=0.1)
+    assert model.c_secs == pytest.approx(true_c, rel=0.1)
 
 
 def test_tail_factor_tracks_the_p99_of_observed_over_predicted() -> None:
@@ -85,7 +85,7 @@ def test_one_batch_size_only_keeps_the_slope_near_its_prior() -> None:
     model = ServiceTimeModel(0.001, 0.0001)
     for _ in range(200):
         model.observe(128, 0.001 + 0.0001 * 128)
-    assert model.c_s == pytest.approx(0.0001, rel=0.2)
+    assert model.c_secs == pytest.approx(0.0001, rel=0.2)
     assert model.predict(128) == pytest.approx(0.0138, rel=0.02)
 
 

@@ -20,7 +20,7 @@ def load_sim():
 
 def test_simulation_accounts_for_every_record_and_adaptive_is_never_late() -> None:
     sim = load_sim()
-    report = sim.run_benchmark(loads=(0.5, 1.2), scenario=sim.Scenario(duration_s=0.3))
+    report = sim.run_benchmark(loads=(0.5, 1.2), scenario=sim.Scenario(duration_secs=0.3))
     for load, row in report["results"].items():
         assert "adaptive" in row and len(row) > 1
         for metrics in row.values():

@@ -55,7 +55,7 @@ class ChunkEndpoints:
 
 
 def endpoint(clock: FakeClock, name: str, a: float, c: float, *, rho: float = 1.3, **kwargs: object) -> Endpoint:
-    return Endpoint(name, clock=clock, prior_a_s=a, prior_c_s=c, prior_rho=rho, **kwargs)  # type: ignore[arg-type]
+    return Endpoint(name, clock=clock, prior_a_secs=a, prior_c_secs=c, prior_rho=rho, **kwargs)  # type: ignore[arg-type]
 
 
 def chunk(size: int, start: int = 0) -> list[int]:
@@ -129,8 +129,8 @@ async def test_the_service_time_model_learns_c_per_record_from_sized_batches(clo
         await clock.advance(0.001)
     model = gpu.service_time("default")
     assert model.observed > 100
-    assert model.a_s == pytest.approx(0.005, rel=0.15)
-    assert model.c_s == pytest.approx(0.000005, rel=0.15)  # per record, not per chunk
+    assert model.a_secs == pytest.approx(0.005, rel=0.15)
+    assert model.c_secs == pytest.approx(0.000005, rel=0.15)  # per record, not per chunk
     await close(batcher, clock)
 
 
@@ -142,7 +142,7 @@ def test_the_policy_defers_a_head_whose_own_records_cannot_finish_in_time() -> N
 
     def head_of(size: int) -> QueueView:
         return QueueView(
-            length=size, head_deadline=0.0025, head_budget_s=0.050, oldest_enqueued_at=0.0, head_size=size
+            length=size, head_deadline=0.0025, head_budget_secs=0.050, oldest_enqueued_at=0.0, head_size=size
         )
 
     assert decide(0.0, head_of(20), idle, policy, 0.0).reason == REASON_HOPELESS
@@ -172,7 +172,7 @@ async def test_a_queued_chunk_leaves_when_its_own_size_no_longer_fits(clock: Fak
         return [sum(c) for c in chunks]
 
     one_slot = AdaptiveConcurrency(initial=1, minimum=1, maximum=1, clock=clock)
-    gpu = Endpoint("gpu-a", concurrency=one_slot, prior_a_s=0.002, prior_c_s=0.001, prior_rho=1.0)
+    gpu = Endpoint("gpu-a", concurrency=one_slot, prior_a_secs=0.002, prior_c_secs=0.001, prior_rho=1.0)
     batcher = Batcher(dispatch, endpoints=[gpu], clock=clock)
     stuck = await batcher.submit(chunk(1), deadline=1.0)  # holds the only slot
     await clock.settle()
@@ -195,9 +195,9 @@ async def test_arrival_rate_and_desired_slots_count_records(clock: FakeClock) ->
         await batcher.submit(chunk(20, start=i), deadline=clock.now() + 0.050, size=20)
         await clock.advance(0.001)
     stats = batcher.stats()
-    assert stats.arrival_rate_per_s == pytest.approx(20_000, rel=0.2)
+    assert stats.arrival_rate_per_sec == pytest.approx(20_000, rel=0.2)
     per_record = (0.002 + 0.00001 * stats.mean_batch_size) / stats.mean_batch_size
-    assert stats.desired_slots == pytest.approx(stats.arrival_rate_per_s * per_record, rel=1e-6)
+    assert stats.desired_slots == pytest.approx(stats.arrival_rate_per_sec * per_record, rel=1e-6)
     assert 0 < stats.desired_slots < 1
     assert stats.submitted == 500  # counters count items
     await close(batcher, clock)

@@ -18,9 +18,9 @@ async def test_unavailable_endpoint_defers_at_the_deadline_instead_of_failing(cl
 
     async def dispatch(endpoint: str, items: list[int]) -> list[int]:
         calls.append(len(items))
-        raise UnavailableError("nothing ready", retry_after_s=0.5)
+        raise UnavailableError("nothing ready", retry_after_secs=0.5)
 
-    batcher = Batcher(dispatch, endpoints=[Endpoint("pool", clock=clock)], policy=BatchPolicy(max_wait_s=0.0), clock=clock)
+    batcher = Batcher(dispatch, endpoints=[Endpoint("pool", clock=clock)], policy=BatchPolicy(max_wait_secs=0.0), clock=clock)
     future = batcher.submit_nowait(1, clock.now() + 2.0)
     await _settle()
     assert calls == [1] and not future.done()  # back in the queue, the endpoint resting
@@ -40,10 +40,10 @@ async def test_items_held_while_unavailable_are_scored_when_it_comes_back(clock:
 
     async def dispatch(endpoint: str, items: list[int]) -> list[int]:
         if not ready:
-            raise UnavailableError("model loading", retry_after_s=10.0)
+            raise UnavailableError("model loading", retry_after_secs=10.0)
         return [item * 10 for item in items]
 
-    batcher = Batcher(dispatch, endpoints=[Endpoint("pool", clock=clock)], policy=BatchPolicy(max_wait_s=0.0), clock=clock)
+    batcher = Batcher(dispatch, endpoints=[Endpoint("pool", clock=clock)], policy=BatchPolicy(max_wait_secs=0.0), clock=clock)
     futures = [batcher.submit_nowait(i, clock.now() + 5.0) for i in range(3)]
     await _settle()
     await clock.advance(1.0)

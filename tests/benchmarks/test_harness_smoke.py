@@ -90,11 +90,11 @@ def test_progress_bar_shows_an_eta_from_the_baseline(tmp_path):
     from benchmarks.scenario import PROFILES
 
     baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps({"profile": {"reps": 3, "seconds": 5.0, "soak_s": 180.0},
-                                    "scenarios": {"ingest": {"duration_s": 120.0}, "soak": {"duration_s": 190.0}}}))
+    baseline.write_text(json.dumps({"profile": {"reps": 3, "seconds": 5.0, "soak_secs": 180.0},
+                                    "scenarios": {"ingest": {"duration_secs": 120.0}, "soak": {"duration_secs": 190.0}}}))
     quick = PROFILES["quick"]
     assert expected_seconds("ingest", quick, baseline) == 120.0 * (quick.reps * quick.seconds) / 15.0
-    assert expected_seconds("soak", quick, baseline) == 190.0 * quick.soak_s / 180.0
+    assert expected_seconds("soak", quick, baseline) == 190.0 * quick.soak_secs / 180.0
     assert expected_seconds("nope", quick, baseline) is None
     progress = Progress("ingest", 100.0, "2/5", 300.0, stream=io.StringIO())
     line = progress.line(progress.started + 25.0)

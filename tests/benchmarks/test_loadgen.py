@@ -72,7 +72,7 @@ async def test_open_loop_counts_latency_from_the_intended_send_time() -> None:
     loop.call_later(0.3, release.set)
     try:
         prepared = prepare([SimulatedDevice("dev-1", None)], records_per_request=2, distinct=2)
-        run = await open_loop(f"http://127.0.0.1:{port}", prepared, requests_per_s=50.0, duration_s=0.5, arrivals="fixed",
+        run = await open_loop(f"http://127.0.0.1:{port}", prepared, requests_per_sec=50.0, duration_secs=0.5, arrivals="fixed",
                               keep_timeline=True)
     finally:
         await runner.cleanup()

@@ -24,7 +24,7 @@ def test_a_sample_belongs_to_the_innermost_stage_on_its_stack() -> None:
 
 
 def test_cpu_per_record_is_split_by_the_stage_shares() -> None:
-    profile = Profile(records=1000, cpu_s=0.01)  # 10 us per record in all
+    profile = Profile(records=1000, cpu_secs=0.01)  # 10 us per record in all
     profile.samples.update({"decode + validate": 30, "wal: write + fsync": 10})
     table = {row["stage"]: row for row in profile.table()}
     assert math.isclose(table["decode + validate"]["us_per_record"], 7.5)

@@ -11,7 +11,7 @@ from gateway.demo import MotoServer, run_demo
 
 async def test_demo_lands_every_accepted_record_in_the_local_lake(tmp_path):
     out = io.StringIO()
-    result = await run_demo(tmp_path / "demo", seconds=1.0, devices=5, requests_per_s=50, records_per_request=20, out=out)
+    result = await run_demo(tmp_path / "demo", seconds=1.0, devices=5, requests_per_sec=50, records_per_request=20, out=out)
     load, lake = result["load"], result["lake"]
     assert load.status_counts == {202: load.sent_requests}
     assert lake["raw"]["records"] + lake.get("quarantine", {}).get("records", 0) == load.sent_records
@@ -28,7 +28,7 @@ async def test_demo_through_the_s3_api(tmp_path):
         await moto.create_bucket("demo-lake")
         out = io.StringIO()
         result = await run_demo(
-            tmp_path / "demo", seconds=1.0, devices=5, requests_per_s=50, records_per_request=20, s3_endpoint=moto.url, out=out
+            tmp_path / "demo", seconds=1.0, devices=5, requests_per_sec=50, records_per_request=20, s3_endpoint=moto.url, out=out
         )
     finally:
         moto.stop()

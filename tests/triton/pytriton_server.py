@@ -59,14 +59,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _make_infer(model: AnomalyModel, sleep_s: float, fail_every: int):
+def _make_infer(model: AnomalyModel, sleep_secs: float, fail_every: int):
     calls = itertools.count(1)
 
     @batch
     def infer(features: np.ndarray) -> dict[str, np.ndarray]:
         call = next(calls)
-        if sleep_s > 0:
-            time.sleep(sleep_s)
+        if sleep_secs > 0:
+            time.sleep(sleep_secs)
         if fail_every > 0 and call % fail_every == 0:
             raise RuntimeError(f"injected failure in call {call}")
         scores = model.scores(features)

@@ -50,9 +50,9 @@ class FakeEndpoint:
     async def warm_up(self) -> None:
         self.warm_ups += 1
 
-    async def infer(self, features, *, timeout_s=None) -> InferenceOutput:
+    async def infer(self, features, *, timeout_secs=None) -> InferenceOutput:
         self.calls += 1
-        self.timeouts.append(timeout_s)
+        self.timeouts.append(timeout_secs)
         if self.gate is not None:
             await self.gate.wait()
         outcome = self.script.pop(0) if self.script else None
@@ -260,14 +260,14 @@ async def test_misconfigured_endpoint_failing_warm_up_is_skipped(clock):
 async def test_timeout_is_an_overall_deadline_across_attempts(clock):
     a, b = FakeEndpoint("a"), FakeEndpoint("b")
 
-    async def slow_fail(features, *, timeout_s=None):
-        a.timeouts.append(timeout_s)
+    async def slow_fail(features, *, timeout_secs=None):
+        a.timeouts.append(timeout_secs)
         clock.advance(0.3)
         raise TransientError("timed out", endpoint="a")
 
     a.infer = slow_fail
     pool = _pool(clock, a, b)
-    await pool.infer(X, timeout_s=1.0)
+    await pool.infer(X, timeout_secs=1.0)
     assert a.timeouts == [pytest.approx(1.0)]
     assert b.timeouts == [pytest.approx(0.7)]
 

@@ -131,7 +131,7 @@ async def test_an_unreachable_endpoint_is_not_ready_and_fails_transiently(kind: 
     try:
         assert not await backend.ready()
         with pytest.raises(TransientError) as caught:
-            await backend.infer(_rows(2), timeout_s=2.0)
+            await backend.infer(_rows(2), timeout_secs=2.0)
         assert not isinstance(caught.value, ThrottledError)
     finally:
         await backend.close()
