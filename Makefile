@@ -43,8 +43,8 @@ $(DEPLOY_VENV)/.installed: deploy/requirements-lint.txt deploy/install-lint-tool
 # Debian packages the tests start for real: HAProxy (TLS termination in front of the gateway), and
 # Chromium for the status page's browser test.
 system-deps:
-	@command -v haproxy >/dev/null 2>&1 || sh tests/security/install-system-deps.sh
-	@command -v chromium >/dev/null 2>&1 || sh tests/status/install-browser.sh
+	@command -v haproxy >/dev/null 2>&1 || sh tests/fixtures/install-haproxy.sh
+	@command -v chromium >/dev/null 2>&1 || sh tests/fixtures/install-browser.sh
 
 demo: $(VENV)/.core
 	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)

@@ -6,7 +6,7 @@ Starts ``edge-gateway serve`` in its own process and sends it generated requests
 valid signed bodies and mutations of them (bit flips, truncations, splices, random bytes), every
 body type and encoding, random and hostile headers (non-ASCII digits, huge values, wrong schemes,
 other devices, disabled devices), broken compression, deep JSON, and a share of correct requests.
-The hypothesis suites in tests/security fuzz the decoders and the handler in-process; this run
+The hypothesis suites in tests/gateway/edge fuzz the decoders and the handler in-process; this run
 checks the whole server for what only shows at volume. Prints the status counts, the gateway's
 RSS at start, peak and end, and exits 1 on any 5xx, a dropped connection, or the process dying.
 """

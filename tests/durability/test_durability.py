@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 KiB = 1024
 MiB = 1024 * KiB
 
-# Per-device limits are tested elsewhere (tests/security): here they would only add 429s.
+# Per-device limits are tested elsewhere (tests/gateway/edge): here they would only add 429s.
 NO_RATE_LIMITS = {"records_per_sec": 1e9, "burst_records": 10**9, "bytes_per_sec": 1e12, "burst_bytes": 10**12}
 
 

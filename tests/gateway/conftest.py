@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+import orjson
 import pytest
 import zstandard
 
@@ -33,9 +34,9 @@ def write_config(root: Path, **sections: dict) -> Path:
         "wal": {"dir": str(root / "wal"), "segment_bytes": 4 * 1024 * 1024, "max_total_bytes": 256 * 1024 * 1024},
         "lake": {"kind": "local", "dir": str(root / "lake"), "target_object_bytes": 256 * 1024, "max_object_age_secs": 0.5},
         "drain": {"deadline_secs": 10.0},
-        # Every test device shares 127.0.0.1: refusals answered late would slow unrelated tests (tests/security/test_tarpit.py).
+        # Every test device shares 127.0.0.1: refusals answered late would slow unrelated tests (tests/gateway/edge/test_tarpit.py).
         "connections": {"refusal_delay_secs": 0.0},
-        # Core tests push one device hard; per-device limits have their own tests (tests/security).
+        # Core tests push one device hard; per-device limits have their own tests (tests/gateway/edge).
         "rate_limits": {"records_per_sec": 1e9, "burst_records": 10**9, "bytes_per_sec": 1e12, "burst_bytes": 10**12},
     }
     for section, values in sections.items():
@@ -96,6 +97,21 @@ async def gateway(env: Env) -> AsyncIterator[RunningGateway]:
     running = await start_gateway(load_settings(env.config, environ={}))
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[..., object]]:
+    """``await start(env)``: a gateway in this process, stopped at the end of the test."""
+    running: list[RunningGateway] = []
+
+    async def factory(env: Env, environ: dict[str, str] | None = None) -> RunningGateway:
+        gw = await start_gateway(load_settings(env.config, environ=environ or {}))
+        running.append(gw)
+        return gw
+
+    yield factory
+    for gw in running:
+        await gw.stop()
 
 
 @pytest.fixture
@@ -200,6 +216,13 @@ def signed(device: SimulatedDevice, body: bytes, content_type: str = "applicatio
         headers["Content-Encoding"] = encoding
     headers.update(extra)
     return headers
+
+
+URL = "/v1/telemetry"
+
+
+def ndjson(*records: dict) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in records)
 
 
 def record(device_id: str = "dev-1", seq: int | None = None, ts=None, **metrics: float) -> dict:

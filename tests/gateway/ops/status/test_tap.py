@@ -15,7 +15,7 @@ import pytest
 from gateway.server import start_gateway
 from gateway.settings import load_settings
 from tests.gateway.conftest import free_port, make_env, record, signed
-from tests.gateway.test_api import ndjson
+from tests.gateway.conftest import ndjson
 
 TOKEN = "t" * 32
 

@@ -1,4 +1,4 @@
-"""Fixtures for device security tests: a PKI generated per session, an HAProxy process, gateways."""
+"""Fixtures for mutual TLS: a PKI generated per session and HAProxy terminating TLS in front of a gateway."""
 
 from __future__ import annotations
 
@@ -10,25 +10,20 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.server import RunningGateway, start_gateway
-from gateway.settings import load_settings
-from tests.gateway.conftest import Env, make_env
+from tests.gateway.conftest import free_port
 
-# Until the top-level conftest registers tests.fixtures.moto_server with `pytest_plugins`.
-from tests.fixtures.moto_server import aws_credentials, moto_endpoint  # noqa: F401
 
-INSTALL_SCRIPT = "tests/security/install-system-deps.sh"
+INSTALL_SCRIPT = "tests/fixtures/install-haproxy.sh"
 
 
 # -- PKI --------------------------------------------------------------------------------------------
@@ -124,42 +119,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(fleet.path, server, lambda d: issue(fleet, d), lambda d: issue(rogue, d))
 
 
-# -- gateways ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[Callable[..., object]]:
-    """``await start(env)``: a gateway in this process, stopped at the end of the test."""
-    running: list[RunningGateway] = []
-
-    async def factory(env: Env, environ: dict[str, str] | None = None) -> RunningGateway:
-        gw = await start_gateway(load_settings(env.config, environ=environ or {}))
-        running.append(gw)
-        return gw
-
-    yield factory
-    for gw in running:
-        await gw.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Env:
-    return make_env(tmp_path)
-
-
 # -- HAProxy ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HAProxy:

@@ -18,9 +18,9 @@ from gateway.server import start_gateway
 from gateway.settings import load_settings
 from gateway.simulator import SimulatedDevice
 from tests.gateway.conftest import make_env, record, signed, write_config
-from tests.gateway.test_api import ndjson
+from tests.gateway.conftest import ndjson
 
-TESTDATA = Path(__file__).parent / "testdata"
+TESTDATA = Path(__file__).parents[1] / "testdata"
 
 
 def check(capsys, path: Path, env: dict[str, str] | None = None, monkeypatch=None) -> tuple[int, str, str]:

@@ -14,9 +14,9 @@ import duckdb
 from gateway.server import start_gateway
 from gateway.settings import load_settings
 from tests.gateway.conftest import make_env, record, signed
-from tests.gateway.test_api import URL, ndjson
+from tests.gateway.conftest import URL, ndjson
 
-VIEW = Path(__file__).resolve().parents[2] / "deploy" / "athena" / "curated_deduplicated.sql"
+VIEW = Path(__file__).resolve().parents[3] / "deploy" / "athena" / "curated_deduplicated.sql"
 
 
 async def land(root: Path, lake: Path, gateway_id: str, records: list[dict], http) -> None:

@@ -11,14 +11,7 @@ import orjson
 import pytest
 import zstandard
 
-from tests.gateway.conftest import record, signed, wait_for_records
-
-URL = "/v1/telemetry"
-
-
-def ndjson(*records: dict) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in records)
-
+from tests.gateway.conftest import URL, ndjson, record, signed, wait_for_records
 
 async def post(http, gateway, body: bytes, headers: dict[str, str]):
     async with http.post(gateway.url + URL, data=body, headers=headers) as resp:

@@ -10,7 +10,7 @@ import asyncio
 
 from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env
-from tests.security.test_abuse import body_of
+from tests.gateway.edge.test_abuse import body_of
 
 URL = "/v1/telemetry"
 TIMEOUTS = {"header_timeout_secs": 0.5, "idle_timeout_secs": 60.0}

@@ -19,7 +19,7 @@ import zstandard
 from gateway.ingest import handler
 from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env, read_zone, record, wait_for_records
-from tests.security.test_abuse import body_of, send
+from tests.gateway.edge.test_abuse import body_of, send
 
 URL = "/v1/telemetry"
 

@@ -22,7 +22,7 @@ TOKEN = "s" * 32
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.fail("Chromium is not installed: `make system-deps` (tests/status/install-browser.sh) installs it")
+        pytest.fail("Chromium is not installed: `make system-deps` (tests/fixtures/install-browser.sh) installs it")
     return path
 
 

@@ -16,7 +16,7 @@ from gateway.edge.ratelimit_store import DB_NAME
 from tests.durability.client import Device, ndjson
 from tests.durability.harness import ServeProcess, make_devices, write_gateway_config
 from tests.gateway.conftest import free_port, make_env
-from tests.security.test_abuse import send
+from tests.gateway.edge.test_abuse import send
 
 BURST = 20
 WAVE = 4  # concurrent requests, so that a busy worker leaves the next connection to the other

@@ -12,7 +12,7 @@ import pytest
 from gateway.server import start_gateway
 from gateway.settings import load_settings
 from tests.gateway.conftest import make_env, record, signed
-from tests.gateway.test_api import ndjson
+from tests.gateway.conftest import ndjson
 
 
 def samples(text: str, name: str) -> dict[str, float]:

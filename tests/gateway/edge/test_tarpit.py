@@ -11,8 +11,8 @@ import asyncio
 
 from gateway.auth.signing import sign_request
 from tests.gateway.conftest import make_env
-from tests.security.test_abuse import body_of, send
-from tests.security.test_edge_hardening import one_body_byte_each, session_from
+from tests.gateway.edge.test_abuse import body_of, send
+from tests.gateway.edge.test_edge_hardening import one_body_byte_each, session_from
 
 URL = "/v1/telemetry"
 LATE = {"refusal_delay_secs": 30.0}
