@@ -223,42 +223,60 @@ _CURATED_WITHOUT_INFERENCE = pa.schema([f for f in CURATED_SCHEMA if f.name != "
 _INFERENCE_FIELD = CURATED_SCHEMA.field("inference")
 
 
-def curated_columns(request: CuratedRequest, lines: list[CuratedSource]) -> pa.Table:
-    """The curated columns of one frame but ``inference`` (schema in connectors/curated_parquet.py)."""
-    n = len(lines)
+def curated_columns(requests: Sequence[CuratedRequest], frames: Sequence[list[CuratedSource]]) -> pa.Table:
+    """The curated columns but ``inference`` of several frames, in one table and frame order
+    (schema in connectors/curated_parquet.py). Columns are built once for all the frames: what a
+    request's records share is one value per frame, repeated by index."""
+    lines = [line for frame in frames for line in frame]
     records = [line.record for line in lines]
+    frame_of_row = pa.array(np.repeat(np.arange(len(frames), dtype=np.int32), [len(f) for f in frames]))
 
-    def same(value, type_: pa.DataType) -> pa.Array:  # a column every record of the request shares
-        return pa.array([value], type_).take(pa.array(np.zeros(n, dtype=np.int32)))
+    def shared(values: list, type_: pa.DataType) -> pa.Array:  # one value per frame, one per record
+        return pa.array(values, type_).take(frame_of_row)
 
     columns = [
         pa.array([line.device_id for line in lines], pa.string()),
         pa.array([line.seq for line in lines], pa.int64()),
         pa.array([line.event_time_ms for line in lines], pa.int64()).cast(_TS),
-        same(request.received_at, pa.string()).cast(_TS),
-        same(request.gateway_id, pa.string()),
-        same(request.availability_zone, pa.string()),
-        same(request.ingest_id, pa.string()),
+        shared([r.received_at for r in requests], pa.string()).cast(_TS),
+        shared([r.gateway_id for r in requests], pa.string()),
+        shared([r.availability_zone for r in requests], pa.string()),
+        shared([r.ingest_id for r in requests], pa.string()),
         pa.array([line.index for line in lines], pa.int32()),
-        same(request.device.get("site"), pa.string()),
-        same(request.device.get("model"), pa.string()),
+        shared([r.device.get("site") for r in requests], pa.string()),
+        shared([r.device.get("model") for r in requests], pa.string()),
         pa.array([r.metrics for r in records], _METRICS),
         pa.array([r.tags for r in records], _TAGS),
     ]
     return pa.Table.from_arrays(columns, schema=_CURATED_WITHOUT_INFERENCE)
 
 
-def decode_frames(
-    payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject_missing: bool
-) -> list[tuple[pa.Table, ShapedBatch]]:
-    """For each frame payload: its curated columns and its model input. Pure, so it can run in
-    another process. What the records of a frame share is decoded once, from its first line."""
-    out = []
-    for payload in payloads:
-        lines = _raw_lines.decode_lines(payload)
-        request = _request_fields.decode(payload[: payload.index(b"\n")] if b"\n" in payload else payload)
-        out.append((curated_columns(request, lines), shape(lines, features, typical, reject_missing)))
-    return out
+@dataclass(slots=True)
+class DecodedFrames:
+    """Several frames decoded together: one table (cheap to send between processes, where a table
+    per frame cost more to pickle than to build) and each frame's model input."""
+
+    table: pa.Table
+    shaped: list[ShapedBatch]
+
+    def tables(self) -> list[pa.Table]:
+        """One zero-copy slice of the table per frame, in order."""
+        out, offset = [], 0
+        for chunk in self.shaped:
+            out.append(self.table.slice(offset, chunk.n_records))
+            offset += chunk.n_records
+        return out
+
+
+def decode_frames(payloads: list[bytes], features: Sequence[str], typical: np.ndarray, reject_missing: bool) -> DecodedFrames:
+    """The curated columns and model input of frame payloads. Pure, so it can run in another
+    process. What the records of a frame share is decoded once, from its first line."""
+    frames = [_raw_lines.decode_lines(payload) for payload in payloads]
+    requests = [_request_fields.decode(payload[: payload.index(b"\n")] if b"\n" in payload else payload) for payload in payloads]
+    return DecodedFrames(
+        curated_columns(requests, frames).combine_chunks(),
+        [shape(lines, features, typical, reject_missing) for lines in frames],
+    )
 
 
 class FrameDecoder:
@@ -392,10 +410,10 @@ async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[Sco
         decoded = await scorer.decoder.decode(
             [f.payload for f in group], settings.features, scorer.typical, settings.missing == "reject"
         )
-        columns = await scorer.score([chunk for _, chunk in decoded])
+        columns = await scorer.score(decoded.shaped)
         out.extend(
             ScoredFrame.of(f, table.append_column(_INFERENCE_FIELD, column))
-            for f, (table, _), column in zip(group, decoded, columns, strict=True)
+            for f, table, column in zip(group, decoded.tables(), columns, strict=True)
         )
     for listener in tuple(scorer.listeners):
         listener(out)

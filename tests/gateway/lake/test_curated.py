@@ -92,3 +92,28 @@ async def test_inference_can_be_turned_off(tmp_path, http, enabled):
     await post(http, running.url, env, [record(seq=1, **NORMAL)])
     await running.stop()
     assert read_zone(env.lake, "raw") and not (env.lake / "curated").exists()
+
+
+def test_frames_decoded_together_keep_each_requests_own_fields():
+    import numpy as np
+
+    from gateway.lake.curated import decode_frames
+
+    def raw_frame(ingest_id: str, device: dict, seqs: range, metric: float) -> bytes:
+        shared = {"ingest_id": ingest_id, "received_at": "2026-12-03T10:00:00.000Z", "gateway_id": "gw-1",
+                  "availability_zone": "az-1", "device": device}
+        return b"".join(
+            orjson.dumps(shared | {"index": i, "device_id": ingest_id[-1:], "event_time_ms": 1_796_292_000_000 + s, "seq": s,
+                                   "record": {"metrics": {"temperature_c": metric + i}}}) + b"\n"
+            for i, s in enumerate(seqs)
+        )
+
+    payloads = [raw_frame("req-a", {"site": "north"}, range(3), 10.0), raw_frame("req-b", {}, range(7, 9), 50.0),
+                raw_frame("req-c", {"site": "south", "model": "m2"}, range(20, 24), 90.0)]
+    decoded = decode_frames(payloads, ("temperature_c",), np.zeros(1, np.float32), False)
+    tables = decoded.tables()
+    assert [t.num_rows for t in tables] == [3, 2, 4]
+    assert [t.column("ingest_id").to_pylist() for t in tables] == [["req-a"] * 3, ["req-b"] * 2, ["req-c"] * 4]
+    assert [t.column("site").to_pylist() for t in tables] == [["north"] * 3, [None] * 2, ["south"] * 4]
+    assert [t.column("seq").to_pylist() for t in tables] == [[0, 1, 2], [7, 8], [20, 21, 22, 23]]
+    assert [chunk.features[:, 0].tolist() for chunk in decoded.shaped] == [[10.0, 11.0, 12.0], [50.0, 51.0], [90.0, 91.0, 92.0, 93.0]]

@@ -268,3 +268,27 @@ async def test_a_frame_the_prepare_step_always_fails_on_is_dead_lettered_alone(t
     assert await zone.drain(5)
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == [*range(0, 5), *range(10, 20)]
+
+
+async def test_frames_committed_within_the_read_interval_are_read_together(tmp_path):
+    wal = await open_wal(tmp_path)
+    reads: list[int] = []
+
+    async def counting_prepare(frames):
+        reads.append(len(frames))
+        return frames
+
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), counting_prepare, read_interval_secs=0.5)
+    await zone.start()
+    await wal.append([frame(range(0, 5))])  # the first read is not delayed
+    for _ in range(100):
+        if reads:
+            break
+        await asyncio.sleep(0.01)
+    for i in range(1, 11):  # ten small commits, 20 ms apart: well within one interval
+        await wal.append([frame(range(i * 5, i * 5 + 5))])
+        await asyncio.sleep(0.02)
+    assert await zone.drain(5)
+    await wal.close()
+    assert reads[0] == 1 and len(reads) <= 3, f"one read per commit instead of gathered reads: {reads}"
+    assert landed_seqs(tmp_path / "lake") == list(range(55))
