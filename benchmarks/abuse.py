@@ -13,8 +13,9 @@ then beside each attack, run from another process and another source address (12
   byte every 10 s (a slot grab);
 - ``idle-sockets``: 512 sockets that connect and never send a byte, reopened as they are closed.
 
-Reports, per attack, the polite devices' acknowledged records/s and p99 ack latency against the
-run alone (the targets: >= 95% of the throughput, p99 at most 2x), and what the attacker got.
+Reports, per attack, the polite devices' acknowledged records/s and p99 ack latency against a run
+alone just before it (the targets: >= 95% of the throughput, p99 at most 2x), the cores the gateway
+used in each, the attacker's own CPU seconds, and what the attacker got.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from statistics import median
 
 import aiohttp
+import psutil
 
 from benchmarks.loadgen import closed_loop, open_loop, prepare
 from benchmarks.processes import free_port
@@ -176,6 +179,18 @@ async def idle_sockets(url: str, stop: asyncio.Event, sockets: int = 512) -> Cou
     return outcome
 
 
+def _cpu_secs(proc: psutil.Process) -> float:
+    """CPU seconds of a process and everything under it (the supervisor and its workers)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 async def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
@@ -206,10 +221,15 @@ async def run(args: argparse.Namespace) -> dict:
         try:
             base = f"http://127.0.0.1:{port}"
             await wait_ready(base, proc, root / "gateway.log")
-            alone, alone_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
-            report["polite_records_per_s_alone"] = round(alone, 1)
-            report["polite_p99_ack_ms_alone"] = round(alone_p99 * 1000, 2)
+            gateway = psutil.Process(proc.pid)
+            alone_runs: list[tuple[float, float]] = []
             for attack in args.attacks:
+                # Paired: the polite load runs alone right before each attack, so drift in the machine
+                # (disk, page cache, other tenants) lands in both sides of the ratio.
+                cpu_before = _cpu_secs(gateway)
+                alone, alone_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
+                alone_cpu = _cpu_secs(gateway) - cpu_before
+                alone_runs.append((alone, alone_p99))
                 # The attacker runs in its own process, so it competes for the gateway, not for this event loop.
                 attacker = subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.abuse", "--abuse", attack, base, abuser_id, abuser_key,
@@ -217,16 +237,27 @@ async def run(args: argparse.Namespace) -> dict:
                     stdout=subprocess.PIPE,
                 )
                 await asyncio.sleep(1.0)  # let it reach full strength
+                cpu_before = _cpu_secs(gateway)
                 shared, shared_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
+                shared_cpu = _cpu_secs(gateway) - cpu_before
                 out, _ = attacker.communicate(timeout=120)
+                got = json.loads(out)
                 report[attack] = {
+                    "polite_records_per_sec_alone": round(alone, 1),
+                    "polite_p99_ack_ms_alone": round(alone_p99 * 1000, 2),
                     "polite_records_per_sec": round(shared, 1),
                     "throughput_ratio": round(shared / alone, 3) if alone else None,
                     "polite_p99_ack_ms": round(shared_p99 * 1000, 2),
                     "p99_ratio": round(shared_p99 / alone_p99, 2) if alone_p99 else None,
-                    "attacker_got": json.loads(out),
+                    # Cores the gateway used: what the attack costs it, apart from the attacker's own CPU.
+                    "gateway_cores_alone": round(alone_cpu / args.seconds, 3),
+                    "gateway_cores_attacked": round(shared_cpu / args.seconds, 3),
+                    "attacker_cpu_secs": got.pop("cpu_secs", None),
+                    "attacker_got": got,
                 }
                 await asyncio.sleep(1.0)  # the gateway closes what the attacker left behind
+            report["polite_records_per_sec_alone"] = round(median(r for r, _ in alone_runs), 1)
+            report["polite_p99_ack_ms_alone"] = round(median(p for _, p in alone_runs) * 1000, 2)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -262,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown attacks {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
     if args.abuse:
-        print(json.dumps(asyncio.run(_abuse_for(args))))
+        got = asyncio.run(_abuse_for(args))
+        print(json.dumps({**got, "cpu_secs": round(time.process_time(), 2)}))
         return 0
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))

@@ -135,7 +135,7 @@ class IngestScenario(Repeated):
         out.figure("half_load_wal_fsync_p99_ms", half["wal_fsync_p99_ms"], "ms")
         out.figure("disk_fsync_p99_ms", disk["p99_ms"], "ms")
         out.figure("half_load_p99_over_fsync_p99_ms", half["p99_ms"] - disk["p99_ms"], "ms")
-        for role, cpu_secs in gw["cpu_s_by_process"].items():
+        for role, cpu_secs in gw["cpu_secs_by_process"].items():
             out.figure(f"gateway_cpu_share_{role.replace(' ', '_')}", cpu_secs / p.seconds, "cores")
         out.figure("raw_objects_landed", len(landed), "objects")
         out.figure("curated_objects_landed", len(curated), "objects")
@@ -286,7 +286,7 @@ class S3Scenario(Repeated):
         out.figure("half_load_p99_ms", half["p99_ms"], "ms")
         out.figure("objects_in_bucket_after_drain", objects, "objects")
         out.figure("bytes_in_bucket_after_drain", size, "B")
-        out.figure("moto_cpu_s_total", moto_cpu, "s")
+        out.figure("moto_cpu_secs_total", moto_cpu, "s")
         out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
         out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
                   description="the full path (signed, validated, enriched, WAL-fsynced, acked, scored, landed in S3 through moto): "

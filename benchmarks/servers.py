@@ -103,7 +103,7 @@ async def measure_max(server: Server, prepared: Prepared, seconds: float, concur
         "mb_per_sec": run.mb_per_sec,
         "requests_per_sec": run.requests / run.duration_secs,
         "server_cpu_secs": cpu,
-        "cpu_s_by_process": by_process,
+        "cpu_secs_by_process": by_process,
         "server_cpu_share": cpu / run.duration_secs,
         "records_per_cpu_secs": run.records / cpu if cpu else float("nan"),
         "peak_rss_mb": peak / 2**20,
