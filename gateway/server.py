@@ -27,7 +27,7 @@ from gateway.ops.admin import start_admin
 from gateway.app import build_app
 from gateway.edge.connections import GuardedSite
 from gateway.ops.listener import start_ops
-from gateway.edge.ratelimit_store import SharedBuckets
+from gateway.edge.ratelimit_store import AUTH_FAILURES, DEVICES, SharedBuckets
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
 from gateway.ops.status.cluster import start_peer_listener
@@ -104,8 +104,10 @@ async def start_gateway(
     async with contextlib.AsyncExitStack() as started:
         await gw.start()
         started.push_async_callback(gw.close)
-        # Per-device limits for the whole instance and across restarts: buckets in the retry ledger's store.
-        gw.security.limiter.use_shared(SharedBuckets(gw.ledger))
+        # Per-device limits, and per-source limits on failed authentications, for the whole instance
+        # and across restarts: buckets in the retry ledger's store.
+        gw.security.limiter.use_shared(SharedBuckets(gw.ledger, DEVICES))
+        gw.security.failures.use_shared(SharedBuckets(gw.ledger, AUTH_FAILURES))
         runner = web.AppRunner(
             build_app(gw),
             handle_signals=False,

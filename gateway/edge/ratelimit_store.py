@@ -1,7 +1,8 @@
-"""Per-device rate-limit buckets shared by the workers of an instance and kept across restarts.
+"""Rate-limit buckets shared by the workers of an instance and kept across restarts.
 
 They live in the retry ledger's LMDB environment (``<wal.dir>/ledger``, gateway/durable/retry_ledger.py) as
-one more named database, ``ratelimit``: ``device_id -> (records level, bytes level, updated)``, the
+named databases, ``ratelimit`` for devices and ``auth_failures`` for the source addresses whose
+requests failed authentication: ``key -> (records level, bytes level, updated)``, the
 time being the wall clock so that a restarted worker refills a bucket for the time it was down and
 no more. Workers do not write it per request: each takes tokens in small leases (ratelimit.py) and
 comes back when a lease is spent, settling what it charged beyond it in the same transaction.
@@ -20,7 +21,8 @@ import lmdb
 from gateway.durable.retry_ledger import LedgerError, RetryLedger
 
 _ENTRY = struct.Struct(">ddd")  # records level, bytes level, updated (epoch seconds)
-DB_NAME = b"ratelimit"
+DEVICES = b"ratelimit"
+AUTH_FAILURES = b"auth_failures"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +48,14 @@ class Limits:
 
 
 class SharedBuckets:
-    """The ``ratelimit`` database of an open retry ledger."""
+    """One named database of buckets (``DEVICES`` or ``AUTH_FAILURES``) in an open retry ledger."""
 
-    def __init__(self, ledger: RetryLedger) -> None:
+    def __init__(self, ledger: RetryLedger, name: bytes = DEVICES) -> None:
         self._ledger = ledger
+        self._name = name
 
     def _handle(self):
-        return self._ledger.database(DB_NAME)
+        return self._ledger.database(self._name)
 
     def levels(self, device: str, limits: Limits, now: float) -> tuple[float, float] | None:
         """The device's shared levels now, or None when it has no bucket (a full one)."""

@@ -70,8 +70,8 @@ class RateLimitSettings(Section):
     # Buckets kept (in each worker's memory and in the shared store); beyond it full buckets, then the least recently seen devices, are forgotten and start afresh.
     max_tracked_devices: PositiveInt = 100_000
     max_retry_after_secs: PositiveInt = 60
-    # Per source address: requests that fail authentication. Past the burst, that source gets 429
-    # until its bucket refills, whichever device it names.
+    # Per source address, for the whole instance and across restarts: requests that fail
+    # authentication. Past the burst, connections from that source get 429 until its bucket refills.
     auth_failures_per_sec: PositiveFloat = 5.0
     burst_auth_failures: PositiveInt = 100
 

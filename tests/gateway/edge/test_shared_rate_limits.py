@@ -12,20 +12,23 @@ import re
 
 import aiohttp
 
-from gateway.edge.ratelimit_store import DB_NAME
+from gateway.edge.ratelimit_store import AUTH_FAILURES, DEVICES
 from tests.durability.client import Device, ndjson
 from tests.durability.harness import ServeProcess, make_devices, write_gateway_config
 from tests.gateway.conftest import free_port, make_env
 from tests.gateway.edge.test_abuse import send
 
 BURST = 20
+FORGED_WAVE = 12  # failures cost the gateway little: a wider wave keeps both workers accepting
+FORGERS = [f"127.0.0.{i}" for i in range(9, 14)]  # the readiness probes come from 127.0.0.1
 WAVE = 4  # concurrent requests, so that a busy worker leaves the next connection to the other
 
 
-async def post_one(device: Device, url: str) -> int:
+async def post_one(device: Device, url: str, source: str | None = None) -> int:
     """One single-record request on a fresh connection (so the kernel spreads them across workers)."""
     body = ndjson(device.records(1))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+    connector = aiohttp.TCPConnector(force_close=True, local_addr=(source, 0) if source else None)
+    async with aiohttp.ClientSession(connector=connector) as http:
         async with http.post(url + "/v1/telemetry", data=body, headers=device.headers_for(body)) as resp:
             await resp.read()
             return resp.status
@@ -93,5 +96,45 @@ async def test_the_shared_buckets_are_bounded(tmp_path, start, http):
         assert (await send(http, gw, env, device_id))[0] == 202
     ledger_env = gw.gateway.ledger._env
     with ledger_env.begin() as txn:
-        entries = txn.stat(ledger_env.open_db(DB_NAME, txn=txn, create=False))["entries"]
+        entries = txn.stat(ledger_env.open_db(DEVICES, txn=txn, create=False))["entries"]
     assert 0 < entries <= 4
+
+
+async def test_a_sources_failed_authentications_are_counted_across_workers_and_restarts(tmp_path):
+    port, ops_port = free_port(), free_port()
+    (device,) = make_devices(tmp_path / "devices.json", 1)
+    forger = Device(device.device_id, "not-the-key-" + "x" * 40)
+    config = write_gateway_config(
+        tmp_path, port, listen={"workers": 2}, ops={"port": ops_port},
+        rate_limits={"auth_failures_per_sec": 0.001, "burst_auth_failures": BURST},
+    )
+    serve = ServeProcess(config, port, tmp_path / "logs")
+    try:
+        serve.start(workers=2)
+        ops_url = f"http://127.0.0.1:{ops_port}"
+        # Which worker accepts a connection is the kernel's choice: a source whose requests all went
+        # to one worker proves nothing, so the next source address tries again (each has its own bucket).
+        for source in FORGERS:
+            before = await answered_per_worker(ops_url)
+            statuses: list[int] = []
+            for _ in range(80):  # until a whole wave is refused (later connections are refused on accept)
+                wave = await asyncio.gather(*(post_one(forger, serve.url, source) for _ in range(FORGED_WAVE)))
+                statuses += wave
+                if wave == [429] * FORGED_WAVE:
+                    break
+            after = await answered_per_worker(ops_url)
+            taken = [after.get(w, 0.0) - before.get(w, 0.0) for w in ("0", "1")]
+            if min(taken) >= 4:
+                break
+        assert min(taken) >= 4, f"the kernel gave one worker every connection from {len(FORGERS)} sources: {taken}"
+        # With a bucket per worker, each would have answered a whole burst of 401s.
+        assert statuses.count(401) <= BURST + FORGED_WAVE, f"{statuses.count(401)} failures let through with a burst of {BURST}: {statuses}"
+        assert serve.terminate() == 0
+        serve.start(workers=2)
+        restarted = [await post_one(forger, serve.url, source) for _ in range(4)]
+        assert restarted == [429] * 4, f"a restart forgot the source's failures: {restarted}"
+        # The source is what is limited: the device with its key is refused from there, not from elsewhere.
+        assert await post_one(device, serve.url, source) == 429
+        assert await post_one(device, serve.url) == 202
+    finally:
+        serve.kill()
