@@ -45,6 +45,7 @@ class _Template:
     prefix: bytes  # every record but the last, as NDJSON
     prefix_sha256: "hashlib._Hash"
     last: dict  # the last record, rendered anew for every request
+    forwarded_for: str | None = None  # the device's address as a load balancer in front would pass it
 
 
 @dataclass
@@ -60,17 +61,29 @@ class Prepared:
     templates: list[_Template]
     records_per_request: int
     _counter: itertools.count = field(default_factory=itertools.count)
+    _position: int = 0
 
     @property
     def bytes_per_request(self) -> float:
         return sum(len(t.prefix) + len(orjson.dumps(t.last)) + 1 for t in self.templates) / len(self.templates)
 
+    def device_of_next(self) -> str:
+        """The device whose request ``next()`` builds next (a fleet that backs off skips its turn)."""
+        return self.templates[self._position % len(self.templates)].device_id
+
+    def skip(self) -> None:
+        """Let the next device's turn pass without a request."""
+        self._position = next(self._counter) + 1
+
     def next(self) -> tuple[bytes, dict[str, str]]:
         n = next(self._counter)
+        self._position = n + 1
         t = self.templates[n % len(self.templates)]
         last = orjson.dumps({**t.last, "tags": {**t.last.get("tags", {}), "req": str(n)}}) + b"\n"
         body = t.prefix + last
         headers = {"Content-Type": "application/x-ndjson"}
+        if t.forwarded_for is not None:
+            headers["X-Forwarded-For"] = t.forwarded_for
         if t.key is not None:
             digest = t.prefix_sha256.copy()
             digest.update(last)
@@ -83,16 +96,21 @@ class Prepared:
         return body, headers
 
 
-def prepare(devices: list[SimulatedDevice], *, records_per_request: int, distinct: int = 64) -> Prepared:
-    """Body templates to cycle through. Records carry no ``seq``, so the gateway does not deduplicate them."""
+def prepare(devices: list[SimulatedDevice], *, records_per_request: int, distinct: int = 64,
+            behind_proxy: bool = False) -> Prepared:
+    """Body templates to cycle through. Records carry no ``seq``, so the gateway does not deduplicate them.
+    ``behind_proxy``: each device has an address of its own, sent as ``X-Forwarded-For`` (what an ALB
+    in front adds), so per-source limits see devices rather than the one loopback address."""
     templates = []
     now = time.time()
     for i in range(distinct):
-        device = devices[i % len(devices)]
+        index = i % len(devices)
+        device = devices[index]
         records = device.records(records_per_request, now, with_seq=False)
         prefix = b"".join(orjson.dumps(r) + b"\n" for r in records[:-1])
+        address = f"10.{index // 62500}.{index // 250 % 250}.{index % 250 + 1}" if behind_proxy else None
         templates.append(_Template(device.device_id, device.key.encode() if device.key else None, prefix,
-                                   hashlib.sha256(prefix), records[-1]))
+                                   hashlib.sha256(prefix), records[-1], address))
     return Prepared(templates, records_per_request)
 
 
@@ -119,6 +137,8 @@ class Run:
     # (intended send time relative to the start, latency, status) of each measured request.
     timeline: list[tuple[float, float, int | str]] | None = None
     send_lag_secs: list[float] = field(default_factory=list)  # actual send - intended send
+    # Turns a device let pass because a 429/503 asked it to wait (``honor_retry_after``): not sent.
+    deferred: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # what the "error" answers were, by exception name
     generator_cpu_secs: float = 0.0
 
@@ -146,10 +166,15 @@ class Run:
         return sum(self.statuses.get(s, 0) for s in statuses) / total if total else float("nan")
 
 
-async def _send(session, url, body, headers, run: Run, intended: float, begin: float, measured: bool) -> None:
-    """One request through the simulator's ``send``, its answer counted into ``run``."""
+async def _send(session, url, body, headers, run: Run, intended: float, begin: float, measured: bool,
+                not_before: dict[str, float] | None = None) -> None:
+    """One request through the simulator's ``send``, its answer counted into ``run``; with
+    ``not_before``, a refusal's Retry-After is noted for the device as the time it may send again."""
     answer = await send(session, url, body, headers, intended)
     status, latency = answer.status, answer.latency_secs
+    if not_before is not None and answer.retry_after_secs is not None:
+        device = headers.get("X-Device-Id", "")
+        not_before[device] = max(not_before.get(device, 0.0), time.perf_counter() + answer.retry_after_secs)
     if answer.error is not None:
         run.errors[answer.error] = run.errors.get(answer.error, 0) + 1
     run.statuses[status] = run.statuses.get(status, 0) + 1
@@ -232,9 +257,12 @@ async def open_loop(
     max_inflight: int = 1024,
     keep_timeline: bool = False,
     drain_secs: float = 10.0,
+    honor_retry_after: bool = False,
 ) -> Run:
     """Send on a precomputed schedule for ``duration_secs``; requests intended before ``warmup_secs`` are
-    sent but not measured. After the schedule, outstanding requests get ``drain_secs`` to finish."""
+    sent but not measured. After the schedule, outstanding requests get ``drain_secs`` to finish.
+    ``honor_retry_after``: like devices that follow the API, one refused with Retry-After lets its
+    turns pass until then (counted in ``Run.deferred``); otherwise every turn is sent."""
     run = Run(requests_per_sec, duration_secs, prepared.records_per_request, timeline=[] if keep_timeline else None)
     offsets = schedule(requests_per_sec, duration_secs, arrivals=arrivals, seed=seed)
     tasks: dict[asyncio.Task, tuple[float, bool]] = {}
@@ -242,11 +270,17 @@ async def open_loop(
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_inflight), timeout=timeout) as session:
         begin = time.perf_counter()
+        not_before: dict[str, float] | None = {} if honor_retry_after else None
         async for offset, intended in paced(offsets, begin):
             run.send_lag_secs.append(time.perf_counter() - intended)
+            if not_before and not_before.get(prepared.device_of_next(), 0.0) > time.perf_counter():
+                prepared.skip()
+                run.deferred += 1
+                continue
             body, headers = prepared.next()
             run.sent += 1
-            task = asyncio.create_task(_send(session, url, body, headers, run, intended, begin, offset >= warmup_secs))
+            task = asyncio.create_task(
+                _send(session, url, body, headers, run, intended, begin, offset >= warmup_secs, not_before))
             tasks[task] = (intended, offset >= warmup_secs)
             task.add_done_callback(lambda t: tasks.pop(t, None))
         if tasks:

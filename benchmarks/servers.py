@@ -144,6 +144,8 @@ def open_result(run: Run, peak_rss: int, server_cpu_secs: float) -> dict:
         "peak_rss_mb": peak_rss / 2**20,
         "server_cpu_share": server_cpu_secs / run.duration_secs if run.duration_secs else math.nan,
         "shed_share": run.share(429, 503),
+        # Turns devices let pass on a Retry-After (honor_retry_after), over every turn scheduled.
+        "deferred_share": run.deferred / (run.deferred + run.sent) if run.deferred + run.sent else math.nan,
         # What an overload target asks of each answer: refusals fast, accepted requests never kept long.
         "refused_p99_ms": percentile(run.latencies_of(429, 503), 0.99) * 1000,
         "accepted_p99_ms": percentile(run.latencies_of(202), 0.99) * 1000,
@@ -157,9 +159,11 @@ def open_result(run: Run, peak_rss: int, server_cpu_secs: float) -> dict:
     }
 
 
-async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float, *, warmup_secs: float = 0.0, seed: int = 0) -> dict:
+async def measure_open(server: Server, prepared: Prepared, rps: float, seconds: float, *, warmup_secs: float = 0.0, seed: int = 0,
+                       honor_retry_after: bool = False) -> dict:
     cpu0 = server.cpu_seconds()
     server.start_sampling()
-    run = await open_loop(server.url, prepared, requests_per_sec=rps, duration_secs=seconds, warmup_secs=warmup_secs, seed=seed)
+    run = await open_loop(server.url, prepared, requests_per_sec=rps, duration_secs=seconds, warmup_secs=warmup_secs, seed=seed,
+                          honor_retry_after=honor_retry_after)
     peak = server.stop_sampling()
     return open_result(run, peak, server.cpu_seconds() - cpu0)

@@ -85,6 +85,7 @@ class Answer:
     body: bytes
     latency_secs: float  # from the intended send time to the answer (or the failure)
     error: str | None = None  # the exception's class name when ``status`` is "error"
+    retry_after_secs: float | None = None  # what a 429 or 503 asked the device to wait
 
 
 async def send(
@@ -95,9 +96,11 @@ async def send(
         async with session.post(url + "/v1/telemetry", data=body, headers=headers) as resp:
             payload = await resp.read()
             status = resp.status
+            retry_after = resp.headers.get("Retry-After", "")
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Answer("error", b"", time.perf_counter() - intended, type(exc).__name__)
-    return Answer(status, payload, time.perf_counter() - intended)
+    wait = float(retry_after) if retry_after.isascii() and retry_after.isdigit() else None
+    return Answer(status, payload, time.perf_counter() - intended, retry_after_secs=wait)
 
 
 async def paced(offsets: Iterable[float], begin: float) -> AsyncIterator[tuple[float, float]]:

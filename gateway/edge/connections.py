@@ -30,6 +30,7 @@ import asyncio
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import ApiError, RequestTimeout
+from gateway.errors import ApiError, RequestTimeout, Unavailable
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
 
@@ -49,6 +50,28 @@ _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
 )
+
+
+class AcceptQueue:
+    """The depth of a listening socket's accept queue: connections the kernel has completed that this
+    process has not accepted yet (Linux reports it in ``tcp_info.tcpi_unacked`` for a listener)."""
+
+    _UNACKED = struct.Struct("=I")
+    _OFFSET = 24  # after 8 one-byte fields and rto, ato, snd_mss, rcv_mss
+
+    def __init__(self, listener: Any) -> None:
+        self._listener = listener
+        self._supported = hasattr(socket, "TCP_INFO") and listener.family in (socket.AF_INET, socket.AF_INET6)
+
+    def depth(self) -> int:
+        if not self._supported:
+            return 0
+        try:
+            info = self._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        except OSError:
+            self._supported = False
+            return 0
+        return self._UNACKED.unpack_from(info, self._OFFSET)[0]
 
 
 def fixed_response(error: ApiError) -> bytes:
@@ -62,6 +85,7 @@ def fixed_response(error: ApiError) -> bytes:
 
 
 _REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
+_OVERLOADED = fixed_response(Unavailable("the gateway is overloaded (connections are waiting to be accepted); retry later", retry_after_secs=1))
 
 
 @dataclass(slots=True)
@@ -97,10 +121,15 @@ class ConnectionGuard:
         self._clock = clock
         self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
         self._per_source: dict[str, int] = {}
+        self._accept_queue: AcceptQueue | None = None
 
     @property
     def open(self) -> int:
         return len(self._conns)
+
+    def watch_accept_queue(self, listener: Any) -> None:
+        """Read how many connections wait in ``listener``'s accept queue as each one is accepted."""
+        self._accept_queue = AcceptQueue(listener)
 
     def protocol_factory(self, server: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         # aiohttp's protocol is built only for an accepted connection: a refusal costs no request handler.
@@ -120,6 +149,10 @@ class ConnectionGuard:
             return self._refuse(transport, "connection_cap_per_source")
         if len(self._conns) >= s.max_connections and not self._preempt_silent():
             return self._refuse(transport, "connection_cap")
+        if self._accept_queue is not None and s.max_accept_queue and self._accept_queue.depth() > s.max_accept_queue:
+            # Connections are waiting for this process to get to them: it is behind, and each one
+            # accepted now would wait on top. Shed cheaply so the queue (and every wait in it) stays short.
+            return self._refuse(transport, "accept_queue", _OVERLOADED)
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
         inner = make_inner()
         conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
@@ -127,9 +160,9 @@ class ConnectionGuard:
         self._arm(conn, s.header_timeout_secs, "header_timeout")
         return inner
 
-    def _refuse(self, transport: asyncio.Transport, reason: str) -> None:
+    def _refuse(self, transport: asyncio.Transport, reason: str, answer: bytes | None = None) -> None:
         self._on_close(reason)
-        transport.write(_REFUSAL)
+        transport.write(answer or _REFUSAL)
         transport.close()
 
     def _refuse_source(self, transport: asyncio.Transport, source: str, refusal: ApiError) -> None:
@@ -408,6 +441,8 @@ class GuardedSite(web.TCPSite):
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        if sockets:
+            self._guard.watch_accept_queue(sockets[0])
 
 
 class BodyDeadline:

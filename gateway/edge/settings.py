@@ -105,6 +105,10 @@ class ConnectionSettings(Section):
     max_connections: PositiveInt = 4096
     # Connections open from one source address (the TCP peer); beyond it that source gets 503.
     max_connections_per_source: PositiveInt = 512
+    # A connection accepted while more than this many wait in the kernel's accept queue behind it is
+    # answered 503 (Retry-After) at once: the process is behind, and a request accepted now would wait
+    # on top of the queue. 0: never (Linux only; elsewhere the depth cannot be read).
+    max_accept_queue: Annotated[int, Meta(ge=0)] = 32
     # From a connection's first byte (or a kept-alive connection's next byte) to complete headers.
     header_timeout_secs: PositiveFloat = 10.0
     # A body must arrive within this in total, and never pause longer than body_idle_timeout_secs.

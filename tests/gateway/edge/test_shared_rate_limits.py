@@ -20,7 +20,7 @@ from tests.gateway.edge.test_abuse import send
 
 BURST = 20
 FORGED_WAVE = 12  # failures cost the gateway little: a wider wave keeps both workers accepting
-FORGERS = [f"127.0.0.{i}" for i in range(9, 14)]  # the readiness probes come from 127.0.0.1
+FORGERS = [f"127.0.0.{i}" for i in range(9, 19)]  # the readiness probes come from 127.0.0.1
 WAVE = 4  # concurrent requests, so that a busy worker leaves the next connection to the other
 
 
