@@ -15,7 +15,10 @@ chunked body), so bytes pipelined behind a complete request cannot pass for an i
 Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
 cannot exhaust file descriptors; but first the oldest connection that has never sent a byte is
 closed to make room, so sockets opened and left silent cannot keep devices out. One source address
-holds at most ``max_connections_per_source``. After ``max_age_secs`` (with jitter) a response carries
+holds at most ``max_connections_per_source``. A process that accepts late (its event loop is busy)
+sheds at accept: while more than ``max_accept_queue`` connections wait in the kernel's accept queue,
+the one being accepted gets 503 at once, so no request waits seconds where no limit can count it.
+After ``max_age_secs`` (with jitter) a response carries
 ``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
 instances that were up first. All settings are read live, so SIGHUP changes them.
 
