@@ -4,7 +4,7 @@
 
 Starts the gateway in its own process (per-device rate limits on) and runs the same open-loop load
 from the polite devices (each signs fresh requests at a fixed rate, from 127.0.0.1): once alone,
-then beside each attack, run from another process and another source address (127.0.0.9):
+then beside each attack, run from another process and a source address of its own (127.0.0.9 and up):
 
 - ``flood``: a device with its own key sending as fast as it can from 32 connections;
 - ``bomb``: unauthenticated zstd bombs (2 KiB that inflate to 64 MiB) signed with a wrong key for
@@ -76,8 +76,13 @@ async def polite(url: str, devices: dict[str, str], rate: float, records: int, s
     return run.records / seconds, percentile(run.latencies_secs, 0.99)
 
 
-ATTACKER_ADDRESS = "127.0.0.9"
 ATTACKS = ("flood", "bomb", "slow-body", "idle-sockets")
+
+
+def attacker_address(attack: str) -> str:
+    """Each attack from an address of its own (127.0.0.9 and up): what one attack leaves behind on
+    its source (failed authentications in deficit, refusals answered late) is not the next one's."""
+    return f"127.0.0.{9 + ATTACKS.index(attack)}"
 
 
 async def _repeat(concurrency: int, stop: asyncio.Event, step) -> None:
@@ -90,10 +95,10 @@ async def _repeat(concurrency: int, stop: asyncio.Event, step) -> None:
     await asyncio.gather(*(loop() for _ in range(concurrency)))
 
 
-async def abuser(url: str, device_id: str, key: str, records: int, seconds: float, concurrency: int = 32) -> dict:
+async def abuser(url: str, device_id: str, key: str, records: int, seconds: float, source: str, concurrency: int = 32) -> dict:
     """A device with its own key, sending signed requests as fast as ``concurrency`` connections go."""
     flood = prepare([SimulatedDevice(device_id, key)], records_per_request=records)
-    run = await closed_loop(url, flood, concurrency=concurrency, duration_secs=seconds, local_addr=(ATTACKER_ADDRESS, 0))
+    run = await closed_loop(url, flood, concurrency=concurrency, duration_secs=seconds, local_addr=(source, 0))
     return run.statuses
 
 
@@ -113,19 +118,19 @@ class _Bombs:
         return self.bomb, headers
 
 
-async def bomber(url: str, device_id: str, seconds: float, concurrency: int = 32) -> dict:
+async def bomber(url: str, device_id: str, seconds: float, source: str, concurrency: int = 32) -> dict:
     """Forged zstd bombs: without the key, each should cost the gateway no more than hashing 2 KiB."""
-    run = await closed_loop(url, _Bombs(device_id), concurrency=concurrency, duration_secs=seconds, local_addr=(ATTACKER_ADDRESS, 0))
+    run = await closed_loop(url, _Bombs(device_id), concurrency=concurrency, duration_secs=seconds, local_addr=(source, 0))
     return run.statuses
 
 
-async def _raw_connections(url: str, stop: asyncio.Event, connections: int, outcome: Counter, use) -> None:
-    """``connections`` raw sockets from the attacker's address, each reopened once ``use(reader, writer)`` is done."""
+async def _raw_connections(url: str, stop: asyncio.Event, connections: int, outcome: Counter, use, source: str) -> None:
+    """``connections`` raw sockets from ``source``, each reopened once ``use(reader, writer)`` is done."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
 
     async def step() -> None:
         try:
-            reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
+            reader, writer = await asyncio.open_connection(host, int(port), local_addr=(source, 0))
         except OSError:
             outcome["connect_failed"] += 1
             await asyncio.sleep(0.25)
@@ -139,7 +144,7 @@ async def _raw_connections(url: str, stop: asyncio.Event, connections: int, outc
     await _repeat(connections, stop, step)
 
 
-async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, connections: int = 256) -> Counter:
+async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, source: str, connections: int = 256) -> Counter:
     """Requests that name a known device and then drip their body, one byte every 10 s."""
     outcome: Counter = Counter()
 
@@ -159,11 +164,11 @@ async def slow_bodies(url: str, device_id: str, stop: asyncio.Event, connections
                 outcome[line.split(b" ")[1].decode() if line.startswith(b"HTTP") else "closed"] += 1
             break
 
-    await _raw_connections(url, stop, connections, outcome, drip)
+    await _raw_connections(url, stop, connections, outcome, drip, source)
     return outcome
 
 
-async def idle_sockets(url: str, stop: asyncio.Event, sockets: int = 512) -> Counter:
+async def idle_sockets(url: str, stop: asyncio.Event, source: str, sockets: int = 512) -> Counter:
     """Connections that never send a byte, reopened as soon as the gateway closes them."""
     outcome: Counter = Counter()
 
@@ -175,7 +180,7 @@ async def idle_sockets(url: str, stop: asyncio.Event, sockets: int = 512) -> Cou
             except TimeoutError:
                 continue
 
-    await _raw_connections(url, stop, sockets, outcome, sit)
+    await _raw_connections(url, stop, sockets, outcome, sit, source)
     return outcome
 
 
@@ -266,15 +271,16 @@ async def run(args: argparse.Namespace) -> dict:
 
 async def _abuse_for(args: argparse.Namespace) -> dict:
     attack, url, device_id, key = args.abuse
+    source = attacker_address(attack)
     if attack == "flood":
-        return await abuser(url, device_id, key, args.abuser_records, args.seconds)
+        return await abuser(url, device_id, key, args.abuser_records, args.seconds, source)
     if attack == "bomb":
-        return await bomber(url, device_id, args.seconds)
+        return await bomber(url, device_id, args.seconds, source)
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(args.seconds, stop.set)
     if attack == "slow-body":
-        return dict(await slow_bodies(url, device_id, stop))
-    return dict(await idle_sockets(url, stop))
+        return dict(await slow_bodies(url, device_id, stop, source))
+    return dict(await idle_sockets(url, stop, source))
 
 
 def main(argv: list[str] | None = None) -> int:

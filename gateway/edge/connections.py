@@ -88,6 +88,7 @@ def fixed_response(error: ApiError) -> bytes:
 
 
 _REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
+HEADER_TIMEOUT_JITTER = 0.25
 _OVERLOADED = fixed_response(Unavailable("the gateway is overloaded (connections are waiting to be accepted); retry later", retry_after_secs=1))
 
 
@@ -160,7 +161,9 @@ class ConnectionGuard:
         inner = make_inner()
         conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
         self._per_source[source] = self._per_source.get(source, 0) + 1
-        self._arm(conn, s.header_timeout_secs, "header_timeout")
+        # Up to a quarter early: connections opened together (a reconnect storm, a flood of silent
+        # sockets) then time out spread over seconds rather than all in one turn of the loop.
+        self._arm(conn, s.header_timeout_secs * (1 - HEADER_TIMEOUT_JITTER * self._rng()), "header_timeout")
         return inner
 
     def _refuse(self, transport: asyncio.Transport, reason: str, answer: bytes | None = None) -> None:
