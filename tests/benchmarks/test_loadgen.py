@@ -82,3 +82,39 @@ async def test_open_loop_counts_latency_from_the_intended_send_time() -> None:
         if offset < 0.25:  # sent while the server was stalled: waited at least until the release
             assert latency >= 0.3 - offset - 0.02
     assert run.percentile_ms(1.0) >= 280
+
+
+async def test_a_fleet_that_honours_retry_after_lets_a_refused_devices_turns_pass() -> None:
+    # One device is refused with Retry-After: 10; the other is accepted. Devices that follow the API
+    # send nothing more for the refused one during the run; its turns are counted as deferred.
+    seen: list[tuple[str, str | None]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        device = request.headers["X-Device-Id"]
+        seen.append((device, request.headers.get("X-Forwarded-For")))
+        if device == "dev-refused":
+            return web.json_response({"error": "unavailable"}, status=503, headers={"Retry-After": "10"})
+        return web.json_response({"accepted": 1}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/telemetry", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    devices = [SimulatedDevice("dev-refused", "k1"), SimulatedDevice("dev-ok", "k2")]
+    try:
+        prepared = prepare(devices, records_per_request=2, distinct=2, behind_proxy=True)
+        run = await open_loop(f"http://127.0.0.1:{port}", prepared, requests_per_sec=100.0, duration_secs=0.6,
+                              arrivals="fixed", honor_retry_after=True)
+    finally:
+        await runner.cleanup()
+    refused_sends = [d for d, _ in seen if d == "dev-refused"]
+    # Its first request, and at most those sent before that first answer came back.
+    assert 1 <= len(refused_sends) <= 5, len(refused_sends)
+    assert run.deferred == 30 - len(refused_sends)
+    assert run.statuses.get(202) == 30
+    # Each device speaks from an address of its own, as a load balancer in front would pass it.
+    assert {d: f for d, f in seen} == {"dev-refused": "10.0.0.1", "dev-ok": "10.0.0.2"}
