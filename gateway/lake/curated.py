@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -316,7 +317,7 @@ class FrameDecoder:
     def _start_pool(self) -> ProcessPoolExecutor:
         # A fresh interpreter (spawn), not a fork of a process that runs threads and an event loop.
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_worker_init)
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),))
         pool.submit(int).result()  # the worker is up and has imported what it needs
         self._pool = pool
         return pool
@@ -332,7 +333,7 @@ class FrameDecoder:
             self._pool = None
 
 
-def _worker_init() -> None:
+def _worker_init(gateway_pid: int) -> None:
     # The gateway drains on SIGTERM and then shuts this worker down itself; a signal sent to the
     # whole process group (systemd, Ctrl-C) must not kill it mid-drain.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -342,6 +343,8 @@ def _worker_init() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the closed call queue still ends the worker
         pass
+    if os.getppid() != gateway_pid:  # it died while this interpreter started, before the line above
+        os._exit(0)
 
 
 def build_inferencer(settings) -> Inferencer:

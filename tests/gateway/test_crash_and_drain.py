@@ -183,3 +183,25 @@ async def test_a_start_that_fails_late_closes_what_it_started(tmp_path):
     running = await start_gateway(load_settings(env.config, environ={}))
     assert running.gateway.pipeline.wal.refusal() is None
     await running.stop()
+
+
+async def test_the_curated_decoder_dies_with_a_gateway_killed_while_it_starts(tmp_path, gateway_process):
+    """The decoder process imports for about a second; a gateway SIGKILLed meanwhile left it running
+    (its parent-death signal was asked for too late), holding the resource tracker with it."""
+    import psutil
+
+    gp = gateway_process(make_env(tmp_path))
+    gp.start()
+    gateway = psutil.Process(gp.proc.pid)
+    deadline = time.monotonic() + 10
+    decoders: list[psutil.Process] = []
+    while not decoders and time.monotonic() < deadline:
+        decoders = [c for c in gateway.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+        await asyncio.sleep(0.01)
+    assert decoders, "the gateway started no decoder process"
+    gp.proc.send_signal(signal.SIGKILL)
+    gp.proc.wait(10)
+    _, alive = psutil.wait_procs(decoders, timeout=15)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, f"decoder processes outlived the gateway: {[p.pid for p in alive]}"
