@@ -35,7 +35,7 @@ import aiohttp
 import psutil
 
 from benchmarks.loadgen import closed_loop, open_loop, prepare
-from benchmarks.processes import free_port
+from benchmarks.processes import cpu_by_process, free_port
 from benchmarks.stats import percentile
 from gateway.auth.registry import add_device
 from gateway.auth.signing import sign_request
@@ -184,18 +184,6 @@ async def idle_sockets(url: str, stop: asyncio.Event, source: str, sockets: int 
     return outcome
 
 
-def _cpu_secs(proc: psutil.Process) -> float:
-    """CPU seconds of a process and everything under it (the supervisor and its workers)."""
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            times = p.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
 async def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
@@ -231,9 +219,9 @@ async def run(args: argparse.Namespace) -> dict:
             for attack in args.attacks:
                 # Paired: the polite load runs alone right before each attack, so drift in the machine
                 # (disk, page cache, other tenants) lands in both sides of the ratio.
-                cpu_before = _cpu_secs(gateway)
+                cpu_before = sum(cpu_by_process(gateway).values())
                 alone, alone_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
-                alone_cpu = _cpu_secs(gateway) - cpu_before
+                alone_cpu = sum(cpu_by_process(gateway).values()) - cpu_before
                 alone_runs.append((alone, alone_p99))
                 # The attacker runs in its own process, so it competes for the gateway, not for this event loop.
                 attacker = subprocess.Popen(
@@ -242,9 +230,9 @@ async def run(args: argparse.Namespace) -> dict:
                     stdout=subprocess.PIPE,
                 )
                 await asyncio.sleep(1.0)  # let it reach full strength
-                cpu_before = _cpu_secs(gateway)
+                cpu_before = sum(cpu_by_process(gateway).values())
                 shared, shared_p99 = await polite(base, keys, args.rate, args.records, args.seconds)
-                shared_cpu = _cpu_secs(gateway) - cpu_before
+                shared_cpu = sum(cpu_by_process(gateway).values()) - cpu_before
                 out, _ = attacker.communicate(timeout=120)
                 got = json.loads(out)
                 report[attack] = {

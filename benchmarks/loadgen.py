@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import math
 import random
 import time
@@ -60,8 +59,7 @@ class Prepared:
 
     templates: list[_Template]
     records_per_request: int
-    _counter: itertools.count = field(default_factory=itertools.count)
-    _position: int = 0
+    _sent: int = 0  # requests built or turns let pass: the next template is this one, cycled
 
     @property
     def bytes_per_request(self) -> float:
@@ -69,15 +67,15 @@ class Prepared:
 
     def device_of_next(self) -> str:
         """The device whose request ``next()`` builds next (a fleet that backs off skips its turn)."""
-        return self.templates[self._position % len(self.templates)].device_id
+        return self.templates[self._sent % len(self.templates)].device_id
 
     def skip(self) -> None:
         """Let the next device's turn pass without a request."""
-        self._position = next(self._counter) + 1
+        self._sent += 1
 
     def next(self) -> tuple[bytes, dict[str, str]]:
-        n = next(self._counter)
-        self._position = n + 1
+        n = self._sent
+        self._sent += 1
         t = self.templates[n % len(self.templates)]
         last = orjson.dumps({**t.last, "tags": {**t.last.get("tags", {}), "req": str(n)}}) + b"\n"
         body = t.prefix + last

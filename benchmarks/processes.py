@@ -81,6 +81,27 @@ class Sampler:
             self._thread.join(timeout=5)
 
 
+def cpu_by_process(root: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of ``root`` and every process under it, by role (``main``, ``worker 0``, ...)."""
+    try:
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    out: dict[str, float] = {}
+    for proc in [root, *children]:
+        try:
+            t = proc.cpu_times()
+            cmdline = proc.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        # Names stay the same from run to run (figures are compared by name): helper processes
+        # (the curated zone's decoder, the embedded model) are counted together.
+        role = f"worker {cmdline[cmdline.index('--worker-index') + 1]}" if "--worker-index" in cmdline else (
+            "main" if proc.pid == root.pid else "helpers")
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
 class Server:
     """A child process serving HTTP on a loopback port, with CPU, RSS and file-descriptor accounting."""
 
@@ -127,25 +148,7 @@ class Server:
 
     def cpu_by_process(self) -> dict[str, float]:
         """CPU seconds so far per process, named by role (``main``, ``worker 0``, ...)."""
-        out: dict[str, float] = {}
-        for proc in [self.ps, *self._children()]:
-            try:
-                t = proc.cpu_times()
-                cmdline = proc.cmdline()
-            except psutil.NoSuchProcess:
-                continue
-            # Names stay the same from run to run (figures are compared by name): helper processes
-            # (the curated zone's decoder, the embedded model) are counted together.
-            role = f"worker {cmdline[cmdline.index('--worker-index') + 1]}" if "--worker-index" in cmdline else (
-                "main" if proc.pid == self.ps.pid else "helpers")
-            out[role] = out.get(role, 0.0) + t.user + t.system
-        return out
-
-    def _children(self) -> list[psutil.Process]:
-        try:
-            return self.ps.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+        return cpu_by_process(self.ps)
 
     def rss(self) -> int:
         return self.ps.memory_info().rss

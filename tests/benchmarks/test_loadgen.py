@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import statistics
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,21 @@ from benchmarks.loadgen import open_loop, prepare, schedule
 from gateway.auth.registry import add_device
 from gateway.auth.signing import SCHEME, signature
 from gateway.simulator import SimulatedDevice
+
+
+@contextlib.asynccontextmanager
+async def telemetry_server(handler) -> AsyncIterator[str]:
+    """A loopback HTTP server answering POST /v1/telemetry with ``handler``; yields its base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/telemetry", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def test_poisson_schedule_is_seeded_and_has_the_asked_mean_rate() -> None:
@@ -61,21 +78,10 @@ async def test_open_loop_counts_latency_from_the_intended_send_time() -> None:
         await release.wait()
         return web.json_response({"accepted": 1}, status=202)
 
-    app = web.Application()
-    app.router.add_post("/v1/telemetry", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.3, release.set)
-    try:
+    asyncio.get_running_loop().call_later(0.3, release.set)
+    async with telemetry_server(handler) as url:
         prepared = prepare([SimulatedDevice("dev-1", None)], records_per_request=2, distinct=2)
-        run = await open_loop(f"http://127.0.0.1:{port}", prepared, requests_per_sec=50.0, duration_secs=0.5, arrivals="fixed",
-                              keep_timeline=True)
-    finally:
-        await runner.cleanup()
+        run = await open_loop(url, prepared, requests_per_sec=50.0, duration_secs=0.5, arrivals="fixed", keep_timeline=True)
     assert run.sent == 25 and run.statuses == {202: 25}
     assert run.timeline is not None
     for offset, latency, _status in run.timeline:
@@ -97,20 +103,10 @@ async def test_a_fleet_that_honours_retry_after_lets_a_refused_devices_turns_pas
             return web.json_response({"error": "unavailable"}, status=503, headers={"Retry-After": "10"})
         return web.json_response({"accepted": 1}, status=202)
 
-    app = web.Application()
-    app.router.add_post("/v1/telemetry", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     devices = [SimulatedDevice("dev-refused", "k1"), SimulatedDevice("dev-ok", "k2")]
-    try:
+    async with telemetry_server(handler) as url:
         prepared = prepare(devices, records_per_request=2, distinct=2, behind_proxy=True)
-        run = await open_loop(f"http://127.0.0.1:{port}", prepared, requests_per_sec=100.0, duration_secs=0.6,
-                              arrivals="fixed", honor_retry_after=True)
-    finally:
-        await runner.cleanup()
+        run = await open_loop(url, prepared, requests_per_sec=100.0, duration_secs=0.6, arrivals="fixed", honor_retry_after=True)
     refused_sends = [d for d, _ in seen if d == "dev-refused"]
     # Its first request, and at most those sent before that first answer came back.
     assert 1 <= len(refused_sends) <= 5, len(refused_sends)
