@@ -91,6 +91,7 @@ class Collector:
     series_data: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     loads: list[dict[str, float]] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)
 
     def figure(self, name: str, value: float, unit: str = "") -> None:
         self.figures.setdefault(name, []).append(float(value))
@@ -116,11 +117,15 @@ class Collector:
         if text not in self.notes:
             self.notes.append(text)
 
+    def caution(self, text: str) -> None:
+        """A measurement that did not come out as planned: listed with the report's warnings."""
+        self.cautions.append(f"{self.name}: {text}")
+
     def load(self, label: str, *, generator_cpu_share: float, send_lag_p99_secs: float = float("nan")) -> None:
         self.loads.append({"label": label, "generator_cpu_share": generator_cpu_share, "send_lag_p99_secs": send_lag_p99_secs})
 
     def warnings(self) -> list[str]:
-        out = []
+        out = list(self.cautions)
         saturated = [l for l in self.loads if l["generator_cpu_share"] >= GENERATOR_SATURATED_SHARE]
         if saturated:
             worst = max(saturated, key=lambda l: l["generator_cpu_share"])

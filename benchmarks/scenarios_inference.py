@@ -152,14 +152,18 @@ async def _search_capacity(dispatch, backend: str, rows: np.ndarray, calls: list
     """Bisect the offered rate between 0 and the full-queue throughput, with short open-loop runs."""
     from batching import Batcher
 
+    async def holds(rate: float, attempt: int) -> bool:
+        offsets = poisson_arrivals(rate, seconds, seed=seed + 1000 + attempt, rate=lambda t: rate)
+        async with Batcher(dispatch, endpoints=[backend]) as batcher:
+            res = await _drive(batcher, rows, offsets, calls, sample=False)
+        return res["on_time_share"] >= ON_TIME_TARGET
+
     lo, hi = 0.0, rough
     steps, seconds = (4, 0.5) if quick else (6, 1.0)
     for i in range(steps):
         rate = (lo + hi) / 2
-        offsets = poisson_arrivals(rate, seconds, seed=seed + 1000 + i, rate=lambda t: rate)
-        async with Batcher(dispatch, endpoints=[backend]) as batcher:
-            res = await _drive(batcher, rows, offsets, calls, sample=False)
-        if res["on_time_share"] >= ON_TIME_TARGET:
+        # A short run can miss the target on one stall of a shared machine: a rate is given up only after two misses.
+        if await holds(rate, 2 * i) or await holds(rate, 2 * i + 1):
             lo = rate
         else:
             hi = rate
@@ -213,7 +217,11 @@ class _InferenceScenario(Repeated):
         out.figure("queue_full_records_per_sec", rough, "rec/s")
         out.figure("capacity_records_per_sec", cap, "rec/s")
         if not cap:
-            raise RuntimeError(f"no rate up to {rough:,.0f} rec/s kept {ON_TIME_TARGET:.0%} of records on time")
+            # A result, not a crash: this endpoint on this machine held no rate; the runs below would be at 0 rec/s.
+            out.caution(f"no rate up to {rough:,.0f} rec/s kept {ON_TIME_TARGET:.0%} of records "
+                        f"on time (rep {rep + 1}); no steady, burst or overload run")
+            ctx.log(f"  {self.name} rep {rep + 1}: no rate up to {rough:,.0f} rec/s kept {ON_TIME_TARGET:.0%} of records on time")
+            return
         runs = {
             "steady_0.5": (lambda t, c=cap: 0.5 * c, 0.5 * cap),
             "steady_0.9": (lambda t, c=cap: 0.9 * c, 0.9 * cap),
