@@ -1,6 +1,6 @@
 """Ingest benchmark: the gateway end to end against the bare aiohttp + msgspec ceiling, same run.
 
-    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--workers 1] [--profile DIR] [--json out.json]
+    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--workers 1] [--raw-only] [--profile DIR] [--json out.json]
 
 For each repetition: the disk's own fsync latency (an append + fdatasync probe beside the WAL);
 the ceiling's maximum throughput (closed loop); the gateway's maximum (HTTP in, authenticated,
@@ -8,7 +8,8 @@ validated, enriched, WAL-fsynced, acked, landed in the local lake) with its reco
 CPU-second, all its processes counted, and the CPU of each; ack latency at half of that maximum
 (open loop, from intended send time) next to the WAL's fsync p99 over the same run (from the
 gateway's /metrics); and an overload at 1.5x the maximum (status shares, goodput, peak RSS).
-Medians over repetitions, ratios per rep. ``--profile DIR`` adds, after the first repetition's
+Medians over repetitions, ratios per rep. The curated zone (scoring + Parquet) is on, as by default;
+``--raw-only`` turns inference off, so only the raw and quarantine zones land. ``--profile DIR`` adds, after the first repetition's
 measurements, a run at maximum load under py-spy: flame graphs and CPU per stage of the record path.
 """
 
@@ -30,6 +31,8 @@ from benchmarks.gateway_metrics import with_wal_fsync_p99_ms
 from benchmarks.loadgen import closed_loop, prepare
 from benchmarks.servers import GATEWAY_CONFIG, make_devices, measure_max, measure_open, start_ceiling, start_gateway
 
+RAW_ONLY = "\n[inference]\nenabled = false\n"
+
 __all__ = ["GATEWAY_CONFIG", "make_devices", "measure_max", "measure_open", "start_ceiling", "start_gateway", "main"]
 
 
@@ -43,7 +46,7 @@ async def one_rep(args, workdir: Path, profile_dir: Path | None = None) -> dict:
         ceiling_max = await measure_max(ceiling, prepared, args.seconds, args.concurrency)
     finally:
         ceiling.stop()
-    gateway = start_gateway(root, workers=args.workers)
+    gateway = start_gateway(root, workers=args.workers, extra=RAW_ONLY if args.raw_only else "")
     stages = None
     try:
         startup_secs = gateway.startup_secs
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="the gateway's listen.workers (ingest processes)")
+    parser.add_argument("--raw-only", action="store_true", help="inference off: no curated zone, only raw and quarantine land")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="also profile with py-spy; flame graphs go here")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)

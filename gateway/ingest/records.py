@@ -24,8 +24,13 @@ EpochMillis = Annotated[int, Meta(ge=0, le=253402300799999)]  # up to 9999-12-31
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
 
 
-class Record(msgspec.Struct, frozen=True):
-    """One telemetry record, schema v1."""
+class Record(msgspec.Struct, frozen=True, gc=False):
+    """One telemetry record, schema v1.
+
+    Not tracked by the garbage collector (``gc=False``): it holds only strings, numbers, a datetime
+    and dicts of those, so it can never be part of a cycle, and a request's hundreds of records in
+    flight would otherwise set off collections that stop the event loop.
+    """
 
     device_id: DeviceId
     ts: AwareDatetime | EpochMillis
@@ -40,7 +45,7 @@ class Record(msgspec.Struct, frozen=True):
         return int(ts.timestamp() * 1000)
 
 
-class RecordOfAnyId(Record, frozen=True):
+class RecordOfAnyId(Record, frozen=True, gc=False):
     """``Record`` without the device_id pattern: a request's records name one device, so a bulk
     decode checks each distinct id once (``valid_device_id``) instead of running the regex per record."""
 
