@@ -239,6 +239,9 @@ class WriteAheadLog:
         self._data: asyncio.Condition | None = None
         self._committer: asyncio.Task[None] | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-writer")
+        # Deleting a released segment can take tens of ms (the file system frees 64 MiB of blocks):
+        # its own thread, so neither the event loop that released it nor the writer waits for that.
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-remover")
         self._consumers: dict[str, int] = {}
         self._expected: set[str] = set()
         self._closed = True
@@ -340,12 +343,14 @@ class WriteAheadLog:
             os.fdatasync(self._fd)
         self._close_fds()
         self._writer.shutdown(wait=True)
+        self._remover.shutdown(wait=True)
 
     def release_files(self) -> None:
         """Close a log that was only opened (recovered and read), never started."""
         self._closed = True
         self._close_fds()
         self._writer.shutdown(wait=True)
+        self._remover.shutdown(wait=True)
 
     def _close_fds(self) -> None:
         if self._fd >= 0:
@@ -619,8 +624,14 @@ class WriteAheadLog:
             while keep_from < len(segments) - 1 and segments[keep_from + 1].first_lsn <= floor:
                 keep_from += 1
             self._segments = segments[keep_from:]  # a new list: reader threads iterate their own copy
-        for gone in segments[:keep_from]:
-            gone.path.unlink(missing_ok=True)
+        if keep_from:
+            # Gone from the log now (its room counts again); a crash before the file is deleted
+            # leaves a segment below every consumer, deleted again by the next release.
+            self._remover.submit(_delete, [gone.path for gone in segments[:keep_from]])
+
+    def settle(self) -> None:
+        """Wait until the segments released so far are deleted (for tests and tools)."""
+        self._remover.submit(lambda: None).result()
 
     def segment_start(self, lsn: int) -> int:
         """The first LSN of the segment holding ``lsn`` (for deciding when a position moved on)."""
@@ -644,6 +655,14 @@ class WriteAheadLog:
         if segment.first_lsn > segment_lsn:
             return len(MAGIC)
         return None
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # the next release of a later segment does not retry it: say so
+            log.error("WAL: a released segment could not be deleted", extra={"segment": path.name, "error": str(exc)})
 
 
 def _segment_at(segments: list[_Segment], lsn: int) -> _Segment:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -111,8 +113,37 @@ async def test_segments_are_deleted_once_every_consumer_is_past_them(tmp_path):
         await wal.append([frame(5)])
     assert len(list(tmp_path.glob("*.wal"))) == 4
     wal.release("raw", 15)
+    wal.settle()
     assert len(list(tmp_path.glob("*.wal"))) == 4  # quarantine still needs them
     wal.release("quarantine", 12)
+    wal.settle()
+    assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{10:020d}.wal", f"{15:020d}.wal"]
+    await wal.close()
+
+
+async def test_a_slow_file_system_delays_no_caller_of_release(tmp_path, monkeypatch):
+    # Stands in for a file system slow to free a large file (tens of ms for 64 MiB here): the
+    # deletion waits on an event, and release() must return before it is set.
+    deleting = threading.Event()
+    unblock = threading.Event()
+    real_unlink = Path.unlink
+
+    def slow_unlink(path, missing_ok=False):
+        deleting.set()
+        assert unblock.wait(10)
+        real_unlink(path, missing_ok=missing_ok)
+
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    wal.register_consumer("raw", 0)
+    for _ in range(3):
+        await wal.append([frame(5)])
+    monkeypatch.setattr(Path, "unlink", slow_unlink)
+    wal.release("raw", 10)  # returns at once: the two older segments leave the log now
+    assert wal.first_lsn == 10 and deleting.wait(10)
+    assert len(list(tmp_path.glob("*.wal"))) == 3  # their files are still being deleted
+    await wal.append([frame(5)])  # the log goes on meanwhile
+    unblock.set()
+    wal.settle()
     assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{10:020d}.wal", f"{15:020d}.wal"]
     await wal.close()
 
@@ -170,8 +201,10 @@ async def test_nothing_is_released_until_every_expected_consumer_has_registered(
         await wal.append([frame(5)])
     wal.register_consumer("raw", 0)
     wal.release("raw", 20)  # curated (still starting) may need every segment
+    wal.settle()
     assert len(list(tmp_path.glob("*.wal"))) == 4
     wal.register_consumer("curated", 10)
     wal.release("raw", 20)
+    wal.settle()
     assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{10:020d}.wal", f"{15:020d}.wal"]
     await wal.close()
