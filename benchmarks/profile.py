@@ -42,7 +42,7 @@ def available() -> bool:
     return shutil.which("py-spy") is not None or (Path(sys.executable).parent / "py-spy").exists()
 
 
-def _py_spy() -> str:
+def py_spy_command() -> str:
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else "py-spy"
 
@@ -86,7 +86,7 @@ class Profiler:
         for p in pids:
             for fmt, suffix in (("raw", "folded.txt"), ("flamegraph", "svg")):
                 path = out_dir / f"{label}-{p}.{suffix}"
-                argv = [_py_spy(), "record", "--pid", str(p), "--rate", str(SAMPLE_RATE_HZ), "--duration", str(int(seconds)),
+                argv = [py_spy_command(), "record", "--pid", str(p), "--rate", str(SAMPLE_RATE_HZ), "--duration", str(int(seconds)),
                         "--format", fmt, "--output", str(path), "--nonblocking", "--threads"]
                 proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 self._runs.append((proc, path))
