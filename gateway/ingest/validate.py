@@ -75,32 +75,44 @@ class RequestBatch:
             return
         if self.records + len(items) > self._max_records:
             raise TooLarge(f"a request may hold at most {self._max_records} records")
-        ctx, policy, writer = self.ctx, self._policy, self._lines
-        decoded = self._decode_all(items)
-        groups: dict[int, list[bytes]] = defaultdict(list)
-        bounds: dict[int, list[int]] = {}
-        quarantined = []
+        ctx, policy, line = self.ctx, self._policy, self._lines.line
+        joined = b"\n".join(items) if self._ndjson else b""
+        decoded = self._decode_all(items, joined)
+        # What holds for the whole chunk is checked once, not per record: a bulk-decoded chunk naming
+        # only the signer needs no per-record device check, and an NDJSON line holds a line break only
+        # if the chunk holds a CR (a JSON document's records may hold both).
         signer = ctx.device_id
+        if decoded is not None and self._checked_ids == {signer}:
+            signer = None
+        may_break = not self._ndjson or b"\r" in joined
+        lines: list[bytes] = []
+        hours: list[int] = []
+        events: list[int] = []
+        quarantined = []
+        first = self.records
         for offset, item in enumerate(items):
-            index = self.records + offset
-            record = decoded[offset] if decoded is not None else self._decode_one(index, item, quarantined)
-            if record is None:
-                continue
+            if decoded is not None:
+                record = decoded[offset]
+            else:
+                record = self._decode_one(first + offset, item, quarantined)
+                if record is None:
+                    continue
             if signer is not None and record.device_id != signer:
+                index = first + offset
                 raise Forbidden(f"record {index} is for device {record.device_id!r}, but the request is signed by {signer!r}")
             ts = record.ts
             event_ms = ts if ts.__class__ is int else record.event_time_ms()
             if event_ms < 0:  # a datetime before 1970: WAL frames hold unsigned event times
-                quarantined.append(self._reject(index, item, "invalid", "Expected a time after 1970-01-01 - at `$.ts`"))
+                quarantined.append(self._reject(first + offset, item, "invalid", "Expected a time after 1970-01-01 - at `$.ts`"))
                 continue
             if self._msgpack:
                 try:
                     item = _json.encode(_msgpack_any.decode(item))
                 except (TypeError, msgspec.EncodeError, msgspec.DecodeError, RecursionError) as exc:
                     # The raw zone stores JSON; a msgpack extension type or binary key has no JSON form.
-                    quarantined.append(self._reject(index, item, "malformed", f"record cannot be stored as JSON: {exc}"))
+                    quarantined.append(self._reject(first + offset, item, "malformed", f"record cannot be stored as JSON: {exc}"))
                     continue
-            elif b"\n" in item or b"\r" in item:
+            elif may_break and (b"\n" in item or b"\r" in item):
                 # A pretty-printed JSON document: line breaks there are whitespace (JSON strings
                 # cannot hold raw ones), and the raw zone keeps one record per line.
                 item = item.replace(b"\r", b" ").replace(b"\n", b" ")
@@ -108,22 +120,17 @@ class RequestBatch:
             if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
                 continue
             hour, by_event_time = partition_hour(event_ms, ctx.received_ms, policy)
-            groups[hour].append(writer.line(index, record, item, event_ms, by_event_time))
-            b = bounds.get(hour)
-            if b is None:
-                bounds[hour] = [event_ms, event_ms]
-            elif event_ms < b[0]:
-                b[0] = event_ms
-            elif event_ms > b[1]:
-                b[1] = event_ms
+            lines.append(line(first + offset, record, item, event_ms, by_event_time))
+            hours.append(hour)
+            events.append(event_ms)
         self.records += len(items)
         self._seq_index.close()  # no read transaction stays open while the body streams
-        for hour, lines in groups.items():
-            low, high = bounds[hour]
-            lines.append(b"")
-            payload = b"\n".join(lines)
-            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, low, high, len(lines) - 1, payload))
-            self.accepted += len(lines) - 1
+        for hour, (hour_lines, hour_events) in _by_hour(hours, lines, events).items():
+            hour_lines.append(b"")
+            payload = b"\n".join(hour_lines)
+            count = len(hour_lines) - 1
+            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, min(hour_events), max(hour_events), count, payload))
+            self.accepted += count
         if quarantined:
             payload = _json.encode_lines(quarantined)
             hour = ctx.received_ms // HOUR_MS
@@ -131,12 +138,12 @@ class RequestBatch:
                 encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
             )
 
-    def _decode_all(self, items: list[bytes]) -> list[Record] | None:
-        """All of a chunk's records in one call when every line is valid (the common case)."""
+    def _decode_all(self, items: list[bytes], joined: bytes) -> list[Record] | None:
+        """All of a chunk's records (``joined``: its lines) in one call when every line is valid (the common case)."""
         if not self._ndjson:
             return None
         try:
-            records = _json_any_id.decode_lines(b"\n".join(items))
+            records = _json_any_id.decode_lines(joined)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         if len(records) != len(items):
@@ -176,6 +183,20 @@ class RequestBatch:
         if len(self.errors) < self._max_errors:
             self.errors.append({"index": index, "reason": reason})
         return quarantine_line(self.ctx, index, item, reason)
+
+
+def _by_hour(hours: list[int], lines: list[bytes], events: list[int]) -> dict[int, tuple[list[bytes], list[int]]]:
+    """A chunk's raw lines and event times per partition hour, hours in the order first seen."""
+    if not hours or hours.count(hours[0]) == len(hours):  # the common case: one hour
+        return {hours[0]: (lines, events)} if hours else {}
+    groups: dict[int, tuple[list[bytes], list[int]]] = {}
+    for hour, raw_line, event_ms in zip(hours, lines, events):
+        group = groups.get(hour)
+        if group is None:
+            groups[hour] = group = ([], [])
+        group[0].append(raw_line)
+        group[1].append(event_ms)
+    return groups
 
 
 def _reason_class(kind: str, reason: str) -> str:

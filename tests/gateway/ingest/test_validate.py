@@ -1,0 +1,78 @@
+"""RequestBatch: one request's records into WAL frames, a frame per partition hour."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS, META, PREFIX
+from gateway.errors import Forbidden
+from gateway.ingest.body import LineFramer
+from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, new_context
+from gateway.ingest.spool import Spool
+from gateway.ingest.validate import RequestBatch
+
+NOW_MS = 1_800_000_000_000 - 1_800_000_000_000 % HOUR_MS + HOUR_MS // 2  # the middle of an hour
+POLICY = PartitionPolicy(max_future_skew_ms=3 * HOUR_MS, max_event_age_ms=48 * HOUR_MS)
+
+
+class NoneSeen:
+    def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def batch_for(tmp_path, device_id: str | None = "dev-1") -> RequestBatch:
+    ctx = new_context(gateway_id="gw", availability_zone="az", device_id=device_id, device_metadata={}, clock_skew_ms=0,
+                      now=NOW_MS / 1000)
+    return RequestBatch(ctx, "ndjson", spool=Spool(tmp_path, 1 << 20), policy=POLICY, seq_index=NoneSeen(), max_records=1000,
+                        max_errors_reported=10)
+
+
+def frames(batch: RequestBatch) -> list[tuple[int, int, int, int, list[dict]]]:
+    """(kind, hour, min event, max event, lines) of each frame the batch spooled."""
+    out = []
+    for chunk in batch.spool.chunks():
+        for frame in chunk:
+            length = PREFIX.unpack_from(frame)[0]
+            count, hour, _, low, high, kind = META.unpack_from(frame, PREFIX.size)
+            lines = [orjson.loads(line) for line in frame[HEADER_SIZE:HEADER_SIZE + length].splitlines()]
+            assert len(lines) == count
+            out.append((kind, hour, low, high, lines))
+    return out
+
+
+def chunk(*records: dict) -> list[bytes]:
+    return LineFramer(1 << 20).feed(b"".join(orjson.dumps(r) + b"\n" for r in records))
+
+
+def test_records_of_two_hours_go_to_a_frame_each_with_their_own_event_times(tmp_path) -> None:
+    earlier = NOW_MS - HOUR_MS
+    batch = batch_for(tmp_path)
+    batch.add(chunk(*({"device_id": "dev-1", "ts": ts, "metrics": {"t": 1.0}, "seq": i}
+                      for i, ts in enumerate([NOW_MS, earlier, NOW_MS + 5, earlier - 7, NOW_MS - 3]))))
+    got = frames(batch)
+    assert [(kind, hour, low, high) for kind, hour, low, high, _ in got] == [
+        (KIND_RECORDS, NOW_MS // HOUR_MS, NOW_MS - 3, NOW_MS + 5),
+        (KIND_RECORDS, earlier // HOUR_MS, earlier - 7, earlier),
+    ]
+    assert [[line["seq"] for line in lines] for *_, lines in got] == [[0, 2, 4], [1, 3]]
+    assert [line["index"] for line in got[0][4]] == [0, 2, 4]
+    assert batch.accepted == 5 and batch.records == 5
+
+
+def test_a_record_for_another_device_is_refused_by_its_index(tmp_path) -> None:
+    batch = batch_for(tmp_path)
+    batch.add(chunk({"device_id": "dev-1", "ts": NOW_MS, "metrics": {"t": 1.0}}))
+    with pytest.raises(Forbidden, match="record 2 is for device 'dev-2'"):
+        batch.add(chunk(*({"device_id": d, "ts": NOW_MS, "metrics": {"t": 1.0}} for d in ("dev-1", "dev-2"))))
+
+
+def test_a_carriage_return_inside_a_line_does_not_break_the_raw_line(tmp_path) -> None:
+    batch = batch_for(tmp_path)
+    line = b'{"device_id":"dev-1",\r"ts":%d,"metrics":{"t":1.0}}' % NOW_MS
+    batch.add(LineFramer(1 << 20).feed(line + b"\n"))
+    ((_, _, _, _, lines),) = frames(batch)
+    assert lines[0]["record"] == {"device_id": "dev-1", "ts": NOW_MS, "metrics": {"t": 1.0}}
