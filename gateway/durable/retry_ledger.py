@@ -351,21 +351,29 @@ class _WriteTxn:
 class SeqLookup:
     """Duplicate checks for one request's records: one read transaction, reused chunk after chunk."""
 
-    __slots__ = ("_ledger", "_txn", "_dbs")
+    __slots__ = ("_ledger", "_txn", "_dbs", "_device_id", "_prefix")
 
     def __init__(self, ledger: RetryLedger) -> None:
         self._ledger = ledger
         self._txn = None
         self._dbs: list = []
+        self._device_id: str | None = None
+        self._prefix = b""
 
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
         if self._txn is None:
             ledger = self._ledger
             self._txn = ledger._env.begin()
             self._dbs = [ledger._db(b"seq", g) for g in ledger._visible(self._txn, b"seq")]
-        key = seq_key(device_id, seq)
+        if device_id != self._device_id:  # a request's records name one device: its part of the key once
+            self._device_id, self._prefix = device_id, seq_key(device_id, 0)[:-_U64.size]
+        key = self._prefix + _U64.pack(seq)
         expected = _U64.pack(event_ms)
-        return any(self._txn.get(key, db=db) == expected for db in self._dbs)
+        get = self._txn.get
+        for db in self._dbs:  # called per record: a loop, not any() over a generator
+            if get(key, db=db) == expected:
+                return True
+        return False
 
     def close(self) -> None:
         if self._txn is not None:
