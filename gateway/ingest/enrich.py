@@ -81,10 +81,10 @@ class RawLineWriter:
     and its bytes as sent, so enriching costs a fraction of decoding.
     """
 
-    __slots__ = ("_head", "_device_id")
+    __slots__ = ("_head", "_device")
 
-    _EVENT = b"event_time"
-    _ARRIVAL = b"arrival_time"
+    _BY_EVENT = b',"partitioned_by":"event_time","seq":'
+    _BY_ARRIVAL = b',"partitioned_by":"arrival_time","seq":'
 
     def __init__(self, ctx: RequestContext) -> None:
         common = {
@@ -97,16 +97,21 @@ class RawLineWriter:
             "source_ip": ctx.source_ip,
         }
         self._head = msgspec.json.encode(common)[:-1] + b',"index":'
-        self._device_id = ctx.device_id.encode() if ctx.device_id else None
+        self._device = _device_part(ctx.device_id) if ctx.device_id else None
 
     def line(self, index: int, record: Record, raw: bytes, event_ms: int, partitioned_by_event_time: bool) -> bytes:
-        # device_id is all of [A-Za-z0-9._:-] (schema), so it needs no JSON escaping.
-        device_id = self._device_id or record.device_id.encode()
-        seq = b"null" if record.seq is None else b"%d" % record.seq
-        by = self._EVENT if partitioned_by_event_time else self._ARRIVAL
-        return b'%b%d,"device_id":"%b","event_time_ms":%d,"partitioned_by":"%b","seq":%b,"record":%b}' % (
-            self._head, index, device_id, event_ms, by, seq, raw
-        )
+        # Called per record: few pieces in one format, the constant ones prepared (half the time of one piece per field).
+        device = self._device or _device_part(record.device_id)
+        by = self._BY_EVENT if partitioned_by_event_time else self._BY_ARRIVAL
+        seq = record.seq
+        if seq is None:
+            return b'%b%d%b%d%bnull,"record":%b}' % (self._head, index, device, event_ms, by, raw)
+        return b'%b%d%b%d%b%d,"record":%b}' % (self._head, index, device, event_ms, by, seq, raw)
+
+
+def _device_part(device_id: str) -> bytes:
+    # device_id is all of [A-Za-z0-9._:-] (schema), so it needs no JSON escaping.
+    return b',"device_id":"%b","event_time_ms":' % device_id.encode()
 
 
 def quarantine_line(ctx: RequestContext, index: int, raw: bytes, reason: str) -> QuarantineLine:

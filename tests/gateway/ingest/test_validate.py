@@ -76,3 +76,22 @@ def test_a_carriage_return_inside_a_line_does_not_break_the_raw_line(tmp_path) -
     batch.add(LineFramer(1 << 20).feed(line + b"\n"))
     ((_, _, _, _, lines),) = frames(batch)
     assert lines[0]["record"] == {"device_id": "dev-1", "ts": NOW_MS, "metrics": {"t": 1.0}}
+
+
+@pytest.mark.parametrize("signed_by", ["dev-1", None])
+@pytest.mark.parametrize("seq", [7, None])
+@pytest.mark.parametrize("by_event_time", [True, False])
+def test_a_raw_line_is_the_raw_line_schema_with_the_record_as_sent(signed_by, seq, by_event_time) -> None:
+    import msgspec
+
+    from gateway.ingest.enrich import RawLineWriter
+    from gateway.ingest.records import RawLine, Record
+
+    ctx = new_context(gateway_id="gw", availability_zone="az", device_id=signed_by, device_metadata={"site": "a"},
+                      clock_skew_ms=-3, source_ip="10.0.0.1", now=NOW_MS / 1000)
+    sent = b'{"device_id": "dev-1", "ts": %d, "metrics": {"t": 1.5}%b}' % (NOW_MS, b', "seq": %d' % seq if seq is not None else b"")
+    record = msgspec.json.decode(sent, type=Record)
+    line = msgspec.json.decode(RawLineWriter(ctx).line(4, record, sent, NOW_MS - 9, by_event_time), type=RawLine)
+    assert line == RawLine(ingest_id=ctx.ingest_id, index=4, received_at=ctx.received_at, gateway_id="gw", availability_zone="az",
+                           device_id="dev-1", event_time_ms=NOW_MS - 9, partitioned_by="event_time" if by_event_time else "arrival_time",
+                           seq=seq, clock_skew_ms=-3, device={"site": "a"}, source_ip="10.0.0.1", record=msgspec.Raw(sent))
