@@ -127,12 +127,12 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
         max_errors_reported=limits.max_errors_reported,
         max_tracked_seqs=limits.dedup_max_keys_per_request,
     )
-    # 3-4 validate and enrich; a large or compressed body is decoded off the event loop.
+    # 3-4 validate and enrich; a large or compressed body is decoded in the worker's decode thread.
     args = (body.raw, body.fmt, body.encoding, batch, limits)
     if body.sent <= INLINE_DECODE_BYTES and body.encoding.strip().lower() in ("", "identity"):
         decoded = _decode(*args)
     else:
-        decoded = await asyncio.to_thread(_decode, *args)
+        decoded = await asyncio.get_running_loop().run_in_executor(gw.decoder, _decode, *args)
     gw.metrics.request_bytes.inc(body.sent)
     gw.security.limiter.charge(body.rate_key, batch.records, decoded)  # what the device sent, decompressed
     if batch.records == 0:
