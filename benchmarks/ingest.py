@@ -8,9 +8,10 @@ validated, enriched, WAL-fsynced, acked, landed in the local lake) with its reco
 CPU-second, all its processes counted, and the CPU of each; ack latency at half of that maximum
 (open loop, from intended send time) next to the WAL's fsync p99 over the same run (from the
 gateway's /metrics); and an overload at 1.5x the maximum (status shares, goodput, peak RSS).
-Medians over repetitions, ratios per rep. The curated zone (scoring + Parquet) is on, as by default;
-``--raw-only`` turns inference off, so only the raw and quarantine zones land. ``--profile DIR`` adds, after the first repetition's
-measurements, a run at maximum load under py-spy: flame graphs and CPU per stage of the record path.
+Medians over repetitions, ratios per rep. The curated zone (scoring + Parquet) is on, as by
+default; ``--raw-only`` turns inference off, so only the raw and quarantine zones land.
+``--profile DIR`` adds, after the first repetition's measurements, a run at maximum load under
+py-spy: flame graphs and CPU per stage of the record path.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from benchmarks.profile import available, py_spy_command
 
 # A main-thread sample whose innermost frame is one of these is the loop waiting for events.
 IDLE_FRAMES = ("Runner.run", "run_until_complete", "run_forever", "run")
-# Frames of other threads that are waiting, not working.
-WAITING = ("_worker", "wait", "get", "select", "_feed")
+# Functions (the last part of a frame's name) in which another thread is waiting, not working.
+WAITING = frozenset({"_worker", "wait", "get", "select", "_feed", "_recv", "_recv_bytes"})
 
 
 @dataclass
@@ -69,7 +69,7 @@ def find_stalls(speedscope: dict, top: int = 8) -> list[Stall]:
             busy = collections.Counter(
                 _describe(frames, stack, 2)
                 for stack in profile["samples"][stall.first_tick: stall.first_tick + stall.ticks]
-                if stack and not any(w in frames[stack[-1]]["name"] for w in WAITING)
+                if stack and frames[stack[-1]]["name"].rsplit(".", 1)[-1] not in WAITING
             )
             if busy:
                 stall.others[profile["name"]] = busy

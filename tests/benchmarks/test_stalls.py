@@ -27,3 +27,10 @@ def test_the_longest_busy_stretch_comes_first_with_what_ran_and_what_else_did() 
 
 def test_an_idle_recording_has_no_stalls() -> None:
     assert find_stalls(_document([[0]] * 5, [[3]] * 5)) == []
+
+
+def test_a_working_frame_whose_name_contains_a_waiting_word_counts_as_work() -> None:
+    doc = _document([[0, 1]] * 2, [[5]] * 2)
+    doc["shared"]["frames"].append({"name": "Transport.get_extra_info", "line": 3})  # not Queue.get
+    (stall,) = find_stalls(doc)
+    assert list(stall.others['Thread 2 "landing"']) == ["Transport.get_extra_info:3"]
