@@ -134,17 +134,22 @@ class CuratedScorer:
             except QueueFullError:
                 futures.append(await self.batcher.submit(chunk, deadline, size=size))
         columns = []
+        counts = {"ok": 0, "failed": 0, "deferred": 0}
         for chunk, future in zip(chunks, futures, strict=True):
             outcome = await future
             if isinstance(outcome, Ok):
                 column = _scored_column(chunk, outcome.value)
+                counts["ok"] += len(chunk.rows)
+                counts["failed"] += chunk.n_records - len(chunk.rows)  # rejected before scoring
             elif isinstance(outcome, Deferred):
                 column = _status_column(chunk.n_records, "deferred", f"not scored within {self.settings.max_defer_secs} s ({outcome.reason})")
+                counts["deferred"] += chunk.n_records
             else:
                 assert isinstance(outcome, Failed)
                 column = _status_column(chunk.n_records, "failed", f"{type(outcome.error).__name__}: {outcome.error}")
+                counts["failed"] += chunk.n_records
             columns.append(column)
-        self._count(columns)
+        self._count(counts)
         return columns
 
     async def _dispatch(self, endpoint: str, chunks: list[ShapedBatch]) -> list[Scores]:
@@ -165,13 +170,10 @@ class CuratedScorer:
             at += n
         return results
 
-    def _count(self, columns: list[pa.StructArray]) -> None:
-        counts: dict[str, int] = {}
-        for column in columns:
-            for status, n in zip(*np.unique(column.field("status").to_numpy(zero_copy_only=False), return_counts=True)):
-                counts[status] = counts.get(status, 0) + int(n)
+    def _count(self, counts: dict[str, int]) -> None:
         for status, n in counts.items():
-            self.metrics.inference_records.labels(status).inc(n)
+            if n:
+                self.metrics.inference_records.labels(status).inc(n)
         stats = self.batcher.stats()
         self.metrics.inference_desired_capacity.set(stats.desired_slots)
         if isinstance(self.inferencer, InferencePool):
@@ -179,26 +181,43 @@ class CuratedScorer:
                 self.metrics.inference_idle.labels(status.name).set(status.idle_secs)
 
 
+_FAILED_OR_OK = pa.array(["failed", "ok"], pa.string())
+
+
 def _scored_column(chunk: ShapedBatch, result: Scores) -> pa.StructArray:
+    """The ``inference`` column of a scored chunk, built by Arrow (this runs on the event loop:
+    no Python object per record). Records left out of the tensor are ``failed`` with their reason."""
     n = chunk.n_records
-    status = np.full(n, "failed", dtype=object)
-    reason = np.full(n, None, dtype=object)
-    score = np.full(n, np.nan, dtype=np.float32)
-    label = np.full(n, None, dtype=object)
-    status[chunk.rows] = "ok"
-    score[chunk.rows] = result.scores
-    label[chunk.rows] = result.labels
-    for index, why in chunk.rejected.items():
-        reason[index] = why
+    every_row = len(chunk.rows) == n
+    if every_row:  # the common case: the tensor's rows are the records, in order
+        status = pa.repeat(pa.scalar("ok", pa.string()), n)
+        score = np.asarray(result.scores, dtype=np.float32)
+        label = pa.array(result.labels, pa.string())
+    else:
+        scored = np.zeros(n, dtype=np.int8)
+        scored[chunk.rows] = 1
+        status = _FAILED_OR_OK.take(pa.array(scored))
+        score = np.full(n, np.nan, dtype=np.float32)
+        score[chunk.rows] = result.scores
+        position = np.zeros(n, dtype=np.int64)
+        position[chunk.rows] = np.arange(len(chunk.rows))
+        label = pa.array(result.labels, pa.string()).take(pa.array(position, mask=scored == 0))
+    if chunk.rejected:
+        reasons: list[str | None] = [None] * n
+        for index, why in chunk.rejected.items():
+            reasons[index] = why
+        reason = pa.array(reasons, pa.string())
+    else:
+        reason = pa.nulls(n, pa.string())
     return pa.StructArray.from_arrays(
         [
-            pa.array(status, pa.string()),
-            pa.array([result.model] * n, pa.string()),
-            pa.array([result.version] * n, pa.string()),
+            status,
+            pa.repeat(pa.scalar(result.model, pa.string()), n),
+            pa.repeat(pa.scalar(result.version, pa.string()), n),
             pa.array(score, pa.float32(), mask=np.isnan(score)),
-            pa.array(label, pa.string()),
+            label,
             pa.array(np.full(n, result.latency_ms, dtype=np.float32)),
-            pa.array(reason, pa.string()),
+            reason,
         ],
         fields=list(INFERENCE_TYPE),
     )
@@ -208,13 +227,13 @@ def _status_column(n: int, status: str, reason: str) -> pa.StructArray:
     nothing = pa.nulls(n, pa.string())
     return pa.StructArray.from_arrays(
         [
-            pa.array([status] * n, pa.string()),
+            pa.repeat(pa.scalar(status, pa.string()), n),
             nothing,
             nothing,
             pa.nulls(n, pa.float32()),
             nothing,
             pa.nulls(n, pa.float32()),
-            pa.array([reason] * n, pa.string()),
+            pa.repeat(pa.scalar(reason, pa.string()), n),
         ],
         fields=list(INFERENCE_TYPE),
     )

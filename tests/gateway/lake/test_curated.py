@@ -63,6 +63,26 @@ async def test_reject_policy_marks_incomplete_records_failed(tmp_path, http):
     by_seq = {r["seq"]: r["inference"] for r in curated_rows(env)}
     assert by_seq[1]["status"] == "ok"
     assert by_seq[2]["status"] == "failed" and "humidity_pct" in by_seq[2]["reason"]
+    counted = running.gateway.metrics.inference_records
+    assert counted.labels("ok")._value.get() == 1 and counted.labels("failed")._value.get() == 1
+
+
+def test_a_partly_scored_chunk_gives_each_record_its_own_status():
+    import numpy as np
+
+    from connectors.inference.base import ShapedBatch
+    from gateway.lake.curated import Scores, _scored_column
+
+    # Records 1 and 3 were left out of the tensor; record 1 with a reason.
+    rows = np.array([0, 2, 4])
+    chunk = ShapedBatch(np.zeros((3, 2), np.float32), rows, np.zeros((3, 2), bool), {1: "missing metrics: a"}, 5, ("a", "b"))
+    scored = _scored_column(chunk, Scores(np.array([0.1, 0.9, 0.2], np.float32), ["normal", "anomaly", "normal"], "m", "3", 4.0))
+    got = scored.to_pylist()
+    assert [r["status"] for r in got] == ["ok", "failed", "ok", "failed", "ok"]
+    assert [r["label"] for r in got] == ["normal", None, "anomaly", None, "normal"]
+    assert [None if r["score"] is None else round(r["score"], 3) for r in got] == [0.1, None, 0.9, None, 0.2]
+    assert [r["reason"] for r in got] == [None, "missing metrics: a", None, None, None]
+    assert {(r["model"], r["version"], r["latency_ms"]) for r in got} == {("m", "3", 4.0)}
 
 
 async def test_a_dead_endpoint_defers_records_and_never_blocks_the_lake(tmp_path, http):
