@@ -38,14 +38,29 @@ def python() -> str:
 @dataclass
 class Sample:
     t_secs: float
-    rss_bytes: int
+    rss_bytes: int  # memory_bytes: the process tree's summed PSS
     cpu_secs: float
     fds: int
 
 
+def memory_bytes(root: psutil.Process) -> int:
+    """The memory a server and every process under it hold: their proportional set sizes, summed.
+
+    Summed RSS would count the pages the workers share (the interpreter, libraries) once per process;
+    PSS splits each shared page between its sharers, so the sum is what the server costs the machine.
+    """
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # a worker that just exited holds nothing
+    return total
+
+
 @dataclass
 class Sampler:
-    """Peak RSS always; every sample when ``keep`` is set."""
+    """Peak memory (``memory_bytes``) always; every sample when ``keep`` is set."""
 
     ps: psutil.Process
     interval_secs: float
@@ -61,8 +76,8 @@ class Sampler:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
+                    rss = memory_bytes(self.ps)
                     with self.ps.oneshot():
-                        rss = self.ps.memory_info().rss
                         t = self.ps.cpu_times()
                         fds = self.ps.num_fds() if hasattr(self.ps, "num_fds") else -1
                 except psutil.Error:
@@ -151,7 +166,8 @@ class Server:
         return cpu_by_process(self.ps)
 
     def rss(self) -> int:
-        return self.ps.memory_info().rss
+        """The server's memory, its helper processes and workers included (``memory_bytes``)."""
+        return memory_bytes(self.ps)
 
     def num_fds(self) -> int:
         return self.ps.num_fds()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from pathlib import Path
 
@@ -45,6 +46,10 @@ level = "WARNING"
 """
 
 
+# The gateway as deployed: one ingest worker per vCPU (the edge_gateway role's default).
+DEPLOYED_WORKERS = os.cpu_count() or 1
+
+
 def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
     devices = []
     for i in range(n):
@@ -54,7 +59,7 @@ def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
 
 
 def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_secs: float = 5.0, extra: str = "",
-                         lake_kind: str = "local", workers: int = 1) -> tuple[Path, int, int]:
+                         lake_kind: str = "local", workers: int = DEPLOYED_WORKERS) -> tuple[Path, int, int]:
     """The benchmark's gateway configuration: defaults everywhere except paths, ports and log level.
 
     ``extra`` is appended TOML (e.g. an ``[s3]`` section or ``[inference]`` endpoints). Returns the
@@ -71,7 +76,7 @@ def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_sec
 
 
 def start_gateway(root: Path, wal_bytes: int = 1 << 30, *, extra: str = "", lake_kind: str = "local",
-                  env: dict[str, str] | None = None, timeout: float = 30.0, workers: int = 1) -> Server:
+                  env: dict[str, str] | None = None, timeout: float = 30.0, workers: int = DEPLOYED_WORKERS) -> Server:
     """``edge-gateway serve`` with its WAL (and local lake) under ``root``; returns once ``/readyz`` answers."""
     config, port, ops_port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind, workers=workers)
     server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log", env=env)
