@@ -117,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None) -> int:
-    import socket
-
-    from gateway.server import serve
     from gateway.supervisor import Supervisor
     from gateway.durable.wal_layout import WalLocked
 
@@ -141,6 +138,10 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
     try:
         if settings.listen.workers > 1 and worker_index is None:
             return Supervisor(config, settings).run(stop_requested=stop_requested)
+        import socket
+
+        from gateway.server import serve  # the worker's whole stack: the supervisor never loads it
+
         # Landing threads (compression, the curated zone's decoding) hold the GIL in bursts; a shorter
         # switch interval hands it back to the event loop sooner, which keeps ack latency low.
         sys.setswitchinterval(0.001)

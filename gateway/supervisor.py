@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 from gateway.settings import Settings
-from gateway.ops.status.cluster import RUNTIME_ENV
 from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_SECS = 30.0
 # The descriptor of the ops socket (/metrics) a supervisor bound for its workers.
 OPS_FD_ENV = "EDGE_GATEWAY_OPS_FD"
+# The private directory where workers listen for each other (gateway/ops/status/cluster.py).
+RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
 
 
 class Supervisor:

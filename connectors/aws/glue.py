@@ -33,7 +33,6 @@ from connectors.aws import translate
 from connectors.aws.connector import AwsConnector
 from connectors.aws.settings import AwsClientSettings
 from connectors.base import Partition
-from connectors.curated_parquet import hive_columns
 from connectors.errors import ConnectorError
 from connectors.retry import Sleep
 
@@ -238,6 +237,8 @@ class GlueCatalog(AwsConnector):
 
     def _storage(self, zone: str, location: str) -> dict[str, Any]:
         if zone == "curated":
+            from connectors.curated_parquet import hive_columns  # Arrow, only once a curated table is created
+
             return {
                 "Columns": hive_columns(),
                 "Location": location,

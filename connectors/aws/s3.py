@@ -43,7 +43,6 @@ from urllib.parse import urlencode
 import msgspec
 from msgspec import Meta
 
-from batching import AdaptiveConcurrency
 from connectors.aws import translate
 from connectors.aws.connector import AwsConnector, Request, T
 from connectors.aws.settings import AwsClientSettings, PositiveSecs
@@ -53,6 +52,8 @@ from connectors.retry import Sleep
 
 if TYPE_CHECKING:  # the AWS SDK is the `s3` extra, imported where a client is made (connectors/aws/client.py)
     from aiobotocore.session import AioSession
+
+    from batching import AdaptiveConcurrency
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,13 @@ class S3Sink(AwsConnector):
         self.settings = settings
         self.gateway_id = gateway_id
         self.stats = S3SinkStats()
-        self._limiter = limiter or AdaptiveConcurrency(
-            initial=settings.initial_concurrency, minimum=settings.min_concurrency, maximum=settings.max_concurrency
-        )
+        if limiter is None:
+            from batching import AdaptiveConcurrency  # with the sink, not with the settings (numpy)
+
+            limiter = AdaptiveConcurrency(
+                initial=settings.initial_concurrency, minimum=settings.min_concurrency, maximum=settings.max_concurrency
+            )
+        self._limiter = limiter
         self._on_request = on_request
         self._clock = clock
         self._object_params = _object_params(settings)

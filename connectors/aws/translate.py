@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
 
 if TYPE_CHECKING:  # the AWS SDK is the `s3` extra: imported when an AWS connector is first used
@@ -28,6 +26,14 @@ def _botocore_exceptions():
     import botocore.exceptions
 
     return botocore.exceptions
+
+
+def _aiohttp_client_error() -> type[Exception]:
+    # Imported when an error is first translated: loading the settings (the supervisor, check-config)
+    # must not pay for the HTTP client.
+    from aiohttp import ClientError
+
+    return ClientError
 
 
 # Error codes AWS services use to say "slow down"; S3 sends SlowDown with a 503.
@@ -98,7 +104,7 @@ def _status(exc: bce.ClientError) -> int:
 def is_vendor_error(exc: BaseException) -> bool:
     """Whether ``translate`` understands this exception (else it is a bug and must propagate)."""
     bce = _botocore_exceptions()
-    return isinstance(exc, (bce.BotoCoreError, bce.ClientError, aiohttp.ClientError, TimeoutError, OSError))
+    return isinstance(exc, (bce.BotoCoreError, bce.ClientError, _aiohttp_client_error(), TimeoutError, OSError))
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -144,7 +150,7 @@ def translate(exc: BaseException, *, endpoint: str = "") -> ConnectorError:
             bce.CredentialRetrievalError,  # instance metadata briefly unreachable
             bce.FlexibleChecksumError,
             bce.IncompleteReadError,
-            aiohttp.ClientError,
+            _aiohttp_client_error(),
             OSError,
         ),
     ):

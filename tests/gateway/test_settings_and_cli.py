@@ -117,3 +117,14 @@ def test_an_inference_endpoint_url_with_a_scheme_is_refused_when_the_config_load
     config.write_text('[inference]\nbackend = "triton"\n[[inference.endpoints]]\nurl = "http://127.0.0.1:8000"\nprotocol = "http"\n')
     with pytest.raises(ConfigError, match="url"):
         load_settings(config, environ={})
+
+
+def test_the_supervisor_loads_the_settings_without_the_workers_stack():
+    """The supervisor (and check-config) parse the configuration only: every worker loads the HTTP
+    server, Arrow and NumPy itself, and a supervisor that loaded them too started its workers later."""
+    probe = (
+        "import sys, gateway.supervisor, gateway.ops.config_check, gateway.settings;"
+        "print(sorted(m for m in ('aiohttp', 'pyarrow', 'numpy', 'gateway.server', 'botocore') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,9 +24,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gateway.supervisor import RUNTIME_ENV
+
 log = logging.getLogger(__name__)
 
-RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
 PEER_TIMEOUT_SECS = 2.0
 _GATEWAY = web.AppKey("peer_gateway", object)
 
