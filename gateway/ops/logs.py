@@ -15,9 +15,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp.abc import AbstractAccessLogger
+
+if TYPE_CHECKING:  # every command configures logs; only a worker serves HTTP
+    from aiohttp.abc import AbstractAccessLogger
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 _QUIET_LIBRARIES = ("aiobotocore", "botocore", "urllib3", "asyncio", "grpc", "tritonclient", "moto")
@@ -89,6 +92,7 @@ def configure(level: str) -> None:
 
 def access_logger_class(settings: Callable[[], object]) -> type[AbstractAccessLogger]:
     """An aiohttp access logger that follows the live ``[log]`` section (SIGHUP turns it on or off)."""
+    from aiohttp.abc import AbstractAccessLogger
 
     class JsonAccessLogger(AbstractAccessLogger):
         __slots__ = ()

@@ -123,7 +123,7 @@ def test_the_supervisor_loads_the_settings_without_the_workers_stack():
     """The supervisor (and check-config) parse the configuration only: every worker loads the HTTP
     server, Arrow and NumPy itself, and a supervisor that loaded them too started its workers later."""
     probe = (
-        "import sys, gateway.supervisor, gateway.ops.config_check, gateway.settings;"
+        "import sys, gateway.__main__, gateway.supervisor, gateway.ops.config_check, gateway.settings;"
         "print(sorted(m for m in ('aiohttp', 'pyarrow', 'numpy', 'gateway.server', 'botocore') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
