@@ -38,24 +38,40 @@ def python() -> str:
 @dataclass
 class Sample:
     t_secs: float
-    rss_bytes: int  # memory_bytes: the process tree's summed PSS
+    rss_bytes: int  # the summed PSS of every process (``usage``)
+    cpu_secs: float  # of every process
+    fds: int  # of every process
+
+
+@dataclass(frozen=True)
+class Usage:
+    memory_bytes: int
     cpu_secs: float
     fds: int
 
 
-def memory_bytes(root: psutil.Process) -> int:
-    """The memory a server and every process under it hold: their proportional set sizes, summed.
+def usage(root: psutil.Process) -> Usage:
+    """What a server and every process under it use: summed over the supervisor, its workers and helpers.
 
-    Summed RSS would count the pages the workers share (the interpreter, libraries) once per process;
-    PSS splits each shared page between its sharers, so the sum is what the server costs the machine.
+    Memory is the proportional set size (PSS): summed RSS would count the pages the workers share
+    (the interpreter, libraries) once per process; PSS splits each shared page between its sharers.
     """
-    total = 0
+    memory, cpu, fds = 0, 0.0, 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_full_info().pss
+            with proc.oneshot():
+                memory += proc.memory_full_info().pss
+                t = proc.cpu_times()
+                cpu += t.user + t.system
+                fds += proc.num_fds()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue  # a worker that just exited holds nothing
-    return total
+    return Usage(memory, cpu, fds)
+
+
+def memory_bytes(root: psutil.Process) -> int:
+    """The memory a server and every process under it hold (``usage``)."""
+    return usage(root).memory_bytes
 
 
 @dataclass
@@ -76,15 +92,12 @@ class Sampler:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
-                    rss = memory_bytes(self.ps)
-                    with self.ps.oneshot():
-                        t = self.ps.cpu_times()
-                        fds = self.ps.num_fds() if hasattr(self.ps, "num_fds") else -1
+                    now = usage(self.ps)
                 except psutil.Error:
                     return
-                self.peak_rss = max(self.peak_rss, rss)
+                self.peak_rss = max(self.peak_rss, now.memory_bytes)
                 if self.keep:
-                    self.samples.append(Sample(time.perf_counter() - begin, rss, t.user + t.system, fds))
+                    self.samples.append(Sample(time.perf_counter() - begin, now.memory_bytes, now.cpu_secs, now.fds))
                 self._stop.wait(self.interval_secs)
 
         self._thread = threading.Thread(target=loop, name="sampler", daemon=True)
@@ -170,7 +183,7 @@ class Server:
         return memory_bytes(self.ps)
 
     def num_fds(self) -> int:
-        return self.ps.num_fds()
+        return usage(self.ps).fds
 
     def start_sampling(self, interval: float = 0.05, keep: bool = False) -> Sampler:
         self._sampler = Sampler(self.ps, interval, keep, peak_rss=self.rss())

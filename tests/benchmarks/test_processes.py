@@ -1,4 +1,4 @@
-"""The benchmark's accounting of a server: the memory of every process under it, not only the first."""
+"""The benchmark's accounting of a server: what every process under it uses, not only the first."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from benchmarks.processes import memory_bytes
+from benchmarks.processes import memory_bytes, usage
 
 # A parent that starts a child holding 64 MiB of its own, then waits to be stopped.
 _PARENT = """
@@ -29,6 +29,8 @@ def test_a_servers_memory_counts_its_child_processes():
         own = root.memory_full_info().pss
         total = memory_bytes(root)
         assert total - own >= 64 << 20  # the child's touched pages are counted
+        child = root.children()[0]
+        assert usage(root).fds == root.num_fds() + child.num_fds()
     finally:
         parent.stdin.close()
         parent.wait(10)
