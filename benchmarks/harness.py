@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks import compare as gate
-from benchmarks import machine
+from benchmarks import machine, servers
 from benchmarks.registry import all_scenarios
 from benchmarks.scenario import PROFILES, Collector, Context
 from benchmarks.stats import clean
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-missing", action="store_true", help="a baseline ratio this run lacks fails the gate")
     p.add_argument("--save-baseline", type=Path, metavar="PATH", help="also write this run's results, without time series, as a baseline")
     p.add_argument("--seed", type=int, default=1, help="seed of the arrival schedules")
+    p.add_argument("--workers", type=int, default=servers.workers_per_gateway,
+                   help="listen.workers of every gateway started (default: one per CPU, as deployed)")
     p.add_argument("--list", action="store_true", help="list the scenarios and whether each can run here")
     return p
 
@@ -252,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         print(gate.table(rows))
         return EXIT_REGRESSED if gate.failed(rows, fail_on_missing=args.fail_on_missing) else EXIT_OK
 
+    if args.workers < 1:
+        print("--workers must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    servers.workers_per_gateway = args.workers
     profile = profile_for(args)
     scenarios = all_scenarios()
     by_name = {s.name: s for s in scenarios}
@@ -296,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": SCHEMA_VERSION,
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "mode": profile.name,
+        "workers": servers.workers_per_gateway,
         "profile": dataclasses.asdict(profile),
         "started_at": started_at,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import profile
+from benchmarks import profile, servers
 from benchmarks.disk import fsync_latency
 from benchmarks.gateway_metrics import with_wal_fsync_p99_ms
 from benchmarks.loadgen import closed_loop, prepare
-from benchmarks.servers import DEPLOYED_WORKERS, GATEWAY_CONFIG, make_devices, measure_max, measure_open, start_ceiling, start_gateway
+from benchmarks.servers import GATEWAY_CONFIG, make_devices, measure_max, measure_open, start_ceiling, start_gateway
 
 RAW_ONLY = "\n[inference]\nenabled = false\n"
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--records", type=int, default=300, help="records per request (300 ~ 64 KiB)")
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=DEPLOYED_WORKERS,
+    parser.add_argument("--workers", type=int, default=servers.workers_per_gateway,
                         help="the gateway's listen.workers (default: one per CPU, as deployed)")
     parser.add_argument("--raw-only", action="store_true", help="inference off: no curated zone, only raw and quarantine land")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="also profile with py-spy; flame graphs go here")

@@ -69,14 +69,9 @@ def usage(root: psutil.Process) -> Usage:
     return Usage(memory, cpu, fds)
 
 
-def memory_bytes(root: psutil.Process) -> int:
-    """The memory a server and every process under it hold (``usage``)."""
-    return usage(root).memory_bytes
-
-
 @dataclass
 class Sampler:
-    """Peak memory (``memory_bytes``) always; every sample when ``keep`` is set."""
+    """Peak memory (``usage``) always; every sample when ``keep`` is set."""
 
     ps: psutil.Process
     interval_secs: float
@@ -179,8 +174,8 @@ class Server:
         return cpu_by_process(self.ps)
 
     def rss(self) -> int:
-        """The server's memory, its helper processes and workers included (``memory_bytes``)."""
-        return memory_bytes(self.ps)
+        """The server's memory, its helper processes and workers included (``usage``)."""
+        return usage(self.ps).memory_bytes
 
     def num_fds(self) -> int:
         return usage(self.ps).fds

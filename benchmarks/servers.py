@@ -46,8 +46,9 @@ level = "WARNING"
 """
 
 
-# The gateway as deployed: one ingest worker per vCPU (the edge_gateway role's default).
-DEPLOYED_WORKERS = os.cpu_count() or 1
+# The gateway as deployed: one ingest worker per vCPU (the edge_gateway role's default). The
+# harness's and benchmarks.ingest's ``--workers`` set another count for every gateway they start.
+workers_per_gateway = os.cpu_count() or 1
 
 
 def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
@@ -59,12 +60,13 @@ def make_devices(root: Path, n: int) -> list[SimulatedDevice]:
 
 
 def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_secs: float = 5.0, extra: str = "",
-                         lake_kind: str = "local", workers: int = DEPLOYED_WORKERS) -> tuple[Path, int, int]:
+                         lake_kind: str = "local", workers: int | None = None) -> tuple[Path, int, int]:
     """The benchmark's gateway configuration: defaults everywhere except paths, ports and log level.
 
     ``extra`` is appended TOML (e.g. an ``[s3]`` section or ``[inference]`` endpoints). Returns the
     configuration and the ports of the device and ops (``/metrics``) listeners.
     """
+    workers = workers_per_gateway if workers is None else workers
     port, ops_port = free_port(), free_port()
     config = root / "gateway.toml"
     text = GATEWAY_CONFIG.format(port=port, ops_port=ops_port, root=root, wal_bytes=wal_bytes, object_age_secs=object_age_secs)
@@ -76,7 +78,7 @@ def write_gateway_config(root: Path, *, wal_bytes: int = 1 << 30, object_age_sec
 
 
 def start_gateway(root: Path, wal_bytes: int = 1 << 30, *, extra: str = "", lake_kind: str = "local",
-                  env: dict[str, str] | None = None, timeout: float = 30.0, workers: int = DEPLOYED_WORKERS) -> Server:
+                  env: dict[str, str] | None = None, timeout: float = 30.0, workers: int | None = None) -> Server:
     """``edge-gateway serve`` with its WAL (and local lake) under ``root``; returns once ``/readyz`` answers."""
     config, port, ops_port = write_gateway_config(root, wal_bytes=wal_bytes, extra=extra, lake_kind=lake_kind, workers=workers)
     server = Server([python(), "-m", "gateway", "serve", "--config", str(config)], port, root / "gateway.log", env=env)

@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from benchmarks.processes import memory_bytes, usage
+from benchmarks.processes import usage
 
 # A parent that starts a child holding 64 MiB of its own, then waits to be stopped.
 _PARENT = """
@@ -27,7 +27,7 @@ def test_a_servers_memory_counts_its_child_processes():
         assert parent.stdout.readline().strip() == b"ready"
         root = psutil.Process(parent.pid)
         own = root.memory_full_info().pss
-        total = memory_bytes(root)
+        total = usage(root).memory_bytes
         assert total - own >= 64 << 20  # the child's touched pages are counted
         child = root.children()[0]
         assert usage(root).fds == root.num_fds() + child.num_fds()
