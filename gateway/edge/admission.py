@@ -4,14 +4,80 @@ Checked when a telemetry request arrives, before its body is read: requests and 
 flight, how full the WAL is (refusing before it is full keeps acks fast while the lake catches up),
 and how late the event loop runs (a late loop means every device's latency is already suffering).
 A refused device retries after ``Retry-After``; the ALB sends it to a less loaded instance meanwhile.
+
+How many requests are let in at once adapts (``InflightLimit``): every request let in queues behind
+the others for the same event loop and the same fsyncs, so past the point where the worker is busy,
+letting in more only makes every answer later, refusals included (they wait for the loop too).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from gateway.errors import Unavailable
 from gateway.edge.settings import AdmissionSettings
+
+
+WINDOW_SECS = 0.25  # answers are judged in windows this long
+SLOW_SHARE = 0.1  # a window with more than this share of late answers shrinks the limit
+DECREASE = 0.75
+INCREASE = 0.1  # of the limit, at least one request, per window in which the limit was reached
+
+
+class InflightLimit:
+    """How many telemetry requests a worker lets in at once: ``max_inflight_requests``, or fewer
+    while its answers come later than ``answer_target_ms`` after their body arrived.
+
+    Additive increase, multiplicative decrease, judged per quarter second (as TCP sizes its window):
+    a window in which more than a tenth of the answers were late shrinks the limit by a quarter, down
+    to ``min_inflight_requests``; a window in which the limit was reached and answers were on time
+    grows it by a tenth. Only requests whose body arrived after the last decrease are judged, so one
+    backlog does not shrink the limit again and again.
+    """
+
+    def __init__(self, settings: Callable[[], AdmissionSettings], clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._limit = float(settings().max_inflight_requests)
+        self._window_ends = clock() + WINDOW_SECS
+        self._answered = 0
+        self._late = 0
+        self._reached = False
+        self._decreased_at = float("-inf")
+
+    @property
+    def value(self) -> int:
+        s = self._settings()
+        if not s.answer_target_ms:
+            return s.max_inflight_requests
+        return int(min(max(self._limit, s.min_inflight_requests), s.max_inflight_requests))
+
+    def reached(self) -> None:
+        """A request arrived with the limit's worth in flight: the limit is what holds the load back."""
+        self._reached = True
+
+    def answered(self, body_received_at: float) -> None:
+        """A request let in was answered; its body had fully arrived at ``body_received_at``."""
+        s = self._settings()
+        now = self._clock()
+        if body_received_at >= self._decreased_at:
+            self._answered += 1
+            if (now - body_received_at) * 1000 > s.answer_target_ms:
+                self._late += 1
+        if now < self._window_ends:
+            return
+        floor, cap = min(s.min_inflight_requests, s.max_inflight_requests), s.max_inflight_requests
+        limit = min(max(self._limit, floor), cap)  # a reload may have moved the bounds
+        if s.answer_target_ms and self._late > SLOW_SHARE * self._answered:
+            limit = max(floor, limit * DECREASE)
+            self._decreased_at = now
+        elif self._reached:
+            limit = min(cap, limit + max(1.0, limit * INCREASE))
+        self._limit = limit
+        self._answered = self._late = 0
+        self._reached = False
+        self._window_ends = now + WINDOW_SECS
 
 
 class Admission:
@@ -19,6 +85,7 @@ class Admission:
         self._settings = settings
         self._on_refuse = on_refuse
         self.inflight_bytes = 0
+        self.limit = InflightLimit(settings)
         self._per_source: dict[str, int] = {}
 
     def enter(self, source: str) -> None:
@@ -52,8 +119,11 @@ class Admission:
     ) -> None:
         """``inflight_requests`` counts this request; ``declared_bytes`` is its Content-Length (0 if chunked)."""
         s = self._settings()
-        if inflight_requests > s.max_inflight_requests:
-            self._refuse("inflight_requests", f"{inflight_requests - 1} requests are in progress", s)
+        limit = self.limit.value
+        if inflight_requests >= limit:
+            self.limit.reached()
+            if inflight_requests > limit:
+                self._refuse("inflight_requests", f"{inflight_requests - 1} requests are in progress", s)
         if self.inflight_bytes + declared_bytes > s.max_inflight_bytes:
             self._refuse("inflight_bytes", f"{self.inflight_bytes} body bytes are in progress", s)
         if wal_capacity and wal_bytes >= s.wal_high_watermark * wal_capacity:

@@ -59,6 +59,7 @@ class EdgeSecurity:
         )
         metrics.connections_open.set_function(lambda: self.connections.open)
         metrics.inflight_bytes.set_function(lambda: self.admission.inflight_bytes)
+        metrics.inflight_limit.set_function(lambda: self.admission.limit.value)
         self._forwarded: ForwardedCertVerifier | None = None
         self._log_budget = _LOG_LINES_PER_SEC
         self._log_updated = time.monotonic()

@@ -87,6 +87,13 @@ class AdmissionSettings(Section):
     # Beyond any of these the gateway answers 503 with Retry-After instead of slowing everyone down.
     # Past this many requests being read or awaiting fsync, new ones get 503: queueing them only adds latency.
     max_inflight_requests: PositiveInt = 256
+    # Fewer are let in while answers come late: when more than a tenth of the requests answered in a
+    # quarter second took longer than this after their body arrived, the limit shrinks by a quarter
+    # (not below min_inflight_requests), and it grows again while it is reached and answers are on
+    # time. Each worker keeps its own. 0: always max_inflight_requests.
+    answer_target_ms: Annotated[int, Meta(ge=0)] = 250
+    # However late answers come, each worker lets in at least this many requests at once.
+    min_inflight_requests: PositiveInt = 8
     max_inflight_bytes: PositiveInt = 256 * MiB
     # Refuse new requests once the WAL holds this fraction of wal.max_total_bytes (Retry-After is then
     # wal.retry_after_secs). 1.0: only when full, when /readyz also turns 503. Lower keeps headroom

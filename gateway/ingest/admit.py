@@ -37,10 +37,14 @@ class Admitted:
     rate_key: str
     raw: Spool  # the body as sent, until it is authenticated
     frames: Spool  # its records as WAL frames
+    body_received_at: float | None = None  # time.monotonic() once the whole body has arrived
 
     def release(self) -> None:
+        admission = self.gw.security.admission
+        if self.body_received_at is not None:
+            admission.limit.answered(self.body_received_at)  # how late answers come sizes the limit
         if self.source is not None:
-            self.gw.security.admission.leave(self.source)
+            admission.leave(self.source)
         self.raw.close()
         self.frames.close()
 

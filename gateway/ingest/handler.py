@@ -64,6 +64,7 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
     admitted = admit(request, gw)  # every refusal that needs no body
     try:
         digest, sent = await _receive(request, admitted.raw, gw.settings.limits)  # 1 receive: read and hash only
+        admitted.body_received_at = time.monotonic()
         idem_key = request.headers.get("Idempotency-Key")
         principal = _authenticate(gw, admitted, request, digest, idem_key)  # 2 authenticate
         if isinstance(principal, web.Response):

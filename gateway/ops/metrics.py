@@ -118,6 +118,11 @@ class GatewayMetrics:
             registry=r,
         )
         self.inflight_bytes = Gauge("edge_gateway_inflight_bytes", "Body bytes of requests in progress", registry=r)
+        self.inflight_limit = Gauge(
+            "edge_gateway_admission_inflight_limit",
+            "Requests this worker lets in at once now (admission.max_inflight_requests, less while answers come late)",
+            registry=r,
+        )
         self.registry_refreshes = Counter(
             "edge_gateway_registry_refreshes",
             "Device registry reloads (file changed, SIGHUP, admin API, Secrets Manager refresh), by outcome",

@@ -1,0 +1,128 @@
+"""How many requests a worker lets in at once adapts to how late its answers come."""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+
+from gateway.edge.admission import WINDOW_SECS, Admission, InflightLimit
+from gateway.edge.settings import AdmissionSettings
+from gateway.errors import Unavailable
+from gateway.ingest import handler
+from tests.gateway.edge.test_abuse import send
+from tests.gateway.conftest import make_env
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limit_with(clock: Clock, **settings) -> InflightLimit:
+    s = AdmissionSettings(**{"max_inflight_requests": 100, "min_inflight_requests": 10, "answer_target_ms": 200, **settings})
+    return InflightLimit(lambda: s, clock)
+
+
+def window(limit: InflightLimit, clock: Clock, *, answers: int, late: int, reached: bool = False) -> None:
+    """One judged window: ``answers`` requests answered, ``late`` of them after the target."""
+    if reached:
+        limit.reached()
+    for i in range(answers):
+        clock.now += 0.001
+        limit.answered(clock.now - (0.5 if i < late else 0.05))
+    clock.now += WINDOW_SECS
+    limit.answered(clock.now - 0.05)  # the window's end is noticed with the next answer
+
+
+def test_late_answers_shrink_the_limit_by_a_quarter_per_window_down_to_the_minimum() -> None:
+    clock = Clock()
+    limit = limit_with(clock)
+    assert limit.value == 100
+    window(limit, clock, answers=10, late=5)
+    assert limit.value == 75
+    for _ in range(20):
+        clock.now += 1.0  # every request judged arrived after the last decrease
+        window(limit, clock, answers=10, late=10)
+    assert limit.value == 10
+
+
+def test_a_few_late_answers_change_nothing() -> None:
+    clock = Clock()
+    limit = limit_with(clock)
+    window(limit, clock, answers=20, late=2)  # a tenth: an fsync that took long, not an overload
+    assert limit.value == 100
+
+
+def test_on_time_answers_grow_the_limit_back_only_while_it_is_reached() -> None:
+    clock = Clock()
+    limit = limit_with(clock)
+    window(limit, clock, answers=10, late=10)
+    assert limit.value == 75
+    window(limit, clock, answers=10, late=0)  # on time, but nobody waited at the limit
+    assert limit.value == 75
+    window(limit, clock, answers=10, late=0, reached=True)
+    assert limit.value == 82  # a tenth more
+    for _ in range(30):
+        window(limit, clock, answers=10, late=0, reached=True)
+    assert limit.value == 100  # never past max_inflight_requests
+
+
+def test_one_backlog_shrinks_the_limit_once() -> None:
+    clock = Clock()
+    limit = limit_with(clock)
+    window(limit, clock, answers=10, late=10)
+    assert limit.value == 75
+    decreased_at = clock.now
+    # The requests whose bodies had arrived before that decrease are answered late too, for a
+    # while: they are not judged.
+    for _ in range(4):
+        for _ in range(10):
+            clock.now += 0.03
+            limit.answered(decreased_at - 0.01)
+    assert limit.value == 75
+    window(limit, clock, answers=10, late=10)  # requests let in since are late as well: that counts
+    assert limit.value == 56
+
+
+def test_a_zero_target_keeps_the_limit_fixed() -> None:
+    clock = Clock()
+    limit = limit_with(clock, answer_target_ms=0)
+    window(limit, clock, answers=10, late=10)
+    assert limit.value == 100
+
+
+def test_admission_refuses_past_the_current_limit() -> None:
+    s = AdmissionSettings(max_inflight_requests=100, min_inflight_requests=10, answer_target_ms=200)
+    refused: list[str] = []
+    admission = Admission(lambda: s, refused.append)
+    clock = Clock()
+    admission.limit = InflightLimit(lambda: s, clock)
+    window(admission.limit, clock, answers=10, late=10)
+    limit = admission.limit.value
+    assert limit == 75
+    admission.check(inflight_requests=limit, declared_bytes=0, wal_bytes=0, wal_capacity=0, wal_retry_after_secs=1, loop_lag_secs=0)
+    with pytest.raises(Unavailable, match="overloaded"):
+        admission.check(
+            inflight_requests=limit + 1, declared_bytes=0, wal_bytes=0, wal_capacity=0, wal_retry_after_secs=1, loop_lag_secs=0
+        )
+    assert refused == ["inflight_requests"]
+
+
+async def test_a_gateway_whose_answers_come_late_lets_fewer_requests_in(tmp_path, start, http, monkeypatch) -> None:
+    env = make_env(tmp_path, n_devices=1, admission={"max_inflight_requests": 32, "min_inflight_requests": 2, "answer_target_ms": 100})
+    gw = await start(env)
+    # Every body "arrived" 0.2 s before it did: each answer comes 0.2 s after it, past the target.
+    monkeypatch.setattr(handler, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() - 0.2, perf_counter=time.perf_counter))
+    def gauge() -> float:
+        return gw.gateway.metrics.inflight_limit.collect()[0].samples[0].value
+
+    assert gauge() == 32
+    deadline = time.monotonic() + 10
+    while gauge() >= 32 and time.monotonic() < deadline:
+        assert (await send(http, gw, env, "dev-1", n=5))[0] == 202
+    assert gauge() == 24
