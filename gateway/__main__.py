@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -140,6 +141,10 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
             return Supervisor(config, settings).run(stop_requested=stop_requested)
         import socket
 
+        # Start-up builds objects that live as long as the process: collecting them while importing
+        # the worker's stack only walked them again and again (a tenth of a worker's start). serve()
+        # freezes them once started and turns the collector back on.
+        gc.disable()
         from gateway.server import serve  # the worker's whole stack: the supervisor never loads it
 
         # Landing threads (compression, the curated zone's decoding) hold the GIL in bursts; a shorter

@@ -157,6 +157,7 @@ def _freeze_what_lives_forever() -> None:
     """
     gc.collect()
     gc.freeze()
+    gc.enable()  # off while the worker's stack was imported (gateway/__main__.py)
 
 
 async def serve(

@@ -40,12 +40,15 @@ def test_the_curated_zones_decoded_lines_are_not_tracked_by_the_collector() -> N
 
 async def test_a_started_gateway_has_frozen_what_start_up_built(tmp_path) -> None:
     gc.unfreeze()
+    gc.disable()  # as a worker imports its stack (gateway/__main__.py)
     env = make_env(tmp_path)
     running = await start_gateway(load_settings(env.config, environ={}))
     try:
         # The gateway's own long-lived state is among it: full collections no longer walk it.
         assert gc.get_freeze_count() > 0
         assert not any(o is running.gateway for o in gc.get_objects())
+        assert gc.isenabled()  # and what it builds from now on is collected as usual
     finally:
+        gc.enable()
         await running.stop()
         gc.unfreeze()
