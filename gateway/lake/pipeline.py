@@ -28,10 +28,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
 from connectors.base import ObjectSink
-from gateway.lake.curated import CuratedScorer, ParquetBuilder, prepare_frames
 from gateway.lake.formats import ZstdNdjsonBuilder
 from gateway.lake.landing import LanderSettings, ZoneLander
 from gateway.ops.metrics import GatewayMetrics
@@ -41,6 +42,9 @@ from gateway.settings import Settings
 from gateway.ingest.spool import Spool
 from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
 from gateway.durable.wal_layout import WalSlot, wal_id
+
+if TYPE_CHECKING:
+    from gateway.lake.curated import CuratedScorer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,10 @@ class Pipeline:
         self.landers = [lander("raw", KIND_RECORDS), lander("quarantine", KIND_QUARANTINE)]
         self.scorer: CuratedScorer | None = None
         if settings.inference.enabled:
+            # Imported only here: NumPy, Arrow and the batcher cost a worker 0.2 s of start-up and
+            # tens of MiB that a gateway landing only the raw zone never uses.
+            from gateway.lake.curated import CuratedScorer, ParquetBuilder, prepare_frames
+
             # Steps 8-9: a third consumer; a dead model endpoint delays only this zone.
             self.scorer = scorer = CuratedScorer(settings.inference, metrics)
             self.landers.append(

@@ -128,3 +128,26 @@ def test_the_supervisor_loads_the_settings_without_the_workers_stack():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_worker_without_the_curated_zone_loads_neither_arrow_nor_numpy(tmp_path):
+    """Only the curated zone needs them: a gateway landing the raw zone starts sooner and smaller."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[listen]\nhost = "127.0.0.1"\nport = 0\n[ops]\nhost = "127.0.0.1"\nport = 0\n'
+        f'[gateway]\navailability_zone = "az-1"\n[auth]\nmode = "none"\n[wal]\ndir = "{tmp_path / "wal"}"\n'
+        f'[lake]\ndir = "{tmp_path / "lake"}"\n[inference]\nenabled = false\n'
+    )
+    probe = "\n".join([
+        "import asyncio, sys",
+        "from gateway.server import start_gateway",
+        "from gateway.settings import load_settings",
+        "async def main():",
+        f"    running = await start_gateway(load_settings({str(config)!r}, environ={{}}))",
+        "    await running.stop()",
+        "asyncio.run(main())",
+        "print(sorted(m for m in ('pyarrow', 'numpy', 'gateway.lake.curated') if m in sys.modules))",
+    ])
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
