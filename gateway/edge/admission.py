@@ -21,7 +21,7 @@ from gateway.edge.settings import AdmissionSettings
 
 WINDOW_SECS = 0.25  # answers are judged in windows this long
 SLOW_SHARE = 0.1  # a window with more than this share of late answers shrinks the limit
-DECREASE = 0.75
+DECREASE_BOUNDS = (0.5, 0.9)  # the least and the most a late window keeps of the limit
 INCREASE = 0.1  # of the limit, at least one request, per window in which the limit was reached
 
 
@@ -30,10 +30,12 @@ class InflightLimit:
     while its answers come later than ``answer_target_ms`` after their body arrived.
 
     Additive increase, multiplicative decrease, judged per quarter second (as TCP sizes its window):
-    a window in which more than a tenth of the answers were late shrinks the limit by a quarter, down
-    to ``min_inflight_requests``; a window in which the limit was reached and answers were on time
-    grows it by a tenth. Only requests whose body arrived after the last decrease are judged, so one
-    backlog does not shrink the limit again and again.
+    a window in which more than a tenth of the answers were late shrinks the limit in proportion to
+    how late the typical answer was (Little's law: at the same throughput, the requests in flight that
+    answer on time are ``in_flight * target / latency``), keeping between half and nine tenths of it and
+    never going below ``min_inflight_requests``; a window in which the limit was reached and answers
+    were on time grows it by a tenth. Only requests whose body arrived after the last decrease are
+    judged, so one backlog does not shrink the limit again and again.
     """
 
     def __init__(self, settings: Callable[[], AdmissionSettings], clock: Callable[[], float] = time.monotonic) -> None:
@@ -41,9 +43,9 @@ class InflightLimit:
         self._clock = clock
         self._limit = float(settings().max_inflight_requests)
         self._window_ends = clock() + WINDOW_SECS
-        self._answered = 0
+        self._latencies: list[float] = []  # of the window's judged answers, in seconds
         self._late = 0
-        self._reached = False
+        self._peak = 0  # the most requests in flight this window
         self._decreased_at = float("-inf")
 
     @property
@@ -53,30 +55,35 @@ class InflightLimit:
             return s.max_inflight_requests
         return int(min(max(self._limit, s.min_inflight_requests), s.max_inflight_requests))
 
-    def reached(self) -> None:
-        """A request arrived with the limit's worth in flight: the limit is what holds the load back."""
-        self._reached = True
+    def admitting(self, inflight_requests: int) -> None:
+        """A request arrived with ``inflight_requests`` in flight, itself included."""
+        self._peak = max(self._peak, inflight_requests)
 
     def answered(self, body_received_at: float) -> None:
         """A request let in was answered; its body had fully arrived at ``body_received_at``."""
         s = self._settings()
         now = self._clock()
         if body_received_at >= self._decreased_at:
-            self._answered += 1
-            if (now - body_received_at) * 1000 > s.answer_target_ms:
+            latency = now - body_received_at
+            self._latencies.append(latency)
+            if latency * 1000 > s.answer_target_ms:
                 self._late += 1
         if now < self._window_ends:
             return
         floor, cap = min(s.min_inflight_requests, s.max_inflight_requests), s.max_inflight_requests
         limit = min(max(self._limit, floor), cap)  # a reload may have moved the bounds
-        if s.answer_target_ms and self._late > SLOW_SHARE * self._answered:
-            limit = max(floor, limit * DECREASE)
+        latencies = self._latencies
+        if s.answer_target_ms and self._late > SLOW_SHARE * len(latencies):
+            typical = max(sorted(latencies)[len(latencies) // 2], 1e-6)
+            least, most = DECREASE_BOUNDS
+            limit = max(floor, min(limit, self._peak) * min(most, max(least, s.answer_target_ms / 1000 / typical)))
             self._decreased_at = now
-        elif self._reached:
+        elif latencies and self._peak >= int(limit):  # the limit held the load back, and answers were on time
             limit = min(cap, limit + max(1.0, limit * INCREASE))
         self._limit = limit
-        self._answered = self._late = 0
-        self._reached = False
+        self._latencies = []
+        self._late = 0
+        self._peak = 0
         self._window_ends = now + WINDOW_SECS
 
 
@@ -119,11 +126,9 @@ class Admission:
     ) -> None:
         """``inflight_requests`` counts this request; ``declared_bytes`` is its Content-Length (0 if chunked)."""
         s = self._settings()
-        limit = self.limit.value
-        if inflight_requests >= limit:
-            self.limit.reached()
-            if inflight_requests > limit:
-                self._refuse("inflight_requests", f"{inflight_requests - 1} requests are in progress", s)
+        self.limit.admitting(inflight_requests)
+        if inflight_requests > self.limit.value:
+            self._refuse("inflight_requests", f"{inflight_requests - 1} requests are in progress", s)
         if self.inflight_bytes + declared_bytes > s.max_inflight_bytes:
             self._refuse("inflight_bytes", f"{self.inflight_bytes} body bytes are in progress", s)
         if wal_capacity and wal_bytes >= s.wal_high_watermark * wal_capacity:

@@ -88,9 +88,10 @@ class AdmissionSettings(Section):
     # Past this many requests being read or awaiting fsync, new ones get 503: queueing them only adds latency.
     max_inflight_requests: PositiveInt = 256
     # Fewer are let in while answers come late: when more than a tenth of the requests answered in a
-    # quarter second took longer than this after their body arrived, the limit shrinks by a quarter
-    # (not below min_inflight_requests), and it grows again while it is reached and answers are on
-    # time. Each worker keeps its own. 0: always max_inflight_requests.
+    # quarter second took longer than this after their body arrived, the limit shrinks as much as
+    # they were late (to between half and nine tenths of what was in flight, not below
+    # min_inflight_requests), and it grows by a tenth per quarter second while it is reached and
+    # answers are on time. Each worker keeps its own. 0: always max_inflight_requests.
     answer_target_ms: Annotated[int, Meta(ge=0)] = 250
     # However late answers come, each worker lets in at least this many requests at once.
     min_inflight_requests: PositiveInt = 8

@@ -28,27 +28,37 @@ def limit_with(clock: Clock, **settings) -> InflightLimit:
     return InflightLimit(lambda: s, clock)
 
 
-def window(limit: InflightLimit, clock: Clock, *, answers: int, late: int, reached: bool = False) -> None:
-    """One judged window: ``answers`` requests answered, ``late`` of them after the target."""
-    if reached:
-        limit.reached()
+def window(limit: InflightLimit, clock: Clock, *, answers: int, late: int, late_secs: float = 0.5, in_flight: int | None = None) -> None:
+    """One judged window: ``answers`` requests let in with ``in_flight`` (default: the limit) in
+    flight and answered, ``late`` of them ``late_secs`` after their body arrived, the others at once."""
+    limit.admitting(limit.value if in_flight is None else in_flight)
     for i in range(answers):
         clock.now += 0.001
-        limit.answered(clock.now - (0.5 if i < late else 0.05))
+        limit.answered(clock.now - (late_secs if i < late else 0.05))
     clock.now += WINDOW_SECS
     limit.answered(clock.now - 0.05)  # the window's end is noticed with the next answer
 
 
-def test_late_answers_shrink_the_limit_by_a_quarter_per_window_down_to_the_minimum() -> None:
+def test_late_answers_shrink_the_limit_as_much_as_they_were_late() -> None:
+    clock = Clock()
+    limit = limit_with(clock)  # answer_target_ms = 200
+    assert limit.value == 100
+    window(limit, clock, answers=10, late=10, late_secs=0.25)
+    assert limit.value == 80  # typically 250 ms: 200/250 of the requests in flight answer on time
+    clock.now += 3.0
+    window(limit, clock, answers=10, late=10, late_secs=2.0)
+    assert limit.value == 40  # ten times late: halved, no more, in one window
+    for _ in range(10):
+        clock.now += 3.0  # every request judged arrived after the last decrease
+        window(limit, clock, answers=10, late=10)
+    assert limit.value == 10  # min_inflight_requests
+
+
+def test_the_limit_shrinks_from_what_was_in_flight() -> None:
     clock = Clock()
     limit = limit_with(clock)
-    assert limit.value == 100
-    window(limit, clock, answers=10, late=5)
-    assert limit.value == 75
-    for _ in range(20):
-        clock.now += 1.0  # every request judged arrived after the last decrease
-        window(limit, clock, answers=10, late=10)
-    assert limit.value == 10
+    window(limit, clock, answers=10, late=10, late_secs=0.4, in_flight=40)
+    assert limit.value == 20  # Little's law: 40 in flight, answered twice as late as the target
 
 
 def test_a_few_late_answers_change_nothing() -> None:
@@ -62,13 +72,13 @@ def test_on_time_answers_grow_the_limit_back_only_while_it_is_reached() -> None:
     clock = Clock()
     limit = limit_with(clock)
     window(limit, clock, answers=10, late=10)
-    assert limit.value == 75
-    window(limit, clock, answers=10, late=0)  # on time, but nobody waited at the limit
-    assert limit.value == 75
-    window(limit, clock, answers=10, late=0, reached=True)
-    assert limit.value == 82  # a tenth more
+    assert limit.value == 50
+    window(limit, clock, answers=10, late=0, in_flight=20)  # on time, but nobody waited at the limit
+    assert limit.value == 50
+    window(limit, clock, answers=10, late=0)
+    assert limit.value == 55  # a tenth more
     for _ in range(30):
-        window(limit, clock, answers=10, late=0, reached=True)
+        window(limit, clock, answers=10, late=0)
     assert limit.value == 100  # never past max_inflight_requests
 
 
@@ -76,17 +86,19 @@ def test_one_backlog_shrinks_the_limit_once() -> None:
     clock = Clock()
     limit = limit_with(clock)
     window(limit, clock, answers=10, late=10)
-    assert limit.value == 75
+    assert limit.value == 50
     decreased_at = clock.now
     # The requests whose bodies had arrived before that decrease are answered late too, for a
     # while: they are not judged.
     for _ in range(4):
+        limit.admitting(limit.value)
         for _ in range(10):
             clock.now += 0.03
             limit.answered(decreased_at - 0.01)
-    assert limit.value == 75
+    assert limit.value == 50
+    clock.now += 1.0
     window(limit, clock, answers=10, late=10)  # requests let in since are late as well: that counts
-    assert limit.value == 56
+    assert limit.value == 25
 
 
 def test_a_zero_target_keeps_the_limit_fixed() -> None:
@@ -104,7 +116,7 @@ def test_admission_refuses_past_the_current_limit() -> None:
     admission.limit = InflightLimit(lambda: s, clock)
     window(admission.limit, clock, answers=10, late=10)
     limit = admission.limit.value
-    assert limit == 75
+    assert limit == 50
     admission.check(inflight_requests=limit, declared_bytes=0, wal_bytes=0, wal_capacity=0, wal_retry_after_secs=1, loop_lag_secs=0)
     with pytest.raises(Unavailable, match="overloaded"):
         admission.check(
@@ -125,4 +137,6 @@ async def test_a_gateway_whose_answers_come_late_lets_fewer_requests_in(tmp_path
     deadline = time.monotonic() + 10
     while gauge() >= 32 and time.monotonic() < deadline:
         assert (await send(http, gw, env, "dev-1", n=5))[0] == 202
-    assert gauge() == 24
+    # One request at a time, each answered twice as late as the target: one in flight is what
+    # answers on time, and the limit never goes below min_inflight_requests.
+    assert gauge() == 2
