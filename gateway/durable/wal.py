@@ -11,6 +11,11 @@ A frame holds ``count`` records of one kind for one partition hour; its payload 
 lake zone stores, so landing raw data is concatenation. LSNs count records, so a frame's LSNs are
 implicit: the segment's first LSN plus the records of the frames before it.
 
+Raw-zone lines of one request begin alike (the gateway's envelope: request id, arrival time,
+gateway, zone, device metadata). A ``KIND_RECORDS_SHARED`` frame stores that beginning once, then
+each line's own rest (``shared_payload``); readers hand consumers the lines whole, as a
+``KIND_RECORDS`` frame (``expand_shared``), so each record costs the log less than half the bytes.
+
 Group commit, off the event loop: a request queues its frames and waits; one writer thread takes
 everything queued, writes it and fsyncs once, then every request it covered is answered. The event
 loop never blocks on the disk (a write to a file being fsynced can wait as long as the fsync). Only
@@ -62,6 +67,7 @@ KIND_RECORDS = 1
 KIND_QUARANTINE = 2
 KIND_TXN = 3  # marks the start of a request of several frames; payload: u64 bytes that follow
 KIND_REQUEST = 4  # no records: a request's retry key and answer, for the retry ledger (retry_ledger.py)
+KIND_RECORDS_SHARED = 5  # KIND_RECORDS whose lines' common beginning is stored once: read as KIND_RECORDS
 TXN = struct.Struct("<Q")
 
 
@@ -108,6 +114,21 @@ def encode_frame(
     meta = META.pack(count, hour, received_ms, min_event_ms, max_event_ms, kind)
     crc = zlib.crc32(payload, zlib.crc32(meta))
     return PREFIX.pack(len(payload), crc) + meta + payload
+
+
+def shared_payload(shared: bytes, rests: list[bytes]) -> bytes:
+    """A ``KIND_RECORDS_SHARED`` payload: lines ``shared + rest``, each rest starting with ``,``.
+
+    Neither part holds a line break (the raw zone is NDJSON), so a line break followed by a comma
+    only ever starts a rest.
+    """
+    return b"\n".join([shared, *rests, b""])
+
+
+def expand_shared(payload: bytes) -> bytes:
+    """The NDJSON lines of a ``KIND_RECORDS_SHARED`` payload, byte for byte as if stored whole."""
+    split = payload.index(b"\n")
+    return payload[split:].replace(b"\n,", b"\n" + payload[:split] + b",")[1:]
 
 
 def frame_record_count(frame: bytes) -> int:
@@ -754,11 +775,14 @@ class WalReader:
             return []
         frames: list[Frame] = []
         budget = max_bytes
+        whole = kinds is None or KIND_RECORDS in kinds
+        if kinds is not None and whole:
+            kinds = kinds | {KIND_RECORDS_SHARED}
         while budget > 0 and self.lsn < wal.durable_lsn:
             seg = self._segment
             limit = wal._durable_limit(seg)
             scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds)
-            frames.extend(scan.frames)
+            frames.extend(_whole(f) if f.kind == KIND_RECORDS_SHARED and whole else f for f in scan.frames)
             budget -= scan.offset - self._offset
             self._offset, self.lsn = scan.offset, scan.next_lsn
             at_end = limit is not None and self._offset >= limit
@@ -777,6 +801,14 @@ class WalReader:
             elif at_end or not scan.frames:
                 break
         return frames
+
+
+def _whole(frame: Frame) -> Frame:
+    """A ``KIND_RECORDS_SHARED`` frame as the ``KIND_RECORDS`` frame it stands for."""
+    return Frame(
+        frame.lsn, frame.count, frame.hour, frame.received_ms, frame.min_event_ms, frame.max_event_ms,
+        KIND_RECORDS, expand_shared(frame.payload),
+    )
 
 
 def _next_segment(segments: list[_Segment], seg: _Segment) -> _Segment | None:

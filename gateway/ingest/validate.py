@@ -18,7 +18,7 @@ from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, Reque
 from gateway.errors import Forbidden, TooLarge
 from gateway.ingest.records import Record, RecordOfAnyId, valid_device_id
 from gateway.ingest.spool import Spool
-from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, encode_frame
+from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS_SHARED, encode_frame, shared_payload
 
 _json_record = msgspec.json.Decoder(Record)
 _json_any_id = msgspec.json.Decoder(RecordOfAnyId)
@@ -75,7 +75,7 @@ class RequestBatch:
             return
         if self.records + len(items) > self._max_records:
             raise TooLarge(f"a request may hold at most {self._max_records} records")
-        ctx, policy, line = self.ctx, self._policy, self._lines.line
+        ctx, policy, rest = self.ctx, self._policy, self._lines.rest
         joined = b"\n".join(items) if self._ndjson else b""
         decoded = self._decode_all(items, joined)
         # What holds for the whole chunk is checked once, not per record: a bulk-decoded chunk naming
@@ -85,7 +85,7 @@ class RequestBatch:
         if decoded is not None and self._checked_ids == {signer}:
             signer = None
         may_break = not self._ndjson or b"\r" in joined
-        lines: list[bytes] = []
+        rests: list[bytes] = []  # of each accepted record's raw line, after what the request's lines share
         hours: list[int] = []
         events: list[int] = []
         quarantined = []
@@ -120,16 +120,15 @@ class RequestBatch:
             if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
                 continue
             hour, by_event_time = partition_hour(event_ms, ctx.received_ms, policy)
-            lines.append(line(first + offset, record, item, event_ms, by_event_time))
+            rests.append(rest(first + offset, record, item, event_ms, by_event_time))
             hours.append(hour)
             events.append(event_ms)
         self.records += len(items)
         self._seq_index.close()  # no read transaction stays open while the body streams
-        for hour, (hour_lines, hour_events) in _by_hour(hours, lines, events).items():
-            hour_lines.append(b"")
-            payload = b"\n".join(hour_lines)
-            count = len(hour_lines) - 1
-            self.spool.add(encode_frame(KIND_RECORDS, hour, ctx.received_ms, min(hour_events), max(hour_events), count, payload))
+        for hour, (hour_rests, hour_events) in _by_hour(hours, rests, events).items():
+            count = len(hour_rests)
+            payload = shared_payload(self._lines.shared, hour_rests)
+            self.spool.add(encode_frame(KIND_RECORDS_SHARED, hour, ctx.received_ms, min(hour_events), max(hour_events), count, payload))
             self.accepted += count
         if quarantined:
             payload = _json.encode_lines(quarantined)

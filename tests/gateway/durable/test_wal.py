@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.durable.wal import KIND_RECORDS, MAGIC, WalClosed, WalFull, WriteAheadLog, encode_frame
+from gateway.durable.wal import (
+    KIND_QUARANTINE,
+    KIND_RECORDS,
+    KIND_RECORDS_SHARED,
+    MAGIC,
+    WalClosed,
+    WalFull,
+    WriteAheadLog,
+    encode_frame,
+    expand_shared,
+    shared_payload,
+)
 
 
 def frame(n: int, tag: bytes = b"r", hour: int = 1) -> bytes:
@@ -41,6 +52,25 @@ async def test_append_returns_after_fsync_and_reads_back_in_order(tmp_path):
     frames = read_all(wal)
     assert [(f.lsn, f.count) for f in frames] == [(0, 3), (3, 2)]
     assert frames[1].payload.startswith(b'{"v":"b0"}')
+    await wal.close()
+
+
+async def test_lines_stored_with_their_shared_beginning_once_are_read_back_whole(tmp_path):
+    shared = b'{"ingest_id":"i1","gateway_id":"gw","device":{"site":"a,b"}'
+    rests = [b',"index":%d,"record":{"v":"x\\n,y"}}' % i for i in range(3)]  # an escaped line break and comma inside
+    whole = b"".join(shared + rest + b"\n" for rest in rests)
+    payload = shared_payload(shared, rests)
+    assert expand_shared(payload) == whole and len(payload) < len(whole)
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"old"), encode_frame(KIND_RECORDS_SHARED, 7, 1000, 10, 20, 3, payload), frame(1, b"new")])
+    frames = read_all(wal)
+    assert [(f.lsn, f.count, f.kind) for f in frames] == [(0, 2, KIND_RECORDS), (2, 3, KIND_RECORDS), (5, 1, KIND_RECORDS)]
+    assert frames[1].payload == whole and frames[1].hour == 7
+    # A consumer of other kinds keeps its place past it without reading it.
+    reader = wal.reader(0)
+    others = reader.read(1 << 20, frozenset({KIND_QUARANTINE}))
+    assert [(f.lsn, f.payload) for f in others] == [(0, b""), (2, b""), (5, b"")] and reader.lsn == 6
+    reader.close()
     await wal.close()
 
 

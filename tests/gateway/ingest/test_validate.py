@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS, META, PREFIX
+from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS_SHARED, META, PREFIX, expand_shared
 from gateway.errors import Forbidden
 from gateway.ingest.body import LineFramer
 from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, new_context
@@ -38,7 +38,10 @@ def frames(batch: RequestBatch) -> list[tuple[int, int, int, int, list[dict]]]:
         for frame in chunk:
             length = PREFIX.unpack_from(frame)[0]
             count, hour, _, low, high, kind = META.unpack_from(frame, PREFIX.size)
-            lines = [orjson.loads(line) for line in frame[HEADER_SIZE:HEADER_SIZE + length].splitlines()]
+            payload = frame[HEADER_SIZE:HEADER_SIZE + length]
+            if kind == KIND_RECORDS_SHARED:
+                payload = expand_shared(payload)
+            lines = [orjson.loads(line) for line in payload.splitlines()]
             assert len(lines) == count
             out.append((kind, hour, low, high, lines))
     return out
@@ -55,8 +58,8 @@ def test_records_of_two_hours_go_to_a_frame_each_with_their_own_event_times(tmp_
                       for i, ts in enumerate([NOW_MS, earlier, NOW_MS + 5, earlier - 7, NOW_MS - 3]))))
     got = frames(batch)
     assert [(kind, hour, low, high) for kind, hour, low, high, _ in got] == [
-        (KIND_RECORDS, NOW_MS // HOUR_MS, NOW_MS - 3, NOW_MS + 5),
-        (KIND_RECORDS, earlier // HOUR_MS, earlier - 7, earlier),
+        (KIND_RECORDS_SHARED, NOW_MS // HOUR_MS, NOW_MS - 3, NOW_MS + 5),
+        (KIND_RECORDS_SHARED, earlier // HOUR_MS, earlier - 7, earlier),
     ]
     assert [[line["seq"] for line in lines] for *_, lines in got] == [[0, 2, 4], [1, 3]]
     assert [line["index"] for line in got[0][4]] == [0, 2, 4]
@@ -95,3 +98,17 @@ def test_a_raw_line_is_the_raw_line_schema_with_the_record_as_sent(signed_by, se
     assert line == RawLine(ingest_id=ctx.ingest_id, index=4, received_at=ctx.received_at, gateway_id="gw", availability_zone="az",
                            device_id="dev-1", event_time_ms=NOW_MS - 9, partitioned_by="event_time" if by_event_time else "arrival_time",
                            seq=seq, clock_skew_ms=-3, device={"site": "a"}, source_ip="10.0.0.1", record=msgspec.Raw(sent))
+
+
+def test_a_requests_lines_share_their_beginning_once_in_the_wal(tmp_path) -> None:
+    batch = batch_for(tmp_path)
+    records = [{"device_id": "dev-1", "ts": NOW_MS, "metrics": {"t": float(i)}, "seq": i} for i in range(300)]
+    batch.add(chunk(*records))
+    ((frame,),) = batch.spool.chunks()
+    length = PREFIX.unpack_from(frame)[0]
+    assert META.unpack_from(frame, PREFIX.size)[5] == KIND_RECORDS_SHARED
+    stored = frame[HEADER_SIZE:HEADER_SIZE + length]
+    lines = expand_shared(stored).splitlines()
+    assert [orjson.loads(line)["record"] for line in lines] == records  # each record as sent, in its envelope
+    assert all(line.startswith(lines[0][: lines[0].index(b',"index":')]) for line in lines)
+    assert len(stored) < 0.6 * sum(len(line) + 1 for line in lines)
