@@ -29,13 +29,13 @@ class InflightLimit:
     """How many telemetry requests a worker lets in at once: ``max_inflight_requests``, or fewer
     while its answers come later than ``answer_target_ms`` after their body arrived.
 
-    Additive increase, multiplicative decrease, judged per quarter second (as TCP sizes its window):
-    a window in which more than a tenth of the answers were late shrinks the limit in proportion to
-    how late the typical answer was (Little's law: at the same throughput, the requests in flight that
-    answer on time are ``in_flight * target / latency``), keeping between half and nine tenths of it and
-    never going below ``min_inflight_requests``; a window in which the limit was reached and answers
-    were on time grows it by a tenth. Only requests whose body arrived after the last decrease are
-    judged, so one backlog does not shrink the limit again and again.
+    Judged per quarter second, the way TCP sizes its window from how the path answers: a window in
+    which more than a tenth of the answers were late shrinks the limit as much as the typical answer
+    was late (Little's law: at the same throughput, the requests in flight that answer on time are
+    ``in_flight * target / latency``), keeping between half and nine tenths of it and never going
+    below ``min_inflight_requests``; a window in which the limit was reached and answers were on
+    time grows it by a tenth. Only requests whose body arrived after the last decrease are judged,
+    so one backlog does not shrink the limit again and again.
     """
 
     def __init__(self, settings: Callable[[], AdmissionSettings], clock: Callable[[], float] = time.monotonic) -> None:
