@@ -63,6 +63,7 @@ GATEWAY_METRICS = frozenset(
         "edge_gateway_config_last_reload_success",
         "edge_gateway_auth_refused_total",
         "edge_gateway_admission_refused_total",
+        "edge_gateway_admission_inflight_limit",
     }
 )
 HISTOGRAMS = frozenset(
