@@ -132,7 +132,12 @@ async def test_a_sources_failed_authentications_are_counted_across_workers_and_r
         assert serve.terminate() == 0
         serve.start(workers=2)
         restarted = [await post_one(forger, serve.url, source) for _ in range(4)]
-        assert restarted == [429] * 4, f"a restart forgot the source's failures: {restarted}"
+        # Remembered: a bucket the failures drove into deficit stays there. One they emptied exactly
+        # (its level 0, refilling while the gateway was down) may let one more failure through, no more.
+        allowed = 1 if statuses.count(401) == BURST else 0
+        assert restarted.count(401) <= allowed and restarted[allowed:] == [429] * (4 - allowed), (
+            f"a restart forgot the source's failures: {restarted} after {statuses.count(401)} let through"
+        )
         # The source is what is limited: the device with its key is refused from there, not from elsewhere.
         assert await post_one(device, serve.url, source) == 429
         assert await post_one(device, serve.url) == 202
