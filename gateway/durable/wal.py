@@ -48,6 +48,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,9 @@ KIND_TXN = 3  # marks the start of a request of several frames; payload: u64 byt
 KIND_REQUEST = 4  # no records: a request's retry key and answer, for the retry ledger (retry_ledger.py)
 KIND_RECORDS_SHARED = 5  # KIND_RECORDS whose lines' common beginning is stored once: read as KIND_RECORDS
 TXN = struct.Struct("<Q")
+# Every kind this version reads. A consumer stops at a frame of any other kind (written by a later
+# version) instead of passing it: passing it would let the zone release records it never landed.
+KNOWN_KINDS = frozenset({KIND_RECORDS, KIND_QUARANTINE, KIND_TXN, KIND_REQUEST, KIND_RECORDS_SHARED})
 
 
 class WalError(Exception):
@@ -162,13 +166,14 @@ def _segment_name(first_lsn: int) -> str:
 class _Scan:
     """Result of reading frames from a file: the frames, where reading stopped, and why."""
 
-    __slots__ = ("frames", "offset", "next_lsn", "corrupt")
+    __slots__ = ("frames", "offset", "next_lsn", "corrupt", "unknown_kind")
 
-    def __init__(self, frames: list[Frame], offset: int, next_lsn: int, corrupt: bool) -> None:
+    def __init__(self, frames: list[Frame], offset: int, next_lsn: int, corrupt: bool, unknown_kind: int | None = None) -> None:
         self.frames = frames
         self.offset = offset
         self.next_lsn = next_lsn
         self.corrupt = corrupt
+        self.unknown_kind = unknown_kind  # the frame at ``offset`` is of a kind this version does not know
 
 
 def _read_frames(
@@ -180,12 +185,14 @@ def _read_frames(
     headers_only: bool = False,
     kinds: frozenset[int] | None = None,
     markers: bool = False,
+    known: frozenset[int] | None = None,
 ) -> _Scan:
     """Read whole, checksummed frames from ``offset`` up to ``end_offset`` (or EOF).
 
     Frames of a kind not in ``kinds`` keep their place (and LSNs) but are not read or checked:
     each zone reads only its own payloads, and the zone that owns a frame verifies it. Request
-    markers (``KIND_TXN``) matter only to recovery, which asks for them with ``markers``.
+    markers (``KIND_TXN``) matter only to recovery, which asks for them with ``markers``. With
+    ``known``, reading stops before a frame of any other kind.
     """
     frames: list[Frame] = []
     read = 0
@@ -200,6 +207,8 @@ def _read_frames(
             return _Scan(frames, offset, lsn, corrupt=True)
         meta = header[PREFIX.size :]
         count, hour, received_ms, min_ev, max_ev, kind = META.unpack(meta)
+        if known is not None and kind not in known:
+            return _Scan(frames, offset, lsn, corrupt=False, unknown_kind=kind)
         if kind == KIND_TXN and not markers:
             if offset + HEADER_SIZE + length > readable:
                 return _Scan(frames, offset, lsn, corrupt=True)
@@ -781,10 +790,18 @@ class WalReader:
         while budget > 0 and self.lsn < wal.durable_lsn:
             seg = self._segment
             limit = wal._durable_limit(seg)
-            scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds)
+            scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds, known=KNOWN_KINDS)
             frames.extend(_whole(f) if f.kind == KIND_RECORDS_SHARED and whole else f for f in scan.frames)
             budget -= scan.offset - self._offset
             self._offset, self.lsn = scan.offset, scan.next_lsn
+            if scan.unknown_kind is not None:
+                if frames:
+                    break  # what comes before it first; the next read stops at it
+                raise WalError(
+                    f"the WAL frame at LSN {self.lsn} ({seg.path.name}) is of kind {scan.unknown_kind}, which this "
+                    "version cannot read: it was written by a later version. Its consumer stops here and lands "
+                    "nothing past it; run that later version (or a newer one) on this wal.dir to land it"
+                )
             at_end = limit is not None and self._offset >= limit
             if scan.corrupt or (limit is None and not scan.frames and budget > 0):
                 nxt = _next_segment(wal._segments, seg)
@@ -805,10 +822,7 @@ class WalReader:
 
 def _whole(frame: Frame) -> Frame:
     """A ``KIND_RECORDS_SHARED`` frame as the ``KIND_RECORDS`` frame it stands for."""
-    return Frame(
-        frame.lsn, frame.count, frame.hour, frame.received_ms, frame.min_event_ms, frame.max_event_ms,
-        KIND_RECORDS, expand_shared(frame.payload),
-    )
+    return dataclasses.replace(frame, kind=KIND_RECORDS, payload=expand_shared(frame.payload))
 
 
 def _next_segment(segments: list[_Segment], seg: _Segment) -> _Segment | None:

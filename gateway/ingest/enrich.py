@@ -110,9 +110,6 @@ class RawLineWriter:
             return b',"index":%d%b%d%bnull,"record":%b}' % (index, device, event_ms, by, raw)
         return b',"index":%d%b%d%b%d,"record":%b}' % (index, device, event_ms, by, seq, raw)
 
-    def line(self, index: int, record: Record, raw: bytes, event_ms: int, partitioned_by_event_time: bool) -> bytes:
-        """The whole raw-zone line of one record."""
-        return self.shared + self.rest(index, record, raw, event_ms, partitioned_by_event_time)
 
 
 def _device_part(device_id: str) -> bytes:

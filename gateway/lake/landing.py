@@ -246,13 +246,14 @@ class ZoneLander:
                             frames = await self._prepare(wanted)
                         else:  # the same frames kept failing: one at a time, to set aside only the bad ones
                             frames, unpreparable = await self._prepare_each(wanted)
-                except Exception as exc:  # e.g. a scoring bug: retry the same frames, never skip them
+                except Exception as exc:  # e.g. a scoring bug, a frame of unknown kind: retry, never skip them
                     failures += 1
                     self._observer.landing_failed(self.zone, exc)
-                    log.exception("preparing frames failed; will read them again", extra={"zone": self.zone, "attempt": failures})
+                    log.exception("reading or preparing frames failed; will read them again", extra={"zone": self.zone, "attempt": failures})
                     reader.close()
                     self._reader = self._wal.reader(read_from)
                     self._reading_from = None
+                    await self._seal(self._due_by_age())  # what was read before them still lands
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.retry_max_secs)
                     continue

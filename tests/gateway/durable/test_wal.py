@@ -16,6 +16,7 @@ from gateway.durable.wal import (
     KIND_RECORDS_SHARED,
     MAGIC,
     WalClosed,
+    WalError,
     WalFull,
     WriteAheadLog,
     encode_frame,
@@ -70,6 +71,20 @@ async def test_lines_stored_with_their_shared_beginning_once_are_read_back_whole
     reader = wal.reader(0)
     others = reader.read(1 << 20, frozenset({KIND_QUARANTINE}))
     assert [(f.lsn, f.payload) for f in others] == [(0, b""), (2, b""), (5, b"")] and reader.lsn == 6
+    reader.close()
+    await wal.close()
+
+
+async def test_a_reader_stops_at_a_frame_of_a_kind_it_does_not_know(tmp_path):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"a"), encode_frame(9, 1, 1000, 10, 20, 3, b"later format\n"), frame(1, b"b")])
+    reader = wal.reader(0)
+    assert [(f.lsn, f.count) for f in reader.read(1 << 20)] == [(0, 2)]  # what comes before it
+    with pytest.raises(WalError, match="kind 9, which this version cannot read"):
+        reader.read(1 << 20)
+    assert reader.lsn == 2  # and stays there, however often it is asked
+    with pytest.raises(WalError):
+        reader.read(1 << 20, frozenset({KIND_QUARANTINE}))
     reader.close()
     await wal.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS_SHARED, META, PREFIX, expand_shared
+from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS_SHARED, META, PREFIX, expand_shared, shared_payload
 from gateway.errors import Forbidden
 from gateway.ingest.body import LineFramer
 from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, new_context
@@ -94,7 +94,10 @@ def test_a_raw_line_is_the_raw_line_schema_with_the_record_as_sent(signed_by, se
                       clock_skew_ms=-3, source_ip="10.0.0.1", now=NOW_MS / 1000)
     sent = b'{"device_id": "dev-1", "ts": %d, "metrics": {"t": 1.5}%b}' % (NOW_MS, b', "seq": %d' % seq if seq is not None else b"")
     record = msgspec.json.decode(sent, type=Record)
-    line = msgspec.json.decode(RawLineWriter(ctx).line(4, record, sent, NOW_MS - 9, by_event_time), type=RawLine)
+    writer = RawLineWriter(ctx)
+    # The line as the WAL hands it to the raw zone: what the request's lines share, then its own rest.
+    stored = shared_payload(writer.shared, [writer.rest(4, record, sent, NOW_MS - 9, by_event_time)])
+    line = msgspec.json.decode(expand_shared(stored).rstrip(b"\n"), type=RawLine)
     assert line == RawLine(ingest_id=ctx.ingest_id, index=4, received_at=ctx.received_at, gateway_id="gw", availability_zone="az",
                            device_id="dev-1", event_time_ms=NOW_MS - 9, partitioned_by="event_time" if by_event_time else "arrival_time",
                            seq=seq, clock_skew_ms=-3, device={"site": "a"}, source_ip="10.0.0.1", record=msgspec.Raw(sent))

@@ -292,3 +292,16 @@ async def test_frames_committed_within_the_read_interval_are_read_together(tmp_p
     await wal.close()
     assert reads[0] == 1 and len(reads) <= 3, f"one read per commit instead of gathered reads: {reads}"
     assert landed_seqs(tmp_path / "lake") == list(range(55))
+
+
+async def test_a_frame_of_a_kind_this_version_does_not_know_stops_the_zone_without_losing_a_record(tmp_path):
+    """A WAL written by a later version (a downgrade that did not drain): land what comes before the
+    unknown frame, then stop there; passing it would let the zone release records it never landed."""
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(range(3)), encode_frame(9, 490_000, 0, 0, 0, 2, b"new format\n"), frame(range(5, 8))])
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
+    await zone.start()
+    assert not await zone.drain(1)  # it cannot land everything
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == [0, 1, 2]
+    assert zone.position == 3, "the zone's position passed a frame it could not read"
