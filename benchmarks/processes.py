@@ -120,7 +120,7 @@ def cpu_by_process(root: psutil.Process) -> dict[str, float]:
         # Names stay the same from run to run (figures are compared by name): helper processes
         # (the curated zone's decoder, the embedded model) are counted together.
         role = f"worker {cmdline[cmdline.index('--worker-index') + 1]}" if "--worker-index" in cmdline else (
-            "main" if proc.pid == root.pid else "helpers")
+            "lake process" if "--lake-process" in cmdline else "main" if proc.pid == root.pid else "helpers")
         out[role] = out.get(role, 0.0) + t.user + t.system
     return out
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 # Signals that arrive while `serve` is still importing and starting are remembered, not fatal:
 # a supervisor's SIGTERM must drain a young worker (its WAL may hold acknowledged records), and
-# SIGHUP's default action would kill it.
+# SIGHUP's default action would kill it (SIGUSR1's too: it tells the lake process to drain).
 _early_signals: list[int] = []
 
 
 def _remember_early_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
 
 
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", type=Path, help="TOML configuration file (defaults apply without one)")
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--lake-process", action="store_true", help=argparse.SUPPRESS)
 
     check = sub.add_parser(
         "check-config",
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args.config, args.worker_index, args.listen_fd)
+            return _serve(args.config, args.worker_index, args.listen_fd, args.lake_process)
         if args.command == "check-config":
             return _check_config(args.config)
         if args.command == "demo":
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None) -> int:
+def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None, lake_process: bool = False) -> int:
     from gateway.supervisor import Supervisor
     from gateway.durable.wal_layout import WalLocked
 
@@ -135,8 +136,10 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
         return 2
     for problem in problems:
         start_log.warning(problem.message, extra={"source": problem.source, "setting": problem.path})
-    stop_requested = lambda: any(s != signal.SIGHUP for s in _early_signals)  # noqa: E731
+    stop_requested = lambda: any(s in (signal.SIGTERM, signal.SIGINT) for s in _early_signals)  # noqa: E731
     try:
+        if lake_process:  # started by the supervisor: lands every worker's WAL (gateway/lake/lake_process.py)
+            return _run_lake(settings, list(_early_signals))
         if settings.listen.workers > 1 and worker_index is None:
             return Supervisor(config, settings).run(stop_requested=stop_requested)
         import socket
@@ -170,6 +173,18 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None)
     except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)
         start_log.critical("the gateway cannot start", exc_info=True, extra={"error": f"{type(exc).__name__}: {exc}"})
         return 2
+
+
+def _run_lake(settings, early_signals: list[int]) -> int:
+    from gateway.lake.lake_process import run_lake
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(run_lake(settings, early_signals))
 
 
 def _version() -> str:

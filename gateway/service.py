@@ -29,7 +29,7 @@ from gateway.auth.registry import DeviceRegistry, RegistryError, RegistryFileWat
 from gateway.durable.ledger_catch_up import catch_up_every_wal, ledger_for
 from gateway.auth.secrets_source import SecretsManagerRegistry
 from gateway.edge.security import EdgeSecurity
-from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config
+from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config, lake_process_lands
 from gateway.durable.wal_layout import (
     INSTANCE_LOCK,
     SLOT_LOCK,
@@ -57,6 +57,11 @@ def build_sink(settings: Settings, slot: WalSlot) -> ObjectSink:
     if catalog is None and events is None:
         return s3
     return AnnouncingSink(s3, catalog=catalog, events=events, outbox_dir=slot.directory / "outbox" if events else None)
+
+
+def _supervised(settings: Settings) -> bool:
+    """A worker whose supervisor holds the instance (and runs the lake process)."""
+    return os.environ.get(SUPERVISED_ENV) == str(Path(settings.wal.dir).resolve())
 
 
 class Gateway:
@@ -88,10 +93,15 @@ class Gateway:
             else None
         )
         self.authenticator = self._authenticator(settings)
-        sink = sink or build_sink(settings, self.slot)
-        self.metrics.watch_sink(sink)
+        # With several workers, the lake process lands every worker's WAL (gateway/lake/lake_process.py).
+        self.landing_elsewhere = lake_process_lands(settings) and sink is None and _supervised(settings)
+        if not self.landing_elsewhere:
+            sink = sink or build_sink(settings, self.slot)
+            self.metrics.watch_sink(sink)
         self.ledger = ledger_for(settings, on_forget=self._ledger_forgot)  # opened once this process owns wal.dir
-        self.pipeline = Pipeline(settings, slot=self.slot, sink=sink, metrics=self.metrics, ledger=self.ledger)
+        self.pipeline = Pipeline(
+            settings, slot=self.slot, sink=sink, metrics=self.metrics, ledger=self.ledger, landing_elsewhere=self.landing_elsewhere
+        )
         self.running_requests: dict[bytes, asyncio.Future[bytes | None]] = {}  # retry keys running here
         # Large and compressed bodies are decoded here, one at a time: decoding holds the GIL, so more
         # threads only took it from each other and from the event loop (one thread instead of the
@@ -197,7 +207,7 @@ class Gateway:
         before its workers start: a retry of a request in any of them must be known before serving.
         """
         root = self.settings.wal.dir
-        supervised = os.environ.get(SUPERVISED_ENV) == str(Path(root).resolve())
+        supervised = _supervised(self.settings)
         if not supervised:
             self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire())
         self.ledger.open()

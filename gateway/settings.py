@@ -115,6 +115,10 @@ class LakeSettings(Section):
     max_object_age_secs: PositiveFloat = 60.0
     max_open_partitions: PositiveInt = 64
     zstd_level: Annotated[int, Meta(ge=1, le=19)] = 1
+    # With listen.workers > 1: "process" lands and scores every worker's WAL in one process of its
+    # own (the lake process), so landing never takes an ingest worker's CPU; "worker": each worker
+    # lands its own WAL. A single worker always lands its own.
+    landing: Literal["process", "worker"] = "process"
 
 
 _HOST_PORT = re.compile(r"[^/]+:[0-9]+\Z")
@@ -219,6 +223,11 @@ class Settings(Section):
 
 
 # Sections that SIGHUP may replace in a running gateway; the others need a restart.
+def lake_process_lands(settings: Settings) -> bool:
+    """Whether one lake process lands every worker's WAL (several workers, ``lake.landing = "process"``)."""
+    return settings.listen.workers > 1 and settings.lake.landing == "process"
+
+
 RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth", "proxy", "rate_limits", "admission", "connections"})
 
 

@@ -5,8 +5,10 @@ object names (``<gateway_id>-w<N>-...``), so workers never coordinate on the rec
 ledger is the one thing they share. The supervisor owns the instance: it locks ``wal.dir`` and binds
 the port once (no SO_REUSEPORT, so a second instance fails to start instead of splitting traffic),
 then hands both to its workers; the ops listener's port (``/metrics``) is bound once and handed down
-the same way, so every worker answers it. It restarts a worker that dies (with backoff if it keeps dying),
-passes SIGHUP on, and on SIGTERM drains every worker and waits for them. Workers die with it.
+the same way, so every worker answers it. It starts the lake process, which lands every worker's WAL
+(gateway/lake/lake_process.py, unless ``lake.landing = "worker"``), restarts a worker or the lake
+process that dies (with backoff if it keeps dying), passes SIGHUP on, and on SIGTERM drains every
+worker, waits for them, and then has the lake process land what their WALs hold. All die with it.
 It also makes a private runtime directory where each worker listens on a Unix socket for its
 siblings, so that whichever worker answers ``/metrics``, the status page or the tap answers for the
 whole instance (``gateway/ops/status/cluster.py``).
@@ -25,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.settings import Settings
+from gateway.settings import Settings, lake_process_lands
 from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ MAX_BACKOFF_SECS = 30.0
 OPS_FD_ENV = "EDGE_GATEWAY_OPS_FD"
 # The private directory where workers listen for each other (gateway/ops/status/cluster.py).
 RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
+LAKE = "lake"  # the lake process's key among the supervised processes
 
 
 class Supervisor:
@@ -45,9 +48,9 @@ class Supervisor:
         self.lock = DirectoryLock(settings.wal.dir, INSTANCE_LOCK, "the WAL directory")
         self.listener: socket.socket | None = None
         self.ops_listener: socket.socket | None = None  # /metrics, shared by the workers like the device port
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.backoff: dict[int, float] = {}
-        self.started_at: dict[int, float] = {}
+        self.procs: dict[int | str, subprocess.Popen] = {}
+        self.backoff: dict[int | str, float] = {}
+        self.started_at: dict[int | str, float] = {}
         self.stopping = False
         # Where workers listen for each other (metrics, status, tap): private to this instance.
         self.runtime_dir: str | None = None
@@ -63,20 +66,24 @@ class Supervisor:
         finally:
             ledger.close()
 
-    def _spawn(self, index: int) -> None:
-        fd = self.listener.fileno()
-        argv = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(index), "--listen-fd", str(fd)]
+    def _spawn(self, index: int | str) -> None:
+        env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir})
+        # The lock's descriptor goes along, so the instance stays locked while any of its processes lives.
+        fds = [self.lock.fd]
+        if index == LAKE:
+            argv = [sys.executable, "-m", "gateway", "serve", "--lake-process"]
+        else:
+            fd = self.listener.fileno()
+            argv = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(index), "--listen-fd", str(fd)]
+            fds.append(fd)
+            if self.ops_listener is not None:
+                env[OPS_FD_ENV] = str(self.ops_listener.fileno())
+                fds.append(self.ops_listener.fileno())
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir})
-        # The lock's descriptor goes along, so the instance stays locked while any worker lives.
-        fds = [fd, self.lock.fd]
-        if self.ops_listener is not None:
-            env[OPS_FD_ENV] = str(self.ops_listener.fileno())
-            fds.append(self.ops_listener.fileno())
         self.procs[index] = subprocess.Popen(argv, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
-        log.info("worker started", extra={"worker": index, "pid": self.procs[index].pid})
+        log.info("lake process started" if index == LAKE else "worker started", extra={"worker": index, "pid": self.procs[index].pid})
 
     def _forward(self, sig: int) -> None:
         for proc in self.procs.values():
@@ -107,6 +114,8 @@ class Supervisor:
     def _supervise(self) -> int:
         for index in range(self.workers):
             self._spawn(index)
+        if lake_process_lands(self.settings):
+            self._spawn(LAKE)  # lands every worker's WAL (gateway/lake/lake_process.py)
         while not self.stopping:
             for index, proc in list(self.procs.items()):
                 code = proc.poll()
@@ -116,7 +125,8 @@ class Supervisor:
                 lived = time.monotonic() - self.started_at[index]
                 delay = 0.0 if lived > MAX_BACKOFF_SECS else min(MAX_BACKOFF_SECS, max(0.5, self.backoff.get(index, 0.25) * 2))
                 self.backoff[index] = delay
-                log.error("worker died; restarting", extra={"worker": index, "exit_code": code, "restart_in_secs": delay})
+                what = "the lake process died; restarting it" if index == LAKE else "worker died; restarting"
+                log.error(what, extra={"worker": index, "exit_code": code, "restart_in_secs": delay})
                 self._sleep(delay)
                 if not self.stopping:
                     self._spawn(index)
@@ -129,17 +139,26 @@ class Supervisor:
             time.sleep(min(0.05, seconds))
 
     def _drain(self) -> int:
-        log.info("draining workers", extra={"workers": len(self.procs)})
+        """Workers first (they answer what is in flight), then the lake process lands what they left."""
+        log.info("draining workers", extra={"workers": self.workers})
         self._forward(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.drain.deadline_secs + 10
-        for index, proc in self.procs.items():
+        lake = self.procs.pop(LAKE, None)
+        self._wait_for(self.procs, deadline)
+        if lake is not None:
+            if lake.poll() is None:
+                lake.send_signal(signal.SIGUSR1)  # every worker has exited: land what their WALs hold
+            self._wait_for({LAKE: lake}, deadline)
+        return 0
+
+    def _wait_for(self, procs: dict[int | str, subprocess.Popen], deadline: float) -> None:
+        for index, proc in procs.items():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker did not drain in time; killing it (its WAL keeps the rest)", extra={"worker": index})
+                log.error("a process did not drain in time; killing it (the WAL keeps the rest)", extra={"worker": index})
                 proc.kill()
                 proc.wait()
-        return 0
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:

@@ -51,8 +51,12 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connectors.durable_files import ensure_directory, fsync_directory
+
+if TYPE_CHECKING:
+    from gateway.durable.wal_board import Board
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +246,7 @@ class WriteAheadLog:
         on_fsync: Callable[[float], None] | None = None,
         on_rollback: Callable[[int], None] | None = None,
         on_durable: Callable[[int, list], None] | None = None,
+        board: Board | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
@@ -262,6 +267,8 @@ class WriteAheadLog:
         # (durable LSN, first LSN of the segment it ends in, offset in that segment): one tuple, so a
         # reader thread never pairs one commit's segment with another's offset.
         self._durable: tuple[int, int, int] = (0, 0, 0)
+        # Where another process that lands this log reads its durable end (wal_board.py), if one does.
+        self._board = board
         self._queue: list[_Queued] = []
         self._writing: list[_Queued] = []  # the batch the writer thread has now
         self._cut_backs = 0  # how often the log was cut back to its last good fsync
@@ -298,7 +305,7 @@ class WriteAheadLog:
         else:
             self._fd, segment = self._create_segment(0)
             self._segments.append(segment)
-        self._durable = (self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size)
+        self._set_durable((self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size))
         self._closed = False
 
     def _recover_last_segment(self) -> None:
@@ -386,6 +393,8 @@ class WriteAheadLog:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
+        if self._board is not None:
+            self._board.close()
 
     # -- appending ---------------------------------------------------------------------------
 
@@ -509,7 +518,12 @@ class WriteAheadLog:
         self._on_fsync(time.perf_counter() - started)
         segment = self._segments[-1]
         self._on_durable(self._next_lsn, [q.note for q in written])
-        self._durable = (self._next_lsn, segment.first_lsn, segment.size)
+        self._set_durable((self._next_lsn, segment.first_lsn, segment.size))
+
+    def _set_durable(self, durable: tuple[int, int, int]) -> None:
+        self._durable = durable
+        if self._board is not None:
+            self._board.write(durable)
 
     def _write_request(self, q: _Queued) -> int:
         if self.failure is not None:
@@ -678,13 +692,17 @@ class WriteAheadLog:
         return total if self._next_lsn > lsn else 0
 
     def _durable_limit(self, segment: _Segment) -> int | None:
-        """How far a reader may read in ``segment``: all of an old one, the synced part of the last."""
-        _, segment_lsn, offset = self._durable
-        if segment.first_lsn == segment_lsn:
-            return offset
-        if segment.first_lsn > segment_lsn:
-            return len(MAGIC)
-        return None
+        return durable_limit(self._durable, segment)
+
+
+def durable_limit(durable: tuple[int, int, int], segment: _Segment) -> int | None:
+    """How far a reader may read in ``segment``: all of an old one, the synced part of the last."""
+    _, segment_lsn, offset = durable
+    if segment.first_lsn == segment_lsn:
+        return offset
+    if segment.first_lsn > segment_lsn:
+        return len(MAGIC)
+    return None
 
 
 def _delete(paths: list[Path]) -> None:

@@ -4,6 +4,7 @@
     <wal.dir>/ledger/            the retry ledger, shared by the workers (retry_ledger.py)
     <wal.dir>/segments, consumers   the WAL of a single-worker gateway       (gateway_id)
     <wal.dir>/w<N>/segments, ...    worker N's WAL when listen.workers > 1  (gateway_id-w<N>)
+    <slot>/wal.lock, landing.lock   held by the process writing the WAL, and the one landing it
 
 Changing ``listen.workers`` leaves WAL directories that no worker owns any more; their records are
 acknowledged, so the first worker adopts and drains them (``orphan_slots``). A drained directory is
@@ -25,6 +26,8 @@ INSTANCE_LOCK = "instance.lock"
 # Set by the supervisor for its workers: it holds the instance lock for them (value: the WAL root).
 SUPERVISED_ENV = "EDGE_GATEWAY_SUPERVISED_WAL"
 SLOT_LOCK = "wal.lock"
+# Held by whichever process lands a WAL directory's zones (its worker, or the lake process).
+LANDING_LOCK = "landing.lock"
 _WORKER_DIR = re.compile(r"^w(\d+)$")
 
 

@@ -20,6 +20,7 @@ Each step lives in the subpackage named for its part of the path (modules under 
      10 commit        each lander releases WAL segments once it has landed them (lake/landing.py)
 
 Steps 7-10 are independent WAL consumers: a slow zone never stalls acks until the WAL is full.
+With several workers they run in the lake process (lake/lake_process.py), over every worker's WAL.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from connectors.base import ObjectSink
-from gateway.lake.formats import ZstdNdjsonBuilder
-from gateway.lake.landing import LanderSettings, ZoneLander
+from gateway.lake.landing import ZoneLander
+from gateway.lake.zones import Zones, zone_names
 from gateway.ops.metrics import GatewayMetrics
 from gateway.durable.ledger_catch_up import RequestRecord, catch_up
 from gateway.durable.retry_ledger import RetryLedger
 from gateway.settings import Settings
 from gateway.ingest.spool import Spool
-from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
+from gateway.durable.wal import KIND_REQUEST, WriteAheadLog, encode_frame
+from gateway.durable.wal_board import ReleasedPositions, durable_board, released_board
 from gateway.durable.wal_layout import WalSlot, wal_id
 
 if TYPE_CHECKING:
@@ -58,14 +60,21 @@ class Durable:
 
 
 class Pipeline:
+    """Steps 5-10 in a worker: its WAL and retry ledger, and its zones unless the lake process lands them.
+
+    ``landing_elsewhere``: the lake process (gateway/lake/lake_process.py) follows this WAL, and the
+    worker deletes a segment once every zone's released position (wal_board.py) has passed it.
+    """
+
     def __init__(
         self,
         settings: Settings,
         *,
         slot: WalSlot,
-        sink: ObjectSink,
+        sink: ObjectSink | None,
         metrics: GatewayMetrics,
         ledger: RetryLedger | None = None,
+        landing_elsewhere: bool = False,
     ) -> None:
         wal_dir = slot.directory
         self.slot = slot
@@ -81,43 +90,28 @@ class Pipeline:
             on_fsync=metrics.wal_fsync.observe,
             on_durable=self._record_durable,
             on_rollback=self._forget_beyond,
+            board=durable_board(wal_dir) if landing_elsewhere else None,
         )
-        self.sink = sink
-        lake = settings.lake
-        gateway_id = slot.gateway_id
-
-        def lander(zone: str, kind: int, builder=None, prepare=None) -> ZoneLander:
-            return ZoneLander(
-                LanderSettings(
-                    zone=zone,
-                    kind=kind,
-                    dataset=settings.gateway.dataset,
-                    gateway_id=gateway_id,
-                    target_object_bytes=lake.target_object_bytes,
-                    max_object_age_secs=lake.max_object_age_secs,
-                    max_open_partitions=lake.max_open_partitions,
-                ),
-                wal=self.wal,
-                sink=sink,
-                builder_factory=builder or (lambda: ZstdNdjsonBuilder(lake.zstd_level)),
-                state_dir=wal_dir / "consumers",
-                observer=metrics,
-                prepare=prepare,
-            )
-
-        # Steps 7 and the quarantine zone: each its own consumer of the WAL.
-        self.landers = [lander("raw", KIND_RECORDS), lander("quarantine", KIND_QUARANTINE)]
+        self.zones: Zones | None = None
         self.scorer: CuratedScorer | None = None
+        self._zone_names = zone_names(settings)
+        self._released: ReleasedPositions | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        if landing_elsewhere:
+            self._released = ReleasedPositions(released_board(wal_dir))
+            return
         if settings.inference.enabled:
             # Imported only here: NumPy, Arrow and the batcher cost a worker 0.2 s of start-up and
             # tens of MiB that a gateway landing only the raw zone never uses.
-            from gateway.lake.curated import CuratedScorer, ParquetBuilder, prepare_frames
+            from gateway.lake.curated import CuratedScorer
 
-            # Steps 8-9: a third consumer; a dead model endpoint delays only this zone.
-            self.scorer = scorer = CuratedScorer(settings.inference, metrics)
-            self.landers.append(
-                lander("curated", KIND_RECORDS, lambda: ParquetBuilder(lake.zstd_level), lambda frames: prepare_frames(frames, scorer))
-            )
+            self.scorer = CuratedScorer(settings.inference, metrics)
+        assert sink is not None, "a worker that lands its own WAL needs a sink"
+        self.zones = Zones(settings, wal=self.wal, slot=slot, sink=sink, metrics=metrics, scorer=self.scorer)
+
+    @property
+    def landers(self) -> list[ZoneLander]:
+        return self.zones.landers if self.zones is not None else []
 
     async def start(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -128,18 +122,27 @@ class Pipeline:
             if self.ledger is not None:
                 self.wal_id = await asyncio.to_thread(wal_id, self.slot.directory)
                 await asyncio.to_thread(self._catch_up_ledger)
-            await self.sink.start()
+            if self.zones is None:
+                self.wal.expect_consumers(self._zone_names)
+                self._follow_task = asyncio.create_task(self._follow_releases(), name="wal-releases")
+                return
             if self.scorer is not None:
                 await self.scorer.start()
-            # Every zone says what it still needs before any zone can release a segment.
-            self.wal.expect_consumers([lander.zone for lander in self.landers])
-            for lander in self.landers:
-                await lander.load()
-            for lander in self.landers:
-                await lander.start()
+            await self.zones.start()
         except BaseException:
             await self.close()  # nothing keeps running half-started
             raise
+
+    async def _follow_releases(self, interval: float = 0.1) -> None:
+        """Delete the segments every zone of the lake process has landed (its released positions)."""
+        while True:
+            try:
+                for zone, position in self._released.read().items():
+                    if zone in self._zone_names:
+                        self.wal.release(zone, position)
+            except Exception:  # a damaged board only delays deletion: the WAL refuses when full
+                log.exception("reading the lake process's released positions failed")
+            await asyncio.sleep(interval)
 
     def new_spool(self, memory_bytes: int) -> Spool:
         return Spool(self.spool_dir, memory_bytes)
@@ -188,14 +191,22 @@ class Pipeline:
         catch_up(self.wal, self.ledger, self.wal_id, self.slot.directory)
 
     async def drain(self, deadline_secs: float | None) -> bool:
-        """Land what the WAL holds within the deadline; what does not land is replayed next start."""
-        results = await asyncio.gather(*(lander.drain(deadline_secs) for lander in self.landers))
-        return all(results)
+        """Land what the WAL holds within the deadline; what does not land is replayed next start.
+
+        With the lake process landing, it drains after the workers (the supervisor's order).
+        """
+        return await self.zones.drain(deadline_secs) if self.zones is not None else True
 
     async def close(self) -> None:
-        for lander in self.landers:
-            await lander.close()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
+        if self.zones is not None:
+            await self.zones.close_landers()
         if self.scorer is not None:
             await self.scorer.close()
         await self.wal.close()
-        await self.sink.close()
+        if self.zones is not None:
+            await self.zones.sink.close()
+        if self._released is not None:
+            self._released.close()

@@ -154,12 +154,15 @@ class GatewayMetrics:
         )
         self.config_last_reload_success.set(1)
         self._pipelines: list[Pipeline] = []
+        self._sinks: list[ObjectSink] = []
         self._landed_listeners: list[Callable[[str, LandedObject], None]] = []
         r.register(_PipelineCollector(self._pipelines))
 
     def watch_sink(self, sink: ObjectSink) -> None:
         """Export a connector's own counters (retries, throttles, concurrency) at scrape time."""
-        self.registry.register(_SinkCollector(sink))
+        if not self._sinks:
+            self.registry.register(_SinkCollector(self._sinks))
+        self._sinks.append(sink)
 
     def watch_gateway(self, registry_size: Callable[[], int]) -> None:
         """The registry's size, read when scraped (a file registry never reports it otherwise)."""
@@ -265,30 +268,37 @@ def _batcher_families(stats) -> Iterable:
 
 
 class _SinkCollector:
-    """Reads the sink's ``stats`` dataclass (and its concurrency, if adaptive) when scraped."""
+    """Reads each sink's ``stats`` dataclass (and its concurrency, if adaptive) when scraped, summed
+    over the sinks (the lake process has one per worker's WAL)."""
 
-    def __init__(self, sink: ObjectSink) -> None:
-        self._sink = sink
+    def __init__(self, sinks: list[ObjectSink]) -> None:
+        self._sinks = sinks
 
     def collect(self):
-        sink = self._sink
-        parts = [sink, getattr(sink, "sink", None), getattr(sink, "catalog", None), getattr(sink, "events", None), getattr(sink, "outbox", None)]
-        for part in parts:
-            stats = getattr(part, "stats", None)
-            if stats is None or not dataclasses.is_dataclass(stats):
-                continue
-            kind = type(part).__name__.lower()
-            for field in dataclasses.fields(stats):
-                metric = CounterMetricFamily(
-                    f"edge_gateway_{kind}_{field.name}", f"{type(part).__name__} {field.name.replace('_', ' ')}"
-                )
-                metric.add_metric([], getattr(stats, field.name))
-                yield metric
-            for gauge in ("concurrency_limit", "requests_in_flight", "catalog_queued", "outbox_pending_files", "outbox_pending_bytes"):
-                if hasattr(part, gauge):
-                    family = GaugeMetricFamily(f"edge_gateway_{kind}_{gauge}", f"{type(part).__name__} {gauge.replace('_', ' ')}")
-                    family.add_metric([], getattr(part, gauge))
-                    yield family
+        counters: dict[str, list] = {}  # name -> [help, value], in the order first seen
+        gauges: dict[str, list] = {}
+        for sink in tuple(self._sinks):
+            parts = [sink, getattr(sink, "sink", None), getattr(sink, "catalog", None), getattr(sink, "events", None), getattr(sink, "outbox", None)]
+            for part in parts:
+                stats = getattr(part, "stats", None)
+                if stats is None or not dataclasses.is_dataclass(stats):
+                    continue
+                kind = type(part).__name__.lower()
+                for field in dataclasses.fields(stats):
+                    entry = counters.setdefault(f"edge_gateway_{kind}_{field.name}", [f"{type(part).__name__} {field.name.replace('_', ' ')}", 0])
+                    entry[1] += getattr(stats, field.name)
+                for gauge in ("concurrency_limit", "requests_in_flight", "catalog_queued", "outbox_pending_files", "outbox_pending_bytes"):
+                    if hasattr(part, gauge):
+                        entry = gauges.setdefault(f"edge_gateway_{kind}_{gauge}", [f"{type(part).__name__} {gauge.replace('_', ' ')}", 0])
+                        entry[1] += getattr(part, gauge)
+        for name, (documentation, value) in counters.items():
+            metric = CounterMetricFamily(name, documentation)
+            metric.add_metric([], value)
+            yield metric
+        for name, (documentation, value) in gauges.items():
+            family = GaugeMetricFamily(name, documentation)
+            family.add_metric([], value)
+            yield family
 
     def describe(self):
         return []

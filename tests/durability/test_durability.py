@@ -540,3 +540,68 @@ async def test_failed_request_lands_nothing(tmp_path, gateways):
         problems.append(f"records of the refused request in the lake, per zone: {landed_big}")
     check(problems, ledger, sp)
 
+
+
+# -- 8 ------------------------------------------------------------------------------------------
+
+
+def lake_process_pids(sp: ServeProcess) -> list[int]:
+    import psutil
+
+    found = []
+    for pid in sp.children():
+        try:
+            if "--lake-process" in psutil.Process(pid).cmdline():
+                found.append(pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.timeout(150)
+async def test_the_lake_process_killed_while_the_wal_wraps_loses_and_repeats_nothing(tmp_path, gateways):
+    """Two workers acknowledge, the lake process lands both WALs (raw and curated); it is SIGKILLed
+    three times while the WALs wrap: the supervisor starts it again, acks never stop, and at the
+    end every acknowledged record is in each zone once."""
+    wal_capacity = 2 * MiB
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        6,
+        inference=True,
+        listen={"workers": 2},
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": wal_capacity},
+        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.2},
+    )
+    await sp.astart(workers=2)
+    problems: list[str] = []
+    if len(lake_process_pids(sp)) != 1:
+        problems.append(f"expected one lake process beside the workers, found {lake_process_pids(sp)}")
+    ledger = Ledger()
+    stop = asyncio.Event()
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.1, retry_deadline_secs=20.0)
+    )
+    killed: list[int] = []
+    for _ in range(3):
+        await asyncio.sleep(3.0)
+        pids = lake_process_pids(sp)
+        for pid in pids:
+            os.kill(pid, 9)
+            killed.append(pid)
+        # Back within the supervisor's backoff, and landing again.
+        if not await wait_until(lambda: bool(set(lake_process_pids(sp)) - set(killed)), 10.0, 0.1):
+            problems.append(f"no lake process again within 10 s of killing {pids}")
+    acked_before = ledger.acked_requests
+    await wait_for_acks(ledger, lambda: ledger.acked_bytes >= 3 * 2 * wal_capacity or load.done(), budget_secs=40.0, stall_secs=8.0)
+    stop.set()
+    await load
+    if ledger.acked_requests == acked_before:
+        problems.append("nothing was acknowledged after the lake process was killed")
+    if ledger.acked_bytes < 3 * 2 * wal_capacity:
+        problems.append(f"only {ledger.acked_bytes / MiB:.2f} MiB acknowledged: the two WALs ({2 * wal_capacity / MiB:.0f} MiB) did not wrap three times")
+    if len(killed) < 3:
+        problems.append(f"the lake process was killed only {len(killed)} times")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(problems, ledger, sp)

@@ -24,7 +24,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gateway.supervisor import RUNTIME_ENV
+from gateway.settings import lake_process_lands
+from gateway.supervisor import LAKE, RUNTIME_ENV
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ def peer_socket(runtime: Path, index: int) -> Path:
     return runtime / f"w{index}.sock"
 
 
+def lake_socket(runtime: Path) -> Path:
+    """Where the lake process (gateway/lake/lake_process.py) answers for its metrics."""
+    return runtime / "lake.sock"
+
+
 class Cluster:
     """The workers of this instance as one worker sees them."""
 
@@ -49,6 +55,7 @@ class Cluster:
         self.runtime = runtime
         self.index = gateway.worker_index
         self.workers = gateway.settings.listen.workers if runtime is not None else 1
+        self.lake = runtime is not None and lake_process_lands(gateway.settings)
 
     @property
     def single(self) -> bool:
@@ -57,9 +64,12 @@ class Cluster:
     def others(self) -> list[int]:
         return [i for i in range(self.workers) if i != self.index]
 
-    async def get(self, index: int, path: str) -> bytes | None:
+    def _socket(self, index: int | str) -> Path:
+        return lake_socket(self.runtime) if index == LAKE else peer_socket(self.runtime, index)
+
+    async def get(self, index: int | str, path: str) -> bytes | None:
         """A sibling's answer to ``GET path`` on its local socket, or None when it does not answer."""
-        connector = aiohttp.UnixConnector(path=str(peer_socket(self.runtime, index)))
+        connector = aiohttp.UnixConnector(path=str(self._socket(index)))
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_SECS)) as s:
                 async with s.get(f"http://worker{index}{path}") as resp:
@@ -70,9 +80,9 @@ class Cluster:
             log.debug("a sibling worker did not answer", extra={"worker": index, "path": path, "error": repr(exc)})
             return None
 
-    async def stream(self, index: int, path: str) -> AsyncIterator[bytes]:
+    async def stream(self, index: int | str, path: str) -> AsyncIterator[bytes]:
         """A sibling's streamed answer, line by line, until it ends or the caller stops."""
-        connector = aiohttp.UnixConnector(path=str(peer_socket(self.runtime, index)))
+        connector = aiohttp.UnixConnector(path=str(self._socket(index)))
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=PEER_TIMEOUT_SECS)) as s:
                 async with s.get(f"http://worker{index}{path}") as resp:
@@ -88,16 +98,17 @@ class Cluster:
         own = generate_latest(self.gateway.metrics.registry)
         if self.single:
             return own
-        answers = await asyncio.gather(*(self.get(i, "/metrics") for i in self.others()))
-        parts = {self.index: own, **dict(zip(self.others(), answers, strict=True))}
+        peers = [*self.others(), *([LAKE] if self.lake else [])]
+        answers = await asyncio.gather(*(self.get(i, "/metrics") for i in peers))
+        parts = {self.index: own, **dict(zip(peers, answers, strict=True))}
         return merge_expositions(parts)
 
 
-def merge_expositions(parts: dict[int, bytes | None]) -> bytes:
-    """Merge per-worker expositions into one, each sample labelled with its worker."""
+def merge_expositions(parts: dict[int | str, bytes | None]) -> bytes:
+    """Merge per-worker expositions into one, each sample labelled with its worker (the lake process: ``lake``)."""
     families: dict[str, Metric] = {}
     up = Metric("edge_gateway_worker_up", "1 when the worker answered this scrape, 0 when it did not (restarting)", "gauge")
-    for worker, text in sorted(parts.items()):
+    for worker, text in sorted(parts.items(), key=lambda part: str(part[0])):
         up.samples.append(Sample("edge_gateway_worker_up", {"worker": str(worker)}, 0.0 if text is None else 1.0, None, None))
         if text is None:
             continue

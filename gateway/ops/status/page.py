@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ops.status.cluster import Cluster, runtime_dir
+from gateway.supervisor import LAKE
 from gateway.ops.status.tap import Tap, TapRequest
 
 STATIC = Path(__file__).parent / "static"
@@ -53,6 +54,9 @@ def snapshot(exposition: bytes) -> dict:
             name, labels, value = s.name, s.labels, s.value
             if name == "edge_gateway_worker_up":
                 single = False
+                if labels.get("worker") == LAKE:
+                    out["lake_up"] = int(value)
+                    continue
                 out["workers"]["total"] += 1
                 out["workers"]["up"] += int(value)
             elif name == "edge_gateway_records_total":
@@ -153,22 +157,11 @@ def tap_handler(gateway_key, *, whole_instance: bool):
         label = whole_instance and not cluster.single
         pumps = [asyncio.create_task(_pump_local(tap, merged, gw.worker_index if label else None))]
         if whole_instance and not cluster.single:
-            pumps += [asyncio.create_task(_pump_peer(cluster, i, wanted, merged)) for i in cluster.others()]
-        quiet = 0.0
+            # The lake process answers for landed and scored records when it lands the WALs.
+            peers = [*cluster.others(), *([LAKE] if cluster.lake else [])]
+            pumps += [asyncio.create_task(_pump_peer(cluster, i, wanted, merged)) for i in peers]
         try:
-            while not gw.draining:  # a drain ends every tap, so it never waits on a listener
-                try:
-                    event = await asyncio.wait_for(merged.get(), 1.0)
-                except TimeoutError:
-                    quiet += 1.0
-                    if quiet >= HEARTBEAT_SECS:
-                        quiet = 0.0
-                        await response.write(b"\n")  # a blank line: finds a client that went away
-                    continue
-                quiet = 0.0
-                await response.write(orjson.dumps(event) + b"\n")
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+            await stream_events(response, merged, lambda: gw.draining)
         finally:
             for pump in pumps:
                 pump.cancel()
@@ -179,7 +172,26 @@ def tap_handler(gateway_key, *, whole_instance: bool):
     return handler
 
 
-async def _pump_local(tap: Tap, merged: asyncio.Queue, worker: int | None) -> None:
+async def stream_events(response: web.StreamResponse, events: asyncio.Queue, stopped) -> None:
+    """Write events as NDJSON until the client goes or ``stopped()``; a blank line when quiet."""
+    quiet = 0.0
+    try:
+        while not stopped():  # a drain ends every tap, so it never waits on a listener
+            try:
+                event = await asyncio.wait_for(events.get(), 1.0)
+            except TimeoutError:
+                quiet += 1.0
+                if quiet >= HEARTBEAT_SECS:
+                    quiet = 0.0
+                    await response.write(b"\n")  # a blank line: finds a client that went away
+                continue
+            quiet = 0.0
+            await response.write(orjson.dumps(event) + b"\n")
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+
+
+async def _pump_local(tap: Tap, merged: asyncio.Queue, worker: int | str | None) -> None:
     async for event in tap.events():
         if worker is not None:
             event["worker"] = worker
@@ -187,13 +199,13 @@ async def _pump_local(tap: Tap, merged: asyncio.Queue, worker: int | None) -> No
             merged.put_nowait(event)
 
 
-async def _pump_peer(cluster: Cluster, index: int, wanted: TapRequest, merged: asyncio.Queue) -> None:
+async def _pump_peer(cluster: Cluster, index: int | str, wanted: TapRequest, merged: asyncio.Queue) -> None:
     while True:
         async for line in cluster.stream(index, f"/tap?{wanted.query()}"):
             if not line.strip():
                 continue
             event = orjson.loads(line)
-            event["worker"] = index
+            event.setdefault("worker", index)  # the lake process names the worker whose WAL it landed
             with contextlib.suppress(asyncio.QueueFull):
                 merged.put_nowait(event)
         await asyncio.sleep(1.0)  # the sibling restarted: listen again

@@ -194,8 +194,8 @@ class Tap:
 
     def _on_landed(self, zone: str, landed) -> None:
         m = _KEY.search(landed.key)
-        if m is None:
-            return
+        if m is None or not _named_for(landed.key, self.gw.gateway_id):
+            return  # another WAL's object (the lake process lands several): its LSNs are not ours
         dt, hh, first, last = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
         for tracked in list(self._tracked):
             if zone not in tracked.zones or not (first <= tracked.first_lsn and tracked.last_lsn <= last):
@@ -230,6 +230,12 @@ class Tap:
                      "event_time": row["event_time"].isoformat() if row["event_time"] else None,
                      "inference": row["inference"], "at": _now()}
                 )
+
+
+def _named_for(key: str, gateway_id: str) -> bool:
+    """Whether a lake object's key names an object of this WAL (``<gateway_id>-<first>-<last>.ext``)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(f"{gateway_id}-") and name[len(gateway_id) + 1 :].split("-", 1)[0].isdigit()
 
 
 def _received(entry: dict) -> dict:

@@ -36,6 +36,10 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> str:
         return await resp.text()
 
 
+# Both workers, and the lake process that lands their WALs (gateway/lake/lake_process.py).
+EVERY_PROCESS_UP = {'{worker="0"}': 1.0, '{worker="1"}': 1.0, '{worker="lake"}': 1.0}
+
+
 @pytest.mark.slow
 async def test_every_scrape_of_a_multi_worker_instance_shows_every_worker(tmp_path, gateway_process):
     env = make_env(tmp_path, n_devices=4, listen={"workers": 2})
@@ -44,7 +48,7 @@ async def test_every_scrape_of_a_multi_worker_instance_shows_every_worker(tmp_pa
     async with aiohttp.ClientSession() as http:
         # Both workers must be up before the first request, or one of them would answer them all.
         for _ in range(200):
-            if samples(await scrape(http, gp.ops_url), "edge_gateway_worker_up") == {'{worker="0"}': 1.0, '{worker="1"}': 1.0}:
+            if samples(await scrape(http, gp.ops_url), "edge_gateway_worker_up") == EVERY_PROCESS_UP:
                 break
             await asyncio.sleep(0.1)
         sent = 0
@@ -59,10 +63,10 @@ async def test_every_scrape_of_a_multi_worker_instance_shows_every_worker(tmp_pa
             text = await scrape(http, gp.ops_url)
             accepted = {k: v for k, v in samples(text, "edge_gateway_records_total").items() if 'outcome="accepted"' in k}
             totals.append(sum(accepted.values()))
-            assert samples(text, "edge_gateway_worker_up") == {'{worker="0"}': 1.0, '{worker="1"}': 1.0}
+            assert samples(text, "edge_gateway_worker_up") == EVERY_PROCESS_UP
             assert all('worker="' in k for k in accepted)
-            # One process per worker, each with its own process metrics.
-            assert len(samples(text, "process_resident_memory_bytes")) == 2
+            # One process per worker and the lake process, each with its own process metrics.
+            assert len(samples(text, "process_resident_memory_bytes")) == 3
         assert totals == [float(sent)] * 8
 
 

@@ -82,7 +82,7 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
             await asyncio.sleep(0.1)
     out_file = open(tmp_path / "tap.out", "w")  # a pipe nobody reads yet would fill and stop the tap
     tap = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "tap", "--config", str(env.config), "--stage", "received", "--rate", "1000", "--limit", "300"],
+        [sys.executable, "-m", "gateway", "tap", "--config", str(env.config), "--stage", "received,landed,scored", "--rate", "30", "--limit", "300"],
         stdout=out_file, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -107,9 +107,14 @@ async def test_tap_command_sees_every_worker(tmp_path, gateway_process):
     out = (tmp_path / "tap.out").read_text()
     assert tap.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
-    assert len(events) == 300 and {e["stage"] for e in events} == {"received"}
+    assert len(events) == 300 and {e["stage"] for e in events} == {"received", "landed", "scored"}, out[-2000:]
     # New connections land on either worker; the tap on worker 0's admin listener hears both.
-    assert {e["worker"] for e in events} == {0, 1}, (accepted, err)
+    assert {e["worker"] for e in events if e["stage"] == "received"} == {0, 1}, (accepted, err)
+    # The lake process lands and scores both workers' WALs: it answers for those stages.
+    landed = [e for e in events if e["stage"] == "landed"]
+    assert {e["zone"] for e in landed} == {"raw", "curated"} and {e["worker"] for e in landed} == {0, 1}
+    assert all(f"-w{e['worker']}-" in e["key"] for e in landed)  # each matched in its own WAL's objects
+    assert {e["worker"] for e in events if e["stage"] == "scored"} == {"lake"}
 
 
 def test_status_snapshot_sums_workers_and_keeps_the_oldest_age():
@@ -134,6 +139,10 @@ def test_status_snapshot_sums_workers_and_keeps_the_oldest_age():
     assert snap["records"] == {"accepted": 12.0}
     assert snap["zones"]["raw"] == {"backlog_bytes": 200.0, "oldest_age_secs": 9.0}
     assert snap["workers"] == {"up": 2, "total": 3}
+    # The lake process (it lands every worker's WAL) is merged in too, and is no worker.
+    snap = snapshot(merge_expositions({0: worker(5, 1.5), 1: worker(7, 9.0), "lake": worker(0, 20.0)}))
+    assert snap["workers"] == {"up": 2, "total": 2} and snap["lake_up"] == 1
+    assert snap["zones"]["raw"]["oldest_age_secs"] == 20.0
 
 
 async def test_a_drain_never_waits_on_an_open_tap(tmp_path):

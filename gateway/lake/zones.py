@@ -1,0 +1,99 @@
+"""Steps 7-10 for one WAL: a zone lander per zone of the lake, the sink they land in, and the
+curated zone's scorer. A worker runs them on its own WAL (``lake.landing = "worker"``, or a single
+worker); the lake process runs one set per worker's WAL, over a ``WalFollower``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from connectors.base import ObjectSink
+from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, WriteAheadLog
+from gateway.durable.wal_layout import LANDING_LOCK, DirectoryLock, WalSlot
+from gateway.lake.formats import ZstdNdjsonBuilder
+from gateway.lake.landing import LanderSettings, ZoneLander
+from gateway.ops.metrics import GatewayMetrics
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.durable.wal_follower import WalFollower
+    from gateway.lake.curated import CuratedScorer
+
+
+def zone_names(settings: Settings) -> list[str]:
+    """The zones a WAL is landed into: each one a consumer that must release a segment before it goes."""
+    return ["raw", "quarantine", *(["curated"] if settings.inference.enabled else [])]
+
+
+class Zones:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        wal: WriteAheadLog | WalFollower,
+        slot: WalSlot,
+        sink: ObjectSink,
+        metrics: GatewayMetrics,
+        scorer: CuratedScorer | None,
+    ) -> None:
+        self.wal = wal
+        self.sink = sink
+        self._lock = DirectoryLock(slot.directory, LANDING_LOCK, "the landing of the WAL directory")
+        self.scorer = scorer  # its owner starts and closes it: the lake process shares one between WALs
+        lake = settings.lake
+
+        def lander(zone: str, kind: int, builder=None, prepare=None) -> ZoneLander:
+            return ZoneLander(
+                LanderSettings(
+                    zone=zone,
+                    kind=kind,
+                    dataset=settings.gateway.dataset,
+                    gateway_id=slot.gateway_id,
+                    target_object_bytes=lake.target_object_bytes,
+                    max_object_age_secs=lake.max_object_age_secs,
+                    max_open_partitions=lake.max_open_partitions,
+                ),
+                wal=wal,  # type: ignore[arg-type]  # a follower offers what a lander uses of a log
+                sink=sink,
+                builder_factory=builder or (lambda: ZstdNdjsonBuilder(lake.zstd_level)),
+                state_dir=slot.directory / "consumers",
+                observer=metrics,
+                prepare=prepare,
+            )
+
+        # Step 7 and the quarantine zone: each its own consumer of the WAL.
+        self.landers = [lander("raw", KIND_RECORDS), lander("quarantine", KIND_QUARANTINE)]
+        if scorer is not None:
+            # Imported only here: NumPy, Arrow and the batcher cost a process 0.2 s of start-up and
+            # tens of MiB that landing only the raw zone never uses.
+            from gateway.lake.curated import ParquetBuilder, prepare_frames
+
+            # Steps 8-9: a third consumer; a dead model endpoint delays only this zone.
+            self.landers.append(
+                lander("curated", KIND_RECORDS, lambda: ParquetBuilder(lake.zstd_level), lambda frames: prepare_frames(frames, scorer))
+            )
+
+    async def start(self) -> None:
+        # One lander per zone and WAL, whichever process runs it: a second would land objects twice.
+        await asyncio.to_thread(self._lock.acquire)
+        await self.sink.start()
+        # Every zone says what it still needs before any zone can release a segment.
+        self.wal.expect_consumers([lander.zone for lander in self.landers])
+        for lander in self.landers:
+            await lander.load()
+        for lander in self.landers:
+            await lander.start()
+
+    async def drain(self, deadline_secs: float | None) -> bool:
+        """Land what the WAL holds within the deadline; what does not land is replayed next start."""
+        results = await asyncio.gather(*(lander.drain(deadline_secs) for lander in self.landers))
+        return all(results)
+
+    async def close_landers(self) -> None:
+        for lander in self.landers:
+            await lander.close()
+        self._lock.release()
+
+    async def close(self) -> None:
+        await self.close_landers()
+        await self.sink.close()
