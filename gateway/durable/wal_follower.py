@@ -10,11 +10,14 @@ needs (gateway/durable/wal_board.py). ``ZoneLander`` and ``WalReader`` use it as
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from gateway.durable.wal import WalReader, _Segment, _segment_at, durable_limit
 from gateway.durable.wal_board import Board, ReleasedPositions
+
+log = logging.getLogger(__name__)
 
 # How often a waiting zone looks at the owner's durable end (a zone gathers 0.1 s of frames anyway).
 POLL_SECS = 0.05
@@ -33,7 +36,11 @@ class WalFollower:
     def refresh(self) -> bool:
         """Read the owner's durable end (False: it never published one); list the segments again
         when it moved into one not seen yet."""
-        durable = self._board.read()
+        try:
+            durable = self._board.read()
+        except OSError as exc:  # damaged: the owner rewrites it whole at its next fsync
+            log.warning("the WAL's durable end cannot be read; keeping the last one", extra={"board": str(self._board.path), "error": str(exc)})
+            return False
         if durable is None:
             return False
         durable = tuple(durable)

@@ -150,3 +150,17 @@ def test_a_board_read_half_written_is_read_again_and_a_damaged_one_is_named(tmp_
         f.write(os.urandom(8))
     with pytest.raises(OSError, match="unreadable"):
         reader.read()
+
+
+async def test_a_damaged_durable_end_keeps_the_last_one_until_the_owner_writes_it_again(tmp_path):
+    wal = await owned_wal(tmp_path)
+    await wal.append([frame(3)])
+    follower = follower_of(tmp_path)
+    assert follower.refresh() and follower.durable_lsn == 3
+    with open(tmp_path / "wal.durable", "r+b") as f:
+        f.seek(4)
+        f.write(b"\xff" * 8)
+    assert not follower.refresh() and follower._durable[0] == 3  # not an error, and not a guess
+    await wal.append([frame(2)])  # the owner's next fsync rewrites the board whole
+    assert follower.refresh() and follower.durable_lsn == 5
+    await wal.close()
