@@ -85,10 +85,32 @@ def start_gateway(root: Path, wal_bytes: int = 1 << 30, *, extra: str = "", lake
     server.ops_url = f"http://127.0.0.1:{ops_port}"  # where /metrics is served
     try:
         server.wait_ready(timeout)
+        wait_for_every_worker(server.ops_url, workers_per_gateway if workers is None else workers, timeout)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def wait_for_every_worker(ops_url: str, workers: int, timeout: float) -> None:
+    """Until every worker (and the lake process) answers: ``/readyz`` answers once the first worker
+    is up, and connections a run opens before the others are up would all stay with that one."""
+    if workers <= 1:
+        return
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    up: list = []
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(ops_url + "/metrics", timeout=2) as resp:
+                up = samples(resp.read().decode(), "edge_gateway_worker_up")
+        except OSError:
+            up = []
+        if len(up) >= workers and all(value == 1.0 for _, value in up):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"not every worker was up after {timeout} s: {up}")
 
 
 def start_ceiling(root: Path) -> Server:

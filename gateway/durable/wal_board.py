@@ -105,6 +105,12 @@ class ReleasedPositions:
         self._known |= 1 << i
         self._board.write([self._known, *self._positions])
 
+    def clear(self) -> None:
+        """Forget what an earlier life published: each zone publishes again from its state file."""
+        self._positions = [0] * len(ZONES)
+        self._known = 0
+        self._board.write([0, *self._positions])
+
     def read(self) -> dict[str, int]:
         values = self._board.read()
         if values is None:

@@ -87,7 +87,9 @@ class WalFollower:
         return total
 
     def expect_consumers(self, names) -> None:
-        """The owner waits for every zone's position (it knows which zones it has)."""
+        """A new set of zones starts: what was published before (an earlier life, another layout) is
+        forgotten, and the owner waits for every zone's position again (it knows which it has)."""
+        self._released.clear()
 
     def register_consumer(self, name: str, lsn: int) -> None:
         self._released.publish(name, lsn)

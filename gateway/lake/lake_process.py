@@ -84,7 +84,13 @@ class LakeProcess:
     async def _start_zones(self, zones: Zones) -> None:
         while not zones.wal.refresh():
             await asyncio.sleep(WAIT_FOR_WAL_SECS)
-        await zones.start()
+        await zones.start(on_death=self._zone_died)
+
+    def _zone_died(self, error: BaseException) -> None:
+        # In a worker, a zone that stopped waits for a restart of the gateway; here the supervisor
+        # restarts this process, which carries on from the zones' state files.
+        log.critical("a zone stopped landing; the lake process exits to be started again", extra={"error": repr(error)})
+        self.failed.set()
 
     def _check_started(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

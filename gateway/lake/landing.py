@@ -180,10 +180,13 @@ class ZoneLander:
         self._wal.register_consumer(self.zone, self._state.position)
         self._reader = self._wal.reader(self._state.position)
 
-    async def start(self) -> None:
+    async def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
+        """Run the zone; ``on_death`` is told if it ever stops on an error (its records wait in the WAL)."""
         await self.load()
         self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
         self._task.add_done_callback(self._report_death)
+        if on_death is not None:
+            self._task.add_done_callback(lambda task: task.cancelled() or task.exception() is None or on_death(task.exception()))
 
     def _report_death(self, task: asyncio.Task[None]) -> None:
         # Records stay safe in the WAL, but nothing lands until a restart: that must be loud.

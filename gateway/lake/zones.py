@@ -5,6 +5,7 @@ worker); the lake process runs one set per worker's WAL, over a ``WalFollower``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from connectors.base import ObjectSink
@@ -73,7 +74,8 @@ class Zones:
                 lander("curated", KIND_RECORDS, lambda: ParquetBuilder(lake.zstd_level), lambda frames: prepare_frames(frames, scorer))
             )
 
-    async def start(self) -> None:
+    async def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
+        """Start every zone; ``on_death`` is told if one stops on an error."""
         # One lander per zone and WAL, whichever process runs it: a second would land objects twice.
         await asyncio.to_thread(self._lock.acquire)
         await self.sink.start()
@@ -82,7 +84,7 @@ class Zones:
         for lander in self.landers:
             await lander.load()
         for lander in self.landers:
-            await lander.start()
+            await lander.start(on_death)
 
     async def drain(self, deadline_secs: float | None) -> bool:
         """Land what the WAL holds within the deadline; what does not land is replayed next start."""

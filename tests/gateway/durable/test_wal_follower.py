@@ -164,3 +164,21 @@ async def test_a_damaged_durable_end_keeps_the_last_one_until_the_owner_writes_i
     await wal.append([frame(2)])  # the owner's next fsync rewrites the board whole
     assert follower.refresh() and follower.durable_lsn == 5
     await wal.close()
+
+
+async def test_zones_that_start_forget_what_an_earlier_life_published(tmp_path):
+    wal = await owned_wal(tmp_path)
+    await wal.append([frame(3)])
+    # Positions far past what the zones' state files say (state reset by hand, a restored backup):
+    # trusted, they would let the owner delete segments the zones still need.
+    stale = ReleasedPositions(released_board(tmp_path))
+    stale.publish("raw", 10_000)
+    stale.publish("quarantine", 10_000)
+    zones = Zones(Settings(), wal=follower_of(tmp_path), slot=WalSlot(tmp_path, "gw-w0", "w0"), sink=LocalLakeSink(tmp_path / "lake"), metrics=GatewayMetrics(), scorer=None)
+    zones.wal.refresh()
+    zones.wal.expect_consumers(["raw", "quarantine"])  # the first thing starting zones do
+    assert ReleasedPositions(released_board(tmp_path)).read() == {}
+    await zones.start()
+    assert ReleasedPositions(released_board(tmp_path)).read() == {"raw": 0, "quarantine": 0}
+    await zones.close()
+    await wal.close()
