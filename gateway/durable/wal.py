@@ -523,7 +523,10 @@ class WriteAheadLog:
     def _set_durable(self, durable: tuple[int, int, int]) -> None:
         self._durable = durable
         if self._board is not None:
-            self._board.write(durable)
+            try:
+                self._board.write(durable)
+            except OSError as exc:  # only creating it can fail (a full disk): the commit stands, landing waits
+                log.error("WAL: cannot publish the durable end for the lake process", extra={"error": str(exc)})
 
     def _write_request(self, q: _Queued) -> int:
         if self.failure is not None:

@@ -54,7 +54,8 @@ class Board:
             if os.fstat(fd).st_size < _PAGE:
                 if not create:
                     return False  # its writer is creating it: read it next time
-                os.ftruncate(fd, _PAGE)
+                # Allocated, not sparse: a write into a hole of a mapped file on a full disk is a SIGBUS.
+                os.posix_fallocate(fd, 0, _PAGE)
             self._map = mmap.mmap(fd, _PAGE)
         finally:
             os.close(fd)

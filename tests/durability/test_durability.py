@@ -322,19 +322,25 @@ class Ballast:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("ending", ["sigkill-restart-sigterm", "sigterm"])
-async def test_disk_full_is_survivable(tmp_path, gateways, small_filesystem, ending):
-    """A full WAL disk: answers stay prompt (202 or 503 + Retry-After), ingest resumes, nothing acked is lost."""
-    walfs = small_filesystem(tmp_path / "walfs", 16 * MiB)
+@pytest.mark.parametrize(
+    "ending, workers",
+    [("sigkill-restart-sigterm", 1), ("sigterm", 1), ("sigkill-restart-sigterm", 2)],
+    ids=["sigkill-restart-sigterm", "sigterm", "sigkill-restart-sigterm-lake-process"],
+)
+async def test_disk_full_is_survivable(tmp_path, gateways, small_filesystem, ending, workers):
+    """A full WAL disk: answers stay prompt (202 or 503 + Retry-After), ingest resumes, nothing acked is lost.
+    With two workers the lake process lands both WALs from the same full disk."""
+    walfs = small_filesystem(tmp_path / "walfs", 24 * MiB if workers > 1 else 16 * MiB)
     sp, devices, lake = setup(
         tmp_path,
         gateways,
         4,
+        listen={"workers": workers},
         # The WAL's own bound fits the volume (the gateway checks that); the ballast fills the rest.
         wal={"dir": str(walfs / "wal"), "segment_bytes": 512 * KiB, "max_total_bytes": 8 * MiB},
         lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
     )
-    await sp.astart()
+    await sp.astart(workers=workers)
     ledger = Ledger()
     stop = asyncio.Event()
     problems: list[str] = []
@@ -377,7 +383,7 @@ async def test_disk_full_is_survivable(tmp_path, gateways, small_filesystem, end
     if ending == "sigkill-restart-sigterm":
         await sp.akill()
         try:
-            await sp.astart()
+            await sp.astart(workers=workers)
         except RuntimeError as exc:
             problems.append(f"the gateway did not restart after SIGKILL: {exc}")
     await stop_gracefully(sp, problems)
