@@ -92,8 +92,8 @@ class RunningGateway:
         landed_all = await gw.pipeline.drain(max(0.1, until - time.monotonic()))
         # 5. Close the WAL (everything written is durable) and the sinks.
         await gw.close()
-        if gw.landing_elsewhere:  # the lake process lands it once every worker has exited
-            log.info("drained", extra={"landing": "the lake process"})
+        if gw.landing_elsewhere:  # the lake process lands it once every worker has exited, and says "drained"
+            log.info("requests drained; the lake process lands what the WAL holds")
         else:
             log.info("drained", extra={"landed_everything": landed_all})
         return landed_all

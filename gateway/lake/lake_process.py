@@ -98,13 +98,21 @@ class LakeProcess:
             self.failed.set()
 
     async def drain(self, deadline_secs: float) -> bool:
-        """Land everything durable in every WAL within the deadline; what is left lands next start."""
+        """Land everything durable in every WAL within the deadline; what is left lands next start.
+
+        Logs one ``drained`` line per WAL, as a worker landing its own does, so a drain report
+        (the drain hook) counts one per worker whichever process landed it.
+        """
         self.draining = True  # ends every tap
-        # A WAL whose worker never published a durable end holds nothing to land.
+        # A WAL whose worker never published a durable end holds nothing this process could land.
         await asyncio.wait(self._starting, timeout=min(5.0, deadline_secs))
-        started = [z for z, task in zip(self.zones, self._starting, strict=True) if task.done() and not task.cancelled() and task.exception() is None]
-        results = await asyncio.gather(*(z.drain(deadline_secs) for z in started))
-        return all(results) and len(started) == len(self.zones)
+        started = [task.done() and not task.cancelled() and task.exception() is None for task in self._starting]
+        results = await asyncio.gather(
+            *(z.drain(deadline_secs) if ok else _nothing_landed(slot) for z, slot, ok in zip(self.zones, self.slots, started, strict=True))
+        )
+        for index, (slot, landed) in enumerate(zip(self.slots, results, strict=True)):
+            log.info("drained", extra={"landed_everything": landed, "worker": index, "wal": str(slot.directory), "landed_by": "lake process"})
+        return all(results)
 
     async def close(self) -> None:
         for task in self._starting:
@@ -117,6 +125,11 @@ class LakeProcess:
             zones.wal.close()
         if self.scorer is not None:
             await self.scorer.close()
+
+
+async def _nothing_landed(slot) -> bool:
+    """A WAL the lake process never started landing: drained only if it holds no log at all."""
+    return not slot.has_log
 
 
 class _TapView:
@@ -207,8 +220,7 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
             return 1
         deadline = settings.drain.deadline_secs
         left = deadline - (time.monotonic() - stopping_since[0]) if stopping_since else deadline
-        landed_all = await lake.drain(max(1.0, left))
-        log.info("lake process drained", extra={"landed_everything": landed_all})
+        await lake.drain(max(1.0, left))
     finally:
         await lake.close()
     return 0
