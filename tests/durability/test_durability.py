@@ -167,7 +167,8 @@ async def test_valid_only_soak_wraps_the_wal(tmp_path, gateways, curated):
 
 @pytest.mark.timeout(150)
 async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
-    """SIGKILL mid-load, then restart with another worker count: every WAL directory is drained."""
+    """SIGKILL mid-load, then restart with another worker count (and, once, with each worker landing
+    its own WAL instead of the lake process): every WAL directory is drained."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
@@ -181,8 +182,10 @@ async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
     plan = [2, 1, 3, 2]
     load: asyncio.Task | None = None
     for phase, workers in enumerate(plan):
+        # Phase 2 lands in the workers; the phases around it in the lake process: the zones' state carries over.
+        env = workers_env(workers) | ({"EDGE_GATEWAY__LAKE__LANDING": "worker"} if phase == 2 else {})
         try:
-            await sp.astart(workers_env(workers), workers=workers)
+            await sp.astart(env, workers=workers)
         except RuntimeError as exc:
             problems.append(f"phase {phase}: the restart with workers = {workers} failed: {exc}")
             break
