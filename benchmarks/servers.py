@@ -10,6 +10,7 @@ import asyncio
 import math
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 from benchmarks.gateway_metrics import samples, scrape
@@ -97,8 +98,6 @@ def wait_for_every_worker(ops_url: str, workers: int, timeout: float) -> None:
     is up, and connections a run opens before the others are up would all stay with that one."""
     if workers <= 1:
         return
-    import urllib.request
-
     deadline = time.monotonic() + timeout
     up: list = []
     while time.monotonic() < deadline:

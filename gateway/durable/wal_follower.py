@@ -32,6 +32,7 @@ class WalFollower:
         self._durable: tuple[int, int, int] = (0, 0, 0)
         self._segments: list[_Segment] = []  # replaced, never mutated: reader threads iterate their own
         self._wake: asyncio.Event | None = None
+        self._unreadable = False  # the board could not be read last time (said once)
 
     def refresh(self) -> bool:
         """Read the owner's durable end (False: it never published one); list the segments again
@@ -39,8 +40,11 @@ class WalFollower:
         try:
             durable = self._board.read()
         except OSError as exc:  # damaged: the owner rewrites it whole at its next fsync
-            log.warning("the WAL's durable end cannot be read; keeping the last one", extra={"board": str(self._board.path), "error": str(exc)})
+            if not self._unreadable:  # once, not at every poll
+                log.warning("the WAL's durable end cannot be read; keeping the last one", extra={"board": str(self._board.path), "error": str(exc)})
+            self._unreadable = True
             return False
+        self._unreadable = False
         if durable is None:
             return False
         durable = tuple(durable)

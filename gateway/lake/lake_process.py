@@ -57,9 +57,9 @@ class LakeProcess:
 
             self.scorer = CuratedScorer(settings.inference, self.metrics)
         self.zones: list[Zones] = []
-        self.slots = [slot_for(settings.wal.dir, base_id, index, settings.listen.workers) for index in range(settings.listen.workers)]
         self.draining = False
-        for slot in self.slots:
+        for index in range(settings.listen.workers):
+            slot = slot_for(settings.wal.dir, base_id, index, settings.listen.workers)
             follower = WalFollower(slot.directory / "segments", durable_board(slot.directory), ReleasedPositions(released_board(slot.directory)))
             sink = build_sink(settings, slot)
             self.metrics.watch_sink(sink)
@@ -108,10 +108,10 @@ class LakeProcess:
         await asyncio.wait(self._starting, timeout=min(5.0, deadline_secs))
         started = [task.done() and not task.cancelled() and task.exception() is None for task in self._starting]
         results = await asyncio.gather(
-            *(z.drain(deadline_secs) if ok else _nothing_landed(slot) for z, slot, ok in zip(self.zones, self.slots, started, strict=True))
+            *(z.drain(deadline_secs) if ok else _nothing_landed(z.slot) for z, ok in zip(self.zones, started, strict=True))
         )
-        for index, (slot, landed) in enumerate(zip(self.slots, results, strict=True)):
-            log.info("drained", extra={"landed_everything": landed, "worker": index, "wal": str(slot.directory), "landed_by": "lake process"})
+        for index, (zones, landed) in enumerate(zip(self.zones, results, strict=True)):
+            log.info("drained", extra={"landed_everything": landed, "worker": index, "wal": str(zones.slot.directory), "landed_by": "lake process"})
         return all(results)
 
     async def close(self) -> None:
@@ -135,15 +135,15 @@ async def _nothing_landed(slot) -> bool:
 class _TapView:
     """What a tap reads of a gateway, for one WAL the lake process lands."""
 
-    def __init__(self, zones: Zones, metrics: GatewayMetrics, gateway_id: str) -> None:
+    def __init__(self, zones: Zones, metrics: GatewayMetrics) -> None:
         self.pipeline = zones  # its wal (the follower) and scorer
         self.metrics = metrics
-        self.gateway_id = gateway_id
+        self.gateway_id = zones.slot.gateway_id
 
 
 async def _serve_peers(lake: LakeProcess) -> web.AppRunner | None:
     """``<runtime>/lake.sock``: this process's metrics, and its tap stages (landed, scored)."""
-    from gateway.ops.status.page import _pump_local, stream_events
+    from gateway.ops.status.page import stream_taps
     from gateway.ops.status.tap import Tap, TapRequest
 
     runtime = runtime_dir()
@@ -162,25 +162,13 @@ async def _serve_peers(lake: LakeProcess) -> web.AppRunner | None:
         await response.prepare(request)
         taps: list[tuple[int | str, Tap]] = []
         if "landed" in wanted.stages:
-            for index, (zones, slot) in enumerate(zip(lake.zones, lake.slots, strict=True)):
-                taps.append((index, Tap(_TapView(zones, lake.metrics, slot.gateway_id), TapRequest(frozenset({"landed"}), wanted.device, wanted.rate))))
+            for index, zones in enumerate(lake.zones):
+                taps.append((index, Tap(_TapView(zones, lake.metrics), TapRequest(frozenset({"landed"}), wanted.device, wanted.rate))))
         if "scored" in wanted.stages and lake.scorer is not None and lake.zones:
             # One scorer serves every WAL: its events once, as the lake process's.
-            view = _TapView(lake.zones[0], lake.metrics, lake.slots[0].gateway_id)
+            view = _TapView(lake.zones[0], lake.metrics)
             taps.append((LAKE, Tap(view, TapRequest(frozenset({"scored"}), wanted.device, wanted.rate))))
-        merged: asyncio.Queue[dict] = asyncio.Queue(1000)
-        pumps = []
-        for label, one in taps:
-            one.start()
-            pumps.append(asyncio.create_task(_pump_local(one, merged, label)))
-        try:
-            await stream_events(response, merged, lambda: lake.draining)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for _, one in taps:
-                await one.close()
+        await stream_taps(response, taps, lambda: lake.draining)
         return response
 
     app = web.Application()

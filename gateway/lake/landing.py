@@ -186,7 +186,7 @@ class ZoneLander:
         self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
         self._task.add_done_callback(self._report_death)
         if on_death is not None:
-            self._task.add_done_callback(lambda task: task.cancelled() or task.exception() is None or on_death(task.exception()))
+            self._task.add_done_callback(lambda task: _if_failed(task, on_death))
 
     def _report_death(self, task: asyncio.Task[None]) -> None:
         # Records stay safe in the WAL, but nothing lands until a restart: that must be loud.
@@ -567,3 +567,8 @@ class ZoneLander:
 
     def _report_backlog(self) -> None:
         self._observer.backlog(self.zone, *self.unlanded())
+
+
+def _if_failed(task: asyncio.Task[None], call: Callable[[BaseException], None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        call(task.exception())

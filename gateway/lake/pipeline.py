@@ -135,13 +135,17 @@ class Pipeline:
 
     async def _follow_releases(self, interval: float = 0.1) -> None:
         """Delete the segments every zone of the lake process has landed (its released positions)."""
+        failing = False
         while True:
             try:
                 for zone, position in self._released.read().items():
                     if zone in self._zone_names:
                         self.wal.release(zone, position)
+                failing = False
             except Exception:  # a damaged board only delays deletion: the WAL refuses when full
-                log.exception("reading the lake process's released positions failed")
+                if not failing:  # once, not ten times a second
+                    log.exception("reading the lake process's released positions failed; no segment is deleted meanwhile")
+                failing = True
             await asyncio.sleep(interval)
 
     def new_spool(self, memory_bytes: int) -> Spool:

@@ -38,6 +38,7 @@ class Zones:
         scorer: CuratedScorer | None,
     ) -> None:
         self.wal = wal
+        self.slot = slot
         self.sink = sink
         self._lock = DirectoryLock(slot.directory, LANDING_LOCK, "the landing of the WAL directory")
         self.scorer = scorer  # its owner starts and closes it: the lake process shares one between WALs

@@ -151,28 +151,41 @@ def tap_handler(gateway_key, *, whole_instance: bool):
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
         await response.prepare(request)
         cluster = Cluster(gw, runtime_dir())
-        merged: asyncio.Queue[dict] = asyncio.Queue(1000)
-        tap = Tap(gw, wanted)
-        tap.start()
-        label = whole_instance and not cluster.single
-        pumps = [asyncio.create_task(_pump_local(tap, merged, gw.worker_index if label else None))]
+        label = gw.worker_index if whole_instance and not cluster.single else None
+        peers: list[int | str] = []
         if whole_instance and not cluster.single:
             # The lake process answers for landed and scored records when it lands the WALs.
             peers = [*cluster.others(), *([LAKE] if cluster.lake else [])]
-            pumps += [asyncio.create_task(_pump_peer(cluster, i, wanted, merged)) for i in peers]
-        try:
-            await stream_events(response, merged, lambda: gw.draining)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            await tap.close()
+        await stream_taps(
+            response,
+            [(label, Tap(gw, wanted))],
+            lambda: gw.draining,
+            lambda merged: [_pump_peer(cluster, i, wanted, merged) for i in peers],
+        )
         return response
 
     return handler
 
 
-async def stream_events(response: web.StreamResponse, events: asyncio.Queue, stopped) -> None:
+async def stream_taps(response: web.StreamResponse, taps: list[tuple[int | str | None, Tap]], stopped, peers=lambda merged: []) -> None:
+    """Stream the events of ``taps`` (each labelled with its worker, unless None) and of the
+    ``peers(merged)`` coroutines until the client goes or ``stopped()``; then stop them all."""
+    merged: asyncio.Queue[dict] = asyncio.Queue(1000)
+    for _, tap in taps:
+        tap.start()
+    pumps = [asyncio.create_task(_pump_local(tap, merged, label)) for label, tap in taps]
+    pumps += [asyncio.create_task(pump) for pump in peers(merged)]
+    try:
+        await _stream_events(response, merged, stopped)
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for _, tap in taps:
+            await tap.close()
+
+
+async def _stream_events(response: web.StreamResponse, events: asyncio.Queue, stopped) -> None:
     """Write events as NDJSON until the client goes or ``stopped()``; a blank line when quiet."""
     quiet = 0.0
     try:
