@@ -23,6 +23,9 @@ def _remember_early_signals() -> None:
 
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
     _remember_early_signals()
+    from gateway.allocator import tune_allocators
+
+    tune_allocators()
 
 from gateway.ops import logs  # noqa: E402  (after the handlers: these imports take a while)
 from gateway.auth.registry import RegistryError, add_device, read_registry, remove_device, rotate_key, set_enabled  # noqa: E402

@@ -37,6 +37,7 @@ from connectors.inference.pool import InferencePool
 from connectors.inference.local_model import LocalModelInferencer
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.records import CuratedRequest, CuratedSource
+from gateway.allocator import tune_allocators
 from gateway.durable.wal import Frame
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,18 @@ _TS = CURATED_SCHEMA.field("event_time").type
 
 @dataclass(frozen=True, slots=True)
 class ScoredFrame(Frame):
-    """A WAL frame with its records as a curated Arrow table, ready for a Parquet object."""
+    """A WAL frame with its records as a curated Arrow table, ready for a Parquet object.
+
+    The table replaces the payload: an open object holds only its columns (a dead-letter object
+    is rebuilt from the WAL), and ``source_bytes`` keeps the size ``target_object_bytes`` measures.
+    """
 
     table: pa.Table
+    source_bytes: int
 
     @classmethod
     def of(cls, frame: Frame, table: pa.Table) -> ScoredFrame:
-        return cls(*(getattr(frame, f.name) for f in fields(Frame)), table)
+        return cls(*(b"" if f.name == "payload" else getattr(frame, f.name) for f in fields(Frame)), table, len(frame.payload))
 
 
 @dataclass(slots=True)
@@ -83,13 +89,14 @@ class ParquetBuilder:
         self.size = 0
 
     def add(self, frame: ScoredFrame) -> None:
-        self.size += len(frame.payload)
+        self.size += frame.source_bytes
         self._tables.append(frame.table)
 
     def finish(self) -> bytes:
         table = pa.concat_tables(self._tables) if self._tables else CURATED_SCHEMA.empty_table()
         sink = pa.BufferOutputStream()
-        pq.write_table(table.combine_chunks(), sink, compression="zstd", compression_level=self._level)
+        # Row groups are cut across the chunks as they are: combining them first would copy the object.
+        pq.write_table(table, sink, compression="zstd", compression_level=self._level)
         return sink.getvalue().to_pybytes()
 
 
@@ -364,6 +371,7 @@ def _worker_init(gateway_pid: int) -> None:
         pass
     if os.getppid() != gateway_pid:  # it died while this interpreter started, before the line above
         os._exit(0)
+    tune_allocators()  # the environment came from the gateway; glibc's settings are per process
 
 
 def build_inferencer(settings) -> Inferencer:

@@ -137,3 +137,33 @@ def test_frames_decoded_together_keep_each_requests_own_fields():
     assert [t.column("site").to_pylist() for t in tables] == [["north"] * 3, [None] * 2, ["south"] * 4]
     assert [t.column("seq").to_pylist() for t in tables] == [[0, 1, 2], [7, 8], [20, 21, 22, 23]]
     assert [chunk.features[:, 0].tolist() for chunk in decoded.shaped] == [[10.0, 11.0, 12.0], [50.0, 51.0], [90.0, 91.0, 92.0, 93.0]]
+
+
+def curated_row(seq: int) -> dict:
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "device_id": "d", "seq": seq, "event_time": now, "received_at": now, "gateway_id": "gw", "availability_zone": "az",
+        "ingest_id": "i", "record_index": seq, "metrics": [("temperature_c", 21.0)], "inference": {"status": "ok"},
+    }
+
+
+def test_an_open_curated_object_holds_columns_not_payloads_and_lands_as_one_row_group():
+    import pyarrow as pa
+
+    from gateway.durable.wal import KIND_RECORDS, Frame
+    from gateway.lake.curated import ParquetBuilder, ScoredFrame
+
+    builder = ParquetBuilder()
+    payload = b'{"device_id":"d","seq":0}\n' * 300
+    for i in range(20):  # frames from several decode slices: a chunked table, one chunk per frame
+        rows = [curated_row(seq=i * 10 + k) for k in range(10)]
+        table = pa.Table.from_pylist(rows, schema=CURATED_SCHEMA)
+        frame = ScoredFrame.of(Frame(i * 10, 10, 490_000, 0, 0, 0, KIND_RECORDS, payload), table)
+        assert frame.payload == b"" and frame.source_bytes == len(payload)
+        builder.add(frame)
+    assert builder.size == 20 * len(payload)  # target_object_bytes still measures the input
+    parquet = pq.ParquetFile(pa.BufferReader(builder.finish()))
+    assert parquet.metadata.num_row_groups == 1
+    assert parquet.read(columns=["seq"]).column("seq").to_pylist() == list(range(200))
