@@ -119,11 +119,20 @@ def start_ceiling(root: Path) -> Server:
     return server
 
 
+# How long a gateway may take, after a run, to land what it acknowledged before its CPU is read.
+LANDED_TIMEOUT_SECS = 120.0
+
+
 async def measure_max(server: Server, prepared: Prepared, seconds: float, concurrency: int) -> dict:
+    """Closed-loop maximum: acked records/s over the run; records per CPU-second over the CPU every
+    process spent from the start until every zone has landed what was acked (a gateway's landing
+    may run behind its acks, and what it spends after the run is part of the records' cost)."""
     by_process0 = server.cpu_by_process()
     server.start_sampling()
     run = await closed_loop(server.url, prepared, concurrency=concurrency, duration_secs=seconds)
     peak = server.stop_sampling()
+    during = {role: cpu_secs - by_process0.get(role, 0.0) for role, cpu_secs in server.cpu_by_process().items()}
+    landed_in = await wait_until_landed(server)
     by_process = {role: cpu_secs - by_process0.get(role, 0.0) for role, cpu_secs in server.cpu_by_process().items()}
     cpu = sum(by_process.values())
     return {
@@ -132,7 +141,8 @@ async def measure_max(server: Server, prepared: Prepared, seconds: float, concur
         "requests_per_sec": run.requests / run.duration_secs,
         "server_cpu_secs": cpu,
         "cpu_secs_by_process": by_process,
-        "server_cpu_share": cpu / run.duration_secs,
+        "server_cpu_share": sum(during.values()) / run.duration_secs,
+        "landed_after_secs": landed_in,
         "records_per_cpu_secs": run.records / cpu if cpu else float("nan"),
         "peak_rss_mb": peak / 2**20,
         "p50_ms": run.percentile_ms(0.5),
@@ -143,6 +153,21 @@ async def measure_max(server: Server, prepared: Prepared, seconds: float, concur
     }
 
 
+async def wait_until_landed(server: Server, timeout_secs: float = LANDED_TIMEOUT_SECS) -> float:
+    """Seconds until no zone of the gateway has a WAL backlog (0 for a server without one, NaN if
+    the timeout passed first)."""
+    ops_url = getattr(server, "ops_url", None)
+    if ops_url is None:
+        return 0.0
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_secs:
+        backlog = [value for _, value in samples(await scrape(ops_url), "edge_gateway_wal_backlog_bytes")]
+        if backlog and not any(backlog):
+            return time.monotonic() - started
+        await asyncio.sleep(0.2)
+    return math.nan
+
+
 async def measure_sustained(server: Server, prepared: Prepared, seconds: float, concurrency: int, drain_timeout_secs: float = 600.0) -> dict:
     """The rate every zone keeps up with: records acked in a closed-loop run over the time until the
     last zone (scoring and Parquet included) has landed them. ``measure_max`` alone measures acks,
@@ -151,12 +176,7 @@ async def measure_sustained(server: Server, prepared: Prepared, seconds: float, 
     started = time.monotonic()
     result = await measure_max(server, prepared, seconds, concurrency)
     acked = result["records_per_sec"] * seconds
-    deadline = time.monotonic() + drain_timeout_secs
-    while time.monotonic() < deadline:
-        backlog = [value for _, value in samples(await scrape(server.ops_url), "edge_gateway_wal_backlog_bytes")]
-        if backlog and not any(backlog):
-            break
-        await asyncio.sleep(0.5)
+    await wait_until_landed(server, drain_timeout_secs)
     elapsed = time.monotonic() - started
     return {**result, "ack_records_per_sec": result["records_per_sec"], "records_per_sec": acked / elapsed,
             "requests_per_sec": result["requests_per_sec"] * seconds / elapsed, "drained_in_secs": elapsed - seconds}

@@ -119,6 +119,10 @@ class LakeSettings(Section):
     # own (the lake process), so landing never takes an ingest worker's CPU; "worker": each worker
     # lands its own WAL. A single worker always lands its own.
     landing: Literal["process", "worker"] = "process"
+    # How much lower the lake process's CPU priority is than the ingest workers' (a nice increment):
+    # when the cores are contended, acknowledgements get them first and the WAL holds what the lake
+    # has not landed yet; with cores to spare it changes nothing.
+    process_nice: Annotated[int, Meta(ge=0, le=19)] = 10
 
 
 _HOST_PORT = re.compile(r"[^/]+:[0-9]+\Z")

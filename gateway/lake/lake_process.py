@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -185,6 +186,8 @@ async def _serve_peers(lake: LakeProcess) -> web.AppRunner | None:
 async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     """Run until the supervisor says the workers are gone (SIGUSR1), then drain; ``early_signals``
     arrived while this process was still starting."""
+    if settings.lake.process_nice:
+        os.nice(settings.lake.process_nice)  # before the decoder starts: it inherits the priority
     lake = LakeProcess(settings)
     loop = asyncio.get_running_loop()
     workers_gone = asyncio.Event()

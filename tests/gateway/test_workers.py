@@ -27,6 +27,8 @@ async def test_workers_share_the_port_restart_when_killed_and_drain_together(tmp
         await asyncio.sleep(0.05)
     workers = [c for c in supervisor.children() if "--worker-index" in c.cmdline()]
     assert len(workers) == 2 and len(supervisor.children()) == 3  # and the lake process, landing both WALs
+    lake = next(c for c in supervisor.children() if "--lake-process" in c.cmdline())
+    assert lake.nice() == min(19, workers[0].nice() + 10)  # lake.process_nice: acks get contended cores first
     acked: set = set()
     statuses: collections.Counter = collections.Counter()
     writers = asyncio.create_task(load(gp.url, list(env.devices.values()), 3.0, acked, statuses))
