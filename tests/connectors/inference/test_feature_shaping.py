@@ -109,3 +109,14 @@ def test_inference_fields_refuse_mismatched_output():
 def test_output_needs_one_label_per_score():
     with pytest.raises(ValueError, match="labels"):
         _output([0.1, 0.2], ["normal"])
+
+
+def test_the_feature_matrix_of_a_slice_is_that_of_its_own_records():
+    import pyarrow as pa
+
+    from gateway.lake.curated import _METRICS, feature_matrix
+
+    metrics = pa.array([{"a": 1.0}, {"b": 2.0, "zz": 5.0}, {"c": 3.0, "a": 4.0}, {}], _METRICS)
+    whole = feature_matrix(metrics, FEATURES)
+    np.testing.assert_array_equal(whole[1:3], feature_matrix(metrics.slice(1, 2), FEATURES))
+    np.testing.assert_array_equal(whole, [[1, np.nan, np.nan], [np.nan, 2, np.nan], [4, np.nan, 3], [np.nan] * 3])
