@@ -64,7 +64,8 @@ class ScoredFrame(Frame):
 
     @classmethod
     def of(cls, frame: Frame, table: pa.Table) -> ScoredFrame:
-        return cls(*(b"" if f.name == "payload" else getattr(frame, f.name) for f in fields(Frame)), table, len(frame.payload))
+        kept = {f.name: getattr(frame, f.name) for f in fields(Frame)}
+        return cls(**{**kept, "payload": b""}, table=table, source_bytes=len(frame.payload))
 
 
 @dataclass(slots=True)
