@@ -17,7 +17,8 @@ cannot exhaust file descriptors; but first the oldest connection that has never 
 closed to make room, so sockets opened and left silent cannot keep devices out. One source address
 holds at most ``max_connections_per_source``. A process that accepts late (its event loop is busy)
 sheds at accept: while more than ``max_accept_queue`` connections wait in the kernel's accept queue,
-the one being accepted gets 503 at once, so no request waits seconds where no limit can count it.
+the one being accepted gets 503 at once, so no request waits seconds where no limit can count it
+(connections are accepted by ``Acceptor``, acceptor.py, all that wait at each wake-up).
 After ``max_age_secs`` (with jitter) a response carries
 ``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
 instances that were up first. All settings are read live, so SIGHUP changes them.
@@ -43,6 +44,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import ApiError, RequestTimeout, Unavailable
+from gateway.edge.acceptor import Acceptor
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
 
@@ -135,6 +137,22 @@ class ConnectionGuard:
         """Read how many connections wait in ``listener``'s accept queue as each one is accepted."""
         self._accept_queue = AcceptQueue(listener)
 
+    def shed_queued(self, sock: socket.socket) -> bool:
+        """As ``sock`` is accepted, before any transport: 503 and close when more than
+        ``max_accept_queue`` connections still wait in the kernel's queue behind it."""
+        s = self._settings()
+        if self._accept_queue is None or not s.max_accept_queue or self._accept_queue.depth() <= s.max_accept_queue:
+            return False
+        # Connections are waiting for this process to get to them: it is behind, and each one
+        # accepted now would wait on top. Shed cheaply so the queue (and every wait in it) stays short.
+        self._on_close("accept_queue")
+        try:
+            sock.send(_OVERLOADED)
+        except OSError:
+            pass  # the client is gone already
+        sock.close()
+        return True
+
     def protocol_factory(self, server: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         # aiohttp's protocol is built only for an accepted connection: a refusal costs no request handler.
         return lambda: _GuardedProtocol(self, server)
@@ -153,10 +171,6 @@ class ConnectionGuard:
             return self._refuse(transport, "connection_cap_per_source")
         if len(self._conns) >= s.max_connections and not self._preempt_silent():
             return self._refuse(transport, "connection_cap")
-        if self._accept_queue is not None and s.max_accept_queue and self._accept_queue.depth() > s.max_accept_queue:
-            # Connections are waiting for this process to get to them: it is behind, and each one
-            # accepted now would wait on top. Shed cheaply so the queue (and every wait in it) stays short.
-            return self._refuse(transport, "accept_queue", _OVERLOADED)
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
         inner = make_inner()
         conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
@@ -434,21 +448,23 @@ class GuardedSite(web.TCPSite):
         if _MALFORMED_LOGS not in server_log.filters:
             server_log.addFilter(_MALFORMED_LOGS)
         await web.BaseSite.start(self)  # registers the site with its runner
-        loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
-        where = {"sock": self._sock} if self._sock is not None else {"host": self._host, "port": self._port}
-        self._server = await loop.create_server(
+        if self._sock is not None:
+            listener = self._sock  # bound by the supervisor for every worker; the site closes its own copy
+        else:
+            from gateway.supervisor import bind_listener
+
+            listener = bind_listener(self._host or "0.0.0.0", self._port, self._backlog)
+        self._guard.watch_accept_queue(listener)
+        self._server = Acceptor(  # type: ignore[assignment]  # offers what the site uses of a server
+            listener,
             self._guard.protocol_factory(server),
-            **where,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            ssl_handshake_timeout=self._handshake_timeout_secs if self._ssl_context else None,
+            ssl_context=self._ssl_context,
+            handshake_timeout_secs=self._handshake_timeout_secs,
+            shed=self._guard.shed_queued,
         )
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
-        if sockets:
-            self._guard.watch_accept_queue(sockets[0])
+        self._bound_port = listener.getsockname()[1]
 
 
 class BodyDeadline:
