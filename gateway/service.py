@@ -22,6 +22,7 @@ from gateway.ops import logs
 from gateway.auth.hmac import HmacAuthenticator, NoAuthenticator
 from gateway.auth.certificate import DeviceAuthenticator
 from gateway.ingest.enrich import PartitionPolicy
+from gateway.ingest.loop_share import LoopShare
 from gateway.ops.instance_metadata import availability_zone
 from gateway.ops.metrics import GatewayMetrics
 from gateway.lake.pipeline import Pipeline
@@ -107,6 +108,7 @@ class Gateway:
         # threads only took it from each other and from the event loop (one thread instead of the
         # default pool: 10-35% more records per CPU-second in paired runs, docs/performance.md).
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.loop_share = LoopShare(lambda: self.settings.admission.loop_turn_ms / 1000)
         self._locks: list[DirectoryLock] = []
         self._orphans: list[asyncio.Task[None]] = []
         self.partition_policy = PartitionPolicy(

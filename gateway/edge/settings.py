@@ -103,6 +103,10 @@ class AdmissionSettings(Section):
     # for requests already admitted, while /readyz stays 200.
     wal_high_watermark: Annotated[float, Meta(gt=0, le=1)] = 1.0
     max_loop_lag_ms: PositiveInt = 500
+    # Milliseconds of request bodies a worker's event loop decodes per turn before it reads its
+    # sockets again, so that a refusal or an answer whose fsync is done is not held up by a burst of
+    # bodies that all arrived at once (gateway/ingest/loop_share.py). 0: all that are ready, in one turn.
+    loop_turn_ms: Annotated[int, Meta(ge=0)] = 5
     retry_after_secs: PositiveInt = 1
     # Requests in flight from one source address (the TCP peer, or X-Forwarded-For from a trusted
     # proxy): one client holds at most its share of max_inflight_requests.

@@ -133,7 +133,8 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
     # 3-4 validate and enrich; a large or compressed body is decoded in the worker's decode thread.
     args = (body.raw, body.fmt, body.encoding, batch, limits)
     if body.sent <= INLINE_DECODE_BYTES and body.encoding.strip().lower() in ("", "identity"):
-        decoded = _decode(*args)
+        async with gw.loop_share:  # one decode per turn of the loop, so it reads its sockets in between
+            decoded = _decode(*args)
     else:
         decoded = await asyncio.get_running_loop().run_in_executor(gw.decoder, _decode, *args)
     gw.metrics.request_bytes.inc(body.sent)
