@@ -113,3 +113,6 @@ class Acceptor:
             # A TLS handshake that failed or timed out, or a peer that left: nothing was asked yet.
             log.debug("connection ended before its first request", extra={"error": str(exc)})
             sock.close()
+        except Exception:
+            log.exception("could not set up an accepted connection; closing it")
+            sock.close()
