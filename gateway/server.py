@@ -26,12 +26,13 @@ from aiohttp import web
 from gateway.ops import logs
 from gateway.ops.admin import start_admin
 from gateway.app import build_app
+from gateway.edge.accept_share import SiblingConnections, share_file
 from gateway.edge.connections import GuardedSite
 from gateway.ops.listener import start_ops
 from gateway.edge.ratelimit_store import AUTH_FAILURES, DEVICES, SharedBuckets
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
-from gateway.ops.status.cluster import start_peer_listener
+from gateway.ops.status.cluster import runtime_dir, start_peer_listener
 from gateway.edge.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ async def start_gateway(
             ssl_context=server_context(tls) if tls.enabled else None,
             backlog=listen.backlog,
             sock=listener,
+            siblings=_siblings(gw, listener),
         )
         await site.start()
         running = RunningGateway(gw, runner, site)
@@ -150,6 +152,15 @@ async def start_gateway(
         started.pop_all()  # all started: from now on RunningGateway.stop drains them in its own order
     log.info("listening", extra={"url": running.url})
     return running
+
+
+def _siblings(gw: Gateway, listener: socket.socket | None) -> SiblingConnections | None:
+    """The other workers on the supervisor's socket, with whom this one shares its connections."""
+    runtime = runtime_dir()
+    workers = gw.settings.listen.workers
+    if listener is None or runtime is None or workers < 2:
+        return None
+    return SiblingConnections(share_file(runtime), gw.worker_index, workers)
 
 
 def _freeze_what_lives_forever() -> None:

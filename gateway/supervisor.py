@@ -11,7 +11,8 @@ process that dies (with backoff if it keeps dying), passes SIGHUP on, and on SIG
 worker, waits for them, and then has the lake process land what their WALs hold. All die with it.
 It also makes a private runtime directory where each worker listens on a Unix socket for its
 siblings, so that whichever worker answers ``/metrics``, the status page or the tap answers for the
-whole instance (``gateway/ops/status/cluster.py``).
+whole instance (``gateway/ops/status/cluster.py``), and publishes how many connections it holds, so
+that each takes its share of those waiting on the listener (``gateway/edge/accept_share.py``).
 """
 
 from __future__ import annotations

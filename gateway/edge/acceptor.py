@@ -7,7 +7,8 @@ balancer reconnecting, a fleet coming back after a ``Retry-After``) they waited 
 kernel's queue before the gateway saw them, and even a refusal reached them that late. The
 ``Acceptor`` takes every waiting connection each time the listener is readable (up to
 ``ACCEPT_BURST``), so a connection waits at most one turn; the ``ConnectionGuard`` still decides
-each one (connections.py), with the kernel's queue depth as it is behind that connection.
+each one (connections.py), with the kernel's queue depth as it is behind that connection. Where
+several workers share the listener, each takes only its share of what waits (accept_share.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import errno
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Any
+
+from gateway.edge.accept_share import SiblingConnections
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,37 @@ ACCEPT_BURST = 256
 # Out of file descriptors: accepting pauses this long, so the loop does not spin on a queue it cannot take.
 PAUSE_WHEN_OUT_OF_FILES_SECS = 0.1
 _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# What a worker left to its siblings and still waits this long later, it takes itself.
+LEFT_FOR_SIBLINGS_SECS = 0.01
+
+
+class AcceptQueue:
+    """The depth of a listening socket's accept queue: connections the kernel has completed that this
+    process has not accepted yet (Linux reports it in ``tcp_info.tcpi_unacked`` for a listener)."""
+
+    _UNACKED = struct.Struct("=I")
+    _OFFSET = 24  # after 8 one-byte fields and rto, ato, snd_mss, rcv_mss
+
+    def __init__(self, listener: Any) -> None:
+        self._listener = listener
+        self._supported = hasattr(socket, "TCP_INFO") and listener.family in (socket.AF_INET, socket.AF_INET6)
+
+    def depth(self) -> int:
+        if not self._supported:
+            return 0
+        try:
+            info = self._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        except OSError:
+            self._supported = False
+            return 0
+        return self._UNACKED.unpack_from(info, self._OFFSET)[0]
 
 
 class Acceptor:
     """Serves ``protocol_factory`` on ``listener``; ``shed(sock)`` may answer and close a connection
-    before any transport is built for it (it returns True when it did)."""
+    before any transport is built for it (it returns True when it did). With ``siblings`` (other
+    workers on the same listener) it takes its share of the waiting connections, counting the
+    ``held()`` connections it serves already."""
 
     def __init__(
         self,
@@ -41,6 +71,8 @@ class Acceptor:
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout_secs: float | None = None,
         shed: Callable[[socket.socket], bool] = lambda sock: False,
+        siblings: SiblingConnections | None = None,
+        held: Callable[[], int] = lambda: 0,
     ) -> None:
         self._listener = listener
         self._factory = protocol_factory
@@ -49,6 +81,10 @@ class Acceptor:
         self._shed = shed
         self._loop = asyncio.get_running_loop()
         self._connecting: set[asyncio.Task[Any]] = set()
+        self._siblings = siblings
+        self._held = held
+        self._queue = AcceptQueue(listener)
+        self._left_for_siblings: asyncio.TimerHandle | None = None
         self._reading = False
         self._closed = False
         listener.setblocking(False)
@@ -64,7 +100,16 @@ class Acceptor:
             return
         self._closed = True
         self._pause()
+        if self._left_for_siblings is not None:
+            self._left_for_siblings.cancel()
+        if self._siblings is not None:
+            self._siblings.close()  # they leave nothing waiting for this worker any more
         self._listener.close()
+
+    def publish_held(self) -> None:
+        """Tell the siblings how many connections this worker holds (as one opens or closes)."""
+        if self._siblings is not None and not self._closed:
+            self._siblings.publish(self._held() + len(self._connecting))
 
     async def wait_closed(self) -> None:
         if self._connecting:
@@ -80,8 +125,27 @@ class Acceptor:
             self._loop.remove_reader(self._listener.fileno())
             self._reading = False
 
-    def _accept_waiting(self) -> None:
-        for _ in range(ACCEPT_BURST):
+    def _quota(self) -> int:
+        if self._siblings is None:
+            return ACCEPT_BURST
+        waiting = max(1, self._queue.depth())  # woken, so at least one waits (0: the kernel does not say)
+        return min(ACCEPT_BURST, self._siblings.quota(self._held() + len(self._connecting), waiting))
+
+    def _take_what_siblings_left(self) -> None:
+        self._left_for_siblings = None
+        if not self._closed:
+            self._resume()
+            self._accept_waiting(quota=ACCEPT_BURST)
+
+    def _accept_waiting(self, quota: int | None = None) -> None:
+        quota = self._quota() if quota is None else quota
+        try:
+            self._accept(quota)
+        finally:
+            self.publish_held()
+
+    def _accept(self, quota: int) -> None:
+        for _ in range(quota):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -102,7 +166,15 @@ class Acceptor:
                 continue
             task = self._loop.create_task(self._connect(sock))
             self._connecting.add(task)
-            task.add_done_callback(self._connecting.discard)
+            task.add_done_callback(self._connected)
+        if quota < ACCEPT_BURST and self._left_for_siblings is None:
+            # The rest is the siblings' share: stop being woken for it, and take what they leave.
+            self._pause()
+            self._left_for_siblings = self._loop.call_later(LEFT_FOR_SIBLINGS_SECS, self._take_what_siblings_left)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        self._connecting.discard(task)
+        self.publish_held()
 
     async def _connect(self, sock: socket.socket) -> None:
         try:

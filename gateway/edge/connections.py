@@ -34,7 +34,6 @@ import asyncio
 import logging
 import random
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import ApiError, RequestTimeout, Unavailable
-from gateway.edge.acceptor import Acceptor
+from gateway.edge.accept_share import SiblingConnections
+from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
 
@@ -55,28 +55,6 @@ _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
 )
-
-
-class AcceptQueue:
-    """The depth of a listening socket's accept queue: connections the kernel has completed that this
-    process has not accepted yet (Linux reports it in ``tcp_info.tcpi_unacked`` for a listener)."""
-
-    _UNACKED = struct.Struct("=I")
-    _OFFSET = 24  # after 8 one-byte fields and rto, ato, snd_mss, rcv_mss
-
-    def __init__(self, listener: Any) -> None:
-        self._listener = listener
-        self._supported = hasattr(socket, "TCP_INFO") and listener.family in (socket.AF_INET, socket.AF_INET6)
-
-    def depth(self) -> int:
-        if not self._supported:
-            return 0
-        try:
-            info = self._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
-        except OSError:
-            self._supported = False
-            return 0
-        return self._UNACKED.unpack_from(info, self._OFFSET)[0]
 
 
 def fixed_response(error: ApiError) -> bytes:
@@ -128,6 +106,8 @@ class ConnectionGuard:
         self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
         self._per_source: dict[str, int] = {}
         self._accept_queue: AcceptQueue | None = None
+        # Called as a connection opens or closes (the Acceptor tells sibling workers how many it holds).
+        self.count_changed: Callable[[], None] = lambda: None
 
     @property
     def open(self) -> int:
@@ -175,6 +155,7 @@ class ConnectionGuard:
         inner = make_inner()
         conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
         self._per_source[source] = self._per_source.get(source, 0) + 1
+        self.count_changed()
         # Up to a quarter early: connections opened together (a reconnect storm, a flood of silent
         # sockets) then time out spread over seconds rather than all in one turn of the loop.
         self._arm(conn, s.header_timeout_secs * (1 - HEADER_TIMEOUT_JITTER * self._rng()), "header_timeout")
@@ -226,6 +207,7 @@ class ConnectionGuard:
         conn = self._conns.pop(inner, None)
         if conn is None:
             return
+        self.count_changed()
         if conn.timer is not None:
             conn.timer.cancel()
         left = self._per_source.get(conn.source, 1) - 1
@@ -436,12 +418,14 @@ class GuardedSite(web.TCPSite):
         guard: ConnectionGuard,
         handshake_timeout_secs: float,
         sock: socket.socket | None = None,
+        siblings: SiblingConnections | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(runner, host, port, **kwargs)
         self._guard = guard
         self._handshake_timeout_secs = handshake_timeout_secs
         self._sock = sock  # a socket the supervisor bound for all its workers
+        self._siblings = siblings  # the other workers on that socket
 
     async def start(self) -> None:
         server_log = logging.getLogger("aiohttp.server")
@@ -463,7 +447,10 @@ class GuardedSite(web.TCPSite):
             ssl_context=self._ssl_context,
             handshake_timeout_secs=self._handshake_timeout_secs,
             shed=self._guard.shed_queued,
+            siblings=self._siblings,
+            held=lambda: self._guard.open,
         )
+        self._guard.count_changed = self._server.publish_held
         self._bound_port = listener.getsockname()[1]
 
 

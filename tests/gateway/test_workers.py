@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
+import socket
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -55,3 +58,44 @@ async def test_workers_share_the_port_restart_when_killed_and_drain_together(tmp
     names = [p.name for p in (env.lake / "raw").rglob("*.ndjson.zst")]
     assert all(n.startswith(("gw-test-w0-", "gw-test-w1-")) for n in names) and len(set(names)) == len(names)
     assert sorted(p.name for p in (env.root / "wal").iterdir() if p.name.startswith("w")) == ["w0", "w1"]
+
+
+def connections_per_worker(ops_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(ops_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.findall(r'^edge_gateway_connections_open\{worker="(\d+)"\} (\S+)$', text, re.MULTILINE)
+    return {worker: float(value) for worker, value in found}
+
+
+def every_worker_up(ops_url: str, workers: int) -> bool:
+    try:
+        with urllib.request.urlopen(ops_url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return False
+    return len(re.findall(r'^edge_gateway_worker_up\{worker="\d+"\} 1\.0$', text, re.MULTILINE)) == workers
+
+
+async def test_connections_opened_together_are_shared_by_the_workers(tmp_path, gateway_process):
+    # A load balancer opens its connections at once and keeps them: whichever worker was woken first
+    # took all of them (one worker busy beside an idle one) until the workers took shares.
+    env = make_env(tmp_path, n_devices=2, listen={"workers": 2})
+    gp = gateway_process(env)
+    gp.start()
+    deadline = time.monotonic() + 20
+    while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    host, port = gp.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    clients = [socket.create_connection((host, int(port)), timeout=5) for _ in range(32)]
+    try:
+        per_worker: dict[str, float] = {}
+        while sum(per_worker.values()) < len(clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            per_worker = connections_per_worker(gp.ops_url)
+        assert sum(per_worker.values()) == len(clients), per_worker
+        assert min(per_worker.values()) >= 12, per_worker  # an even split is 16; before, 0-15 (median 3)
+    finally:
+        for client in clients:
+            client.close()
+    gp.signal(signal.SIGTERM)
+    assert gp.wait(60) == 0

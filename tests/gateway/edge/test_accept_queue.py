@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 
-from gateway.edge.connections import AcceptQueue
+from gateway.edge.acceptor import AcceptQueue
 from tests.durability.client import ndjson
 from tests.durability.harness import ServeProcess, make_devices, write_gateway_config
 from tests.gateway.conftest import free_port

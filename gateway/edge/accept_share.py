@@ -1,0 +1,67 @@
+"""Workers sharing one listening socket take their share of the connections waiting on it.
+
+Every worker is woken when connections wait on the instance's socket, and the first to get there
+took all of them: of 32 connections opened at once to two workers, the busier took 17-32 (median
+29), and long-lived connections (a load balancer's) stay where they were accepted, one worker at
+its limit beside an idle one. So each worker publishes how many connections it holds in a small
+file of the instance's private runtime directory, one slot per worker, and takes from the queue
+only up to its fair share of all held and waiting (the Acceptor, acceptor.py). What its siblings
+leave waiting (one busy, stalled or dead) it takes anyway a few milliseconds later.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+_SLOT = struct.Struct("=q")
+# Published by a worker that no longer accepts (draining): its siblings leave nothing to it.
+NOT_ACCEPTING = -1
+# Connections a worker may hold above its fair share before it leaves the rest to its siblings.
+SLACK = 1
+
+
+def share_file(runtime: Path) -> Path:
+    return runtime / "connections"
+
+
+class SiblingConnections:
+    """This worker's slot among its siblings': how many connections each holds."""
+
+    def __init__(self, path: Path, index: int, workers: int) -> None:
+        if not 0 <= index < workers:
+            raise ValueError(f"worker index {index} is not one of {workers} workers")
+        self.index = index
+        self.workers = workers
+        size = workers * _SLOT.size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)  # every worker sizes it the same, so racing here is harmless
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._counts = struct.Struct(f"={workers}q")
+        self.publish(0)
+
+    def publish(self, held: int) -> None:
+        if not self._map.closed:  # connections still closing after it stopped accepting change nothing
+            _SLOT.pack_into(self._map, self.index * _SLOT.size, held)
+
+    def stop_accepting(self) -> None:
+        self.publish(NOT_ACCEPTING)
+
+    def quota(self, held: int, waiting: int) -> int:
+        """How many of ``waiting`` connections this worker, holding ``held``, should take now."""
+        counts = list(self._counts.unpack_from(self._map))
+        counts[self.index] = held
+        accepting = [count for count in counts if count != NOT_ACCEPTING]
+        fair = -(-(sum(accepting) + waiting) // len(accepting))
+        return max(0, fair + SLACK - held)
+
+    def close(self) -> None:
+        if not self._map.closed:
+            self.stop_accepting()
+            self._map.close()

@@ -1,0 +1,139 @@
+"""Workers on one listener take their share of the waiting connections (gateway/edge/accept_share.py).
+
+Two Acceptors in one event loop stand for two workers: each has its own descriptor of the same
+listening socket (as each worker has its copy of the supervisor's), so both are woken by the same
+queue, and each has its own slot in a shared counts file. Real sockets on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from gateway.edge.accept_share import NOT_ACCEPTING, SiblingConnections, share_file
+from gateway.edge.acceptor import LEFT_FOR_SIBLINGS_SECS, Acceptor
+
+
+def test_quota_is_the_fair_share_of_held_and_waiting_plus_slack(tmp_path):
+    first = SiblingConnections(share_file(tmp_path), 0, 2)
+    second = SiblingConnections(share_file(tmp_path), 1, 2)
+    assert first.quota(held=0, waiting=20) == 11  # half of 20, and one more
+    second.publish(11)
+    assert first.quota(held=0, waiting=9) == 11  # 20 in all: 10 each, the other holds 11 already
+    assert first.quota(held=14, waiting=1) == 0  # 26 in all: 13 each; it holds more than that
+    second.stop_accepting()
+    assert first.quota(held=14, waiting=5) == 6  # alone: all of it (and the slack)
+    third = SiblingConnections(share_file(tmp_path), 1, 2)  # a restarted worker starts its slot at 0
+    assert first.quota(held=4, waiting=0) == 0
+    third.close()
+
+
+def test_a_closed_share_reads_as_not_accepting(tmp_path):
+    first = SiblingConnections(share_file(tmp_path), 0, 3)
+    second = SiblingConnections(share_file(tmp_path), 2, 3)
+    second.publish(7)
+    second.close()
+    second.publish(9)  # a connection closing after the worker stopped accepting: nothing changes
+    # Workers 0 and 1 share 6 (2 held, 4 waiting): 3 each.
+    assert first.quota(held=2, waiting=4) == 2
+    assert NOT_ACCEPTING < 0
+
+
+def test_an_index_outside_the_workers_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="worker index 2"):
+        SiblingConnections(share_file(tmp_path), 2, 2)
+
+
+class Holding:
+    """A protocol factory counting the connections it holds open."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        holding = self
+
+        class Held(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                holding.held += 1
+
+            def connection_lost(self, exc) -> None:
+                holding.held -= 1
+
+        return Held()
+
+
+@pytest.fixture
+def listener():
+    sock = socket.create_server(("127.0.0.1", 0), backlog=256)
+    yield sock
+    sock.close()
+
+
+async def wait_until(condition, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_two_workers_split_connections_that_arrive_together(listener, tmp_path):
+    workers = [Holding(), Holding()]
+    acceptors = [
+        Acceptor(
+            listener.dup(),
+            workers[index],
+            siblings=SiblingConnections(share_file(tmp_path), index, 2),
+            held=lambda index=index: workers[index].held,
+        )
+        for index in range(2)
+    ]
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(40)]  # queued: the loop is not running
+    try:
+        await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
+        # Without shares the first worker woken takes all 40.
+        assert sorted(worker.held for worker in workers) in ([19, 21], [20, 20])
+        await asyncio.sleep(2 * LEFT_FOR_SIBLINGS_SECS)
+        assert sum(worker.held for worker in workers) == len(clients)
+    finally:
+        for acceptor in acceptors:
+            acceptor.close()
+        for client in clients:
+            client.close()
+
+
+async def test_what_a_silent_sibling_leaves_is_taken_a_little_later(listener, tmp_path):
+    silent = SiblingConnections(share_file(tmp_path), 1, 2)  # a worker that is stalled or dead
+    worker = Holding()
+    acceptor = Acceptor(listener, worker, siblings=SiblingConnections(share_file(tmp_path), 0, 2), held=lambda: worker.held)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(30)]
+    try:
+        await wait_until(lambda: worker.held == 16)  # its share (15) and the slack
+        await wait_until(lambda: worker.held == len(clients))  # and the rest once it has waited
+    finally:
+        acceptor.close()
+        silent.close()
+        for client in clients:
+            client.close()
+
+
+async def test_a_worker_holding_more_than_its_share_leaves_a_new_connection_to_its_sibling(listener, tmp_path):
+    sibling = SiblingConnections(share_file(tmp_path), 1, 2)
+    worker = Holding()
+    acceptor = Acceptor(listener, worker, siblings=SiblingConnections(share_file(tmp_path), 0, 2), held=lambda: worker.held)
+    first = [socket.create_connection(listener.getsockname()) for _ in range(4)]
+    try:
+        await wait_until(lambda: worker.held == 4)
+        sibling.publish(0)  # it could take more; but it is not taking this one
+        late = socket.create_connection(listener.getsockname())
+        first.append(late)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await wait_until(lambda: worker.held == 5)
+        assert loop.time() - began >= LEFT_FOR_SIBLINGS_SECS * 0.9  # it waited for the sibling first
+    finally:
+        acceptor.close()
+        sibling.close()
+        for client in first:
+            client.close()
