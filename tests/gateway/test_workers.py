@@ -99,3 +99,29 @@ async def test_connections_opened_together_are_shared_by_the_workers(tmp_path, g
             client.close()
     gp.signal(signal.SIGTERM)
     assert gp.wait(60) == 0
+
+
+async def test_a_stalled_worker_leaves_its_share_of_new_connections_to_the_others(tmp_path, gateway_process):
+    env = make_env(tmp_path, n_devices=2, listen={"workers": 2})
+    gp = gateway_process(env)
+    gp.start()
+    deadline = time.monotonic() + 20
+    while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    workers = [c for c in psutil.Process(gp.proc.pid).children() if "--worker-index" in c.cmdline()]
+    stalled = workers[0]
+    stalled.suspend()  # SIGSTOP: it holds its slot (no connections) but takes none of them
+    host, port = gp.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(16):  # all past the other worker's fair share: each is left to the stalled one first
+            client = socket.create_connection((host, int(port)), timeout=5)
+            clients.append(client)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.1 200"), "a connection waited for the stalled worker"
+    finally:
+        stalled.resume()
+        for client in clients:
+            client.close()
+    gp.signal(signal.SIGTERM)
+    assert gp.wait(60) == 0
