@@ -76,17 +76,23 @@ def every_worker_up(ops_url: str, workers: int) -> bool:
     return len(re.findall(r'^edge_gateway_worker_up\{worker="\d+"\} 1\.0$', text, re.MULTILINE)) == workers
 
 
-async def test_connections_opened_together_are_shared_by_the_workers(tmp_path, gateway_process):
-    # A load balancer opens its connections at once and keeps them: whichever worker was woken first
-    # took all of them (one worker busy beside an idle one) until the workers took shares.
-    env = make_env(tmp_path, n_devices=2, listen={"workers": 2})
-    gp = gateway_process(env)
+async def two_workers_up(tmp_path, gateway_process):
+    """A two-worker gateway once both workers answer; with the device port's address."""
+    gp = gateway_process(make_env(tmp_path, n_devices=2, listen={"workers": 2}))
     gp.start()
     deadline = time.monotonic() + 20
     while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     host, port = gp.url.rsplit("/", 1)[-1].rsplit(":", 1)
-    clients = [socket.create_connection((host, int(port)), timeout=5) for _ in range(32)]
+    return gp, (host, int(port))
+
+
+async def test_connections_opened_together_are_shared_by_the_workers(tmp_path, gateway_process):
+    # A load balancer opens its connections at once and keeps them: whichever worker was woken first
+    # took all of them (one worker busy beside an idle one) until the workers took shares.
+    gp, address = await two_workers_up(tmp_path, gateway_process)
+    deadline = time.monotonic() + 20
+    clients = [socket.create_connection(address, timeout=5) for _ in range(32)]
     try:
         per_worker: dict[str, float] = {}
         while sum(per_worker.values()) < len(clients) and time.monotonic() < deadline:
@@ -102,20 +108,14 @@ async def test_connections_opened_together_are_shared_by_the_workers(tmp_path, g
 
 
 async def test_a_stalled_worker_leaves_its_share_of_new_connections_to_the_others(tmp_path, gateway_process):
-    env = make_env(tmp_path, n_devices=2, listen={"workers": 2})
-    gp = gateway_process(env)
-    gp.start()
-    deadline = time.monotonic() + 20
-    while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    gp, address = await two_workers_up(tmp_path, gateway_process)
     workers = [c for c in psutil.Process(gp.proc.pid).children() if "--worker-index" in c.cmdline()]
     stalled = workers[0]
     stalled.suspend()  # SIGSTOP: it holds its slot (no connections) but takes none of them
-    host, port = gp.url.rsplit("/", 1)[-1].rsplit(":", 1)
     clients: list[socket.socket] = []
     try:
         for _ in range(16):  # all past the other worker's fair share: each is left to the stalled one first
-            client = socket.create_connection((host, int(port)), timeout=5)
+            client = socket.create_connection(address, timeout=5)
             clients.append(client)
             client.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
             assert client.recv(64).startswith(b"HTTP/1.1 200"), "a connection waited for the stalled worker"
