@@ -160,7 +160,12 @@ def _siblings(gw: Gateway, listener: socket.socket | None) -> SiblingConnections
     workers = gw.settings.listen.workers
     if listener is None or runtime is None or workers < 2:
         return None
-    return SiblingConnections(share_file(runtime), gw.worker_index, workers)
+    try:
+        return SiblingConnections(share_file(runtime), gw.worker_index, workers)
+    except OSError as exc:
+        # Serving matters more than an even spread: this worker takes whatever it finds waiting.
+        log.warning("cannot share connections with the other workers; accepting all that wait", extra={"error": str(exc)})
+        return None
 
 
 def _freeze_what_lives_forever() -> None:

@@ -38,8 +38,9 @@ class SiblingConnections:
         size = workers * _SLOT.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)  # every worker sizes it the same, so racing here is harmless
+            # Allocated, not sparse (a write into a hole of a mapped file on a full disk is a SIGBUS);
+            # every worker sizes it the same, so racing here is harmless.
+            os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)

@@ -137,3 +137,24 @@ async def test_a_worker_holding_more_than_its_share_leaves_a_new_connection_to_i
         sibling.close()
         for client in first:
             client.close()
+
+
+def test_the_shared_file_is_allocated_not_sparse(tmp_path):
+    # A write through a mapping into a hole of a file on a full disk is a SIGBUS, not an error.
+    share = SiblingConnections(share_file(tmp_path), 0, 4)
+    assert share_file(tmp_path).stat().st_blocks > 0
+    share.close()
+
+
+def test_a_worker_that_cannot_share_still_serves(tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from gateway.ops.status.cluster import RUNTIME_ENV
+    from gateway.server import _siblings
+
+    share_file(tmp_path).mkdir()  # the file cannot be opened: it is a directory
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path))
+    gw = SimpleNamespace(settings=SimpleNamespace(listen=SimpleNamespace(workers=2)), worker_index=1)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        assert _siblings(gw, listener) is None  # it accepts whatever waits, as a lone worker does
+    assert "cannot share connections" in caplog.text
