@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway.edge.accept_share import leave_nothing_to
 from gateway.settings import Settings, lake_process_lands
 from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
@@ -126,6 +127,8 @@ class Supervisor:
                 lived = time.monotonic() - self.started_at[index]
                 delay = 0.0 if lived > MAX_BACKOFF_SECS else min(MAX_BACKOFF_SECS, max(0.5, self.backoff.get(index, 0.25) * 2))
                 self.backoff[index] = delay
+                if index != LAKE:
+                    leave_nothing_to(Path(self.runtime_dir), index)
                 what = "the lake process died; restarting it" if index == LAKE else "worker died; restarting"
                 log.error(what, extra={"worker": index, "exit_code": code, "restart_in_secs": delay})
                 self._sleep(delay)

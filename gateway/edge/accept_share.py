@@ -27,6 +27,21 @@ def share_file(runtime: Path) -> Path:
     return runtime / "connections"
 
 
+def leave_nothing_to(runtime: Path, index: int) -> None:
+    """Worker ``index`` is gone (the supervisor saw it exit): its siblings stop leaving it a share.
+
+    Its slot would otherwise keep the count it last published until its replacement starts, and a
+    worker that keeps dying is restarted only after a backoff of up to 30 s.
+    """
+    try:
+        with open(share_file(runtime), "r+b") as shared:
+            if os.fstat(shared.fileno()).st_size >= (index + 1) * _SLOT.size:
+                shared.seek(index * _SLOT.size)
+                shared.write(_SLOT.pack(NOT_ACCEPTING))  # the workers' mappings see it: one page cache
+    except FileNotFoundError:
+        pass  # no worker has shared yet
+
+
 class SiblingConnections:
     """This worker's slot among its siblings': how many connections each holds."""
 

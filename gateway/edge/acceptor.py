@@ -83,7 +83,7 @@ class Acceptor:
         self._connecting: set[asyncio.Task[Any]] = set()
         self._siblings = siblings
         self._held = held
-        self._queue = AcceptQueue(listener)
+        self.queue = AcceptQueue(listener)  # also read by the ConnectionGuard, to shed when it is deep
         self._left_for_siblings: asyncio.TimerHandle | None = None
         self._reading = False
         self._closed = False
@@ -128,7 +128,7 @@ class Acceptor:
     def _quota(self) -> int:
         if self._siblings is None:
             return ACCEPT_BURST
-        waiting = max(1, self._queue.depth())  # woken, so at least one waits (0: the kernel does not say)
+        waiting = max(1, self.queue.depth())  # woken, so at least one waits (0: the kernel does not say)
         return min(ACCEPT_BURST, self._siblings.quota(self._held() + len(self._connecting), waiting))
 
     def _take_what_siblings_left(self) -> None:
@@ -167,10 +167,12 @@ class Acceptor:
             task = self._loop.create_task(self._connect(sock))
             self._connecting.add(task)
             task.add_done_callback(self._connected)
-        if quota < ACCEPT_BURST and self._left_for_siblings is None:
-            # The rest is the siblings' share: stop being woken for it, and take what they leave.
+        if quota < ACCEPT_BURST:
+            # The rest is the siblings' share: stop being woken for it (a woken reader that takes
+            # nothing would spin), and take what they leave.
             self._pause()
-            self._left_for_siblings = self._loop.call_later(LEFT_FOR_SIBLINGS_SECS, self._take_what_siblings_left)
+            if self._left_for_siblings is None:
+                self._left_for_siblings = self._loop.call_later(LEFT_FOR_SIBLINGS_SECS, self._take_what_siblings_left)
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self._connecting.discard(task)

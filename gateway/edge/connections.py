@@ -113,9 +113,9 @@ class ConnectionGuard:
     def open(self) -> int:
         return len(self._conns)
 
-    def watch_accept_queue(self, listener: Any) -> None:
-        """Read how many connections wait in ``listener``'s accept queue as each one is accepted."""
-        self._accept_queue = AcceptQueue(listener)
+    def watch_accept_queue(self, queue: AcceptQueue) -> None:
+        """Read how many connections wait in the listener's accept ``queue`` as each one is accepted."""
+        self._accept_queue = queue
 
     def shed_queued(self, sock: socket.socket) -> bool:
         """As ``sock`` is accepted, before any transport: 503 and close when more than
@@ -440,7 +440,6 @@ class GuardedSite(web.TCPSite):
             from gateway.supervisor import bind_listener
 
             listener = bind_listener(self._host or "0.0.0.0", self._port, self._backlog)
-        self._guard.watch_accept_queue(listener)
         self._server = Acceptor(  # type: ignore[assignment]  # offers what the site uses of a server
             listener,
             self._guard.protocol_factory(server),
@@ -450,6 +449,7 @@ class GuardedSite(web.TCPSite):
             siblings=self._siblings,
             held=lambda: self._guard.open,
         )
+        self._guard.watch_accept_queue(self._server.queue)
         self._guard.count_changed = self._server.publish_held
         self._bound_port = listener.getsockname()[1]
 

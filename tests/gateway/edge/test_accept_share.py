@@ -12,8 +12,9 @@ import socket
 
 import pytest
 
-from gateway.edge.accept_share import NOT_ACCEPTING, SiblingConnections, share_file
+from gateway.edge.accept_share import NOT_ACCEPTING, SiblingConnections, leave_nothing_to, share_file
 from gateway.edge.acceptor import LEFT_FOR_SIBLINGS_SECS, Acceptor
+from tests.gateway.loop_turns import LoopTurns
 
 
 def test_quota_is_the_fair_share_of_held_and_waiting_plus_slack(tmp_path):
@@ -158,3 +159,40 @@ def test_a_worker_that_cannot_share_still_serves(tmp_path, monkeypatch, caplog):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         assert _siblings(gw, listener) is None  # it accepts whatever waits, as a lone worker does
     assert "cannot share connections" in caplog.text
+
+
+def test_a_worker_the_supervisor_saw_exit_is_left_nothing(tmp_path):
+    first = SiblingConnections(share_file(tmp_path), 0, 2)
+    gone = SiblingConnections(share_file(tmp_path), 1, 2)
+    gone.publish(0)  # what a killed worker last said: it would still be left half of what waits
+    assert first.quota(held=6, waiting=2) == 0
+    leave_nothing_to(tmp_path, 1)
+    assert first.quota(held=6, waiting=2) == 3  # alone: all of it (and the slack)
+    leave_nothing_to(tmp_path / "elsewhere", 0)  # before any worker shared: nothing to do
+
+
+async def test_a_worker_over_its_share_is_not_woken_again_while_it_leaves_the_rest(listener, tmp_path):
+    sibling = SiblingConnections(share_file(tmp_path), 1, 2)
+    worker = Holding()
+    acceptor = Acceptor(listener, worker, siblings=SiblingConnections(share_file(tmp_path), 0, 2), held=lambda: worker.held)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(4)]
+    quotas = []
+    real_quota = acceptor._quota
+    acceptor._quota = lambda: quotas.append(1) or real_quota()
+    try:
+        await wait_until(lambda: worker.held == 4)
+        sibling.publish(0)
+        clients.append(socket.create_connection(listener.getsockname()))  # over its share: left to the sibling
+        await wait_until(lambda: len(quotas) >= 2)  # woken for it, and found its share taken
+        acceptor._resume()  # as the pause after running out of file descriptors ends meanwhile
+        woken = len(quotas)
+        turns = LoopTurns()
+        await wait_until(lambda: turns.number >= 20)
+        turns.stop()
+        assert len(quotas) <= woken + 1  # one more look, then asleep until the sibling's share is due
+        await wait_until(lambda: worker.held == 5)
+    finally:
+        acceptor.close()
+        sibling.close()
+        for client in clients:
+            client.close()
