@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.durable.retry_ledger import RetryLedger
-from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog
+from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, fresh_log_origin
 from gateway.durable.wal_layout import SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger) -> None:
 
 def _catch_up_slot(slot: WalSlot, ledger: RetryLedger, *, segment_bytes: int, max_total_bytes: int) -> None:
     lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire()
-    wal = WriteAheadLog(slot.directory / "segments", segment_bytes=segment_bytes, max_total_bytes=max_total_bytes)
+    wal = WriteAheadLog(slot.directory / "segments", segment_bytes=segment_bytes, max_total_bytes=max_total_bytes, first_lsn=fresh_log_origin())
     try:
         wal.open()
         catch_up(wal, ledger, wal_id(slot.directory), slot.directory)

@@ -167,6 +167,19 @@ class _Segment:
     size: int
 
 
+def fresh_log_origin() -> int:
+    """The first LSN of a new, empty log: the microsecond it is created.
+
+    Lake object keys are ``<gateway_id>-<first_lsn>-<last_lsn>``: a log started afresh under a gateway
+    id that landed before (a new ``wal.dir``, a rebuilt disk, a replacement keeping the host name)
+    would otherwise number its records from 0 again and overwrite that earlier life's objects. Two
+    lives overlap only if the earlier one took more than a record per microsecond on average over its
+    whole life (a worker takes a few hundred thousand a second), or the clock ran back further than
+    that life lasted.
+    """
+    return time.time_ns() // 1000
+
+
 def _segment_name(first_lsn: int) -> str:
     return f"{first_lsn:020d}.wal"
 
@@ -251,8 +264,10 @@ class WriteAheadLog:
         on_rollback: Callable[[int], None] | None = None,
         on_durable: Callable[[int, list], None] | None = None,
         board: Board | None = None,
+        first_lsn: int = 0,
     ) -> None:
         self.directory = Path(directory)
+        self._first_lsn = first_lsn  # where a new, empty log starts numbering (see fresh_log_origin)
         self.segment_bytes = segment_bytes
         self.max_total_bytes = max_total_bytes
         self._fsync = fsync
@@ -307,8 +322,9 @@ class WriteAheadLog:
         if self._segments:
             self._recover_last_segment()
         else:
-            self._fd, segment = self._create_segment(0)
+            self._fd, segment = self._create_segment(self._first_lsn)
             self._segments.append(segment)
+            self._next_lsn = self._first_lsn
         self._set_durable((self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size))
         self._closed = False
 

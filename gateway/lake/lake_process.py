@@ -34,7 +34,7 @@ from prometheus_client import generate_latest
 from gateway.durable.wal_board import ReleasedPositions, durable_board, released_board
 from gateway.durable.wal_follower import WalFollower
 from gateway.durable.wal_layout import slot_for
-from gateway.lake.zones import Zones
+from gateway.lake.zones import Zones, needs_scorer
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.status.cluster import lake_socket, runtime_dir
 from gateway.supervisor import LAKE
@@ -53,14 +53,14 @@ class LakeProcess:
         base_id = settings.gateway.gateway_id or socket.gethostname().split(".")[0]
         self.metrics = GatewayMetrics()
         self.scorer = None
-        if settings.inference.enabled:
+        slots = [slot_for(settings.wal.dir, base_id, index, settings.listen.workers) for index in range(settings.listen.workers)]
+        if needs_scorer(settings, [slot.directory for slot in slots]):
             from gateway.lake.curated import CuratedScorer
 
             self.scorer = CuratedScorer(settings.inference, self.metrics)
         self.zones: list[Zones] = []
         self.draining = False
-        for index in range(settings.listen.workers):
-            slot = slot_for(settings.wal.dir, base_id, index, settings.listen.workers)
+        for slot in slots:
             follower = WalFollower(slot.directory / "segments", durable_board(slot.directory), ReleasedPositions(released_board(slot.directory)))
             sink = build_sink(settings, slot)
             self.metrics.watch_sink(sink)

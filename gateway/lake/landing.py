@@ -20,6 +20,12 @@ under ``deadletter/<zone>/...`` after bounded retries (rebuilt from the WAL as p
 it never blocks the zone and none of its records is skipped. Frames the zone's prepare step (the
 curated zone's scoring) keeps failing on are retried, then prepared one by one: only the frames
 that still fail alone go to the dead-letter prefix.
+
+A zone turned off (the curated zone, with ``inference.enabled = false``) still owes what was
+acknowledged while it was on. It starts *retiring*: ``until`` (in its state) is the WAL's durable
+end at the first start without it, and it lands every record below that, then publishes
+``RETIRED`` so it pins no segment. Turned on again, it carries on from its position: what the WAL
+still holds of the time it was off lands too; what was released meanwhile is never in it (logged).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ LSN_DIGITS = 16
 READ_BATCH_BYTES = 8 * 1024 * 1024
 GATHER_RECORDS = 20_000  # frames waiting past this many records are read at once
 DEAD_LETTER_PREFIX = "deadletter"
+# The position a retired zone publishes: past every LSN, so it never holds a segment back.
+RETIRED = 2**63 - 1
 
 
 class ObjectBuilder(Protocol):
@@ -76,6 +84,33 @@ class LanderState(msgspec.Struct):
     position: int = 0
     landed: dict[str, int] = {}
     sealed: list[tuple[int, int, int]] = []  # (hour, first_lsn, last_lsn)
+    # "hour:first_lsn" of a sealed object -> (gateway_id, dataset) it is named with: a replay after a
+    # restart that renamed either must land it under the key it may already have.
+    names: dict[str, tuple[str, str]] = {}
+    until: int | None = None  # retiring (the zone is turned off): it owes the records below this LSN
+
+
+def state_path(state_dir: str | os.PathLike[str], zone: str) -> Path:
+    return Path(state_dir) / f"{zone}.state"
+
+
+def owes_records(state_dir: str | os.PathLike[str], zone: str) -> bool:
+    """Whether a zone that is turned off may still owe records acknowledged while it was on.
+
+    Only its state file can say: none means it never ran here; a retirement finished says no.
+    """
+    path = state_path(state_dir, zone)
+    if not path.exists():
+        return False
+    state_file = ReservedStateFile(path)
+    try:
+        payload = state_file.open()
+    finally:
+        state_file.close()
+    if payload is None:
+        return False
+    state = msgspec.json.decode(payload, type=LanderState)
+    return state.until is None or state.position < state.until or bool(state.sealed)
 
 
 @dataclass(slots=True)
@@ -93,6 +128,7 @@ class _Pending:
     max_event_ms: int = 0
     touched: float = 0.0
     cut_at: int | None = None  # from a sealed intent found on replay
+    named: tuple[str, str] | None = None  # (gateway_id, dataset) of a sealed intent found on replay
     dead_letter_reason: str | None = None  # frames that could not be prepared: straight to dead-letter
 
     def add(self, frame: Frame, now: float) -> None:
@@ -125,6 +161,8 @@ class LanderSettings:
     # fixed cost (a thread hop, the curated zone's decode and scoring calls), so small reads at
     # moderate load cost many times more CPU per record. Acknowledgements never wait for landing.
     read_interval_secs: float = 0.1
+    # The zone is turned off: land what it owes (state ``until``), then stop and release everything.
+    retiring: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -147,7 +185,7 @@ class ZoneLander:
         self._sink = sink
         self._new_builder = builder_factory
         self._state_dir = Path(state_dir)
-        self._state_file = ReservedStateFile(self._state_dir / f"{settings.zone}.state")
+        self._state_file = ReservedStateFile(state_path(self._state_dir, settings.zone))
         self._observer = observer
         self._prepare = prepare  # e.g. scoring for the curated zone, before frames join objects
         self._kinds = frozenset({settings.kind})
@@ -166,6 +204,8 @@ class ZoneLander:
         self._reading_from: int | None = None
         self._last_read = 0.0
         self._persisted_segment = -1  # first LSN of the segment the persisted position is in
+        self._retired = False
+        self._retirement_changed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +214,7 @@ class ZoneLander:
         if self._reader is not None:
             return
         self._state = await asyncio.to_thread(self._load_state)
+        self._retirement_changed = self._settle_retirement()
         for hour, first, last in self._state.sealed:
             self._intents[(hour, first)] = last
         self._persisted_segment = self._wal.segment_start(self._state.position)
@@ -183,10 +224,40 @@ class ZoneLander:
     async def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
         """Run the zone; ``on_death`` is told if it ever stops on an error (its records wait in the WAL)."""
         await self.load()
+        if self._retirement_changed:
+            # Where it stops owing (or that it owes again), written before anything else is acknowledged.
+            await self._persist_state()
         self._task = asyncio.create_task(self._run(), name=f"lander-{self.zone}")
         self._task.add_done_callback(self._report_death)
         if on_death is not None:
             self._task.add_done_callback(lambda task: _if_failed(task, on_death))
+
+    def _settle_retirement(self) -> bool:
+        """Fix where a retiring zone stops, or say what a zone turned on again missed while off;
+        True when the state changed."""
+        state = self._state
+        if self.settings.retiring:
+            changed = state.until is None
+            if changed:
+                # Everything durable now was acknowledged while the zone was on (or before this start).
+                state.until = max(state.position, self._wal.durable_lsn)
+            log.warning(
+                "zone turned off; landing what it owes first",
+                extra={"zone": self.zone, "gateway_id": self.settings.gateway_id, "from_lsn": state.position, "until_lsn": state.until},
+            )
+            return changed
+        if state.until is None:
+            return False
+        first = self._wal.first_lsn
+        if state.position < first:
+            log.warning(
+                "zone turned on again; records acknowledged while it was off and already released from the WAL are not in it",
+                extra={"zone": self.zone, "gateway_id": self.settings.gateway_id, "missing_from_lsn": state.position, "missing_to_lsn": first - 1},
+            )
+        else:
+            log.info("zone turned on again; it lands what the WAL still holds from while it was off", extra={"zone": self.zone, "from_lsn": state.position})
+        state.until = None
+        return True
 
     def _report_death(self, task: asyncio.Task[None]) -> None:
         # Records stay safe in the WAL, but nothing lands until a restart: that must be loud.
@@ -230,6 +301,9 @@ class ZoneLander:
         failures = 0  # consecutive failures to prepare the frames at the reader's position
         while True:
             reader = self._reader
+            if self.settings.retiring and reader.lsn >= self._state.until:
+                await self._retire()
+                return
             timeout = self._seconds_to_next_roll()
             has_data = await self._wal.wait_for_data(reader.lsn, timeout, stop=lambda: self._draining)
             if has_data:
@@ -243,6 +317,8 @@ class ZoneLander:
                 unpreparable: dict[int, str] = {}
                 try:
                     frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
+                    if self.settings.retiring:  # what was acknowledged after the zone was turned off is not its own
+                        frames = [f for f in frames if f.lsn < self._state.until]
                     if frames and self._prepare is not None:
                         wanted = [f for f in frames if self._wanted(f)]
                         if failures < self.settings.max_object_attempts:
@@ -288,6 +364,17 @@ class ZoneLander:
                 else:
                     await asyncio.sleep(delay)
             self._report_backlog()
+
+    async def _retire(self) -> None:
+        """Land the last objects, keep the position at ``until`` (where a zone turned on again resumes),
+        then release every segment."""
+        await self._seal(list(self._open.values()), reason="retire")
+        while self._uploads:
+            await asyncio.gather(*list(self._uploads), return_exceptions=True)
+        await self._persist_state()
+        self._retired = True
+        self._wal.release(self.zone, RETIRED)
+        log.warning("zone retired: everything it owed has landed", extra={"zone": self.zone, "gateway_id": self.settings.gateway_id, "until_lsn": self._state.until})
 
     async def _gather(self, lsn: int) -> None:
         """Let frames gather until ``read_interval_secs`` after the last read, unless a full read waits."""
@@ -343,6 +430,8 @@ class ZoneLander:
                     due.append(victim)
                 pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
                 pending.cut_at = self._intents.pop((frame.hour, frame.lsn), None)
+                if pending.cut_at is not None:
+                    pending.named = self._state.names.get(_intent_id(frame.hour, frame.lsn))
                 self._open[frame.hour] = pending
             pending.add(frame, now)
             full = pending.builder.size >= self.settings.target_object_bytes
@@ -381,6 +470,7 @@ class ZoneLander:
             intent = (pending.hour, pending.first_lsn, pending.last_lsn)
             if intent not in self._state.sealed:
                 self._state.sealed.append(intent)
+            self._state.names[_intent_id(pending.hour, pending.first_lsn)] = self._names_of(pending)
         await self._persist_state()
         for pending in due:
             previous = self._chains.get(pending.hour)
@@ -403,6 +493,7 @@ class ZoneLander:
             await self._build_and_upload(pending)
         self._sealed.remove(pending)
         self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
+        self._state.names.pop(_intent_id(pending.hour, pending.first_lsn), None)
         self._state.landed[str(pending.hour)] = pending.last_lsn
         await self._persist_state()
         if self._chains.get(pending.hour) is asyncio.current_task():
@@ -494,10 +585,11 @@ class ZoneLander:
 
     def _lake_object(self, pending: _Pending, body: bytes, prefix: str = "", extension: str = "") -> LakeObject:
         s = self.settings
+        gateway_id, dataset = self._names_of(pending)
         dt = time.strftime("%Y-%m-%d", time.gmtime(pending.hour * 3600))
         hh = time.strftime("%H", time.gmtime(pending.hour * 3600))
-        partition = Partition(zone=s.zone, dataset=s.dataset, dt=dt, hour=hh)
-        name = f"{s.gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}"
+        partition = Partition(zone=s.zone, dataset=dataset, dt=dt, hour=hh)
+        name = f"{gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}"
         return LakeObject(
             partition=partition,
             key=f"{prefix}{partition.prefix}/{name}.{extension or pending.builder.extension}",
@@ -511,6 +603,10 @@ class ZoneLander:
             metadata=dict(s.extra),
         )
 
+    def _names_of(self, pending: _Pending) -> tuple[str, str]:
+        """The (gateway_id, dataset) an object's key is made of: as first sealed, else as configured now."""
+        return pending.named or (self.settings.gateway_id, self.settings.dataset)
+
     # -- state -------------------------------------------------------------------------------
 
     def _current_position(self) -> int:
@@ -518,6 +614,8 @@ class ZoneLander:
         firsts = [p.first_lsn for p in (*tuple(self._open.values()), *tuple(self._sealed))]
         if self._reading_from is not None:
             firsts.append(self._reading_from)
+        if self.settings.retiring:  # a zone turned on again resumes exactly where it stopped owing
+            firsts.append(self._state.until)
         return min([self._reader.lsn, *firsts])
 
     async def _persist_state(self) -> None:
@@ -554,11 +652,13 @@ class ZoneLander:
         # Intents whose frames are all gone from the WAL were landed before their state was written.
         floor = self._wal.first_lsn
         state.sealed = [intent for intent in state.sealed if intent[2] >= floor]
+        kept = {_intent_id(hour, first) for hour, first, _ in state.sealed}
+        state.names = {key: names for key, names in state.names.items() if key in kept}
         return state
 
     def unlanded(self) -> tuple[int, float]:
         """Now: WAL bytes this zone has not landed, and how long its oldest unlanded record has waited."""
-        if self._reader is None:
+        if self._reader is None or self._retired:
             return 0, 0.0
         pending = (*tuple(self._open.values()), *tuple(self._sealed))  # copies: _absorb runs in a thread
         oldest_ms = min((p.oldest_received_ms for p in pending), default=None)
@@ -567,6 +667,10 @@ class ZoneLander:
 
     def _report_backlog(self) -> None:
         self._observer.backlog(self.zone, *self.unlanded())
+
+
+def _intent_id(hour: int, first_lsn: int) -> str:
+    return f"{hour}:{first_lsn}"
 
 
 def _if_failed(task: asyncio.Task[None], call: Callable[[BaseException], None]) -> None:

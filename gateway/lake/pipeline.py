@@ -35,13 +35,14 @@ import msgspec
 
 from connectors.base import ObjectSink
 from gateway.lake.landing import ZoneLander
-from gateway.lake.zones import Zones, zone_names
+from gateway.durable.wal_board import ZONES
+from gateway.lake.zones import Zones, needs_scorer
 from gateway.ops.metrics import GatewayMetrics
 from gateway.durable.ledger_catch_up import RequestRecord, catch_up
 from gateway.durable.retry_ledger import RetryLedger
 from gateway.settings import Settings
 from gateway.ingest.spool import Spool
-from gateway.durable.wal import KIND_REQUEST, WriteAheadLog, encode_frame
+from gateway.durable.wal import KIND_REQUEST, WriteAheadLog, encode_frame, fresh_log_origin
 from gateway.durable.wal_board import ReleasedPositions, durable_board, released_board
 from gateway.durable.wal_layout import WalSlot, wal_id
 
@@ -91,16 +92,16 @@ class Pipeline:
             on_durable=self._record_durable,
             on_rollback=self._forget_beyond,
             board=durable_board(wal_dir) if landing_elsewhere else None,
+            first_lsn=fresh_log_origin(),  # used only if the directory holds no log yet
         )
         self.zones: Zones | None = None
         self.scorer: CuratedScorer | None = None
-        self._zone_names = zone_names(settings)
         self._released: ReleasedPositions | None = None
         self._follow_task: asyncio.Task[None] | None = None
         if landing_elsewhere:
             self._released = ReleasedPositions(released_board(wal_dir))
             return
-        if settings.inference.enabled:
+        if needs_scorer(settings, [wal_dir]):
             # Imported only here: NumPy, Arrow and the batcher cost a worker 0.2 s of start-up and
             # tens of MiB that a gateway landing only the raw zone never uses.
             from gateway.lake.curated import CuratedScorer
@@ -123,7 +124,8 @@ class Pipeline:
                 self.wal_id = await asyncio.to_thread(wal_id, self.slot.directory)
                 await asyncio.to_thread(self._catch_up_ledger)
             if self.zones is None:
-                self.wal.expect_consumers(self._zone_names)
+                # The lake process publishes every zone: a position, or RETIRED for one that is off and owes nothing.
+                self.wal.expect_consumers(ZONES)
                 self._follow_task = asyncio.create_task(self._follow_releases(), name="wal-releases")
                 return
             if self.scorer is not None:
@@ -139,8 +141,7 @@ class Pipeline:
         while True:
             try:
                 for zone, position in self._released.read().items():
-                    if zone in self._zone_names:
-                        self.wal.release(zone, position)
+                    self.wal.release(zone, position)
                 failing = False
             except Exception:  # a damaged board only delays deletion: the WAL refuses when full
                 if not failing:  # once, not ten times a second

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from connectors.base import ObjectSink
 from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, WriteAheadLog
+from gateway.durable.wal_board import ZONES
 from gateway.durable.wal_layout import LANDING_LOCK, DirectoryLock, WalSlot
 from gateway.lake.formats import ZstdNdjsonBuilder
-from gateway.lake.landing import LanderSettings, ZoneLander
+from gateway.lake.landing import RETIRED, LanderSettings, ZoneLander, owes_records
 from gateway.ops.metrics import GatewayMetrics
 from gateway.settings import Settings
 
@@ -24,6 +25,21 @@ if TYPE_CHECKING:
 def zone_names(settings: Settings) -> list[str]:
     """The zones a WAL is landed into: each one a consumer that must release a segment before it goes."""
     return ["raw", "quarantine", *(["curated"] if settings.inference.enabled else [])]
+
+
+def owing_zones(settings: Settings, slot_directory) -> list[str]:
+    """Zones turned off that may still owe this WAL's records acknowledged while they were on."""
+    on = zone_names(settings)
+    return [zone for zone in ZONES if zone not in on and owes_records(consumers_dir(slot_directory), zone)]
+
+
+def consumers_dir(slot_directory):
+    return slot_directory / "consumers"
+
+
+def needs_scorer(settings: Settings, slot_directories) -> bool:
+    """The curated zone is on, or is off but still owes one of these WALs records."""
+    return settings.inference.enabled or any("curated" in owing_zones(settings, d) for d in slot_directories)
 
 
 class Zones:
@@ -44,6 +60,9 @@ class Zones:
         self.scorer = scorer  # its owner starts and closes it: the lake process shares one between WALs
         lake = settings.lake
 
+        configured = zone_names(settings)
+        owing = owing_zones(settings, slot.directory)
+
         def lander(zone: str, kind: int, builder=None, prepare=None) -> ZoneLander:
             return ZoneLander(
                 LanderSettings(
@@ -54,18 +73,21 @@ class Zones:
                     target_object_bytes=lake.target_object_bytes,
                     max_object_age_secs=lake.max_object_age_secs,
                     max_open_partitions=lake.max_open_partitions,
+                    retiring=zone in owing,
                 ),
                 wal=wal,  # type: ignore[arg-type]  # a follower offers what a lander uses of a log
                 sink=sink,
                 builder_factory=builder or (lambda: ZstdNdjsonBuilder(lake.zstd_level)),
-                state_dir=slot.directory / "consumers",
+                state_dir=consumers_dir(slot.directory),
                 observer=metrics,
                 prepare=prepare,
             )
 
         # Step 7 and the quarantine zone: each its own consumer of the WAL.
         self.landers = [lander("raw", KIND_RECORDS), lander("quarantine", KIND_QUARANTINE)]
-        if scorer is not None:
+        if "curated" in owing and scorer is None:
+            raise ValueError("the curated zone is off but still owes records: it needs a scorer (see needs_scorer)")
+        if scorer is not None and ("curated" in configured or "curated" in owing):
             # Imported only here: NumPy, Arrow and the batcher cost a process 0.2 s of start-up and
             # tens of MiB that landing only the raw zone never uses.
             from gateway.lake.curated import ParquetBuilder, prepare_frames
@@ -82,6 +104,10 @@ class Zones:
         await self.sink.start()
         # Every zone says what it still needs before any zone can release a segment.
         self.wal.expect_consumers([lander.zone for lander in self.landers])
+        landed = {lander.zone for lander in self.landers}
+        for zone in ZONES:
+            if zone not in landed:  # off and owing nothing: an owner waiting for every zone hears it needs nothing
+                self.wal.release(zone, RETIRED)
         for lander in self.landers:
             await lander.load()
         for lander in self.landers:

@@ -89,7 +89,7 @@ NOTES: dict[str, str] = {
     "s3.connect_timeout_secs": "Connecting to S3 gives up after this long (then retried).",
     "s3.read_timeout_secs": "An S3 answer slower than this fails (then retried).",
     "gateway.max_event_age_secs": "Records stamped further in the past than this are partitioned by arrival time.",
-    "inference.enabled": "Score records and land the curated zone (Parquet); off: raw and quarantine only.",
+    "inference.enabled": "Score records and land the curated zone (Parquet); off: raw and quarantine only (turned off, the curated zone first lands what it owes).",
     "log.level": "Log level of the JSON lines on stderr; `DEBUG` adds the gateway's own detail.",
     "glue.database": "The Glue database holding the lake's tables (required in `[glue]`).",
     "glue.datasets": "Datasets whose tables are created at start.",

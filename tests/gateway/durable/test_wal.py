@@ -21,6 +21,7 @@ from gateway.durable.wal import (
     WriteAheadLog,
     encode_frame,
     expand_shared,
+    fresh_log_origin,
     shared_payload,
 )
 
@@ -107,6 +108,19 @@ async def test_reopen_continues_lsns_and_keeps_records(tmp_path):
     assert await wal.append([frame(1)]) == 5
     assert [f.lsn for f in read_all(wal)] == [0, 4]
     await wal.close()
+
+
+async def test_a_new_log_numbers_from_its_origin_and_a_reopened_one_ignores_it(tmp_path):
+    origin = fresh_log_origin()
+    wal = await open_wal(tmp_path, first_lsn=origin)
+    assert wal.next_lsn == wal.first_lsn == wal.durable_lsn == origin
+    assert await wal.append([frame(3)]) == origin + 3
+    await wal.close()
+    later = await open_wal(tmp_path, first_lsn=fresh_log_origin())  # a restart: the log on disk decides
+    assert later.next_lsn == origin + 3
+    assert [f.lsn for f in read_all(later, origin)] == [origin]
+    await later.close()
+    assert fresh_log_origin() > origin  # a second new log, later, starts past the first one's records
 
 
 @pytest.mark.parametrize("tail", [b"\x05\x00", frame(3)[:-7], b"\xff" * 64], ids=["short-header", "short-payload", "garbage"])

@@ -14,6 +14,7 @@ from gateway.durable.wal_board import Board, ReleasedPositions, durable_board, r
 from gateway.durable.wal_follower import WalFollower
 from gateway.lake.pipeline import Pipeline
 from gateway.durable.wal_layout import WalLocked, WalSlot
+from gateway.lake.landing import RETIRED
 from gateway.lake.zones import Zones
 from gateway.ops.metrics import GatewayMetrics
 from gateway.settings import Settings
@@ -79,15 +80,16 @@ async def test_the_owner_deletes_a_segment_only_once_every_zone_released_it(tmp_
     for i in range(30):
         await wal.append([frame(5, b"c%d" % i)])
     first_segments = len(wal._segments)
+    origin = wal._segments[0].first_lsn  # a new log numbers from its creation time (fresh_log_origin)
     released = ReleasedPositions(released_board(tmp_path))
-    released.publish("raw", 150)
-    released.publish("quarantine", 150)
+    released.publish("raw", origin + 150)
+    released.publish("quarantine", origin + 150)
     await asyncio.sleep(0.3)
     assert len(wal._segments) == first_segments  # the curated zone has said nothing yet
-    released.publish("curated", 100)
+    released.publish("curated", origin + 100)
     await asyncio.sleep(0.3)
     kept = wal._segments
-    assert len(kept) < first_segments and kept[0].first_lsn <= 100 < (kept[1].first_lsn if len(kept) > 1 else 1 << 62)
+    assert len(kept) < first_segments and kept[0].first_lsn <= origin + 100 < (kept[1].first_lsn if len(kept) > 1 else 1 << 62)
     await pipeline.close()
 
 
@@ -179,6 +181,7 @@ async def test_zones_that_start_forget_what_an_earlier_life_published(tmp_path):
     zones.wal.expect_consumers(["raw", "quarantine"])  # the first thing starting zones do
     assert ReleasedPositions(released_board(tmp_path)).read() == {}
     await zones.start()
-    assert ReleasedPositions(released_board(tmp_path)).read() == {"raw": 0, "quarantine": 0}
+    # A zone these zones do not land (no scorer: no curated zone) needs nothing: the owner hears so.
+    assert ReleasedPositions(released_board(tmp_path)).read() == {"raw": 0, "quarantine": 0, "curated": RETIRED}
     await zones.close()
     await wal.close()

@@ -305,3 +305,31 @@ async def test_a_frame_of_a_kind_this_version_does_not_know_stops_the_zone_witho
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == [0, 1, 2]
     assert zone.position == 3, "the zone's position passed a frame it could not read"
+
+
+async def test_an_object_replayed_after_a_rename_keeps_the_key_it_was_sealed_with(tmp_path):
+    """Landed, then killed before its state said so; restarted with another gateway id and dataset:
+    the replay must rewrite the same key, not add a second copy under the new names."""
+    wal = await open_wal(tmp_path)
+    landed = asyncio.Event()
+
+    class HangsAfterLanding(LocalLakeSink):
+        async def put_object(self, obj):
+            result = await super().put_object(obj)
+            landed.set()
+            await asyncio.Event().wait()  # killed here: the upload is done, its state is not written
+            return result
+
+    first = lander(tmp_path, wal, HangsAfterLanding(tmp_path / "lake"), gateway_id="gw-a", dataset="old")
+    await first.start()
+    await wal.append([frame(range(6))])
+    await asyncio.wait_for(landed.wait(), 5)
+    await first.close()
+    renamed = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), gateway_id="gw-b", dataset="new")
+    await renamed.start()
+    await wal.append([frame(range(6, 9))])
+    assert await renamed.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == list(range(9))
+    keys = sorted(str(p.relative_to(tmp_path / "lake")) for p in (tmp_path / "lake").rglob("*.zst"))
+    assert len(keys) == 2 and "old" in keys[0] + keys[1] and "new" in keys[0] + keys[1], keys
