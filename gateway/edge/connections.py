@@ -12,6 +12,10 @@ connection's protocol is wrapped in ``_GuardedProtocol``, which keeps one timer 
 ``_Framing`` tells where a request ends in the byte stream (headers, then Content-Length bytes or a
 chunked body), so bytes pipelined behind a complete request cannot pass for an idle connection.
 
+A client that shuts down its sending side right after a complete request (``shutdown(SHUT_WR)``)
+is still answered: the transport stays open for the answers to every complete request, then
+closes. Its records land either way; unanswered, a device would resend the same body for ever.
+
 Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
 cannot exhaust file descriptors; but first the oldest connection that has never sent a byte is
 closed to make room, so sockets opened and left silent cannot keep devices out. One source address
@@ -83,6 +87,9 @@ class _Conn:
     spoke: bool = False  # has sent at least one byte
     timer: asyncio.TimerHandle | None = None
     header_since: float | None = None  # when buffered bytes of a not yet complete request began
+    parsed: int = 0  # requests whose headers were parsed
+    answered: int = 0  # requests whose handler returned
+    half_closed: bool = False  # the client sent EOF after complete requests: answer them, then close
 
 
 class ConnectionGuard:
@@ -241,6 +248,8 @@ class ConnectionGuard:
             conn.timer = None
         try:
             response = await handler(request)
+            if conn.half_closed and conn.parsed <= conn.answered + 1:
+                response.force_close()  # the last answer the client is waiting for
             if response.status in (429, 503) and not self._shared_source(conn.source):
                 # Asked again before its Retry-After was over: this source's answers come late.
                 retry_after = response.headers.get("Retry-After", "1")
@@ -255,8 +264,16 @@ class ConnectionGuard:
             return response
         finally:
             conn.active -= 1
+            conn.answered += 1
             if conn.active == 0:
                 self._after_response(conn)
+
+    def _answers_after_eof(self, conn: _Conn, between_requests: bool) -> bool:
+        """The client sent EOF: keep the connection open to answer what it sent whole, if anything."""
+        if between_requests and (conn.active or conn.parsed > conn.answered):
+            conn.half_closed = True
+            return True
+        return False
 
     def _after_response(self, conn: _Conn) -> None:
         s = self._settings()
@@ -305,10 +322,16 @@ class _GuardedProtocol(asyncio.Protocol):
             if getattr(inner, "_request_count", 0) != parsed and inner._messages:
                 message, payload = inner._messages[-1]
                 conn.header_since = None
+                conn.parsed += 1
                 framing.request_parsed(message, payload)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._accepted else None
+        if not self._accepted:
+            return None
+        conn = self._guard._conns.get(self._inner)
+        if conn is not None and self._guard._answers_after_eof(conn, self._framing.between_requests()):
+            return True  # the transport stays open for writing; the last answer closes it
+        return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._accepted:
@@ -337,7 +360,7 @@ class _Framing:
         self._body_left = 0  # Content-Length bytes of the current request still to come
         self._chunked = None  # the payload of a chunked request until it ends
 
-    def _between_requests(self) -> bool:
+    def between_requests(self) -> bool:
         if self._chunked is not None and self._chunked.is_eof():
             self._chunked = None
         return self._body_left == 0 and self._chunked is None
@@ -354,7 +377,7 @@ class _Framing:
         """``data`` cut where a request's headers or body end; each piece says if it starts a request."""
         start = 0
         while start < len(data):
-            between = self._between_requests()
+            between = self.between_requests()
             if self._body_left:
                 end = min(len(data), start + self._body_left)
                 self._body_left -= end - start

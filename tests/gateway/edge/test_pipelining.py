@@ -75,3 +75,29 @@ async def test_complete_pipelined_requests_are_answered_and_the_connection_stays
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await read_response(reader))[0] == 200
     writer.close()
+
+
+async def test_a_client_that_shuts_its_side_after_sending_is_answered_then_closed(tmp_path, start):
+    """``shutdown(SHUT_WR)`` right after the requests: each complete one is answered, then the
+    connection closes (aiohttp alone closes at EOF: the records land, the device never hears so)."""
+    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
+    gw = await start(env)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(signed_post(env, "dev-1", 5) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write_eof()
+    await writer.drain()
+    assert [(await read_response(reader))[0] for _ in range(2)] == [202, 200]
+    assert await closed_within(reader, 5), "the half-closed connection stayed open after its answers"
+    writer.close()
+
+
+async def test_a_client_that_shuts_its_side_mid_request_is_closed_without_an_answer(tmp_path, start):
+    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
+    gw = await start(env)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    request = signed_post(env, "dev-1", 5)
+    writer.write(request[:-10])  # the body is 10 bytes short: it can never be complete now
+    writer.write_eof()
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
