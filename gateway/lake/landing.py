@@ -17,7 +17,8 @@ pending moves its position as it reads (an idle zone never pins the WAL). The st
 reserved when the zone first starts, so a full disk cannot stop the write that frees WAL space.
 An object that cannot be built, or that the sink refuses for good, is written with its reason
 under ``deadletter/<zone>/...`` after bounded retries (rebuilt from the WAL as plain NDJSON), so
-it never blocks the zone and none of its records is skipped. Frames the zone's prepare step (the
+it never blocks the zone and none of its records is skipped; a sink that refuses the dead-letter
+object too refuses everything, so the object is retried instead. Frames the zone's prepare step (the
 curated zone's scoring) keeps failing on are retried, then prepared one by one: only the frames
 that still fail alone go to the dead-letter prefix.
 
@@ -530,8 +531,13 @@ class ZoneLander:
                 if isinstance(exc, PermanentError):
                     refusals += 1
                     if refusals >= self.settings.max_object_attempts:
-                        log.error("the sink refuses this object for good; dead-lettering it", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
-                        return await self._dead_letter(pending, f"refused by the sink: {exc}")
+                        # Dead-lettered only if the sink takes another object: one that refuses that
+                        # too (access denied, no such bucket) refuses everything, and when it is mended
+                        # the records belong in their zone, not under the dead-letter prefix.
+                        landed = await self._dead_letter(pending, f"refused by the sink: {exc}", attempts=1)
+                        if landed is not None:
+                            return landed
+                        refusals = 0
                 if isinstance(exc, ConnectorError):
                     level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
                     log.log(level, "landing failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
@@ -540,28 +546,37 @@ class ZoneLander:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_secs)
 
-    async def _dead_letter(self, pending: _Pending, reason: str) -> LandedObject:
-        """Land the object's records as they are in the WAL, with the reason, under the dead-letter prefix."""
+    async def _dead_letter(self, pending: _Pending, reason: str, attempts: int | None = None) -> LandedObject | None:
+        """Land the object's records as they are in the WAL, with the reason, under the dead-letter prefix.
+
+        Retried until it lands, or given up (None) after ``attempts`` refusals for good.
+        """
         body, records = await asyncio.to_thread(self._rebuild_plain, pending)
         obj = self._lake_object(pending, body, prefix=f"{DEAD_LETTER_PREFIX}/", extension=ZstdNdjsonBuilder.extension)
         obj = dataclasses.replace(obj, records=records, metadata={**obj.metadata, "deadletter-reason": reason[:512]})
-        log.critical(
-            "object dead-lettered",
-            extra={"zone": self.zone, "key": obj.key, "records": records, "reason": reason},
-        )
-        self._observer.dead_lettered(self.zone, records, reason.split(":", 1)[0])
         delay = self.settings.retry_initial_secs
         while True:
             try:
                 async with self._upload_slots:
                     landed = await self._sink.put_object(obj)
-                self._observer.landed(self.zone, landed, 0.0)
-                return landed
             except Exception as exc:
                 self._observer.landing_failed(self.zone, exc)
+                if attempts is not None and isinstance(exc, PermanentError):
+                    attempts -= 1
+                    if attempts <= 0:
+                        log.error(
+                            "the sink refuses the dead-letter object too: it refuses everything, not this object; retrying it",
+                            extra={"zone": self.zone, "key": obj.key, "error": str(exc)},
+                        )
+                        return None
                 log.error("dead-lettering failed; will retry", extra={"zone": self.zone, "key": obj.key, "error": str(exc)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_secs)
+                continue
+            log.critical("object dead-lettered", extra={"zone": self.zone, "key": obj.key, "records": records, "reason": reason})
+            self._observer.dead_lettered(self.zone, records, reason.split(":", 1)[0])
+            self._observer.landed(self.zone, landed, 0.0)
+            return landed
 
     def _rebuild_plain(self, pending: _Pending) -> tuple[bytes, int]:
         """The pending object's records, read again from the WAL, as zstd NDJSON."""

@@ -208,6 +208,38 @@ async def test_an_object_the_sink_refuses_for_good_is_dead_lettered_after_bounde
     assert [line["seq"] for line in read_zone(tmp_path / "lake" / "deadletter", "raw")] == list(range(4))
 
 
+async def test_a_sink_that_refuses_everything_for_a_while_gets_every_record_in_its_zone(tmp_path):
+    """Access denied to every object (a bucket policy mended minutes later) is the sink's fault, not
+    the objects': nothing is dead-lettered, everything lands in the zone once the sink takes it."""
+    wal = await open_wal(tmp_path)
+
+    class DeniesForAWhile(LocalLakeSink):
+        refusals = 0
+
+        async def put_object(self, obj):
+            if self.refusals < 12:
+                self.refusals += 1
+                raise PermanentError("AccessDenied", endpoint="test")
+            return await super().put_object(obj)
+
+    sink = DeniesForAWhile(tmp_path / "lake")
+    metrics = GatewayMetrics()
+    zone = ZoneLander(
+        LanderSettings(zone="raw", kind=KIND_RECORDS, dataset="t", gateway_id="gw", target_object_bytes=1 << 20,
+                       max_object_age_secs=0.05, max_open_partitions=4, retry_initial_secs=0.01, retry_max_secs=0.02,
+                       max_object_attempts=3),
+        wal=wal, sink=sink, builder_factory=ZstdNdjsonBuilder, state_dir=tmp_path / "state", observer=metrics,
+    )
+    await zone.start()
+    await wal.append([frame(range(4))])
+    assert await zone.drain(10)
+    await wal.close()
+    assert sink.refusals == 12, "the sink never got to refuse dead-letter objects too"
+    assert landed_seqs(tmp_path / "lake") == list(range(4))
+    assert not (tmp_path / "lake" / "deadletter").exists()
+    assert metrics.dead_lettered_records.labels("raw", "refused by the sink")._value.get() == 0
+
+
 async def test_an_object_filled_by_a_later_read_holds_the_position_while_it_is_sealed(tmp_path):
     # Frames are added off the event loop: an object opened by an earlier read that fills up in this
     # one leaves the open set before it is sealed, and an upload finishing meanwhile persists state.
