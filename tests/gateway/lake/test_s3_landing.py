@@ -18,7 +18,7 @@ from aiobotocore.session import get_session
 
 from gateway.server import start_gateway
 from gateway.settings import load_settings
-from tests.fixtures.fault_proxy import FaultProxy
+from tests.fixtures.fault_proxy import FaultProxy, s3_error
 from tests.gateway.conftest import make_env, record, signed
 
 REGION = "us-east-1"
@@ -191,3 +191,36 @@ async def test_sigkill_during_a_multipart_upload_lands_everything_exactly_once(t
     assert set(counts) == acked
     assert max(counts.values()) == 1
     assert not (await s3.list_multipart_uploads(Bucket=bucket)).get("Uploads"), "orphaned multipart upload left behind"
+
+
+async def test_access_denied_to_every_object_for_a_while_dead_letters_nothing(tmp_path, moto_endpoint, aws, bucket):
+    """A bucket policy that denies writes for a few seconds (then is mended) refuses every object,
+    dead-letter objects included: each record lands in the raw zone once it is mended, none under
+    ``deadletter/``."""
+    s3, _ = aws
+    proxy = FaultProxy(moto_endpoint)
+    await proxy.start()
+    env = make_env(tmp_path, **s3_sections(proxy.url, bucket))
+    running = await start_gateway(load_settings(env.config, environ={}))
+    writes = {"PUT", "POST"}
+    proxy.fail_when = lambda seen: s3_error(403, "AccessDenied", "Access Denied") if seen.method in writes else None
+    accepted = 0
+    async with aiohttp.ClientSession() as http:
+        for i in range(20):
+            body = ndjson([record(seq=i * 10 + j) for j in range(10)])
+            async with http.post(running.url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
+                assert resp.status == 202
+                accepted += 10
+            await asyncio.sleep(0.2)
+    denied = sum(1 for seen in proxy.seen if seen.method in writes)
+    proxy.fail_when = None  # the policy is mended
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(await bucket_lines(s3, bucket, "raw")) < accepted:
+        await asyncio.sleep(0.3)
+    await running.stop()
+    await proxy.stop()
+    seqs = collections.Counter(line["seq"] for line in await bucket_lines(s3, bucket, "raw"))
+    assert denied >= 5, "the sink was not refused long enough to reach the dead-letter attempt"
+    assert len(seqs) == accepted and max(seqs.values()) == 1
+    listed = await s3.list_objects_v2(Bucket=bucket, Prefix="deadletter/")
+    assert listed.get("KeyCount", 0) == 0, [item["Key"] for item in listed.get("Contents", [])]
