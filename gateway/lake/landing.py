@@ -20,7 +20,8 @@ under ``deadletter/<zone>/...`` after bounded retries (rebuilt from the WAL as p
 it never blocks the zone and none of its records is skipped; a sink that refuses the dead-letter
 object too refuses everything, so the object is retried instead. Frames the zone's prepare step (the
 curated zone's scoring) keeps failing on are retried, then prepared one by one: only the frames
-that still fail alone go to the dead-letter prefix.
+that still fail alone while others prepare go to the dead-letter prefix (a step that fails on every
+frame is broken, not the frames: they wait in the WAL).
 
 A zone turned off (the curated zone, with ``inference.enabled = false``) still owes what was
 acknowledged while it was on. It starts *retiring*: ``until`` (in its state) is the WAL's durable
@@ -390,16 +391,30 @@ class ZoneLander:
             await self._persist_state()
 
     async def _prepare_each(self, frames: list[Frame]) -> tuple[list[Frame], dict[int, str]]:
-        """Prepare frames one by one: those that still fail come back by LSN with the reason, in place."""
-        out: list[Frame] = []
+        """Prepare frames one by one: those that still fail come back by LSN with the reason, in place.
+
+        Raises when every frame fails: the step is broken (a scorer that stopped), not the frames,
+        and they are read again later rather than dead-lettered. A frame is set aside only if it
+        fails again after a frame read with it prepared (the step may have come back between them).
+        """
+        prepared: dict[int, list] = {}
         failed: dict[int, str] = {}
-        for frame in frames:
-            try:
-                out.extend(await self._prepare([frame]))
-            except Exception as exc:
-                failed[frame.lsn] = f"prepare failed: {type(exc).__name__}: {exc}"
-                out.append(frame)
-        return out, failed
+        error: Exception | None = None
+        for attempt in range(2):
+            for frame in frames:
+                if frame.lsn in prepared or (attempt and frame.lsn not in failed):
+                    continue
+                try:
+                    prepared[frame.lsn] = await self._prepare([frame])
+                    failed.pop(frame.lsn, None)
+                except Exception as exc:
+                    failed[frame.lsn] = f"prepare failed: {type(exc).__name__}: {exc}"
+                    error = exc
+            if not prepared:
+                raise RuntimeError(f"every one of {len(frames)} frames failed to prepare alone") from error
+            if not failed:
+                break
+        return [f for frame in frames for f in prepared.get(frame.lsn, [frame])], failed
 
     def _absorb(self, frames: list[Frame], unpreparable: dict[int, str] | None = None) -> list[_Pending]:
         """Add frames to open objects (off the event loop: compression is the cost here).

@@ -272,6 +272,30 @@ async def test_an_object_filled_by_a_later_read_holds_the_position_while_it_is_s
     assert landed_seqs(tmp_path / "lake") == list(range(20))
 
 
+async def test_a_prepare_step_that_fails_on_everything_for_a_while_dead_letters_nothing(tmp_path):
+    """A scorer that stopped fails every frame, alone or not: the step is broken, not the frames, so
+    they wait in the WAL and land in the zone once it works again."""
+    wal = await open_wal(tmp_path)
+    calls = []
+
+    async def broken_for_a_while(frames):
+        calls.append(len(frames))
+        if len(calls) <= 12:
+            raise RuntimeError("the batcher's scheduler stopped")
+        return frames
+
+    metrics = GatewayMetrics()
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), broken_for_a_while, max_object_attempts=3, retry_max_secs=0.02)
+    zone._observer = metrics
+    await zone.start()
+    await wal.append([frame(range(0, 5)), frame(range(5, 10))])
+    assert await zone.drain(10)
+    await wal.close()
+    assert len(calls) > 12 and 1 in calls, "the frames were never tried one by one"
+    assert landed_seqs(tmp_path / "lake") == list(range(10))
+    assert not (tmp_path / "lake" / "deadletter").exists()
+
+
 async def test_a_frame_the_prepare_step_always_fails_on_is_dead_lettered_alone(tmp_path):
     # One poison frame between good ones of the same hour and of another: retried, then set aside alone.
     wal = await open_wal(tmp_path)
