@@ -269,7 +269,12 @@ class ConnectionGuard:
                 self._after_response(conn)
 
     def _answers_after_eof(self, conn: _Conn, between_requests: bool) -> bool:
-        """The client sent EOF: keep the connection open to answer what it sent whole, if anything."""
+        """The client sent EOF: keep the connection open to answer what it sent whole, if anything.
+
+        Not over TLS: its transport closes at EOF whatever the protocol says (and warns if asked not to).
+        """
+        if conn.transport.get_extra_info("sslcontext") is not None:
+            return False
         if between_requests and (conn.active or conn.parsed > conn.answered):
             conn.half_closed = True
             return True
@@ -277,7 +282,10 @@ class ConnectionGuard:
 
     def _after_response(self, conn: _Conn) -> None:
         s = self._settings()
-        if conn.header_since is None:
+        if conn.half_closed and conn.parsed <= conn.answered:
+            # Nothing more can come: an answer that did not close it (a handler that raised) still must.
+            self._arm(conn, s.header_timeout_secs, "header_timeout")
+        elif conn.header_since is None:
             conn.idle = True
             self._arm(conn, s.idle_timeout_secs, "idle_timeout")
         else:

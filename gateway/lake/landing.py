@@ -399,21 +399,19 @@ class ZoneLander:
         """
         prepared: dict[int, list] = {}
         failed: dict[int, str] = {}
-        error: Exception | None = None
-        for attempt in range(2):
-            for frame in frames:
-                if frame.lsn in prepared or (attempt and frame.lsn not in failed):
-                    continue
+        for _ in range(2):
+            error: Exception | None = None
+            for frame in [f for f in frames if f.lsn not in prepared]:
                 try:
                     prepared[frame.lsn] = await self._prepare([frame])
                     failed.pop(frame.lsn, None)
                 except Exception as exc:
                     failed[frame.lsn] = f"prepare failed: {type(exc).__name__}: {exc}"
                     error = exc
+            if error is None:
+                break
             if not prepared:
                 raise RuntimeError(f"every one of {len(frames)} frames failed to prepare alone") from error
-            if not failed:
-                break
         return [f for frame in frames for f in prepared.get(frame.lsn, [frame])], failed
 
     def _absorb(self, frames: list[Frame], unpreparable: dict[int, str] | None = None) -> list[_Pending]:

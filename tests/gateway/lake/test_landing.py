@@ -224,12 +224,8 @@ async def test_a_sink_that_refuses_everything_for_a_while_gets_every_record_in_i
 
     sink = DeniesForAWhile(tmp_path / "lake")
     metrics = GatewayMetrics()
-    zone = ZoneLander(
-        LanderSettings(zone="raw", kind=KIND_RECORDS, dataset="t", gateway_id="gw", target_object_bytes=1 << 20,
-                       max_object_age_secs=0.05, max_open_partitions=4, retry_initial_secs=0.01, retry_max_secs=0.02,
-                       max_object_attempts=3),
-        wal=wal, sink=sink, builder_factory=ZstdNdjsonBuilder, state_dir=tmp_path / "state", observer=metrics,
-    )
+    zone = lander(tmp_path, wal, sink, max_object_attempts=3, retry_max_secs=0.02)
+    zone._observer = metrics
     await zone.start()
     await wal.append([frame(range(4))])
     assert await zone.drain(10)

@@ -16,6 +16,19 @@ async def _land_some(tmp_path, wal, sink, seqs: range) -> None:
     assert await on.drain(5)
 
 
+async def _retire(tmp_path, wal, sink) -> None:
+    """A start with the zone turned off, run until it has landed what it owed."""
+    off = lander(tmp_path, wal, sink, retiring=True)
+    await off.start()
+    await asyncio.wait_for(off._task, 5)
+    await off.close()
+
+
+async def _stalled(frames):  # a life cut short (SIGKILL) before it lands anything
+    await asyncio.Event().wait()
+    return frames
+
+
 async def test_a_retiring_zone_lands_below_until_only_then_releases_everything(tmp_path):
     wal = await open_wal(tmp_path)
     sink = LocalLakeSink(tmp_path / "lake")
@@ -39,20 +52,11 @@ async def test_a_zone_off_across_restarts_keeps_where_it_stopped_owing(tmp_path)
     sink = LocalLakeSink(tmp_path / "lake")
     await _land_some(tmp_path, wal, sink, range(0, 3))
     await wal.append([frame(range(3, 6))])
-    slow = asyncio.Event()
-
-    async def stalled(frames):  # a retirement cut short, as by SIGKILL before it lands anything
-        await slow.wait()
-        return frames
-
-    first = lander(tmp_path, wal, sink, stalled, retiring=True)
+    first = lander(tmp_path, wal, sink, _stalled, retiring=True)
     await first.start()
     await wal.append([frame(range(6, 9))])  # acknowledged while off
     await first.close()
-    second = lander(tmp_path, wal, sink, retiring=True)
-    await second.start()
-    await asyncio.wait_for(second._task, 5)
-    await second.close()
+    await _retire(tmp_path, wal, sink)
     assert landed_seqs(tmp_path / "lake") == list(range(6)), "the second start moved where the zone stops owing"
     await wal.close()
 
@@ -61,10 +65,7 @@ async def test_a_zone_turned_on_again_resumes_where_it_stopped_owing(tmp_path):
     wal = await open_wal(tmp_path)
     sink = LocalLakeSink(tmp_path / "lake")
     await _land_some(tmp_path, wal, sink, range(0, 4))
-    off = lander(tmp_path, wal, sink, retiring=True)
-    await off.start()
-    await asyncio.wait_for(off._task, 5)
-    await off.close()
+    await _retire(tmp_path, wal, sink)
     await wal.append([frame(range(4, 8))])  # acknowledged while off, still in the WAL
     on = lander(tmp_path, wal, sink)
     await on.start()
@@ -81,24 +82,12 @@ async def test_a_zone_turned_on_again_owes_from_its_first_start(tmp_path):
     wal = await open_wal(tmp_path)
     sink = LocalLakeSink(tmp_path / "lake")
     await _land_some(tmp_path, wal, sink, range(0, 2))
-    off = lander(tmp_path, wal, sink, retiring=True)
-    await off.start()
-    await asyncio.wait_for(off._task, 5)
-    await off.close()
-    stalled = asyncio.Event()
-
-    async def never(frames):  # killed before this life lands anything
-        await stalled.wait()
-        return frames
-
-    on = lander(tmp_path, wal, sink, never)
+    await _retire(tmp_path, wal, sink)
+    on = lander(tmp_path, wal, sink, _stalled)
     await on.start()
     await wal.append([frame(range(2, 5))])
     await on.close()
     assert owes_records(tmp_path / "state", "raw")
-    again = lander(tmp_path, wal, sink, retiring=True)
-    await again.start()
-    await asyncio.wait_for(again._task, 5)
-    await again.close()
+    await _retire(tmp_path, wal, sink)
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == list(range(5))
