@@ -27,7 +27,7 @@ from gateway.ops.instance_metadata import availability_zone
 from gateway.ops.metrics import GatewayMetrics
 from gateway.lake.pipeline import Pipeline
 from gateway.auth.registry import DeviceRegistry, RegistryError, RegistryFileWatcher
-from gateway.durable.ledger_catch_up import catch_up_every_wal, ledger_for
+from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up
 from gateway.auth.secrets_source import SecretsManagerRegistry
 from gateway.edge.security import EdgeSecurity
 from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config, lake_process_lands
@@ -212,9 +212,10 @@ class Gateway:
         supervised = _supervised(self.settings)
         if not supervised:
             self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire())
-        self.ledger.open()
-        if not supervised:
-            catch_up_every_wal(self.settings, self.base_id, self.ledger)
+        if supervised:
+            self.ledger.open()
+        else:
+            open_and_catch_up(self.settings, self.base_id, self.ledger)
         self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire())
 
     def _ledger_forgot(self, kind: str, entries: int) -> None:
@@ -316,7 +317,10 @@ class Gateway:
             await self.registry_watcher.close()
         await asyncio.to_thread(self.decoder.shutdown)  # requests still decoding (a drain past its deadline) finish first
         await self.pipeline.close()
-        self.ledger.close()
+        if _supervised(self.settings):
+            self.ledger.close()
+        else:
+            self.ledger.seal()  # alone, the gateway owns the ledger: flushed, a machine restart keeps it
         self._release_ownership()
 
     async def _watch_loop_lag(self, interval: float = 0.25) -> None:

@@ -59,12 +59,11 @@ class Supervisor:
 
     def _catch_up_ledger(self) -> None:
         """Before any worker answers: the retry ledger knows every durable record of every WAL directory."""
-        from gateway.durable.ledger_catch_up import catch_up_every_wal, ledger_for
+        from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up
 
         ledger = ledger_for(self.settings)
-        ledger.open()
         try:
-            catch_up_every_wal(self.settings, self.settings.gateway.gateway_id or socket.gethostname().split(".")[0], ledger)
+            open_and_catch_up(self.settings, self.settings.gateway.gateway_id or socket.gethostname().split(".")[0], ledger)
         finally:
             ledger.close()
 
@@ -109,9 +108,17 @@ class Supervisor:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
         try:
-            return self._supervise()
+            code = self._supervise()
         finally:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self._seal_ledger()
+        return code
+
+    def _seal_ledger(self) -> None:
+        """Every process of the instance has exited: flush the ledger so a machine restart keeps it."""
+        from gateway.durable.ledger_catch_up import ledger_for
+
+        ledger_for(self.settings).seal()
 
     def _supervise(self) -> int:
         for index in range(self.workers):

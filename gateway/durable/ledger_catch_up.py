@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lmdb
 import msgspec
 
-from gateway.durable.retry_ledger import RetryLedger
+from gateway.durable.retry_ledger import DAMAGE, LedgerError, RetryLedger
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, fresh_log_origin
 from gateway.durable.wal_layout import SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
 
@@ -78,6 +79,19 @@ def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: 
         "retry ledger caught up from the WAL",
         extra={"wal": str(where), "from_lsn": mark, "records": len(seqs), "requests": len(requests)},
     )
+
+
+def open_and_catch_up(settings, base_id: str, ledger: RetryLedger) -> None:
+    """As the instance's owner, open the ledger and catch it up with every WAL directory; a ledger
+    found damaged on the way is replaced by one rebuilt from what the WALs hold."""
+    ledger.open(owner=True)
+    try:
+        catch_up_every_wal(settings, base_id, ledger)
+    except (lmdb.Error, LedgerError) as exc:
+        if not (isinstance(exc, DAMAGE) or getattr(exc, "damaged", False)):
+            raise  # a full disk is not damage: the start fails and says so
+        ledger.replace(str(exc))
+        catch_up_every_wal(settings, base_id, ledger)
 
 
 def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger) -> None:

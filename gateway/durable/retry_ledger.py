@@ -7,7 +7,7 @@ block) holding three kinds of entries:
 - ``seq``: ``(device_id, seq) -> event time`` of every durable record, so a retried record is a
   duplicate (a sequence number that comes back with another event time is a counter reset, not a retry);
 - ``request``: per device, an ``Idempotency-Key`` (or, without one, the body's SHA-256) -> the body's
-  hash and the answer given, or a claim by the worker still running it;
+  hash and the answer given (deflated: a few dozen bytes), or a claim by the worker still running it;
 - ``signature``: verified signatures until their timestamp leaves the window (replay guard).
 
 Durability follows the WAL, not LMDB: entries for durable records are written by the WAL's commit
@@ -15,7 +15,11 @@ thread right after each group fsync, together with a mark saying up to which LSN
 are recorded. A crash between the fsync and that write is repaired on start: the worker reads its
 WAL from the mark and records what it finds (records carry their seqs; requests carry a
 ``KIND_REQUEST`` frame with their key and answer). LMDB is opened without its own fsyncs: what a
-killed process wrote is in the page cache, and after a power loss the WAL scan rebuilds the rest.
+killed process wrote is in the page cache and survives it, but a machine that lost power may come
+back with a torn file. So the instance's owner (the supervisor, or a gateway running alone) opens
+it first and replaces it with an empty one, which the WAL scan then refills with what the WAL still
+holds, when it was left open in an earlier boot of the machine (``boot`` beside it says which, and
+whether it was flushed and closed) or LMDB finds it damaged; a log line says so either way.
 
 Bounded: entries of each kind live in generations (three LMDB databases per kind, used in turn). A
 generation ends after ``window_secs`` or its kind's entry limit; lookups see the current and the
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import lmdb
 import msgspec
+import orjson
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +52,59 @@ _U64 = struct.Struct(">Q")
 _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
 CLAIM_STALE_SECS = 120.0
-PACK_ANSWERS_OVER_BYTES = 256
+BOOT_FILE = "boot"  # the machine boot that last opened the ledger, and whether it was flushed and closed
+# What LMDB raises for a file that is not what it wrote (torn by a power loss, or otherwise damaged).
+DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError, lmdb.InvalidError, lmdb.VersionMismatchError)
 
 
 class LedgerError(Exception):
     """The ledger cannot be read or written (the disk is full, or it is damaged)."""
 
-
-class RequestEntry(msgspec.Struct, array_like=True):
-    state: str  # "running" or "done"
-    body_sha256: str
-    owner_pid: int = 0
-    at: float = 0.0
-    answer: bytes = b""  # the JSON the device got, zlib-compressed when ``packed``
-    packed: bool = False
+    def __init__(self, message: str, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
     @classmethod
-    def done(cls, body_sha256: str, answer: bytes) -> RequestEntry:
-        # Answers with many errors repeat themselves: stored compressed, they cost a tenth.
-        if len(answer) > PACK_ANSWERS_OVER_BYTES:
-            return cls("done", body_sha256, 0, time.time(), zlib.compress(answer, 1), True)
-        return cls("done", body_sha256, 0, time.time(), answer)
+    def from_lmdb(cls, what: str, error: lmdb.Error) -> LedgerError:
+        return cls(f"the retry ledger cannot be {what}: {error}", damaged=isinstance(error, DAMAGE))
+
+
+class RequestEntry(msgspec.Struct, array_like=True):
+    """What the ledger keeps per retry key, for every request of the last one to two windows: small."""
+
+    done: bool
+    body_sha256: bytes  # the digest itself, not its hex
+    owner_pid: int = 0  # while running: the process running it
+    at: int = 0  # while running: when it was claimed (epoch seconds)
+    answer: bytes = b""  # once done: the status and JSON the device got, deflated (``pack_answer``)
+
+    @classmethod
+    def running(cls, body_sha256: str, pid: int) -> RequestEntry:
+        return cls(False, bytes.fromhex(body_sha256), pid, int(time.time()))
+
+    @classmethod
+    def finished(cls, body_sha256: str, answer: bytes) -> RequestEntry:
+        return cls(True, bytes.fromhex(body_sha256), answer=pack_answer(answer))
+
+    def same_body(self, body_sha256: str) -> bool:
+        return self.body_sha256.hex() == body_sha256
 
     def unpacked_answer(self) -> bytes:
-        return zlib.decompress(self.answer) if self.packed else self.answer
+        return zlib.decompressobj(-ANSWER_WINDOW_BITS, zdict=ANSWER_WORDS).decompress(self.answer)
+
+
+# What answers are made of (gateway/ingest/handler.py): deflated against it, a 202 answer of 98 bytes
+# is stored in 36, and one listing many record errors in a tenth of its size.
+ANSWER_WORDS = (
+    b'{"error":"invalid_records","message":"all records are invalid","errors":[{"index":0,"field":"ts",'
+    b'"reason":""}]}422202{"accepted":100,"rejected":0,"duplicates":0,"ingest_id":"'
+)
+ANSWER_WINDOW_BITS = 9  # answers are small: a 512-byte window costs a tenth of the default to set up
+
+
+def pack_answer(answer: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -ANSWER_WINDOW_BITS, 1, zlib.Z_DEFAULT_STRATEGY, ANSWER_WORDS)
+    return packer.compress(answer) + packer.flush()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +119,15 @@ def seq_key(device_id: str, seq: int) -> bytes:
     return device_id.encode() + b"\0" + _U64.pack(seq)
 
 
-def request_key(device_id: str, key: str) -> bytes:
+def idempotency_key(device_id: str, key: str) -> bytes:
+    """The retry key of a request sent with an ``Idempotency-Key``."""
     # Header values may carry undecodable bytes (kept as surrogates): they round-trip, never fail.
-    return device_id.encode("utf-8", "surrogateescape") + b"\0" + key.encode("utf-8", "surrogateescape")
+    return device_id.encode("utf-8", "surrogateescape") + b"\0k" + key.encode("utf-8", "surrogateescape")
+
+
+def body_key(device_id: str, body_sha256: str) -> bytes:
+    """The retry key of a request sent without one: its body's digest."""
+    return device_id.encode("utf-8", "surrogateescape") + b"\0b" + bytes.fromhex(body_sha256)
 
 
 class RetryLedger:
@@ -116,18 +156,89 @@ class RetryLedger:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, *, owner: bool = False) -> None:
+        """Open the ledger. The ``owner`` opens it before any other process of the instance and
+        replaces a ledger it cannot trust (see the module's notes) with an empty one."""
         from connectors.durable_files import ensure_directory
 
         ensure_directory(self.directory)
+        if owner and (earlier := self._left_open_in_an_earlier_boot()):
+            log.warning(
+                "retry ledger was left open before the machine restarted and may be torn; "
+                "starting a new one from what the WAL holds",
+                extra={"ledger": str(self.directory), "earlier_boot_id": earlier},
+            )
+            self._discard()
         try:
             self._env = self._open_env()
+            if owner:
+                self._read_everything()
         except lmdb.Error as exc:
-            # Damaged (e.g. after a power loss without fsync): start empty; the WAL scan refills it.
-            log.error("retry ledger unreadable; starting a new one", extra={"error": str(exc)})
-            for name in ("data.mdb", "lock.mdb"):
-                (self.directory / name).unlink(missing_ok=True)
-            self._env = self._open_env()
+            if not owner:
+                raise LedgerError.from_lmdb("opened", exc) from None
+            self.close()
+            self.replace(str(exc))
+            return
+        if owner:
+            self._write_boot(closed=False)
+
+    def replace(self, reason: str) -> None:
+        """Owner only, before other processes open it: start an empty ledger in place of a damaged one."""
+        log.error(
+            "retry ledger damaged; starting a new one from what the WAL holds "
+            "(retries of records the WAL no longer holds may land again)",
+            extra={"ledger": str(self.directory), "error": reason},
+        )
+        self.close()
+        self._discard()
+        self._env = self._open_env()
+        self._write_boot(closed=False)
+
+    def seal(self) -> None:
+        """Owner only, once every other process of the instance has exited: flush the ledger to disk
+        and record that it was closed whole, so a restart of the machine keeps it."""
+        try:
+            if self._env is None:
+                self._env = self._open_env()
+            self._env.sync(True)
+            self.close()
+            self._write_boot(closed=True)
+        except (lmdb.Error, OSError) as exc:
+            self.close()
+            log.warning("retry ledger could not be flushed at exit; a restart of the machine will rebuild it", extra={"error": str(exc)})
+
+    def _read_everything(self) -> None:
+        """Walk every database once: LMDB raises on pages that are not what it wrote."""
+        with self._env.begin(buffers=True) as txn:
+            names = [key.tobytes() for key in txn.cursor().iternext(values=False)]
+            for name in names:
+                try:
+                    db = self._env.open_db(name, txn=txn, create=False)
+                except lmdb.IncompatibleError:
+                    continue  # a plain key of the main database, not a database of its own
+                for _ in txn.cursor(db=db).iternext(values=True):
+                    pass
+
+    def _discard(self) -> None:
+        for name in ("data.mdb", "lock.mdb"):
+            (self.directory / name).unlink(missing_ok=True)
+
+    def _left_open_in_an_earlier_boot(self) -> str | None:
+        """The boot id under which the ledger was last opened and not sealed, if not this boot's."""
+        try:
+            state = orjson.loads((self.directory / BOOT_FILE).read_bytes())
+            earlier, closed = str(state["boot_id"]), bool(state["closed"])
+        except FileNotFoundError:
+            return None  # never opened by an owner that writes it: nothing to compare
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unreadable"
+        now = current_boot_id()
+        return earlier if not closed and now is not None and earlier != now else None
+
+    def _write_boot(self, *, closed: bool) -> None:
+        from connectors.durable_files import write_atomically
+
+        write_atomically(self.directory / BOOT_FILE, orjson.dumps({"boot_id": current_boot_id(), "closed": closed}))
 
     def _open_env(self) -> lmdb.Environment:
         env = lmdb.open(
@@ -139,6 +250,11 @@ class RetryLedger:
             max_readers=512,
             readahead=False,
         )
+        pages = env.info()["last_pgno"] + 1
+        needed, size = pages * env.stat()["psize"], (self.directory / "data.mdb").stat().st_size
+        if size < needed:  # reading a page past the end of the mapped file would kill the process (SIGBUS)
+            env.close()
+            raise lmdb.CorruptedError(f"data.mdb holds {size} bytes; its pages need {needed}")
         self._meta = env.open_db(b"meta", create=True)
         for kind in KINDS:
             for slot in range(GENERATIONS):
@@ -162,11 +278,6 @@ class RetryLedger:
         if self._env is not None:
             self._env.close()
             self._env = None
-
-    def sync(self) -> None:
-        """Flush to disk (called after the WAL's own fsync; cheap when nothing changed)."""
-        if self._env is not None:
-            self._env.sync(True)
 
     # -- generations -------------------------------------------------------------------------
 
@@ -205,7 +316,7 @@ class RetryLedger:
         return value
 
     def write(self):
-        """A write transaction, one per process at a time; disk-full and map-full become LedgerError."""
+        """A write transaction, one per process at a time; LMDB's errors become LedgerError."""
         return _WriteTxn(self)
 
     # -- records (seqs) ----------------------------------------------------------------------
@@ -218,28 +329,25 @@ class RetryLedger:
     def claim_request(self, key: bytes, body_sha256: str) -> Claim:
         """Claim ``key`` for this process, or say why not (its answer, a conflict, still running)."""
         with self.write() as txn:
-            raw = self._get(txn, b"request", key)
-            if raw is not None:
-                entry = msgspec.msgpack.decode(raw, type=RequestEntry)
-                if entry.state == "done":
-                    if entry.body_sha256 != body_sha256:
+            entry = _request_entry(self._get(txn, b"request", key))
+            if entry is not None:
+                if entry.done:
+                    if not entry.same_body(body_sha256):
                         return Claim("conflict")
                     return Claim("answered", entry.unpacked_answer())
                 if entry.owner_pid != self.pid and _alive(entry.owner_pid) and time.time() - entry.at < CLAIM_STALE_SECS:
-                    return Claim("conflict" if entry.body_sha256 != body_sha256 else "running")
+                    return Claim("running" if entry.same_body(body_sha256) else "conflict")
             generation = self._maybe_advance(txn, b"request")
-            entry = RequestEntry("running", body_sha256, self.pid, time.time())
-            txn.put(key, msgspec.msgpack.encode(entry), db=self._db(b"request", generation))
+            txn.put(key, _encode_entry(RequestEntry.running(body_sha256, self.pid)), db=self._db(b"request", generation))
         return Claim("run")
 
     def answer_for(self, key: bytes, body_sha256: str) -> bytes | None:
         """The answer stored for ``key`` when it ran with this body, else None."""
         with self._env.begin() as txn:
-            raw = self._get(txn, b"request", key)
-        if raw is None:
+            entry = _request_entry(self._get(txn, b"request", key))
+        if entry is None:
             return None
-        entry = msgspec.msgpack.decode(raw, type=RequestEntry)
-        return entry.unpacked_answer() if entry.state == "done" and entry.body_sha256 == body_sha256 else None
+        return entry.unpacked_answer() if entry.done and entry.same_body(body_sha256) else None
 
     def release_request(self, key: bytes) -> None:
         """The claimed request failed (nothing of it lands): a retry must run it again."""
@@ -248,8 +356,8 @@ class RetryLedger:
             for g in (generation, generation - 1):
                 if g < 0:
                     continue
-                raw = txn.get(key, db=self._db(b"request", g))
-                if raw is not None and msgspec.msgpack.decode(raw, type=RequestEntry).state == "running":
+                entry = _request_entry(txn.get(key, db=self._db(b"request", g)))
+                if entry is not None and not entry.done:
                     txn.delete(key, db=self._db(b"request", g))
 
     # -- the commit after each WAL fsync ------------------------------------------------------
@@ -262,7 +370,7 @@ class RetryLedger:
                 txn.put(seq_key(device_id, seq), _U64.pack(event_ms), db=seq_db)
             request_db = self._db(b"request", self._maybe_advance(txn, b"request"))
             for key, body_sha256, answer in requests:
-                txn.put(key, msgspec.msgpack.encode(RequestEntry.done(body_sha256, answer)), db=request_db)
+                txn.put(key, _encode_entry(RequestEntry.finished(body_sha256, answer)), db=request_db)
             mark = b"mark:" + wal_id.encode()
             old = txn.get(mark, db=self._meta)
             if old is None or _U64.unpack(old)[0] < through_lsn:
@@ -288,7 +396,7 @@ class RetryLedger:
         key = signature.encode()
         with self.write() as txn:
             raw = self._get(txn, b"signature", key)
-            if raw is not None and _SIG.unpack(raw)[0] > time.time():
+            if raw is not None and len(raw) == _SIG.size and _SIG.unpack(raw)[0] > time.time():
                 return False
             generation = self._maybe_advance(txn, b"signature")
             txn.put(key, _SIG.pack(expires_at), db=self._db(b"signature", generation))
@@ -329,7 +437,7 @@ class _WriteTxn:
             self._txn = self._ledger._env.begin(write=True)
         except lmdb.Error as exc:
             self._ledger._lock.release()
-            raise LedgerError(f"the retry ledger cannot be written: {exc}") from None
+            raise LedgerError.from_lmdb("written", exc) from None
         return self._txn
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -340,11 +448,11 @@ class _WriteTxn:
                 self._txn.abort()
         except lmdb.Error as error:
             self._txn.abort()
-            raise LedgerError(f"the retry ledger cannot be written: {error}") from None
+            raise LedgerError.from_lmdb("written", error) from None
         finally:
             self._ledger._lock.release()
         if isinstance(exc, lmdb.Error):
-            raise LedgerError(f"the retry ledger cannot be written: {exc}") from None
+            raise LedgerError.from_lmdb("written", exc) from None
         return False
 
 
@@ -379,6 +487,32 @@ class SeqLookup:
         if self._txn is not None:
             self._txn.abort()
             self._txn = None
+
+
+_encode_entry = msgspec.msgpack.Encoder().encode
+_decode_entry = msgspec.msgpack.Decoder(RequestEntry).decode
+
+
+def _request_entry(raw: bytes | None) -> RequestEntry | None:
+    """A stored request entry; one that does not decode (a damaged page) counts as none."""
+    if raw is None:
+        return None
+    try:
+        entry = _decode_entry(raw)
+        if entry.done:
+            entry.unpacked_answer()
+        return entry
+    except (msgspec.DecodeError, zlib.error):
+        log.warning("retry ledger: a request entry does not decode; treating it as absent")
+        return None
+
+
+def current_boot_id() -> str | None:
+    """This boot of the machine (Linux), or None where the system does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:

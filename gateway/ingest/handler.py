@@ -20,7 +20,7 @@ from gateway.edge.connections import BodyDeadline
 from gateway.ingest.enrich import new_context
 from gateway.errors import ApiError, KeyReused, MalformedBody, Replayed, TooLarge, Unauthorized, Unavailable
 from gateway.ingest.validate import RequestBatch
-from gateway.durable.retry_ledger import LedgerError, request_key
+from gateway.durable.retry_ledger import LedgerError, body_key, idempotency_key
 from gateway.service import GATEWAY, Gateway
 from gateway.ingest.spool import Spool, SpoolFull
 from gateway.durable.wal import WalError, WalFull, WalNoSpace
@@ -142,8 +142,8 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
     if batch.records == 0:
         raise MalformedBody("the body holds no records")
     # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
-    retry = f"key:{body.idem_key[:256]}" if body.idem_key else f"body:{body.digest}"
-    key = request_key(ctx.device_id or "", retry)
+    device_id = ctx.device_id or ""
+    key = idempotency_key(device_id, body.idem_key[:256]) if body.idem_key else body_key(device_id, body.digest)
     return await _once(gw, key, body.digest, lambda: _persist(gw, batch, spool, key, body.digest))
 
 
@@ -151,7 +151,7 @@ def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: 
     """The answer given to this device's Idempotency-Key, if any (a replay may repeat it)."""
     if not idem_key:
         return None
-    return gw.ledger.answer_for(request_key(device_id or "", f"key:{idem_key[:256]}"), digest)
+    return gw.ledger.answer_for(idempotency_key(device_id or "", idem_key[:256]), digest)
 
 
 async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:

@@ -22,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.durability.client import Device, DeviceClient, Ledger, ReadinessProbe, ndjson, run_devices
@@ -800,3 +801,74 @@ async def test_s3_lake_through_kills_and_wal_wraps_holds_each_record_once(tmp_pa
     objects = await _mirror_bucket(moto_endpoint, bucket, mirror)
     problems += landing_problems(mirror, ledger, ("raw", "curated"))
     check(problems, ledger, sp, notes=[f"{objects} objects in the bucket"])
+
+
+@pytest.mark.timeout(200)
+async def test_wal_segment_size_and_capacity_changed_between_kills(tmp_path, gateways):
+    """Segments written under one ``wal.segment_bytes`` are read, landed and released under another."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, lake={"target_object_bytes": 256 * KiB, "max_object_age_secs": 0.2})
+    ledger = Ledger()
+    problems: list[str] = []
+    stop = asyncio.Event()
+    load = None
+    for segment, total, workers in ((256 * KiB, 4 * MiB, 2), (1 * MiB, 6 * MiB, 1), (64 * KiB, 2 * MiB, 2), (512 * KiB, 3 * MiB, 3)):
+        env = workers_env(workers) | {"EDGE_GATEWAY__WAL__SEGMENT_BYTES": str(segment), "EDGE_GATEWAY__WAL__MAX_TOTAL_BYTES": str(total)}
+        await sp.astart(env, workers=workers, timeout=30)
+        if load is None:
+            load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.01, retry_deadline_secs=60.0))
+        acked_before = ledger.acked_requests
+        await wait_for_acks(ledger, lambda: ledger.acked_requests - acked_before > 300, budget_secs=40, stall_secs=10)
+        await sp.akill()
+    await sp.astart(workers_env(2), workers=2, timeout=30)
+    acked_before = ledger.acked_requests
+    await wait_for_acks(ledger, lambda: ledger.acked_requests - acked_before > 100, budget_secs=40, stall_secs=10)
+    stop.set()
+    await load
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+def _damage_ledger(data: Path, how: str, rng: random.Random) -> None:
+    """What a power loss can leave of a file LMDB writes without fsync: torn pages, or a short file."""
+    if how == "truncated":
+        os.truncate(data, data.stat().st_size // 3)
+        return
+    page = 4096
+    with open(data, "r+b") as f:
+        pages = data.stat().st_size // page
+        for number in rng.sample(range(2, pages), max(1, pages // 4)):  # pages 0 and 1 are LMDB's meta pages
+            f.seek(number * page)
+            f.write(rng.randbytes(page))
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("how", ["torn_pages", "truncated"])
+async def test_a_damaged_retry_ledger_is_rebuilt_from_the_wal(tmp_path, gateways, how):
+    """The retry ledger is never fsynced (durability follows the WAL): a damaged one must not keep
+    the gateway from starting, and the WAL it is rebuilt from still lands everything once."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, wal={"segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB},
+                              lake={"target_object_bytes": 256 * KiB, "max_object_age_secs": 0.2})
+    ledger = Ledger()
+    problems: list[str] = []
+    stop = asyncio.Event()
+    rng = random.Random(11)
+    ledger_dir = tmp_path / "wal" / "ledger"
+    await sp.astart(workers_env(2), workers=2)
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.01, retry_deadline_secs=60.0))
+    for _ in range(2):
+        acked_before = ledger.acked_requests
+        await wait_for_acks(ledger, lambda: ledger.acked_requests - acked_before > 300, budget_secs=40, stall_secs=10)
+        await sp.akill()
+        assert orjson.loads((ledger_dir / "boot").read_bytes())["closed"] is False, "a killed instance did not seal it"
+        _damage_ledger(ledger_dir / "data.mdb", how, rng)
+        await sp.astart(workers_env(2), workers=2, timeout=30)
+        assert "retry ledger damaged; starting a new one" in sp.log_text()
+    acked_before = ledger.acked_requests
+    await wait_for_acks(ledger, lambda: ledger.acked_requests - acked_before > 300, budget_secs=40, stall_secs=10)
+    stop.set()
+    await load
+    await stop_gracefully(sp, problems)
+    assert orjson.loads((ledger_dir / "boot").read_bytes())["closed"] is True, "a clean stop flushes and seals the ledger"
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)

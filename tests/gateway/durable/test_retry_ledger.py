@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import textwrap
 
 import msgspec
 import orjson
+import pytest
 
 from connectors.local_lake import LocalLakeSink
 from gateway.ops.metrics import GatewayMetrics
 from gateway.lake.pipeline import Pipeline, RequestRecord
-from gateway.durable.retry_ledger import RetryLedger, request_key
+from gateway.durable.retry_ledger import BOOT_FILE, LedgerError, RetryLedger, body_key, current_boot_id, idempotency_key
 from gateway.settings import load_settings
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
 from gateway.durable.wal_layout import slot_for
 from tests.gateway.conftest import write_config
+
+
+SHA_1 = hashlib.sha256(b"one body").hexdigest()
+SHA_2 = hashlib.sha256(b"another body").hexdigest()
 
 
 def open_ledger(path, **kw) -> RetryLedger:
@@ -30,7 +37,8 @@ def other_process(path, code: str) -> subprocess.Popen:
     script = textwrap.dedent(
         f"""
         import sys, time
-        from gateway.durable.retry_ledger import RetryLedger, request_key
+        from gateway.durable.retry_ledger import RetryLedger, idempotency_key
+        SHA_1 = {SHA_1!r}
         ledger = RetryLedger({str(path)!r}, window_secs=600, max_keys=1000)
         ledger.open()
         """
@@ -40,22 +48,22 @@ def other_process(path, code: str) -> subprocess.Popen:
 
 def test_a_request_runs_once_and_its_retries_get_its_answer(tmp_path):
     ledger = open_ledger(tmp_path / "ledger")
-    key = request_key("dev-1", "key:abc")
-    assert ledger.claim_request(key, "sha-1").outcome == "run"
-    ledger.record("wal-a", 10, [("dev-1", 7, 1000)], [(key, "sha-1", b'202{"accepted":1}')])
-    again = ledger.claim_request(key, "sha-1")
+    key = idempotency_key("dev-1", "abc")
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.record("wal-a", 10, [("dev-1", 7, 1000)], [(key, SHA_1, b'202{"accepted":1}')])
+    again = ledger.claim_request(key, SHA_1)
     assert (again.outcome, again.answer) == ("answered", b'202{"accepted":1}')
-    assert ledger.claim_request(key, "sha-2").outcome == "conflict", "a reused key with another body"
+    assert ledger.claim_request(key, SHA_2).outcome == "conflict", "a reused key with another body"
     assert ledger.mark("wal-a") == 10
     ledger.close()
 
 
 def test_a_failed_request_can_run_again(tmp_path):
     ledger = open_ledger(tmp_path / "ledger")
-    key = request_key("dev-1", "body:123")
-    assert ledger.claim_request(key, "123").outcome == "run"
+    key = body_key("dev-1", SHA_1)
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
     ledger.release_request(key)
-    assert ledger.claim_request(key, "123").outcome == "run"
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
     ledger.close()
 
 
@@ -65,19 +73,19 @@ def test_another_live_process_running_the_key_makes_a_retry_wait_until_it_dies(t
     proc = other_process(
         path,
         """
-        print(ledger.claim_request(request_key("dev-1", "key:k"), "sha").outcome, flush=True)
+        print(ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1).outcome, flush=True)
         time.sleep(60)
         """,
     )
     try:
         assert proc.stdout.readline().strip() == "run"
-        assert ledger.claim_request(request_key("dev-1", "key:k"), "sha").outcome == "running"
-        assert ledger.claim_request(request_key("dev-1", "key:k"), "other").outcome == "conflict"
+        assert ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1).outcome == "running"
+        assert ledger.claim_request(idempotency_key("dev-1", "k"), SHA_2).outcome == "conflict"
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    assert ledger.claim_request(request_key("dev-1", "key:k"), "sha").outcome == "run", "a dead owner's claim is void"
+    assert ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1).outcome == "run", "a dead owner's claim is void"
     ledger.close()
 
 
@@ -116,8 +124,8 @@ async def test_a_crash_between_fsync_and_ledger_is_repaired_from_the_wal(tmp_pat
     wal = WriteAheadLog(slot.directory / "segments", segment_bytes=1 << 20, max_total_bytes=1 << 30)
     await wal.start()
     lines = b"".join(orjson.dumps({"device_id": "dev-1", "seq": s, "event_time_ms": 1000 + s}) + b"\n" for s in range(3))
-    key = request_key("dev-1", "key:lost-answer")
-    request = msgspec.msgpack.encode(RequestRecord(key, "sha", b'202{"accepted":3}'))
+    key = idempotency_key("dev-1", "lost-answer")
+    request = msgspec.msgpack.encode(RequestRecord(key, SHA_1, b'202{"accepted":3}'))
     await wal.append([encode_frame(KIND_RECORDS, 1, 0, 0, 0, 3, lines), encode_frame(KIND_REQUEST, 0, 0, 0, 0, 0, request)])
     await wal.close()
     ledger = open_ledger(tmp_path / "wal" / "ledger")
@@ -126,8 +134,135 @@ async def test_a_crash_between_fsync_and_ledger_is_repaired_from_the_wal(tmp_pat
     seen = ledger.reader()
     assert [seen.is_duplicate("dev-1", s, 1000 + s) for s in range(3)] == [True, True, True]
     seen.close()
-    assert ledger.claim_request(key, "sha").answer == b'202{"accepted":3}'
+    assert ledger.claim_request(key, SHA_1).answer == b'202{"accepted":3}'
     assert ledger.mark(pipeline.wal_id) == 3
     await pipeline.drain(5)
     await pipeline.close()
+    ledger.close()
+
+
+# -- a ledger the owner cannot trust is replaced, never served from ---------------------------
+
+
+def _ledger_with_an_answer(path) -> tuple[RetryLedger, bytes]:
+    ledger = RetryLedger(path, window_secs=600, max_keys=1000)
+    ledger.open(owner=True)
+    key = idempotency_key("dev-1", "abc")
+    ledger.claim_request(key, SHA_1)
+    ledger.record("wal-a", 10, [("dev-1", 7, 1000)], [(key, SHA_1, b'202{"accepted":1}')])
+    return ledger, key
+
+
+def _pretend_last_boot(path, *, closed: bool) -> None:
+    (path / BOOT_FILE).write_bytes(orjson.dumps({"boot_id": "an-earlier-boot", "closed": closed}))
+
+
+def _reopened_as_owner(path) -> RetryLedger:
+    ledger = RetryLedger(path, window_secs=600, max_keys=1000)
+    ledger.open(owner=True)
+    return ledger
+
+
+def test_a_ledger_left_open_before_the_machine_restarted_is_rebuilt_empty(tmp_path, caplog):
+    path = tmp_path / "ledger"
+    ledger, key = _ledger_with_an_answer(path)
+    ledger.close()  # as a SIGKILL leaves it: written, never flushed or sealed
+    _pretend_last_boot(path, closed=False)
+    again = _reopened_as_owner(path)
+    assert again.mark("wal-a") == 0, "its marks are gone: the WAL scan records everything the WAL holds again"
+    assert again.claim_request(key, SHA_1).outcome == "run"
+    assert "left open before the machine restarted" in caplog.text
+    assert orjson.loads((path / BOOT_FILE).read_bytes()) == {"boot_id": current_boot_id(), "closed": False}
+    again.close()
+
+
+def test_a_sealed_ledger_survives_a_machine_restart(tmp_path):
+    path = tmp_path / "ledger"
+    ledger, key = _ledger_with_an_answer(path)
+    ledger.seal()
+    assert orjson.loads((path / BOOT_FILE).read_bytes()) == {"boot_id": current_boot_id(), "closed": True}
+    _pretend_last_boot(path, closed=True)
+    again = _reopened_as_owner(path)
+    assert again.mark("wal-a") == 10
+    assert again.claim_request(key, SHA_1).outcome == "answered"
+    again.close()
+
+
+def test_a_ledger_left_open_in_this_boot_is_kept(tmp_path):
+    path = tmp_path / "ledger"
+    ledger, key = _ledger_with_an_answer(path)
+    ledger.close()  # a killed process: its writes are in the page cache, whole
+    again = _reopened_as_owner(path)
+    assert again.claim_request(key, SHA_1).outcome == "answered"
+    again.close()
+
+
+def _damage_every_page_but_the_metas(path) -> None:
+    data = path / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.seek(2 * 4096)
+        f.write(b"\xa5" * (size - 2 * 4096))
+
+
+def test_damaged_pages_are_replaced_by_the_owner_and_refused_to_others(tmp_path, caplog):
+    path = tmp_path / "ledger"
+    ledger, key = _ledger_with_an_answer(path)
+    ledger.close()
+    _damage_every_page_but_the_metas(path)
+    worker = RetryLedger(path, window_secs=600, max_keys=1000)
+    with pytest.raises(LedgerError) as refused:
+        worker.open()
+    assert refused.value.damaged, "a worker never replaces the ledger other processes may have open"
+    again = _reopened_as_owner(path)
+    assert "retry ledger damaged" in caplog.text
+    assert again.claim_request(key, SHA_1).outcome == "run"
+    again.close()
+
+
+def test_a_truncated_ledger_is_replaced_not_read_past_its_end(tmp_path):
+    path = tmp_path / "ledger"
+    ledger = RetryLedger(path, window_secs=600, max_keys=100_000)
+    ledger.open(owner=True)
+    ledger.record("wal-a", 10, [("dev-1", seq, 1000) for seq in range(20_000)], [])
+    ledger.close()
+    data = path / "data.mdb"
+    os.truncate(data, data.stat().st_size // 3)
+    # In a child: reading a page past the end of the mapped file would kill the process with SIGBUS.
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            from gateway.durable.retry_ledger import RetryLedger
+            ledger = RetryLedger({str(path)!r}, window_secs=600, max_keys=1000)
+            ledger.open(owner=True)
+            print(ledger.mark("wal-a"), ledger.counts()["seq"])
+        """)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["0", "0"]
+
+
+def test_an_entry_that_does_not_decode_counts_as_absent(tmp_path):
+    ledger, key = _ledger_with_an_answer(tmp_path / "ledger")
+    with ledger.write() as txn:
+        txn.put(key, b"\xc1 not msgpack", db=ledger._db(b"request", 0))
+    assert ledger.answer_for(key, SHA_1) is None
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.close()
+
+
+def test_answers_are_stored_deflated_and_come_back_exactly(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    answers = {
+        "accepted": b'202{"accepted":300,"rejected":0,"duplicates":0,"ingest_id":"5368e7cb77e1e371151b833e","errors":[]}',
+        "invalid": b"422" + orjson.dumps({"error": "invalid_records", "message": "all 500 records are invalid",
+                                          "errors": [{"index": i, "field": "ts", "reason": "missing"} for i in range(500)]}),
+    }
+    for name, answer in answers.items():
+        key = idempotency_key("dev-1", name)
+        ledger.record("wal-a", 1, [], [(key, SHA_1, answer)])
+        with ledger._env.begin() as txn:
+            stored = len(txn.get(key, db=ledger._db(b"request", 0)))
+        assert stored - 32 < len(answer) / 2, f"{name}: {stored} bytes stored (32 of them the digest) for a {len(answer)}-byte answer"
+        assert ledger.claim_request(key, SHA_1).answer == answer
     ledger.close()
