@@ -393,7 +393,7 @@ class RetryLedger:
     # -- signatures (replay guard) -----------------------------------------------------------
 
     def claim_signature(self, signature: str, expires_at: float) -> bool:
-        key = signature.encode()
+        key = _signature_key(signature)
         with self.write() as txn:
             raw = self._get(txn, b"signature", key)
             if raw is not None and len(raw) == _SIG.size and _SIG.unpack(raw)[0] > time.time():
@@ -403,7 +403,7 @@ class RetryLedger:
         return True
 
     def release_signature(self, signature: str) -> None:
-        key = signature.encode()
+        key = _signature_key(signature)
         with self.write() as txn:
             generation = self._generation(txn, b"signature")
             for g in (generation, generation - 1):
@@ -487,6 +487,14 @@ class SeqLookup:
         if self._txn is not None:
             self._txn.abort()
             self._txn = None
+
+
+def _signature_key(signature: str) -> bytes:
+    """HMAC signatures arrive as hex: kept as the bytes they spell, half the size."""
+    try:
+        return bytes.fromhex(signature)
+    except ValueError:
+        return signature.encode("utf-8", "surrogateescape")
 
 
 _encode_entry = msgspec.msgpack.Encoder().encode
