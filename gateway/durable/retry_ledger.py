@@ -8,7 +8,14 @@ block) holding three kinds of entries:
   duplicate (a sequence number that comes back with another event time is a counter reset, not a retry);
 - ``request``: per device, an ``Idempotency-Key`` (or, without one, the body's SHA-256) -> the body's
   hash and the answer given (deflated: a few dozen bytes), or a claim by the worker still running it;
-- ``signature``: verified signatures until their timestamp leaves the window (replay guard).
+- ``signature``: verified signatures until their timestamp leaves the window (replay guard);
+
+and, outside the generations, the ``inflight`` spans: per device, the lowest and highest new ``seq``
+of each request validated but not yet durable. Two requests carrying the same records at once (a
+device that gave up waiting and resent them in a new batch, on another connection) would each find
+them new; so a request claims its span before it is written, waits while a running request's span
+overlaps it, and is validated again when records of its device became durable since it looked
+(each such commit leaves a new stamp per device among the ``seq`` entries).
 
 Durability follows the WAL, not LMDB: entries for durable records are written by the WAL's commit
 thread right after each group fsync, together with a mark saying up to which LSN of that WAL they
@@ -34,9 +41,10 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 import msgspec
@@ -51,6 +59,7 @@ COMPANION_DBS = 4
 _U64 = struct.Struct(">Q")
 _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
+_SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
 CLAIM_STALE_SECS = 120.0
 BOOT_FILE = "boot"  # the machine boot that last opened the ledger, and whether it was flushed and closed
 # What LMDB raises for a file that is not what it wrote (torn by a power loss, or otherwise damaged).
@@ -119,6 +128,24 @@ def seq_key(device_id: str, seq: int) -> bytes:
     return device_id.encode() + b"\0" + _U64.pack(seq)
 
 
+def stamp_key(device_id: str) -> bytes:
+    """Beside a device's ``seq`` entries (one byte shorter than any of them): changed by every commit of its records."""
+    return device_id.encode() + b"\0"
+
+
+def span_key(device_id: str, request: bytes) -> bytes:
+    return device_id.encode() + b"\0" + request
+
+
+class Span(NamedTuple):
+    """The new seqs a request holds for one device, and that device's stamp when they were checked."""
+
+    device_id: str
+    lowest: int
+    highest: int
+    stamp: bytes | None
+
+
 def idempotency_key(device_id: str, key: str) -> bytes:
     """The retry key of a request sent with an ``Idempotency-Key``."""
     # Header values may carry undecodable bytes (kept as surrogates): they round-trip, never fail.
@@ -180,6 +207,8 @@ class RetryLedger:
             self.replace(str(exc))
             return
         if owner:
+            with self.write() as txn:
+                txn.drop(self._inflight, delete=False)  # spans of requests no process runs any more
             self._write_boot(closed=False)
 
     def replace(self, reason: str) -> None:
@@ -244,7 +273,7 @@ class RetryLedger:
         env = lmdb.open(
             str(self.directory),
             map_size=self._map_bytes,
-            max_dbs=len(KINDS) * GENERATIONS + 1 + COMPANION_DBS,
+            max_dbs=len(KINDS) * GENERATIONS + 2 + COMPANION_DBS,
             sync=False,
             metasync=False,
             max_readers=512,
@@ -256,6 +285,7 @@ class RetryLedger:
             env.close()
             raise lmdb.CorruptedError(f"data.mdb holds {size} bytes; its pages need {needed}")
         self._meta = env.open_db(b"meta", create=True)
+        self._inflight = env.open_db(b"inflight", create=True)
         for kind in KINDS:
             for slot in range(GENERATIONS):
                 self._dbs[kind + b":%d" % slot] = env.open_db(kind + b":%d" % slot, create=True)
@@ -326,8 +356,10 @@ class RetryLedger:
 
     # -- requests (Idempotency-Key, or the body's hash) --------------------------------------
 
-    def claim_request(self, key: bytes, body_sha256: str) -> Claim:
-        """Claim ``key`` for this process, or say why not (its answer, a conflict, still running)."""
+    def claim_request(self, key: bytes, body_sha256: str, spans: Sequence[Span] = ()) -> Claim:
+        """Claim ``key`` and its records' ``spans`` for this process, or say why not: its answer, a
+        conflict, still running, a running request overlapping its records ("overlap": wait), or
+        records of its device became durable since it was validated ("stale": validate it again)."""
         with self.write() as txn:
             entry = _request_entry(self._get(txn, b"request", key))
             if entry is not None:
@@ -337,9 +369,33 @@ class RetryLedger:
                     return Claim("answered", entry.unpacked_answer())
                 if entry.owner_pid != self.pid and _alive(entry.owner_pid) and time.time() - entry.at < CLAIM_STALE_SECS:
                     return Claim("running" if entry.same_body(body_sha256) else "conflict")
+            for span in spans:
+                if self._get(txn, b"seq", stamp_key(span.device_id)) != span.stamp:
+                    return Claim("stale")
+                if self._overlapped(txn, span, key):
+                    return Claim("overlap")
             generation = self._maybe_advance(txn, b"request")
             txn.put(key, _encode_entry(RequestEntry.running(body_sha256, self.pid)), db=self._db(b"request", generation))
+            now = int(time.time())
+            for span in spans:
+                txn.put(span_key(span.device_id, key), _SPAN.pack(span.lowest, span.highest, self.pid, now), db=self._inflight)
         return Claim("run")
+
+    def _overlapped(self, txn, span: Span, key: bytes) -> bool:
+        """A live request other than ``key`` holds seqs of ``span``'s range; spans of dead ones are dropped."""
+        prefix = span_key(span.device_id, b"")
+        own = prefix + key
+        cursor = txn.cursor(db=self._inflight)
+        found = cursor.set_range(prefix)
+        while found and cursor.key().startswith(prefix):
+            lowest, highest, pid, at = _SPAN.unpack(cursor.value())
+            if (pid != self.pid and not _alive(pid)) or time.time() - at > CLAIM_STALE_SECS:
+                found = cursor.delete()  # left by a process that died: moves to the next span
+                continue
+            if cursor.key() != own and lowest <= span.highest and span.lowest <= highest:
+                return True
+            found = cursor.next()
+        return False
 
     def answer_for(self, key: bytes, body_sha256: str) -> bytes | None:
         """The answer stored for ``key`` when it ran with this body, else None."""
@@ -349,9 +405,12 @@ class RetryLedger:
             return None
         return entry.unpacked_answer() if entry.done and entry.same_body(body_sha256) else None
 
-    def release_request(self, key: bytes) -> None:
-        """The claimed request failed (nothing of it lands): a retry must run it again."""
+    def release_request(self, key: bytes, devices: Sequence[str] = ()) -> None:
+        """The claimed request failed (nothing of it lands): a retry must run it again, and its spans
+        (claimed for ``devices``) hold nothing back any more."""
         with self.write() as txn:
+            for device_id in devices:
+                txn.delete(span_key(device_id, key), db=self._inflight)
             generation = self._generation(txn, b"request")
             for g in (generation, generation - 1):
                 if g < 0:
@@ -362,12 +421,26 @@ class RetryLedger:
 
     # -- the commit after each WAL fsync ------------------------------------------------------
 
-    def record(self, wal_id: str, through_lsn: int, seqs: list[tuple[str, int, int]], requests: list[tuple[bytes, str, bytes]]) -> None:
-        """Remember durable records and answered requests, and that ``wal_id`` is recorded through ``through_lsn``."""
+    def record(
+        self,
+        wal_id: str,
+        through_lsn: int,
+        seqs: list[tuple[str, int, int]],
+        requests: list[tuple[bytes, str, bytes]],
+        spans: Sequence[bytes] = (),
+    ) -> None:
+        """Remember durable records and answered requests, and that ``wal_id`` is recorded through
+        ``through_lsn``; the requests' in-flight ``spans`` (``span_key``) end in the same transaction."""
         with self.write() as txn:
             seq_db = self._db(b"seq", self._maybe_advance(txn, b"seq"))
+            devices = set()
             for device_id, seq, event_ms in seqs:
                 txn.put(seq_key(device_id, seq), _U64.pack(event_ms), db=seq_db)
+                devices.add(device_id)
+            for device_id in devices:  # a request of these devices validated before now must look again
+                txn.put(stamp_key(device_id), os.urandom(8), db=seq_db)
+            for span in spans:
+                txn.delete(span, db=self._inflight)
             request_db = self._db(b"request", self._maybe_advance(txn, b"request"))
             for key, body_sha256, answer in requests:
                 txn.put(key, _encode_entry(RequestEntry.finished(body_sha256, answer)), db=request_db)
@@ -459,7 +532,7 @@ class _WriteTxn:
 class SeqLookup:
     """Duplicate checks for one request's records: one read transaction, reused chunk after chunk."""
 
-    __slots__ = ("_ledger", "_txn", "_dbs", "_device_id", "_prefix")
+    __slots__ = ("_ledger", "_txn", "_dbs", "_device_id", "_prefix", "stamps")
 
     def __init__(self, ledger: RetryLedger) -> None:
         self._ledger = ledger
@@ -467,6 +540,7 @@ class SeqLookup:
         self._dbs: list = []
         self._device_id: str | None = None
         self._prefix = b""
+        self.stamps: dict[str, bytes | None] = {}  # each device's stamp when its first record was checked
 
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
         if self._txn is None:
@@ -475,6 +549,8 @@ class SeqLookup:
             self._dbs = [ledger._db(b"seq", g) for g in ledger._visible(self._txn, b"seq")]
         if device_id != self._device_id:  # a request's records name one device: its part of the key once
             self._device_id, self._prefix = device_id, seq_key(device_id, 0)[:-_U64.size]
+            if device_id not in self.stamps:
+                self.stamps[device_id] = self._stamp(self._prefix)
         key = self._prefix + _U64.pack(seq)
         expected = _U64.pack(event_ms)
         get = self._txn.get
@@ -482,6 +558,29 @@ class SeqLookup:
             if get(key, db=db) == expected:
                 return True
         return False
+
+    def _stamp(self, key: bytes) -> bytes | None:
+        for db in self._dbs:
+            value = self._txn.get(key, db=db)
+            if value is not None:
+                return value
+        return None
+
+    def again(self) -> SeqLookup:
+        """A new lookup, on what the ledger holds now."""
+        return SeqLookup(self._ledger)
+
+    def spans(self, seqs: list[tuple[str, int, int]]) -> list[Span]:
+        """The span of ``seqs`` (a request's new records) per device, with the stamp each was checked under."""
+        if len(self.stamps) == 1:  # the common case: the request's records are the signer's
+            (device_id, stamp), = self.stamps.items()
+            numbers = [seq for _, seq, _ in seqs]
+            return [Span(device_id, min(numbers), max(numbers), stamp)] if numbers else []
+        bounds: dict[str, tuple[int, int]] = {}
+        for device_id, seq, _ in seqs:
+            low, high = bounds.get(device_id, (seq, seq))
+            bounds[device_id] = (min(low, seq), max(high, seq))
+        return [Span(device_id, low, high, self.stamps.get(device_id)) for device_id, (low, high) in bounds.items()]
 
     def close(self) -> None:
         if self._txn is not None:

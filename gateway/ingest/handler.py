@@ -120,6 +120,33 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
         clock_skew_ms=principal.clock_skew_ms,
         source_ip=body.source_ip,
     )
+    device_id = ctx.device_id or ""
+    # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
+    key = idempotency_key(device_id, body.idem_key[:256]) if body.idem_key else body_key(device_id, body.digest)
+    for validation in range(MAX_VALIDATIONS):
+        if validation:
+            spool.clear()  # records of this device became durable meanwhile: some may be duplicates now
+        batch, decoded = await _validate(gw, body, ctx, spool)
+        if not validation:
+            gw.metrics.request_bytes.inc(body.sent)
+            gw.security.limiter.charge(body.rate_key, batch.records, decoded)  # what the device sent, decompressed
+        if batch.records == 0:
+            raise MalformedBody("the body holds no records")
+        response = await _once(gw, key, body.digest, batch, lambda: _persist(gw, batch, spool, key, body.digest))
+        if response is not None:
+            return response
+    raise Unavailable("other requests keep writing this device's records; retry", retry_after_secs=1)
+
+
+# Times a request is validated again because other requests of its device became durable meanwhile,
+# and its new records checked again in between (cheaper: the frames hold if none is a duplicate now).
+MAX_VALIDATIONS = 4
+MAX_RECHECKS = 8
+
+
+async def _validate(gw: Gateway, body: Received, ctx, spool: Spool) -> tuple[RequestBatch, int]:
+    """Steps 3-4: the batch of frames the body's records make, and the bytes it decoded to."""
+    limits = gw.settings.limits
     batch = RequestBatch(
         ctx,
         body.fmt,
@@ -130,21 +157,14 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
         max_errors_reported=limits.max_errors_reported,
         max_tracked_seqs=limits.dedup_max_keys_per_request,
     )
-    # 3-4 validate and enrich; a large or compressed body is decoded in the worker's decode thread.
+    # A large or compressed body is decoded in the worker's decode thread.
     args = (body.raw, body.fmt, body.encoding, batch, limits)
     if body.sent <= INLINE_DECODE_BYTES and body.encoding.strip().lower() in ("", "identity"):
         async with gw.loop_share:  # one decode per turn of the loop, so it reads its sockets in between
             decoded = _decode(*args)
     else:
         decoded = await asyncio.get_running_loop().run_in_executor(gw.decoder, _decode, *args)
-    gw.metrics.request_bytes.inc(body.sent)
-    gw.security.limiter.charge(body.rate_key, batch.records, decoded)  # what the device sent, decompressed
-    if batch.records == 0:
-        raise MalformedBody("the body holds no records")
-    # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
-    device_id = ctx.device_id or ""
-    key = idempotency_key(device_id, body.idem_key[:256]) if body.idem_key else body_key(device_id, body.digest)
-    return await _once(gw, key, body.digest, lambda: _persist(gw, batch, spool, key, body.digest))
+    return batch, decoded
 
 
 def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: str) -> bytes | None:
@@ -154,8 +174,9 @@ def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: 
     return gw.ledger.answer_for(idempotency_key(device_id or "", idem_key[:256]), digest)
 
 
-async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:
-    """Run a request under its retry key once per instance; a retry gets the first answer again."""
+async def _once(gw: Gateway, key: bytes, digest: str, batch: RequestBatch, run) -> web.Response | None:
+    """Run a request under its retry key once per instance; a retry gets the first answer again.
+    None: records of its device became durable since ``batch`` was validated; validate it again."""
     running = gw.running_requests.get(key)
     if running is not None:  # the same key is running in this worker
         if running[0] != digest:
@@ -165,9 +186,11 @@ async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:
             return _replayed(answer)
     loop = asyncio.get_running_loop()
     waited_until = loop.time() + RUNNING_ELSEWHERE_WAIT_SECS
+    spans = batch.seq_spans()
+    rechecks = 0
     while True:
         try:
-            claim = gw.ledger.claim_request(key, digest)
+            claim = gw.ledger.claim_request(key, digest, spans)
         except LedgerError as exc:
             raise Unavailable(f"the gateway cannot record this request right now; retry ({exc})", retry_after_secs=1) from None
         if claim.outcome == "answered":
@@ -176,8 +199,14 @@ async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:
             raise KeyReused(_KEY_REUSED)
         if claim.outcome == "run":
             break
-        if loop.time() > waited_until:  # another worker is still running it
-            raise Unavailable("an identical request is still being processed; retry", retry_after_secs=1)
+        if claim.outcome == "stale":
+            rechecks += 1
+            spans = batch.seq_spans_if_still_new() if rechecks <= MAX_RECHECKS else None
+            if spans is None:
+                return None
+            continue
+        if loop.time() > waited_until:  # another worker is still running it, or records it holds too
+            raise Unavailable("an identical request, or one with the same records, is still being processed; retry", retry_after_secs=1)
         await asyncio.sleep(0.02)
     future: asyncio.Future[bytes | None] = loop.create_future()
     gw.running_requests[key] = (digest, future)
@@ -188,7 +217,7 @@ async def _once(gw: Gateway, key: bytes, digest: str, run) -> web.Response:
         del gw.running_requests[key]
         future.set_result(answer)
         if answer is None:
-            gw.ledger.release_request(key)  # nothing of it landed: a retry must run it
+            gw.ledger.release_request(key, [span.device_id for span in spans])  # nothing of it landed: a retry must run it
     return _answer_response(answer)
 
 
@@ -274,7 +303,7 @@ async def _persist(gw: Gateway, batch: RequestBatch, spool, key: bytes, digest: 
         }
     answer = b"%d" % status + orjson.dumps(body)
     try:
-        await gw.pipeline.persist(spool, batch.new_seqs, (key, digest, answer))  # returns once fsynced
+        await gw.pipeline.persist(spool, batch.new_seqs, (key, digest, answer), batch.span_keys(key))  # returns once fsynced
     except WalFull:
         raise Unavailable("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
     except (WalNoSpace, SpoolFull):

@@ -76,6 +76,13 @@ class Spool:
     def empty(self) -> bool:
         return self.bytes == 0
 
+    def clear(self) -> None:
+        """Drop every frame (the request is validated again into the same spool)."""
+        self.close()
+        self._memory = 0
+        self._file_frames = []
+        self.bytes = 0
+
     def close(self) -> None:
         self._frames = []
         if self._file is not None:

@@ -18,6 +18,7 @@ from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, Reque
 from gateway.errors import Forbidden, TooLarge
 from gateway.ingest.records import Record, RecordOfAnyId, valid_device_id
 from gateway.ingest.spool import Spool
+from gateway.durable.retry_ledger import Span, span_key
 from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS_SHARED, encode_frame, shared_payload
 
 _json_record = msgspec.json.Decoder(Record)
@@ -31,6 +32,10 @@ class DuplicateCheck(Protocol):
     """Which records were already accepted (``retry_ledger.SeqLookup``)."""
 
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool: ...
+
+    def spans(self, seqs: list[tuple[str, int, int]]) -> list[Span]: ...
+
+    def again(self) -> DuplicateCheck: ...
 
     def close(self) -> None: ...
 
@@ -69,6 +74,7 @@ class RequestBatch:
         self.new_seqs: list[tuple[str, int, int]] = []
         self._seqs_here: set[tuple[str, int, int]] = set()
         self._checked_ids: set[str] = set()  # device ids of the last chunk, already checked
+        self._spans: list[Span] = []
 
     def add(self, items: list[bytes]) -> None:
         if not items:
@@ -136,6 +142,30 @@ class RequestBatch:
             self.spool.add(
                 encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
             )
+
+    # -- records another request may hold at once (retry_ledger.py, "inflight") --------------
+
+    def seq_spans(self) -> list[Span]:
+        """The range of new seqs per device, to claim before the records are written."""
+        self._spans = self._seq_index.spans(self.new_seqs)
+        return self._spans
+
+    def seq_spans_if_still_new(self) -> list[Span] | None:
+        """Records of a device here became durable elsewhere since they were checked: fresh spans if
+        none of them is among those (the frames hold), None if some are (validate the body again)."""
+        lookup = self._seq_index.again()
+        try:
+            for device_id, seq, event_ms in self.new_seqs:
+                if lookup.is_duplicate(device_id, seq, event_ms):
+                    return None
+        finally:
+            lookup.close()
+        self._seq_index = lookup
+        return self.seq_spans()
+
+    def span_keys(self, request_key: bytes) -> list[bytes]:
+        """The claimed spans, ended in the ledger when the request's records become durable."""
+        return [span_key(span.device_id, request_key) for span in self._spans]
 
     def _decode_all(self, items: list[bytes], joined: bytes) -> list[Record] | None:
         """All of a chunk's records (``joined``: its lines) in one call when every line is valid (the common case)."""

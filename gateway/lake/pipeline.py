@@ -58,6 +58,7 @@ class Durable:
 
     seqs: list[tuple[str, int, int]] = field(default_factory=list)
     request: tuple[bytes, str, bytes] | None = None
+    spans: list[bytes] = field(default_factory=list)  # its in-flight spans, ended once it is durable
 
 
 class Pipeline:
@@ -153,17 +154,24 @@ class Pipeline:
         return Spool(self.spool_dir, memory_bytes)
 
     async def persist(
-        self, spool: Spool, seqs: list[tuple[str, int, int]] = (), request: tuple[bytes, str, bytes] | None = None
+        self,
+        spool: Spool,
+        seqs: list[tuple[str, int, int]] = (),
+        request: tuple[bytes, str, bytes] | None = None,
+        spans: list[bytes] = (),
     ) -> None:
         """Step 5: append a request's frames to the WAL, all or none; returns once they are fsynced.
 
-        ``seqs`` and ``request`` (retry key, body hash, answer) reach the retry ledger once durable.
+        ``seqs`` and ``request`` (retry key, body hash, answer) reach the retry ledger once durable,
+        and the request's in-flight ``spans`` end there at the same moment.
         """
-        if spool.empty:
+        if spool.empty:  # every record was a duplicate: nothing to make durable, only the answer to keep
+            if request is not None and self.ledger is not None:
+                self.ledger.record(self.wal_id, 0, [], [request], list(spans))
             return
         if request is not None and self.ledger is not None:
             spool.add(encode_frame(KIND_REQUEST, 0, 0, 0, 0, 0, msgspec.msgpack.encode(RequestRecord(*request))))
-        note = Durable(list(seqs), request) if self.ledger is not None else None
+        note = Durable(list(seqs), request, list(spans)) if self.ledger is not None else None
         await self.wal.commit(spool.chunks(), spool.bytes, spool.frame_count, note)
 
     # -- the retry ledger follows the WAL ----------------------------------------------------
@@ -175,8 +183,9 @@ class Pipeline:
             return
         seqs = [s for d in done for s in d.seqs]
         requests = [d.request for d in done if d.request is not None]
+        spans = [span for d in done for span in d.spans]
         try:
-            self.ledger.record(self.wal_id, lsn, seqs, requests)
+            self.ledger.record(self.wal_id, lsn, seqs, requests, spans)
         except Exception as exc:  # whatever it is, it must not stop the WAL's commits
             # The records are durable and will be acknowledged; only their retries may land twice.
             # The mark did not move, so the next start reads them from the WAL again.

@@ -872,3 +872,34 @@ async def test_a_damaged_retry_ledger_is_rebuilt_from_the_wal(tmp_path, gateways
     assert orjson.loads((ledger_dir / "boot").read_bytes())["closed"] is True, "a clean stop flushes and seals the ledger"
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)
+
+
+@pytest.mark.timeout(150)
+async def test_records_rebatched_while_their_first_request_runs_land_once(tmp_path, gateways):
+    """A device that gave up waiting re-batches unacknowledged records into new bodies and sends them
+    on other connections while the first request is still running: two workers checking the same
+    records at once must not both find them new."""
+    sp, (device,), lake = setup(tmp_path, gateways, 1, lake={"target_object_bytes": 256 * KiB, "max_object_age_secs": 0.2})
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+    rng = random.Random(5)
+    records = device.records(3000, with_seq=True)
+
+    async def resend_slices(client: DeviceClient) -> None:
+        for _ in range(10):
+            start = rng.randrange(0, len(records) - 400)
+            await client.send(records[start : start + rng.randrange(50, 400)], retry=False)
+
+    clients = [DeviceClient(sp.url, device, ledger, fresh_connections=True) for _ in range(16)]
+    for client in clients:
+        await client.__aenter__()
+    try:
+        await asyncio.gather(*(resend_slices(client) for client in clients))
+    finally:
+        for client in clients:
+            await client.__aexit__(None, None, None)
+    await stop_gracefully(sp, problems)
+    ledger.refused -= ledger.acked  # a record refused in one body and acknowledged in another was acknowledged
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp, notes=[f"statuses {dict(ledger.statuses)}"])

@@ -15,7 +15,7 @@ import pytest
 from connectors.local_lake import LocalLakeSink
 from gateway.ops.metrics import GatewayMetrics
 from gateway.lake.pipeline import Pipeline, RequestRecord
-from gateway.durable.retry_ledger import BOOT_FILE, LedgerError, RetryLedger, body_key, current_boot_id, idempotency_key
+from gateway.durable.retry_ledger import BOOT_FILE, LedgerError, RetryLedger, body_key, current_boot_id, idempotency_key, span_key
 from gateway.settings import load_settings
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
 from gateway.durable.wal_layout import slot_for
@@ -109,7 +109,8 @@ def test_generations_bound_what_is_remembered(tmp_path):
     ledger = open_ledger(tmp_path / "ledger", max_keys=10)
     for batch in range(10):
         ledger.record("wal-a", batch, [("dev-1", batch * 5 + i, 1) for i in range(5)], [])
-    assert ledger.counts()["seq"] <= 20
+    # Two generations are visible; a commit (five records and its device's stamp) lands whole in one.
+    assert ledger.counts()["seq"] <= 2 * (10 + 5 + 1)
     seen = ledger.reader()
     assert seen.is_duplicate("dev-1", 49, 1) and not seen.is_duplicate("dev-1", 0, 1)
     seen.close()
@@ -265,4 +266,63 @@ def test_answers_are_stored_deflated_and_come_back_exactly(tmp_path):
             stored = len(txn.get(key, db=ledger._db(b"request", 0)))
         assert stored - 32 < len(answer) / 2, f"{name}: {stored} bytes stored (32 of them the digest) for a {len(answer)}-byte answer"
         assert ledger.claim_request(key, SHA_1).answer == answer
+    ledger.close()
+
+
+# -- the same records in two requests at once ----------------------------------------------------
+
+
+def _span(ledger: RetryLedger, device_id: str, seqs: range):
+    """What a request validated now would claim: its seqs' range and the device's stamp it saw."""
+    lookup = ledger.reader()
+    new = [(device_id, seq, 1000 + seq) for seq in seqs if not lookup.is_duplicate(device_id, seq, 1000 + seq)]
+    lookup.close()
+    return lookup.spans(new)
+
+
+def test_a_request_overlapping_a_running_one_waits_and_a_disjoint_one_does_not(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    first, overlapping, disjoint = (idempotency_key("dev-1", k) for k in ("a", "b", "c"))
+    first_spans = _span(ledger, "dev-1", range(1, 101))
+    assert ledger.claim_request(first, SHA_1, first_spans).outcome == "run"
+    assert ledger.claim_request(overlapping, SHA_2, _span(ledger, "dev-1", range(50, 101))).outcome == "overlap"
+    assert ledger.claim_request(disjoint, SHA_2, _span(ledger, "dev-1", range(101, 201))).outcome == "run"
+    assert ledger.claim_request(idempotency_key("dev-2", "a"), SHA_1, _span(ledger, "dev-2", range(1, 101))).outcome == "run"
+    ledger.release_request(first, ["dev-1"])  # it failed: nothing of it landed
+    assert ledger.claim_request(overlapping, SHA_2, _span(ledger, "dev-1", range(50, 101))).outcome == "run"
+    ledger.close()
+
+
+def test_a_request_validated_before_its_records_became_durable_elsewhere_is_stale(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    first, second = idempotency_key("dev-1", "a"), idempotency_key("dev-1", "b")
+    first_spans = _span(ledger, "dev-1", range(1, 101))
+    second_spans = _span(ledger, "dev-1", range(50, 151))  # validated while the first was not yet claimed
+    assert ledger.claim_request(first, SHA_1, first_spans).outcome == "run"
+    ledger.record("wal-a", 5, [("dev-1", seq, 1000 + seq) for seq in range(1, 101)], [(first, SHA_1, b"202{}")],
+                  [span_key("dev-1", first)])
+    assert ledger.claim_request(second, SHA_2, second_spans).outcome == "stale", "its records 50-100 are duplicates now"
+    again = _span(ledger, "dev-1", range(50, 151))
+    assert (again[0].lowest, again[0].highest) == (101, 150)
+    assert ledger.claim_request(second, SHA_2, again).outcome == "run"
+    ledger.close()
+
+
+def test_the_span_of_a_process_that_died_holds_nothing_back(tmp_path):
+    path = tmp_path / "ledger"
+    ledger = open_ledger(path)
+    proc = other_process(path, """
+        lookup = ledger.reader()
+        lookup.is_duplicate("dev-1", 1, 1001)
+        print(ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1, lookup.spans([("dev-1", 1, 1001), ("dev-1", 100, 1100)])).outcome, flush=True)
+        time.sleep(60)
+    """)
+    try:
+        assert proc.stdout.readline().strip() == "run"
+        assert ledger.claim_request(idempotency_key("dev-1", "x"), SHA_2, _span(ledger, "dev-1", range(10, 20))).outcome == "overlap"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert ledger.claim_request(idempotency_key("dev-1", "x"), SHA_2, _span(ledger, "dev-1", range(10, 20))).outcome == "run"
     ledger.close()
