@@ -903,3 +903,27 @@ async def test_records_rebatched_while_their_first_request_runs_land_once(tmp_pa
     ledger.refused -= ledger.acked  # a record refused in one body and acknowledged in another was acknowledged
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp, notes=[f"statuses {dict(ledger.statuses)}"])
+
+
+@pytest.mark.timeout(120)
+async def test_a_body_of_duplicates_resent_to_another_worker_gets_its_first_answer(tmp_path, gateways):
+    """A body whose every record was already accepted writes nothing; its answer must still be kept,
+    or a resend reaching another worker finds the body "still running" and is refused."""
+    sp, (device,), lake = setup(tmp_path, gateways, 1, lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.2})
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+    records = device.records(60, with_seq=True)
+    async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client:
+        first = await client.send(records, retry=False)
+        rebatched = list(reversed(records[:40]))  # the same records in a new body: every one a duplicate
+        body = ndjson(rebatched)
+        answers = [await client.send(rebatched, body=body, retry=False) for _ in range(8)]
+    if first.status != 202:
+        problems.append(f"the first send got {first.status}: {first.body[:300]!r}")
+    bad = [(a.status, a.body[:200]) for a in answers if a.status != 202 or a.json().get("duplicates") != 40]
+    if bad:
+        problems.append(f"{len(bad)} of 8 sends of a body of duplicates were not answered 202 with 40 duplicates: {bad[:3]}")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
