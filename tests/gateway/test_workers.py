@@ -87,22 +87,33 @@ async def two_workers_up(tmp_path, gateway_process):
     return gp, (host, int(port))
 
 
+async def _split_of_connections_opened_together(gp, address, n: int) -> dict[str, float]:
+    """Open ``n`` connections at once; how many each worker took. They are closed again after."""
+    deadline = time.monotonic() + 20
+    clients = [socket.create_connection(address, timeout=5) for _ in range(n)]
+    try:
+        per_worker: dict[str, float] = {}
+        while sum(per_worker.values()) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            per_worker = connections_per_worker(gp.ops_url)
+        assert sum(per_worker.values()) == n, per_worker
+    finally:
+        for client in clients:
+            client.close()
+    while sum(connections_per_worker(gp.ops_url).values()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # every worker saw its connections close
+    return per_worker
+
+
 async def test_connections_opened_together_are_shared_by_the_workers(tmp_path, gateway_process):
     # A load balancer opens its connections at once and keeps them: whichever worker was woken first
     # took all of them (one worker busy beside an idle one) until the workers took shares.
     gp, address = await two_workers_up(tmp_path, gateway_process)
-    deadline = time.monotonic() + 20
-    clients = [socket.create_connection(address, timeout=5) for _ in range(32)]
-    try:
-        per_worker: dict[str, float] = {}
-        while sum(per_worker.values()) < len(clients) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            per_worker = connections_per_worker(gp.ops_url)
-        assert sum(per_worker.values()) == len(clients), per_worker
-        assert min(per_worker.values()) >= 12, per_worker  # an even split is 16; before, 0-15 (median 3)
-    finally:
-        for client in clients:
-            client.close()
+    splits = []
+    for _ in range(3):  # a worker busy at that instant leaves its share to the other: judge the median
+        splits.append(await _split_of_connections_opened_together(gp, address, 32))
+    smaller_shares = sorted(min(split.values()) for split in splits)
+    assert smaller_shares[1] >= 12, splits  # an even split is 16; before, 0-15 (median 3)
     gp.signal(signal.SIGTERM)
     assert gp.wait(60) == 0
 
