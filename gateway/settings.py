@@ -162,8 +162,10 @@ class InferenceSettings(Section):
     idle_after_secs: PositiveFloat = 60.0
     max_queue_records: PositiveInt = 65536
     # Where records are decoded for the curated zone: "process" uses another core and leaves the
-    # event loop (acks) alone; "thread" stays in this process.
-    offload: Literal["process", "thread"] = "process"
+    # event loop (acks) alone; "thread" stays in the landing process. "auto": a thread in the lake
+    # process (no device waits on its loop, and the hand-over to another process costs more than it
+    # spares), another process where a worker lands its own zones.
+    offload: Literal["auto", "process", "thread"] = "auto"
 
     def __post_init__(self) -> None:
         if self.backend == "triton" and not self.endpoints:

@@ -105,13 +105,16 @@ class ParquetBuilder:
 class CuratedScorer:
     """Scores chunks of records through an adaptive batcher in front of the inference backend."""
 
-    def __init__(self, settings, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings, metrics: GatewayMetrics, *, in_lake_process: bool = False) -> None:
         self.settings = settings
         self.metrics = metrics
         self.inferencer = build_inferencer(settings)
         typical = _typical_values(settings.features)
         self.typical = np.array([typical[f] for f in settings.features], dtype=np.float32)
-        self.decoder = FrameDecoder(settings.offload)
+        offload = settings.offload
+        if offload == "auto":
+            offload = "thread" if in_lake_process else "process"
+        self.decoder = FrameDecoder(offload)
         policy = BatchPolicy(max_batch=settings.max_batch_records, max_wait_secs=settings.max_wait_ms / 1000)
         self.batcher: Batcher[ShapedBatch, Scores] = Batcher(
             self._dispatch, endpoints=[self.inferencer.name], model=settings.model, policy=policy,

@@ -57,7 +57,7 @@ class LakeProcess:
         if needs_scorer(settings, [slot.directory for slot in slots]):
             from gateway.lake.curated import CuratedScorer
 
-            self.scorer = CuratedScorer(settings.inference, self.metrics)
+            self.scorer = CuratedScorer(settings.inference, self.metrics, in_lake_process=True)
         self.zones: list[Zones] = []
         self.draining = False
         for slot in slots:
