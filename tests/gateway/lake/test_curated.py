@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -149,13 +150,11 @@ def curated_row(seq: int) -> dict:
     }
 
 
-def test_an_open_curated_object_holds_columns_not_payloads_and_lands_as_one_row_group():
-    import pyarrow as pa
-
+def test_an_open_curated_object_holds_columns_not_payloads_and_writes_a_row_group_at_a_time():
     from gateway.durable.wal import KIND_RECORDS, Frame
     from gateway.lake.curated import ParquetBuilder, ScoredFrame
 
-    builder = ParquetBuilder()
+    builder = ParquetBuilder(row_group_rows=80)
     payload = b'{"device_id":"d","seq":0}\n' * 300
     for i in range(20):  # frames from several decode slices: a chunked table, one chunk per frame
         rows = [curated_row(seq=i * 10 + k) for k in range(10)]
@@ -163,7 +162,16 @@ def test_an_open_curated_object_holds_columns_not_payloads_and_lands_as_one_row_
         frame = ScoredFrame.of(Frame(i * 10, 10, 490_000, 0, 0, 0, KIND_RECORDS, payload), table)
         assert frame.payload == b"" and frame.source_bytes == len(payload)
         builder.add(frame)
+        assert len(builder._tables) == (i + 1) % 8, "the columns of every full row group were written out"
     assert builder.size == 20 * len(payload)  # target_object_bytes still measures the input
     parquet = pq.ParquetFile(pa.BufferReader(builder.finish()))
-    assert parquet.metadata.num_row_groups == 1
+    assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)] == [80, 80, 40]
     assert parquet.read(columns=["seq"]).column("seq").to_pylist() == list(range(200))
+    assert parquet.schema_arrow.metadata == CURATED_SCHEMA.metadata
+
+
+def test_an_empty_curated_object_is_a_valid_parquet_file():
+    from gateway.lake.curated import ParquetBuilder
+
+    parquet = pq.ParquetFile(pa.BufferReader(ParquetBuilder().finish()))
+    assert parquet.metadata.num_rows == 0 and parquet.schema_arrow.equals(CURATED_SCHEMA)
