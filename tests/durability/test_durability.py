@@ -875,10 +875,12 @@ async def test_a_damaged_retry_ledger_is_rebuilt_from_the_wal(tmp_path, gateways
 
 
 @pytest.mark.timeout(150)
-async def test_records_rebatched_while_their_first_request_runs_land_once(tmp_path, gateways):
+@pytest.mark.parametrize("killed", [False, True], ids=["running", "sigkill_midway"])
+async def test_records_rebatched_while_their_first_request_runs_land_once(tmp_path, gateways, killed):
     """A device that gave up waiting re-batches unacknowledged records into new bodies and sends them
     on other connections while the first request is still running: two workers checking the same
-    records at once must not both find them new."""
+    records at once must not both find them new, and the claims of a gateway killed midway hold
+    nothing back after its restart."""
     sp, (device,), lake = setup(tmp_path, gateways, 1, lake={"target_object_bytes": 256 * KiB, "max_object_age_secs": 0.2})
     await sp.astart(workers_env(2), workers=2)
     ledger = Ledger()
@@ -891,11 +893,21 @@ async def test_records_rebatched_while_their_first_request_runs_land_once(tmp_pa
             start = rng.randrange(0, len(records) - 400)
             await client.send(records[start : start + rng.randrange(50, 400)], retry=False)
 
+    async def kill_and_restart_midway() -> None:
+        await wait_until(lambda: ledger.acked_requests >= 40, timeout=30)
+        await sp.akill()
+        await sp.astart(workers_env(2), workers=2)
+
     clients = [DeviceClient(sp.url, device, ledger, fresh_connections=True) for _ in range(16)]
     for client in clients:
         await client.__aenter__()
     try:
-        await asyncio.gather(*(resend_slices(client) for client in clients))
+        await asyncio.gather(*(resend_slices(client) for client in clients), *([kill_and_restart_midway()] if killed else []))
+        if killed:  # after the restart, every record once more, overlapping: nothing may wait on a dead claim
+            assert sp.starts == 2
+            acked_before = ledger.acked_requests
+            await asyncio.gather(*(resend_slices(client) for client in clients))
+            assert ledger.acked_requests - acked_before == 160, f"after the restart: {ledger.summary()}"
     finally:
         for client in clients:
             await client.__aexit__(None, None, None)
