@@ -15,7 +15,7 @@ from pathlib import Path
 import lmdb
 import msgspec
 
-from gateway.durable.retry_ledger import DAMAGE, LedgerError, RetryLedger
+from gateway.durable.retry_ledger import DAMAGE, LedgerError, RetryLedger, map_bytes_for
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, fresh_log_origin
 from gateway.durable.wal_layout import SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
 
@@ -49,6 +49,7 @@ def ledger_for(settings, on_forget=None) -> RetryLedger:
         window_secs=max(limits.dedup_window_secs, 2 * settings.auth.timestamp_window_secs),
         max_keys=limits.dedup_max_keys,
         max_signatures=settings.auth.replay_cache_max_entries,
+        map_bytes=map_bytes_for(limits.dedup_max_keys, settings.auth.replay_cache_max_entries),
         on_forget=on_forget,
     )
 

@@ -61,6 +61,11 @@ _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
 _SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
 CLAIM_STALE_SECS = 120.0
+# The map is address space, not memory or disk (the file grows as it is written): sized for three
+# generations of every kind at their limits, twice over (a commit may overrun a generation, and
+# B-tree pages are half full at worst), never under 1 GiB.
+MIN_MAP_BYTES = 1 << 30
+ENTRY_BYTES = {b"seq": 64, b"request": 256, b"signature": 64}  # key, value and LMDB's own, generously
 BOOT_FILE = "boot"  # the machine boot that last opened the ledger, and whether it was flushed and closed
 # What LMDB raises for a file that is not what it wrote (torn by a power loss, or otherwise damaged).
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError, lmdb.InvalidError, lmdb.VersionMismatchError)
@@ -157,6 +162,12 @@ def body_key(device_id: str, body_sha256: str) -> bytes:
     return device_id.encode("utf-8", "surrogateescape") + b"\0b" + bytes.fromhex(body_sha256)
 
 
+def map_bytes_for(max_keys: int, max_signatures: int) -> int:
+    """An LMDB map large enough for every generation the configured limits allow."""
+    per_generation = max_keys * (ENTRY_BYTES[b"seq"] + ENTRY_BYTES[b"request"]) + max_signatures * ENTRY_BYTES[b"signature"]
+    return max(MIN_MAP_BYTES, GENERATIONS * 2 * 2 * per_generation)
+
+
 class RetryLedger:
     def __init__(
         self,
@@ -165,7 +176,7 @@ class RetryLedger:
         window_secs: float,
         max_keys: int,
         max_signatures: int | None = None,
-        map_bytes: int = 1 << 30,
+        map_bytes: int = MIN_MAP_BYTES,
         on_forget: Callable[[str, int], None] | None = None,
     ) -> None:
         self.directory = Path(directory)

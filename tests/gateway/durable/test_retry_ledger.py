@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import msgspec
 import orjson
@@ -325,4 +326,30 @@ def test_the_span_of_a_process_that_died_holds_nothing_back(tmp_path):
         proc.wait()
         proc.stdout.close()
     assert ledger.claim_request(idempotency_key("dev-1", "x"), SHA_2, _span(ledger, "dev-1", range(10, 20))).outcome == "run"
+    ledger.close()
+
+
+def test_the_map_holds_every_generation_the_configured_limits_allow(tmp_path, monkeypatch):
+    # With a 1 GiB map whatever the limits, raising dedup_max_keys for a longer seq window (as
+    # docs/device-api.md advises) filled the map: every request got 503 (MDB_MAP_FULL). The floor is
+    # lowered here so that limits a test can fill quickly show it.
+    from gateway.durable import retry_ledger
+    from gateway.durable.ledger_catch_up import ledger_for
+
+    monkeypatch.setattr(retry_ledger, "MIN_MAP_BYTES", 1 << 20)
+    settings = load_settings(write_config(tmp_path, wal={"dir": str(tmp_path / "wal")},
+                                          limits={"dedup_max_keys": 20_000}, auth={"replay_cache_max_entries": 2_000}), environ={})
+    ledger = ledger_for(settings)
+    ledger.open(owner=True)
+    answer = b'202{"accepted":1,"rejected":0,"duplicates":0,"ingest_id":"5368e7cb77e1e371151b833e","errors":[]}'
+    for generation in range(5):  # past three: the oldest is emptied and its pages reused
+        digests = [hashlib.sha256(b"%d-%d" % (generation, i)).hexdigest() for i in range(20_000)]
+        ledger.record(
+            "wal-a", generation,
+            [("dev-%d" % (i % 50), generation * 20_000 + i, 1000) for i in range(20_000)],
+            [(body_key("dev-%d" % (i % 50), digest), digest, answer) for i, digest in enumerate(digests)],
+        )
+        for i in range(2_000):
+            assert ledger.claim_signature("%064x" % (generation * 2_000 + i), time.time() + 600)
+    assert ledger.counts()["seq"] >= 20_000
     ledger.close()
