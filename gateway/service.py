@@ -320,7 +320,7 @@ class Gateway:
         if _supervised(self.settings):
             self.ledger.close()
         else:
-            self.ledger.seal()  # alone, the gateway owns the ledger: flushed, a machine restart keeps it
+            await asyncio.to_thread(self.ledger.seal)  # alone, it owns the ledger: flushed (an fsync), a machine restart keeps it
         self._release_ownership()
 
     async def _watch_loop_lag(self, interval: float = 0.25) -> None:

@@ -111,7 +111,6 @@ class Received:
 
 async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spool) -> web.Response:
     """Steps 3-6 for an authenticated body: decode, validate and enrich, persist once, answer."""
-    limits = gw.settings.limits
     ctx = new_context(
         gateway_id=gw.gateway_id,
         availability_zone=gw.availability_zone,

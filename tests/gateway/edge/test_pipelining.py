@@ -17,6 +17,14 @@ TIMEOUTS = {"header_timeout_secs": 0.5, "idle_timeout_secs": 60.0}
 PARTIAL = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
 
 
+async def connected(tmp_path, start) -> tuple[object, object, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A gateway with one device and these timeouts, its environment, and a raw connection to it."""
+    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
+    gw = await start(env)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    return gw, env, reader, writer
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """One HTTP/1.1 response with a Content-Length: its status and body."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -42,9 +50,7 @@ def signed_post(env, device_id: str, records: int) -> bytes:
 
 
 async def test_a_partial_request_pipelined_behind_a_get_is_closed_by_the_header_timeout(tmp_path, start):
-    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
-    gw = await start(env)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    gw, env, reader, writer = await connected(tmp_path, start)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + PARTIAL)  # one write: both arrive together
     await writer.drain()
     assert (await read_response(reader))[0] == 200
@@ -54,9 +60,7 @@ async def test_a_partial_request_pipelined_behind_a_get_is_closed_by_the_header_
 
 
 async def test_a_partial_request_pipelined_behind_a_body_is_closed_by_the_header_timeout(tmp_path, start):
-    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
-    gw = await start(env)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    gw, env, reader, writer = await connected(tmp_path, start)
     writer.write(signed_post(env, "dev-1", 5) + PARTIAL)  # the partial request starts right where the body ends
     await writer.drain()
     assert (await read_response(reader))[0] == 202
@@ -65,9 +69,7 @@ async def test_a_partial_request_pipelined_behind_a_body_is_closed_by_the_header
 
 
 async def test_complete_pipelined_requests_are_answered_and_the_connection_stays_kept_alive(tmp_path, start):
-    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
-    gw = await start(env)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    gw, env, reader, writer = await connected(tmp_path, start)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + signed_post(env, "dev-1", 5) + b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     assert [(await read_response(reader))[0] for _ in range(3)] == [200, 202, 200]
@@ -80,9 +82,7 @@ async def test_complete_pipelined_requests_are_answered_and_the_connection_stays
 async def test_a_client_that_shuts_its_side_after_sending_is_answered_then_closed(tmp_path, start):
     """``shutdown(SHUT_WR)`` right after the requests: each complete one is answered, then the
     connection closes (aiohttp alone closes at EOF: the records land, the device never hears so)."""
-    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
-    gw = await start(env)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    gw, env, reader, writer = await connected(tmp_path, start)
     writer.write(signed_post(env, "dev-1", 5) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     writer.write_eof()
     await writer.drain()
@@ -92,9 +92,7 @@ async def test_a_client_that_shuts_its_side_after_sending_is_answered_then_close
 
 
 async def test_a_client_that_shuts_its_side_mid_request_is_closed_without_an_answer(tmp_path, start):
-    env = make_env(tmp_path, n_devices=1, connections=TIMEOUTS)
-    gw = await start(env)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    gw, env, reader, writer = await connected(tmp_path, start)
     request = signed_post(env, "dev-1", 5)
     writer.write(request[:-10])  # the body is 10 bytes short: it can never be complete now
     writer.write_eof()

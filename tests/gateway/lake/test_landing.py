@@ -21,7 +21,8 @@ def frame(seqs: range, hour: int = 490_000, pad: int = 0) -> bytes:
     return encode_frame(KIND_RECORDS, hour, 0, 0, 0, len(seqs), payload)
 
 
-def lander(tmp_path, wal, sink, prepare=None, *, zone="raw", kind=KIND_RECORDS, builder=ZstdNdjsonBuilder, **settings) -> ZoneLander:
+def lander(tmp_path, wal, sink, prepare=None, *, zone="raw", kind=KIND_RECORDS, builder=ZstdNdjsonBuilder,
+           observer: GatewayMetrics | None = None, **settings) -> ZoneLander:
     values = dict(
         zone=zone, kind=kind, dataset="t", gateway_id="gw", target_object_bytes=1 << 20,
         max_object_age_secs=0.05, max_open_partitions=4, retry_initial_secs=0.01,
@@ -29,7 +30,7 @@ def lander(tmp_path, wal, sink, prepare=None, *, zone="raw", kind=KIND_RECORDS, 
     values.update(settings)
     return ZoneLander(
         LanderSettings(**values), wal=wal, sink=sink, builder_factory=builder, state_dir=tmp_path / "state",
-        observer=GatewayMetrics(), prepare=prepare,
+        observer=observer or GatewayMetrics(), prepare=prepare,
     )
 
 
@@ -166,8 +167,7 @@ async def test_an_object_that_cannot_be_built_is_dead_lettered_and_nothing_is_sk
             return super().finish()
 
     metrics = GatewayMetrics()
-    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), builder=Breaks, target_object_bytes=64, max_uploads_in_flight=1)
-    zone._observer = metrics
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), builder=Breaks, target_object_bytes=64, max_uploads_in_flight=1, observer=metrics)
     await zone.start()
     for i in range(6):  # the same hour: later objects must not move the watermark past the broken one
         await wal.append([frame(range(i * 5, i * 5 + 5))])
@@ -224,8 +224,7 @@ async def test_a_sink_that_refuses_everything_for_a_while_gets_every_record_in_i
 
     sink = DeniesForAWhile(tmp_path / "lake")
     metrics = GatewayMetrics()
-    zone = lander(tmp_path, wal, sink, max_object_attempts=3, retry_max_secs=0.02)
-    zone._observer = metrics
+    zone = lander(tmp_path, wal, sink, max_object_attempts=3, retry_max_secs=0.02, observer=metrics)
     await zone.start()
     await wal.append([frame(range(4))])
     assert await zone.drain(10)
@@ -281,8 +280,7 @@ async def test_a_prepare_step_that_fails_on_everything_for_a_while_dead_letters_
         return frames
 
     metrics = GatewayMetrics()
-    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), broken_for_a_while, max_object_attempts=3, retry_max_secs=0.02)
-    zone._observer = metrics
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), broken_for_a_while, max_object_attempts=3, retry_max_secs=0.02, observer=metrics)
     await zone.start()
     await wal.append([frame(range(0, 5)), frame(range(5, 10))])
     assert await zone.drain(10)
@@ -304,8 +302,7 @@ async def test_a_frame_the_prepare_step_always_fails_on_is_dead_lettered_alone(t
         return frames
 
     metrics = GatewayMetrics()
-    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), fails_on_seq_7, max_object_attempts=3, retry_max_secs=0.02)
-    zone._observer = metrics
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), fails_on_seq_7, max_object_attempts=3, retry_max_secs=0.02, observer=metrics)
     await zone.start()
     await wal.append([frame(range(0, 5)), frame(range(5, 10)), frame(range(10, 15), hour=490_001), frame(range(15, 20))])
     assert await zone.drain(5)
