@@ -108,6 +108,8 @@ def _catch_up_slot(slot: WalSlot, ledger: RetryLedger, *, segment_bytes: int, ma
     try:
         wal.open()
         catch_up(wal, ledger, wal_id(slot.directory), slot.directory)
+        # Until a worker writes it, the owner answers for it: the claims its dead writer left are void.
+        ledger.mark_writer(wal_id(slot.directory))
     finally:
         wal.release_files()
         lock.release()

@@ -38,6 +38,8 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -59,8 +61,10 @@ COMPANION_DBS = 4
 _U64 = struct.Struct(">Q")
 _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
-_SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
+_SPAN = struct.Struct(">QQiq")
+_PID = struct.Struct(">i")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
 CLAIM_STALE_SECS = 120.0
+CHECK_TIMEOUT_SECS = 120.0
 # The map is address space, not memory or disk (the file grows as it is written): sized for three
 # generations of every kind at their limits, twice over (a commit may overrun a generation, and
 # B-tree pages are half full at worst), never under 1 GiB.
@@ -91,10 +95,11 @@ class RequestEntry(msgspec.Struct, array_like=True):
     owner_pid: int = 0  # while running: the process running it
     at: int = 0  # while running: when it was claimed (epoch seconds)
     answer: bytes = b""  # once done: the status and JSON the device got, deflated (``pack_answer``)
+    wal: str = ""  # while running: the WAL its owner writes (its records may be durable there, unrecorded)
 
     @classmethod
-    def running(cls, body_sha256: str, pid: int) -> RequestEntry:
-        return cls(False, bytes.fromhex(body_sha256), pid, int(time.time()))
+    def running(cls, body_sha256: str, pid: int, wal: str) -> RequestEntry:
+        return cls(False, bytes.fromhex(body_sha256), pid, int(time.time()), wal=wal)
 
     @classmethod
     def finished(cls, body_sha256: str, answer: bytes) -> RequestEntry:
@@ -191,6 +196,7 @@ class RetryLedger:
         self._companions: dict[bytes, tuple] = {}  # name -> (environment, handle): see database()
         self._lock = threading.Lock()  # one write transaction per process at a time (LMDB's rule)
         self.pid = os.getpid()
+        self.wal_id = ""  # the WAL this process writes (``writes``)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -207,10 +213,11 @@ class RetryLedger:
                 extra={"ledger": str(self.directory), "earlier_boot_id": earlier},
             )
             self._discard()
+        if owner and (damage := self._damage_found_apart()):
+            self.replace(damage)
+            return
         try:
             self._env = self._open_env()
-            if owner:
-                self._read_everything()
         except lmdb.Error as exc:
             if not owner:
                 raise LedgerError.from_lmdb("opened", exc) from None
@@ -247,17 +254,24 @@ class RetryLedger:
             self.close()
             log.warning("retry ledger could not be flushed at exit; a restart of the machine will rebuild it", extra={"error": str(exc)})
 
-    def _read_everything(self) -> None:
-        """Walk every database once: LMDB raises on pages that are not what it wrote."""
-        with self._env.begin(buffers=True) as txn:
-            names = [key.tobytes() for key in txn.cursor().iternext(values=False)]
-            for name in names:
-                try:
-                    db = self._env.open_db(name, txn=txn, create=False)
-                except lmdb.IncompatibleError:
-                    continue  # a plain key of the main database, not a database of its own
-                for _ in txn.cursor(db=db).iternext(values=True):
-                    pass
+    def _damage_found_apart(self) -> str | None:
+        """Walk the whole ledger in a child process, since LMDB aborts the process that reads some
+        damaged pages; what the child found wrong, or None when it read every page."""
+        if not (self.directory / "data.mdb").exists():
+            return None
+        check = "import sys; from gateway.durable.retry_ledger import read_everything; read_everything(*sys.argv[1:])"
+        try:
+            child = subprocess.run(
+                [sys.executable, "-c", check, str(self.directory), str(self._map_bytes)],
+                capture_output=True, text=True, timeout=CHECK_TIMEOUT_SECS, cwd=Path(__file__).resolve().parents[2],
+            )
+        except subprocess.TimeoutExpired:
+            return f"reading the whole ledger took over {CHECK_TIMEOUT_SECS:.0f} s"
+        if child.returncode == 0:
+            return None
+        if child.returncode < 0:
+            return f"reading it killed the reader (signal {-child.returncode})"
+        return child.stderr.strip().splitlines()[-1] if child.stderr.strip() else f"the reader exited with {child.returncode}"
 
     def _discard(self) -> None:
         for name in ("data.mdb", "lock.mdb"):
@@ -378,7 +392,9 @@ class RetryLedger:
                     if not entry.same_body(body_sha256):
                         return Claim("conflict")
                     return Claim("answered", entry.unpacked_answer())
-                if entry.owner_pid != self.pid and _alive(entry.owner_pid) and time.time() - entry.at < CLAIM_STALE_SECS:
+                if entry.owner_pid != self.pid and time.time() - entry.at < CLAIM_STALE_SECS and (
+                    _alive(entry.owner_pid) or not self._caught_up_after(txn, entry)
+                ):
                     return Claim("running" if entry.same_body(body_sha256) else "conflict")
             for span in spans:
                 if self._get(txn, b"seq", stamp_key(span.device_id)) != span.stamp:
@@ -386,11 +402,33 @@ class RetryLedger:
                 if self._overlapped(txn, span, key):
                     return Claim("overlap")
             generation = self._maybe_advance(txn, b"request")
-            txn.put(key, _encode_entry(RequestEntry.running(body_sha256, self.pid)), db=self._db(b"request", generation))
+            txn.put(key, _encode_entry(RequestEntry.running(body_sha256, self.pid, self.wal_id)), db=self._db(b"request", generation))
             now = int(time.time())
             for span in spans:
                 txn.put(span_key(span.device_id, key), _SPAN.pack(span.lowest, span.highest, self.pid, now), db=self._inflight)
         return Claim("run")
+
+    def writes(self, wal_id: str) -> None:
+        """This process writes ``wal_id`` from now on and has caught the ledger up with it: what a
+        dead writer of it made durable is recorded, so the claims it left are void."""
+        self.wal_id = wal_id
+        self.mark_writer(wal_id)
+
+    def mark_writer(self, wal_id: str) -> None:
+        """This process caught the ledger up with ``wal_id`` and answers for it (see ``writes``)."""
+        with self.write() as txn:
+            txn.put(b"writer:" + wal_id.encode(), _PID.pack(self.pid), db=self._meta)
+
+    def _caught_up_after(self, txn, entry: RequestEntry) -> bool:
+        """Whether the WAL of a dead claim's owner was caught up since it died. Until then the claimed
+        request may be durable there and not yet in the ledger: a retry must wait, not run it again."""
+        if not entry.wal:
+            return True
+        raw = txn.get(b"writer:" + entry.wal.encode(), db=self._meta)
+        if raw is None:
+            return False
+        writer = _PID.unpack(raw)[0]
+        return writer != entry.owner_pid and (writer == self.pid or _alive(writer))
 
     def _overlapped(self, txn, span: Span, key: bytes) -> bool:
         """A live request other than ``key`` holds seqs of ``span``'s range; spans of dead ones are dropped."""
@@ -609,6 +647,28 @@ def _signature_key(signature: str) -> bytes:
 
 _encode_entry = msgspec.msgpack.Encoder().encode
 _decode_entry = msgspec.msgpack.Decoder(RequestEntry).decode
+
+
+def read_everything(directory: str, map_bytes: str) -> None:
+    """Read every page of the ledger under ``directory`` (run in a child: see ``_damage_found_apart``)."""
+    env = lmdb.open(directory, readonly=True, lock=False, max_dbs=64, map_size=int(map_bytes), readahead=False)
+    try:
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if (size := os.path.getsize(os.path.join(directory, "data.mdb"))) < needed:
+            sys.exit(f"data.mdb holds {size} bytes; its pages need {needed}")
+        with env.begin(buffers=True) as txn:
+            names = [key.tobytes() for key in txn.cursor().iternext(values=False)]
+            for name in names:
+                try:
+                    db = env.open_db(name, txn=txn, create=False)
+                except lmdb.IncompatibleError:
+                    continue  # a plain key of the main database, not a database of its own
+                for _ in txn.cursor(db=db).iternext(values=True):
+                    pass
+    except lmdb.Error as exc:
+        sys.exit(f"{type(exc).__name__}: {exc}")
+    finally:
+        env.close()
 
 
 def _request_entry(raw: bytes | None) -> RequestEntry | None:

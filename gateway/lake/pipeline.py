@@ -203,6 +203,7 @@ class Pipeline:
     def _catch_up_ledger(self) -> None:
         """Record what the WAL holds past the ledger's mark (a crash came between fsync and ledger)."""
         catch_up(self.wal, self.ledger, self.wal_id, self.slot.directory)
+        self.ledger.writes(self.wal_id)
 
     async def drain(self, deadline_secs: float | None) -> bool:
         """Land what the WAL holds within the deadline; what does not land is replayed next start.

@@ -353,3 +353,27 @@ def test_the_map_holds_every_generation_the_configured_limits_allow(tmp_path, mo
             assert ledger.claim_signature("%064x" % (generation * 2_000 + i), time.time() + 600)
     assert ledger.counts()["seq"] >= 20_000
     ledger.close()
+
+
+def test_a_dead_writers_claim_holds_until_its_wal_is_caught_up(tmp_path):
+    # Killed between its fsync and the ledger's record, a worker leaves its request durable in its
+    # WAL and only claimed here: a retry on another worker ran it again and landed it twice.
+    path = tmp_path / "ledger"
+    ledger = open_ledger(path)
+    ledger.writes("wal-b")
+    proc = other_process(path, """
+        ledger.writes("wal-a")
+        print(ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1).outcome, flush=True)
+        time.sleep(60)
+    """)
+    try:
+        assert proc.stdout.readline().strip() == "run"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    key = idempotency_key("dev-1", "k")
+    assert ledger.claim_request(key, SHA_1).outcome == "running", "its WAL may hold the request, unrecorded"
+    ledger.mark_writer("wal-a")  # what a restarted worker (or the supervisor) does once it caught up
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.close()
