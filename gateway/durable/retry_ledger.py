@@ -431,20 +431,31 @@ class RetryLedger:
         return writer != entry.owner_pid and (writer == self.pid or _alive(writer))
 
     def _overlapped(self, txn, span: Span, key: bytes) -> bool:
-        """A live request other than ``key`` holds seqs of ``span``'s range; spans of dead ones are dropped."""
+        """A request other than ``key`` holds seqs of ``span``'s range: a live one, or a dead one whose
+        records may be durable in its WAL and not yet recorded. Spans that can hold nothing are dropped."""
         prefix = span_key(span.device_id, b"")
         own = prefix + key
         cursor = txn.cursor(db=self._inflight)
         found = cursor.set_range(prefix)
         while found and cursor.key().startswith(prefix):
             lowest, highest, pid, at = _SPAN.unpack(cursor.value())
-            if (pid != self.pid and not _alive(pid)) or time.time() - at > CLAIM_STALE_SECS:
-                found = cursor.delete()  # left by a process that died: moves to the next span
+            if time.time() - at > CLAIM_STALE_SECS or (
+                pid != self.pid and not _alive(pid) and self._dead_span_settled(txn, cursor.key()[len(prefix):], pid)
+            ):
+                found = cursor.delete()  # moves to the next span
                 continue
             if cursor.key() != own and lowest <= span.highest and span.lowest <= highest:
                 return True
             found = cursor.next()
         return False
+
+    def _dead_span_settled(self, txn, request: bytes, pid: int) -> bool:
+        """The span ``pid`` (dead) left for ``request`` holds nothing back: the request finished, or
+        the WAL it wrote was caught up since (its durable records are in the ledger now)."""
+        entry = _request_entry(self._get(txn, b"request", request))
+        if entry is None or entry.done or entry.owner_pid != pid:
+            return True
+        return self._caught_up_after(txn, entry)
 
     def answer_for(self, key: bytes, body_sha256: str) -> bytes | None:
         """The answer stored for ``key`` when it ran with this body, else None."""

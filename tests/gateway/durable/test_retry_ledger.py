@@ -47,6 +47,17 @@ def other_process(path, code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
 
 
+def claim_in_a_killed_process(path, code: str) -> None:
+    """Another worker runs ``code`` (which prints a claim's outcome: "run") and is SIGKILLed holding it."""
+    proc = other_process(path, textwrap.dedent(code) + "\ntime.sleep(60)\n")
+    try:
+        assert proc.stdout.readline().strip() == "run"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_a_request_runs_once_and_its_retries_get_its_answer(tmp_path):
     ledger = open_ledger(tmp_path / "ledger")
     key = idempotency_key("dev-1", "abc")
@@ -361,19 +372,32 @@ def test_a_dead_writers_claim_holds_until_its_wal_is_caught_up(tmp_path):
     path = tmp_path / "ledger"
     ledger = open_ledger(path)
     ledger.writes("wal-b")
-    proc = other_process(path, """
+    claim_in_a_killed_process(path, """
         ledger.writes("wal-a")
         print(ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1).outcome, flush=True)
-        time.sleep(60)
     """)
-    try:
-        assert proc.stdout.readline().strip() == "run"
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
     key = idempotency_key("dev-1", "k")
     assert ledger.claim_request(key, SHA_1).outcome == "running", "its WAL may hold the request, unrecorded"
     ledger.mark_writer("wal-a")  # what a restarted worker (or the supervisor) does once it caught up
     assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.close()
+
+
+def test_a_dead_writers_span_holds_until_its_wal_is_caught_up(tmp_path):
+    # The same race for records re-batched into a new body: the dead worker's records of seq 1-100
+    # may be durable in its WAL, so a request holding any of them must wait for the catch-up.
+    path = tmp_path / "ledger"
+    ledger = open_ledger(path)
+    ledger.writes("wal-b")
+    claim_in_a_killed_process(path, """
+        ledger.writes("wal-a")
+        lookup = ledger.reader()
+        lookup.is_duplicate("dev-1", 1, 1001)
+        print(ledger.claim_request(idempotency_key("dev-1", "k"), SHA_1, lookup.spans([("dev-1", 1, 1001), ("dev-1", 100, 1100)])).outcome, flush=True)
+    """)
+    rebatched = idempotency_key("dev-1", "x")
+    assert ledger.claim_request(rebatched, SHA_2, _span(ledger, "dev-1", range(50, 150))).outcome == "overlap"
+    assert ledger.claim_request(idempotency_key("dev-1", "y"), SHA_2, _span(ledger, "dev-1", range(101, 150))).outcome == "run"
+    ledger.mark_writer("wal-a")  # caught up: whatever of seq 1-100 was durable is in the ledger now
+    assert ledger.claim_request(rebatched, SHA_2, _span(ledger, "dev-1", range(50, 101))).outcome == "run"
     ledger.close()
