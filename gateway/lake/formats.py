@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import zstandard
 
-from gateway.durable.wal import Frame
+from gateway.durable.wal import KIND_RECORDS_SHARED, Frame, expand_shared_in_slices
+
+PIECE_BYTES = 64 * 1024  # a shared frame is expanded and compressed this much at a time
 
 
 class ZstdNdjsonBuilder:
@@ -21,8 +23,15 @@ class ZstdNdjsonBuilder:
         self.size = 0
 
     def add(self, frame: Frame) -> None:
-        self.size += len(frame.payload)
-        out = self._compressor.compress(frame.payload)
+        if frame.kind != KIND_RECORDS_SHARED:
+            self._compress(frame.payload)
+            return
+        for piece in expand_shared_in_slices(frame.payload, PIECE_BYTES):
+            self._compress(piece)
+
+    def _compress(self, lines: bytes) -> None:
+        self.size += len(lines)
+        out = self._compressor.compress(lines)
         if out:
             self._chunks.append(out)
 

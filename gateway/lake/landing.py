@@ -48,7 +48,7 @@ from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
 from connectors.errors import ConnectorError, PermanentError
 from connectors.durable_files import ReservedStateFile, ensure_directory
 from gateway.lake.formats import ZstdNdjsonBuilder
-from gateway.durable.wal import Frame, WriteAheadLog
+from gateway.durable.wal import KIND_RECORDS_SHARED, Frame, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,9 @@ class LanderSettings:
     read_interval_secs: float = 0.1
     # The zone is turned off: land what it owes (state ``until``), then stop and release everything.
     retiring: bool = False
+    # Its builder takes KIND_RECORDS_SHARED frames as stored (formats.ZstdNdjsonBuilder expands them
+    # a slice at a time); other zones get them expanded by the WAL's reader.
+    shared_frames: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -192,7 +195,7 @@ class ZoneLander:
         self._state_file = ReservedStateFile(state_path(self._state_dir, settings.zone))
         self._observer = observer
         self._prepare = prepare  # e.g. scoring for the curated zone, before frames join objects
-        self._kinds = frozenset({settings.kind})
+        self._kinds = frozenset({settings.kind, KIND_RECORDS_SHARED} if settings.shared_frames else {settings.kind})
         self._clock = clock
         self._state = LanderState()
         self._open: dict[int, _Pending] = {}
@@ -460,7 +463,7 @@ class ZoneLander:
 
     def _wanted(self, frame: Frame) -> bool:
         """This zone's kind, and not landed before a crash (replay must not land it twice)."""
-        return frame.kind == self.settings.kind and frame.end_lsn - 1 > self._state.landed.get(str(frame.hour), -1)
+        return frame.kind in self._kinds and frame.end_lsn - 1 > self._state.landed.get(str(frame.hour), -1)
 
     def _due_by_age(self) -> list[_Pending]:
         limit = self.settings.max_object_age_secs
@@ -606,7 +609,7 @@ class ZoneLander:
                 for frame in frames:
                     if frame.lsn > pending.last_lsn:
                         break
-                    if frame.kind == self.settings.kind and frame.hour == pending.hour and self._wanted(frame):
+                    if frame.hour == pending.hour and self._wanted(frame):
                         builder.add(frame)
                         records += frame.count
         finally:

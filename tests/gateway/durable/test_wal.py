@@ -21,6 +21,7 @@ from gateway.durable.wal import (
     WriteAheadLog,
     encode_frame,
     expand_shared,
+    expand_shared_in_slices,
     fresh_log_origin,
     shared_payload,
 )
@@ -73,7 +74,23 @@ async def test_lines_stored_with_their_shared_beginning_once_are_read_back_whole
     others = reader.read(1 << 20, frozenset({KIND_QUARANTINE}))
     assert [(f.lsn, f.payload) for f in others] == [(0, b""), (2, b""), (5, b"")] and reader.lsn == 6
     reader.close()
+    # One that names the shared kind gets such frames as stored, and expands them itself.
+    reader = wal.reader(0)
+    stored = reader.read(1 << 20, frozenset({KIND_RECORDS, KIND_RECORDS_SHARED}))
+    assert [(f.kind, f.payload) for f in stored][1] == (KIND_RECORDS_SHARED, payload)
+    reader.close()
     await wal.close()
+
+
+@pytest.mark.parametrize("records", [0, 1, 7, 300])
+def test_shared_lines_expanded_in_slices_join_to_the_whole(records):
+    shared = b'{"ingest_id":"i1","gateway_id":"gw"'
+    rests = [b',"index":%d,"record":{"v":"%b"}}' % (i, b"x" * (i % 50)) for i in range(records)]
+    payload = shared_payload(shared, rests)
+    pieces = list(expand_shared_in_slices(payload, 1024))
+    assert b"".join(pieces) == expand_shared(payload) == b"".join(shared + rest + b"\n" for rest in rests)
+    assert all(piece.endswith(b"\n") and len(piece) <= 1024 for piece in pieces), "whole lines, under the size"
+    assert len(pieces) > 10 or records < 300
 
 
 async def test_a_reader_stops_at_a_frame_of_a_kind_it_does_not_know(tmp_path):

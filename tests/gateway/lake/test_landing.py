@@ -12,7 +12,7 @@ from gateway.lake.formats import ZstdNdjsonBuilder
 from gateway.lake.landing import LanderSettings, ZoneLander
 from gateway.ops.metrics import GatewayMetrics
 from connectors.errors import PermanentError
-from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, WriteAheadLog, encode_frame
+from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_RECORDS_SHARED, WriteAheadLog, encode_frame, shared_payload
 from tests.gateway.conftest import read_zone
 
 
@@ -382,3 +382,22 @@ async def test_an_object_replayed_after_a_rename_keeps_the_key_it_was_sealed_wit
     assert landed_seqs(tmp_path / "lake") == list(range(9))
     keys = sorted(str(p.relative_to(tmp_path / "lake")) for p in (tmp_path / "lake").rglob("*.zst"))
     assert len(keys) == 2 and "old" in keys[0] + keys[1] and "new" in keys[0] + keys[1], keys
+
+
+async def test_the_raw_zone_lands_shared_frames_as_whole_lines_and_sizes_objects_by_them(tmp_path):
+    wal = await open_wal(tmp_path)
+    shared = b'{"ingest_id":"i1","gateway_id":"gw","pad":"' + b"p" * 200 + b'"'
+    shared_frames = [
+        encode_frame(KIND_RECORDS_SHARED, 490_000, 0, 0, 0, 100, shared_payload(shared, [b',"seq":%d}' % s for s in range(first, first + 100)]))
+        for first in range(10, 1010, 100)
+    ]
+    # 1,000 records of ~230 bytes: 230 KB as lines, stored in 12 KB; objects roll at 64 KB of lines.
+    await wal.append([frame(range(10)), *shared_frames])
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), shared_frames=True, target_object_bytes=64 * 1024)
+    await zone.start()
+    assert await zone.drain(5)
+    await wal.close()
+    lines = read_zone(tmp_path / "lake", "raw")
+    assert sorted(line["seq"] for line in lines) == list(range(1010))
+    assert all(line["pad"] == "p" * 200 for line in lines if line["seq"] >= 10)
+    assert len(list((tmp_path / "lake").rglob("*.ndjson.zst"))) >= 3, "sized by the lines, not the stored bytes"
