@@ -178,16 +178,18 @@ class LineFramer:
         self._partial = lines.pop()
         if len(self._partial) > self._max:
             raise TooLarge(f"a record is larger than the limit of {self._max} bytes")
-        return self._clean(lines)
+        return self._clean(lines, b"\r" in buf)
 
     def finish(self) -> list[bytes]:
         tail, self._partial = self._partial, b""
-        return self._clean([tail])
+        return self._clean([tail], b"\r" in tail)
 
-    def _clean(self, lines: list[bytes]) -> list[bytes]:
+    def _clean(self, lines: list[bytes], any_cr: bool) -> list[bytes]:
         if lines and max(map(len, lines)) > self._max:
             raise TooLarge(f"a record is larger than the limit of {self._max} bytes")
         # Blank lines are allowed between records; a CR before LF is line ending, not data.
+        if not any_cr:  # the common case, at a third of the cost
+            return [line for line in lines if line and not line.isspace()]
         return [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines if line and not line.isspace()]
 
 

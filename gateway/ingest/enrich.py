@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -66,12 +66,13 @@ def rfc3339_ms(epoch_ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
-def partition_hour(event_ms: int, received_ms: int, policy: PartitionPolicy) -> tuple[int, bool]:
-    """The hour a record is filed under, and whether that is its event time (True) or arrival time."""
-    skew = event_ms - received_ms
-    if skew > policy.max_future_skew_ms or -skew > policy.max_event_age_ms:
-        return received_ms // HOUR_MS, False
-    return event_ms // HOUR_MS, True
+def partition_hours(events_ms: list[int], received_ms: int, policy: PartitionPolicy) -> tuple[list[int], list[bool]]:
+    """The hour each record is filed under, and whether that is its event time (True) or arrival
+    time (its device clock was beyond the configured skew)."""
+    earliest, latest = received_ms - policy.max_event_age_ms, received_ms + policy.max_future_skew_ms
+    by_event_time = [earliest <= event_ms <= latest for event_ms in events_ms]
+    arrival = received_ms // HOUR_MS
+    return [e // HOUR_MS if by_event else arrival for e, by_event in zip(events_ms, by_event_time)], by_event_time
 
 
 class RawLineWriter:
@@ -100,16 +101,19 @@ class RawLineWriter:
         self.shared = msgspec.json.encode(common)[:-1]
         self._device = _device_part(ctx.device_id) if ctx.device_id else None
 
-    def rest(self, index: int, record: Record, raw: bytes, event_ms: int, partitioned_by_event_time: bool) -> bytes:
-        """What follows ``shared`` on this record's line; it starts with a comma."""
-        # Called per record: few pieces in one format, the constant ones prepared (half the time of one piece per field).
-        device = self._device or _device_part(record.device_id)
-        by = self._BY_EVENT if partitioned_by_event_time else self._BY_ARRIVAL
-        seq = record.seq
-        if seq is None:
-            return b',"index":%d%b%d%bnull,"record":%b}' % (index, device, event_ms, by, raw)
-        return b',"index":%d%b%d%b%d,"record":%b}' % (index, device, event_ms, by, seq, raw)
-
+    def rests(
+        self, indexes: Iterable[int], records: list[Record], raws: list[bytes], events_ms: list[int], by_event_time: list[bool]
+    ) -> list[bytes]:
+        """What follows ``shared`` on each record's line; each starts with a comma."""
+        # One comprehension, few pieces in one format, the constant ones prepared: per record, a
+        # method call and a format per field cost twice as much.
+        device = self._device
+        by = (self._BY_ARRIVAL, self._BY_EVENT)
+        return [
+            b',"index":%d%b%d%b%b,"record":%b}'
+            % (index, device or _device_part(record.device_id), event_ms, by[by_event], b"null" if record.seq is None else b"%d" % record.seq, raw)
+            for index, record, raw, event_ms, by_event in zip(indexes, records, raws, events_ms, by_event_time)
+        ]
 
 
 def _device_part(device_id: str) -> bytes:

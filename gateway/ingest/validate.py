@@ -9,12 +9,13 @@ completes and the caller appends the spool to the WAL.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Protocol, TypeAlias
 
 import msgspec
 
 from gateway.ingest.body import MSGPACK, NDJSON
-from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, RequestContext, partition_hour, quarantine_line
+from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, RawLineWriter, RequestContext, partition_hours, quarantine_line
 from gateway.errors import Forbidden, TooLarge
 from gateway.ingest.records import Record, RecordOfAnyId, valid_device_id
 from gateway.ingest.spool import Spool
@@ -26,6 +27,10 @@ _json_any_id = msgspec.json.Decoder(RecordOfAnyId)
 _msgpack_record = msgspec.msgpack.Decoder(Record)
 _msgpack_any = msgspec.msgpack.Decoder()
 _json = msgspec.json.Encoder()
+
+# The records of a chunk that are to land: their indexes in the request, decoded, as sent (one line
+# each), and their event times.
+_Accepted: TypeAlias = "tuple[Iterable[int], list[Record], list[bytes], list[int]]"
 
 
 class DuplicateCheck(Protocol):
@@ -81,7 +86,7 @@ class RequestBatch:
             return
         if self.records + len(items) > self._max_records:
             raise TooLarge(f"a request may hold at most {self._max_records} records")
-        ctx, policy, rest = self.ctx, self._policy, self._lines.rest
+        ctx = self.ctx
         joined = b"\n".join(items) if self._ndjson else b""
         decoded = self._decode_all(items, joined)
         # What holds for the whole chunk is checked once, not per record: a bulk-decoded chunk naming
@@ -91,11 +96,54 @@ class RequestBatch:
         if decoded is not None and self._checked_ids == {signer}:
             signer = None
         may_break = not self._ndjson or b"\r" in joined
-        rests: list[bytes] = []  # of each accepted record's raw line, after what the request's lines share
-        hours: list[int] = []
-        events: list[int] = []
-        quarantined = []
         first = self.records
+        quarantined: list = []
+        accepted = None
+        if decoded is not None and signer is None and not may_break:
+            accepted = self._accept_decoded(first, items, decoded)
+        if accepted is None:
+            accepted = self._accept_each(first, items, decoded, signer, may_break, quarantined)
+        indexes, records, raws, events = accepted
+        self.records += len(items)
+        self._seq_index.close()  # no read transaction stays open while the body streams
+        hours, by_event_time = partition_hours(events, ctx.received_ms, self._policy)
+        rests = self._lines.rests(indexes, records, raws, events, by_event_time)
+        for hour, (hour_rests, hour_events) in _by_hour(hours, rests, events).items():
+            count = len(hour_rests)
+            payload = shared_payload(self._lines.shared, hour_rests)
+            self.spool.add(encode_frame(KIND_RECORDS_SHARED, hour, ctx.received_ms, min(hour_events), max(hour_events), count, payload))
+            self.accepted += count
+        if quarantined:
+            payload = _json.encode_lines(quarantined)
+            hour = ctx.received_ms // HOUR_MS
+            self.spool.add(
+                encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
+            )
+
+    def _accept_decoded(self, first: int, items: list[bytes], records: list[Record]) -> _Accepted | None:
+        """The common case in bulk: a chunk decoded whole, for its signer, one record per line. None
+        when a record needs the checks ``_accept_each`` makes one at a time (a time before 1970)."""
+        events = [r.ts if r.ts.__class__ is int else r.event_time_ms() for r in records]
+        if min(events) < 0:
+            return None
+        indexes: Iterable[int] = range(first, first + len(items))
+        if any(r.seq is not None for r in records):
+            # Last check before landing, in order: a record refused above must not count as seen.
+            new = [r.seq is None or not self._is_duplicate(r.device_id, r.seq, e) for r, e in zip(records, events)]
+            if not all(new):
+                keep = [i for i, is_new in enumerate(new) if is_new]
+                indexes = [first + i for i in keep]
+                records, items, events = [records[i] for i in keep], [items[i] for i in keep], [events[i] for i in keep]
+        return indexes, records, items, events
+
+    def _accept_each(
+        self, first: int, items: list[bytes], decoded: list[Record] | None, signer: str | None, may_break: bool, quarantined: list
+    ) -> _Accepted:
+        """Record by record: each decoded and checked alone, the rejected ones into ``quarantined``."""
+        indexes: list[int] = []
+        records: list[Record] = []
+        raws: list[bytes] = []
+        events: list[int] = []
         for offset, item in enumerate(items):
             if decoded is not None:
                 record = decoded[offset]
@@ -125,23 +173,11 @@ class RequestBatch:
             # Last check before landing: a record refused above must not count as seen.
             if record.seq is not None and self._is_duplicate(record.device_id, record.seq, event_ms):
                 continue
-            hour, by_event_time = partition_hour(event_ms, ctx.received_ms, policy)
-            rests.append(rest(first + offset, record, item, event_ms, by_event_time))
-            hours.append(hour)
+            indexes.append(first + offset)
+            records.append(record)
+            raws.append(item)
             events.append(event_ms)
-        self.records += len(items)
-        self._seq_index.close()  # no read transaction stays open while the body streams
-        for hour, (hour_rests, hour_events) in _by_hour(hours, rests, events).items():
-            count = len(hour_rests)
-            payload = shared_payload(self._lines.shared, hour_rests)
-            self.spool.add(encode_frame(KIND_RECORDS_SHARED, hour, ctx.received_ms, min(hour_events), max(hour_events), count, payload))
-            self.accepted += count
-        if quarantined:
-            payload = _json.encode_lines(quarantined)
-            hour = ctx.received_ms // HOUR_MS
-            self.spool.add(
-                encode_frame(KIND_QUARANTINE, hour, ctx.received_ms, ctx.received_ms, ctx.received_ms, len(quarantined), payload)
-            )
+        return indexes, records, raws, events
 
     # -- records another request may hold at once (retry_ledger.py, "inflight") --------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS_SHARED, META, PREFIX, expand_shared, shared_payload
+from gateway.durable.wal import HEADER_SIZE, KIND_QUARANTINE, KIND_RECORDS_SHARED, META, PREFIX, expand_shared, shared_payload
 from gateway.errors import Forbidden
 from gateway.ingest.body import LineFramer
 from gateway.ingest.enrich import HOUR_MS, PartitionPolicy, new_context
@@ -66,6 +66,36 @@ def test_records_of_two_hours_go_to_a_frame_each_with_their_own_event_times(tmp_
     assert batch.accepted == 5 and batch.records == 5
 
 
+class Seen(NoneSeen):
+    def __init__(self, *seqs: int) -> None:
+        self.seqs = set(seqs)
+
+    def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
+        return seq in self.seqs
+
+
+@pytest.mark.parametrize("signed_by", ["dev-1", None])
+def test_duplicates_clock_skew_and_times_before_1970_keep_every_records_index(tmp_path, signed_by) -> None:
+    # A chunk decoded whole takes the bulk path unless a record needs a check of its own.
+    batch = batch_for(tmp_path, signed_by)
+    batch._seq_index = Seen(1, 3)
+    far_future = NOW_MS + 10 * HOUR_MS  # beyond max_future_skew_ms: filed by arrival time
+    records = [{"device_id": "dev-1", "ts": ts, "metrics": {"t": 1.0}, "seq": i} for i, ts in enumerate([NOW_MS, NOW_MS, far_future, NOW_MS])]
+    batch.add(chunk(*records, {"device_id": "dev-1", "ts": NOW_MS + 1, "metrics": {"t": 2.0}}))
+    ((_, hour, _, _, lines),) = frames(batch)
+    assert hour == NOW_MS // HOUR_MS
+    assert [(line["index"], line["seq"], line["partitioned_by"]) for line in lines] == [
+        (0, 0, "event_time"), (2, 2, "arrival_time"), (4, None, "event_time")
+    ]
+    assert (batch.accepted, batch.duplicates, batch.records) == (3, 2, 5)
+    batch.add(chunk({"device_id": "dev-1", "ts": NOW_MS, "metrics": {"t": 1.0}, "seq": 9},
+                    {"device_id": "dev-1", "ts": "1969-12-31T23:59:59Z", "metrics": {"t": 1.0}, "seq": 10}))
+    got = frames(batch)
+    assert [line["index"] for line in got[1][4]] == [5] and got[2][0] == KIND_QUARANTINE
+    assert [(line["index"], line["reason"]) for line in got[2][4]] == [(6, "Expected a time after 1970-01-01 - at `$.ts`")]
+    assert batch.new_seqs == [("dev-1", 0, NOW_MS), ("dev-1", 2, far_future), ("dev-1", 9, NOW_MS)], "the refused one is not seen"
+
+
 def test_a_record_for_another_device_is_refused_by_its_index(tmp_path) -> None:
     batch = batch_for(tmp_path)
     batch.add(chunk({"device_id": "dev-1", "ts": NOW_MS, "metrics": {"t": 1.0}}))
@@ -96,7 +126,7 @@ def test_a_raw_line_is_the_raw_line_schema_with_the_record_as_sent(signed_by, se
     record = msgspec.json.decode(sent, type=Record)
     writer = RawLineWriter(ctx)
     # The line as the WAL hands it to the raw zone: what the request's lines share, then its own rest.
-    stored = shared_payload(writer.shared, [writer.rest(4, record, sent, NOW_MS - 9, by_event_time)])
+    stored = shared_payload(writer.shared, writer.rests([4], [record], [sent], [NOW_MS - 9], [by_event_time]))
     line = msgspec.json.decode(expand_shared(stored).rstrip(b"\n"), type=RawLine)
     assert line == RawLine(ingest_id=ctx.ingest_id, index=4, received_at=ctx.received_at, gateway_id="gw", availability_zone="az",
                            device_id="dev-1", event_time_ms=NOW_MS - 9, partitioned_by="event_time" if by_event_time else "arrival_time",
