@@ -7,7 +7,8 @@ disk), at the end every acknowledged ``(device_id, seq)`` must be in the lake ex
 request that was only ever refused may have landed anything.
 
 Run: ``python -m pytest tests/durability -v`` (about two minutes when the gateway behaves). The
-disk-full scenario mounts a tmpfs, so it needs root (mount/umount); every scenario is ``slow``.
+disk-full scenarios (the WAL's disk, the lake's) mount a tmpfs, so they need root (mount/umount);
+every scenario is ``slow``.
 """
 
 from __future__ import annotations
@@ -939,3 +940,138 @@ async def test_a_body_of_duplicates_resent_to_another_worker_gets_its_first_answ
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)
+
+
+# -- 13 -----------------------------------------------------------------------------------------
+
+
+def log_entries(text: str) -> list[dict | str]:
+    """The gateway's log lines: a dict for each JSON line, the raw text of any other (an uncaught exception's output)."""
+    entries: list[dict | str] = []
+    for line in text.splitlines():
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            entry = line
+        entries.append(entry if isinstance(entry, dict) else line)
+    return entries
+
+
+async def wait_until_answering(sp: ServeProcess, workers: int, timeout: float) -> bool:
+    """Until ``/readyz`` gives any HTTP answer with ``workers`` children up; False if the gateway exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sp.running():
+        if isinstance(await asyncio.to_thread(readyz, sp.url), int) and len(sp.children()) >= workers:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(120)
+async def test_full_lake_filesystem_holds_acks_in_the_wal_until_it_frees(tmp_path, gateways, small_filesystem):
+    """The local lake's filesystem fills up while devices keep sending (the WAL's has room): the
+    gateway acknowledges while its WALs have room, then answers 503 with Retry-After (never 500,
+    never a crash), is SIGKILLed and restarted while the lake is still full, and once the lake has
+    room again every acknowledged record lands in raw and curated exactly once."""
+    lakefs = small_filesystem(tmp_path / "lakefs", 64 * MiB)
+    lake = lakefs / "lake"
+    workers = 2
+    sp, devices, _ = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=True,
+        listen={"workers": workers},
+        # Small WALs fill within seconds of the lake; a Retry-After of their own tells a full WAL's 503 from others.
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 3},
+        lake={"dir": str(lake), "target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers=workers, timeout=30)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    t0 = time.monotonic()
+    kill_window: tuple[float, float] | None = None
+    acked_while_full = 0
+    ballast: Ballast | None = None
+
+    def wal_full_refusal(a) -> bool:
+        return a.status == 503 and a.retry_after == "3"
+
+    def answers_since(t: float) -> dict:
+        return dict(collections.Counter((a.status, a.retry_after) for a in ledger.attempts_since(t)))
+
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=40.0)
+    )
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
+        if not await wait_until(lambda: bool(lake_counts(lake, ("raw",))["raw"]), 10.0, 0.5):
+            problems.append(f"nothing landed before the lake filled up: {ledger.summary()}")
+        t_full = time.monotonic()
+        async with Ballast(lakefs) as ballast:
+            if not await wait_until(lambda: any(wal_full_refusal(a) for a in ledger.attempts_since(t_full)), 30.0, 0.1):
+                problems.append(f"no 503 for a full WAL within 30 s of the lake filling up: answers since {answers_since(t_full)}")
+            acked_while_full = sum(1 for a in ledger.attempts_since(t_full) if a.status == 202)
+            await asyncio.sleep(2.0)  # devices go on being refused for a while
+            if not sp.running():
+                problems.append(f"the gateway exited (status {sp.proc.returncode}) while the lake was full")
+            t_kill = time.monotonic()
+            await sp.akill()
+            # Its WALs are still full, so /readyz rightly answers 503: wait for an answer, not for a 200.
+            await asyncio.to_thread(sp.launch)
+            if not await wait_until_answering(sp, workers, 30.0):
+                problems.append(f"the gateway restarted while the lake was full did not answer /readyz within 30 s:\n{sp.log_tail(1500)}")
+            t_restarted = time.monotonic()
+            kill_window = (t_kill, t_restarted)
+            if not await wait_until(lambda: any(wal_full_refusal(a) for a in ledger.attempts_since(t_restarted)), 15.0, 0.1):
+                problems.append(f"no 503 for a full WAL within 15 s of the restart while the lake was full: {answers_since(t_restarted)}")
+            await asyncio.sleep(2.0)
+        t_freed = time.monotonic()
+        if await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(t_freed)), 30.0, 0.1):
+            await asyncio.sleep(1.0)
+        else:
+            problems.append(f"ingest did not resume within 30 s of the lake having room: answers since {answers_since(t_freed)}")
+    finally:
+        stop.set()
+        await load
+    if ballast is None or ballast.least_free is None or ballast.least_free > 256 * KiB:
+        problems.append(f"the ballast did not fill the lake's filesystem (least free: {ballast and ballast.least_free} bytes)")
+    if acked_while_full == 0:
+        problems.append("nothing was acknowledged after the lake filled up, though the WALs had room")
+
+    def around_the_kill(a) -> bool:
+        return kill_window is not None and a.started <= kill_window[1] and a.started + a.latency >= kill_window[0]
+
+    wrong = collections.Counter(a.status for a in ledger.attempts if a.status not in (202, 503) and not around_the_kill(a))
+    if wrong:
+        problems.append(f"answers other than 202 or 503 away from the SIGKILL: {dict(wrong)} (a timeout is a request hanging for 10 s)")
+    no_retry_after = sum(1 for a in ledger.attempts if a.status == 503 and a.retry_after is None)
+    if no_retry_after:
+        problems.append(f"{no_retry_after} answers 503 came without Retry-After")
+    # What the full lake held back lands while the gateway runs, not only at the drain.
+    if not await wait_until(lambda: not landing_problems(lake, ledger, ("raw", "curated")), 40.0, 1.0):
+        problems.append(f"40 s after the devices stopped the lake still lacks records: {landing_problems(lake, ledger, ('raw', 'curated'))[:2]}")
+    await stop_gracefully(sp, problems)
+    entries = log_entries(sp.all_logs())
+    tracebacks = [f"{e.get('msg')}: {e['exc'][-1200:]}" for e in entries if isinstance(e, dict) and e.get("exc")]
+    tracebacks += [e for e in entries if isinstance(e, str) and "Traceback" in e]
+    if tracebacks:
+        problems.append(f"{len(tracebacks)} tracebacks in the gateway's logs; first:\n" + "\n".join(tracebacks[:2]))
+    logged = collections.Counter((e.get("level"), e.get("msg")) for e in entries if isinstance(e, dict) and e.get("level") in ("WARNING", "ERROR", "CRITICAL"))
+    # A full lake is a retried landing failure; any other error (a process died, a dead-letter) is not expected.
+    unexpected = {k: n for k, n in logged.items() if k[0] != "WARNING" and k[1] != "landing failed; will retry"}
+    if unexpected:
+        problems.append(f"errors logged besides the retried landing failures: {unexpected}")
+    if not any(msg == "landing failed; will retry" for _, msg in logged):
+        problems.append("the gateway never logged a failed landing: the lake was not full for it")
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(
+        problems,
+        ledger,
+        sp,
+        notes=[
+            f"acks while the lake was full: {acked_while_full}; answers (status, Retry-After): {answers_since(t0)}",
+            f"warnings and errors logged: {dict(logged.most_common(8))}",
+        ],
+    )
