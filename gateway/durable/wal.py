@@ -151,6 +151,14 @@ def expand_shared_in_slices(payload: bytes, max_bytes: int) -> Iterator[bytes]:
         yield b"".join(lines[start : start + per_piece])
 
 
+def expanded_bytes(frame: Frame) -> int:
+    """The size of a frame's payload as the raw zone stores it: a shared frame's once expanded."""
+    if frame.kind != KIND_RECORDS_SHARED:
+        return len(frame.payload)
+    shared = frame.payload.index(b"\n")
+    return len(frame.payload) - shared - 1 + frame.count * shared
+
+
 def _expanded_lines(payload: bytes) -> list[bytes]:
     split = payload.index(b"\n")
     if split + 1 == len(payload):

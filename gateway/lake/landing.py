@@ -167,8 +167,8 @@ class LanderSettings:
     read_interval_secs: float = 0.1
     # The zone is turned off: land what it owes (state ``until``), then stop and release everything.
     retiring: bool = False
-    # Its builder takes KIND_RECORDS_SHARED frames as stored (formats.ZstdNdjsonBuilder expands them
-    # a slice at a time); other zones get them expanded by the WAL's reader.
+    # It takes KIND_RECORDS_SHARED frames as stored (formats.ZstdNdjsonBuilder expands them a slice at
+    # a time, the curated zone decodes them as they are); otherwise the WAL's reader expands them.
     shared_frames: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -74,7 +74,7 @@ class Zones:
                     max_object_age_secs=lake.max_object_age_secs,
                     max_open_partitions=lake.max_open_partitions,
                     retiring=zone in owing,
-                    shared_frames=kind == KIND_RECORDS and builder is None,  # the raw zone: its NDJSON builder expands them
+                    shared_frames=kind == KIND_RECORDS,  # raw and curated read them as stored (formats.py, curated.py)
                 ),
                 wal=wal,  # type: ignore[arg-type]  # a follower offers what a lander uses of a log
                 sink=sink,

@@ -138,6 +138,18 @@ def test_frames_decoded_together_keep_each_requests_own_fields():
     assert [t.column("site").to_pylist() for t in tables] == [["north"] * 3, [None] * 2, ["south"] * 4]
     assert [t.column("seq").to_pylist() for t in tables] == [[0, 1, 2], [7, 8], [20, 21, 22, 23]]
     assert [chunk.features[:, 0].tolist() for chunk in decoded.shaped] == [[10.0, 11.0, 12.0], [50.0, 51.0], [90.0, 91.0, 92.0, 93.0]]
+    # The same frames as the WAL stores them (the beginning their lines share once), and one empty.
+    from gateway.durable.wal import shared_payload
+
+    def stored(payload: bytes) -> bytes:
+        lines = payload.splitlines()
+        cut = lines[0].index(b',"index"')
+        return shared_payload(lines[0][:cut], [line[cut:] for line in lines])
+
+    mixed = [stored(payloads[0]), payloads[1], stored(payloads[2]), shared_payload(stored(payloads[1]).split(b"\n")[0], [])]
+    again = decode_frames(mixed, ("temperature_c",), np.zeros(1, np.float32), False, [True, False, True, True])
+    assert all(a.equals(t) for a, t in zip(again.tables(), tables)) and again.tables()[3].num_rows == 0
+    assert [chunk.features[:, 0].tolist() for chunk in again.shaped] == [[10.0, 11.0, 12.0], [50.0, 51.0], [90.0, 91.0, 92.0, 93.0], []]
 
 
 def curated_row(seq: int) -> dict:
