@@ -33,6 +33,7 @@ from gateway.edge.ratelimit_store import AUTH_FAILURES, DEVICES, SharedBuckets
 from gateway.service import Gateway
 from gateway.settings import ConfigError, Settings
 from gateway.ops.status.cluster import runtime_dir, start_peer_listener
+from gateway.heartbeat import start_beating
 from gateway.edge.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class RunningGateway:
         self.admin: web.AppRunner | None = None  # the admin listener's runner, when [admin] is enabled
         self.ops: web.AppRunner | None = None  # the ops listener's runner (/metrics), when [ops] is enabled
         self.peers: web.AppRunner | None = None  # this worker's local socket for its siblings (workers > 1)
+        self.heartbeat: asyncio.Task[None] | None = None  # for the supervisor's watchdog (gateway/heartbeat.py)
         self.stopped = False
 
     @property
@@ -79,6 +81,8 @@ class RunningGateway:
         # 1. /readyz answers 503 and new requests get 503 with Retry-After (refusals held back are answered now).
         gw.begin_drain()
         gw.security.connections.tarpit.release()
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()  # the supervisor watches no process it is draining
         log.info("draining", extra={"deadline_secs": deadline, "inflight": gw.inflight})
         # 2. Requests already reading their body finish and are acknowledged.
         await gw.wait_for_inflight(max(0.0, until - time.monotonic()))
@@ -150,6 +154,7 @@ async def start_gateway(
                 started.push_async_callback(listener_runner.cleanup)
             setattr(running, attribute, listener_runner)
         started.pop_all()  # all started: from now on RunningGateway.stop drains them in its own order
+    running.heartbeat = start_beating(runtime_dir(), gw.worker_index)
     log.info("listening", extra={"url": running.url})
     return running
 

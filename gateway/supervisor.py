@@ -7,7 +7,8 @@ the port once (no SO_REUSEPORT, so a second instance fails to start instead of s
 then hands both to its workers; the ops listener's port (``/metrics``) is bound once and handed down
 the same way, so every worker answers it. It starts the lake process, which lands every worker's WAL
 (gateway/lake/lake_process.py, unless ``lake.landing = "worker"``), restarts a worker or the lake
-process that dies (with backoff if it keeps dying), passes SIGHUP on, and on SIGTERM drains every
+process that dies (with backoff if it keeps dying) or stops answering (gateway/heartbeat.py), passes
+SIGHUP on, and on SIGTERM drains every
 worker, waits for them, and then has the lake process land what their WALs hold. All die with it.
 It also makes a private runtime directory where each worker listens on a Unix socket for its
 siblings, so that whichever worker answers ``/metrics``, the status page or the tap answers for the
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from gateway.edge.accept_share import leave_nothing_to
+from gateway.heartbeat import Watchdog
 from gateway.settings import Settings, lake_process_lands
 from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
@@ -56,6 +58,7 @@ class Supervisor:
         self.stopping = False
         # Where workers listen for each other (metrics, status, tap): private to this instance.
         self.runtime_dir: str | None = None
+        self.watchdog: Watchdog | None = None  # made with the runtime directory
 
     def _catch_up_ledger(self) -> None:
         """Before any worker answers: the retry ledger knows every durable record of every WAL directory."""
@@ -82,6 +85,7 @@ class Supervisor:
                 fds.append(self.ops_listener.fileno())
         if self.config is not None:
             argv += ["--config", str(self.config)]
+        self.watchdog.forget(index)
         self.procs[index] = subprocess.Popen(argv, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
         log.info("lake process started" if index == LAKE else "worker started", extra={"worker": index, "pid": self.procs[index].pid})
@@ -107,6 +111,7 @@ class Supervisor:
         if ops.enabled:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
+        self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs)
         try:
             code = self._supervise()
         finally:
@@ -128,6 +133,8 @@ class Supervisor:
         while not self.stopping:
             for index, proc in list(self.procs.items()):
                 code = proc.poll()
+                if code is None and not self.stopping:
+                    self._kill_if_stalled(index, proc)
                 if code is None or self.stopping:
                     continue
                 # A worker that ran a while gets restarted at once; one that keeps dying, slower and slower.
@@ -143,6 +150,20 @@ class Supervisor:
                     self._spawn(index)
             self._sleep(0.2)
         return self._drain()
+
+    def _kill_if_stalled(self, index: int | str, proc: subprocess.Popen) -> None:
+        """A process alive but silent past ``listen.stall_timeout_secs`` is killed; the loop then
+        restarts it as one that died."""
+        silent = self.watchdog.silent_for(index)
+        if silent is None:
+            return
+        what = "the lake process" if index == LAKE else "a worker"
+        log.error(
+            f"{what} stopped answering: its event loop has not turned for {silent:.0f} s; killing it to restart it",
+            extra={"worker": index, "pid": proc.pid, "stall_timeout_secs": self.settings.listen.stall_timeout_secs},
+        )
+        proc.kill()
+        proc.wait()
 
     def _sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds

@@ -37,6 +37,7 @@ from gateway.durable.wal_layout import slot_for
 from gateway.lake.zones import Zones, needs_scorer
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.status.cluster import lake_socket, runtime_dir
+from gateway.heartbeat import start_beating
 from gateway.supervisor import LAKE
 from gateway.service import build_sink
 from gateway.settings import Settings
@@ -201,8 +202,10 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     loop.add_signal_handler(signal.SIGUSR1, workers_gone.set)
     # SIGHUP (passed on by the supervisor) reloads the workers' run-time sections; none is the lake's.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("lake process: a reload changes nothing here; lake settings need a restart"))
+    beat = None
     try:
         await lake.start()
+        beat = start_beating(runtime_dir(), LAKE)
         waits = [asyncio.ensure_future(workers_gone.wait()), asyncio.ensure_future(lake.failed.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
@@ -213,5 +216,7 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
         left = deadline - (time.monotonic() - stopping_since[0]) if stopping_since else deadline
         await lake.drain(max(1.0, left))
     finally:
+        if beat is not None:
+            beat.cancel()
         await lake.close()
     return 0

@@ -19,11 +19,13 @@ import errno
 import os
 import random
 import re
+import signal
 import time
 import uuid
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 from tests.durability.client import Device, DeviceClient, Ledger, ReadinessProbe, ndjson, run_devices
@@ -1075,3 +1077,68 @@ async def test_full_lake_filesystem_holds_acks_in_the_wal_until_it_frees(tmp_pat
             f"warnings and errors logged: {dict(logged.most_common(8))}",
         ],
     )
+
+
+# -- 14 -----------------------------------------------------------------------------------------
+
+
+def process_of(sp: ServeProcess, role: str) -> int | None:
+    """The pid of the gateway's lake process, or of one of its workers."""
+    for pid in sp.children():
+        try:
+            argv = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue
+        if ("--lake-process" in argv) == (role == "lake process"):
+            return pid
+    return None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("role", ["worker", "lake process"])
+async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, gateways, role):
+    """A worker or the lake process stopped by SIGSTOP is alive but silent: it would hold its
+    connections and answer nothing, or land nothing while the WALs fill, for as long as it stays so.
+    The supervisor kills it after listen.stall_timeout_secs and restarts it as if it had died, and
+    every acknowledged record lands once."""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        listen={"stall_timeout_secs": 3.0},
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
+        lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, timeout_secs=8.0, retry_deadline_secs=40.0)
+    )
+    stuck = None
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 20, budget_secs=15.0, stall_secs=8.0)
+        stuck = process_of(sp, role)
+        assert stuck is not None, f"no {role} among {sp.children()}"
+        os.kill(stuck, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        replaced = await wait_until(lambda: stuck not in sp.children() and process_of(sp, role) is not None, 20.0, 0.1)
+        replaced_after = time.monotonic() - stopped_at
+        if not replaced:
+            problems.append(f"the stopped {role} (pid {stuck}) was not replaced within 20 s: processes {sp.children()}")
+        acked = ledger.acked_requests
+        await asyncio.sleep(2.0)
+        if ledger.acked_requests == acked:
+            problems.append(f"nothing acknowledged in the 2 s after the {role} was replaced: {ledger.statuses}")
+    finally:
+        stop.set()
+        await load
+        if stuck is not None and psutil.pid_exists(stuck):
+            os.kill(stuck, signal.SIGCONT)  # never leave a stopped process behind
+    logged = sp.all_logs()
+    if "stopped answering" not in logged:
+        problems.append("the supervisor never said why it killed the process")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp, notes=[f"the {role} was replaced {replaced_after:.1f} s after SIGSTOP"])

@@ -1,0 +1,76 @@
+"""Signs of life from the supervised processes, and the supervisor's watch over them.
+
+A worker or the lake process that is alive but stuck (a deadlock, a loop that never yields, a call
+that never returns, a process stopped by a signal) keeps its connections and answers nothing; only
+its death would make the supervisor act. So each of them touches a file of its own in the instance's
+runtime directory from its event loop, once a second, and the supervisor kills a process whose file
+has not changed for ``listen.stall_timeout_secs`` and restarts it as if it had died (its WAL is
+caught up by its successor, as after a SIGKILL). Silence is measured on the supervisor's monotonic
+clock, so a step of the wall clock is not mistaken for one. A process is watched from its first beat
+on: start-up and recovery (a long WAL to scan) may take long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BEAT_SECS = 1.0
+
+
+def heartbeat_file(runtime: Path, index: int | str) -> Path:
+    return runtime / f"alive-{index}"
+
+
+async def keep_beating(path: Path) -> None:
+    """Touch ``path`` once a second for as long as the event loop turns."""
+    while True:
+        try:
+            path.touch()
+        except OSError:  # the runtime directory is gone: the supervisor is stopping
+            pass
+        await asyncio.sleep(BEAT_SECS)
+
+
+def start_beating(runtime: Path | None, index: int | str) -> asyncio.Task[None] | None:
+    """A supervised process's beat (``runtime``: the instance's runtime directory, None when alone)."""
+    if runtime is None:
+        return None
+    return asyncio.create_task(keep_beating(heartbeat_file(runtime, index)), name="heartbeat")
+
+
+class Watchdog:
+    """Which supervised processes have been silent for longer than ``stall_secs`` (0: never)."""
+
+    def __init__(self, runtime: Path, stall_secs: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._runtime = runtime
+        self._stall_secs = stall_secs
+        self._clock = clock
+        self._seen: dict[int | str, tuple[int, float]] = {}  # index -> (the file's mtime, when it was first seen)
+
+    def forget(self, index: int | str) -> None:
+        """A new process starts under ``index``: what its predecessor left says nothing about it."""
+        self._seen.pop(index, None)
+        try:
+            heartbeat_file(self._runtime, index).unlink()
+        except FileNotFoundError:
+            pass
+
+    def silent_for(self, index: int | str) -> float | None:
+        """Seconds since the process last beat, once that exceeds the limit; None otherwise."""
+        if not self._stall_secs:
+            return None
+        try:
+            beat = os.stat(heartbeat_file(self._runtime, index)).st_mtime_ns
+        except FileNotFoundError:  # not started beating yet
+            return None
+        now = self._clock()
+        seen = self._seen.get(index)
+        if seen is None or seen[0] != beat:
+            self._seen[index] = (beat, now)
+            return None
+        silent = now - seen[1]
+        return silent if silent > self._stall_secs else None

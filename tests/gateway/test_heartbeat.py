@@ -1,0 +1,81 @@
+"""The supervisor's watchdog: silence is counted on its own clock, from a process's first beat."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from gateway.heartbeat import Watchdog, heartbeat_file, keep_beating
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def beat(tmp_path, index, mtime_ns: int) -> None:
+    path = heartbeat_file(tmp_path, index)
+    path.touch()
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_process_is_silent_only_once_its_file_stops_changing_for_longer_than_the_limit(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock)
+    assert watchdog.silent_for(0) is None, "not beating yet: starting up"
+    beat(tmp_path, 0, 1_000)
+    assert watchdog.silent_for(0) is None
+    clock.now += 4.9
+    assert watchdog.silent_for(0) is None
+    beat(tmp_path, 0, 2_000)  # it beat again: counted from when the watchdog sees it (it looks every 0.2 s)
+    assert watchdog.silent_for(0) is None
+    clock.now += 4.9
+    assert watchdog.silent_for(0) is None
+    clock.now += 0.2
+    assert watchdog.silent_for(0) == pytest.approx(5.1)
+    assert watchdog.silent_for("lake") is None, "each process on its own"
+
+
+def test_a_wall_clock_step_is_not_silence(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock)
+    beat(tmp_path, 0, 1_000)
+    watchdog.silent_for(0)
+    beat(tmp_path, 0, 1_000 - 3_600 * 10**9)  # the wall clock stepped back an hour: the file still changed
+    clock.now += 4.0
+    assert watchdog.silent_for(0) is None
+
+
+def test_a_restarted_process_is_not_judged_by_its_predecessors_file(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock)
+    beat(tmp_path, 1, 1_000)
+    watchdog.silent_for(1)
+    clock.now += 60
+    assert watchdog.silent_for(1) == 60
+    watchdog.forget(1)
+    assert not heartbeat_file(tmp_path, 1).exists() and watchdog.silent_for(1) is None
+
+
+def test_zero_turns_the_watch_off(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 0, clock)
+    beat(tmp_path, 0, 1_000)
+    watchdog.silent_for(0)
+    clock.now += 3_600
+    assert watchdog.silent_for(0) is None
+
+
+async def test_the_beat_touches_its_file_while_the_loop_turns(tmp_path):
+    path = heartbeat_file(tmp_path, 0)
+    task = asyncio.create_task(keep_beating(path))
+    await asyncio.sleep(0.05)
+    first = path.stat().st_mtime_ns
+    await asyncio.sleep(1.1)
+    assert path.stat().st_mtime_ns > first
+    task.cancel()
