@@ -59,6 +59,12 @@ class Watchdog:
         except FileNotFoundError:
             pass
 
+    def grant_time(self) -> None:
+        """Count every process's silence afresh: after one was killed, the others may have been
+        waiting on it (the retry ledger's write lock is one for the whole instance)."""
+        now = self._clock()
+        self._seen = {index: (beat, now) for index, (beat, _) in self._seen.items()}
+
     def silent_for(self, index: int | str) -> float | None:
         """Seconds since the process last beat, once that exceeds the limit; None otherwise."""
         if not self._stall_secs:

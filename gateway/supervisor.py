@@ -131,10 +131,9 @@ class Supervisor:
         if lake_process_lands(self.settings):
             self._spawn(LAKE)  # lands every worker's WAL (gateway/lake/lake_process.py)
         while not self.stopping:
+            self._kill_the_most_stalled()
             for index, proc in list(self.procs.items()):
                 code = proc.poll()
-                if code is None and not self.stopping:
-                    self._kill_if_stalled(index, proc)
                 if code is None or self.stopping:
                     continue
                 # A worker that ran a while gets restarted at once; one that keeps dying, slower and slower.
@@ -151,12 +150,16 @@ class Supervisor:
             self._sleep(0.2)
         return self._drain()
 
-    def _kill_if_stalled(self, index: int | str, proc: subprocess.Popen) -> None:
-        """A process alive but silent past ``listen.stall_timeout_secs`` is killed; the loop then
-        restarts it as one that died."""
-        silent = self.watchdog.silent_for(index)
-        if silent is None:
+    def _kill_the_most_stalled(self) -> None:
+        """The process alive but silent longest past ``listen.stall_timeout_secs`` is killed (the
+        loop then restarts it as one that died); the others' silence is counted afresh, since they
+        may only have been waiting on it."""
+        silences = {index: self.watchdog.silent_for(index) for index, proc in self.procs.items() if proc.poll() is None}
+        stalled = {index: secs for index, secs in silences.items() if secs is not None}
+        if not stalled or self.stopping:
             return
+        index = max(stalled, key=stalled.__getitem__)
+        silent, proc = stalled[index], self.procs[index]
         what = "the lake process" if index == LAKE else "a worker"
         log.error(
             f"{what} stopped answering: its event loop has not turned for {silent:.0f} s; killing it to restart it",
@@ -164,6 +167,7 @@ class Supervisor:
         )
         proc.kill()
         proc.wait()
+        self.watchdog.grant_time()
 
     def _sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds

@@ -62,6 +62,22 @@ def test_a_restarted_process_is_not_judged_by_its_predecessors_file(tmp_path):
     assert not heartbeat_file(tmp_path, 1).exists() and watchdog.silent_for(1) is None
 
 
+def test_after_a_kill_the_others_get_a_whole_timeout_again(tmp_path):
+    # One stuck holding the ledger's write lock stops the others' loops too: only it should go.
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock)
+    for index, mtime in ((0, 1_000), (1, 1_000)):
+        beat(tmp_path, index, mtime)
+        watchdog.silent_for(index)
+    clock.now += 6
+    assert watchdog.silent_for(0) == 6 and watchdog.silent_for(1) == 6
+    watchdog.grant_time()  # 0 was killed
+    clock.now += 4
+    assert watchdog.silent_for(1) is None
+    clock.now += 2
+    assert watchdog.silent_for(1) == 6, "still silent a whole timeout later: its own fault"
+
+
 def test_zero_turns_the_watch_off(tmp_path):
     clock = Clock()
     watchdog = Watchdog(tmp_path, 0, clock)
@@ -79,3 +95,45 @@ async def test_the_beat_touches_its_file_while_the_loop_turns(tmp_path):
     await asyncio.sleep(1.1)
     assert path.stat().st_mtime_ns > first
     task.cancel()
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.killed = False
+
+    def poll(self):
+        return -9 if self.killed else None
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def wait(self) -> int:
+        return -9
+
+
+def test_the_supervisor_kills_only_the_process_silent_longest(tmp_path, caplog):
+    from gateway.settings import load_settings
+    from gateway.supervisor import LAKE, Supervisor
+
+    supervisor = Supervisor(None, load_settings(None, environ={"EDGE_GATEWAY__LISTEN__WORKERS": "2"}))
+    clock = Clock()
+    supervisor.watchdog = Watchdog(tmp_path, 5.0, clock)
+    supervisor.procs = {0: FakeProcess(10), 1: FakeProcess(11), LAKE: FakeProcess(12)}
+    for index in supervisor.procs:
+        beat(tmp_path, index, 1_000)
+        supervisor.watchdog.silent_for(index)
+    clock.now += 2
+    beat(tmp_path, 0, 2_000)  # worker 0 stopped beating 2 s after the others: it waited on one of them
+    supervisor.watchdog.silent_for(0)
+    clock.now += 2
+    supervisor._kill_the_most_stalled()
+    assert not any(p.killed for p in supervisor.procs.values()), "nobody silent 5 s yet"
+    clock.now += 5  # worker 1 and the lake process silent for 9 s, worker 0 for 7 s
+    beat(tmp_path, LAKE, 3_000)
+    supervisor.watchdog.silent_for(LAKE)
+    supervisor._kill_the_most_stalled()
+    assert [i for i, p in supervisor.procs.items() if p.killed] == [1]
+    assert "a worker stopped answering: its event loop has not turned for 9 s" in caplog.text
+    supervisor._kill_the_most_stalled()
+    assert [i for i, p in supervisor.procs.items() if p.killed] == [1], "worker 0 gets a whole timeout again"
