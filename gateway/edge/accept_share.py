@@ -6,7 +6,10 @@ took all of them: of 32 connections opened at once to two workers, the busier to
 its limit beside an idle one. So each worker publishes how many connections it holds in a small
 file of the instance's private runtime directory, one slot per worker, and takes from the queue
 only up to its fair share of all held and waiting (the Acceptor, acceptor.py). What its siblings
-leave waiting (one busy, stalled or dead) it takes anyway a few milliseconds later.
+leave waiting (one busy, stalled or dead) it takes anyway some 20 ms later: 10 ms on it takes its
+share of what waits (connections that kept arriving while every worker waited are everyone's; the
+first to look again took them all, 2-30 in one round of 32), and what still waits 10 ms after
+that, all of it.
 """
 
 from __future__ import annotations

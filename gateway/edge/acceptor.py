@@ -31,7 +31,8 @@ ACCEPT_BURST = 256
 # Out of file descriptors: accepting pauses this long, so the loop does not spin on a queue it cannot take.
 PAUSE_WHEN_OUT_OF_FILES_SECS = 0.1
 _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# What a worker left to its siblings and still waits this long later, it takes itself.
+# A worker that left connections to its siblings looks again this long later and takes its share of
+# what waits then; what still waits the next time, it takes whole.
 LEFT_FOR_SIBLINGS_SECS = 0.01
 
 
@@ -85,6 +86,7 @@ class Acceptor:
         self._held = held
         self.queue = AcceptQueue(listener)  # also read by the ConnectionGuard, to shed when it is deep
         self._left_for_siblings: asyncio.TimerHandle | None = None
+        self._left_once = False  # connections were left to the siblings and the timer fired once since
         self._reading = False
         self._closed = False
         listener.setblocking(False)
@@ -133,9 +135,17 @@ class Acceptor:
 
     def _take_what_siblings_left(self) -> None:
         self._left_for_siblings = None
-        if not self._closed:
-            self._resume()
+        if self._closed:
+            return
+        self._resume()
+        if self._left_once:  # still waiting a second time: no sibling is taking them
+            self._left_once = False
             self._accept_waiting(quota=ACCEPT_BURST)
+        else:
+            # Connections that arrived while every worker waited out its timer: the first to look again
+            # takes its share only; they are everyone's, not left over.
+            self._left_once = True
+            self._accept_waiting()
 
     def _accept_waiting(self, quota: int | None = None) -> None:
         quota = self._quota() if quota is None else quota
@@ -149,6 +159,7 @@ class Acceptor:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
+                self._left_once = False  # nothing waits: nothing was left
                 return
             except OSError as exc:
                 if exc.errno in _OUT_OF_FILES:
