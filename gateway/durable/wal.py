@@ -142,7 +142,7 @@ def expand_shared_in_slices(payload: bytes, max_bytes: int) -> Iterator[bytes]:
     """``expand_shared(payload)`` in consecutive pieces of whole lines, about half ``max_bytes`` each
     (a frame's lines differ little in length). Pieces under glibc's mapping threshold (allocator.py)
     reuse heap memory, where a frame expanded whole (136 KiB at 300 records) was mapped, faulted in
-    and unmapped every time: about a third of the raw zone's CPU."""
+    and unmapped every time (with the slower expansion, a fifth of the lake process's CPU per raw record)."""
     lines = _expanded_lines(payload)
     if not lines:
         return
