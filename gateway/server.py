@@ -81,8 +81,6 @@ class RunningGateway:
         # 1. /readyz answers 503 and new requests get 503 with Retry-After (refusals held back are answered now).
         gw.begin_drain()
         gw.security.connections.tarpit.release()
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()  # the supervisor watches no process it is draining
         log.info("draining", extra={"deadline_secs": deadline, "inflight": gw.inflight})
         # 2. Requests already reading their body finish and are acknowledged.
         await gw.wait_for_inflight(max(0.0, until - time.monotonic()))
@@ -97,6 +95,10 @@ class RunningGateway:
         landed_all = await gw.pipeline.drain(max(0.1, until - time.monotonic()))
         # 5. Close the WAL (everything written is durable) and the sinks.
         await gw.close()
+        if self.heartbeat is not None:
+            # Beating until here: a worker told to drain by anyone but the supervisor is still watched,
+            # and a drain may take longer than listen.stall_timeout_secs.
+            self.heartbeat.cancel()
         if gw.landing_elsewhere:  # the lake process lands it once every worker has exited, and says "drained"
             log.info("requests drained; the lake process lands what the WAL holds")
         else:

@@ -24,6 +24,16 @@ def beat(tmp_path, index, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
+def watching(tmp_path, stall_secs: float, *indexes) -> tuple[Watchdog, Clock]:
+    """A watchdog on its own clock that has seen each of ``indexes`` beat once."""
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, stall_secs, clock)
+    for index in indexes:
+        beat(tmp_path, index, 1_000)
+        watchdog.silent_for(index)
+    return watchdog, clock
+
+
 def test_a_process_is_silent_only_once_its_file_stops_changing_for_longer_than_the_limit(tmp_path):
     clock = Clock()
     watchdog = Watchdog(tmp_path, 5.0, clock)
@@ -42,20 +52,14 @@ def test_a_process_is_silent_only_once_its_file_stops_changing_for_longer_than_t
 
 
 def test_a_wall_clock_step_is_not_silence(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock)
-    beat(tmp_path, 0, 1_000)
-    watchdog.silent_for(0)
+    watchdog, clock = watching(tmp_path, 5.0, 0)
     beat(tmp_path, 0, 1_000 - 3_600 * 10**9)  # the wall clock stepped back an hour: the file still changed
     clock.now += 4.0
     assert watchdog.silent_for(0) is None
 
 
 def test_a_restarted_process_is_not_judged_by_its_predecessors_file(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock)
-    beat(tmp_path, 1, 1_000)
-    watchdog.silent_for(1)
+    watchdog, clock = watching(tmp_path, 5.0, 1)
     clock.now += 60
     assert watchdog.silent_for(1) == 60
     watchdog.forget(1)
@@ -64,11 +68,7 @@ def test_a_restarted_process_is_not_judged_by_its_predecessors_file(tmp_path):
 
 def test_after_a_kill_the_others_get_a_whole_timeout_again(tmp_path):
     # One stuck holding the ledger's write lock stops the others' loops too: only it should go.
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock)
-    for index, mtime in ((0, 1_000), (1, 1_000)):
-        beat(tmp_path, index, mtime)
-        watchdog.silent_for(index)
+    watchdog, clock = watching(tmp_path, 5.0, 0, 1)
     clock.now += 6
     assert watchdog.silent_for(0) == 6 and watchdog.silent_for(1) == 6
     watchdog.grant_time()  # 0 was killed
@@ -79,10 +79,7 @@ def test_after_a_kill_the_others_get_a_whole_timeout_again(tmp_path):
 
 
 def test_zero_turns_the_watch_off(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 0, clock)
-    beat(tmp_path, 0, 1_000)
-    watchdog.silent_for(0)
+    watchdog, clock = watching(tmp_path, 0, 0)
     clock.now += 3_600
     assert watchdog.silent_for(0) is None
 
