@@ -959,6 +959,22 @@ def log_entries(text: str) -> list[dict | str]:
     return entries
 
 
+def answer_problems(ledger: Ledger, kill_window: tuple[float, float] | None) -> list[str]:
+    """A gateway whose lake is away answers 202 or 503 with Retry-After, and nothing else but around its SIGKILL."""
+
+    def around_the_kill(a) -> bool:
+        return kill_window is not None and a.started <= kill_window[1] and a.started + a.latency >= kill_window[0]
+
+    problems = []
+    wrong = collections.Counter(a.status for a in ledger.attempts if a.status not in (202, 503) and not around_the_kill(a))
+    if wrong:
+        problems.append(f"answers other than 202 or 503 away from the SIGKILL: {dict(wrong)} (a timeout is a request hanging for 10 s)")
+    no_retry_after = sum(1 for a in ledger.attempts if a.status == 503 and a.retry_after is None)
+    if no_retry_after:
+        problems.append(f"{no_retry_after} answers 503 came without Retry-After")
+    return problems
+
+
 async def wait_until_answering(sp: ServeProcess, workers: int, timeout: float) -> bool:
     """Until ``/readyz`` gives any HTTP answer with ``workers`` children up; False if the gateway exits first."""
     deadline = time.monotonic() + timeout
@@ -1042,15 +1058,7 @@ async def test_full_lake_filesystem_holds_acks_in_the_wal_until_it_frees(tmp_pat
     if acked_while_full == 0:
         problems.append("nothing was acknowledged after the lake filled up, though the WALs had room")
 
-    def around_the_kill(a) -> bool:
-        return kill_window is not None and a.started <= kill_window[1] and a.started + a.latency >= kill_window[0]
-
-    wrong = collections.Counter(a.status for a in ledger.attempts if a.status not in (202, 503) and not around_the_kill(a))
-    if wrong:
-        problems.append(f"answers other than 202 or 503 away from the SIGKILL: {dict(wrong)} (a timeout is a request hanging for 10 s)")
-    no_retry_after = sum(1 for a in ledger.attempts if a.status == 503 and a.retry_after is None)
-    if no_retry_after:
-        problems.append(f"{no_retry_after} answers 503 came without Retry-After")
+    problems += answer_problems(ledger, kill_window)
     # What the full lake held back lands while the gateway runs, not only at the drain.
     if not await wait_until(lambda: not landing_problems(lake, ledger, ("raw", "curated")), 40.0, 1.0):
         problems.append(f"40 s after the devices stopped the lake still lacks records: {landing_problems(lake, ledger, ('raw', 'curated'))[:2]}")
@@ -1142,3 +1150,107 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp, notes=[f"the {role} was replaced {replaced_after:.1f} s after SIGSTOP"])
+
+
+# -- 15 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_an_s3_lake_that_hangs_then_refuses_loses_and_repeats_nothing(tmp_path, gateways, moto_endpoint):
+    """The lake is S3 behind a link that breaks: first it hangs (connections accepted, nothing
+    answered: the gateway meets its own read timeouts), the gateway is SIGKILLed and restarted while
+    it hangs, then it refuses connections outright, then it comes back. Devices keep sending all
+    along: the gateway acknowledges while its WALs have room and answers 503 with Retry-After after
+    that (never 500), and once S3 answers again every acknowledged record is in the bucket's raw and
+    curated zones exactly once."""
+    from aiobotocore.session import get_session
+
+    from tests.durability.faulty_link import FaultyLink
+
+    bucket = f"lake-{uuid.uuid4().hex[:10]}"
+    async with get_session().create_client("s3", endpoint_url=moto_endpoint, region_name="us-east-1") as s3:
+        await s3.create_bucket(Bucket=bucket)
+    host, port = moto_endpoint.rsplit("//", 1)[1].split(":")
+    workers = 2
+    problems: list[str] = []
+    ledger = Ledger()
+    stop = asyncio.Event()
+    phases: dict[str, collections.Counter] = {}
+    async with FaultyLink(host, int(port)) as link:
+        sp, devices, _ = setup(
+            tmp_path,
+            gateways,
+            4,
+            inference=True,
+            listen={"workers": workers},
+            wal={"segment_bytes": 256 * KiB, "max_total_bytes": 2 * MiB, "retry_after_secs": 2},
+            lake={"kind": "s3", "target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+            s3={
+                "bucket": bucket,
+                "endpoint_url": link.url,
+                "region": "us-east-1",
+                "addressing_style": "path",
+                "connect_timeout_secs": 1.0,
+                "read_timeout_secs": 2.0,
+            },
+        )
+        await sp.astart(workers=workers, timeout=30)
+        load = asyncio.create_task(
+            run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
+        )
+
+        async def phase(name: str, seconds: float) -> None:
+            t = time.monotonic()
+            await asyncio.sleep(seconds)
+            phases[name] = collections.Counter(a.status for a in ledger.attempts_since(t))
+
+        kill_window: tuple[float, float] | None = None
+        try:
+            await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
+            await phase("forward", 2.0)
+            await link.set_mode("blackhole")
+            await phase("hanging", 6.0)
+            t_kill = time.monotonic()
+            await sp.akill()
+            await asyncio.to_thread(sp.launch)  # while S3 still hangs: start-up must not wait on it
+            if not await wait_until_answering(sp, workers, 30.0):
+                problems.append(f"the gateway restarted while S3 hung did not answer /readyz within 30 s:\n{sp.log_tail(1500)}")
+            kill_window = (t_kill, time.monotonic())
+            await phase("hanging after the restart", 4.0)
+            await link.set_mode("refuse")
+            await phase("refusing", 5.0)
+            t_back = time.monotonic()
+            await link.set_mode("forward")
+            if not await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(t_back)), 30.0, 0.1):
+                problems.append(f"ingest did not resume within 30 s of S3 answering again: {ledger.statuses}")
+            await phase("forward again", 3.0)
+        finally:
+            stop.set()
+            await load
+
+        problems += answer_problems(ledger, kill_window)
+        if not any(a.status == 503 for a in ledger.attempts):
+            problems.append("no request was refused: the WALs never filled while S3 was away")
+        mirror = tmp_path / "bucket"
+
+        async def landed_everything() -> bool:
+            import shutil
+
+            shutil.rmtree(mirror, ignore_errors=True)
+            await _mirror_bucket(moto_endpoint, bucket, mirror)
+            return not landing_problems(mirror, ledger, ("raw", "curated"))
+
+        # What S3's absence held back lands while the gateway runs, not only when it drains.
+        deadline = time.monotonic() + 40.0
+        while not await landed_everything() and time.monotonic() < deadline:
+            await asyncio.sleep(2.0)
+        await stop_gracefully(sp, problems)
+        logged = collections.Counter(
+            (e.get("level"), e.get("msg")) for e in log_entries(sp.all_logs()) if isinstance(e, dict) and e.get("level") in ("ERROR", "CRITICAL")
+        )
+        unexpected = {k: n for k, n in logged.items() if k[1] != "landing failed; will retry"}
+        if unexpected:
+            problems.append(f"errors logged besides the retried landing failures: {unexpected}")
+        await landed_everything()
+        problems += landing_problems(mirror, ledger, ("raw", "curated"))
+        check(problems, ledger, sp, notes=[f"answers by phase: { {k: dict(v) for k, v in phases.items()} }", f"link connections: {link.connections}"])
