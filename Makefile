@@ -45,6 +45,7 @@ $(DEPLOY_VENV)/.installed: deploy/requirements-lint.txt deploy/install-lint-tool
 system-deps:
 	@command -v haproxy >/dev/null 2>&1 || sh tests/fixtures/install-haproxy.sh
 	@command -v chromium >/dev/null 2>&1 || sh tests/fixtures/install-browser.sh
+	@ldconfig -p | grep -q 'libfuse\.so\.2' || sh tests/fixtures/install-fuse.sh
 
 demo: $(VENV)/.core
 	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)

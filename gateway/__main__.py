@@ -171,7 +171,8 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
         extra = {"error": str(exc)}
         if getattr(exc, "filename", None):
             extra["path"] = str(exc.filename)
-        start_log.critical("the gateway cannot start", extra=extra)
+        # An error without a path (an fsync's EIO) says where it happened only in its trace.
+        start_log.critical("the gateway cannot start", extra=extra, exc_info=isinstance(exc, OSError) and not exc.filename)
         return 2
     except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)
         start_log.critical("the gateway cannot start", exc_info=True, extra={"error": f"{type(exc).__name__}: {exc}"})

@@ -39,6 +39,7 @@ need nothing; a segment is deleted once every consumer is past it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -66,6 +67,8 @@ HEADER_SIZE = PREFIX.size + META.size
 MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
 # Readiness turns off a little before the hard limit, so a ready gateway can take a typical request.
 FULL_MARGIN_BYTES = 64 * 1024
+# A recovery that failed (the disk still failing) is tried again after 1 s, then 2, 4, up to 8 s.
+RECOVERY_RETRY_SECS = (1.0, 2.0, 4.0, 8.0)
 
 KIND_RECORDS = 1
 KIND_QUARANTINE = 2
@@ -315,6 +318,7 @@ class WriteAheadLog:
         self._queue: list[_Queued] = []
         self._writing: list[_Queued] = []  # the batch the writer thread has now
         self._cut_backs = 0  # how often the log was cut back to its last good fsync
+        self._recovery_attempts = 0  # failed recoveries since the last failure; while > 0 the committer retries
         self._dirty: asyncio.Event | None = None
         self._data: asyncio.Condition | None = None
         self._committer: asyncio.Task[None] | None = None
@@ -509,7 +513,9 @@ class WriteAheadLog:
     async def _commit_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._dirty.wait()
+            await self._wait_for_work()
+            if self._recovery_attempts and not self._closed:
+                await loop.run_in_executor(self._writer, self._recover)
             self._dirty.clear()
             batch, self._queue = self._queue, []
             if batch:
@@ -531,6 +537,15 @@ class WriteAheadLog:
                     self._data.notify_all()
             if self._closed and not self._queue:
                 return
+
+    async def _wait_for_work(self) -> None:
+        """Until something is queued (or the log closes); no longer than the next recovery retry."""
+        if not self._recovery_attempts:
+            await self._dirty.wait()
+            return
+        delay = RECOVERY_RETRY_SECS[min(self._recovery_attempts, len(RECOVERY_RETRY_SECS)) - 1]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._dirty.wait(), delay)
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -611,6 +626,7 @@ class WriteAheadLog:
             os.ftruncate(self._fd, segment.size)
         except OSError as cut:
             self._fail(f"a failed write could not be rolled back: {cut}")
+            self._recovery_attempts = 1  # the committer cuts the log back to its last good fsync
             raise WalFailed(f"writing failed ({exc}) and could not be rolled back ({cut})") from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.no_space = True
@@ -644,13 +660,25 @@ class WriteAheadLog:
         """Refuse everything since the last good fsync and cut the log back to it, never retrying."""
         log.critical("WAL: fsync failed; refusing what it covered and recovering from the log", extra={"error": str(exc)})
         self._fail(f"fsync failed: {exc}")
+        self._recovery_attempts = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        """Cut the log back to its last good fsync and take appends again; if the disk still fails,
+        appends stay refused and the committer tries again later (a disk may come back)."""
         try:
             self._cut_back_to_durable()
         except OSError as cut:
-            log.critical("WAL: recovery after a failed fsync failed; appends stay refused", extra={"error": str(cut)})
+            self._recovery_attempts += 1
+            retry = RECOVERY_RETRY_SECS[min(self._recovery_attempts, len(RECOVERY_RETRY_SECS)) - 1]
+            log.critical(
+                "WAL: recovery after a failure failed; appends stay refused until it succeeds",
+                extra={"error": str(cut), "attempts": self._recovery_attempts, "retry_in_secs": retry},
+            )
             return
+        self._recovery_attempts = 0
         self.failure = None
-        log.warning("WAL: recovered after a failed fsync; appends resume", extra={"next_lsn": self._next_lsn})
+        log.warning("WAL: recovered after a failure; appends resume", extra={"next_lsn": self._next_lsn})
 
     def _fail(self, reason: str) -> None:
         self.failure = self.failure_seen = reason

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.failing_disk import FailingDisk
 from tests.durability.harness import Gateways
 
 
@@ -44,3 +45,13 @@ def small_filesystem(gateways: Gateways) -> Iterator[Callable[[Path, int], Path]
         for directory in reversed(mounted):
             if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+@pytest.fixture
+def failing_disk(gateways: Gateways, tmp_path: Path) -> Iterator[FailingDisk]:
+    """A FUSE filesystem whose fsyncs fail on command; unmounted at teardown after every gateway is killed."""
+    with FailingDisk(tmp_path / "failing-disk") as disk:
+        try:
+            yield disk
+        finally:
+            gateways.kill_all()  # nothing may hold files on the mount any more

@@ -7,8 +7,8 @@ disk), at the end every acknowledged ``(device_id, seq)`` must be in the lake ex
 request that was only ever refused may have landed anything.
 
 Run: ``python -m pytest tests/durability -v`` (about two minutes when the gateway behaves). The
-disk-full scenarios (the WAL's disk, the lake's) mount a tmpfs, so they need root (mount/umount);
-every scenario is ``slow``.
+disk-full scenarios (the WAL's disk, the lake's) mount a tmpfs and the failing-fsync one a FUSE
+filesystem, so they need root (mount/umount); every scenario is ``slow``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import errno
 import os
 import random
 import re
+import shutil
 import signal
 import time
 import uuid
@@ -959,6 +960,22 @@ def log_entries(text: str) -> list[dict | str]:
     return entries
 
 
+class Phases:
+    """What the devices were answered in each named stretch of a scenario."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.answers: dict[str, collections.Counter] = {}
+
+    async def run(self, name: str, seconds: float) -> None:
+        t = time.monotonic()
+        await asyncio.sleep(seconds)
+        self.answers[name] = collections.Counter(a.status for a in self.ledger.attempts_since(t))
+
+    def __str__(self) -> str:
+        return str({name: dict(answers) for name, answers in self.answers.items()})
+
+
 def answer_problems(ledger: Ledger, kill_window: tuple[float, float] | None) -> list[str]:
     """A gateway whose lake is away answers 202 or 503 with Retry-After, and nothing else but around its SIGKILL."""
 
@@ -1156,101 +1173,177 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
 
 
 @pytest.mark.timeout(180)
-async def test_an_s3_lake_that_hangs_then_refuses_loses_and_repeats_nothing(tmp_path, gateways, moto_endpoint):
-    """The lake is S3 behind a link that breaks: first it hangs (connections accepted, nothing
-    answered: the gateway meets its own read timeouts), the gateway is SIGKILLed and restarted while
-    it hangs, then it refuses connections outright, then it comes back. Devices keep sending all
-    along: the gateway acknowledges while its WALs have room and answers 503 with Retry-After after
-    that (never 500), and once S3 answers again every acknowledged record is in the bucket's raw and
-    curated zones exactly once."""
+async def test_an_s3_lake_that_hangs_fails_and_refuses_loses_and_repeats_nothing(tmp_path, gateways, moto_endpoint):
+    """The lake is S3 behind a proxy that breaks the ways S3 and networks do: first it hangs (every
+    request held: the gateway meets its own read timeouts), and the gateway is SIGKILLed and
+    restarted while it hangs; then it answers most requests 503 SlowDown or 500 InternalError; then
+    it refuses connections outright; then it comes back. Devices keep sending all along: the gateway
+    acknowledges while its WALs have room and answers 503 with Retry-After after that (never 500),
+    and once S3 answers again every acknowledged record is in the bucket's raw and curated zones
+    exactly once."""
     from aiobotocore.session import get_session
 
-    from tests.durability.faulty_link import FaultyLink
+    from tests.fixtures.fault_proxy import FaultProxy, s3_error
 
     bucket = f"lake-{uuid.uuid4().hex[:10]}"
     async with get_session().create_client("s3", endpoint_url=moto_endpoint, region_name="us-east-1") as s3:
         await s3.create_bucket(Bucket=bucket)
-    host, port = moto_endpoint.rsplit("//", 1)[1].split(":")
     workers = 2
     problems: list[str] = []
     ledger = Ledger()
     stop = asyncio.Event()
-    phases: dict[str, collections.Counter] = {}
-    async with FaultyLink(host, int(port)) as link:
-        sp, devices, _ = setup(
-            tmp_path,
-            gateways,
-            4,
-            inference=True,
-            listen={"workers": workers},
-            wal={"segment_bytes": 256 * KiB, "max_total_bytes": 2 * MiB, "retry_after_secs": 2},
-            lake={"kind": "s3", "target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
-            s3={
-                "bucket": bucket,
-                "endpoint_url": link.url,
-                "region": "us-east-1",
-                "addressing_style": "path",
-                "connect_timeout_secs": 1.0,
-                "read_timeout_secs": 2.0,
-            },
-        )
-        await sp.astart(workers=workers, timeout=30)
-        load = asyncio.create_task(
-            run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
-        )
+    phases = Phases(ledger)
+    proxy = FaultProxy(moto_endpoint, seed=7)
+    await proxy.start()
+    sp, devices, _ = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=True,
+        listen={"workers": workers},
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 2 * MiB, "retry_after_secs": 2},
+        lake={"kind": "s3", "target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+        s3={
+            "bucket": bucket,
+            "endpoint_url": proxy.url,
+            "region": "us-east-1",
+            "addressing_style": "path",
+            "connect_timeout_secs": 1.0,
+            "read_timeout_secs": 2.0,
+        },
+    )
+    await sp.astart(workers=workers, timeout=30)
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
+    )
 
-        async def phase(name: str, seconds: float) -> None:
-            t = time.monotonic()
-            await asyncio.sleep(seconds)
-            phases[name] = collections.Counter(a.status for a in ledger.attempts_since(t))
+    kill_window: tuple[float, float] | None = None
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
+        await phases.run("S3 answering", 2.0)
+        proxy.delay_when, proxy.delay_secs = (lambda request: True), 60.0
+        await phases.run("S3 hanging", 6.0)
+        t_kill = time.monotonic()
+        await sp.akill()
+        await asyncio.to_thread(sp.launch)  # while S3 still hangs: start-up must not wait on it
+        if not await wait_until_answering(sp, workers, 30.0):
+            problems.append(f"the gateway restarted while S3 hung did not answer /readyz within 30 s:\n{sp.log_tail(1500)}")
+        kill_window = (t_kill, time.monotonic())
+        await phases.run("S3 hanging after the restart", 3.0)
+        proxy.delay_when = None
+        proxy.throttle_fraction = 0.5
+        proxy.fail_when = lambda request: s3_error(500, "InternalError") if request.method == "PUT" else None
+        await phases.run("S3 throttling and failing", 4.0)
+        proxy.throttle_fraction, proxy.fail_when = 0.0, None
+        await proxy.pause()
+        await phases.run("S3 refusing connections", 4.0)
+        t_back = time.monotonic()
+        await proxy.resume()
+        if not await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(t_back)), 30.0, 0.1):
+            problems.append(f"ingest did not resume within 30 s of S3 answering again: {ledger.statuses}")
+        await phases.run("S3 answering again", 3.0)
+    finally:
+        stop.set()
+        await load
+    problems += answer_problems(ledger, kill_window)
+    if not any(a.status == 503 for a in ledger.attempts):
+        problems.append("no request was refused: the WALs never filled while S3 was away")
+    mirror = tmp_path / "bucket"
 
-        kill_window: tuple[float, float] | None = None
-        try:
-            await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
-            await phase("forward", 2.0)
-            await link.set_mode("blackhole")
-            await phase("hanging", 6.0)
-            t_kill = time.monotonic()
-            await sp.akill()
-            await asyncio.to_thread(sp.launch)  # while S3 still hangs: start-up must not wait on it
-            if not await wait_until_answering(sp, workers, 30.0):
-                problems.append(f"the gateway restarted while S3 hung did not answer /readyz within 30 s:\n{sp.log_tail(1500)}")
-            kill_window = (t_kill, time.monotonic())
-            await phase("hanging after the restart", 4.0)
-            await link.set_mode("refuse")
-            await phase("refusing", 5.0)
-            t_back = time.monotonic()
-            await link.set_mode("forward")
-            if not await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(t_back)), 30.0, 0.1):
-                problems.append(f"ingest did not resume within 30 s of S3 answering again: {ledger.statuses}")
-            await phase("forward again", 3.0)
-        finally:
-            stop.set()
-            await load
+    async def landed_everything() -> bool:
+        shutil.rmtree(mirror, ignore_errors=True)
+        await _mirror_bucket(moto_endpoint, bucket, mirror)
+        return not landing_problems(mirror, ledger, ("raw", "curated"))
 
-        problems += answer_problems(ledger, kill_window)
-        if not any(a.status == 503 for a in ledger.attempts):
-            problems.append("no request was refused: the WALs never filled while S3 was away")
-        mirror = tmp_path / "bucket"
+    # What S3's absence held back lands while the gateway runs, not only when it drains.
+    deadline = time.monotonic() + 40.0
+    while not await landed_everything() and time.monotonic() < deadline:
+        await asyncio.sleep(2.0)
+    await stop_gracefully(sp, problems)
+    await proxy.stop()
+    logged = collections.Counter(
+        (e.get("level"), e.get("msg")) for e in log_entries(sp.all_logs()) if isinstance(e, dict) and e.get("level") in ("ERROR", "CRITICAL")
+    )
+    unexpected = {k: n for k, n in logged.items() if k[1] != "landing failed; will retry"}
+    if unexpected:
+        problems.append(f"errors logged besides the retried landing failures: {unexpected}")
+    await landed_everything()
+    problems += landing_problems(mirror, ledger, ("raw", "curated"))
+    notes = [f"answers by phase: {phases}", f"S3 requests: {len(proxy.seen)}, throttled {proxy.throttled}"]
+    check(problems, ledger, sp, notes=notes)
 
-        async def landed_everything() -> bool:
-            import shutil
 
-            shutil.rmtree(mirror, ignore_errors=True)
-            await _mirror_bucket(moto_endpoint, bucket, mirror)
-            return not landing_problems(mirror, ledger, ("raw", "curated"))
+# -- 16 -----------------------------------------------------------------------------------------
 
-        # What S3's absence held back lands while the gateway runs, not only when it drains.
-        deadline = time.monotonic() + 40.0
-        while not await landed_everything() and time.monotonic() < deadline:
-            await asyncio.sleep(2.0)
-        await stop_gracefully(sp, problems)
-        logged = collections.Counter(
-            (e.get("level"), e.get("msg")) for e in log_entries(sp.all_logs()) if isinstance(e, dict) and e.get("level") in ("ERROR", "CRITICAL")
-        )
-        unexpected = {k: n for k, n in logged.items() if k[1] != "landing failed; will retry"}
-        if unexpected:
-            problems.append(f"errors logged besides the retried landing failures: {unexpected}")
-        await landed_everything()
-        problems += landing_problems(mirror, ledger, ("raw", "curated"))
-        check(problems, ledger, sp, notes=[f"answers by phase: { {k: dict(v) for k, v in phases.items()} }", f"link connections: {link.connections}"])
+
+@pytest.mark.timeout(180)
+async def test_failing_fsyncs_refuse_what_they_covered_and_lose_nothing(tmp_path, gateways, failing_disk):
+    """The WAL's disk fails fsyncs, through the kernel, for every process of the gateway: first a
+    few of the WAL's own, then every fsync for seconds on end, then again with the gateway SIGKILLed
+    and started while the disk still fails. A request whose fsync failed is never acknowledged (the
+    device sends it again); when the disk works again the running gateway acknowledges again by
+    itself; one that could not start says why and exits non-zero, and starts once the disk works
+    (as its service manager starts it again). Every acknowledged record lands in raw and curated once."""
+    workers = 2
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=True,
+        listen={"workers": workers},
+        wal={"dir": str(failing_disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
+        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers=workers, timeout=30)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    phases = Phases(ledger)
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
+    )
+
+    async def resumes(after: float, what: str) -> None:
+        if not await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(after)), 20.0, 0.1):
+            problems.append(f"nothing acknowledged within 20 s of {what}: {ledger.statuses}")
+
+    kill_window: tuple[float, float] | None = None
+    start_refused = ""
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
+        failing_disk.fail_next(3, only=".wal")
+        await phases.run("three of the WAL's fsyncs failing", 3.0)
+        failing_disk.fail_always()
+        await phases.run("every fsync failing", 4.0)
+        t = time.monotonic()
+        failing_disk.heal()
+        await resumes(t, "the disk healing")
+        await phases.run("healed", 3.0)
+        failing_disk.fail_always()
+        await phases.run("failing again", 2.0)
+        t_kill = time.monotonic()
+        await sp.akill()
+        await asyncio.to_thread(sp.launch)
+        await phases.run("started on the failing disk", 4.0)
+        if not sp.running():
+            start_refused = sp.log_text()
+            await asyncio.to_thread(sp.launch)  # systemd's Restart=on-failure, after the disk healed
+        t = time.monotonic()
+        failing_disk.heal()
+        await resumes(t, "the disk healing after the restart")
+        kill_window = (t_kill, time.monotonic())
+        await phases.run("healed again", 3.0)
+    finally:
+        stop.set()
+        await load
+    if start_refused and not ("the gateway cannot start" in start_refused and "Input/output error" in start_refused and "Traceback" in start_refused):
+        problems.append(f"the gateway that could not start on the failing disk did not say where it failed:\n{start_refused[-1500:]}")
+    for name in ("three of the WAL's fsyncs failing", "every fsync failing"):
+        if not phases.answers.get(name, {}).get(503):
+            problems.append(f"no request was refused while {name}: {dict(phases.answers.get(name, {}))}")
+    problems += answer_problems(ledger, kill_window)
+    if failing_disk.failed < 10:
+        problems.append(f"only {failing_disk.failed} fsyncs failed: the scenario did not happen")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(problems, ledger, sp, notes=[f"answers by phase: {phases}", f"fsyncs failed: {failing_disk.failed}"])

@@ -16,6 +16,7 @@ import pytest
 from gateway.durable import wal as wal_module
 from connectors.durable_files import ReservedStateFile
 from gateway.durable.wal import KIND_RECORDS, WalFailed, WalNoSpace, WriteAheadLog, encode_frame
+from tests.fixtures.failing_disk import FailingDisk
 
 
 def frame(n: int, tag: bytes = b"r", pad: int = 0) -> bytes:
@@ -30,7 +31,7 @@ async def open_wal(path, **kw) -> WriteAheadLog:
 
 
 def fail_next_fdatasync(monkeypatch):
-    """The next fdatasync fails with EIO (a real failing fsync needs a faulty block device); returns the real one."""
+    """The next fdatasync fails with EIO in this process only; returns the real one (``failing_disk`` fails them for real)."""
     real_fdatasync = os.fdatasync
     calls = []
 
@@ -75,6 +76,13 @@ def small_fs(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def failing_disk(tmp_path):
+    """A FUSE filesystem whose fsyncs fail with EIO on command (tests/fixtures/failing_disk.py; needs root)."""
+    with FailingDisk(tmp_path / "disk") as disk:
+        yield disk
 
 
 def fill(directory, leave_bytes: int = 0) -> os.PathLike:
@@ -193,3 +201,33 @@ async def test_a_failed_fsync_at_rotation_refuses_every_request_written_since_th
         results = await asyncio.gather(wal.append([frame(3, b"fills", pad=300)]), wal.append([frame(1, b"rotates")]), return_exceptions=True)
     assert all(isinstance(r, WalFailed) for r in results), f"a request covered by the failed fsync was acknowledged: {results}"
     await assert_cut_back_and_resumed(wal, tmp_path, monkeypatch, real_fdatasync)
+
+
+async def test_a_disk_that_fails_every_fsync_for_a_while_is_recovered_from_when_it_heals(failing_disk, caplog):
+    """fsync fails, and so does every fsync of the recovery after it (the disk stays bad): appends
+    are refused, the log tries its recovery again by itself, and once the disk works appends resume
+    without a restart; what was durable before is kept and nothing the failed fsyncs covered is."""
+    path = failing_disk.mountpoint / "wal"
+    wal = await open_wal(path)
+    assert await wal.append([frame(2, b"kept")]) == 2
+    failing_disk.fail_always()
+    with pytest.raises(WalFailed, match="fsync failed"):
+        await wal.append([frame(1, b"lost")])
+    assert "recovery after a failure failed" in caplog.text
+    await asyncio.sleep(1.5)  # the first retry, still on a failing disk
+    assert wal.refusal() == "failed"
+    with pytest.raises(WalFailed, match="recovering"):
+        await wal.append([frame(1, b"refused")])
+    failing_disk.heal()
+    for _ in range(100):  # the next retry comes at most 2 s later
+        if wal.refusal() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert wal.refusal() is None, "appends stayed refused after the disk healed"
+    assert "appends resume" in caplog.text
+    assert await wal.append([frame(1, b"later")]) == 3
+    await wal.close()
+    wal = await open_wal(path)
+    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
+    assert failing_disk.failed >= 3, "the failed fsync, and at least two recoveries"
+    await wal.close()
