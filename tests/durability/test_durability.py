@@ -1347,3 +1347,59 @@ async def test_failing_fsyncs_refuse_what_they_covered_and_lose_nothing(tmp_path
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw", "curated"))
     check(problems, ledger, sp, notes=[f"answers by phase: {phases}", f"fsyncs failed: {failing_disk.failed}"])
+
+
+@pytest.mark.timeout(180)
+async def test_failing_reads_and_writes_of_the_wal_lose_nothing(tmp_path, gateways, failing_disk):
+    """The WAL's disk fails reads (the lake process cannot read what it lands) and then writes (the
+    workers cannot append): landing waits and reads again, a request whose write failed is rolled
+    back and answered 503, and when the disk works again everything acknowledged lands once, without
+    a restart."""
+    workers = 2
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=True,
+        listen={"workers": workers},
+        wal={"dir": str(failing_disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
+        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers=workers, timeout=30)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    phases = Phases(ledger)
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
+    )
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
+        failing_disk.fail_always(".wal", call="read")
+        await phases.run("reads failing", 5.0)
+        failing_disk.heal()
+        await phases.run("healed", 3.0)
+        failing_disk.fail_always(".wal", call="write")
+        await phases.run("writes failing", 3.0)
+        failing_disk.heal()
+        await phases.run("healed again", 3.0)
+    finally:
+        stop.set()
+        await load
+    if not phases.answers.get("writes failing", {}).get(503):
+        problems.append(f"no request was refused while the WAL's writes failed: {phases}")
+    for name in ("healed", "healed again"):
+        if not phases.answers.get(name, {}).get(202):
+            problems.append(f"nothing acknowledged once the disk {name}: {phases}")
+    problems += answer_problems(ledger, None)
+    if not await wait_until(lambda: not landing_problems(lake, ledger, ("raw", "curated")), 40.0, 1.0):
+        problems.append("40 s after the devices stopped the lake still lacks records")
+    await stop_gracefully(sp, problems)
+    logged = collections.Counter(
+        e.get("msg") for e in log_entries(sp.all_logs()) if isinstance(e, dict) and e.get("level") in ("ERROR", "CRITICAL")
+    )
+    expected = {"reading or preparing frames failed; will read them again", "WAL: a write failed; the request was rolled back and refused"}
+    if set(logged) != expected:
+        problems.append(f"errors logged: {dict(logged)}; expected exactly these: {sorted(expected)}")
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(problems, ledger, sp, notes=[f"answers by phase: {phases}", f"calls failed: {failing_disk.failed}"])
