@@ -40,6 +40,7 @@ from tests.durability.harness import (
     wal_bytes,
     write_gateway_config,
 )
+from tests.fixtures.failing_disk import FailingDisk
 from tests.gateway.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -1276,6 +1277,27 @@ async def test_an_s3_lake_that_hangs_fails_and_refuses_loses_and_repeats_nothing
 # -- 16 -----------------------------------------------------------------------------------------
 
 
+async def devices_sending_to_a_wal_on(disk: FailingDisk, tmp_path: Path, gateways: Gateways):
+    """A gateway (two workers, the curated zone on) with its WAL on ``disk``, and four devices
+    sending 100-record requests with ``seq`` to it until ``stop`` is set."""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=True,
+        listen={"workers": 2},
+        wal={"dir": str(disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
+        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers=2, timeout=30)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
+    )
+    return sp, lake, ledger, stop, load
+
+
 @pytest.mark.timeout(180)
 async def test_failing_fsyncs_refuse_what_they_covered_and_lose_nothing(tmp_path, gateways, failing_disk):
     """The WAL's disk fails fsyncs, through the kernel, for every process of the gateway: first a
@@ -1284,24 +1306,9 @@ async def test_failing_fsyncs_refuse_what_they_covered_and_lose_nothing(tmp_path
     device sends it again); when the disk works again the running gateway acknowledges again by
     itself; one that could not start says why and exits non-zero, and starts once the disk works
     (as its service manager starts it again). Every acknowledged record lands in raw and curated once."""
-    workers = 2
-    sp, devices, lake = setup(
-        tmp_path,
-        gateways,
-        4,
-        inference=True,
-        listen={"workers": workers},
-        wal={"dir": str(failing_disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
-        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
-    )
-    await sp.astart(workers=workers, timeout=30)
-    ledger = Ledger()
-    stop = asyncio.Event()
+    sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(failing_disk, tmp_path, gateways)
     problems: list[str] = []
     phases = Phases(ledger)
-    load = asyncio.create_task(
-        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
-    )
 
     async def resumes(after: float, what: str) -> None:
         if not await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(after)), 20.0, 0.1):
@@ -1355,24 +1362,9 @@ async def test_failing_reads_and_writes_of_the_wal_lose_nothing(tmp_path, gatewa
     workers cannot append): landing waits and reads again, a request whose write failed is rolled
     back and answered 503, and when the disk works again everything acknowledged lands once, without
     a restart."""
-    workers = 2
-    sp, devices, lake = setup(
-        tmp_path,
-        gateways,
-        4,
-        inference=True,
-        listen={"workers": workers},
-        wal={"dir": str(failing_disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
-        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
-    )
-    await sp.astart(workers=workers, timeout=30)
-    ledger = Ledger()
-    stop = asyncio.Event()
+    sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(failing_disk, tmp_path, gateways)
     problems: list[str] = []
     phases = Phases(ledger)
-    load = asyncio.create_task(
-        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
-    )
     try:
         await wait_for_acks(ledger, lambda: ledger.acked_requests >= 40, budget_secs=15.0, stall_secs=8.0)
         failing_disk.fail_always(".wal", call="read")
