@@ -688,10 +688,12 @@ class WriteAheadLog:
         self._cut_backs += 1
         self._close_fds()
         with self._segments_lock:
-            gone = [seg for seg in self._segments if seg.first_lsn > segment_lsn]
             self._segments = [seg for seg in self._segments if seg.first_lsn <= segment_lsn]
-        for seg in gone:
-            seg.path.unlink(missing_ok=True)
+        # From the directory, not the list: a cut that failed half way is done again whole, and a
+        # later segment left on disk would be read back as durable at the next start.
+        for path in self.directory.glob("*.wal"):
+            if path.stem.isdigit() and int(path.stem) > segment_lsn:
+                path.unlink(missing_ok=True)
         segment = self._segments[-1]
         fd = os.open(segment.path, os.O_RDWR | os.O_APPEND)
         self._fd = fd

@@ -231,3 +231,29 @@ async def test_a_disk_that_fails_every_fsync_for_a_while_is_recovered_from_when_
     assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"', b'{"v":"later0']
     assert failing_disk.failed >= 3, "the failed fsync, and at least two recoveries"
     await wal.close()
+
+
+async def test_a_cut_back_that_failed_half_way_leaves_no_later_segment_behind(failing_disk):
+    """The fsync after a rotation fails, so the new segment holds nothing durable and must go; the
+    disk also fails to delete it. The recovery that succeeds later deletes it: left on disk, its
+    refused records would be read back as durable at the next start."""
+    path = failing_disk.mountpoint / "wal"
+    wal = await open_wal(path, segment_bytes=4096)
+    end = await wal.append([frame(40, b"kept", pad=100)])  # past 4 KiB: the next append starts a segment
+    new_segment = f"{end:020d}.wal"
+    failing_disk.fail_always(new_segment, call="fdatasync")  # its header's fsync works, the commit's fails
+    failing_disk.fail_always(new_segment, call="unlink")
+    with pytest.raises(WalFailed, match="fsync failed"):
+        await wal.append([frame(1, b"lost")])
+    assert wal.refusal() == "failed", "the segment could not be deleted: the cut is not done"
+    failing_disk.heal()
+    for _ in range(100):  # the next retry comes at most 2 s later
+        if wal.refusal() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert wal.refusal() is None, "appends stayed refused after the disk healed"
+    assert not (path / new_segment).exists(), "the segment past the last good fsync is still there"
+    await wal.close()
+    wal = await open_wal(path, segment_bytes=4096)
+    assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"'], "only what was durable is read back"
+    await wal.close()
