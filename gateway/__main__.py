@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import signal
@@ -171,8 +172,9 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
         extra = {"error": str(exc)}
         if getattr(exc, "filename", None):
             extra["path"] = str(exc.filename)
-        # An error without a path (an fsync's EIO) says where it happened only in its trace.
-        start_log.critical("the gateway cannot start", extra=extra, exc_info=isinstance(exc, OSError) and not exc.filename)
+        # A disk's I/O error without a path (an fsync's) says where it happened only in its trace.
+        disk_failed = isinstance(exc, OSError) and exc.errno == errno.EIO and not exc.filename
+        start_log.critical("the gateway cannot start", extra=extra, exc_info=disk_failed)
         return 2
     except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)
         start_log.critical("the gateway cannot start", exc_info=True, extra={"error": f"{type(exc).__name__}: {exc}"})
