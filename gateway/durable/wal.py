@@ -543,9 +543,11 @@ class WriteAheadLog:
         if not self._recovery_attempts:
             await self._dirty.wait()
             return
-        delay = RECOVERY_RETRY_SECS[min(self._recovery_attempts, len(RECOVERY_RETRY_SECS)) - 1]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._dirty.wait(), delay)
+            await asyncio.wait_for(self._dirty.wait(), self._next_recovery_in())
+
+    def _next_recovery_in(self) -> float:
+        return RECOVERY_RETRY_SECS[min(self._recovery_attempts, len(RECOVERY_RETRY_SECS)) - 1]
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -670,10 +672,9 @@ class WriteAheadLog:
             self._cut_back_to_durable()
         except OSError as cut:
             self._recovery_attempts += 1
-            retry = RECOVERY_RETRY_SECS[min(self._recovery_attempts, len(RECOVERY_RETRY_SECS)) - 1]
             log.critical(
                 "WAL: recovery after a failure failed; appends stay refused until it succeeds",
-                extra={"error": str(cut), "attempts": self._recovery_attempts, "retry_in_secs": retry},
+                extra={"error": str(cut), "attempts": self._recovery_attempts, "retry_in_secs": self._next_recovery_in()},
             )
             return
         self._recovery_attempts = 0
