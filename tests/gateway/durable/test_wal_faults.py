@@ -258,3 +258,23 @@ async def test_a_cut_back_that_failed_half_way_leaves_no_later_segment_behind(fa
     wal = await open_wal(path, segment_bytes=4096)
     assert [f.payload[:12] for f in read_all(wal)] == [b'{"v":"kept0"'], "only what was durable is read back"
     await wal.close()
+
+
+async def test_a_reader_never_serves_bytes_the_log_cut_back_and_wrote_again(tmp_path):
+    """Bytes past the durable end (a request written, its fsync not yet done or failed) can be in a
+    reader's hands when it reads; if the log is then cut back and the same place written again, the
+    reader must read the new frames, not what it saw there before (same LSNs, valid checksums)."""
+    wal = await open_wal(tmp_path / "wal")
+    start = wal.first_lsn
+    await wal.append([frame(1, b"kept")])
+    segment = next((tmp_path / "wal").glob("*.wal"))
+    durable_size = segment.stat().st_size
+    with open(segment, "ab") as f:  # a request written after the last good fsync
+        f.write(frame(1, b"refused"))
+    reader = wal.reader(start)
+    assert [f.payload[:12] for f in reader.read(1 << 20)] == [b'{"v":"kept0"'], "only what is durable"
+    os.truncate(segment, durable_size)  # the cut back after its fsync failed
+    await wal.append([frame(1, b"later")])
+    assert [f.payload[:13] for f in reader.read(1 << 20)] == [b'{"v":"later0"'], "the frame written after the cut"
+    reader.close()
+    await wal.close()
