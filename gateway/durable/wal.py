@@ -224,17 +224,6 @@ class _Scan:
         self.unknown_kind = unknown_kind  # the frame at ``offset`` is of a kind this version does not know
 
 
-def _read_exactly(f, n: int) -> bytes:
-    """``n`` bytes, fewer only at the end of the file (an unbuffered read may return part of them)."""
-    data = f.read(n)
-    while 0 < len(data) < n:
-        more = f.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
 def _read_frames(
     f,
     offset: int,
@@ -256,9 +245,13 @@ def _read_frames(
     frames: list[Frame] = []
     read = 0
     readable = end_offset if end_offset is not None else os.fstat(f.fileno()).st_size
+    # Drop what the file's buffer read ahead last time (a seek from the end does; one within the
+    # buffer would keep it): bytes past the durable end may since have been cut away and written
+    # again (a failed fsync, a write rolled back), and the buffer would hand back the old ones.
+    f.seek(0, os.SEEK_END)
     f.seek(offset)
     while read < max_bytes and (end_offset is None or offset < end_offset):
-        header = _read_exactly(f, HEADER_SIZE)
+        header = f.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE:
             return _Scan(frames, offset, lsn, corrupt=bool(header))
         length, crc = PREFIX.unpack_from(header)
@@ -280,7 +273,7 @@ def _read_frames(
             f.seek(length, os.SEEK_CUR)
             payload = b""
         else:
-            payload = _read_exactly(f, length)
+            payload = f.read(length)
             if len(payload) < length or zlib.crc32(payload, zlib.crc32(meta)) != crc:
                 return _Scan(frames, offset, lsn, corrupt=True)
         frames.append(Frame(lsn, count, hour, received_ms, min_ev, max_ev, kind, payload))
@@ -868,9 +861,7 @@ class WalReader:
         if self._segment is not seg:
             self.close()
             self._segment = seg
-            # Unbuffered: bytes read ahead past the durable end may be cut away and written again
-            # (a failed fsync, a write rolled back), and a buffer would hand back the old ones.
-            self._file = open(seg.path, "rb", buffering=0)
+            self._file = open(seg.path, "rb")
             self._offset = len(MAGIC)
             # Skip whole frames until the one starting at our LSN (positions are frame boundaries).
             at = seg.first_lsn
