@@ -1395,3 +1395,51 @@ async def test_failing_reads_and_writes_of_the_wal_lose_nothing(tmp_path, gatewa
         problems.append(f"errors logged: {dict(logged)}; expected exactly these: {sorted(expected)}")
     problems += landing_problems(lake, ledger, ("raw", "curated"))
     check(problems, ledger, sp, notes=[f"answers by phase: {phases}", f"calls failed: {failing_disk.failed}"])
+
+
+@pytest.mark.timeout(240)
+async def test_bursts_of_disk_failures_across_kills_and_worker_changes_lose_nothing(tmp_path, gateways, failing_disk):
+    """The WAL's disk fails in bursts (the next 1-4 fsyncs, fdatasyncs, reads or writes, or all of
+    them for up to 3 s; seeded) while the gateway is SIGKILLed and restarted with 2, 3, 1 and 2
+    workers and its small WALs wrap many times over: every acknowledged record lands in raw and
+    curated once, and no answer is a 500."""
+    rng = random.Random(5)
+    sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(failing_disk, tmp_path, gateways)
+    problems: list[str] = []
+    bursts: collections.Counter = collections.Counter()
+    kill_windows: list[tuple[float, float]] = []
+    try:
+        for phase, workers in enumerate((2, 3, 1, 2)):
+            if phase:
+                t_kill = time.monotonic()
+                await sp.akill()
+                await sp.astart(workers_env(workers), workers=workers, timeout=30)
+                kill_windows.append((t_kill, time.monotonic()))
+            phase_ends = time.monotonic() + 10.0
+            while time.monotonic() < phase_ends:
+                await asyncio.sleep(rng.uniform(1.0, 2.5))
+                call = rng.choice(["fsync", "fdatasync", "read", "write"])
+                if rng.random() < 0.5:
+                    failing_disk.fail_next(rng.randint(1, 4), ".wal", call=call)
+                    bursts[(call, "next")] += 1
+                else:
+                    failing_disk.fail_always(".wal", call=call)
+                    bursts[(call, "always")] += 1
+                    await asyncio.sleep(rng.uniform(0.5, 3.0))
+                    failing_disk.heal()
+            failing_disk.heal()
+    finally:
+        stop.set()
+        await load
+    wrong = collections.Counter(
+        a.status
+        for a in ledger.attempts
+        if a.status not in (202, 503) and not any(a.started <= end and a.started + a.latency >= begin for begin, end in kill_windows)
+    )
+    if wrong:
+        problems.append(f"answers other than 202 or 503 away from the SIGKILLs: {dict(wrong)}")
+    if ledger.acked_bytes < 5 * 4 * MiB:  # each worker's WAL holds 4 MiB
+        problems.append(f"only {ledger.acked_bytes / MiB:.1f} MiB acknowledged: the WALs did not wrap often enough")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(problems, ledger, sp, notes=[f"bursts: {dict(bursts)}", f"calls failed: {failing_disk.failed}"])
