@@ -285,7 +285,8 @@ class DeviceClient:
                 break
             await asyncio.sleep(self._retry_wait(last.retry_after, attempts))
         if all_explicit:
-            self.ledger.refused.update(keys)
+            # A resend of records another request already got acknowledged refuses nothing of theirs.
+            self.ledger.refused.update(k for k in keys if k not in self.ledger.acked)
         if answer is None:
             return Answer(last.status, {}, last.error.encode(), attempts)
         answer.attempts = attempts
