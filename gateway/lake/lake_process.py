@@ -31,6 +31,7 @@ import time
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from gateway.allocator import return_freed_pages
 from gateway.durable.wal_board import ReleasedPositions, durable_board, released_board
 from gateway.durable.wal_follower import WalFollower
 from gateway.durable.wal_layout import slot_for
@@ -189,6 +190,7 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     arrived while this process was still starting."""
     if settings.lake.process_nice:
         os.nice(settings.lake.process_nice)  # before the decoder starts: it inherits the priority
+    stop_trimming = return_freed_pages()  # the WAL reads, records and row groups freed in bursts
     lake = LakeProcess(settings)
     loop = asyncio.get_running_loop()
     workers_gone = asyncio.Event()
@@ -219,4 +221,5 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
         if beat is not None:
             beat.cancel()
         await lake.close()
+        stop_trimming()
     return 0
