@@ -46,10 +46,8 @@ def tune_allocators() -> None:
     """Call first thing in each process, before other threads start and before pyarrow is imported."""
     # Read by pyarrow when it is first imported, here and in every process started from here.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: its own defaults stay
+    mallopt = _glibc("mallopt")
+    if mallopt is None:  # not glibc: its own defaults stay
         return
     if "MALLOC_ARENA_MAX" not in os.environ:
         mallopt(M_ARENA_MAX, ARENAS)
@@ -64,9 +62,8 @@ def return_freed_pages(interval_secs: float = TRIM_INTERVAL_SECS) -> Callable[[]
     stop = threading.Event()
     if "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return stop.set
-    try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return stop.set
     malloc_trim.argtypes = [ctypes.c_size_t]
 
@@ -78,3 +75,11 @@ def return_freed_pages(interval_secs: float = TRIM_INTERVAL_SECS) -> Callable[[]
 
     threading.Thread(target=trim, name="malloc-trim", daemon=True).start()
     return stop.set
+
+
+def _glibc(name: str):
+    """glibc's function ``name``, or None where the C library is another."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None

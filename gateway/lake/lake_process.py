@@ -218,8 +218,8 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
         left = deadline - (time.monotonic() - stopping_since[0]) if stopping_since else deadline
         await lake.drain(max(1.0, left))
     finally:
+        stop_trimming()
         if beat is not None:
             beat.cancel()
         await lake.close()
-        stop_trimming()
     return 0
