@@ -73,3 +73,7 @@ class LagEstimate:
 
     def value(self, now: float) -> float:
         return self._value if now - self._last < 2 * self.window_secs else 0.0
+
+    def stale(self, now: float) -> bool:
+        """Whether a window went by without a sample."""
+        return now - self._last >= self.window_secs

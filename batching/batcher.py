@@ -118,6 +118,7 @@ class Batcher(Generic[T, R]):
         self._queue = PendingQueue()
         self._rate = ArrivalRate(start=self.clock.now())
         self._wake = asyncio.Event()
+        self._woken_at = math.inf  # when the scheduler was first asked to run since it last ran
         self._drained = asyncio.Event()
         self._timer: Cancellable | None = None
         self._scheduler: asyncio.Task[None] | None = None
@@ -143,6 +144,7 @@ class Batcher(Generic[T, R]):
         # what is left to an item that reached the queue late (that shrank batches as the loop fell behind).
         self._budget = WindowedExtreme(_BUDGET_WINDOW_S, largest=True)
         self._lag = LagEstimate()
+        self._turn = LagEstimate()  # how long the scheduler waits for the event loop after being woken
         # What admission needs, refreshed by every scheduling pass: the fastest call alone, the fastest
         # call of a typical batch, when the endpoints drain, and the cost of one queued record.
         self._admit_alone_secs = 0.0
@@ -192,7 +194,7 @@ class Batcher(Generic[T, R]):
             else:
                 self._defer_all(DEFER_SHUTDOWN)
             self.start()
-            self._wake.set()
+            self._poke()
         deadline = None if timeout_secs is None else self.clock.now() + timeout_secs
         if not await wait_event(self.clock, self._drained, deadline):
             self._defer_all(DEFER_SHUTDOWN)
@@ -210,7 +212,7 @@ class Batcher(Generic[T, R]):
         found.available = available
         if available:
             found.wake()
-        self._wake.set()
+        self._poke()
 
     # ---------- submitting ----------
 
@@ -275,6 +277,11 @@ class Batcher(Generic[T, R]):
         """Submit ``item`` of ``size`` records and wait for its outcome."""
         return await (await self.submit(item, deadline, size=size, timeout_secs=timeout_secs))
 
+    def _poke(self) -> None:
+        if self._woken_at == math.inf:
+            self._woken_at = self.clock.now()
+        self._wake.set()
+
     def _check_open(self) -> None:
         if self._crashed is not None:
             raise BatchingError("the batcher's scheduler stopped") from self._crashed
@@ -289,7 +296,7 @@ class Batcher(Generic[T, R]):
         self._budget.observe(now, deadline - now)
         self._counts["submitted"] += 1
         self.start()
-        self._wake.set()
+        self._poke()
         return future
 
     def _refused(self, deadline: float, size: int) -> bool:
@@ -301,7 +308,7 @@ class Batcher(Generic[T, R]):
         # sent plus the records queued at the typical cost per record (Little's law), whichever is longer.
         drain = self._admit_free_at - now + self._queue.records * self._admit_per_record_secs
         ahead = max(self._floor.value(now), drain)
-        need = self._lag.value(now) + (ahead + self._admit_batch_secs if ahead > 0 else self._admit_alone_secs)
+        need = self._lag.value(now) + self._turn.value(now) + (ahead + self._admit_batch_secs if ahead > 0 else self._admit_alone_secs)
         if deadline - now >= need:
             return False
         self._rate.observe(now, size)  # offered load, for the arrival rate and desired_slots
@@ -316,6 +323,10 @@ class Batcher(Generic[T, R]):
             self._refused_future.set_result(_REFUSED)
         self._counts["submitted"] += 1
         self._deferred[DEFER_OVERLOAD] += 1
+        if self._turn.stale(self.clock.now()):
+            # Nothing ran the scheduler for a window: its next pass measures the loop's turn again,
+            # so an estimate that refuses items cannot outlive the load that raised it.
+            self._poke()
         return self._refused_future
 
     def _has_room(self, size: int) -> bool:
@@ -352,6 +363,9 @@ class Batcher(Generic[T, R]):
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                now = self.clock.now()
+                self._turn.observe(now, now - self._woken_at)
+                self._woken_at = math.inf
                 self._schedule()
         except Exception as error:
             # A bug here must not strand items: fail them loudly and refuse new ones.
@@ -395,7 +409,7 @@ class Batcher(Generic[T, R]):
         if len(self._queue):
             wake_at = min(wake_at, self._hopeless_at(now), self._rest_ends_at(now))
         if wake_at < math.inf:
-            self._timer = self.clock.call_at(max(wake_at, now + EPSILON_S), self._wake.set)
+            self._timer = self.clock.call_at(max(wake_at, now + EPSILON_S), self._poke)
         self._refresh_admission(now)
         self._admit_waiters()
         if self._closing and not len(self._queue) and not self._batches_in_flight:
@@ -558,7 +572,7 @@ class Batcher(Generic[T, R]):
                 endpoint.on_response(ticket, self.clock.now())
             permit.release()
             self._batches_in_flight -= 1
-            self._wake.set()
+            self._poke()
 
     def _drop_late_starters(self, batch: list[PendingItem], finish: float) -> list[PendingItem]:
         """Defer the items that the call, starting now rather than when it was decided, would make late."""

@@ -1,8 +1,9 @@
 """Inference through the adaptive batcher on real endpoints: the embedded CPU model, and Triton
 (PyTriton serving the same model on CPU) when ``.venv-triton`` exists.
 
-The gateway's pipeline has no scoring stage yet (DESIGN step 8), so these scenarios drive the pieces
-it will use, in this process: ``batching.Batcher`` over a ``connectors`` inferencer. Records arrive
+These scenarios drive the pieces the curated zone scores with (gateway/lake/curated.py), in this
+process: ``batching.Batcher`` over a ``connectors`` inferencer, one record per item (the curated zone
+submits a request's records as one item). Records arrive
 open loop (Poisson, generated on a 1 ms tick, never waiting for results), each with a 50 ms
 deadline; latency runs from the record's intended arrival to its outcome. Each repetition finds
 the capacity as docs/batching.md §5 defines it (the highest Poisson rate with 99% of records on time,

@@ -50,6 +50,37 @@ async def test_nothing_is_refused_without_a_standing_queue_or_lag(clock: FakeClo
     await batcher.close()
 
 
+async def _arrivals_on_a_busy_loop(batcher: Batcher, clock: FakeClock, turns: int, turn_secs: float, budget_secs: float) -> list:
+    """Ten items per turn of an event loop whose every turn takes ``turn_secs`` (CPU-bound work)."""
+    futures = []
+    for _ in range(turns):
+        futures.extend(batcher.submit_nowait(i, clock.now() + budget_secs) for i in range(10))
+        clock.jump(turn_secs)  # the scheduler, woken by the item, runs only after this turn's work
+        await clock.advance(0.001)
+    await clock.advance(0.1)
+    return [f.result() for f in futures]
+
+
+async def test_a_loop_too_busy_to_run_the_scheduler_in_time_refuses_on_arrival(clock: FakeClock):
+    async def dispatch(endpoint: str, items: list[int]) -> list[int]:
+        await clock.sleep(0.002)
+        return items
+
+    batcher = Batcher(dispatch, endpoints=[_endpoint(clock)], clock=clock)
+    # Every turn takes 25 ms and items come with 15 ms: none can be sent in time, so no batch is sent
+    # and no standing queue is ever measured. Admitting them would cost queueing and deferring each one.
+    outcomes = await _arrivals_on_a_busy_loop(batcher, clock, 100, turn_secs=0.025, budget_secs=0.015)
+    deferred = batcher.stats().deferred_by_reason
+    assert not any(isinstance(o, Ok) for o in outcomes)
+    # Only the first turn's items get in (nothing is known yet); refusals keep the estimate current.
+    assert deferred.get(DEFER_OVERLOAD, 0) >= 980, deferred
+    assert deferred.get(DEFER_DEADLINE, 0) <= 20, deferred
+    # Once the loop is quick again, the turn's estimate comes down and items are scored.
+    quick = await _arrivals_on_a_busy_loop(batcher, clock, 100, turn_secs=0.0, budget_secs=0.015)
+    assert sum(isinstance(o, Ok) and not o.late for o in quick) >= 850  # the estimate falls within a few turns
+    await batcher.close()
+
+
 async def test_refusal_needs_no_queue_slot_and_no_scheduler_work(clock: FakeClock):
     batcher = Batcher(lambda endpoint, items: asyncio.sleep(0, items), endpoints=[_endpoint(clock)], max_queue=1, clock=clock)
     past_due = [batcher.submit_nowait(i, clock.now() - 0.001) for i in range(1000)]  # no room for them anyway
