@@ -50,6 +50,10 @@ class WindowedExtreme:
             return self._empty
         return self._current if self._previous is None else self._pick(self._current, self._previous)
 
+    def stale(self, now: float) -> bool:
+        """Whether the current window is over: the next observation starts a new one."""
+        return now >= self._start + self.window_secs
+
 
 class LagEstimate:
     """The typical delay between deciding to send a batch and its call starting (an EWMA).
@@ -73,7 +77,3 @@ class LagEstimate:
 
     def value(self, now: float) -> float:
         return self._value if now - self._last < 2 * self.window_secs else 0.0
-
-    def stale(self, now: float) -> bool:
-        """Whether a window went by without a sample."""
-        return now - self._last >= self.window_secs

@@ -144,7 +144,8 @@ class Batcher(Generic[T, R]):
         # what is left to an item that reached the queue late (that shrank batches as the loop fell behind).
         self._budget = WindowedExtreme(_BUDGET_WINDOW_S, largest=True)
         self._lag = LagEstimate()
-        self._turn = LagEstimate()  # how long the scheduler waits for the event loop after being woken
+        # The longest recent wait between waking the scheduler and its pass: the loop's turn.
+        self._turn = WindowedExtreme(largest=True)
         # What admission needs, refreshed by every scheduling pass: the fastest call alone, the fastest
         # call of a typical batch, when the endpoints drain, and the cost of one queued record.
         self._admit_alone_secs = 0.0

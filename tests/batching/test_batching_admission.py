@@ -75,9 +75,9 @@ async def test_a_loop_too_busy_to_run_the_scheduler_in_time_refuses_on_arrival(c
     # Only the first turn's items get in (nothing is known yet); refusals keep the estimate current.
     assert deferred.get(DEFER_OVERLOAD, 0) >= 980, deferred
     assert deferred.get(DEFER_DEADLINE, 0) <= 20, deferred
-    # Once the loop is quick again, the turn's estimate comes down and items are scored.
+    # Once the loop is quick again, the long turns age out of the estimate (two windows at most).
     quick = await _arrivals_on_a_busy_loop(batcher, clock, 100, turn_secs=0.0, budget_secs=0.015)
-    assert sum(isinstance(o, Ok) and not o.late for o in quick) >= 850  # the estimate falls within a few turns
+    assert sum(isinstance(o, Ok) and not o.late for o in quick) >= 850
     await batcher.close()
 
 
