@@ -279,7 +279,8 @@ class Batcher(Generic[T, R]):
         return await (await self.submit(item, deadline, size=size, timeout_secs=timeout_secs))
 
     def _poke(self) -> None:
-        if self._woken_at == math.inf:
+        # Only a running scheduler's wait is the loop's turn: before start, nothing waits to run.
+        if self._woken_at == math.inf and self._scheduler is not None:
             self._woken_at = self.clock.now()
         self._wake.set()
 
@@ -364,9 +365,10 @@ class Batcher(Generic[T, R]):
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                now = self.clock.now()
-                self._turn.observe(now, now - self._woken_at)
-                self._woken_at = math.inf
+                if self._woken_at != math.inf:
+                    now = self.clock.now()
+                    self._turn.observe(now, now - self._woken_at)
+                    self._woken_at = math.inf
                 self._schedule()
         except Exception as error:
             # A bug here must not strand items: fail them loudly and refuse new ones.

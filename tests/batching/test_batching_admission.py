@@ -108,3 +108,20 @@ def test_lag_estimate_follows_samples_and_reads_zero_once_calls_stop():
     lag.observe(0.01, 0.000)
     assert lag.value(0.02) == 0.005
     assert lag.value(0.25) == 0.0  # a high reading must not keep refusing the work that would lower it
+
+
+async def test_a_refusal_before_the_scheduler_ever_ran_is_not_taken_for_a_long_turn(clock: FakeClock):
+    async def dispatch(endpoint: str, items: list[int]) -> list[int]:
+        await clock.sleep(0.002)
+        return items
+
+    batcher = Batcher(dispatch, endpoints=[_endpoint(clock)], clock=clock)  # not started: no scheduler yet
+    assert batcher.submit_nowait(-1, clock.now() - 0.001).result() == Deferred(DEFER_OVERLOAD)
+    await clock.advance(100.0)
+    futures = []
+    for i in range(50):  # the first submission starts the scheduler, 100 s after that refusal
+        futures.append(batcher.submit_nowait(i, clock.now() + 0.050))
+        await clock.advance(0.001)
+    await clock.advance(0.1)
+    assert all(isinstance(f.result(), Ok) for f in futures), batcher.stats().deferred_by_reason
+    await batcher.close()
