@@ -314,6 +314,10 @@ class Batcher(Generic[T, R]):
         if deadline - now >= need:
             return False
         self._rate.observe(now, size)  # offered load, for the arrival rate and desired_slots
+        if self._turn.stale(now):
+            # Nothing ran the scheduler for a window: its next pass measures the loop's turn again,
+            # so an estimate that refuses items cannot outlive the load that raised it.
+            self._poke()
         return True
 
     def _refuse(self) -> asyncio.Future[Outcome[R]]:
@@ -325,10 +329,6 @@ class Batcher(Generic[T, R]):
             self._refused_future.set_result(_REFUSED)
         self._counts["submitted"] += 1
         self._deferred[DEFER_OVERLOAD] += 1
-        if self._turn.stale(self.clock.now()):
-            # Nothing ran the scheduler for a window: its next pass measures the loop's turn again,
-            # so an estimate that refuses items cannot outlive the load that raised it.
-            self._poke()
         return self._refused_future
 
     def _has_room(self, size: int) -> bool:

@@ -190,7 +190,6 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     arrived while this process was still starting."""
     if settings.lake.process_nice:
         os.nice(settings.lake.process_nice)  # before the decoder starts: it inherits the priority
-    stop_trimming = return_freed_pages()  # the WAL reads, records and row groups freed in bursts
     lake = LakeProcess(settings)
     loop = asyncio.get_running_loop()
     workers_gone = asyncio.Event()
@@ -205,6 +204,7 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     # SIGHUP (passed on by the supervisor) reloads the workers' run-time sections; none is the lake's.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("lake process: a reload changes nothing here; lake settings need a restart"))
     beat = None
+    stop_trimming = return_freed_pages()  # the WAL reads, records and row groups freed in bursts
     try:
         await lake.start()
         beat = start_beating(runtime_dir(), LAKE)
