@@ -1,6 +1,6 @@
 """Ingest benchmark: the gateway end to end against the bare aiohttp + msgspec ceiling, same run.
 
-    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--workers N] [--raw-only] [--profile DIR] [--json out.json]
+    python -m benchmarks.ingest [--reps 3] [--seconds 6] [--records 300] [--workers N] [--raw-only] [--with-seq] [--profile DIR] [--json out.json]
 
 For each repetition: the disk's own fsync latency (an append + fdatasync probe beside the WAL);
 the ceiling's maximum throughput (closed loop); the gateway's maximum (HTTP in, authenticated,
@@ -9,7 +9,9 @@ CPU-second, all its processes counted, and the CPU of each; ack latency at half 
 (open loop, from intended send time) next to the WAL's fsync p99 over the same run (from the
 gateway's /metrics); and an overload at 1.5x the maximum (status shares, goodput, peak RSS).
 Medians over repetitions, ratios per rep. The curated zone (scoring + Parquet) is on, as by
-default; ``--raw-only`` turns inference off, so only the raw and quarantine zones land.
+default; ``--raw-only`` turns inference off, so only the raw and quarantine zones land. Records carry
+no ``seq`` unless ``--with-seq``: then each device numbers its records as devices do, and the retry
+ledger remembers every one.
 ``--profile DIR`` adds, after the first repetition's measurements, a run at maximum load under
 py-spy: flame graphs and CPU per stage of the record path.
 """
@@ -40,7 +42,7 @@ __all__ = ["GATEWAY_CONFIG", "make_devices", "measure_max", "measure_open", "sta
 async def one_rep(args, workdir: Path, profile_dir: Path | None = None) -> dict:
     root = Path(tempfile.mkdtemp(dir=workdir))
     devices = make_devices(root, args.devices)
-    prepared = prepare(devices, records_per_request=args.records)
+    prepared = prepare(devices, records_per_request=args.records, with_seq=args.with_seq)
     disk = await asyncio.to_thread(fsync_latency, root)
     ceiling = start_ceiling(root)
     try:
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=servers.workers_per_gateway,
                         help="the gateway's listen.workers (default: one per CPU, as deployed)")
     parser.add_argument("--raw-only", action="store_true", help="inference off: no curated zone, only raw and quarantine land")
+    parser.add_argument("--with-seq", action="store_true",
+                        help="records carry seq numbers, new in every request, as devices send them: the retry ledger remembers each")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="also profile with py-spy; flame graphs go here")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)

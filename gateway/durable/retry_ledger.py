@@ -4,8 +4,9 @@ Retries must land nothing twice on whichever worker they arrive and after a cras
 LMDB environment beside the WAL directories (one writer at a time across processes, readers never
 block) holding three kinds of entries:
 
-- ``seq``: ``(device_id, seq) -> event time`` of every durable record, so a retried record is a
-  duplicate (a sequence number that comes back with another event time is a counter reset, not a retry);
+- ``seq``: the ``(device_id, seq)`` of every durable record and its event time, so a retried record
+  is a duplicate (a sequence number that comes back with another event time is a counter reset, not
+  a retry); kept as runs of consecutive seqs, one entry per run (``seq_runs``);
 - ``request``: per device, an ``Idempotency-Key`` (or, without one, the body's SHA-256) -> the body's
   hash and the answer given (deflated: a few dozen bytes), or a claim by the worker still running it;
 - ``signature``: verified signatures until their timestamp leaves the window (replay guard);
@@ -51,6 +52,8 @@ from typing import NamedTuple
 import lmdb
 import msgspec
 import orjson
+
+from gateway.durable.seq_runs import RunFinder, encode_run, runs_of
 
 log = logging.getLogger(__name__)
 
@@ -494,8 +497,9 @@ class RetryLedger:
         with self.write() as txn:
             seq_db = self._db(b"seq", self._maybe_advance(txn, b"seq"))
             devices = set()
-            for device_id, seq, event_ms in seqs:
-                txn.put(seq_key(device_id, seq), _U64.pack(event_ms), db=seq_db)
+            for device_id, first, times in runs_of(seqs):
+                for first_seq, value in encode_run(first, times):
+                    txn.put(seq_key(device_id, first_seq), value, db=seq_db)
                 devices.add(device_id)
             for device_id in devices:  # a request of these devices validated before now must look again
                 txn.put(stamp_key(device_id), os.urandom(8), db=seq_db)
@@ -592,35 +596,47 @@ class _WriteTxn:
 class SeqLookup:
     """Duplicate checks for one request's records: one read transaction, reused chunk after chunk."""
 
-    __slots__ = ("_ledger", "_txn", "_dbs", "_device_id", "_prefix", "stamps")
+    __slots__ = ("_ledger", "_txn", "_device_id", "_finders", "_by_device", "stamps")
 
     def __init__(self, ledger: RetryLedger) -> None:
         self._ledger = ledger
         self._txn = None
-        self._dbs: list = []
         self._device_id: str | None = None
-        self._prefix = b""
+        self._finders: list[RunFinder] = []  # the device's runs in each visible generation
+        self._by_device: dict[str, list[RunFinder]] = {}  # records of several devices may alternate
         self.stamps: dict[str, bytes | None] = {}  # each device's stamp when its first record was checked
 
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
-        if self._txn is None:
-            ledger = self._ledger
-            self._txn = ledger._env.begin()
-            self._dbs = [ledger._db(b"seq", g) for g in ledger._visible(self._txn, b"seq")]
-        if device_id != self._device_id:  # a request's records name one device: its part of the key once
-            self._device_id, self._prefix = device_id, seq_key(device_id, 0)[:-_U64.size]
-            if device_id not in self.stamps:
-                self.stamps[device_id] = self._stamp(self._prefix)
-        key = self._prefix + _U64.pack(seq)
-        expected = _U64.pack(event_ms)
-        get = self._txn.get
-        for db in self._dbs:  # called per record: a loop, not any() over a generator
-            if get(key, db=db) == expected:
+        if device_id != self._device_id:  # a request's records name one device: its runs looked up once
+            self._look_at(device_id)
+        for finder in self._finders:  # called per record: a loop, not any() over a generator
+            if finder.event_ms(seq) == event_ms:
                 return True
         return False
 
-    def _stamp(self, key: bytes) -> bytes | None:
-        for db in self._dbs:
+    def none_recorded(self, device_id: str, lowest: int, highest: int) -> bool:
+        """Whether no seq of ``device_id`` from ``lowest`` through ``highest`` is recorded (False: some may be)."""
+        if device_id != self._device_id:
+            self._look_at(device_id)
+        return all(finder.holds_none(lowest, highest) for finder in self._finders)
+
+    def _look_at(self, device_id: str) -> None:
+        self._device_id = device_id
+        self._finders = self._by_device.get(device_id) or self._finders_for(device_id)
+
+    def _finders_for(self, device_id: str) -> list[RunFinder]:
+        ledger = self._ledger
+        if self._txn is None:
+            self._txn = ledger._env.begin()
+        prefix = stamp_key(device_id)
+        dbs = [ledger._db(b"seq", g) for g in ledger._visible(self._txn, b"seq")]
+        if device_id not in self.stamps:
+            self.stamps[device_id] = self._stamp(prefix, dbs)
+        finders = self._by_device[device_id] = [RunFinder(self._txn.cursor(db=db), prefix) for db in dbs]
+        return finders
+
+    def _stamp(self, key: bytes, dbs: list) -> bytes | None:
+        for db in dbs:
             value = self._txn.get(key, db=db)
             if value is not None:
                 return value
@@ -644,6 +660,7 @@ class SeqLookup:
 
     def close(self) -> None:
         if self._txn is not None:
+            self._finders, self._by_device, self._device_id = [], {}, None
             self._txn.abort()
             self._txn = None
 

@@ -38,6 +38,8 @@ class DuplicateCheck(Protocol):
 
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool: ...
 
+    def none_recorded(self, device_id: str, lowest: int, highest: int) -> bool: ...
+
     def spans(self, seqs: list[tuple[str, int, int]]) -> list[Span]: ...
 
     def again(self) -> DuplicateCheck: ...
@@ -127,7 +129,7 @@ class RequestBatch:
         if min(events) < 0:
             return None
         indexes: Iterable[int] = range(first, first + len(items))
-        if any(r.seq is not None for r in records):
+        if any(r.seq is not None for r in records) and not self._all_new_run(records, events):
             # Last check before landing, in order: a record refused above must not count as seen.
             new = [r.seq is None or not self._is_duplicate(r.device_id, r.seq, e) for r, e in zip(records, events)]
             if not all(new):
@@ -231,6 +233,25 @@ class RequestBatch:
         except RecursionError:
             quarantined.append(self._reject(index, item, "malformed", "malformed record: nested too deeply"))
         return None
+
+    def _all_new_run(self, records: list[Record], events: list[int]) -> bool:
+        """The common case checked in bulk: records of one device numbered without gaps, none of
+        them seen before, in this request or in the ledger; they are tracked as ``_is_duplicate`` would."""
+        seqs = [r.seq for r in records]
+        first, last = seqs[0], seqs[-1]
+        if first is None or last != first + len(seqs) - 1 or len(self.new_seqs) + len(seqs) > self._max_tracked:
+            return False
+        if seqs != list(range(first, last + 1)):
+            return False
+        device_id = records[0].device_id
+        if {r.device_id for r in records} != {device_id}:  # a request no device signed may carry many
+            return False
+        keys = [(device_id, seq, event_ms) for seq, event_ms in zip(seqs, events)]
+        if not self._seqs_here.isdisjoint(keys) or not self._seq_index.none_recorded(device_id, first, last):
+            return False
+        self._seqs_here.update(keys)
+        self.new_seqs.extend(keys)
+        return True
 
     def _is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
         key = (device_id, seq, event_ms)

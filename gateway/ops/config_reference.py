@@ -38,7 +38,7 @@ NOTES: dict[str, str] = {
     "limits.max_records_per_request": "Most records one request may carry; beyond it: 413.",
     "limits.max_errors_reported": "Rejected records listed in a 202's `errors` (the rest are counted).",
     "limits.dedup_window_secs": "How long a retried request or `(device_id, seq)` is recognised as a duplicate.",
-    "limits.dedup_max_keys": "Retry keys and sequence numbers remembered per kind within the window.",
+    "limits.dedup_max_keys": "Retry keys, and runs of consecutive sequence numbers, remembered per kind within the window.",
     "wal.dir": "Where the write-ahead log lives; each worker uses its own directory under it. Use a local disk.",
     "wal.segment_bytes": "Size of one WAL segment file; a segment is deleted once every zone has landed it.",
     "wal.max_total_bytes": "WAL capacity per worker; when full, devices get 503 with Retry-After.",

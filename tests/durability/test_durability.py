@@ -922,6 +922,41 @@ async def test_records_rebatched_while_their_first_request_runs_land_once(tmp_pa
     check(problems, ledger, sp, notes=[f"statuses {dict(ledger.statuses)}"])
 
 
+@pytest.mark.timeout(150)
+async def test_rebatched_records_are_recognised_long_after_and_across_a_kill(tmp_path, gateways):
+    """The ledger keeps a run of consecutive seqs as one entry: records re-batched into new bodies
+    are still duplicates after thousands of later records and a SIGKILL, with room for 400 entries
+    per generation (one per record, the first 12,000 would have been forgotten many times over)."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, limits={"dedup_max_keys": 400},
+                              lake={"target_object_bytes": 256 * KiB, "max_object_age_secs": 0.2})
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+    sent = {device.device_id: device.records(4000, with_seq=True) for device in devices}
+
+    async def send_all(device: Device) -> None:
+        async with DeviceClient(sp.url, device, ledger) as client:
+            records = sent[device.device_id]
+            for start in range(0, len(records), 100):
+                if (await client.send(records[start:start + 100])).status != 202:
+                    problems.append(f"{device.device_id}: records {start}-{start + 99} were not acknowledged")
+
+    await asyncio.gather(*(send_all(device) for device in devices))
+    await sp.akill()
+    await sp.astart(workers_env(1), workers=1)
+    for device in devices:
+        records = sent[device.device_id]
+        async with DeviceClient(sp.url, device, ledger) as client:
+            for rebatched in (records[:150][::-1], records[1950:2050], records[3990:] + records[:10]):
+                answer = await client.send(rebatched, retry=False)
+                got = answer.json() if answer.status == 202 else answer.body[:200]
+                if answer.status != 202 or got["duplicates"] != len(rebatched):
+                    problems.append(f"{device.device_id}: {len(rebatched)} re-batched records answered {answer.status} {got}")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
 @pytest.mark.timeout(120)
 async def test_a_body_of_duplicates_resent_to_another_worker_gets_its_first_answer(tmp_path, gateways):
     """A body whose every record was already accepted writes nothing; its answer must still be kept,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import pytest
 from connectors.local_lake import LocalLakeSink
 from gateway.ops.metrics import GatewayMetrics
 from gateway.lake.pipeline import Pipeline, RequestRecord
-from gateway.durable.retry_ledger import BOOT_FILE, LedgerError, RetryLedger, body_key, current_boot_id, idempotency_key, span_key
+from gateway.durable.retry_ledger import BOOT_FILE, LedgerError, RetryLedger, body_key, current_boot_id, idempotency_key, seq_key, span_key
 from gateway.settings import load_settings
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, encode_frame
 from gateway.durable.wal_layout import slot_for
@@ -119,12 +120,96 @@ def test_records_one_process_accepted_are_duplicates_in_another(tmp_path):
 
 def test_generations_bound_what_is_remembered(tmp_path):
     ledger = open_ledger(tmp_path / "ledger", max_keys=10)
-    for batch in range(10):
-        ledger.record("wal-a", batch, [("dev-1", batch * 5 + i, 1) for i in range(5)], [])
-    # Two generations are visible; a commit (five records and its device's stamp) lands whole in one.
+    for batch in range(10):  # every other seq: each record a run of its own, an entry each
+        ledger.record("wal-a", batch, [("dev-1", batch * 10 + 2 * i, 1) for i in range(5)], [])
+    # Two generations are visible; a commit (five runs and its device's stamp) lands whole in one.
     assert ledger.counts()["seq"] <= 2 * (10 + 5 + 1)
     seen = ledger.reader()
-    assert seen.is_duplicate("dev-1", 49, 1) and not seen.is_duplicate("dev-1", 0, 1)
+    assert seen.is_duplicate("dev-1", 98, 1) and not seen.is_duplicate("dev-1", 0, 1)
+    seen.close()
+    ledger.close()
+
+
+def test_consecutive_seqs_are_remembered_as_one_entry_per_run(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger", max_keys=10)
+    for batch in range(50):  # 50 requests of 300 records: 15,000 seqs in 50 entries, well past 10 per generation
+        ledger.record("wal-a", batch, [("dev-1", batch * 300 + i, 7_000 + i) for i in range(300)], [])
+    seen = ledger.reader()
+    assert seen.is_duplicate("dev-1", 14_999, 7_299) and seen.is_duplicate("dev-1", 14_700, 7_000)
+    assert not seen.is_duplicate("dev-1", 14_999, 7_298), "another event time: a counter reset"
+    assert not seen.is_duplicate("dev-1", 15_000, 7_300), "never sent"
+    assert not seen.is_duplicate("dev-1", 0, 7_000), "forgotten: generations are bounded in entries"
+    seen.close()
+    ledger.close()
+
+
+@pytest.mark.parametrize("times, entries", [
+    ([5_000] * 40, 1),  # stamped at once
+    ([5_000 + 1_000 * i for i in range(40)], 1),  # sampled at a fixed interval
+    ([9_000 - 10 * i for i in range(40)], 1),  # backwards, evenly
+    ([5_000 + 1_000 * i + (i * 7919) % 13 for i in range(40)], 1),  # a clock that jitters
+    ([2**63 + i * 3 for i in range(39)] + [0], 40),  # differences beyond int64's reach: an entry per record
+])
+def test_a_run_keeps_every_event_time_exactly(tmp_path, times, entries):
+    ledger = open_ledger(tmp_path / "ledger")
+    ledger.record("wal-a", 1, [("dev-1", 100 + i, ms) for i, ms in enumerate(times)], [])
+    assert ledger.counts()["seq"] == entries + 1  # and the device's stamp
+    seen = ledger.reader()
+    assert all(seen.is_duplicate("dev-1", 100 + i, ms) for i, ms in enumerate(times))
+    assert not any(seen.is_duplicate("dev-1", 100 + i, ms + 1) for i, ms in enumerate(times))
+    assert not seen.is_duplicate("dev-1", 99, times[0]) and not seen.is_duplicate("dev-1", 140, times[-1])
+    seen.close()
+    ledger.close()
+
+
+def test_runs_of_devices_that_share_a_prefix_and_gaps_between_runs_stay_apart(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    ledger.record("wal-a", 1, [("dev-1", s, 1) for s in (*range(10, 20), *range(30, 40))]
+                  + [("dev-10", s, 2) for s in range(0, 100)] + [("dev-", s, 3) for s in range(15, 35)], [])
+    seen = ledger.reader()
+    assert [s for s in range(0, 50) if seen.is_duplicate("dev-1", s, 1)] == [*range(10, 20), *range(30, 40)]
+    assert [s for s in range(0, 120) if seen.is_duplicate("dev-10", s, 2)] == list(range(100))
+    assert [s for s in range(0, 50) if seen.is_duplicate("dev-", s, 3)] == list(range(15, 35))
+    assert [s for s in range(60, -1, -1) if seen.is_duplicate("dev-1", s, 1)] == [*range(39, 29, -1), *range(19, 9, -1)]
+    seen.close()
+    ledger.close()
+
+
+def test_a_span_of_seqs_is_known_new_only_when_no_generation_holds_any_of_it(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger", max_keys=2)
+    ledger.record("wal-a", 1, [("dev-1", s, 1) for s in range(100, 200)], [])
+    ledger.record("wal-a", 2, [("dev-1", s, 1) for s in range(300, 400)], [])  # in the next generation
+    seen = ledger.reader()
+    assert seen.none_recorded("dev-1", 0, 99) and seen.none_recorded("dev-1", 200, 299) and seen.none_recorded("dev-1", 400, 10**9)
+    assert not seen.none_recorded("dev-1", 0, 100) and not seen.none_recorded("dev-1", 199, 250)
+    assert not seen.none_recorded("dev-1", 250, 300) and not seen.none_recorded("dev-1", 0, 10**9)
+    assert seen.none_recorded("dev-2", 0, 10**9)
+    seen.close()
+    ledger.close()
+
+
+def test_a_restarted_counter_is_new_and_the_newer_run_wins_where_they_overlap(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    ledger.record("wal-a", 1, [("dev-1", s, 1_000 + s) for s in range(0, 300)], [])
+    ledger.record("wal-a", 2, [("dev-1", s, 9_000 + s) for s in range(100, 150)], [])  # restarted at 100
+    seen = ledger.reader()
+    assert all(seen.is_duplicate("dev-1", s, 1_000 + s) for s in range(0, 100))
+    assert all(seen.is_duplicate("dev-1", s, 9_000 + s) for s in range(100, 150))
+    assert not any(seen.is_duplicate("dev-1", s, 1_000 + s) for s in range(100, 300)), "only ever found new, never lost"
+    seen.close()
+    ledger.close()
+
+
+def test_entries_written_one_per_record_still_read(tmp_path):
+    # What a ledger held before runs: key ``device \0 seq``, value the event time alone.
+    ledger = open_ledger(tmp_path / "ledger")
+    ledger.record("wal-a", 1, [("dev-1", 50, 4_000)], [])
+    with ledger.write() as txn:
+        for seq in range(51, 60):
+            txn.put(seq_key("dev-1", seq), struct.pack(">Q", 4_000 + seq), db=ledger._db(b"seq", 0))
+    seen = ledger.reader()
+    assert all(seen.is_duplicate("dev-1", s, 4_000 + s) for s in range(51, 60)) and seen.is_duplicate("dev-1", 50, 4_000)
+    assert not seen.is_duplicate("dev-1", 60, 4_060)
     seen.close()
     ledger.close()
 

@@ -272,5 +272,8 @@ class NothingSeen:
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
         return False
 
+    def none_recorded(self, device_id: str, lowest: int, highest: int) -> bool:
+        return True
+
     def close(self) -> None:
         pass

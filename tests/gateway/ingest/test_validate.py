@@ -20,6 +20,9 @@ class NoneSeen:
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
         return False
 
+    def none_recorded(self, device_id: str, lowest: int, highest: int) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
@@ -72,6 +75,28 @@ class Seen(NoneSeen):
 
     def is_duplicate(self, device_id: str, seq: int, event_ms: int) -> bool:
         return seq in self.seqs
+
+    def none_recorded(self, device_id: str, lowest: int, highest: int) -> bool:
+        return not any(lowest <= seq <= highest for seq in self.seqs)
+
+
+def test_a_run_checked_in_bulk_still_finds_its_duplicates_in_the_ledger_and_in_this_request(tmp_path) -> None:
+    batch = batch_for(tmp_path)
+    batch._seq_index = Seen(13)
+    run = [{"device_id": "dev-1", "ts": NOW_MS + i, "metrics": {"t": 1.0}, "seq": i} for i in range(20)]
+    batch.add(chunk(*run[:10]))  # new to the ledger: checked as one run
+    batch.add(chunk(*run[5:13]))  # 5-9 again in this request
+    batch.add(chunk(*run[13:20]))  # 13 in the ledger
+    accepted = [line["seq"] for *_, lines in frames(batch) for line in lines]
+    assert accepted == list(range(10)) + [10, 11, 12, 14, 15, 16, 17, 18, 19]
+    assert (batch.accepted, batch.duplicates) == (19, 6)
+    assert batch.new_seqs == [("dev-1", seq, NOW_MS + seq) for seq in accepted], "tracked for the ledger, in order"
+
+
+def test_consecutive_seqs_of_several_devices_are_tracked_for_each(tmp_path) -> None:
+    batch = batch_for(tmp_path, device_id=None)  # no signer: records may name any device
+    batch.add(chunk(*({"device_id": f"dev-{seq % 2}", "ts": NOW_MS, "metrics": {"t": 1.0}, "seq": seq} for seq in range(6))))
+    assert batch.new_seqs == [(f"dev-{seq % 2}", seq, NOW_MS) for seq in range(6)]
 
 
 @pytest.mark.parametrize("signed_by", ["dev-1", None])
