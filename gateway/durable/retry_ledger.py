@@ -8,8 +8,10 @@ block) holding three kinds of entries:
   is a duplicate (a sequence number that comes back with another event time is a counter reset, not
   a retry); kept as runs of consecutive seqs, one entry per run (``seq_runs``);
 - ``request``: per device, an ``Idempotency-Key`` (or, without one, the body's SHA-256) -> the body's
-  hash and the answer given (deflated: a few dozen bytes), or a claim by the worker still running it;
-- ``signature``: verified signatures until their timestamp leaves the window (replay guard);
+  hash (unless the key is that hash) and the answer given (deflated: a few dozen bytes), or a claim
+  by the worker still running it;
+- ``signature``: verified signatures (their first 16 bytes) until their timestamp leaves the window
+  (replay guard);
 
 and, outside the generations, the ``inflight`` spans: per device, the lowest and highest new ``seq``
 of each request validated but not yet durable. Two requests carrying the same records at once (a
@@ -64,8 +66,10 @@ COMPANION_DBS = 4
 _U64 = struct.Struct(">Q")
 _GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
-_SPAN = struct.Struct(">QQiq")
-_PID = struct.Struct(">i")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
+_SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
+_PID = struct.Struct(">i")
+_BODY_KEY_MARK = b"\0b"  # between the device and the body's digest in a ``body_key``
+SIGNATURE_KEY_BYTES = 16
 CLAIM_STALE_SECS = 120.0
 CHECK_TIMEOUT_SECS = 120.0
 # The map is address space, not memory or disk (the file grows as it is written): sized for three
@@ -94,22 +98,24 @@ class RequestEntry(msgspec.Struct, array_like=True):
     """What the ledger keeps per retry key, for every request of the last one to two windows: small."""
 
     done: bool
-    body_sha256: bytes  # the digest itself, not its hex
+    body_sha256: bytes  # the digest itself, not its hex; empty when the key holds it (``body_key``)
     owner_pid: int = 0  # while running: the process running it
     at: int = 0  # while running: when it was claimed (epoch seconds)
     answer: bytes = b""  # once done: the status and JSON the device got, deflated (``pack_answer``)
     wal: str = ""  # while running: the WAL its owner writes (its records may be durable there, unrecorded)
 
     @classmethod
-    def running(cls, body_sha256: str, pid: int, wal: str) -> RequestEntry:
-        return cls(False, bytes.fromhex(body_sha256), pid, int(time.time()), wal=wal)
+    def running(cls, key: bytes, body_sha256: str, pid: int, wal: str) -> RequestEntry:
+        return cls(False, _digest_kept(key, body_sha256), pid, int(time.time()), wal=wal)
 
     @classmethod
-    def finished(cls, body_sha256: str, answer: bytes) -> RequestEntry:
-        return cls(True, bytes.fromhex(body_sha256), answer=pack_answer(answer))
+    def finished(cls, key: bytes, body_sha256: str, answer: bytes) -> RequestEntry:
+        return cls(True, _digest_kept(key, body_sha256), answer=pack_answer(answer))
 
-    def same_body(self, body_sha256: str) -> bool:
-        return self.body_sha256.hex() == body_sha256
+    def same_body(self, key: bytes, body_sha256: str) -> bool:
+        """Whether the request stored under ``key`` had this body."""
+        digest = bytes.fromhex(body_sha256)
+        return self.body_sha256 == digest if self.body_sha256 else key.endswith(_BODY_KEY_MARK + digest)
 
     def unpacked_answer(self) -> bytes:
         return zlib.decompressobj(-ANSWER_WINDOW_BITS, zdict=ANSWER_WORDS).decompress(self.answer)
@@ -167,7 +173,14 @@ def idempotency_key(device_id: str, key: str) -> bytes:
 
 def body_key(device_id: str, body_sha256: str) -> bytes:
     """The retry key of a request sent without one: its body's digest."""
-    return device_id.encode("utf-8", "surrogateescape") + b"\0b" + bytes.fromhex(body_sha256)
+    return device_id.encode("utf-8", "surrogateescape") + _BODY_KEY_MARK + bytes.fromhex(body_sha256)
+
+
+def _digest_kept(key: bytes, body_sha256: str) -> bytes:
+    """The body's digest as its entry keeps it: none when ``key`` ends with it (a third of the
+    entry). Any key ending so binds the entry to that body, so ``same_body`` still tells bodies apart."""
+    digest = bytes.fromhex(body_sha256)
+    return b"" if key.endswith(_BODY_KEY_MARK + digest) else digest
 
 
 def map_bytes_for(max_keys: int, max_signatures: int) -> int:
@@ -392,20 +405,20 @@ class RetryLedger:
             entry = _request_entry(self._get(txn, b"request", key))
             if entry is not None:
                 if entry.done:
-                    if not entry.same_body(body_sha256):
+                    if not entry.same_body(key, body_sha256):
                         return Claim("conflict")
                     return Claim("answered", entry.unpacked_answer())
                 if entry.owner_pid != self.pid and time.time() - entry.at < CLAIM_STALE_SECS and (
                     _alive(entry.owner_pid) or not self._caught_up_after(txn, entry)
                 ):
-                    return Claim("running" if entry.same_body(body_sha256) else "conflict")
+                    return Claim("running" if entry.same_body(key, body_sha256) else "conflict")
             for span in spans:
                 if self._get(txn, b"seq", stamp_key(span.device_id)) != span.stamp:
                     return Claim("stale")
                 if self._overlapped(txn, span, key):
                     return Claim("overlap")
             generation = self._maybe_advance(txn, b"request")
-            txn.put(key, _encode_entry(RequestEntry.running(body_sha256, self.pid, self.wal_id)), db=self._db(b"request", generation))
+            txn.put(key, _encode_entry(RequestEntry.running(key, body_sha256, self.pid, self.wal_id)), db=self._db(b"request", generation))
             now = int(time.time())
             for span in spans:
                 txn.put(span_key(span.device_id, key), _SPAN.pack(span.lowest, span.highest, self.pid, now), db=self._inflight)
@@ -466,7 +479,7 @@ class RetryLedger:
             entry = _request_entry(self._get(txn, b"request", key))
         if entry is None:
             return None
-        return entry.unpacked_answer() if entry.done and entry.same_body(body_sha256) else None
+        return entry.unpacked_answer() if entry.done and entry.same_body(key, body_sha256) else None
 
     def release_request(self, key: bytes, devices: Sequence[str] = ()) -> None:
         """The claimed request failed (nothing of it lands): a retry must run it again, and its spans
@@ -507,7 +520,7 @@ class RetryLedger:
                 txn.delete(span, db=self._inflight)
             request_db = self._db(b"request", self._maybe_advance(txn, b"request"))
             for key, body_sha256, answer in requests:
-                txn.put(key, _encode_entry(RequestEntry.finished(body_sha256, answer)), db=request_db)
+                txn.put(key, _encode_entry(RequestEntry.finished(key, body_sha256, answer)), db=request_db)
             mark = b"mark:" + wal_id.encode()
             old = txn.get(mark, db=self._meta)
             if old is None or _U64.unpack(old)[0] < through_lsn:
@@ -666,9 +679,11 @@ class SeqLookup:
 
 
 def _signature_key(signature: str) -> bytes:
-    """HMAC signatures arrive as hex: kept as the bytes they spell, half the size."""
+    """HMAC signatures arrive as hex: kept as the first 16 of the bytes they spell, a quarter of the
+    size. Two different signatures share them with a chance of 2^-128 per pair: a replay
+    cache may keep this much of an HMAC (and a collision would refuse a request, never land one)."""
     try:
-        return bytes.fromhex(signature)
+        return bytes.fromhex(signature)[:SIGNATURE_KEY_BYTES]
     except ValueError:
         return signature.encode("utf-8", "surrogateescape")
 

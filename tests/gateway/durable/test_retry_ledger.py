@@ -366,6 +366,52 @@ def test_answers_are_stored_deflated_and_come_back_exactly(tmp_path):
     ledger.close()
 
 
+def test_an_entry_keyed_by_its_body_keeps_no_second_copy_of_the_digest(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    answer = b'202{"accepted":300,"rejected":0,"duplicates":0,"ingest_id":"5368e7cb77e1e371151b833e","errors":[]}'
+    by_body, by_name = body_key("dev-1", SHA_1), idempotency_key("dev-1", "name")
+    ledger.record("wal-a", 1, [], [(by_body, SHA_1, answer), (by_name, SHA_1, answer)])
+    with ledger._env.begin() as txn:
+        sizes = {key: len(txn.get(key, db=ledger._db(b"request", 0))) for key in (by_body, by_name)}
+    assert sizes[by_name] - sizes[by_body] >= 32, sizes
+    assert ledger.claim_request(by_body, SHA_1).answer == answer == ledger.answer_for(by_body, SHA_1)
+    assert ledger.claim_request(by_name, SHA_2).outcome == "conflict"
+    ledger.close()
+
+
+def test_a_key_that_ends_like_a_body_key_still_tells_its_bodies_apart(tmp_path):
+    # An Idempotency-Key whose bytes end as a body key of this body does: its entry keeps no digest.
+    ledger = open_ledger(tmp_path / "ledger")
+    crafted = idempotency_key("dev-1", "x") + b"\0b" + bytes.fromhex(SHA_1)
+    assert ledger.claim_request(crafted, SHA_1).outcome == "run"
+    ledger.record("wal-a", 1, [], [(crafted, SHA_1, b"202{}")])
+    assert ledger.claim_request(crafted, SHA_2).outcome == "conflict" and ledger.answer_for(crafted, SHA_2) is None
+    assert ledger.claim_request(crafted, SHA_1).answer == b"202{}"
+    ledger.close()
+
+
+def test_request_entries_written_with_their_digest_still_read(tmp_path):
+    from gateway.durable.retry_ledger import RequestEntry, pack_answer
+    ledger = open_ledger(tmp_path / "ledger")
+    key = body_key("dev-1", SHA_1)
+    with ledger.write() as txn:
+        entry = RequestEntry(True, bytes.fromhex(SHA_1), answer=pack_answer(b"202{}"))
+        txn.put(key, msgspec.msgpack.encode(entry), db=ledger._db(b"request", 0))
+    assert ledger.claim_request(key, SHA_1).answer == b"202{}" == ledger.answer_for(key, SHA_1)
+    ledger.close()
+
+
+def test_a_signature_is_remembered_by_its_first_16_bytes(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    signature, other = hashlib.sha256(b"one").hexdigest(), hashlib.sha256(b"two").hexdigest()
+    assert ledger.claim_signature(signature, time.time() + 300) and ledger.claim_signature(other, time.time() + 300)
+    assert not ledger.claim_signature(signature, time.time() + 300), "a replay"
+    with ledger._env.begin() as txn:
+        keys = [key for key, _ in txn.cursor(db=ledger._db(b"signature", 0))]
+    assert sorted(keys) == sorted([bytes.fromhex(signature)[:16], bytes.fromhex(other)[:16]])
+    ledger.close()
+
+
 # -- the same records in two requests at once ----------------------------------------------------
 
 
@@ -446,7 +492,7 @@ def test_the_map_holds_every_generation_the_configured_limits_allow(tmp_path, mo
             [(body_key("dev-%d" % (i % 50), digest), digest, answer) for i, digest in enumerate(digests)],
         )
         for i in range(2_000):
-            assert ledger.claim_signature("%064x" % (generation * 2_000 + i), time.time() + 600)
+            assert ledger.claim_signature(hashlib.sha256(b"%d" % (generation * 2_000 + i)).hexdigest(), time.time() + 600)
     assert ledger.counts()["seq"] >= 20_000
     ledger.close()
 
