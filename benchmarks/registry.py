@@ -18,6 +18,7 @@ from benchmarks.scenarios_batching import BatchingScenario
 from benchmarks.scenarios_http import (
     CeilingScenario,
     IngestScenario,
+    IngestWithSeqScenario,
     OverloadScenario,
     S3Scenario,
     SoakScenario,
@@ -53,6 +54,7 @@ def builtin() -> list:
     return [
         CeilingScenario(),
         IngestScenario(),
+        IngestWithSeqScenario(),
         S3Scenario(),
         TritonIngestScenario(),
         LocalInferenceScenario(),

@@ -32,9 +32,9 @@ from benchmarks.servers import (
 from benchmarks.stats import growth, percentile, ratio
 
 
-def _prepared(ctx: Context, root: Path) -> Prepared:
+def _prepared(ctx: Context, root: Path, *, with_seq: bool = False) -> Prepared:
     p = ctx.profile
-    return prepare(make_devices(root, p.devices), records_per_request=p.records_per_request)
+    return prepare(make_devices(root, p.devices), records_per_request=p.records_per_request, with_seq=with_seq)
 
 
 @contextlib.contextmanager
@@ -147,6 +147,31 @@ class IngestScenario(Repeated):
         ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s "
                 f"(ratio {gw['records_per_sec'] / ceil['records_per_sec']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
         out.series("body_bytes", prepared.bytes_per_request)
+
+
+class IngestWithSeqScenario(Repeated):
+    name = "ingest-seq"
+    title = ("The same end to end with every record numbered (seq), as devices send them, so the retry ledger "
+             "remembers each: maximum and half load vs the ceiling")
+
+    async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
+        with self.rep_dir(ctx, rep) as root:
+            prepared = _prepared(ctx, root, with_seq=True)
+            ceil = await _ceiling_max(ctx, root, prepared, out, rep)
+            with _serving(start_gateway(root)) as gateway:
+                gw, half = await _max_and_half(ctx, out, gateway, prepared, rep)
+        out.figure("ceiling_records_per_sec", ceil["records_per_sec"], "rec/s")
+        out.figure("gateway_records_per_sec", gw["records_per_sec"], "rec/s")
+        out.figure("gateway_records_per_cpu_secs", gw["records_per_cpu_secs"], "rec/CPU-s")
+        out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
+        out.figure("half_load_p99_ms", half["p99_ms"], "ms")
+        out.figure("gateway_exit_code", gateway.proc.returncode if gateway.proc.returncode is not None else math.nan)
+        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
+                  description="gateway max records/s over the bare ceiling's, records numbered, same repetition")
+        out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_secs"], ceil["records_per_cpu_secs"]), better="higher",
+                  description="gateway records per server CPU-second over the ceiling's, records numbered")
+        ctx.log(f"  ingest-seq rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s "
+                f"({gw['records_per_cpu_secs']:,.0f} rec/CPU-s), p99 at half load {half['p99_ms']:.1f} ms")
 
 
 # The gateway as deployed behind an ALB: the load generator's loopback address is the trusted proxy.

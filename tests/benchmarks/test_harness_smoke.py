@@ -47,7 +47,7 @@ def test_results_json_has_every_section_and_summaries(quick_report) -> None:
     assert {"cpu_model", "logical_cpus", "memory_gib", "load_average_at_start"} <= doc["machine"].keys()
     assert doc["versions"]["aiohttp"] and "commit" in doc["git"]
     scenarios = doc["scenarios"]
-    for name in ("ceiling", "ingest", "overload", "startup", "soak", "inference-local"):
+    for name in ("ceiling", "ingest", "ingest-seq", "overload", "startup", "soak", "inference-local"):
         assert scenarios[name]["status"] == "ok", (name, scenarios[name].get("error"))
     for name, result in scenarios.items():
         assert result["status"] in ("ok", "not run"), (name, result.get("error"))
@@ -61,6 +61,7 @@ def test_results_json_has_every_section_and_summaries(quick_report) -> None:
     for name, spec in doc["ratios"].items():
         assert SUMMARY_KEYS <= spec.keys() and spec["better"] in ("higher", "lower"), name
     assert "ingest.gateway_to_ceiling_throughput" in doc["ratios"]
+    assert "ingest-seq.gateway_to_ceiling_throughput" in doc["ratios"]
 
 
 @pytest.mark.slow
