@@ -68,6 +68,14 @@ async def _max_and_half(ctx: Context, out: Collector, server: Server, prepared: 
     return top, half
 
 
+def _ratios_to_ceiling(out: Collector, gw: dict, ceil: dict, records: str = "") -> None:
+    """The gateway's maximum and its records per CPU-second over the bare ceiling's, same repetition."""
+    out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
+              description=f"gateway max records/s over the bare ceiling's{records}, same repetition (target >= 0.70)")
+    out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_secs"], ceil["records_per_cpu_secs"]), better="higher",
+              description=f"gateway records per server CPU-second over the ceiling's{records}")
+
+
 def _sweep_point(out: Collector, label: str, level: float, res: dict) -> None:
     out.load(label, generator_cpu_share=res["generator_cpu_share"], send_lag_p99_secs=res["send_lag_p99_secs"])
     out.append_series("sweep", {"fraction": level, **{k: v for k, v in res.items() if k != "statuses"}})
@@ -140,10 +148,7 @@ class IngestScenario(Repeated):
         out.figure("raw_objects_landed", len(landed), "objects")
         out.figure("curated_objects_landed", len(curated), "objects")
         out.figure("gateway_exit_code", exit_code if exit_code is not None else math.nan)
-        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
-                  description="gateway max records/s over the bare ceiling's, same repetition (target >= 0.70)")
-        out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_secs"], ceil["records_per_cpu_secs"]), better="higher",
-                  description="gateway records per server CPU-second over the ceiling's")
+        _ratios_to_ceiling(out, gw, ceil)
         ctx.log(f"  ingest rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s "
                 f"(ratio {gw['records_per_sec'] / ceil['records_per_sec']:.2f}), p99 at half load {half['p99_ms']:.1f} ms")
         out.series("body_bytes", prepared.bytes_per_request)
@@ -166,10 +171,7 @@ class IngestWithSeqScenario(Repeated):
         out.figure("gateway_peak_rss_mb", gw["peak_rss_mb"], "MiB")
         out.figure("half_load_p99_ms", half["p99_ms"], "ms")
         out.figure("gateway_exit_code", gateway.proc.returncode if gateway.proc.returncode is not None else math.nan)
-        out.ratio("gateway_to_ceiling_throughput", ratio(gw["records_per_sec"], ceil["records_per_sec"]), better="higher",
-                  description="gateway max records/s over the bare ceiling's, records numbered, same repetition")
-        out.ratio("gateway_to_ceiling_cpu_efficiency", ratio(gw["records_per_cpu_secs"], ceil["records_per_cpu_secs"]), better="higher",
-                  description="gateway records per server CPU-second over the ceiling's, records numbered")
+        _ratios_to_ceiling(out, gw, ceil, ", records numbered")
         ctx.log(f"  ingest-seq rep {rep + 1}: ceiling {ceil['records_per_sec']:,.0f} rec/s, gateway {gw['records_per_sec']:,.0f} rec/s "
                 f"({gw['records_per_cpu_secs']:,.0f} rec/CPU-s), p99 at half load {half['p99_ms']:.1f} ms")
 
