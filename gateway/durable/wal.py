@@ -846,8 +846,17 @@ class WalReader:
         self._segment: _Segment | None = None
         self._offset = 0
         self.corrupt_segments = 0
+        # Reads run in a worker thread, and a consumer stopping closes its reader from the event loop
+        # meanwhile: closing waits for a running read, and no read opens a file after it.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._close_file()
+
+    def _close_file(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -859,7 +868,7 @@ class WalReader:
             return False
         seg = _segment_at(segments, lsn)
         if self._segment is not seg:
-            self.close()
+            self._close_file()
             self._segment = seg
             self._file = open(seg.path, "rb")
             self._offset = len(MAGIC)
@@ -879,7 +888,11 @@ class WalReader:
     def read(self, max_bytes: int, kinds: frozenset[int] | None = None) -> list[Frame]:
         """Frames from the current position up to the durable end, about ``max_bytes`` of them;
         frames of other ``kinds`` come back without their payload. ``KIND_RECORDS_SHARED`` frames
-        come back as ``KIND_RECORDS`` unless ``kinds`` names them: then as stored."""
+        come back as ``KIND_RECORDS`` unless ``kinds`` names them: then as stored; none once closed."""
+        with self._lock:
+            return [] if self._closed else self._read(max_bytes, kinds)
+
+    def _read(self, max_bytes: int, kinds: frozenset[int] | None) -> list[Frame]:
         wal = self._wal
         if self.lsn >= wal.durable_lsn or not self._open_segment_at(self.lsn):
             return []

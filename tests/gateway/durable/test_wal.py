@@ -262,6 +262,39 @@ async def test_reader_starts_at_a_frame_boundary_in_a_later_segment(tmp_path):
     await wal.close()
 
 
+async def test_closing_a_reader_waits_for_its_read_in_another_thread_and_leaves_no_file_open(tmp_path, monkeypatch):
+    # A zone's lander reads in a worker thread; stopped meanwhile, it closed the reader under the
+    # read, which then opened the next segment's file and left it open for the collector to find.
+    from gateway.durable import wal as wal_module
+
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    for _ in range(3):
+        await wal.append([frame(5), frame(2)])
+    reader = wal.reader(0)
+    reading, release = threading.Event(), threading.Event()
+    scan = wal_module._read_frames
+
+    def slow_scan(*args, **kwargs):
+        reading.set()
+        release.wait(5)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(wal_module, "_read_frames", slow_scan)
+    read = threading.Thread(target=reader.read, args=(1 << 20,))
+    read.start()
+    assert reading.wait(5)
+    closing = threading.Thread(target=reader.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive(), "close() returned while the read still ran"
+    release.set()
+    read.join(5)
+    closing.join(5)
+    assert not closing.is_alive() and reader._file is None
+    assert reader.read(1 << 20) == [] and reader._file is None, "a closed reader opens nothing"
+    await wal.close()
+
+
 async def test_fsync_can_be_disabled_for_benchmarks_only(tmp_path):
     calls = []
     wal = await open_wal(tmp_path, fsync=False, on_fsync=calls.append)

@@ -14,6 +14,7 @@ async def _land_some(tmp_path, wal, sink, seqs: range) -> None:
     await on.start()
     await wal.append([frame(seqs)])
     assert await on.drain(5)
+    await on.close()  # this life ends: its reader's files with it
 
 
 async def _retire(tmp_path, wal, sink) -> None:
@@ -71,6 +72,7 @@ async def test_a_zone_turned_on_again_resumes_where_it_stopped_owing(tmp_path):
     await on.start()
     await wal.append([frame(range(8, 12))])
     assert await on.drain(5)
+    await on.close()
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == list(range(12)), "landed twice, or skipped what the WAL still held"
     assert owes_records(tmp_path / "state", "raw"), "a zone that is on owes what it has not landed"
