@@ -91,8 +91,11 @@ class RunningGateway:
                 await listener.cleanup()
         if self.peers is not None:
             await self.peers.cleanup()
-        # 4. Flush open objects and land them; what misses the deadline stays in the WAL.
-        landed_all = await gw.pipeline.drain(max(0.1, until - time.monotonic()))
+        # 4. Flush open objects and land them, and any orphaned WAL still draining; what misses the
+        # deadline stays in the WAL.
+        remaining = max(0.1, until - time.monotonic())
+        landed, orphans_landed = await asyncio.gather(gw.pipeline.drain(remaining), gw.finish_orphans(remaining))
+        landed_all = landed and orphans_landed
         # 5. Close the WAL (everything written is durable) and the sinks.
         await gw.close()
         if self.heartbeat is not None:

@@ -110,7 +110,7 @@ class Gateway:
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.loop_share = LoopShare(lambda: self.settings.admission.loop_turn_ms / 1000)
         self._locks: list[DirectoryLock] = []
-        self._orphans: list[asyncio.Task[None]] = []
+        self._orphans: list[asyncio.Task[bool]] = []
         self.partition_policy = PartitionPolicy(
             settings.gateway.max_clock_skew_secs * 1000, settings.gateway.max_event_age_secs * 1000
         )
@@ -233,12 +233,13 @@ class Gateway:
         for slot in orphan_slots(self.settings.wal.dir, self.base_id, workers):
             self._orphans.append(asyncio.create_task(self._drain_orphan(slot), name=f"orphan-{slot.name or 'root'}"))
 
-    async def _drain_orphan(self, slot: WalSlot) -> None:
+    async def _drain_orphan(self, slot: WalSlot) -> bool:
+        """Land an orphaned WAL directory; True once it landed everything it held."""
         try:
             lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire()
         except WalLocked as exc:
             log.warning("not adopting a WAL directory another process holds", extra={"error": str(exc)})
-            return
+            return True  # its holder lands it
         pipeline = Pipeline(
             self.settings,
             slot=slot,
@@ -255,15 +256,28 @@ class Gateway:
             await pipeline.start()
             landed = await pipeline.drain(None)
             log.info("orphaned WAL directory drained", extra={"wal": str(slot.directory), "landed_everything": landed})
+            return landed
         except asyncio.CancelledError:
             log.info("orphaned WAL drain stopped; it continues at the next start", extra={"wal": str(slot.directory)})
             raise
         except Exception:
             log.exception("draining an orphaned WAL directory failed; it is retried at the next start", extra={"wal": str(slot.directory)})
+            return False
         finally:
             self.metrics.unwatch_pipeline(pipeline)
             await pipeline.close()
             lock.release()
+
+    async def finish_orphans(self, deadline_secs: float) -> bool:
+        """Let orphaned WAL drains run until the deadline; True when each landed everything it held.
+
+        A stop right after a restart with fewer workers would otherwise cut them short at once; what
+        misses the deadline is cancelled by ``close`` and lands at the next start.
+        """
+        if not self._orphans:
+            return True
+        done, pending = await asyncio.wait(self._orphans, timeout=max(0.0, deadline_secs))
+        return not pending and all(not task.cancelled() and task.result() for task in done)
 
     def reload(self, settings: Settings) -> list[str]:
         """Apply a new configuration's run-time sections; return the sections that need a restart."""

@@ -39,6 +39,7 @@ from tests.durability.harness import (
     readyz,
     wal_bytes,
     write_gateway_config,
+    zone_records,
 )
 from tests.fixtures.failing_disk import FailingDisk
 from tests.gateway.conftest import free_port
@@ -953,9 +954,40 @@ async def test_rebatched_records_are_recognised_long_after_and_across_a_kill(tmp
                 if answer.status != 202 or got["duplicates"] != len(rebatched):
                     problems.append(f"{device.device_id}: {len(rebatched)} re-batched records answered {answer.status} {got}")
     # What the SIGKILL left unlanded in the second worker's WAL lands from its drain as an orphaned
-    # directory, behind the acks (a stop before that leaves it for the next start): let it finish.
-    await wait_until(lambda: not landing_problems(lake, ledger, ("raw",)), timeout=30, interval=0.2)
+    # directory, behind the acks; the stop waits for it (within the drain deadline).
     await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+@pytest.mark.timeout(120)
+async def test_a_stop_right_after_fewer_workers_start_lands_the_orphaned_wal_first(tmp_path, gateways):
+    """SIGKILLed with two workers and objects still open, restarted with one and told to stop at once:
+    the WAL directory no worker owns now must land within the drain deadline, and the drain report
+    must say so only when it did (it was cancelled at once, and the report still said everything)."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, lake={"target_object_bytes": 64 * MiB, "max_object_age_secs": 600})
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+
+    async def send(device: Device) -> None:
+        async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client:
+            records = device.records(2000, with_seq=True)
+            for start in range(0, len(records), 100):
+                await client.send(records[start:start + 100])
+
+    await asyncio.gather(*(send(device) for device in devices))
+    await sp.akill()
+    if zone_records(lake, "raw"):
+        problems.append("records landed before the SIGKILL: the restart would have nothing left to drain")
+    await sp.astart(workers_env(1), workers=1)
+    await stop_gracefully(sp, problems)
+    entries = [e for e in log_entries(sp.log_text()) if isinstance(e, dict)]
+    drained = [e for e in entries if e.get("msg") in {"drained", "orphaned WAL directory drained"}]
+    if not drained or not all(e.get("landed_everything") for e in drained):
+        problems.append(f"the drain reports: {drained}")
+    if any(e.get("msg", "").startswith("orphaned WAL drain stopped") for e in entries):
+        problems.append("the orphaned WAL's drain was cut short by the stop")
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)
 
