@@ -12,6 +12,7 @@
     ├── AllRecordsInvalid    422 not one record passed validation
     ├── RateLimited          429 slow down (Retry-After)
     ├── Unavailable          503 overloaded or draining (Retry-After)
+    │   └── CannotPersist    503 this worker's WAL cannot take records now; the connection is closed
     └── AdminError           any  the admin API's answers, each with its own status and code
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 class ApiError(Exception):
     status = 500
     code = "internal"
+    closes_connection = False  # the answer carries Connection: close
 
     def __init__(self, message: str, *, retry_after_secs: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
@@ -86,6 +88,15 @@ class RateLimited(ApiError):
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"
+
+
+class CannotPersist(Unavailable):
+    """503: this worker's WAL cannot take records (full, its disk full, failed). The connection is
+    closed, so the retry connects again and can reach a sibling worker (or, behind the load
+    balancer, another instance) that has room, instead of asking this one on a kept-alive
+    connection until its WAL drains."""
+
+    closes_connection = True
 
 
 class AdminError(ApiError):

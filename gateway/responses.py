@@ -17,4 +17,7 @@ def error_response(error: ApiError) -> web.Response:
     if isinstance(error, AllRecordsInvalid):
         body["errors"] = error.errors
     headers = {"Retry-After": str(error.retry_after_secs)} if error.retry_after_secs is not None else None
-    return json_response(error.status, body, headers)
+    response = json_response(error.status, body, headers)
+    if error.closes_connection:
+        response.force_close()
+    return response

@@ -148,6 +148,7 @@ async def start_gateway(
             backlog=listen.backlog,
             sock=listener,
             siblings=_siblings(gw, listener),
+            serving=lambda: gw.pipeline.wal.refusal() is None,
         )
         await site.start()
         running = RunningGateway(gw, runner, site)

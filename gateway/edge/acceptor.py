@@ -62,7 +62,8 @@ class Acceptor:
     """Serves ``protocol_factory`` on ``listener``; ``shed(sock)`` may answer and close a connection
     before any transport is built for it (it returns True when it did). With ``siblings`` (other
     workers on the same listener) it takes its share of the waiting connections, counting the
-    ``held()`` connections it serves already."""
+    ``held()`` connections it serves already; while ``serving()`` is False (its WAL cannot take
+    records) it leaves new connections to them and takes only what they leave."""
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class Acceptor:
         shed: Callable[[socket.socket], bool] = lambda sock: False,
         siblings: SiblingConnections | None = None,
         held: Callable[[], int] = lambda: 0,
+        serving: Callable[[], bool] = lambda: True,
     ) -> None:
         self._listener = listener
         self._factory = protocol_factory
@@ -84,6 +86,7 @@ class Acceptor:
         self._connecting: set[asyncio.Task[Any]] = set()
         self._siblings = siblings
         self._held = held
+        self._serving = serving
         self.queue = AcceptQueue(listener)  # also read by the ConnectionGuard, to shed when it is deep
         self._left_for_siblings: asyncio.TimerHandle | None = None
         self._left_once = False  # connections were left to the siblings and the timer fired once since
@@ -111,7 +114,10 @@ class Acceptor:
     def publish_held(self) -> None:
         """Tell the siblings how many connections this worker holds (as one opens or closes)."""
         if self._siblings is not None and not self._closed:
-            self._siblings.publish(self._held() + len(self._connecting))
+            if self._serving():
+                self._siblings.publish(self._held() + len(self._connecting))
+            else:
+                self._siblings.stop_accepting()  # its siblings leave it nothing while it can only refuse
 
     async def wait_closed(self) -> None:
         if self._connecting:
@@ -130,6 +136,8 @@ class Acceptor:
     def _quota(self) -> int:
         if self._siblings is None:
             return ACCEPT_BURST
+        if not self._serving():
+            return 0  # a sibling with room takes them; what none takes is taken a little later
         waiting = max(1, self.queue.depth())  # woken, so at least one waits (0: the kernel does not say)
         return min(ACCEPT_BURST, self._siblings.quota(self._held() + len(self._connecting), waiting))
 

@@ -450,6 +450,7 @@ class GuardedSite(web.TCPSite):
         handshake_timeout_secs: float,
         sock: socket.socket | None = None,
         siblings: SiblingConnections | None = None,
+        serving: Callable[[], bool] = lambda: True,
         **kwargs: Any,
     ) -> None:
         super().__init__(runner, host, port, **kwargs)
@@ -457,6 +458,7 @@ class GuardedSite(web.TCPSite):
         self._handshake_timeout_secs = handshake_timeout_secs
         self._sock = sock  # a socket the supervisor bound for all its workers
         self._siblings = siblings  # the other workers on that socket
+        self._serving = serving  # False while this worker can only refuse (its WAL cannot take records)
 
     async def start(self) -> None:
         server_log = logging.getLogger("aiohttp.server")
@@ -479,6 +481,7 @@ class GuardedSite(web.TCPSite):
             shed=self._guard.shed_queued,
             siblings=self._siblings,
             held=lambda: self._guard.open,
+            serving=self._serving,
         )
         self._guard.watch_accept_queue(self._server.queue)
         self._guard.count_changed = self._server.publish_held

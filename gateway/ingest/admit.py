@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from gateway.edge.proxy import is_trusted_proxy
-from gateway.errors import TooLarge, Unavailable
+from gateway.errors import CannotPersist, TooLarge, Unavailable
 from gateway.ingest.body import body_format, decompressor
 from gateway.ingest.spool import Spool
 from gateway.service import Gateway
@@ -66,7 +66,7 @@ def admit(request: web.Request, gw: Gateway) -> Admitted:
         raise Unavailable("the gateway is shutting down; retry (another instance will answer)", retry_after_secs=1)
     refusal = wal.refusal()
     if refusal is not None:
-        raise Unavailable(
+        raise CannotPersist(
             _WAL_REFUSALS.get(refusal, "the gateway cannot persist records right now; retry"),
             retry_after_secs=settings.wal.retry_after_secs,
         )

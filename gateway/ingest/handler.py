@@ -18,7 +18,7 @@ from gateway.responses import error_response, json_response
 from gateway.ingest.body import decompressor, framer
 from gateway.edge.connections import BodyDeadline
 from gateway.ingest.enrich import new_context
-from gateway.errors import ApiError, KeyReused, MalformedBody, Replayed, TooLarge, Unauthorized, Unavailable
+from gateway.errors import ApiError, CannotPersist, KeyReused, MalformedBody, Replayed, TooLarge, Unauthorized, Unavailable
 from gateway.ingest.validate import RequestBatch
 from gateway.durable.retry_ledger import LedgerError, body_key, idempotency_key
 from gateway.service import GATEWAY, Gateway
@@ -304,13 +304,13 @@ async def _persist(gw: Gateway, batch: RequestBatch, spool, key: bytes, digest: 
     try:
         await gw.pipeline.persist(spool, batch.new_seqs, (key, digest, answer), batch.span_keys(key))  # returns once fsynced
     except WalFull:
-        raise Unavailable("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+        raise CannotPersist("the write-ahead log is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
     except (WalNoSpace, SpoolFull):
         metrics.stage_errors.labels("persist", "no_space").inc()
-        raise Unavailable("the gateway's disk is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
+        raise CannotPersist("the gateway's disk is full; retry later", retry_after_secs=gw.settings.wal.retry_after_secs) from None
     except WalError as exc:
         metrics.stage_errors.labels("persist", type(exc).__name__).inc()
-        raise Unavailable("the gateway cannot persist records right now; retry", retry_after_secs=1) from None
+        raise CannotPersist("the gateway cannot persist records right now; retry", retry_after_secs=1) from None
     for reason, count in batch.rejections.items():
         metrics.records_rejected.labels(reason).inc(count)
     if batch.rejected:

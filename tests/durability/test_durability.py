@@ -992,6 +992,48 @@ async def test_a_stop_right_after_fewer_workers_start_lands_the_orphaned_wal_fir
     check(problems, ledger, sp)
 
 
+@pytest.mark.timeout(150)
+async def test_a_worker_added_while_the_lake_is_down_takes_the_devices_its_full_siblings_refuse(tmp_path, gateways):
+    """Landing fails (the raw zone's directory is a file), both workers' WALs fill, SIGKILL, restart
+    with three: the new worker's WAL is empty, so every device must get its next request acknowledged
+    there. A full worker answered 503 on kept-alive connections and went on taking its share of new
+    ones, so a device that had reached it was refused until its WAL drained, while /readyz said 200."""
+    cap, segment = 1 * MiB, 128 * KiB
+    sp, devices, lake = setup(tmp_path, gateways, 6, wal={"max_total_bytes": cap, "segment_bytes": segment, "retry_after_secs": 1},
+                              lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.2})
+    lake.mkdir()
+    blocker = lake / "raw"
+    blocker.write_text("not a directory: landing the raw zone fails until this is removed")
+    ledger = Ledger()
+    problems: list[str] = []
+    await sp.astart(workers_env(2), workers=2)
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=100, fresh_connections=True,
+                                           retry_deadline_secs=0.5))
+    full = await wait_until(lambda: all(wal_bytes(tmp_path / "wal" / w) >= cap - 2 * segment for w in ("w0", "w1")), 60, 0.1)
+    stop.set()
+    await load
+    if not full:
+        problems.append(f"the two workers' WALs did not fill: {[wal_bytes(tmp_path / 'wal' / w) for w in ('w0', 'w1')]}")
+    await sp.akill()
+    await sp.astart(workers_env(3), workers=3)
+    acked_before = ledger.acked_requests
+
+    async def one_more(device: Device) -> None:
+        async with DeviceClient(sp.url, device, ledger, retry_deadline_secs=20.0) as client:  # one kept-alive connection
+            answer = await client.send(device.records(50, with_seq=True))
+            if answer.status != 202:
+                problems.append(f"{device.device_id}: answered {answer.status} after {answer.attempts} attempts: {answer.body[:150]!r}")
+
+    await asyncio.gather(*(one_more(device) for device in devices))
+    if ledger.acked_requests - acked_before != len(devices):
+        problems.append(f"{ledger.acked_requests - acked_before} of {len(devices)} devices were acknowledged after the restart")
+    blocker.unlink()  # the lake is back: everything acknowledged lands
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
 @pytest.mark.timeout(120)
 async def test_a_body_of_duplicates_resent_to_another_worker_gets_its_first_answer(tmp_path, gateways):
     """A body whose every record was already accepted writes nothing; its answer must still be kept,

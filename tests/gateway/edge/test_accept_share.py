@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import pytest
 
@@ -194,5 +195,57 @@ async def test_a_worker_over_its_share_is_not_woken_again_while_it_leaves_the_re
     finally:
         acceptor.close()
         sibling.close()
+        for client in clients:
+            client.close()
+
+
+async def test_a_worker_that_can_only_refuse_leaves_new_connections_to_a_sibling_with_room(listener, tmp_path):
+    """A worker whose WAL cannot take records would answer every connection it takes with a 503: its
+    sibling with room takes them all, where a fair share would have split them."""
+    workers = [Holding(), Holding()]
+    serving = [False, True]
+    acceptors = [
+        Acceptor(
+            listener.dup(),
+            workers[index],
+            siblings=SiblingConnections(share_file(tmp_path), index, 2),
+            held=lambda index=index: workers[index].held,
+            serving=lambda index=index: serving[index],
+        )
+        for index in range(2)
+    ]
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]  # queued: the loop is not running
+    try:
+        await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
+        await asyncio.sleep(4 * LEFT_FOR_SIBLINGS_SECS)
+        assert [worker.held for worker in workers] == [0, 20]
+    finally:
+        for acceptor in acceptors:
+            acceptor.close()
+        for client in clients:
+            client.close()
+
+
+async def test_connections_are_still_taken_when_no_worker_has_room(listener, tmp_path):
+    """Every worker full: the refusals must still come, from whichever worker looks again first."""
+    workers = [Holding(), Holding()]
+    acceptors = [
+        Acceptor(
+            listener.dup(),
+            workers[index],
+            siblings=SiblingConnections(share_file(tmp_path), index, 2),
+            held=lambda index=index: workers[index].held,
+            serving=lambda: False,
+        )
+        for index in range(2)
+    ]
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
+    try:
+        await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
+        published = struct.unpack("=2q", share_file(tmp_path).read_bytes())
+        assert published == (NOT_ACCEPTING, NOT_ACCEPTING)  # neither leaves anything to the other
+    finally:
+        for acceptor in acceptors:
+            acceptor.close()
         for client in clients:
             client.close()

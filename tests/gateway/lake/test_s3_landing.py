@@ -116,6 +116,8 @@ async def test_s3_outage_is_absorbed_by_the_wal_then_drains(tmp_path, moto_endpo
                     accepted += 20
                 else:
                     assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+                    # This worker cannot take records: the retry should connect again (it may reach one that can).
+                    assert resp.headers.get("Connection", "").lower() == "close"
                     async with http.get(running.url + "/readyz") as ready:
                         assert ready.status == 503  # out of rotation only once the WAL is full
                     break
