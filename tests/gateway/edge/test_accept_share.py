@@ -74,13 +74,8 @@ def listener():
     sock.close()
 
 
-async def wait_until(condition, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
-async def test_two_workers_split_connections_that_arrive_together(listener, tmp_path):
+def two_workers(listener: socket.socket, tmp_path, serving=(True, True)) -> tuple[list[Holding], list[Acceptor]]:
+    """Two workers on copies of ``listener``, each with its slot; ``serving``: whether each can take records."""
     workers = [Holding(), Holding()]
     acceptors = [
         Acceptor(
@@ -88,9 +83,21 @@ async def test_two_workers_split_connections_that_arrive_together(listener, tmp_
             workers[index],
             siblings=SiblingConnections(share_file(tmp_path), index, 2),
             held=lambda index=index: workers[index].held,
+            serving=lambda index=index: serving[index],
         )
         for index in range(2)
     ]
+    return workers, acceptors
+
+
+async def wait_until(condition, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_two_workers_split_connections_that_arrive_together(listener, tmp_path):
+    workers, acceptors = two_workers(listener, tmp_path)
     clients = [socket.create_connection(listener.getsockname()) for _ in range(40)]  # queued: the loop is not running
     try:
         await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
@@ -202,18 +209,7 @@ async def test_a_worker_over_its_share_is_not_woken_again_while_it_leaves_the_re
 async def test_a_worker_that_can_only_refuse_leaves_new_connections_to_a_sibling_with_room(listener, tmp_path):
     """A worker whose WAL cannot take records would answer every connection it takes with a 503: its
     sibling with room takes them all, where a fair share would have split them."""
-    workers = [Holding(), Holding()]
-    serving = [False, True]
-    acceptors = [
-        Acceptor(
-            listener.dup(),
-            workers[index],
-            siblings=SiblingConnections(share_file(tmp_path), index, 2),
-            held=lambda index=index: workers[index].held,
-            serving=lambda index=index: serving[index],
-        )
-        for index in range(2)
-    ]
+    workers, acceptors = two_workers(listener, tmp_path, serving=(False, True))
     clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]  # queued: the loop is not running
     try:
         await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
@@ -228,17 +224,7 @@ async def test_a_worker_that_can_only_refuse_leaves_new_connections_to_a_sibling
 
 async def test_connections_are_still_taken_when_no_worker_has_room(listener, tmp_path):
     """Every worker full: the refusals must still come, from whichever worker looks again first."""
-    workers = [Holding(), Holding()]
-    acceptors = [
-        Acceptor(
-            listener.dup(),
-            workers[index],
-            siblings=SiblingConnections(share_file(tmp_path), index, 2),
-            held=lambda index=index: workers[index].held,
-            serving=lambda: False,
-        )
-        for index in range(2)
-    ]
+    workers, acceptors = two_workers(listener, tmp_path, serving=(False, False))
     clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
     try:
         await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
