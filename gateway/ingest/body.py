@@ -165,15 +165,27 @@ def decompressor(content_encoding: str) -> Decompressor:
     )
 
 
+# A UTF-8 byte order mark some tools write first (PowerShell, Windows editors). RFC 8259 says a
+# parser may ignore it; the signature still covers the body as sent.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 class LineFramer:
     """Splits NDJSON into lines, refusing any line longer than the record limit as it grows."""
 
     def __init__(self, max_record_bytes: int) -> None:
         self._max = max_record_bytes
         self._partial = b""
+        self._at_start = True  # a byte order mark may still come first
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._partial + data if self._partial else data
+        if self._at_start:
+            if len(buf) < len(UTF8_BOM) and UTF8_BOM.startswith(buf):
+                self._partial = buf  # the mark may be split across pieces
+                return []
+            self._at_start = False
+            buf = buf.removeprefix(UTF8_BOM)
         lines = buf.split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > self._max:
@@ -182,6 +194,8 @@ class LineFramer:
 
     def finish(self) -> list[bytes]:
         tail, self._partial = self._partial, b""
+        if self._at_start:
+            tail = tail.removeprefix(UTF8_BOM)
         return self._clean([tail], b"\r" in tail)
 
     def _clean(self, lines: list[bytes], any_cr: bool) -> list[bytes]:
@@ -216,7 +230,7 @@ class DocumentFramer:
     def finish(self) -> list[bytes]:
         doc = b"".join(self._parts)
         self._parts = []
-        items = _split_json(doc) if self._fmt == JSON else _split_msgpack(doc)
+        items = _split_json(doc.removeprefix(UTF8_BOM)) if self._fmt == JSON else _split_msgpack(doc)
         for item in items:
             if len(item) > self._max_record:
                 raise TooLarge(f"a record is larger than the limit of {self._max_record} bytes")

@@ -46,6 +46,32 @@ async def test_every_body_type_and_encoding_lands_in_the_raw_zone(gateway, http,
     assert first["ingest_id"] == answer["ingest_id"] and first["partitioned_by"] == "event_time"
 
 
+@pytest.mark.parametrize("fmt", ["ndjson", "json-array"])
+async def test_a_body_starting_with_a_byte_order_mark_lands_whole(gateway, http, env, fmt):
+    """Some tools write a UTF-8 byte order mark first (RFC 8259: a parser may ignore it): the first
+    record must not be quarantined for it, and the raw zone keeps the record without it."""
+    records = [record(seq=i) for i in range(3)]
+    body, ctype = {
+        "ndjson": (ndjson(*records), "application/x-ndjson"),
+        "json-array": (orjson.dumps(records), "application/json"),
+    }[fmt]
+    body = b"\xef\xbb\xbf" + body
+    status, answer, _ = await post(http, gateway, body, signed(env.device(), body, ctype))
+    assert status == 202 and answer["accepted"] == 3 and answer["rejected"] == 0, answer
+    lines = await wait_for_records(env.lake, "raw", 3)
+    assert sorted(line["record"]["seq"] for line in lines) == [0, 1, 2]
+
+
+def test_a_byte_order_mark_split_across_pieces_is_still_dropped():
+    from gateway.ingest.body import LineFramer
+
+    framer = LineFramer(1 << 16)
+    assert framer.feed(b"\xef") == [] and framer.feed(b"\xbb") == []
+    assert framer.feed(b'\xbf{"a":1}\n{"b"') == [b'{"a":1}']
+    assert framer.finish() == [b'{"b"']
+    assert LineFramer(1 << 16).feed(b"\xef\xbb{}\n") == [b"\xef\xbb{}"]  # not a whole mark: the line as sent
+
+
 async def test_unknown_fields_are_kept_in_the_raw_zone(gateway, http, env):
     rec = record(seq=1) | {"firmware": {"build": 7}, "extra": [1, 2]}
     body = ndjson(rec)
