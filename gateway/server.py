@@ -148,7 +148,7 @@ async def start_gateway(
             backlog=listen.backlog,
             sock=listener,
             siblings=_siblings(gw, listener),
-            serving=lambda: gw.pipeline.wal.refusal() is None,
+            serving=lambda: _has_room(gw),
         )
         await site.start()
         running = RunningGateway(gw, runner, site)
@@ -163,6 +163,13 @@ async def start_gateway(
     running.heartbeat = start_beating(runtime_dir(), gw.worker_index)
     log.info("listening", extra={"url": running.url})
     return running
+
+
+def _has_room(gw: Gateway) -> bool:
+    """Whether this worker's WAL has room: while it is full (or its disk is), siblings take its new
+    connections. A failed WAL still takes its share, so the load balancer's health checks keep
+    finding its 503 (only a restart or a replacement helps it)."""
+    return gw.pipeline.wal.refusal() not in ("full", "no_space")
 
 
 def _siblings(gw: Gateway, listener: socket.socket | None) -> SiblingConnections | None:

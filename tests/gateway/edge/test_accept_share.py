@@ -235,3 +235,15 @@ async def test_connections_are_still_taken_when_no_worker_has_room(listener, tmp
             acceptor.close()
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize(("refusal", "has_room"), [(None, True), ("full", False), ("no_space", False), ("failed", True)])
+def test_only_a_full_wal_leaves_new_connections_to_the_siblings(refusal, has_room):
+    """A full WAL (or disk) drains as the lake catches up: its devices are better off with a sibling.
+    A failed one keeps its share, so the load balancer's health checks still see its 503."""
+    from types import SimpleNamespace
+
+    from gateway.server import _has_room
+
+    worker = SimpleNamespace(pipeline=SimpleNamespace(wal=SimpleNamespace(refusal=lambda: refusal)))  # stands for a Gateway
+    assert _has_room(worker) is has_room
