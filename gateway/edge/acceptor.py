@@ -62,8 +62,8 @@ class Acceptor:
     """Serves ``protocol_factory`` on ``listener``; ``shed(sock)`` may answer and close a connection
     before any transport is built for it (it returns True when it did). With ``siblings`` (other
     workers on the same listener) it takes its share of the waiting connections, counting the
-    ``held()`` connections it serves already; while ``serving()`` is False (its WAL cannot take
-    records) it leaves new connections to them and takes only what they leave."""
+    ``held()`` connections it serves already; while ``serving()`` is False (its WAL has no room) it
+    leaves new connections to them and takes only what they leave."""
 
     def __init__(
         self,
@@ -117,7 +117,7 @@ class Acceptor:
             if self._serving():
                 self._siblings.publish(self._held() + len(self._connecting))
             else:
-                self._siblings.stop_accepting()  # its siblings leave it nothing while it can only refuse
+                self._siblings.stop_accepting()  # its siblings leave it nothing while it has no room
 
     async def wait_closed(self) -> None:
         if self._connecting:

@@ -458,7 +458,7 @@ class GuardedSite(web.TCPSite):
         self._handshake_timeout_secs = handshake_timeout_secs
         self._sock = sock  # a socket the supervisor bound for all its workers
         self._siblings = siblings  # the other workers on that socket
-        self._serving = serving  # False while this worker can only refuse (its WAL cannot take records)
+        self._serving = serving  # False while this worker's WAL has no room
 
     async def start(self) -> None:
         server_log = logging.getLogger("aiohttp.server")
