@@ -8,6 +8,7 @@ queue, and each has its own slot in a shared counts file. Real sockets on loopba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
@@ -74,8 +75,10 @@ def listener():
     sock.close()
 
 
-def two_workers(listener: socket.socket, tmp_path, serving=(True, True)) -> tuple[list[Holding], list[Acceptor]]:
-    """Two workers on copies of ``listener``, each with its slot; ``serving``: whether each can take records."""
+@contextlib.contextmanager
+def two_workers(listener: socket.socket, tmp_path, connections: int, serving=(True, True)):
+    """Two workers on copies of ``listener``, each with its slot (``serving``: whether each can take
+    records), and ``connections`` clients queued on it while the loop is not running; all closed after."""
     workers = [Holding(), Holding()]
     acceptors = [
         Acceptor(
@@ -87,7 +90,14 @@ def two_workers(listener: socket.socket, tmp_path, serving=(True, True)) -> tupl
         )
         for index in range(2)
     ]
-    return workers, acceptors
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(connections)]
+    try:
+        yield workers
+    finally:
+        for acceptor in acceptors:
+            acceptor.close()
+        for client in clients:
+            client.close()
 
 
 async def wait_until(condition, timeout: float = 10.0) -> None:
@@ -97,19 +107,12 @@ async def wait_until(condition, timeout: float = 10.0) -> None:
 
 
 async def test_two_workers_split_connections_that_arrive_together(listener, tmp_path):
-    workers, acceptors = two_workers(listener, tmp_path)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(40)]  # queued: the loop is not running
-    try:
-        await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
+    with two_workers(listener, tmp_path, 40) as workers:
+        await wait_until(lambda: sum(worker.held for worker in workers) == 40)
         # Without shares the first worker woken takes all 40.
         assert sorted(worker.held for worker in workers) in ([19, 21], [20, 20])
         await asyncio.sleep(2 * LEFT_FOR_SIBLINGS_SECS)
-        assert sum(worker.held for worker in workers) == len(clients)
-    finally:
-        for acceptor in acceptors:
-            acceptor.close()
-        for client in clients:
-            client.close()
+        assert sum(worker.held for worker in workers) == 40
 
 
 async def test_what_a_silent_sibling_leaves_is_taken_a_little_later(listener, tmp_path):
@@ -209,32 +212,18 @@ async def test_a_worker_over_its_share_is_not_woken_again_while_it_leaves_the_re
 async def test_a_worker_that_can_only_refuse_leaves_new_connections_to_a_sibling_with_room(listener, tmp_path):
     """A worker whose WAL cannot take records would answer every connection it takes with a 503: its
     sibling with room takes them all, where a fair share would have split them."""
-    workers, acceptors = two_workers(listener, tmp_path, serving=(False, True))
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]  # queued: the loop is not running
-    try:
-        await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
+    with two_workers(listener, tmp_path, 20, serving=(False, True)) as workers:
+        await wait_until(lambda: sum(worker.held for worker in workers) == 20)
         await asyncio.sleep(4 * LEFT_FOR_SIBLINGS_SECS)
         assert [worker.held for worker in workers] == [0, 20]
-    finally:
-        for acceptor in acceptors:
-            acceptor.close()
-        for client in clients:
-            client.close()
 
 
 async def test_connections_are_still_taken_when_no_worker_has_room(listener, tmp_path):
     """Every worker full: the refusals must still come, from whichever worker looks again first."""
-    workers, acceptors = two_workers(listener, tmp_path, serving=(False, False))
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
-    try:
-        await wait_until(lambda: sum(worker.held for worker in workers) == len(clients))
+    with two_workers(listener, tmp_path, 10, serving=(False, False)) as workers:
+        await wait_until(lambda: sum(worker.held for worker in workers) == 10)
         published = struct.unpack("=2q", share_file(tmp_path).read_bytes())
         assert published == (NOT_ACCEPTING, NOT_ACCEPTING)  # neither leaves anything to the other
-    finally:
-        for acceptor in acceptors:
-            acceptor.close()
-        for client in clients:
-            client.close()
 
 
 @pytest.mark.parametrize(("refusal", "has_room"), [(None, True), ("full", False), ("no_space", False), ("failed", True)])
