@@ -294,8 +294,7 @@ class ZoneLander:
                 task.cancel()
         await asyncio.gather(*(t for t in [self._task, *self._uploads] if t is not None), return_exceptions=True)
         if self._reader is not None:
-            # A read cancelled above may still run in its thread: closing waits for it, off the loop.
-            await asyncio.to_thread(self._reader.close)
+            self._reader.close()
         self._state_file.close()
 
     @property

@@ -162,7 +162,7 @@ class Tap:
                 if not frames:
                     await asyncio.sleep(0.05)
         finally:
-            await asyncio.to_thread(reader.close)  # a cancelled read may still run: wait for it off the loop
+            reader.close()
 
     def _frame(self, frame: Frame) -> None:
         stage = "received" if frame.kind == KIND_RECORDS else "quarantined"
