@@ -7,23 +7,16 @@ import asyncio
 import errno
 import gc
 import logging
-import signal
 import sys
 from pathlib import Path
+
+from gateway import early_signals
 
 # Signals that arrive while `serve` is still importing and starting are remembered, not fatal:
 # a supervisor's SIGTERM must drain a young worker (its WAL may hold acknowledged records), and
 # SIGHUP's default action would kill it (SIGUSR1's too: it tells the lake process to drain).
-_early_signals: list[int] = []
-
-
-def _remember_early_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
-
-
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
-    _remember_early_signals()
+    early_signals.remember()
     from gateway.allocator import tune_allocators
 
     tune_allocators()
@@ -140,10 +133,10 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
         return 2
     for problem in problems:
         start_log.warning(problem.message, extra={"source": problem.source, "setting": problem.path})
-    stop_requested = lambda: any(s in (signal.SIGTERM, signal.SIGINT) for s in _early_signals)  # noqa: E731
+    stop_requested = early_signals.stop_requested
     try:
         if lake_process:  # started by the supervisor: lands every worker's WAL (gateway/lake/lake_process.py)
-            return _run_lake(settings, list(_early_signals))
+            return _run_lake(settings, early_signals.remembered)
         if settings.listen.workers > 1 and worker_index is None:
             return Supervisor(config, settings).run(stop_requested=stop_requested)
         import socket
@@ -181,7 +174,7 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
         return 2
 
 
-def _run_lake(settings, early_signals: list[int]) -> int:
+def _run_lake(settings, remembered: list[int]) -> int:
     from gateway.lake.lake_process import run_lake
 
     try:
@@ -190,7 +183,7 @@ def _run_lake(settings, early_signals: list[int]) -> int:
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(run_lake(settings, early_signals))
+    return asyncio.run(run_lake(settings, remembered))
 
 
 def _version() -> str:

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway import early_signals
 from gateway.edge.accept_share import leave_nothing_to
 from gateway.heartbeat import Watchdog
 from gateway.settings import Settings, lake_process_lands
@@ -42,6 +43,8 @@ OPS_FD_ENV = "EDGE_GATEWAY_OPS_FD"
 # The private directory where workers listen for each other (gateway/ops/status/cluster.py).
 RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
 LAKE = "lake"  # the lake process's key among the supervised processes
+# How many lake processes a stop starts, one after another, to land what the workers left.
+LAKE_DRAIN_ATTEMPTS = 3
 
 
 class Supervisor:
@@ -86,7 +89,8 @@ class Supervisor:
         if self.config is not None:
             argv += ["--config", str(self.config)]
         self.watchdog.forget(index)
-        self.procs[index] = subprocess.Popen(argv, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
+        with early_signals.held_for_children():  # a signal sent before the child can handle it waits for it
+            self.procs[index] = subprocess.Popen(argv, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
         log.info("lake process started" if index == LAKE else "worker started", extra={"worker": index, "pid": self.procs[index].pid})
 
@@ -182,10 +186,26 @@ class Supervisor:
         lake = self.procs.pop(LAKE, None)
         self._wait_for(self.procs, deadline)
         if lake is not None:
-            if lake.poll() is None:
-                lake.send_signal(signal.SIGUSR1)  # every worker has exited: land what their WALs hold
-            self._wait_for({LAKE: lake}, deadline)
+            self._drain_lake(lake, deadline)
         return 0
+
+    def _drain_lake(self, lake: subprocess.Popen, deadline: float) -> None:
+        """Every worker has exited: the lake process lands what their WALs hold. One that is not
+        running (it died and was waiting for its restart) is started again for that, as is one that
+        exits before it has landed everything, while the deadline allows."""
+        for _ in range(LAKE_DRAIN_ATTEMPTS):
+            if lake.poll() is None:
+                lake.send_signal(signal.SIGUSR1)  # what the WALs hold now is all there is to land
+                self._wait_for({LAKE: lake}, deadline)
+            if lake.returncode == 0 or time.monotonic() >= deadline:
+                break
+            log.error("the lake process exited before landing what the WALs hold; starting it again for that",
+                      extra={"worker": LAKE, "exit_code": lake.returncode})
+            self._spawn(LAKE)
+            lake = self.procs.pop(LAKE)
+        if lake.returncode != 0:
+            log.error("the lake process did not land what the WALs hold; the next start lands it",
+                      extra={"worker": LAKE, "exit_code": lake.returncode})
 
     def _wait_for(self, procs: dict[int | str, subprocess.Popen], deadline: float) -> None:
         for index, proc in procs.items():

@@ -187,15 +187,14 @@ async def _serve_peers(lake: LakeProcess) -> web.AppRunner | None:
 
 async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     """Run until the supervisor says the workers are gone (SIGUSR1), then drain; ``early_signals``
-    arrived while this process was still starting."""
+    arrived while this process was still starting (read once the handlers are set: one may arrive
+    while they are being set)."""
     if settings.lake.process_nice:
         os.nice(settings.lake.process_nice)  # before the decoder starts: it inherits the priority
     lake = LakeProcess(settings)
     loop = asyncio.get_running_loop()
     workers_gone = asyncio.Event()
-    stopping_since: list[float] = [time.monotonic()] if {signal.SIGTERM, signal.SIGINT} & set(early_signals) else []
-    if signal.SIGUSR1 in early_signals:
-        workers_gone.set()
+    stopping_since: list[float] = []
     # SIGTERM: the instance is stopping; keep landing while the workers finish their requests.
     loop.add_signal_handler(signal.SIGTERM, lambda: stopping_since.append(time.monotonic()))
     loop.add_signal_handler(signal.SIGINT, lambda: stopping_since.append(time.monotonic()))
@@ -203,6 +202,10 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     loop.add_signal_handler(signal.SIGUSR1, workers_gone.set)
     # SIGHUP (passed on by the supervisor) reloads the workers' run-time sections; none is the lake's.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("lake process: a reload changes nothing here; lake settings need a restart"))
+    if {signal.SIGTERM, signal.SIGINT} & set(early_signals):
+        stopping_since.insert(0, time.monotonic())
+    if signal.SIGUSR1 in early_signals:
+        workers_gone.set()
     beat = None
     stop_trimming = return_freed_pages()  # the WAL reads, records and row groups freed in bursts
     try:

@@ -101,6 +101,18 @@ async def stop_gracefully(sp: ServeProcess, problems: list[str], what: str = "SI
         problems.append(f"{what}: processes of the gateway's group still running 5 s after it exited: {sp.leftover()}")
 
 
+async def send_numbered(url: str, devices: list[Device], ledger: Ledger, records_per_device: int) -> None:
+    """Every device sends its next ``records_per_device`` numbered records, 100 per request, all at once."""
+
+    async def send(device: Device) -> None:
+        async with DeviceClient(url, device, ledger, fresh_connections=True) as client:
+            records = device.records(records_per_device, with_seq=True)
+            for start in range(0, len(records), 100):
+                await client.send(records[start:start + 100])
+
+    await asyncio.gather(*(send(device) for device in devices))
+
+
 async def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -609,7 +621,8 @@ async def test_the_lake_process_killed_while_the_wal_wraps_loses_and_repeats_not
         if not await wait_until(lambda: bool(set(lake_process_pids(sp)) - set(killed)), 10.0, 0.1):
             problems.append(f"no lake process again within 10 s of killing {pids}")
     acked_before = ledger.acked_requests
-    await wait_for_acks(ledger, lambda: ledger.acked_bytes >= 3 * 2 * wal_capacity or load.done(), budget_secs=40.0, stall_secs=8.0)
+    wrapped = lambda: ledger.acked_bytes >= 3 * 2 * wal_capacity and ledger.acked_requests > acked_before  # noqa: E731
+    await wait_for_acks(ledger, lambda: wrapped() or load.done(), budget_secs=40.0, stall_secs=8.0)
     stop.set()
     await load
     if ledger.acked_requests == acked_before:
@@ -621,6 +634,61 @@ async def test_the_lake_process_killed_while_the_wal_wraps_loses_and_repeats_not
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw", "curated"))
     check(problems, ledger, sp)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("when", ["waiting-for-its-restart", "just-started"])
+async def test_a_stop_while_the_lake_process_restarts_lands_every_wal(tmp_path, gateways, when):
+    """The lake process is SIGKILLed with every acknowledged record still in the WALs, and the gateway
+    is told to stop before the new one runs: while the supervisor waits out the restart's backoff, or
+    the instant the new process exists (an init system signals every process of the service at once,
+    so it gets SIGTERM too). Either way the stop must land everything: a lake process that was not
+    running when the drain began was never started again, and one signalled before it had handlers
+    died of the signal; both left the WALs to the next start while the gateway exited 0."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, listen={"workers": 2}, lake={"target_object_bytes": 64 * MiB, "max_object_age_secs": 600})
+    await sp.astart(workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+
+    await send_numbered(sp.url, devices, ledger, 1000)
+    if zone_records(lake, "raw"):
+        problems.append("records landed before the stop: it would have nothing left to land")
+    running = set(sp.children())
+    for pid in lake_process_pids(sp):
+        os.kill(pid, signal.SIGKILL)
+    if when == "waiting-for-its-restart":
+        await asyncio.sleep(0.05)  # the supervisor starts it again 0.5 s after it died
+    else:
+        started = await asyncio.to_thread(_first_new_child, sp, running, 5.0)
+        if started is None:
+            problems.append("no new lake process within 5 s of the SIGKILL")
+        else:
+            os.kill(started, signal.SIGTERM)
+    rc = await sp.aterminate(timeout=60)
+    if rc != 0:
+        problems.append(f"the gateway exited with {rc}")
+    entries = [e for e in log_entries(sp.log_text()) if isinstance(e, dict)]
+    drained = [e for e in entries if e.get("msg") == "drained"]
+    if sorted(e.get("worker") for e in drained if e.get("landed_by") == "lake process") != [0, 1]:
+        problems.append(f"the lake process did not report draining both WALs: {drained}")
+    if not drained or not all(e.get("landed_everything") for e in drained):
+        problems.append(f"the drain reports: {drained}")
+    died_of_sigterm = [e for e in entries if e.get("exit_code") == -signal.SIGTERM]
+    if died_of_sigterm:
+        problems.append(f"a process died of SIGTERM instead of draining: {died_of_sigterm}")
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+def _first_new_child(sp: ServeProcess, known: set[int], timeout: float) -> int | None:
+    """The first child of the gateway's main process not in ``known``, seen within a millisecond or two of its fork."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = set(sp.children()) - known
+        if new:
+            return min(new)
+        time.sleep(0.001)
+    return None
 
 
 # -- 9 ------------------------------------------------------------------------------------------
@@ -970,13 +1038,7 @@ async def test_a_stop_right_after_fewer_workers_start_lands_the_orphaned_wal_fir
     ledger = Ledger()
     problems: list[str] = []
 
-    async def send(device: Device) -> None:
-        async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client:
-            records = device.records(2000, with_seq=True)
-            for start in range(0, len(records), 100):
-                await client.send(records[start:start + 100])
-
-    await asyncio.gather(*(send(device) for device in devices))
+    await send_numbered(sp.url, devices, ledger, 2000)
     await sp.akill()
     if zone_records(lake, "raw"):
         problems.append("records landed before the SIGKILL: the restart would have nothing left to drain")

@@ -1,0 +1,44 @@
+"""Signals that reach a ``serve`` process before it can act on them are remembered, never fatal.
+
+A process can be signalled the moment it exists: the supervisor drains a worker or the lake
+process it has just started again, and an init system stopping the service signals every process
+of its control group at once. Until ``serve`` has its handlers, the default action of SIGTERM,
+SIGHUP and SIGUSR1 is to die, and a young lake process that dies so leaves the WALs undrained. So
+the supervisor starts its processes with these signals blocked (the mask is inherited across fork
+and exec), and each process, once its handlers remember them, unblocks them: one sent meanwhile
+was held pending, and is remembered then.
+
+Only the standard library is imported here: this runs before the gateway's own imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# Every one of SIGNALS that arrived before the process installed its own handlers, in order. Read it
+# after installing them: one may arrive while they are being installed.
+remembered: list[int] = []
+
+
+def remember() -> None:
+    """Remember these signals from now on, and take those held while this process started."""
+    for sig in SIGNALS:
+        signal.signal(sig, lambda signum, frame: remembered.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def stop_requested() -> bool:
+    return any(sig in (signal.SIGTERM, signal.SIGINT) for sig in remembered)
+
+
+@contextlib.contextmanager
+def held_for_children() -> Iterator[None]:
+    """Processes started inside begin with these signals blocked, until they ``remember`` them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
