@@ -46,7 +46,8 @@ class ListenSettings(Section):
     # Worker processes sharing the port (the supervisor binds it once); one per core uses every core.
     workers: Annotated[int, Meta(ge=1, le=256)] = 1
     # With several workers: a worker or the lake process whose event loop has not turned for this
-    # long (stuck, or stopped by a signal) is killed and restarted like one that died; 0: never.
+    # long (stuck, or stopped by a signal) is killed and restarted like one that died (not after a
+    # pause of the whole instance or machine, which stops the supervisor too); 0: never.
     stall_timeout_secs: Annotated[float, Meta(ge=0)] = 30.0
 
 

@@ -43,6 +43,8 @@ OPS_FD_ENV = "EDGE_GATEWAY_OPS_FD"
 # The private directory where workers listen for each other (gateway/ops/status/cluster.py).
 RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
 LAKE = "lake"  # the lake process's key among the supervised processes
+# The supervisor sleeps 50 ms at a time: one sleep that lasted this long means it was paused or starved.
+PAUSED_SECS = 2.0
 # How many lake processes a stop starts, one after another, to land what the workers left.
 LAKE_DRAIN_ATTEMPTS = 3
 
@@ -176,7 +178,20 @@ class Supervisor:
     def _sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < until:
+            before = time.monotonic()
             time.sleep(min(0.05, seconds))
+            if (overslept := time.monotonic() - before) > PAUSED_SECS:
+                self._resumed(overslept)
+
+    def _resumed(self, paused_secs: float) -> None:
+        """The supervisor did not run for ``paused_secs``: the processes it watches were most likely
+        paused with it (a SIGSTOP of the whole instance, a virtual machine paused or migrated), so
+        their silence meanwhile is no sign that they are stuck."""
+        log.warning(
+            "the supervisor did not run for a while (the instance or the machine was paused); every process's silence is counted afresh",
+            extra={"paused_secs": round(paused_secs, 1)},
+        )
+        self.watchdog.grant_time()
 
     def _drain(self) -> int:
         """Workers first (they answer what is in flight), then the lake process lands what they left."""

@@ -1344,6 +1344,43 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
     check(problems, ledger, sp, notes=[f"the {role} was replaced {replaced_after:.1f} s after SIGSTOP"])
 
 
+@pytest.mark.timeout(120)
+async def test_the_whole_instance_paused_kills_nothing_when_it_resumes(tmp_path, gateways):
+    """The whole instance stopped (SIGSTOP to its process group, as a paused virtual machine or a
+    debugger stops it) for twice listen.stall_timeout_secs, then resumed: every process was silent
+    only because the supervisor was stopped with it. None may be killed for it; before, the
+    supervisor woke first, found a worker silent past the limit and killed it each time."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, listen={"stall_timeout_secs": 2.0})
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.05, retry_deadline_secs=30.0))
+    processes = set(sp.children())
+    try:
+        for _ in range(3):
+            await asyncio.sleep(1.0)
+            os.killpg(sp.pid, signal.SIGSTOP)
+            await asyncio.sleep(4.0)
+            os.killpg(sp.pid, signal.SIGCONT)
+        acked = ledger.acked_requests
+        await asyncio.sleep(3.0)
+        if ledger.acked_requests == acked:
+            problems.append(f"nothing acknowledged in the 3 s after the last pause: {ledger.statuses}")
+    finally:
+        os.killpg(sp.pid, signal.SIGCONT)  # never leave a stopped process behind
+        stop.set()
+        await load
+    if set(sp.children()) != processes:
+        problems.append(f"processes replaced across the pauses: {sorted(processes)} before, {sorted(sp.children())} after")
+    kills = [line for line in sp.all_logs().splitlines() if "stopped answering" in line]
+    if kills:
+        problems.append(f"the supervisor killed a process for the pause: {kills[:2]}")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
 # -- 15 -----------------------------------------------------------------------------------------
 
 
