@@ -37,6 +37,12 @@ class MalformedBody(ApiError):
     code = "malformed"
 
 
+class MalformedRequest(MalformedBody):
+    """The HTTP parser refused the request itself (its framing or headers): the connection cannot be reused."""
+
+    closes_connection = True
+
+
 class Unauthorized(ApiError):
     status = 401
     code = "unauthorized"

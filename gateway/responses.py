@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from gateway.errors import AllRecordsInvalid, ApiError
+from gateway.errors import AllRecordsInvalid, ApiError, MalformedRequest
 
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
@@ -21,3 +21,14 @@ def error_response(error: ApiError) -> web.Response:
     if error.closes_connection:
         response.force_close()
     return response
+
+
+
+def parser_refusal(exc: BaseException | None, message: str | None) -> web.Response:
+    """The answer to a request aiohttp's HTTP parser refused (two ``Content-Length`` headers, a bad
+    chunk, a malformed header line): 400 in the device API's JSON, as every other refusal, on a
+    connection then closed (aiohttp's own answer is plain text)."""
+    # aiohttp's message is a line, then the offending bytes and a caret under them: keep the line.
+    text = message or (str(exc) if exc is not None else "")
+    reason = text.splitlines()[0].rstrip(": ") if text.strip() else "unparseable request"
+    return error_response(MalformedRequest(f"the HTTP request is malformed: {reason}"))

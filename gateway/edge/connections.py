@@ -45,12 +45,14 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import ApiError, RequestTimeout, Unavailable
 from gateway.edge.accept_share import SiblingConnections
 from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
+from gateway.responses import parser_refusal
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +477,7 @@ class GuardedSite(web.TCPSite):
             listener = bind_listener(self._host or "0.0.0.0", self._port, self._backlog)
         self._server = Acceptor(  # type: ignore[assignment]  # offers what the site uses of a server
             listener,
-            self._guard.protocol_factory(server),
+            self._guard.protocol_factory(_request_handlers(server)),
             ssl_context=self._ssl_context,
             handshake_timeout_secs=self._handshake_timeout_secs,
             shed=self._guard.shed_queued,
@@ -486,6 +488,22 @@ class GuardedSite(web.TCPSite):
         self._guard.watch_accept_queue(self._server.queue)
         self._guard.count_changed = self._server.publish_held
         self._bound_port = listener.getsockname()[1]
+
+
+class _JsonRefusingRequestHandler(RequestHandler):
+    """aiohttp's protocol for one connection, answering a request its HTTP parser refuses in the
+    device API's JSON; everything else (logging the refusal included) is aiohttp's."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        response = super().handle_error(request, status, exc, message)
+        return parser_refusal(exc, message) if status == 400 else response
+
+
+def _request_handlers(server: web.Server) -> Callable[[], RequestHandler]:
+    # What calling the server does, with the subclass, built from the arguments the server keeps.
+    return lambda: _JsonRefusingRequestHandler(server, loop=server._loop, **server._kwargs)
 
 
 class BodyDeadline:

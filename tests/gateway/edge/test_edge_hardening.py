@@ -287,6 +287,34 @@ async def test_malformed_requests_log_one_short_line_each_at_most_a_few_a_second
     assert "Traceback" not in caplog.text
 
 
+async def test_a_request_the_http_parser_refuses_is_answered_in_json_and_closed(tmp_path, start):
+    """aiohttp answered framing its parser refuses in plain text; a device reads every refusal as the
+    device API's JSON, and the connection, whose framing is now unknown, is closed."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    head = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+    cases = {
+        "two lengths": (head + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "Content-Length"),
+        "chunked and a length": (head + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "Content-Length"),
+        "a signed length": (head + b"Content-Length: +3\r\n\r\nabc", "Content-Length"),
+        "a folded header": (head + b" X-Folded: y\r\nContent-Length: 3\r\n\r\nabc", "whitespace"),
+    }
+    for name, (request, named) in cases.items():
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the gateway must close the connection
+        writer.close()
+        status_and_headers, _, body = answer.partition(b"\r\n\r\n")
+        assert status_and_headers.split(b"\r\n")[0].endswith(b" 400 Bad Request"), (name, answer[:300])
+        assert b"Content-Type: application/json" in status_and_headers, (name, status_and_headers)
+        refusal = orjson.loads(body)
+        assert refusal["error"] == "malformed", (name, refusal)
+        assert refusal["message"].startswith("the HTTP request is malformed: ") and named in refusal["message"], (name, refusal)
+    await asyncio.sleep(0.5)
+    assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
+
+
 def test_the_registry_refuses_weak_keys_loose_permissions_and_links(tmp_path):
     """Finding 10: the registry write followed planted links, permissions were never checked, 1-char keys passed."""
     import json
