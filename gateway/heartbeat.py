@@ -7,8 +7,8 @@ runtime directory from its event loop, once a second, and the supervisor kills a
 has not changed for ``listen.stall_timeout_secs`` and restarts it as if it had died (its WAL is
 caught up by its successor, as after a SIGKILL). Silence is measured on the supervisor's monotonic
 clock, so a step of the wall clock is not mistaken for one, and a pause of the whole instance (its
-process group stopped, a virtual machine paused) is not either: the supervisor, paused too, sees its
-own sleep overrun and counts every silence afresh. A process is watched from its first beat
+process group stopped, a virtual machine paused) is not either: the supervisor, paused too, finds a
+gap in its own running and counts every silence afresh. A process is watched from its first beat
 on: start-up and recovery (a long WAL to scan) may take long.
 """
 

@@ -23,7 +23,6 @@ def error_response(error: ApiError) -> web.Response:
     return response
 
 
-
 def parser_refusal(exc: BaseException | None, message: str | None) -> web.Response:
     """The answer to a request aiohttp's HTTP parser refused (two ``Content-Length`` headers, a bad
     chunk, a malformed header line): 400 in the device API's JSON, as every other refusal, on a
