@@ -8,7 +8,7 @@ has not changed for ``listen.stall_timeout_secs`` and restarts it as if it had d
 caught up by its successor, as after a SIGKILL). Silence is measured on the supervisor's monotonic
 clock, so a step of the wall clock is not mistaken for one, and a pause of the whole instance (its
 process group stopped, a virtual machine paused) is not either: the supervisor, paused too, finds a
-gap in its own running and counts every silence afresh. A process is watched from its first beat
+gap between its own looks (``Watchdog.look``) and counts every silence afresh. A process is watched from its first beat
 on: start-up and recovery (a long WAL to scan) may take long.
 """
 
@@ -21,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 BEAT_SECS = 1.0
+# The supervisor looks at least every 50 ms: a gap this long between two looks means it was paused
+# (or starved), and the processes it watches most likely with it.
+PAUSED_SECS = 2.0
 
 
 def heartbeat_file(runtime: Path, index: int | str) -> Path:
@@ -52,6 +55,7 @@ class Watchdog:
         self._stall_secs = stall_secs
         self._clock = clock
         self._seen: dict[int | str, tuple[int, float]] = {}  # index -> (the file's mtime, when it was first seen)
+        self._looked_at: float | None = None  # when the supervisor last said it was running
 
     def forget(self, index: int | str) -> None:
         """A new process starts under ``index``: what its predecessor left says nothing about it."""
@@ -66,6 +70,20 @@ class Watchdog:
         waiting on it (the retry ledger's write lock is one for the whole instance)."""
         now = self._clock()
         self._seen = {index: (beat, now) for index, (beat, _) in self._seen.items()}
+        self._looked_at = now  # what granted the time (a kill and its wait) was no pause
+
+    def look(self) -> float | None:
+        """The supervisor is running now. After a gap since it last said so longer than
+        ``PAUSED_SECS`` it was paused, and the processes it watches most likely with it (a SIGSTOP of
+        the whole instance, a virtual machine paused or migrated): their silence meanwhile is no sign
+        that they are stuck, so it is counted afresh. Returns that gap, or None."""
+        now = self._clock()
+        gap = 0.0 if self._looked_at is None else now - self._looked_at
+        self._looked_at = now
+        if gap <= PAUSED_SECS:
+            return None
+        self.grant_time()
+        return gap
 
     def silent_for(self, index: int | str) -> float | None:
         """Seconds since the process last beat, once that exceeds the limit; None otherwise."""

@@ -29,5 +29,5 @@ def parser_refusal(exc: BaseException | None, message: str | None) -> web.Respon
     connection then closed (aiohttp's own answer is plain text)."""
     # aiohttp's message is a line, then the offending bytes and a caret under them: keep the line.
     text = message or (str(exc) if exc is not None else "")
-    reason = text.splitlines()[0].rstrip(": ") if text.strip() else "unparseable request"
+    reason = text.splitlines()[0].rstrip(": ")[:200] if text.strip() else "unparseable request"  # it may quote the request
     return error_response(MalformedRequest(f"the HTTP request is malformed: {reason}"))

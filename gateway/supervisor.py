@@ -43,8 +43,6 @@ OPS_FD_ENV = "EDGE_GATEWAY_OPS_FD"
 # The private directory where workers listen for each other (gateway/ops/status/cluster.py).
 RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
 LAKE = "lake"  # the lake process's key among the supervised processes
-# The supervisor looks every 50 ms: a gap this long since it last ran means it was paused or starved.
-PAUSED_SECS = 2.0
 # How many lake processes a stop starts, one after another, to land what the workers left.
 LAKE_DRAIN_ATTEMPTS = 3
 
@@ -61,7 +59,6 @@ class Supervisor:
         self.backoff: dict[int | str, float] = {}
         self.started_at: dict[int | str, float] = {}
         self.stopping = False
-        self._awake_at = time.monotonic()  # when the supervisor last found itself running
         # Where workers listen for each other (metrics, status, tap): private to this instance.
         self.runtime_dir: str | None = None
         self.watchdog: Watchdog | None = None  # made with the runtime directory
@@ -133,7 +130,6 @@ class Supervisor:
         ledger_for(self.settings).seal()
 
     def _supervise(self) -> int:
-        self._awake_at = time.monotonic()
         for index in range(self.workers):
             self._spawn(index)
         if lake_process_lands(self.settings):
@@ -162,7 +158,7 @@ class Supervisor:
         """The process alive but silent longest past ``listen.stall_timeout_secs`` is killed (the
         loop then restarts it as one that died); the others' silence is counted afresh, since they
         may only have been waiting on it."""
-        self._check_awake()
+        self._look()
         silences = {index: self.watchdog.silent_for(index) for index, proc in self.procs.items() if proc.poll() is None}
         stalled = {index: secs for index, secs in silences.items() if secs is not None}
         if not stalled or self.stopping:
@@ -176,27 +172,21 @@ class Supervisor:
         )
         proc.kill()
         proc.wait()
-        self.watchdog.grant_time()
-        self._awake_at = time.monotonic()  # the wait for it (a process stuck in the kernel can take seconds) was no pause
+        self.watchdog.grant_time()  # also says the wait for it (seconds, for one stuck in the kernel) was no pause
 
     def _sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < until:
             time.sleep(min(0.05, seconds))
-            self._check_awake()
+            self._look()
 
-    def _check_awake(self) -> None:
-        """A gap since the supervisor last ran (it looks every 50 ms) means it was paused, and the
-        processes it watches most likely with it (a SIGSTOP of the whole instance, a virtual machine
-        paused or migrated): their silence meanwhile is no sign that they are stuck."""
-        now = time.monotonic()
-        if now - self._awake_at > PAUSED_SECS:
+    def _look(self) -> None:
+        """Tell the watchdog the supervisor runs (every 50 ms at least), and say so when it had not."""
+        if (paused_secs := self.watchdog.look()) is not None:
             log.warning(
                 "the supervisor did not run for a while (the instance or the machine was paused); every process's silence is counted afresh",
-                extra={"paused_secs": round(now - self._awake_at, 1)},
+                extra={"paused_secs": round(paused_secs, 1)},
             )
-            self.watchdog.grant_time()
-        self._awake_at = now
 
     def _drain(self) -> int:
         """Workers first (they answer what is in flight), then the lake process lands what they left."""

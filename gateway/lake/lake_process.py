@@ -203,7 +203,7 @@ async def run_lake(settings: Settings, early_signals: list[int] = ()) -> int:
     # SIGHUP (passed on by the supervisor) reloads the workers' run-time sections; none is the lake's.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("lake process: a reload changes nothing here; lake settings need a restart"))
     if {signal.SIGTERM, signal.SIGINT} & set(early_signals):
-        stopping_since.insert(0, time.monotonic())
+        stopping_since.append(time.monotonic())
     if signal.SIGUSR1 in early_signals:
         workers_gone.set()
     beat = None

@@ -78,6 +78,21 @@ def test_after_a_kill_the_others_get_a_whole_timeout_again(tmp_path):
     assert watchdog.silent_for(1) == 6, "still silent a whole timeout later: its own fault"
 
 
+def test_a_pause_of_the_supervisor_counts_nobodys_silence(tmp_path):
+    """The whole instance paused: the supervisor finds a gap between its looks, and the silence of
+    every process it watches, paused with it, starts again; looks every 50 ms change nothing."""
+    watchdog, clock = watching(tmp_path, 5.0, 0, 1)
+    assert watchdog.look() is None
+    for _ in range(40):  # two seconds of the supervisor running
+        clock.now += 0.05
+        assert watchdog.look() is None
+    clock.now += 6  # paused
+    assert watchdog.look() == pytest.approx(6)
+    assert watchdog.silent_for(0) is None and watchdog.silent_for(1) is None
+    clock.now += 5.5
+    assert watchdog.silent_for(0) == pytest.approx(5.5), "a process still silent a whole timeout after the pause is stuck"
+
+
 def test_zero_turns_the_watch_off(tmp_path):
     watchdog, clock = watching(tmp_path, 0, 0)
     clock.now += 3_600
@@ -109,6 +124,13 @@ class FakeProcess:
         return -9
 
 
+def running(supervisor, clock: Clock, secs: float) -> None:
+    """The supervisor's clock moves on while it runs: it looks every 50 ms."""
+    for _ in range(round(secs / 0.05)):
+        clock.now += 0.05
+        supervisor.watchdog.look()
+
+
 def test_the_supervisor_kills_only_the_process_silent_longest(tmp_path, caplog):
     from gateway.settings import load_settings
     from gateway.supervisor import LAKE, Supervisor
@@ -120,13 +142,13 @@ def test_the_supervisor_kills_only_the_process_silent_longest(tmp_path, caplog):
     for index in supervisor.procs:
         beat(tmp_path, index, 1_000)
         supervisor.watchdog.silent_for(index)
-    clock.now += 2
+    running(supervisor, clock, 2)
     beat(tmp_path, 0, 2_000)  # worker 0 stopped beating 2 s after the others: it waited on one of them
     supervisor.watchdog.silent_for(0)
-    clock.now += 2
+    running(supervisor, clock, 2)
     supervisor._kill_the_most_stalled()
     assert not any(p.killed for p in supervisor.procs.values()), "nobody silent 5 s yet"
-    clock.now += 5  # worker 1 and the lake process silent for 9 s, worker 0 for 7 s
+    running(supervisor, clock, 5)  # worker 1 and the lake process silent for 9 s, worker 0 for 7 s
     beat(tmp_path, LAKE, 3_000)
     supervisor.watchdog.silent_for(LAKE)
     supervisor._kill_the_most_stalled()
