@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway import early_signals
+from gateway import early_signals, open_files
 
 # Signals that arrive while `serve` is still importing and starting are remembered, not fatal:
 # a supervisor's SIGTERM must drain a young worker (its WAL may hold acknowledged records), and
@@ -134,6 +134,7 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
     for problem in problems:
         start_log.warning(problem.message, extra={"source": problem.source, "setting": problem.path})
     stop_requested = early_signals.stop_requested
+    open_files.raise_limit()  # before any child starts: they inherit it
     try:
         if lake_process:  # started by the supervisor: lands every worker's WAL (gateway/lake/lake_process.py)
             return _run_lake(settings, early_signals.remembered)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import socket
 import time
@@ -161,7 +162,13 @@ async def start_gateway(
             setattr(running, attribute, listener_runner)
         started.pop_all()  # all started: from now on RunningGateway.stop drains them in its own order
     running.heartbeat = start_beating(runtime_dir(), gw.worker_index)
-    log.info("listening", extra={"url": running.url})
+    guard = gw.security.connections
+    log.info("listening", extra={"url": running.url, "max_connections": guard.max_open()})
+    if guard.file_budget < settings.connections.max_connections:
+        log.warning(
+            "the open-files limit leaves room for fewer connections than connections.max_connections; raise it (LimitNOFILE)",
+            extra={"open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "max_connections": guard.file_budget},
+        )
     return running
 
 

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 ACCEPT_BURST = 256
 # Out of file descriptors: accepting pauses this long, so the loop does not spin on a queue it cannot take.
 PAUSE_WHEN_OUT_OF_FILES_SECS = 0.1
+# ... or only this long, when an idle connection was closed to free one (its descriptor is released
+# as its transport finishes closing, a turn of the loop later).
+PAUSE_AFTER_MAKING_ROOM_SECS = 0.005
 _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A worker that left connections to its siblings looks again this long later and takes its share of
 # what waits then; what still waits the next time, it takes whole.
@@ -63,7 +66,8 @@ class Acceptor:
     before any transport is built for it (it returns True when it did). With ``siblings`` (other
     workers on the same listener) it takes its share of the waiting connections, counting the
     ``held()`` connections it serves already; while ``serving()`` is False (its WAL has no room) it
-    leaves new connections to them and takes only what they leave."""
+    leaves new connections to them and takes only what they leave. Out of file descriptors, it asks
+    ``make_room()`` to close an idle connection (True when it did) before it pauses."""
 
     def __init__(
         self,
@@ -73,6 +77,7 @@ class Acceptor:
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout_secs: float | None = None,
         shed: Callable[[socket.socket], bool] = lambda sock: False,
+        make_room: Callable[[], bool] = lambda: False,
         siblings: SiblingConnections | None = None,
         held: Callable[[], int] = lambda: 0,
         serving: Callable[[], bool] = lambda: True,
@@ -82,6 +87,7 @@ class Acceptor:
         self._ssl = ssl_context
         self._handshake_timeout_secs = handshake_timeout_secs if ssl_context is not None else None
         self._shed = shed
+        self._make_room = make_room
         self._loop = asyncio.get_running_loop()
         self._connecting: set[asyncio.Task[Any]] = set()
         self._siblings = siblings
@@ -171,9 +177,7 @@ class Acceptor:
                 return
             except OSError as exc:
                 if exc.errno in _OUT_OF_FILES:
-                    log.error("cannot accept connections: out of file descriptors or memory; pausing", extra={"error": str(exc)})
-                    self._pause()
-                    self._loop.call_later(PAUSE_WHEN_OUT_OF_FILES_SECS, self._resume)
+                    self._out_of_files(exc)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while it waited in the queue
@@ -192,6 +196,16 @@ class Acceptor:
             self._pause()
             if self._left_for_siblings is None:
                 self._left_for_siblings = self._loop.call_later(LEFT_FOR_SIBLINGS_SECS, self._take_what_siblings_left)
+
+    def _out_of_files(self, exc: OSError) -> None:
+        self._pause()
+        if exc.errno == errno.EMFILE and self._make_room():
+            # This process's own limit, and a connection that was waiting idle gave its descriptor up.
+            log.warning("out of file descriptors: closed an idle connection to accept a new one", extra={"error": str(exc)})
+            self._loop.call_later(PAUSE_AFTER_MAKING_ROOM_SECS, self._resume)
+            return
+        log.error("cannot accept connections: out of file descriptors or memory; pausing", extra={"error": str(exc)})
+        self._loop.call_later(PAUSE_WHEN_OUT_OF_FILES_SECS, self._resume)
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self._connecting.discard(task)

@@ -16,9 +16,11 @@ A client that shuts down its sending side right after a complete request (``shut
 is still answered: the transport stays open for the answers to every complete request, then
 closes. Its records land either way; unanswered, a device would resend the same body for ever.
 
-Beyond ``max_connections`` a connection is answered 503 and closed at once, so a flood of sockets
-cannot exhaust file descriptors; but first the oldest connection that has never sent a byte is
-closed to make room, so sockets opened and left silent cannot keep devices out. One source address
+Beyond ``max_connections`` (or what the open-files limit leaves for connections, if that is lower:
+gateway/open_files.py) a connection is answered 503 and closed at once, so a flood of sockets cannot
+exhaust file descriptors; but first the connection that has waited longest for its client (one that
+never sent a byte, or a kept-alive one between requests) is closed to make room, as nginx reuses its
+idle keep-alive connections, so sockets opened and left silent or idle cannot keep devices out. One source address
 holds at most ``max_connections_per_source``. A process that accepts late (its event loop is busy)
 sheds at accept: while more than ``max_accept_queue`` connections wait in the kernel's accept queue,
 the one being accepted gets 503 at once, so no request waits seconds where no limit can count it
@@ -48,6 +50,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import ApiError, RequestTimeout, Unavailable
+from gateway.open_files import connection_budget
 from gateway.edge.accept_share import SiblingConnections
 from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.settings import ConnectionSettings
@@ -86,6 +89,7 @@ class _Conn:
     source: str
     active: int = 0
     idle: bool = False  # between requests: the next byte starts the header timer
+    idle_since: float = 0.0  # when it last became idle
     spoke: bool = False  # has sent at least one byte
     timer: asyncio.TimerHandle | None = None
     header_since: float | None = None  # when buffered bytes of a not yet complete request began
@@ -104,8 +108,11 @@ class ConnectionGuard:
         source_refusal: Callable[[str], ApiError | None] = lambda address: None,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        file_budget: int | None = None,
     ) -> None:
         self._settings = settings
+        # Connections this process's open-files limit leaves room for, whatever max_connections says.
+        self.file_budget = connection_budget() if file_budget is None else file_budget
         self._on_close = on_close
         self._shared_source = shared_source
         self._source_refusal = source_refusal
@@ -121,6 +128,10 @@ class ConnectionGuard:
     @property
     def open(self) -> int:
         return len(self._conns)
+
+    def max_open(self) -> int:
+        """The connections this worker holds at most: max_connections, unless open files allow fewer."""
+        return min(self._settings().max_connections, self.file_budget)
 
     def watch_accept_queue(self, queue: AcceptQueue) -> None:
         """Read how many connections wait in the listener's accept ``queue`` as each one is accepted."""
@@ -158,7 +169,7 @@ class ConnectionGuard:
             return self._refuse_source(transport, source, refusal)
         if self._per_source.get(source, 0) >= s.max_connections_per_source and not shared:
             return self._refuse(transport, "connection_cap_per_source")
-        if len(self._conns) >= s.max_connections and not self._preempt_silent():
+        if len(self._conns) >= min(s.max_connections, self.file_budget) and not self.make_room():
             return self._refuse(transport, "connection_cap")
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
         inner = make_inner()
@@ -192,15 +203,30 @@ class ConnectionGuard:
         else:
             answer_and_close()
 
-    def _preempt_silent(self) -> bool:
-        """Close the oldest connection that never sent a byte; False if every connection has spoken."""
+    def make_room(self) -> bool:
+        """Close the connection that has waited longest for its client's next byte: one that never
+        sent any, or a kept-alive one between requests; False when every one is inside a request."""
+        longest = None
         for inner, conn in self._conns.items():
-            if not conn.spoke and not conn.transport.is_closing():
-                self._on_close("silent_preempted")
-                conn.transport.close()
-                self._lost(inner)
-                return True
-        return False
+            if conn.transport.is_closing() or conn.active or conn.header_since is not None:
+                continue
+            if not conn.spoke:
+                since = conn.created
+            elif conn.idle:
+                since = conn.idle_since
+            else:
+                continue
+            # Not the newest: a device that has just connected, or is between two requests of a
+            # burst, waits a moment only.
+            if longest is None or since < longest[0]:
+                longest = (since, inner, conn)
+        if longest is None:
+            return False
+        _, inner, conn = longest
+        self._on_close("idle_preempted" if conn.spoke else "silent_preempted")
+        conn.transport.close()  # a client may close a kept-alive connection at any time, and so may we
+        self._lost(inner)
+        return True
 
     def _data(self, conn: _Conn) -> None:
         conn.spoke = True
@@ -288,7 +314,7 @@ class ConnectionGuard:
             # Nothing more can come: an answer that did not close it (a handler that raised) still must.
             self._arm(conn, s.header_timeout_secs, "header_timeout")
         elif conn.header_since is None:
-            conn.idle = True
+            conn.idle, conn.idle_since = True, self._clock()
             self._arm(conn, s.idle_timeout_secs, "idle_timeout")
         else:
             # Part of a pipelined request is waiting: its header deadline runs from its first byte.
@@ -481,6 +507,7 @@ class GuardedSite(web.TCPSite):
             ssl_context=self._ssl_context,
             handshake_timeout_secs=self._handshake_timeout_secs,
             shed=self._guard.shed_queued,
+            make_room=self._guard.make_room,
             siblings=self._siblings,
             held=lambda: self._guard.open,
             serving=self._serving,

@@ -114,8 +114,11 @@ class AdmissionSettings(Section):
 
 
 class ConnectionSettings(Section):
-    # Connections beyond this are answered 503 and closed at once, unless a connection that has never
-    # sent a byte can make room (the oldest such is closed instead: idle sockets cannot hold the cap).
+    # Connections one worker holds; beyond this a new one is answered 503 and closed at once, unless
+    # a connection waiting for its client (never a byte sent, or kept alive between requests) can make
+    # room: the one waiting longest is closed instead, so idle sockets cannot hold the cap. The
+    # open-files limit may allow fewer: each process raises it to its hard limit at start and keeps
+    # 64 files and a quarter of the rest for itself, warning at start when that is below this.
     max_connections: PositiveInt = 4096
     # Connections open from one source address (the TCP peer); beyond it that source gets 503.
     max_connections_per_source: PositiveInt = 512

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -86,6 +88,8 @@ class ServeProcess:
         self.starts = 0
         self.log_path: Path | None = None
         self._log = None
+        # (soft, hard) limits on open files the next start gets, as `ulimit -n` would set them.
+        self.open_files: tuple[int, int] | None = None
 
     @property
     def url(self) -> str:
@@ -117,6 +121,7 @@ class ServeProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=None if self.open_files is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, self.open_files),
         )
         return self.proc
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -1379,6 +1381,65 @@ async def test_the_whole_instance_paused_kills_nothing_when_it_resumes(tmp_path,
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)
+
+
+async def hold_idle_connections(port: int, count: int) -> list[socket.socket]:
+    """``count`` kept-alive connections, each answered one request and then left idle (a pool of clients
+    that went quiet): opened 5 ms apart, as clients come, so none is shed for a deep accept queue."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # refused (503 and closed) at the cap: counted as held anyway
+            sock.send(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        held.append(sock)
+        await asyncio.sleep(0.005)
+    return held
+
+
+async def test_idle_connections_beyond_the_open_files_limit_keep_no_device_out(tmp_path, gateways):
+    """Started with an open-files limit of 256 (soft and hard: a shell's `ulimit -n` is often 1,024,
+    below connections.max_connections), 2 workers hold 500 kept-alive idle connections. Before, they
+    took every descriptor: accept() failed with EMFILE and no device could connect until they closed
+    (75 s idle timeout). Now each worker holds what the limit leaves (and says so at start), closing
+    the connection idle longest for a new one; devices on fresh connections are served throughout."""
+    sp, devices, lake = setup(tmp_path, gateways, 4)
+    sp.open_files = (256, 256)
+    await sp.astart(workers_env(2), workers=2)
+    limits = {pid: psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE) for pid in [sp.pid, *sp.children()]}
+    assert set(limits.values()) == {(256, 256)}, limits
+    held = await hold_idle_connections(sp.port, 500)
+    ledger = Ledger()
+    problems: list[str] = []
+    try:
+        await asyncio.wait_for(send_numbered(sp.url, devices, ledger, 2_000), 60)
+    except TimeoutError:
+        problems.append("the devices' 8,000 records were not all acknowledged within 60 s")
+    finally:
+        for sock in held:
+            sock.close()
+    if len(ledger.acked) != 8_000:
+        problems.append(f"{len(ledger.acked)} of 8,000 records acknowledged while the idle connections were held")
+    warnings = [line for line in sp.log_text().splitlines() if "open-files limit leaves room" in line]
+    if len(warnings) != 2:
+        problems.append(f"expected each worker to warn once that the limit caps its connections: {warnings}")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+async def test_serve_raises_its_open_files_limit_to_the_hard_limit(tmp_path, gateways):
+    """A soft limit below the hard one (as a shell sets it) is raised by every process at start, so
+    connections.max_connections is not capped by an accident of how the gateway was started."""
+    sp, _, _ = setup(tmp_path, gateways, 1)
+    sp.open_files = (256, 8192)
+    await sp.astart(workers_env(2), workers=2)
+    processes = [sp.pid, *sp.children()]
+    assert len(processes) == 4  # the supervisor, two workers, the lake process
+    limits = {pid: psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE) for pid in processes}
+    assert set(limits.values()) == {(8192, 8192)}, limits
+    assert "open-files limit leaves room" not in sp.log_text()
+    assert await sp.aterminate() == 0
 
 
 # -- 15 -----------------------------------------------------------------------------------------

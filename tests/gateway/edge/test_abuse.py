@@ -222,6 +222,30 @@ async def test_silent_sockets_cannot_hold_the_connection_cap(tmp_path, start, ht
         writer.close()
 
 
+async def test_idle_kept_alive_connections_cannot_hold_the_connection_cap(tmp_path, start, http):
+    """A pool of clients that went quiet after a request each held the cap: new devices got 503 until
+    the idle timeout (75 s). The connection idle longest now makes room, and only that one."""
+    env = make_env(tmp_path, n_devices=1, connections={"max_connections": 4})
+    gw = await start(env)
+    idle = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        idle.append((reader, writer))
+        await asyncio.sleep(0.01)  # the first one has waited longest
+    status, _, _ = await send(http, gw, env, "dev-1", n=2)
+    assert status == 202
+    assert await asyncio.wait_for(idle[0][0].read(), 5) == b""  # closed to make room
+    for reader, _ in idle[1:]:
+        assert not reader.at_eof()
+    assert gw.gateway.metrics.connections_closed.labels("idle_preempted")._value.get() == 1
+    for _, writer in idle:
+        writer.close()
+
+
 async def test_one_source_holds_at_most_its_share_of_connections(tmp_path, start, http):
     """Edge finding 9: one address could open every connection the gateway allows."""
     env = make_env(tmp_path, n_devices=1, connections={"max_connections_per_source": 3})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import socket
 import struct
 
@@ -236,3 +238,37 @@ def test_only_a_full_wal_leaves_new_connections_to_the_siblings(refusal, has_roo
 
     worker = SimpleNamespace(pipeline=SimpleNamespace(wal=SimpleNamespace(refusal=lambda: refusal)))  # stands for a Gateway
     assert _has_room(worker) is has_room
+
+
+async def test_out_of_file_descriptors_an_idle_connection_makes_room_for_a_new_one(listener, caplog):
+    """accept() failing with EMFILE (this process's own limit) asks the guard to close an idle
+    connection; its descriptor goes to the next one waiting, instead of every new client waiting until
+    some connection ends by itself (a kept-alive one: 75 s)."""
+    transports: list[asyncio.Transport] = []
+
+    class Kept(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            transports.append(transport)
+
+    def make_room() -> bool:
+        idle = next((t for t in transports if not t.is_closing()), None)
+        if idle is not None:
+            idle.close()
+        return idle is not None
+
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(6)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 3, hard))  # room for three or four of the six
+    acceptor = Acceptor(listener, Kept, make_room=make_room)
+    try:
+        await wait_until(lambda: len(transports) == 6)  # the last ones took the places of idle ones
+        assert sum(t.is_closing() for t in transports) >= 2
+        assert "closed an idle connection to accept a new one" in caplog.text
+    finally:
+        acceptor.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for transport in transports:
+            transport.close()
+        for client in clients:
+            client.close()
