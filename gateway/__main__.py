@@ -122,7 +122,8 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
     from gateway.ops.config_check import check_config, errors
 
     settings, problems, _ = check_config(config)
-    logs.configure(settings.log.level if settings is not None else "INFO")
+    # Written from a thread of its own: a stderr nobody reads must not stop the event loop.
+    logs.configure(settings.log.level if settings is not None else "INFO", background=True)
     start_log = logging.getLogger("gateway")
     if errors(problems):
         # One JSON line for the whole refusal: every problem, each with its source and the path it names.

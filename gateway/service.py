@@ -290,7 +290,7 @@ class Gateway:
         live = {s: getattr(settings, s) if s in RELOADABLE_SECTIONS else getattr(self.settings, s) for s in new}
         self.settings = Settings(**live)
         self.authenticator = self._authenticator(self.settings)
-        logs.configure(self.settings.log.level)
+        logs.set_level(self.settings.log.level)
         if self.registry_watcher is not None:
             self.registry_watcher.reset()
         log.info("configuration reloaded", extra={"applied": sorted(changed & RELOADABLE_SECTIONS), "needs_restart": needs_restart})

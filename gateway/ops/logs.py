@@ -7,12 +7,18 @@
   line written carries ``skipped``.
 - ``DEBUG`` turns on the gateway's own detail (objects landed, registry reloads, peers); the
   libraries it uses stay at ``INFO`` so their chatter does not bury it.
+- ``serve`` writes from a thread of its own (``BackgroundStreamHandler``): a reader of stderr that
+  stops reading (a stalled log shipper, Docker's blocking log driver, a paused terminal) fills the
+  pipe, and a write from the event loop would then stop every acknowledgement and health check.
+  Lines beyond ``MAX_PENDING_LINES`` waiting are dropped, and the next line written says how many.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -28,6 +34,10 @@ _QUIET_LIBRARIES = ("aiobotocore", "botocore", "urllib3", "asyncio", "grpc", "tr
 ACCESS_LOGGER = "gateway.access"
 THROTTLE_BURST = 10
 THROTTLE_PER_SEC = 1.0
+# Lines a stalled stderr may hold back before new ones are dropped (a few MiB at most).
+MAX_PENDING_LINES = 10_000
+# At exit, how long the last lines may take to reach a reader that has stopped reading.
+EXIT_FLUSH_SECS = 5.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -75,12 +85,94 @@ class ThrottleFilter(logging.Filter):
         return True
 
 
-def configure(level: str) -> None:
+class BackgroundStreamHandler(logging.Handler):
+    """Formats a record on the caller's thread and leaves the write to a thread of its own, so that a
+    stream that blocks never blocks the caller; past ``max_pending`` lines waiting, drops and counts."""
+
+    def __init__(self, stream, max_pending: int = MAX_PENDING_LINES) -> None:
+        super().__init__()
+        self.stream = stream
+        self._max_pending = max_pending
+        self._pending: collections.deque[str] = collections.deque()
+        self._dropped = 0
+        self._writing = False  # lines taken from the queue and not written yet
+        self._wake = threading.Condition(threading.Lock())
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_forever, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self._wake:
+            if len(self._pending) >= self._max_pending:
+                self._dropped += 1
+                return
+            self._pending.append(line)
+            self._wake.notify_all()  # the writer, and not only a flush() waiting on the same condition
+
+    def flush(self, timeout: float = EXIT_FLUSH_SECS) -> None:
+        """Wait until every line taken so far is written, or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while (self._pending or self._writing) and self._thread.is_alive():
+                if not self._wake.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                    return
+
+    def close(self) -> None:
+        self.flush()
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        super().close()
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                lines, self._pending = list(self._pending), collections.deque()
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+            if dropped:
+                lines.append(self._dropped_line(dropped))
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr closed or gone: nothing can be told
+            with self._wake:
+                self._writing = False
+                self._wake.notify_all()
+
+    def _dropped_line(self, dropped: int) -> str:
+        record = logging.LogRecord(__name__, logging.WARNING, "", 0, "log lines dropped: stderr was not read fast enough", (), None)
+        record.log_lines_dropped = dropped
+        return self.format(record)
+
+
+def configure(level: str, *, background: bool = False) -> None:
+    """JSON lines on stderr at ``level``; ``background``: written by a thread of their own (``serve``)."""
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(ThrottleFilter())
-    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, JsonFormatter)] + [handler]
+    ours = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    if not ours or background != isinstance(ours[0], BackgroundStreamHandler):
+        handler = BackgroundStreamHandler(sys.stderr) if background else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(ThrottleFilter())
+        root.handlers[:] = [h for h in root.handlers if h not in ours] + [handler]
+        for old in ours:
+            old.close()
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """The gateway's level, and its libraries' (never more detailed than INFO)."""
+    root = logging.getLogger()
     root.setLevel(level)
     quiet = max(logging.getLevelName(level), logging.INFO)
     for name in _QUIET_LIBRARIES:

@@ -90,6 +90,8 @@ class ServeProcess:
         self._log = None
         # (soft, hard) limits on open files the next start gets, as `ulimit -n` would set them.
         self.open_files: tuple[int, int] | None = None
+        # A descriptor (a pipe's end) the next start writes its stdout and stderr to, not its log file.
+        self.output: int | None = None
 
     @property
     def url(self) -> str:
@@ -117,7 +119,7 @@ class ServeProcess:
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
             cwd=REPO_ROOT,
             env=child_env,
-            stdout=self._log,
+            stdout=self._log if self.output is None else self.output,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,

@@ -13,16 +13,19 @@ filesystem, so they need root (mount/umount); every scenario is ``slow``.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import errno
+import fcntl
 import os
 import random
 import re
 import shutil
 import signal
 import socket
+import termios
 import time
 import uuid
 from pathlib import Path
@@ -1440,6 +1443,58 @@ async def test_serve_raises_its_open_files_limit_to_the_hard_limit(tmp_path, gat
     assert set(limits.values()) == {(8192, 8192)}, limits
     assert "open-files limit leaves room" not in sp.log_text()
     assert await sp.aterminate() == 0
+
+
+def pipe_fill(read_end: int) -> float:
+    """How full a pipe is, from its reading end: 0 empty, 1 full."""
+    waiting = array.array("i", [0])
+    fcntl.ioctl(read_end, termios.FIONREAD, waiting)
+    return waiting[0] / fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+
+
+async def test_a_log_reader_that_stops_reading_stops_no_acknowledgement(tmp_path, gateways):
+    """stderr is a pipe whose reader stops reading (a stalled log shipper, Docker's blocking log
+    driver): once the pipe is full, a log line written from the event loop blocked it. Before, every
+    acknowledgement and health check stopped within seconds (the access log on), and the supervisor
+    replaced the silent workers, whose first line blocked too. Lines are written by a thread now."""
+    sp, devices, lake = setup(tmp_path, gateways, 4, log={"level": "INFO", "access_log": True})
+    read_end, sp.output = os.pipe()
+    try:
+        await sp.astart(workers_env(2), workers=2)
+    finally:
+        os.close(sp.output)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    written = bytearray()
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=50, retry_deadline_secs=30.0))
+    try:
+        if not await wait_until(lambda: pipe_fill(read_end) > 0.95, 20.0):
+            problems.append(f"the log pipe never filled: {pipe_fill(read_end):.0%}")
+        acked = ledger.acked_requests
+        await asyncio.sleep(3.0)
+        if ledger.acked_requests == acked:
+            problems.append(f"nothing acknowledged in the 3 s after the log pipe filled: {dict(ledger.statuses)}")
+        if (ready := readyz(sp.url)) != 200:
+            problems.append(f"/readyz answered {ready} while the log pipe was full")
+    finally:
+        reader = asyncio.create_task(asyncio.to_thread(drain_pipe, read_end, written))
+        stop.set()
+        await load
+        await stop_gracefully(sp, problems)
+        await reader
+        os.close(read_end)
+    lines = written.decode(errors="replace").splitlines()
+    if not any('"msg":"drained"' in line for line in lines):
+        problems.append(f"the lines written before the exit never reached the reader: {lines[-3:]}")
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger)
+
+
+def drain_pipe(read_end: int, into: bytearray) -> None:
+    """Read until every writer has closed the pipe."""
+    while chunk := os.read(read_end, 1 << 16):
+        into += chunk
 
 
 # -- 15 -----------------------------------------------------------------------------------------

@@ -202,6 +202,52 @@ def test_repeated_errors_are_throttled_and_counted():
     assert f.filter(passed) and passed.suppressed == 2
 
 
+def test_a_stream_that_blocks_never_blocks_the_logging_thread_and_drops_are_counted():
+    """serve's log lines are written by a thread of their own: while stderr blocks (nobody reads the
+    pipe), logging returns at once; past the lines it may hold, lines are dropped, and the first line
+    written afterwards says how many."""
+    import io
+    import json
+    import logging
+    import threading
+
+    from gateway.ops.logs import BackgroundStreamHandler, JsonFormatter
+
+    class BlockedStream(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.released = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.released.wait()
+            return super().write(text)
+
+    stream = BlockedStream()
+    handler = BackgroundStreamHandler(stream, max_pending=5)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("test.blocked.stderr")
+    logger.propagate, logger.handlers[:] = False, [handler]
+    try:
+        started = time.monotonic()
+        logger.warning("first")  # taken by the writer, which then blocks in write()
+        time.sleep(0.2)
+        for n in range(12):
+            logger.warning("line %d", n)
+        assert time.monotonic() - started < 1.0  # the writer waits; the callers did not
+        stream.released.set()
+        handler.flush()
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["msg"] for line in lines[:6]] == ["first", "line 0", "line 1", "line 2", "line 3", "line 4"]
+        assert lines[6]["log_lines_dropped"] == 7 and lines[6]["level"] == "WARNING"
+        logger.warning("after")
+        handler.flush()
+        assert json.loads(stream.getvalue().splitlines()[-1])["msg"] == "after"
+    finally:
+        stream.released.set()
+        handler.close()
+        logger.handlers.clear()
+
+
 async def test_debug_shows_the_gateways_own_detail_not_the_sdks(tmp_path, capsys):
     import json
     import logging
