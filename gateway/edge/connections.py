@@ -53,6 +53,7 @@ from gateway.errors import ApiError, RequestTimeout, Unavailable
 from gateway.open_files import connection_budget
 from gateway.edge.accept_share import SiblingConnections
 from gateway.edge.acceptor import AcceptQueue, Acceptor
+from gateway.edge.proxy import plain_address
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
 from gateway.responses import parser_refusal
@@ -163,7 +164,7 @@ class ConnectionGuard:
         """aiohttp's protocol for an accepted connection, or None when it was refused (and answered)."""
         s = self._settings()
         peer = transport.get_extra_info("peername")
-        source = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        source = plain_address(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         shared = self._shared_source(source)
         if not shared and (refusal := self._source_refusal(source)) is not None:
             return self._refuse_source(transport, source, refusal)

@@ -44,8 +44,15 @@ def _is_trusted(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     return any(ip in net for net in networks)
 
 
+def plain_address(address: str) -> str:
+    """An IPv4 client on a dual-stack listener (``::``) as itself: ``::ffff:203.0.113.7`` is ``203.0.113.7``."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
 def resolve_peer(tcp_peer: str | None, tls: bool, headers: Mapping[str, str], settings: ProxySettings) -> Peer:
-    peer = tcp_peer or ""
+    peer = plain_address(tcp_peer or "")
     scheme = "https" if tls else "http"
     networks = _networks(tuple(settings.trusted_cidrs))
     if not _is_trusted(peer, networks):

@@ -23,7 +23,7 @@ from gateway.settings import ENV_PREFIX, RELOADABLE_SECTIONS, Settings
 
 # Descriptions for fields whose definition carries no comment; keyed "section.key".
 NOTES: dict[str, str] = {
-    "listen.host": "Address the device listener binds (`0.0.0.0` for every interface).",
+    "listen.host": "Address the device listener binds (`0.0.0.0`: every IPv4 interface; `::`: every interface, IPv4 and IPv6).",
     "listen.port": "Port of the device listener (0: any free port, for tests).",
     "listen.backlog": "Pending connections the kernel queues before the gateway accepts them.",
     "gateway.metadata_endpoint": "Where EC2 instance metadata (IMDSv2) is asked for the availability zone.",

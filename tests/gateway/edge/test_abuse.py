@@ -194,6 +194,21 @@ async def test_forwarded_for_only_from_trusted_proxies(tmp_path, start, http, tr
     assert lines[0]["source_ip"] == expected
 
 
+async def test_a_listener_on_every_address_takes_ipv4_and_ipv6_and_names_each_source_plainly(tmp_path, start):
+    """``listen.host = "::"`` bound IPv6 only: every IPv4 device was refused. It takes both now, and
+    an IPv4 device's address is itself (not ``::ffff:127.0.0.1``) in its records and its limits."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env, {"EDGE_GATEWAY__LISTEN__HOST": "::", "EDGE_GATEWAY__PROXY__TRUSTED_CIDRS": '["10.0.0.0/8"]'})
+    for host in ("127.0.0.1", "[::1]"):
+        async with aiohttp.ClientSession() as http:
+            body = body_of("dev-1", 1)
+            headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device("dev-1").key, body)}
+            async with http.post(f"http://{host}:{gw.port}/v1/telemetry", data=body, headers=headers) as resp:
+                assert resp.status == 202, await resp.text()
+    lines = await wait_for_records(env.lake, "raw", 2)
+    assert sorted(line["source_ip"] for line in lines) == ["127.0.0.1", "::1"]
+
+
 def test_forwarded_for_walks_past_trusted_hops():
     from gateway.edge.proxy import resolve_peer
     from gateway.edge.settings import ProxySettings
