@@ -48,8 +48,12 @@ async def start_operator_listener(app: web.Application, host: str, port: int, *,
     """
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     try:
+        if sock is None:
+            from gateway.supervisor import bind_listener  # the device listener's own: "::" takes IPv4 too
+
+            sock = bind_listener(host, port, 128)
+        site = web.SockSite(runner, sock)
         await site.start()
     except OSError:
         await runner.cleanup()

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from gateway.auth.signing import sign_request
-from tests.gateway.conftest import make_env, record, wait_for_records
+from tests.gateway.conftest import free_port, make_env, record, wait_for_records
 
 
 def body_of(device_id: str, n: int) -> bytes:
@@ -195,16 +195,23 @@ async def test_forwarded_for_only_from_trusted_proxies(tmp_path, start, http, tr
 
 
 async def test_a_listener_on_every_address_takes_ipv4_and_ipv6_and_names_each_source_plainly(tmp_path, start):
-    """``listen.host = "::"`` bound IPv6 only: every IPv4 device was refused. It takes both now, and
-    an IPv4 device's address is itself (not ``::ffff:127.0.0.1``) in its records and its limits."""
+    """``listen.host = "::"`` bound IPv6 only: every IPv4 device was refused. It takes both now (the
+    ops listener on "::" too), and an IPv4 device's address is itself (not ``::ffff:127.0.0.1``) in
+    its records and its limits."""
     env = make_env(tmp_path, n_devices=1)
-    gw = await start(env, {"EDGE_GATEWAY__LISTEN__HOST": "::", "EDGE_GATEWAY__PROXY__TRUSTED_CIDRS": '["10.0.0.0/8"]'})
+    ops_port = free_port()
+    gw = await start(env, {
+        "EDGE_GATEWAY__LISTEN__HOST": "::", "EDGE_GATEWAY__PROXY__TRUSTED_CIDRS": '["10.0.0.0/8"]',
+        "EDGE_GATEWAY__OPS__HOST": "::", "EDGE_GATEWAY__OPS__PORT": str(ops_port),
+    })  # fmt: skip
     for host in ("127.0.0.1", "[::1]"):
         async with aiohttp.ClientSession() as http:
             body = body_of("dev-1", 1)
             headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device("dev-1").key, body)}
             async with http.post(f"http://{host}:{gw.port}/v1/telemetry", data=body, headers=headers) as resp:
                 assert resp.status == 202, await resp.text()
+            async with http.get(f"http://{host}:{ops_port}/metrics") as resp:
+                assert resp.status == 200
     lines = await wait_for_records(env.lake, "raw", 2)
     assert sorted(line["source_ip"] for line in lines) == ["127.0.0.1", "::1"]
 
