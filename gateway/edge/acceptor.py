@@ -60,6 +60,10 @@ class AcceptQueue:
             return 0
         return self._UNACKED.unpack_from(info, self._OFFSET)[0]
 
+    def someone_waits(self) -> bool:
+        """Whether a connection waits to be accepted (taken as yes where the depth cannot be read)."""
+        return self.depth() > 0 or not self._supported
+
 
 class Acceptor:
     """Serves ``protocol_factory`` on ``listener``; ``shed(sock)`` may answer and close a connection
@@ -199,7 +203,8 @@ class Acceptor:
 
     def _out_of_files(self, exc: OSError) -> None:
         self._pause()
-        if exc.errno == errno.EMFILE and self._make_room():
+        # accept() fails so at the limit even when nobody waits: close an idle connection only for one that does.
+        if exc.errno == errno.EMFILE and self.queue.someone_waits() and self._make_room():
             # This process's own limit, and a connection that was waiting idle gave its descriptor up.
             log.warning("out of file descriptors: closed an idle connection to accept a new one", extra={"error": str(exc)})
             self._loop.call_later(PAUSE_AFTER_MAKING_ROOM_SECS, self._resume)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import resource
+import errno
 import socket
 import struct
 
@@ -243,8 +242,23 @@ def test_only_a_full_wal_leaves_new_connections_to_the_siblings(refusal, has_roo
 async def test_out_of_file_descriptors_an_idle_connection_makes_room_for_a_new_one(listener, caplog):
     """accept() failing with EMFILE (this process's own limit) asks the guard to close an idle
     connection; its descriptor goes to the next one waiting, instead of every new client waiting until
-    some connection ends by itself (a kept-alive one: 75 s)."""
+    some connection ends by itself (a kept-alive one: 75 s). The limit is the listener's: it refuses
+    while three connections are open, as accept() does when they hold the last descriptors."""
     transports: list[asyncio.Transport] = []
+    held = [0]  # descriptors the accepted connections hold
+
+    class Limited:
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+        def accept(self):
+            if held[0] >= 3:
+                raise OSError(errno.EMFILE, "Too many open files")
+            held[0] += 1
+            return self._sock.accept()
 
     class Kept(asyncio.Protocol):
         def connection_made(self, transport) -> None:
@@ -252,22 +266,20 @@ async def test_out_of_file_descriptors_an_idle_connection_makes_room_for_a_new_o
 
     def make_room() -> bool:
         idle = next((t for t in transports if not t.is_closing()), None)
-        if idle is not None:
-            idle.close()
-        return idle is not None
+        if idle is None:
+            return False
+        idle.close()
+        held[0] -= 1
+        return True
 
     clients = [socket.create_connection(listener.getsockname()) for _ in range(6)]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    in_use = len(os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 3, hard))  # room for three or four of the six
-    acceptor = Acceptor(listener, Kept, make_room=make_room)
+    acceptor = Acceptor(Limited(listener), Kept, make_room=make_room)
     try:
-        await wait_until(lambda: len(transports) == 6)  # the last ones took the places of idle ones
-        assert sum(t.is_closing() for t in transports) >= 2
+        await wait_until(lambda: len(transports) == 6)  # the last three took the places of idle ones
+        assert sum(t.is_closing() for t in transports) == 3
         assert "closed an idle connection to accept a new one" in caplog.text
     finally:
         acceptor.close()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for transport in transports:
             transport.close()
         for client in clients:
