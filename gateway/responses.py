@@ -27,7 +27,12 @@ def parser_refusal(exc: BaseException | None, message: str | None) -> web.Respon
     """The answer to a request aiohttp's HTTP parser refused (two ``Content-Length`` headers, a bad
     chunk, a malformed header line): 400 in the device API's JSON, as every other refusal, on a
     connection then closed (aiohttp's own answer is plain text)."""
+    return error_response(malformed_request(message or (str(exc) if exc is not None else "")))
+
+
+def malformed_request(parser_message: str) -> MalformedRequest:
+    """The refusal of a request whose framing aiohttp's parser refused, with the parser's reason."""
     # aiohttp's message is a line, then the offending bytes and a caret under them: keep the line.
-    text = message or (str(exc) if exc is not None else "")
-    reason = text.splitlines()[0].rstrip(": ")[:200] if text.strip() else "unparseable request"  # it may quote the request
-    return error_response(MalformedRequest(f"the HTTP request is malformed: {reason}"))
+    text = parser_message.strip()
+    reason = text.splitlines()[0].rstrip(": ")[:200] if text else "unparseable request"  # it may quote the request
+    return MalformedRequest(f"the HTTP request is malformed: {reason}")

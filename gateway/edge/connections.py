@@ -56,7 +56,7 @@ from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.proxy import plain_address
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
-from gateway.responses import parser_refusal
+from gateway.responses import malformed_request, parser_refusal
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,10 @@ class _GuardedProtocol(asyncio.Protocol):
             inner.data_received(piece)
             if getattr(inner, "_request_count", 0) != parsed and inner._messages:
                 message, payload = inner._messages[-1]
+                if not starts_request and (refusal := getattr(message, "exc", None)) is not None:
+                    # The parser refused a chunk of the body being read, and queued its refusal as a
+                    # next request: the body's reader would wait for bytes that never come (408).
+                    framing.body_refused(malformed_request(getattr(refusal, "message", None) or str(refusal)))
                 conn.header_since = None
                 conn.parsed += 1
                 framing.request_parsed(message, payload)
@@ -409,6 +413,11 @@ class _Framing:
         length = getattr(message, "headers", {}).get("Content-Length", "0")
         self._body_left = int(length) if length.isascii() and length.isdigit() else 0
         self._chunked = None
+
+    def body_refused(self, error: Exception) -> None:
+        """The parser refused the chunked body being received: its reader fails with ``error`` at once."""
+        if self._chunked is not None and not self._chunked.is_eof():
+            self._chunked.set_exception(error)
 
     def pieces(self, data: bytes) -> Iterator[tuple[bytes, bool]]:
         """``data`` cut where a request's headers or body end; each piece says if it starts a request."""

@@ -315,6 +315,32 @@ async def test_a_request_the_http_parser_refuses_is_answered_in_json_and_closed(
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
 
 
+async def test_a_chunked_body_whose_framing_breaks_midway_is_refused_at_once_in_json(tmp_path, start):
+    """A chunk size the parser refuses after the headers were handled (a later packet): aiohttp queued
+    its refusal as a next request, and the body being read waited for bytes that never came, until
+    the minimum body rate cut it off with a 408 ("arrived too slowly"). It is a 400 now, at once."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    body = ndjson(record(seq=1), record(seq=2))
+    signed = sign_request("dev-1", env.device("dev-1").key, body)
+    head = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
+    head += b"".join(f"{name}: {value}\r\n".encode() for name, value in signed.items()) + b"\r\n"
+    for bad_chunk in (b"-5\r\n", b"5  \r\n", b"5\nabcde\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(head + b"%x\r\n%b\r\n" % (len(body) - 5, body[:-5]))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is reading the body when the bad chunk comes
+        writer.write(bad_chunk + body[-5:] + b"\r\n0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        status_and_headers, _, answer_body = answer.partition(b"\r\n\r\n")
+        assert status_and_headers.split(b"\r\n")[0].endswith(b" 400 Bad Request"), (bad_chunk, answer[:300])
+        refusal = orjson.loads(answer_body)
+        assert refusal["error"] == "malformed" and "chunk size" in refusal["message"], (bad_chunk, refusal)
+    await asyncio.sleep(0.5)
+    assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
+
+
 def test_the_registry_refuses_weak_keys_loose_permissions_and_links(tmp_path):
     """Finding 10: the registry write followed planted links, permissions were never checked, 1-char keys passed."""
     import json
