@@ -14,7 +14,9 @@ chunked body), so bytes pipelined behind a complete request cannot pass for an i
 
 A client that shuts down its sending side right after a complete request (``shutdown(SHUT_WR)``)
 is still answered: the transport stays open for the answers to every complete request, then
-closes. Its records land either way; unanswered, a device would resend the same body for ever.
+closes. Its records land either way; unanswered, a device would resend the same body for ever. A
+request whose body that EOF cut short is answered 400 (malformed) the same way, as is one whose
+chunked framing the parser refused midway (``_Framing.body_refused``).
 
 Beyond ``max_connections`` (or what the open-files limit leaves for connections, if that is lower:
 gateway/open_files.py) a connection is answered 503 and closed at once, so a flood of sockets cannot
@@ -49,7 +51,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.errors import ApiError, RequestTimeout, Unavailable
+from gateway.errors import ApiError, MalformedBody, RequestTimeout, Unavailable
 from gateway.open_files import connection_budget
 from gateway.edge.accept_share import SiblingConnections
 from gateway.edge.acceptor import AcceptQueue, Acceptor
@@ -297,14 +299,15 @@ class ConnectionGuard:
             if conn.active == 0:
                 self._after_response(conn)
 
-    def _answers_after_eof(self, conn: _Conn, between_requests: bool) -> bool:
-        """The client sent EOF: keep the connection open to answer what it sent whole, if anything.
+    def _answers_after_eof(self, conn: _Conn) -> bool:
+        """The client sent EOF: keep the connection open to answer the requests it sent, if any (one
+        whose body was cut short by the EOF is answered 400).
 
         Not over TLS: its transport closes at EOF whatever the protocol says (and warns if asked not to).
         """
         if conn.transport.get_extra_info("sslcontext") is not None:
             return False
-        if between_requests and (conn.active or conn.parsed > conn.answered):
+        if conn.active or conn.parsed > conn.answered:
             conn.half_closed = True
             return True
         return False
@@ -370,8 +373,12 @@ class _GuardedProtocol(asyncio.Protocol):
         if not self._accepted:
             return None
         conn = self._guard._conns.get(self._inner)
-        if conn is not None and self._guard._answers_after_eof(conn, self._framing.between_requests()):
-            return True  # the transport stays open for writing; the last answer closes it
+        if conn is not None:
+            between = self._framing.between_requests()
+            if self._guard._answers_after_eof(conn):
+                if not between:  # the body being read will never be whole: its reader fails now
+                    self._framing.body_refused(MalformedBody("the body ended before its declared length"))
+                return True  # the transport stays open for writing; the last answer closes it
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -395,11 +402,12 @@ class _Framing:
     Content-Length body, so after each piece the parser is known to be between requests or not.
     """
 
-    __slots__ = ("_body_left", "_chunked")
+    __slots__ = ("_body_left", "_chunked", "_payload")
 
     def __init__(self) -> None:
         self._body_left = 0  # Content-Length bytes of the current request still to come
         self._chunked = None  # the payload of a chunked request until it ends
+        self._payload = None  # the payload of the last request parsed, chunked or not
 
     def between_requests(self) -> bool:
         if self._chunked is not None and self._chunked.is_eof():
@@ -407,6 +415,7 @@ class _Framing:
         return self._body_left == 0 and self._chunked is None
 
     def request_parsed(self, message: Any, payload: Any) -> None:
+        self._payload = payload
         if getattr(message, "chunked", False):
             self._chunked, self._body_left = payload, 0
             return
@@ -415,9 +424,10 @@ class _Framing:
         self._chunked = None
 
     def body_refused(self, error: Exception) -> None:
-        """The parser refused the chunked body being received: its reader fails with ``error`` at once."""
-        if self._chunked is not None and not self._chunked.is_eof():
-            self._chunked.set_exception(error)
+        """The body being received cannot be whole (the parser refused it, or the client's EOF cut it):
+        its reader fails with ``error`` at once."""
+        if self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(error)
 
     def pieces(self, data: bytes) -> Iterator[tuple[bytes, bool]]:
         """``data`` cut where a request's headers or body end; each piece says if it starts a request."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.auth.signing import sign_request
-from tests.gateway.conftest import make_env
+from tests.gateway.conftest import make_env, read_zone
 from tests.gateway.edge.test_abuse import body_of
 
 URL = "/v1/telemetry"
@@ -91,11 +93,23 @@ async def test_a_client_that_shuts_its_side_after_sending_is_answered_then_close
     writer.close()
 
 
-async def test_a_client_that_shuts_its_side_mid_request_is_closed_without_an_answer(tmp_path, start):
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_client_that_shuts_its_side_mid_body_is_answered_400_then_closed(tmp_path, start, framing):
+    """``shutdown(SHUT_WR)`` with the body short of what its framing says: it can never be complete.
+    The connection used to close without a word (a device could not tell a cut body from a lost
+    answer); the request is now refused as malformed, then the connection closes. Nothing lands."""
     gw, env, reader, writer = await connected(tmp_path, start)
     request = signed_post(env, "dev-1", 5)
-    writer.write(request[:-10])  # the body is 10 bytes short: it can never be complete now
+    if framing == "chunked":
+        head, _, body = request.partition(b"\r\n\r\n")
+        head = head.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")
+        request = head + b"\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    writer.write(request[:-10])  # 10 bytes short
     writer.write_eof()
     await writer.drain()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    status, body = await read_response(reader)
+    assert status == 400 and b"the body ended before its declared length" in body, body
+    assert await closed_within(reader, 5), "the half-closed connection stayed open after its answer"
     writer.close()
+    await asyncio.sleep(0.3)
+    assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
