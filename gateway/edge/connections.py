@@ -22,14 +22,14 @@ Beyond ``max_connections`` (or what the open-files limit leaves for connections,
 gateway/open_files.py) a connection is answered 503 and closed at once, so a flood of sockets cannot
 exhaust file descriptors; but first the connection that has waited longest for its client (one that
 never sent a byte, or a kept-alive one between requests) is closed to make room, as nginx reuses its
-idle keep-alive connections, so sockets opened and left silent or idle cannot keep devices out. One source address
-holds at most ``max_connections_per_source``. A process that accepts late (its event loop is busy)
-sheds at accept: while more than ``max_accept_queue`` connections wait in the kernel's accept queue,
-the one being accepted gets 503 at once, so no request waits seconds where no limit can count it
-(connections are accepted by ``Acceptor``, acceptor.py, all that wait at each wake-up).
-After ``max_age_secs`` (with jitter) a response carries
-``Connection: close``: behind an ALB, kept-alive connections would otherwise stay pinned to the
-instances that were up first. All settings are read live, so SIGHUP changes them.
+idle keep-alive connections, so sockets opened and left silent or idle cannot keep devices out. One
+source address holds at most ``max_connections_per_source``. A process that accepts late (its event
+loop is busy) sheds at accept: while more than ``max_accept_queue`` connections wait in the kernel's
+accept queue, the one being accepted gets 503 at once, so no request waits seconds where no limit
+can count it (connections are accepted by ``Acceptor``, acceptor.py, all that wait at each wake-up).
+After ``max_age_secs`` (with jitter) a response carries ``Connection: close``: behind an ALB,
+kept-alive connections would otherwise stay pinned to the instances that were up first. All
+settings are read live, so SIGHUP changes them.
 
 A source that would be refused anyway (it holds its share of in-flight requests, or its failed
 authentications put it in deficit) is answered at accept, from a fixed response, without building a
@@ -52,12 +52,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import ApiError, MalformedBody, RequestTimeout, Unavailable
-from gateway.open_files import connection_budget
 from gateway.edge.accept_share import SiblingConnections
 from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.proxy import plain_address
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
+from gateway.open_files import connection_budget
 from gateway.responses import malformed_request, parser_refusal
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class ConnectionGuard:
             return self._refuse_source(transport, source, refusal)
         if self._per_source.get(source, 0) >= s.max_connections_per_source and not shared:
             return self._refuse(transport, "connection_cap_per_source")
-        if len(self._conns) >= min(s.max_connections, self.file_budget) and not self.make_room():
+        if len(self._conns) >= self.max_open() and not self.make_room():
             return self._refuse(transport, "connection_cap")
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
         inner = make_inner()
