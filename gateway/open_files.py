@@ -39,12 +39,15 @@ def raise_limit() -> int:
     return soft
 
 
+def soft_limit() -> int:
+    """The open files this process may hold now."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _NR_OPEN_DEFAULT if limit == resource.RLIM_INFINITY else limit
+
+
 def connection_budget(limit: int | None = None) -> int:
     """Connections one worker may hold with ``limit`` open files (this process's soft limit by default)."""
-    if limit is None:
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if limit == resource.RLIM_INFINITY:
-            limit = _NR_OPEN_DEFAULT
+    limit = soft_limit() if limit is None else limit
     return max(MIN_CONNECTIONS, int((limit - RESERVED_FILES) * CONNECTIONS_SHARE))
 
 

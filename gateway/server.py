@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import resource
 import signal
 import socket
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway import open_files
 from gateway.ops import logs
 from gateway.ops.admin import start_admin
 from gateway.app import build_app
@@ -167,7 +167,7 @@ async def start_gateway(
     if guard.file_budget < settings.connections.max_connections:
         log.warning(
             "the open-files limit leaves room for fewer connections than connections.max_connections; raise it (LimitNOFILE)",
-            extra={"open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "max_connections": guard.file_budget},
+            extra={"open_files_limit": open_files.soft_limit(), "max_connections": guard.file_budget},
         )
     return running
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from gateway import early_signals
 from gateway.edge.accept_share import leave_nothing_to
 from gateway.heartbeat import Watchdog
+from gateway.listeners import bind_listener
 from gateway.settings import Settings, lake_process_lands
 from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
@@ -225,19 +226,6 @@ class Supervisor:
                 log.error("a process did not drain in time; killing it (the WAL keeps the rest)", extra={"worker": index})
                 proc.kill()
                 proc.wait()
-
-
-def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
-    """A listener's socket, bound once for the whole instance (never SO_REUSEPORT). ``::`` takes IPv4
-    as well as IPv6 (as Go's and HAProxy's listeners do): one socket is all a worker is handed."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    dual_stack = host == "::" and socket.has_dualstack_ipv6()
-    try:
-        sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False, dualstack_ipv6=dual_stack)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def _die_with_parent() -> None:

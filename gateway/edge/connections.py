@@ -57,6 +57,7 @@ from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.proxy import plain_address
 from gateway.edge.settings import ConnectionSettings
 from gateway.edge.tarpit import Tarpit
+from gateway.listeners import bind_listener
 from gateway.open_files import connection_budget
 from gateway.responses import malformed_request, parser_refusal
 
@@ -92,7 +93,6 @@ class _Conn:
     source: str
     active: int = 0
     idle: bool = False  # between requests: the next byte starts the header timer
-    idle_since: float = 0.0  # when it last became idle
     spoke: bool = False  # has sent at least one byte
     timer: asyncio.TimerHandle | None = None
     header_since: float | None = None  # when buffered bytes of a not yet complete request began
@@ -124,6 +124,9 @@ class ConnectionGuard:
         self._clock = clock
         self._conns: dict[Any, _Conn] = {}  # keyed by aiohttp's protocol (what request.protocol is), oldest first
         self._per_source: dict[str, int] = {}
+        # Connections waiting for their client's next byte (silent since accepted, or kept alive
+        # between requests), in the order they began to wait: the first makes room at the cap.
+        self._waiting: dict[Any, None] = {}
         self._accept_queue: AcceptQueue | None = None
         # Called as a connection opens or closes (the Acceptor tells sibling workers how many it holds).
         self.count_changed: Callable[[], None] = lambda: None
@@ -177,6 +180,7 @@ class ConnectionGuard:
         age = s.max_age_secs * (1 + s.max_age_jitter * (2 * self._rng() - 1)) if s.max_age_secs else 0.0
         inner = make_inner()
         conn = self._conns[inner] = _Conn(transport, self._clock(), age, source)
+        self._waiting[inner] = None
         self._per_source[source] = self._per_source.get(source, 0) + 1
         self.count_changed()
         # Up to a quarter early: connections opened together (a reconnect storm, a flood of silent
@@ -209,29 +213,20 @@ class ConnectionGuard:
     def make_room(self) -> bool:
         """Close the connection that has waited longest for its client's next byte: one that never
         sent any, or a kept-alive one between requests; False when every one is inside a request."""
-        longest = None
-        for inner, conn in self._conns.items():
-            if conn.transport.is_closing() or conn.active or conn.header_since is not None:
-                continue
-            if not conn.spoke:
-                since = conn.created
-            elif conn.idle:
-                since = conn.idle_since
-            else:
-                continue
-            # Not the newest: a device that has just connected, or is between two requests of a
-            # burst, waits a moment only.
-            if longest is None or since < longest[0]:
-                longest = (since, inner, conn)
+        # The first in waiting order: a device that has just connected, or is between two requests
+        # of a burst, has waited a moment only.
+        longest = next((inner for inner in self._waiting if not self._conns[inner].transport.is_closing()), None)
         if longest is None:
             return False
-        _, inner, conn = longest
+        conn = self._conns[longest]
         self._on_close("idle_preempted" if conn.spoke else "silent_preempted")
         conn.transport.close()  # a client may close a kept-alive connection at any time, and so may we
-        self._lost(inner)
+        self._lost(longest)
         return True
 
-    def _data(self, conn: _Conn) -> None:
+    def _data(self, inner: Any, conn: _Conn) -> None:
+        if conn.idle or not conn.spoke:
+            self._waiting.pop(inner, None)
         conn.spoke = True
         if conn.idle:
             conn.idle = False
@@ -245,6 +240,7 @@ class ConnectionGuard:
         conn = self._conns.pop(inner, None)
         if conn is None:
             return
+        self._waiting.pop(inner, None)
         self.count_changed()
         if conn.timer is not None:
             conn.timer.cancel()
@@ -297,7 +293,7 @@ class ConnectionGuard:
             conn.active -= 1
             conn.answered += 1
             if conn.active == 0:
-                self._after_response(conn)
+                self._after_response(request.protocol, conn)
 
     def _answers_after_eof(self, conn: _Conn) -> bool:
         """The client sent EOF: keep the connection open to answer the requests it sent, if any (one
@@ -312,13 +308,14 @@ class ConnectionGuard:
             return True
         return False
 
-    def _after_response(self, conn: _Conn) -> None:
+    def _after_response(self, inner: Any, conn: _Conn) -> None:
         s = self._settings()
         if conn.half_closed and conn.parsed <= conn.answered:
             # Nothing more can come: an answer that did not close it (a handler that raised) still must.
             self._arm(conn, s.header_timeout_secs, "header_timeout")
         elif conn.header_since is None:
-            conn.idle, conn.idle_since = True, self._clock()
+            conn.idle = True
+            self._waiting[inner] = None
             self._arm(conn, s.idle_timeout_secs, "idle_timeout")
         else:
             # Part of a pipelined request is waiting: its header deadline runs from its first byte.
@@ -352,7 +349,7 @@ class _GuardedProtocol(asyncio.Protocol):
         if conn is None:
             inner.data_received(data)
             return
-        guard._data(conn)
+        guard._data(inner, conn)
         framing = self._framing
         for piece, starts_request in framing.pieces(data):
             if starts_request:
@@ -406,22 +403,19 @@ class _Framing:
 
     def __init__(self) -> None:
         self._body_left = 0  # Content-Length bytes of the current request still to come
-        self._chunked = None  # the payload of a chunked request until it ends
+        self._chunked = False  # the current request's body is chunked and has not ended yet
         self._payload = None  # the payload of the last request parsed, chunked or not
 
     def between_requests(self) -> bool:
-        if self._chunked is not None and self._chunked.is_eof():
-            self._chunked = None
-        return self._body_left == 0 and self._chunked is None
+        if self._chunked and self._payload.is_eof():
+            self._chunked = False
+        return self._body_left == 0 and not self._chunked
 
     def request_parsed(self, message: Any, payload: Any) -> None:
         self._payload = payload
-        if getattr(message, "chunked", False):
-            self._chunked, self._body_left = payload, 0
-            return
-        length = getattr(message, "headers", {}).get("Content-Length", "0")
+        self._chunked = bool(getattr(message, "chunked", False))
+        length = "0" if self._chunked else getattr(message, "headers", {}).get("Content-Length", "0")
         self._body_left = int(length) if length.isascii() and length.isdigit() else 0
-        self._chunked = None
 
     def body_refused(self, error: Exception) -> None:
         """The body being received cannot be whole (the parser refused it, or the client's EOF cut it):
@@ -518,8 +512,6 @@ class GuardedSite(web.TCPSite):
         if self._sock is not None:
             listener = self._sock  # bound by the supervisor for every worker; the site closes its own copy
         else:
-            from gateway.supervisor import bind_listener
-
             listener = bind_listener(self._host or "0.0.0.0", self._port, self._backlog)
         self._server = Acceptor(  # type: ignore[assignment]  # offers what the site uses of a server
             listener,

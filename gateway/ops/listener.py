@@ -15,6 +15,7 @@ import socket
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.listeners import bind_listener
 from gateway.service import GATEWAY
 from gateway.ops.status.cluster import Cluster, runtime_dir
 from gateway.supervisor import OPS_FD_ENV
@@ -49,11 +50,7 @@ async def start_operator_listener(app: web.Application, host: str, port: int, *,
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        if sock is None:
-            from gateway.supervisor import bind_listener  # the device listener's own: "::" takes IPv4 too
-
-            sock = bind_listener(host, port, 128)
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock if sock is not None else bind_listener(host, port, 128))
         await site.start()
     except OSError:
         await runner.cleanup()

@@ -98,6 +98,7 @@ class BackgroundStreamHandler(logging.Handler):
         self._writing = False  # lines taken from the queue and not written yet
         self._wake = threading.Condition(threading.Lock())
         self._closed = False
+        self._stalled = False  # a flush waited for the stream in vain
         self._thread = threading.Thread(target=self._write_forever, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -115,12 +116,16 @@ class BackgroundStreamHandler(logging.Handler):
             self._wake.notify_all()  # the writer, and not only a flush() waiting on the same condition
 
     def flush(self, timeout: float = EXIT_FLUSH_SECS) -> None:
-        """Wait until every line taken so far is written, or ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
+        """Wait until every line taken so far is written, or ``timeout`` passed. Once a flush has
+        waited in vain, the stream is taken as stalled and later ones do not wait (logging's exit
+        flushes, then closes, and a close flushes too)."""
+        deadline = time.monotonic() + (0.0 if self._stalled else timeout)
         with self._wake:
             while (self._pending or self._writing) and self._thread.is_alive():
-                if not self._wake.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                if time.monotonic() >= deadline:
+                    self._stalled = True
                     return
+                self._wake.wait(deadline - time.monotonic())
 
     def close(self) -> None:
         self.flush()
@@ -147,7 +152,7 @@ class BackgroundStreamHandler(logging.Handler):
             except (OSError, ValueError):
                 pass  # stderr closed or gone: nothing can be told
             with self._wake:
-                self._writing = False
+                self._writing = self._stalled = False
                 self._wake.notify_all()
 
     def _dropped_line(self, dropped: int) -> str:
