@@ -9,6 +9,7 @@
     ├── TooLarge             413 a size or count limit was exceeded
     ├── KeyReused            409 an Idempotency-Key already used with another body
     ├── UnsupportedMedia     415 content type or content encoding we do not speak
+    ├── NotImplementedCoding 501 a transfer coding other than chunked
     ├── AllRecordsInvalid    422 not one record passed validation
     ├── RateLimited          429 slow down (Retry-After)
     ├── Unavailable          503 overloaded or draining (Retry-After)
@@ -75,6 +76,13 @@ class KeyReused(ApiError):
 class UnsupportedMedia(ApiError):
     status = 415
     code = "unsupported_media_type"
+
+
+class NotImplementedCoding(ApiError):
+    """501: RFC 9112 (section 6.1) answers a transfer coding the server does not understand so."""
+
+    status = 501
+    code = "not_implemented"
 
 
 class AllRecordsInvalid(ApiError):

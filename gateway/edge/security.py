@@ -24,7 +24,7 @@ from gateway.edge.admission import Admission
 from gateway.edge.connections import ConnectionGuard
 from gateway.errors import ApiError, Unauthorized
 from gateway.ops.metrics import GatewayMetrics
-from gateway.edge.proxy import CLIENT_CERT_HEADER, Peer, is_trusted_proxy, resolve_peer
+from gateway.edge.proxy import CLIENT_CERT_HEADER, Peer, is_trusted_proxy, plain_address, resolve_peer
 from gateway.edge.ratelimit import DeviceRateLimiter
 from gateway.edge.replay import ReplayGuard
 from gateway.edge.tls import CertificateError, ForwardedCertVerifier, device_from_peercert
@@ -109,7 +109,7 @@ class EdgeSecurity:
             peer, _ = self.identify(request)
             address = peer.address
         except ApiError:
-            address = request.remote
+            address = plain_address(request.remote) if request.remote else None
         extra = {
             "status": error.status,
             "reason": error.reason,

@@ -13,7 +13,7 @@ from aiohttp import hdrs, web
 
 from gateway.edge.proxy import is_trusted_proxy
 from gateway.errors import CannotPersist, TooLarge, Unavailable
-from gateway.ingest.body import body_format, decompressor
+from gateway.ingest.body import body_format, check_transfer_coding, decompressor
 from gateway.ingest.spool import Spool
 from gateway.service import Gateway
 
@@ -50,11 +50,11 @@ class Admitted:
 
 
 def admit(request: web.Request, gw: Gateway) -> Admitted:
-    """Let the request in, or refuse it now (503, 413, 415, 401, 429) with the reason.
+    """Let the request in, or refuse it now (503, 413, 415, 501, 401, 429) with the reason.
 
     In order: draining; a WAL that cannot take a request (full, disk full, failed); the instance's
     admission (requests and bytes in flight, the WAL's high watermark, a late event loop); the body's
-    type, encoding and declared size; the signing headers; a source whose authentications keep
+    type, encodings and declared size; the signing headers; a source whose authentications keep
     failing; a device over its rate; last, the source's share of requests in flight, which is taken
     here and given back by ``Admitted.release``.
     """
@@ -82,6 +82,7 @@ def admit(request: web.Request, gw: Gateway) -> Admitted:
     fmt = body_format(request.headers.get(hdrs.CONTENT_TYPE, ""))
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
     decompressor(encoding)  # 415 for an unknown encoding before any byte is read
+    check_transfer_coding(request.headers.get(hdrs.TRANSFER_ENCODING))
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limits.max_body_bytes}")
     source = None if is_trusted_proxy(peer.address or "", settings.proxy) else peer.address or "unknown"

@@ -18,7 +18,7 @@ try:  # Python 3.14 ships it; older versions use the backport of the same module
 except ImportError:
     from backports.zstd import DecompressionParameter, ZstdDecompressor, ZstdError
 
-from gateway.errors import MalformedBody, TooLarge, UnsupportedMedia
+from gateway.errors import MalformedBody, NotImplementedCoding, TooLarge, UnsupportedMedia
 
 NDJSON = "ndjson"
 JSON = "json"
@@ -163,6 +163,19 @@ def decompressor(content_encoding: str) -> Decompressor:
     raise UnsupportedMedia(
         f"Content-Encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}"
     )
+
+
+def check_transfer_coding(transfer_encoding: str | None) -> None:
+    """Refuse any transfer coding but one chunked: the HTTP parser frames such a body as plain chunked
+    and would hand over its coded bytes (gzip, say, or chunk framing twice) as if they were the records."""
+    if transfer_encoding is None:
+        return
+    codings = [coding.strip(" \t").lower() for coding in transfer_encoding.split(",")]
+    if codings != ["chunked"]:
+        raise NotImplementedCoding(
+            f"Transfer-Encoding {transfer_encoding!r} is not supported; send 'chunked' alone"
+            " and compress with Content-Encoding (gzip or zstd)"
+        )
 
 
 # A UTF-8 byte order mark some tools write first (PowerShell, Windows editors). RFC 8259 says a

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from gateway.edge.proxy import plain_address
+
 if TYPE_CHECKING:  # every command configures logs; only a worker serves HTTP
     from aiohttp.abc import AbstractAccessLogger
 
@@ -214,7 +216,7 @@ def access_logger_class(settings: Callable[[], object]) -> type[AbstractAccessLo
                 "duration_ms": round(time_secs * 1000, 3),
                 "bytes_in": request.content_length or 0,
                 "bytes_out": response.body_length,
-                "remote": request.remote,
+                "remote": plain_address(request.remote) if request.remote else None,
                 "device_id": request.headers.get("X-Device-Id", "")[:128] or None,
             }
             if window[2]:

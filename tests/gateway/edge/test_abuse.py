@@ -194,16 +194,18 @@ async def test_forwarded_for_only_from_trusted_proxies(tmp_path, start, http, tr
     assert lines[0]["source_ip"] == expected
 
 
-async def test_a_listener_on_every_address_takes_ipv4_and_ipv6_and_names_each_source_plainly(tmp_path, start):
+async def test_a_listener_on_every_address_takes_ipv4_and_ipv6_and_names_each_source_plainly(tmp_path, start, caplog):
     """``listen.host = "::"`` bound IPv6 only: every IPv4 device was refused. It takes both now (the
     ops listener on "::" too), and an IPv4 device's address is itself (not ``::ffff:127.0.0.1``) in
-    its records and its limits."""
+    its records, its limits and the access log."""
     env = make_env(tmp_path, n_devices=1)
     ops_port = free_port()
     gw = await start(env, {
         "EDGE_GATEWAY__LISTEN__HOST": "::", "EDGE_GATEWAY__PROXY__TRUSTED_CIDRS": '["10.0.0.0/8"]',
         "EDGE_GATEWAY__OPS__HOST": "::", "EDGE_GATEWAY__OPS__PORT": str(ops_port),
+        "EDGE_GATEWAY__LOG__ACCESS_LOG": "true",
     })  # fmt: skip
+    caplog.set_level("INFO", logger="gateway.access")
     for host in ("127.0.0.1", "[::1]"):
         async with aiohttp.ClientSession() as http:
             body = body_of("dev-1", 1)
@@ -214,6 +216,8 @@ async def test_a_listener_on_every_address_takes_ipv4_and_ipv6_and_names_each_so
                 assert resp.status == 200
     lines = await wait_for_records(env.lake, "raw", 2)
     assert sorted(line["source_ip"] for line in lines) == ["127.0.0.1", "::1"]
+    posts = [r for r in caplog.records if r.name == "gateway.access" and r.path == "/v1/telemetry"]
+    assert sorted(r.remote for r in posts) == ["127.0.0.1", "::1"]
 
 
 def test_forwarded_for_walks_past_trusted_hops():

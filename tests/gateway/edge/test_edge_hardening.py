@@ -341,6 +341,31 @@ async def test_a_chunked_body_whose_framing_breaks_midway_is_refused_at_once_in_
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
 
 
+async def test_a_transfer_coding_besides_chunked_is_refused_501_and_lands_nothing(tmp_path, start):
+    """The HTTP parser frames "gzip, chunked" as plain chunked and handed the gzip bytes over as the
+    records (each one invalid, so 422 and quarantined garbage); RFC 9112 answers 501."""
+    import gzip
+
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    body = gzip.compress(ndjson(record(seq=1), record(seq=2)))
+    signed = sign_request("dev-1", env.device("dev-1").key, body)
+    for coding in (b"gzip, chunked", b"x-custom,chunked", b"deflate ,\tChunked"):
+        head = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n"
+        head += b"Transfer-Encoding: " + coding + b"\r\n"
+        head += b"".join(f"{name}: {value}\r\n".encode() for name, value in signed.items()) + b"\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        status_and_headers, _, answer_body = answer.partition(b"\r\n\r\n")
+        assert status_and_headers.split(b"\r\n")[0].endswith(b" 501 Not Implemented"), (coding, answer[:300])
+        refusal = orjson.loads(answer_body)
+        assert refusal["error"] == "not_implemented" and "Content-Encoding" in refusal["message"], (coding, refusal)
+    await asyncio.sleep(0.5)
+    assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
+
+
 def test_the_registry_refuses_weak_keys_loose_permissions_and_links(tmp_path):
     """Finding 10: the registry write followed planted links, permissions were never checked, 1-char keys passed."""
     import json
