@@ -12,8 +12,11 @@ add`` writes entries, so nobody edits keys by hand.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -96,49 +99,100 @@ def add_device(path: str | os.PathLike[str], device_id: str, metadata: dict[str,
         msgspec.convert(device_id, DeviceId)
     except msgspec.ValidationError as exc:
         raise RegistryError(f"invalid device id {device_id!r}: {exc}") from None
-    registry = read_registry(path)
-    if device_id in registry.devices and not replace:
-        raise RegistryError(f"device {device_id!r} already exists; use `device rotate` to give it a new key")
     key = new_key()
-    registry.devices[device_id] = Device(keys=[key], metadata=metadata)
-    write_registry(path, registry)
+
+    def add(registry: RegistryFile) -> None:
+        if device_id in registry.devices and not replace:
+            raise RegistryError(f"device {device_id!r} already exists; use `device rotate` to give it a new key")
+        registry.devices[device_id] = Device(keys=[key], metadata=metadata)
+
+    change_registry(path, add)
     return key
 
 
 def rotate_key(path: str | os.PathLike[str], device_id: str) -> str:
     """Give a device a new key; its current key keeps verifying until the next rotation."""
-    registry = read_registry(path)
-    device = registry.devices.get(device_id)
-    if device is None:
-        raise RegistryError(f"no device {device_id!r} in {path}")
     key = new_key()
-    registry.devices[device_id] = msgspec.structs.replace(device, keys=[key, device.keys[0]])
-    write_registry(path, registry)
+
+    def rotate(registry: RegistryFile) -> None:
+        device = _existing(registry, path, device_id)
+        registry.devices[device_id] = msgspec.structs.replace(device, keys=[key, device.keys[0]])
+
+    change_registry(path, rotate)
     return key
 
 
 def remove_device(path: str | os.PathLike[str], device_id: str) -> None:
     """Delete a device and its keys; a gateway watching the file refuses it from its next check on."""
-    registry = read_registry(path)
-    if registry.devices.pop(device_id, None) is None:
-        raise RegistryError(f"no device {device_id!r} in {path}")
-    write_registry(path, registry)
+
+    def remove(registry: RegistryFile) -> None:
+        _existing(registry, path, device_id)
+        del registry.devices[device_id]
+
+    change_registry(path, remove)
 
 
 def set_enabled(path: str | os.PathLike[str], device_id: str, enabled: bool) -> None:
-    registry = read_registry(path)
+    def set_(registry: RegistryFile) -> None:
+        device = _existing(registry, path, device_id)
+        registry.devices[device_id] = msgspec.structs.replace(device, enabled=enabled)
+
+    change_registry(path, set_)
+
+
+def _existing(registry: RegistryFile, path: str | os.PathLike[str], device_id: str) -> Device:
     device = registry.devices.get(device_id)
     if device is None:
         raise RegistryError(f"no device {device_id!r} in {path}")
-    registry.devices[device_id] = msgspec.structs.replace(device, enabled=enabled)
-    write_registry(path, registry)
+    return device
+
+
+# How long a change waits for another one (a provisioning script adding devices in parallel).
+LOCK_WAIT_SECS = 10.0
+
+
+def change_registry(path: str | os.PathLike[str], change: Callable[[RegistryFile], object]) -> None:
+    """Read, change and write the registry holding its lock: of two changes at once, both stay
+    (each read the file the other wrote), where two plain read-modify-writes lose one."""
+    target = Path(path)
+    _check_directory(target)
+    lock = target.with_name(f".{target.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise RegistryError(f"{lock}: cannot open the registry's lock: {exc.strerror}") from None
+    try:
+        _lock(fd, lock)
+        registry = read_registry(target)
+        change(registry)
+        write_registry(target, registry)
+    finally:
+        os.close(fd)  # releases the lock, as any exit of the process would
+
+
+def _lock(fd: int, lock: Path) -> None:
+    deadline = time.monotonic() + LOCK_WAIT_SECS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RegistryError(
+                    f"{lock}: another change to the registry has held its lock for {LOCK_WAIT_SECS:g} s; retry"
+                ) from None
+            time.sleep(0.01)
+
+
+def _check_directory(target: Path) -> None:
+    if not target.parent.is_dir():
+        # A typo in --registry must not quietly start a second registry somewhere else.
+        raise RegistryError(f"{target}: the directory {target.parent} does not exist; create it first")
 
 
 def write_registry(path: str | os.PathLike[str], registry: RegistryFile) -> None:
     target = Path(path)
-    if not target.parent.is_dir():
-        # A typo in --registry must not quietly start a second registry somewhere else.
-        raise RegistryError(f"{target}: the directory {target.parent} does not exist; create it first")
+    _check_directory(target)
     try:
         # Keys are secrets: the file is readable by its owner only.
         write_atomically(target, msgspec.json.format(msgspec.json.encode(registry), indent=2) + b"\n", mode=0o600)

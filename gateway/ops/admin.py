@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import hmac
 import logging
 from pathlib import Path
@@ -116,7 +118,8 @@ async def set_device_enabled(request: web.Request) -> web.Response:
             f"it applies within {gw.settings.secretsmanager.refresh_interval_secs:g} s",
         )
     try:
-        set_enabled(gw.settings.auth.registry_path, device_id, enabled)
+        # In a thread: the change may wait for the registry's lock (a `device` command running).
+        await asyncio.to_thread(set_enabled, gw.settings.auth.registry_path, device_id, enabled)
     except RegistryError as exc:
         raise AdminError(404, "not_found", str(exc)) from None
     _reload_file(gw)

@@ -167,6 +167,64 @@ def test_device_list_and_remove_and_no_silent_directories(tmp_path, capsys):
     assert not (tmp_path / "nonexistent").exists()
 
 
+def test_devices_changed_at_once_all_keep_their_change(tmp_path):
+    """Each change read the file, changed it and wrote it back: of 20 devices added in parallel by a
+    provisioning script, 7 stayed, and the other 13 held printed keys the gateway never knew."""
+    import threading
+
+    from gateway.auth.registry import DeviceRegistry, rotate_key, set_enabled
+
+    registry = tmp_path / "devices.json"
+    for i in range(8):
+        add_device(registry, f"old-{i}", {})
+    start = threading.Barrier(24)
+    keys: dict[str, str] = {}
+
+    def add(i: int) -> None:
+        start.wait()
+        keys[f"new-{i}"] = add_device(registry, f"new-{i}", {"site": "plant-1"})
+
+    def rotate(i: int) -> None:
+        start.wait()
+        keys[f"old-{i}"] = rotate_key(registry, f"old-{i}")
+
+    def disable(i: int) -> None:
+        start.wait()
+        set_enabled(registry, f"old-{i}", False)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(16)]
+    threads += [threading.Thread(target=rotate, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=disable, args=(i,)) for i in range(4, 8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loaded = DeviceRegistry.load(registry)
+    assert len(loaded) == 24
+    assert all(loaded.keys(device_id)[0] == key.encode() for device_id, key in keys.items())
+    assert [loaded.get(f"old-{i}").enabled for i in range(8)] == [True] * 4 + [False] * 4
+
+
+def test_a_registry_change_waits_for_the_one_before_and_says_so_when_it_never_ends(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    from gateway.auth import registry as registry_module
+
+    registry = tmp_path / "devices.json"
+    add_device(registry, "pump-1", {})
+    monkeypatch.setattr(registry_module, "LOCK_WAIT_SECS", 0.3)
+    held = os.open(tmp_path / ".devices.json.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(registry_module.RegistryError, match="held its lock for 0.3 s"):
+            add_device(registry, "pump-2", {})
+    finally:
+        os.close(held)
+    add_device(registry, "pump-2", {})
+    assert len(registry_module.DeviceRegistry.load(registry)) == 2
+
+
 async def test_a_device_added_while_running_is_accepted_without_sighup(tmp_path):
     env = make_env(tmp_path, n_devices=1)
     running = await start_gateway(load_settings(env.config, environ={}))
