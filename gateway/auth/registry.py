@@ -204,8 +204,9 @@ class RegistryFileWatcher:
     """Reloads the registry file when it changes, so `device add` and friends apply without SIGHUP.
 
     Polls the file's (mtime, size, inode) every ``interval_secs``: cheap, and it works on every file
-    system and through the atomic rename ``write_registry`` does. A file that does not decode keeps
-    the previous registry in use (logged, counted as a failed refresh) until it is fixed.
+    system and through the atomic rename ``write_registry`` does. A file that does not decode, or is
+    gone (moved aside for a moment, a volume unmounted), keeps the previous registry in use (logged,
+    counted as a failed refresh) until it is back: removing devices is `device remove`'s job.
     """
 
     def __init__(self, path, on_load, on_error, *, interval_secs: float = 1.0) -> None:
@@ -242,6 +243,9 @@ class RegistryFileWatcher:
             if seen == self._seen:
                 continue
             self._seen = seen
+            if seen is None:
+                self._on_error(RegistryError(f"{self._path()}: the registry file is gone"))
+                continue
             try:
                 registry = await asyncio.to_thread(DeviceRegistry.load, self._path())
             except RegistryError as exc:

@@ -255,6 +255,34 @@ async def test_a_device_added_while_running_is_accepted_without_sighup(tmp_path)
         await running.stop()
 
 
+async def test_a_registry_file_gone_for_a_while_refuses_no_device(tmp_path, caplog):
+    """A registry moved aside (an editor's save, a restore, an unmounted volume) read as no devices at
+    all: every device got 401 until it was back. The devices known before stay in use meanwhile."""
+    env = make_env(tmp_path, n_devices=1)
+    registry = tmp_path / "devices.json"
+    running = await start_gateway(load_settings(env.config, environ={}))
+    try:
+        registry.rename(tmp_path / "devices.json.moved")
+        errors = running.gateway.metrics.registry_refreshes.labels("error")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not errors._value.get():
+            await asyncio.sleep(0.1)
+        said = [r.error for r in caplog.records if "cannot be read; the previous devices stay" in r.getMessage()]
+        assert errors._value.get() == 1 and said and "registry file is gone" in said[0]
+        async with aiohttp.ClientSession() as http:
+            body = ndjson(record(seq=1))
+            async with http.post(running.url + "/v1/telemetry", data=body, headers=signed(env.device(), body)) as resp:
+                assert resp.status == 202, await resp.text()
+            (tmp_path / "devices.json.moved").rename(registry)
+            key = add_device(registry, "late-1", {})
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and running.gateway.registry.get("late-1") is None:
+                await asyncio.sleep(0.1)
+            assert running.gateway.registry.get("late-1").keys == [key] and running.gateway.registry.get("dev-1")
+    finally:
+        await running.stop()
+
+
 BLOCK_OPTIONAL = """
 import sys
 class _Missing:
