@@ -8,7 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.ops import health, openapi
-from gateway.ingest.handler import ROUTE, post_telemetry
+from gateway.ingest.handler import ROUTE, expect_after_admission, post_telemetry
 from gateway.responses import json_response
 from gateway.service import GATEWAY, Gateway
 
@@ -29,7 +29,7 @@ def build_app(gateway: Gateway) -> web.Application:
     # The connection guard is outermost: it sees every request start and its final response.
     app = web.Application(middlewares=[gateway.security.connections.middleware, json_errors])
     app[GATEWAY] = gateway
-    app.router.add_post(ROUTE, post_telemetry)
+    app.router.add_post(ROUTE, post_telemetry, expect_handler=expect_after_admission)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get(openapi.ROUTE, openapi.openapi)

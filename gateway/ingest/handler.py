@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.auth.hmac import Principal
 from gateway.ingest.admit import Admitted, admit
@@ -60,9 +60,25 @@ async def post_telemetry(request: web.Request) -> web.Response:
     return response
 
 
+async def expect_after_admission(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` is answered once the request is admitted (``continue_if_expected``),
+    so a refused device hears why before it sends its body; any other expectation is refused."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() == "100-continue":
+        return None
+    return json_response(417, {"error": "expectation_failed", "message": f"Expect {expect[:64]!r} is not supported; only 100-continue"})
+
+
+async def continue_if_expected(request: web.Request) -> None:
+    if request.version == aiohttp.HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's body
+
+
 async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
     admitted = admit(request, gw)  # every refusal that needs no body
     try:
+        await continue_if_expected(request)
         digest, sent = await _receive(request, admitted.raw, gw.settings.limits)  # 1 receive: read and hash only
         admitted.body_received_at = time.monotonic()
         idem_key = request.headers.get("Idempotency-Key")

@@ -366,6 +366,48 @@ async def test_a_transfer_coding_besides_chunked_is_refused_501_and_lands_nothin
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
 
 
+async def test_expect_100_continue_is_answered_after_admission_so_a_refused_body_is_never_sent(tmp_path, start):
+    """aiohttp answered "100 Continue" to every request before the gateway looked at it: a device with
+    a malformed signature (or facing a full WAL, or declaring a body too large) sent its whole body
+    only to be refused. The
+    refusal comes first now; an admitted request still gets its 100 at once; another expectation
+    is refused in the API's JSON (it was plain text)."""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    body = ndjson(record(seq=1), record(seq=2))
+
+    def head(device_id: str, key: str, expect: bytes = b"100-continue") -> bytes:
+        signed = sign_request(device_id, key, body)
+        lines = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nExpect: " + expect + b"\r\n"
+        lines += b"Content-Length: %d\r\n" % len(body)
+        return lines + b"".join(f"{name}: {value}\r\n".encode() for name, value in signed.items()) + b"\r\n"
+
+    async def answer_to_headers(request_head: bytes) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request_head)
+        status_and_headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return status_and_headers, reader, writer
+
+    first, reader, writer = await answer_to_headers(head("dev-1", env.device("dev-1").key))
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert final.startswith(b"HTTP/1.1 202 "), final
+    writer.close()
+
+    unsigned = head("dev-1", env.device("dev-1").key).replace(b"X-Signature: v1=", b"X-Signature: v0=")
+    refused, reader, writer = await answer_to_headers(unsigned)
+    assert refused.startswith(b"HTTP/1.1 401 "), refused  # before any byte of the body
+    writer.close()
+
+    odd, reader, writer = await answer_to_headers(head("dev-1", env.device("dev-1").key, b"200-ok"))
+    assert odd.startswith(b"HTTP/1.1 417 ") and b"application/json" in odd, odd
+    length = int(odd.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert orjson.loads(await asyncio.wait_for(reader.readexactly(length), 5))["error"] == "expectation_failed"
+    writer.close()
+    assert len(await wait_for_records(env.lake, "raw", 2)) == 2
+
+
 def test_the_registry_refuses_weak_keys_loose_permissions_and_links(tmp_path):
     """Finding 10: the registry write followed planted links, permissions were never checked, 1-char keys passed."""
     import json
