@@ -90,15 +90,19 @@ class ReservedStateFile:
         """Allocate the file if needed and return the newest state in it (None when there is none)."""
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        size = os.fstat(self._fd).st_size
-        if size < 2 * self._slot_bytes:
-            os.posix_fallocate(self._fd, 0, 2 * self._slot_bytes)
-            if self._fsync:
-                os.fsync(self._fd)
-        else:
-            self._slot_bytes = size // 2
-        if created and self._fsync:
-            fsync_directory(self.path.parent)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < 2 * self._slot_bytes:
+                os.posix_fallocate(self._fd, 0, 2 * self._slot_bytes)  # ENOSPC on a full disk: open again later
+                if self._fsync:
+                    os.fsync(self._fd)
+            else:
+                self._slot_bytes = size // 2
+            if created and self._fsync:
+                fsync_directory(self.path.parent)
+        except BaseException:
+            self.close()
+            raise
         best: tuple[int, int, bytes] | None = None
         for slot in (0, 1):
             found = self._read_slot(slot)

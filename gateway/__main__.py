@@ -167,8 +167,8 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
         extra = {"error": str(exc)}
         if getattr(exc, "filename", None):
             extra["path"] = str(exc.filename)
-        # A disk's I/O error without a path (an fsync's) says where it happened only in its trace.
-        disk_failed = isinstance(exc, OSError) and exc.errno == errno.EIO and not exc.filename
+        # A disk's error without a path (an fsync's, a full disk's write) says where it happened only in its trace.
+        disk_failed = isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENOSPC) and not exc.filename
         start_log.critical("the gateway cannot start", extra=extra, exc_info=disk_failed)
         return 2
     except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)

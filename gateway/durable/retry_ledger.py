@@ -78,6 +78,7 @@ CHECK_TIMEOUT_SECS = 120.0
 MIN_MAP_BYTES = 1 << 30
 ENTRY_BYTES = {b"seq": 64, b"request": 256, b"signature": 64}  # key, value and LMDB's own, generously
 BOOT_FILE = "boot"  # the machine boot that last opened the ledger, and whether it was flushed and closed
+BOOT_FILE_BYTES = 128  # JSON padded with spaces: always the same size, so it is rewritten in place
 # What LMDB raises for a file that is not what it wrote (torn by a power loss, or otherwise damaged).
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError, lmdb.InvalidError, lmdb.VersionMismatchError)
 
@@ -306,9 +307,28 @@ class RetryLedger:
         return earlier if not closed and now is not None and earlier != now else None
 
     def _write_boot(self, *, closed: bool) -> None:
+        """In place once the file exists: a start on a full disk needs no new block for it. A torn
+        write reads as unreadable, which discards the ledger (rebuilt from the WAL), never trusts it."""
         from connectors.durable_files import write_atomically
 
-        write_atomically(self.directory / BOOT_FILE, orjson.dumps({"boot_id": current_boot_id(), "closed": closed}))
+        state = orjson.dumps({"boot_id": current_boot_id(), "closed": closed}).ljust(BOOT_FILE_BYTES)
+        path = self.directory / BOOT_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            write_atomically(path, state)
+            return
+        try:
+            if os.fstat(fd).st_size != len(state):
+                os.close(fd)
+                fd = -1
+                write_atomically(path, state)
+                return
+            os.pwrite(fd, state, 0)
+            os.fdatasync(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _open_env(self) -> lmdb.Environment:
         env = lmdb.open(

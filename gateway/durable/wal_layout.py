@@ -111,8 +111,11 @@ class DirectoryLock:
                     "stop it first, or give this one its own wal.dir"
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only a refused second owner cannot name us
         self.fd = fd
         return self
 

@@ -5,7 +5,9 @@ worker); the lake process runs one set per worker's WAL, over a ``WalFollower``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import errno
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from connectors.base import ObjectSink
@@ -20,6 +22,10 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from gateway.durable.wal_follower import WalFollower
     from gateway.lake.curated import CuratedScorer
+
+log = logging.getLogger(__name__)
+
+STATE_SPACE_RETRY_SECS = 1.0  # how often a WAL's zones try again to allocate their state on a full disk
 
 
 def zone_names(settings: Settings) -> list[str]:
@@ -104,15 +110,36 @@ class Zones:
         await asyncio.to_thread(self._lock.acquire)
         await self.sink.start()
         # Every zone says what it still needs before any zone can release a segment.
+        await self._when_there_is_space("the released board", self._expect_consumers)
+        for lander in self.landers:
+            await self._when_there_is_space(f"the {lander.zone} zone's state", lander.load)
+        for lander in self.landers:
+            await lander.start(on_death)
+
+    async def _expect_consumers(self) -> None:
         self.wal.expect_consumers([lander.zone for lander in self.landers])
         landed = {lander.zone for lander in self.landers}
         for zone in ZONES:
             if zone not in landed:  # off and owing nothing: an owner waiting for every zone hears it needs nothing
                 self.wal.release(zone, RETIRED)
-        for lander in self.landers:
-            await lander.load()
-        for lander in self.landers:
-            await lander.start(on_death)
+
+    async def _when_there_is_space(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """A new WAL directory's shared files are allocated whole when its zones first start (a worker
+        added): on a full disk this WAL's zones wait for space, while every other WAL's land and free some."""
+        warned = False
+        while True:
+            try:
+                return await step()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if not warned:
+                    log.warning(
+                        "the disk is full: this WAL's zones start once their files have room",
+                        extra={"wal": str(self.slot.directory), "file": what, "error": str(exc)},
+                    )
+                    warned = True
+                await asyncio.sleep(STATE_SPACE_RETRY_SECS)
 
     async def drain(self, deadline_secs: float | None) -> bool:
         """Land what the WAL holds within the deadline; what does not land is replayed next start."""

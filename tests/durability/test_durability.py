@@ -419,6 +419,61 @@ async def test_disk_full_is_survivable(tmp_path, gateways, small_filesystem, end
     check(problems, ledger, sp, notes=[f"answers while the disk was full: {statuses_full}"])
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("workers, then", [(1, 1), (2, 2), (2, 3)], ids=["one-worker", "lake-process", "a-worker-added"])
+async def test_a_gateway_killed_while_its_disk_is_full_starts_on_it_and_resumes(tmp_path, gateways, small_filesystem, workers, then):
+    """Killed while its WAL's disk was full and started again before anything freed it, the gateway
+    refused to start ("No space left on device": the retry ledger's boot file was replaced by a new
+    file at every start): under a supervisor it would only crash-loop, with acknowledged records
+    stuck in the WAL. It starts, answers 503 + Retry-After while the disk stays full, and resumes.
+    Started with a worker more, the lake process died at every start (the new WAL's zones could not
+    allocate their state) and landed none of the other WALs meanwhile; those land now."""
+    walfs = small_filesystem(tmp_path / "walfs", 24 * MiB if workers > 1 else 16 * MiB)
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        listen={"workers": workers},
+        wal={"dir": str(walfs / "wal"), "segment_bytes": 512 * KiB, "max_total_bytes": 8 * MiB, "retry_after_secs": 1},
+        lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers=workers)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.02, timeout_secs=10.0, retry_deadline_secs=40.0)
+    )
+    try:
+        await asyncio.sleep(1.5)
+        async with Ballast(walfs):
+            await asyncio.sleep(1.0)
+            await sp.akill()
+            sp.launch(workers_env(then))
+            # Not ready while its WAL cannot take records (503 wal_no_space): up, and saying so.
+            answering = await wait_until(lambda: sp.running() and isinstance(readyz(sp.url), int) and (then == 1 or len(sp.children()) >= then), 15.0, 0.1)
+            if not answering:
+                problems.append(f"the gateway did not start on its full disk (exit status {sp.proc.returncode}):\n{sp.log_tail()}")
+            else:
+                t_started = time.monotonic()
+                await asyncio.sleep(2.0)
+                while_full = collections.Counter(a.status for a in ledger.attempts_since(t_started))
+                if set(while_full) - {202, 503} or not while_full:
+                    problems.append(f"answers on the full disk should be prompt 202s or 503s: {dict(while_full)}")
+        t_freed = time.monotonic()
+        if not problems and not await wait_until(lambda: any(a.status == 202 for a in ledger.attempts_since(t_freed)), 20.0):
+            problems.append("ingest did not resume within 20 s of freeing the disk")
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    if "the lake process died" in sp.log_text():
+        problems.append("the lake process died on the full disk (and landed nothing until it was started again)")
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
 # -- 5 ------------------------------------------------------------------------------------------
 
 

@@ -274,6 +274,19 @@ def test_a_ledger_left_open_before_the_machine_restarted_is_rebuilt_empty(tmp_pa
     again.close()
 
 
+def test_the_boot_file_is_rewritten_in_place_so_a_full_disk_cannot_stop_a_start(tmp_path):
+    """It was replaced by a new file at every open and seal: on a full disk the owner could not start."""
+    path = tmp_path / "ledger"
+    ledger, _ = _ledger_with_an_answer(path)
+    inode = (path / BOOT_FILE).stat().st_ino
+    ledger.seal()
+    assert (path / BOOT_FILE).stat().st_ino == inode
+    again = _reopened_as_owner(path)
+    assert (path / BOOT_FILE).stat().st_ino == inode
+    assert orjson.loads((path / BOOT_FILE).read_bytes()) == {"boot_id": current_boot_id(), "closed": False}
+    again.close()
+
+
 def test_a_sealed_ledger_survives_a_machine_restart(tmp_path):
     path = tmp_path / "ledger"
     ledger, key = _ledger_with_an_answer(path)

@@ -278,3 +278,33 @@ async def test_a_reader_never_serves_bytes_the_log_cut_back_and_wrote_again(tmp_
     assert [f.payload[:13] for f in reader.read(1 << 20)] == [b'{"v":"later0"'], "the frame written after the cut"
     reader.close()
     await wal.close()
+
+
+async def test_a_wals_zones_wait_for_room_for_their_state_and_then_start(small_fs, caplog):
+    """A WAL directory's zones allocate their state files whole when first started (a worker added):
+    on a full disk that raised, and the lake process died with it, landing no other WAL meanwhile."""
+    from connectors.local_lake import LocalLakeSink
+    from gateway.durable.wal_layout import WalSlot
+    from gateway.lake.zones import Zones
+    from gateway.ops.metrics import GatewayMetrics
+    from gateway.settings import Settings
+    from tests.gateway.durable.test_wal_follower import follower_of, owned_wal
+
+    wal = await owned_wal(small_fs / "w2")
+    await wal.append([frame(3)])
+    slot = WalSlot(small_fs / "w2", "gw-w2", "w2")
+    zones = Zones(Settings(), wal=follower_of(small_fs / "w2"), slot=slot, sink=LocalLakeSink(small_fs.parent / "lake"), metrics=GatewayMetrics(), scorer=None)
+    zones.wal.refresh()
+    ballast = fill(small_fs)
+    starting = asyncio.create_task(zones.start())
+    await asyncio.sleep(1.5)
+    if starting.done():
+        starting.result()
+    assert not starting.done(), "the zones neither wait nor fail while the disk is full"
+    assert "start once their files have room" in caplog.text
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) < 200, "each try leaves its descriptor open"
+    ballast.unlink()
+    await asyncio.wait_for(starting, 10)
+    assert [f.name for f in (small_fs / "w2" / "consumers").glob("*.state")] != []
+    await zones.close()
+    await wal.close()
