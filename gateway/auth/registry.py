@@ -33,6 +33,10 @@ class RegistryError(Exception):
     """The registry file cannot be read or written."""
 
 
+class NoSuchDevice(RegistryError):
+    """A change named a device the registry does not hold."""
+
+
 # A device key must be at least this long (new keys are 64 hex digits: 32 random bytes).
 MIN_KEY_CHARS = 32
 Key = Annotated[str, Meta(min_length=MIN_KEY_CHARS)]
@@ -143,7 +147,7 @@ def set_enabled(path: str | os.PathLike[str], device_id: str, enabled: bool) -> 
 def _existing(registry: RegistryFile, path: str | os.PathLike[str], device_id: str) -> Device:
     device = registry.devices.get(device_id)
     if device is None:
-        raise RegistryError(f"no device {device_id!r} in {path}")
+        raise NoSuchDevice(f"no device {device_id!r} in {path}")
     return device
 
 

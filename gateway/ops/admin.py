@@ -27,7 +27,7 @@ from aiohttp import web
 from gateway.errors import AdminError, ApiError
 from gateway.responses import error_response, json_response
 from gateway.ops.listener import start_operator_listener
-from gateway.auth.registry import DeviceRegistry, RegistryError, set_enabled
+from gateway.auth.registry import DeviceRegistry, NoSuchDevice, RegistryError, set_enabled
 from gateway.service import GATEWAY
 from gateway.settings import effective_config
 from gateway.ops.status.page import admin_routes, is_public
@@ -120,8 +120,10 @@ async def set_device_enabled(request: web.Request) -> web.Response:
     try:
         # In a thread: the change may wait for the registry's lock (a `device` command running).
         await asyncio.to_thread(set_enabled, gw.settings.auth.registry_path, device_id, enabled)
-    except RegistryError as exc:
+    except NoSuchDevice as exc:
         raise AdminError(404, "not_found", str(exc)) from None
+    except RegistryError as exc:  # its directory read-only, its lock held too long: nothing changed
+        raise AdminError(503, "registry_unwritable", str(exc)) from None
     _reload_file(gw)
     log.info("device %s through the admin API", "enabled" if enabled else "disabled", extra={"device_id": device_id})
     return json_response(200, {"device_id": device_id, "enabled": enabled})

@@ -17,7 +17,7 @@ async def test_admin_is_off_by_default_and_absent_from_the_device_listener(start
         assert resp.status == 404
 
 
-async def test_admin_requires_the_token_and_can_disable_a_device(tmp_path, start, http):
+async def test_admin_requires_the_token_and_can_disable_a_device(tmp_path, start, http, monkeypatch):
     (tmp_path / "admin-token").write_text(TOKEN + "\n")
     port = free_port()
     env = make_env(tmp_path, admin={"enabled": True, "port": port, "token_path": str(tmp_path / "admin-token")})
@@ -47,3 +47,19 @@ async def test_admin_requires_the_token_and_can_disable_a_device(tmp_path, start
         assert (resp.status, (await resp.json())["devices"]) == (200, 3)
     async with http.get(admin + "/admin/devices/nobody", headers=auth) as resp:
         assert resp.status == 404
+    async with http.post(admin + "/admin/devices/nobody/disable", headers=auth) as resp:
+        assert resp.status == 404
+    import fcntl
+    import os
+
+    from gateway.auth import registry
+
+    monkeypatch.setattr(registry, "LOCK_WAIT_SECS", 0.2)
+    held = os.open(tmp_path / ".devices.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a `device` command that never finishes
+    try:
+        async with http.post(admin + "/admin/devices/dev-1/disable", headers=auth) as resp:
+            assert (resp.status, (await resp.json())["error"]) == (503, "registry_unwritable")
+    finally:
+        os.close(held)
+    assert gw.gateway.registry.get("dev-1").enabled
