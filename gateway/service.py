@@ -125,6 +125,10 @@ class Gateway:
             # Loaded by start() and refreshed in the background; a reload asks for a refresh now.
             self.registry_source.refresh_soon()
             return getattr(self, "registry", None) or DeviceRegistry()
+        running = getattr(self, "registry", None)
+        if running is not None and len(running) and not Path(settings.auth.registry_path).exists():
+            # A reload while the file is moved aside: refused, as for an unreadable file (the watcher's rule).
+            raise RegistryError(f"{settings.auth.registry_path}: the registry file is gone; the previous devices stay in use")
         try:
             return DeviceRegistry.load(settings.auth.registry_path)
         except RegistryError:

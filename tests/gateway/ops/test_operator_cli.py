@@ -257,12 +257,18 @@ async def test_a_device_added_while_running_is_accepted_without_sighup(tmp_path)
 
 async def test_a_registry_file_gone_for_a_while_refuses_no_device(tmp_path, caplog):
     """A registry moved aside (an editor's save, a restore, an unmounted volume) read as no devices at
-    all: every device got 401 until it was back. The devices known before stay in use meanwhile."""
+    all: every device got 401 until it was back, and a SIGHUP meanwhile emptied the registry too. The
+    devices known before stay in use meanwhile."""
     env = make_env(tmp_path, n_devices=1)
     registry = tmp_path / "devices.json"
     running = await start_gateway(load_settings(env.config, environ={}))
     try:
         registry.rename(tmp_path / "devices.json.moved")
+        from gateway.auth.registry import RegistryError
+
+        with pytest.raises(RegistryError, match="registry file is gone"):  # SIGHUP meanwhile: refused, changing nothing
+            running.gateway.reload(load_settings(env.config, environ={}))
+        assert running.gateway.registry.get("dev-1") is not None
         errors = running.gateway.metrics.registry_refreshes.labels("error")
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not errors._value.get():
