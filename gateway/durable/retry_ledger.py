@@ -312,23 +312,8 @@ class RetryLedger:
         from connectors.durable_files import write_atomically
 
         state = orjson.dumps({"boot_id": current_boot_id(), "closed": closed}).ljust(BOOT_FILE_BYTES)
-        path = self.directory / BOOT_FILE
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            write_atomically(path, state)
-            return
-        try:
-            if os.fstat(fd).st_size != len(state):
-                os.close(fd)
-                fd = -1
-                write_atomically(path, state)
-                return
-            os.pwrite(fd, state, 0)
-            os.fdatasync(fd)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        if not _rewritten_in_place(self.directory / BOOT_FILE, state):
+            write_atomically(self.directory / BOOT_FILE, state)  # the first time, or an older, unpadded file
 
     def _open_env(self) -> lmdb.Environment:
         env = lmdb.open(
@@ -764,3 +749,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _rewritten_in_place(path: Path, payload: bytes) -> bool:
+    """Overwrite a file of exactly ``payload``'s size where it lies; False when it is absent or of another size."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.fstat(fd).st_size != len(payload):
+            return False
+        os.pwrite(fd, payload, 0)
+        os.fdatasync(fd)
+        return True
+    finally:
+        os.close(fd)
