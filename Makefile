@@ -46,6 +46,7 @@ system-deps:
 	@command -v haproxy >/dev/null 2>&1 || sh tests/fixtures/install-haproxy.sh
 	@command -v chromium >/dev/null 2>&1 || sh tests/fixtures/install-browser.sh
 	@ldconfig -p | grep -q 'libfuse\.so\.2' || sh tests/fixtures/install-fuse.sh
+	@command -v cc >/dev/null 2>&1 || sh tests/fixtures/install-compiler.sh
 
 demo: $(VENV)/.core
 	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)

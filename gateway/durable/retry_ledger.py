@@ -33,7 +33,8 @@ whether it was flushed and closed) or LMDB finds it damaged; a log line says so 
 
 Bounded: entries of each kind live in generations (three LMDB databases per kind, used in turn). A
 generation ends after ``window_secs`` or its kind's entry limit; lookups see the current and the
-previous one, and starting a new generation empties the oldest.
+previous one, and starting a new generation empties the oldest. Generations and claims age by the
+time that really passed, not by steps of the wall clock (ledger_clock.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import lmdb
 import msgspec
 import orjson
 
+from gateway.durable.ledger_clock import Instant, claim_is_fresh, current_boot_id, seconds_since_boot
 from gateway.durable.seq_runs import RunFinder, encode_run, runs_of
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,8 @@ KINDS = (b"seq", b"request", b"signature")
 # Databases other parts of the instance keep in the ledger's environment (the rate-limit buckets), and room to grow.
 COMPANION_DBS = 4
 _U64 = struct.Struct(">Q")
-_GEN = struct.Struct(">QQ")  # generation number, started at (epoch ms)
 _SIG = struct.Struct(">d")
-_SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (epoch seconds)
+_SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (seconds since boot)
 _PID = struct.Struct(">i")
 _BODY_KEY_MARK = b"\0b"  # between the device and the body's digest in a ``body_key``
 SIGNATURE_KEY_BYTES = 16
@@ -101,13 +102,13 @@ class RequestEntry(msgspec.Struct, array_like=True):
     done: bool
     body_sha256: bytes  # the digest itself, not its hex; empty when the key holds it (``body_key``)
     owner_pid: int = 0  # while running: the process running it
-    at: int = 0  # while running: when it was claimed (epoch seconds)
+    at: int = 0  # while running: when it was claimed (seconds since boot: ledger_clock)
     answer: bytes = b""  # once done: the status and JSON the device got, deflated (``pack_answer``)
     wal: str = ""  # while running: the WAL its owner writes (its records may be durable there, unrecorded)
 
     @classmethod
     def running(cls, key: bytes, body_sha256: str, pid: int, wal: str) -> RequestEntry:
-        return cls(False, _digest_kept(key, body_sha256), pid, int(time.time()), wal=wal)
+        return cls(False, _digest_kept(key, body_sha256), pid, seconds_since_boot(), wal=wal)
 
     @classmethod
     def finished(cls, key: bytes, body_sha256: str, answer: bytes) -> RequestEntry:
@@ -359,7 +360,7 @@ class RetryLedger:
 
     def _generation(self, txn, kind: bytes) -> int:
         raw = txn.get(b"gen:" + kind, db=self._meta)
-        return _GEN.unpack(raw)[0] if raw else 0
+        return _U64.unpack(raw[: _U64.size])[0] if raw else 0
 
     def _db(self, kind: bytes, generation: int):
         return self._dbs[kind + b":%d" % (generation % GENERATIONS)]
@@ -367,19 +368,19 @@ class RetryLedger:
     def _maybe_advance(self, txn, kind: bytes) -> int:
         """Start a new generation of ``kind`` when the current one is old or full; empty the oldest."""
         raw = txn.get(b"gen:" + kind, db=self._meta)
-        now_ms = int(time.time() * 1000)
+        now = Instant.now()
         if raw is None:
-            txn.put(b"gen:" + kind, _GEN.pack(0, now_ms), db=self._meta)
+            txn.put(b"gen:" + kind, _U64.pack(0) + now.pack(), db=self._meta)
             return 0
-        generation, started_ms = _GEN.unpack(raw)
+        generation, started = _U64.unpack(raw[: _U64.size])[0], Instant.unpack(raw[_U64.size :])
         full = txn.stat(self._db(kind, generation))["entries"] >= self.max_keys[kind]
-        if not full and now_ms - started_ms < self.window_secs * 1000:
+        if not full and now.ms_since(started) < self.window_secs * 1000:
             return generation
         generation += 1
         oldest = self._db(kind, generation + 1)  # the generation before the previous one
         forgotten = txn.stat(oldest)["entries"]
         txn.drop(oldest, delete=False)
-        txn.put(b"gen:" + kind, _GEN.pack(generation, now_ms), db=self._meta)
+        txn.put(b"gen:" + kind, _U64.pack(generation) + now.pack(), db=self._meta)
         if forgotten:
             self._on_forget(kind.decode(), forgotten)
         return generation
@@ -413,7 +414,7 @@ class RetryLedger:
                     if not entry.same_body(key, body_sha256):
                         return Claim("conflict")
                     return Claim("answered", entry.unpacked_answer())
-                if entry.owner_pid != self.pid and time.time() - entry.at < CLAIM_STALE_SECS and (
+                if entry.owner_pid != self.pid and claim_is_fresh(entry.at, CLAIM_STALE_SECS) and (
                     _alive(entry.owner_pid) or not self._caught_up_after(txn, entry)
                 ):
                     return Claim("running" if entry.same_body(key, body_sha256) else "conflict")
@@ -424,7 +425,7 @@ class RetryLedger:
                     return Claim("overlap")
             generation = self._maybe_advance(txn, b"request")
             txn.put(key, _encode_entry(RequestEntry.running(key, body_sha256, self.pid, self.wal_id)), db=self._db(b"request", generation))
-            now = int(time.time())
+            now = seconds_since_boot()
             for span in spans:
                 txn.put(span_key(span.device_id, key), _SPAN.pack(span.lowest, span.highest, self.pid, now), db=self._inflight)
         return Claim("run")
@@ -460,7 +461,7 @@ class RetryLedger:
         found = cursor.set_range(prefix)
         while found and cursor.key().startswith(prefix):
             lowest, highest, pid, at = _SPAN.unpack(cursor.value())
-            if time.time() - at > CLAIM_STALE_SECS or (
+            if not claim_is_fresh(at, CLAIM_STALE_SECS) or (
                 pid != self.pid and not _alive(pid) and self._dead_span_settled(txn, cursor.key()[len(prefix):], pid)
             ):
                 found = cursor.delete()  # moves to the next span
@@ -730,14 +731,6 @@ def _request_entry(raw: bytes | None) -> RequestEntry | None:
         return entry
     except (msgspec.DecodeError, zlib.error):
         log.warning("retry ledger: a request entry does not decode; treating it as absent")
-        return None
-
-
-def current_boot_id() -> str | None:
-    """This boot of the machine (Linux), or None where the system does not say."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
         return None
 
 

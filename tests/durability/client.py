@@ -25,7 +25,7 @@ import io
 import json
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,8 @@ class Device:
     device_id: str
     key: str
     next_seq: int = 0
+    # The device's wall clock (signatures and event times): the machine's, or one a test steps.
+    clock: Callable[[], float] = field(default=time.time, repr=False)
     # Timestamps already used to sign each recent body: the gateway's replay guard refuses a
     # signature it has seen, and two attempts of one body signed in the same second would carry the
     # same one. Each attempt gets a timestamp no earlier attempt of that body used (a second or a few
@@ -89,7 +91,7 @@ class Device:
     ) -> list[dict]:
         """``n`` valid schema-v1 records; with ``hours_spread`` their event times span that many hours back."""
         rng = rng or random
-        now_ms = int(time.time() * 1000) if ts_ms is None else ts_ms
+        now_ms = int(self.clock() * 1000) if ts_ms is None else ts_ms
         out = []
         for i in range(n):
             ts = now_ms - (i % (hours_spread + 1)) * 3_600_000 if hours_spread else now_ms
@@ -122,7 +124,7 @@ class Device:
         self._signed.move_to_end(digest)
         while len(self._signed) > 256:
             self._signed.popitem(last=False)
-        ts = int(time.time())
+        ts = int(self.clock())
         while ts in used:
             ts -= 1
         used.add(ts)

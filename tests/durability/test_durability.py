@@ -47,6 +47,7 @@ from tests.durability.harness import (
     zone_records,
 )
 from tests.fixtures.failing_disk import FailingDisk
+from tests.fixtures.stepped_clock import SteppedClock
 from tests.gateway.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -289,6 +290,59 @@ async def test_identical_retries_land_once_across_workers_and_restarts(tmp_path,
                     error = None
                 if not (isinstance(error, dict) and isinstance(error.get("error"), str) and isinstance(error.get("message"), str)):
                     problems.append(f'the 409 body is not {{"error": ..., "message": ...}}: {conflict.body[:300]!r}')
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+@pytest.mark.timeout(120)
+async def test_retries_are_recognised_across_steps_of_the_wall_clock(tmp_path, gateways):
+    """NTP (or ``date -s``) steps the wall clock of the gateway and its devices by hours while they
+    run: retries of requests acknowledged seconds before are still duplicates, each record lands once."""
+    clock = SteppedClock(tmp_path / "clock")
+    window = 10  # dedup_window_secs: every retry below comes within it, in real time
+    sp, (device, other), lake = setup(
+        tmp_path, gateways, 2, limits={"dedup_window_secs": window}, lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.2}
+    )
+    for d in (device, other):
+        d.clock = clock.time
+    env = {**workers_env(2), **clock.env()}
+    await sp.astart(env, workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+    tag = uuid.uuid4().hex[:8]
+    async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client, DeviceClient(sp.url, other, ledger, fresh_connections=True) as others:
+
+        async def others_send(when: str) -> None:
+            """Requests of another device: each one a chance for the ledger to turn a generation."""
+            for answer in (
+                await others.send(other.records(10)),
+                await others.send(other.records(5, with_seq=False, probe_prefix=f"o-{when}-{tag}"), idempotency_key=f"o-{when}-{tag}"),
+            ):
+                if answer.status != 202:
+                    problems.append(f"another device's request {when} got {answer.status}: {answer.body[:200]!r}")
+
+        await others_send("first")
+        numbered = device.records(40)
+        keyed = device.records(20, with_seq=False, probe_prefix=f"k-{tag}")
+        sent = [(numbered, ndjson(numbered), None), (keyed, ndjson(keyed), f"key-{tag}")]
+        started = time.monotonic()
+        firsts = [await client.send(records, body=body, idempotency_key=key, retry=False) for records, body, key in sent]
+        problems += [f"a first send got {a.status}: {a.body[:200]!r}" for a in firsts if a.status != 202]
+        # Forward by an hour, by two more, and back by five: each step beyond the window at once.
+        for step in (3600, 7200, -5 * 3600):
+            clock.step(step)
+            await others_send(f"after a step of {step:+d} s")
+            for (records, body, key), first_answer in zip(sent, firsts):
+                again = await client.send(records, body=body, idempotency_key=key, retry=False)
+                recognised = again.status == 202 and (again.json() == first_answer.json() or again.json().get("duplicates") == len(records))
+                if not recognised:
+                    problems.append(
+                        f"{'a keyed' if key else 'a numbered'} request resent {time.monotonic() - started:.1f} s after it was "
+                        f"acknowledged (window {window} s), after a clock step of {step:+d} s, was taken again: "
+                        f"{again.status} {again.body[:200]!r} (first answer {first_answer.body[:200]!r})"
+                    )
+        assert time.monotonic() - started < window, "the resends came later than the window: this scenario proves nothing"
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)

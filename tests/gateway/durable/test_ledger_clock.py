@@ -1,0 +1,134 @@
+"""The retry ledger's clock: what it remembers and what it takes for abandoned age by the time that
+really passed, whichever way the wall clock is stepped (an NTP correction, ``date -s``)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from gateway.durable import ledger_clock
+from gateway.durable.ledger_clock import Instant, claim_is_fresh, seconds_since_boot
+from gateway.durable.retry_ledger import CLAIM_STALE_SECS, RetryLedger, idempotency_key
+
+SHA_1 = "11" * 32
+BOOT_A, BOOT_B = b"a" * 16, b"b" * 16
+
+
+class Clocks:
+    """The machine's clocks as the ledger reads them, with the wall clock and real time moved at will."""
+
+    CLOCK_BOOTTIME = time.CLOCK_BOOTTIME
+
+    def __init__(self) -> None:
+        self.wall_step_ns = 0  # a step of the wall clock alone
+        self.passed_ns = 0  # real time passing: both clocks
+
+    def time_ns(self) -> int:
+        return time.time_ns() + self.wall_step_ns + self.passed_ns
+
+    def clock_gettime_ns(self, clock: int) -> int:
+        return time.clock_gettime_ns(clock) + self.passed_ns
+
+    def clock_gettime(self, clock: int) -> float:
+        return self.clock_gettime_ns(clock) / 1e9
+
+    def step_wall(self, seconds: float) -> None:
+        self.wall_step_ns += int(seconds * 1e9)
+
+    def let_pass(self, seconds: float) -> None:
+        self.passed_ns += int(seconds * 1e9)
+
+
+@pytest.fixture
+def clocks(monkeypatch) -> Clocks:
+    fake = Clocks()
+    monkeypatch.setattr(ledger_clock, "time", fake)
+    return fake
+
+
+def test_the_time_between_two_instants_of_one_boot_is_what_both_clocks_agree_on():
+    start = Instant(wall_ms=1_000_000, boot_ms=50_000, boot=BOOT_A)
+    assert Instant(1_005_000, 55_000, BOOT_A).ms_since(start) == 5_000
+    assert Instant(1_005_000 + 3_600_000, 55_000, BOOT_A).ms_since(start) == 5_000, "the wall clock stepped an hour forward"
+    assert Instant(1_005_000 - 3_600_000, 55_000, BOOT_A).ms_since(start) < 0, "stepped back: not aged at all"
+    assert Instant(1_005_000, 1_000, BOOT_B).ms_since(start) == 5_000, "another boot: only the wall clock can tell"
+    assert Instant(1_005_000, 55_000, b"").ms_since(Instant(1_000_000, 50_000, b"")) == 5_000, "boot unknown"
+
+
+def test_instants_round_trip_and_those_of_earlier_ledgers_read_as_wall_clock_only():
+    now = Instant.now()
+    assert Instant.unpack(now.pack()) == now
+    assert Instant.unpack((1_234_567).to_bytes(8, "big")) == Instant(1_234_567, 0, b"")
+
+
+def test_a_claim_is_fresh_until_it_is_stale_and_a_claim_from_ahead_of_now_is_an_earlier_boots():
+    now = seconds_since_boot()
+    assert claim_is_fresh(now - 5, CLAIM_STALE_SECS)
+    assert not claim_is_fresh(now - int(CLAIM_STALE_SECS) - 1, CLAIM_STALE_SECS)
+    assert not claim_is_fresh(now + 3_600, CLAIM_STALE_SECS)
+    assert not claim_is_fresh(int(time.time()), CLAIM_STALE_SECS), "stamped in wall seconds by an earlier version"
+
+
+def _ledger(path, window_secs: int = 10) -> RetryLedger:
+    ledger = RetryLedger(path, window_secs=window_secs, max_keys=1000)
+    ledger.open()
+    return ledger
+
+
+def _answered(ledger: RetryLedger, key: bytes) -> bool:
+    claim = ledger.claim_request(key, SHA_1)
+    if claim.outcome == "run":
+        ledger.release_request(key)
+    return claim.outcome == "answered"
+
+
+def _turn(ledger: RetryLedger, n: int) -> None:
+    """Other requests: each one a chance for a generation to end."""
+    key = idempotency_key("dev-other", f"k{n}")
+    ledger.claim_request(key, SHA_1)
+    ledger.record("wal-a", n, [("dev-other", n, 1)], [(key, SHA_1, b"202{}")])
+
+
+def test_steps_of_the_wall_clock_forget_no_request_and_no_seq(tmp_path, clocks):
+    ledger = _ledger(tmp_path / "ledger")
+    key = idempotency_key("dev-1", "first")
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.record("wal-a", 1, [("dev-1", 7, 1000)], [(key, SHA_1, b"202{}")])
+    for n, step in enumerate((3_600, 7_200, -5 * 3_600, 86_400), start=2):
+        clocks.step_wall(step)
+        _turn(ledger, n)
+        _turn(ledger, n + 10)
+        seen = ledger.reader()
+        assert seen.is_duplicate("dev-1", 7, 1000), f"a seq forgotten after a step of {step:+d} s"
+        seen.close()
+        assert _answered(ledger, key), f"a request forgotten after a step of {step:+d} s"
+    ledger.close()
+
+
+def test_time_that_really_passed_still_ends_generations(tmp_path, clocks):
+    ledger = _ledger(tmp_path / "ledger")
+    key = idempotency_key("dev-1", "first")
+    ledger.claim_request(key, SHA_1)
+    ledger.record("wal-a", 1, [("dev-1", 7, 1000)], [(key, SHA_1, b"202{}")])
+    for n in (2, 3):  # two windows later the generation it was in has been emptied
+        clocks.let_pass(11)
+        _turn(ledger, n)
+    seen = ledger.reader()
+    assert not seen.is_duplicate("dev-1", 7, 1000)
+    seen.close()
+    assert not _answered(ledger, key)
+    ledger.close()
+
+
+def test_a_running_claim_is_not_taken_for_abandoned_when_the_wall_clock_steps_forward(tmp_path, clocks):
+    ledger = _ledger(tmp_path / "ledger")
+    key = idempotency_key("dev-1", "slow")
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.pid = os.getpid() + 1_000_000  # as another worker: the claim's owner (this process) is alive
+    clocks.step_wall(3_600)
+    assert ledger.claim_request(key, SHA_1).outcome == "running"
+    clocks.let_pass(CLAIM_STALE_SECS + 1)  # a claim held this long is a stuck request: a retry may run
+    assert ledger.claim_request(key, SHA_1).outcome == "run"
+    ledger.close()
