@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-_INSTANT = struct.Struct(">QQ16s")  # wall clock (epoch ms), time since boot (ms), boot id
+_INSTANT = struct.Struct(">QQ16s")
+INSTANT_BYTES = _INSTANT.size  # wall clock (epoch ms), time since boot (ms), boot id
 _WALL_ONLY = struct.Struct(">Q")  # what ledgers of earlier versions kept: the wall clock alone
 
 
@@ -59,6 +60,14 @@ class Instant(NamedTuple):
         if self.boot and self.boot == earlier.boot:
             return min(wall, self.boot_ms - earlier.boot_ms)
         return wall
+
+    def real_ms_since(self, earlier: Instant) -> int:
+        """Time that really passed from ``earlier`` to this instant: the boot's clock within a boot,
+        the wall clock (never below 0) across boots. For what refills with time (rate limits): a
+        step back must not hold it empty, a step forward must not fill it."""
+        if self.boot and self.boot == earlier.boot:
+            return self.boot_ms - earlier.boot_ms
+        return max(0, self.wall_ms - earlier.wall_ms)
 
     def pack(self) -> bytes:
         return _INSTANT.pack(self.wall_ms, self.boot_ms, self.boot.ljust(16, b"\0"))

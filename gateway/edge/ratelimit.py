@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from gateway.errors import RateLimited
 from gateway.edge.ratelimit_store import Limits, SharedBuckets
+from gateway.durable.ledger_clock import Instant
 from gateway.durable.retry_ledger import LedgerError
 from gateway.settings import RateLimitSettings
 
@@ -54,11 +55,11 @@ class DeviceRateLimiter:
         settings: Callable[[], RateLimitSettings],
         *,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        shared_clock: Callable[[], Instant] = Instant.now,
     ) -> None:
         self._settings = settings
         self._clock = clock
-        self._wall_clock = wall_clock  # shared buckets outlive this process: they need the wall clock
+        self._shared_clock = shared_clock  # shared buckets outlive this process and are read by others
         self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
         self._shared: SharedBuckets | None = None
         self._leases: OrderedDict[str, list[float]] = OrderedDict()  # tokens this worker holds: [records, bytes]
@@ -130,7 +131,7 @@ class DeviceRateLimiter:
         if lease is not None and lease[0] > 0 and lease[1] > 0:
             return  # this worker still holds tokens of the device: nothing to ask
         try:
-            levels = self._shared.levels(device, _limits(s), self._wall_clock())
+            levels = self._shared.levels(device, _limits(s), self._shared_clock())
         except LedgerError as exc:
             log.warning("shared rate-limit buckets unreadable; letting the request in", extra={"error": str(exc)})
             return
@@ -152,7 +153,7 @@ class DeviceRateLimiter:
         want = (min(s.burst_records / LEASE_SHARE, s.records_per_sec * LEASE_SECS), min(s.burst_bytes / LEASE_SHARE, s.bytes_per_sec * LEASE_SECS))
         debt = (max(0.0, -lease[0]), max(0.0, -lease[1]))
         try:
-            granted = self._shared.settle(device, _limits(s), self._wall_clock(), debt, want)
+            granted = self._shared.settle(device, _limits(s), self._shared_clock(), debt, want)
         except LedgerError as exc:
             log.warning("shared rate-limit buckets unwritable; the charge stays with this worker", extra={"error": str(exc)})
             return
@@ -162,7 +163,7 @@ class DeviceRateLimiter:
     def _state_shared(self, device: str) -> dict[str, float] | None:
         s = self._settings()
         try:
-            levels = self._shared.levels(device, _limits(s), self._wall_clock())
+            levels = self._shared.levels(device, _limits(s), self._shared_clock())
         except LedgerError:
             levels = None
         lease = self._leases.get(device)

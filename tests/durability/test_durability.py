@@ -348,6 +348,38 @@ async def test_retries_are_recognised_across_steps_of_the_wall_clock(tmp_path, g
     check(problems, ledger, sp)
 
 
+@pytest.mark.timeout(120)
+async def test_rate_limits_refill_by_real_time_when_the_wall_clock_steps_back(tmp_path, gateways):
+    """A device over its rate and a source past its authentication failures when the clock steps an
+    hour back: both are let in again once their buckets refill in real time, not an hour later."""
+    clock = SteppedClock(tmp_path / "clock")
+    limits = {"records_per_sec": 100.0, "burst_records": 200, "auth_failures_per_sec": 5.0, "burst_auth_failures": 5}
+    sp, (device, forger), _lake = setup(tmp_path, gateways, 2, rate_limits={**NO_RATE_LIMITS, **limits})
+    for d in (device, forger):
+        d.clock = clock.time
+    forger.key = "not-" + forger.key  # its signatures fail authentication
+    await sp.astart({**workers_env(2), **clock.env()}, workers=2)
+    ledger = Ledger()
+    problems: list[str] = []
+    async with DeviceClient(sp.url, device, ledger) as client, DeviceClient(sp.url, forger, ledger) as forging:
+        first = await client.send(device.records(300), retry=False)  # let in, and 100 records over
+        refused = await client.send(device.records(10), retry=False)
+        failures = [(await forging.send(forger.records(1), retry=False)).status for _ in range(8)]
+        locked_out = await client.send(device.records(1), retry=False)
+        if (first.status, refused.status) != (202, 429) or failures[-1] != 429:
+            problems.append(f"the limits did not bite as set up: {first.status}, {refused.status}, auth failures {failures}")
+        clock.step(-3600)
+        await asyncio.sleep(3.0)  # 1 s of refill for the device, 1.6 s for the source's failures: ample
+        again = await client.send(device.records(10), retry=False)
+        if again.status != 202:
+            problems.append(
+                f"3 s after the clock stepped back an hour the device still gets {again.status} "
+                f"(before the step: {refused.status}, locked out by its source? {locked_out.status}): {again.body[:200]!r}"
+            )
+    await stop_gracefully(sp, problems)
+    check(problems, ledger, sp)
+
+
 # -- 4 ------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,11 @@
-"""The retry ledger's clock: what it remembers and what it takes for abandoned age by the time that
-really passed, whichever way the wall clock is stepped (an NTP correction, ``date -s``)."""
+"""The retry ledger's clock: what the ledger remembers, what it takes for abandoned and the rate-limit
+buckets kept beside it age and refill by the time that really passed, whichever way the wall clock
+is stepped (an NTP correction, ``date -s``)."""
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from gateway.durable import ledger_clock
 from gateway.durable.ledger_clock import Instant, claim_is_fresh, seconds_since_boot
 from gateway.durable.retry_ledger import CLAIM_STALE_SECS, RetryLedger, idempotency_key
+from gateway.edge.ratelimit_store import Limits
 
 SHA_1 = "11" * 32
 BOOT_A, BOOT_B = b"a" * 16, b"b" * 16
@@ -55,6 +58,23 @@ def test_the_time_between_two_instants_of_one_boot_is_what_both_clocks_agree_on(
     assert Instant(1_005_000 - 3_600_000, 55_000, BOOT_A).ms_since(start) < 0, "stepped back: not aged at all"
     assert Instant(1_005_000, 1_000, BOOT_B).ms_since(start) == 5_000, "another boot: only the wall clock can tell"
     assert Instant(1_005_000, 55_000, b"").ms_since(Instant(1_000_000, 50_000, b"")) == 5_000, "boot unknown"
+
+
+def test_the_time_that_really_passed_follows_the_boots_clock_whatever_the_wall_clock_did():
+    start = Instant(wall_ms=1_000_000, boot_ms=50_000, boot=BOOT_A)
+    assert Instant(1_005_000 - 3_600_000, 55_000, BOOT_A).real_ms_since(start) == 5_000, "stepped back an hour"
+    assert Instant(1_005_000 + 3_600_000, 55_000, BOOT_A).real_ms_since(start) == 5_000, "stepped forward an hour"
+    assert Instant(1_005_000, 1_000, BOOT_B).real_ms_since(start) == 5_000, "another boot: the wall clock"
+    assert Instant(900_000, 1_000, BOOT_B).real_ms_since(start) == 0, "another boot, the wall clock behind: nothing"
+
+
+def test_a_rate_limit_bucket_refills_by_real_time_through_steps_of_the_wall_clock():
+    limits = Limits(records_per_sec=10.0, burst_records=100.0, bytes_per_sec=1_000.0, burst_bytes=10_000.0, max_entries=10)
+    start = Instant(wall_ms=1_000_000, boot_ms=50_000, boot=BOOT_A)
+    raw = struct.pack(">dd", 0.0, 0.0) + start.pack()  # a bucket left empty at ``start``
+    assert limits.refill(raw, Instant(1_002_000 - 3_600_000, 52_000, BOOT_A)) == (20.0, 2_000.0), "two seconds, clock stepped back"
+    assert limits.refill(raw, Instant(1_002_000 + 3_600_000, 52_000, BOOT_A)) == (20.0, 2_000.0), "two seconds, clock stepped forward"
+    assert limits.refill(b"\0" * 24, start) == (100.0, 10_000.0), "an earlier version's entry: a full bucket"
 
 
 def test_instants_round_trip_and_those_of_earlier_ledgers_read_as_wall_clock_only():
