@@ -35,6 +35,7 @@ from gateway.durable.wal_layout import (
     INSTANCE_LOCK,
     SLOT_LOCK,
     SUPERVISED_ENV,
+    EXITED_HOLDER_WAIT_SECS,
     DirectoryLock,
     WalLocked,
     WalSlot,
@@ -215,12 +216,12 @@ class Gateway:
         root = self.settings.wal.dir
         supervised = _supervised(self.settings)
         if not supervised:
-            self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire())
+            self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
         if supervised:
             self.ledger.open()
         else:
             open_and_catch_up(self.settings, self.base_id, self.ledger)
-        self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire())
+        self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
 
     def _ledger_forgot(self, kind: str, entries: int) -> None:
         if kind == "signature":

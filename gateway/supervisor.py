@@ -34,7 +34,7 @@ from gateway.edge.accept_share import leave_nothing_to
 from gateway.heartbeat import Watchdog
 from gateway.listeners import bind_listener
 from gateway.settings import Settings, lake_process_lands
-from gateway.durable.wal_layout import INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
+from gateway.durable.wal_layout import EXITED_HOLDER_WAIT_SECS, INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Supervisor:
         signal.signal(signal.SIGHUP, lambda signum, frame: self._forward(signal.SIGHUP))
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
-        self.lock.acquire()  # WalLocked: another instance owns wal.dir
+        self.lock.acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS)  # WalLocked: another instance owns wal.dir
         self._catch_up_ledger()
         listen, ops = self.settings.listen, self.settings.ops
         self.listener = bind_listener(listen.host, listen.port, listen.backlog)

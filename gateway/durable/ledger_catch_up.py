@@ -17,7 +17,7 @@ import msgspec
 
 from gateway.durable.retry_ledger import DAMAGE, LedgerError, RetryLedger, map_bytes_for
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, fresh_log_origin
-from gateway.durable.wal_layout import SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
+from gateway.durable.wal_layout import EXITED_HOLDER_WAIT_SECS, SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger) -> None:
 
 
 def _catch_up_slot(slot: WalSlot, ledger: RetryLedger, *, segment_bytes: int, max_total_bytes: int) -> None:
-    lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire()
+    lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS)
     wal = WriteAheadLog(slot.directory / "segments", segment_bytes=segment_bytes, max_total_bytes=max_total_bytes, first_lsn=fresh_log_origin())
     try:
         wal.open()

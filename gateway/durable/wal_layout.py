@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.durable_files import ensure_directory, write_atomically
+
+log = logging.getLogger(__name__)
 
 INSTANCE_LOCK = "instance.lock"
 # Set by the supervisor for its workers: it holds the instance lock for them (value: the WAL root).
@@ -28,6 +32,9 @@ SUPERVISED_ENV = "EDGE_GATEWAY_SUPERVISED_WAL"
 SLOT_LOCK = "wal.lock"
 # Held by whichever process lands a WAL directory's zones (its worker, or the lake process).
 LANDING_LOCK = "landing.lock"
+# A start waits this long for a lock whose holder has exited to be released (see DirectoryLock.acquire).
+EXITED_HOLDER_WAIT_SECS = 30.0
+EXITED_HOLDER_POLL_SECS = 0.05
 _WORKER_DIR = re.compile(r"^w(\d+)$")
 
 
@@ -85,6 +92,19 @@ def wal_id(directory: str | os.PathLike[str]) -> str:
     return value
 
 
+def _exited(holder: str) -> bool:
+    """Whether the PID a lock file names is gone (a name that is no PID could be anyone's: not gone)."""
+    if not holder.isdigit():
+        return False
+    try:
+        os.kill(int(holder), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class DirectoryLock:
     """An exclusive ``flock`` on a file in a directory, held for the life of the process.
 
@@ -97,20 +117,42 @@ class DirectoryLock:
         self._what = what
         self.fd = -1
 
-    def acquire(self) -> DirectoryLock:
+    def acquire(self, *, exited_holder_wait_secs: float = 0.0) -> DirectoryLock:
+        """Take the lock, or raise ``WalLocked`` naming its holder. A holder that has exited may
+        still hold it for a while: the kernel drops the lock with the holder's last reference to
+        the file, which an I/O still in flight keeps (a SIGKILL during an fsync on a slow disk).
+        Such a lock is waited for up to ``exited_holder_wait_secs``; a live holder's is refused at once."""
         ensure_directory(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        deadline = time.monotonic() + exited_holder_wait_secs
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if _exited(holder) and time.monotonic() < deadline:
+                    if not waiting:
+                        waiting = True
+                        log.warning(
+                            "the lock of a WAL directory is still held by a process that has exited (its last I/O "
+                            "may still be in flight on a slow disk); waiting for the kernel to release it",
+                            extra={"lock": str(self.path), "holder_pid": holder, "wait_secs": exited_holder_wait_secs},
+                        )
+                    time.sleep(EXITED_HOLDER_POLL_SECS)
+                    continue
+                os.close(fd)
                 raise WalLocked(
-                    f"{self._what} {self.path.parent} is in use by another gateway (pid {holder}); "
+                    f"{self._what} {self.path.parent} is in use by another gateway (pid {holder}"
+                    f"{', which has exited but whose lock the kernel has not released yet' if _exited(holder) else ''}); "
                     "stop it first, or give this one its own wal.dir"
                 ) from None
-            raise
+        if waiting:
+            log.info("the exited holder's lock was released", extra={"lock": str(self.path)})
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -1761,25 +1761,42 @@ async def test_an_s3_lake_that_hangs_fails_and_refuses_loses_and_repeats_nothing
 # -- 16 -----------------------------------------------------------------------------------------
 
 
-async def devices_sending_to_a_wal_on(disk: FailingDisk, tmp_path: Path, gateways: Gateways):
-    """A gateway (two workers, the curated zone on) with its WAL on ``disk``, and four devices
-    sending 100-record requests with ``seq`` to it until ``stop`` is set."""
+async def devices_sending_to_a_wal_on(
+    disk: FailingDisk, tmp_path: Path, gateways: Gateways, *, inference: bool = True, patience_secs: float = 10.0, keyless: bool = False, **sections
+):
+    """A gateway (two workers, the curated zone on unless ``inference`` is off) with its WAL on
+    ``disk``, and four devices sending 100-record requests with ``seq`` to it until ``stop`` is set,
+    each waiting ``patience_secs`` for an answer; with ``keyless``, the fourth sends records without one."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
         4,
-        inference=True,
+        inference=inference,
         listen={"workers": 2},
         wal={"dir": str(disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
         lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+        **sections,
     )
     await sp.astart(workers=2, timeout=30)
     ledger = Ledger()
     stop = asyncio.Event()
-    load = asyncio.create_task(
-        run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=10.0, retry_deadline_secs=60.0)
+    numbered, keyless_devices = (devices[:3], devices[3:]) if keyless else (devices, [])
+    load = asyncio.gather(
+        run_devices(sp.url, numbered, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=patience_secs, retry_deadline_secs=60.0),
+        *(keyless_bodies(sp.url, device, ledger, stop, timeout_secs=patience_secs) for device in keyless_devices),
     )
     return sp, lake, ledger, stop, load
+
+
+async def keyless_bodies(url: str, device: Device, ledger: Ledger, stop: asyncio.Event, *, timeout_secs: float) -> None:
+    """A device whose records carry no ``seq``: only its body's digest tells a resend from new data."""
+    tag = uuid.uuid4().hex[:6]
+    async with DeviceClient(url, device, ledger, timeout_secs=timeout_secs, retry_deadline_secs=60.0) as client:
+        n = 0
+        while not stop.is_set():
+            await client.send(device.records(20, with_seq=False, probe_prefix=f"{tag}-{n}"))
+            n += 1
+            await asyncio.sleep(0.05)
 
 
 @pytest.mark.timeout(180)
@@ -2002,3 +2019,55 @@ async def test_lives_with_settings_and_faults_drawn_at_random_lose_and_repeat_no
         problems.append(f"only {len(ledger.acked)} records acknowledged: too little load to judge")
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp, notes=[f"drawn with random.Random({seed}): " + "; ".join(lives)])
+
+
+
+@pytest.mark.timeout(240)
+async def test_fsyncs_that_take_seconds_time_devices_out_and_land_nothing_twice(tmp_path, gateways, failing_disk):
+    """The WAL's disk degrades: each fsync takes seconds, longer than the devices wait for an answer,
+    so every request in flight times out and is sent again while the first is still being made
+    durable; then a SIGTERM whose drain deadline passes mid-fsync, and a SIGKILL mid-fsync followed
+    at once by a start (the dead gateway's lock lingers until its last fsync returns: the start waits
+    for it). Devices with ``seq`` and one whose records carry none (only its body's digest dedups its
+    resends): every acknowledged record lands once, and no request gets an error."""
+    patience = 1.0  # what a device waits for an answer: less than one slow fsync
+    sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(
+        failing_disk, tmp_path, gateways, inference=False, patience_secs=patience, keyless=True, drain={"deadline_secs": 1.5}
+    )
+    problems: list[str] = []
+    phases = Phases(ledger)
+    exits: list[int] = []
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 30, budget_secs=15.0, stall_secs=8.0)
+        failing_disk.slow_fsyncs(2.5)
+        await phases.run("fsyncs taking 2.5 s", 6.0)
+        failing_disk.slow_fsyncs(0)
+        await phases.run("fast again", 3.0)
+        failing_disk.slow_fsyncs(4.0)
+        await asyncio.sleep(1.0)
+        exits.append(await sp.aterminate(timeout=60))  # the drain's 1.5 s pass inside a 4 s fsync
+        failing_disk.slow_fsyncs(0)
+        await sp.astart(workers=2, timeout=30)
+        await phases.run("after a drain cut short", 3.0)
+        failing_disk.slow_fsyncs(3.0)
+        await asyncio.sleep(1.0)
+        await sp.akill()
+        failing_disk.slow_fsyncs(0)
+        await sp.astart(workers=2, timeout=30)
+        await phases.run("after a SIGKILL mid-fsync", 3.0)
+    finally:
+        stop.set()
+        await load
+    if exits != [0]:
+        problems.append(f"the SIGTERM whose drain deadline passed exited with {exits}, not 0")
+    if not any(a.status == "timeout" for a in ledger.attempts):
+        problems.append(f"no device timed out: the fsyncs were not slow enough for this scenario ({ledger.statuses})")
+    # Waiting out a slow fsync is right, and a stop closes connections: anything else is wrong.
+    wrong = collections.Counter(a.status for a in ledger.attempts if a.status not in (202, 503, "timeout", "connection"))
+    if wrong:
+        problems.append(f"answers other than 202, 503, a device's timeout or a closed connection: {dict(wrong)}")
+    if sum(1 for a in ledger.attempts if a.status == 503 and a.retry_after is None):
+        problems.append("answers 503 came without Retry-After")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp, notes=[f"answers by phase: {phases}"])
