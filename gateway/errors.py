@@ -2,6 +2,7 @@
 
     ApiError                     -> {"error": code, "message": message}
     ├── MalformedBody        400 malformed framing, truncated compression, empty body
+    │   └── MalformedRequest 400 the HTTP parser refused the request (414 a target, 431 headers too large)
     ├── Unauthorized         401 missing or bad signature, stale timestamp, unknown device
     │   └── Replayed         401 this signature was already accepted within the window
     ├── Forbidden            403 device disabled, or a record for another device
@@ -10,6 +11,7 @@
     ├── KeyReused            409 an Idempotency-Key already used with another body
     ├── UnsupportedMedia     415 content type or content encoding we do not speak
     ├── NotImplementedCoding 501 a transfer coding other than chunked
+    ├── VersionNotSupported  505 a request line naming HTTP other than 1.0 or 1.1
     ├── AllRecordsInvalid    422 not one record passed validation
     ├── RateLimited          429 slow down (Retry-After)
     ├── Unavailable          503 overloaded or draining (Retry-After)
@@ -41,6 +43,28 @@ class MalformedBody(ApiError):
 class MalformedRequest(MalformedBody):
     """The HTTP parser refused the request itself (its framing or headers): the connection cannot be reused."""
 
+    closes_connection = True
+
+
+class UriTooLong(MalformedRequest):
+    """414: the request line's target is longer than the parser takes."""
+
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(MalformedRequest):
+    """431: a header line is longer, or there are more header lines, than the parser takes."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class VersionNotSupported(ApiError):
+    """505: a request line naming an HTTP version other than 1.0 or 1.1 (HTTP/2 is not spoken in text)."""
+
+    status = 505
+    code = "http_version_not_supported"
     closes_connection = True
 
 

@@ -18,7 +18,7 @@ try:  # Python 3.14 ships it; older versions use the backport of the same module
 except ImportError:
     from backports.zstd import DecompressionParameter, ZstdDecompressor, ZstdError
 
-from gateway.errors import MalformedBody, NotImplementedCoding, TooLarge, UnsupportedMedia
+from gateway.errors import MalformedBody, MalformedRequest, NotImplementedCoding, TooLarge, UnsupportedMedia
 
 NDJSON = "ndjson"
 JSON = "json"
@@ -170,7 +170,10 @@ def check_transfer_coding(transfer_encoding: str | None) -> None:
     and would hand over its coded bytes (gzip, say, or chunk framing twice) as if they were the records."""
     if transfer_encoding is None:
         return
-    codings = [coding.strip(" \t").lower() for coding in transfer_encoding.split(",")]
+    # Empty list elements are to be ignored (RFC 9110 5.6.1.2); a list of none names no framing at all.
+    codings = [coding for coding in (part.strip(" \t").lower() for part in transfer_encoding.split(",")) if coding]
+    if not codings:
+        raise MalformedRequest("the HTTP request is malformed: its Transfer-Encoding names no coding; send 'chunked' or a Content-Length")
     if codings != ["chunked"]:
         raise NotImplementedCoding(
             f"Transfer-Encoding {transfer_encoding!r} is not supported; send 'chunked' alone"

@@ -315,6 +315,42 @@ async def test_a_request_the_http_parser_refuses_is_answered_in_json_and_closed(
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
 
 
+async def test_a_target_or_headers_too_large_and_other_http_versions_get_their_own_status(tmp_path, start):
+    """They were all 400 (and HTTP/2.0 was answered "HTTP/2.0 202"): a long URL is 414, a long header
+    line or too many headers 431, a request line naming HTTP other than 1.0 or 1.1 is 505, answered in
+    HTTP/1.1; each in the API's JSON on a closed connection, and nothing lands. (aiohttp writes the
+    answers to requests its parser refused in HTTP/1.0.)"""
+    env = make_env(tmp_path, n_devices=1)
+    gw = await start(env)
+    body = ndjson(record(seq=1))
+    signed = b"".join(f"{name}: {value}\r\n".encode() for name, value in sign_request("dev-1", env.device("dev-1").key, body).items())
+    rest = b"Host: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: %d\r\n" % len(body) + signed
+
+    def request(line: bytes, headers: bytes = b"") -> bytes:
+        return line + b"\r\n" + rest + headers + b"\r\n" + body
+
+    cases = {
+        "a 10 KB target": (request(b"POST /v1/telemetry?" + b"a" * 10_000 + b" HTTP/1.1"), b" 414 ", "uri_too_long"),
+        "a 10 KB header": (request(b"POST /v1/telemetry HTTP/1.1", b"X-Big: " + b"b" * 10_000 + b"\r\n"), b" 431 ", "headers_too_large"),
+        "a 10 KB header name": (request(b"POST /v1/telemetry HTTP/1.1", b"X-" + b"n" * 10_000 + b": v\r\n"), b" 431 ", "headers_too_large"),
+        "200 headers": (request(b"POST /v1/telemetry HTTP/1.1", b"".join(b"X-H%d: v\r\n" % i for i in range(200))), b" 431 ", "headers_too_large"),
+        "HTTP/2.0": (request(b"POST /v1/telemetry HTTP/2.0"), b"HTTP/1.1 505 ", "http_version_not_supported"),
+        "HTTP/0.9": (request(b"POST /v1/telemetry HTTP/0.9"), b"HTTP/1.1 505 ", "http_version_not_supported"),
+    }
+    for name, (raw, status_line, code) in cases.items():
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the gateway must close the connection
+        writer.close()
+        status_and_headers, _, answer_body = answer.partition(b"\r\n\r\n")
+        assert status_line in status_and_headers.split(b"\r\n")[0], (name, answer[:300])
+        assert b"Content-Type: application/json" in status_and_headers, (name, status_and_headers)
+        assert orjson.loads(answer_body)["error"] == code, (name, answer_body)
+    await asyncio.sleep(0.5)
+    assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
+
+
 async def test_a_chunked_body_whose_framing_breaks_midway_is_refused_at_once_in_json(tmp_path, start):
     """A chunk size the parser refuses after the headers were handled (a later packet): aiohttp queued
     its refusal as a next request, and the body being read waited for bytes that never came, until
@@ -362,6 +398,14 @@ async def test_a_transfer_coding_besides_chunked_is_refused_501_and_lands_nothin
         assert status_and_headers.split(b"\r\n")[0].endswith(b" 501 Not Implemented"), (coding, answer[:300])
         refusal = orjson.loads(answer_body)
         assert refusal["error"] == "not_implemented" and "Content-Encoding" in refusal["message"], (coding, refusal)
+    # A Transfer-Encoding naming no coding at all frames nothing: malformed, not a coding to decline.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    head = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: \r\n"
+    writer.write(head + b"".join(f"{name}: {value}\r\n".encode() for name, value in signed.items()) + b"Connection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request") and b'"malformed"' in answer, answer[:300]
+    assert b"names no coding" in answer, answer[:300]
     await asyncio.sleep(0.5)
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
 

@@ -236,7 +236,9 @@ def test_handler_never_answers_5xx(threaded_gateway, payload, extra):
         head.append(b"Content-Length: %d" % len(body))
     answer = threaded_gateway.exchange(b"\r\n".join(head) + b"\r\n\r\n" + body)
     status = status_of(answer)
-    assert status is None or status < 500, answer[:300]
+    # The one 5xx a request's headers may earn: 501 for a transfer coding the gateway does not speak (RFC 9112 6.1).
+    declined_coding = status == 501 and b'"not_implemented"' in answer and any(name.lower() == "transfer-encoding" for name, _ in extra)
+    assert status is None or status < 500 or declined_coding, answer[:300]
 
 
 @FUZZ
