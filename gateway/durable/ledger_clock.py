@@ -52,7 +52,7 @@ class Instant(NamedTuple):
     def now(cls) -> Instant:
         return cls(time.time_ns() // 1_000_000, time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000, _boot())
 
-    def ms_since(self, earlier: Instant) -> int:
+    def least_ms_since(self, earlier: Instant) -> int:
         """Time from ``earlier`` to this instant, never more than either clock says: a step of the
         wall clock forward does not age it, and a step back (the wall clock says less) does not
         either, so nothing kept for a while is forgotten early, whichever way the clock moved."""

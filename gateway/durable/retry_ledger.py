@@ -374,7 +374,7 @@ class RetryLedger:
             return 0
         generation, started = _U64.unpack(raw[: _U64.size])[0], Instant.unpack(raw[_U64.size :])
         full = txn.stat(self._db(kind, generation))["entries"] >= self.max_keys[kind]
-        if not full and now.ms_since(started) < self.window_secs * 1000:
+        if not full and now.least_ms_since(started) < self.window_secs * 1000:
             return generation
         generation += 1
         oldest = self._db(kind, generation + 1)  # the generation before the previous one

@@ -4,7 +4,8 @@ They live in the retry ledger's LMDB environment (``<wal.dir>/ledger``, gateway/
 named databases, ``ratelimit`` for devices and ``auth_failures`` for the source addresses whose
 requests failed authentication: ``key -> (records level, bytes level, updated)``, ``updated``
 an ``Instant`` (gateway/durable/ledger_clock.py) so that a restarted worker refills a bucket for the
-time it was down and no more, and a step of the wall clock neither fills a bucket nor holds it empty. Workers do not write it per request: each takes tokens in small leases (ratelimit.py) and
+time it was down and no more, and a step of the wall clock neither fills a bucket nor holds it
+empty. Workers do not write it per request: each takes tokens in small leases (ratelimit.py) and
 comes back when a lease is spent, settling what it charged beyond it in the same transaction.
 
 Bounded: beyond ``max_tracked_devices`` entries, buckets that have refilled to their burst (the
