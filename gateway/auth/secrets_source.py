@@ -26,6 +26,7 @@ import msgspec
 from connectors.aws.secrets import SecretsManagerDeviceSource, SecretsManagerSettings, SecretVersions
 from connectors.errors import ConnectorError
 from connectors.durable_files import ensure_directory, write_atomically
+from gateway.durable.ledger_clock import Instant
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.records import DeviceId
 from gateway.auth.registry import MIN_KEY_CHARS, Device, DeviceRegistry, RegistryError
@@ -78,7 +79,10 @@ class SecretsManagerRegistry:
         self.expired = False
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self.last_success: float | None = None
+        self.last_success: float | None = None  # the wall clock, for the admin API and metrics
+        # When Secrets Manager last confirmed the keys: their age is the time that really passed since
+        # (a step of the wall clock must neither expire them early nor keep revoked ones verifying).
+        self._confirmed: Instant | None = None
         self.stale = False
 
     async def start(self) -> None:
@@ -99,11 +103,12 @@ class SecretsManagerRegistry:
             cached = msgspec.json.decode(self._cache.read_bytes(), type=_Cached)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return False
-        age = time.time() - cached.fetched_at
+        confirmed = Instant.unpack(bytes.fromhex(cached.confirmed)) if cached.confirmed else Instant(int(cached.fetched_at * 1000), 0, b"")
+        age = Instant.now().real_ms_since(confirmed) / 1000
         if age > self.settings.max_stale_secs:
             return False
         self._on_update(DeviceRegistry(cached.devices))
-        self.last_success = cached.fetched_at
+        self.last_success, self._confirmed = cached.fetched_at, confirmed
         self.stale = True
         self._metrics.registry_stale.set(1)
         log.warning(
@@ -115,7 +120,7 @@ class SecretsManagerRegistry:
     def _write_cache(self, devices: dict[str, Device]) -> None:
         if self._cache is None:
             return
-        payload = msgspec.json.encode(_Cached(time.time(), devices))
+        payload = msgspec.json.encode(_Cached(time.time(), devices, Instant.now().pack().hex()))
         try:
             ensure_directory(self._cache.parent)
             write_atomically(self._cache, payload, mode=0o600)  # keys: readable by the owner only
@@ -135,7 +140,7 @@ class SecretsManagerRegistry:
             self._metrics.registry_refreshes.labels("error").inc()
             self._metrics.registry_stale.set(1)
             self.stale = True
-            age = None if self.last_success is None else round(time.time() - self.last_success, 1)
+            age = None if self._confirmed is None else round(Instant.now().real_ms_since(self._confirmed) / 1000, 1)
             if age is not None and age > self.settings.max_stale_secs and not self.expired:
                 self.expired = True
                 self._on_update(DeviceRegistry())  # no key verifies until Secrets Manager answers again
@@ -153,7 +158,7 @@ class SecretsManagerRegistry:
             return False
         self._on_update(registry)
         self.expired = False
-        self.last_success = time.time()
+        self.last_success, self._confirmed = time.time(), Instant.now()
         await asyncio.to_thread(self._write_cache, devices)
         if self.stale:
             log.info("device registry refresh recovered", extra={"source": "secretsmanager", "devices": len(registry)})
@@ -187,8 +192,9 @@ class SecretsManagerRegistry:
 
 
 class _Cached(msgspec.Struct):
-    fetched_at: float
+    fetched_at: float  # the wall clock, for people; ``confirmed`` (an Instant, hex) tells its age
     devices: dict[str, Device]
+    confirmed: str = ""  # absent from caches written by earlier versions: the wall clock alone then
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,7 +12,9 @@ import pytest
 from aiobotocore.session import get_session
 
 from gateway.auth.signing import sign_request
+from gateway.durable import ledger_clock
 from tests.fixtures.fault_proxy import FaultProxy
+from tests.fixtures.stepped_clock import MovableClocks
 from tests.gateway.conftest import make_env, record
 
 REFRESH_SECS = 0.5
@@ -165,6 +167,29 @@ async def test_keys_stop_verifying_once_older_than_max_stale_secs(outage, start,
     await proxy.resume()
     assert await gw.gateway.registry_source.refresh()
     assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
+
+
+async def test_the_keys_age_by_real_time_whichever_way_the_wall_clock_is_stepped(outage, start, http, monkeypatch):
+    """During an outage the keys' age came from the wall clock: a step forward past max_stale_secs
+    refused every device at once, and a step back kept keys Secrets Manager no longer confirms
+    verifying for as long as the step. Their age is the time that really passed now."""
+    clocks = MovableClocks()
+    monkeypatch.setattr(ledger_clock, "time", clocks)
+    proxy, env, environ = outage
+    environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "60"
+    gw = await start(env, environ)
+    assert (await send(http, gw, "dev-1", "k1-" + "a" * 40))[0] == 202
+    await proxy.pause()
+    source = gw.gateway.registry_source
+    clocks.step_wall(3 * 3600)  # NTP steps the wall clock three hours forward: the keys are seconds old
+    assert not await source.refresh()
+    assert not source.expired, "keys confirmed seconds ago expired by a step of the wall clock"
+    clocks.step_wall(-6 * 3600)  # and back: real time still passes
+    clocks.let_pass(61)
+    assert not await source.refresh()
+    assert source.expired, "keys unconfirmed for longer than max_stale_secs still verify after a step back"
+    await proxy.resume()
+    assert await source.refresh() and not source.expired
 
 
 async def test_a_start_during_an_outage_serves_the_last_good_keys_while_fresh(tmp_path, outage, start, http):

@@ -14,39 +14,15 @@ from gateway.durable import ledger_clock
 from gateway.durable.ledger_clock import Instant, claim_is_fresh, seconds_since_boot
 from gateway.durable.retry_ledger import CLAIM_STALE_SECS, RetryLedger, idempotency_key
 from gateway.edge.ratelimit_store import Limits
+from tests.fixtures.stepped_clock import MovableClocks
 
 SHA_1 = "11" * 32
 BOOT_A, BOOT_B = b"a" * 16, b"b" * 16
 
 
-class Clocks:
-    """The machine's clocks as the ledger reads them, with the wall clock and real time moved at will."""
-
-    CLOCK_BOOTTIME = time.CLOCK_BOOTTIME
-
-    def __init__(self) -> None:
-        self.wall_step_ns = 0  # a step of the wall clock alone
-        self.passed_ns = 0  # real time passing: both clocks
-
-    def time_ns(self) -> int:
-        return time.time_ns() + self.wall_step_ns + self.passed_ns
-
-    def clock_gettime_ns(self, clock: int) -> int:
-        return time.clock_gettime_ns(clock) + self.passed_ns
-
-    def clock_gettime(self, clock: int) -> float:
-        return self.clock_gettime_ns(clock) / 1e9
-
-    def step_wall(self, seconds: float) -> None:
-        self.wall_step_ns += int(seconds * 1e9)
-
-    def let_pass(self, seconds: float) -> None:
-        self.passed_ns += int(seconds * 1e9)
-
-
 @pytest.fixture
-def clocks(monkeypatch) -> Clocks:
-    fake = Clocks()
+def clocks(monkeypatch) -> MovableClocks:
+    fake = MovableClocks()
     monkeypatch.setattr(ledger_clock, "time", fake)
     return fake
 
