@@ -174,6 +174,8 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
     except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)
         start_log.critical("the gateway cannot start", exc_info=True, extra={"error": f"{type(exc).__name__}: {exc}"})
         return 2
+    finally:
+        early_signals.ignore_from_now()
 
 
 def _run_lake(settings, remembered: list[int]) -> int:

@@ -34,6 +34,14 @@ def stop_requested() -> bool:
     return any(sig in (signal.SIGTERM, signal.SIGINT) for sig in remembered)
 
 
+def ignore_from_now() -> None:
+    """``serve`` is done and exits: a signal now has nothing left to stop or reload. At exit Python
+    gives every signal it handles its default action back, and a log rotation's SIGHUP (or a second
+    SIGTERM) would then kill the process on its way out: a clean stop would look like a crash."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def held_for_children() -> Iterator[None]:
     """Processes started inside begin with these signals blocked, until they ``remember`` them."""

@@ -380,6 +380,42 @@ async def test_rate_limits_refill_by_real_time_when_the_wall_clock_steps_back(tm
     check(problems, ledger, sp)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_signals_that_keep_coming_while_it_stops_do_not_kill_it_on_its_way_out(tmp_path, gateways, workers):
+    """A log rotation's SIGHUP (or a second SIGTERM) reaching a gateway that has drained and is
+    exiting found Python's default action restored, and killed it: the stop that was clean looked
+    like a crash (exit status -1). Signals keep coming from the SIGTERM until the exit: status 0, and
+    every acknowledged record once in raw."""
+    sp, devices, lake = setup(tmp_path, gateways, 2)
+    await sp.astart(workers_env(workers), workers=workers)
+    ledger = Ledger()
+    problems: list[str] = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=100, retry_deadline_secs=5.0))
+    await wait_for_acks(ledger, lambda: ledger.acked_requests >= 20, budget_secs=15.0, stall_secs=8.0)
+    sp.proc.send_signal(signal.SIGTERM)
+    sent = 0
+    while sp.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            for pid in [sp.proc.pid, *sp.children()]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP if sent % 4 else signal.SIGTERM)
+        sent += 1
+        await asyncio.sleep(0.002)
+    stop.set()
+    await load
+    if sp.proc.returncode != 0:
+        problems.append(f"the gateway exited with {sp.proc.returncode}, not 0, with {sent} rounds of SIGHUP and SIGTERM during its stop")
+    # Its lake process too: one killed so after landing everything was taken for one that had not.
+    errors = [line for line in sp.log_text().splitlines() if '"level":"ERROR"' in line or '"level":"CRITICAL"' in line]
+    if errors:
+        problems.append(f"errors logged during the stop: {errors[:3]}")
+    await asyncio.to_thread(sp.kill)
+    problems += landing_problems(lake, ledger, ("raw",), only=ledger.acked)
+    check(problems, ledger, sp)
+
+
 # -- 4 ------------------------------------------------------------------------------------------
 
 
