@@ -604,9 +604,16 @@ class WriteAheadLog:
         try:
             if q.frame_count > 1:
                 written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(q.total_bytes))])
+            body = 0
             for frames in q.chunks:
-                written += self._write_all(frames)
+                body += self._write_all(frames)
                 records += sum(frame_record_count(f) for f in frames)
+            written += body
+            if body != q.total_bytes:
+                # Its frames ended early: whoever queued it gave up and closed them (a handler cancelled
+                # when a drain's deadline passed). Committed so, the request would be reported durable
+                # with its records missing; it is refused instead, and a retry runs it whole.
+                raise ValueError(f"the request's frames ended after {body} of their {q.total_bytes} bytes")
         except OSError as exc:
             self._roll_back_write(segment, exc)
         except Exception as exc:  # e.g. the request's spool closed under it: nothing of it may stay

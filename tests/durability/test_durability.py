@@ -2065,7 +2065,9 @@ async def test_fsyncs_that_take_seconds_time_devices_out_and_land_nothing_twice(
     durable; then a SIGTERM whose drain deadline passes mid-fsync, and a SIGKILL mid-fsync followed
     at once by a start (the dead gateway's lock lingers until its last fsync returns: the start waits
     for it). Devices with ``seq`` and one whose records carry none (only its body's digest dedups its
-    resends): every acknowledged record lands once, and no request gets an error."""
+    resends): every acknowledged record lands once, and no request gets an error. (Requests whose
+    handlers the cut-short drain cancelled were once committed empty and their records acknowledged
+    to the retries as duplicates: 100 records missing, in one run of eight.)"""
     patience = 1.0  # what a device waits for an answer: less than one slow fsync
     sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(
         failing_disk, tmp_path, gateways, inference=False, patience_secs=patience, keyless=True, drain={"deadline_secs": 1.5}
@@ -2076,21 +2078,21 @@ async def test_fsyncs_that_take_seconds_time_devices_out_and_land_nothing_twice(
     try:
         await wait_for_acks(ledger, lambda: ledger.acked_requests >= 30, budget_secs=15.0, stall_secs=8.0)
         failing_disk.slow_fsyncs(2.5)
-        await phases.run("fsyncs taking 2.5 s", 6.0)
+        await phases.run("fsyncs taking 2.5 s", 4.0)
         failing_disk.slow_fsyncs(0)
-        await phases.run("fast again", 3.0)
-        failing_disk.slow_fsyncs(4.0)
+        await phases.run("fast again", 2.0)
+        failing_disk.slow_fsyncs(3.0)
         await asyncio.sleep(1.0)
-        exits.append(await sp.aterminate(timeout=60))  # the drain's 1.5 s pass inside a 4 s fsync
+        exits.append(await sp.aterminate(timeout=60))  # the drain's 1.5 s pass inside a 3 s fsync
         failing_disk.slow_fsyncs(0)
         await sp.astart(workers=2, timeout=30)
-        await phases.run("after a drain cut short", 3.0)
+        await phases.run("after a drain cut short", 2.0)
         failing_disk.slow_fsyncs(3.0)
         await asyncio.sleep(1.0)
         await sp.akill()
         failing_disk.slow_fsyncs(0)
         await sp.astart(workers=2, timeout=30)
-        await phases.run("after a SIGKILL mid-fsync", 3.0)
+        await phases.run("after a SIGKILL mid-fsync", 2.0)
     finally:
         stop.set()
         await load

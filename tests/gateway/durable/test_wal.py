@@ -58,6 +58,28 @@ async def test_append_returns_after_fsync_and_reads_back_in_order(tmp_path):
     await wal.close()
 
 
+@pytest.mark.parametrize("held", ["in memory", "in a file"])
+async def test_a_request_whose_spool_is_closed_before_it_is_written_is_refused_not_committed_empty(tmp_path, held):
+    """A handler cancelled while its request waited behind a slow fsync (a drain's deadline passing)
+    closed its spool; the writer then found no frames, wrote the request's marker alone, fsynced it
+    and reported it durable: its records were acknowledged (to a retry, as duplicates) and never
+    written. The request is refused now, and nothing of it stays in the log."""
+    from gateway.ingest.spool import Spool
+
+    wal = await open_wal(tmp_path / "wal")
+    await wal.append([frame(2, b"before")])
+    spool = Spool(tmp_path, memory_bytes=1 << 20 if held == "in memory" else 0)
+    for i in range(3):
+        spool.add(frame(5, b"r%d-" % i))
+    committing = asyncio.ensure_future(wal.commit(spool.chunks(), spool.bytes, spool.frame_count))
+    spool.close()  # before the writer thread reads it: the event loop has not run the committer yet
+    with pytest.raises(WalError):
+        await committing
+    assert wal.durable_lsn == 2 and [f.count for f in read_all(wal)] == [2], "a request with no records was committed"
+    assert await wal.append([frame(1, b"after")]) == 3
+    await wal.close()
+
+
 async def test_lines_stored_with_their_shared_beginning_once_are_read_back_whole(tmp_path):
     shared = b'{"ingest_id":"i1","gateway_id":"gw","device":{"site":"a,b"}'
     rests = [b',"index":%d,"record":{"v":"x\\n,y"}}' % i for i in range(3)]  # an escaped line break and comma inside
