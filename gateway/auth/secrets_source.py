@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,9 +102,9 @@ class SecretsManagerRegistry:
             return False
         try:
             cached = msgspec.json.decode(self._cache.read_bytes(), type=_Cached)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            return False
-        confirmed = Instant.unpack(bytes.fromhex(cached.confirmed)) if cached.confirmed else Instant(int(cached.fetched_at * 1000), 0, b"")
+            confirmed = Instant.unpack(bytes.fromhex(cached.confirmed)) if cached.confirmed else Instant(int(cached.fetched_at * 1000), 0, b"")
+        except (OSError, ValueError, struct.error, msgspec.DecodeError, msgspec.ValidationError):
+            return False  # an unreadable cache is no cache: the start says Secrets Manager is unreachable
         age = Instant.now().real_ms_since(confirmed) / 1000
         if age > self.settings.max_stale_secs:
             return False

@@ -210,3 +210,9 @@ async def test_a_start_during_an_outage_serves_the_last_good_keys_while_fresh(tm
     environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"] = "0.001"
     with pytest.raises(RegistryError, match="Secrets Manager"):
         await start(env, environ)  # a cache older than max_stale_secs is not trusted
+    del environ["EDGE_GATEWAY__SECRETSMANAGER__MAX_STALE_SECS"]
+    damaged = orjson.loads(cache.read_bytes())
+    damaged["confirmed"] = "not an instant"
+    cache.write_bytes(orjson.dumps(damaged))
+    with pytest.raises(RegistryError, match="Secrets Manager"):
+        await start(env, environ)  # a damaged cache is no cache: the same clear refusal, no traceback
