@@ -356,6 +356,10 @@ class RetryLedger:
             self._env.close()
             self._env = None
 
+    @property
+    def closed(self) -> bool:
+        return self._env is None
+
     # -- generations -------------------------------------------------------------------------
 
     def _generation(self, txn, kind: bytes) -> int:

@@ -225,15 +225,20 @@ async def _once(gw: Gateway, key: bytes, digest: str, batch: RequestBatch, run) 
         await asyncio.sleep(0.02)
     future: asyncio.Future[bytes | None] = loop.create_future()
     gw.running_requests[key] = (digest, future)
-    answer = None
-    try:
-        answer = await run()
-    finally:
-        del gw.running_requests[key]
-        future.set_result(answer)
-        if answer is None:
-            gw.ledger.release_request(key, [span.device_id for span in spans])  # nothing of it landed: a retry must run it
-    return _answer_response(answer)
+    running = asyncio.ensure_future(run())
+    # The claim ends when the run does, not when its handler does: a handler cancelled while its
+    # request waits on the WAL (a drain past its deadline) must not free the key before the WAL
+    # has written the request or refused it, or a retry in between would land it a second time.
+    running.add_done_callback(lambda done: _run_ended(gw, key, future, spans, done))
+    return _answer_response(await asyncio.shield(running))
+
+
+def _run_ended(gw: Gateway, key: bytes, future: asyncio.Future, spans, done: asyncio.Future) -> None:
+    answer = None if done.cancelled() or done.exception() is not None else done.result()
+    del gw.running_requests[key]
+    future.set_result(answer)
+    if answer is None and not gw.ledger.closed:  # nothing of it landed: a retry must run it
+        gw.ledger.release_request(key, [span.device_id for span in spans])
 
 
 _KEY_REUSED = "this Idempotency-Key was already used with a different body; use a new key for new data"
