@@ -83,7 +83,7 @@ class S3Store:
 @dataclass
 class LakeObject:
     zone: str
-    key: str  # below the lake's root: <zone>/<dataset>/dt=.../hour=.../<gateway_id>-<first>-<last>.<ext>
+    key: str  # below the lake's root: <zone>/<dataset>/dt=.../hour=.../<gateway_id>-<first>-<last>-<tag>.<ext>
     gateway_id: str
     landed_at: float  # wall-clock seconds: the first sighting, or the object's time if that is earlier
     mtime: float

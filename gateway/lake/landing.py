@@ -3,14 +3,16 @@
 Each zone (raw, quarantine, curated) runs one ``ZoneLander``, independent of the others and of
 the device API: a slow sink stalls only its own zone, and the WAL absorbs the backlog.
 
-Exactly once across crashes. Object keys are ``<gateway_id>-<first_lsn>-<last_lsn>``, and the lander
-keeps a small state file per zone, written atomically:
+Exactly once across crashes. Object keys are ``<gateway_id>-<first_lsn>-<last_lsn>-<tag>``, the tag
+drawn at random when the object is sealed (two writers numbering records alike never share a key),
+and the lander keeps a small state file per zone, written atomically:
 
 - ``position``: every frame below it is landed or not this zone's, so replay starts there;
 - ``landed``: per partition, the last LSN landed, for partitions still open across ``position``;
 - ``sealed``: objects whose boundaries were decided (by age, size, drain or the open-partition cap)
-  but which may not have landed yet. The decision is written *before* the upload starts, so a
-  replay after a crash cuts the same objects, at the same LSNs, under the same keys.
+  but which may not have landed yet, with the names and tag of their keys. The decision is written
+  *before* the upload starts, so a replay after a crash cuts the same objects, at the same LSNs,
+  under the same keys.
 
 The position never passes a frame that is in no landed object. A zone with nothing of its own
 pending moves its position as it reads (an idle zone never pins the WAL). The state lives in space
@@ -36,6 +38,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import string
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,6 +56,7 @@ from gateway.durable.wal import KIND_RECORDS_SHARED, Frame, WriteAheadLog
 log = logging.getLogger(__name__)
 
 LSN_DIGITS = 16
+TAG_LETTERS = 8
 # WAL bytes read per step (about 8,000 records): each zone of each WAL holds a read in memory, with
 # what it becomes (columns, scores) in the curated zone; 8 MiB cost 60 MiB more at peak and no less CPU.
 READ_BATCH_BYTES = 2 * 1024 * 1024
@@ -91,6 +95,9 @@ class LanderState(msgspec.Struct):
     # "hour:first_lsn" of a sealed object -> (gateway_id, dataset) it is named with: a replay after a
     # restart that renamed either must land it under the key it may already have.
     names: dict[str, tuple[str, str]] = {}
+    # "hour:first_lsn" -> the tag drawn when it was sealed, last in its key (none: sealed untagged,
+    # by an earlier version, and replayed under that key).
+    tags: dict[str, str] = {}
     until: int | None = None  # retiring (the zone is turned off): it owes the records below this LSN
 
 
@@ -132,7 +139,7 @@ class _Pending:
     max_event_ms: int = 0
     touched: float = 0.0
     cut_at: int | None = None  # from a sealed intent found on replay
-    named: tuple[str, str] | None = None  # (gateway_id, dataset) of a sealed intent found on replay
+    named: tuple[str, str, str] | None = None  # (gateway_id, dataset, tag) it is named with, once sealed
     dead_letter_reason: str | None = None  # frames that could not be prepared: straight to dead-letter
 
     def add(self, frame: Frame, now: float) -> None:
@@ -450,7 +457,9 @@ class ZoneLander:
                 pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
                 pending.cut_at = self._intents.pop((frame.hour, frame.lsn), None)
                 if pending.cut_at is not None:
-                    pending.named = self._state.names.get(_intent_id(frame.hour, frame.lsn))
+                    intent = _intent_id(frame.hour, frame.lsn)
+                    gateway_id, dataset = self._state.names.get(intent, (self.settings.gateway_id, self.settings.dataset))
+                    pending.named = (gateway_id, dataset, self._state.tags.get(intent, ""))
                 self._open[frame.hour] = pending
             pending.add(frame, now)
             full = pending.builder.size >= self.settings.target_object_bytes
@@ -489,7 +498,12 @@ class ZoneLander:
             intent = (pending.hour, pending.first_lsn, pending.last_lsn)
             if intent not in self._state.sealed:
                 self._state.sealed.append(intent)
-            self._state.names[_intent_id(pending.hour, pending.first_lsn)] = self._names_of(pending)
+            if pending.named is None:
+                pending.named = (self.settings.gateway_id, self.settings.dataset, _draw_tag())
+            gateway_id, dataset, tag = pending.named
+            self._state.names[_intent_id(pending.hour, pending.first_lsn)] = (gateway_id, dataset)
+            if tag:
+                self._state.tags[_intent_id(pending.hour, pending.first_lsn)] = tag
         await self._persist_state()
         for pending in due:
             previous = self._chains.get(pending.hour)
@@ -513,6 +527,7 @@ class ZoneLander:
         self._sealed.remove(pending)
         self._state.sealed.remove((pending.hour, pending.first_lsn, pending.last_lsn))
         self._state.names.pop(_intent_id(pending.hour, pending.first_lsn), None)
+        self._state.tags.pop(_intent_id(pending.hour, pending.first_lsn), None)
         self._state.landed[str(pending.hour)] = pending.last_lsn
         await self._persist_state()
         if self._chains.get(pending.hour) is asyncio.current_task():
@@ -618,11 +633,11 @@ class ZoneLander:
 
     def _lake_object(self, pending: _Pending, body: bytes, prefix: str = "", extension: str = "") -> LakeObject:
         s = self.settings
-        gateway_id, dataset = self._names_of(pending)
+        gateway_id, dataset, tag = pending.named or (s.gateway_id, s.dataset, "")
         dt = time.strftime("%Y-%m-%d", time.gmtime(pending.hour * 3600))
         hh = time.strftime("%H", time.gmtime(pending.hour * 3600))
         partition = Partition(zone=s.zone, dataset=dataset, dt=dt, hour=hh)
-        name = f"{gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}"
+        name = f"{gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}" + (f"-{tag}" if tag else "")
         return LakeObject(
             partition=partition,
             key=f"{prefix}{partition.prefix}/{name}.{extension or pending.builder.extension}",
@@ -635,10 +650,6 @@ class ZoneLander:
             max_event_ms=pending.max_event_ms,
             metadata=dict(s.extra),
         )
-
-    def _names_of(self, pending: _Pending) -> tuple[str, str]:
-        """The (gateway_id, dataset) an object's key is made of: as first sealed, else as configured now."""
-        return pending.named or (self.settings.gateway_id, self.settings.dataset)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -687,6 +698,7 @@ class ZoneLander:
         state.sealed = [intent for intent in state.sealed if intent[2] >= floor]
         kept = {_intent_id(hour, first) for hour, first, _ in state.sealed}
         state.names = {key: names for key, names in state.names.items() if key in kept}
+        state.tags = {key: tag for key, tag in state.tags.items() if key in kept}
         return state
 
     def unlanded(self) -> tuple[int, float]:
@@ -700,6 +712,13 @@ class ZoneLander:
 
     def _report_backlog(self) -> None:
         self._observer.backlog(self.zone, *self.unlanded())
+
+
+def _draw_tag() -> str:
+    """The last part of a new object's key: 8 random letters (37 bits), so that two writers numbering
+    their records alike (two gateways given one gateway_id, a disk cloned with its WAL) never share a
+    key. Letters only: a key still reads unambiguously as ``<gateway_id>-<digits>-<digits>-<letters>``."""
+    return "".join(string.ascii_lowercase[byte % 26] for byte in os.urandom(TAG_LETTERS))
 
 
 def _intent_id(hour: int, first_lsn: int) -> str:

@@ -142,12 +142,15 @@ def test_unknown_action_and_missing_environment_are_errors():
 
 # ---- enrichment hand-off: partition registrar ----------------------------------------------------
 
-KEY = "curated/telemetry/dt=2026-03-01/hour=07/gw-1-100-199.parquet"
+KEY = "curated/telemetry/dt=2026-03-01/hour=07/gw-1-100-199-qzkbwmea.parquet"
 
 
 def test_parse_key_follows_the_lake_layout():
     assert partitions.parse_key(KEY) == {"zone": "curated", "dataset": "telemetry", "dt": "2026-03-01", "hour": "07",
-                                         "gateway_id": "gw-1", "first_seq": "100", "last_seq": "199", "ext": "parquet"}
+                                         "gateway_id": "gw-1", "first_seq": "100", "last_seq": "199", "tag": "qzkbwmea", "ext": "parquet"}
+    # An object an earlier version landed has no tag.
+    assert partitions.parse_key(KEY.replace("-qzkbwmea", ""))["tag"] is None
+    assert partitions.parse_key(KEY.replace("-qzkbwmea", ""))["gateway_id"] == "gw-1"
     for bad in ("curated/telemetry/dt=2026-03-01/hour=24/gw-1-1-2.parquet", "raw/telemetry/dt=2026-03-01/hour=07/gw-1-1-2.parquet",
                 "scratch/file.txt", "curated/telemetry/2026/gw-1-1-2.parquet"):
         with pytest.raises(partitions.NotALakeObject):

@@ -939,7 +939,7 @@ async def test_curated_zone_switched_off_and_on_keeps_what_it_owes(tmp_path, gat
 
 @pytest.mark.timeout(120)
 async def test_a_new_wal_directory_overwrites_nothing_an_earlier_one_landed(tmp_path, gateways):
-    """Object keys are ``<gateway_id>-<first_lsn>-<last_lsn>``: a gateway started with a new, empty
+    """Object keys are ``<gateway_id>-<first_lsn>-<last_lsn>-<tag>``: a gateway started with a new, empty
     ``wal.dir`` under the same gateway id (what docs/architecture.md advises to run an earlier
     version, or a rebuilt disk) must not number its records from where the first one did."""
     sp, devices, lake = setup(tmp_path, gateways, 2, lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.2})
@@ -954,6 +954,37 @@ async def test_a_new_wal_directory_overwrites_nothing_an_earlier_one_landed(tmp_
         stop.set()
         await load
         await stop_gracefully(sp, problems, f"SIGTERM ({wal_dir})")
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+async def test_a_clone_of_a_gateways_disk_run_beside_it_overwrites_nothing_either_landed(tmp_path, gateways):
+    """A gateway's disk cloned with its WAL and its configuration, ``gateway_id`` included (an image
+    taken from an instance), and the clone run beside the original on the same lake: both number their
+    next records from where the copy was taken, so their next objects have the same hour and LSN
+    range. Each acknowledged record must be in the lake: neither object may replace the other.
+    (Before object keys ended in a tag drawn at sealing, the clone's object replaced the original's.)"""
+    sp, devices, lake = setup(tmp_path, gateways, 2, lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.2})
+    ledger = Ledger()
+    problems: list[str] = []
+    await sp.astart(workers_env(1), workers=1)  # one worker: one WAL, copied whole
+    async with DeviceClient(sp.url, devices[0], ledger) as client:
+        await client.send(devices[0].records(50))
+    await stop_gracefully(sp, problems, "SIGTERM before the copy")  # everything landed and recorded
+    shutil.copytree(tmp_path / "wal", tmp_path / "wal-clone")
+    clone_port = free_port()
+    clone_env = {"EDGE_GATEWAY__WAL__DIR": str(tmp_path / "wal-clone"), "EDGE_GATEWAY__LISTEN__PORT": str(clone_port)}
+    clone = gateways.new(sp.config, clone_port, env=clone_env, name="clone")
+    await sp.astart(workers_env(1), workers=1)
+    await clone.astart(workers_env(1), workers=1)
+    # As many records to each: their next objects end at the same LSN too.
+    for gateway, device in ((sp, devices[0]), (clone, devices[1])):
+        async with DeviceClient(gateway.url, device, ledger) as client:
+            answer = await client.send(device.records(50))
+            if answer.status != 202:
+                problems.append(f"{gateway.name} answered {answer.status}: {answer.body[:200]!r}")
+    await stop_gracefully(sp, problems, "SIGTERM (the original)")
+    await stop_gracefully(clone, problems, "SIGTERM (the clone)")
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)
 

@@ -36,7 +36,7 @@ STAGES = ("received", "quarantined", "landed", "scored")
 READ_BYTES = 1024 * 1024
 QUEUE_EVENTS = 1000
 TRACKED_FOR_LANDING = 10_000
-_KEY = re.compile(r"dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/[^/]*-(\d+)-(\d+)\.[^/]+$")
+_KEY = re.compile(r"dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/[^/]*-(\d+)-(\d+)(?:-[a-z]+)?\.[^/]+$")  # ...-<first>-<last>[-<tag>].<ext>
 
 
 class _Device(msgspec.Struct):

@@ -44,6 +44,20 @@ def landed_seqs(lake, zone: str = "raw") -> list[int]:
     return sorted(line["seq"] for line in read_zone(lake, zone))
 
 
+class HangsAfterLanding(LocalLakeSink):
+    """Lands its first object, then never returns: a kill after the upload, before the state says so."""
+
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.landed = asyncio.Event()
+
+    async def put_object(self, obj):
+        result = await super().put_object(obj)
+        self.landed.set()
+        await asyncio.Event().wait()
+        return result
+
+
 async def test_frames_being_prepared_hold_the_committed_position(tmp_path):
     wal = await open_wal(tmp_path)
     entered, release = asyncio.Event(), asyncio.Event()
@@ -360,19 +374,11 @@ async def test_an_object_replayed_after_a_rename_keeps_the_key_it_was_sealed_wit
     """Landed, then killed before its state said so; restarted with another gateway id and dataset:
     the replay must rewrite the same key, not add a second copy under the new names."""
     wal = await open_wal(tmp_path)
-    landed = asyncio.Event()
-
-    class HangsAfterLanding(LocalLakeSink):
-        async def put_object(self, obj):
-            result = await super().put_object(obj)
-            landed.set()
-            await asyncio.Event().wait()  # killed here: the upload is done, its state is not written
-            return result
-
-    first = lander(tmp_path, wal, HangsAfterLanding(tmp_path / "lake"), gateway_id="gw-a", dataset="old")
+    sink = HangsAfterLanding(tmp_path / "lake")
+    first = lander(tmp_path, wal, sink, gateway_id="gw-a", dataset="old")
     await first.start()
     await wal.append([frame(range(6))])
-    await asyncio.wait_for(landed.wait(), 5)
+    await asyncio.wait_for(sink.landed.wait(), 5)
     await first.close()
     renamed = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), gateway_id="gw-b", dataset="new")
     await renamed.start()
@@ -401,3 +407,44 @@ async def test_the_raw_zone_lands_shared_frames_as_whole_lines_and_sizes_objects
     assert sorted(line["seq"] for line in lines) == list(range(1010))
     assert all(line["pad"] == "p" * 200 for line in lines if line["seq"] >= 10)
     assert len(list((tmp_path / "lake").rglob("*.ndjson.zst"))) >= 3, "sized by the lines, not the stored bytes"
+
+
+async def test_two_writers_numbering_records_alike_never_overwrite_each_others_objects(tmp_path):
+    """Two gateways given one gateway_id (or a disk cloned with its WAL) number their records alike:
+    an object of the same hour and LSN range from each must land beside the other, not replace it."""
+    lake = tmp_path / "lake"
+    for writer, seqs in (("a", range(0, 5)), ("b", range(100, 105))):
+        wal = await open_wal(tmp_path / writer)  # both logs number their records from 0
+        zone = lander(tmp_path / writer, wal, LocalLakeSink(lake))
+        await zone.start()
+        await wal.append([frame(seqs)])
+        assert await zone.drain(5)
+        await zone.close()
+        await wal.close()
+    assert landed_seqs(lake) == [*range(0, 5), *range(100, 105)]
+    names = sorted(p.name for p in lake.rglob("*.zst"))
+    assert len(names) == 2 and names[0].rsplit("-", 1)[0] == names[1].rsplit("-", 1)[0], "same gateway id and LSN range"
+
+
+async def test_an_object_sealed_untagged_by_an_earlier_version_is_replayed_under_its_untagged_key(tmp_path, monkeypatch):
+    """Sealed and landed by a version whose keys had no tag, then killed before its state said so:
+    the replay must rewrite that key, not add a tagged copy beside it."""
+    from gateway.lake import landing
+
+    wal = await open_wal(tmp_path)
+    monkeypatch.setattr(landing, "_draw_tag", lambda: "")  # the earlier version drew no tag
+    sink = HangsAfterLanding(tmp_path / "lake")
+    earlier = lander(tmp_path, wal, sink)
+    await earlier.start()
+    await wal.append([frame(range(6))])
+    await asyncio.wait_for(sink.landed.wait(), 5)
+    await earlier.close()
+    monkeypatch.undo()
+    upgraded = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
+    await upgraded.start()
+    await wal.append([frame(range(6, 9))])
+    assert await upgraded.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == list(range(9))
+    names = sorted(p.name.split(".")[0] for p in (tmp_path / "lake").rglob("*.zst"))
+    assert len(names) == 2 and sum(name.count("-") for name in names) == 2 + 3, names  # one untagged, one tagged

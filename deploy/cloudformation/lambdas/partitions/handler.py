@@ -15,11 +15,12 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-# <zone>/<dataset>/dt=YYYY-MM-DD/hour=HH/<gateway_id>-<first_seq>-<last_seq>.<ext>
+# <zone>/<dataset>/dt=YYYY-MM-DD/hour=HH/<gateway_id>-<first_seq>-<last_seq>-<tag>.<ext>; the tag
+# (letters) is absent from objects an earlier version landed.
 KEY_PATTERN = re.compile(
     r"^(?P<zone>raw|curated|quarantine)/(?P<dataset>[a-z][a-z0-9_]*)/"
     r"dt=(?P<dt>\d{4}-\d{2}-\d{2})/hour=(?P<hour>[01]\d|2[0-3])/"
-    r"(?P<gateway_id>[A-Za-z0-9._:-]+)-(?P<first_seq>\d+)-(?P<last_seq>\d+)\.(?P<ext>ndjson\.zst|parquet)$"
+    r"(?P<gateway_id>[A-Za-z0-9._:-]+)-(?P<first_seq>\d+)-(?P<last_seq>\d+)(?:-(?P<tag>[a-z]+))?\.(?P<ext>ndjson\.zst|parquet)$"
 )
 
 ZONE_FORMAT = {
