@@ -13,7 +13,7 @@ Every request goes through the same two gates: the shared ``RetryPolicy`` (full-
 a deadline, in ``AwsConnector._call``, ``connectors.aws.connector``) and, around each try, the
 adaptive concurrency limiter (raised on success, cut on throttles, 503s and timeouts). Every upload carries a checksum (CRC32 or SHA-256) computed off the event loop and
 checked by S3 on receipt. ``start()`` aborts multipart uploads this gateway left behind (keys under
-the prefix whose base name starts with ``<gateway_id>-``), so a crash never leaves orphans billing
+the prefix whose base name is ``<gateway_id>-<lsn>-<lsn>[-<tag>].<ext>``), so a crash never leaves orphans billing
 storage forever.
 
 Memory: the object body is already in memory (the rolling writer built it); multipart adds at most
@@ -171,7 +171,7 @@ class S3Sink(AwsConnector):
         self._on_request = on_request
         self._clock = clock
         self._object_params = _object_params(settings)
-        self._owned_name = re.compile(rf"{re.escape(gateway_id)}-[0-9]+-[0-9]+\.")
+        self._owned_name = re.compile(rf"{re.escape(gateway_id)}-[0-9]+-[0-9]+(?:-[a-z]+)?\.")
 
     # -- what the gateway reads -------------------------------------------------------------------
 
@@ -361,7 +361,8 @@ class S3Sink(AwsConnector):
     # -- start-up cleanup --------------------------------------------------------------------------
 
     def owns(self, key: str) -> bool:
-        """Whether ``key`` was written by this gateway: its base name is ``<gateway_id>-<lsn>-<lsn>.<ext>``.
+        """Whether ``key`` was written by this gateway: its base name is ``<gateway_id>-<lsn>-<lsn>-<tag>.<ext>``
+        (without the tag, from an earlier version).
 
         Matching the whole name pattern, not just the id as a prefix, keeps gateway ``gw`` away from
         the uploads of ``gw-2`` and ``gw1`` (their names also start with ``gw``).

@@ -126,11 +126,13 @@ async def test_start_aborts_only_this_gateways_stale_uploads(moto_endpoint: str,
     prefix = "lake/raw/telemetry/dt=2024-05-01/hour=13/"
     ours = [
         f"{prefix}{GATEWAY_ID}-0-9.ndjson.zst",
-        f"lake/curated/telemetry/dt=2024-05-01/hour=14/{GATEWAY_ID}-5-7.parquet",
+        f"lake/curated/telemetry/dt=2024-05-01/hour=14/{GATEWAY_ID}-5-7.parquet",  # an earlier version's: no tag
+        f"{prefix}{GATEWAY_ID}-10-19-qzkbwmea.ndjson.zst",
     ]
     others = [
         f"{prefix}{GATEWAY_ID}0-0-9.ndjson.zst",  # other gateways whose ids merely start like ours
         f"{prefix}{GATEWAY_ID}-2-0-9.ndjson.zst",
+        f"{prefix}{GATEWAY_ID}-2-0-9-qzkbwmea.ndjson.zst",
         f"{prefix}gw-other-0-9.ndjson.zst",
         f"elsewhere/{GATEWAY_ID}-0-9.ndjson.zst",  # outside the sink's prefix
     ]
@@ -142,7 +144,7 @@ async def test_start_aborts_only_this_gateways_stale_uploads(moto_endpoint: str,
 
     remaining = sorted(u["Key"] for u in await open_uploads(s3_client, bucket))
     assert remaining == sorted(others)
-    assert sink.stats.stale_uploads_aborted == 2
+    assert sink.stats.stale_uploads_aborted == 3
 
 
 async def test_failed_part_aborts_the_upload(
