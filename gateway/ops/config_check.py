@@ -85,8 +85,12 @@ def check_files(settings: Settings, sources: Sources) -> list[Problem]:
 
     _check_extras(settings, add)
     _writable_dir(settings.wal.dir, lambda m: add("wal", "dir", m))
+    if (kind := filesystem_type(settings.wal.dir)) in MEMORY_FILESYSTEMS:
+        add("wal", "dir", f"{settings.wal.dir} is on a {kind} (memory): acknowledged records not yet landed are lost if the machine restarts; put the WAL on a disk", "warning")
     if settings.lake.kind == "local":
         _writable_dir(settings.lake.dir, lambda m: add("lake", "dir", m))
+        if overlap := _overlap(settings.wal.dir, settings.lake.dir):
+            add("lake", "dir", overlap)
     budget = wal_budget_problem(settings)
     if budget is not None:
         problems.append(Problem(budget, sources.of("wal", "max_total_bytes"), "wal.max_total_bytes"))
@@ -114,6 +118,46 @@ def _check_extras(settings: Settings, add) -> None:
             add("auth", "registry_source", f'"secretsmanager" {hint}')
     if settings.inference.enabled and settings.inference.backend == "triton" and missing("tritonclient"):
         add("inference", "backend", "\"triton\" needs the Triton client, which is not installed: pip install 'edge-gateway[triton]'")
+
+
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem_type(path: str, mountinfo: str | os.PathLike[str] = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem that holds ``path`` (or would, once created), from the kernel's mount table."""
+    target = Path(path).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    target = target.resolve()
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        fields, _, after = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not after:
+            continue
+        mount_point = Path(parts[4].replace("\\040", " "))
+        if mount_point == target or mount_point in target.parents:
+            depth = len(mount_point.parts)
+            if best is None or depth >= best[0]:  # the last of equal depth is the one on top
+                best = (depth, after.split()[0])
+    return best[1] if best else None
+
+
+def _overlap(wal_dir: str, lake_dir: str) -> str | None:
+    """Why a local lake may not share the WAL's directory, or None: each would hold the other's files
+    (the lake's readers would read WAL segments as data; the WAL's disk budget would count objects)."""
+    wal, lake = Path(wal_dir).resolve(), Path(lake_dir).resolve()
+    if wal == lake:
+        return f"{lake_dir} is also wal.dir; give the lake and the WAL a directory each"
+    if wal in lake.parents:
+        return f"{lake_dir} is inside wal.dir ({wal_dir}); give the lake and the WAL a directory each"
+    if lake in wal.parents:
+        return f"{lake_dir} holds wal.dir ({wal_dir}); give the lake and the WAL a directory each"
+    return None
 
 
 def _readable_file(path: str, problem) -> bool:

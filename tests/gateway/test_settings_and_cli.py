@@ -60,6 +60,59 @@ def test_check_config_fails_with_the_path(capsys):
     assert "$.limits" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("wal, lake", [("data", "data"), ("data", "data/lake"), ("data/wal", "data"), ("data/./wal/..", "data")])
+def test_a_local_lake_sharing_the_wals_directory_is_refused_with_both_paths(tmp_path, capsys, wal, lake):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[wal]\ndir = "{tmp_path / wal}"\n[lake]\ndir = "{tmp_path / lake}"\n')
+    assert main(["check-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "lake.dir" in err and "give the lake and the WAL a directory each" in err, err
+    assert main(["serve", "--config", str(config)]) == 2, "a start is refused the same way"
+
+
+def test_a_lake_beside_the_wal_passes(tmp_path, capsys):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[wal]\ndir = "{tmp_path / "data" / "wal"}"\n[lake]\ndir = "{tmp_path / "data" / "wal-lake"}"\n')
+    assert main(["check-config", str(config)]) == 0, capsys.readouterr().err
+
+
+def test_the_filesystem_holding_a_path_is_the_deepest_mount_above_it(tmp_path):
+    from gateway.ops.config_check import filesystem_type
+
+    (tmp_path / "var" / "lib").mkdir(parents=True)
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        f"2 1 0:30 / {tmp_path}/var rw - tmpfs tmpfs rw,size=8m\n"
+        f"3 2 8:2 / {tmp_path}/var/lib rw - xfs /dev/sdb1 rw\n"
+        f"4 1 0:31 / {tmp_path}/with\\040space rw - ramfs none rw\n"
+    )
+    assert filesystem_type(str(tmp_path / "var" / "wal"), table) == "tmpfs", "not created yet: its parent's"
+    assert filesystem_type(str(tmp_path / "var" / "lib" / "wal"), table) == "xfs"
+    assert filesystem_type(str(tmp_path / "variable"), table) == "ext4", "a mount point is a whole path component"
+    (tmp_path / "with space").mkdir()
+    assert filesystem_type(str(tmp_path / "with space"), table) == "ramfs"
+
+
+def test_a_wal_on_a_tmpfs_is_started_with_a_warning(tmp_path, capsys):
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(memory)], capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this check needs root to mount a tmpfs: {mounted.stderr}"
+    try:
+        config = tmp_path / "gateway.toml"
+        wal = "segment_bytes = 1048576\nmax_total_bytes = 2097152\n"  # fits the 4 MiB tmpfs
+        config.write_text(f'[wal]\ndir = "{memory / "wal"}"\n{wal}[lake]\ndir = "{tmp_path / "lake"}"\n')
+        assert main(["check-config", str(config)]) == 0, "a warning, not an error"
+        err = capsys.readouterr().err
+        assert "wal.dir" in err and "tmpfs (memory)" in err and "lost if the machine restarts" in err, err
+        config.write_text(f'[wal]\ndir = "{tmp_path / "wal"}"\n{wal}[lake]\ndir = "{tmp_path / "lake"}"\n')
+        assert main(["check-config", str(config)]) == 0
+        assert "(memory)" not in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(memory)], capture_output=True)
+
+
 def test_device_add_prints_a_key_that_the_registry_holds(tmp_path, capsys):
     registry = tmp_path / "devices.json"
     assert main(["device", "add", "pump-7", "--registry", str(registry), "--site", "plant-1", "--meta", "fw=2.1"]) == 0
