@@ -514,6 +514,15 @@ class WriteAheadLog:
         # Shielded: a request given up on is still written (or not) whole; its answer is just unread.
         return await asyncio.shield(queued.future)
 
+    def once_settled(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` on the loop once every request queued or being written now is written
+        (durable) or refused; at once when there is none."""
+        pending = [q.future for q in (*self._writing, *self._queue) if not q.future.done()]
+        if not pending:
+            callback()
+            return
+        asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: callback())
+
     async def _commit_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:

@@ -225,16 +225,23 @@ async def _once(gw: Gateway, key: bytes, digest: str, batch: RequestBatch, run) 
         await asyncio.sleep(0.02)
     future: asyncio.Future[bytes | None] = loop.create_future()
     gw.running_requests[key] = (digest, future)
-    running = asyncio.ensure_future(run())
-    # The claim ends when the run does, not when its handler does: a handler cancelled while its
-    # request waits on the WAL (a drain past its deadline) must not free the key before the WAL
-    # has written the request or refused it, or a retry in between would land it a second time.
-    running.add_done_callback(lambda done: _run_ended(gw, key, future, spans, done))
-    return _answer_response(await asyncio.shield(running))
+    answer = None
+    try:
+        answer = await run()
+    except asyncio.CancelledError:
+        # Its handler is gone (a drain past its deadline) but the request may wait in the WAL: the
+        # claim ends once the WAL has written or refused it, or a retry in between (in this worker
+        # or another) would land it a second time.
+        gw.pipeline.wal.once_settled(lambda: _run_ended(gw, key, future, spans, None))
+        raise
+    except BaseException:
+        _run_ended(gw, key, future, spans, None)
+        raise
+    _run_ended(gw, key, future, spans, answer)
+    return _answer_response(answer)
 
 
-def _run_ended(gw: Gateway, key: bytes, future: asyncio.Future, spans, done: asyncio.Future) -> None:
-    answer = None if done.cancelled() or done.exception() is not None else done.result()
+def _run_ended(gw: Gateway, key: bytes, future: asyncio.Future, spans, answer: bytes | None) -> None:
     del gw.running_requests[key]
     future.set_result(answer)
     if answer is None and not gw.ledger.closed:  # nothing of it landed: a retry must run it

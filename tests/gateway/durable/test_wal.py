@@ -80,6 +80,29 @@ async def test_a_request_whose_spool_is_closed_before_it_is_written_is_refused_n
     await wal.close()
 
 
+async def test_once_settled_waits_for_what_is_queued_and_being_written_now(tmp_path):
+    wal = await open_wal(tmp_path / "wal")
+    called: list[str] = []
+    wal.once_settled(lambda: called.append("idle"))
+    assert called == ["idle"], "nothing queued: at once"
+    writer_may_go = threading.Event()
+    write_and_sync = wal._write_and_sync
+    wal._write_and_sync = lambda batch: writer_may_go.wait(10) and write_and_sync(batch)
+    writing = asyncio.ensure_future(wal.append([frame(2, b"a")]))
+    while not wal._writing:
+        await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(wal.append([frame(1, b"b")]))
+    await asyncio.sleep(0)
+    wal.once_settled(lambda: called.append(f"settled at {wal.durable_lsn}"))
+    later = asyncio.ensure_future(wal.append([frame(1, b"c")]))  # queued after: not waited for
+    await asyncio.sleep(0.1)
+    assert called == ["idle"], "the write in progress has not ended"
+    writer_may_go.set()
+    await asyncio.gather(writing, queued, later)
+    assert called[1] in ("settled at 3", "settled at 4"), called
+    await wal.close()
+
+
 async def test_lines_stored_with_their_shared_beginning_once_are_read_back_whole(tmp_path):
     shared = b'{"ingest_id":"i1","gateway_id":"gw","device":{"site":"a,b"}'
     rests = [b',"index":%d,"record":{"v":"x\\n,y"}}' % i for i in range(3)]  # an escaped line break and comma inside
