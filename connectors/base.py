@@ -7,8 +7,31 @@ model stands in for Triton). Errors a connector raises are the ones in ``connect
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+LSN_DIGITS = 16
+
+
+def object_name(gateway_id: str, first_lsn: int, last_lsn: int, tag: str) -> str:
+    """A lake object's base name without its extension: ``<gateway_id>-<first_lsn>-<last_lsn>-<tag>``
+    (the tag is empty for an object an earlier version sealed, and its name ends at the last LSN)."""
+    name = f"{gateway_id}-{first_lsn:0{LSN_DIGITS}d}-{last_lsn:0{LSN_DIGITS}d}"
+    return f"{name}-{tag}" if tag else name
+
+
+def object_lsns(base_name: str, gateway_id: str) -> tuple[int, int] | None:
+    """(first_lsn, last_lsn) when ``base_name`` (with its extension) names an object ``gateway_id``
+    wrote, tagged or not; None for another writer's, including one whose id merely starts alike."""
+    match = _name_pattern(gateway_id).match(base_name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@functools.lru_cache(maxsize=64)
+def _name_pattern(gateway_id: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(gateway_id)}-([0-9]+)-([0-9]+)(?:-[a-z]+)?\.")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,6 @@ import hashlib
 import logging
 import math
 import random
-import re
 import time
 import zlib
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from msgspec import Meta
 from connectors.aws import translate
 from connectors.aws.connector import AwsConnector, Request, T
 from connectors.aws.settings import AwsClientSettings, PositiveSecs
-from connectors.base import LakeObject, LandedObject
+from connectors.base import LakeObject, LandedObject, object_lsns
 from connectors.errors import ConnectorError, PermanentError, ThrottledError, TransientError
 from connectors.retry import Sleep
 
@@ -171,7 +170,6 @@ class S3Sink(AwsConnector):
         self._on_request = on_request
         self._clock = clock
         self._object_params = _object_params(settings)
-        self._owned_name = re.compile(rf"{re.escape(gateway_id)}-[0-9]+-[0-9]+(?:-[a-z]+)?\.")
 
     # -- what the gateway reads -------------------------------------------------------------------
 
@@ -367,7 +365,7 @@ class S3Sink(AwsConnector):
         Matching the whole name pattern, not just the id as a prefix, keeps gateway ``gw`` away from
         the uploads of ``gw-2`` and ``gw1`` (their names also start with ``gw``).
         """
-        return self._owned_name.match(key.rsplit("/", 1)[-1]) is not None
+        return object_lsns(key.rsplit("/", 1)[-1], self.gateway_id) is not None
 
     async def abort_stale_uploads(self, *, max_elapsed_secs: float | None = None) -> int:
         """Abort every multipart upload under the prefix that this gateway owns; returns how many.

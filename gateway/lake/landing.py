@@ -47,7 +47,7 @@ from typing import Protocol
 
 import msgspec
 
-from connectors.base import LakeObject, LandedObject, ObjectSink, Partition
+from connectors.base import LakeObject, LandedObject, ObjectSink, Partition, object_name
 from connectors.errors import ConnectorError, PermanentError
 from connectors.durable_files import ReservedStateFile, ensure_directory
 from gateway.lake.formats import ZstdNdjsonBuilder
@@ -55,7 +55,6 @@ from gateway.durable.wal import KIND_RECORDS_SHARED, Frame, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
-LSN_DIGITS = 16
 TAG_LETTERS = 8
 # WAL bytes read per step (about 8,000 records): each zone of each WAL holds a read in memory, with
 # what it becomes (columns, scores) in the curated zone; 8 MiB cost 60 MiB more at peak and no less CPU.
@@ -637,7 +636,7 @@ class ZoneLander:
         dt = time.strftime("%Y-%m-%d", time.gmtime(pending.hour * 3600))
         hh = time.strftime("%H", time.gmtime(pending.hour * 3600))
         partition = Partition(zone=s.zone, dataset=dataset, dt=dt, hour=hh)
-        name = f"{gateway_id}-{pending.first_lsn:0{LSN_DIGITS}d}-{pending.last_lsn:0{LSN_DIGITS}d}" + (f"-{tag}" if tag else "")
+        name = object_name(gateway_id, pending.first_lsn, pending.last_lsn, tag)
         return LakeObject(
             partition=partition,
             key=f"{prefix}{partition.prefix}/{name}.{extension or pending.builder.extension}",

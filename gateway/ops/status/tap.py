@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from connectors.base import object_lsns
 from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, Frame
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ STAGES = ("received", "quarantined", "landed", "scored")
 READ_BYTES = 1024 * 1024
 QUEUE_EVENTS = 1000
 TRACKED_FOR_LANDING = 10_000
-_KEY = re.compile(r"dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/[^/]*-(\d+)-(\d+)(?:-[a-z]+)?\.[^/]+$")  # ...-<first>-<last>[-<tag>].<ext>
+_PARTITION = re.compile(r"dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/[^/]+$")
 
 
 class _Device(msgspec.Struct):
@@ -193,10 +194,11 @@ class Tap:
     # -- landed: the landing observer --------------------------------------------------------
 
     def _on_landed(self, zone: str, landed) -> None:
-        m = _KEY.search(landed.key)
-        if m is None or not _named_for(landed.key, self.gw.gateway_id):
+        partition = _PARTITION.search(landed.key)
+        lsns = object_lsns(landed.key.rsplit("/", 1)[-1], self.gw.gateway_id)
+        if partition is None or lsns is None:
             return  # another WAL's object (the lake process lands several): its LSNs are not ours
-        dt, hh, first, last = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+        (dt, hh), (first, last) = partition.groups(), lsns
         for tracked in list(self._tracked):
             if zone not in tracked.zones or not (first <= tracked.first_lsn and tracked.last_lsn <= last):
                 continue
@@ -230,12 +232,6 @@ class Tap:
                      "event_time": row["event_time"].isoformat() if row["event_time"] else None,
                      "inference": row["inference"], "at": _now()}
                 )
-
-
-def _named_for(key: str, gateway_id: str) -> bool:
-    """Whether a lake object's key names an object of this WAL (``<gateway_id>-<first>-<last>.ext``)."""
-    name = key.rsplit("/", 1)[-1]
-    return name.startswith(f"{gateway_id}-") and name[len(gateway_id) + 1 :].split("-", 1)[0].isdigit()
 
 
 def _received(entry: dict) -> dict:
