@@ -241,14 +241,19 @@ def lake_process_lands(settings: Settings) -> bool:
 RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth", "proxy", "rate_limits", "admission", "connections"})
 
 
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path``, or its nearest ancestor that exists: where a directory not created yet would live."""
+    found = Path(path).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return found
+
+
 def wal_budget_problem(settings: Settings) -> str | None:
     """Why the WAL budget cannot fit the filesystem under ``wal.dir`` (every worker has its own log), or None."""
     wal = settings.wal
-    path = Path(wal.dir)
-    while not path.exists() and path != path.parent:
-        path = path.parent
     try:
-        stats = os.statvfs(path)
+        stats = os.statvfs(nearest_existing(wal.dir))
     except OSError:
         return None
     size = stats.f_blocks * stats.f_frsize

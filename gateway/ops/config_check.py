@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.settings import Problem, Settings, Sources, is_loopback, read_config, wal_budget_problem
+from gateway.settings import Problem, Settings, Sources, is_loopback, nearest_existing, read_config, wal_budget_problem
 
 
 def check_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> tuple[Settings | None, list[Problem], Sources]:
@@ -125,10 +125,7 @@ MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 def filesystem_type(path: str, mountinfo: str | os.PathLike[str] = "/proc/self/mountinfo") -> str | None:
     """The type of the filesystem that holds ``path`` (or would, once created), from the kernel's mount table."""
-    target = Path(path).absolute()
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    target = target.resolve()
+    target = nearest_existing(path).resolve()
     try:
         lines = Path(mountinfo).read_text().splitlines()
     except OSError:
@@ -194,8 +191,6 @@ def _writable_dir(path: str, problem) -> None:
         elif not os.access(p, os.W_OK | os.X_OK):
             problem(f"{p}: not writable by this user (uid {os.getuid()})")
         return
-    parent = p.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(p.absolute().parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         problem(f"{p}: does not exist, and {parent} does not let this user (uid {os.getuid()}) create it")
