@@ -158,6 +158,7 @@ async def test_access_log_follows_reload_one_json_line_per_request_and_is_bounde
     env = make_env(tmp_path)
     settings = load_settings(env.config, environ={})
     running = await start_gateway(settings)
+    logging.getLogger().handlers.clear()  # a handler an earlier test configured writes to that test's stderr
     logs.configure("INFO")
     try:
         async with aiohttp.ClientSession() as http:
