@@ -283,6 +283,49 @@ def _read_frames(
     return _Scan(frames, offset, lsn, corrupt=False)
 
 
+def _records_in(kind: int, payload: bytes) -> int:
+    """How many records a frame of ``kind`` holds, counted from its payload's line breaks alone."""
+    if kind in (KIND_TXN, KIND_REQUEST):
+        return 0
+    lines = payload.count(b"\n")
+    return lines - 1 if kind == KIND_RECORDS_SHARED else lines
+
+
+def _damaged_frame(f, offset: int, end: int, *, may_end_at_end: bool) -> tuple[int, int] | None:
+    """(bytes, records) of the frame at ``offset``, which failed its checksum, when its header still
+    places it: its kind is known, its record count is its payload's line count, and it ends where a
+    frame that passes its checksum starts (or, with ``may_end_at_end``, exactly at ``end``).
+
+    Then only this frame's records are lost and the frames after it keep their LSNs. None when the
+    damage may reach the header, or the frame is a torn write: nothing after it can be placed.
+    """
+    f.seek(offset)
+    header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        return None
+    length = PREFIX.unpack_from(header)[0]
+    count, *_, kind = META.unpack_from(header, PREFIX.size)
+    after = offset + HEADER_SIZE + length
+    if kind not in KNOWN_KINDS or after > end or (after == end and not may_end_at_end):
+        return None
+    payload = f.read(length)
+    if len(payload) < length or _records_in(kind, payload) != count:
+        return None
+    if after < end and not _read_frames(f, after, 0, end, 1, markers=True).frames:
+        return None
+    return HEADER_SIZE + length, count
+
+
+def _keep_aside(segment: Path, offset: int, size: int | None = None) -> Path:
+    """A copy of a segment's damaged bytes from ``offset`` (``size`` of them, or to its end) beside it,
+    for forensics: the segment itself is deleted once landed, or cut back."""
+    keep = segment.with_name(segment.name + f".damaged-at-{offset}")
+    with open(segment, "rb") as src, open(keep, "wb") as dst:
+        src.seek(offset)
+        dst.write(src.read() if size is None else src.read(size))
+    return keep
+
+
 class WriteAheadLog:
     def __init__(
         self,
@@ -366,20 +409,23 @@ class WriteAheadLog:
             magic = f.read(len(MAGIC))
             if magic != MAGIC:
                 # A crash between creating the file and writing its header leaves it short.
-                good_size, next_lsn, corrupt_inside = len(MAGIC), last.first_lsn, False
+                found = _Recovered(len(MAGIC), last.first_lsn, False, [])
             else:
-                good_size, next_lsn, corrupt_inside = _recoverable_end(f, last.first_lsn, last.size)
+                found = _recoverable_end(f, last.first_lsn, last.size)
+        good_size = found.end
+        for offset, size, lsn, records in found.passed_over:
+            log.critical(
+                "WAL: a frame damaged on disk in the newest segment; its records cannot land, those after it will",
+                extra={"segment": last.path.name, "offset": offset, "lsn": lsn, "records_lost": records,
+                       "kept_in": _keep_aside(last.path, offset, size).name},
+            )
         if last.size > good_size or magic != MAGIC:
             self.torn_tail_bytes = last.size - good_size if magic == MAGIC else last.size
-            if corrupt_inside:
-                # Not a torn write: a damaged frame with data after it. Keep those bytes for forensics.
-                keep = last.path.with_name(last.path.name + f".damaged-at-{good_size}")
-                with open(last.path, "rb") as src, open(keep, "wb") as dst:
-                    src.seek(good_size)
-                    dst.write(src.read())
+            if found.damaged_after:
+                # Not a torn write: a damaged frame with data after it that cannot be placed. Keep those bytes for forensics.
                 log.critical(
                     "WAL: a damaged frame inside the newest segment; the bytes after it are kept aside",
-                    extra={"segment": last.path.name, "offset": good_size, "kept_in": keep.name},
+                    extra={"segment": last.path.name, "offset": good_size, "kept_in": _keep_aside(last.path, good_size).name},
                 )
             else:
                 log.warning(
@@ -395,7 +441,7 @@ class WriteAheadLog:
         os.fsync(fd)
         last.size = good_size
         self._fd = fd
-        self._next_lsn = next_lsn
+        self._next_lsn = found.next_lsn
 
     def _create_segment(self, first_lsn: int) -> tuple[int, _Segment]:
         """A new segment file with its header, durable; on any error nothing of it is left behind."""
@@ -819,27 +865,43 @@ def _segment_at(segments: list[_Segment], lsn: int) -> _Segment:
     return found
 
 
-def _recoverable_end(f, first_lsn: int, size: int) -> tuple[int, int, bool]:
-    """Where the last segment's intact, complete requests end: (offset, next LSN, damaged inside).
+def _recoverable_end(f, first_lsn: int, size: int) -> _Recovered:
+    """Where the last segment's intact, complete requests end, and what was damaged before that.
 
-    A request of several frames that is not whole on disk is cut back to its ``KIND_TXN`` marker.
+    A request of several frames that is not whole on disk is cut back to its ``KIND_TXN`` marker. A
+    frame that fails its checksum but is followed by one that passes (``_damaged_frame``) was damaged
+    at rest, not torn by a crash: it is passed over and what follows it is kept.
     """
     offset, lsn = len(MAGIC), first_lsn
     txn_start: tuple[int, int, int] | None = None  # (offset, lsn, end offset) of an unfinished request
+    passed_over: list[tuple[int, int, int, int]] = []
     while True:
         scan = _read_frames(f, offset, lsn, None, 1, headers_only=False, markers=True)
         if not scan.frames:
-            damaged = scan.corrupt and _damaged_not_torn(f, offset, size)
-            break
-        frame = scan.frames[0]
-        if frame.kind == KIND_TXN and len(frame.payload) == TXN.size:
-            txn_start = (offset, lsn, scan.offset + TXN.unpack(frame.payload)[0])
-        offset, lsn = scan.offset, scan.next_lsn
+            placed = _damaged_frame(f, offset, size, may_end_at_end=False) if scan.corrupt else None
+            if placed is None:
+                damaged = scan.corrupt and _damaged_not_torn(f, offset, size)
+                break
+            passed_over.append((offset, placed[0], lsn, placed[1]))
+            offset, lsn = offset + placed[0], lsn + placed[1]
+        else:
+            frame = scan.frames[0]
+            if frame.kind == KIND_TXN and len(frame.payload) == TXN.size:
+                txn_start = (offset, lsn, scan.offset + TXN.unpack(frame.payload)[0])
+            offset, lsn = scan.offset, scan.next_lsn
         if txn_start is not None and offset >= txn_start[2]:
             txn_start = None
     if txn_start is not None:
-        return txn_start[0], txn_start[1], False
-    return offset, lsn, damaged
+        offset, lsn = txn_start[0], txn_start[1]
+    return _Recovered(offset, lsn, damaged, [d for d in passed_over if d[0] < offset])
+
+
+@dataclass(frozen=True, slots=True)
+class _Recovered:
+    end: int  # where the intact, complete requests end: the segment is cut back to it
+    next_lsn: int
+    damaged_after: bool  # a damaged frame with bytes after it at ``end``, not a torn write
+    passed_over: list[tuple[int, int, int, int]]  # damaged frames kept in place: (offset, bytes, lsn, records)
 
 
 def _damaged_not_torn(f, offset: int, size: int) -> bool:
@@ -862,6 +924,7 @@ class WalReader:
         self._segment: _Segment | None = None
         self._offset = 0
         self.corrupt_segments = 0
+        self.lost_records = 0  # in damaged frames passed over
         # Reads run in a worker thread, and a consumer stopping closes its reader from the event loop
         # meanwhile: closing waits for a running read, and no read opens a file after it.
         self._lock = threading.Lock()
@@ -932,6 +995,8 @@ class WalReader:
                     "version cannot read: it was written by a later version. Its consumer stops here and lands "
                     "nothing past it; run that later version (or a newer one) on this wal.dir to land it"
                 )
+            if scan.corrupt and self._pass_over_damaged(seg, limit):
+                continue
             at_end = limit is not None and self._offset >= limit
             if scan.corrupt or (limit is None and not scan.frames and budget > 0):
                 nxt = _next_segment(wal._segments, seg)
@@ -948,6 +1013,30 @@ class WalReader:
             elif at_end or not scan.frames:
                 break
         return frames
+
+    def _pass_over_damaged(self, seg: _Segment, limit: int | None) -> bool:
+        """Step over the damaged frame at the current position when its header still places it
+        (``_damaged_frame``) and, in a sealed segment, the LSNs after it still add up to the next
+        segment's first: only that frame's records are lost, not the rest of its segment."""
+        end = limit if limit is not None else os.fstat(self._file.fileno()).st_size
+        placed = _damaged_frame(self._file, self._offset, end, may_end_at_end=True)
+        if placed is None:
+            return False
+        size, records = placed
+        nxt = _next_segment(self._wal._segments, seg)
+        if limit is None and nxt is not None:
+            rest = _read_frames(self._file, self._offset + size, self.lsn + records, None, 1 << 62, headers_only=True)
+            if rest.corrupt or rest.next_lsn != nxt.first_lsn:
+                return False
+        self.lost_records += records
+        log.error(
+            "WAL: a frame damaged on disk; its records cannot land, those after it will",
+            extra={"segment": seg.path.name, "offset": self._offset, "lsn": self.lsn, "records_lost": records,
+                   "kept_in": _keep_aside(seg.path, self._offset, size).name},
+        )
+        self._offset += size
+        self.lsn += records
+        return True
 
 
 def _whole(frame: Frame) -> Frame:

@@ -86,6 +86,8 @@ class LandingObserver(Protocol):
 
     def dead_lettered(self, zone: str, records: int, reason: str) -> None: ...
 
+    def damaged(self, zone: str, records: int) -> None: ...
+
 
 class LanderState(msgspec.Struct):
     position: int = 0
@@ -330,6 +332,9 @@ class ZoneLander:
                 unpreparable: dict[int, str] = {}
                 try:
                     frames = await asyncio.to_thread(reader.read, READ_BATCH_BYTES, self._kinds)
+                    if reader.lost_records:  # in frames damaged on disk, passed over (the reader logged them)
+                        self._observer.damaged(self.zone, reader.lost_records)
+                        reader.lost_records = 0
                     if self.settings.retiring:  # what was acknowledged after the zone was turned off is not its own
                         frames = [f for f in frames if f.lsn < self._state.until]
                     if frames and self._prepare is not None:

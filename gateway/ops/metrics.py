@@ -138,6 +138,12 @@ class GatewayMetrics:
             ["zone", "reason"],
             registry=r,
         )
+        self.damaged_records = Counter(
+            "edge_gateway_wal_damaged_records",
+            "Records that cannot land because their WAL frame was damaged on disk (kept aside beside its segment)",
+            ["zone"],
+            registry=r,
+        )
         # Read when scraped (watch_gateway); set() by a Secrets Manager refresh before a gateway is watched.
         self.registry_devices = Gauge("edge_gateway_registry_devices", "Devices in the registry", registry=r)
         self.registry_last_success = Gauge(
@@ -200,6 +206,9 @@ class GatewayMetrics:
 
     def dead_lettered(self, zone: str, records: int, reason: str) -> None:
         self.dead_lettered_records.labels(zone, reason).inc(records)
+
+    def damaged(self, zone: str, records: int) -> None:
+        self.damaged_records.labels(zone).inc(records)
 
     def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None:
         """Landers report as they go; the exported figures are computed at scrape time instead."""

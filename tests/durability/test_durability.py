@@ -989,6 +989,57 @@ async def test_a_clone_of_a_gateways_disk_run_beside_it_overwrites_nothing_eithe
     check(problems, ledger, sp)
 
 
+def wal_frames(segment: Path) -> list[tuple[int, int, int]]:
+    """(where its payload starts, payload bytes, records) of each frame of a WAL segment, from its headers."""
+    from gateway.durable.wal import HEADER_SIZE, MAGIC, META, PREFIX
+
+    data, at, found = segment.read_bytes(), len(MAGIC), []
+    while at + HEADER_SIZE <= len(data):
+        length = PREFIX.unpack_from(data, at)[0]
+        found.append((at + HEADER_SIZE, length, META.unpack_from(data, at + PREFIX.size)[0]))
+        at += HEADER_SIZE + length
+    return found
+
+
+@pytest.mark.parametrize("segment", ["sealed", "newest"])
+@pytest.mark.timeout(120)
+async def test_a_byte_flipped_on_the_wal_disk_costs_only_the_records_of_its_frame(tmp_path, gateways, segment):
+    """One byte of one frame's payload damaged at rest while the gateway is down (a bad sector, a bit
+    rotting): that frame's records cannot land, but every other acknowledged record must. (Before,
+    the readers skipped the rest of a sealed segment, 11 frames here, and the start cut the newest
+    segment back to the damage as if a crash had torn it, 6 frames, logging only a warning.)"""
+    sp, devices, lake = setup(tmp_path, gateways, 4, lake={"max_object_age_secs": 3600, "target_object_bytes": 1 << 30},
+                              wal={"segment_bytes": 512 * KiB, "max_total_bytes": 16 * MiB})
+    ledger = Ledger()
+    problems: list[str] = []
+    await sp.astart(workers_env(1), workers=1)
+    for device in devices:
+        async with DeviceClient(sp.url, device, ledger) as client:
+            for _ in range(30):
+                await client.send(device.records(100))
+    await sp.akill()  # nothing has landed: objects roll only at the hour's age
+    segments = sorted((tmp_path / "wal").rglob("*.wal"))
+    victim = segments[1] if segment == "sealed" else segments[-1]
+    records = [f for f in wal_frames(victim) if f[2] > 0]
+    payload, length, lost = records[len(records) // 3]
+    with open(victim, "r+b") as f:
+        f.seek(payload + length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x20]))
+    await sp.astart(workers_env(1), workers=1)
+    await stop_gracefully(sp, problems)
+    raw = lake_counts(lake, ("raw",))["raw"]
+    missing = ledger.acked - set(raw)
+    if len(missing) != lost or len({device for device, _ in missing}) != 1:
+        problems.append(f"{len(missing)} acknowledged records missing from raw, not the damaged frame's {lost}: {first(sorted(missing))}")
+    if any(n > 1 for n in raw.values()):
+        problems.append("records landed twice")
+    if f'"records_lost":{lost}' not in sp.all_logs():
+        problems.append("no log line names the records lost")
+    check(problems, ledger, sp)
+
+
 # -- 11 -----------------------------------------------------------------------------------------
 
 

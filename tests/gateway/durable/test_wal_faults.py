@@ -184,23 +184,6 @@ async def test_a_failed_fsync_refuses_what_it_covered_and_is_never_retried(tmp_p
     await assert_cut_back_and_resumed(wal, tmp_path, monkeypatch, real_fdatasync)
 
 
-async def test_a_damaged_frame_inside_the_newest_segment_is_kept_aside(tmp_path, caplog):
-    wal = await open_wal(tmp_path)
-    for i in range(3):
-        await wal.append([frame(2, b"%d-" % i)])
-    await wal.close()
-    segment = next(tmp_path.glob("*.wal"))
-    data = bytearray(segment.read_bytes())
-    data[len(wal_module.MAGIC) + wal_module.HEADER_SIZE + 3] ^= 0xFF  # inside the first frame's payload
-    segment.write_bytes(bytes(data))
-    with caplog.at_level(logging.CRITICAL):
-        wal = await open_wal(tmp_path)
-    assert "kept aside" in caplog.text
-    kept = list(tmp_path.glob("*.damaged-at-*"))
-    assert len(kept) == 1 and kept[0].stat().st_size == len(data) - len(wal_module.MAGIC)
-    await wal.close()
-
-
 async def test_a_failed_fsync_at_rotation_refuses_every_request_written_since_the_last_good_one(tmp_path, monkeypatch, caplog):
     # Two requests written together: the second needs a new segment, and fsyncing the full one fails.
     wal = await open_wal(tmp_path, segment_bytes=300)

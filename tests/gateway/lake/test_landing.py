@@ -99,6 +99,27 @@ async def test_a_failing_prepare_step_is_retried_and_skips_nothing(tmp_path):
     assert sorted(line["seq"] for line in read_zone(tmp_path / "lake", "raw")) == list(range(6))
 
 
+async def test_a_frame_damaged_on_disk_is_counted_and_the_frames_after_it_land(tmp_path):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(range(3))])
+    await wal.append([frame(range(3, 6))])
+    await wal.append([frame(range(6, 9))])
+    await wal.close()
+    segment = next((tmp_path / "wal").glob("*.wal"))
+    data = bytearray(segment.read_bytes())
+    second = data.index(b'{"seq":3')
+    data[second + 3] ^= 0x20  # inside the second request's frame
+    segment.write_bytes(bytes(data))
+    wal = await open_wal(tmp_path)
+    metrics = GatewayMetrics()
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), observer=metrics)
+    await zone.start()
+    assert await zone.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == [0, 1, 2, 6, 7, 8]
+    assert metrics.damaged_records.labels("raw")._value.get() == 3
+
+
 async def test_an_untranslated_sink_error_is_retried(tmp_path):
     wal = await open_wal(tmp_path)
 

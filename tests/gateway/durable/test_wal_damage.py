@@ -1,0 +1,166 @@
+"""Frames damaged at rest: a damaged frame costs its own records, never those after it.
+
+A byte flipped inside one frame (bad sector, a bit rotting, a stray write) used to cost every frame
+after it: in a sealed segment the readers skipped to the next segment, and in the newest one the
+damage was cut away with everything after it (inside a request of several frames, even reported as
+a torn tail). A frame whose header still places it is now passed over alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS, MAGIC, PREFIX, WriteAheadLog, encode_frame
+
+
+def frame(n: int, tag: bytes = b"r") -> bytes:
+    payload = b"".join(b'{"v":"%s%d"}\n' % (tag, i) for i in range(n))
+    return encode_frame(KIND_RECORDS, 1, 1000, 10, 20, n, payload)
+
+
+async def open_wal(path, **kw) -> WriteAheadLog:
+    wal = WriteAheadLog(path, segment_bytes=kw.pop("segment_bytes", 1 << 20), max_total_bytes=1 << 30)
+    await wal.start()
+    return wal
+
+
+def read_all(wal: WriteAheadLog, lsn: int = 0) -> tuple[list, int]:
+    reader = wal.reader(lsn)
+    frames = []
+    while batch := reader.read(1 << 20):
+        frames.extend(batch)
+    reader.close()
+    return frames, reader.lost_records
+
+
+def offsets(segment) -> list[int]:
+    """Where each frame of ``segment`` starts (its headers are intact in these tests)."""
+    data = segment.read_bytes()
+    at, found = len(MAGIC), []
+    while at < len(data):
+        found.append(at)
+        at += HEADER_SIZE + PREFIX.unpack_from(data, at)[0]
+    return found
+
+
+def flip(segment, offset: int) -> None:
+    data = bytearray(segment.read_bytes())
+    data[offset] ^= 0x20
+    segment.write_bytes(bytes(data))
+
+
+async def test_a_damaged_frame_in_a_sealed_segment_costs_only_its_own_records(tmp_path, caplog):
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    for i in range(4):
+        await wal.append([frame(3, b"%d-" % i)])  # the 300-byte segment fills after four
+    await wal.append([frame(2, b"next")])
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    second = offsets(sealed)[1]
+    flip(sealed, second + HEADER_SIZE + 5)
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (6, 3), (9, 3), (12, 2)]
+    assert frames[1].payload.startswith(b'{"v":"2-0"}')
+    assert lost == 3 and "records cannot land" in caplog.text
+    kept = list(tmp_path.glob("*.damaged-at-*"))
+    assert [p.name for p in kept] == [f"{sealed.name}.damaged-at-{second}"]
+    assert kept[0].stat().st_size == len(frame(3, b"1-"))
+    await wal.close()
+
+
+async def test_a_damaged_frame_that_ends_its_sealed_segment_is_passed_over(tmp_path, caplog):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    for _ in range(3):
+        await wal.append([frame(5)])  # each append past 100 bytes rolls a segment
+    segments = sorted(tmp_path.glob("*.wal"))
+    assert len(segments) == 3
+    flip(segments[0], segments[0].stat().st_size - 3)
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [f.lsn for f in frames] == [5, 10] and lost == 5
+    await wal.close()
+
+
+async def test_a_damaged_header_still_skips_to_the_next_segment(tmp_path, caplog):
+    """A length that no longer places the next frame: nothing after it in that segment can be placed."""
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    for i in range(4):
+        await wal.append([frame(3, b"%d-" % i)])
+    await wal.append([frame(2, b"next")])
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    flip(sealed, offsets(sealed)[1] + 1)  # the second frame's length
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (12, 2)]
+    assert lost == 0 and "skipping to the next segment" in caplog.text
+    await wal.close()
+
+
+async def test_a_damaged_frame_inside_the_newest_segment_is_passed_over_and_kept_aside(tmp_path, caplog):
+    wal = await open_wal(tmp_path)
+    for i in range(3):
+        await wal.append([frame(2, b"%d-" % i)])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    size = segment.stat().st_size
+    flip(segment, len(MAGIC) + HEADER_SIZE + 3)  # inside the first frame's payload
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "newest segment; its records cannot land" in caplog.text and "torn tail" not in caplog.text
+    assert segment.stat().st_size == size and wal.next_lsn == 6
+    kept = list(tmp_path.glob("*.damaged-at-*"))
+    assert len(kept) == 1 and kept[0].stat().st_size == len(frame(2, b"0-"))
+    assert await wal.append([frame(1, b"after")]) == 7
+    frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(2, 2), (4, 2), (6, 1)] and lost == 2
+    await wal.close()
+
+
+async def test_a_damaged_frame_inside_a_request_of_several_frames_is_not_taken_for_a_torn_tail(tmp_path, caplog):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"a"), frame(3, b"b")])  # one request: a marker, then its two frames
+    await wal.append([frame(1, b"c")])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    marker, first, second, _ = offsets(segment)
+    flip(segment, first + HEADER_SIZE + 4)
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "torn tail" not in caplog.text and wal.next_lsn == 6
+    frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(2, 3), (5, 1)] and lost == 2
+    await wal.close()
+
+
+async def test_damage_that_cannot_be_placed_inside_a_request_is_kept_aside_not_called_torn(tmp_path, caplog):
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"a"), frame(3, b"b")])
+    await wal.append([frame(1, b"c")])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    marker, first, _, _ = offsets(segment)
+    size = segment.stat().st_size
+    flip(segment, first)  # the first frame's length, 32 bytes off: what follows cannot be placed
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "bytes after it are kept aside" in caplog.text and "torn tail" not in caplog.text
+    kept = list(tmp_path.glob("*.damaged-at-*"))
+    assert [p.name for p in kept] == [f"{segment.name}.damaged-at-{marker}"] and kept[0].stat().st_size == size - marker
+    assert wal.next_lsn == 0
+    await wal.close()
+
+
+async def test_a_torn_last_frame_is_still_cut_back_as_torn(tmp_path, caplog):
+    """A frame that fails its check with nothing after it is a write a crash cut short, not damage."""
+    wal = await open_wal(tmp_path)
+    await wal.append([frame(2, b"a")])
+    await wal.append([frame(3, b"b")])
+    await wal.close()
+    segment = next(tmp_path.glob("*.wal"))
+    last = offsets(segment)[-1]
+    flip(segment, segment.stat().st_size - 2)
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "torn tail" in caplog.text and not list(tmp_path.glob("*.damaged-at-*"))
+    assert segment.stat().st_size == last and wal.next_lsn == 2
+    await wal.close()
