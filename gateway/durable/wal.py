@@ -339,9 +339,13 @@ class WriteAheadLog:
         on_durable: Callable[[int, list], None] | None = None,
         board: Board | None = None,
         first_lsn: int = 0,
+        floor: Callable[[], int] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self._first_lsn = first_lsn  # where a new, empty log starts numbering (see fresh_log_origin)
+        # Read at open: the LSN past every record a consumer recorded as read. A log missing its newest
+        # records numbers new ones from there, or that consumer would take them for ones it landed.
+        self._floor = floor
         self.segment_bytes = segment_bytes
         self.max_total_bytes = max_total_bytes
         self._fsync = fsync
@@ -394,12 +398,15 @@ class WriteAheadLog:
                 log.warning("ignoring a file that is not a WAL segment", extra={"path": str(path)})
                 continue
             self._segments.append(_Segment(first_lsn, path, path.stat().st_size))
+        floor = self._floor() if self._floor is not None else 0
         if self._segments:
             self._recover_last_segment()
+            if self._next_lsn < floor:
+                self._number_from(floor)
         else:
-            self._fd, segment = self._create_segment(self._first_lsn)
+            self._fd, segment = self._create_segment(max(self._first_lsn, floor))
             self._segments.append(segment)
-            self._next_lsn = self._first_lsn
+            self._next_lsn = segment.first_lsn
         self._set_durable((self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size))
         self._closed = False
 
@@ -442,6 +449,20 @@ class WriteAheadLog:
         last.size = good_size
         self._fd = fd
         self._next_lsn = found.next_lsn
+
+    def _number_from(self, floor: int) -> None:
+        """Go on in a new segment at ``floor``: records a consumer recorded as read are gone from the
+        log (its newest segment removed or cut short), and their LSNs must not be given again."""
+        log.error(
+            "WAL: records a zone already read are missing from the log (a segment removed or cut short); "
+            "new records are numbered past them",
+            extra={"newest_segment": self._segments[-1].path.name, "log_ends_at_lsn": self._next_lsn, "numbered_from": floor},
+        )
+        fd, segment = self._create_segment(floor)
+        os.close(self._fd)  # recovered and fsynced
+        self._fd = fd
+        self._segments.append(segment)
+        self._next_lsn = floor
 
     def _create_segment(self, first_lsn: int) -> tuple[int, _Segment]:
         """A new segment file with its header, durable; on any error nothing of it is left behind."""
@@ -924,7 +945,7 @@ class WalReader:
         self._segment: _Segment | None = None
         self._offset = 0
         self.corrupt_segments = 0
-        self.lost_records = 0  # in damaged frames passed over
+        self.lost_records = 0  # in damaged frames passed over, or missing between segments
         # Reads run in a worker thread, and a consumer stopping closes its reader from the event loop
         # meanwhile: closing waits for a running read, and no read opens a file after it.
         self._lock = threading.Lock()
@@ -953,9 +974,12 @@ class WalReader:
             self._offset = len(MAGIC)
             # Skip whole frames until the one starting at our LSN (positions are frame boundaries).
             at = seg.first_lsn
+            limit = wal._durable_limit(seg)
             while at < lsn:
-                scan = _read_frames(self._file, self._offset, at, wal._durable_limit(seg), HEADER_SIZE, True)
+                scan = _read_frames(self._file, self._offset, at, limit, HEADER_SIZE, True)
                 if not scan.frames:
+                    if limit is None and not scan.corrupt:
+                        at = lsn  # past a sealed segment's end: in a gap before the next one, whose read reports it
                     break
                 frame = scan.frames[0]
                 if frame.end_lsn > lsn:
@@ -1002,11 +1026,18 @@ class WalReader:
                 nxt = _next_segment(wal._segments, seg)
                 if nxt is None:
                     break
+                lost = max(0, nxt.first_lsn - self.lsn)
+                self.lost_records += lost
                 if scan.corrupt:
                     self.corrupt_segments += 1
                     log.error(
                         "WAL: corrupt frame in a sealed segment; skipping to the next segment",
-                        extra={"segment": seg.path.name, "offset": self._offset, "lost_from_lsn": self.lsn},
+                        extra={"segment": seg.path.name, "offset": self._offset, "lost_from_lsn": self.lsn, "records_lost": lost},
+                    )
+                elif lost:
+                    log.error(
+                        "WAL: records missing between two segments (a segment removed or cut short); they cannot land",
+                        extra={"after_segment": seg.path.name, "next_segment": nxt.path.name, "lost_from_lsn": self.lsn, "records_lost": lost},
                     )
                 self.lsn = max(self.lsn, nxt.first_lsn)
                 self._open_segment_at(self.lsn)

@@ -125,6 +125,21 @@ def owes_records(state_dir: str | os.PathLike[str], zone: str) -> bool:
     return state.until is None or state.position < state.until or bool(state.sealed)
 
 
+def recorded_floor(state_dir: str | os.PathLike[str]) -> int:
+    """The LSN past every record a zone here recorded as read: its position, and the objects it sealed."""
+    floor = 0
+    for path in Path(state_dir).glob("*.state"):
+        state_file = ReservedStateFile(path)
+        try:
+            payload = state_file.open()
+        finally:
+            state_file.close()
+        if payload is not None:
+            state = msgspec.json.decode(payload, type=LanderState)
+            floor = max(floor, state.position, *(last + 1 for _, _, last in state.sealed))
+    return floor
+
+
 @dataclass(slots=True)
 class _Pending:
     """An object being filled (open) or decided and waiting to land (sealed)."""

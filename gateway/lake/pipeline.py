@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from connectors.base import ObjectSink
-from gateway.lake.landing import ZoneLander
+from gateway.lake.landing import ZoneLander, recorded_floor
 from gateway.durable.wal_board import ZONES
-from gateway.lake.zones import Zones, needs_scorer
+from gateway.lake.zones import Zones, consumers_dir, needs_scorer
 from gateway.ops.metrics import GatewayMetrics
 from gateway.durable.ledger_catch_up import RequestRecord, catch_up
 from gateway.durable.retry_ledger import RetryLedger
@@ -94,6 +94,7 @@ class Pipeline:
             on_rollback=self._forget_beyond,
             board=durable_board(wal_dir) if landing_elsewhere else None,
             first_lsn=fresh_log_origin(),  # used only if the directory holds no log yet
+            floor=lambda: recorded_floor(consumers_dir(wal_dir)),
         )
         self.zones: Zones | None = None
         self.scorer: CuratedScorer | None = None

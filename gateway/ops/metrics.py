@@ -138,9 +138,9 @@ class GatewayMetrics:
             ["zone", "reason"],
             registry=r,
         )
-        self.damaged_records = Counter(
-            "edge_gateway_wal_damaged_records",
-            "Records that cannot land because their WAL frame was damaged on disk (kept aside beside its segment)",
+        self.wal_records_lost = Counter(
+            "edge_gateway_wal_records_lost",
+            "Records a zone cannot land because their WAL frames were damaged or removed on disk",
             ["zone"],
             registry=r,
         )
@@ -208,7 +208,7 @@ class GatewayMetrics:
         self.dead_lettered_records.labels(zone, reason).inc(records)
 
     def damaged(self, zone: str, records: int) -> None:
-        self.damaged_records.labels(zone).inc(records)
+        self.wal_records_lost.labels(zone).inc(records)
 
     def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None:
         """Landers report as they go; the exported figures are computed at scrape time instead."""

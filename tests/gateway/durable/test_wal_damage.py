@@ -92,7 +92,7 @@ async def test_a_damaged_header_still_skips_to_the_next_segment(tmp_path, caplog
     with caplog.at_level(logging.ERROR):
         frames, lost = read_all(wal)
     assert [(f.lsn, f.count) for f in frames] == [(0, 3), (12, 2)]
-    assert lost == 0 and "skipping to the next segment" in caplog.text
+    assert lost == 9 and "skipping to the next segment" in caplog.text  # the rest of that segment
     await wal.close()
 
 
@@ -163,4 +163,41 @@ async def test_a_torn_last_frame_is_still_cut_back_as_torn(tmp_path, caplog):
         wal = await open_wal(tmp_path)
     assert "torn tail" in caplog.text and not list(tmp_path.glob("*.damaged-at-*"))
     assert segment.stat().st_size == last and wal.next_lsn == 2
+    await wal.close()
+
+
+async def test_records_missing_between_segments_are_counted_and_the_rest_read(tmp_path, caplog):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    for i in range(3):
+        await wal.append([frame(5, b"%d-" % i)])  # one segment each
+    await wal.close()
+    sorted(tmp_path.glob("*.wal"))[1].unlink()  # removed by hand while the gateway was down
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [f.lsn for f in frames] == [0, 10] and lost == 5
+    assert "records missing between two segments" in caplog.text
+    reader = wal.reader(7)  # a consumer that had read part of what is gone loses only the rest
+    assert [f.lsn for f in reader.read(1 << 20)] == [10] and reader.lost_records == 3
+    reader.close()
+    await wal.close()
+
+
+async def test_a_log_missing_its_newest_records_numbers_new_ones_past_what_a_consumer_read(tmp_path, caplog):
+    wal = await open_wal(tmp_path, segment_bytes=100)
+    for i in range(3):
+        await wal.append([frame(5, b"%d-" % i)])
+    await wal.close()
+    sorted(tmp_path.glob("*.wal"))[-1].unlink()  # the newest: LSNs 10-14, which a zone had read
+    with caplog.at_level(logging.ERROR):
+        wal = WriteAheadLog(tmp_path, segment_bytes=100, max_total_bytes=1 << 30, floor=lambda: 15)
+        await wal.start()
+    assert "numbered past them" in caplog.text
+    assert wal.next_lsn == 15 and await wal.append([frame(2, b"new")]) == 17
+    frames, lost = read_all(wal, 15)
+    assert [(f.lsn, f.count) for f in frames] == [(15, 2)] and lost == 0
+    await wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=100, max_total_bytes=1 << 30, floor=lambda: 15)
+    await wal.start()  # a floor already passed changes nothing
+    assert wal.next_lsn == 17
     await wal.close()

@@ -9,7 +9,7 @@ import orjson
 
 from connectors.local_lake import LocalLakeSink
 from gateway.lake.formats import ZstdNdjsonBuilder
-from gateway.lake.landing import LanderSettings, ZoneLander
+from gateway.lake.landing import LanderSettings, ZoneLander, recorded_floor
 from gateway.ops.metrics import GatewayMetrics
 from connectors.errors import PermanentError
 from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_RECORDS_SHARED, WriteAheadLog, encode_frame, shared_payload
@@ -117,7 +117,31 @@ async def test_a_frame_damaged_on_disk_is_counted_and_the_frames_after_it_land(t
     assert await zone.drain(5)
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == [0, 1, 2, 6, 7, 8]
-    assert metrics.damaged_records.labels("raw")._value.get() == 3
+    assert metrics.wal_records_lost.labels("raw")._value.get() == 3
+
+
+async def test_records_taken_after_the_newest_segment_was_lost_land(tmp_path):
+    """The newest segment removed while the gateway was down, after the zone had landed it: the log
+    must not give its LSNs again, or the zone, whose position is past them, skips the new records."""
+    wal = await open_wal(tmp_path, segment_bytes=200)
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), max_object_age_secs=3600)
+    await zone.start()
+    await wal.append([frame(range(0, 3))])
+    await wal.append([frame(range(3, 6))])  # a segment of its own
+    assert await zone.drain(5)
+    await zone.close()
+    await wal.close()
+    sorted((tmp_path / "wal").glob("*.wal"))[-1].unlink()
+    state_dir = tmp_path / "state"
+    wal = WriteAheadLog(tmp_path / "wal", segment_bytes=200, max_total_bytes=1 << 30, floor=lambda: recorded_floor(state_dir))
+    await wal.start()
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
+    await zone.start()
+    await wal.append([frame(range(6, 9))])
+    assert await zone.drain(5)
+    await zone.close()
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == list(range(9))
 
 
 async def test_an_untranslated_sink_error_is_retried(tmp_path):
