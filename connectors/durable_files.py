@@ -85,6 +85,7 @@ class ReservedStateFile:
         self._generation = 0
         self._slot = 1  # the slot holding the newest state; the first write goes to slot 0
         self._fd = -1
+        self.damaged = False  # set by open(): states were written here, and none of them reads back
 
     def open(self) -> bytes | None:
         """Allocate the file if needed and return the newest state in it (None when there is none)."""
@@ -109,9 +110,13 @@ class ReservedStateFile:
             if found is not None and (best is None or found[0] > best[0]):
                 best = (found[0], slot, found[1])
         if best is None:
+            self.damaged = not created and any(self._written(slot) for slot in (0, 1))
             return None
         self._generation, self._slot, payload = best
         return payload
+
+    def _written(self, slot: int) -> bool:
+        return os.pread(self._fd, self.HEADER.size, slot * self._slot_bytes).strip(b"\0") != b""
 
     def _read_slot(self, slot: int) -> tuple[int, bytes] | None:
         header = os.pread(self._fd, self.HEADER.size, slot * self._slot_bytes)

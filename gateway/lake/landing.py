@@ -705,6 +705,12 @@ class ZoneLander:
     def _load_state(self) -> LanderState:
         ensure_directory(self._state_dir)
         payload = self._state_file.open()
+        if payload is None and self._state_file.damaged:
+            log.error(
+                "the zone's state file is damaged: landing again from the oldest record the WAL holds, "
+                "so objects already landed from those records may land twice",
+                extra={"zone": self.zone, "state_file": str(self._state_file.path), "from_lsn": self._wal.first_lsn},
+            )
         if payload is None:
             legacy = self._state_dir / f"{self.zone}.json"  # written by earlier versions
             try:
