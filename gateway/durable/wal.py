@@ -967,7 +967,9 @@ class WalReader:
         if not segments:
             return False
         seg = _segment_at(segments, lsn)
-        if self._segment is not seg:
+        if self._segment is not seg and lsn == self.lsn and _same_file(self._segment, self._file, seg):
+            self._segment = seg  # the same segment, listed again (a follower re-lists on each new one): keep our place
+        elif self._segment is not seg:
             self._close_file()
             self._segment = seg
             self._file = open(seg.path, "rb")
@@ -1068,6 +1070,18 @@ class WalReader:
         self._offset += size
         self.lsn += records
         return True
+
+
+def _same_file(segment: _Segment | None, file, other: _Segment) -> bool:
+    """Whether ``file``, open on ``segment``, is the file ``other`` names (not one made again under
+    its name after a cut-back removed it): then a reader keeps its place instead of scanning again."""
+    if segment is None or file is None or segment.first_lsn != other.first_lsn:
+        return False
+    try:
+        mine, theirs = os.fstat(file.fileno()), os.stat(other.path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _whole(frame: Frame) -> Frame:

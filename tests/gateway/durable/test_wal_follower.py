@@ -9,6 +9,7 @@ import os
 import pytest
 
 from connectors.local_lake import LocalLakeSink
+from gateway.durable import wal as wal_module
 from gateway.durable.wal import WriteAheadLog
 from gateway.durable.wal_board import Board, ReleasedPositions, durable_board, released_board
 from gateway.durable.wal_follower import WalFollower
@@ -50,6 +51,32 @@ async def test_the_follower_reads_what_the_owner_made_durable_across_segments(tm
         lsns.extend(f.lsn for f in frames)
     assert lsns == [3 + 5 * i for i in range(40)] and reader.lsn == wal.durable_lsn == 203
     assert not await follower.wait_for_data(203, 0.05)  # nothing more: a timeout, not an error
+    reader.close()
+    await wal.close()
+
+
+async def test_a_reader_keeps_its_place_when_the_follower_lists_its_segment_again(tmp_path, monkeypatch):
+    """The follower lists the segments again whenever the owner starts a new one; a reader part way
+    through a segment must go on from where it is, not scan that segment's frames again from its
+    start (in a 64 MiB segment, a tenth of a second each time, for every zone)."""
+    wal = await owned_wal(tmp_path, segment_bytes=4096)
+    follower = follower_of(tmp_path)
+    await wal.append([frame(3, b"a")])
+    await wal.append([frame(3, b"b")])
+    assert follower.refresh()
+    reader = follower.reader(0)
+    assert [f.lsn for f in reader.read(1 << 20)] == [0, 3]
+    scans = []
+    real = wal_module._read_frames
+    monkeypatch.setattr(wal_module, "_read_frames", lambda *a, **kw: scans.append(kw.get("headers_only", a[5] if len(a) > 5 else False)) or real(*a, **kw))
+    while len(wal._segments) < 2:
+        await wal.append([frame(40, b"c")])
+    assert await follower.wait_for_data(reader.lsn, 1.0)
+    lsns = []
+    while frames := reader.read(1 << 20):
+        lsns.extend(f.lsn for f in frames)
+    assert lsns[0] == 6 and reader.lsn == wal.durable_lsn
+    assert True not in scans, "the reader scanned its segment's headers again after a listing"
     reader.close()
     await wal.close()
 
