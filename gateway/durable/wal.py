@@ -321,6 +321,12 @@ def _damaged_frame(f, offset: int, end: int, *, may_end_at_end: bool) -> tuple[i
     return HEADER_SIZE + length, count
 
 
+def _intact_now(f, offset: int, end: int | None) -> bool:
+    """Whether the frame at ``offset`` passes its check when read again: a read that came back short
+    or wrong once (a flaky device, a network or FUSE file system) is not damage on disk."""
+    return bool(_read_frames(f, offset, 0, end, 1, markers=True).frames)
+
+
 def _keep_aside(segment: Path, offset: int, size: int | None = None) -> Path:
     """A copy of a segment's damaged bytes from ``offset`` (``size`` of them, or to its end) beside it,
     for forensics: the segment itself is deleted once landed, or cut back."""
@@ -901,9 +907,13 @@ def _recoverable_end(f, first_lsn: int, size: int) -> _Recovered:
     offset, lsn = len(MAGIC), first_lsn
     txn_start: tuple[int, int, int] | None = None  # (offset, lsn, end offset) of an unfinished request
     passed_over: list[tuple[int, int, int, int]] = []
+    read_again_at = -1
     while True:
         scan = _read_frames(f, offset, lsn, None, 1, headers_only=False, markers=True)
         if not scan.frames:
+            if scan.corrupt and read_again_at != offset and _intact_now(f, offset, None):
+                read_again_at = offset  # once per frame: a device that keeps changing its answer is damage
+                continue
             placed = _damaged_frame(f, offset, size, may_end_at_end=False) if scan.corrupt else None
             if placed is None:
                 damaged = scan.corrupt and _damaged_not_torn(f, offset, size)
@@ -1011,6 +1021,7 @@ class WalReader:
         whole = kinds is None or (KIND_RECORDS in kinds and KIND_RECORDS_SHARED not in kinds)
         if kinds is not None and whole:
             kinds = kinds | {KIND_RECORDS_SHARED}
+        read_again_at = -1
         while budget > 0 and self.lsn < wal.durable_lsn:
             seg = self._segment
             limit = wal._durable_limit(seg)
@@ -1026,6 +1037,9 @@ class WalReader:
                     "version cannot read: it was written by a later version. Its consumer stops here and lands "
                     "nothing past it; run that later version (or a newer one) on this wal.dir to land it"
                 )
+            if scan.corrupt and read_again_at != self._offset and _intact_now(self._file, self._offset, limit):
+                read_again_at = self._offset  # a read that failed once: read it again (once)
+                continue
             if scan.corrupt and self._pass_over_damaged(seg, limit):
                 continue
             at_end = limit is not None and self._offset >= limit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from gateway.durable import wal as wal_module
 from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS, MAGIC, PREFIX, WriteAheadLog, encode_frame
 
 
@@ -200,4 +201,63 @@ async def test_a_log_missing_its_newest_records_numbers_new_ones_past_what_a_con
     wal = WriteAheadLog(tmp_path, segment_bytes=100, max_total_bytes=1 << 30, floor=lambda: 15)
     await wal.start()  # a floor already passed changes nothing
     assert wal.next_lsn == 17
+    await wal.close()
+
+
+class ShortOnce:
+    """A file whose first read of ``size`` bytes comes back one byte short (a flaky device or FUSE
+    file system), every other read as the disk has it."""
+
+    def __init__(self, f, size: int) -> None:
+        self._f, self._size, self.done = f, size, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if n == self._size and not self.done:
+            self.done = True
+            return data[:-1]
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def short_reads_of(monkeypatch, size: int) -> list[ShortOnce]:
+    opened: list[ShortOnce] = []
+
+    def flaky_open(*args, **kwargs):
+        opened.append(ShortOnce(open(*args, **kwargs), size))
+        return opened[-1]
+
+    monkeypatch.setattr(wal_module, "open", flaky_open, raising=False)
+    return opened
+
+
+async def test_a_read_that_comes_back_short_once_is_read_again_not_passed_over(tmp_path, monkeypatch):
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    for i in range(4):
+        await wal.append([frame(3, b"%d-" % i)])
+    await wal.append([frame(2, b"next")])
+    opened = short_reads_of(monkeypatch, len(frame(3, b"1-")) - HEADER_SIZE)  # a frame's payload
+    frames, lost = read_all(wal)
+    assert any(f.done for f in opened), "no read came back short"
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 2)] and lost == 0
+    await wal.close()
+
+
+async def test_a_short_read_at_start_does_not_cut_the_newest_segment(tmp_path, monkeypatch):
+    wal = await open_wal(tmp_path)
+    for i in range(3):
+        await wal.append([frame(2, b"%d-" % i)])
+    await wal.close()
+    opened = short_reads_of(monkeypatch, len(frame(2, b"0-")) - HEADER_SIZE)
+    wal = await open_wal(tmp_path)
+    assert any(f.done for f in opened), "no read came back short"
+    assert wal.next_lsn == 6 and not list(tmp_path.glob("*.damaged-at-*"))
     await wal.close()
