@@ -25,6 +25,15 @@ async def open_wal(path, **kw) -> WriteAheadLog:
     return wal
 
 
+async def sealed_segment_then_one_more(tmp_path) -> WriteAheadLog:
+    """Four 3-record frames fill a 300-byte segment (LSNs 0-11); a 2-record one starts the next (12-13)."""
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    for i in range(4):
+        await wal.append([frame(3, b"%d-" % i)])
+    await wal.append([frame(2, b"next")])
+    return wal
+
+
 def read_all(wal: WriteAheadLog, lsn: int = 0) -> tuple[list, int]:
     reader = wal.reader(lsn)
     frames = []
@@ -51,10 +60,7 @@ def flip(segment, offset: int) -> None:
 
 
 async def test_a_damaged_frame_in_a_sealed_segment_costs_only_its_own_records(tmp_path, caplog):
-    wal = await open_wal(tmp_path, segment_bytes=300)
-    for i in range(4):
-        await wal.append([frame(3, b"%d-" % i)])  # the 300-byte segment fills after four
-    await wal.append([frame(2, b"next")])
+    wal = await sealed_segment_then_one_more(tmp_path)
     sealed = sorted(tmp_path.glob("*.wal"))[0]
     second = offsets(sealed)[1]
     flip(sealed, second + HEADER_SIZE + 5)
@@ -84,10 +90,7 @@ async def test_a_damaged_frame_that_ends_its_sealed_segment_is_passed_over(tmp_p
 
 async def test_a_damaged_header_still_skips_to_the_next_segment(tmp_path, caplog):
     """A length that no longer places the next frame: nothing after it in that segment can be placed."""
-    wal = await open_wal(tmp_path, segment_bytes=300)
-    for i in range(4):
-        await wal.append([frame(3, b"%d-" % i)])
-    await wal.append([frame(2, b"next")])
+    wal = await sealed_segment_then_one_more(tmp_path)
     sealed = sorted(tmp_path.glob("*.wal"))[0]
     flip(sealed, offsets(sealed)[1] + 1)  # the second frame's length
     with caplog.at_level(logging.ERROR):
@@ -240,10 +243,7 @@ def short_reads_of(monkeypatch, size: int) -> list[ShortOnce]:
 
 
 async def test_a_read_that_comes_back_short_once_is_read_again_not_passed_over(tmp_path, monkeypatch):
-    wal = await open_wal(tmp_path, segment_bytes=300)
-    for i in range(4):
-        await wal.append([frame(3, b"%d-" % i)])
-    await wal.append([frame(2, b"next")])
+    wal = await sealed_segment_then_one_more(tmp_path)
     opened = short_reads_of(monkeypatch, len(frame(3, b"1-")) - HEADER_SIZE)  # a frame's payload
     frames, lost = read_all(wal)
     assert any(f.done for f in opened), "no read came back short"
