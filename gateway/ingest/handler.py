@@ -192,18 +192,21 @@ def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: 
 async def _once(gw: Gateway, key: bytes, digest: str, batch: RequestBatch, run) -> web.Response | None:
     """Run a request under its retry key once per instance; a retry gets the first answer again.
     None: records of its device became durable since ``batch`` was validated; validate it again."""
-    running = gw.running_requests.get(key)
-    if running is not None:  # the same key is running in this worker
-        if running[0] != digest:
-            raise KeyReused(_KEY_REUSED)
-        answer = await asyncio.shield(running[1])
-        if answer is not None:
-            return _replayed(answer)
     loop = asyncio.get_running_loop()
     waited_until = loop.time() + RUNNING_ELSEWHERE_WAIT_SECS
     spans = batch.seq_spans()
     rechecks = 0
     while True:
+        # Looked at again before every claim: the ledger lets this process claim a key it already
+        # holds, so only this map keeps two of its handlers (retries woken together) from both running it.
+        running = gw.running_requests.get(key)
+        if running is not None:  # the same key is running in this worker
+            if running[0] != digest:
+                raise KeyReused(_KEY_REUSED)
+            answer = await asyncio.shield(running[1])
+            if answer is not None:
+                return _replayed(answer)
+            continue  # it failed: run it, unless another waiter already does
         try:
             claim = gw.ledger.claim_request(key, digest, spans)
         except LedgerError as exc:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 
 import aiohttp
 import pytest
@@ -84,3 +85,54 @@ async def test_a_handler_cancelled_by_a_drain_past_its_deadline_keeps_its_key_un
     finally:
         await again.stop()
     assert len(read_zone(env.lake, "raw")) == 5
+
+
+async def test_identical_requests_waiting_on_one_the_wal_refused_run_it_once(tmp_path):
+    """Two retries of a request arrive while it waits in the WAL, and wait for its answer; the WAL
+    refuses it (a full disk). Woken together, they must not both run it: one runs, the other gets
+    its answer. (Both claimed the key for this process, both ran, and the records landed twice.)"""
+    from gateway.auth.signing import sign_request
+    from gateway.durable.wal import WalNoSpace
+
+    env = make_env(tmp_path)
+    running = await start_gateway(load_settings(env.config, environ={}))
+    gw = running.gateway
+    wal = gw.pipeline.wal
+    disk_may_go = threading.Event()
+    refused: list = []
+    write_and_sync = wal._write_and_sync
+
+    def first_batch_refused(batch):
+        if refused:
+            return write_and_sync(batch)
+        disk_may_go.wait(30)
+        refused.extend(batch)
+        for queued in batch:
+            queued.error = WalNoSpace("the disk holding the write-ahead log is full (test)")
+
+    wal._write_and_sync = first_batch_refused
+    device = env.device("dev-1")
+    body = ndjson(*(record("dev-1", seq=i, temperature_c=float(i)) for i in range(5)))
+    key = body_key("dev-1", hashlib.sha256(body).hexdigest())
+
+    async def send(attempt: int) -> tuple[int, str | None]:
+        headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", device.key, body, now=time.time() - attempt)}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(running.url + URL, data=body, headers=headers) as resp:
+                return resp.status, resp.headers.get("Idempotent-Replayed")
+
+    try:
+        first = asyncio.create_task(send(0))
+        while not wal._writing:  # the first request is in the WAL's writer, held there
+            await asyncio.sleep(0.01)
+        retries = [asyncio.create_task(send(attempt)) for attempt in (1, 2)]
+        while len(gw.running_requests[key][1]._callbacks or ()) < 2:  # both retries wait for its answer
+            await asyncio.sleep(0.01)
+        disk_may_go.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *retries), 10)
+    finally:
+        disk_may_go.set()
+        await running.stop()
+    assert answers[0][0] == 503
+    assert set(answers[1:]) == {(202, None), (202, "true")}, answers  # one ran it, the other got its answer
+    assert sorted(line["seq"] for line in read_zone(env.lake, "raw")) == list(range(5))
