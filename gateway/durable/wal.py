@@ -327,14 +327,20 @@ def _intact_now(f, offset: int, end: int | None) -> bool:
     return bool(_read_frames(f, offset, 0, end, 1, markers=True).frames)
 
 
-def _keep_aside(segment: Path, offset: int, size: int | None = None) -> Path:
+def _keep_aside(segment: Path, offset: int, size: int | None = None) -> str:
     """A copy of a segment's damaged bytes from ``offset`` (``size`` of them, or to its end) beside it,
-    for forensics: the segment itself is deleted once landed, or cut back."""
+    for forensics: the segment itself is deleted once landed, or cut back. Its name, or why there is
+    none: a copy that cannot be made (a full disk) must not stop the records around it from landing."""
     keep = segment.with_name(segment.name + f".damaged-at-{offset}")
-    with open(segment, "rb") as src, open(keep, "wb") as dst:
-        src.seek(offset)
-        dst.write(src.read() if size is None else src.read(size))
-    return keep
+    try:
+        with open(segment, "rb") as src, open(keep, "wb") as dst:
+            src.seek(offset)
+            dst.write(src.read() if size is None else src.read(size))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            keep.unlink(missing_ok=True)
+        return f"(not kept: {exc})"
+    return keep.name
 
 
 class WriteAheadLog:
@@ -435,7 +441,7 @@ class WriteAheadLog:
             log.critical(
                 "WAL: a frame damaged on disk in the newest segment; its records cannot land, those after it will",
                 extra={"segment": last.path.name, "offset": offset, "lsn": lsn, "records_lost": records,
-                       "kept_in": _keep_aside(last.path, offset, size).name},
+                       "kept_in": _keep_aside(last.path, offset, size)},
             )
         if last.size > good_size or magic != MAGIC:
             self.torn_tail_bytes = last.size - good_size if magic == MAGIC else last.size
@@ -443,7 +449,7 @@ class WriteAheadLog:
                 # Not a torn write: a damaged frame with data after it that cannot be placed. Keep those bytes for forensics.
                 log.critical(
                     "WAL: a damaged frame inside the newest segment; the bytes after it are kept aside",
-                    extra={"segment": last.path.name, "offset": good_size, "kept_in": _keep_aside(last.path, good_size).name},
+                    extra={"segment": last.path.name, "offset": good_size, "kept_in": _keep_aside(last.path, good_size)},
                 )
             else:
                 log.warning(
@@ -1084,7 +1090,7 @@ class WalReader:
         log.error(
             "WAL: a frame damaged on disk; its records cannot land, those after it will",
             extra={"segment": seg.path.name, "offset": self._offset, "lsn": self.lsn, "records_lost": records,
-                   "kept_in": _keep_aside(seg.path, self._offset, size).name},
+                   "kept_in": _keep_aside(seg.path, self._offset, size)},
         )
         self._offset += size
         self.lsn += records

@@ -8,6 +8,7 @@ a torn tail). A frame whose header still places it is now passed over alone.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from gateway.durable import wal as wal_module
@@ -260,4 +261,24 @@ async def test_a_short_read_at_start_does_not_cut_the_newest_segment(tmp_path, m
     wal = await open_wal(tmp_path)
     assert any(f.done for f in opened), "no read came back short"
     assert wal.next_lsn == 6 and not list(tmp_path.glob("*.damaged-at-*"))
+    await wal.close()
+
+
+async def test_a_damaged_frame_whose_copy_cannot_be_made_is_still_passed_over(tmp_path, monkeypatch, caplog):
+    """The copy kept beside the segment is for forensics: a full disk must not stop the frames after
+    the damaged one from landing."""
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    flip(sealed, offsets(sealed)[1] + HEADER_SIZE + 5)
+
+    def no_room_for_copies(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(wal_module, "open", no_room_for_copies, raising=False)
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (6, 3), (9, 3), (12, 2)] and lost == 3
+    assert "not kept" in caplog.records[-1].kept_in and not list(tmp_path.glob("*.damaged-at-*"))
     await wal.close()
