@@ -35,6 +35,14 @@ async def sealed_segment_then_one_more(tmp_path) -> WriteAheadLog:
     return wal
 
 
+async def three_frames_closed(tmp_path) -> None:
+    """A log of one segment holding three 2-record frames (LSNs 0-5), closed: its newest segment."""
+    wal = await open_wal(tmp_path)
+    for i in range(3):
+        await wal.append([frame(2, b"%d-" % i)])
+    await wal.close()
+
+
 def read_all(wal: WriteAheadLog, lsn: int = 0) -> tuple[list, int]:
     reader = wal.reader(lsn)
     frames = []
@@ -102,10 +110,7 @@ async def test_a_damaged_header_still_skips_to_the_next_segment(tmp_path, caplog
 
 
 async def test_a_damaged_frame_inside_the_newest_segment_is_passed_over_and_kept_aside(tmp_path, caplog):
-    wal = await open_wal(tmp_path)
-    for i in range(3):
-        await wal.append([frame(2, b"%d-" % i)])
-    await wal.close()
+    await three_frames_closed(tmp_path)
     segment = next(tmp_path.glob("*.wal"))
     size = segment.stat().st_size
     flip(segment, len(MAGIC) + HEADER_SIZE + 3)  # inside the first frame's payload
@@ -253,10 +258,7 @@ async def test_a_read_that_comes_back_short_once_is_read_again_not_passed_over(t
 
 
 async def test_a_short_read_at_start_does_not_cut_the_newest_segment(tmp_path, monkeypatch):
-    wal = await open_wal(tmp_path)
-    for i in range(3):
-        await wal.append([frame(2, b"%d-" % i)])
-    await wal.close()
+    await three_frames_closed(tmp_path)
     opened = short_reads_of(monkeypatch, len(frame(2, b"0-")) - HEADER_SIZE)
     wal = await open_wal(tmp_path)
     assert any(f.done for f in opened), "no read came back short"
