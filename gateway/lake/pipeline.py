@@ -52,6 +52,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def recorded_floor_of(slot: WalSlot, ledger: RetryLedger | None) -> int:
+    """The LSN past everything recorded of a WAL outside it: what its zones read and, when a retry
+    ledger is kept, its mark. A log found to end before it (its newest segment removed) numbers new
+    records from there: a zone would take them for records it landed, and a catch-up after a crash
+    would start past them."""
+    floor = recorded_floor(consumers_dir(slot.directory))
+    if ledger is not None:
+        floor = max(floor, ledger.mark(wal_id(slot.directory)))
+    return floor
+
+
 @dataclass(slots=True)
 class Durable:
     """What one request adds to the retry ledger once its frames are durable."""
@@ -94,7 +105,7 @@ class Pipeline:
             on_rollback=self._forget_beyond,
             board=durable_board(wal_dir) if landing_elsewhere else None,
             first_lsn=fresh_log_origin(),  # used only if the directory holds no log yet
-            floor=lambda: recorded_floor(consumers_dir(wal_dir)),
+            floor=lambda: recorded_floor_of(slot, ledger),
         )
         self.zones: Zones | None = None
         self.scorer: CuratedScorer | None = None

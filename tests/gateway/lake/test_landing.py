@@ -12,6 +12,9 @@ from connectors.local_lake import LocalLakeSink
 from gateway.lake.formats import ZstdNdjsonBuilder
 from gateway.lake.landing import LanderSettings, ZoneLander, recorded_floor
 from gateway.ops.metrics import GatewayMetrics
+from gateway.durable.retry_ledger import RetryLedger
+from gateway.durable.wal_layout import WalSlot, wal_id
+from gateway.lake.pipeline import recorded_floor_of
 from connectors.errors import PermanentError
 from gateway.durable.wal import KIND_QUARANTINE, KIND_RECORDS, KIND_RECORDS_SHARED, WriteAheadLog, encode_frame, shared_payload
 from tests.gateway.conftest import read_zone
@@ -124,7 +127,7 @@ async def test_a_frame_damaged_on_disk_is_counted_and_the_frames_after_it_land(t
 async def test_records_taken_after_the_newest_segment_was_lost_land(tmp_path):
     """The newest segment removed while the gateway was down, after the zone had landed it: the log
     must not give its LSNs again, or the zone, whose position is past them, skips the new records."""
-    wal = await open_wal(tmp_path, segment_bytes=200)
+    wal = await open_wal(tmp_path, segment_bytes=100)
     zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), max_object_age_secs=3600)
     await zone.start()
     await wal.append([frame(range(0, 3))])
@@ -134,7 +137,7 @@ async def test_records_taken_after_the_newest_segment_was_lost_land(tmp_path):
     await wal.close()
     sorted((tmp_path / "wal").glob("*.wal"))[-1].unlink()
     state_dir = tmp_path / "state"
-    wal = WriteAheadLog(tmp_path / "wal", segment_bytes=200, max_total_bytes=1 << 30, floor=lambda: recorded_floor(state_dir))
+    wal = WriteAheadLog(tmp_path / "wal", segment_bytes=100, max_total_bytes=1 << 30, floor=lambda: recorded_floor(state_dir))
     await wal.start()
     zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
     await zone.start()
@@ -143,6 +146,27 @@ async def test_records_taken_after_the_newest_segment_was_lost_land(tmp_path):
     await zone.close()
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == list(range(9))
+
+
+async def test_a_log_missing_its_newest_records_numbers_past_the_retry_ledgers_mark_too(tmp_path):
+    """The retry ledger records each request as it becomes durable, ahead of the zones: a log that
+    reused LSNs below its mark would have a catch-up after a crash start past the new records."""
+    slot = WalSlot(tmp_path / "slot", "gw", "")
+    wal = WriteAheadLog(slot.directory / "segments", segment_bytes=100, max_total_bytes=1 << 30)
+    await wal.start()
+    await wal.append([frame(range(0, 3))])
+    await wal.append([frame(range(3, 6))])  # a segment of its own
+    await wal.close()
+    ledger = RetryLedger(tmp_path / "ledger", window_secs=600, max_keys=1000)
+    ledger.open()
+    ledger.record(wal_id(slot.directory), 6, [], [])  # recorded through LSN 6; no zone has landed anything
+    sorted((slot.directory / "segments").glob("*.wal"))[-1].unlink()
+    wal = WriteAheadLog(slot.directory / "segments", segment_bytes=100, max_total_bytes=1 << 30,
+                        floor=lambda: recorded_floor_of(slot, ledger))
+    await wal.start()
+    assert wal.next_lsn == 6
+    await wal.close()
+    ledger.close()
 
 
 async def test_a_damaged_state_file_is_said_and_the_zone_lands_again_from_the_wal(tmp_path, caplog):
