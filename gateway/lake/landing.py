@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import operator
 import os
 import string
 import time
@@ -63,6 +64,7 @@ GATHER_RECORDS = 20_000  # frames waiting past this many records are read at onc
 DEAD_LETTER_PREFIX = "deadletter"
 # The position a retired zone publishes: past every LSN, so it never holds a segment back.
 RETIRED = 2**63 - 1
+_HOUR = operator.attrgetter("hour")
 
 
 class ObjectBuilder(Protocol):
@@ -453,7 +455,10 @@ class ZoneLander:
         """
         now = self._clock()
         due: list[_Pending] = []
-        for frame in frames:
+        # Hour by hour, each hour's frames in LSN order: a read whose records span more hours than
+        # max_open_partitions (a device uploading a week of hourly readings) then fills one object
+        # per hour, where frame by frame nearly every frame rolled another hour's object early.
+        for frame in sorted(frames, key=_HOUR):
             if not self._wanted(frame):
                 continue
             if unpreparable and frame.lsn in unpreparable:

@@ -47,7 +47,7 @@ NOTES: dict[str, str] = {
     "lake.dir": "The local lake's root directory (with `kind = \"local\"`); not `wal.dir`, inside it or above it.",
     "lake.target_object_bytes": "An object is rolled once this much input has gone into it.",
     "lake.max_object_age_secs": "An open object is rolled at this age even if small: how long a record may wait to land.",
-    "lake.max_open_partitions": "Objects open at once per zone; beyond it the least recently written is rolled early.",
+    "lake.max_open_partitions": "Objects open at once per zone (one per hour partition); beyond it the least recently written is rolled early. A read of frames spanning more hours than this rolls at most one object per hour.",
     "lake.zstd_level": "zstd level of raw and quarantine objects (and of curated Parquet pages).",
     "lake.landing": "With `listen.workers` > 1: `process` lands and scores every worker's WAL in one lake process, apart from the ingest workers; `worker`: each worker lands its own WAL. One worker always lands its own.",
     "inference.endpoints": "Triton endpoints (KServe v2), tried with failover: `url`, `protocol`, `name`.",

@@ -639,6 +639,43 @@ async def test_crash_loop_with_many_hours(tmp_path, gateways):
     check(problems, ledger, sp, notes=[f"kill intervals drawn with random.Random({seed})"])
 
 
+@pytest.mark.timeout(150)
+async def test_a_backfill_over_more_hours_than_open_objects_lands_in_objects_of_many_records(tmp_path, gateways):
+    """Devices uploading records spread over 61 hours, 8 objects open per zone, a SIGKILL: once in raw
+    and curated, and in objects of many records (frame by frame, about one object per record)."""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        inference=True,
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
+        lake={"max_open_partitions": 8, "max_object_age_secs": 1.0},
+    )
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    await sp.astart()
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=120, pause_secs=0.01, hours_spread=60, retry_deadline_secs=60.0))
+    try:
+        await asyncio.sleep(6)
+        await sp.akill()
+        await sp.astart()
+        await asyncio.sleep(4)
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    for zone in ("raw", "curated"):
+        objects = sum(1 for p in (lake / zone).rglob("*") if p.is_file())
+        hours = {p.parent for p in (lake / zone).rglob("*") if p.is_file()}
+        if len(hours) < 50:
+            problems.append(f"the records should span about 61 hours; {zone} has {len(hours)}")
+        if not objects or len(ledger.acked) / objects < 5:
+            problems.append(f"{len(ledger.acked)} records landed in {objects} {zone} objects: objects rolled early at nearly every frame")
+    check(problems, ledger, sp)
+
+
 # -- 6 ------------------------------------------------------------------------------------------
 
 
