@@ -230,6 +230,10 @@ class ZoneLander:
         self._uploads: set[asyncio.Task[None]] = set()
         self._upload_slots = asyncio.Semaphore(settings.max_uploads_in_flight)
         self._state_lock = asyncio.Lock()
+        # Writes of the state asked for, and how many of those asks the last write covered: asks
+        # waiting together share one write (objects landing at once each ask for one).
+        self._state_asked = 0
+        self._state_covered = 0
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self._reader = None
@@ -687,10 +691,16 @@ class ZoneLander:
         return min([self._reader.lsn, *firsts])
 
     async def _persist_state(self) -> None:
-        """Write the state (retrying until it is written: nothing may skip it), then release segments."""
+        """Write the state (retrying until it is written: nothing may skip it), then release segments.
+        Returns once a write that began after this call is durable: it holds every change made before."""
+        self._state_asked += 1
+        asked = self._state_asked
         delay = self.settings.retry_initial_secs
         async with self._state_lock:
+            if self._state_covered >= asked:  # written while this call waited for the lock
+                return
             while True:
+                covered = self._state_asked
                 position = self._current_position()
                 state = self._state
                 state.position = position
@@ -704,6 +714,7 @@ class ZoneLander:
                     log.error("cannot write the zone's state; will retry", extra={"zone": self.zone, "error": str(exc)})
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.retry_max_secs)
+            self._state_covered = covered
             self._persisted_segment = self._wal.segment_start(position)
             self._wal.release(self.zone, position)
 

@@ -559,3 +559,33 @@ async def test_a_read_spanning_more_hours_than_open_partitions_fills_one_object_
     assert landed_seqs(tmp_path / "lake") == list(range(72))
     objects = [p for p in (tmp_path / "lake" / "raw").rglob("*") if p.is_file()]
     assert len(objects) == len(hours), f"{len(objects)} objects for 72 records in {len(hours)} hours"
+
+
+async def test_objects_landing_together_share_their_state_writes(tmp_path):
+    # Four objects of four hours finish uploading together; each then asks for the zone's state to
+    # be written. One write begun after an ask holds its change, so those asks share writes.
+    wal = await open_wal(tmp_path)
+    uploading: list[asyncio.Event] = []
+
+    class Together(LocalLakeSink):
+        async def put_object(self, obj):
+            landed = await super().put_object(obj)
+            uploading.append(gate := asyncio.Event())
+            if len(uploading) == 4:
+                for waiting in uploading:
+                    waiting.set()
+            await gate.wait()
+            return landed
+
+    zone = lander(tmp_path, wal, Together(tmp_path / "lake"), max_open_partitions=8, max_object_age_secs=60)
+    await wal.append([frame(range(i, i + 1), hour=490_000 + i) for i in range(4)])
+    await zone.start()
+    writes: list[dict] = []
+    write = zone._state_file.write
+    zone._state_file.write = lambda payload: (writes.append(orjson.loads(payload)), write(payload))
+    assert await zone.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == [0, 1, 2, 3]
+    assert writes[-1]["sealed"] == [] and len(writes[-1]["landed"]) in (0, 4)
+    # The drain's seal, the four landings (two writes instead of four), the drain's last.
+    assert len(writes) <= 4, f"{len(writes)} state writes: {[(len(w['sealed']), len(w['landed'])) for w in writes]}"
