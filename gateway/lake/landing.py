@@ -65,6 +65,7 @@ DEAD_LETTER_PREFIX = "deadletter"
 # The position a retired zone publishes: past every LSN, so it never holds a segment back.
 RETIRED = 2**63 - 1
 _HOUR = operator.attrgetter("hour")
+ROLLED_EARLY_LOG_SECS = 60.0  # at most one warning a minute per zone about objects rolled early
 
 
 class ObjectBuilder(Protocol):
@@ -89,6 +90,8 @@ class LandingObserver(Protocol):
     def dead_lettered(self, zone: str, records: int, reason: str) -> None: ...
 
     def damaged(self, zone: str, records: int) -> None: ...
+
+    def rolled_early(self, zone: str, objects: int) -> None: ...
 
 
 class LanderState(msgspec.Struct):
@@ -234,6 +237,8 @@ class ZoneLander:
         # waiting together share one write (objects landing at once each ask for one).
         self._state_asked = 0
         self._state_covered = 0
+        self._rolled_early = 0  # objects an eviction rolled in the read being absorbed
+        self._next_rolled_early_log = 0.0
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self._reader = None
@@ -379,6 +384,7 @@ class ZoneLander:
                 failures = 0
                 if frames:
                     due = await asyncio.to_thread(self._absorb, frames, unpreparable)
+                    self._report_rolled_early()
                     # Every due object is sealed before any state is written, so none is counted nowhere.
                     await self._seal(due)
                     self._reading_from = None
@@ -482,6 +488,7 @@ class ZoneLander:
                     victim = min(evictable, key=lambda p: p.touched)
                     del self._open[victim.hour]
                     due.append(victim)
+                    self._rolled_early += 1
                 pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
                 pending.cut_at = self._intents.pop((frame.hour, frame.lsn), None)
                 if pending.cut_at is not None:
@@ -497,6 +504,21 @@ class ZoneLander:
                 del self._open[frame.hour]
                 due.append(pending)
         return due
+
+    def _report_rolled_early(self) -> None:
+        """Count the objects the last read's evictions rolled, and say so at most once a minute."""
+        rolled, self._rolled_early = self._rolled_early, 0
+        if not rolled:
+            return
+        self._observer.rolled_early(self.zone, rolled)
+        now = time.monotonic()
+        if now >= self._next_rolled_early_log:
+            self._next_rolled_early_log = now + ROLLED_EARLY_LOG_SECS
+            log.warning(
+                "more hour partitions are being written than lake.max_open_partitions: objects are rolled "
+                "early and land smaller (a backfill spanning many hours?)",
+                extra={"zone": self.zone, "objects_rolled_early": rolled, "max_open_partitions": self.settings.max_open_partitions},
+            )
 
     def _wanted(self, frame: Frame) -> bool:
         """This zone's kind, and not landed before a crash (replay must not land it twice)."""

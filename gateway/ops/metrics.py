@@ -144,6 +144,12 @@ class GatewayMetrics:
             ["zone"],
             registry=r,
         )
+        self.objects_rolled_early = Counter(
+            "edge_gateway_objects_rolled_early",
+            "Lake objects rolled before their size or age: more hour partitions were written than lake.max_open_partitions",
+            ["zone"],
+            registry=r,
+        )
         # Read when scraped (watch_gateway); set() by a Secrets Manager refresh before a gateway is watched.
         self.registry_devices = Gauge("edge_gateway_registry_devices", "Devices in the registry", registry=r)
         self.registry_last_success = Gauge(
@@ -209,6 +215,9 @@ class GatewayMetrics:
 
     def damaged(self, zone: str, records: int) -> None:
         self.wal_records_lost.labels(zone).inc(records)
+
+    def rolled_early(self, zone: str, objects: int) -> None:
+        self.objects_rolled_early.labels(zone).inc(objects)
 
     def backlog(self, zone: str, backlog_bytes: int, oldest_age_secs: float) -> None:
         """Landers report as they go; the exported figures are computed at scrape time instead."""

@@ -42,6 +42,7 @@ GATEWAY_METRICS = frozenset(
         "edge_gateway_wal_backlog_bytes",
         "edge_gateway_wal_oldest_unlanded_age_seconds",
         "edge_gateway_wal_records_lost_total",
+        "edge_gateway_objects_rolled_early_total",
         "edge_gateway_objects_landed_total",
         "edge_gateway_records_landed_total",
         "edge_gateway_bytes_landed_total",

@@ -544,21 +544,26 @@ async def test_an_object_sealed_untagged_by_an_earlier_version_is_replayed_under
     assert len(names) == 2 and sum(name.count("-") for name in names) == 2 + 3, names  # one untagged, one tagged
 
 
-async def test_a_read_spanning_more_hours_than_open_partitions_fills_one_object_per_hour(tmp_path):
+async def test_a_read_spanning_more_hours_than_open_partitions_fills_one_object_per_hour(tmp_path, caplog):
     # A backfill of hourly readings: each request holds one record for each of 12 hours, and the
     # zone may keep 4 objects open. Taken frame by frame, nearly every frame rolled another hour's
     # object early (one object per record).
     wal = await open_wal(tmp_path)
-    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), max_open_partitions=4, max_object_age_secs=60)
+    metrics = GatewayMetrics()
+    zone = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"), observer=metrics, max_open_partitions=4, max_object_age_secs=60)
     hours = range(490_000, 490_012)
     requests = [[frame(range(r * 12 + i, r * 12 + i + 1), hour=h) for i, h in enumerate(hours)] for r in range(6)]
     await wal.append([f for request in requests for f in request])  # one commit: one read
-    await zone.start()
-    assert await zone.drain(5)
+    with caplog.at_level(logging.WARNING):
+        await zone.start()
+        assert await zone.drain(5)
     await wal.close()
     assert landed_seqs(tmp_path / "lake") == list(range(72))
     objects = [p for p in (tmp_path / "lake" / "raw").rglob("*") if p.is_file()]
     assert len(objects) == len(hours), f"{len(objects)} objects for 72 records in {len(hours)} hours"
+    # Hours 5 to 12 each rolled an open object early, and the operator is told (the drain rolled the rest).
+    assert metrics.objects_rolled_early.labels("raw")._value.get() == 8
+    assert "objects are rolled early" in caplog.text
 
 
 async def test_objects_landing_together_share_their_state_writes(tmp_path):
