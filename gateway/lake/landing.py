@@ -713,8 +713,9 @@ class ZoneLander:
         return min([self._reader.lsn, *firsts])
 
     async def _persist_state(self) -> None:
-        """Write the state (retrying until it is written: nothing may skip it), then release segments.
-        Returns once a write that began after this call is durable: it holds every change made before."""
+        """Write the state (retrying until it is written), then release segments. Returns once a write
+        that began after this call is durable, its own or one it waited for: that write holds every
+        change made before the call, so a call finding one already done writes nothing more."""
         self._state_asked += 1
         asked = self._state_asked
         delay = self.settings.retry_initial_secs
