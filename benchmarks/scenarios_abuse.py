@@ -24,7 +24,7 @@ class AbuseScenario(Repeated):
 
     async def repetition(self, ctx: Context, out: Collector, rep: int) -> None:
         module = importlib.import_module("benchmarks.abuse")
-        seconds = {"quick": 2.0, "default": 6.0}.get(ctx.profile.name, 12.0)
+        seconds = {"quick": 1.0, "default": 6.0}.get(ctx.profile.name, 12.0)
         args = argparse.Namespace(seconds=seconds, devices=8, rate=20.0, records=50, abuser_records=500, limit=2000.0,
                                   abuse=None, attacks=module.ATTACKS)
         res = await module.run(args)
