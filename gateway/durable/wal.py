@@ -43,6 +43,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -319,6 +320,56 @@ def _damaged_frame(f, offset: int, end: int, *, may_end_at_end: bool) -> tuple[i
     if after < end and not _read_frames(f, after, 0, end, 1, markers=True).frames:
         return None
     return HEADER_SIZE + length, count
+
+
+# The three zero bytes that end every frame header (META's padding): where a header may start.
+_HEADER_END = re.compile(b"(?=\x00\x00\x00)")
+
+
+def _frames_after_damage(f, offset: int, end: int) -> tuple[int, int] | None:
+    """(offset, records) of the first place after the damaged frame at ``offset`` from which whole
+    frames, each passing its checksum, run exactly to ``end``, and the records they hold.
+
+    For a frame whose header is damaged too (its length or count cannot be trusted), where
+    ``_damaged_frame`` cannot place what follows: the next header is found by its shape instead, and
+    a chain of checksums to the segment's very end leaves a false start no chance. The frames found
+    take their LSNs back from the next segment's first; only the bytes in between are lost.
+    """
+    f.seek(offset + 1)
+    data = f.read(end - offset - 1)
+    broken: set[int] = set()  # frame starts on a chain found broken: any chain through them breaks there too
+    for hit in _HEADER_END.finditer(data):
+        start = hit.start() - (HEADER_SIZE - 3)
+        if start >= 0 and start not in broken:
+            records = _records_of_chain(data, start, broken)
+            if records is not None:
+                return offset + 1 + start, records
+    return None
+
+
+def _records_of_chain(data: bytes, at: int, broken: set[int]) -> int | None:
+    """The records in the frames from ``at`` to the end of ``data`` when each is whole, of a known
+    kind and passes its checksum; None otherwise, with the chain's frame starts added to ``broken``."""
+    records, visited = 0, []
+    while at < len(data):
+        if at in broken:
+            break
+        visited.append(at)
+        if at + HEADER_SIZE > len(data):
+            break
+        length, crc = PREFIX.unpack_from(data, at)
+        count, *_, kind = META.unpack_from(data, at + PREFIX.size)
+        body = at + HEADER_SIZE
+        if kind not in KNOWN_KINDS or count > length or body + length > len(data):
+            break
+        if zlib.crc32(data[body : body + length], zlib.crc32(data[at + PREFIX.size : body])) != crc:
+            break
+        records += count
+        at = body + length
+    else:
+        return records
+    broken.update(visited)
+    return None
 
 
 def _intact_now(f, offset: int, end: int | None) -> bool:
@@ -995,12 +1046,18 @@ class WalReader:
             self._segment = seg
             self._file = open(seg.path, "rb")
             self._offset = len(MAGIC)
-            # Skip whole frames until the one starting at our LSN (positions are frame boundaries).
+            # Skip whole frames until the one starting at our LSN (positions are frame boundaries),
+            # checked: a damaged record count would misplace every LSN after it.
             at = seg.first_lsn
             limit = wal._durable_limit(seg)
             while at < lsn:
-                scan = _read_frames(self._file, self._offset, at, limit, HEADER_SIZE, True)
+                scan = _read_frames(self._file, self._offset, at, limit, 1)
                 if not scan.frames:
+                    placed = _place_past_damage(self._file, scan.offset, at, limit, _next_segment(segments, seg)) if scan.corrupt else None
+                    if placed is not None and at + placed[1] <= lsn:
+                        # Damage below our LSN: passed over (and reported) by the read that got past it before.
+                        self._offset, at = self._offset + placed[0], at + placed[1]
+                        continue
                     if limit is None and not scan.corrupt:
                         at = lsn  # past a sealed segment's end: in a gap before the next one, whose read reports it
                     break
@@ -1076,16 +1133,10 @@ class WalReader:
         """Step over the damaged frame at the current position when its header still places it
         (``_damaged_frame``) and, in a sealed segment, the LSNs after it still add up to the next
         segment's first: only that frame's records are lost, not the rest of its segment."""
-        end = limit if limit is not None else os.fstat(self._file.fileno()).st_size
-        placed = _damaged_frame(self._file, self._offset, end, may_end_at_end=True)
+        placed = _place_past_damage(self._file, self._offset, self.lsn, limit, _next_segment(self._wal._segments, seg))
         if placed is None:
             return False
         size, records = placed
-        nxt = _next_segment(self._wal._segments, seg)
-        if limit is None and nxt is not None:
-            rest = _read_frames(self._file, self._offset + size, self.lsn + records, None, 1 << 62, headers_only=True)
-            if rest.corrupt or rest.next_lsn != nxt.first_lsn:
-                return False
         self.lost_records += records
         log.error(
             "WAL: a frame damaged on disk; its records cannot land, those after it will",
@@ -1095,6 +1146,27 @@ class WalReader:
         self._offset += size
         self.lsn += records
         return True
+
+
+def _place_past_damage(f, offset: int, lsn: int, limit: int | None, nxt: _Segment | None) -> tuple[int, int] | None:
+    """(bytes, records) lost to the damaged frame at ``offset`` (LSN ``lsn``) when what follows it
+    can be placed: by the frame's own header (``_damaged_frame``), its LSNs adding up to the next
+    segment's first where the segment is sealed, or, in a sealed segment, by the frames found after
+    it (``_frames_after_damage``), counted back from the next segment's first LSN. None otherwise."""
+    end = limit if limit is not None else os.fstat(f.fileno()).st_size
+    placed = _damaged_frame(f, offset, end, may_end_at_end=True)
+    sealed = limit is None and nxt is not None
+    if placed is not None and sealed:
+        size, records = placed
+        rest = _read_frames(f, offset + size, lsn + records, None, 1 << 62, headers_only=True)
+        if rest.corrupt or rest.next_lsn != nxt.first_lsn:
+            placed = None
+    if placed is not None or not sealed:
+        return placed
+    found = _frames_after_damage(f, offset, end)
+    if found is None or nxt.first_lsn - found[1] < lsn:
+        return None
+    return found[0] - offset, nxt.first_lsn - found[1] - lsn
 
 
 def _same_file(segment: _Segment | None, file, other: _Segment) -> bool:

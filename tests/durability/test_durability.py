@@ -1038,14 +1038,18 @@ def wal_frames(segment: Path) -> list[tuple[int, int, int]]:
     return found
 
 
-@pytest.mark.parametrize("damage", ["byte in a sealed segment", "byte in the newest segment", "sealed segment removed"])
+@pytest.mark.parametrize("damage", ["byte in a sealed segment", "frame length in a sealed segment", "byte in the newest segment",
+                                    "sealed segment removed"])
 @pytest.mark.timeout(120)
 async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path, gateways, damage):
     """One byte of one frame's payload flipped at rest while the gateway is down (a bad sector, a bit
-    rotting), or a whole sealed segment removed by hand: those records cannot land, but every other
-    acknowledged record must, and a log line must count what was lost. (Before, a flipped byte cost
-    the rest of its sealed segment, 11 frames here, or cut the newest segment back to it as if a crash
-    had torn it, 6 frames, with only a warning; a removed segment was not logged at all.)"""
+    rotting), or of its header's length, or a whole sealed segment removed by hand: those records
+    cannot land, but every other acknowledged record must, and a log line must count what was lost.
+    (Before, a flipped byte cost the rest of its sealed segment, 11 frames here, or cut the newest
+    segment back to it as if a crash had torn it, 6 frames, with only a warning; a removed segment was
+    not logged at all; a damaged length cost the rest of its sealed segment until the next stop.)"""
+    from gateway.durable.wal import HEADER_SIZE  # the on-disk layout, to hit a header's length field
+
     sp, devices, lake = setup(tmp_path, gateways, 4, lake={"max_object_age_secs": 3600, "target_object_bytes": 1 << 30},
                               wal={"segment_bytes": 512 * KiB, "max_total_bytes": 16 * MiB})
     ledger = Ledger()
@@ -1065,7 +1069,7 @@ async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path,
     else:
         payload, length, lost = records[len(records) // 3]
         with open(victim, "r+b") as f:
-            f.seek(payload + length // 2)
+            f.seek(payload - HEADER_SIZE + 1 if damage.startswith("frame length") else payload + length // 2)
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0x20]))

@@ -3,7 +3,8 @@
 A byte flipped inside one frame (bad sector, a bit rotting, a stray write) used to cost every frame
 after it: in a sealed segment the readers skipped to the next segment, and in the newest one the
 damage was cut away with everything after it (inside a request of several frames, even reported as
-a torn tail). A frame whose header still places it is now passed over alone.
+a torn tail). A frame whose header still places it is now passed over alone, and so, in a sealed
+segment, is one whose header was hit too: the frames after it are found by their checksums.
 """
 
 from __future__ import annotations
@@ -97,11 +98,56 @@ async def test_a_damaged_frame_that_ends_its_sealed_segment_is_passed_over(tmp_p
     await wal.close()
 
 
-async def test_a_damaged_header_still_skips_to_the_next_segment(tmp_path, caplog):
-    """A length that no longer places the next frame: nothing after it in that segment can be placed."""
+async def test_a_damaged_length_in_a_sealed_segment_costs_only_its_own_frame(tmp_path, caplog):
+    """A length that no longer places the next frame: the frames after it are found by their shape and
+    checksums, and take their LSNs back from the next segment's first. (Before, the rest of the
+    segment was lost: 9 records here.)"""
     wal = await sealed_segment_then_one_more(tmp_path)
     sealed = sorted(tmp_path.glob("*.wal"))[0]
-    flip(sealed, offsets(sealed)[1] + 1)  # the second frame's length
+    second = offsets(sealed)[1]
+    flip(sealed, second + 1)  # the second frame's length
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (6, 3), (9, 3), (12, 2)]
+    assert frames[1].payload.startswith(b'{"v":"2-0"}')
+    assert lost == 3 and "records cannot land" in caplog.text
+    kept = list(tmp_path.glob("*.damaged-at-*"))
+    assert [p.stat().st_size for p in kept] == [len(frame(3, b"1-"))]
+    await wal.close()
+
+
+async def test_a_damaged_record_count_in_a_sealed_segment_costs_only_its_own_frame(tmp_path, caplog):
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    flip(sealed, offsets(sealed)[2] + PREFIX.size)  # the third frame says 35 records, not 3
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (3, 3), (9, 3), (12, 2)]
+    assert lost == 3
+    await wal.close()
+
+
+async def test_a_reader_opened_past_a_damaged_header_starts_at_its_lsn_and_reports_nothing_again(tmp_path, caplog):
+    """A zone restarted with its position past the damage: the frames before that position are
+    passed over, not read to it again, and the loss was reported by the read that first met it."""
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    flip(sealed, offsets(sealed)[1] + PREFIX.size)  # the second frame's record count
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal, lsn=9)
+    assert [(f.lsn, f.count) for f in frames] == [(9, 3), (12, 2)]
+    assert lost == 0 and "cannot land" not in caplog.text
+    await wal.close()
+
+
+async def test_damage_that_leaves_nothing_placeable_still_skips_to_the_next_segment(tmp_path, caplog):
+    """A damaged length and, further on, a damaged payload: no chain of intact frames runs from the
+    first to the segment's end, so nothing after the first can be placed."""
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    at = offsets(sealed)
+    flip(sealed, at[3] + HEADER_SIZE + 5)
+    flip(sealed, at[1] + 1)
     with caplog.at_level(logging.ERROR):
         frames, lost = read_all(wal)
     assert [(f.lsn, f.count) for f in frames] == [(0, 3), (12, 2)]
