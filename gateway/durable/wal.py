@@ -622,11 +622,14 @@ class WriteAheadLog:
         return None
 
     def _space_returned(self) -> bool:
+        """Room for a request again: bytes, and a free inode for the next segment where the file
+        system counts them (a disk can run out of inodes with bytes to spare)."""
         try:
             stats = os.statvfs(self.directory)
         except OSError:
             return False
-        return stats.f_bavail * stats.f_frsize >= min(self.segment_bytes, 4 * 1024 * 1024)
+        inodes = stats.f_files == 0 or stats.f_favail > 0  # 0 files: the file system has no inode limit
+        return inodes and stats.f_bavail * stats.f_frsize >= min(self.segment_bytes, 4 * 1024 * 1024)
 
     async def append(self, frames: Sequence[bytes]) -> int:
         """Write frames and return once they are fsynced; the result is the LSN just past them."""
@@ -806,6 +809,8 @@ class WriteAheadLog:
             # The live segment stays live; only the request that needed a new one is refused.
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.no_space = True
+                log.error("WAL: no room for a new segment (the disk is out of space or inodes); the request was refused",
+                          extra={"error": str(exc)})
                 raise WalNoSpace(f"no room for a new WAL segment: {exc}") from None
             raise WalError(f"cannot create a WAL segment: {exc}") from None
         os.close(self._fd)  # fsynced above; readers open their own files

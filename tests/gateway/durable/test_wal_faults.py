@@ -6,6 +6,7 @@ Disk-full tests run on a real small filesystem (tmpfs, mounted as root), never a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -130,6 +131,34 @@ async def test_a_full_disk_rolls_the_append_back_and_ingest_resumes_when_space_r
     assert wal.next_lsn == end == len(acked) * 21 + 3
     assert [f.count for f in read_all(wal)] == [20, 1] * len(acked) + [3]
     await wal.close()
+
+
+async def test_a_disk_out_of_inodes_refuses_a_new_segment_says_so_and_resumes_when_one_frees(tmp_path, caplog):
+    """Bytes to spare but no inode for the next segment: the request that needed one is refused, an
+    error says why, and later requests are refused at once (readiness off) until an inode frees.
+    (Before, nothing was logged and every request tried and failed again: the free bytes read as
+    space returned.)"""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "tmpfs", str(mount)], check=True)
+    try:
+        wal = await open_wal(mount / "wal", segment_bytes=8 * 1024, max_total_bytes=4 << 20)
+        await wal.append([frame(80, pad=100)])  # past segment_bytes: the next append rotates
+        taken = []
+        with contextlib.suppress(OSError):
+            while True:
+                taken.append(mount / f"ballast-{len(taken)}")
+                taken[-1].touch()
+        with caplog.at_level(logging.ERROR), pytest.raises(WalNoSpace):
+            await wal.append([frame(1)])
+        assert "no room for a new segment" in caplog.text
+        assert wal.refusal() == "no_space"
+        taken[0].unlink()
+        assert wal.refusal() is None
+        assert await wal.append([frame(2)]) == 82
+        await wal.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_a_full_disk_while_rotating_keeps_the_live_segment(small_fs):
