@@ -246,7 +246,8 @@ def _read_frames(
     Frames of a kind not in ``kinds`` keep their place (and LSNs) but are not read or checked:
     each zone reads only its own payloads, and the zone that owns a frame verifies it. Request
     markers (``KIND_TXN``) matter only to recovery, which asks for them with ``markers``. With
-    ``known``, reading stops before a frame of any other kind.
+    ``known``, reading stops before a frame of any other kind (``unknown_kind``) when it passes its
+    checksum: one that fails it is damage (``corrupt``).
     """
     frames: list[Frame] = []
     read = 0
@@ -266,7 +267,11 @@ def _read_frames(
         meta = header[PREFIX.size :]
         count, hour, received_ms, min_ev, max_ev, kind = META.unpack(meta)
         if known is not None and kind not in known:
-            return _Scan(frames, offset, lsn, corrupt=False, unknown_kind=kind)
+            # A later version's frame passes its checksum; a header damaged, or reached by a damaged
+            # length, rarely does, and is damage to pass over, not a reason to stop the zone for good.
+            payload = f.read(length) if offset + HEADER_SIZE + length <= readable else b""
+            intact = len(payload) == length and zlib.crc32(payload, zlib.crc32(meta)) == crc
+            return _Scan(frames, offset, lsn, corrupt=not intact, unknown_kind=kind if intact else None)
         if kind == KIND_TXN and not markers:
             if offset + HEADER_SIZE + length > readable:
                 return _Scan(frames, offset, lsn, corrupt=True)

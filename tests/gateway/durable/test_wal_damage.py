@@ -116,6 +116,20 @@ async def test_a_damaged_record_count_in_a_sealed_segment_costs_only_its_own_fra
     await wal.close()
 
 
+async def test_a_damaged_kind_is_damage_not_a_frame_of_a_later_version(tmp_path, caplog):
+    """A kind byte flipped to one this version does not know: the frame fails its checksum, so it is
+    passed over like any damage. (Before, its reader stopped for good, as before a frame written by a
+    later version, and the zone landed nothing after it.)"""
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    flip(sealed, offsets(sealed)[1] + HEADER_SIZE - 4)  # the second frame's kind
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (6, 3), (9, 3), (12, 2)]
+    assert lost == 3 and "records cannot land" in caplog.text
+    await wal.close()
+
+
 async def test_a_reader_opened_past_a_damaged_header_starts_at_its_lsn_and_reports_nothing_again(tmp_path, caplog):
     """A zone restarted with its position past the damage: the frames before that position are
     passed over, not read to it again, and the loss was reported by the read that first met it."""
