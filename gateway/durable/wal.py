@@ -243,8 +243,8 @@ def _read_frames(
 ) -> _Scan:
     """Read whole, checksummed frames from ``offset`` up to ``end_offset`` (or EOF).
 
-    Frames of a kind not in ``kinds`` keep their place (and LSNs) but are not read or checked:
-    each zone reads only its own payloads, and the zone that owns a frame verifies it. Request
+    Frames of a kind not in ``kinds`` keep their place (and LSNs) and come back without their payload,
+    their record count checked against their lines: the zone that owns a frame verifies its checksum. Request
     markers (``KIND_TXN``) matter only to recovery, which asks for them with ``markers``. With
     ``known``, reading stops before a frame of any other kind (``unknown_kind``) when it passes its
     checksum: one that fails it is damage (``corrupt``).
@@ -278,10 +278,18 @@ def _read_frames(
             f.seek(length, os.SEEK_CUR)
             offset += HEADER_SIZE + length  # not counted against max_bytes: a marker is not content
             continue
-        if headers_only or (kinds is not None and kind not in kinds):
+        if headers_only:
             if offset + HEADER_SIZE + length > readable:
                 return _Scan(frames, offset, lsn, corrupt=True)
             f.seek(length, os.SEEK_CUR)
+            payload = b""
+        elif kinds is not None and kind not in kinds:
+            # Another zone's frame: only its record count is used here, so the count is checked against
+            # its lines (a damaged count would shift every LSN after it); a CRC over every zone's bytes
+            # would cost each zone the whole log's.
+            body = f.read(length)
+            if len(body) < length or _records_in(kind, body) != count:
+                return _Scan(frames, offset, lsn, corrupt=True)
             payload = b""
         else:
             payload = f.read(length)

@@ -15,7 +15,7 @@ import logging
 import pytest
 
 from gateway.durable import wal as wal_module
-from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS, MAGIC, PREFIX, WriteAheadLog, encode_frame
+from gateway.durable.wal import HEADER_SIZE, KIND_QUARANTINE, KIND_RECORDS, MAGIC, PREFIX, WriteAheadLog, encode_frame
 
 
 def frame(n: int, tag: bytes = b"r") -> bytes:
@@ -46,10 +46,10 @@ async def three_frames_closed(tmp_path) -> None:
     await wal.close()
 
 
-def read_all(wal: WriteAheadLog, lsn: int = 0) -> tuple[list, int]:
+def read_all(wal: WriteAheadLog, lsn: int = 0, kinds: frozenset[int] | None = None) -> tuple[list, int]:
     reader = wal.reader(lsn)
     frames = []
-    while batch := reader.read(1 << 20):
+    while batch := reader.read(1 << 20, kinds):
         frames.extend(batch)
     reader.close()
     return frames, reader.lost_records
@@ -127,6 +127,20 @@ async def test_a_damaged_kind_is_damage_not_a_frame_of_a_later_version(tmp_path,
         frames, lost = read_all(wal)
     assert [(f.lsn, f.count) for f in frames] == [(0, 3), (6, 3), (9, 3), (12, 2)]
     assert lost == 3 and "records cannot land" in caplog.text
+    await wal.close()
+
+
+async def test_a_damaged_count_in_another_zones_frame_shifts_no_lsn_after_it(tmp_path, caplog):
+    """A zone counts the records of other zones' frames without owning them (the quarantine zone and
+    every records frame): a count damaged there is caught by the frame's lines, not taken, which
+    would have given every frame after it in the segment another LSN. (Before: (9, 3) came back as
+    (41, 3).)"""
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    flip(sealed, offsets(sealed)[1] + PREFIX.size)  # the second frame says 35 records, not 3
+    frames, lost = read_all(wal, kinds=frozenset({KIND_QUARANTINE}))
+    assert [(f.lsn, f.count, f.payload) for f in frames] == [(0, 3, b""), (6, 3, b""), (9, 3, b""), (12, 2, b"")]
+    assert lost == 3
     await wal.close()
 
 
