@@ -1605,6 +1605,18 @@ def process_of(sp: ServeProcess, role: str) -> int | None:
     return pids[0] if pids else None
 
 
+def beating(pid: int) -> bool:
+    """Whether a supervised process has begun its heartbeat (``gateway/heartbeat.py``): until then,
+    the supervisor counts it as starting, not as silent."""
+    try:
+        process = psutil.Process(pid)
+        runtime, cmdline = Path(process.environ()["EDGE_GATEWAY_RUNTIME_DIR"]), process.cmdline()
+    except (psutil.Error, KeyError):
+        return False
+    index = "lake" if "--lake-process" in cmdline else cmdline[cmdline.index("--worker-index") + 1]
+    return (runtime / f"alive-{index}").exists()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("role", ["worker", "lake process"])
 async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, gateways, role):
@@ -1632,6 +1644,8 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
         await wait_for_acks(ledger, lambda: ledger.acked_requests >= 20, budget_secs=15.0, stall_secs=8.0)
         stuck = process_of(sp, role)
         assert stuck is not None, f"no {role} among {sp.children()}"
+        # Stopped before its first beat, a process is still starting to the supervisor, never silent.
+        assert await wait_until(lambda: beating(stuck), 15.0), f"the {role} (pid {stuck}) never began its heartbeat"
         os.kill(stuck, signal.SIGSTOP)
         stopped_at = time.monotonic()
         replaced = await wait_until(lambda: stuck not in sp.children() and process_of(sp, role) is not None, 20.0, 0.1)
