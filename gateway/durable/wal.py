@@ -1074,7 +1074,7 @@ class WalReader:
                     placed = _place_past_damage(self._file, scan.offset, at, limit, _next_segment(segments, seg)) if scan.corrupt else None
                     if placed is not None and at + placed[1] <= lsn:
                         # Damage below our LSN: passed over (and reported) by the read that got past it before.
-                        self._offset, at = self._offset + placed[0], at + placed[1]
+                        self._offset, at = scan.offset + placed[0], at + placed[1]  # past any marker the scan skipped
                         continue
                     if limit is None and not scan.corrupt:
                         at = lsn  # past a sealed segment's end: in a gap before the next one, whose read reports it

@@ -157,6 +157,26 @@ async def test_a_reader_opened_past_a_damaged_header_starts_at_its_lsn_and_repor
     await wal.close()
 
 
+async def test_a_reader_opened_past_damage_behind_a_request_marker_keeps_its_place(tmp_path, caplog):
+    """The damaged frame is the first of a request of several frames, behind its marker: a reader
+    skipping to a later LSN steps past the damage from where the damage starts, not from the marker.
+    (Before, it landed inside the next frame, took that for damage too and logged a second loss.)"""
+    wal = await open_wal(tmp_path, segment_bytes=300)
+    await wal.append([frame(3, b"0-")])
+    await wal.append([frame(3, b"1-"), frame(3, b"2-")])  # a marker, then two frames
+    await wal.append([frame(3, b"3-")])
+    await wal.append([frame(2, b"next")])
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    at = offsets(sealed)  # the first frame, the marker, the request's two frames (LSNs 0-8)
+    flip(sealed, at[2] + PREFIX.size)  # the request's first frame's record count
+    with caplog.at_level(logging.ERROR):
+        frames, lost = read_all(wal, lsn=6)
+    assert [(f.lsn, f.count) for f in frames] == [(6, 3), (9, 3), (12, 2)]
+    assert frames[0].payload.startswith(b'{"v":"2-0"}') and lost == 0
+    assert "damaged" not in caplog.text and not list(tmp_path.glob("*.damaged-at-*"))
+    await wal.close()
+
+
 async def test_damage_that_leaves_nothing_placeable_still_skips_to_the_next_segment(tmp_path, caplog):
     """A damaged length and, further on, a damaged payload: no chain of intact frames runs from the
     first to the segment's end, so nothing after the first can be placed."""
