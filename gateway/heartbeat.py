@@ -9,7 +9,10 @@ caught up by its successor, as after a SIGKILL). Silence is measured on the supe
 clock, so a step of the wall clock is not mistaken for one, and a pause of the whole instance (its
 process group stopped, a virtual machine paused) is not either: the supervisor, paused too, finds a
 gap between its own looks (``Watchdog.look``) and counts every silence afresh. A process is watched from its first beat
-on: start-up and recovery (a long WAL to scan) may take long.
+on; before it, start-up and recovery (a long WAL to scan) may take long, so it gets
+``listen.start_timeout_secs`` for them, generous, and is killed and restarted only past that: one
+stuck while starting (on a disk that stopped answering, or stopped by a signal) would otherwise
+hold its WAL and its share of the connections for good, and nothing would say so.
 """
 
 from __future__ import annotations
@@ -50,16 +53,21 @@ def start_beating(runtime: Path | None, index: int | str) -> asyncio.Task[None] 
 class Watchdog:
     """Which supervised processes have been silent for longer than ``stall_secs`` (0: never)."""
 
-    def __init__(self, runtime: Path, stall_secs: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, runtime: Path, stall_secs: float, clock: Callable[[], float] = time.monotonic,
+                 start_secs: float = 0.0) -> None:
         self._runtime = runtime
         self._stall_secs = stall_secs
+        self._start_secs = start_secs  # for a process not beating yet (0: wait for it however long)
         self._clock = clock
         self._seen: dict[int | str, tuple[int, float]] = {}  # index -> (the file's mtime, when it was first seen)
+        self._starting: dict[int | str, float] = {}  # index -> when it was started, until its first beat
         self._looked_at: float | None = None  # when the supervisor last said it was running
 
     def forget(self, index: int | str) -> None:
-        """A new process starts under ``index``: what its predecessor left says nothing about it."""
+        """A new process starts under ``index``: what its predecessor left says nothing about it,
+        and its start-up is timed from now."""
         self._seen.pop(index, None)
+        self._starting[index] = self._clock()
         try:
             heartbeat_file(self._runtime, index).unlink()
         except FileNotFoundError:
@@ -70,6 +78,7 @@ class Watchdog:
         waiting on it (the retry ledger's write lock is one for the whole instance)."""
         now = self._clock()
         self._seen = {index: (beat, now) for index, (beat, _) in self._seen.items()}
+        self._starting = dict.fromkeys(self._starting, now)
         self._looked_at = now  # what granted the time (a kill and its wait) was no pause
 
     def look(self) -> float | None:
@@ -93,6 +102,7 @@ class Watchdog:
             beat = os.stat(heartbeat_file(self._runtime, index)).st_mtime_ns
         except FileNotFoundError:  # not started beating yet
             return None
+        self._starting.pop(index, None)
         now = self._clock()
         seen = self._seen.get(index)
         if seen is None or seen[0] != beat:
@@ -100,3 +110,12 @@ class Watchdog:
             return None
         silent = now - seen[1]
         return silent if silent > self._stall_secs else None
+
+    def starting_for(self, index: int | str) -> float | None:
+        """Seconds since the process was started without a first beat, once that exceeds
+        ``start_secs``; None otherwise (call after ``silent_for``, which sees the first beat)."""
+        started = self._starting.get(index)
+        if not self._start_secs or started is None:
+            return None
+        starting = self._clock() - started
+        return starting if starting > self._start_secs else None

@@ -49,6 +49,10 @@ class ListenSettings(Section):
     # long (stuck, or stopped by a signal) is killed and restarted like one that died (not after a
     # pause of the whole instance or machine, which stops the supervisor too); 0: never.
     stall_timeout_secs: Annotated[float, Meta(ge=0)] = 30.0
+    # With several workers: one that has not finished starting (its WAL recovered, its listener
+    # open) this long after it was started is killed and restarted; 0: wait however long. Generous:
+    # a start reads the whole WAL; this is for one stuck on a disk or a lock that never answers.
+    start_timeout_secs: Annotated[float, Meta(ge=0)] = 300.0
 
 
 class GatewaySettings(Section):

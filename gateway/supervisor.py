@@ -116,7 +116,7 @@ class Supervisor:
         if ops.enabled:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
-        self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs)
+        self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs, start_secs=listen.start_timeout_secs)
         try:
             code = self._supervise()
         finally:
@@ -156,21 +156,31 @@ class Supervisor:
         return self._drain()
 
     def _kill_the_most_stalled(self) -> None:
-        """The process alive but silent longest past ``listen.stall_timeout_secs`` is killed (the
-        loop then restarts it as one that died); the others' silence is counted afresh, since they
-        may only have been waiting on it."""
+        """The process alive but silent longest past ``listen.stall_timeout_secs`` (or, not beating
+        yet, starting for longer than ``listen.start_timeout_secs``) is killed (the loop then
+        restarts it as one that died); the others' silence is counted afresh, since they may only
+        have been waiting on it."""
         self._look()
-        silences = {index: self.watchdog.silent_for(index) for index, proc in self.procs.items() if proc.poll() is None}
-        stalled = {index: secs for index, secs in silences.items() if secs is not None}
+        stalled: dict[int | str, tuple[float, bool]] = {}  # index -> (seconds, whether still starting)
+        for index, proc in self.procs.items():
+            if proc.poll() is not None:
+                continue
+            if (silent := self.watchdog.silent_for(index)) is not None:
+                stalled[index] = (silent, False)
+            elif (starting := self.watchdog.starting_for(index)) is not None:
+                stalled[index] = (starting, True)
         if not stalled or self.stopping:
             return
-        index = max(stalled, key=stalled.__getitem__)
-        silent, proc = stalled[index], self.procs[index]
+        index = max(stalled, key=lambda i: stalled[i][0])
+        (secs, starting), proc = stalled[index], self.procs[index]
         what = "the lake process" if index == LAKE else "a worker"
-        log.error(
-            f"{what} stopped answering: its event loop has not turned for {silent:.0f} s; killing it to restart it",
-            extra={"worker": index, "pid": proc.pid, "stall_timeout_secs": self.settings.listen.stall_timeout_secs},
-        )
+        listen = self.settings.listen
+        if starting:
+            log.error(f"{what} has not finished starting in {secs:.0f} s; killing it to restart it",
+                      extra={"worker": index, "pid": proc.pid, "start_timeout_secs": listen.start_timeout_secs})
+        else:
+            log.error(f"{what} stopped answering: its event loop has not turned for {secs:.0f} s; killing it to restart it",
+                      extra={"worker": index, "pid": proc.pid, "stall_timeout_secs": listen.stall_timeout_secs})
         proc.kill()
         proc.wait()
         self.watchdog.grant_time()  # also says the wait for it (seconds, for one stuck in the kernel) was no pause

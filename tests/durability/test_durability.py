@@ -1617,6 +1617,34 @@ def beating(pid: int) -> bool:
     return (runtime / f"alive-{index}").exists()
 
 
+async def two_workers_under_load(tmp_path: Path, gateways: Gateways, **listen: float):
+    """Two workers and the lake process, four devices sending, small segments and objects, 20
+    requests acknowledged: returns the gateway, its lake, the ledger, what stops the load, and the load."""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        listen=listen,
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
+        lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
+    )
+    await sp.astart(workers_env(2), workers=2)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    load = asyncio.create_task(
+        run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, timeout_secs=8.0, retry_deadline_secs=40.0)
+    )
+    await wait_for_acks(ledger, lambda: ledger.acked_requests >= 20, budget_secs=15.0, stall_secs=8.0)
+    return sp, lake, ledger, stop, load
+
+
+async def acks_go_on(ledger: Ledger, problems: list[str], after: str) -> None:
+    acked = ledger.acked_requests
+    await asyncio.sleep(2.0)
+    if ledger.acked_requests == acked:
+        problems.append(f"nothing acknowledged in the 2 s after {after}: {ledger.statuses}")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("role", ["worker", "lake process"])
 async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, gateways, role):
@@ -1624,24 +1652,10 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
     connections and answer nothing, or land nothing while the WALs fill, for as long as it stays so.
     The supervisor kills it after listen.stall_timeout_secs and restarts it as if it had died, and
     every acknowledged record lands once."""
-    sp, devices, lake = setup(
-        tmp_path,
-        gateways,
-        4,
-        listen={"stall_timeout_secs": 3.0},
-        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
-        lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
-    )
-    await sp.astart(workers_env(2), workers=2)
-    ledger = Ledger()
-    stop = asyncio.Event()
+    sp, lake, ledger, stop, load = await two_workers_under_load(tmp_path, gateways, stall_timeout_secs=3.0)
     problems: list[str] = []
-    load = asyncio.create_task(
-        run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, timeout_secs=8.0, retry_deadline_secs=40.0)
-    )
     stuck = None
     try:
-        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 20, budget_secs=15.0, stall_secs=8.0)
         stuck = process_of(sp, role)
         assert stuck is not None, f"no {role} among {sp.children()}"
         # Stopped before its first beat, a process is still starting to the supervisor, never silent.
@@ -1652,10 +1666,7 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
         replaced_after = time.monotonic() - stopped_at
         if not replaced:
             problems.append(f"the stopped {role} (pid {stuck}) was not replaced within 20 s: processes {sp.children()}")
-        acked = ledger.acked_requests
-        await asyncio.sleep(2.0)
-        if ledger.acked_requests == acked:
-            problems.append(f"nothing acknowledged in the 2 s after the {role} was replaced: {ledger.statuses}")
+        await acks_go_on(ledger, problems, f"the {role} was replaced")
     finally:
         stop.set()
         await load
@@ -1667,6 +1678,44 @@ async def test_a_stuck_process_is_killed_and_restarted_losing_nothing(tmp_path, 
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp, notes=[f"the {role} was replaced {replaced_after:.1f} s after SIGSTOP"])
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_stuck_while_starting_is_killed_and_restarted_losing_nothing(tmp_path, gateways):
+    """A worker stuck before its first beat (stopped here by SIGSTOP, as one waiting on a disk or a
+    lock that never answers while it recovers) is neither silent nor dead to the supervisor: it
+    would hold its WAL and its share of the connections for good. Past listen.start_timeout_secs
+    the supervisor kills it, says why, and starts another; every acknowledged record lands once."""
+    sp, lake, ledger, stop, load = await two_workers_under_load(tmp_path, gateways, stall_timeout_secs=3.0, start_timeout_secs=4.0)
+    problems: list[str] = []
+    stuck = None
+    try:
+        killed, sibling = worker_pids(sp)
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while stuck is None and time.monotonic() < deadline:  # catch its successor while it imports
+            stuck = next((pid for pid in worker_pids(sp) if pid not in (killed, sibling)), None)
+            await asyncio.sleep(0.005)
+        assert stuck is not None, f"no worker replaced pid {killed} within 10 s: {sp.children()}"
+        os.kill(stuck, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert not beating(stuck), "the new worker began its heartbeat before it was stopped: a start too quick to catch"
+        replaced = await wait_until(lambda: stuck not in sp.children() and len(worker_pids(sp)) == 2
+                                    and all(beating(pid) for pid in worker_pids(sp)), 25.0, 0.1)
+        replaced_after = time.monotonic() - stopped_at
+        if not replaced:
+            problems.append(f"the worker stuck while starting (pid {stuck}) was not replaced within 25 s: processes {sp.children()}")
+        await acks_go_on(ledger, problems, "the worker was replaced")
+    finally:
+        stop.set()
+        await load
+        if stuck is not None and psutil.pid_exists(stuck):
+            os.kill(stuck, signal.SIGCONT)  # never leave a stopped process behind
+    if "has not finished starting" not in sp.all_logs():
+        problems.append("the supervisor never said why it killed the worker")
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp, notes=[f"the worker stuck while starting was replaced {replaced_after:.1f} s after SIGSTOP"])
 
 
 @pytest.mark.timeout(120)

@@ -93,6 +93,50 @@ def test_a_pause_of_the_supervisor_counts_nobodys_silence(tmp_path):
     assert watchdog.silent_for(0) == pytest.approx(5.5), "a process still silent a whole timeout after the pause is stuck"
 
 
+def test_a_process_that_never_begins_to_beat_is_starting_too_long_only_past_the_start_limit(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=60.0)
+    watchdog.forget(0)  # started now
+    clock.now += 59
+    assert watchdog.silent_for(0) is None and watchdog.starting_for(0) is None, "a long start is no stall"
+    clock.now += 2
+    assert watchdog.silent_for(0) is None, "never beat: not silent"
+    assert watchdog.starting_for(0) == pytest.approx(61)
+    assert watchdog.starting_for(1) is None, "never started under this watchdog"
+
+
+def test_the_first_beat_ends_the_start_and_the_stall_limit_takes_over(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=60.0)
+    watchdog.forget(0)
+    clock.now += 50
+    beat(tmp_path, 0, 1_000)
+    assert watchdog.silent_for(0) is None
+    clock.now += 20
+    assert watchdog.starting_for(0) is None
+    assert watchdog.silent_for(0) == pytest.approx(20)
+
+
+def test_a_pause_or_a_kill_gives_a_starting_process_its_whole_start_limit_again(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=60.0)
+    watchdog.forget(0)
+    clock.now += 59
+    watchdog.grant_time()
+    clock.now += 59
+    assert watchdog.starting_for(0) is None
+    clock.now += 2
+    assert watchdog.starting_for(0) == pytest.approx(61)
+
+
+def test_a_start_limit_of_zero_waits_however_long(tmp_path):
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=0)
+    watchdog.forget(0)
+    clock.now += 86_400
+    assert watchdog.starting_for(0) is None
+
+
 def test_zero_turns_the_watch_off(tmp_path):
     watchdog, clock = watching(tmp_path, 0, 0)
     clock.now += 3_600
@@ -156,3 +200,27 @@ def test_the_supervisor_kills_only_the_process_silent_longest(tmp_path, caplog):
     assert "a worker stopped answering: its event loop has not turned for 9 s" in caplog.text
     supervisor._kill_the_most_stalled()
     assert [i for i, p in supervisor.procs.items() if p.killed] == [1], "worker 0 gets a whole timeout again"
+
+
+def test_the_supervisor_kills_a_process_stuck_while_starting_and_says_so(tmp_path, caplog):
+    from gateway.settings import load_settings
+    from gateway.supervisor import LAKE, Supervisor
+
+    supervisor = Supervisor(None, load_settings(None, environ={"EDGE_GATEWAY__LISTEN__WORKERS": "2"}))
+    clock = Clock()
+    supervisor.watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=30.0)
+    supervisor.procs = {0: FakeProcess(10), 1: FakeProcess(11), LAKE: FakeProcess(12)}
+    for index in supervisor.procs:
+        supervisor.watchdog.forget(index)
+    for index in (0, LAKE):
+        beat(tmp_path, index, 1_000)
+    for _ in range(round(29 / 0.2)):  # the supervisor's loop while worker 1 starts; the others beat
+        running(supervisor, clock, 0.2)
+        for index in (0, LAKE):
+            beat(tmp_path, index, round(clock.now * 1e9))
+        supervisor._kill_the_most_stalled()
+    assert not any(p.killed for p in supervisor.procs.values()), "worker 1 is within its start limit"
+    running(supervisor, clock, 2)
+    supervisor._kill_the_most_stalled()
+    assert [i for i, p in supervisor.procs.items() if p.killed] == [1]
+    assert "a worker has not finished starting in 31 s" in caplog.text
