@@ -62,8 +62,11 @@ demo: $(VENV)/.core
 demo-s3: $(VENV)/.installed
 	$(VENV)/bin/edge-gateway demo --s3 $(DEMO_ARGS)
 
+# The crash tests (tests/durability) mostly wait on the gateways they drive: two at a time take
+# half as long.
 test: $(VENV)/.installed $(TRITON_VENV)/.installed $(DEPLOY_VENV)/.installed system-deps
-	$(PY) -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/deploy --ignore=tests/durability $(PYTEST_ARGS)
+	$(PY) -m pytest tests/durability -n 2 $(PYTEST_ARGS)
 	$(DEPLOY_VENV)/bin/python -m pytest tests/deploy -p no:cacheprovider $(PYTEST_ARGS)
 
 # The quick loop while coding: no subprocess crash tests, no real Triton, no provisioning checks.
