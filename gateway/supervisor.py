@@ -46,6 +46,9 @@ RUNTIME_ENV = "EDGE_GATEWAY_RUNTIME_DIR"
 LAKE = "lake"  # the lake process's key among the supervised processes
 # How many lake processes a stop starts, one after another, to land what the workers left.
 LAKE_DRAIN_ATTEMPTS = 3
+# How long the supervisor waits for a process it killed to exit before it goes on without it: one in
+# uninterruptible sleep (on a disk that stopped answering) exits only when the kernel lets it go.
+KILLED_EXIT_WAIT_SECS = 5.0
 
 
 class Supervisor:
@@ -59,6 +62,7 @@ class Supervisor:
         self.procs: dict[int | str, subprocess.Popen] = {}
         self.backoff: dict[int | str, float] = {}
         self.started_at: dict[int | str, float] = {}
+        self.killed: set[int | str] = set()  # killed but not exited yet: stuck in the kernel
         self.stopping = False
         # Where workers listen for each other (metrics, status, tap): private to this instance.
         self.runtime_dir: str | None = None
@@ -90,6 +94,7 @@ class Supervisor:
         if self.config is not None:
             argv += ["--config", str(self.config)]
         self.watchdog.forget(index)
+        self.killed.discard(index)
         with early_signals.held_for_children():  # a signal sent before the child can handle it waits for it
             self.procs[index] = subprocess.Popen(argv, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
         self.started_at[index] = time.monotonic()
@@ -163,7 +168,7 @@ class Supervisor:
         self._look()
         stalled: dict[int | str, tuple[float, bool]] = {}  # index -> (seconds, whether still starting)
         for index, proc in self.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None or index in self.killed:
                 continue
             if (silent := self.watchdog.silent_for(index)) is not None:
                 stalled[index] = (silent, False)
@@ -182,7 +187,11 @@ class Supervisor:
             log.error(f"{what} stopped answering: its event loop has not turned for {secs:.0f} s; killing it to restart it",
                       extra={"worker": index, "pid": proc.pid, "stall_timeout_secs": listen.stall_timeout_secs})
         proc.kill()
-        proc.wait()
+        if not _exits(proc, KILLED_EXIT_WAIT_SECS):
+            # The loop restarts it once it exits; meanwhile the others are watched and restarted.
+            self.killed.add(index)
+            log.error(f"{what} has not exited {KILLED_EXIT_WAIT_SECS:.0f} s after SIGKILL: it is stuck in the kernel, most "
+                      "likely on its disk; it is restarted once it exits", extra={"worker": index, "pid": proc.pid})
         self.watchdog.grant_time()  # also says the wait for it (seconds, for one stuck in the kernel) was no pause
 
     def _sleep(self, seconds: float) -> None:
@@ -235,7 +244,17 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 log.error("a process did not drain in time; killing it (the WAL keeps the rest)", extra={"worker": index})
                 proc.kill()
-                proc.wait()
+                if not _exits(proc, KILLED_EXIT_WAIT_SECS):
+                    log.error("a process has not exited after SIGKILL: it is stuck in the kernel, most likely on its disk; "
+                              "stopping without it (the next start recovers its WAL)", extra={"worker": index, "pid": proc.pid})
+
+
+def _exits(proc: subprocess.Popen, within_secs: float) -> bool:
+    try:
+        proc.wait(within_secs)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _die_with_parent() -> None:

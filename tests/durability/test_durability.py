@@ -1999,7 +1999,7 @@ async def devices_sending_to_a_wal_on(
         gateways,
         4,
         inference=inference,
-        listen={"workers": 2},
+        listen={"workers": 2, **sections.pop("listen", {})},
         wal={"dir": str(disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
         lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
         **sections,
@@ -2247,6 +2247,64 @@ async def test_lives_with_settings_and_faults_drawn_at_random_lose_and_repeat_no
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp, notes=[f"drawn with random.Random({seed}): " + "; ".join(lives)])
 
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_killed_while_stuck_in_the_kernel_holds_up_no_other_restart(tmp_path, gateways, failing_disk):
+    """A worker whose WAL fsync hangs on its disk and whose event loop has stopped (SIGSTOP here) is
+    killed by the watchdog, but the kernel lets it exit only when the fsync returns (a FUSE request
+    already taken by the file system waits uninterruptibly). The supervisor once waited for it, and
+    restarted nothing meanwhile: a sibling that died then stayed dead. Now the sibling is restarted
+    at once, the stuck worker once it exits, and every acknowledged record lands once."""
+    hang = 20.0  # how long worker 0's fsyncs take: it outlives its SIGKILL by about this much
+    sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(
+        failing_disk, tmp_path, gateways, inference=False, listen={"stall_timeout_secs": 2.0}
+    )
+    problems: list[str] = []
+    stuck = None
+    try:
+        await wait_for_acks(ledger, lambda: ledger.acked_requests >= 20, budget_secs=15.0, stall_secs=8.0)
+        stuck, sibling = worker_with_index(sp, 0), worker_with_index(sp, 1)
+        assert stuck and sibling, f"workers 0 and 1 not found among {sp.children()}"
+        failing_disk.slow_fsyncs(hang, only=f"{os.sep}w0{os.sep}")
+        await asyncio.sleep(1.0)  # worker 0's WAL writer is inside an fsync now
+        os.kill(stuck, signal.SIGSTOP)
+        killed = await wait_until(lambda: "stopped answering" in sp.all_logs(), 10.0, 0.1)
+        assert killed, "the watchdog did not kill the stopped worker"
+        said = await wait_until(lambda: "stuck in the kernel" in sp.all_logs(), 10.0, 0.1)
+        if not said:
+            problems.append("the supervisor never said the killed worker had not exited")
+        assert psutil.pid_exists(stuck), "the killed worker exited at once: its fsync was not stuck"
+        os.kill(sibling, signal.SIGKILL)
+        restarted = await wait_until(lambda: worker_with_index(sp, 1) not in (None, sibling), 5.0, 0.1)
+        if not restarted:
+            problems.append("worker 1, killed while worker 0 was stuck in the kernel, was not restarted within 5 s")
+        elif not psutil.pid_exists(stuck):
+            problems.append("worker 0 exited before worker 1 was restarted: the test did not show a restart while it was stuck")
+        failing_disk.slow_fsyncs(0)
+        if not await wait_until(lambda: worker_with_index(sp, 0) not in (None, stuck), hang + 10.0, 0.2):
+            problems.append(f"worker 0 was not restarted once it exited: processes {sp.children()}")
+        await acks_go_on(ledger, problems, "both workers were restarted")
+    finally:
+        stop.set()
+        await load
+        failing_disk.slow_fsyncs(0)
+        if stuck is not None and psutil.pid_exists(stuck):
+            os.kill(stuck, signal.SIGCONT)  # never leave a stopped process behind
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+def worker_with_index(sp: ServeProcess, index: int) -> int | None:
+    for pid in worker_pids(sp):
+        try:
+            cmdline = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue
+        if cmdline[cmdline.index("--worker-index") + 1] == str(index):
+            return pid
+    return None
 
 
 @pytest.mark.timeout(240)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 
 import pytest
 
@@ -164,8 +165,25 @@ class FakeProcess:
     def kill(self) -> None:
         self.killed = True
 
-    def wait(self) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         return -9
+
+
+class ProcessStuckInTheKernel(FakeProcess):
+    """Killed, it does not exit (uninterruptible sleep on a disk that stopped answering)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.kills = 0
+
+    def kill(self) -> None:
+        self.kills += 1
+
+    def poll(self):
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        raise subprocess.TimeoutExpired("gateway", timeout)
 
 
 def running(supervisor, clock: Clock, secs: float) -> None:
@@ -224,3 +242,30 @@ def test_the_supervisor_kills_a_process_stuck_while_starting_and_says_so(tmp_pat
     supervisor._kill_the_most_stalled()
     assert [i for i, p in supervisor.procs.items() if p.killed] == [1]
     assert "a worker has not finished starting in 31 s" in caplog.text
+
+
+def test_a_killed_process_stuck_in_the_kernel_does_not_stop_the_supervisor_watching_the_others(tmp_path, caplog, monkeypatch):
+    from gateway import supervisor as supervising
+    from gateway.settings import load_settings
+    from gateway.supervisor import LAKE, Supervisor
+
+    monkeypatch.setattr(supervising, "KILLED_EXIT_WAIT_SECS", 0.01)
+    supervisor = Supervisor(None, load_settings(None, environ={"EDGE_GATEWAY__LISTEN__WORKERS": "2"}))
+    clock = Clock()
+    supervisor.watchdog = Watchdog(tmp_path, 5.0, clock)
+    stuck = ProcessStuckInTheKernel(11)
+    supervisor.procs = {0: FakeProcess(10), 1: stuck, LAKE: FakeProcess(12)}
+    for index in supervisor.procs:
+        beat(tmp_path, index, 1_000)
+        supervisor.watchdog.silent_for(index)
+    running(supervisor, clock, 6)
+    for index in (0, LAKE):
+        beat(tmp_path, index, 2_000)
+        supervisor.watchdog.silent_for(index)
+    supervisor._kill_the_most_stalled()
+    assert stuck.kills == 1 and "has not exited" in caplog.text and "stuck in the kernel" in caplog.text
+    running(supervisor, clock, 6)  # every process silent again: the stuck one is not killed twice, the next one is
+    supervisor._kill_the_most_stalled()
+    assert stuck.kills == 1
+    assert [i for i, p in supervisor.procs.items() if p.killed] == [0]
+    assert supervisor.killed == {1}, "left for the loop, which restarts it once poll() says it exited"
