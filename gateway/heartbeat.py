@@ -113,9 +113,12 @@ class Watchdog:
 
     def starting_for(self, index: int | str) -> float | None:
         """Seconds since the process was started without a first beat, once that exceeds
-        ``start_secs``; None otherwise (call after ``silent_for``, which sees the first beat)."""
+        ``start_secs``; None otherwise."""
         started = self._starting.get(index)
         if not self._start_secs or started is None:
+            return None
+        if heartbeat_file(self._runtime, index).exists():  # it has begun to beat: ``silent_for`` watches it
+            self._starting.pop(index, None)
             return None
         starting = self._clock() - started
         return starting if starting > self._start_secs else None

@@ -181,7 +181,8 @@ class Supervisor:
         what = "the lake process" if index == LAKE else "a worker"
         listen = self.settings.listen
         if starting:
-            log.error(f"{what} has not finished starting in {secs:.0f} s; killing it to restart it",
+            log.error(f"{what} has not finished starting in {secs:.0f} s; killing it to restart it (a start that recovers a "
+                      "large WAL from a slow disk may need a higher listen.start_timeout_secs)",
                       extra={"worker": index, "pid": proc.pid, "start_timeout_secs": listen.start_timeout_secs})
         else:
             log.error(f"{what} stopped answering: its event loop has not turned for {secs:.0f} s; killing it to restart it",

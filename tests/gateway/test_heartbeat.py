@@ -35,6 +35,14 @@ def watching(tmp_path, stall_secs: float, *indexes) -> tuple[Watchdog, Clock]:
     return watchdog, clock
 
 
+def starting(tmp_path, start_secs: float) -> tuple[Watchdog, Clock]:
+    """A watchdog on its own clock with a start limit, and process 0 started just now."""
+    clock = Clock()
+    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=start_secs)
+    watchdog.forget(0)
+    return watchdog, clock
+
+
 def test_a_process_is_silent_only_once_its_file_stops_changing_for_longer_than_the_limit(tmp_path):
     clock = Clock()
     watchdog = Watchdog(tmp_path, 5.0, clock)
@@ -95,9 +103,7 @@ def test_a_pause_of_the_supervisor_counts_nobodys_silence(tmp_path):
 
 
 def test_a_process_that_never_begins_to_beat_is_starting_too_long_only_past_the_start_limit(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=60.0)
-    watchdog.forget(0)  # started now
+    watchdog, clock = starting(tmp_path, 60.0)
     clock.now += 59
     assert watchdog.silent_for(0) is None and watchdog.starting_for(0) is None, "a long start is no stall"
     clock.now += 2
@@ -107,9 +113,7 @@ def test_a_process_that_never_begins_to_beat_is_starting_too_long_only_past_the_
 
 
 def test_the_first_beat_ends_the_start_and_the_stall_limit_takes_over(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=60.0)
-    watchdog.forget(0)
+    watchdog, clock = starting(tmp_path, 60.0)
     clock.now += 50
     beat(tmp_path, 0, 1_000)
     assert watchdog.silent_for(0) is None
@@ -119,9 +123,7 @@ def test_the_first_beat_ends_the_start_and_the_stall_limit_takes_over(tmp_path):
 
 
 def test_a_pause_or_a_kill_gives_a_starting_process_its_whole_start_limit_again(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=60.0)
-    watchdog.forget(0)
+    watchdog, clock = starting(tmp_path, 60.0)
     clock.now += 59
     watchdog.grant_time()
     clock.now += 59
@@ -131,9 +133,7 @@ def test_a_pause_or_a_kill_gives_a_starting_process_its_whole_start_limit_again(
 
 
 def test_a_start_limit_of_zero_waits_however_long(tmp_path):
-    clock = Clock()
-    watchdog = Watchdog(tmp_path, 5.0, clock, start_secs=0)
-    watchdog.forget(0)
+    watchdog, clock = starting(tmp_path, 0)
     clock.now += 86_400
     assert watchdog.starting_for(0) is None
 
