@@ -1989,11 +1989,20 @@ async def test_an_s3_lake_that_hangs_fails_and_refuses_loses_and_repeats_nothing
 
 
 async def devices_sending_to_a_wal_on(
-    disk: FailingDisk, tmp_path: Path, gateways: Gateways, *, inference: bool = True, patience_secs: float = 10.0, keyless: bool = False, **sections
+    disk: FailingDisk,
+    tmp_path: Path,
+    gateways: Gateways,
+    *,
+    inference: bool = True,
+    patience_secs: float = 10.0,
+    keyless: bool = False,
+    fresh_connections: bool = False,
+    **sections,
 ):
     """A gateway (two workers, the curated zone on unless ``inference`` is off) with its WAL on
     ``disk``, and four devices sending 100-record requests with ``seq`` to it until ``stop`` is set,
-    each waiting ``patience_secs`` for an answer; with ``keyless``, the fourth sends records without one."""
+    each waiting ``patience_secs`` for an answer; with ``keyless``, the fourth sends records without
+    one; with ``fresh_connections``, each request comes on a new connection (so every worker gets some)."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
@@ -2009,7 +2018,17 @@ async def devices_sending_to_a_wal_on(
     stop = asyncio.Event()
     numbered, keyless_devices = (devices[:3], devices[3:]) if keyless else (devices, [])
     load = asyncio.gather(
-        run_devices(sp.url, numbered, ledger, stop, records_per_request=100, pause_secs=0.05, timeout_secs=patience_secs, retry_deadline_secs=60.0),
+        run_devices(
+            sp.url,
+            numbered,
+            ledger,
+            stop,
+            records_per_request=100,
+            pause_secs=0.05,
+            timeout_secs=patience_secs,
+            retry_deadline_secs=60.0,
+            fresh_connections=fresh_connections,
+        ),
         *(keyless_bodies(sp.url, device, ledger, stop, timeout_secs=patience_secs) for device in keyless_devices),
     )
     return sp, lake, ledger, stop, load
@@ -2257,8 +2276,9 @@ async def test_a_worker_killed_while_stuck_in_the_kernel_holds_up_no_other_resta
     restarted nothing meanwhile: a sibling that died then stayed dead. Now the sibling is restarted
     at once, the stuck worker once it exits, and every acknowledged record lands once."""
     hang = 20.0  # how long worker 0's fsyncs take: it outlives its SIGKILL by about this much
+    # Fresh connections: kept-alive ones could all go to worker 1, leaving worker 0 nothing to fsync.
     sp, lake, ledger, stop, load = await devices_sending_to_a_wal_on(
-        failing_disk, tmp_path, gateways, inference=False, listen={"stall_timeout_secs": 2.0}
+        failing_disk, tmp_path, gateways, inference=False, fresh_connections=True, listen={"stall_timeout_secs": 2.0}
     )
     problems: list[str] = []
     stuck = None
@@ -2267,7 +2287,8 @@ async def test_a_worker_killed_while_stuck_in_the_kernel_holds_up_no_other_resta
         stuck, sibling = worker_with_index(sp, 0), worker_with_index(sp, 1)
         assert stuck and sibling, f"workers 0 and 1 not found among {sp.children()}"
         failing_disk.slow_fsyncs(hang, only=f"{os.sep}w0{os.sep}")
-        await asyncio.sleep(1.0)  # worker 0's WAL writer is inside an fsync now
+        in_fsync = await wait_until(lambda: failing_disk.slowed > 0, 10.0, 0.05)
+        assert in_fsync, "worker 0 began no fsync in 10 s: it had nothing to write"
         os.kill(stuck, signal.SIGSTOP)
         killed = await wait_until(lambda: "stopped answering" in sp.all_logs(), 10.0, 0.1)
         assert killed, "the watchdog did not kill the stopped worker"
