@@ -76,10 +76,11 @@ KIND_QUARANTINE = 2
 KIND_TXN = 3  # marks the start of a request of several frames; payload: u64 bytes that follow
 KIND_REQUEST = 4  # no records: a request's retry key and answer, for the retry ledger (retry_ledger.py)
 KIND_RECORDS_SHARED = 5  # KIND_RECORDS whose lines' common beginning is stored once: read as KIND_RECORDS
+KIND_GAP = 6  # no records: LSNs passed over where damaged bytes were (wal_salvage.py); payload: u64 count, zeros
 TXN = struct.Struct("<Q")
 # Every kind this version reads. A consumer stops at a frame of any other kind (written by a later
 # version) instead of passing it: passing it would let the zone release records it never landed.
-KNOWN_KINDS = frozenset({KIND_RECORDS, KIND_QUARANTINE, KIND_TXN, KIND_REQUEST, KIND_RECORDS_SHARED})
+KNOWN_KINDS = frozenset({KIND_RECORDS, KIND_QUARANTINE, KIND_TXN, KIND_REQUEST, KIND_RECORDS_SHARED, KIND_GAP})
 
 
 class WalError(Exception):
@@ -306,6 +307,8 @@ def _records_in(kind: int, payload: bytes) -> int:
     """How many records a frame of ``kind`` holds, counted from its payload's line breaks alone."""
     if kind in (KIND_TXN, KIND_REQUEST):
         return 0
+    if kind == KIND_GAP:
+        return TXN.unpack_from(payload)[0] if len(payload) >= TXN.size else -1
     lines = payload.count(b"\n")
     return lines - 1 if kind == KIND_RECORDS_SHARED else lines
 
@@ -373,7 +376,7 @@ def _records_of_chain(data: bytes, at: int, broken: set[int]) -> int | None:
         length, crc = PREFIX.unpack_from(data, at)
         count, *_, kind = META.unpack_from(data, at + PREFIX.size)
         body = at + HEADER_SIZE
-        if kind not in KNOWN_KINDS or count > length or body + length > len(data):
+        if kind not in KNOWN_KINDS or (count > length and kind != KIND_GAP) or body + length > len(data):
             break
         if zlib.crc32(data[body : body + length], zlib.crc32(data[at + PREFIX.size : body])) != crc:
             break
@@ -481,7 +484,7 @@ class WriteAheadLog:
             self._segments.append(_Segment(first_lsn, path, path.stat().st_size))
         floor = self._floor() if self._floor is not None else 0
         if self._segments:
-            self._recover_last_segment()
+            self._recover_last_segment(floor)
             if self._next_lsn < floor:
                 self._number_from(floor)
         else:
@@ -491,15 +494,27 @@ class WriteAheadLog:
         self._set_durable((self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size))
         self._closed = False
 
-    def _recover_last_segment(self) -> None:
+    def _recover_last_segment(self, floor: int) -> None:
+        from gateway.durable.wal_salvage import mend_newest_segment  # it builds on this module
+
         last = self._segments[-1]
-        with open(last.path, "rb") as f:
-            magic = f.read(len(MAGIC))
-            if magic != MAGIC:
-                # A crash between creating the file and writing its header leaves it short.
-                found = _Recovered(len(MAGIC), last.first_lsn, False, [])
-            else:
-                found = _recoverable_end(f, last.first_lsn, last.size)
+        mended_at = -1
+        while True:
+            with open(last.path, "rb") as f:
+                magic = f.read(len(MAGIC))
+                if magic != MAGIC:
+                    # A crash between creating the file and writing its header leaves it short.
+                    found = _Recovered(len(MAGIC), last.first_lsn, False, [])
+                else:
+                    found = _recoverable_end(f, last.first_lsn, last.size)
+            # A frame that fails its check and places nothing after it: damage, or a torn write (one
+            # whose length runs past the end looks alike). Mended where whole requests follow it; each
+            # mend lets the next read get past it, so the failure found next lies further on.
+            if found.damaged_at <= mended_at:
+                break
+            if not mend_newest_segment(last.path, found.end, found.next_lsn, found.damaged_at, floor):
+                break
+            mended_at = found.damaged_at
         good_size = found.end
         for offset, size, lsn, records in found.passed_over:
             log.critical(
@@ -992,6 +1007,7 @@ def _recoverable_end(f, first_lsn: int, size: int) -> _Recovered:
             placed = _damaged_frame(f, offset, size, may_end_at_end=False) if scan.corrupt else None
             if placed is None:
                 damaged = scan.corrupt and _damaged_not_torn(f, offset, size)
+                damaged_at = offset if scan.corrupt else -1
                 break
             passed_over.append((offset, placed[0], lsn, placed[1]))
             offset, lsn = offset + placed[0], lsn + placed[1]
@@ -1004,7 +1020,7 @@ def _recoverable_end(f, first_lsn: int, size: int) -> _Recovered:
             txn_start = None
     if txn_start is not None:
         offset, lsn = txn_start[0], txn_start[1]
-    return _Recovered(offset, lsn, damaged, [d for d in passed_over if d[0] < offset])
+    return _Recovered(offset, lsn, damaged, [d for d in passed_over if d[0] < offset], damaged_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1013,6 +1029,7 @@ class _Recovered:
     next_lsn: int
     damaged_after: bool  # a damaged frame with bytes after it at ``end``, not a torn write
     passed_over: list[tuple[int, int, int, int]]  # damaged frames kept in place: (offset, bytes, lsn, records)
+    damaged_at: int = -1  # where a frame that failed its check and placed nothing after it starts (-1: none)
 
 
 def _damaged_not_torn(f, offset: int, size: int) -> bool:

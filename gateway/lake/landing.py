@@ -131,7 +131,8 @@ def owes_records(state_dir: str | os.PathLike[str], zone: str) -> bool:
 
 
 def recorded_floor(state_dir: str | os.PathLike[str]) -> int:
-    """The LSN past every record a zone here recorded as read: its position, and the objects it sealed."""
+    """The LSN past every record a zone here recorded as read: its position, the objects it sealed,
+    and the last record it landed of each hour (an hour can land past the position)."""
     floor = 0
     for path in Path(state_dir).glob("*.state"):
         state_file = ReservedStateFile(path)
@@ -141,7 +142,7 @@ def recorded_floor(state_dir: str | os.PathLike[str]) -> int:
             state_file.close()
         if payload is not None:
             state = msgspec.json.decode(payload, type=LanderState)
-            floor = max(floor, state.position, *(last + 1 for _, _, last in state.sealed))
+            floor = max(floor, state.position, *(last + 1 for _, _, last in state.sealed), *(last + 1 for last in state.landed.values()))
     return floor
 
 

@@ -233,7 +233,7 @@ async def test_damage_that_cannot_be_placed_inside_a_request_is_kept_aside_not_c
     segment = next(tmp_path.glob("*.wal"))
     marker, first, _, _ = offsets(segment)
     size = segment.stat().st_size
-    flip(segment, first)  # the first frame's length, 32 bytes off: what follows cannot be placed
+    flip(segment, first + PREFIX.size + 32)  # the first frame's kind: what follows cannot be placed, nor a request found after it
     with caplog.at_level(logging.WARNING):
         wal = await open_wal(tmp_path)
     assert "bytes after it are kept aside" in caplog.text and "torn tail" not in caplog.text

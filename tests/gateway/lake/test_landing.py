@@ -594,3 +594,21 @@ async def test_objects_landing_together_share_their_state_writes(tmp_path):
     assert writes[-1]["sealed"] == [] and len(writes[-1]["landed"]) in (0, 4)
     # The drain's seal, the four landings (two writes instead of four), the drain's last.
     assert len(writes) <= 4, f"{len(writes)} state writes: {[(len(w['sealed']), len(w['landed'])) for w in writes]}"
+
+
+def test_the_floor_takes_in_an_hour_landed_past_the_position(tmp_path):
+    """Hours land apart: one can have landed records past the position, which an older hour's open
+    object holds back. A log renumbered from the position would give that hour's landed LSNs again,
+    and the zone would take the new records for ones it landed."""
+    import msgspec
+
+    from connectors.durable_files import ReservedStateFile
+    from gateway.lake.landing import LanderState, state_path
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    state_file = ReservedStateFile(state_path(state_dir, "raw"))
+    state_file.open()
+    state_file.write(msgspec.json.encode(LanderState(position=3, landed={"7": 20, "8": 11}, sealed=[(9, 4, 6)])))
+    state_file.close()
+    assert recorded_floor(state_dir) == 21
