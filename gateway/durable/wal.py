@@ -24,8 +24,9 @@ found and truncated on open.
 
 A request is all or nothing. Its frames are written together between two fsyncs, so the
 durable end never falls inside a request; a request of several frames is preceded by a
-``KIND_TXN`` marker frame (no records) giving the bytes that follow, so recovery also removes a
-request that was only partly on disk when the process died. A failed write (a full disk) is
+``KIND_TXN`` marker frame (no records) giving the bytes that follow and the request's first LSN,
+so recovery also removes a request that was only partly on disk when the process died, and can
+number the requests found after a damaged header (wal_salvage.py). A failed write (a full disk) is
 rolled back on disk and in memory before the request is answered.
 
 A failed fsync is not retried: the page cache may have dropped the data while clearing the error
@@ -76,8 +77,9 @@ KIND_QUARANTINE = 2
 KIND_TXN = 3  # marks the start of a request of several frames; payload: u64 bytes that follow
 KIND_REQUEST = 4  # no records: a request's retry key and answer, for the retry ledger (retry_ledger.py)
 KIND_RECORDS_SHARED = 5  # KIND_RECORDS whose lines' common beginning is stored once: read as KIND_RECORDS
-KIND_GAP = 6  # no records: LSNs passed over where damaged bytes were (wal_salvage.py); payload: u64 count, zeros
-TXN = struct.Struct("<Q")
+KIND_GAP = 6  # no records: the LSNs of damaged bytes, passed over (wal_salvage.py); payload: u64 count, zeros
+TXN = struct.Struct("<Q")  # a marker's payload before this version: the bytes that follow
+MARKER = struct.Struct("<QQ")  # a marker's payload: the bytes that follow, the request's first LSN
 # Every kind this version reads. A consumer stops at a frame of any other kind (written by a later
 # version) instead of passing it: passing it would let the zone release records it never landed.
 KNOWN_KINDS = frozenset({KIND_RECORDS, KIND_QUARANTINE, KIND_TXN, KIND_REQUEST, KIND_RECORDS_SHARED, KIND_GAP})
@@ -484,7 +486,7 @@ class WriteAheadLog:
             self._segments.append(_Segment(first_lsn, path, path.stat().st_size))
         floor = self._floor() if self._floor is not None else 0
         if self._segments:
-            self._recover_last_segment(floor)
+            self._recover_last_segment()
             if self._next_lsn < floor:
                 self._number_from(floor)
         else:
@@ -494,7 +496,7 @@ class WriteAheadLog:
         self._set_durable((self._next_lsn, self._segments[-1].first_lsn, self._segments[-1].size))
         self._closed = False
 
-    def _recover_last_segment(self, floor: int) -> None:
+    def _recover_last_segment(self) -> None:
         from gateway.durable.wal_salvage import mend_newest_segment  # it builds on this module
 
         last = self._segments[-1]
@@ -512,7 +514,7 @@ class WriteAheadLog:
             # mend lets the next read get past it, so the failure found next lies further on.
             if found.damaged_at <= mended_at:
                 break
-            if not mend_newest_segment(last.path, found.end, found.next_lsn, found.damaged_at, floor):
+            if not mend_newest_segment(last.path, found.end, found.next_lsn, found.damaged_at):
                 break
             mended_at = found.damaged_at
         good_size = found.end
@@ -778,7 +780,7 @@ class WriteAheadLog:
         written = 0
         try:
             if q.frame_count > 1:
-                written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(q.total_bytes))])
+                written += self._write_all([encode_frame(KIND_TXN, 0, 0, 0, 0, 0, MARKER.pack(q.total_bytes, self._next_lsn))])
             body = 0
             for frames in q.chunks:
                 body += self._write_all(frames)
@@ -1013,8 +1015,8 @@ def _recoverable_end(f, first_lsn: int, size: int) -> _Recovered:
             offset, lsn = offset + placed[0], lsn + placed[1]
         else:
             frame = scan.frames[0]
-            if frame.kind == KIND_TXN and len(frame.payload) == TXN.size:
-                txn_start = (offset, lsn, scan.offset + TXN.unpack(frame.payload)[0])
+            if frame.kind == KIND_TXN and len(frame.payload) in (TXN.size, MARKER.size):
+                txn_start = (offset, lsn, scan.offset + TXN.unpack_from(frame.payload)[0])
             offset, lsn = scan.offset, scan.next_lsn
         if txn_start is not None and offset >= txn_start[2]:
             txn_start = None
@@ -1053,6 +1055,7 @@ class WalReader:
         self._offset = 0
         self.corrupt_segments = 0
         self.lost_records = 0  # in damaged frames passed over, or missing between segments
+        self._asked_lsn = lsn
         # Reads run in a worker thread, and a consumer stopping closes its reader from the event loop
         # meanwhile: closing waits for a running read, and no read opens a file after it.
         self._lock = threading.Lock()
@@ -1101,6 +1104,7 @@ class WalReader:
                     break
                 at, self._offset = frame.end_lsn, scan.offset
             self.lsn = at
+            self._asked_lsn = lsn  # a position inside a frame: the records before it were read before
         return True
 
     def read(self, max_bytes: int, kinds: frozenset[int] | None = None) -> list[Frame]:
@@ -1120,11 +1124,17 @@ class WalReader:
         if kinds is not None and whole:
             kinds = kinds | {KIND_RECORDS_SHARED}
         read_again_at = -1
-        while budget > 0 and self.lsn < wal.durable_lsn:
+        # Until there is a frame to give: an empty answer says the log holds nothing more for now,
+        # and a gap (no records) larger than the budget must not say so.
+        while (budget > 0 or not frames) and self.lsn < wal.durable_lsn:
             seg = self._segment
             limit = wal._durable_limit(seg)
-            scan = _read_frames(self._file, self._offset, self.lsn, limit, budget, kinds=kinds, known=KNOWN_KINDS)
-            frames.extend(_whole(f) if f.kind == KIND_RECORDS_SHARED and whole else f for f in scan.frames)
+            scan = _read_frames(self._file, self._offset, self.lsn, limit, max(budget, 1), kinds=kinds, known=KNOWN_KINDS)
+            for f in scan.frames:
+                if f.kind == KIND_GAP:  # damaged bytes a start mended (wal_salvage.py), which logged them
+                    self.lost_records += max(0, f.end_lsn - max(f.lsn, self._asked_lsn))
+                else:
+                    frames.append(_whole(f) if f.kind == KIND_RECORDS_SHARED and whole else f)
             budget -= scan.offset - self._offset
             self._offset, self.lsn = scan.offset, scan.next_lsn
             if scan.unknown_kind is not None:

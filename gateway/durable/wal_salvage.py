@@ -2,20 +2,19 @@
 
 A damaged frame whose header still places it is passed over alone (wal.py). One whose length,
 record count or kind was hit places nothing after it, and the newest segment has no next one to
-count the frames after it back from: they were cut away with the damage. At open, instead:
+count the frames after it back from: they were cut away with it. At open, instead:
 
 - a frame whose only damage is its length is mended: the length at which its checksum passes again
   is the one that ends it where the next whole frame starts (or where the segment ends);
-- otherwise the damaged bytes, up to the next request that begins after them (its checksummed
-  ``KIND_TXN`` marker), are overwritten by one ``KIND_GAP`` frame, and the requests after it land.
-  The rest of the request the damage hit is lost with it: landing part of a request whose retry
-  the ledger would answer as done would lose the other part silently.
+- otherwise the damaged bytes, up to the next request that begins after them, are overwritten by
+  one ``KIND_GAP`` frame, and the requests after it land. That request's marker (``KIND_TXN``,
+  checksummed) carries its first LSN: the gap stands for the LSNs in between, so every record after
+  it keeps its own, and a zone that had read past the damage reads on where it was. The rest of the
+  request the damage hit is lost with it: landing part of a request whose retry the ledger would
+  answer as done would lose the other part silently.
 
-A gap frame holds no records and stands for ``count`` LSNs. How many records the damaged bytes held
-cannot be known, so the count numbers what follows past every LSN a zone or the retry ledger
-recorded (the log's floor): a consumer that had read beyond the damage must not take the records
-after it for ones it has seen. Records such a consumer had landed then land again (duplicates,
-never loss); a consumer still before the damage, the case after a crash, lands each once.
+Markers written before they carried an LSN number nothing: such a segment is still cut back to the
+damage (its bytes kept aside).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from gateway.durable.wal import (
     KIND_GAP,
     KIND_TXN,
     KNOWN_KINDS,
+    MARKER,
     META,
     PREFIX,
     TXN,
@@ -47,7 +47,7 @@ GAP_FRAME_MIN_BYTES = HEADER_SIZE + TXN.size
 MEND_CANDIDATES = 4
 
 
-def mend_newest_segment(path: Path, at: int, lsn: int, damaged_at: int, floor: int) -> bool:
+def mend_newest_segment(path: Path, at: int, lsn: int, damaged_at: int) -> bool:
     """Mend the newest segment ``path``, whose frame at offset ``damaged_at`` is damaged and places
     nothing after it, so that the frames after it can be read. ``at`` (LSN ``lsn``) is where the
     request it belongs to begins. True when something was mended (read the segment again), False
@@ -64,28 +64,21 @@ def mend_newest_segment(path: Path, at: int, lsn: int, damaged_at: int, floor: i
             extra={"segment": path.name, "offset": damaged_at},
         )
         return True
-    start = next_request(data, hit + 1)
-    if start is None or start < GAP_FRAME_MIN_BYTES:
+    found = next_request(data, hit + 1)
+    if found is None:
         return False
-    numbered_past = max(0, floor - lsn)
+    start, first_lsn = found
+    if start < GAP_FRAME_MIN_BYTES or first_lsn < lsn:  # a marker that cannot be this request's
+        return False
     kept = _keep_aside(path, at, start)
-    gap = gap_frame(numbered_past, start)
+    gap = gap_frame(first_lsn - lsn, start)
     # The payload before the header: a reader in another process that looks meanwhile finds the
     # damaged header until the gap is whole.
     _write_durably(path, [(at + HEADER_SIZE, gap[HEADER_SIZE:]), (at, gap[:HEADER_SIZE])])
     log.critical(
         "WAL: a frame damaged on disk in the newest segment, and the rest of its request, cannot land; "
         "the requests after it will",
-        extra={
-            "segment": path.name,
-            "offset": at,
-            "bytes_lost": start,
-            "lsn": lsn,
-            # Records end in a line break; the count also takes in a shared envelope's line, if any.
-            "records_lost_about": data[:start].count(b"\n"),
-            "numbered_past": numbered_past,
-            "kept_in": kept,
-        },
+        extra={"segment": path.name, "offset": at, "bytes": start, "lsn": lsn, "records_lost": first_lsn - lsn, "kept_in": kept},
     )
     return True
 
@@ -106,11 +99,12 @@ def mended_length(data: bytes) -> int | None:
     return None
 
 
-def next_request(data: bytes, start: int) -> int | None:
-    """Where in ``data``, from ``start`` on, the first request begins: a whole ``KIND_TXN`` marker."""
+def next_request(data: bytes, start: int) -> tuple[int, int] | None:
+    """Where in ``data``, from ``start`` on, the first request that says its first LSN begins (a
+    whole ``KIND_TXN`` marker), and that LSN."""
     for at in whole_frames(data, start):
-        if META.unpack_from(data, at + PREFIX.size)[-1] == KIND_TXN:
-            return at
+        if META.unpack_from(data, at + PREFIX.size)[-1] == KIND_TXN and PREFIX.unpack_from(data, at)[0] == MARKER.size:
+            return at, MARKER.unpack_from(data, at + HEADER_SIZE)[1]
     return None
 
 
@@ -135,7 +129,7 @@ def _whole_frame_at(data: bytes, at: int) -> bool:
     count, *_, kind = META.unpack_from(data, at + PREFIX.size)
     body = at + HEADER_SIZE
     # Cheap tests first: most places that look like a header's end are not one.
-    if kind not in KNOWN_KINDS or body + length > len(data) or (kind == KIND_TXN and length != TXN.size):
+    if kind not in KNOWN_KINDS or body + length > len(data) or (kind == KIND_TXN and length not in (TXN.size, MARKER.size)):
         return False
     if kind != KIND_GAP and count > length:  # every record takes at least a byte
         return False

@@ -3,7 +3,7 @@
 Such a frame places nothing after it, and the newest segment has no next one to count back from:
 everything after it was cut away with it, as a crash's torn tail is, though every frame there was
 whole and acknowledged. Now a damaged length is mended from the frame's checksum, and other damage
-costs the request it hit: the requests after it land.
+costs the request it hit: the requests after it land, each record under its own LSN.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import logging
 import pytest
 
 from gateway.durable import wal_salvage
-from gateway.durable.wal import HEADER_SIZE, KIND_GAP, KIND_RECORDS, KIND_TXN, MAGIC, META, PREFIX, TXN, WriteAheadLog, encode_frame
+from gateway.durable.wal import HEADER_SIZE, KIND_GAP, KIND_RECORDS, KIND_TXN, MAGIC, MARKER, META, PREFIX, TXN, WriteAheadLog, encode_frame
 
 KIND_OFFSET = PREFIX.size + META.size - 4  # the kind byte, after count, hour and three u64 times
-TXN_BYTES = TXN.size  # a request marker's payload
+TXN_BYTES = MARKER.size  # a request marker's payload
 
 
 class Crash(BaseException):
@@ -98,34 +98,29 @@ async def test_a_damaged_header_in_the_newest_segment_costs_its_request_and_the_
         wal = await open_wal(tmp_path)
     assert "the requests after it will" in caplog.text and "torn tail" not in caplog.text
     line = next(r for r in caplog.records if "requests after it will" in r.getMessage())
-    assert (line.offset, line.bytes_lost, line.lsn, line.numbered_past) == (hit, hit_bytes, 3, 0)
-    assert line.records_lost_about >= 3
-    # What followed keeps its order and is numbered on from the damaged request's first LSN.
+    assert (line.offset, line.bytes, line.lsn, line.records_lost) == (hit, hit_bytes, 3, 3)
+    # What followed keeps its order and its LSNs (its marker says where it begins).
     assert records(wal) == [
         (0, 2, b'{"v":"0-a0"}'), (2, 1, b'{"v":"0-b0"}'),
-        (3, 2, b'{"v":"2-a0"}'), (5, 1, b'{"v":"2-b0"}'),
-        (6, 2, b'{"v":"3-a0"}'), (8, 1, b'{"v":"3-b0"}'),
+        (6, 2, b'{"v":"2-a0"}'), (8, 1, b'{"v":"2-b0"}'),
+        (9, 2, b'{"v":"3-a0"}'), (11, 1, b'{"v":"3-b0"}'),
     ]
-    assert wal.next_lsn == 9 and await wal.append([frame(1, b"new")]) == 10
+    assert wal.next_lsn == 12 and await wal.append([frame(1, b"new")]) == 13
     kept = list(tmp_path.glob("*.damaged-at-*"))
     assert [p.name for p in kept] == [f"{segment.name}.damaged-at-{hit}"] and kept[0].stat().st_size == hit_bytes
     await wal.close()
     wal = await open_wal(tmp_path)  # mended once: a later start finds nothing to mend
-    assert wal.next_lsn == 10 and len(records(wal)) == 7
+    assert wal.next_lsn == 13 and len(records(wal)) == 7
     await wal.close()
 
 
-async def test_what_follows_the_damage_is_numbered_past_what_a_consumer_recorded(tmp_path, caplog):
-    """A zone that had read to LSN 8 (request 2's last record) before the damage: the records after
-    the damage must come after 8 for it, or it would take request 3's for ones it had seen."""
+async def test_a_consumer_that_had_read_past_the_damage_reads_on_where_it_was(tmp_path):
+    """A zone that had read to LSN 8 (into request 2) before the damage: it goes on at 8, neither
+    taking request 2's first records again nor passing over any after them."""
     requests = await log_of_requests(tmp_path, 4)
     damage(segment_of(tmp_path), requests[1][0] + HEADER_SIZE + TXN_BYTES, (1, KIND_OFFSET))
-    with caplog.at_level(logging.WARNING):
-        wal = await open_wal(tmp_path, floor=8)
-    assert [(lsn, n) for lsn, n, _ in records(wal, 8)] == [(8, 2), (10, 1), (11, 2), (13, 1)]
-    assert wal.next_lsn == 14
-    line = next(r for r in caplog.records if "requests after it will" in r.getMessage())
-    assert line.numbered_past == 5
+    wal = await open_wal(tmp_path)
+    assert [(lsn, n) for lsn, n, _ in records(wal, 8)] == [(8, 1), (9, 2), (11, 1)]
     await wal.close()
 
 
@@ -135,8 +130,26 @@ async def test_two_damaged_headers_in_the_newest_segment_cost_their_two_requests
     for i in (1, 3):
         damage(segment, requests[i][0] + HEADER_SIZE + TXN_BYTES, (1, KIND_OFFSET))
     wal = await open_wal(tmp_path)
-    assert [line for _, _, line in records(wal)] == [b'{"v":"%d-%s0"}' % (i, part) for i in (0, 2, 4) for part in (b"a", b"b")]
-    assert wal.next_lsn == 9 and len(list(tmp_path.glob("*.damaged-at-*"))) == 2
+    assert [(lsn, line) for lsn, _, line in records(wal)] == [
+        (lsn, b'{"v":"%d-%s0"}' % (i, part)) for i in (0, 2, 4) for lsn, part in ((3 * i, b"a"), (3 * i + 2, b"b"))
+    ]
+    assert wal.next_lsn == 15 and len(list(tmp_path.glob("*.damaged-at-*"))) == 2
+    await wal.close()
+
+
+async def test_markers_without_an_lsn_number_nothing_and_the_segment_is_cut_back_as_before(tmp_path, caplog):
+    """A segment an earlier version wrote: its markers give the bytes that follow only."""
+    frames = []
+    for i in range(3):
+        body = [frame(2, b"%d-a" % i), frame(1, b"%d-b" % i)]
+        frames += [encode_frame(KIND_TXN, 0, 0, 0, 0, 0, TXN.pack(sum(map(len, body)))), *body]
+    segment = tmp_path / f"{0:020d}.wal"
+    segment.write_bytes(MAGIC + b"".join(frames))
+    second_request = len(MAGIC) + sum(map(len, frames[:3]))
+    damage(segment, second_request + HEADER_SIZE + TXN.size, (KIND_OFFSET,))
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "bytes after it are kept aside" in caplog.text and wal.next_lsn == 3
     await wal.close()
 
 
@@ -157,7 +170,7 @@ async def test_a_mend_cut_short_by_a_crash_is_made_again_at_the_next_start(tmp_p
         await open_wal(tmp_path)
     monkeypatch.undo()
     wal = await open_wal(tmp_path)
-    assert wal.next_lsn == 9 and [lsn for lsn, _, _ in records(wal)] == [0, 2, 3, 5, 6, 8]
+    assert wal.next_lsn == 12 and [lsn for lsn, _, _ in records(wal)] == [0, 2, 6, 8, 9, 11]
     await wal.close()
 
 
@@ -176,3 +189,16 @@ def test_a_gap_frame_stands_for_its_count_of_lsns_and_holds_no_records():
     gap = wal_salvage.gap_frame(5, 100)
     assert len(gap) == 100 and gap[KIND_OFFSET] == KIND_GAP and META.unpack_from(gap, PREFIX.size)[0] == 5
     assert wal_salvage.mended_length(gap) == 100 - HEADER_SIZE  # whole: its own length passes its checksum
+
+
+async def test_a_gap_larger_than_a_read_ends_no_reading(tmp_path):
+    """A read returns nothing only where the log holds nothing more: a consumer that reads until an
+    empty answer (the retry ledger's catch-up) must not stop at a gap larger than its read."""
+    requests = await log_of_requests(tmp_path, 4)
+    damage(segment_of(tmp_path), requests[1][0] + HEADER_SIZE + TXN_BYTES, (1, KIND_OFFSET))
+    wal = await open_wal(tmp_path)
+    reader = wal.reader(3)
+    first = reader.read(10)  # far less than the gap's bytes
+    assert [(f.lsn, f.count) for f in first][:1] == [(6, 2)] and reader.lost_records == 3
+    reader.close()
+    await wal.close()
