@@ -308,6 +308,11 @@ def curated_rows(lake: Path) -> list[dict]:
     return out
 
 
+def raw_line_key(line: bytes) -> RecordKey:
+    """The record a raw-zone line (as the lake or the WAL holds it) stands for."""
+    return record_key(_as_sent(json.loads(line)))
+
+
 def zone_records(lake: Path, zone: str) -> list[dict]:
     return curated_rows(lake) if zone == "curated" else zone_lines(lake, zone)
 

@@ -41,6 +41,7 @@ from tests.durability.harness import (
     lake_counts,
     landing_problems,
     make_devices,
+    raw_line_key,
     readyz,
     wal_bytes,
     write_gateway_config,
@@ -1106,6 +1107,95 @@ async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path,
     if said not in sp.all_logs():
         problems.append(f"no log line says what was lost ({said!r})")
     check(problems, ledger, sp)
+
+
+SECTOR = 4096
+
+
+@pytest.mark.timeout(240)
+async def test_sectors_lost_from_the_newest_segments_across_kills_cost_only_the_requests_they_hit(tmp_path, gateways):
+    """After each of four SIGKILLs mid-load (two workers, the curated zone on), a 4 KiB block of the
+    fullest newest WAL segment is zeroed while the gateway is down, as a sector a disk lost: the
+    requests that block touched may be lost, no other acknowledged record, and nothing lands twice.
+    (Before, a block that hit a frame header cut the segment back to it: every record after it that
+    had not landed yet was lost.)"""
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        6,
+        inference=True,
+        wal={"segment_bytes": 1 * MiB, "max_total_bytes": 16 * MiB},
+        lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.5},
+    )
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    problems: list[str] = []
+    hit: set = set()  # the records of every request a zeroed block touched
+    blocks: list[str] = []
+    load: asyncio.Task | None = None
+    try:
+        for life in range(4):
+            await sp.astart(workers_env(2), workers=2, timeout=30)
+            if load is None:
+                load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.01,
+                                                       retry_deadline_secs=30.0, fresh_connections=True))
+            await asyncio.sleep(2.5)
+            await sp.akill()
+            newest = [sorted(wal.glob("*.wal"))[-1] for wal in {p.parent for p in (tmp_path / "wal").rglob("*.wal")}]
+            segment = max(newest, key=lambda p: p.stat().st_size)
+            size = segment.stat().st_size
+            if size < 4 * SECTOR:
+                problems.append(f"life {life}: the newest segment holds only {size} bytes: too little load to damage")
+                continue
+            # In the segment's second quarter: whole requests follow it, most of them not landed yet.
+            start = rng.randrange(size // 4, size // 2) // SECTOR * SECTOR
+            hit |= records_of_requests_touching(segment, start, start + SECTOR)
+            with open(segment, "r+b") as f:
+                f.seek(start)
+                f.write(bytes(SECTOR))
+            blocks.append(f"{segment.parent.parent.name}/{segment.name}@{start}")
+        await sp.astart(workers_env(2), workers=2, timeout=30)
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        if load is not None:
+            await load
+    await stop_gracefully(sp, problems)
+    logs = sp.all_logs()
+    if "the requests after it will" not in logs and "mended from its checksum" not in logs:
+        problems.append("no zeroed block was mended: the test did not reach what it is about")
+    problems += landing_problems(lake, ledger, ("raw", "curated"), only=ledger.sent - hit)
+    for zone, counts in lake_counts(lake, ("raw", "curated")).items():
+        twice = [key for key in hit if counts[key] > 1]
+        if twice:
+            problems.append(f"{len(twice)} records of damaged requests landed twice in {zone}: {first(sorted(twice))}")
+    check(problems, ledger, sp, notes=[f"blocks zeroed (random.Random({seed})): {blocks}; records in the requests they hit: {len(hit)}"])
+
+
+def records_of_requests_touching(segment: Path, start: int, end: int) -> set:
+    """(device_id, seq) of every record in a request of ``segment`` with a byte in ``[start, end)``;
+    a request runs from its marker to the next one."""
+    from gateway.durable.wal import HEADER_SIZE, KIND_RECORDS_SHARED, KIND_TXN, MAGIC, META, PREFIX, expand_shared
+
+    data, at = segment.read_bytes(), len(MAGIC)
+    requests: list[tuple[int, list[bytes]]] = []  # (where it begins, its record lines)
+    while at + HEADER_SIZE <= len(data):
+        length = PREFIX.unpack_from(data, at)[0]
+        count, *_, kind = META.unpack_from(data, at + PREFIX.size)
+        payload = data[at + HEADER_SIZE : at + HEADER_SIZE + length]
+        if kind == KIND_TXN or not requests:
+            requests.append((at, []))
+        if count:
+            lines = expand_shared(payload) if kind == KIND_RECORDS_SHARED else payload
+            requests[-1][1].extend(line for line in lines.split(b"\n") if line)
+        at += HEADER_SIZE + length
+    touched = set()
+    for (begins, lines), (ends, _) in zip(requests, [*requests[1:], (len(data), [])]):
+        if begins < end and ends > start:
+            touched |= {raw_line_key(line) for line in lines}
+    return touched
 
 
 # -- 11 -----------------------------------------------------------------------------------------
