@@ -1196,8 +1196,10 @@ class WalReader:
 def _place_past_damage(f, offset: int, lsn: int, limit: int | None, nxt: _Segment | None) -> tuple[int, int] | None:
     """(bytes, records) lost to the damaged frame at ``offset`` (LSN ``lsn``) when what follows it
     can be placed: by the frame's own header (``_damaged_frame``), its LSNs adding up to the next
-    segment's first where the segment is sealed, or, in a sealed segment, by the frames found after
-    it (``_frames_after_damage``), counted back from the next segment's first LSN. None otherwise."""
+    segment's first where the segment is sealed; by the next request's marker, which gives its first
+    LSN (the whole frames between, counted back from it); or, in a sealed segment, by the frames
+    found after it (``_frames_after_damage``), counted back from the next segment's first LSN. None
+    otherwise."""
     end = limit if limit is not None else os.fstat(f.fileno()).st_size
     placed = _damaged_frame(f, offset, end, may_end_at_end=True)
     sealed = limit is None and nxt is not None
@@ -1205,13 +1207,33 @@ def _place_past_damage(f, offset: int, lsn: int, limit: int | None, nxt: _Segmen
         size, records = placed
         rest = _read_frames(f, offset + size, lsn + records, None, 1 << 62, headers_only=True)
         if rest.corrupt or rest.next_lsn != nxt.first_lsn:
-            placed = None
-    if placed is not None or not sealed:
+            placed = None  # a second damage further on: the marker after this one places it exactly
+    if placed is not None:
         return placed
+    anchored = _next_request_after_damage(f, offset, end)
+    if anchored is not None and lsn <= anchored[1] <= (nxt.first_lsn if sealed else anchored[1]):
+        marker, first_lsn = anchored
+        # Whole frames of the damaged request after the damage are counted back from the marker:
+        # every frame a reader meets was acknowledged, so part of a request is worth landing.
+        between = _frames_after_damage(f, offset, marker)
+        if between is not None and first_lsn - between[1] >= lsn:
+            return between[0] - offset, first_lsn - between[1] - lsn
+        return marker - offset, first_lsn - lsn
+    if not sealed:
+        return None
     found = _frames_after_damage(f, offset, end)
     if found is None or nxt.first_lsn - found[1] < lsn:
         return None
     return found[0] - offset, nxt.first_lsn - found[1] - lsn
+
+
+def _next_request_after_damage(f, offset: int, end: int) -> tuple[int, int] | None:
+    """(offset, first LSN) of the first request after the damaged frame at ``offset`` whose marker says its LSN."""
+    from gateway.durable.wal_salvage import next_request  # it builds on this module
+
+    f.seek(offset)
+    found = next_request(f.read(end - offset), 1)
+    return None if found is None else (offset + found[0], found[1])
 
 
 def _same_file(segment: _Segment | None, file, other: _Segment) -> bool:
