@@ -92,8 +92,14 @@ def wal_id(directory: str | os.PathLike[str]) -> str:
     return value
 
 
+SIGKILL_BIT = 1 << (9 - 1)  # SIGKILL in /proc/PID/status's pending-signal masks
+
+
 def _exited(holder: str) -> bool:
-    """Whether the PID a lock file names is gone (a name that is no PID could be anyone's: not gone)."""
+    """Whether the PID a lock file names is gone, or going: it exited, or it was killed and only an
+    I/O the kernel cannot interrupt keeps it (a thread in an fsync on a disk that stopped answering
+    holds the process, SIGKILL pending, and with it the lock). A name that is no PID could be
+    anyone's: not gone."""
     if not holder.isdigit():
         return False
     try:
@@ -102,7 +108,20 @@ def _exited(holder: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _being_killed(int(holder))
+
+
+def _being_killed(pid: int) -> bool:
+    """A zombie leader whose last threads have not exited, or a SIGKILL not yet acted on."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:  # gone meanwhile, or no /proc: what kill(0) said stands
+        return False
+    if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+        return True
+    pending = (int(fields.get(name, "0").strip() or "0", 16) for name in ("SigPnd", "ShdPnd"))
+    return any(mask & SIGKILL_BIT for mask in pending)
 
 
 class DirectoryLock:
@@ -139,8 +158,8 @@ class DirectoryLock:
                     if not waiting:
                         waiting = True
                         log.warning(
-                            "the lock of a WAL directory is still held by a process that has exited (its last I/O "
-                            "may still be in flight on a slow disk); waiting for the kernel to release it",
+                            "the lock of a WAL directory is still held by a process that has exited or was killed (its "
+                            "last I/O may still be in flight on a slow disk); waiting for the kernel to release it",
                             extra={"lock": str(self.path), "holder_pid": holder, "wait_secs": exited_holder_wait_secs},
                         )
                     time.sleep(EXITED_HOLDER_POLL_SECS)
@@ -148,7 +167,7 @@ class DirectoryLock:
                 os.close(fd)
                 raise WalLocked(
                     f"{self._what} {self.path.parent} is in use by another gateway (pid {holder}"
-                    f"{', which has exited but whose lock the kernel has not released yet' if _exited(holder) else ''}); "
+                    f"{', which has exited or was killed but whose lock the kernel has not released yet' if _exited(holder) else ''}); "
                     "stop it first, or give this one its own wal.dir"
                 ) from None
         if waiting:
