@@ -500,14 +500,19 @@ class WriteAheadLog:
         from gateway.durable.wal_salvage import mend_newest_segment  # it builds on this module
 
         last = self._segments[-1]
+        with open(last.path, "rb") as f:
+            magic = f.read(len(MAGIC))
+        # A crash between creating the file and making its header durable leaves it no longer than
+        # the header (frames are appended only after that): a segment with nothing in it. A longer
+        # one whose header differs was damaged at rest: its frames are read all the same.
+        header_torn = magic != MAGIC and last.size <= len(MAGIC)
+        header_damaged = magic != MAGIC and not header_torn
         mended_at = -1
         while True:
-            with open(last.path, "rb") as f:
-                magic = f.read(len(MAGIC))
-                if magic != MAGIC:
-                    # A crash between creating the file and writing its header leaves it short.
-                    found = _Recovered(len(MAGIC), last.first_lsn, False, [])
-                else:
+            if header_torn:
+                found = _Recovered(len(MAGIC), last.first_lsn, False, [])
+            else:
+                with open(last.path, "rb") as f:
                     found = _recoverable_end(f, last.first_lsn, last.size)
             # A frame that fails its check and places nothing after it: damage, or a torn write (one
             # whose length runs past the end looks alike). Mended where whole requests follow it; each
@@ -524,8 +529,13 @@ class WriteAheadLog:
                 extra={"segment": last.path.name, "offset": offset, "lsn": lsn, "records_lost": records,
                        "kept_in": _keep_aside(last.path, offset, size)},
             )
-        if last.size > good_size or magic != MAGIC:
-            self.torn_tail_bytes = last.size - good_size if magic == MAGIC else last.size
+        if header_damaged:
+            log.critical(
+                "WAL: the newest segment's header was damaged on disk; it is written again and the frames after it are read",
+                extra={"segment": last.path.name, "kept_in": _keep_aside(last.path, 0, len(MAGIC))},
+            )
+        if last.size > good_size or header_torn:
+            self.torn_tail_bytes = last.size - good_size if not header_torn else last.size
             if found.damaged_after:
                 # Not a torn write: a damaged frame with data after it that cannot be placed. Keep those bytes for forensics.
                 log.critical(
@@ -537,8 +547,14 @@ class WriteAheadLog:
                     "WAL: truncating a torn tail left by a crash",
                     extra={"segment": last.path.name, "kept_bytes": good_size, "dropped_bytes": self.torn_tail_bytes},
                 )
+        if header_damaged:
+            fd = os.open(last.path, os.O_WRONLY)  # not O_APPEND: Linux appends every pwrite on such a descriptor
+            try:
+                os.pwrite(fd, MAGIC, 0)
+            finally:
+                os.close(fd)
         fd = os.open(last.path, os.O_RDWR | os.O_APPEND)
-        if magic != MAGIC:
+        if header_torn:
             os.ftruncate(fd, 0)
             os.write(fd, MAGIC)
         else:

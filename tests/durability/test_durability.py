@@ -1041,14 +1041,16 @@ def wal_frames(segment: Path) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("damage", ["byte in a sealed segment", "frame length in a sealed segment", "byte in the newest segment",
                                     "frame length in the newest segment", "frame header in the newest segment",
-                                    "frame header in the newest segment, landed by the lake process", "sealed segment removed"])
+                                    "frame header in the newest segment, landed by the lake process",
+                                    "segment header in the newest segment", "sealed segment removed"])
 @pytest.mark.timeout(120)
 async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path, gateways, damage):
     """One byte of one frame's payload flipped at rest while the gateway is down (a bad sector, a bit
     rotting), or of its header's length (and kind), or a whole sealed segment removed by hand: those
     records cannot land, but every other acknowledged record must, and a log line must count what
-    was lost. A damaged length in the newest segment is mended from the frame's checksum: nothing
-    is lost. (Before, a flipped byte cost the rest of its sealed segment, 11 frames here, or cut the
+    was lost. A damaged length in the newest segment is mended from the frame's checksum, and a
+    damaged segment header written again: nothing is lost (a damaged segment header once emptied
+    the segment, as if a crash had left it before its header was written). (Before, a flipped byte cost the rest of its sealed segment, 11 frames here, or cut the
     newest segment back to it as if a crash had torn it, 6 frames, with only a warning; a removed
     segment was not logged at all; a damaged length cost the rest of its sealed segment until the
     next stop, and in the newest segment everything after it, for good.)"""
@@ -1086,6 +1088,7 @@ async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path,
             "frame length in the newest segment": [header + 1],
             "frame header in the newest segment": [header + 1, header + kind_at],
             "frame header in the newest segment, landed by the lake process": [header + 1, header + kind_at],
+            "segment header in the newest segment": [2],  # its magic, before any frame
         }.get(damage, [payload + length // 2])
         with open(victim, "r+b") as f:
             for at in hits:
@@ -1093,7 +1096,7 @@ async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path,
                 byte = f.read(1)
                 f.seek(-1, os.SEEK_CUR)
                 f.write(bytes([byte[0] ^ 0x20]))
-        if damage == "frame length in the newest segment":
+        if damage in ("frame length in the newest segment", "segment header in the newest segment"):
             lost = 0
     await sp.astart(workers_env(workers), workers=workers)
     await stop_gracefully(sp, problems)
@@ -1103,7 +1106,10 @@ async def test_damage_to_the_wal_on_disk_costs_only_the_records_it_hit(tmp_path,
         problems.append(f"{len(missing)} acknowledged records missing from raw, not the {lost} that were hit: {first(sorted(missing))}")
     if any(n > 1 for n in raw.values()):
         problems.append("records landed twice")
-    said = "mended from its checksum; nothing is lost" if damage == "frame length in the newest segment" else f'"records_lost":{lost}'
+    said = {
+        "frame length in the newest segment": "mended from its checksum; nothing is lost",
+        "segment header in the newest segment": "header was damaged on disk",
+    }.get(damage, f'"records_lost":{lost}')
     if said not in sp.all_logs():
         problems.append(f"no log line says what was lost ({said!r})")
     check(problems, ledger, sp)

@@ -367,3 +367,29 @@ async def test_a_damaged_frame_whose_copy_cannot_be_made_is_still_passed_over(tm
     assert [(f.lsn, f.count) for f in frames] == [(0, 3), (6, 3), (9, 3), (12, 2)] and lost == 3
     assert "not kept" in caplog.records[-1].kept_in and not list(tmp_path.glob("*.damaged-at-*"))
     await wal.close()
+
+
+async def test_a_damaged_header_of_the_newest_segment_costs_none_of_its_frames(tmp_path, caplog):
+    """The segment's first bytes (its magic) hit at rest: the segment was taken for one a crash had
+    left before its header was written, and emptied, every record in it lost."""
+    await three_frames_closed(tmp_path)
+    segment = next(tmp_path.glob("*.wal"))
+    size = segment.stat().st_size
+    flip(segment, 2)
+    with caplog.at_level(logging.WARNING):
+        wal = await open_wal(tmp_path)
+    assert "header was damaged on disk" in caplog.text
+    assert wal.next_lsn == 6 and segment.stat().st_size == size and segment.read_bytes().startswith(MAGIC)
+    frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 2), (2, 2), (4, 2)] and lost == 0
+    await wal.close()
+
+
+async def test_a_newest_segment_left_without_its_header_by_a_crash_starts_empty(tmp_path):
+    await three_frames_closed(tmp_path)
+    segment = next(tmp_path.glob("*.wal"))
+    segment.write_bytes(MAGIC[:3])  # created, its header not yet durable when the machine stopped
+    wal = await open_wal(tmp_path)
+    assert wal.next_lsn == 0 and segment.read_bytes() == MAGIC
+    assert await wal.append([frame(1, b"new")]) == 1
+    await wal.close()
