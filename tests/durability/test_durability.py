@@ -1570,6 +1570,12 @@ def log_entries(text: str) -> list[dict | str]:
     return entries
 
 
+def accepted_lately(ledger: Ledger, seconds: float) -> bool:
+    """Whether requests were answered in the last ``seconds``, every one of them 202."""
+    recent = ledger.attempts_since(time.monotonic() - seconds)
+    return bool(recent) and all(a.status == 202 for a in recent)
+
+
 class Phases:
     """What the devices were answered in each named stretch of a scenario."""
 
@@ -2236,6 +2242,10 @@ async def test_failing_reads_and_writes_of_the_wal_lose_nothing(tmp_path, gatewa
         await phases.run("reads failing", 5.0)
         failing_disk.heal()
         await phases.run("healed", 3.0)
+        # The WALs filled while nothing could land: a request is refused (503, WAL full) before any
+        # write until the lake has caught up, and a write that fails must be one that was tried.
+        if not await wait_until(lambda: accepted_lately(ledger, 1.0), 30.0, 0.2):
+            problems.append(f"requests were still refused 30 s after the disk healed: {phases}")
         failing_disk.fail_always(".wal", call="write")
         await phases.run("writes failing", 3.0)
         failing_disk.heal()
@@ -2444,7 +2454,8 @@ def worker_with_index(sp: ServeProcess, index: int) -> int | None:
             cmdline = psutil.Process(pid).cmdline()
         except psutil.Error:
             continue
-        if cmdline[cmdline.index("--worker-index") + 1] == str(index):
+        # A process that died since it was listed reads as a zombie, with no command line.
+        if "--worker-index" in cmdline and cmdline[cmdline.index("--worker-index") + 1] == str(index):
             return pid
     return None
 
