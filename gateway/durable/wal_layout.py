@@ -95,7 +95,7 @@ def wal_id(directory: str | os.PathLike[str]) -> str:
 SIGKILL_BIT = 1 << (9 - 1)  # SIGKILL in /proc/PID/status's pending-signal masks
 
 
-def _exited(holder: str) -> bool:
+def _gone_or_going(holder: str) -> bool:
     """Whether the PID a lock file names is gone, or going: it exited, or it was killed and only an
     I/O the kernel cannot interrupt keeps it (a thread in an fsync on a disk that stopped answering
     holds the process, SIGKILL pending, and with it the lock). A name that is no PID could be
@@ -154,7 +154,7 @@ class DirectoryLock:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     os.close(fd)
                     raise
-                if _exited(holder) and time.monotonic() < deadline:
+                if _gone_or_going(holder) and time.monotonic() < deadline:
                     if not waiting:
                         waiting = True
                         log.warning(
@@ -167,7 +167,7 @@ class DirectoryLock:
                 os.close(fd)
                 raise WalLocked(
                     f"{self._what} {self.path.parent} is in use by another gateway (pid {holder}"
-                    f"{', which has exited or was killed but whose lock the kernel has not released yet' if _exited(holder) else ''}); "
+                    f"{', which has exited or was killed but whose lock the kernel has not released yet' if _gone_or_going(holder) else ''}); "
                     "stop it first, or give this one its own wal.dir"
                 ) from None
         if waiting:

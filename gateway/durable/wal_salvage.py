@@ -19,6 +19,7 @@ damage (its bytes kept aside).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import zlib
@@ -137,12 +138,16 @@ def _whole_frame_at(data: bytes, at: int) -> bool:
 
 
 def _write_durably(path: Path, pieces: list[tuple[int, bytes]]) -> None:
-    """Write each ``(offset, bytes)`` in order, in place, then fsync."""
-    fd = os.open(path, os.O_WRONLY)  # not O_APPEND: Linux appends every pwrite on such a descriptor
+    """Write each ``(offset, bytes)`` in order, in place, then fsync. A failure names the segment: the
+    start stops there, and the next one finds the damage as it was and mends it again."""
     try:
-        for offset, piece in pieces:
-            if os.pwrite(fd, piece, offset) != len(piece):
-                raise OSError(f"short write mending {path.name} at {offset}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY)  # not O_APPEND: Linux appends every pwrite on such a descriptor
+        try:
+            for offset, piece in pieces:
+                if os.pwrite(fd, piece, offset) != len(piece):
+                    raise OSError(errno.ENOSPC, "the disk took only part of the write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"mending a WAL frame damaged on disk failed: {exc.strerror or exc}", str(path)) from exc

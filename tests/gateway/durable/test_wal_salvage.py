@@ -233,3 +233,24 @@ def requests_in(segment) -> list[tuple[int, int]]:
         found[-1] = (found[-1][0], at + HEADER_SIZE + length - found[-1][0])
         at += HEADER_SIZE + length
     return found
+
+
+async def test_a_mend_the_disk_refuses_stops_the_start_naming_the_segment(tmp_path, monkeypatch):
+    """A start that cannot write its mend stops with the segment's path; the next one mends it."""
+    import errno
+
+    requests = await log_of_requests(tmp_path, 4)
+    segment = segment_of(tmp_path)
+    damage(segment, requests[1][0] + HEADER_SIZE + TXN_BYTES, (1, KIND_OFFSET))
+
+    def failing_pwrite(fd, data, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(wal_salvage.os, "pwrite", failing_pwrite)
+    with pytest.raises(OSError, match="mending a WAL frame damaged on disk failed") as failed:
+        await open_wal(tmp_path)
+    assert failed.value.filename == str(segment) and failed.value.errno == errno.EIO
+    monkeypatch.undo()
+    wal = await open_wal(tmp_path)
+    assert wal.next_lsn == 12
+    await wal.close()
