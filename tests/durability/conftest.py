@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.failing_disk import FailingDisk
+from tests.fixtures.power_loss_disk import PowerLossDisk
 from tests.durability.harness import Gateways
 
 
@@ -55,3 +56,14 @@ def failing_disk(gateways: Gateways, tmp_path: Path) -> Iterator[FailingDisk]:
             yield disk
         finally:
             gateways.kill_all()  # nothing may hold files on the mount any more
+
+
+@pytest.fixture
+def power_loss_disk(gateways: Gateways, tmp_path: Path) -> Iterator[PowerLossDisk]:
+    """A FUSE filesystem that loses what was not fsynced when told to; unmounted at teardown after
+    every gateway is killed."""
+    with PowerLossDisk(tmp_path / "power-loss-disk") as disk:
+        try:
+            yield disk
+        finally:
+            gateways.kill_all()
