@@ -1207,15 +1207,18 @@ def records_of_requests_touching(segment: Path, start: int, end: int) -> set:
 
 
 @pytest.mark.timeout(300)
-async def test_power_losses_mid_load_lose_no_acknowledged_record(tmp_path, gateways, power_loss_disk):
+@pytest.mark.parametrize("also_while_starting", [False, True], ids=["mid-load", "mid-load-and-while-starting"])
+async def test_power_losses_lose_no_acknowledged_record(tmp_path, gateways, power_loss_disk, also_while_starting):
     """The machine loses power four times mid-load (the curated zone on; the WAL, the retry ledger and
     the local lake on one disk; 2, 3, 1 and 2 workers; once soon after a clean stop and start): each
     time the gateway's processes are gone at once and the disk loses, at random, what was not
     fsynced (tests/fixtures/power_loss_disk.py): pages written since a file's last fsync, a file's
-    new size, names created or removed since their directory's last fsync. Every acknowledged record
-    must be once in raw and in curated after the last start, and nothing twice. (Without the
-    directory fsync after a WAL segment is created, or after a lake object is renamed into place, or
-    without the WAL's group fsync, it fails: thousands of acknowledged records missing.)"""
+    new size, names created or removed since their directory's last fsync. ``also_while_starting``:
+    after each, the power goes again 0.05-1 s into the next start, while it recovers the WALs and
+    mends what the first loss tore. Every acknowledged record must be once in raw and in curated
+    after the last start, and nothing twice. (Without the directory fsync after a WAL segment is
+    created, or after a lake object is renamed into place, or without the WAL's group fsync, it
+    fails: thousands of acknowledged records missing.)"""
     disk: PowerLossDisk = power_loss_disk
     wal, lake = disk.mountpoint / "wal", disk.mountpoint / "lake"
     sp, devices, _ = setup(
@@ -1227,6 +1230,7 @@ async def test_power_losses_mid_load_lose_no_acknowledged_record(tmp_path, gatew
         lake={"dir": str(lake), "target_object_bytes": 64 * KiB, "max_object_age_secs": 0.5},
     )
     seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
     ledger = Ledger()
     stop = asyncio.Event()
     problems: list[str] = []
@@ -1248,6 +1252,12 @@ async def test_power_losses_mid_load_lose_no_acknowledged_record(tmp_path, gatew
             await sp.akill()  # every process at once, as the power takes them
             losses.append(await asyncio.to_thread(disk.lose_power, seed + life))
             restart_the_machine(wal / "ledger")
+            if also_while_starting:
+                sp.launch(workers_env(workers))
+                await asyncio.sleep(rng.uniform(0.05, 1.0))
+                await sp.akill()
+                losses.append(await asyncio.to_thread(disk.lose_power, seed + 100 + life))
+                restart_the_machine(wal / "ledger")
         await sp.astart(workers_env(2), workers=2, timeout=30)
         await asyncio.sleep(1.0)
     finally:
