@@ -1,8 +1,7 @@
-"""Fixtures for the S3 / Glue / EventBridge connector tests: buckets, proxies, an event bus feeding a queue."""
+"""Fixtures for the S3 / Glue / EventBridge connector tests: buckets, proxies (the event bus feeding a queue, ``landed_queue``, is in tests/fixtures/moto_server.py)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,25 +35,6 @@ async def proxy(moto_endpoint: str) -> AsyncIterator[FaultProxy]:
         yield proxy
     finally:
         await proxy.stop()
-
-
-@pytest.fixture
-async def landed_queue(moto_endpoint: str) -> AsyncIterator[tuple[str, Any]]:
-    """A fresh event bus whose every event goes to an SQS queue; yields (bus name, sqs client)."""
-    session = get_session()
-    bus = f"lake-{uuid.uuid4().hex[:8]}"
-    async with (
-        session.create_client("events", endpoint_url=moto_endpoint, region_name="us-east-1") as events,
-        session.create_client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1") as sqs,
-    ):
-        queue_url = (await sqs.create_queue(QueueName=bus))["QueueUrl"]
-        attributes = await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
-        arn = attributes["Attributes"]["QueueArn"]
-        await events.create_event_bus(Name=bus)
-        await events.put_rule(Name="landed", EventBusName=bus, EventPattern=json.dumps({"source": ["edge-gateway"]}))
-        await events.put_targets(Rule="landed", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
-        sqs.queue_url = queue_url  # type: ignore[attr-defined]
-        yield bus, sqs
 
 
 @pytest.fixture
