@@ -171,6 +171,9 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
         disk_failed = isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENOSPC) and not exc.filename
         start_log.critical("the gateway cannot start", extra=extra, exc_info=disk_failed)
         return 2
+    except early_signals.StoppedWhileStarting as exc:
+        start_log.warning(str(exc))
+        return 0
     except Exception as exc:  # anything else that stops a start: still one JSON line (the trace inside it)
         start_log.critical("the gateway cannot start", exc_info=True, extra={"error": f"{type(exc).__name__}: {exc}"})
         return 2

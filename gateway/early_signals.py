@@ -30,6 +30,11 @@ def remember() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
+class StoppedWhileStarting(Exception):
+    """A stop was asked for while the start was waiting (for room on a full disk): nothing had started,
+    so there is nothing to drain, and ``serve`` exits 0."""
+
+
 def stop_requested() -> bool:
     return any(sig in (signal.SIGTERM, signal.SIGINT) for sig in remembered)
 

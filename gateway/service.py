@@ -18,6 +18,7 @@ from connectors.aws.glue import GlueCatalog
 from connectors.aws.s3 import S3Sink
 from connectors.base import ObjectSink
 from connectors.local_lake import LocalLakeSink
+from gateway import early_signals
 from gateway.ops import logs
 from gateway.auth.hmac import HmacAuthenticator, NoAuthenticator
 from gateway.auth.certificate import DeviceAuthenticator
@@ -27,7 +28,7 @@ from gateway.ops.instance_metadata import availability_zone
 from gateway.ops.metrics import GatewayMetrics
 from gateway.lake.pipeline import Pipeline
 from gateway.auth.registry import DeviceRegistry, RegistryError, RegistryFileWatcher
-from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up
+from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up_when_room
 from gateway.auth.secrets_source import SecretsManagerRegistry
 from gateway.edge.security import EdgeSecurity
 from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config, lake_process_lands
@@ -220,7 +221,7 @@ class Gateway:
         if supervised:
             self.ledger.open()
         else:
-            open_and_catch_up(self.settings, self.base_id, self.ledger)
+            open_and_catch_up_when_room(self.settings, self.base_id, self.ledger, early_signals.stop_requested)
         self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
 
     def _ledger_forgot(self, kind: str, entries: int) -> None:

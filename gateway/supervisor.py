@@ -68,13 +68,15 @@ class Supervisor:
         self.runtime_dir: str | None = None
         self.watchdog: Watchdog | None = None  # made with the runtime directory
 
-    def _catch_up_ledger(self) -> None:
-        """Before any worker answers: the retry ledger knows every durable record of every WAL directory."""
-        from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up
+    def _catch_up_ledger(self, stop_requested) -> None:
+        """Before any worker answers: the retry ledger knows every durable record of every WAL
+        directory (on a full disk, once there is room: ``StoppedWhileStarting`` if stopped meanwhile)."""
+        from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up_when_room
 
         ledger = ledger_for(self.settings)
+        base_id = self.settings.gateway.gateway_id or socket.gethostname().split(".")[0]
         try:
-            open_and_catch_up(self.settings, self.settings.gateway.gateway_id or socket.gethostname().split(".")[0], ledger)
+            open_and_catch_up_when_room(self.settings, base_id, ledger, lambda: self.stopping or stop_requested())
         finally:
             ledger.close()
 
@@ -115,7 +117,7 @@ class Supervisor:
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
         self.lock.acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS)  # WalLocked: another instance owns wal.dir
-        self._catch_up_ledger()
+        self._catch_up_ledger(stop_requested)
         listen, ops = self.settings.listen, self.settings.ops
         self.listener = bind_listener(listen.host, listen.port, listen.backlog)
         if ops.enabled:

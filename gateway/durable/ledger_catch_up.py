@@ -5,21 +5,33 @@ the two leaves durable records the ledger does not know, and a retry of them wou
 every WAL directory is read from the ledger's mark to its recovered end before a gateway serves:
 by the supervisor for all of them before it starts its workers (a retry may reach any worker), and
 by each worker for its own WAL (a worker restarted alone).
+
+A start on a full disk waits for room rather than failing (``open_and_catch_up_when_room``): after a
+restart of the machine the ledger is rebuilt, which needs new pages, and a start that failed would
+be tried again only a few times by the service manager, then left down with acknowledged records
+in its WALs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 import msgspec
 
+from gateway.early_signals import StoppedWhileStarting
 from gateway.durable.retry_ledger import DAMAGE, LedgerError, RetryLedger, map_bytes_for
 from gateway.durable.wal import KIND_RECORDS, KIND_REQUEST, WriteAheadLog, fresh_log_origin
 from gateway.durable.wal_layout import EXITED_HOLDER_WAIT_SECS, SLOT_LOCK, DirectoryLock, WalSlot, existing_slots, wal_id
 
 log = logging.getLogger(__name__)
+
+ROOM_RETRY_SECS = (1.0, 2.0, 4.0, 8.0)  # between tries while the disk is full; then every 8 s
+STOP_POLL_SECS = 0.1
 
 
 class RequestRecord(msgspec.Struct, array_like=True):
@@ -93,6 +105,55 @@ def open_and_catch_up(settings, base_id: str, ledger: RetryLedger) -> None:
             raise  # a full disk is not damage: the start fails and says so
         ledger.replace(str(exc))
         catch_up_every_wal(settings, base_id, ledger)
+
+
+def open_and_catch_up_when_room(
+    settings,
+    base_id: str,
+    ledger: RetryLedger,
+    stop_requested: Callable[[], bool],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """``open_and_catch_up``, tried again while the disk holding the ledger is full (an error once,
+    a warning when it goes on); ``StoppedWhileStarting`` if a stop is asked for meanwhile."""
+    tries, began = 0, clock()
+    while True:
+        try:
+            open_and_catch_up(settings, base_id, ledger)
+        except Exception as exc:
+            if not no_room(exc):
+                raise
+            ledger.close()
+            if tries == 0:
+                log.error(
+                    "the WAL's disk is full: the retry ledger cannot be opened and caught up, so no worker "
+                    "starts; trying again until there is room (free space on the disk)",
+                    extra={"ledger": str(ledger.directory), "error": str(exc)},
+                )
+            wait_until = clock() + ROOM_RETRY_SECS[min(tries, len(ROOM_RETRY_SECS) - 1)]
+            tries += 1
+            while clock() < wait_until:
+                if stop_requested():
+                    raise StoppedWhileStarting("stopped while the WAL's disk was full, before any worker started") from None
+                sleep(STOP_POLL_SECS)
+            continue
+        if tries:
+            log.warning("room on the WAL's disk again: the retry ledger is caught up and the start goes on",
+                        extra={"waited_secs": round(clock() - began, 1), "tries": tries + 1})
+        return
+
+
+def no_room(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk: LMDB's ENOSPC, or an OSError's ENOSPC or EDQUOT."""
+    while exc is not None:
+        if isinstance(exc, lmdb.DiskError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        if isinstance(exc, LedgerError) and "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger) -> None:

@@ -237,7 +237,7 @@ class RetryLedger:
         try:
             self._env = self._open_env()
         except lmdb.Error as exc:
-            if not owner:
+            if not owner or isinstance(exc, lmdb.DiskError):  # a full disk is not damage
                 raise LedgerError.from_lmdb("opened", exc) from None
             self.close()
             self.replace(str(exc))

@@ -1293,6 +1293,84 @@ async def test_power_losses_with_an_s3_lake_lose_no_record_and_no_event_of_a_lan
     check(problems, ledger, sp, notes=[*notes, f"{objects} objects, {sum(announced.values())} events ({again} sent again)"])
 
 
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_start_after_a_power_loss_on_a_full_disk_waits_for_room_and_loses_nothing(tmp_path, gateways, small_filesystem, workers):
+    """The WAL's disk (the power-loss filesystem over a 24 MiB tmpfs; a gateway alone, or a
+    supervisor with two workers) is filled by another file mid-load and the power goes. After the
+    restart of the machine the retry ledger is rebuilt, which needs room: the start waits for it,
+    saying so, instead of failing (a service manager gives up restarting after a few failures, and
+    the WALs hold acknowledged records). The power goes once more while it waits, and a SIGTERM
+    while the next start waits ends it with status 0; then the disk is freed, the waiting start
+    goes on by itself, and every acknowledged record lands once. (Before, such a start exited with
+    status 2 at once.)"""
+    root = tmp_path / "power-loss-disk"
+    backing = small_filesystem(root / "backing", 24 * MiB)
+    disk = PowerLossDisk(root)
+    disk.mount()
+    try:
+        sp, devices, lake = setup(
+            tmp_path,
+            gateways,
+            4,
+            listen={"workers": workers},
+            wal={"dir": str(disk.mountpoint / "wal"), "segment_bytes": 512 * KiB, "max_total_bytes": 8 * MiB},
+            lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
+        )
+        seed = random.randrange(1 << 30)
+        ledger, problems, losses = Ledger(), [], []
+        stop = asyncio.Event()
+        waiting = "the WAL's disk is full: the retry ledger cannot be opened"
+        await sp.astart(workers=workers, timeout=30)
+        load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=100, pause_secs=0.02,
+                                               timeout_secs=10.0, retry_deadline_secs=90.0, fresh_connections=True))
+        try:
+            await asyncio.sleep(1.5)
+            # Another tenant of the disk, outside the filesystem's bookkeeping: a power loss keeps it.
+            async with Ballast(backing) as ballast:
+                await asyncio.sleep(2.0)
+                for life in range(2):
+                    await sp.akill()
+                    losses.append(await asyncio.to_thread(disk.lose_power, seed + life))
+                    restart_the_machine(disk.mountpoint / "wal" / "ledger")
+                    sp.launch()
+                    if not await wait_until(lambda: waiting in sp.log_text(), 30.0, 0.1):
+                        problems.append(f"start {sp.starts} on the full disk did not say it waits for room")
+                    await asyncio.sleep(2.0)
+                    if not sp.running():
+                        problems.append(f"start {sp.starts} on the full disk exited ({sp.proc.returncode}) instead of waiting for room")
+                        break
+                if sp.running():
+                    rc = await sp.aterminate(timeout=20)
+                    if rc != 0 or "stopped while the WAL's disk was full" not in sp.log_text():
+                        problems.append(f"a SIGTERM while the start waited for room: exit status {rc}, not 0 with a line saying why")
+                    sp.launch()
+                    if not await wait_until(lambda: waiting in sp.log_text(), 30.0, 0.1):
+                        problems.append(f"start {sp.starts} on the full disk did not say it waits for room")
+            if ballast.least_free is None or ballast.least_free > 64 * KiB:
+                problems.append(f"the ballast did not fill the disk (least free: {ballast.least_free} bytes)")
+            if sp.running():
+                # Freed: the waiting start goes on by itself.
+                await asyncio.to_thread(sp.wait_ready, 60.0, workers)
+                if "room on the WAL's disk again" not in sp.log_text():
+                    problems.append("the start that waited did not say it went on")
+            else:
+                await sp.astart(workers=workers, timeout=60)
+            await asyncio.sleep(3.0)
+        finally:
+            stop.set()
+            await load
+        await stop_gracefully(sp, problems)
+        if not any(loss.get("pages lost") for loss in losses):
+            problems.append(f"no power loss lost a page: the test did not reach what it is about ({losses})")
+        problems += landing_problems(lake, ledger, ("raw",))
+        answers = dict(collections.Counter(a.status for a in ledger.attempts))
+        check(problems, ledger, sp, notes=[f"power losses (seeds from {seed}): {losses}", f"answers: {answers}"])
+    finally:
+        gateways.kill_all()
+        disk.unmount()
+
 async def lives_ended_by_power_losses(
     sp: ServeProcess,
     disk: PowerLossDisk,

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import lmdb
 import msgspec
 import orjson
 import pytest
@@ -545,3 +546,72 @@ def test_a_dead_writers_span_holds_until_its_wal_is_caught_up(tmp_path):
     ledger.mark_writer("wal-a")  # caught up: whatever of seq 1-100 was durable is in the ledger now
     assert ledger.claim_request(rebatched, SHA_2, _span(ledger, "dev-1", range(50, 101))).outcome == "run"
     ledger.close()
+
+
+class _FullDiskClock:
+    """A clock that moves only when slept on, and a count of the tries the full disk refused."""
+
+    def __init__(self, refusals: int, error: Exception) -> None:
+        self.now, self.tries, self.refusals, self.error = 0.0, 0, refusals, error
+
+    def sleep(self, secs: float) -> None:
+        self.now += secs
+
+    def open_and_catch_up(self, settings, base_id, ledger) -> None:
+        self.tries += 1
+        if self.tries <= self.refusals:
+            raise self.error
+
+
+def _no_room() -> Exception:
+    try:
+        raise lmdb.DiskError("ledger: No space left on device")
+    except lmdb.Error as exc:
+        try:
+            raise LedgerError.from_lmdb("opened", exc) from None  # as RetryLedger.open raises it
+        except LedgerError as wrapped:
+            return wrapped
+
+
+def test_a_start_on_a_full_disk_tries_again_until_there_is_room(tmp_path, monkeypatch, caplog):
+    from gateway.durable import ledger_catch_up
+
+    disk = _FullDiskClock(refusals=5, error=_no_room())
+    monkeypatch.setattr(ledger_catch_up, "open_and_catch_up", disk.open_and_catch_up)
+    ledger = RetryLedger(tmp_path / "ledger", window_secs=600, max_keys=1000)
+    ledger_catch_up.open_and_catch_up_when_room(None, "gw", ledger, lambda: False, sleep=disk.sleep, clock=lambda: disk.now)
+    assert disk.tries == 6
+    assert disk.now == pytest.approx(1 + 2 + 4 + 8 + 8, abs=0.5), "1, 2, 4, then every 8 s"
+    assert caplog.text.count("the WAL's disk is full") == 1, "said once, not at every try"
+    assert "room on the WAL's disk again" in caplog.text
+
+
+def test_a_stop_while_a_start_waits_for_room_ends_it_and_another_error_is_not_waited_on(tmp_path, monkeypatch):
+    from gateway.durable import ledger_catch_up
+    from gateway.early_signals import StoppedWhileStarting
+
+    ledger = RetryLedger(tmp_path / "ledger", window_secs=600, max_keys=1000)
+    disk = _FullDiskClock(refusals=100, error=OSError(28, "No space left on device"))
+    monkeypatch.setattr(ledger_catch_up, "open_and_catch_up", disk.open_and_catch_up)
+    with pytest.raises(StoppedWhileStarting):
+        ledger_catch_up.open_and_catch_up_when_room(None, "gw", ledger, lambda: disk.now > 5, sleep=disk.sleep, clock=lambda: disk.now)
+    assert 5 < disk.now < 6, "a stop is seen within a tenth of a second"
+    broken = _FullDiskClock(refusals=1, error=LedgerError("the retry ledger cannot be written: Permission denied"))
+    monkeypatch.setattr(ledger_catch_up, "open_and_catch_up", broken.open_and_catch_up)
+    with pytest.raises(LedgerError, match="Permission denied"):
+        ledger_catch_up.open_and_catch_up_when_room(None, "gw", ledger, lambda: False, sleep=broken.sleep, clock=lambda: broken.now)
+    assert broken.tries == 1
+
+
+def test_a_full_disk_at_open_is_not_taken_for_damage(tmp_path, monkeypatch, caplog):
+    """It was: the owner discarded the ledger as damaged, logged so, and failed again creating a new one."""
+    ledger = RetryLedger(tmp_path / "ledger", window_secs=600, max_keys=1000)
+
+    def no_room():
+        raise lmdb.DiskError("No space left on device")
+
+    monkeypatch.setattr(ledger, "_open_env", no_room)
+    with pytest.raises(LedgerError, match="No space left on device") as raised:
+        ledger.open(owner=True)
+    assert not raised.value.damaged
+    assert "retry ledger damaged" not in caplog.text
