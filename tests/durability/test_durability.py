@@ -1211,7 +1211,8 @@ def records_of_requests_touching(segment: Path, start: int, end: int) -> set:
 @pytest.mark.parametrize("also_while_starting", [False, True], ids=["mid-load", "mid-load-and-while-starting"])
 async def test_power_losses_lose_no_acknowledged_record(tmp_path, gateways, power_loss_disk, also_while_starting):
     """The machine loses power four times mid-load (the curated zone on; the WAL, the retry ledger and
-    the local lake on one disk; 2, 3, 1 and 2 workers; once soon after a clean stop and start): each
+    the local lake on one disk; 2, 3, 1 and 2 workers; once 0.05-0.5 s into a clean stop, while it
+    drains and seals the ledger; once soon after a clean stop and start): each
     time the gateway's processes are gone at once and the disk loses, at random, what was not
     fsynced (tests/fixtures/power_loss_disk.py): pages written since a file's last fsync, a file's
     new size, names created or removed since their directory's last fsync. ``also_while_starting``:
@@ -1382,7 +1383,7 @@ async def lives_ended_by_power_losses(
     before_each_start: Callable[[int], Awaitable[None]] | None = None,
 ) -> list[str]:
     """Four lives of the gateway under load (2, 3, 1 and 2 workers; in the third a clean stop and
-    start first), each ended by a power loss (and, ``also_while_starting``, another 0.05-1 s into
+    start first), each ended by a power loss (the second's 0.05-0.5 s into a clean stop) (and, ``also_while_starting``, another 0.05-1 s into
     the next start), then a last start that runs a second and stops cleanly; ``before_each_start``
     is given the life's number (4: the last start). Problems go to ``problems``; the notes a failure
     should show are returned."""
@@ -1407,6 +1408,10 @@ async def lives_ended_by_power_losses(
                 await stop_gracefully(sp, problems)
                 await sp.astart(workers_env(workers), workers=workers, timeout=30)
             await asyncio.sleep(2.5)
+            if life == 1:
+                # The power goes while a clean stop drains the WALs and seals the ledger.
+                sp.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(rng.uniform(0.05, 0.5))
             await sp.akill()  # every process at once, as the power takes them
             losses.append(await asyncio.to_thread(disk.lose_power, seed + life))
             restart_the_machine(ledger_dir)
