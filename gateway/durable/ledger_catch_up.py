@@ -146,11 +146,10 @@ def open_and_catch_up_when_room(
 
 
 def no_room(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what caused it) is a full disk: LMDB's ENOSPC, or an OSError's ENOSPC or EDQUOT."""
+    """Whether ``exc`` or what it was raised from (a ``LedgerError`` keeps the LMDB error as its context)
+    is a full disk: LMDB's ENOSPC, or an OSError's ENOSPC or EDQUOT."""
     while exc is not None:
         if isinstance(exc, lmdb.DiskError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
-            return True
-        if isinstance(exc, LedgerError) and "No space left on device" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

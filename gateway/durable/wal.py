@@ -497,7 +497,7 @@ class WriteAheadLog:
         self._closed = False
 
     def _recover_last_segment(self) -> None:
-        from gateway.durable.wal_salvage import mend_newest_segment  # it builds on this module
+        from gateway.durable.wal_salvage import mend_newest_segment, mend_segment_header  # it builds on this module
 
         last = self._segments[-1]
         with open(last.path, "rb") as f:
@@ -548,11 +548,7 @@ class WriteAheadLog:
                     extra={"segment": last.path.name, "kept_bytes": good_size, "dropped_bytes": self.torn_tail_bytes},
                 )
         if header_damaged:
-            fd = os.open(last.path, os.O_WRONLY)  # not O_APPEND: Linux appends every pwrite on such a descriptor
-            try:
-                os.pwrite(fd, MAGIC, 0)
-            finally:
-                os.close(fd)
+            mend_segment_header(last.path)
         fd = os.open(last.path, os.O_RDWR | os.O_APPEND)
         if header_torn:
             os.ftruncate(fd, 0)

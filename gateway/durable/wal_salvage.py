@@ -32,6 +32,7 @@ from gateway.durable.wal import (
     KIND_GAP,
     KIND_TXN,
     KNOWN_KINDS,
+    MAGIC,
     MARKER,
     META,
     PREFIX,
@@ -137,6 +138,11 @@ def _whole_frame_at(data: bytes, at: int) -> bool:
     return zlib.crc32(data[body : body + length], zlib.crc32(data[at + PREFIX.size : body])) == crc
 
 
+def mend_segment_header(path: Path) -> None:
+    """Write a segment's header (its magic, damaged at rest) again in place, durably."""
+    _write_durably(path, [(0, MAGIC)])
+
+
 def _write_durably(path: Path, pieces: list[tuple[int, bytes]]) -> None:
     """Write each ``(offset, bytes)`` in order, in place, then fsync. A failure names the segment: the
     start stops there, and the next one finds the damage as it was and mends it again."""
@@ -150,4 +156,4 @@ def _write_durably(path: Path, pieces: list[tuple[int, bytes]]) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        raise OSError(exc.errno, f"mending a WAL frame damaged on disk failed: {exc.strerror or exc}", str(path)) from exc
+        raise OSError(exc.errno, f"mending a WAL frame or segment header damaged on disk failed: {exc.strerror or exc}", str(path)) from exc

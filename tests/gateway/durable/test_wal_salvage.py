@@ -247,7 +247,7 @@ async def test_a_mend_the_disk_refuses_stops_the_start_naming_the_segment(tmp_pa
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(wal_salvage.os, "pwrite", failing_pwrite)
-    with pytest.raises(OSError, match="mending a WAL frame damaged on disk failed") as failed:
+    with pytest.raises(OSError, match="mending a WAL frame or segment header damaged on disk failed") as failed:
         await open_wal(tmp_path)
     assert failed.value.filename == str(segment) and failed.value.errno == errno.EIO
     monkeypatch.undo()
