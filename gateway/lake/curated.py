@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from batching import Batcher, BatchPolicy, Deferred, Failed, Ok, QueueFullError
 from connectors.inference import pool_batching
-from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE
+from connectors.curated_parquet import CONTENT_TYPE, CURATED_SCHEMA, INFERENCE_TYPE, writer_options
 from connectors.inference.base import Inferencer, ShapedBatch
 from connectors.inference.pool import InferencePool
 from connectors.inference.local_model import LocalModelInferencer
@@ -128,7 +128,7 @@ class ParquetBuilder:
         self._writer.write_table(table, row_group_size=table.num_rows)
 
     def _open_writer(self) -> None:
-        self._writer = pq.ParquetWriter(self._sink, CURATED_SCHEMA, compression="zstd", compression_level=self._level)
+        self._writer = pq.ParquetWriter(self._sink, CURATED_SCHEMA, **writer_options(self._level))
 
 
 class CuratedScorer:

@@ -182,6 +182,21 @@ def test_an_open_curated_object_holds_columns_not_payloads_and_writes_a_row_grou
     assert parquet.schema_arrow.metadata == CURATED_SCHEMA.metadata
 
 
+def test_a_curated_object_keeps_statistics_where_queries_filter_and_none_for_the_maps():
+    """Athena prunes row groups by event_time, device and request; the maps' statistics prune nothing."""
+    from gateway.durable.wal import KIND_RECORDS, Frame
+    from gateway.lake.curated import ParquetBuilder, ScoredFrame
+
+    builder = ParquetBuilder()
+    rows = [curated_row(seq) | {"tags": [("fw", "1.4.2")]} for seq in range(50)]
+    builder.add(ScoredFrame.of(Frame(0, 50, 490_000, 0, 0, 0, KIND_RECORDS, b"x"), pa.Table.from_pylist(rows, schema=CURATED_SCHEMA)))
+    group = pq.ParquetFile(pa.BufferReader(builder.finish())).metadata.row_group(0)
+    stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)}
+    assert stats["event_time"] and stats["device_id"] and stats["seq"] and stats["ingest_id"] and stats["inference.status"]
+    assert group.column(list(stats).index("seq")).statistics.max == 49
+    assert not any(stats[path] for path in stats if path.startswith(("metrics.", "tags."))), stats
+
+
 def test_an_empty_curated_object_is_a_valid_parquet_file():
     from gateway.lake.curated import ParquetBuilder
 
