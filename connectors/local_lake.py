@@ -22,10 +22,12 @@ class LocalLakeSink:
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root)
         self._fsync = fsync
+        self._url_root = self.root.absolute()  # resolved at start: no lstat of every component per object
 
     async def start(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._url_root = self.root.resolve()
         except OSError as exc:
             raise PermanentError(f"cannot create the lake directory {self.root}: {exc}") from None
 
@@ -36,7 +38,7 @@ class LocalLakeSink:
         except OSError as exc:
             raise TransientError(f"cannot write {path}: {exc}", endpoint=str(self.root)) from None
         return LandedObject(
-            url=path.resolve().as_uri(), key=obj.key, bytes=len(obj.body), records=obj.records, zone=obj.partition.zone
+            url=(self._url_root / obj.key).as_uri(), key=obj.key, bytes=len(obj.body), records=obj.records, zone=obj.partition.zone
         )
 
     def _write(self, path: Path, body: bytes) -> None:

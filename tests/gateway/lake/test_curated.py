@@ -197,6 +197,25 @@ def test_a_curated_object_keeps_statistics_where_queries_filter_and_none_for_the
     assert not any(stats[path] for path in stats if path.startswith(("metrics.", "tags."))), stats
 
 
+def test_a_small_curated_object_is_written_without_dictionaries_and_a_large_one_with_them():
+    """A backfill lands an object per hour of a few records each: over so few rows a dictionary costs
+    bytes and CPU; over many rows of few distinct values (devices, zones) it saves bytes."""
+    from gateway.durable.wal import KIND_RECORDS, Frame
+    from gateway.lake.curated import SMALL_OBJECT_ROWS, ParquetBuilder, ScoredFrame
+
+    def encodings(rows: int) -> tuple[str, ...]:
+        builder = ParquetBuilder()
+        for first in range(0, rows, 10):
+            table = pa.Table.from_pylist([curated_row(seq) for seq in range(first, first + 10)], schema=CURATED_SCHEMA)
+            builder.add(ScoredFrame.of(Frame(first, 10, 490_000, 0, 0, 0, KIND_RECORDS, b"x"), table))
+        parquet = pq.ParquetFile(pa.BufferReader(builder.finish()))
+        assert parquet.read(columns=["seq"]).column("seq").to_pylist() == list(range(rows))
+        return parquet.metadata.row_group(0).column(CURATED_SCHEMA.names.index("device_id")).encodings
+
+    assert not any("DICTIONARY" in e for e in encodings(50))
+    assert any("DICTIONARY" in e for e in encodings(SMALL_OBJECT_ROWS + 10))
+
+
 def test_an_empty_curated_object_is_a_valid_parquet_file():
     from gateway.lake.curated import ParquetBuilder
 
