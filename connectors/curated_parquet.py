@@ -86,14 +86,11 @@ CURATED_SCHEMA = pa.schema(
     metadata={"edge_gateway.curated.schema_version": SCHEMA_VERSION},
 )
 
-# Min/max statistics where queries filter (time, device, request, status); none for the maps, whose
-# statistics prune nothing and cost the writer 2-11% of its time. Every column is dictionary-encoded
-# where that pays (Arrow's default): readings of one or two decimals make a dictionary of the metrics'
-# values up to a quarter smaller on disk than plain values.
-_STATISTICS_COLUMNS = [
-    "device_id", "seq", "event_time", "received_at", "gateway_id", "availability_zone", "ingest_id", "record_index",
-    "site", "model", "inference.status",
-]
+# Min/max statistics on every scalar column and the inference status, where queries filter (time,
+# device, request, status); none for the maps, whose statistics prune nothing and cost the writer
+# 2-11% of its time. Every column is dictionary-encoded where that pays (Arrow's default): readings
+# of one or two decimals make a dictionary of the metrics' values up to a quarter smaller on disk.
+_STATISTICS_COLUMNS = [f.name for f in CURATED_SCHEMA if not pa.types.is_nested(f.type)] + ["inference.status"]
 
 
 def writer_options(zstd_level: int = DEFAULT_ZSTD_LEVEL) -> dict[str, Any]:
