@@ -115,11 +115,9 @@ class ParquetBuilder:
             self._write_row_group()
 
     def finish(self) -> bytes:
-        if self._writer is None and self._rows < SMALL_OBJECT_ROWS:
-            self._open_writer(dictionaries=False)
+        if self._writer is None:  # the whole object is this row group (none at all: a valid, empty object)
+            self._open_writer(dictionaries=self._rows >= SMALL_OBJECT_ROWS)
         self._write_row_group()
-        if self._writer is None:  # no records at all: a valid, empty object
-            self._open_writer()
         self._writer.close()
         return self._sink.getvalue().to_pybytes()
 
