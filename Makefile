@@ -23,14 +23,18 @@ $(VENV)/.uv:
 
 # Versions come from requirements.lock (what CI tested). The demo needs only the core install; the
 # tests add their tools, the AWS SDK and the Triton client. uv prints what it fetches as it goes.
+# Installed with their bytecode, as pip installs a release (Ansible, the image): without it every
+# process compiles each module it imports, and where PYTHONDONTWRITEBYTECODE is set it does so at
+# every start (a gateway took 0.97 s to be ready instead of 0.50 s, each process 2-4 MiB more).
 $(VENV)/.core: $(VENV)/.uv pyproject.toml requirements.lock
 	@echo "==> $(VENV): installing the gateway's core (about 340 MB)"
-	$(UV) pip install --python $(PY) -c requirements.lock -e .
+	$(UV) pip install --compile-bytecode --python $(PY) -c requirements.lock -e .
+	$(PY) -m compileall -q gateway batching connectors
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.core
 	@echo "==> $(VENV): adding the test tools, the AWS SDK and the Triton client"
-	$(UV) pip install --python $(PY) -c requirements.lock -e '.[test]'
+	$(UV) pip install --compile-bytecode --python $(PY) -c requirements.lock -e '.[test]'
 	touch $@
 
 # After a dependency change in pyproject.toml: reinstall, run the tests, then record what they ran with.
@@ -41,7 +45,7 @@ lock: $(VENV)/.installed
 
 $(TRITON_VENV)/.installed: tests/triton/requirements.txt $(VENV)/.uv
 	$(PYTHON) -m venv $(TRITON_VENV)
-	$(UV) pip install --quiet --python $(TRITON_VENV)/bin/python -r tests/triton/requirements.txt
+	$(UV) pip install --quiet --compile-bytecode --python $(TRITON_VENV)/bin/python -r tests/triton/requirements.txt
 	touch $@
 
 $(DEPLOY_VENV)/.installed: deploy/requirements-lint.txt deploy/install-lint-tools.sh $(VENV)/.uv
