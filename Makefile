@@ -52,13 +52,14 @@ $(DEPLOY_VENV)/.installed: deploy/requirements-lint.txt deploy/install-lint-tool
 	PYTHON=$(PYTHON) UV=$(abspath $(UV)) bash deploy/install-lint-tools.sh $(DEPLOY_VENV)
 	touch $@
 
-# Debian packages the tests start for real: HAProxy (TLS termination in front of the gateway), and
-# Chromium for the status page's browser test.
+# Debian packages the tests start for real: HAProxy (TLS termination in front of the gateway),
+# Chromium for the status page's browser test, and the zstd command an operator reads raw objects with.
 system-deps:
 	@command -v haproxy >/dev/null 2>&1 || sh tests/fixtures/install-haproxy.sh
 	@command -v chromium >/dev/null 2>&1 || sh tests/fixtures/install-browser.sh
 	@ldconfig -p | grep -q 'libfuse\.so\.2' || sh tests/fixtures/install-fuse.sh
 	@command -v cc >/dev/null 2>&1 || sh tests/fixtures/install-compiler.sh
+	@command -v zstd >/dev/null 2>&1 || sh tests/fixtures/install-zstd.sh
 
 demo: $(VENV)/.core
 	$(VENV)/bin/edge-gateway demo $(DEMO_ARGS)

@@ -152,7 +152,7 @@ def parquet_rows(body: bytes) -> list[bytes]:
 
 
 def split_ndjson_zst(body: bytes) -> list[bytes]:
-    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=True).read()
     return [line for line in data.split(b"\n") if line]
 
 

@@ -121,7 +121,8 @@ class LakeSettings(Section):
     dir: str = "var/lake"
     target_object_bytes: PositiveInt = 32 * MiB
     max_object_age_secs: PositiveFloat = 60.0
-    max_open_partitions: PositiveInt = 64
+    max_open_partitions: PositiveInt = 512
+    max_open_bytes: PositiveInt = 32 * MiB
     zstd_level: Annotated[int, Meta(ge=1, le=19)] = 1
     # With listen.workers > 1: "process" lands and scores every worker's WAL in one process of its
     # own (the lake process), so landing never takes an ingest worker's CPU; "worker": each worker

@@ -60,6 +60,8 @@ ROW_GROUP_ROWS = 32_768
 # hour): over so few rows a dictionary costs bytes instead of saving them, and a third of the CPU.
 SMALL_OBJECT_ROWS = 1_000
 SMALL_CHUNK_ROWS = 64  # frames of fewer records on average are combined before a row group is written
+SMALL_TABLES_HELD = 4  # an object's small tables from this many reads are combined into one
+TABLE_BYTES = 16 * 1024  # what a table costs beyond its values (buffers, objects): counted as held
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +103,14 @@ class ParquetBuilder:
     def __init__(self, zstd_level: int = 1, row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self._tables: list[pa.Table] = []
         self._rows = 0
+        self._settled = self._settled_rows = 0  # tables and rows before the last read's frames
+        self._held_columns = 0  # bytes of the tables before the last read's
         self._row_group_rows = row_group_rows
         self._level = zstd_level
         self._sink = pa.BufferOutputStream()
         self._writer: pq.ParquetWriter | None = None
         self.size = 0
+        self.held = 0  # bytes of columns and of Parquet written, as of the last read
 
     def add(self, frame: ScoredFrame) -> None:
         self.size += frame.source_bytes
@@ -113,6 +118,21 @@ class ParquetBuilder:
         self._rows += frame.table.num_rows
         if self._rows >= self._row_group_rows:
             self._write_row_group()
+
+    def settle(self) -> None:
+        """A read's frames are all added: frames of a few records each (a backfill's, one per hour)
+        become one table, and an object's small tables from several reads one table. Each frame's
+        table is a slice of its whole read's columns, which it keeps alive, and a table costs its
+        own buffers and objects besides: an object left open across reads held all of them."""
+        first = self._settled  # where the last read's tables begin
+        if self._rows - self._settled_rows < SMALL_CHUNK_ROWS * (len(self._tables) - first):
+            if len(self._tables) > SMALL_TABLES_HELD and self._rows < SMALL_CHUNK_ROWS * len(self._tables):
+                first, self._held_columns = 0, 0
+            if len(self._tables) - first > 1:
+                self._tables[first:] = [pa.concat_tables(self._tables[first:]).combine_chunks()]
+        self._held_columns += sum(t.nbytes for t in self._tables[first:])
+        self._settled, self._settled_rows = len(self._tables), self._rows
+        self.held = self._held_columns + len(self._tables) * TABLE_BYTES + self._sink.tell()
 
     def finish(self) -> bytes:
         if self._writer is None:  # the whole object is this row group (none at all: a valid, empty object)
@@ -131,6 +151,7 @@ class ParquetBuilder:
         if table.num_rows < SMALL_CHUNK_ROWS * len(self._tables):
             table = table.combine_chunks()
         self._tables, self._rows = [], 0
+        self._settled = self._settled_rows = self._held_columns = 0
         if self._writer is None:
             self._open_writer()
         self._writer.write_table(table, row_group_size=table.num_rows)

@@ -74,8 +74,11 @@ class ObjectBuilder(Protocol):
     extension: str
     content_type: str
     size: int  # bytes of input added so far, the measure ``target_object_bytes`` applies to
+    held: int  # bytes it holds in memory after the last ``settle``, the measure ``max_open_bytes`` applies to
 
     def add(self, frame: Frame) -> None: ...
+
+    def settle(self) -> None: ...  # every frame of a read is added: hold them compactly until more come
 
     def finish(self) -> bytes: ...
 
@@ -185,6 +188,9 @@ class LanderSettings:
     target_object_bytes: int
     max_object_age_secs: float
     max_open_partitions: int
+    # Memory the open objects may hold together: beyond it the largest are rolled (a backfill writing
+    # many hours at once would otherwise hold everything it read until the objects' age ran out).
+    max_open_bytes: int = 2**62
     max_uploads_in_flight: int = 4
     retry_initial_secs: float = 0.2
     retry_max_secs: float = 30.0
@@ -504,6 +510,26 @@ class ZoneLander:
             ):
                 del self._open[frame.hour]
                 due.append(pending)
+        for pending in self._open.values():
+            if pending.touched == now:
+                pending.builder.settle()
+        return due + self._over_budget()
+
+    def _over_budget(self) -> list[_Pending]:
+        """The largest open objects, rolled early, while the open objects hold more memory than
+        ``max_open_bytes``: down to half of it, so the next read does not roll another at once."""
+        held = sum(p.builder.held for p in self._open.values())
+        if held <= self.settings.max_open_bytes:
+            return []
+        due = []
+        for pending in sorted(self._open.values(), key=lambda p: p.builder.held, reverse=True):
+            if held <= self.settings.max_open_bytes // 2:
+                break
+            if pending.cut_at is None:  # one rebuilt to a boundary written down before a crash keeps it
+                del self._open[pending.hour]
+                due.append(pending)
+                held -= pending.builder.held
+                self._rolled_early += 1
         return due
 
     def _report_rolled_early(self) -> None:
@@ -516,9 +542,10 @@ class ZoneLander:
         if now >= self._next_rolled_early_log:
             self._next_rolled_early_log = now + ROLLED_EARLY_LOG_SECS
             log.warning(
-                "more hour partitions are being written than lake.max_open_partitions: objects are rolled "
-                "early and land smaller (a backfill spanning many hours?)",
-                extra={"zone": self.zone, "objects_rolled_early": rolled, "max_open_partitions": self.settings.max_open_partitions},
+                "more hour partitions are being written than lake.max_open_partitions or lake.max_open_bytes "
+                "hold: objects are rolled early and land smaller (a backfill spanning many hours?)",
+                extra={"zone": self.zone, "objects_rolled_early": rolled, "max_open_partitions": self.settings.max_open_partitions,
+                       "max_open_bytes": self.settings.max_open_bytes},
             )
 
     def _wanted(self, frame: Frame) -> bool:

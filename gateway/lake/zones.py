@@ -79,6 +79,7 @@ class Zones:
                     target_object_bytes=lake.target_object_bytes,
                     max_object_age_secs=lake.max_object_age_secs,
                     max_open_partitions=lake.max_open_partitions,
+                    max_open_bytes=lake.max_open_bytes,
                     retiring=zone in owing,
                     shared_frames=kind == KIND_RECORDS,  # raw and curated read them as stored (formats.py, curated.py)
                 ),

@@ -146,7 +146,7 @@ class GatewayMetrics:
         )
         self.objects_rolled_early = Counter(
             "edge_gateway_objects_rolled_early",
-            "Lake objects rolled before their size or age: more hour partitions were written than lake.max_open_partitions",
+            "Lake objects rolled before their size or age: more hour partitions were written than lake.max_open_partitions or lake.max_open_bytes hold",
             ["zone"],
             registry=r,
         )

@@ -124,7 +124,7 @@ def read_zone(lake: Path, zone: str) -> list[dict]:
     """Every line landed in a zone, decoded."""
     out = []
     for path in sorted((lake / zone).rglob("*.ndjson.zst")):
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
+        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes()), read_across_frames=True).read()
         out.extend(msgspec.json.decode(line) for line in data.split(b"\n") if line)
     return out
 

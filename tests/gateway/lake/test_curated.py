@@ -221,3 +221,36 @@ def test_an_empty_curated_object_is_a_valid_parquet_file():
 
     parquet = pq.ParquetFile(pa.BufferReader(ParquetBuilder().finish()))
     assert parquet.metadata.num_rows == 0 and parquet.schema_arrow.equals(CURATED_SCHEMA)
+
+
+def test_an_object_open_across_many_reads_of_a_few_records_holds_few_tables():
+    """A backfill's object gets a record or two per read; each frame's table is a slice of its read's
+    columns. After each read they become one table, and the tables of several reads one table."""
+    from gateway.durable.wal import KIND_RECORDS, Frame
+    from gateway.lake.curated import SMALL_TABLES_HELD, ParquetBuilder, ScoredFrame
+
+    builder = ParquetBuilder()
+    seq = 0
+    for read in range(40):
+        whole_read = pa.Table.from_pylist([curated_row(seq=seq + k) for k in range(50)], schema=CURATED_SCHEMA)
+        for k in range(2):  # two one-record frames of this object in a read of 50 records
+            builder.add(ScoredFrame.of(Frame(seq, 1, 490_000, 0, 0, 0, KIND_RECORDS, b"x"), whole_read.slice(k, 1)))
+        builder.settle()
+        seq += 50
+        assert len(builder._tables) <= SMALL_TABLES_HELD + 1
+        assert all(chunk.offset == 0 for t in builder._tables for chunk in t.column("seq").chunks), "copies, no slices of a read"
+    expected = [read * 50 + k for read in range(40) for k in range(2)]
+    assert pq.read_table(pa.BufferReader(builder.finish())).column("seq").to_pylist() == expected
+
+
+def test_frames_of_many_records_are_not_copied_after_a_read():
+    from gateway.durable.wal import KIND_RECORDS, Frame
+    from gateway.lake.curated import ParquetBuilder, ScoredFrame
+
+    builder = ParquetBuilder()
+    table = pa.Table.from_pylist([curated_row(seq=k) for k in range(300)], schema=CURATED_SCHEMA)
+    for k in range(3):
+        builder.add(ScoredFrame.of(Frame(k * 100, 100, 490_000, 0, 0, 0, KIND_RECORDS, b"x"), table.slice(k * 100, 100)))
+    builder.settle()
+    assert len(builder._tables) == 3, "a live read's frames are written as they are, without a copy"
+    assert pq.read_table(pa.BufferReader(builder.finish())).column("seq").to_pylist() == list(range(300))

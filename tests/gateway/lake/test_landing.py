@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 
 import orjson
@@ -612,3 +613,31 @@ def test_the_floor_takes_in_an_hour_landed_past_the_position(tmp_path):
     state_file.write(msgspec.json.encode(LanderState(position=3, landed={"7": 20, "8": 11}, sealed=[(9, 4, 6)])))
     state_file.close()
     assert recorded_floor(state_dir) == 21
+
+
+async def test_open_objects_holding_more_than_max_open_bytes_roll_the_largest_first(tmp_path):
+    # A backfill keeps many hours open; the memory they hold together is bounded: past
+    # max_open_bytes the largest open objects are rolled early, the small ones stay open.
+    wal = await open_wal(tmp_path)
+    metrics = GatewayMetrics()
+    sink = LocalLakeSink(tmp_path / "lake")
+    zone = lander(tmp_path, wal, sink, observer=metrics, max_open_partitions=100, max_object_age_secs=60, max_open_bytes=4096)
+    def noisy(seqs: range) -> bytes:  # lines that compress little: the object holds nearly their size
+        payload = b"".join(orjson.dumps({"seq": s, "pad": os.urandom(100).hex()}) + b"\n" for s in seqs)
+        return encode_frame(KIND_RECORDS, 490_000, 0, 0, 0, len(seqs), payload)
+
+    big = [noisy(range(1000 + i * 50, 1000 + (i + 1) * 50)) for i in range(4)]  # about 45 KiB
+    small = [frame(range(i, i + 1), hour=490_001 + i) for i in range(10)]
+    await wal.append(big + small)
+    await zone.start()
+    for _ in range(200):
+        if list((tmp_path / "lake").rglob("*.zst")):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # anything else rolled with it has landed too
+    landed_early = sorted(line["seq"] for line in read_zone(tmp_path / "lake", "raw"))
+    assert landed_early == list(range(1000, 1200)), "only the largest object was rolled; the small hours stay open"
+    assert metrics.objects_rolled_early.labels("raw")._value.get() == 1
+    assert await zone.drain(5)
+    await wal.close()
+    assert landed_seqs(tmp_path / "lake") == list(range(10)) + list(range(1000, 1200))

@@ -55,7 +55,7 @@ async def bucket_lines(s3, bucket: str, zone: str) -> list[dict]:
         for item in page.get("Contents", []):
             obj = await s3.get_object(Bucket=bucket, Key=item["Key"])
             data = await obj["Body"].read()
-            text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+            text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
             out.extend(msgspec.json.decode(line) for line in text.split(b"\n") if line)
     return out
 
