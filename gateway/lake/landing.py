@@ -511,7 +511,7 @@ class ZoneLander:
                 del self._open[frame.hour]
                 due.append(pending)
         for pending in self._open.values():
-            if pending.touched == now:
+            if pending.touched == now:  # written by this read
                 pending.builder.settle()
         return due + self._over_budget()
 
