@@ -650,16 +650,18 @@ async def test_crash_loop_with_many_hours(tmp_path, gateways):
 
 
 @pytest.mark.timeout(150)
-async def test_a_backfill_over_more_hours_than_open_objects_lands_in_objects_of_many_records(tmp_path, gateways):
-    """Devices uploading records spread over 61 hours, 8 objects open per zone, a SIGKILL: once in raw
-    and curated, and in objects of many records (frame by frame, about one object per record)."""
+@pytest.mark.parametrize("bound", [{"max_open_partitions": 8}, {"max_open_bytes": 64 * KiB}], ids=["partitions", "memory"])
+async def test_a_backfill_over_more_hours_than_open_objects_lands_in_objects_of_many_records(tmp_path, gateways, bound):
+    """Devices uploading records spread over 61 hours, more than the open objects may hold (8 objects
+    per zone, or 64 KiB of memory), a SIGKILL: once in raw and curated, and in objects of many
+    records (frame by frame, about one object per record)."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
         4,
         inference=True,
         wal={"segment_bytes": 256 * KiB, "max_total_bytes": 4 * MiB, "retry_after_secs": 1},
-        lake={"max_open_partitions": 8, "max_object_age_secs": 1.0},
+        lake={"max_object_age_secs": 1.0, **bound},
     )
     ledger = Ledger()
     stop = asyncio.Event()
@@ -683,6 +685,9 @@ async def test_a_backfill_over_more_hours_than_open_objects_lands_in_objects_of_
             problems.append(f"the records should span about 61 hours; {zone} has {len(hours)}")
         if not objects or len(ledger.acked) / objects < 5:
             problems.append(f"{len(ledger.acked)} records landed in {objects} {zone} objects: objects rolled early at nearly every frame")
+    rolled = [e for e in log_entries(sp.log_text()) if isinstance(e, dict) and "objects are rolled early" in e.get("msg", "")]
+    if not rolled or any(e.get(next(iter(bound))) != next(iter(bound.values())) for e in rolled):
+        problems.append(f"the bound under test ({bound}) should have rolled objects early, and the warnings say so: {rolled[:2]}")
     check(problems, ledger, sp)
 
 
