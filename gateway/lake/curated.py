@@ -549,14 +549,61 @@ async def prepare_frames(frames: list[Frame], scorer: CuratedScorer) -> list[Sco
             [f.payload for f in group], settings.features, scorer.typical, settings.missing == "reject",
             [f.kind == KIND_RECORDS_SHARED for f in group],
         )
-        columns = await scorer.score(decoded.shaped)
-        out.extend(
-            ScoredFrame.of(f, table.append_column(_INFERENCE_FIELD, column))
-            for f, table, column in zip(group, decoded.tables(), columns, strict=True)
-        )
+        chunks = coalesce_chunks(decoded.shaped)
+        columns = await scorer.score(chunks)
+        if len(chunks) == len(decoded.shaped):  # frames of many records: each its own column
+            out.extend(
+                ScoredFrame.of(f, table.append_column(_INFERENCE_FIELD, column))
+                for f, table, column in zip(group, decoded.tables(), columns, strict=True)
+            )
+            continue
+        # Small frames scored together: one inference column for the group, each frame's table a slice.
+        table = decoded.table.append_column(_INFERENCE_FIELD, pa.concat_arrays(columns))
+        offset = 0
+        for frame, chunk in zip(group, decoded.shaped, strict=True):
+            out.append(ScoredFrame.of(frame, table.slice(offset, chunk.n_records)))
+            offset += chunk.n_records
     for listener in tuple(scorer.listeners):
         listener(out)
     return out
+
+
+# Frames of fewer records are scored together, up to this many records a chunk: the inference
+# column of a chunk costs about as much to build for one record as for hundreds (a backfill's
+# frames hold a record or two each).
+COALESCED_CHUNK_RECORDS = 256
+
+
+def coalesce_chunks(chunks: Sequence[ShapedBatch]) -> list[ShapedBatch]:
+    """``chunks`` with each run of small ones joined into one, records in the same order."""
+    out: list[ShapedBatch] = []
+    run: list[ShapedBatch] = []
+    for chunk in chunks:
+        if chunk.n_records >= SMALL_CHUNK_ROWS or sum(c.n_records for c in run) + chunk.n_records > COALESCED_CHUNK_RECORDS:
+            out.extend(_joined(run))
+            run = []
+        if chunk.n_records >= SMALL_CHUNK_ROWS:
+            out.append(chunk)
+        else:
+            run.append(chunk)
+    out.extend(_joined(run))
+    return out
+
+
+def _joined(run: list[ShapedBatch]) -> list[ShapedBatch]:
+    if len(run) <= 1:
+        return run
+    starts = np.cumsum([0] + [c.n_records for c in run[:-1]])
+    return [
+        ShapedBatch(
+            np.concatenate([c.features for c in run]),
+            np.concatenate([c.rows + start for c, start in zip(run, starts)]),
+            np.concatenate([c.missing for c in run]),
+            {int(start) + index: why for c, start in zip(run, starts) for index, why in c.rejected.items()},
+            int(sum(c.n_records for c in run)),
+            run[0].feature_names,
+        )
+    ]
 
 
 def _slices(frames: list[Frame]) -> list[list[Frame]]:

@@ -56,6 +56,29 @@ async def test_records_are_scored_and_land_as_parquet_once(tmp_path, http):
     assert by_seq[0]["site"] == "plant-7" and by_seq[0]["device_id"] == "dev-1" and by_seq[0]["tags"] is None
 
 
+async def test_a_request_of_one_hour_and_of_many_hours_scores_each_record_where_it_is(tmp_path, http):
+    """Frames of many records keep their own inference column; a backfill's one-record frames, read
+    with them, are scored together and each still gets its own score, label and status."""
+    import time
+
+    env = make_env(tmp_path)
+    running = await start_gateway(load_settings(env.config, environ={}))
+    hour_ms = 3_600_000
+    now = int(time.time() * 1000)
+    live = [record(seq=i, **NORMAL) for i in range(80)]
+    backfill = [record(seq=1000 + h, ts=now - h * hour_ms, **(ANOMALOUS if h == 7 else NORMAL)) for h in range(1, 30)]
+    await post(http, running.url, env, live + backfill)
+    await running.stop()
+    rows = curated_rows(env)
+    assert sorted(r["seq"] for r in rows) == sorted(r["seq"] for r in live + backfill)
+    assert all(r["inference"]["status"] == "ok" and r["inference"]["score"] is not None for r in rows)
+    by_seq = {r["seq"]: r["inference"] for r in rows}
+    normal = [by_seq[r["seq"]]["score"] for r in live + backfill if r["seq"] != 1007]
+    assert by_seq[1007]["score"] > max(normal) and by_seq[1007]["label"] == "anomaly"
+    hours = {r["event_time"].replace(minute=0, second=0, microsecond=0) for r in rows}
+    assert len(hours) >= 29, "the backfill's records are in hours of their own"
+
+
 async def test_reject_policy_marks_incomplete_records_failed(tmp_path, http):
     env = make_env(tmp_path, inference={"missing": "reject"})
     running = await start_gateway(load_settings(env.config, environ={}))
@@ -254,3 +277,28 @@ def test_frames_of_many_records_are_not_copied_after_a_read():
     builder.settle()
     assert len(builder._tables) == 3, "a live read's frames are written as they are, without a copy"
     assert pq.read_table(pa.BufferReader(builder.finish())).column("seq").to_pylist() == list(range(300))
+
+
+def test_small_chunks_are_scored_together_in_order_and_large_ones_alone():
+    """A backfill's frames hold a record or two each: their chunks are joined (up to 256 records)
+    so an inference column is built per run of them, with every record where it was."""
+    import numpy as np
+
+    from connectors.inference.base import ShapedBatch
+    from gateway.lake.curated import COALESCED_CHUNK_RECORDS, coalesce_chunks
+
+    def chunk(first: int, n: int, rejected: dict[int, str] | None = None) -> ShapedBatch:
+        kept = [i for i in range(n) if i not in (rejected or {})]
+        x = np.array([[first + i] for i in kept], dtype=np.float32).reshape(len(kept), 1)
+        return ShapedBatch(x, np.array(kept, dtype=np.int64), np.zeros((len(kept), 1), bool), rejected or {}, n, ("t",))
+
+    chunks = [chunk(0, 2), chunk(2, 3, {1: "missing metrics: t"}), chunk(5, 1), chunk(6, 300), *[chunk(306 + 2 * i, 2) for i in range(200)]]
+    joined = coalesce_chunks(chunks)
+    assert [c.n_records for c in joined[:3]] == [6, 300, COALESCED_CHUNK_RECORDS]
+    assert sum(c.n_records for c in joined) == sum(c.n_records for c in chunks)
+    first = joined[0]
+    assert first.features[:, 0].tolist() == [0, 1, 2, 4, 5] and first.rows.tolist() == [0, 1, 2, 4, 5]
+    assert first.rejected == {3: "missing metrics: t"}
+    assert joined[1] is chunks[3], "a frame of many records is scored as it is"
+    every_record = [int(v) for c in joined for v in c.features[:, 0]]
+    assert every_record == [v for v in range(706) if v != 3]
