@@ -578,14 +578,17 @@ def coalesce_chunks(chunks: Sequence[ShapedBatch]) -> list[ShapedBatch]:
     """``chunks`` with each run of small ones joined into one, records in the same order."""
     out: list[ShapedBatch] = []
     run: list[ShapedBatch] = []
+    in_run = 0  # records in ``run``
     for chunk in chunks:
-        if chunk.n_records >= SMALL_CHUNK_ROWS or sum(c.n_records for c in run) + chunk.n_records > COALESCED_CHUNK_RECORDS:
+        small = chunk.n_records < SMALL_CHUNK_ROWS
+        if not small or in_run + chunk.n_records > COALESCED_CHUNK_RECORDS:
             out.extend(_joined(run))
-            run = []
-        if chunk.n_records >= SMALL_CHUNK_ROWS:
-            out.append(chunk)
-        else:
+            run, in_run = [], 0
+        if small:
             run.append(chunk)
+            in_run += chunk.n_records
+        else:
+            out.append(chunk)
     out.extend(_joined(run))
     return out
 
