@@ -241,8 +241,7 @@ async def test_operator_endpoints(gateway, http, env):
     body = ndjson(record(seq=1))
     await post(http, gateway, body, signed(env.device(), body))
     await wait_for_records(env.lake, "raw", 1)
-    async with http.get(gateway.ops_url + "/metrics") as resp:
-        text = await resp.text()
+    text = await metrics_once_landed(http, gateway, 'edge_gateway_records_landed_total{zone="raw"} 1.0')
     for name in (
         'edge_gateway_http_requests_total{route="/v1/telemetry",status="202"} 1.0',
         'edge_gateway_records_total{outcome="accepted"} 1.0',
@@ -254,6 +253,17 @@ async def test_operator_endpoints(gateway, http, env):
         assert name in text, name
     async with http.get(gateway.url + "/nope") as resp:
         assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+
+
+async def metrics_once_landed(http, gateway, line: str, timeout: float = 10.0) -> str:
+    """The metrics page once it shows `line`: the landed counter moves just after the object is visible."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with http.get(gateway.ops_url + "/metrics") as resp:
+            text = await resp.text()
+        if line in text or asyncio.get_running_loop().time() > deadline:
+            return text
+        await asyncio.sleep(0.05)
 
 
 async def test_draining_answers_503_with_retry_after(gateway, http, env):
