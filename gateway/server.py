@@ -36,6 +36,8 @@ from gateway.settings import ConfigError, Settings
 from gateway.ops.status.cluster import runtime_dir, start_peer_listener
 from gateway.heartbeat import start_beating
 from gateway.edge.tls import server_context
+from gateway.edge.while_starting import answering_while_starting
+from gateway.listeners import bind_listener
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,14 @@ async def start_gateway(
     gw = gateway or Gateway(settings, worker_index=worker_index)
     # Start-up is one stack: whatever started is closed again, in reverse, if a later part fails.
     async with contextlib.AsyncExitStack() as started:
-        await gw.start()
+        if listener is None:  # alone: bound before the start, so that it answers while the start takes
+            listener = bind_listener(settings.listen.host, settings.listen.port, settings.listen.backlog)
+            started.callback(listener.close)
+            with answering_while_starting(listener, settings) as starting:
+                gw.waiting_for_room = starting.waiting_for_room
+                await gw.start()
+        else:  # a supervisor's worker: the supervisor answered while the instance started
+            await gw.start()
         started.push_async_callback(gw.close)
         # Per-device limits, and per-source limits on failed authentications, for the whole instance
         # and across restarts: buckets in the retry ledger's store.

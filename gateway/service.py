@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,6 +122,9 @@ class Gateway:
         self._idle = asyncio.Event()  # set while no telemetry request is in flight
         self._idle.set()
         self._lag_task: asyncio.Task[None] | None = None
+        # Told True while a start waits for room on a full disk, False once it goes on (what the
+        # listener answers meanwhile: gateway/edge/while_starting.py).
+        self.waiting_for_room: Callable[[bool], None] = lambda waiting: None
 
     def _load_registry(self, settings: Settings) -> DeviceRegistry:
         if self.registry_source is not None:
@@ -221,7 +225,9 @@ class Gateway:
         if supervised:
             self.ledger.open()
         else:
-            open_and_catch_up_when_room(self.settings, self.base_id, self.ledger, early_signals.stop_requested)
+            open_and_catch_up_when_room(
+                self.settings, self.base_id, self.ledger, early_signals.stop_requested, waiting_for_room=self.waiting_for_room
+            )
         self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
 
     def _ledger_forgot(self, kind: str, entries: int) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gateway import early_signals
 from gateway.edge.accept_share import leave_nothing_to
+from gateway.edge.while_starting import answering_while_starting
 from gateway.heartbeat import Watchdog
 from gateway.listeners import bind_listener
 from gateway.settings import Settings, lake_process_lands
@@ -70,13 +71,18 @@ class Supervisor:
 
     def _catch_up_ledger(self, stop_requested) -> None:
         """Before any worker answers: the retry ledger knows every durable record of every WAL
-        directory (on a full disk, once there is room: ``StoppedWhileStarting`` if stopped meanwhile)."""
+        directory (on a full disk, once there is room: ``StoppedWhileStarting`` if stopped meanwhile).
+        The device listener answers meanwhile: alive, not ready (gateway/edge/while_starting.py)."""
         from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up_when_room
 
         ledger = ledger_for(self.settings)
         base_id = self.settings.gateway.gateway_id or socket.gethostname().split(".")[0]
         try:
-            open_and_catch_up_when_room(self.settings, base_id, ledger, lambda: self.stopping or stop_requested())
+            with answering_while_starting(self.listener, self.settings) as starting:
+                open_and_catch_up_when_room(
+                    self.settings, base_id, ledger, lambda: self.stopping or stop_requested(),
+                    waiting_for_room=starting.waiting_for_room,
+                )
         finally:
             ledger.close()
 
@@ -117,11 +123,11 @@ class Supervisor:
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
         self.lock.acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS)  # WalLocked: another instance owns wal.dir
-        self._catch_up_ledger(stop_requested)
         listen, ops = self.settings.listen, self.settings.ops
         self.listener = bind_listener(listen.host, listen.port, listen.backlog)
         if ops.enabled:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
+        self._catch_up_ledger(stop_requested)
         self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
         self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs, start_secs=listen.start_timeout_secs)
         try:

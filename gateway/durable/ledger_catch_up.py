@@ -113,11 +113,13 @@ def open_and_catch_up_when_room(
     ledger: RetryLedger,
     stop_requested: Callable[[], bool],
     *,
+    waiting_for_room: Callable[[bool], None] = lambda waiting: None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """``open_and_catch_up``, tried again while the disk holding the ledger is full (an error once,
-    a warning when it goes on); ``StoppedWhileStarting`` if a stop is asked for meanwhile."""
+    a warning when it goes on; ``waiting_for_room`` is told True then, False once it goes on);
+    ``StoppedWhileStarting`` if a stop is asked for meanwhile."""
     tries, began = 0, clock()
     while True:
         try:
@@ -127,6 +129,7 @@ def open_and_catch_up_when_room(
                 raise
             ledger.close()
             if tries == 0:
+                waiting_for_room(True)
                 log.error(
                     "the WAL's disk is full: the retry ledger cannot be opened and caught up, so no worker "
                     "starts; trying again until there is room (free space on the disk)",
@@ -140,6 +143,7 @@ def open_and_catch_up_when_room(
                 sleep(STOP_POLL_SECS)
             continue
         if tries:
+            waiting_for_room(False)
             log.warning("room on the WAL's disk again: the retry ledger is caught up and the start goes on",
                         extra={"waited_secs": round(clock() - began, 1), "tries": tries + 1})
         return

@@ -1350,6 +1350,7 @@ async def test_a_start_after_a_power_loss_on_a_full_disk_waits_for_room_and_lose
                     sp.launch()
                     if not await wait_until(lambda: waiting in sp.log_text(), 30.0, 0.1):
                         problems.append(f"start {sp.starts} on the full disk did not say it waits for room")
+                    problems += await answered_as_waiting_for_room(sp.url)
                     await asyncio.sleep(2.0)
                     if not sp.running():
                         problems.append(f"start {sp.starts} on the full disk exited ({sp.proc.returncode}) instead of waiting for room")
@@ -1383,6 +1384,33 @@ async def test_a_start_after_a_power_loss_on_a_full_disk_waits_for_room_and_lose
     finally:
         gateways.kill_all()
         disk.unmount()
+
+async def answered_as_waiting_for_room(url: str) -> list[str]:
+    """What is wrong with the device listener's answers while a start waits for room: alive (the
+    host's watchdog must not replace the instance), not ready, and a device told to come back."""
+    import aiohttp
+
+    wanted = {
+        ("GET", "/healthz"): (200, {"status": "waiting_for_room"}),
+        ("GET", "/readyz"): (503, {"status": "waiting_for_room"}),
+        ("POST", "/v1/telemetry"): (503, "unavailable"),
+    }
+    problems = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for (method, path), (status, body) in wanted.items():
+            try:
+                async with http.request(method, url + path, data=b'{"device_id":"d","ts":1,"metrics":{}}\n') as resp:
+                    got = await resp.json(content_type=None)
+                    retry_after = resp.headers.get("Retry-After")
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                problems.append(f"{method} {path} while the start waited for room: {type(exc).__name__} {exc}")
+                continue
+            got_body = got.get("error") if isinstance(body, str) else got
+            if (resp.status, got_body) != (status, body) or (status == 503 and not retry_after):
+                problems.append(f"{method} {path} while the start waited for room: {resp.status} {got}, "
+                                f"Retry-After {retry_after} (wanted {status} {body})")
+    return problems
+
 
 async def lives_ended_by_power_losses(
     sp: ServeProcess,

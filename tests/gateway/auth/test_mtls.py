@@ -131,3 +131,24 @@ async def test_haproxy_header_is_ignored_when_haproxy_is_not_trusted(tmp_path, p
         http, f"https://127.0.0.1:{proxy.port}", body_for("dev-1"), ssl_context=client_context(pki, pki.device("dev-1"))
     )
     assert status == 401
+
+
+async def test_while_starting_a_tls_listener_answers_over_tls(tmp_path, pki, http):
+    """The listener of a start that is still catching up (or waiting for room) answers as the
+    gateway will: over TLS, with the same certificate."""
+    from gateway.edge.while_starting import answering_while_starting
+    from gateway.listeners import bind_listener
+    from gateway.settings import load_settings
+
+    settings = load_settings(tls_env(tmp_path, pki).config)
+    listener = bind_listener("127.0.0.1", 0, 16)
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with answering_while_starting(listener, settings) as starting:
+            starting.waiting_for_room(True)
+            async with http.get(url + "/healthz", ssl=client_context(pki)) as resp:
+                assert resp.status == 200 and await resp.json() == {"status": "waiting_for_room"}
+            async with http.get(url + "/readyz", ssl=client_context(pki)) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == str(settings.wal.retry_after_secs)
+    finally:
+        listener.close()

@@ -579,7 +579,11 @@ def test_a_start_on_a_full_disk_tries_again_until_there_is_room(tmp_path, monkey
     disk = _FullDiskClock(refusals=5, error=_no_room())
     monkeypatch.setattr(ledger_catch_up, "open_and_catch_up", disk.open_and_catch_up)
     ledger = RetryLedger(tmp_path / "ledger", window_secs=600, max_keys=1000)
-    ledger_catch_up.open_and_catch_up_when_room(None, "gw", ledger, lambda: False, sleep=disk.sleep, clock=lambda: disk.now)
+    told = []
+    ledger_catch_up.open_and_catch_up_when_room(
+        None, "gw", ledger, lambda: False, waiting_for_room=told.append, sleep=disk.sleep, clock=lambda: disk.now
+    )
+    assert told == [True, False], "the listener says waiting_for_room from the first refusal until it goes on"
     assert disk.tries == 6
     assert disk.now == pytest.approx(1 + 2 + 4 + 8 + 8, abs=0.5), "1, 2, 4, then every 8 s"
     assert caplog.text.count("the WAL's disk is full") == 1, "said once, not at every try"

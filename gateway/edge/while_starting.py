@@ -1,0 +1,153 @@
+"""What the device listener answers while an instance starts, before its gateway serves it.
+
+Before anyone is answered, the retry ledger is caught up with every WAL (gateway/durable/
+ledger_catch_up.py): after a crash that reads the WALs, and on a full disk it waits for room, as
+long as an operator takes to free some. Meanwhile the listener is bound and answered from a thread
+of its own, so that the host's watchdog probing ``/healthz`` sees an instance that is alive and
+will serve by itself (a replacement would not free its disk, and the WAL volume goes with it), the
+load balancer's ``/readyz`` sees 503 and sends nothing, and a device is told 503 with Retry-After
+instead of finding its connection refused or never accepted. Each connection gets one answer and
+is closed; the gateway takes over the same socket once started.
+
+Only the standard library is imported here: the supervisor answers before any worker starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HEAD_LIMIT_BYTES = 8 * 1024
+HEAD_TIMEOUT_SECS = 5.0
+# Reading what a client still sends after its answer, so that closing does not reset the
+# connection before the client has read the answer.
+LINGER_SECS = 1.0
+MAX_CONNECTIONS = 256  # beyond this many at once, a connection is closed unanswered
+
+STARTING = "starting"
+WAITING_FOR_ROOM = "waiting_for_room"
+_MESSAGES = {
+    STARTING: "the gateway is starting (its retry ledger is catching up with the WAL); try again shortly",
+    WAITING_FOR_ROOM: "the gateway cannot start until its WAL's disk has room; another instance can take this request",
+}
+_REASONS = {200: "OK", 503: "Service Unavailable"}
+
+
+def answer(head: bytes, state: str, retry_after_secs: int) -> bytes:
+    """The whole HTTP answer to a request whose head is ``head``, in ``state``: ``/healthz`` 200
+    (alive), ``/readyz`` and everything else 503 with Retry-After."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    method = parts[0]
+    path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+    if path == b"/healthz":
+        status, body = 200, {"status": state}
+    elif path == b"/readyz":
+        status, body = 503, {"status": state}
+    else:
+        status, body = 503, {"error": "unavailable", "message": _MESSAGES[state]}
+    payload = json.dumps(body).encode()
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        "Connection: close",
+    ]
+    if status == 503:
+        lines.append(f"Retry-After: {retry_after_secs}")
+    return "\r\n".join(lines).encode() + b"\r\n\r\n" + (b"" if method == b"HEAD" else payload)
+
+
+class StartingAnswers:
+    """Answers on ``listener`` (a copy of it: the instance's socket stays open) from a thread, until
+    ``stop``; ``waiting_for_room(True)`` turns "starting" into "waiting_for_room"."""
+
+    def __init__(self, listener: socket.socket, retry_after_secs: int, ssl_context=None) -> None:
+        self._listener = listener.dup()  # the server closes the socket it serves when it stops
+        self._retry_after_secs = retry_after_secs
+        self._ssl = ssl_context
+        self.state = STARTING
+        self.answered = 0
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._handlers: set[asyncio.Task] = set()
+        self._thread = threading.Thread(target=self._run, name="starting-answers", daemon=True)
+
+    def start(self) -> StartingAnswers:
+        self._thread.start()
+        return self
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted and not closed yet."""
+        return len(self._handlers)
+
+    def waiting_for_room(self, waiting: bool) -> None:
+        self.state = WAITING_FOR_ROOM if waiting else STARTING
+
+    def stop(self) -> None:
+        """Stop answering (connections still being answered are closed); the thread has exited on return."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()
+        self._listener.close()
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(
+            self._answer, sock=self._listener, limit=HEAD_LIMIT_BYTES, ssl=self._ssl,
+            ssl_handshake_timeout=HEAD_TIMEOUT_SECS if self._ssl is not None else None,
+        )
+        async with server:
+            await self._stop.wait()
+        for handler in list(self._handlers):
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        self._handlers.add(handler)
+        try:
+            if len(self._handlers) <= MAX_CONNECTIONS:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_SECS)
+                writer.write(answer(head, self.state, self._retry_after_secs))
+                await writer.drain()
+                self.answered += 1
+                if writer.can_write_eof():
+                    writer.write_eof()  # the client, reading until the end, closes its side now
+                await asyncio.wait_for(_read_away(reader), LINGER_SECS)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, OSError):
+            pass  # a head too long, too slow or cut off, or a client gone: closed unanswered
+        except asyncio.CancelledError:
+            pass  # stopped: the gateway answers from now on
+        finally:
+            self._handlers.discard(handler)
+            writer.close()
+
+
+async def _read_away(reader: asyncio.StreamReader) -> None:
+    while await reader.read(64 * 1024):
+        pass
+
+
+@contextmanager
+def answering_while_starting(listener: socket.socket, settings) -> Iterator[StartingAnswers]:
+    """``StartingAnswers`` on the instance's device ``listener`` for the duration of the block."""
+    context = None
+    if settings.tls.enabled:
+        from gateway.edge.tls import server_context
+
+        context = server_context(settings.tls)
+    answers = StartingAnswers(listener, settings.wal.retry_after_secs, context).start()
+    try:
+        yield answers
+    finally:
+        answers.stop()

@@ -1,0 +1,129 @@
+"""The device listener's answers while an instance starts: alive, not ready, come back later."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from gateway.edge.while_starting import MAX_CONNECTIONS, StartingAnswers, answer
+from gateway.listeners import bind_listener
+
+
+def exchange(port: int, request: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``request`` and read everything until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parsed(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def connections_reach(answers: StartingAnswers, count: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while answers.connections != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return answers.connections == count
+
+
+@pytest.fixture
+def listener():
+    sock = bind_listener("127.0.0.1", 0, 1024)  # room for the cap test's connections
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def answers(listener):
+    running = StartingAnswers(listener, retry_after_secs=7).start()
+    yield running
+    running.stop()
+
+
+def test_healthz_is_alive_and_readyz_is_not_ready_while_starting(listener, answers):
+    port = listener.getsockname()[1]
+    status, headers, body = parsed(exchange(port, b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"))
+    assert status == 200 and json.loads(body) == {"status": "starting"} and headers["Connection"] == "close"
+    status, headers, body = parsed(exchange(port, b"GET /readyz?verbose=1 HTTP/1.1\r\nHost: gw\r\n\r\n"))
+    assert status == 503 and json.loads(body) == {"status": "starting"} and headers["Retry-After"] == "7"
+
+
+def test_a_start_waiting_for_room_says_so_and_a_device_is_told_to_come_back(listener, answers):
+    port = listener.getsockname()[1]
+    answers.waiting_for_room(True)
+    assert json.loads(parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[2]) == {"status": "waiting_for_room"}
+    body = b'{"device_id":"d1","ts":1,"metrics":{"t":1}}\n' * 2000  # sent whole before the answer is read
+    request = b"POST /v1/telemetry HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    status, headers, answer_body = parsed(exchange(port, request))
+    assert status == 503 and headers["Retry-After"] == "7"
+    refusal = json.loads(answer_body)
+    assert refusal["error"] == "unavailable" and "disk" in refusal["message"]
+    answers.waiting_for_room(False)
+    assert json.loads(parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[2]) == {"status": "starting"}
+    assert answers.answered == 3
+
+
+def test_a_head_answer_has_no_body_and_a_head_too_long_is_closed_unanswered(listener, answers):
+    port = listener.getsockname()[1]
+    status, headers, body = parsed(exchange(port, b"HEAD /healthz HTTP/1.1\r\n\r\n"))
+    assert status == 200 and int(headers["Content-Length"]) > 0 and body == b""
+    assert exchange(port, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n") == b""
+    assert answers.answered == 1
+
+
+def test_once_stopped_the_socket_stays_open_for_the_gateway_and_nothing_answers_from_the_thread(listener):
+    running = StartingAnswers(listener, retry_after_secs=1).start()
+    port = listener.getsockname()[1]
+    assert parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
+    assert connections_reach(running, 0)  # the answered one closed
+    slow = socket.create_connection(("127.0.0.1", port))  # accepted, its head never comes: closed by stop
+    assert connections_reach(running, 1)
+    running.stop()
+    assert slow.recv(10) == b""
+    slow.close()
+    # The instance's socket still listens: a connection made now waits for whoever accepts next.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
+        late.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.recv(100).startswith(b"GET /healthz")
+    assert running.answered == 1
+
+
+def test_connections_beyond_the_cap_are_closed_unanswered(listener, answers):
+    port = listener.getsockname()[1]
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        assert connections_reach(answers, MAX_CONNECTIONS)  # each accepted, waiting for its head
+        try:
+            extra = exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        except ConnectionResetError:
+            extra = b""  # closed with the request unread
+        assert extra == b"" and answers.answered == 0
+    finally:
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    "head, status, key",
+    [
+        (b"GET /healthz HTTP/1.1\r\n\r\n", 200, "status"),
+        (b"GET /readyz HTTP/1.1\r\n\r\n", 503, "status"),
+        (b"POST /v1/telemetry HTTP/1.1\r\n\r\n", 503, "error"),
+        (b"garbage\r\n\r\n", 503, "error"),
+    ],
+)
+def test_every_head_gets_a_json_answer(head, status, key):
+    code, headers, body = parsed(answer(head, "starting", 3))
+    assert code == status and key in json.loads(body) and int(headers["Content-Length"]) == len(body)
