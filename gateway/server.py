@@ -36,7 +36,7 @@ from gateway.settings import ConfigError, Settings
 from gateway.ops.status.cluster import runtime_dir, start_peer_listener
 from gateway.heartbeat import start_beating
 from gateway.edge.tls import server_context
-from gateway.edge.while_starting import answering_while_starting
+from gateway.edge.while_starting import AnswersOnceWaiting
 from gateway.listeners import bind_listener
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,17 @@ async def start_gateway(
     gw = gateway or Gateway(settings, worker_index=worker_index)
     # Start-up is one stack: whatever started is closed again, in reverse, if a later part fails.
     async with contextlib.AsyncExitStack() as started:
-        if listener is None:  # alone: bound before the start, so that it answers while the start takes
-            listener = bind_listener(settings.listen.host, settings.listen.port, settings.listen.backlog)
-            started.callback(listener.close)
-            with answering_while_starting(listener, settings) as starting:
-                gw.waiting_for_room = starting.waiting_for_room
+        if listener is None:  # alone: a start that waits for room binds the listener and answers meanwhile
+            listen = settings.listen
+            once_waiting = AnswersOnceWaiting(settings, lambda: bind_listener(listen.host, listen.port, listen.backlog))
+            gw.waiting_for_room = once_waiting
+            try:
                 await gw.start()
+            finally:
+                once_waiting.stop()
+                if once_waiting.listener is not None:
+                    started.callback(once_waiting.listener.close)
+            listener = once_waiting.listener
         else:  # a supervisor's worker: the supervisor answered while the instance started
             await gw.start()
         started.push_async_callback(gw.close)

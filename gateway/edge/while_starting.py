@@ -18,7 +18,7 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 HEAD_LIMIT_BYTES = 8 * 1024
@@ -138,16 +138,45 @@ async def _read_away(reader: asyncio.StreamReader) -> None:
         pass
 
 
-@contextmanager
-def answering_while_starting(listener: socket.socket, settings) -> Iterator[StartingAnswers]:
-    """``StartingAnswers`` on the instance's device ``listener`` for the duration of the block."""
+def starting_answers(listener: socket.socket, settings) -> StartingAnswers:
+    """``StartingAnswers`` on the instance's device ``listener``, started, over TLS where the gateway serves TLS."""
     context = None
     if settings.tls.enabled:
         from gateway.edge.tls import server_context
 
         context = server_context(settings.tls)
-    answers = StartingAnswers(listener, settings.wal.retry_after_secs, context).start()
+    return StartingAnswers(listener, settings.wal.retry_after_secs, context).start()
+
+
+@contextmanager
+def answering_while_starting(listener: socket.socket, settings) -> Iterator[StartingAnswers]:
+    """``starting_answers`` for the duration of the block."""
+    answers = starting_answers(listener, settings)
     try:
         yield answers
     finally:
         answers.stop()
+
+
+class AnswersOnceWaiting:
+    """For a gateway alone, which binds its device listener once started: bound at once, and
+    answering, if its start waits for room (``__call__`` is the ``waiting_for_room`` callback).
+    Binding after the instance lock keeps a predecessor that is still exiting (its port and lock
+    held by a thread stuck in the kernel) a wait for the lock, not a refused start."""
+
+    def __init__(self, settings, bind: Callable[[], socket.socket]) -> None:
+        self._settings = settings
+        self._bind = bind
+        self.listener: socket.socket | None = None  # what the gateway serves on, once bound here
+        self._answers: StartingAnswers | None = None
+
+    def __call__(self, waiting: bool) -> None:
+        if self._answers is None and waiting:
+            self.listener = self._bind()
+            self._answers = starting_answers(self.listener, self._settings)
+        if self._answers is not None:
+            self._answers.waiting_for_room(waiting)
+
+    def stop(self) -> None:
+        if self._answers is not None:
+            self._answers.stop()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.edge.while_starting import MAX_CONNECTIONS, StartingAnswers, answer
+from gateway.edge.while_starting import MAX_CONNECTIONS, AnswersOnceWaiting, StartingAnswers, answer
 from gateway.listeners import bind_listener
 
 
@@ -127,3 +127,30 @@ def test_connections_beyond_the_cap_are_closed_unanswered(listener, answers):
 def test_every_head_gets_a_json_answer(head, status, key):
     code, headers, body = parsed(answer(head, "starting", 3))
     assert code == status and key in json.loads(body) and int(headers["Content-Length"]) == len(body)
+
+
+def test_a_gateway_alone_binds_only_once_its_start_waits_for_room():
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(tls=SimpleNamespace(enabled=False), wal=SimpleNamespace(retry_after_secs=2))
+    bound = []
+
+    def bind():
+        bound.append(bind_listener("127.0.0.1", 0, 16))
+        return bound[-1]
+
+    quiet = AnswersOnceWaiting(settings, bind)
+    quiet.stop()
+    assert quiet.listener is None and bound == [], "a start that never waited binds nothing early"
+    once = AnswersOnceWaiting(settings, bind)
+    try:
+        once(True)
+        once(True)  # told again by a later refusal: still the one listener
+        assert len(bound) == 1 and once.listener is bound[0]
+        port = once.listener.getsockname()[1]
+        assert json.loads(parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[2]) == {"status": "waiting_for_room"}
+        once(False)
+        assert json.loads(parsed(exchange(port, b"GET /readyz HTTP/1.1\r\n\r\n"))[2]) == {"status": "starting"}
+    finally:
+        once.stop()
+        bound[0].close()
