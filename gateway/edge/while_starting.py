@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 HEAD_LIMIT_BYTES = 8 * 1024
 HEAD_TIMEOUT_SECS = 5.0
@@ -91,13 +94,18 @@ class StartingAnswers:
     def stop(self) -> None:
         """Stop answering (connections still being answered are closed); the thread has exited on return."""
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass  # its loop ended meanwhile (it could not serve the listener)
             self._thread.join()
         self._listener.close()
 
     def _run(self) -> None:
         try:
             self._loop.run_until_complete(self._serve())
+        except Exception as exc:  # the start goes on unanswered, as it would without this
+            log.error("cannot answer on the device listener while starting", extra={"error": f"{type(exc).__name__}: {exc}"})
         finally:
             self._loop.close()
 

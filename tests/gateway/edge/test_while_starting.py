@@ -154,3 +154,12 @@ def test_a_gateway_alone_binds_only_once_its_start_waits_for_room():
     finally:
         once.stop()
         bound[0].close()
+
+
+def test_a_listener_it_cannot_serve_is_logged_and_the_start_goes_on(caplog):
+    datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # listen() fails on it
+    try:
+        StartingAnswers(datagrams, retry_after_secs=1).start().stop()
+    finally:
+        datagrams.close()
+    assert "cannot answer on the device listener while starting" in caplog.text
