@@ -12,6 +12,7 @@ letting in more only makes every answer later, refusals included (they wait for 
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
@@ -88,9 +89,16 @@ class InflightLimit:
 
 
 class Admission:
-    def __init__(self, settings: Callable[[], AdmissionSettings], on_refuse: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], AdmissionSettings],
+        on_refuse: Callable[[str], None],
+        *,
+        draw: Callable[[int, int], int] = random.randint,
+    ) -> None:
         self._settings = settings
         self._on_refuse = on_refuse
+        self._draw = draw
         self.inflight_bytes = 0
         self.limit = InflightLimit(settings)
         self._per_source: dict[str, int] = {}
@@ -136,8 +144,16 @@ class Admission:
         if loop_lag_secs * 1000 > s.max_loop_lag_ms:
             self._refuse("loop_lag", f"the gateway is {loop_lag_secs * 1000:.0f} ms behind", s)
 
+    def overload_retry_after(self) -> int:
+        """The ``Retry-After`` of an overload refusal: ``retry_after_secs`` and up to
+        ``retry_after_spread_secs`` more, drawn at random. Devices refused in the same moment would
+        otherwise all come back in the same second: with one second for all, the benchmark's fleet
+        came back in waves a second apart, each overloading the worker again."""
+        s = self._settings()
+        return s.retry_after_secs + self._draw(0, s.retry_after_spread_secs)
+
     def _refuse(self, reason: str, why: str, s: AdmissionSettings, retry_after_secs: int | None = None) -> None:
         self._on_refuse(reason)
         raise Unavailable(
-            f"the gateway is overloaded ({why}); retry later", retry_after_secs=retry_after_secs or s.retry_after_secs
+            f"the gateway is overloaded ({why}); retry later", retry_after_secs=retry_after_secs or self.overload_retry_after()
         )

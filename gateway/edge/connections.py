@@ -39,6 +39,7 @@ request; and a source that keeps coming back while refused gets its answers late
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import socket
@@ -82,7 +83,11 @@ def fixed_response(error: ApiError) -> bytes:
 
 _REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
 HEADER_TIMEOUT_JITTER = 0.25
-_OVERLOADED = fixed_response(Unavailable("the gateway is overloaded (connections are waiting to be accepted); retry later", retry_after_secs=1))
+@functools.lru_cache(maxsize=16)
+def _overloaded(retry_after_secs: int) -> bytes:
+    return fixed_response(
+        Unavailable("the gateway is overloaded (connections are waiting to be accepted); retry later", retry_after_secs=retry_after_secs)
+    )
 
 
 @dataclass(slots=True)
@@ -112,8 +117,10 @@ class ConnectionGuard:
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
         file_budget: int | None = None,
+        overload_retry_after: Callable[[], int] = lambda: 1,
     ) -> None:
         self._settings = settings
+        self._overload_retry_after = overload_retry_after  # spread like the admission's refusals
         # Connections this process's open-files limit leaves room for, whatever max_connections says.
         self.file_budget = connection_budget() if file_budget is None else file_budget
         self._on_close = on_close
@@ -153,7 +160,7 @@ class ConnectionGuard:
         # accepted now would wait on top. Shed cheaply so the queue (and every wait in it) stays short.
         self._on_close("accept_queue")
         try:
-            sock.send(_OVERLOADED)
+            sock.send(_overloaded(self._overload_retry_after()))
         except OSError:
             pass  # the client is gone already
         sock.close()

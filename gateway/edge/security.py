@@ -56,6 +56,7 @@ class EdgeSecurity:
             # A load balancer carries every device's connections: no per-source cap for it.
             shared_source=lambda address: is_trusted_proxy(address, settings().proxy),
             source_refusal=self._source_refusal,
+            overload_retry_after=self.admission.overload_retry_after,
         )
         metrics.connections_open.set_function(lambda: self.connections.open)
         metrics.inflight_bytes.set_function(lambda: self.admission.inflight_bytes)

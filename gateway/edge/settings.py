@@ -108,6 +108,11 @@ class AdmissionSettings(Section):
     # bodies that all arrived at once (gateway/ingest/loop_share.py). 0: all that are ready, in one turn.
     loop_turn_ms: Annotated[int, Meta(ge=0)] = 5
     retry_after_secs: PositiveInt = 1
+    # An overload 503 asks for retry_after_secs plus a whole number of seconds up to this, drawn at
+    # random: devices refused in the same moment come back spread over it instead of all at once,
+    # in a wave that overloads the worker again (docs/performance.md, "Refusals that come back
+    # together"). 0: always retry_after_secs.
+    retry_after_spread_secs: Annotated[int, Meta(ge=0)] = 1
     # Requests in flight from one source address (the TCP peer, or X-Forwarded-For from a trusted
     # proxy): one client holds at most its share of max_inflight_requests.
     max_inflight_per_source: PositiveInt = 64

@@ -72,7 +72,7 @@ NOTES: dict[str, str] = {
     "admission.max_inflight_bytes": "Body bytes of requests in progress at most; beyond it: 503.",
     "admission.max_loop_lag_ms": "Event-loop lag beyond which new requests get 503 (the process is saturated).",
     "admission.loop_turn_ms": "Milliseconds of request decoding per turn of a worker's event loop before it reads its sockets again; 0: all that is ready.",
-    "admission.retry_after_secs": "`Retry-After` of an overload 503.",
+    "admission.retry_after_secs": "`Retry-After` of an overload 503 (the least it asks for).",
     "admin.enabled": "The operator API, status page and tap, on their own listener (never the device one).",
     "admin.host": "Address of the admin listener.",
     "admin.port": "Port of the admin listener.",

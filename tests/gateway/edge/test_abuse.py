@@ -97,7 +97,7 @@ async def test_forged_requests_do_not_drain_a_device_bucket(tmp_path, start, htt
     [({"max_inflight_requests": 1}, "inflight_requests"), ({"max_inflight_bytes": 1000}, "inflight_bytes")],
 )
 async def test_admission_control_answers_503_with_retry_after(tmp_path, start, http, admission, reason):
-    env = make_env(tmp_path, n_devices=1, admission={**admission, "retry_after_secs": 3})
+    env = make_env(tmp_path, n_devices=1, admission={**admission, "retry_after_secs": 3, "retry_after_spread_secs": 0})
     gw = await start(env)
     # Hold one request open mid-body (chunked: it declares no length), then send another.
     body = body_of("dev-1", 100)

@@ -35,7 +35,7 @@ def test_the_depth_of_a_listeners_accept_queue_is_read_from_the_kernel():
                 client.close()
 
 
-def queued_answers(tmp_path, max_accept_queue: int, clients: int = 8) -> list[tuple[int, bytes]]:
+def queued_answers(tmp_path, max_accept_queue: int, clients: int = 8) -> list[tuple[int, bytes, int | None]]:
     """The real ``serve`` (uvloop accepts one connection at a time, as the kernel hands them over),
     stopped with SIGSTOP while ``clients`` devices connect and send, then resumed."""
     port = free_port()
@@ -58,7 +58,8 @@ def queued_answers(tmp_path, max_accept_queue: int, clients: int = 8) -> list[tu
         serve.kill()
 
 
-def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+def _read_response(sock: socket.socket) -> tuple[int, bytes, int | None]:
+    """Status, body and Retry-After (None without one) of the answer on ``sock``."""
     sock.settimeout(10)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -68,16 +69,19 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
     while len(body) < length:
         body += sock.recv(65536)
     sock.close()
-    return int(head.split()[1]), body
+    retry_after = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"retry-after:")), None)
+    return int(head.split()[1]), body, retry_after
 
 
 def test_connections_queued_behind_a_busy_loop_are_refused_at_once_beyond_the_limit(tmp_path):
     answers = queued_answers(tmp_path, max_accept_queue=3)
-    statuses = sorted(status for status, _ in answers)
+    statuses = sorted(status for status, _, _ in answers)
     # Accepted in order as the queue drains: those with more than 3 still waiting behind them are shed.
     assert statuses == [202] * 4 + [503] * 4, statuses
-    assert all(b"waiting to be accepted" in body for status, body in answers if status == 503)
+    assert all(b"waiting to be accepted" in body for status, body, _ in answers if status == 503)
+    # Spread like the admission's refusals (admission.retry_after_secs 1, retry_after_spread_secs 1).
+    assert {retry_after for status, _, retry_after in answers if status == 503} <= {1, 2}
 
 
 def test_no_connection_is_shed_when_the_limit_is_off(tmp_path):
-    assert sorted(status for status, _ in queued_answers(tmp_path, max_accept_queue=0)) == [202] * 8
+    assert sorted(status for status, _, _ in queued_answers(tmp_path, max_accept_queue=0)) == [202] * 8

@@ -125,6 +125,27 @@ def test_admission_refuses_past_the_current_limit() -> None:
     assert refused == ["inflight_requests"]
 
 
+def refusal_retry_after(admission: Admission, **check) -> int:
+    args = dict(inflight_requests=2, declared_bytes=0, wal_bytes=0, wal_capacity=0, wal_retry_after_secs=5, loop_lag_secs=0) | check
+    with pytest.raises(Unavailable) as refused:
+        admission.check(**args)
+    return refused.value.retry_after_secs
+
+
+def test_overload_refusals_spread_their_retry_after_and_the_wal_full_keeps_its_own() -> None:
+    s = AdmissionSettings(max_inflight_requests=1, answer_target_ms=0, retry_after_secs=2, retry_after_spread_secs=3)
+    drawn = Admission(lambda: s, lambda reason: None)
+    seen = {refusal_retry_after(drawn) for _ in range(400)}
+    assert seen == {2, 3, 4, 5}, "every whole second from retry_after_secs to retry_after_secs + spread"
+    highest = Admission(lambda: s, lambda reason: None, draw=lambda low, high: high)
+    assert refusal_retry_after(highest) == 5
+    # A full WAL is not a moment's overload: its refusal asks for wal.retry_after_secs, as it did.
+    assert refusal_retry_after(highest, inflight_requests=1, wal_bytes=10, wal_capacity=10) == 5
+    assert refusal_retry_after(highest, inflight_requests=1, wal_bytes=10, wal_capacity=10, wal_retry_after_secs=9) == 9
+    fixed = AdmissionSettings(max_inflight_requests=1, answer_target_ms=0, retry_after_secs=2, retry_after_spread_secs=0)
+    assert {refusal_retry_after(Admission(lambda: fixed, lambda reason: None)) for _ in range(50)} == {2}
+
+
 async def test_a_gateway_whose_answers_come_late_lets_fewer_requests_in(tmp_path, start, http, monkeypatch) -> None:
     env = make_env(tmp_path, n_devices=1, admission={"max_inflight_requests": 32, "min_inflight_requests": 2, "answer_target_ms": 100})
     gw = await start(env)
