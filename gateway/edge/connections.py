@@ -83,6 +83,8 @@ def fixed_response(error: ApiError) -> bytes:
 
 _REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
 HEADER_TIMEOUT_JITTER = 0.25
+
+
 @functools.lru_cache(maxsize=16)
 def _overloaded(retry_after_secs: int) -> bytes:
     return fixed_response(
