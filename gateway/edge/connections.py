@@ -54,6 +54,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import ApiError, MalformedBody, RequestTimeout, Unavailable
 from gateway.edge.accept_share import SiblingConnections
+from gateway.edge.closing_answer import closing_answer
 from gateway.edge.acceptor import AcceptQueue, Acceptor
 from gateway.edge.proxy import plain_address
 from gateway.edge.settings import ConnectionSettings
@@ -73,15 +74,9 @@ _REFUSAL = (
 
 def fixed_response(error: ApiError) -> bytes:
     """The whole HTTP/1.1 answer to a refusal, closing the connection (the API's JSON shape)."""
-    body = orjson.dumps({"error": error.code, "message": error.message})
-    retry = b"Retry-After: %d\r\n" % error.retry_after_secs if error.retry_after_secs is not None else b""
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%bConnection: close\r\nContent-Length: %d\r\n\r\n%b"
-        % (error.status, _REASONS.get(error.status, b"Refused"), retry, len(body), body)
-    )
+    return closing_answer(error.status, orjson.dumps({"error": error.code, "message": error.message}), error.retry_after_secs)
 
 
-_REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
 HEADER_TIMEOUT_JITTER = 0.25
 
 

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from gateway.edge.closing_answer import closing_answer
+
 log = logging.getLogger(__name__)
 
 HEAD_LIMIT_BYTES = 8 * 1024
@@ -37,7 +39,6 @@ _MESSAGES = {
     STARTING: "the gateway is starting (its retry ledger is catching up with the WAL); try again shortly",
     WAITING_FOR_ROOM: "the gateway cannot start until its WAL's disk has room; another instance can take this request",
 }
-_REASONS = {200: "OK", 503: "Service Unavailable"}
 
 
 def answer(head: bytes, state: str, retry_after_secs: int) -> bytes:
@@ -52,16 +53,8 @@ def answer(head: bytes, state: str, retry_after_secs: int) -> bytes:
         status, body = 503, {"status": state}
     else:
         status, body = 503, {"error": "unavailable", "message": _MESSAGES[state]}
-    payload = json.dumps(body).encode()
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS[status]}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(payload)}",
-        "Connection: close",
-    ]
-    if status == 503:
-        lines.append(f"Retry-After: {retry_after_secs}")
-    return "\r\n".join(lines).encode() + b"\r\n\r\n" + (b"" if method == b"HEAD" else payload)
+    retry_after = retry_after_secs if status == 503 else None
+    return closing_answer(status, json.dumps(body).encode(), retry_after, head_only=method == b"HEAD")
 
 
 class StartingAnswers:
