@@ -39,6 +39,7 @@ from tests.durability.client import Device, DeviceClient, Ledger, ReadinessProbe
 from tests.durability.harness import (
     Gateways,
     ServeProcess,
+    group_members,
     lake_counts,
     landing_problems,
     make_devices,
@@ -200,10 +201,15 @@ async def test_valid_only_soak_wraps_the_wal(tmp_path, gateways, curated):
 # -- 2 ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(150)
-async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
-    """SIGKILL mid-load, then restart with another worker count (and, once, with each worker landing
-    its own WAL instead of the lake process): every WAL directory is drained."""
+async def lives_under_load(
+    tmp_path: Path,
+    gateways: Gateways,
+    lives: list[tuple[int, dict[str, str]]],
+    end_life: Callable[[ServeProcess, int, list[str]], Awaitable[None]],
+) -> tuple[ServeProcess, Ledger, list[str]]:
+    """Six devices send while ``serve`` is started once per (workers, environment) of ``lives``, 2 s
+    each; every life but the last ends by ``end_life(sp, phase, problems)``, the last by SIGTERM.
+    Returns the gateway, what the devices saw, and the problems found, the raw zone's included."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
@@ -214,11 +220,8 @@ async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
     ledger = Ledger()
     stop = asyncio.Event()
     problems: list[str] = []
-    plan = [2, 1, 3, 2]
     load: asyncio.Task | None = None
-    for phase, workers in enumerate(plan):
-        # Phase 2 lands in the workers; the phases around it in the lake process: the zones' state carries over.
-        env = workers_env(workers) | ({"EDGE_GATEWAY__LAKE__LANDING": "worker"} if phase == 2 else {})
+    for phase, (workers, env) in enumerate(lives):
         try:
             await sp.astart(env, workers=workers)
         except RuntimeError as exc:
@@ -232,15 +235,50 @@ async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
         await asyncio.sleep(2.0)
         if ledger.acked_requests == acked_before:
             problems.append(f"phase {phase} (workers = {workers}) acknowledged nothing in 2 s: {ledger.statuses}")
-        if phase < len(plan) - 1:
-            await sp.akill()  # mid-load: requests in flight, objects half built
+        if phase < len(lives) - 1:
+            await end_life(sp, phase, problems)
     stop.set()
     if load is not None:
         await load
     await stop_gracefully(sp, problems, f"SIGTERM (workers = {workers})")
     problems += landing_problems(lake, ledger, ("raw",))
+    return sp, ledger, problems
+
+
+@pytest.mark.timeout(150)
+async def test_worker_count_changes_strand_nothing(tmp_path, gateways):
+    """SIGKILL mid-load, then restart with another worker count (and, once, with each worker landing
+    its own WAL instead of the lake process): every WAL directory is drained."""
+    plan = [2, 1, 3, 2]
+    # Phase 2 lands in the workers; the phases around it in the lake process: the zones' state carries over.
+    envs = [workers_env(n) | ({"EDGE_GATEWAY__LAKE__LANDING": "worker"} if phase == 2 else {}) for phase, n in enumerate(plan)]
+
+    async def end_life(sp: ServeProcess, phase: int, problems: list[str]) -> None:
+        await sp.akill()  # mid-load: requests in flight, objects half built
+
+    sp, ledger, problems = await lives_under_load(tmp_path, gateways, list(zip(plan, envs)), end_life)
     wal_dirs = sorted(str(p.relative_to(tmp_path / "wal")) for p in (tmp_path / "wal").rglob("*") if p.is_dir())
     check(problems, ledger, sp, notes=[f"WAL directories left: {wal_dirs}"])
+
+
+@pytest.mark.timeout(150)
+async def test_a_supervisor_killed_alone_takes_every_process_with_it_and_the_next_start_lands_all(tmp_path, gateways):
+    """``kill -9`` of the gateway's PID (the supervisor) and nothing else, mid-load, twice: its workers
+    and lake process die with it at once, so the next start (other worker counts, the last a gateway
+    alone) finds the instance lock and the port free, and every acknowledged record lands once."""
+
+    async def end_life(sp: ServeProcess, phase: int, problems: list[str]) -> None:
+        group = sp.proc.pid
+        os.kill(group, signal.SIGKILL)  # the supervisor alone, as `kill -9 PID` does
+        deadline = time.monotonic() + 5.0
+        while (left := [pid for pid in group_members(group) if pid != group]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if left:
+            problems.append(f"phase {phase}: {len(left)} processes outlived their supervisor by 5 s")
+        await sp.akill()  # reaps the supervisor; kills whatever outlived it
+
+    sp, ledger, problems = await lives_under_load(tmp_path, gateways, [(n, workers_env(n)) for n in (2, 3, 1)], end_life)
+    check(problems, ledger, sp)
 
 
 # -- 3 ------------------------------------------------------------------------------------------
