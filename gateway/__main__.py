@@ -194,7 +194,7 @@ def _run_lake(settings, remembered: list[int]) -> int:
 
 
 def _version() -> str:
-    from gateway.ops.metrics import version
+    from gateway.ops.build import version
 
     return version()
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 
 from aiohttp import web
 
@@ -36,7 +37,7 @@ from gateway.settings import ConfigError, Settings
 from gateway.ops.status.cluster import runtime_dir, start_peer_listener
 from gateway.heartbeat import start_beating
 from gateway.edge.tls import server_context
-from gateway.edge.while_starting import AnswersOnceWaiting
+from gateway.edge.while_starting import AnswersOnceLocked
 from gateway.listeners import bind_listener
 
 log = logging.getLogger(__name__)
@@ -119,17 +120,21 @@ async def start_gateway(
     gw = gateway or Gateway(settings, worker_index=worker_index)
     # Start-up is one stack: whatever started is closed again, in reverse, if a later part fails.
     async with contextlib.AsyncExitStack() as started:
-        if listener is None:  # alone: a start that waits for room binds the listener and answers meanwhile
-            listen = settings.listen
-            once_waiting = AnswersOnceWaiting(settings, lambda: bind_listener(listen.host, listen.port, listen.backlog))
-            gw.waiting_for_room = once_waiting
+        ops_listener = None  # a supervisor's worker inherits the ops socket (gateway/ops/listener.py)
+        if listener is None:  # alone: bound once the instance is locked, and answering while the start goes on
+            listen, ops = settings.listen, settings.ops
+            while_starting = AnswersOnceLocked(
+                settings,
+                lambda: bind_listener(listen.host, listen.port, listen.backlog),
+                (lambda: bind_listener(ops.host, ops.port, 128)) if ops.enabled else None,
+            )
+            gw.instance_locked, gw.waiting_for_room = while_starting.locked, while_starting.waiting_for_room
             try:
                 await gw.start()
             finally:
-                once_waiting.stop()
-                if once_waiting.listener is not None:
-                    started.callback(once_waiting.listener.close)
-            listener = once_waiting.listener
+                while_starting.stop()
+                started.callback(while_starting.close)
+            listener, ops_listener = while_starting.listener, while_starting.ops_listener
         else:  # a supervisor's worker: the supervisor answered while the instance started
             await gw.start()
         started.push_async_callback(gw.close)
@@ -167,7 +172,7 @@ async def start_gateway(
         )
         await site.start()
         running = RunningGateway(gw, runner, site)
-        for attribute, start in (("admin", start_admin), ("ops", start_ops), ("peers", start_peer_listener)):
+        for attribute, start in (("admin", start_admin), ("ops", partial(start_ops, sock=ops_listener)), ("peers", start_peer_listener)):
             # admin: off by default; ops (/metrics): on by default; neither ever on the device listener.
             # peers: this worker's local socket for its siblings (workers > 1).
             listener_runner = await start(gw)

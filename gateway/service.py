@@ -122,8 +122,10 @@ class Gateway:
         self._idle = asyncio.Event()  # set while no telemetry request is in flight
         self._idle.set()
         self._lag_task: asyncio.Task[None] | None = None
-        # Told True while a start waits for room on a full disk, False once it goes on (what the
-        # listener answers meanwhile: gateway/edge/while_starting.py).
+        # Alone, told once the start holds the instance lock, and then True while it waits for room
+        # on a full disk, False once it goes on (what its listeners answer meanwhile:
+        # gateway/edge/while_starting.py).
+        self.instance_locked: Callable[[], None] = lambda: None
         self.waiting_for_room: Callable[[bool], None] = lambda waiting: None
 
     def _load_registry(self, settings: Settings) -> DeviceRegistry:
@@ -222,6 +224,7 @@ class Gateway:
         supervised = _supervised(self.settings)
         if not supervised:
             self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
+            self.instance_locked()
         if supervised:
             self.ledger.open()
         else:

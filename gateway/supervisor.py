@@ -72,13 +72,14 @@ class Supervisor:
     def _catch_up_ledger(self, stop_requested) -> None:
         """Before any worker answers: the retry ledger knows every durable record of every WAL
         directory (on a full disk, once there is room: ``StoppedWhileStarting`` if stopped meanwhile).
-        The device listener answers meanwhile: alive, not ready (gateway/edge/while_starting.py)."""
+        The device listener answers meanwhile: alive, not ready; the ops listener's ``/metrics`` says
+        the instance is starting (gateway/edge/while_starting.py)."""
         from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up_when_room
 
         ledger = ledger_for(self.settings)
         base_id = self.settings.gateway.gateway_id or socket.gethostname().split(".")[0]
         try:
-            with answering_while_starting(self.listener, self.settings) as starting:
+            with answering_while_starting(self.listener, self.settings, self.ops_listener) as starting:
                 open_and_catch_up_when_room(
                     self.settings, base_id, ledger, lambda: self.stopping or stop_requested(),
                     waiting_for_room=starting.waiting_for_room,

@@ -7,7 +7,9 @@ of its own, so that the host's watchdog probing ``/healthz`` sees an instance th
 will serve by itself (a replacement would not free its disk, and the WAL volume goes with it), the
 load balancer's ``/readyz`` sees 503 and sends nothing, and a device is told 503 with Retry-After
 instead of finding its connection refused or never accepted. Each connection gets one answer and
-is closed; the gateway takes over the same socket once started.
+is closed; the gateway takes over the same socket once started. The ops listener is answered the
+same way, ``/metrics`` saying the instance is starting (gateway/ops/starting_metrics.py), so that a
+scrape finds a start, not an instance that is down.
 
 Only the standard library is imported here: the supervisor answers before any worker starts.
 """
@@ -21,8 +23,10 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from gateway.edge.closing_answer import closing_answer
+from gateway.ops.starting_metrics import StartingExposition
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +63,20 @@ def answer(head: bytes, state: str, retry_after_secs: int) -> bytes:
 
 class StartingAnswers:
     """Answers on ``listener`` (a copy of it: the instance's socket stays open) from a thread, until
-    ``stop``; ``waiting_for_room(True)`` turns "starting" into "waiting_for_room"."""
+    ``stop``, each request with ``respond(head, state)``; ``waiting_for_room(True)`` turns "starting"
+    into "waiting_for_room"."""
 
-    def __init__(self, listener: socket.socket, retry_after_secs: int, ssl_context=None) -> None:
+    def __init__(self, listener: socket.socket, respond: Callable[[bytes, str], bytes], ssl_context=None, *, name: str = "device") -> None:
         self._listener = listener.dup()  # the server closes the socket it serves when it stops
-        self._retry_after_secs = retry_after_secs
+        self._respond = respond
         self._ssl = ssl_context
+        self._name = name
         self.state = STARTING
         self.answered = 0
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
-        self._thread = threading.Thread(target=self._run, name="starting-answers", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"starting-answers-{name}", daemon=True)
 
     def start(self) -> StartingAnswers:
         self._thread.start()
@@ -98,7 +104,7 @@ class StartingAnswers:
         try:
             self._loop.run_until_complete(self._serve())
         except Exception as exc:  # the start goes on unanswered, as it would without this
-            log.error("cannot answer on the device listener while starting", extra={"error": f"{type(exc).__name__}: {exc}"})
+            log.error(f"cannot answer on the {self._name} listener while starting", extra={"error": f"{type(exc).__name__}: {exc}"})
         finally:
             self._loop.close()
 
@@ -119,7 +125,7 @@ class StartingAnswers:
         try:
             if len(self._handlers) <= MAX_CONNECTIONS:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_SECS)
-                writer.write(answer(head, self.state, self._retry_after_secs))
+                writer.write(self._respond(head, self.state))
                 await writer.drain()
                 self.answered += 1
                 if writer.can_write_eof():
@@ -139,45 +145,78 @@ async def _read_away(reader: asyncio.StreamReader) -> None:
         pass
 
 
-def starting_answers(listener: socket.socket, settings) -> StartingAnswers:
-    """``StartingAnswers`` on the instance's device ``listener``, started, over TLS where the gateway serves TLS."""
+class WhileStarting:
+    """Every listener of the instance answered while it starts: the device listener, and the ops
+    listener where there is one."""
+
+    def __init__(self, answers: list[StartingAnswers]) -> None:
+        self.answers = answers
+
+    def waiting_for_room(self, waiting: bool) -> None:
+        for answers in self.answers:
+            answers.waiting_for_room(waiting)
+
+    def stop(self) -> None:
+        for answers in self.answers:
+            answers.stop()
+
+
+def starting_answers(listener: socket.socket, settings, ops_listener: socket.socket | None = None) -> WhileStarting:
+    """``StartingAnswers`` on the instance's device ``listener`` (over TLS where the gateway serves
+    TLS) and on its ``ops_listener`` where given, started."""
     context = None
     if settings.tls.enabled:
         from gateway.edge.tls import server_context
 
         context = server_context(settings.tls)
-    return StartingAnswers(listener, settings.wal.retry_after_secs, context).start()
+    answers = [StartingAnswers(listener, partial(answer, retry_after_secs=settings.wal.retry_after_secs), context).start()]
+    if ops_listener is not None:
+        answers.append(StartingAnswers(ops_listener, StartingExposition().answer, name="ops").start())
+    return WhileStarting(answers)
 
 
 @contextmanager
-def answering_while_starting(listener: socket.socket, settings) -> Iterator[StartingAnswers]:
+def answering_while_starting(listener: socket.socket, settings, ops_listener: socket.socket | None = None) -> Iterator[WhileStarting]:
     """``starting_answers`` for the duration of the block."""
-    answers = starting_answers(listener, settings)
+    answers = starting_answers(listener, settings, ops_listener)
     try:
         yield answers
     finally:
         answers.stop()
 
 
-class AnswersOnceWaiting:
-    """For a gateway alone, which binds its device listener once started: bound at once, and
-    answering, if its start waits for room (``__call__`` is the ``waiting_for_room`` callback).
-    Binding after the instance lock keeps a predecessor that is still exiting (its port and lock
-    held by a thread stuck in the kernel) a wait for the lock, not a refused start."""
+class AnswersOnceLocked:
+    """For a gateway alone, which binds its listeners itself: bound, and answering, from the moment
+    its start holds the instance lock (``locked``, the gateway's ``instance_locked`` callback)
+    until ``stop``; ``waiting_for_room`` is the gateway's callback of that name. Binding after the
+    instance lock keeps a predecessor that is still exiting (its port and lock held by a thread
+    stuck in the kernel) a wait for the lock, not a refused start."""
 
-    def __init__(self, settings, bind: Callable[[], socket.socket]) -> None:
+    def __init__(self, settings, bind: Callable[[], socket.socket], bind_ops: Callable[[], socket.socket] | None = None) -> None:
         self._settings = settings
         self._bind = bind
+        self._bind_ops = bind_ops
         self.listener: socket.socket | None = None  # what the gateway serves on, once bound here
-        self._answers: StartingAnswers | None = None
+        self.ops_listener: socket.socket | None = None  # what its ops listener serves on, likewise
+        self._answers: WhileStarting | None = None
 
-    def __call__(self, waiting: bool) -> None:
-        if self._answers is None and waiting:
+    def locked(self) -> None:
+        if self._answers is None:
             self.listener = self._bind()
-            self._answers = starting_answers(self.listener, self._settings)
+            if self._bind_ops is not None:
+                self.ops_listener = self._bind_ops()
+            self._answers = starting_answers(self.listener, self._settings, self.ops_listener)
+
+    def waiting_for_room(self, waiting: bool) -> None:
         if self._answers is not None:
             self._answers.waiting_for_room(waiting)
 
     def stop(self) -> None:
         if self._answers is not None:
             self._answers.stop()
+
+    def close(self) -> None:
+        """Close what was bound (a start that failed; a started gateway's servers close their own)."""
+        for sock in (self.listener, self.ops_listener):
+            if sock is not None:
+                sock.close()

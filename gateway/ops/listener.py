@@ -59,9 +59,10 @@ async def start_operator_listener(app: web.Application, host: str, port: int, *,
     return runner
 
 
-async def start_ops(gateway) -> web.AppRunner | None:
-    """Start the ops listener when enabled; the caller cleans the runner up."""
+async def start_ops(gateway, sock: socket.socket | None = None) -> web.AppRunner | None:
+    """Start the ops listener when enabled, on ``sock`` where the start bound it already, else on the
+    socket a supervisor handed down or its own; the caller cleans the runner up."""
     s = gateway.settings.ops
     if not s.enabled:
         return None
-    return await start_operator_listener(build_ops_app(gateway), s.host, s.port, name="ops", sock=inherited_socket())
+    return await start_operator_listener(build_ops_app(gateway), s.host, s.port, name="ops", sock=sock if sock is not None else inherited_socket())

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from connectors.base import LandedObject, ObjectSink
+from gateway.ops.build import version
+from gateway.ops.starting_metrics import STARTING_HELP
 
 if TYPE_CHECKING:
     from gateway.lake.pipeline import Pipeline
@@ -29,16 +31,6 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
-    try:
-        return package_version("edge-gateway")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 class GatewayMetrics:
@@ -66,6 +58,8 @@ class GatewayMetrics:
         self.request_bytes = Counter("edge_gateway_request_bytes", "Request body bytes as sent", registry=r)
         self.inflight = Gauge("edge_gateway_inflight_requests", "Telemetry requests being processed", registry=r)
         self.draining = Gauge("edge_gateway_draining", "1 while the gateway drains for shutdown", registry=r)
+        # 0 once serving; 1 is what the ops listener answers while the instance starts (gateway/ops/starting_metrics.py).
+        Gauge("edge_gateway_starting", STARTING_HELP, registry=r).set(0)
         self.wal_bytes = Gauge("edge_gateway_wal_bytes", "Bytes held in the write-ahead log", registry=r)
         self.wal_capacity = Gauge("edge_gateway_wal_capacity_bytes", "Configured WAL capacity", registry=r)
         self.wal_fsync = Histogram(

@@ -66,6 +66,10 @@ GATEWAY_METRICS = frozenset(
         "edge_gateway_auth_refused_total",
         "edge_gateway_admission_refused_total",
         "edge_gateway_admission_inflight_limit",
+        # While an instance starts, its ops listener answers these alone (gateway/ops/starting_metrics.py).
+        "edge_gateway_starting",
+        "edge_gateway_start_waiting_for_room",
+        "edge_gateway_start_seconds",
     }
 )
 HISTOGRAMS = frozenset(

@@ -1361,11 +1361,13 @@ async def test_a_start_after_a_power_loss_on_a_full_disk_waits_for_room_and_lose
     disk = PowerLossDisk(root)
     disk.mount()
     try:
+        ops_port = free_port()
         sp, devices, lake = setup(
             tmp_path,
             gateways,
             4,
             listen={"workers": workers},
+            ops={"host": "127.0.0.1", "port": ops_port},
             wal={"dir": str(disk.mountpoint / "wal"), "segment_bytes": 512 * KiB, "max_total_bytes": 8 * MiB},
             lake={"target_object_bytes": 128 * KiB, "max_object_age_secs": 0.3},
         )
@@ -1388,7 +1390,7 @@ async def test_a_start_after_a_power_loss_on_a_full_disk_waits_for_room_and_lose
                     sp.launch()
                     if not await wait_until(lambda: waiting in sp.log_text(), 30.0, 0.1):
                         problems.append(f"start {sp.starts} on the full disk did not say it waits for room")
-                    problems += await answered_as_waiting_for_room(sp.url)
+                    problems += await answered_while_starting(sp.url, ops_port, "waiting_for_room")
                     await asyncio.sleep(2.0)
                     if not sp.running():
                         problems.append(f"start {sp.starts} on the full disk exited ({sp.proc.returncode}) instead of waiting for room")
@@ -1423,14 +1425,16 @@ async def test_a_start_after_a_power_loss_on_a_full_disk_waits_for_room_and_lose
         gateways.kill_all()
         disk.unmount()
 
-async def answered_as_waiting_for_room(url: str) -> list[str]:
-    """What is wrong with the device listener's answers while a start waits for room: alive (the
-    host's watchdog must not replace the instance), not ready, and a device told to come back."""
+async def answered_while_starting(url: str, ops_port: int, state: str) -> list[str]:
+    """What is wrong with the listeners' answers while a start is in ``state`` ("starting", or
+    "waiting_for_room"): on the device listener alive (the host's watchdog must not replace the
+    instance), not ready, and a device told to come back; on the ops listener a scrape that says so
+    (not one that times out, as for an instance that is down)."""
     import aiohttp
 
     wanted = {
-        ("GET", "/healthz"): (200, {"status": "waiting_for_room"}),
-        ("GET", "/readyz"): (503, {"status": "waiting_for_room"}),
+        ("GET", "/healthz"): (200, {"status": state}),
+        ("GET", "/readyz"): (503, {"status": state}),
         ("POST", "/v1/telemetry"): (503, "unavailable"),
     }
     problems = []
@@ -1441,13 +1445,119 @@ async def answered_as_waiting_for_room(url: str) -> list[str]:
                     got = await resp.json(content_type=None)
                     retry_after = resp.headers.get("Retry-After")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                problems.append(f"{method} {path} while the start waited for room: {type(exc).__name__} {exc}")
+                problems.append(f"{method} {path} while the start was {state}: {type(exc).__name__} {exc}")
                 continue
             got_body = got.get("error") if isinstance(body, str) else got
             if (resp.status, got_body) != (status, body) or (status == 503 and not retry_after):
-                problems.append(f"{method} {path} while the start waited for room: {resp.status} {got}, "
+                problems.append(f"{method} {path} while the start was {state}: {resp.status} {got}, "
                                 f"Retry-After {retry_after} (wanted {status} {body})")
+    scraped = await scrape(ops_port)
+    if isinstance(scraped, str):
+        problems.append(f"GET /metrics while the start was {state}: {scraped}")
+    elif (scraped.get("edge_gateway_starting"), scraped.get("edge_gateway_start_waiting_for_room")) != (1, float(state == "waiting_for_room")):
+        problems.append(f"GET /metrics while the start was {state}: {scraped}")
     return problems
+
+
+async def scrape(ops_port: int) -> dict[str, float] | str:
+    """The ops listener's unlabelled samples (summed over workers), or what went wrong."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.get(f"http://127.0.0.1:{ops_port}/metrics") as resp:
+                text = await resp.text()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__} {exc}"
+    if resp.status != 200:
+        return f"{resp.status} {text[:200]}"
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if set(sample.labels) <= {"worker"}:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    return found
+
+
+@contextlib.contextmanager
+def lock_held_for_a_killed_holder(lock: Path, pid: int):
+    """Another process holds ``lock`` (a WAL directory's) for the duration of the block, the file
+    naming ``pid``, a process that is gone: what the kernel does for a holder killed during an fsync
+    on a slow disk until that I/O ends. A start waits for such a lock (up to 30 s) instead of refusing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o640); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "os.ftruncate(fd, 0); os.pwrite(fd, sys.argv[2].encode() + b'\\n', 0); print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(lock), str(pid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", f"{lock} could not be taken"
+        yield
+    finally:
+        holder.stdin.close()  # the holder exits, and the kernel releases its lock
+        holder.wait(10)
+        holder.stdout.close()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_nothing(tmp_path, gateways, workers):
+    """After a kill -9 mid-load the next start catches its retry ledger up with the WALs before
+    anyone is served; a long catch-up is stood in for by a WAL directory's lock that the kernel keeps
+    for the killed process a few seconds longer (a catch-up after a machine restart reads every WAL
+    whole: minutes for full ones). Meanwhile (a gateway alone, or a supervisor with two workers) the device listener
+    answers: alive, not ready, come back later; and the ops listener's ``/metrics`` says the instance
+    is starting and for how long. Then the start goes on by itself, ``/metrics`` says
+    ``edge_gateway_starting 0``, and every acknowledged record lands once. (Before, a gateway alone
+    refused connections meanwhile, and a scrape of either kind timed out as for one that is down.)"""
+    ops_port = free_port()
+    sp, devices, lake = setup(
+        tmp_path,
+        gateways,
+        4,
+        listen={"workers": workers},
+        ops={"host": "127.0.0.1", "port": ops_port},
+        wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
+        lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
+    )
+    ledger, problems = Ledger(), []
+    stop = asyncio.Event()
+    await sp.astart(workers=workers)
+    load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, retry_deadline_secs=60.0))
+    try:
+        await asyncio.sleep(1.5)
+        killed = sp.pid
+        await sp.akill()
+        acked_before_start = ledger.acked_requests
+        wal_directory = tmp_path / "wal" / ("w0" if workers > 1 else "")
+        with lock_held_for_a_killed_holder(wal_directory / "wal.lock", killed):
+            sp.launch()
+            if not await wait_until_answering(sp, 0, 20.0):
+                problems.append("the start gave no HTTP answer within 20 s while its ledger was held")
+            problems += await answered_while_starting(sp.url, ops_port, "starting")
+            first = await scrape(ops_port)
+            await asyncio.sleep(1.5)
+            second = await scrape(ops_port)
+            if isinstance(first, str) or isinstance(second, str) or second["edge_gateway_start_seconds"] < first["edge_gateway_start_seconds"] + 1.0:
+                problems.append(f"/metrics did not say for how long the start went on: {first} then {second}")
+            if ledger.acked_requests != acked_before_start:
+                problems.append("a request was acknowledged while the start had not caught its ledger up")
+            if not sp.running():
+                problems.append(f"the start exited ({sp.proc.returncode}) while its ledger was held")
+        await asyncio.to_thread(sp.wait_ready, 60.0, workers)
+        serving = await scrape(ops_port)
+        if isinstance(serving, str) or serving.get("edge_gateway_starting") != 0 or "edge_gateway_start_seconds" in serving:
+            problems.append(f"/metrics once serving: {serving}")
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
 
 
 async def lives_ended_by_power_losses(

@@ -1,15 +1,20 @@
-"""The device listener's answers while an instance starts: alive, not ready, come back later."""
+"""The listeners' answers while an instance starts: on the device listener alive, not ready, come back
+later; on the ops listener ``/metrics`` saying the instance is starting."""
 
 from __future__ import annotations
 
 import json
 import socket
 import time
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.edge.while_starting import MAX_CONNECTIONS, AnswersOnceWaiting, StartingAnswers, answer
+from gateway.edge.while_starting import MAX_CONNECTIONS, AnswersOnceLocked, StartingAnswers, answer, starting_answers
 from gateway.listeners import bind_listener
+from gateway.ops.starting_metrics import StartingExposition
 
 
 def exchange(port: int, request: bytes, *, timeout: float = 5.0) -> bytes:
@@ -45,7 +50,7 @@ def listener():
 
 @pytest.fixture
 def answers(listener):
-    running = StartingAnswers(listener, retry_after_secs=7).start()
+    running = StartingAnswers(listener, partial(answer, retry_after_secs=7)).start()
     yield running
     running.stop()
 
@@ -82,7 +87,7 @@ def test_a_head_answer_has_no_body_and_a_head_too_long_is_closed_unanswered(list
 
 
 def test_once_stopped_the_socket_stays_open_for_the_gateway_and_nothing_answers_from_the_thread(listener):
-    running = StartingAnswers(listener, retry_after_secs=1).start()
+    running = StartingAnswers(listener, partial(answer, retry_after_secs=1)).start()
     port = listener.getsockname()[1]
     assert parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
     assert connections_reach(running, 0)  # the answered one closed
@@ -129,37 +134,83 @@ def test_every_head_gets_a_json_answer(head, status, key):
     assert code == status and key in json.loads(body) and int(headers["Content-Length"]) == len(body)
 
 
-def test_a_gateway_alone_binds_only_once_its_start_waits_for_room():
-    from types import SimpleNamespace
+SETTINGS = SimpleNamespace(tls=SimpleNamespace(enabled=False), wal=SimpleNamespace(retry_after_secs=2))
 
-    settings = SimpleNamespace(tls=SimpleNamespace(enabled=False), wal=SimpleNamespace(retry_after_secs=2))
+
+def samples(raw: bytes) -> dict[str, float]:
+    """The unlabelled samples of an exposition, as Prometheus's own parser reads them."""
+    status, headers, body = parsed(raw)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {s.name: s.value for family in text_string_to_metric_families(body.decode()) for s in family.samples if not s.labels}
+
+
+def test_a_gateway_alone_binds_its_listeners_once_it_holds_the_instance_lock():
     bound = []
 
     def bind():
         bound.append(bind_listener("127.0.0.1", 0, 16))
         return bound[-1]
 
-    quiet = AnswersOnceWaiting(settings, bind)
-    quiet.stop()
-    assert quiet.listener is None and bound == [], "a start that never waited binds nothing early"
-    once = AnswersOnceWaiting(settings, bind)
+    never_locked = AnswersOnceLocked(SETTINGS, bind, bind)
+    never_locked.waiting_for_room(True)  # a start that could not lock never gets here; harmless if it did
+    never_locked.stop()
+    never_locked.close()
+    assert never_locked.listener is None and bound == [], "a start that never held the lock binds nothing"
+    once = AnswersOnceLocked(SETTINGS, bind, bind)
     try:
-        once(True)
-        once(True)  # told again by a later refusal: still the one listener
-        assert len(bound) == 1 and once.listener is bound[0]
-        port = once.listener.getsockname()[1]
-        assert json.loads(parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[2]) == {"status": "waiting_for_room"}
-        once(False)
-        assert json.loads(parsed(exchange(port, b"GET /readyz HTTP/1.1\r\n\r\n"))[2]) == {"status": "starting"}
+        once.locked()
+        once.locked()  # told again: still the one pair of listeners
+        assert len(bound) == 2 and (once.listener, once.ops_listener) == (bound[0], bound[1])
+        port, ops_port = once.listener.getsockname()[1], once.ops_listener.getsockname()[1]
+        assert json.loads(parsed(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[2]) == {"status": "starting"}
+        assert samples(exchange(ops_port, b"GET /metrics HTTP/1.1\r\n\r\n"))["edge_gateway_start_waiting_for_room"] == 0
+        once.waiting_for_room(True)
+        assert json.loads(parsed(exchange(port, b"GET /readyz HTTP/1.1\r\n\r\n"))[2]) == {"status": "waiting_for_room"}
+        assert samples(exchange(ops_port, b"GET /metrics HTTP/1.1\r\n\r\n"))["edge_gateway_start_waiting_for_room"] == 1
     finally:
         once.stop()
-        bound[0].close()
+        once.close()
+    assert all(sock.fileno() == -1 for sock in bound), "a failed start closes what it bound"
+
+
+def test_the_ops_listener_says_the_instance_is_starting_for_how_long_and_whether_it_waits_for_room(listener):
+    ops = bind_listener("127.0.0.1", 0, 16)
+    running = starting_answers(listener, SETTINGS, ops)
+    try:
+        ops_port = ops.getsockname()[1]
+        first = samples(exchange(ops_port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n"))
+        assert first["edge_gateway_starting"] == 1 and first["edge_gateway_start_waiting_for_room"] == 0
+        time.sleep(0.05)
+        running.waiting_for_room(True)
+        later = samples(exchange(ops_port, b"GET /metrics?name[]=x HTTP/1.1\r\n\r\n"))
+        assert later["edge_gateway_start_waiting_for_room"] == 1
+        assert later["edge_gateway_start_seconds"] >= first["edge_gateway_start_seconds"] + 0.05
+        # The device listener is told the same; the ops listener answers nothing but /metrics.
+        assert json.loads(parsed(exchange(listener.getsockname()[1], b"GET /healthz HTTP/1.1\r\n\r\n"))[2]) == {"status": "waiting_for_room"}
+        assert parsed(exchange(ops_port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 404
+        assert parsed(exchange(ops_port, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"))[0] == 404
+        status, headers, body = parsed(exchange(ops_port, b"HEAD /metrics HTTP/1.1\r\n\r\n"))
+        assert status == 200 and int(headers["Content-Length"]) > 0 and body == b""
+    finally:
+        running.stop()
+        ops.close()
+
+
+def test_the_starting_exposition_names_the_build_as_the_running_gateway_does():
+    from gateway.ops.metrics import GatewayMetrics
+    from prometheus_client import generate_latest
+
+    serving = {f.name: f for f in text_string_to_metric_families(generate_latest(GatewayMetrics().registry).decode())}
+    starting = {f.name: f for f in text_string_to_metric_families(StartingExposition().text("starting").decode())}
+    assert starting["edge_gateway_build_info"].samples[0].labels == serving["edge_gateway_build_info"].samples[0].labels
+    assert serving["edge_gateway_starting"].samples[0].value == 0 and starting["edge_gateway_starting"].samples[0].value == 1
+    assert serving["edge_gateway_starting"].documentation == starting["edge_gateway_starting"].documentation
 
 
 def test_a_listener_it_cannot_serve_is_logged_and_the_start_goes_on(caplog):
     datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # listen() fails on it
     try:
-        StartingAnswers(datagrams, retry_after_secs=1).start().stop()
+        StartingAnswers(datagrams, partial(answer, retry_after_secs=1)).start().stop()
     finally:
         datagrams.close()
     assert "cannot answer on the device listener while starting" in caplog.text
