@@ -5,7 +5,9 @@ took all of them: of 32 connections opened at once to two workers, the busier to
 29), and long-lived connections (a load balancer's) stay where they were accepted, one worker at
 its limit beside an idle one. So each worker publishes how many connections it holds in a small
 file of the instance's private runtime directory, one slot per worker, and takes from the queue
-only up to its fair share of all held and waiting (the Acceptor, acceptor.py). What its siblings
+only up to its fair share of all held and waiting (the Acceptor, acceptor.py); one that holds more
+than its share (its sibling restarted) closes one after an answer now and then, so their clients
+reconnect to where there is room (gateway/edge/connections.py). What its siblings
 leave waiting (one busy, stalled or dead) it takes anyway some 20 ms later: 10 ms on it takes its
 share of what waits (connections that kept arriving while every worker waited are everyone's; the
 first to look again took them all, 2-30 in one round of 32), and what still waits 10 ms after
@@ -79,6 +81,17 @@ class SiblingConnections:
         accepting = [count for count in counts if count != NOT_ACCEPTING]
         fair = -(-(sum(accepting) + waiting) // len(accepting))
         return max(0, fair + SLACK - held)
+
+    def over_share(self, held: int) -> bool:
+        """Whether this worker, holding ``held``, holds more than its fair share (plus slack) of what
+        every accepting worker holds: a sibling restarted, or started later, holds none of the
+        long-lived connections taken meanwhile."""
+        counts = list(self._counts.unpack_from(self._map))
+        counts[self.index] = held
+        accepting = [count for count in counts if count != NOT_ACCEPTING]
+        if len(accepting) < 2:
+            return False
+        return held > -(-sum(accepting) // len(accepting)) + SLACK
 
     def close(self) -> None:
         if not self._map.closed:

@@ -129,6 +129,10 @@ class Acceptor:
             else:
                 self._siblings.stop_accepting()  # its siblings leave it nothing while it has no room
 
+    def over_share(self) -> bool:
+        """Whether this worker holds more than its share of its siblings' connections."""
+        return self._siblings is not None and not self._closed and self._siblings.over_share(self._held() + len(self._connecting))
+
     async def wait_closed(self) -> None:
         if self._connecting:
             await asyncio.gather(*self._connecting, return_exceptions=True)

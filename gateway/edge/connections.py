@@ -28,8 +28,11 @@ loop is busy) sheds at accept: while more than ``max_accept_queue`` connections 
 accept queue, the one being accepted gets 503 at once, so no request waits seconds where no limit
 can count it (connections are accepted by ``Acceptor``, acceptor.py, all that wait at each wake-up).
 After ``max_age_secs`` (with jitter) a response carries ``Connection: close``: behind an ALB,
-kept-alive connections would otherwise stay pinned to the instances that were up first. All
-settings are read live, so SIGHUP changes them.
+kept-alive connections would otherwise stay pinned to the instances that were up first. Within an
+instance a worker holding more than its share of its siblings' connections (one restarted, or
+started later, holds none) closes one after an answer every ``REBALANCE_INTERVAL_SECS`` until it
+does not (counted as ``edge_gateway_connections_closed_total{reason="rebalance"}``). All settings
+are read live, so SIGHUP changes them.
 
 A source that would be refused anyway (it holds its share of in-flight requests, or its failed
 authentications put it in deficit) is answered at accept, from a fixed response, without building a
@@ -65,6 +68,8 @@ from gateway.responses import malformed_request, parser_refusal
 
 log = logging.getLogger(__name__)
 
+# How often a worker over its share of its siblings' connections closes one (after an answer).
+REBALANCE_INTERVAL_SECS = 0.25
 _REFUSAL_BODY = b'{"error":"unavailable","message":"the gateway has too many open connections; retry"}'
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -134,6 +139,9 @@ class ConnectionGuard:
         self._accept_queue: AcceptQueue | None = None
         # Called as a connection opens or closes (the Acceptor tells sibling workers how many it holds).
         self.count_changed: Callable[[], None] = lambda: None
+        # Whether this worker holds more than its share of its siblings' connections (the Acceptor's).
+        self.over_share: Callable[[], bool] = lambda: False
+        self._last_rebalance = -REBALANCE_INTERVAL_SECS
 
     @property
     def open(self) -> int:
@@ -292,12 +300,25 @@ class ConnectionGuard:
             elif conn.max_age and self._clock() - conn.created > conn.max_age:
                 self._on_close("max_age")
                 response.force_close()
+            elif self._rebalance_due():
+                self._on_close("rebalance")
+                response.force_close()
             return response
         finally:
             conn.active -= 1
             conn.answered += 1
             if conn.active == 0:
                 self._after_response(request.protocol, conn)
+
+    def _rebalance_due(self) -> bool:
+        """Whether to close this answer's connection, its client reconnecting to a sibling with fewer:
+        while this worker holds more than its share, one connection per ``REBALANCE_INTERVAL_SECS``
+        (a stalled sibling that takes none costs its clients a reconnection now and then, no more)."""
+        now = self._clock()
+        if now - self._last_rebalance < REBALANCE_INTERVAL_SECS or not self.over_share():
+            return False
+        self._last_rebalance = now
+        return True
 
     def _answers_after_eof(self, conn: _Conn) -> bool:
         """The client sent EOF: keep the connection open to answer the requests it sent, if any (one
@@ -530,6 +551,7 @@ class GuardedSite(web.TCPSite):
         )
         self._guard.watch_accept_queue(self._server.queue)
         self._guard.count_changed = self._server.publish_held
+        self._guard.over_share = self._server.over_share
         self._bound_port = listener.getsockname()[1]
 
 

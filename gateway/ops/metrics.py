@@ -107,7 +107,7 @@ class GatewayMetrics:
         self.connections_open = Gauge("edge_gateway_connections_open", "Open device connections", registry=r)
         self.connections_closed = Counter(
             "edge_gateway_connections_closed",
-            "Connections the gateway closed, by reason (connection_cap, header_timeout, idle_timeout, max_age, silent_preempted, idle_preempted, ...)",
+            "Connections the gateway closed, by reason (connection_cap, header_timeout, idle_timeout, max_age, rebalance, silent_preempted, idle_preempted, ...)",
             ["reason"],
             registry=r,
         )

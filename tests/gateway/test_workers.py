@@ -136,3 +136,46 @@ async def test_a_stalled_worker_leaves_its_share_of_new_connections_to_the_other
             client.close()
     gp.signal(signal.SIGTERM)
     assert gp.wait(60) == 0
+
+
+async def test_a_worker_that_restarted_gets_its_share_of_the_long_lived_connections_back(tmp_path, gateway_process):
+    # Eight kept-alive clients (a load balancer's pool) connected while worker 0 took none (stopped,
+    # as one restarting is): worker 1 holds all eight. Once worker 0 takes connections again,
+    # worker 1 closes one after an answer now and then, and its clients reconnect to worker 0;
+    # before, all eight stayed on worker 1 until their maximum age (300 s).
+    import aiohttp
+
+    gp, address = await two_workers_up(tmp_path, gateway_process)
+    workers = sorted((c for c in psutil.Process(gp.proc.pid).children() if "--worker-index" in c.cmdline()),
+                     key=lambda c: c.cmdline()[c.cmdline().index("--worker-index") + 1])
+    stop = asyncio.Event()
+    answers: collections.Counter = collections.Counter()
+
+    async def client() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+            while not stop.is_set():
+                async with http.get(gp.url + "/healthz") as resp:
+                    answers[resp.status] += 1
+                    await resp.read()
+                await asyncio.sleep(0.02)
+
+    workers[0].suspend()
+    try:
+        clients = [asyncio.create_task(client()) for _ in range(8)]
+        deadline = time.monotonic() + 20
+        while answers[200] < 40 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Asked of worker 1 alone (worker 0 cannot answer its sibling): while worker 0 takes nothing,
+        # the connections worker 1 closes come back to it, paced, each answered.
+        pinned = await asyncio.to_thread(connections_per_worker, gp.ops_url)
+    finally:
+        workers[0].resume()
+    await asyncio.sleep(3.0)
+    shared = await asyncio.to_thread(connections_per_worker, gp.ops_url)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert pinned.get("1") == 8 and not pinned.get("0"), pinned  # the scene: every connection on the worker taking them
+    assert shared.get("0", 0) >= 3 and sum(shared.values()) == 8, shared  # 4 each is fair; one of slack
+    assert set(answers) == {200}, answers
+    gp.signal(signal.SIGTERM)
+    assert gp.wait(60) == 0

@@ -34,6 +34,21 @@ def test_quota_is_the_fair_share_of_held_and_waiting_plus_slack(tmp_path):
     third.close()
 
 
+def test_a_worker_holding_more_than_its_share_plus_slack_is_over_it(tmp_path):
+    first = SiblingConnections(share_file(tmp_path), 0, 3)
+    second = SiblingConnections(share_file(tmp_path), 1, 3)
+    third = SiblingConnections(share_file(tmp_path), 2, 3)
+    second.publish(2)
+    third.publish(0)  # restarted: holds none yet
+    assert first.over_share(held=8)  # 10 in all: 4 each, and one of slack
+    assert not first.over_share(held=3)  # 5 in all: 2 each, and one of slack
+    assert not second.over_share(held=2)  # first has published none: 2 in all
+    third.stop_accepting()  # a sibling with no room takes nothing: the other two share
+    assert not first.over_share(held=5) and first.over_share(held=6)  # 7 and 8 in all: 4 each
+    second.close()
+    assert not first.over_share(held=50), "alone, there is no one to hand connections to"
+
+
 def test_a_closed_share_reads_as_not_accepting(tmp_path):
     first = SiblingConnections(share_file(tmp_path), 0, 3)
     second = SiblingConnections(share_file(tmp_path), 2, 3)
@@ -284,3 +299,21 @@ async def test_out_of_file_descriptors_an_idle_connection_makes_room_for_a_new_o
             transport.close()
         for client in clients:
             client.close()
+
+
+def test_a_worker_over_its_share_closes_one_connection_per_interval_only_while_over_it():
+    from gateway.edge.connections import REBALANCE_INTERVAL_SECS, ConnectionGuard
+    from gateway.edge.settings import ConnectionSettings
+
+    now = [100.0]
+    over = [True]
+    guard = ConnectionGuard(lambda: ConnectionSettings(), clock=lambda: now[0], file_budget=1024)
+    guard.over_share = lambda: over[0]
+    closes = []
+    for _ in range(40):  # an answer every 25 ms for a second
+        closes.append(guard._rebalance_due())
+        now[0] += 0.025
+    assert sum(closes) == round(1.0 / REBALANCE_INTERVAL_SECS) and closes[0]
+    over[0] = False
+    now[0] += REBALANCE_INTERVAL_SECS
+    assert not guard._rebalance_due()
