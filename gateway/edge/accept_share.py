@@ -26,6 +26,8 @@ _SLOT = struct.Struct("=q")
 NOT_ACCEPTING = -1
 # Connections a worker may hold above its fair share before it leaves the rest to its siblings.
 SLACK = 1
+# Beyond its fair share by more than this fraction of it (1/8), a worker hands connections back.
+REBALANCE_SLACK_DIVISOR = 8
 
 
 def share_file(runtime: Path) -> Path:
@@ -83,15 +85,17 @@ class SiblingConnections:
         return max(0, fair + SLACK - held)
 
     def over_share(self, held: int) -> bool:
-        """Whether this worker, holding ``held``, holds more than its fair share (plus slack) of what
-        every accepting worker holds: a sibling restarted, or started later, holds none of the
-        long-lived connections taken meanwhile."""
+        """Whether this worker, holding ``held``, holds more than its fair share of what every
+        accepting worker holds, by more than an eighth of it (at least ``SLACK``): a sibling
+        restarted, or started later, holds none of the long-lived connections taken meanwhile,
+        while many short-lived ones are never split evenly at any instant."""
         counts = list(self._counts.unpack_from(self._map))
         counts[self.index] = held
         accepting = [count for count in counts if count != NOT_ACCEPTING]
         if len(accepting) < 2:
             return False
-        return held > -(-sum(accepting) // len(accepting)) + SLACK
+        fair = -(-sum(accepting) // len(accepting))
+        return held > fair + max(SLACK, fair // REBALANCE_SLACK_DIVISOR)
 
     def close(self) -> None:
         if not self._map.closed:

@@ -45,7 +45,11 @@ def test_a_worker_holding_more_than_its_share_plus_slack_is_over_it(tmp_path):
     assert not second.over_share(held=2)  # first has published none: 2 in all
     third.stop_accepting()  # a sibling with no room takes nothing: the other two share
     assert not first.over_share(held=5) and first.over_share(held=6)  # 7 and 8 in all: 4 each
+    third.publish(100)  # many connections: over by an eighth of its share, not by one
+    assert not first.over_share(held=61)  # 163 in all: 55 each, and an eighth of that (6) of slack
+    assert first.over_share(held=62)
     second.close()
+    third.close()
     assert not first.over_share(held=50), "alone, there is no one to hand connections to"
 
 
