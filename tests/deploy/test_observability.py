@@ -87,7 +87,20 @@ def test_metric_check_flags_an_unknown_name():
     assert unknown_metrics({"edge_gateway_requests_total", "edge_gateway_wal_bytes"}) == {"edge_gateway_requests_total"}
 
 
-def test_cloudwatch_agent_publishes_only_contract_metrics():
+def cloudwatch_agent_metrics() -> set[str]:
     text = (ANSIBLE / "roles" / "cloudwatch_agent" / "templates" / "amazon-cloudwatch-agent.json.j2").read_text()
-    names = set(re.findall(r"\^?(edge_gateway_[a-z0-9_]+)", text))
+    return set(re.findall(r"\^?(edge_gateway_[a-z0-9_]+)", text))
+
+
+def test_cloudwatch_agent_publishes_only_contract_metrics():
+    names = cloudwatch_agent_metrics()
     assert names and unknown_metrics(names) == set()
+
+
+def test_every_cloudwatch_alarm_watches_a_metric_the_agent_publishes():
+    # An alarm on a name the agent never sends sits in INSUFFICIENT_DATA (or, missing data not
+    # breaching, OK) for ever.
+    cloudformation = OBSERVABILITY.parent / "cloudformation"
+    alarmed = {name for path in cloudformation.glob("*.yaml") for name in re.findall(r"MetricName: (edge_gateway_[a-z0-9_]+)", path.read_text())}
+    assert "edge_gateway_start_waiting_for_room" in alarmed
+    assert alarmed - cloudwatch_agent_metrics() == set()
