@@ -31,8 +31,9 @@ def remember() -> None:
 
 
 class StoppedWhileStarting(Exception):
-    """A stop was asked for while the start was waiting (for room on a full disk): nothing had started,
-    so there is nothing to drain, and ``serve`` exits 0."""
+    """A stop was asked for while the start was waiting (for room on a full disk, for a lock an exited
+    process still held) or catching its retry ledger up: nothing had started, so there is nothing to
+    drain, and ``serve`` exits 0."""
 
 
 def stop_requested() -> bool:

@@ -223,7 +223,8 @@ class Gateway:
         root = self.settings.wal.dir
         supervised = _supervised(self.settings)
         if not supervised:
-            self._locks.append(DirectoryLock(root, INSTANCE_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
+            instance = DirectoryLock(root, INSTANCE_LOCK, "the WAL directory")
+            self._locks.append(instance.acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS, stop_requested=early_signals.stop_requested))
             self.instance_locked()
         if supervised:
             self.ledger.open()

@@ -123,7 +123,8 @@ class Supervisor:
         signal.signal(signal.SIGHUP, lambda signum, frame: self._forward(signal.SIGHUP))
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
-        self.lock.acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS)  # WalLocked: another instance owns wal.dir
+        # WalLocked: another instance owns wal.dir.
+        self.lock.acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS, stop_requested=lambda: self.stopping or stop_requested())
         listen, ops = self.settings.listen, self.settings.ops
         self.listener = bind_listener(listen.host, listen.port, listen.backlog)
         if ops.enabled:

@@ -66,8 +66,9 @@ def ledger_for(settings, on_forget=None) -> RetryLedger:
     )
 
 
-def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: Path) -> None:
-    """Record what ``wal`` holds past the ledger's mark (the WAL must be open and recovered)."""
+def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: Path, stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Record what ``wal`` holds past the ledger's mark (the WAL must be open and recovered);
+    ``StoppedWhileStarting``, the mark left where it was, if ``stop_requested()`` on the way."""
     mark = ledger.mark(wal_identity)
     if mark >= wal.durable_lsn:
         return
@@ -76,6 +77,8 @@ def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: 
     requests: list[tuple[bytes, str, bytes]] = []
     try:
         while frames := reader.read(8 * 1024 * 1024, frozenset({KIND_RECORDS, KIND_REQUEST})):
+            if stop_requested():  # a full WAL takes seconds to read: a stop need not wait for it
+                raise StoppedWhileStarting(f"stopped while the retry ledger caught up with {where}, before any worker started")
             for frame in frames:
                 if frame.kind == KIND_REQUEST:
                     r = msgspec.msgpack.decode(frame.payload, type=RequestRecord)
@@ -94,17 +97,17 @@ def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: 
     )
 
 
-def open_and_catch_up(settings, base_id: str, ledger: RetryLedger) -> None:
+def open_and_catch_up(settings, base_id: str, ledger: RetryLedger, stop_requested: Callable[[], bool] = lambda: False) -> None:
     """As the instance's owner, open the ledger and catch it up with every WAL directory; a ledger
     found damaged on the way is replaced by one rebuilt from what the WALs hold."""
     ledger.open(owner=True)
     try:
-        catch_up_every_wal(settings, base_id, ledger)
+        catch_up_every_wal(settings, base_id, ledger, stop_requested)
     except (lmdb.Error, LedgerError) as exc:
         if not (isinstance(exc, DAMAGE) or getattr(exc, "damaged", False)):
             raise  # a full disk is not damage: the start fails and says so
         ledger.replace(str(exc))
-        catch_up_every_wal(settings, base_id, ledger)
+        catch_up_every_wal(settings, base_id, ledger, stop_requested)
 
 
 def open_and_catch_up_when_room(
@@ -123,7 +126,7 @@ def open_and_catch_up_when_room(
     tries, began = 0, clock()
     while True:
         try:
-            open_and_catch_up(settings, base_id, ledger)
+            open_and_catch_up(settings, base_id, ledger, stop_requested)
         except Exception as exc:
             if not no_room(exc):
                 raise
@@ -159,19 +162,22 @@ def no_room(exc: BaseException | None) -> bool:
     return False
 
 
-def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger) -> None:
-    """Recover each WAL directory under ``wal.dir`` and catch the ledger up with it (hold the instance lock)."""
+def catch_up_every_wal(settings, base_id: str, ledger: RetryLedger, stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Recover each WAL directory under ``wal.dir`` and catch the ledger up with it (hold the instance
+    lock); ``StoppedWhileStarting`` if ``stop_requested()`` on the way."""
     wal = settings.wal
     for slot in existing_slots(wal.dir, base_id):
-        _catch_up_slot(slot, ledger, segment_bytes=wal.segment_bytes, max_total_bytes=wal.max_total_bytes)
+        _catch_up_slot(slot, ledger, stop_requested, segment_bytes=wal.segment_bytes, max_total_bytes=wal.max_total_bytes)
 
 
-def _catch_up_slot(slot: WalSlot, ledger: RetryLedger, *, segment_bytes: int, max_total_bytes: int) -> None:
-    lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS)
+def _catch_up_slot(slot: WalSlot, ledger: RetryLedger, stop_requested: Callable[[], bool], *, segment_bytes: int, max_total_bytes: int) -> None:
+    lock = DirectoryLock(slot.directory, SLOT_LOCK, "the WAL directory").acquire(
+        exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS, stop_requested=stop_requested
+    )
     wal = WriteAheadLog(slot.directory / "segments", segment_bytes=segment_bytes, max_total_bytes=max_total_bytes, first_lsn=fresh_log_origin())
     try:
         wal.open()
-        catch_up(wal, ledger, wal_id(slot.directory), slot.directory)
+        catch_up(wal, ledger, wal_id(slot.directory), slot.directory, stop_requested)
         # Until a worker writes it, the owner answers for it: the claims its dead writer left are void.
         ledger.mark_writer(wal_id(slot.directory))
     finally:

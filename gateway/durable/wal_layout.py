@@ -19,10 +19,12 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.durable_files import ensure_directory, write_atomically
+from gateway.early_signals import StoppedWhileStarting
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +138,12 @@ class DirectoryLock:
         self._what = what
         self.fd = -1
 
-    def acquire(self, *, exited_holder_wait_secs: float = 0.0) -> DirectoryLock:
+    def acquire(self, *, exited_holder_wait_secs: float = 0.0, stop_requested: Callable[[], bool] = lambda: False) -> DirectoryLock:
         """Take the lock, or raise ``WalLocked`` naming its holder. A holder that has exited may
         still hold it for a while: the kernel drops the lock with the holder's last reference to
         the file, which an I/O still in flight keeps (a SIGKILL during an fsync on a slow disk).
-        Such a lock is waited for up to ``exited_holder_wait_secs``; a live holder's is refused at once."""
+        Such a lock is waited for up to ``exited_holder_wait_secs`` (``StoppedWhileStarting`` if
+        ``stop_requested()`` meanwhile); a live holder's is refused at once."""
         ensure_directory(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
         deadline = time.monotonic() + exited_holder_wait_secs
@@ -162,6 +165,9 @@ class DirectoryLock:
                             "last I/O may still be in flight on a slow disk); waiting for the kernel to release it",
                             extra={"lock": str(self.path), "holder_pid": holder, "wait_secs": exited_holder_wait_secs},
                         )
+                    if stop_requested():
+                        os.close(fd)
+                        raise StoppedWhileStarting(f"stopped while waiting for the lock of {self.path.parent} to be released")
                     time.sleep(EXITED_HOLDER_POLL_SECS)
                     continue
                 os.close(fd)

@@ -1502,18 +1502,10 @@ def lock_held_for_a_killed_holder(lock: Path, pid: int):
         holder.stdout.close()
 
 
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("workers", [1, 2])
-async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_nothing(tmp_path, gateways, workers):
-    """After a kill -9 mid-load the next start catches its retry ledger up with the WALs before
-    anyone is served; a long catch-up is stood in for by a WAL directory's lock that the kernel keeps
-    for the killed process a few seconds longer (a catch-up after a machine restart reads every WAL
-    whole: minutes for full ones). Meanwhile (a gateway alone, or a supervisor with two workers) the device listener
-    answers: alive, not ready, come back later; and the ops listener's ``/metrics`` says the instance
-    is starting and for how long. Then the start goes on by itself, ``/metrics`` says
-    ``edge_gateway_starting 0``, and every acknowledged record lands once. (Before, a gateway alone
-    refused connections meanwhile, and a scrape of either kind timed out as for one that is down.)"""
-    ops_port = free_port()
+async def killed_mid_load(tmp_path: Path, gateways: Gateways, workers: int, ops_port: int) -> tuple[ServeProcess, Path, Ledger, asyncio.Event, asyncio.Task, int]:
+    """A gateway (alone, or a supervisor with ``workers``) under load from four devices that keep
+    sending, kill -9'd after 1.5 s; returns it, its lake, what the devices saw, what stops them,
+    their task, and the killed PID."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
@@ -1523,20 +1515,40 @@ async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_
         wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
         lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
     )
-    ledger, problems = Ledger(), []
-    stop = asyncio.Event()
+    ledger, stop = Ledger(), asyncio.Event()
     await sp.astart(workers=workers)
     load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, retry_deadline_secs=60.0))
+    await asyncio.sleep(1.5)
+    killed = sp.pid
+    await sp.akill()
+    return sp, lake, ledger, stop, load, killed
+
+
+def wal_lock(tmp_path: Path, workers: int) -> Path:
+    """The lock of the (first) WAL directory ``setup`` gives a gateway with ``workers``."""
+    return tmp_path / "wal" / ("w0" if workers > 1 else "") / "wal.lock"
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_nothing(tmp_path, gateways, workers):
+    """After a kill -9 mid-load the next start catches its retry ledger up with the WALs before
+    anyone is served; a long catch-up is stood in for by a WAL directory's lock that the kernel keeps
+    for the killed process a few seconds longer (a catch-up after a machine restart reads every WAL
+    whole: minutes for full ones). Meanwhile (a gateway alone, or a supervisor with two workers) the
+    device listener answers: alive, not ready, come back later; and the ops listener's ``/metrics``
+    says the instance is starting and for how long. Then the start goes on by itself, ``/metrics``
+    says ``edge_gateway_starting 0``, and every acknowledged record lands once. (Before, a gateway
+    alone refused connections meanwhile, and a scrape of either kind timed out as for one that is down.)"""
+    ops_port = free_port()
+    sp, lake, ledger, stop, load, killed = await killed_mid_load(tmp_path, gateways, workers, ops_port)
+    problems: list[str] = []
     try:
-        await asyncio.sleep(1.5)
-        killed = sp.pid
-        await sp.akill()
         acked_before_start = ledger.acked_requests
-        wal_directory = tmp_path / "wal" / ("w0" if workers > 1 else "")
-        with lock_held_for_a_killed_holder(wal_directory / "wal.lock", killed):
+        with lock_held_for_a_killed_holder(wal_lock(tmp_path, workers), killed):
             sp.launch()
             if not await wait_until_answering(sp, 0, 20.0):
-                problems.append("the start gave no HTTP answer within 20 s while its ledger was held")
+                problems.append("the start gave no HTTP answer within 20 s while its WAL's lock was held")
             problems += await answered_while_starting(sp.url, ops_port, "starting")
             first = await scrape(ops_port)
             await asyncio.sleep(1.5)
@@ -1546,11 +1558,41 @@ async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_
             if ledger.acked_requests != acked_before_start:
                 problems.append("a request was acknowledged while the start had not caught its ledger up")
             if not sp.running():
-                problems.append(f"the start exited ({sp.proc.returncode}) while its ledger was held")
+                problems.append(f"the start exited ({sp.proc.returncode}) while its WAL's lock was held")
         await asyncio.to_thread(sp.wait_ready, 60.0, workers)
         serving = await scrape(ops_port)
         if isinstance(serving, str) or serving.get("edge_gateway_starting") != 0 or "edge_gateway_start_seconds" in serving:
             problems.append(f"/metrics once serving: {serving}")
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_stop_while_a_start_waits_for_a_lock_ends_it_at_once_and_loses_nothing(tmp_path, gateways, workers):
+    """The start after a kill -9 waits for a WAL directory's lock the kernel still holds for the
+    killed process (up to 30 s); a SIGTERM meanwhile ends it with status 0 within a few seconds, as
+    a service manager's stop expects, and the start after it (the lock released) lands every
+    acknowledged record once. (Before, the SIGTERM waited for the lock, and then for the whole
+    catch-up of the retry ledger.)"""
+    sp, lake, ledger, stop, load, killed = await killed_mid_load(tmp_path, gateways, workers, free_port())
+    problems: list[str] = []
+    try:
+        with lock_held_for_a_killed_holder(wal_lock(tmp_path, workers), killed):
+            sp.launch()
+            if not await wait_until_answering(sp, 0, 20.0):
+                problems.append("the start gave no HTTP answer within 20 s while its WAL's lock was held")
+            signalled = time.monotonic()
+            rc = await sp.aterminate(timeout=20)
+            took = time.monotonic() - signalled
+            if rc != 0 or took > 5.0 or "stopped while waiting for the lock" not in sp.log_text():
+                problems.append(f"a SIGTERM while the start waited for a lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
+        await sp.astart(workers=workers, timeout=30)
         await asyncio.sleep(1.5)
     finally:
         stop.set()

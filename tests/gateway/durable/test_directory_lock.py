@@ -107,3 +107,16 @@ def test_a_holder_killed_inside_an_fsync_it_cannot_leave_is_waited_for(tmp_path,
             proc.kill()
             proc.wait()
             proc.stdout.close()
+
+
+def test_a_stop_ends_the_wait_for_an_exited_holders_lock(tmp_path):
+    from gateway.early_signals import StoppedWhileStarting
+
+    proc, pid = hold(tmp_path, "outlived", 10)
+    proc.wait()
+    started = time.monotonic()
+    with pytest.raises(StoppedWhileStarting, match="stopped while waiting for the lock"):
+        DirectoryLock(tmp_path, "instance.lock", "the WAL directory").acquire(
+            exited_holder_wait_secs=30, stop_requested=lambda: time.monotonic() - started > 0.3
+        )
+    assert time.monotonic() - started < 3, "the stop is honoured within a poll, not after the wait"

@@ -557,7 +557,7 @@ class _FullDiskClock:
     def sleep(self, secs: float) -> None:
         self.now += secs
 
-    def open_and_catch_up(self, settings, base_id, ledger) -> None:
+    def open_and_catch_up(self, settings, base_id, ledger, stop_requested) -> None:
         self.tries += 1
         if self.tries <= self.refusals:
             raise self.error
@@ -619,3 +619,24 @@ def test_a_full_disk_at_open_is_not_taken_for_damage(tmp_path, monkeypatch, capl
         ledger.open(owner=True)
     assert not raised.value.damaged
     assert "retry ledger damaged" not in caplog.text
+
+
+async def test_a_stop_while_the_ledger_catches_up_ends_the_start_and_leaves_the_mark_for_the_next(tmp_path):
+    from gateway.durable.ledger_catch_up import catch_up
+    from gateway.early_signals import StoppedWhileStarting
+
+    wal = WriteAheadLog(tmp_path / "wal", segment_bytes=1 << 20, max_total_bytes=1 << 30)
+    await wal.start()
+    lines = b"".join(orjson.dumps({"device_id": "dev-1", "event_time_ms": 1_700_000_000_000, "seq": s}) + b"\n" for s in range(100))
+    await wal.append([encode_frame(KIND_RECORDS, 490_000, 0, 0, 0, 100, lines)])
+    ledger = RetryLedger(tmp_path / "ledger", window_secs=600, max_keys=1000)
+    ledger.open(owner=True)
+    try:
+        with pytest.raises(StoppedWhileStarting, match="caught up with"):
+            catch_up(wal, ledger, "wal-a", tmp_path / "wal", stop_requested=lambda: True)
+        assert ledger.mark("wal-a") == 0, "nothing recorded: the next start reads the WAL from where it was"
+        catch_up(wal, ledger, "wal-a", tmp_path / "wal", stop_requested=lambda: False)
+        assert ledger.mark("wal-a") == wal.durable_lsn
+    finally:
+        ledger.close()
+        await wal.close()
