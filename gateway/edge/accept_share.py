@@ -78,9 +78,7 @@ class SiblingConnections:
 
     def quota(self, held: int, waiting: int) -> int:
         """How many of ``waiting`` connections this worker, holding ``held``, should take now."""
-        counts = list(self._counts.unpack_from(self._map))
-        counts[self.index] = held
-        accepting = [count for count in counts if count != NOT_ACCEPTING]
+        accepting = self._accepting(held)
         fair = -(-(sum(accepting) + waiting) // len(accepting))
         return max(0, fair + SLACK - held)
 
@@ -89,13 +87,17 @@ class SiblingConnections:
         accepting worker holds, by more than an eighth of it (at least ``SLACK``): a sibling
         restarted, or started later, holds none of the long-lived connections taken meanwhile,
         while many short-lived ones are never split evenly at any instant."""
-        counts = list(self._counts.unpack_from(self._map))
-        counts[self.index] = held
-        accepting = [count for count in counts if count != NOT_ACCEPTING]
+        accepting = self._accepting(held)
         if len(accepting) < 2:
             return False
         fair = -(-sum(accepting) // len(accepting))
         return held > fair + max(SLACK, fair // REBALANCE_SLACK_DIVISOR)
+
+    def _accepting(self, held: int) -> list[int]:
+        """What each accepting worker holds, this one counted (as holding ``held``) whatever it published."""
+        counts = list(self._counts.unpack_from(self._map))
+        counts[self.index] = held
+        return [count for count in counts if count != NOT_ACCEPTING]
 
     def close(self) -> None:
         if not self._map.closed:

@@ -300,7 +300,7 @@ class ConnectionGuard:
             elif conn.max_age and self._clock() - conn.created > conn.max_age:
                 self._on_close("max_age")
                 response.force_close()
-            elif self._rebalance_due():
+            elif response.keep_alive is not False and self._rebalance_due():  # not one closing anyway
                 self._on_close("rebalance")
                 response.force_close()
             return response

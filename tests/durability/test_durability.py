@@ -1502,10 +1502,12 @@ def lock_held_for_a_killed_holder(lock: Path, pid: int):
         holder.stdout.close()
 
 
-async def killed_mid_load(tmp_path: Path, gateways: Gateways, workers: int, ops_port: int) -> tuple[ServeProcess, Path, Ledger, asyncio.Event, asyncio.Task, int]:
+@contextlib.asynccontextmanager
+async def killed_mid_load(tmp_path: Path, gateways: Gateways, workers: int, ops_port: int):
     """A gateway (alone, or a supervisor with ``workers``) under load from four devices that keep
-    sending, kill -9'd after 1.5 s; returns it, its lake, what the devices saw, what stops them,
-    their task, and the killed PID."""
+    sending, kill -9'd after 1.5 s: yields it, what the devices saw, the killed PID and a list for
+    the problems found. On leaving, the devices stop; then (unless the block raised) the gateway is
+    stopped gracefully and every acknowledged record must be in the raw zone once."""
     sp, devices, lake = setup(
         tmp_path,
         gateways,
@@ -1515,13 +1517,20 @@ async def killed_mid_load(tmp_path: Path, gateways: Gateways, workers: int, ops_
         wal={"segment_bytes": 256 * KiB, "max_total_bytes": 8 * MiB},
         lake={"target_object_bytes": 64 * KiB, "max_object_age_secs": 0.3},
     )
-    ledger, stop = Ledger(), asyncio.Event()
+    ledger, stop, problems = Ledger(), asyncio.Event(), []
     await sp.astart(workers=workers)
     load = asyncio.create_task(run_devices(sp.url, devices, ledger, stop, records_per_request=50, pause_secs=0.02, retry_deadline_secs=60.0))
-    await asyncio.sleep(1.5)
-    killed = sp.pid
-    await sp.akill()
-    return sp, lake, ledger, stop, load, killed
+    try:
+        await asyncio.sleep(1.5)
+        killed = sp.pid
+        await sp.akill()
+        yield sp, ledger, killed, problems
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
 
 
 def wal_lock(tmp_path: Path, workers: int) -> Path:
@@ -1541,9 +1550,7 @@ async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_
     says ``edge_gateway_starting 0``, and every acknowledged record lands once. (Before, a gateway
     alone refused connections meanwhile, and a scrape of either kind timed out as for one that is down.)"""
     ops_port = free_port()
-    sp, lake, ledger, stop, load, killed = await killed_mid_load(tmp_path, gateways, workers, ops_port)
-    problems: list[str] = []
-    try:
+    async with killed_mid_load(tmp_path, gateways, workers, ops_port) as (sp, ledger, killed, problems):
         acked_before_start = ledger.acked_requests
         with lock_held_for_a_killed_holder(wal_lock(tmp_path, workers), killed):
             sp.launch()
@@ -1564,12 +1571,6 @@ async def test_a_long_catch_up_at_start_is_answered_on_both_listeners_and_loses_
         if isinstance(serving, str) or serving.get("edge_gateway_starting") != 0 or "edge_gateway_start_seconds" in serving:
             problems.append(f"/metrics once serving: {serving}")
         await asyncio.sleep(1.5)
-    finally:
-        stop.set()
-        await load
-    await stop_gracefully(sp, problems)
-    problems += landing_problems(lake, ledger, ("raw",))
-    check(problems, ledger, sp)
 
 
 @pytest.mark.timeout(150)
@@ -1580,9 +1581,7 @@ async def test_a_stop_while_a_start_waits_for_a_lock_ends_it_at_once_and_loses_n
     a service manager's stop expects, and the start after it (the lock released) lands every
     acknowledged record once. (Before, the SIGTERM waited for the lock, and then for the whole
     catch-up of the retry ledger.)"""
-    sp, lake, ledger, stop, load, killed = await killed_mid_load(tmp_path, gateways, workers, free_port())
-    problems: list[str] = []
-    try:
+    async with killed_mid_load(tmp_path, gateways, workers, free_port()) as (sp, ledger, killed, problems):
         with lock_held_for_a_killed_holder(wal_lock(tmp_path, workers), killed):
             sp.launch()
             if not await wait_until_answering(sp, 0, 20.0):
@@ -1594,12 +1593,6 @@ async def test_a_stop_while_a_start_waits_for_a_lock_ends_it_at_once_and_loses_n
                 problems.append(f"a SIGTERM while the start waited for a lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
         await sp.astart(workers=workers, timeout=30)
         await asyncio.sleep(1.5)
-    finally:
-        stop.set()
-        await load
-    await stop_gracefully(sp, problems)
-    problems += landing_problems(lake, ledger, ("raw",))
-    check(problems, ledger, sp)
 
 
 async def lives_ended_by_power_losses(
