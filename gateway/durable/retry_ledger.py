@@ -27,9 +27,10 @@ WAL from the mark and records what it finds (records carry their seqs; requests 
 ``KIND_REQUEST`` frame with their key and answer). LMDB is opened without its own fsyncs: what a
 killed process wrote is in the page cache and survives it, but a machine that lost power may come
 back with a torn file. So the instance's owner (the supervisor, or a gateway running alone) opens
-it first and replaces it with an empty one, which the WAL scan then refills with what the WAL still
-holds, when it was left open in an earlier boot of the machine (``boot`` beside it says which, and
-whether it was flushed and closed) or LMDB finds it damaged; a log line says so either way.
+it first and rebuilds it, when it was left open in an earlier boot of the machine (``boot`` beside
+it says which, and whether it was flushed and closed) or LMDB finds it damaged (a log line says so
+either way): an empty ledger, refilled from its journal (ledger_journal.py: what ``record`` wrote,
+fsynced before any WAL segment is deleted), then by the WAL scan with what the WALs still hold.
 
 Bounded: entries of each kind live in generations (three LMDB databases per kind, used in turn). A
 generation ends after ``window_secs`` or its kind's entry limit; lookups see the current and the
@@ -48,6 +49,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -57,6 +59,7 @@ import msgspec
 import orjson
 
 from gateway.durable.ledger_clock import Instant, claim_is_fresh, current_boot_id, seconds_since_boot
+from gateway.durable.ledger_journal import LedgerJournal
 from gateway.durable.seq_runs import RunFinder, encode_run, runs_of
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,8 @@ MIN_MAP_BYTES = 1 << 30
 ENTRY_BYTES = {b"seq": 64, b"request": 256, b"signature": 64}  # key, value and LMDB's own, generously
 BOOT_FILE = "boot"  # the machine boot that last opened the ledger, and whether it was flushed and closed
 BOOT_FILE_BYTES = 128  # JSON padded with spaces: always the same size, so it is rewritten in place
+REBUILDING = "rebuilding"  # the boot file's boot id while a rebuild runs: one cut short starts over
+REPLAY_FRAMES_PER_TXN = 1024  # a commit per journal frame would make a rebuild take seconds per 100k frames
 # What LMDB raises for a file that is not what it wrote (torn by a power loss, or otherwise damaged).
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError, lmdb.InvalidError, lmdb.VersionMismatchError)
 
@@ -213,6 +218,12 @@ class RetryLedger:
         self._meta = None
         self._companions: dict[bytes, tuple] = {}  # name -> (environment, handle): see database()
         self._lock = threading.Lock()  # one write transaction per process at a time (LMDB's rule)
+        # What ``record`` wrote, kept through a power loss; bounded like the generations of seqs and requests.
+        self.journal = LedgerJournal(
+            self.directory / "journal",
+            window_secs=window_secs,
+            max_bytes=2 * max_keys * (ENTRY_BYTES[b"seq"] + ENTRY_BYTES[b"request"]),
+        )
         self.pid = os.getpid()
         self.wal_id = ""  # the WAL this process writes (``writes``)
 
@@ -226,11 +237,13 @@ class RetryLedger:
         ensure_directory(self.directory)
         if owner and (earlier := self._left_open_in_an_earlier_boot()):
             log.warning(
+                "a rebuild of the retry ledger was cut short; starting it again" if earlier == REBUILDING else
                 "retry ledger was left open before the machine restarted and may be torn; "
-                "starting a new one from what the WAL holds",
+                "starting a new one from its journal and what the WAL holds",
                 extra={"ledger": str(self.directory), "earlier_boot_id": earlier},
             )
-            self._discard()
+            self._rebuild()
+            return
         if owner and (damage := self._damage_found_apart()):
             self.replace(damage)
             return
@@ -250,14 +263,31 @@ class RetryLedger:
     def replace(self, reason: str) -> None:
         """Owner only, before other processes open it: start an empty ledger in place of a damaged one."""
         log.error(
-            "retry ledger damaged; starting a new one from what the WAL holds "
-            "(retries of records the WAL no longer holds may land again)",
+            "retry ledger damaged; starting a new one from its journal and what the WAL holds",
             extra={"ledger": str(self.directory), "error": reason},
         )
         self.close()
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """An empty ledger, refilled from the journal; marked as rebuilding until that is done."""
         self._discard()
+        self._write_boot(closed=False, boot_id=REBUILDING)
         self._env = self._open_env()
+        frames = entries = 0
+        replayed = self.journal.replay()
+        while batch := list(islice(replayed, REPLAY_FRAMES_PER_TXN)):
+            with self.write() as txn:
+                for seqs, requests in batch:  # generations advance per frame, as they did when it was recorded
+                    for kind, puts in ((b"seq", seqs), (b"request", requests)):
+                        if puts:
+                            db = self._db(kind, self._maybe_advance(txn, kind))
+                            for key, value in puts:
+                                txn.put(key, value, db=db)
+                    entries += len(seqs) + len(requests)
+            frames += len(batch)
         self._write_boot(closed=False)
+        log.info("retry ledger rebuilt from its journal", extra={"ledger": str(self.directory), "frames": frames, "entries": entries})
 
     def seal(self) -> None:
         """Owner only, once every other process of the instance has exited: flush the ledger to disk
@@ -307,12 +337,12 @@ class RetryLedger:
         now = current_boot_id()
         return earlier if not closed and now is not None and earlier != now else None
 
-    def _write_boot(self, *, closed: bool) -> None:
+    def _write_boot(self, *, closed: bool, boot_id: str | None = None) -> None:
         """In place once the file exists: a start on a full disk needs no new block for it. A torn
-        write reads as unreadable, which discards the ledger (rebuilt from the WAL), never trusts it."""
+        write reads as unreadable, which discards the ledger (rebuilt), never trusts it."""
         from connectors.durable_files import write_atomically
 
-        state = orjson.dumps({"boot_id": current_boot_id(), "closed": closed}).ljust(BOOT_FILE_BYTES)
+        state = orjson.dumps({"boot_id": boot_id or current_boot_id(), "closed": closed}).ljust(BOOT_FILE_BYTES)
         if not _rewritten_in_place(self.directory / BOOT_FILE, state):
             write_atomically(self.directory / BOOT_FILE, state)  # the first time, or an older, unpadded file
 
@@ -355,6 +385,11 @@ class RetryLedger:
         if self._env is not None:
             self._env.close()
             self._env = None
+        self.journal.close()
+
+    def make_journal_durable(self) -> None:
+        """Before a WAL deletes a segment: what the ledger learned from it must outlive a power loss."""
+        self.journal.make_durable()
 
     @property
     def closed(self) -> bool:
@@ -517,20 +552,21 @@ class RetryLedger:
     ) -> None:
         """Remember durable records and answered requests, and that ``wal_id`` is recorded through
         ``through_lsn``; the requests' in-flight ``spans`` (``span_key``) end in the same transaction."""
+        runs = runs_of(seqs)
+        seq_entries = [(seq_key(device_id, first_seq), value) for device_id, first, times in runs for first_seq, value in encode_run(first, times)]
+        request_entries = [(key, _encode_entry(RequestEntry.finished(key, body_sha256, answer))) for key, body_sha256, answer in requests]
         with self.write() as txn:
             seq_db = self._db(b"seq", self._maybe_advance(txn, b"seq"))
-            devices = set()
-            for device_id, first, times in runs_of(seqs):
-                for first_seq, value in encode_run(first, times):
-                    txn.put(seq_key(device_id, first_seq), value, db=seq_db)
-                devices.add(device_id)
-            for device_id in devices:  # a request of these devices validated before now must look again
+            for key, value in seq_entries:
+                txn.put(key, value, db=seq_db)
+            for device_id in {device_id for device_id, _, _ in runs}:  # a request of these devices validated before now must look again
                 txn.put(stamp_key(device_id), os.urandom(8), db=seq_db)
             for span in spans:
                 txn.delete(span, db=self._inflight)
             request_db = self._db(b"request", self._maybe_advance(txn, b"request"))
-            for key, body_sha256, answer in requests:
-                txn.put(key, _encode_entry(RequestEntry.finished(key, body_sha256, answer)), db=request_db)
+            for key, value in request_entries:
+                txn.put(key, value, db=request_db)
+            self.journal.append(seq_entries, request_entries)  # in the write lock: the file's order is the ledger's
             mark = b"mark:" + wal_id.encode()
             old = txn.get(mark, db=self._meta)
             if old is None or _U64.unpack(old)[0] < through_lsn:

@@ -426,6 +426,7 @@ class WriteAheadLog:
         board: Board | None = None,
         first_lsn: int = 0,
         floor: Callable[[], int] | None = None,
+        before_delete: Callable[[], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self._first_lsn = first_lsn  # where a new, empty log starts numbering (see fresh_log_origin)
@@ -463,6 +464,8 @@ class WriteAheadLog:
         # Deleting a released segment can take tens of ms (the file system frees 64 MiB of blocks):
         # its own thread, so neither the event loop that released it nor the writer waits for that.
         self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-remover")
+        # Run there before each deletion: what others learned from those segments must be durable first.
+        self._before_delete = before_delete or (lambda: None)
         self._consumers: dict[str, int] = {}
         self._expected: set[str] = set()
         self._closed = True
@@ -951,7 +954,7 @@ class WriteAheadLog:
         if keep_from:
             # Gone from the log now (its room counts again); a crash before the file is deleted
             # leaves a segment below every consumer, deleted again by the next release.
-            self._remover.submit(_delete, [gone.path for gone in segments[:keep_from]])
+            self._remover.submit(_delete, [gone.path for gone in segments[:keep_from]], self._before_delete)
 
     def settle(self) -> None:
         """Wait until the segments released so far are deleted (for tests and tools)."""
@@ -985,7 +988,15 @@ def durable_limit(durable: tuple[int, int, int], segment: _Segment) -> int | Non
     return None
 
 
-def _delete(paths: list[Path]) -> None:
+def _delete(paths: list[Path], before: Callable[[], None]) -> None:
+    try:
+        before()
+    except Exception as exc:  # deleting anyway: a full WAL would refuse devices, where this costs only duplicates
+        log.error(
+            "WAL: the retry ledger's journal could not be made durable before segments were deleted; "
+            "after a power loss, retries of their records may land again",
+            extra={"segments": [path.name for path in paths], "error": str(exc)},
+        )
     for path in paths:
         try:
             path.unlink(missing_ok=True)

@@ -106,6 +106,7 @@ class Pipeline:
             board=durable_board(wal_dir) if landing_elsewhere else None,
             first_lsn=fresh_log_origin(),  # used only if the directory holds no log yet
             floor=lambda: recorded_floor_of(slot, ledger),
+            before_delete=ledger.make_journal_durable if ledger is not None else None,
         )
         self.zones: Zones | None = None
         self.scorer: CuratedScorer | None = None

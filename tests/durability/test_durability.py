@@ -1257,6 +1257,22 @@ def records_of_requests_touching(segment: Path, start: int, end: int) -> set:
 
 
 
+def setup_on_a_disk_that_loses_power(
+    tmp_path: Path, gateways: Gateways, disk: PowerLossDisk, n_devices: int, *, max_object_age_secs: float
+) -> tuple[ServeProcess, list[Device], Path]:
+    """A gateway with the curated zone on, its WAL, retry ledger and local lake on ``disk``."""
+    lake = disk.mountpoint / "lake"
+    sp, devices, _ = setup(
+        tmp_path,
+        gateways,
+        n_devices,
+        inference=True,
+        wal={"dir": str(disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 16 * MiB},
+        lake={"dir": str(lake), "target_object_bytes": 64 * KiB, "max_object_age_secs": max_object_age_secs},
+    )
+    return sp, devices, lake
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("also_while_starting", [False, True], ids=["mid-load", "mid-load-and-while-starting"])
 async def test_power_losses_lose_no_acknowledged_record(tmp_path, gateways, power_loss_disk, also_while_starting):
@@ -1271,19 +1287,63 @@ async def test_power_losses_lose_no_acknowledged_record(tmp_path, gateways, powe
     after the last start, and nothing twice. (Without the directory fsync after a WAL segment is
     created, or after a lake object is renamed into place, or without the WAL's group fsync, it
     fails: thousands of acknowledged records missing.)"""
-    lake = power_loss_disk.mountpoint / "lake"
-    sp, devices, _ = setup(
-        tmp_path,
-        gateways,
-        6,
-        inference=True,
-        wal={"dir": str(power_loss_disk.mountpoint / "wal"), "segment_bytes": 256 * KiB, "max_total_bytes": 16 * MiB},
-        lake={"dir": str(lake), "target_object_bytes": 64 * KiB, "max_object_age_secs": 0.5},
-    )
+    sp, devices, lake = setup_on_a_disk_that_loses_power(tmp_path, gateways, power_loss_disk, 6, max_object_age_secs=0.5)
     ledger, problems = Ledger(), []
     notes = await lives_ended_by_power_losses(sp, power_loss_disk, devices, ledger, problems, also_while_starting=also_while_starting)
     problems += landing_problems(lake, ledger, ("raw", "curated"))
     check(problems, ledger, sp, notes=notes)
+
+
+@pytest.mark.timeout(240)
+async def test_resends_after_a_power_loss_of_records_whose_segments_were_deleted_land_nothing_twice(tmp_path, gateways, power_loss_disk):
+    """Devices whose answers were lost on the way (a proxy, a dropped connection) resend them once the
+    gateway is back, and the machine lost power in between. The records had been acknowledged,
+    landed in raw and curated, and their WAL segments deleted before the power went: the retry
+    ledger, rebuilt after the restart, must still know them (from its journal, fsynced before each
+    deletion), so every resend is answered 202 (with the first answer, under an Idempotency-Key) and
+    lands nothing. (Without the journal, every record of a deleted segment landed a second time.)"""
+    sp, devices, lake = setup_on_a_disk_that_loses_power(tmp_path, gateways, power_loss_disk, 4, max_object_age_secs=0.3)
+    ledger, problems = Ledger(), []
+    sent: list[tuple[Device, list[dict], bytes, str | None, dict]] = []
+
+    async def send_all(device: Device, keyed: bool) -> None:
+        async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client:
+            for n in range(30):
+                records = device.records(50)
+                body, key = ndjson(records), (f"{device.device_id}-{n}" if keyed else None)
+                answer = await client.send(records, body=body, idempotency_key=key)
+                if answer.status == 202:
+                    sent.append((device, records, body, key, answer.json()))
+
+    await sp.astart(workers_env(2), workers=2, timeout=30)
+    await asyncio.gather(*(send_all(device, keyed=i % 2 == 0) for i, device in enumerate(devices)))
+    if not await wait_until(lambda: not landing_problems(lake, ledger, ("raw", "curated")), timeout=30.0):
+        problems.append(f"not landed in 30 s: {landing_problems(lake, ledger, ('raw', 'curated'))[:2]}")
+    await asyncio.sleep(1.0)  # the releases that follow the landing, and their deletions
+    in_wal = set().union(*(records_of_requests_touching(s, 0, s.stat().st_size) for s in (power_loss_disk.mountpoint / "wal").rglob("*.wal")))
+    deleted = ledger.acked - in_wal
+    if len(deleted) < len(ledger.acked) // 2:
+        problems.append(f"only {len(deleted)} of {len(ledger.acked)} acked records were in deleted segments: the test reached too little")
+    await sp.akill()
+    loss = await asyncio.to_thread(power_loss_disk.lose_power, random.randrange(1 << 30))
+    restart_the_machine(power_loss_disk.mountpoint / "wal" / "ledger")
+    await sp.astart(workers_env(3), workers=3, timeout=30)
+    resent, other_answers = collections.Counter(), []
+    for device in devices:
+        async with DeviceClient(sp.url, device, ledger, fresh_connections=True) as client:
+            for _, records, body, key, first_answer in (entry for entry in sent if entry[0] is device):
+                answer = await client.send(records, body=body, idempotency_key=key)
+                resent[answer.status] += 1
+                if key is not None and answer.status == 202 and answer.json() != first_answer:
+                    other_answers.append((key, first_answer, answer.body[:200]))
+    if set(resent) != {202}:
+        problems.append(f"resends answered {dict(resent)}")
+    if other_answers:
+        problems.append(f"{len(other_answers)} resends under an Idempotency-Key got another answer than the first; first: {other_answers[:2]}")
+    await asyncio.sleep(1.0)
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw", "curated"))
+    check(problems, ledger, sp, notes=[f"power loss: {loss}", f"acked records in deleted segments: {len(deleted)}", f"resends: {dict(resent)}"])
 
 
 @pytest.mark.timeout(300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import subprocess
@@ -262,16 +263,61 @@ def _reopened_as_owner(path) -> RetryLedger:
     return ledger
 
 
-def test_a_ledger_left_open_before_the_machine_restarted_is_rebuilt_empty(tmp_path, caplog):
+def test_a_ledger_left_open_before_the_machine_restarted_is_rebuilt_from_its_journal(tmp_path, caplog):
+    """What it learned is kept, though the WAL may have deleted the segments that held it."""
+    caplog.set_level(logging.INFO)
     path = tmp_path / "ledger"
     ledger, key = _ledger_with_an_answer(path)
+    ledger.make_journal_durable()  # as a WAL does before it deletes a segment
     ledger.close()  # as a SIGKILL leaves it: written, never flushed or sealed
     _pretend_last_boot(path, closed=False)
+    (path / "data.mdb").write_bytes(b"\xa5" * 8192)  # torn as a power loss may leave it: not read at all
     again = _reopened_as_owner(path)
     assert again.mark("wal-a") == 0, "its marks are gone: the WAL scan records everything the WAL holds again"
-    assert again.claim_request(key, SHA_1).outcome == "run"
-    assert "left open before the machine restarted" in caplog.text
+    claim = again.claim_request(key, SHA_1)
+    assert claim.outcome == "answered" and claim.answer == b'202{"accepted":1}'
+    assert again.reader().is_duplicate("dev-1", 7, 1000)
+    assert not again.reader().is_duplicate("dev-1", 8, 1000)
+    assert "left open before the machine restarted" in caplog.text and "rebuilt from its journal" in caplog.text
     assert orjson.loads((path / BOOT_FILE).read_bytes()) == {"boot_id": current_boot_id(), "closed": False}
+    again.close()
+
+
+def test_a_ledger_rebuilt_without_its_journal_starts_empty(tmp_path):
+    path = tmp_path / "ledger"
+    ledger, key = _ledger_with_an_answer(path)
+    ledger.close()
+    for journal_file in (path / "journal").iterdir():
+        journal_file.unlink()
+    _pretend_last_boot(path, closed=False)
+    again = _reopened_as_owner(path)
+    assert again.claim_request(key, SHA_1).outcome == "run"
+    assert not again.reader().is_duplicate("dev-1", 7, 1000)
+    again.close()
+
+
+def test_a_rebuild_cut_short_starts_over_at_the_next_start(tmp_path, caplog, monkeypatch):
+    from gateway.durable import ledger_journal
+
+    path = tmp_path / "ledger"
+    ledger, key = _ledger_with_an_answer(path)
+    ledger.close()
+    _pretend_last_boot(path, closed=False)
+
+    def power_gone_mid_replay(self):
+        yield from []
+        raise KeyboardInterrupt  # stands for the process's end, mid-rebuild
+
+    cut_short = RetryLedger(path, window_secs=600, max_keys=1000)
+    with monkeypatch.context() as m:
+        m.setattr(ledger_journal.LedgerJournal, "replay", power_gone_mid_replay)
+        with pytest.raises(KeyboardInterrupt):
+            cut_short.open(owner=True)
+    cut_short.close()
+    assert orjson.loads((path / BOOT_FILE).read_bytes())["boot_id"] == "rebuilding"
+    again = _reopened_as_owner(path)
+    assert "rebuild of the retry ledger was cut short" in caplog.text
+    assert again.claim_request(key, SHA_1).outcome == "answered"
     again.close()
 
 
@@ -328,7 +374,7 @@ def test_damaged_pages_are_replaced_by_the_owner_and_refused_to_others(tmp_path,
     assert refused.value.damaged, "a worker never replaces the ledger other processes may have open"
     again = _reopened_as_owner(path)
     assert "retry ledger damaged" in caplog.text
-    assert again.claim_request(key, SHA_1).outcome == "run"
+    assert again.claim_request(key, SHA_1).outcome == "answered", "rebuilt from its journal, the answer is kept"
     again.close()
 
 
@@ -351,7 +397,7 @@ def test_a_truncated_ledger_is_replaced_not_read_past_its_end(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert child.returncode == 0, child.stderr
-    assert child.stdout.split() == ["0", "0"]
+    assert child.stdout.split() == ["0", "1"], "no mark, and the journal's one run of 20,000 seqs"
 
 
 def test_an_entry_that_does_not_decode_counts_as_absent(tmp_path):
