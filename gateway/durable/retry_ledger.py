@@ -84,7 +84,7 @@ ENTRY_BYTES = {b"seq": 64, b"request": 256, b"signature": 64}  # key, value and 
 BOOT_FILE = "boot"  # the machine boot that last opened the ledger, and whether it was flushed and closed
 BOOT_FILE_BYTES = 128  # JSON padded with spaces: always the same size, so it is rewritten in place
 REBUILDING = "rebuilding"  # the boot file's boot id while a rebuild runs: one cut short starts over
-REPLAY_FRAMES_PER_TXN = 1024  # a commit per journal frame would make a rebuild take seconds per 100k frames
+REPLAY_FRAMES_PER_TXN = 1024  # a rebuild's write transactions: a commit costs far more than a put
 # What LMDB raises for a file that is not what it wrote (torn by a power loss, or otherwise damaged).
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError, lmdb.InvalidError, lmdb.VersionMismatchError)
 
@@ -388,8 +388,16 @@ class RetryLedger:
         self.journal.close()
 
     def make_journal_durable(self) -> None:
-        """Before a WAL deletes a segment: what the ledger learned from it must outlive a power loss."""
-        self.journal.make_durable()
+        """Before a WAL deletes a segment: what the ledger learned from it must outlive a power loss.
+        A disk that fails it is logged; the segment goes all the same (kept, it would fill the WAL)."""
+        try:
+            self.journal.make_durable()
+        except OSError as exc:
+            log.error(
+                "retry ledger journal could not be made durable before WAL segments were deleted; "
+                "after a power loss, retries of their records may land again",
+                extra={"journal": str(self.journal.directory), "error": str(exc)},
+            )
 
     @property
     def closed(self) -> bool:

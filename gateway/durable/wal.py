@@ -991,12 +991,9 @@ def durable_limit(durable: tuple[int, int, int], segment: _Segment) -> int | Non
 def _delete(paths: list[Path], before: Callable[[], None]) -> None:
     try:
         before()
-    except Exception as exc:  # deleting anyway: a full WAL would refuse devices, where this costs only duplicates
-        log.error(
-            "WAL: the retry ledger's journal could not be made durable before segments were deleted; "
-            "after a power loss, retries of their records may land again",
-            extra={"segments": [path.name for path in paths], "error": str(exc)},
-        )
+    except Exception:  # deleting anyway: kept, they would fill the WAL and devices would be refused
+        log.exception("WAL: what must be durable before segments are deleted failed; deleting them anyway",
+                      extra={"segments": [path.name for path in paths]})
     for path in paths:
         try:
             path.unlink(missing_ok=True)

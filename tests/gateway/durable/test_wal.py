@@ -226,6 +226,31 @@ async def test_segments_are_deleted_once_every_consumer_is_past_them(tmp_path):
     await wal.close()
 
 
+async def test_what_must_be_durable_first_is_made_so_before_each_deletion_and_a_failure_deletes_all_the_same(tmp_path, caplog):
+    """The retry ledger's journal is fsynced there (``before_delete``): what the ledger learned from a
+    segment outlives a power loss that comes after the segment is gone."""
+    seen: list[list[str]] = []
+
+    def before_delete():
+        seen.append(sorted(p.name for p in tmp_path.glob("*.wal")))  # the files still there when it runs
+        if len(seen) == 2:
+            raise OSError(5, "Input/output error")
+
+    wal = await open_wal(tmp_path, segment_bytes=100, before_delete=before_delete)
+    wal.register_consumer("raw", 0)
+    for _ in range(4):
+        await wal.append([frame(5)])
+    wal.release("raw", 5)
+    wal.settle()
+    assert seen == [[f"{n:020d}.wal" for n in (0, 5, 10, 15)]]
+    wal.release("raw", 15)
+    wal.settle()
+    assert seen[1] == [f"{n:020d}.wal" for n in (5, 10, 15)]
+    assert sorted(p.name for p in tmp_path.glob("*.wal")) == [f"{15:020d}.wal"]  # deleted, though it failed
+    assert "deleting them anyway" in caplog.text
+    await wal.close()
+
+
 async def test_a_slow_file_system_delays_no_caller_of_release(tmp_path, monkeypatch):
     # Stands in for a file system slow to free a large file (tens of ms for 64 MiB here): the
     # deletion waits on an event, and release() must return before it is set.
