@@ -181,7 +181,7 @@ class Gateway:
         try:
             await asyncio.to_thread(self._take_ownership)
             self.security.replay.use_ledger(self.ledger)
-            await self.pipeline.start()
+            await self.pipeline.start(early_signals.stop_requested)
         except BaseException:
             self.ledger.close()
             self._release_ownership()
@@ -232,7 +232,12 @@ class Gateway:
             open_and_catch_up_when_room(
                 self.settings, self.base_id, self.ledger, early_signals.stop_requested, waiting_for_room=self.waiting_for_room
             )
-        self._locks.append(DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire(exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS))
+        # A worker restarted after a kill may wait here for its predecessor's lock: a stop meanwhile ends the wait.
+        self._locks.append(
+            DirectoryLock(self.slot.directory, SLOT_LOCK, "the WAL directory").acquire(
+                exited_holder_wait_secs=EXITED_HOLDER_WAIT_SECS, stop_requested=early_signals.stop_requested
+            )
+        )
 
     def _ledger_forgot(self, kind: str, entries: int) -> None:
         if kind == "signature":

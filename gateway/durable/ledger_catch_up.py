@@ -78,7 +78,7 @@ def catch_up(wal: WriteAheadLog, ledger: RetryLedger, wal_identity: str, where: 
     try:
         while frames := reader.read(8 * 1024 * 1024, frozenset({KIND_RECORDS, KIND_REQUEST})):
             if stop_requested():  # a full WAL takes seconds to read: a stop need not wait for it
-                raise StoppedWhileStarting(f"stopped while the retry ledger caught up with {where}, before any worker started")
+                raise StoppedWhileStarting(f"stopped while the retry ledger caught up with {where}; the next start reads on from where it was")
             for frame in frames:
                 if frame.kind == KIND_REQUEST:
                     r = msgspec.msgpack.decode(frame.payload, type=RequestRecord)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
@@ -128,7 +129,8 @@ class Pipeline:
     def landers(self) -> list[ZoneLander]:
         return self.zones.landers if self.zones is not None else []
 
-    async def start(self) -> None:
+    async def start(self, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """``StoppedWhileStarting`` if ``stop_requested()`` while it catches the retry ledger up."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.spool_dir.glob("spool-*"):  # only left behind by a crash; never durable
             stale.unlink(missing_ok=True)
@@ -136,7 +138,7 @@ class Pipeline:
         try:
             if self.ledger is not None:
                 self.wal_id = await asyncio.to_thread(wal_id, self.slot.directory)
-                await asyncio.to_thread(self._catch_up_ledger)
+                await asyncio.to_thread(self._catch_up_ledger, stop_requested)
             if self.zones is None:
                 # The lake process publishes every zone: a position, or RETIRED for one that is off and owes nothing.
                 self.wal.expect_consumers(ZONES)
@@ -213,9 +215,9 @@ class Pipeline:
             except Exception as exc:
                 log.error("retry ledger mark not moved back", extra={"error": str(exc)})
 
-    def _catch_up_ledger(self) -> None:
+    def _catch_up_ledger(self, stop_requested: Callable[[], bool]) -> None:
         """Record what the WAL holds past the ledger's mark (a crash came between fsync and ledger)."""
-        catch_up(self.wal, self.ledger, self.wal_id, self.slot.directory)
+        catch_up(self.wal, self.ledger, self.wal_id, self.slot.directory, stop_requested)
         self.ledger.writes(self.wal_id)
 
     async def drain(self, deadline_secs: float | None) -> bool:

@@ -1541,10 +1541,11 @@ async def scrape(ops_port: int) -> dict[str, float] | str:
 
 
 @contextlib.contextmanager
-def lock_held_for_a_killed_holder(lock: Path, pid: int):
+def lock_held_for_a_killed_holder(lock: Path, pid: int, *, kill_it: bool = False):
     """Another process holds ``lock`` (a WAL directory's) for the duration of the block, the file
     naming ``pid``, a process that is gone: what the kernel does for a holder killed during an fsync
-    on a slow disk until that I/O ends. A start waits for such a lock (up to 30 s) instead of refusing."""
+    on a slow disk until that I/O ends. A start waits for such a lock (up to 30 s) instead of refusing.
+    ``kill_it``: ``pid`` holds the lock now and is killed here, the lock taken over as it goes."""
     import subprocess
     import sys
 
@@ -1553,6 +1554,9 @@ def lock_held_for_a_killed_holder(lock: Path, pid: int):
         "os.ftruncate(fd, 0); os.pwrite(fd, sys.argv[2].encode() + b'\\n', 0); print('held', flush=True); sys.stdin.read()"
     )
     holder = subprocess.Popen([sys.executable, "-c", script, str(lock), str(pid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if kill_it:
+        time.sleep(0.5)  # by then the holder waits in flock() for the lock the kill releases
+        os.kill(pid, signal.SIGKILL)
     try:
         assert holder.stdout.readline().strip() == "held", f"{lock} could not be taken"
         yield
@@ -1653,6 +1657,34 @@ async def test_a_stop_while_a_start_waits_for_a_lock_ends_it_at_once_and_loses_n
                 problems.append(f"a SIGTERM while the start waited for a lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
         await sp.astart(workers=workers, timeout=30)
         await asyncio.sleep(1.5)
+
+
+@pytest.mark.timeout(150)
+async def test_a_stop_while_a_restarted_worker_waits_for_its_wal_lock_ends_it_at_once_and_loses_nothing(tmp_path, gateways):
+    """A worker killed alone mid-load is restarted by the supervisor at once, and its WAL directory's
+    lock is still held for it (as the kernel holds it for a process killed in an fsync on a slow
+    disk), so the new worker waits for it, up to 30 s. A SIGTERM to the gateway meanwhile ends every
+    process with status 0 within a few seconds, and the start after it (the lock released) lands
+    every acknowledged record once. (Before, the stop waited for the lock.)"""
+    sp, lake, ledger, stop, load = await two_workers_under_load(tmp_path, gateways)
+    problems: list[str] = []
+    try:
+        with lock_held_for_a_killed_holder(wal_lock(tmp_path, 2), worker_with_index(sp, 0), kill_it=True):
+            if not await wait_until(lambda: "still held by a process that has exited" in sp.log_text(), timeout=20.0):
+                problems.append("the restarted worker did not wait for its WAL's lock: the test reached nothing")
+            signalled = time.monotonic()
+            rc = await sp.aterminate(timeout=40)
+            took = time.monotonic() - signalled
+            if rc != 0 or took > 5.0 or "stopped while waiting for the lock" not in sp.log_text():
+                problems.append(f"a SIGTERM while a restarted worker waited for its lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
+        await sp.astart(workers_env(2), workers=2, timeout=30)
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await load
+    await stop_gracefully(sp, problems)
+    problems += landing_problems(lake, ledger, ("raw",))
+    check(problems, ledger, sp)
 
 
 async def lives_ended_by_power_losses(
