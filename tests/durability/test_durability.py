@@ -1650,13 +1650,18 @@ async def test_a_stop_while_a_start_waits_for_a_lock_ends_it_at_once_and_loses_n
             sp.launch()
             if not await wait_until_answering(sp, 0, 20.0):
                 problems.append("the start gave no HTTP answer within 20 s while its WAL's lock was held")
-            signalled = time.monotonic()
-            rc = await sp.aterminate(timeout=20)
-            took = time.monotonic() - signalled
-            if rc != 0 or took > 5.0 or "stopped while waiting for the lock" not in sp.log_text():
-                problems.append(f"a SIGTERM while the start waited for a lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
+            await stopped_while_waiting_for_a_lock(sp, problems, "the start")
         await sp.astart(workers=workers, timeout=30)
         await asyncio.sleep(1.5)
+
+
+async def stopped_while_waiting_for_a_lock(sp: ServeProcess, problems: list[str], who: str) -> None:
+    """SIGTERM while ``who`` waits for a WAL directory's lock: status 0 within 5 s, and a line saying why."""
+    signalled = time.monotonic()
+    rc = await sp.aterminate(timeout=40)
+    took = time.monotonic() - signalled
+    if rc != 0 or took > 5.0 or "stopped while waiting for the lock" not in sp.log_text():
+        problems.append(f"a SIGTERM while {who} waited for a lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
 
 
 @pytest.mark.timeout(150)
@@ -1672,11 +1677,7 @@ async def test_a_stop_while_a_restarted_worker_waits_for_its_wal_lock_ends_it_at
         with lock_held_for_a_killed_holder(wal_lock(tmp_path, 2), worker_with_index(sp, 0), kill_it=True):
             if not await wait_until(lambda: "still held by a process that has exited" in sp.log_text(), timeout=20.0):
                 problems.append("the restarted worker did not wait for its WAL's lock: the test reached nothing")
-            signalled = time.monotonic()
-            rc = await sp.aterminate(timeout=40)
-            took = time.monotonic() - signalled
-            if rc != 0 or took > 5.0 or "stopped while waiting for the lock" not in sp.log_text():
-                problems.append(f"a SIGTERM while a restarted worker waited for its lock: exit {rc} after {took:.1f} s (wanted 0 within 5 s, and a line saying why)")
+            await stopped_while_waiting_for_a_lock(sp, problems, "a restarted worker")
         await sp.astart(workers_env(2), workers=2, timeout=30)
         await asyncio.sleep(1.5)
     finally:
