@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -239,6 +240,10 @@ def _baseline_line(path: Path, doc: dict) -> str:
             f"source {(doc.get('git') or {}).get('commit')}")
 
 
+def _stop_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.tolerance < 0:
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     args.out.mkdir(parents=True, exist_ok=True)
+    # A CI job's timeout or an operator stops a run with SIGTERM: as an exception, every scenario's
+    # clean-up still stops the gateways and load generators it started, and the working directory goes.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="edge-gateway-bench-"))
     log = Log(args.out / "run.log")
     ctx = Context(profile=profile, workdir=workdir, log=log, seed=args.seed)

@@ -104,3 +104,49 @@ def test_progress_bar_shows_an_eta_from_the_baseline(tmp_path):
     assert line == "[ingest] 2/5 [######..................]  25% 0:25 elapsed, about 1:15 left; the run about 6:15 left"
     assert "0:20 over the estimate" in progress.line(progress.started + 120.0)
     assert "no estimate" in Progress("new", None, "1/1", None).line()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_stops_every_process_it_started_and_removes_its_files(tmp_path) -> None:
+    """A CI job's timeout sends SIGTERM: the gateways and load generators of the scenario running
+    then are stopped, and the working directory is removed, before the harness exits."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    workdir = tmp_path / "tmp"
+    workdir.mkdir()
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--scenarios", "startup", "--reps", "50", "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=os.environ | {"TMPDIR": str(workdir)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    def command(process: psutil.Process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:
+            return ""  # gone meanwhile
+
+    started: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("gateway serve" in command(p) for p in started.values()):
+            for child in psutil.Process(harness.pid).children(recursive=True):
+                started.setdefault(child.pid, child)
+            time.sleep(0.05)
+        assert started, "the harness started no process in 60 s"
+        harness.send_signal(signal.SIGTERM)
+        assert harness.wait(60) == 128 + signal.SIGTERM
+        alive = [command(p)[:120] for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive += [command(p)[:120] for p in psutil.process_iter() if str(workdir) in command(p) and p.pid not in started]
+        assert not alive, f"still running after the harness exited: {alive}"
+        assert not list(workdir.glob("edge-gateway-bench-*")), "the working directory was left behind"
+    finally:
+        harness.kill()
+        # By PID: what it started, and anything else running from its working directory.
+        for p in [*started.values(), *(p for p in psutil.process_iter() if str(workdir) in command(p))]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
