@@ -73,9 +73,11 @@ class StartingAnswers:
         self._name = name
         self.state = STARTING
         self.answered = 0
-        self._loop = asyncio.new_event_loop()
+        # Not the policy's loop (uvloop in a gateway): how ``_serve`` stops relies on this one's.
+        self._loop = asyncio.SelectorEventLoop()
         self._stop = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
+        self._transports: set[asyncio.BaseTransport] = set()  # every connection made and not lost yet
         self._thread = threading.Thread(target=self._run, name=f"starting-answers-{name}", daemon=True)
 
     def start(self) -> StartingAnswers:
@@ -109,15 +111,30 @@ class StartingAnswers:
             self._loop.close()
 
     async def _serve(self) -> None:
-        server = await asyncio.start_server(
-            self._answer, sock=self._listener, limit=HEAD_LIMIT_BYTES, ssl=self._ssl,
+        server = await self._loop.create_server(
+            self._connection, sock=self._listener, ssl=self._ssl,
             ssl_handshake_timeout=HEAD_TIMEOUT_SECS if self._ssl is not None else None,
         )
-        async with server:
-            await self._stop.wait()
-        for handler in list(self._handlers):
-            handler.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._stop.wait()
+        # Accept no more, but close the server only once the connections accepted last are made: in
+        # asyncio 3.11 one whose transport is built after the close is dropped with its socket open,
+        # and its client waits for an answer until a garbage collection finds it (over a minute, seen
+        # in a start under load). Every connection is closed here; its handler then ends by itself.
+        self._loop.remove_reader(self._listener.fileno())
+        deadline = self._loop.time() + HEAD_TIMEOUT_SECS
+        while (tasks := asyncio.all_tasks() - {asyncio.current_task()}) and self._loop.time() < deadline:
+            for transport in list(self._transports):
+                transport.abort()
+            await asyncio.wait(tasks, timeout=deadline - self._loop.time(), return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:  # a TLS handshake still running: cancelled, it closes its socket
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+        await asyncio.sleep(0)  # an abort closes its socket in the loop's next step
+
+    def _connection(self) -> asyncio.StreamReaderProtocol:
+        """What ``asyncio.start_server`` makes per connection, and its transport known once it is made."""
+        return _TrackedConnection(self._transports, asyncio.StreamReader(limit=HEAD_LIMIT_BYTES), self._answer)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handler = asyncio.current_task()
@@ -138,6 +155,22 @@ class StartingAnswers:
         finally:
             self._handlers.discard(handler)
             writer.close()
+
+
+class _TrackedConnection(asyncio.StreamReaderProtocol):
+    def __init__(self, transports: set[asyncio.BaseTransport], reader: asyncio.StreamReader, handler) -> None:
+        super().__init__(reader, handler)
+        self._transports = transports
+        self._made: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = transport
+        self._transports.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transports.discard(self._made)
+        super().connection_lost(exc)
 
 
 async def _read_away(reader: asyncio.StreamReader) -> None:
