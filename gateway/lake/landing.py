@@ -487,6 +487,14 @@ class ZoneLander:
                 due.append(bad)
                 continue
             pending = self._open.get(frame.hour)
+            if pending is not None and pending.cut_at is not None and frame.lsn > pending.cut_at:
+                # Frames of an object written down before a crash are missing (a damaged block, mended
+                # at start): it still ends, and is named, as written down, so it replaces the object
+                # that may have landed then instead of landing its records a second time.
+                pending.last_lsn = pending.cut_at
+                del self._open[frame.hour]
+                due.append(pending)
+                pending = None
             if pending is None:
                 evictable = [p for p in self._open.values() if p.cut_at is None]
                 if len(self._open) >= self.settings.max_open_partitions and evictable:
@@ -496,10 +504,11 @@ class ZoneLander:
                     del self._open[victim.hour]
                     due.append(victim)
                     self._rolled_early += 1
-                pending = _Pending(frame.hour, self._new_builder(), frame.lsn, frame.lsn, now, frame.received_ms)
-                pending.cut_at = self._intents.pop((frame.hour, frame.lsn), None)
+                first = self._intent_holding(frame)
+                pending = _Pending(frame.hour, self._new_builder(), first, frame.lsn, now, frame.received_ms)
+                pending.cut_at = self._intents.pop((frame.hour, first), None)
                 if pending.cut_at is not None:
-                    intent = _intent_id(frame.hour, frame.lsn)
+                    intent = _intent_id(frame.hour, first)
                     gateway_id, dataset = self._state.names.get(intent, (self.settings.gateway_id, self.settings.dataset))
                     pending.named = (gateway_id, dataset, self._state.tags.get(intent, ""))
                 self._open[frame.hour] = pending
@@ -514,6 +523,14 @@ class ZoneLander:
             if pending.touched == now:  # written by this read
                 pending.builder.settle()
         return due + self._over_budget()
+
+    def _intent_holding(self, frame: Frame) -> int:
+        """The first LSN of the object written down before a crash whose range holds ``frame`` (its
+        first frames lost to a damaged block), else the frame's own."""
+        for (hour, first), last in self._intents.items():
+            if hour == frame.hour and first < frame.lsn <= last:
+                return first
+        return frame.lsn
 
     def _over_budget(self) -> list[_Pending]:
         """The largest open objects, rolled early, while the open objects hold more memory than

@@ -8,6 +8,7 @@ import os
 import threading
 
 import orjson
+import pytest
 
 from connectors.local_lake import LocalLakeSink
 from gateway.lake.formats import ZstdNdjsonBuilder
@@ -483,6 +484,32 @@ async def test_an_object_replayed_after_a_rename_keeps_the_key_it_was_sealed_wit
     assert landed_seqs(tmp_path / "lake") == list(range(9))
     keys = sorted(str(p.relative_to(tmp_path / "lake")) for p in (tmp_path / "lake").rglob("*.zst"))
     assert len(keys) == 2 and "old" in keys[0] + keys[1] and "new" in keys[0] + keys[1], keys
+
+
+@pytest.mark.parametrize("lost", ["its last frame", "its first frame"])
+async def test_an_object_replayed_without_frames_lost_to_damage_replaces_the_one_that_landed(tmp_path, lost):
+    """Landed, then killed before its state said so; at the restart a damaged block of the WAL took
+    one of its frames (the mend drops that frame's request). The replay must still end the object
+    where it was written down and land it under the same key, replacing the copy that landed, not
+    cut it elsewhere under another key beside it: its other records would land twice."""
+    wal = await open_wal(tmp_path)
+    sink = HangsAfterLanding(tmp_path / "lake")
+    first = lander(tmp_path, wal, sink)
+    await wal.append([frame(range(6)), frame(range(6, 10))])  # LSNs 0-5 and 6-9: one object
+    await first.start()
+    await asyncio.wait_for(sink.landed.wait(), 5)
+    await first.close()
+    assert landed_seqs(tmp_path / "lake") == list(range(10))
+    replay = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
+    gone = 6 if lost == "its last frame" else 0  # stands for the frame the mend at start dropped
+    wanted = replay._wanted
+    replay._wanted = lambda f: f.lsn != gone and wanted(f)
+    await replay.start()
+    await wal.append([frame(range(10, 13))])  # a later frame of the same hour
+    assert await replay.drain(5)
+    await wal.close()
+    survivors = [s for s in range(10) if not (gone <= s < gone + (4 if gone else 6))]
+    assert landed_seqs(tmp_path / "lake") == [*survivors, 10, 11, 12]
 
 
 async def test_the_raw_zone_lands_shared_frames_as_whole_lines_and_sizes_objects_by_them(tmp_path):
