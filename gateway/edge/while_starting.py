@@ -36,6 +36,9 @@ HEAD_TIMEOUT_SECS = 5.0
 # connection before the client has read the answer.
 LINGER_SECS = 1.0
 MAX_CONNECTIONS = 256  # beyond this many at once, a connection is closed unanswered
+# How long a stop waits for the connections accepted last to be made (milliseconds, but a TLS
+# handshake may be under way: cancelled then) before the gateway takes over.
+HANDOVER_SECS = 1.0
 
 STARTING = "starting"
 WAITING_FOR_ROOM = "waiting_for_room"
@@ -121,7 +124,7 @@ class StartingAnswers:
         # and its client waits for an answer until a garbage collection finds it (over a minute, seen
         # in a start under load). Every connection is closed here; its handler then ends by itself.
         self._loop.remove_reader(self._listener.fileno())
-        deadline = self._loop.time() + HEAD_TIMEOUT_SECS
+        deadline = self._loop.time() + HANDOVER_SECS
         while (tasks := asyncio.all_tasks() - {asyncio.current_task()}) and self._loop.time() < deadline:
             for transport in list(self._transports):
                 transport.abort()
