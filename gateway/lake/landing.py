@@ -572,7 +572,15 @@ class ZoneLander:
     def _due_by_age(self) -> list[_Pending]:
         limit = self.settings.max_object_age_secs
         now = self._clock()
-        return [p for p in self._open.values() if p.cut_at is None and now - p.opened_at >= limit]
+        due = [p for p in self._open.values() if p.cut_at is None and now - p.opened_at >= limit]
+        # One rebuilt to a boundary written down before a crash, whose range the reader has passed
+        # (called between reads): the frames it lacks were lost to damage, and no later frame of its
+        # hour may come to end it. It ends at its boundary now, rather than hold the position back.
+        for pending in self._open.values():
+            if pending.cut_at is not None and self._reader.lsn > pending.cut_at:
+                pending.last_lsn = pending.cut_at
+                due.append(pending)
+        return due
 
     def _seconds_to_next_roll(self) -> float | None:
         ages = [p.opened_at for p in self._open.values() if p.cut_at is None]

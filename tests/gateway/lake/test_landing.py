@@ -50,6 +50,15 @@ def landed_seqs(lake, zone: str = "raw") -> list[int]:
     return sorted(line["seq"] for line in read_zone(lake, zone))
 
 
+async def wait_for(predicate, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 class HangsAfterLanding(LocalLakeSink):
     """Lands its first object, then never returns: a kill after the upload, before the state says so."""
 
@@ -486,12 +495,13 @@ async def test_an_object_replayed_after_a_rename_keeps_the_key_it_was_sealed_wit
     assert len(keys) == 2 and "old" in keys[0] + keys[1] and "new" in keys[0] + keys[1], keys
 
 
-@pytest.mark.parametrize("lost", ["its last frame", "its first frame"])
+@pytest.mark.parametrize("lost", ["its last frame", "its first frame", "its last frame, and no later frame of its hour comes"])
 async def test_an_object_replayed_without_frames_lost_to_damage_replaces_the_one_that_landed(tmp_path, lost):
     """Landed, then killed before its state said so; at the restart a damaged block of the WAL took
     one of its frames (the mend drops that frame's request). The replay must still end the object
     where it was written down and land it under the same key, replacing the copy that landed, not
-    cut it elsewhere under another key beside it: its other records would land twice."""
+    cut it elsewhere under another key beside it (its other records would land twice), nor wait for
+    a frame of its hour that may never come, holding the zone's position (and the WAL) back."""
     wal = await open_wal(tmp_path)
     sink = HangsAfterLanding(tmp_path / "lake")
     first = lander(tmp_path, wal, sink)
@@ -501,14 +511,18 @@ async def test_an_object_replayed_without_frames_lost_to_damage_replaces_the_one
     await first.close()
     assert landed_seqs(tmp_path / "lake") == list(range(10))
     replay = lander(tmp_path, wal, LocalLakeSink(tmp_path / "lake"))
-    gone = 6 if lost == "its last frame" else 0  # stands for the frame the mend at start dropped
+    gone = 0 if lost == "its first frame" else 6  # stands for the frame the mend at start dropped
     wanted = replay._wanted
     replay._wanted = lambda f: f.lsn != gone and wanted(f)
     await replay.start()
-    await wal.append([frame(range(10, 13))])  # a later frame of the same hour
+    survivors = [s for s in range(10) if not (gone <= s < gone + (4 if gone else 6))]
+    if lost.endswith("comes"):
+        await wal.append([frame(range(10, 13), hour=490_001)])  # the next hour's: the position must pass the object
+        assert await wait_for(lambda: replay.position > 10 and landed_seqs(tmp_path / "lake") == [*survivors, 10, 11, 12], 5)
+    else:
+        await wal.append([frame(range(10, 13))])  # a later frame of the same hour
     assert await replay.drain(5)
     await wal.close()
-    survivors = [s for s in range(10) if not (gone <= s < gone + (4 if gone else 6))]
     assert landed_seqs(tmp_path / "lake") == [*survivors, 10, 11, 12]
 
 
