@@ -20,6 +20,7 @@ files hold over ``max_bytes`` (the ledger forgets as much once its generations f
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -60,7 +61,7 @@ class LedgerJournal:
         self._fd = -1
         self._size = 0
         self._began = 0.0  # time.monotonic() at the current file's creation
-        self._failing: str | None = None  # the error the last append met, logged once until one succeeds
+        self._failing: int | None = None  # the errno the last append met, logged once until one succeeds
         self._synced: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) when this process last fsynced it
         self._names_synced: frozenset[str] = frozenset()
         self._sync_lock = threading.Lock()  # the remover threads of a worker's own WAL and of orphans it drains
@@ -80,8 +81,8 @@ class LedgerJournal:
             if self._fd < 0:
                 self._begin_file()
             written = os.write(self._fd, frame)
-            if written != len(frame):
-                raise OSError(f"short write: {written} of {len(frame)} bytes")
+            if written != len(frame):  # a regular file written in part: its disk is full
+                raise OSError(errno.ENOSPC, f"short write: {written} of {len(frame)} bytes")
         except OSError as exc:
             self._undo_partial_append(exc)
             return
@@ -113,12 +114,12 @@ class LedgerJournal:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 self.close()  # the next append starts a new file; this one's replay ends at the torn frame
-        if self._failing != str(exc):
+        if self._failing != exc.errno:  # by errno: a full disk's messages differ write to write
             log.error(
                 "retry ledger journal not written: after a power loss, retries of these records may land again",
                 extra={"journal": str(self.directory), "error": str(exc)},
             )
-            self._failing = str(exc)
+            self._failing = exc.errno
 
     def close(self) -> None:
         if self._fd >= 0:
