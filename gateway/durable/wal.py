@@ -390,10 +390,34 @@ def _records_of_chain(data: bytes, at: int, broken: set[int]) -> int | None:
     return None
 
 
-def _intact_now(f, offset: int, end: int | None) -> bool:
-    """Whether the frame at ``offset`` passes its check when read again: a read that came back short
-    or wrong once (a flaky device, a network or FUSE file system) is not damage on disk."""
-    return bool(_read_frames(f, offset, 0, end, 1, markers=True).frames)
+# Pauses before each fresh read of a frame that failed its check: a wrong read that a cache keeps
+# handing back (seen on FUSE: a page read while an append filled it) may take a moment to clear.
+READ_AGAIN_PAUSES_SECS = (0.0, 0.01, 0.05, 0.15)
+
+
+def _intact_when_read_afresh(path: str | os.PathLike[str], offset: int, end: int | None) -> bool:
+    """Whether the frame at ``offset`` passes its check when read again from the disk: a read that
+    came back short or wrong (a flaky device, a network or FUSE file system) is not damage on disk.
+
+    Each try opens the file anew and drops its cached pages from ``offset`` first: a page cached
+    wrong would otherwise be handed back to every read, and the frame's acknowledged records passed
+    over as damaged. A frame still failing after the last try is damage."""
+    for tries, pause in enumerate(READ_AGAIN_PAUSES_SECS, 1):
+        time.sleep(pause)
+        try:
+            with open(path, "rb") as f:
+                os.posix_fadvise(f.fileno(), offset, 0, os.POSIX_FADV_DONTNEED)
+                intact = bool(_read_frames(f, offset, 0, end, 1, markers=True).frames)
+        except FileNotFoundError:
+            return False  # released meanwhile: the reader finds out on its next read
+        if intact:
+            # Not damage, but the storage handed back wrong bytes: worth knowing about it.
+            log.warning(
+                "WAL: a frame that read back wrong is intact when read again from the disk",
+                extra={"segment": Path(path).name, "offset": offset, "tries": tries},
+            )
+            return True
+    return False
 
 
 def _keep_aside(segment: Path, offset: int, size: int | None = None) -> str:
@@ -1023,7 +1047,7 @@ def _recoverable_end(f, first_lsn: int, size: int) -> _Recovered:
     while True:
         scan = _read_frames(f, offset, lsn, None, 1, headers_only=False, markers=True)
         if not scan.frames:
-            if scan.corrupt and read_again_at != offset and _intact_now(f, offset, None):
+            if scan.corrupt and read_again_at != offset and _intact_when_read_afresh(f.name, offset, None):
                 read_again_at = offset  # once per frame: a device that keeps changing its answer is damage
                 continue
             placed = _damaged_frame(f, offset, size, may_end_at_end=False) if scan.corrupt else None
@@ -1165,8 +1189,8 @@ class WalReader:
                     "version cannot read: it was written by a later version. Its consumer stops here and lands "
                     "nothing past it; run that later version (or a newer one) on this wal.dir to land it"
                 )
-            if scan.corrupt and read_again_at != self._offset and _intact_now(self._file, self._offset, limit):
-                read_again_at = self._offset  # a read that failed once: read it again (once)
+            if scan.corrupt and read_again_at != self._offset and _intact_when_read_afresh(seg.path, self._offset, limit):
+                read_again_at = self._offset  # a read that failed once: read it again (once), its stale pages dropped
                 continue
             if scan.corrupt and self._pass_over_damaged(seg, limit):
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import pytest
 
@@ -296,19 +297,11 @@ async def test_a_log_missing_its_newest_records_numbers_new_ones_past_what_a_con
     await wal.close()
 
 
-class ShortOnce:
-    """A file whose first read of ``size`` bytes comes back one byte short (a flaky device or FUSE
-    file system), every other read as the disk has it."""
+class _WrappedFile:
+    """An open file of the disk, some of whose reads a subclass changes."""
 
-    def __init__(self, f, size: int) -> None:
-        self._f, self._size, self.done = f, size, False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        if n == self._size and not self.done:
-            self.done = True
-            return data[:-1]
-        return data
+    def __init__(self, f) -> None:
+        self._f = f
 
     def __getattr__(self, name):
         return getattr(self._f, name)
@@ -320,8 +313,31 @@ class ShortOnce:
         self._f.close()
 
 
+class ShortOnce(_WrappedFile):
+    """A file on a device whose first read of ``size`` bytes comes back one byte short (a flaky device
+    or FUSE file system), through whichever file is open: every other read as the disk has it."""
+
+    shorted: set[int] = set()  # the sizes a read already came back short for, on this device
+
+    def __init__(self, f, size: int) -> None:
+        super().__init__(f)
+        self._size = size
+
+    @property
+    def done(self) -> bool:
+        return self._size in ShortOnce.shorted
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if n == self._size and not self.done:
+            ShortOnce.shorted.add(n)
+            return data[:-1]
+        return data
+
+
 def short_reads_of(monkeypatch, size: int) -> list[ShortOnce]:
     opened: list[ShortOnce] = []
+    monkeypatch.setattr(ShortOnce, "shorted", set())
 
     def flaky_open(*args, **kwargs):
         opened.append(ShortOnce(open(*args, **kwargs), size))
@@ -337,6 +353,68 @@ async def test_a_read_that_comes_back_short_once_is_read_again_not_passed_over(t
     frames, lost = read_all(wal)
     assert any(f.done for f in opened), "no read came back short"
     assert [(f.lsn, f.count) for f in frames] == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 2)] and lost == 0
+    await wal.close()
+
+
+class StaleCache:
+    """Stands in for a page cache that holds wrong bytes of one frame (seen on a FUSE file system: a
+    page read while an append was filling it, then handed back to every read of every open file of
+    the segment) until its pages are dropped (``posix_fadvise(DONTNEED)``). No file system here can be
+    made to do this on demand, so ``open`` and ``posix_fadvise`` of the WAL module are replaced."""
+
+    def __init__(self, monkeypatch, segment, offset: int) -> None:
+        self.segment, self.offset, self.stale, self.wrong_reads = str(segment), offset, True, 0
+        real_fadvise = os.posix_fadvise
+
+        def fadvise(fd, start, length, advice):
+            if advice == os.POSIX_FADV_DONTNEED and os.readlink(f"/proc/self/fd/{fd}") == self.segment and start <= self.offset:
+                self.stale = False
+            return real_fadvise(fd, start, length, advice)
+
+        def cached_open(path, *args, **kwargs):
+            f = open(path, *args, **kwargs)
+            return _CachedFile(f, self) if str(path) == self.segment else f
+
+        monkeypatch.setattr(wal_module.os, "posix_fadvise", fadvise)
+        monkeypatch.setattr(wal_module, "open", cached_open, raising=False)
+
+
+class _CachedFile(_WrappedFile):
+    def __init__(self, f, cache: StaleCache) -> None:
+        super().__init__(f)
+        self._cache = cache
+
+    def read(self, n: int = -1) -> bytes:
+        at = self._f.tell()
+        data = self._f.read(n)
+        inside = self._cache.offset + HEADER_SIZE + 2 - at  # a payload byte of the frame at ``offset``
+        if self._cache.stale and 0 <= inside < len(data):
+            self._cache.wrong_reads += 1
+            return data[:inside] + bytes([data[inside] ^ 0x20]) + data[inside + 1 :]
+        return data
+
+
+async def test_a_frame_a_cache_keeps_reading_wrong_is_read_afresh_not_passed_over(tmp_path, monkeypatch):
+    """A wrong read that the cache hands back again: read again through the same file (as before) it
+    failed again, and the frame's acknowledged records were passed over as damaged (3 here). Its
+    cached pages are now dropped and it is read through a file opened anew."""
+    wal = await sealed_segment_then_one_more(tmp_path)
+    sealed = sorted(tmp_path.glob("*.wal"))[0]
+    cache = StaleCache(monkeypatch, sealed, offsets(sealed)[1])
+    frames, lost = read_all(wal)
+    assert [(f.lsn, f.count) for f in frames] == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 2)] and lost == 0
+    assert not list(tmp_path.glob("*.damaged-at-*"))
+    assert cache.wrong_reads >= 1, "no read came back wrong"
+    await wal.close()
+
+
+async def test_a_frame_a_cache_keeps_reading_wrong_at_start_does_not_cut_the_newest_segment(tmp_path, monkeypatch):
+    await three_frames_closed(tmp_path)
+    segment = next(tmp_path.glob("*.wal"))
+    cache = StaleCache(monkeypatch, segment, offsets(segment)[1])
+    wal = await open_wal(tmp_path)
+    assert wal.next_lsn == 6 and not list(tmp_path.glob("*.damaged-at-*"))
+    assert cache.wrong_reads >= 1, "no read came back wrong"
     await wal.close()
 
 
