@@ -100,7 +100,11 @@ class HmacAuthenticator:
         if self._replay is None:
             return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms)
         if not self._replay.claim(pending.provided, int(pending.timestamp)):
-            raise Replayed("this exact request was already received (replay); sign every request anew", reason="replayed")
+            raise Replayed(
+                "this exact request was already received (replay); sign every request anew",
+                reason="replayed",
+                device=Principal(pending.device_id, pending.metadata, pending.clock_skew_ms),
+            )
         return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms, pending.provided)
 
 

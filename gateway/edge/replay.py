@@ -7,8 +7,10 @@ Only signatures that verified are remembered, so forgeries cannot fill the cache
 
 A request that was refused for a reason the device should retry (503, 500) releases its
 signature, so the device's retry of the very same bytes is not mistaken for a replay. A replay that
-carries an ``Idempotency-Key`` already answered gets that answer again (it lands nothing), so a
-device that lost an acknowledgement can resend exactly what it sent.
+carries an ``Idempotency-Key`` gets that key's answer again (it lands nothing), or, when the key was
+never answered (its first sending died with a killed process), runs as any retry of that key: the
+retry ledger runs a key once, so a device that lost an acknowledgement, or the gateway with it, can
+resend exactly what it sent.
 
 Once the gateway has opened its retry ledger (``use_ledger``), signatures are remembered there
 instead: shared by every worker of the instance and kept across restarts.

@@ -100,11 +100,16 @@ def _authenticate(gw: Gateway, admitted: Admitted, request: web.Request, digest:
     """Step 2 over the body as sent: the device, or the first answer to a replayed Idempotency-Key."""
     try:
         return gw.authenticator.finish(admitted.pending, request.method, request.path, digest)
-    except Replayed:
+    except Replayed as replay:
         answered = _answered(gw, getattr(admitted.pending, "device_id", None), idem_key, digest)
-        if answered is None:
-            raise
-        return _replayed(answered)
+        if answered is not None:
+            return _replayed(answered)
+        if idem_key and replay.device is not None:
+            # Not answered: its first sending died with a killed process, or still runs. Its retry key
+            # runs it once whoever sends it (the retry ledger), so the device's retry of the very same
+            # bytes (signed again within the same second, or resent) goes on; never a duplicate.
+            return replay.device
+        raise
     except Unauthorized:
         if admitted.source is not None:
             gw.security.failures.charge(admitted.source, 1, 0)  # failures cost the source, never a device

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import orjson
 import psutil
 import pytest
@@ -3027,6 +3028,63 @@ async def test_a_worker_killed_while_stuck_in_the_kernel_holds_up_no_other_resta
     await stop_gracefully(sp, problems)
     problems += landing_problems(lake, ledger, ("raw",))
     check(problems, ledger, sp)
+
+
+@pytest.mark.timeout(120)
+async def test_a_keyed_request_resent_as_it_was_sent_after_a_kill_left_it_unanswered_is_taken_once(tmp_path, gateways, failing_disk):
+    """A device resends exactly the bytes it sent, signature and all (signed again within the same
+    second gives the same one, and some firmware never signs a retry again), after the gateway died
+    with the request unanswered: its WAL append waited behind an fsync taking seconds when a kill -9
+    came. Its Idempotency-Key runs it once whoever sends it, so the resend is taken (202), a second
+    resend gets the same answer, and its records land once. (Before, the replay guard still held the
+    dead request's signature, kept across the restart: 401, which a device may take for a revoked key.)"""
+    sp, devices, lake = setup(tmp_path, gateways, 1, listen={"workers": 1}, wal={"dir": str(failing_disk.mountpoint / "wal")})
+    device = devices[0]
+    problems: list[str] = []
+    await sp.astart(workers=1, timeout=30)
+    sent: dict[str, tuple[bytes, dict[str, str]]] = {}
+
+    def keyed_request(key: str) -> tuple[bytes, dict[str, str]]:
+        body = ndjson(device.records(20))
+        sent[key] = (body, {**device.headers_for(body), "Idempotency-Key": key})
+        return sent[key]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+
+        async def post(key: str) -> tuple[int | str, bytes]:
+            body, headers = sent[key]
+            try:
+                async with http.post(f"{sp.url}/v1/telemetry", data=body, headers=headers) as response:
+                    return response.status, await response.read()
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__, b""
+
+        keyed_request("before")
+        assert (await post("before"))[0] == 202
+        failing_disk.slow_fsyncs(3.0, only=f"{os.sep}segments{os.sep}")
+        keyed_request("in-fsync")
+        in_fsync = asyncio.create_task(post("in-fsync"))
+        assert await wait_until(lambda: failing_disk.slowed > 0, 10.0), "the request began no fsync"
+        keyed_request("queued")
+        queued = asyncio.create_task(post("queued"))
+        await asyncio.sleep(0.5)  # received, verified, its signature claimed: waiting for the WAL
+        await sp.akill()
+        unanswered = await asyncio.gather(in_fsync, queued)
+        if any(status == 202 for status, _ in unanswered):
+            problems.append(f"a request was answered before the kill: the test reached nothing ({unanswered})")
+        failing_disk.slow_fsyncs(0)
+        await sp.astart(workers=1, timeout=30)
+        for key in ("in-fsync", "queued"):
+            first, again = await post(key), await post(key)
+            if first[0] != 202 or again != first:
+                problems.append(f"the {key} request resent as sent: {first[0]} {first[1][:160]!r}, then {again[0]}, not 202 twice with one answer")
+    await stop_gracefully(sp, problems)
+    landed = lake_counts(lake, ("raw",))["raw"]
+    for key, (body, _) in sent.items():
+        counts = [landed[(device.device_id, orjson.loads(line)["seq"])] for line in body.splitlines()]
+        if counts != [1] * len(counts):
+            problems.append(f"the {key} request's records landed {collections.Counter(counts)} times, not once each")
+    check(problems, Ledger(), sp)
 
 
 def worker_with_index(sp: ServeProcess, index: int) -> int | None:

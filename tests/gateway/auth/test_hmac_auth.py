@@ -89,6 +89,23 @@ async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start,
     assert first == again and first[0] == 202
 
 
+async def test_a_keyed_request_whose_signature_was_claimed_but_never_answered_goes_on(start, env, http):
+    """Its first sending claimed the signature and died unanswered (a killed process: the crash test
+    is tests/durability -k resent_as_it_was_sent). Its resend of the very same bytes is taken once:
+    the retry key, not the signature, keeps it from landing twice. Without a key it stays a replay."""
+    gw = await start(env)
+    keyed, keyless = ndjson(record("dev-1", seq=1)), ndjson(record("dev-1", seq=2))
+    keyed_headers = {**sign_request("dev-1", env.device("dev-1").key, keyed), "Idempotency-Key": "k-1"}
+    keyless_headers = sign_request("dev-1", env.device("dev-1").key, keyless)
+    for headers in (keyed_headers, keyless_headers):
+        assert gw.gateway.security.replay.claim(headers["X-Signature"].partition("=")[2], int(headers["X-Timestamp"]))
+    first = await post(http, gw, keyed, keyed_headers)
+    assert first[0] == 202 and first[1]["accepted"] == 1
+    assert await post(http, gw, keyed, keyed_headers) == first, "a second resend is answered as the first"
+    status, answer = await post(http, gw, keyless, keyless_headers)
+    assert status == 401 and "replay" in answer["message"]
+
+
 async def test_replay_cache_is_bounded(tmp_path, http, start):
     from tests.gateway.conftest import make_env
 
