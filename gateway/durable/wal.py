@@ -1192,6 +1192,10 @@ class WalReader:
                 )
             if scan.corrupt and read_again_at != self._offset and _intact_when_read_afresh(seg.path, self._offset, limit):
                 read_again_at = self._offset  # a read that failed once: read it again (once), its stale pages dropped
+                # Through a file opened anew too, as the read that found it intact was: the old one
+                # may still be answered from what its own open saw.
+                self._file.close()
+                self._file = open(seg.path, "rb")
                 continue
             if scan.corrupt and self._pass_over_damaged(seg, limit):
                 continue
