@@ -534,6 +534,12 @@ class RetryLedger:
             return None
         return entry.unpacked_answer() if entry.done and entry.same_body(key, body_sha256) else None
 
+    def holds_request(self, key: bytes, body_sha256: str) -> bool:
+        """Whether ``key`` is claimed or answered with this body (a retry of it would run it once)."""
+        with self._env.begin() as txn:
+            entry = _request_entry(self._get(txn, b"request", key))
+        return entry is not None and entry.same_body(key, body_sha256)
+
     def release_request(self, key: bytes, devices: Sequence[str] = ()) -> None:
         """The claimed request failed (nothing of it lands): a retry must run it again, and its spans
         (claimed for ``devices``) hold nothing back any more."""

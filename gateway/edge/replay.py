@@ -6,11 +6,12 @@ remembers every verified signature until its timestamp leaves the window. Memory
 Only signatures that verified are remembered, so forgeries cannot fill the cache.
 
 A request that was refused for a reason the device should retry (503, 500) releases its
-signature, so the device's retry of the very same bytes is not mistaken for a replay. A replay that
-carries an ``Idempotency-Key`` gets that key's answer again (it lands nothing), or, when the key was
-never answered (its first sending died with a killed process), runs as any retry of that key: the
-retry ledger runs a key once, so a device that lost an acknowledgement, or the gateway with it, can
-resend exactly what it sent.
+signature, so the device's retry of the very same bytes is not mistaken for a replay. A replay gets
+its request's answer again from the retry ledger (it lands nothing), or, when the request was never
+answered (its first sending died with a killed process, or still runs), runs as any retry of it:
+the retry ledger runs a key once, so a device that lost an acknowledgement, or the gateway with it,
+can resend exactly what it sent. Without an ``Idempotency-Key`` that key is the body's hash, and a
+replay goes on only while the ledger still holds it: one the ledger has forgotten would land again.
 
 Once the gateway has opened its retry ledger (``use_ledger``), signatures are remembered there
 instead: shared by every worker of the instance and kept across restarts.

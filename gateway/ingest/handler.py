@@ -97,23 +97,31 @@ async def _ingest(request: web.Request, gw: Gateway) -> web.Response:
 
 
 def _authenticate(gw: Gateway, admitted: Admitted, request: web.Request, digest: str, idem_key: str | None) -> Principal | web.Response:
-    """Step 2 over the body as sent: the device, or the first answer to a replayed Idempotency-Key."""
+    """Step 2 over the body as sent: the device, or the first answer to a request sent again as it was."""
     try:
         return gw.authenticator.finish(admitted.pending, request.method, request.path, digest)
     except Replayed as replay:
-        answered = _answered(gw, getattr(admitted.pending, "device_id", None), idem_key, digest)
+        key = _retry_key(getattr(admitted.pending, "device_id", None) or "", idem_key, digest)
+        answered = gw.ledger.answer_for(key, digest)
         if answered is not None:
-            return _replayed(answered)
-        if idem_key and replay.device is not None:
-            # Not answered: its first sending died with a killed process, or still runs. Its retry key
-            # runs it once whoever sends it (the retry ledger), so the device's retry of the very same
-            # bytes (signed again within the same second, or resent) goes on; never a duplicate.
+            return _replayed(answered)  # a device that lost the answer sent it again as it was
+        if replay.device is not None and (idem_key or key in gw.running_requests or gw.ledger.holds_request(key, digest)):
+            # Not answered: its first sending died with a killed process, or still runs. The retry
+            # ledger runs its key once whoever sends it, so the device's resend of the very same bytes
+            # (signed again within the same second, or resent) goes on; never a duplicate. Without an
+            # Idempotency-Key only while the ledger holds its body's key: one it has forgotten (a busy
+            # instance remembers the last one to two generations of requests) would land again.
             return replay.device
         raise
     except Unauthorized:
         if admitted.source is not None:
             gw.security.failures.charge(admitted.source, 1, 0)  # failures cost the source, never a device
         raise
+
+
+def _retry_key(device_id: str, idem_key: str | None, digest: str) -> bytes:
+    """The key a request runs once under: its Idempotency-Key, or else its body's hash."""
+    return idempotency_key(device_id, idem_key[:256]) if idem_key else body_key(device_id, digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +150,7 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
     )
     device_id = ctx.device_id or ""
     # A retry of this request (same Idempotency-Key, or else the same body) lands nothing twice.
-    key = idempotency_key(device_id, body.idem_key[:256]) if body.idem_key else body_key(device_id, body.digest)
+    key = _retry_key(device_id, body.idem_key, body.digest)
     for validation in range(MAX_VALIDATIONS):
         if validation:
             spool.clear()  # records of this device became durable meanwhile: some may be duplicates now
@@ -185,13 +193,6 @@ async def _validate(gw: Gateway, body: Received, ctx, spool: Spool) -> tuple[Req
     else:
         decoded = await asyncio.get_running_loop().run_in_executor(gw.decoder, _decode, *args)
     return batch, decoded
-
-
-def _answered(gw: Gateway, device_id: str | None, idem_key: str | None, digest: str) -> bytes | None:
-    """The answer given to this device's Idempotency-Key, if any (a replay may repeat it)."""
-    if not idem_key:
-        return None
-    return gw.ledger.answer_for(idempotency_key(device_id or "", idem_key[:256]), digest)
 
 
 async def _once(gw: Gateway, key: bytes, digest: str, batch: RequestBatch, run) -> web.Response | None:

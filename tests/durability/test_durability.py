@@ -3035,22 +3035,24 @@ async def test_a_worker_killed_while_stuck_in_the_kernel_holds_up_no_other_resta
 
 
 @pytest.mark.timeout(120)
-async def test_a_keyed_request_resent_as_it_was_sent_after_a_kill_left_it_unanswered_is_taken_once(tmp_path, gateways, failing_disk):
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "keyless"])
+async def test_a_request_resent_as_it_was_sent_after_a_kill_left_it_unanswered_is_taken_once(tmp_path, gateways, failing_disk, keyed):
     """A device resends exactly the bytes it sent, signature and all (signed again within the same
     second gives the same one, and some firmware never signs a retry again), after the gateway died
     with the request unanswered: its WAL append waited behind an fsync taking seconds when a kill -9
-    came. Its Idempotency-Key runs it once whoever sends it, so the resend is taken (202), a second
-    resend gets the same answer, and its records land once. (Before, the replay guard still held the
-    dead request's signature, kept across the restart: 401, which a device may take for a revoked key.)"""
+    came. Its retry key (its Idempotency-Key, or else its body's hash, which the dead sending claimed
+    in the retry ledger) runs it once whoever sends it, so the resend is taken (202), a second resend
+    gets the same answer, and its records land once. (Before, the replay guard still held the dead
+    request's signature, kept across the restart: 401, which a device may take for a revoked key.)"""
     sp, devices, lake = setup(tmp_path, gateways, 1, listen={"workers": 1}, wal={"dir": str(failing_disk.mountpoint / "wal")})
     device = devices[0]
     problems: list[str] = []
     await sp.astart(workers=1, timeout=30)
     sent: dict[str, tuple[bytes, dict[str, str]]] = {}
 
-    def keyed_request(key: str) -> tuple[bytes, dict[str, str]]:
+    def new_request(key: str) -> tuple[bytes, dict[str, str]]:
         body = ndjson(device.records(20))
-        sent[key] = (body, {**device.headers_for(body), "Idempotency-Key": key})
+        sent[key] = (body, {**device.headers_for(body), "Idempotency-Key": key} if keyed else device.headers_for(body))
         return sent[key]
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
@@ -3063,13 +3065,13 @@ async def test_a_keyed_request_resent_as_it_was_sent_after_a_kill_left_it_unansw
             except aiohttp.ClientError as exc:
                 return type(exc).__name__, b""
 
-        keyed_request("before")
+        new_request("before")
         assert (await post("before"))[0] == 202
         failing_disk.slow_fsyncs(3.0, only=f"{os.sep}segments{os.sep}")
-        keyed_request("in-fsync")
+        new_request("in-fsync")
         in_fsync = asyncio.create_task(post("in-fsync"))
         assert await wait_until(lambda: failing_disk.slowed > 0, 10.0), "the request began no fsync"
-        keyed_request("queued")
+        new_request("queued")
         queued = asyncio.create_task(post("queued"))
         await asyncio.sleep(0.5)  # received, verified, its signature claimed: waiting for the WAL
         await sp.akill()

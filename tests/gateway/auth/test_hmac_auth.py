@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from gateway.auth.signing import SCHEME, sign_request, signature
+from gateway.durable.retry_ledger import body_key
 from tests.gateway.conftest import record
 
 pytestmark = pytest.mark.asyncio
@@ -68,16 +69,47 @@ async def test_unknown_device_looks_like_a_bad_signature(start, env, http):
     assert (status, answer["message"]) == (401, "the signature does not match")
 
 
-async def test_replayed_request_gets_401(start, env, http):
+def accepted(gw) -> float:
+    return gw.gateway.metrics.records.labels("accepted")._value.get()
+
+
+async def test_a_request_sent_again_as_it_was_gets_its_first_answer_and_lands_nothing(start, env, http):
+    """A device that lost the answer (a dropped connection, a timeout) resends the same signed bytes:
+    the first answer comes back, marked replayed, and nothing is accepted twice (its records carry
+    no seq, so only the request's key can tell)."""
     gw = await start(env)
+    body = ndjson(record("dev-1"), record("dev-1", temperature_c=22.0))
+    headers = {"Content-Type": "application/x-ndjson", **sign_request("dev-1", env.device("dev-1").key, body)}
+    async with http.post(gw.url + "/v1/telemetry", data=body, headers=headers) as first:
+        first_answer = await first.read()
+        assert first.status == 202 and first.headers.get("Idempotent-Replayed") is None
+    async with http.post(gw.url + "/v1/telemetry", data=body, headers=headers) as again:
+        assert (again.status, await again.read()) == (202, first_answer)
+        assert again.headers.get("Idempotent-Replayed") == "true"
+    assert accepted(gw) == 2
+    # The same records signed anew (a new timestamp) are the same request: its body's key answers it.
+    fresh = sign_request("dev-1", env.device("dev-1").key, body, now=time.time() + 1)
+    assert (await post(http, gw, body, fresh))[0] == 202 and accepted(gw) == 2
+
+
+async def test_a_replay_the_ledger_no_longer_knows_gets_401(tmp_path, start, http):
+    """Once the retry ledger has forgotten a request's key (a busy instance keeps the last one to two
+    generations of ``dedup_max_keys``), a resend of its signed bytes within the timestamp window
+    would land again: the signature, still remembered, refuses it."""
+    from tests.gateway.conftest import make_env
+
+    env = make_env(tmp_path, n_devices=1, limits={"dedup_max_keys": 2})
+    gw = await start(env)
+    key = env.device("dev-1").key
     body = ndjson(record("dev-1"))
-    headers = sign_request("dev-1", env.device("dev-1").key, body)
+    headers = sign_request("dev-1", key, body)
     assert (await post(http, gw, body, headers))[0] == 202
+    for i in range(6):  # three generations of two: the first request's key is gone
+        other = ndjson(record("dev-1", temperature_c=float(i)))
+        assert (await post(http, gw, other, sign_request("dev-1", key, other)))[0] == 202
     status, answer = await post(http, gw, body, headers)
     assert status == 401 and "replay" in answer["message"]
-    # The same records signed anew (a new timestamp) are a new request.
-    fresh = sign_request("dev-1", env.device("dev-1").key, body, now=time.time() + 1)
-    assert (await post(http, gw, body, fresh))[0] == 202
+    assert accepted(gw) == 7
 
 
 async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start, env, http):
@@ -89,20 +121,28 @@ async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start,
     assert first == again and first[0] == 202
 
 
-async def test_a_keyed_request_whose_signature_was_claimed_but_never_answered_goes_on(start, env, http):
+async def test_a_request_whose_signature_was_claimed_but_never_answered_goes_on_while_its_key_is_held(start, env, http):
     """Its first sending claimed the signature and died unanswered (a killed process: the crash test
     is tests/durability -k resent_as_it_was_sent). Its resend of the very same bytes is taken once:
-    the retry key, not the signature, keeps it from landing twice. Without a key it stays a replay."""
+    the retry key, not the signature, keeps it from landing twice. Without an Idempotency-Key that
+    holds only while the ledger holds its body's key (a claim left by the dead sending); with no
+    trace of it in the ledger, it stays a replay."""
     gw = await start(env)
-    keyed, keyless = ndjson(record("dev-1", seq=1)), ndjson(record("dev-1", seq=2))
-    keyed_headers = {**sign_request("dev-1", env.device("dev-1").key, keyed), "Idempotency-Key": "k-1"}
-    keyless_headers = sign_request("dev-1", env.device("dev-1").key, keyless)
-    for headers in (keyed_headers, keyless_headers):
+    keyed, keyless, unknown = (ndjson(record("dev-1", seq=seq)) for seq in (1, 2, 3))
+    device_key = env.device("dev-1").key
+    keyed_headers = {**sign_request("dev-1", device_key, keyed), "Idempotency-Key": "k-1"}
+    keyless_headers, unknown_headers = sign_request("dev-1", device_key, keyless), sign_request("dev-1", device_key, unknown)
+    for headers in (keyed_headers, keyless_headers, unknown_headers):
         assert gw.gateway.security.replay.claim(headers["X-Signature"].partition("=")[2], int(headers["X-Timestamp"]))
-    first = await post(http, gw, keyed, keyed_headers)
-    assert first[0] == 202 and first[1]["accepted"] == 1
-    assert await post(http, gw, keyed, keyed_headers) == first, "a second resend is answered as the first"
-    status, answer = await post(http, gw, keyless, keyless_headers)
+    # The keyless sending's claim on its body's key, left as a sending that died after claiming it
+    # leaves it (claimed by this process, which no handler runs now: a retry takes it over).
+    digest = hashlib.sha256(keyless).hexdigest()
+    assert gw.gateway.ledger.claim_request(body_key("dev-1", digest), digest).outcome == "run"
+    for body, headers in ((keyed, keyed_headers), (keyless, keyless_headers)):
+        first = await post(http, gw, body, headers)
+        assert first[0] == 202 and first[1]["accepted"] == 1
+        assert await post(http, gw, body, headers) == first, "a second resend is answered as the first"
+    status, answer = await post(http, gw, unknown, unknown_headers)
     assert status == 401 and "replay" in answer["message"]
 
 
@@ -119,7 +159,8 @@ async def test_replay_cache_is_bounded(tmp_path, http, start):
     # Two generations of at most five are remembered; the oldest are forgotten and counted.
     assert 5 <= len(gw.gateway.security.replay) <= 10
     assert gw.gateway.metrics.replay_evictions._value.get() == 20 - len(gw.gateway.security.replay)
-    assert (await post(http, gw, body, headers))[0] == 401, "the newest signature is still refused as a replay"
+    newest = headers["X-Signature"].partition("=")[2], int(headers["X-Timestamp"])
+    assert not gw.gateway.security.replay.claim(*newest), "the newest signature is still remembered"
 
 
 async def test_record_for_another_device_gets_403(start, env, http):
@@ -173,7 +214,8 @@ async def test_refusal_reasons_tell_the_operator_what_the_device_is_not_told(sta
         answers.append(await post(http, gw, body, sign_request(device_id, signing_key, body, now=now)))
     body = ndjson(record("dev-1"))
     signed = sign_request("dev-1", key, body)
-    await post(http, gw, body, signed)
+    # Its signature already seen, its request unknown to the retry ledger: a replay, refused.
+    assert gw.gateway.security.replay.claim(signed["X-Signature"].partition("=")[2], int(signed["X-Timestamp"]))
     answers.append(await post(http, gw, body, signed))
     assert [a[0] for a in answers] == [401, 401, 401, 401]
     assert answers[0][1] == answers[1][1], "the device sees no difference between unknown and a wrong key"
