@@ -76,13 +76,14 @@ class Unauthorized(ApiError):
 class Replayed(Unauthorized):
     """401: this signature was already accepted within the window.
 
-    ``device`` is who signed it (a ``Principal``, the signature verified): a request whose retry key
-    makes it run once whoever sends it may still go on.
+    ``device`` is who signed it (a ``Principal``, the signature verified) and ``signature`` the
+    signature: a request whose retry key makes it run once whoever sends it may still go on.
     """
 
-    def __init__(self, message: str, *, device: object = None, **kwargs) -> None:
+    def __init__(self, message: str, *, device: object = None, signature: str = "", **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.device = device
+        self.signature = signature
 
 
 class Forbidden(ApiError):

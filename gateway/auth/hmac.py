@@ -104,6 +104,7 @@ class HmacAuthenticator:
                 "this exact request was already received (replay); sign every request anew",
                 reason="replayed",
                 device=Principal(pending.device_id, pending.metadata, pending.clock_skew_ms),
+                signature=pending.provided,
             )
         return Principal(pending.device_id, pending.metadata, pending.clock_skew_ms, pending.provided)
 

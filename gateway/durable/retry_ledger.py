@@ -11,7 +11,7 @@ block) holding three kinds of entries:
   hash (unless the key is that hash) and the answer given (deflated: a few dozen bytes), or a claim
   by the worker still running it;
 - ``signature``: verified signatures (their first 16 bytes) until their timestamp leaves the window
-  (replay guard);
+  (replay guard), each with the generation of requests current when it was claimed;
 
 and, outside the generations, the ``inflight`` spans: per device, the lowest and highest new ``seq``
 of each request validated but not yet durable. Two requests carrying the same records at once (a
@@ -69,7 +69,8 @@ KINDS = (b"seq", b"request", b"signature")
 # Databases other parts of the instance keep in the ledger's environment (the rate-limit buckets), and room to grow.
 COMPANION_DBS = 4
 _U64 = struct.Struct(">Q")
-_SIG = struct.Struct(">d")
+_SIG = struct.Struct(">d")  # an entry of an earlier version: when the signature may be forgotten
+_SIG_AT = struct.Struct(">dQ")  # ... and the generation of requests current when it was claimed
 _SPAN = struct.Struct(">QQiq")  # lowest seq, highest seq, owner pid, claimed at (seconds since boot)
 _PID = struct.Struct(">i")
 _BODY_KEY_MARK = b"\0b"  # between the device and the body's digest in a ``body_key``
@@ -606,11 +607,22 @@ class RetryLedger:
         key = _signature_key(signature)
         with self.write() as txn:
             raw = self._get(txn, b"signature", key)
-            if raw is not None and len(raw) == _SIG.size and _SIG.unpack(raw)[0] > time.time():
+            if raw is not None and _signature_expiry(raw) > time.time():
                 return False
             generation = self._maybe_advance(txn, b"signature")
-            txn.put(key, _SIG.pack(expires_at), db=self._db(b"signature", generation))
+            txn.put(key, _SIG_AT.pack(expires_at, self._generation(txn, b"request")), db=self._db(b"signature", generation))
         return True
+
+    def holds_every_request_since(self, signature: str) -> bool:
+        """Whether every request claimed since ``signature`` was claimed is still held: then a
+        request of that signature whose key the ledger lacks never had it claimed (its first sending
+        died before, or was refused and released it), and running it now lands it once. A claim's
+        generation stays visible until requests have started two newer ones."""
+        with self._env.begin() as txn:
+            raw = self._get(txn, b"signature", _signature_key(signature))
+            if raw is None or len(raw) != _SIG_AT.size:
+                return False
+            return self._generation(txn, b"request") <= _SIG_AT.unpack(raw)[1] + 1
 
     def release_signature(self, signature: str) -> None:
         key = _signature_key(signature)
@@ -736,6 +748,13 @@ class SeqLookup:
             self._finders, self._by_device, self._device_id = [], {}, None
             self._txn.abort()
             self._txn = None
+
+
+def _signature_expiry(raw: bytes) -> float:
+    """When a signature entry (of this version or an earlier one) may be forgotten; 0 if unreadable."""
+    if len(raw) == _SIG_AT.size:
+        return _SIG_AT.unpack(raw)[0]
+    return _SIG.unpack(raw)[0] if len(raw) == _SIG.size else 0.0
 
 
 def _signature_key(signature: str) -> bytes:

@@ -92,23 +92,32 @@ async def test_a_request_sent_again_as_it_was_gets_its_first_answer_and_lands_no
     assert (await post(http, gw, body, fresh))[0] == 202 and accepted(gw) == 2
 
 
+async def send_newer_requests(http, gw, device_key: str, count: int = 6) -> None:
+    """``count`` new requests of dev-1: with ``dedup_max_keys`` 2, requests start three newer
+    generations in the retry ledger, and it forgets every request claimed before them."""
+    for i in range(count):
+        other = ndjson(record("dev-1", temperature_c=float(i)))
+        assert (await post(http, gw, other, sign_request("dev-1", device_key, other)))[0] == 202
+
+
 async def test_a_replay_the_ledger_no_longer_knows_gets_401(tmp_path, start, http):
     """Once the retry ledger has forgotten a request's key (a busy instance keeps the last one to two
     generations of ``dedup_max_keys``), a resend of its signed bytes within the timestamp window
-    would land again: the signature, still remembered, refuses it."""
+    would land again: the signature, still remembered, refuses it. So does a signature whose request
+    never reached the ledger, once requests claimed after it may have been forgotten."""
     from tests.gateway.conftest import make_env
 
     env = make_env(tmp_path, n_devices=1, limits={"dedup_max_keys": 2})
     gw = await start(env)
     key = env.device("dev-1").key
-    body = ndjson(record("dev-1"))
-    headers = sign_request("dev-1", key, body)
+    body, unclaimed = ndjson(record("dev-1")), ndjson(record("dev-1", temperature_c=-1.0))
+    headers, unclaimed_headers = sign_request("dev-1", key, body), sign_request("dev-1", key, unclaimed)
     assert (await post(http, gw, body, headers))[0] == 202
-    for i in range(6):  # three generations of two: the first request's key is gone
-        other = ndjson(record("dev-1", temperature_c=float(i)))
-        assert (await post(http, gw, other, sign_request("dev-1", key, other)))[0] == 202
-    status, answer = await post(http, gw, body, headers)
-    assert status == 401 and "replay" in answer["message"]
+    assert gw.gateway.security.replay.claim(unclaimed_headers["X-Signature"].partition("=")[2], int(unclaimed_headers["X-Timestamp"]))
+    await send_newer_requests(http, gw, key)
+    for sent, sent_headers in ((body, headers), (unclaimed, unclaimed_headers)):
+        status, answer = await post(http, gw, sent, sent_headers)
+        assert status == 401 and "replay" in answer["message"]
     assert accepted(gw) == 7
 
 
@@ -121,29 +130,28 @@ async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start,
     assert first == again and first[0] == 202
 
 
-async def test_a_request_whose_signature_was_claimed_but_never_answered_goes_on_while_its_key_is_held(start, env, http):
+async def test_a_request_whose_signature_was_claimed_but_never_answered_goes_on(start, env, http):
     """Its first sending claimed the signature and died unanswered (a killed process: the crash test
-    is tests/durability -k resent_as_it_was_sent). Its resend of the very same bytes is taken once:
-    the retry key, not the signature, keeps it from landing twice. Without an Idempotency-Key that
-    holds only while the ledger holds its body's key (a claim left by the dead sending); with no
-    trace of it in the ledger, it stays a replay."""
+    is tests/durability -k resent_as_it_was_sent), after claiming its retry key or before. Its resend
+    of the very same bytes is taken once: the retry key, not the signature, keeps it from landing
+    twice. Without an Idempotency-Key that holds while the ledger holds its body's key, or has
+    forgotten no request since the signature was claimed (test_a_replay_the_ledger_no_longer_knows_gets_401)."""
     gw = await start(env)
-    keyed, keyless, unknown = (ndjson(record("dev-1", seq=seq)) for seq in (1, 2, 3))
+    keyed, claimed, unclaimed = (ndjson(record("dev-1", seq=seq)) for seq in (1, 2, 3))
     device_key = env.device("dev-1").key
     keyed_headers = {**sign_request("dev-1", device_key, keyed), "Idempotency-Key": "k-1"}
-    keyless_headers, unknown_headers = sign_request("dev-1", device_key, keyless), sign_request("dev-1", device_key, unknown)
-    for headers in (keyed_headers, keyless_headers, unknown_headers):
+    claimed_headers, unclaimed_headers = sign_request("dev-1", device_key, claimed), sign_request("dev-1", device_key, unclaimed)
+    for headers in (keyed_headers, claimed_headers, unclaimed_headers):
         assert gw.gateway.security.replay.claim(headers["X-Signature"].partition("=")[2], int(headers["X-Timestamp"]))
-    # The keyless sending's claim on its body's key, left as a sending that died after claiming it
-    # leaves it (claimed by this process, which no handler runs now: a retry takes it over).
-    digest = hashlib.sha256(keyless).hexdigest()
+    # The claim on its body's key a sending that died after claiming it leaves (claimed by this
+    # process, which no handler runs now: a retry takes it over).
+    digest = hashlib.sha256(claimed).hexdigest()
     assert gw.gateway.ledger.claim_request(body_key("dev-1", digest), digest).outcome == "run"
-    for body, headers in ((keyed, keyed_headers), (keyless, keyless_headers)):
+    for body, headers in ((keyed, keyed_headers), (claimed, claimed_headers), (unclaimed, unclaimed_headers)):
         first = await post(http, gw, body, headers)
         assert first[0] == 202 and first[1]["accepted"] == 1
         assert await post(http, gw, body, headers) == first, "a second resend is answered as the first"
-    status, answer = await post(http, gw, unknown, unknown_headers)
-    assert status == 401 and "replay" in answer["message"]
+    assert accepted(gw) == 3
 
 
 async def test_replay_cache_is_bounded(tmp_path, http, start):
@@ -202,10 +210,12 @@ async def test_refusals_are_counted_and_logged_with_the_address_but_no_key(start
     assert gw.gateway.metrics.auth_refused.labels("bad_signature")._value.get() == 1
 
 
-async def test_refusal_reasons_tell_the_operator_what_the_device_is_not_told(start, env, http):
+async def test_refusal_reasons_tell_the_operator_what_the_device_is_not_told(tmp_path, start, http):
     """Operator finding 7: logs and auth_refused could not tell unknown device, bad key, skew or replay apart."""
     import time as clock
+    from tests.gateway.conftest import make_env
 
+    env = make_env(tmp_path, limits={"dedup_max_keys": 2})
     gw = await start(env)
     key = env.device("dev-1").key
     answers = []
@@ -214,8 +224,8 @@ async def test_refusal_reasons_tell_the_operator_what_the_device_is_not_told(sta
         answers.append(await post(http, gw, body, sign_request(device_id, signing_key, body, now=now)))
     body = ndjson(record("dev-1"))
     signed = sign_request("dev-1", key, body)
-    # Its signature already seen, its request unknown to the retry ledger: a replay, refused.
-    assert gw.gateway.security.replay.claim(signed["X-Signature"].partition("=")[2], int(signed["X-Timestamp"]))
+    assert (await post(http, gw, body, signed))[0] == 202
+    await send_newer_requests(http, gw, key)  # the retry ledger forgets it; its signature is kept
     answers.append(await post(http, gw, body, signed))
     assert [a[0] for a in answers] == [401, 401, 401, 401]
     assert answers[0][1] == answers[1][1], "the device sees no difference between unknown and a wrong key"

@@ -472,6 +472,33 @@ def test_a_signature_is_remembered_by_its_first_16_bytes(tmp_path):
     ledger.close()
 
 
+def test_a_signature_knows_whether_every_request_claimed_since_it_is_still_held(tmp_path):
+    """A replay without an Idempotency-Key may run (once, under its body's key) only while the ledger
+    could not have forgotten its request: requests have started at most one generation since."""
+    ledger = open_ledger(tmp_path / "ledger", max_keys=2)
+    signature = hashlib.sha256(b"signed").hexdigest()
+    assert not ledger.holds_every_request_since(signature), "a signature never claimed"
+    assert ledger.claim_signature(signature, time.time() + 300)
+    held = []
+    for i in range(6):  # two requests per generation
+        assert ledger.claim_request(body_key("dev-1", hashlib.sha256(b"%d" % i).hexdigest()), hashlib.sha256(b"%d" % i).hexdigest()).outcome == "run"
+        held.append(ledger.holds_every_request_since(signature))
+    assert held == [True, True, True, True, False, False]
+    first = body_key("dev-1", hashlib.sha256(b"0").hexdigest())
+    assert not ledger.holds_request(first, hashlib.sha256(b"0").hexdigest()), "the first request is forgotten by then"
+    ledger.close()
+
+
+def test_a_signature_entry_of_an_earlier_version_still_refuses_its_replay(tmp_path):
+    ledger = open_ledger(tmp_path / "ledger")
+    signature = hashlib.sha256(b"signed before").hexdigest()
+    with ledger.write() as txn:  # as an earlier version wrote it: its expiry alone
+        txn.put(bytes.fromhex(signature)[:16], struct.pack(">d", time.time() + 300), db=ledger._db(b"signature", 0))
+    assert not ledger.claim_signature(signature, time.time() + 300), "a replay"
+    assert not ledger.holds_every_request_since(signature), "nothing says which requests came after it"
+    ledger.close()
+
+
 # -- the same records in two requests at once ----------------------------------------------------
 
 
