@@ -618,6 +618,8 @@ class RetryLedger:
         request of that signature whose key the ledger lacks never had it claimed (its first sending
         died before, or was refused and released it), and running it now lands it once. A claim's
         generation stays visible until requests have started two newer ones."""
+        if not signature:
+            return False
         with self._env.begin() as txn:
             raw = self._get(txn, b"signature", _signature_key(signature))
             if raw is None or len(raw) != _SIG_AT.size:

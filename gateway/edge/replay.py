@@ -10,9 +10,9 @@ signature, so the device's retry of the very same bytes is not mistaken for a re
 its request's answer again from the retry ledger (it lands nothing), or, when the request was never
 answered (its first sending died with a killed process, or still runs), runs as any retry of it:
 the retry ledger runs a key once, so a device that lost an acknowledgement, or the gateway with it,
-can resend exactly what it sent. Without an ``Idempotency-Key`` that key is the body's hash, and a
-replay goes on only while the ledger holds it or has forgotten no request since the signature was
-claimed (so it was never claimed): one the ledger has forgotten would land again.
+can resend exactly what it sent. That key is the request's ``Idempotency-Key``, or else its body's
+hash; a replay goes on only while the ledger holds it or has forgotten no request since the
+signature was claimed (so it was never claimed): one the ledger has forgotten would land again.
 
 Once the gateway has opened its retry ledger (``use_ledger``), signatures are remembered there
 instead: shared by every worker of the instance and kept across restarts.

@@ -105,7 +105,7 @@ def _authenticate(gw: Gateway, admitted: Admitted, request: web.Request, digest:
         answered = gw.ledger.answer_for(key, digest)
         if answered is not None:
             return _replayed(answered)  # a device that lost the answer sent it again as it was
-        if replay.device is not None and (idem_key or _runs_once(gw, key, digest, replay.signature)):
+        if replay.device is not None and _runs_once(gw, key, digest, replay.signature):
             # Not answered: its first sending died with a killed process, or still runs. The retry
             # ledger runs its key once whoever sends it, so the device's resend of the very same bytes
             # (signed again within the same second, or resent) goes on; never a duplicate.
@@ -118,10 +118,10 @@ def _authenticate(gw: Gateway, admitted: Admitted, request: web.Request, digest:
 
 
 def _runs_once(gw: Gateway, key: bytes, digest: str, signature: str) -> bool:
-    """Whether a replayed request without an Idempotency-Key would still run once under its body's
-    key: the ledger holds that key, or has forgotten no request claimed since the signature was (so
-    the key was never claimed). One the ledger has forgotten (a busy instance keeps the last one to
-    two generations of requests, the signature the whole timestamp window) would land again."""
+    """Whether a replayed request would still run once under its retry key: the ledger holds that
+    key, or has forgotten no request claimed since the signature was (so the key was never claimed).
+    One the ledger has forgotten (a busy instance keeps the last one to two generations of requests,
+    the signature the whole timestamp window) would land again."""
     return key in gw.running_requests or gw.ledger.holds_request(key, digest) or gw.ledger.holds_every_request_since(signature)
 
 

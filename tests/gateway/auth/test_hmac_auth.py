@@ -103,22 +103,25 @@ async def send_newer_requests(http, gw, device_key: str, count: int = 6) -> None
 async def test_a_replay_the_ledger_no_longer_knows_gets_401(tmp_path, start, http):
     """Once the retry ledger has forgotten a request's key (a busy instance keeps the last one to two
     generations of ``dedup_max_keys``), a resend of its signed bytes within the timestamp window
-    would land again: the signature, still remembered, refuses it. So does a signature whose request
-    never reached the ledger, once requests claimed after it may have been forgotten."""
+    would land again, with its Idempotency-Key or without one: the signature, still remembered,
+    refuses it. So does a signature whose request never reached the ledger, once requests claimed
+    after it may have been forgotten."""
     from tests.gateway.conftest import make_env
 
     env = make_env(tmp_path, n_devices=1, limits={"dedup_max_keys": 2})
     gw = await start(env)
     key = env.device("dev-1").key
-    body, unclaimed = ndjson(record("dev-1")), ndjson(record("dev-1", temperature_c=-1.0))
+    body, keyed, unclaimed = (ndjson(record("dev-1", temperature_c=t)) for t in (1.0, 2.0, -1.0))
     headers, unclaimed_headers = sign_request("dev-1", key, body), sign_request("dev-1", key, unclaimed)
+    keyed_headers = {**sign_request("dev-1", key, keyed), "Idempotency-Key": "k-1"}
     assert (await post(http, gw, body, headers))[0] == 202
+    assert (await post(http, gw, keyed, keyed_headers))[0] == 202
     assert gw.gateway.security.replay.claim(unclaimed_headers["X-Signature"].partition("=")[2], int(unclaimed_headers["X-Timestamp"]))
     await send_newer_requests(http, gw, key)
-    for sent, sent_headers in ((body, headers), (unclaimed, unclaimed_headers)):
+    for sent, sent_headers in ((body, headers), (keyed, keyed_headers), (unclaimed, unclaimed_headers)):
         status, answer = await post(http, gw, sent, sent_headers)
         assert status == 401 and "replay" in answer["message"]
-    assert accepted(gw) == 7
+    assert accepted(gw) == 8
 
 
 async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start, env, http):
