@@ -104,11 +104,13 @@ def _authenticate(gw: Gateway, admitted: Admitted, request: web.Request, digest:
         key = _retry_key(getattr(admitted.pending, "device_id", None) or "", idem_key, digest)
         answered = gw.ledger.answer_for(key, digest)
         if answered is not None:
+            gw.metrics.replays.labels("answered").inc()
             return _replayed(answered)  # a device that lost the answer sent it again as it was
         if replay.device is not None and _runs_once(gw, key, digest, replay.signature):
             # Not answered: its first sending died with a killed process, or still runs. The retry
             # ledger runs its key once whoever sends it, so the device's resend of the very same bytes
             # (signed again within the same second, or resent) goes on; never a duplicate.
+            gw.metrics.replays.labels("taken").inc()
             return replay.device
         raise
     except Unauthorized:

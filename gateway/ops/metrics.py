@@ -101,6 +101,12 @@ class GatewayMetrics:
         self.replay_evictions = Counter(
             "edge_gateway_replay_cache_evictions", "Signatures forgotten early because the replay cache was full", registry=r
         )
+        self.replays = Counter(
+            "edge_gateway_replays",
+            "Requests sent again with a signature already accepted, not refused: answered (the first answer again) or taken (never answered: run once)",
+            ["outcome"],
+            registry=r,
+        )
         self.admission_refused = Counter(
             "edge_gateway_admission_refused", "Requests answered 503 by admission control, by reason", ["reason"], registry=r
         )

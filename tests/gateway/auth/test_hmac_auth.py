@@ -73,6 +73,10 @@ def accepted(gw) -> float:
     return gw.gateway.metrics.records.labels("accepted")._value.get()
 
 
+def replays(gw) -> dict[str, float]:
+    return {outcome: gw.gateway.metrics.replays.labels(outcome)._value.get() for outcome in ("answered", "taken")}
+
+
 async def test_a_request_sent_again_as_it_was_gets_its_first_answer_and_lands_nothing(start, env, http):
     """A device that lost the answer (a dropped connection, a timeout) resends the same signed bytes:
     the first answer comes back, marked replayed, and nothing is accepted twice (its records carry
@@ -86,7 +90,7 @@ async def test_a_request_sent_again_as_it_was_gets_its_first_answer_and_lands_no
     async with http.post(gw.url + "/v1/telemetry", data=body, headers=headers) as again:
         assert (again.status, await again.read()) == (202, first_answer)
         assert again.headers.get("Idempotent-Replayed") == "true"
-    assert accepted(gw) == 2
+    assert accepted(gw) == 2 and replays(gw) == {"answered": 1, "taken": 0}
     # The same records signed anew (a new timestamp) are the same request: its body's key answers it.
     fresh = sign_request("dev-1", env.device("dev-1").key, body, now=time.time() + 1)
     assert (await post(http, gw, body, fresh))[0] == 202 and accepted(gw) == 2
@@ -121,7 +125,8 @@ async def test_a_replay_the_ledger_no_longer_knows_gets_401(tmp_path, start, htt
     for sent, sent_headers in ((body, headers), (keyed, keyed_headers), (unclaimed, unclaimed_headers)):
         status, answer = await post(http, gw, sent, sent_headers)
         assert status == 401 and "replay" in answer["message"]
-    assert accepted(gw) == 8
+    assert accepted(gw) == 8 and replays(gw) == {"answered": 0, "taken": 0}
+    assert gw.gateway.metrics.auth_refused.labels("replayed")._value.get() == 3
 
 
 async def test_replay_with_an_answered_idempotency_key_repeats_the_answer(start, env, http):
@@ -154,7 +159,7 @@ async def test_a_request_whose_signature_was_claimed_but_never_answered_goes_on(
         first = await post(http, gw, body, headers)
         assert first[0] == 202 and first[1]["accepted"] == 1
         assert await post(http, gw, body, headers) == first, "a second resend is answered as the first"
-    assert accepted(gw) == 3
+    assert accepted(gw) == 3 and replays(gw) == {"answered": 3, "taken": 3}
 
 
 async def test_replay_cache_is_bounded(tmp_path, http, start):
