@@ -75,7 +75,8 @@ class AuthSettings(Section):
     registry_source: Literal["file", "secretsmanager"] = "file"
     registry_path: str = "devices.json"
     timestamp_window_secs: PositiveInt = 300
-    # Verified signatures remembered to refuse replays within the window; the oldest go first beyond it.
+    # Verified signatures remembered within the window, so a request sent again as it was lands nothing
+    # again (its first answer, or 401 once the retry ledger may have forgotten it); the oldest go first beyond it.
     replay_cache_max_entries: PositiveInt = 200_000
 
 
