@@ -35,7 +35,7 @@ class Admitted:
     encoding: str
     pending: object  # the authenticator's check, to finish once the body is hashed
     rate_key: str
-    raw: Spool  # the body as sent, until it is authenticated
+    raw: Spool  # the body as sent, until its request is claimed to run (validated anew from it until then)
     frames: Spool  # its records as WAL frames
     body_received_at: float | None = None  # time.monotonic() once the whole body has arrived
 

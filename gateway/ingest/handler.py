@@ -168,7 +168,7 @@ async def _accept(gw: Gateway, principal: Principal, body: Received, spool: Spoo
             gw.security.limiter.charge(body.rate_key, batch.records, decoded)  # what the device sent, decompressed
         if batch.records == 0:
             raise MalformedBody("the body holds no records")
-        response = await _once(gw, key, body.digest, batch, lambda: _persist(gw, batch, spool, key, body.digest))
+        response = await _once(gw, key, body.digest, batch, lambda: _persist_claimed(gw, body, batch, spool, key))
         if response is not None:
             return response
     raise Unavailable("other requests keep writing this device's records; retry", retry_after_secs=1)
@@ -326,6 +326,13 @@ def _decode(raw: Spool, fmt: str, encoding: str, batch: RequestBatch, limits) ->
         # Drop the decompressor now: an error's traceback must not keep its window (up to 8 MiB) alive.
         inflate = frame = None
     return decoded
+
+
+async def _persist_claimed(gw: Gateway, body: Received, batch: RequestBatch, spool: Spool, key: bytes) -> bytes:
+    """``_persist`` for a request whose key this handler claimed: its frames are final, so the body
+    as sent (read again only to validate anew) is let go before the wait for the WAL."""
+    body.raw.close()
+    return await _persist(gw, batch, spool, key, body.digest)
 
 
 async def _persist(gw: Gateway, batch: RequestBatch, spool, key: bytes, digest: str) -> bytes:

@@ -60,6 +60,18 @@ class Spool:
         if group:
             yield self._read_group(group, size)
 
+    def drain(self) -> Iterator[list[bytes]]:
+        """``chunks`` for a reader that reads the frames once (the WAL's writer): each group is let
+        go as the reader moves on, and the spool is empty once it is read through, so a request
+        waiting for its fsync no longer holds its frames."""
+        frames, self._frames, self._memory = self._frames, [], 0
+        if frames:
+            yield frames
+        del frames
+        if self._file is not None:
+            yield from self.chunks()
+        self.close()
+
     def _read_group(self, lengths: list[int], size: int) -> list[bytes]:
         data = self._file.read(size)
         out, at = [], 0

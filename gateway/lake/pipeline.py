@@ -187,7 +187,7 @@ class Pipeline:
         if request is not None and self.ledger is not None:
             spool.add(encode_frame(KIND_REQUEST, 0, 0, 0, 0, 0, msgspec.msgpack.encode(RequestRecord(*request))))
         note = Durable(list(seqs), request, list(spans)) if self.ledger is not None else None
-        await self.wal.commit(spool.chunks(), spool.bytes, spool.frame_count, note)
+        await self.wal.commit(spool.drain(), spool.bytes, spool.frame_count, note)
 
     # -- the retry ledger follows the WAL ----------------------------------------------------
 

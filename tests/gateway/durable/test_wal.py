@@ -80,6 +80,28 @@ async def test_a_request_whose_spool_is_closed_before_it_is_written_is_refused_n
     await wal.close()
 
 
+@pytest.mark.parametrize("held", ["in memory", "in a file"])
+async def test_a_request_drained_into_the_wal_holds_none_of_its_frames_while_its_fsync_runs(tmp_path, monkeypatch, held):
+    """The WAL's writer reads a request's frames once: read through ``Spool.drain`` (as the pipeline
+    commits them), the spool has let them go before the fsync, the wait a request spends most of
+    its time in flight in under load; everything is still written, in order."""
+    from gateway.ingest.spool import Spool
+
+    wal = await open_wal(tmp_path / "wal")
+    spool = Spool(tmp_path, memory_bytes=1 << 20 if held == "in memory" else 40)
+    for i in range(3):
+        spool.add(frame(5, b"r%d-" % i))
+    held_at_fsync = []
+    fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: held_at_fsync.append((spool._frames, spool._file)) or fdatasync(fd))
+    assert await wal.commit(spool.drain(), spool.bytes, spool.frame_count) == 15
+    assert held_at_fsync == [([], None)], "frames still held by the spool when the fsync began"
+    frames = read_all(wal)
+    written = b"".join(f.payload for f in frames)
+    assert sum(f.count for f in frames) == 15 and written.index(b"r0-") < written.index(b"r1-") < written.index(b"r2-")
+    await wal.close()
+
+
 async def test_once_settled_waits_for_what_is_queued_and_being_written_now(tmp_path):
     wal = await open_wal(tmp_path / "wal")
     called: list[str] = []

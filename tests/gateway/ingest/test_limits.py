@@ -179,3 +179,49 @@ async def test_fifty_mib_streamed_body_under_a_memory_bound(tmp_path, gateway_pr
     assert growth < 40 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB for a {body_len / 2**20:.0f} MiB body"
     gp.signal(signal.SIGTERM)
     assert gp.wait(120) == 0
+
+
+def _spool_files(directory: str) -> int:
+    """Spool files this process holds open: unlinked temporary files in ``directory``."""
+    fds = f"/proc/{os.getpid()}/fd"
+    targets = []
+    for fd in os.listdir(fds):
+        try:
+            targets.append(os.readlink(f"{fds}/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return sum(os.path.dirname(target) == directory for target in targets)
+
+
+async def test_a_request_waiting_for_the_wal_lets_go_of_its_body_then_of_its_frames(tmp_path, monkeypatch):
+    """Once a request is claimed to run, its frames are final: the body as sent, kept until then to
+    validate it anew, is let go before the wait for the WAL, and its frames once the WAL's writer has
+    written them, before the fsync that a request spends most of its time in flight waiting for
+    under load. With spools of 4 KiB both spill to files, so what is held shows."""
+    env = make_env(tmp_path, limits={"spool_memory_bytes": 4096})
+    running = await start_gateway(load_settings(env.config, environ={}))
+    try:
+        spool_dir = os.path.realpath(running.gateway.pipeline.spool_dir)
+        at_persist, at_fsync = [], []
+        persist = running.gateway.pipeline.persist
+
+        async def counting_persist(*args, **kwargs):
+            at_persist.append(_spool_files(spool_dir))
+            return await persist(*args, **kwargs)
+
+        fdatasync = os.fdatasync
+
+        def counting_fdatasync(fd):
+            if f"{os.sep}segments{os.sep}" in os.readlink(f"/proc/self/fd/{fd}"):
+                at_fsync.append(_spool_files(spool_dir))
+            return fdatasync(fd)
+
+        running.gateway.pipeline.persist = counting_persist
+        monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+        body = b"".join(orjson.dumps(record(seq=i, temperature_c=float(i))) + b"\n" for i in range(200))
+        status, answer = await _post(running.url, body, signed(env.device(), body))
+        assert status == 202 and answer["accepted"] == 200
+        assert at_persist == [1], f"spool files open when the request went to the WAL: {at_persist} (its frames only)"
+        assert at_fsync == [0], f"spool files open while its fsync ran: {at_fsync}"
+    finally:
+        await running.stop()
