@@ -83,8 +83,8 @@ async def test_a_request_whose_spool_is_closed_before_it_is_written_is_refused_n
 @pytest.mark.parametrize("held", ["in memory", "in a file"])
 async def test_a_request_drained_into_the_wal_holds_none_of_its_frames_while_its_fsync_runs(tmp_path, monkeypatch, held):
     """The WAL's writer reads a request's frames once: read through ``Spool.drain`` (as the pipeline
-    commits them), the spool has let them go before the fsync, the wait a request spends most of
-    its time in flight in under load; everything is still written, in order."""
+    commits them), the spool has let them go before the fsync, which its request still waits for;
+    everything is still written, in order."""
     from gateway.ingest.spool import Spool
 
     wal = await open_wal(tmp_path / "wal")

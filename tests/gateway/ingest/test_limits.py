@@ -196,8 +196,7 @@ def _spool_files(directory: str) -> int:
 async def test_a_request_waiting_for_the_wal_lets_go_of_its_body_then_of_its_frames(tmp_path, monkeypatch):
     """Once a request is claimed to run, its frames are final: the body as sent, kept until then to
     validate it anew, is let go before the wait for the WAL, and its frames once the WAL's writer has
-    written them, before the fsync that a request spends most of its time in flight waiting for
-    under load. With spools of 4 KiB both spill to files, so what is held shows."""
+    written them, before their fsync. With spools of 4 KiB both spill to files, so what is held shows."""
     env = make_env(tmp_path, limits={"spool_memory_bytes": 4096})
     running = await start_gateway(load_settings(env.config, environ={}))
     try:
