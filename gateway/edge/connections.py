@@ -287,6 +287,12 @@ class ConnectionGuard:
             conn.timer = None
         try:
             response = await handler(request)
+            if request.content.exception() is not None:
+                # The body was refused (cut short, or its framing broke): nothing after it on this
+                # connection can be trusted, and aiohttp, left to read the rest of it after the
+                # answer, would meet the refusal again and log it as an unhandled exception.
+                request.content.feed_eof()
+                response.force_close()
             if conn.half_closed and conn.parsed <= conn.answered + 1:
                 response.force_close()  # the last answer the client is waiting for
             if response.status in (429, 503) and not self._shared_source(conn.source):

@@ -357,10 +357,11 @@ async def test_a_target_or_headers_too_large_and_other_http_versions_get_their_o
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
 
 
-async def test_a_chunked_body_whose_framing_breaks_midway_is_refused_at_once_in_json(tmp_path, start):
+async def test_a_chunked_body_whose_framing_breaks_midway_is_refused_at_once_in_json(tmp_path, start, caplog):
     """A chunk size the parser refuses after the headers were handled (a later packet): aiohttp queued
     its refusal as a next request, and the body being read waited for bytes that never came, until
-    the minimum body rate cut it off with a 408 ("arrived too slowly"). It is a 400 now, at once."""
+    the minimum body rate cut it off with a 408 ("arrived too slowly"). It is a 400 now, at once,
+    the only answer on its connection, and no error of the gateway's (it was logged as unhandled)."""
     env = make_env(tmp_path, n_devices=1)
     gw = await start(env)
     body = ndjson(record(seq=1), record(seq=2))
@@ -379,8 +380,10 @@ async def test_a_chunked_body_whose_framing_breaks_midway_is_refused_at_once_in_
         assert status_and_headers.split(b"\r\n")[0].endswith(b" 400 Bad Request"), (bad_chunk, answer[:300])
         refusal = orjson.loads(answer_body)
         assert refusal["error"] == "malformed" and "chunk size" in refusal["message"], (bad_chunk, refusal)
+        assert answer.count(b"HTTP/1.1 ") == 1, (bad_chunk, answer)
     await asyncio.sleep(0.5)
     assert read_zone(env.lake, "raw") == [] and read_zone(env.lake, "quarantine") == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_transfer_coding_besides_chunked_is_refused_501_and_lands_nothing(tmp_path, start):
