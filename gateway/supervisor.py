@@ -22,10 +22,8 @@ import logging
 import os
 import signal
 import socket
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from gateway.edge.accept_share import leave_nothing_to
 from gateway.edge.while_starting import answering_while_starting
 from gateway.heartbeat import Watchdog
 from gateway.listeners import bind_listener
+from gateway.runtime_dir import make_runtime_dir, remove_runtime_dir
 from gateway.settings import Settings, lake_process_lands
 from gateway.durable.wal_layout import EXITED_HOLDER_WAIT_SECS, INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
@@ -130,12 +129,12 @@ class Supervisor:
         if ops.enabled:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self._catch_up_ledger(stop_requested)
-        self.runtime_dir = tempfile.mkdtemp(prefix="edge-gateway-")  # mode 0700
+        self.runtime_dir = str(make_runtime_dir(self.settings.wal.dir))
         self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs, start_secs=listen.start_timeout_secs)
         try:
             code = self._supervise()
         finally:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            remove_runtime_dir(self.settings.wal.dir, self.runtime_dir)
         self._seal_ledger()
         return code
 

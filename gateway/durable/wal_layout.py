@@ -2,6 +2,7 @@
 
     <wal.dir>/instance.lock      held by the gateway (the supervisor with workers): one owner
     <wal.dir>/ledger/            the retry ledger, shared by the workers (retry_ledger.py)
+    <wal.dir>/runtime.dir        where the supervisor's runtime directory is (gateway/runtime_dir.py)
     <wal.dir>/segments, consumers   the WAL of a single-worker gateway       (gateway_id)
     <wal.dir>/w<N>/segments, ...    worker N's WAL when listen.workers > 1  (gateway_id-w<N>)
     <slot>/wal.lock, landing.lock   held by the process writing the WAL, and the one landing it

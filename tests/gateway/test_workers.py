@@ -6,10 +6,13 @@ import asyncio
 import collections
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -179,3 +182,60 @@ async def test_a_worker_that_restarted_gets_its_share_of_the_long_lived_connecti
     assert set(answers) == {200}, answers
     gp.signal(signal.SIGTERM)
     assert gp.wait(60) == 0
+
+
+async def test_the_runtime_directory_a_killed_supervisor_left_is_removed_by_the_next_start(tmp_path, gateway_process):
+    """The supervisor's runtime directory (its workers' sockets and heartbeats, under the system's
+    temporary directory) outlived a SIGKILL of the supervisor: a gateway in a crash loop left one per
+    life. The next start removes it; a clean stop removes its own and the note naming it."""
+    env = make_env(tmp_path, n_devices=1, listen={"workers": 2})
+    note = env.root / "wal" / "runtime.dir"
+    gp = gateway_process(env)
+    gp.start()
+    deadline = time.monotonic() + 20
+    while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    first = Path(note.read_text())
+    assert first.is_dir() and {p.name for p in first.iterdir()} >= {"w0.sock", "w1.sock"}
+    gp.kill()  # the supervisor alone, as the OOM killer would
+    assert first.is_dir()
+    gp.start()
+    second = Path(note.read_text())
+    assert second != first and second.is_dir()
+    assert not first.exists(), "the killed supervisor's runtime directory is still there"
+    gp.signal(signal.SIGTERM)
+    assert gp.wait(60) == 0
+    assert not second.exists() and not note.exists()
+
+
+def test_a_note_naming_anything_but_a_runtime_directory_removes_nothing(tmp_path):
+    """An edited or damaged note must not make a start remove a directory the gateway did not make."""
+    from gateway.runtime_dir import NOTE, make_runtime_dir, remove_runtime_dir
+
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    kept = [tmp_path / "data", Path(tempfile.mkdtemp(prefix="something-else-"))]
+    for path in kept:
+        path.mkdir(exist_ok=True)
+        (path / "file").write_text("keep me")
+        (wal / NOTE).write_text(str(path))
+        runtime = make_runtime_dir(wal)
+        assert (path / "file").read_text() == "keep me"
+        remove_runtime_dir(wal, runtime)
+    (wal / NOTE).write_bytes(b"\xff\xfe not a path")
+    runtime = make_runtime_dir(wal)
+    assert runtime.is_dir() and (wal / NOTE).read_text() == str(runtime)
+    remove_runtime_dir(wal, runtime)
+    shutil.rmtree(kept[1])
+
+
+def test_a_note_that_cannot_be_written_stops_no_start(tmp_path, caplog):
+    """A full disk under ``wal.dir``: the start goes on, and says what a kill would leave behind."""
+    from gateway.runtime_dir import NOTE, make_runtime_dir, remove_runtime_dir
+
+    wal = tmp_path / "wal"
+    (wal / NOTE).mkdir(parents=True)  # stands in for a write that fails (a directory cannot be replaced by a file)
+    runtime = make_runtime_dir(wal)
+    assert runtime.is_dir() and "cannot note the runtime directory" in caplog.text
+    remove_runtime_dir(wal, runtime)  # and the stop's clean-up goes on past the note it cannot remove
+    assert not runtime.exists()
