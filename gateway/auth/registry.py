@@ -56,12 +56,12 @@ class DeviceRegistry:
     """An in-memory view of the registry; ``reload`` swaps it atomically."""
 
     def __init__(self, devices: dict[str, Device] | None = None) -> None:
-        self._devices = dict(devices or {})
+        self._devices = _sharing_metadata(devices or {})
         self._key_bytes = {d: tuple(k.encode() for k in dev.keys) for d, dev in self._devices.items()}
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DeviceRegistry:
-        return cls(read_registry(path).devices)
+        return cls(load_devices(path))
 
     def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
@@ -73,24 +73,82 @@ class DeviceRegistry:
         return len(self._devices)
 
 
+def _sharing_metadata(devices: dict[str, Device]) -> dict[str, Device]:
+    """``devices`` with one metadata mapping per distinct value (a fleet has few: site, model, ...),
+    whatever source they came from: a copy per device was over a third of a large registry's memory
+    in every worker. The mappings are only ever read, so sharing them is safe."""
+    shared: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+    compact = {}
+    for device_id, device in devices.items():
+        metadata = shared.setdefault(tuple(device.metadata.items()), device.metadata)
+        compact[device_id] = device if metadata is device.metadata else msgspec.structs.replace(device, metadata=metadata)
+    return compact
+
+
+class _LoadedDevice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device as a gateway loads it: its metadata left as sent, to be decoded once per distinct value."""
+
+    keys: list[Key]
+    enabled: bool = True
+    metadata: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class _LoadedFile(msgspec.Struct, forbid_unknown_fields=True):
+    devices: dict[DeviceId, _LoadedDevice] = {}
+
+
+_METADATA = msgspec.json.Decoder(dict[str, str])
+
+
+def load_devices(path: str | os.PathLike[str]) -> dict[str, Device]:
+    """The registry file's devices, for a gateway: a fleet's metadata (its sites, its models) decoded
+    and kept once per distinct value, so a large registry never holds a mapping per device, not
+    even while it loads (decoded whole, a worker's memory kept the peak for good)."""
+    data = _registry_bytes(path)
+    if data is None:
+        return {}
+    try:
+        loaded = msgspec.json.decode(data, type=_LoadedFile)
+    except msgspec.DecodeError as exc:
+        raise RegistryError(f"{path}: {exc}") from None
+    shared: dict[bytes, dict[str, str]] = {}
+    devices = {}
+    for device_id, device in loaded.devices.items():
+        raw = bytes(device.metadata)
+        if (metadata := shared.get(raw)) is None:
+            try:
+                metadata = shared[raw] = _METADATA.decode(raw)
+            except msgspec.DecodeError as exc:
+                raise RegistryError(f"{path}: the metadata of device {device_id!r}: {exc}") from None
+        devices[device_id] = Device(device.keys, device.enabled, metadata)
+    return devices
+
+
 def read_registry(path: str | os.PathLike[str]) -> RegistryFile:
+    data = _registry_bytes(path)
+    if data is None:
+        return RegistryFile()
+    try:
+        return msgspec.json.decode(data, type=RegistryFile)
+    except msgspec.DecodeError as exc:
+        raise RegistryError(f"{path}: {exc}") from None
+
+
+def _registry_bytes(path: str | os.PathLike[str]) -> bytes | None:
+    """The registry file's bytes; None when there is none yet."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return RegistryFile()
+        return None
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read the registry: {exc.strerror} (a symbolic link is refused)") from None
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if mode & 0o077:
             raise RegistryError(
-                f"{path}: the registry holds keys but its mode is {mode & 0o777:04o}; make it readable by its owner only (chmod 600)"
+                f"{path}: a registry file holds device keys, but its mode is {mode & 0o777:04o}; make it readable by its owner only (chmod 600)"
             )
-        data = f.read()
-    try:
-        return msgspec.json.decode(data, type=RegistryFile)
-    except msgspec.DecodeError as exc:
-        raise RegistryError(f"{path}: {exc}") from None
+        return f.read()
 
 
 def new_key() -> str:
