@@ -7,6 +7,7 @@ import asyncio
 import errno
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -115,13 +116,28 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _handed_over(snapshot: str):
+    from gateway.settings import ConfigError
+    from gateway.settings_snapshot import read_snapshot
+
+    try:
+        return read_snapshot(snapshot), []
+    except ConfigError as exc:
+        return None, exc.problems
+
+
 def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None, lake_process: bool = False) -> int:
     from gateway.supervisor import Supervisor
     from gateway.durable.wal_layout import WalLocked
 
     from gateway.ops.config_check import check_config, errors
+    from gateway.settings_snapshot import SETTINGS_ENV
 
-    settings, problems, _ = check_config(config)
+    if snapshot := os.environ.get(SETTINGS_ENV):
+        # Started by a supervisor: its settings, whatever the file says by now (gateway/settings_snapshot.py).
+        settings, problems = _handed_over(snapshot)
+    else:
+        settings, problems, _ = check_config(config)
     # Written from a thread of its own: a stderr nobody reads must not stop the event loop.
     logs.configure(settings.log.level if settings is not None else "INFO", background=True)
     start_log = logging.getLogger("gateway")

@@ -32,7 +32,7 @@ from gateway.auth.registry import DeviceRegistry, RegistryError, RegistryFileWat
 from gateway.durable.ledger_catch_up import ledger_for, open_and_catch_up_when_room
 from gateway.auth.secrets_source import SecretsManagerRegistry
 from gateway.edge.security import EdgeSecurity
-from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config, lake_process_lands
+from gateway.settings import RELOADABLE_SECTIONS, Settings, effective_config, lake_process_lands, with_run_time_sections
 from gateway.durable.wal_layout import (
     INSTANCE_LOCK,
     SLOT_LOCK,
@@ -308,8 +308,7 @@ class Gateway:
         registry = self._load_registry(settings)  # raises before anything changes
         self.registry = registry
         self.metrics.registry_refreshes.labels("ok").inc()
-        live = {s: getattr(settings, s) if s in RELOADABLE_SECTIONS else getattr(self.settings, s) for s in new}
-        self.settings = Settings(**live)
+        self.settings = with_run_time_sections(self.settings, settings)
         self.authenticator = self._authenticator(self.settings)
         logs.set_level(self.settings.log.level)
         if self.registry_watcher is not None:

@@ -238,13 +238,18 @@ class Settings(Section):
             )
 
 
-# Sections that SIGHUP may replace in a running gateway; the others need a restart.
 def lake_process_lands(settings: Settings) -> bool:
     """Whether one lake process lands every worker's WAL (several workers, ``lake.landing = "process"``)."""
     return settings.listen.workers > 1 and settings.lake.landing == "process"
 
 
+# Sections that SIGHUP may replace in a running gateway; the others need a restart.
 RELOADABLE_SECTIONS = frozenset({"limits", "log", "auth", "proxy", "rate_limits", "admission", "connections"})
+
+
+def with_run_time_sections(running: Settings, new: Settings) -> Settings:
+    """What a reload runs with: ``new``'s run-time sections, ``running``'s others (they need a restart)."""
+    return Settings(**{f.name: getattr(new if f.name in RELOADABLE_SECTIONS else running, f.name) for f in msgspec.structs.fields(Settings)})
 
 
 def nearest_existing(path: str | os.PathLike[str]) -> Path:

@@ -33,7 +33,8 @@ from gateway.edge.while_starting import answering_while_starting
 from gateway.heartbeat import Watchdog
 from gateway.listeners import bind_listener
 from gateway.runtime_dir import make_runtime_dir, remove_runtime_dir
-from gateway.settings import Settings, lake_process_lands
+from gateway.settings import ConfigError, Settings, lake_process_lands, load_settings, with_run_time_sections
+from gateway.settings_snapshot import SETTINGS_ENV, write_snapshot
 from gateway.durable.wal_layout import EXITED_HOLDER_WAIT_SECS, INSTANCE_LOCK, SUPERVISED_ENV, DirectoryLock
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Supervisor:
         self.stopping = False
         # Where workers listen for each other (metrics, status, tap): private to this instance.
         self.runtime_dir: str | None = None
+        self.snapshot: Path | None = None  # the settings every process starts with (gateway/settings_snapshot.py)
+        self.reload_requested = False  # SIGHUP: applied by the supervising loop, not in the signal handler
         self.watchdog: Watchdog | None = None  # made with the runtime directory
 
     def _catch_up_ledger(self, stop_requested) -> None:
@@ -87,7 +90,10 @@ class Supervisor:
             ledger.close()
 
     def _spawn(self, index: int | str) -> None:
-        env = dict(os.environ, **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir})
+        env = dict(
+            os.environ,
+            **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir, SETTINGS_ENV: str(self.snapshot)},
+        )
         # The lock's descriptor goes along, so the instance stays locked while any of its processes lives.
         fds = [self.lock.fd]
         if index == LAKE:
@@ -119,7 +125,7 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, lambda signum, frame: self._forward(signal.SIGHUP))
+        signal.signal(signal.SIGHUP, lambda signum, frame: setattr(self, "reload_requested", True))
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
         # WalLocked: another instance owns wal.dir.
@@ -130,6 +136,7 @@ class Supervisor:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self._catch_up_ledger(stop_requested)
         self.runtime_dir = str(make_runtime_dir(self.settings.wal.dir))
+        self.snapshot = write_snapshot(self.runtime_dir, self.settings)  # what every process starts with
         self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs, start_secs=listen.start_timeout_secs)
         try:
             code = self._supervise()
@@ -209,6 +216,20 @@ class Supervisor:
         while not self.stopping and time.monotonic() < until:
             time.sleep(min(0.05, seconds))
             self._look()
+            if self.reload_requested:
+                self._reload()
+
+    def _reload(self) -> None:
+        """SIGHUP: the configuration file's run-time sections into the snapshot a process starts with
+        (a file that does not load changes nothing), then the signal to every process, which each
+        reloads the file itself and says what it applied or refused."""
+        self.reload_requested = False
+        try:
+            self.settings = with_run_time_sections(self.settings, load_settings(self.config))
+            write_snapshot(self.runtime_dir, self.settings)
+        except (ConfigError, OSError):
+            pass  # each process logs the refusal and counts it in its metrics
+        self._forward(signal.SIGHUP)
 
     def _look(self) -> None:
         """Tell the watchdog the supervisor runs (every 50 ms at least), and say so when it had not."""

@@ -239,3 +239,46 @@ def test_a_note_that_cannot_be_written_stops_no_start(tmp_path, caplog):
     assert runtime.is_dir() and "cannot note the runtime directory" in caplog.text
     remove_runtime_dir(wal, runtime)  # and the stop's clean-up goes on past the note it cannot remove
     assert not runtime.exists()
+
+
+async def test_processes_restarted_after_the_file_changed_run_with_their_siblings_settings(tmp_path, gateway_process):
+    """The configuration file edited under a running instance (for its next restart), then a worker
+    and the lake process killed: each process read the file itself when it started, so the
+    restarted ones took another WAL, lake and name, and acknowledged records the instance never
+    landed in its lake. They start from the supervisor's settings now, with what a SIGHUP applied."""
+    env = make_env(tmp_path, n_devices=4, listen={"workers": 2}, lake={"max_object_age_secs": 0.2})
+    gp = gateway_process(env)
+    gp.start()
+    deadline = time.monotonic() + 20
+    while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    # A run-time change, applied by SIGHUP: a restarted worker must refuse what its siblings refuse.
+    text = env.config.read_text()
+    env.config.write_text(text.replace("[limits]\n", "") + "[limits]\nmax_records_per_request = 10\n")
+    gp.signal(signal.SIGHUP)
+    await asyncio.sleep(1.0)
+    # Then changes meant for the next restart; one a process would not even start with.
+    next_text = env.config.read_text().replace(str(tmp_path / "wal"), str(tmp_path / "wal-next"))
+    next_text = next_text.replace(str(tmp_path / "lake"), str(tmp_path / "lake-next")).replace('"gw-test"', '"gw-next"')
+    env.config.write_text(next_text + "[bogus]\n")
+    supervisor = psutil.Process(gp.proc.pid)
+    for child in supervisor.children():
+        if "--worker-index" in child.cmdline() and child.cmdline()[child.cmdline().index("--worker-index") + 1] == "0" or "--lake-process" in child.cmdline():
+            child.kill()
+    deadline = time.monotonic() + 20
+    await asyncio.sleep(0.5)
+    while not every_worker_up(gp.ops_url, 2) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    acked: set = set()
+    statuses: collections.Counter = collections.Counter()
+    await load(gp.url, list(env.devices.values()), 2.0, acked, statuses, records_per_request=10)
+    too_many: collections.Counter = collections.Counter()
+    await load(gp.url, list(env.devices.values()), 0.5, set(), too_many, records_per_request=11)
+    gp.signal(signal.SIGTERM)
+    assert gp.wait(60) == 0
+    assert statuses[202] > 20 and set(too_many) == {413}, (statuses, too_many)
+    lines = read_zone(env.lake, "raw")
+    counts = collections.Counter((line["device_id"], line["seq"]) for line in lines)
+    assert acked == set(counts) and max(counts.values()) == 1
+    assert {line["gateway_id"] for line in lines} == {"gw-test-w0", "gw-test-w1"}
+    assert not (tmp_path / "wal-next").exists() and not (tmp_path / "lake-next").exists()
