@@ -11,13 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from gateway import early_signals, open_files
+from gateway import early_signals, open_files, service_manager
 
 # Signals that arrive while `serve` is still importing and starting are remembered, not fatal:
 # a supervisor's SIGTERM must drain a young worker (its WAL may hold acknowledged records), and
 # SIGHUP's default action would kill it (SIGUSR1's too: it tells the lake process to drain).
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
     early_signals.remember()
+    service_manager.notify_ready()  # systemd may send SIGHUP from now on
     from gateway.allocator import tune_allocators
 
     tune_allocators()
@@ -176,7 +177,14 @@ def _serve(config: Path | None, worker_index: int | None, listen_fd: int | None,
             pass
         listener = socket.socket(fileno=listen_fd) if listen_fd is not None else None
         return asyncio.run(
-            serve(settings, lambda: load_settings(config), stop_requested, worker_index=worker_index, listener=listener)
+            serve(
+                settings,
+                lambda: load_settings(config),
+                stop_requested,
+                early_signals.reload_requested,
+                worker_index=worker_index,
+                listener=listener,
+            )
         )
     except (WalLocked, OSError) as exc:
         # Start-up refused (another owner, a port in use, a file it cannot read): one line, with the path.

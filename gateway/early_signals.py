@@ -40,6 +40,11 @@ def stop_requested() -> bool:
     return any(sig in (signal.SIGTERM, signal.SIGINT) for sig in remembered)
 
 
+def reload_requested() -> bool:
+    """A SIGHUP came while starting (a reload asked for the moment systemd was told READY=1)."""
+    return signal.SIGHUP in remembered
+
+
 def ignore_from_now() -> None:
     """``serve`` is done and exits: a signal now has nothing left to stop or reload. At exit Python
     gives every signal it handles its default action back, and a log rotation's SIGHUP (or a second

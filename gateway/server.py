@@ -227,6 +227,7 @@ async def serve(
     settings: Settings,
     reload_settings: Callable[[], Settings],
     stop_requested: Callable[[], bool] = lambda: False,
+    reload_requested: Callable[[], bool] = lambda: False,
     *,
     worker_index: int | None = None,
     listener: socket.socket | None = None,
@@ -252,6 +253,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if reload_requested():  # SIGHUP while starting: the file may have changed since it was read
+        reload()
     if stop_requested():  # told to stop while starting: drain now, like any other stop
         stop.set()
     await stop.wait()

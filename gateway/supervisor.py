@@ -126,6 +126,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, lambda signum, frame: setattr(self, "reload_requested", True))
+        self.reload_requested = early_signals.reload_requested()  # applied once the processes run
         if stop_requested():  # told to stop before any worker started: nothing to drain
             return 0
         # WalLocked: another instance owns wal.dir.

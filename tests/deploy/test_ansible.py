@@ -82,6 +82,8 @@ def test_unit_drains_on_sigterm_within_its_stop_timeout():
     settings = unit_settings(render("edge-gateway.service.j2", {"edge_gateway_drain_deadline_secs": 40}))
     assert settings["KillSignal"] == ["SIGTERM"]
     assert int(settings["TimeoutStopSec"][0]) > 40
+    # A reload is held back until serve says it handles signals (gateway/service_manager.py).
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
     assert settings["User"] == ["edge-gateway"]
     for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
                       "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "RestrictNamespaces",
