@@ -1,7 +1,8 @@
 """The supervisor's runtime directory: its processes' sockets and heartbeats, private to one life.
 
-It is made under the system's temporary directory (a Unix socket's path must stay short, which
-``wal.dir`` need not be) and removed by the supervisor when it exits. A supervisor killed (SIGKILL,
+It is made under systemd's ``$RUNTIME_DIRECTORY`` when the unit has one, else under the system's
+temporary directory (a Unix socket's path must stay short, which ``wal.dir`` need not be), and
+removed by the supervisor when it exits. A supervisor killed (SIGKILL,
 the OOM killer, a crash) cannot remove it, so its path is noted in ``<wal.dir>/runtime.dir``: the
 next start of the instance, holding the instance lock, removes what the last life left. Without the
 note a gateway in a crash loop left one directory per life in ``/tmp`` for good.
@@ -26,7 +27,8 @@ NOTE = "runtime.dir"  # under wal.dir: the path of the runtime directory of the 
 def make_runtime_dir(wal_root: str | os.PathLike[str]) -> Path:
     """A new runtime directory (mode 0700), once the one a killed predecessor left is gone."""
     remove_left_over(wal_root)
-    path = Path(tempfile.mkdtemp(prefix=PREFIX))
+    # systemd's RuntimeDirectory= (the unit's /run/edge-gateway): never aged out by tmpfiles, gone at stop.
+    path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None))
     try:
         # Not fsynced: after a power loss the temporary directory is usually gone anyway.
         write_atomically(Path(wal_root) / NOTE, str(path).encode(), fsync=False)

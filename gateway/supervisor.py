@@ -90,6 +90,8 @@ class Supervisor:
             ledger.close()
 
     def _spawn(self, index: int | str) -> None:
+        # Written afresh for each process: a file left unchanged for days may be aged out of a temporary directory.
+        self.snapshot = write_snapshot(self.runtime_dir, self.settings)
         env = dict(
             os.environ,
             **{SUPERVISED_ENV: str(Path(self.settings.wal.dir).resolve()), RUNTIME_ENV: self.runtime_dir, SETTINGS_ENV: str(self.snapshot)},
@@ -137,7 +139,6 @@ class Supervisor:
             self.ops_listener = bind_listener(ops.host, ops.port, 128)
         self._catch_up_ledger(stop_requested)
         self.runtime_dir = str(make_runtime_dir(self.settings.wal.dir))
-        self.snapshot = write_snapshot(self.runtime_dir, self.settings)  # what every process starts with
         self.watchdog = Watchdog(Path(self.runtime_dir), listen.stall_timeout_secs, start_secs=listen.start_timeout_secs)
         try:
             code = self._supervise()
@@ -221,14 +222,13 @@ class Supervisor:
                 self._reload()
 
     def _reload(self) -> None:
-        """SIGHUP: the configuration file's run-time sections into the snapshot a process starts with
+        """SIGHUP: the configuration file's run-time sections into the settings a process starts with
         (a file that does not load changes nothing), then the signal to every process, which each
         reloads the file itself and says what it applied or refused."""
         self.reload_requested = False
         try:
             self.settings = with_run_time_sections(self.settings, load_settings(self.config))
-            write_snapshot(self.runtime_dir, self.settings)
-        except (ConfigError, OSError):
+        except ConfigError:
             pass  # each process logs the refusal and counts it in its metrics
         self._forward(signal.SIGHUP)
 

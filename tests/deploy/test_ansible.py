@@ -84,6 +84,8 @@ def test_unit_drains_on_sigterm_within_its_stop_timeout():
     assert int(settings["TimeoutStopSec"][0]) > 40
     # A reload is held back until serve says it handles signals (gateway/service_manager.py).
     assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    # The supervisor's runtime directory (gateway/runtime_dir.py) where nothing ages it out.
+    assert settings["RuntimeDirectory"] == ["edge-gateway"] and settings["RuntimeDirectoryMode"] == ["0700"]
     assert settings["User"] == ["edge-gateway"]
     for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
                       "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "RestrictNamespaces",

@@ -229,6 +229,19 @@ def test_a_note_naming_anything_but_a_runtime_directory_removes_nothing(tmp_path
     shutil.rmtree(kept[1])
 
 
+def test_the_runtime_directory_goes_where_systemd_says(tmp_path, monkeypatch):
+    """``RuntimeDirectory=`` in the unit: /run, which no tmpfiles rule ages out, and gone at stop."""
+    from gateway.runtime_dir import make_runtime_dir, remove_runtime_dir
+
+    (tmp_path / "wal").mkdir()
+    (tmp_path / "run").mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
+    runtime = make_runtime_dir(tmp_path / "wal")
+    assert runtime.parent == tmp_path / "run" and runtime.name.startswith("edge-gateway-")
+    remove_runtime_dir(tmp_path / "wal", runtime)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
 def test_a_note_that_cannot_be_written_stops_no_start(tmp_path, caplog):
     """A full disk under ``wal.dir``: the start goes on, and says what a kill would leave behind."""
     from gateway.runtime_dir import NOTE, make_runtime_dir, remove_runtime_dir
@@ -261,6 +274,8 @@ async def test_processes_restarted_after_the_file_changed_run_with_their_sibling
     next_text = env.config.read_text().replace(str(tmp_path / "wal"), str(tmp_path / "wal-next"))
     next_text = next_text.replace(str(tmp_path / "lake"), str(tmp_path / "lake-next")).replace('"gw-test"', '"gw-next"')
     env.config.write_text(next_text + "[bogus]\n")
+    # Days later a tmpfiles rule may have aged the settings file out: each start writes it afresh.
+    (Path((env.root / "wal" / "runtime.dir").read_text()) / "settings.json").unlink()
     supervisor = psutil.Process(gp.proc.pid)
     for child in supervisor.children():
         if "--worker-index" in child.cmdline() and child.cmdline()[child.cmdline().index("--worker-index") + 1] == "0" or "--lake-process" in child.cmdline():
