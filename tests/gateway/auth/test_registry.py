@@ -64,3 +64,13 @@ def test_metadata_that_is_not_strings_is_refused_naming_the_device(tmp_path):
     path.chmod(0o600)
     with pytest.raises(RegistryError, match=r"the metadata of device 'd2': Expected `str`, got `int`"):
         DeviceRegistry.load(path)
+
+
+def test_a_device_entry_that_is_wrong_is_refused_naming_the_device(tmp_path):
+    """Each device is decoded on its own (a reload never holds the interpreter for the whole file):
+    the refusal says which one is wrong."""
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"devices": {"d1": {"keys": ["k" * 64]}, "d2": {"keys": ["short"]}}}))
+    path.chmod(0o600)
+    with pytest.raises(RegistryError, match=r"device 'd2': Expected `str` of length >= 32"):
+        DeviceRegistry.load(path)
