@@ -287,12 +287,6 @@ class ConnectionGuard:
             conn.timer = None
         try:
             response = await handler(request)
-            if request.content.exception() is not None:
-                # The body was refused (cut short, or its framing broke): nothing after it on this
-                # connection can be trusted, and aiohttp, left to read the rest of it after the
-                # answer, would meet the refusal again and log it as an unhandled exception.
-                request.content.feed_eof()
-                response.force_close()
             if conn.half_closed and conn.parsed <= conn.answered + 1:
                 response.force_close()  # the last answer the client is waiting for
             if response.status in (429, 503) and not self._shared_source(conn.source):
@@ -308,6 +302,13 @@ class ConnectionGuard:
                 response.force_close()
             elif response.keep_alive is not False and self._rebalance_due():  # not one closing anyway
                 self._on_close("rebalance")
+                response.force_close()
+            if request.content.exception() is not None:
+                # Last, after any hold: the body was refused (cut short, or its framing broke) while
+                # the request was here. Nothing after it on this connection can be trusted, and
+                # aiohttp, left to read the rest of it after the answer, would meet the refusal
+                # again and log it as an unhandled exception.
+                request.content.feed_eof()
                 response.force_close()
             return response
         finally:

@@ -138,3 +138,31 @@ async def test_a_client_gone_mid_body_is_no_error(tmp_path, start, caplog, how):
 
 def errors_logged(caplog) -> list[str]:
     return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_gone_mid_body_while_its_refusal_is_held_is_no_error(tmp_path, start, caplog):
+    """A refusal asked for again before its Retry-After is held back (the tarpit). A client that
+    left mid-body during that hold cut a body the middleware had already let go of: aiohttp read it
+    again after the answer and logged the cut as an unhandled exception (seen from outside, under a
+    drive dropping uploads mid-body). Whatever the request waited on, the cut is no error now."""
+    env = make_env(tmp_path, n_devices=1, connections={**TIMEOUTS, "refusal_delay_secs": 1.0},
+                   rate_limits={"records_per_sec": 1.0, "burst_records": 1})
+    gw = await start(env)
+    statuses = []
+    for _ in range(2):  # accepted (and over its rate), then refused: the next refusal is held
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(signed_post(env, "dev-1", 5))
+        await writer.drain()
+        statuses.append((await read_response(reader))[0])
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(signed_post(env, "dev-1", 5)[:-10])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # refused at its headers, and held
+    writer.write_eof()
+    statuses.append((await read_response(reader))[0])
+    assert await closed_within(reader, 5)
+    writer.close()
+    await asyncio.sleep(0.3)
+    assert statuses == [202, 429, 429]
+    assert errors_logged(caplog) == []
